@@ -1,0 +1,116 @@
+/* nn.h: the primitives every SD1.x component is built from.
+ *
+ * Conventions (see ../shared/DESIGN.md):
+ *  - flat float32 arrays; images NCHW, token sequences (B, T, C) row-major;
+ *    weights in PyTorch's layout (out x in, out x in x kh x kw).
+ *  - every layer is a pair  x_forward(out, inp, params.., dims..)
+ *                           x_backward(dinp, dweight, dbias, dout, inp, params.., dims..)
+ *  - backward ACCUMULATES (+=) into dinp / dweight / dbias.
+ *  - a NULL gradient pointer means "not needed" and that work is skipped;
+ *    a NULL dweight is a frozen weight, which is where LoRA saves its work.
+ *  - every heavy loop goes through gemm() (matmul.c), the one place that
+ *    later speed work and the CUDA backend change.
+ */
+#ifndef SDLORA_NN_H
+#define SDLORA_NN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* ---- matmul.c -------------------------------------------------------------
+ * Row-major GEMM, BLAS semantics:
+ *   C[M x N] = alpha * op(A)[M x K] * op(B)[K x N] + beta * C
+ * op(X) = X when trans == 0, X^T when trans == 1. lda/ldb/ldc are row strides
+ * (of A/B/C as stored). beta == 0 means C is overwritten (never read). */
+void gemm(int transA, int transB, int M, int N, int K,
+          float alpha, const float *A, int lda, const float *B, int ldb,
+          float beta, float *C, int ldc);
+
+/* ---- scratch ---------------------------------------------------------------
+ * One grow-only work buffer (im2col columns, attention scores) reused by
+ * every layer, so the hot path does not malloc. Not re-entrant: a layer asks
+ * for it, uses it, and is done before the next layer asks. Returns NULL when
+ * memory runs out. nn_scratch_free() gives it back. */
+float *nn_scratch(size_t nfloats);
+void nn_scratch_free(void);
+
+/* ---- linear: out (N, out) = inp (N, in) W^T + b;  W (out x in), b (out) or NULL */
+void linear_forward(float *out, const float *inp, const float *w, const float *b,
+                    int N, int in, int outc);
+void linear_backward(float *dinp, float *dw, float *db, const float *dout,
+                     const float *inp, const float *w, int N, int in, int outc);
+
+/* ---- conv2d: inp (B, C, H, W) -> out (B, O, Ho, Wo); w (O, C, kh, kw), b (O) or NULL
+ * Ho = (H + 2 pad - kh) / stride + 1, likewise Wo. Zero padding. */
+void conv2d_forward(float *out, const float *inp, const float *w, const float *b,
+                    int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad);
+void conv2d_backward(float *dinp, float *dw, float *db, const float *dout,
+                     const float *inp, const float *w,
+                     int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad);
+
+/* ---- group norm: inp (B, C, HW), G groups; w, b per channel (C) or NULL.
+ * mean, rstd (B*G) are written by forward and read by backward. */
+void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                       const float *w, const float *b, int B, int C, int HW, int G, float eps);
+void groupnorm_backward(float *dinp, float *dw, float *db, const float *dout,
+                        const float *inp, const float *w, const float *mean, const float *rstd,
+                        int B, int C, int HW, int G);
+
+/* ---- layer norm over the last dim: inp (N, C); w, b (C); mean, rstd (N) */
+void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                       const float *w, const float *b, int N, int C, float eps);
+void layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
+                        const float *inp, const float *w, const float *mean, const float *rstd,
+                        int N, int C);
+
+/* ---- pointwise activations over n floats (out may equal inp in forward) */
+void silu_forward(float *out, const float *inp, size_t n);           /* x * sigmoid(x) */
+void silu_backward(float *dinp, const float *dout, const float *inp, size_t n);
+void gelu_forward(float *out, const float *inp, size_t n);           /* erf form, as torch's default */
+void gelu_backward(float *dinp, const float *dout, const float *inp, size_t n);
+void quickgelu_forward(float *out, const float *inp, size_t n);      /* x * sigmoid(1.702 x), CLIP */
+void quickgelu_backward(float *dinp, const float *dout, const float *inp, size_t n);
+
+/* ---- GEGLU (diffusers): inp (N, 2D) holds [value | gate] halves;
+ * out (N, D) = value * gelu(gate). The projection before it is a linear. */
+void geglu_forward(float *out, const float *inp, int N, int D);
+void geglu_backward(float *dinp, const float *dout, const float *inp, int N, int D);
+
+/* ---- nearest 2x upsample: inp (B, C, H, W) -> out (B, C, 2H, 2W) */
+void upsample2x_forward(float *out, const float *inp, int B, int C, int H, int W);
+void upsample2x_backward(float *dinp, const float *dout, int B, int C, int H, int W);
+
+/* ---- sinusoidal timestep embedding (diffusers get_timestep_embedding):
+ * out (N, dim); half = dim/2, freq_j = exp(-ln(max_period) * j / (half - freq_shift)),
+ * out = [sin(t f), cos(t f)] or [cos, sin] when flip_sin_to_cos. No backward
+ * (t is not a learned input). */
+void timestep_embedding(float *out, const float *t, int N, int dim,
+                        int flip_sin_to_cos, float freq_shift, float max_period);
+
+/* ---- seeded RNG (splitmix64 stream): reproducible whatever the thread count */
+typedef struct { uint64_t state; } rng_t;
+void rng_seed(rng_t *r, uint64_t seed);
+uint64_t rng_u64(rng_t *r);
+float rng_uniform(rng_t *r);            /* [0, 1) */
+float rng_normal(rng_t *r);             /* N(0, 1), Box-Muller */
+
+/* ---- dropout (inverted): out = inp * mask / (1 - p), mask ~ Bernoulli(1-p).
+ * mask (n bytes) is written by forward and read by backward. p == 0 copies. */
+void dropout_forward(float *out, uint8_t *mask, const float *inp, size_t n, float p, rng_t *rng);
+void dropout_backward(float *dinp, const float *dout, const uint8_t *mask, size_t n, float p);
+
+/* ---- attention.c: multi-head scaled-dot-product attention.
+ * q (B, Tq, H*Dh), k and v (B, Tk, H*Dh), out (B, Tq, H*Dh), all tokens-major
+ * as produced by to_q / to_k / to_v. Self-attention has Tq == Tk, cross-
+ * attention (on the text context) Tq != Tk. causal: key j > query i masked
+ * (CLIP). scale = 1/sqrt(Dh).
+ *   att = softmax(q k^T * scale) per head;  out = att v
+ * att (B, H, Tq, Tk) may be NULL: forward then keeps no probabilities and
+ * backward recomputes them from q and k (memory for time). */
+void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
+                       int B, int Tq, int Tk, int H, int Dh, int causal);
+void attention_backward(float *dq, float *dk, float *dv, const float *dout,
+                        const float *q, const float *k, const float *v, const float *att,
+                        int B, int Tq, int Tk, int H, int Dh, int causal);
+
+#endif

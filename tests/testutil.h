@@ -1,0 +1,99 @@
+/* testutil.h: shared by the Check tests in tests/test_*.c.
+ *  - CHECK_MAIN(suite_fn): the main() of one test binary
+ *  - grad_check(): central finite differences against an analytic gradient
+ *  - fixture helpers: read tensors that tools/make_fixtures.py wrote from
+ *    the PyTorch reference into tests/fixtures/*.safetensors
+ *  - rel_err(): max|a - b| / max|b|, the error measure every parity test uses
+ *    (relative to the reference tensor's scale, so values near zero do not
+ *    blow it up). */
+#ifndef SDLORA_TESTUTIL_H
+#define SDLORA_TESTUTIL_H
+
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "nn.h"
+#include "safetensors.h"
+
+#define CHECK_MAIN(suite_fn)                                              \
+    int main(void) {                                                      \
+        SRunner *sr = srunner_create(suite_fn());                         \
+        srunner_run_all(sr, CK_NORMAL);                                   \
+        int nf = srunner_ntests_failed(sr);                               \
+        srunner_free(sr);                                                 \
+        return nf == 0 ? 0 : 1;                                           \
+    }
+
+/* deterministic test data */
+static inline void fill_uniform(float *x, size_t n, float lo, float hi, uint64_t seed) {
+    rng_t r; rng_seed(&r, seed);
+    for (size_t i = 0; i < n; i++) x[i] = lo + (hi - lo) * rng_uniform(&r);
+}
+
+static inline double rel_err(const float *a, const float *b, size_t n) {
+    double maxd = 0, maxb = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (!(d <= maxd)) maxd = d;               /* NaN propagates to the max */
+        if (fabs((double)b[i]) > maxb) maxb = fabs((double)b[i]);
+    }
+    return maxb > 0 ? maxd / maxb : maxd;
+}
+
+/* The test's scalar loss: L = sum_i out_i * R_i with fixed random R, so
+ * dL/dout = R is what backward receives. fn runs the forward and returns L
+ * (accumulated in double). */
+typedef double (*loss_fn)(void *ctx);
+
+/* Compare analytic[i] with (L(x_i + eps) - L(x_i - eps)) / 2eps on up to
+ * max_checks evenly spread entries of x. Returns the worst
+ * |a - n| / (|a| + |n| + atol); the caller asserts it is below its bound. */
+static inline double grad_check(float *x, const float *analytic, size_t n,
+                                loss_fn fn, void *ctx, float eps, double atol, int max_checks) {
+    size_t step = n > (size_t)max_checks ? n / (size_t)max_checks : 1;
+    double worst = 0;
+    for (size_t i = 0; i < n; i += step) {
+        float save = x[i];
+        x[i] = save + eps; double lp = fn(ctx);
+        x[i] = save - eps; double lm = fn(ctx);
+        x[i] = save;
+        double num = (lp - lm) / (2.0 * (double)eps);
+        double a = analytic[i];
+        double e = fabs(a - num) / (fabs(a) + fabs(num) + atol);
+        if (!(e <= worst)) worst = e;
+    }
+    return worst;
+}
+
+static inline double dot_d(const float *a, const float *b, size_t n) {
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += (double)a[i] * (double)b[i];
+    return s;
+}
+
+/* fixtures */
+#define FIXTURE_DIR "tests/fixtures/"
+
+static inline void fx_open(st_file *f, const char *name) {
+    char path[512], err[ST_ERR_LEN];
+    snprintf(path, sizeof path, FIXTURE_DIR "%s", name);
+    ck_assert_msg(st_open(f, path, err) == 0, "%s", err);
+}
+
+/* a fixture tensor as float32 (malloc'ed); asserts it exists and, when
+ * expect_numel > 0, that it has that many elements */
+static inline float *fx_get(const st_file *f, const char *name, size_t expect_numel) {
+    char err[ST_ERR_LEN]; size_t n = 0;
+    float *x = st_load_f32(f, name, &n, err);
+    ck_assert_msg(x != NULL, "%s", err);
+    if (expect_numel) ck_assert_msg(n == expect_numel, "%s: %zu elements, expected %zu", name, n, expect_numel);
+    return x;
+}
+
+static inline float fx_scalar(const st_file *f, const char *name) {
+    float *x = fx_get(f, name, 1); float v = x[0]; free(x); return v;
+}
+
+#endif
