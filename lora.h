@@ -32,23 +32,26 @@ void lora_init(lora_t *L, int in, int out, int r, float alpha, float dropout,
 size_t lora_num_params(const lora_t *L);               /* r * (in + out) */
 
 /* Linear with an optional adapter (L == NULL: plain linear).
- *   inp (N, in) -> out (N, out)
+ *   inp (N, in) -> out (N, outc); in/outc must equal L->in/L->out when L is set
  *   ax (N, r): saved A dropout(x) for backward (unused when L == NULL)
  *   mask (N * in): dropout mask, needed only when L->dropout > 0 */
 void lora_forward(float *out, float *ax, uint8_t *mask, const float *inp,
-                  const float *w0, const float *b0, const lora_t *L, int N, rng_t *rng);
+                  const float *w0, const float *b0, const lora_t *L,
+                  int N, int in, int outc, rng_t *rng);
 /* dinp += dout W0 + scale * (dout B) A (masked);  dB += scale * dout^T ax;
  * dA += scale * (dout B)^T dropout(x). Never a gradient for W0 or b. */
 void lora_backward(float *dinp, const float *dout, const float *inp, const float *ax,
-                   const uint8_t *mask, const float *w0, lora_t *L, int N);
+                   const uint8_t *mask, const float *w0, lora_t *L, int N, int in, int outc);
 
 /* The same for a 1x1 convolution on NCHW: inp (Bn, in, HW) -> out (Bn, out, HW);
- * ax (Bn, r, HW), mask (Bn * in * HW). w0 is (out, in, 1, 1) = (out x in). */
+ * ax (Bn, r, HW), mask (Bn * in * HW). w0 is (out, in, 1, 1) = (out x in).
+ * L == NULL: the plain 1x1 convolution. */
 void lora_conv1x1_forward(float *out, float *ax, uint8_t *mask, const float *inp,
                           const float *w0, const float *b0, const lora_t *L,
-                          int Bn, int HW, rng_t *rng);
+                          int Bn, int in, int outc, int HW, rng_t *rng);
 void lora_conv1x1_backward(float *dinp, const float *dout, const float *inp, const float *ax,
-                           const uint8_t *mask, const float *w0, lora_t *L, int Bn, int HW);
+                           const uint8_t *mask, const float *w0, lora_t *L,
+                           int Bn, int in, int outc, int HW);
 
 /* W0 += weight * scale * B A  (merge, for inference at no extra cost; article 2.2)
  * and its exact inverse with -weight (unmerge). */
