@@ -1,0 +1,292 @@
+/* test_lora.c: the LoRA layer against its formula, its gradients, and peft.
+ *   y = W0 x + b + (alpha/r) B (A dropout(x))        (article 2.2, 4.1)  */
+#include "testutil.h"
+#include "lora.h"
+
+/* ---------------------------------------------------------------- helpers */
+typedef struct {
+    int N, in, out, r, conv, HW;
+    float *x, *w0, *b0, *R, *y, *ax;
+    uint8_t *mask;
+    lora_t L;
+    rng_t rng; uint64_t seed;
+} lcase;
+
+static void run_forward(lcase *c) {
+    rng_seed(&c->rng, c->seed);        /* same dropout mask on every call */
+    if (c->conv)
+        lora_conv1x1_forward(c->y, c->ax, c->mask, c->x, c->w0, c->b0, &c->L, c->N, c->in, c->out, c->HW, &c->rng);
+    else
+        lora_forward(c->y, c->ax, c->mask, c->x, c->w0, c->b0, &c->L, c->N, c->in, c->out, &c->rng);
+}
+static size_t nout(const lcase *c) { return (size_t)c->N * c->out * (c->conv ? c->HW : 1); }
+static size_t nin(const lcase *c) { return (size_t)c->N * c->in * (c->conv ? c->HW : 1); }
+
+static double loss(void *ctx) {
+    lcase *c = ctx;
+    run_forward(c);
+    return dot_d(c->y, c->R, nout(c));
+}
+
+static void setup(lcase *c, int N, int in, int out, int r, int conv, int HW, float alpha, float p) {
+    memset(c, 0, sizeof *c);
+    c->N = N; c->in = in; c->out = out; c->r = r; c->conv = conv; c->HW = HW; c->seed = 7;
+    c->x = malloc(sizeof(float) * nin(c));
+    c->w0 = malloc(sizeof(float) * out * in);
+    c->b0 = malloc(sizeof(float) * out);
+    c->R = malloc(sizeof(float) * nout(c));
+    c->y = malloc(sizeof(float) * nout(c));
+    c->ax = malloc(sizeof(float) * (size_t)N * r * (conv ? HW : 1));
+    c->mask = malloc(nin(c));
+    float *A = malloc(sizeof(float) * r * in), *B = malloc(sizeof(float) * out * r);
+    rng_t g; rng_seed(&g, 1);
+    lora_init(&c->L, in, out, r, alpha, p, A, B, 0, &g);
+    fill_uniform(B, (size_t)out * r, -1, 1, 2);    /* non-zero B so dA is not trivially 0 */
+    fill_uniform(c->x, nin(c), -1, 1, 3);
+    fill_uniform(c->w0, (size_t)out * in, -0.5, 0.5, 4);
+    fill_uniform(c->b0, out, -0.5, 0.5, 5);
+    fill_uniform(c->R, nout(c), -1, 1, 6);
+    c->L.dA = calloc((size_t)r * in, sizeof(float));
+    c->L.dB = calloc((size_t)out * r, sizeof(float));
+}
+
+static void teardown(lcase *c) {
+    free(c->x); free(c->w0); free(c->b0); free(c->R); free(c->y); free(c->ax); free(c->mask);
+    free(c->L.A); free(c->L.B); free(c->L.dA); free(c->L.dB);
+}
+
+static void backward(lcase *c, float *dx) {
+    if (c->conv)
+        lora_conv1x1_backward(dx, c->R, c->x, c->ax, c->mask, c->w0, &c->L, c->N, c->in, c->out, c->HW);
+    else
+        lora_backward(dx, c->R, c->x, c->ax, c->mask, c->w0, &c->L, c->N, c->in, c->out);
+}
+
+/* finite differences for dx, dA, dB */
+static void gradcheck_case(int conv, float p) {
+    lcase c;
+    setup(&c, conv ? 2 : 5, 7, 6, 3, conv, conv ? 4 : 1, 6.0f, p);
+    float *dx = calloc(nin(&c), sizeof(float));
+    run_forward(&c);
+    backward(&c, dx);
+    double e;
+    e = grad_check(c.x, dx, nin(&c), loss, &c, 1e-2f, 1e-4, 200);
+    ck_assert_msg(e < 1e-3, "dx rel err %g (conv=%d p=%g)", e, conv, p);
+    e = grad_check(c.L.A, c.L.dA, (size_t)c.r * c.in, loss, &c, 1e-2f, 1e-4, 200);
+    ck_assert_msg(e < 1e-3, "dA rel err %g (conv=%d p=%g)", e, conv, p);
+    e = grad_check(c.L.B, c.L.dB, (size_t)c.out * c.r, loss, &c, 1e-2f, 1e-4, 200);
+    ck_assert_msg(e < 1e-3, "dB rel err %g (conv=%d p=%g)", e, conv, p);
+    free(dx);
+    teardown(&c);
+}
+
+START_TEST(test_gradcheck_linear) { gradcheck_case(0, 0.0f); }
+END_TEST
+START_TEST(test_gradcheck_linear_dropout) { gradcheck_case(0, 0.3f); }
+END_TEST
+START_TEST(test_gradcheck_conv1x1) { gradcheck_case(1, 0.0f); }
+END_TEST
+START_TEST(test_gradcheck_conv1x1_dropout) { gradcheck_case(1, 0.25f); }
+END_TEST
+
+/* B = 0 (the initial state) gives the base layer's output bit for bit */
+START_TEST(test_zero_B_is_base) {
+    lcase c;
+    setup(&c, 4, 9, 5, 2, 0, 1, 8.0f, 0.0f);
+    memset(c.L.B, 0, sizeof(float) * c.out * c.r);
+    run_forward(&c);
+    float *base = malloc(sizeof(float) * nout(&c));
+    linear_forward(base, c.x, c.w0, c.b0, c.N, c.in, c.out);
+    ck_assert(memcmp(base, c.y, sizeof(float) * nout(&c)) == 0);
+    free(base);
+    teardown(&c);
+}
+END_TEST
+
+/* the forward equals x (W0 + (alpha/r) B A)^T + b with W formed explicitly,
+ * and merge/unmerge give that W and then W0 back */
+START_TEST(test_merge_unmerge) {
+    lcase c;
+    setup(&c, 6, 11, 8, 4, 0, 1, 2.0f, 0.0f);
+    run_forward(&c);
+    float *w = malloc(sizeof(float) * c.out * c.in), *y2 = malloc(sizeof(float) * nout(&c));
+    memcpy(w, c.w0, sizeof(float) * c.out * c.in);
+    /* W = W0 + (alpha/r) B A computed here by plain loops, independent of gemm */
+    float *wref = malloc(sizeof(float) * c.out * c.in);
+    for (int o = 0; o < c.out; o++)
+        for (int i = 0; i < c.in; i++) {
+            double s = 0;
+            for (int k = 0; k < c.r; k++) s += (double)c.L.B[o * c.r + k] * c.L.A[k * c.in + i];
+            wref[o * c.in + i] = c.w0[o * c.in + i] + (float)(c.L.alpha / c.L.r * s);
+        }
+    lora_merge(w, &c.L, 1.0f);
+    ck_assert_double_lt(rel_err(w, wref, (size_t)c.out * c.in), 1e-6);
+    linear_forward(y2, c.x, w, c.b0, c.N, c.in, c.out);
+    ck_assert_double_lt(rel_err(y2, c.y, nout(&c)), 1e-5);   /* merged == unmerged forward */
+    lora_unmerge(w, &c.L, 1.0f);
+    ck_assert_double_lt(rel_err(w, c.w0, (size_t)c.out * c.in), 1e-6);
+    free(w); free(y2); free(wref);
+    teardown(&c);
+}
+END_TEST
+
+START_TEST(test_num_params_and_init) {
+    lora_t L; rng_t g; rng_seed(&g, 3);
+    int in = 320, out = 640, r = 8;
+    float *A = malloc(sizeof(float) * r * in), *B = malloc(sizeof(float) * out * r);
+    for (int i = 0; i < out * r; i++) B[i] = 1.0f;
+    lora_init(&L, in, out, r, 4.0f, 0.0f, A, B, 0, &g);
+    ck_assert_uint_eq(lora_num_params(&L), (size_t)r * (in + out));   /* r(in+out), not 2r*in*out */
+    ck_assert_float_eq(L.scale, 0.5f);
+    double bound = 1.0 / sqrt((double)in), s2 = 0;
+    for (int i = 0; i < r * in; i++) { ck_assert(fabs(A[i]) <= bound); s2 += (double)A[i] * A[i]; }
+    /* U(-b, b) has std b / sqrt(3) */
+    double sd = sqrt(s2 / (r * in));
+    ck_assert_msg(fabs(sd - bound / sqrt(3.0)) < 0.05 * bound, "A std %g", sd);
+    for (int i = 0; i < out * r; i++) ck_assert(B[i] == 0.0f);
+    free(A); free(B);
+}
+END_TEST
+
+/* backward accumulates and touches nothing frozen: W0 gets no gradient at all */
+START_TEST(test_backward_accumulates) {
+    lcase c;
+    setup(&c, 3, 5, 4, 2, 0, 1, 4.0f, 0.0f);
+    float *dx = calloc(nin(&c), sizeof(float)), *dA1 = malloc(sizeof(float) * c.r * c.in);
+    run_forward(&c);
+    backward(&c, dx);
+    memcpy(dA1, c.L.dA, sizeof(float) * c.r * c.in);
+    backward(&c, dx);
+    for (int i = 0; i < c.r * c.in; i++) ck_assert_float_eq_tol(c.L.dA[i], 2 * dA1[i], 1e-6);
+    /* frozen adapter: NULL dA/dB accepted */
+    c.L.dA = NULL; c.L.dB = NULL;
+    backward(&c, dx);
+    c.L.dA = dA1; c.L.dB = NULL;            /* dA1 is freed by teardown via c.L.dA */
+    free(dx);
+    teardown(&c);
+}
+END_TEST
+
+/* ---------------------------------------------------------- peft parity
+ * tests/fixtures/lora.safetensors: tools/make_fixtures.py runs peft's LoRA
+ * Linear / Conv2d layers and records output and autograd gradients. */
+static void peft_case(const char *pre, int conv, int rs) {
+    st_file f; fx_open(&f, "lora.safetensors");
+    char k[128];
+#define G(name) (snprintf(k, sizeof k, "%s.%s", pre, name), st_find(&f, k))
+#define L(name) (snprintf(k, sizeof k, "%s.%s", pre, name), fx_get(&f, k, 0))
+    const st_tensor *tA = G("A"), *tX = G("x");
+    ck_assert_msg(tA && tX, "%s: fixture tensors missing", pre);
+    int r = (int)tA->shape[0], in = (int)tA->shape[1];
+    const st_tensor *tB = G("B");
+    int out = (int)tB->shape[0];
+    int N = (int)tX->shape[0];
+    int HW = conv ? (int)(tX->shape[2] * tX->shape[3]) : 1;
+    float *x = L("x"), *w0 = L("w0"), *b0 = L("b0"), *A = L("A"), *B = L("B");
+    float *dout = L("dout"), *yref = L("out"), *dxref = L("dx"), *dAref = L("dA"), *dBref = L("dB");
+    /* peft: scale = alpha / r, or alpha / sqrt(r) with use_rslora */
+    float *al = L("alpha");
+    float scale = rs ? al[0] / sqrtf((float)r) : al[0] / (float)r;
+    lora_t Lr = { .in = in, .out = out, .r = r, .alpha = al[0], .scale = scale, .dropout = 0, .A = A, .B = B };
+    Lr.dA = calloc((size_t)r * in, sizeof(float));
+    Lr.dB = calloc((size_t)out * r, sizeof(float));
+    size_t ny = (size_t)N * out * HW, nx = (size_t)N * in * HW;
+    float *y = malloc(sizeof(float) * ny), *ax = malloc(sizeof(float) * (size_t)N * r * HW);
+    float *dx = calloc(nx, sizeof(float));
+    if (conv) {
+        lora_conv1x1_forward(y, ax, NULL, x, w0, b0, &Lr, N, in, out, HW, NULL);
+        lora_conv1x1_backward(dx, dout, x, ax, NULL, w0, &Lr, N, in, out, HW);
+    } else {
+        lora_forward(y, ax, NULL, x, w0, b0, &Lr, N, in, out, NULL);
+        lora_backward(dx, dout, x, ax, NULL, w0, &Lr, N, in, out);
+    }
+    double e;
+    e = rel_err(y, yref, ny);        ck_assert_msg(e <= 1e-5, "%s out rel err %g", pre, e);
+    e = rel_err(dx, dxref, nx);      ck_assert_msg(e <= 1e-4, "%s dx rel err %g", pre, e);
+    e = rel_err(Lr.dA, dAref, (size_t)r * in);  ck_assert_msg(e <= 1e-4, "%s dA rel err %g", pre, e);
+    e = rel_err(Lr.dB, dBref, (size_t)out * r); ck_assert_msg(e <= 1e-4, "%s dB rel err %g", pre, e);
+    printf("peft parity %-8s out %.2e  dx %.2e  dA %.2e  dB %.2e\n", pre, rel_err(y, yref, ny),
+           rel_err(dx, dxref, nx), rel_err(Lr.dA, dAref, (size_t)r * in), rel_err(Lr.dB, dBref, (size_t)out * r));
+    free(x); free(w0); free(b0); free(A); free(B); free(dout); free(yref); free(dxref); free(dAref);
+    free(dBref); free(al); free(Lr.dA); free(Lr.dB); free(y); free(ax); free(dx);
+    st_close(&f);
+#undef G
+#undef L
+}
+
+/* peft's scale is alpha/r (alpha/sqrt(r) with use_rslora): the fixture
+ * records alpha and r, and the scale our lora_init computes must equal
+ * the output difference peft produced: (out - out_b0) = scale * B A x */
+START_TEST(test_peft_scale) {
+    st_file f; fx_open(&f, "lora.safetensors");
+    float alpha = fx_scalar(&f, "lora.alpha"), r = fx_scalar(&f, "lora.r");
+    float *A = fx_get(&f, "lora.A", 0), *B = fx_get(&f, "lora.B", 0);
+    float *x = fx_get(&f, "lora.x", 0), *y = fx_get(&f, "lora.out", 0), *y0 = fx_get(&f, "lora.out_b0", 0);
+    const st_tensor *tA = st_find(&f, "lora.A"), *tB = st_find(&f, "lora.B"), *tx = st_find(&f, "lora.x");
+    int in = (int)tA->shape[1], out = (int)tB->shape[0], rr = (int)tA->shape[0], N = (int)tx->shape[0];
+    ck_assert_int_eq(rr, (int)r);
+    lora_t L; rng_t g; rng_seed(&g, 1);
+    float *A2 = malloc(sizeof(float) * rr * in), *B2 = malloc(sizeof(float) * out * rr);
+    lora_init(&L, in, out, rr, alpha, 0.0f, A2, B2, 0, &g);
+    /* delta = y - y0 must be L.scale * B A x, computed here in double */
+    double maxd = 0, maxr = 0;
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < out; o++) {
+            double s = 0;
+            for (int k = 0; k < rr; k++) {
+                double ax = 0;
+                for (int i = 0; i < in; i++) ax += (double)A[k * in + i] * x[n * in + i];
+                s += B[o * rr + k] * ax;
+            }
+            double want = L.scale * s, got = (double)y[n * out + o] - y0[n * out + o];
+            if (fabs(want - got) > maxd) maxd = fabs(want - got);
+            if (fabs(want) > maxr) maxr = fabs(want);
+        }
+    ck_assert_msg(maxd / maxr < 1e-4, "alpha/r scale differs from peft: rel %g", maxd / maxr);
+    free(A); free(B); free(x); free(y); free(y0); free(A2); free(B2);
+    st_close(&f);
+}
+END_TEST
+
+START_TEST(test_peft_linear) { peft_case("lora", 0, 0); }
+END_TEST
+START_TEST(test_peft_rslora) { peft_case("lora_rs", 0, 1); }
+END_TEST
+START_TEST(test_peft_conv1x1) { peft_case("loraconv", 1, 0); }
+END_TEST
+
+/* peft's freshly initialised lora_A obeys the same bound as ours */
+START_TEST(test_peft_init_bound) {
+    st_file f; fx_open(&f, "lora.safetensors");
+    float bound = fx_scalar(&f, "lora.init_bound");
+    const st_tensor *t = st_find(&f, "lora.A_init");
+    ck_assert(t != NULL);
+    int in = (int)t->shape[1];
+    ck_assert_float_eq_tol(bound, 1.0f / sqrtf((float)in), 1e-6);
+    st_close(&f);
+}
+END_TEST
+
+static Suite *lora_suite(void) {
+    Suite *s = suite_create("lora");
+    TCase *tc = tcase_create("core");
+    tcase_add_test(tc, test_gradcheck_linear);
+    tcase_add_test(tc, test_gradcheck_linear_dropout);
+    tcase_add_test(tc, test_gradcheck_conv1x1);
+    tcase_add_test(tc, test_gradcheck_conv1x1_dropout);
+    tcase_add_test(tc, test_zero_B_is_base);
+    tcase_add_test(tc, test_merge_unmerge);
+    tcase_add_test(tc, test_num_params_and_init);
+    tcase_add_test(tc, test_backward_accumulates);
+    suite_add_tcase(s, tc);
+    TCase *tp = tcase_create("peft");
+    tcase_add_test(tp, test_peft_scale);
+    tcase_add_test(tp, test_peft_linear);
+    tcase_add_test(tp, test_peft_rslora);
+    tcase_add_test(tp, test_peft_conv1x1);
+    tcase_add_test(tp, test_peft_init_bound);
+    suite_add_tcase(s, tp);
+    return s;
+}
+
+CHECK_MAIN(lora_suite)
