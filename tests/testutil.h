@@ -2,7 +2,7 @@
  *  - CHECK_MAIN(suite_fn): the main() of one test binary
  *  - grad_check(): central finite differences against an analytic gradient
  *  - fixture helpers: read tensors that tools/make_fixtures.py wrote from
- *    the PyTorch reference into tests/fixtures/*.safetensors
+ *    the PyTorch reference into tests/fixtures/ (safetensors files)
  *  - rel_err(): max|a - b| / max|b|, the error measure every parity test uses
  *    (relative to the reference tensor's scale, so values near zero do not
  *    blow it up). */
