@@ -82,14 +82,19 @@ def make_nn():
 
     # group norm: UNet (32 groups, eps 1e-5) and VAE-like (eps 1e-6) settings.
     # Non-trivial affine weights so dw, db and the w-scaling of dx are exercised;
-    # an offset mean so a one-pass variance would show its cancellation.
-    for name, (B, C, H, W, G, eps) in {"gn32": (2, 64, 4, 4, 32, 1e-5),
-                                        "gn4": (2, 12, 5, 5, 4, 1e-6)}.items():
+    # an offset mean so a one-pass variance would show its cancellation. The
+    # second batch item is scaled down until its variance is a few eps, so
+    # using the wrong eps (or adding it in the wrong place) shows well above
+    # the bounds; the first item has variance ~4, where eps does not matter.
+    for name, (B, C, H, W, G, eps, small) in {"gn32": (2, 64, 4, 4, 32, 1e-5, 3e-3),
+                                               "gn4": (2, 12, 5, 5, 4, 1e-6, 1e-3)}.items():
         gn = nn.GroupNorm(G, C, eps=eps)
         with torch.no_grad():
             gn.weight.copy_(1 + 0.5 * torch.randn(C))
             gn.bias.copy_(0.5 * torch.randn(C))
-        x = (torch.randn(B, C, H, W) * 2 + 3).requires_grad_(True)
+        x = torch.randn(B, C, H, W) * 2 + 3
+        x[1] *= small
+        x.requires_grad_(True)
         y = gn(x)
         dout = torch.randn_like(y)
         dx, dw, db = grads(y, dout, [x, gn.weight, gn.bias])
@@ -101,7 +106,9 @@ def make_nn():
     with torch.no_grad():
         ln.weight.copy_(1 + 0.5 * torch.randn(C))
         ln.bias.copy_(0.5 * torch.randn(C))
-    x = (torch.randn(N, C) * 1.5 - 1).requires_grad_(True)
+    x = torch.randn(N, C) * 1.5 - 1
+    x[N // 2:] *= 3e-3          # variance ~2e-5, comparable to eps (see group norm)
+    x.requires_grad_(True)
     y = ln(x)
     dout = torch.randn_like(y)
     dx, dw, db = grads(y, dout, [x, ln.weight, ln.bias])
