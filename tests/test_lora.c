@@ -255,14 +255,28 @@ END_TEST
 START_TEST(test_peft_conv1x1) { peft_case("loraconv", 1, 0); }
 END_TEST
 
-/* peft's freshly initialised lora_A obeys the same bound as ours */
+/* peft's freshly initialised lora_A (in = 256) follows the distribution
+ * lora_init draws from: U(-1/sqrt(in), 1/sqrt(in)), std = bound / sqrt(3) */
 START_TEST(test_peft_init_bound) {
     st_file f; fx_open(&f, "lora.safetensors");
-    float bound = fx_scalar(&f, "lora.init_bound");
-    const st_tensor *t = st_find(&f, "lora.A_init");
+    const st_tensor *t = st_find(&f, "lora.A_init_big");
     ck_assert(t != NULL);
-    int in = (int)t->shape[1];
-    ck_assert_float_eq_tol(bound, 1.0f / sqrtf((float)in), 1e-6);
+    int r = (int)t->shape[0], in = (int)t->shape[1];
+    float *A = fx_get(&f, "lora.A_init_big", (size_t)r * in);
+    double bound = 1.0 / sqrt((double)in), s2 = 0, amax = 0;
+    for (int i = 0; i < r * in; i++) { s2 += (double)A[i] * A[i]; if (fabs(A[i]) > amax) amax = fabs(A[i]); }
+    ck_assert_msg(amax <= bound * (1 + 1e-6), "peft A exceeds 1/sqrt(in): %g > %g", amax, bound);
+    ck_assert_msg(amax > 0.95 * bound, "peft A max %g far below the bound %g", amax, bound);
+    double sd = sqrt(s2 / (r * in));
+    ck_assert_msg(fabs(sd - bound / sqrt(3.0)) < 0.05 * bound, "peft A std %g vs %g", sd, bound / sqrt(3.0));
+    /* ours, same shape: same bound and spread */
+    lora_t L; rng_t g; rng_seed(&g, 9);
+    float *A2 = malloc(sizeof(float) * r * in), *B2 = malloc(sizeof(float) * r);
+    lora_init(&L, in, 1, r, 1.0f, 0.0f, A2, B2, 0, &g);
+    double s2b = 0;
+    for (int i = 0; i < r * in; i++) { ck_assert(fabs(A2[i]) <= bound * (1 + 1e-6)); s2b += (double)A2[i] * A2[i]; }
+    ck_assert_msg(fabs(sqrt(s2b / (r * in)) - sd) < 0.05 * bound, "our A std differs from peft's");
+    free(A); free(A2); free(B2);
     st_close(&f);
 }
 END_TEST
