@@ -159,10 +159,15 @@ START_TEST(test_backward_accumulates) {
     backward(&c, dx);
     for (int i = 0; i < c.r * c.in; i++) ck_assert_float_eq_tol(c.L.dA[i], 2 * dA1[i], 1e-6);
     /* frozen adapter: NULL dA/dB accepted */
+    float *sa = c.L.dA, *sb = c.L.dB;
     c.L.dA = NULL; c.L.dB = NULL;
-    backward(&c, dx);
-    c.L.dA = dA1; c.L.dB = NULL;            /* dA1 is freed by teardown via c.L.dA */
-    free(dx);
+    float *dx2 = calloc(nin(&c), sizeof(float));
+    backward(&c, dx2);                      /* input gradient still flows */
+    c.L.dA = sa; c.L.dB = sb;
+    float *dx3 = calloc(nin(&c), sizeof(float));
+    backward(&c, dx3);
+    for (size_t i = 0; i < nin(&c); i++) ck_assert_float_eq(dx2[i], dx3[i]);
+    free(dx); free(dx2); free(dx3); free(dA1);
     teardown(&c);
 }
 END_TEST
