@@ -1,0 +1,605 @@
+/* nn.c: the primitives every SD1.x component is built from (see nn.h).
+ *
+ * Every layer is a _forward / _backward pair over flat float arrays. Backward
+ * accumulates (+=) and skips whatever gradient is passed as NULL. The heavy
+ * work (linear, conv) goes through gemm(); the rest are simple loops.
+ *
+ * Threads: loops are split with OpenMP so that every output element is
+ * computed by exactly one thread in a fixed order. No reduction depends on
+ * how the work is split, so results are bit-identical for any thread count.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "nn.h"
+
+/* without -fopenmp the pragmas below are simply ignored; keep that quiet */
+#ifndef _OPENMP
+#pragma GCC diagnostic ignored "-Wunknown-pragmas"
+#endif
+
+/* below this many floats a loop is not worth waking the other threads for */
+#define PAR_MIN 16384
+
+/* ---------------------------------------------------------------------------
+ * scratch: one grow-only buffer. Its contents are never kept across calls,
+ * so growing is free + malloc (no copy, and the old block is gone first). */
+
+static float *scratch_buf = NULL;
+static size_t scratch_cap = 0;
+
+float *nn_scratch(size_t nfloats) {
+    if (nfloats <= scratch_cap && scratch_buf) return scratch_buf;
+    free(scratch_buf);
+    scratch_cap = 0;
+    scratch_buf = malloc((nfloats ? nfloats : 1) * sizeof(float));
+    if (scratch_buf) scratch_cap = nfloats;
+    return scratch_buf;
+}
+
+/* Layers have no error return, so a model reserves the largest scratch it
+ * will need once, at setup, where a NULL can be reported properly; a layer
+ * that still finds no memory stops the program with a message. */
+static float *scratch_or_die(size_t nfloats) {
+    float *p = nn_scratch(nfloats);
+    if (!p) {
+        fprintf(stderr, "error: out of memory: %zu MB of layer scratch (use a smaller image size or batch)\n",
+                nfloats * sizeof(float) >> 20);
+        abort();
+    }
+    return p;
+}
+
+void nn_scratch_free(void) {
+    free(scratch_buf);
+    scratch_buf = NULL;
+    scratch_cap = 0;
+}
+
+/* ---------------------------------------------------------------------------
+ * linear */
+
+void linear_forward(float *out, const float *inp, const float *w, const float *b,
+                    int N, int in, int outc) {
+    // out[n,o] = sum_i inp[n,i] * w[o,i] + b[o]
+    gemm(0, 1, N, outc, in, 1.0f, inp, in, w, in, 0.0f, out, outc);
+    if (!b) return;
+    #pragma omp parallel for if ((size_t)N * outc >= PAR_MIN)
+    for (int n = 0; n < N; n++) {
+        float *o = out + (size_t)n * outc;
+        for (int j = 0; j < outc; j++) o[j] += b[j];
+    }
+}
+
+void linear_backward(float *dinp, float *dw, float *db, const float *dout,
+                     const float *inp, const float *w, int N, int in, int outc) {
+    // dinp (N, in) += dout (N, out) * w (out, in)
+    if (dinp) gemm(0, 0, N, in, outc, 1.0f, dout, outc, w, in, 1.0f, dinp, in);
+    // dw (out, in) += dout^T (out, N) * inp (N, in)
+    if (dw) gemm(1, 0, outc, in, N, 1.0f, dout, outc, inp, in, 1.0f, dw, in);
+    // db[o] += sum_n dout[n,o]; each thread owns a block of columns and walks
+    // the rows in order, so the sum is the same for any thread count
+    if (db) {
+        enum { CB = 64 };
+        int nblk = (outc + CB - 1) / CB;
+        #pragma omp parallel for if ((size_t)N * outc >= PAR_MIN)
+        for (int blk = 0; blk < nblk; blk++) {
+            int j0 = blk * CB, j1 = j0 + CB < outc ? j0 + CB : outc;
+            double acc[CB] = {0};
+            for (int n = 0; n < N; n++) {
+                const float *d = dout + (size_t)n * outc;
+                for (int j = j0; j < j1; j++) acc[j - j0] += d[j];
+            }
+            for (int j = j0; j < j1; j++) db[j] += (float)acc[j - j0];
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * conv2d as im2col + gemm.
+ *
+ * For one image, the columns matrix cols (C*kh*kw, Ho*Wo) holds in row
+ * r = (c*kh + i)*kw + j and column p = oy*Wo + ox the input pixel that kernel
+ * tap (c, i, j) sees at output (oy, ox):
+ *     cols[r, p] = inp[c, oy*stride - pad + i, ox*stride - pad + j]  (0 outside)
+ * Then the convolution is one matrix product with the weight seen as a
+ * (O, C*kh*kw) matrix:  out (O, Ho*Wo) = w * cols + b.
+ * A 1x1, stride 1, unpadded conv needs no columns: the image itself is the
+ * (C, H*W) matrix. */
+
+static int conv_is_pointwise(int kh, int kw, int stride, int pad) {
+    return kh == 1 && kw == 1 && stride == 1 && pad == 0;
+}
+
+static void im2col(float *cols, const float *img, int C, int H, int W,
+                   int kh, int kw, int stride, int pad, int Ho, int Wo) {
+    int rows = C * kh * kw;
+    #pragma omp parallel for if ((size_t)rows * Ho * Wo >= PAR_MIN)
+    for (int r = 0; r < rows; r++) {
+        int c = r / (kh * kw), i = (r / kw) % kh, j = r % kw;
+        const float *src = img + (size_t)c * H * W;
+        float *dst = cols + (size_t)r * Ho * Wo;
+        for (int oy = 0; oy < Ho; oy++) {
+            int y = oy * stride - pad + i;
+            float *d = dst + (size_t)oy * Wo;
+            if (y < 0 || y >= H) { memset(d, 0, (size_t)Wo * sizeof(float)); continue; }
+            for (int ox = 0; ox < Wo; ox++) {
+                int x = ox * stride - pad + j;
+                d[ox] = (x >= 0 && x < W) ? src[(size_t)y * W + x] : 0.0f;
+            }
+        }
+    }
+}
+
+/* the adjoint of im2col: every column entry is added back to the pixel it
+ * was read from:  img[c, y, x] += dcols[r, p] over all (r, p) that read it.
+ * One thread per channel, so no two threads touch the same pixel. */
+static void col2im_add(float *img, const float *dcols, int C, int H, int W,
+                       int kh, int kw, int stride, int pad, int Ho, int Wo) {
+    #pragma omp parallel for if ((size_t)C * kh * kw * Ho * Wo >= PAR_MIN)
+    for (int c = 0; c < C; c++) {
+        float *dst = img + (size_t)c * H * W;
+        for (int i = 0; i < kh; i++)
+            for (int j = 0; j < kw; j++) {
+                const float *src = dcols + ((size_t)(c * kh + i) * kw + j) * Ho * Wo;
+                for (int oy = 0; oy < Ho; oy++) {
+                    int y = oy * stride - pad + i;
+                    if (y < 0 || y >= H) continue;
+                    for (int ox = 0; ox < Wo; ox++) {
+                        int x = ox * stride - pad + j;
+                        if (x >= 0 && x < W) dst[(size_t)y * W + x] += src[(size_t)oy * Wo + ox];
+                    }
+                }
+            }
+    }
+}
+
+void conv2d_forward(float *out, const float *inp, const float *w, const float *b,
+                    int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad) {
+    int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
+    int K = C * kh * kw, P = Ho * Wo;
+    int direct = conv_is_pointwise(kh, kw, stride, pad);
+    float *cols = direct ? NULL : scratch_or_die((size_t)K * P);
+    for (int bi = 0; bi < B; bi++) {
+        const float *x = inp + (size_t)bi * C * H * W;
+        float *y = out + (size_t)bi * O * P;
+        if (!direct) im2col(cols, x, C, H, W, kh, kw, stride, pad, Ho, Wo);
+        // out_b (O, P) = w (O, K) * cols (K, P)
+        gemm(0, 0, O, P, K, 1.0f, w, K, direct ? x : cols, P, 0.0f, y, P);
+        if (b) {
+            #pragma omp parallel for if ((size_t)O * P >= PAR_MIN)
+            for (int o = 0; o < O; o++) {
+                float *yo = y + (size_t)o * P;
+                for (int p = 0; p < P; p++) yo[p] += b[o];
+            }
+        }
+    }
+}
+
+void conv2d_backward(float *dinp, float *dw, float *db, const float *dout,
+                     const float *inp, const float *w,
+                     int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad) {
+    int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
+    int K = C * kh * kw, P = Ho * Wo;
+    int direct = conv_is_pointwise(kh, kw, stride, pad);
+
+    // db[o] += sum_{b, p} dout[b, o, p]; one thread per channel, batch in order
+    if (db) {
+        #pragma omp parallel for if ((size_t)B * O * P >= PAR_MIN)
+        for (int o = 0; o < O; o++) {
+            double s = 0;
+            for (int bi = 0; bi < B; bi++) {
+                const float *d = dout + ((size_t)bi * O + o) * P;
+                for (int p = 0; p < P; p++) s += d[p];
+            }
+            db[o] += (float)s;
+        }
+    }
+    if (!dw && !dinp) return;
+
+    // one scratch region of K*P floats serves twice per image: first as the
+    // columns of the input (for dw), then as their gradient dcols (for dinp)
+    float *buf = direct ? NULL : scratch_or_die((size_t)K * P);
+    for (int bi = 0; bi < B; bi++) {
+        const float *x = inp + (size_t)bi * C * H * W;
+        const float *dy = dout + (size_t)bi * O * P;
+        if (dw) {
+            // dw (O, K) += dout_b (O, P) * cols^T (P, K)
+            if (!direct) im2col(buf, x, C, H, W, kh, kw, stride, pad, Ho, Wo);
+            gemm(0, 1, O, K, P, 1.0f, dy, P, direct ? x : buf, P, 1.0f, dw, K);
+        }
+        if (dinp) {
+            float *dx = dinp + (size_t)bi * C * H * W;
+            // dcols (K, P) = w^T (K, O) * dout_b (O, P), then scatter back;
+            // a pointwise conv accumulates straight into the image
+            if (direct) {
+                gemm(1, 0, K, P, O, 1.0f, w, K, dy, P, 1.0f, dx, P);
+            } else {
+                gemm(1, 0, K, P, O, 1.0f, w, K, dy, P, 0.0f, buf, P);
+                col2im_add(dx, buf, C, H, W, kh, kw, stride, pad, Ho, Wo);
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * group norm. In (B, C, HW) layout the C/G channels of one group are one
+ * contiguous block of n = (C/G)*HW floats, normalised together:
+ *     mean = sum x / n,   var = sum (x - mean)^2 / n   (biased, as torch)
+ *     xhat = (x - mean) * rstd,  rstd = 1 / sqrt(var + eps)
+ *     out  = xhat * w[c] + b[c]
+ * The statistics are summed in double: a group of SD1.5 holds up to 40960
+ * values (10 channels of 64x64), enough for float sums to drift. */
+
+/* mean and 1/sqrt(var + eps) of n floats, two passes in double */
+static void moments(const float *x, size_t n, float eps, float *mean, float *rstd) {
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += x[i];
+    double m = s / (double)n, v = 0;
+    for (size_t i = 0; i < n; i++) { double d = x[i] - m; v += d * d; }
+    v /= (double)n;
+    *mean = (float)m;
+    *rstd = (float)(1.0 / sqrt(v + (double)eps));
+}
+
+void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                       const float *w, const float *b, int B, int C, int HW, int G, float eps) {
+    int Cg = C / G;
+    size_t n = (size_t)Cg * HW;
+    #pragma omp parallel for if ((size_t)B * C * HW >= PAR_MIN)
+    for (int bg = 0; bg < B * G; bg++) {
+        const float *x = inp + (size_t)bg * n;
+        float *y = out + (size_t)bg * n;
+        float m, rs;
+        moments(x, n, eps, &m, &rs);
+        mean[bg] = m; rstd[bg] = rs;
+        int c0 = (bg % G) * Cg;
+        for (int cc = 0; cc < Cg; cc++) {
+            float wc = w ? w[c0 + cc] : 1.0f, bc = b ? b[c0 + cc] : 0.0f;
+            const float *xc = x + (size_t)cc * HW;
+            float *yc = y + (size_t)cc * HW;
+            for (int i = 0; i < HW; i++) yc[i] = (xc[i] - m) * rs * wc + bc;
+        }
+    }
+}
+
+/* Backward, with dxhat = dout * w[c] over the n values of one group:
+ *     dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat))
+ *     dw[c] += sum_{b, hw} dout * xhat,   db[c] += sum_{b, hw} dout
+ * One thread per group walks the batch in order, so dw/db need no locks. */
+void groupnorm_backward(float *dinp, float *dw, float *db, const float *dout,
+                        const float *inp, const float *w, const float *mean, const float *rstd,
+                        int B, int C, int HW, int G) {
+    int Cg = C / G;
+    size_t n = (size_t)Cg * HW;
+    #pragma omp parallel for if ((size_t)B * C * HW >= PAR_MIN)
+    for (int g = 0; g < G; g++) {
+        int c0 = g * Cg;
+        for (int bi = 0; bi < B; bi++) {
+            size_t off = ((size_t)bi * G + g) * n;
+            const float *x = inp + off, *dy = dout + off;
+            float m = mean[bi * G + g], rs = rstd[bi * G + g];
+            double sum_dxh = 0, sum_dxh_xh = 0;
+            for (int cc = 0; cc < Cg; cc++) {
+                float wc = w ? w[c0 + cc] : 1.0f;
+                const float *xc = x + (size_t)cc * HW, *dyc = dy + (size_t)cc * HW;
+                double sdy = 0, sdy_xh = 0;
+                for (int i = 0; i < HW; i++) {
+                    float xh = (xc[i] - m) * rs;
+                    sdy += dyc[i];
+                    sdy_xh += (double)dyc[i] * xh;
+                }
+                sum_dxh += wc * sdy;
+                sum_dxh_xh += wc * sdy_xh;
+                if (dw) dw[c0 + cc] += (float)sdy_xh;
+                if (db) db[c0 + cc] += (float)sdy;
+            }
+            if (!dinp) continue;
+            float mdxh = (float)(sum_dxh / (double)n), mdxh_xh = (float)(sum_dxh_xh / (double)n);
+            float *dx = dinp + off;
+            for (int cc = 0; cc < Cg; cc++) {
+                float wc = w ? w[c0 + cc] : 1.0f;
+                const float *xc = x + (size_t)cc * HW, *dyc = dy + (size_t)cc * HW;
+                float *dxc = dx + (size_t)cc * HW;
+                for (int i = 0; i < HW; i++) {
+                    float xh = (xc[i] - m) * rs;
+                    dxc[i] += rs * (dyc[i] * wc - mdxh - xh * mdxh_xh);
+                }
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * layer norm over the last dim of (N, C), same formulas as group norm with
+ * one row as the normalised set. */
+
+void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                       const float *w, const float *b, int N, int C, float eps) {
+    #pragma omp parallel for if ((size_t)N * C >= PAR_MIN)
+    for (int r = 0; r < N; r++) {
+        const float *x = inp + (size_t)r * C;
+        float *y = out + (size_t)r * C;
+        float m, rs;
+        moments(x, (size_t)C, eps, &m, &rs);
+        mean[r] = m; rstd[r] = rs;
+        // out = (x - mean) * rstd * w + b
+        for (int c = 0; c < C; c++) {
+            float xh = (x[c] - m) * rs;
+            y[c] = xh * (w ? w[c] : 1.0f) + (b ? b[c] : 0.0f);
+        }
+    }
+}
+
+void layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
+                        const float *inp, const float *w, const float *mean, const float *rstd,
+                        int N, int C) {
+    // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dxhat = dout * w
+    if (dinp) {
+        #pragma omp parallel for if ((size_t)N * C >= PAR_MIN)
+        for (int r = 0; r < N; r++) {
+            const float *x = inp + (size_t)r * C, *dy = dout + (size_t)r * C;
+            float *dx = dinp + (size_t)r * C;
+            float m = mean[r], rs = rstd[r];
+            double s1 = 0, s2 = 0;
+            for (int c = 0; c < C; c++) {
+                float xh = (x[c] - m) * rs;
+                float dxh = dy[c] * (w ? w[c] : 1.0f);
+                s1 += dxh;
+                s2 += (double)dxh * xh;
+            }
+            float m1 = (float)(s1 / C), m2 = (float)(s2 / C);
+            for (int c = 0; c < C; c++) {
+                float xh = (x[c] - m) * rs;
+                float dxh = dy[c] * (w ? w[c] : 1.0f);
+                dx[c] += rs * (dxh - m1 - xh * m2);
+            }
+        }
+    }
+    // dw[c] += sum_r dout * xhat,  db[c] += sum_r dout: a sum over rows, so
+    // each thread owns a block of columns and walks the rows in order
+    if (dw || db) {
+        enum { CB = 64 };
+        int nblk = (C + CB - 1) / CB;
+        #pragma omp parallel for if ((size_t)N * C >= PAR_MIN)
+        for (int blk = 0; blk < nblk; blk++) {
+            int c0 = blk * CB, c1 = c0 + CB < C ? c0 + CB : C;
+            double aw[CB] = {0}, ab[CB] = {0};
+            for (int r = 0; r < N; r++) {
+                const float *x = inp + (size_t)r * C, *dy = dout + (size_t)r * C;
+                float m = mean[r], rs = rstd[r];
+                for (int c = c0; c < c1; c++) {
+                    float xh = (x[c] - m) * rs;
+                    aw[c - c0] += (double)dy[c] * xh;
+                    ab[c - c0] += dy[c];
+                }
+            }
+            for (int c = c0; c < c1; c++) {
+                if (dw) dw[c] += (float)aw[c - c0];
+                if (db) db[c] += (float)ab[c - c0];
+            }
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * pointwise activations */
+
+// silu(x) = x * s,  s = sigmoid(x) = 1 / (1 + exp(-x))
+// silu'(x) = s + x s (1 - s) = s (1 + x (1 - s))
+void silu_forward(float *out, const float *inp, size_t n) {
+    #pragma omp parallel for if (n >= PAR_MIN)
+    for (size_t i = 0; i < n; i++) {
+        float x = inp[i];
+        out[i] = x / (1.0f + expf(-x));
+    }
+}
+
+void silu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
+    if (!dinp) return;
+    #pragma omp parallel for if (n >= PAR_MIN)
+    for (size_t i = 0; i < n; i++) {
+        float x = inp[i], s = 1.0f / (1.0f + expf(-x));
+        dinp[i] += dout[i] * s * (1.0f + x * (1.0f - s));
+    }
+}
+
+// gelu(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))   (exact, torch's default)
+// gelu'(x) = Phi(x) + x phi(x),  phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+#define INV_SQRT2 0.70710678118654752440f
+#define INV_SQRT_2PI 0.39894228040143267794f
+
+static inline float gelu_f(float x) { return 0.5f * x * (1.0f + erff(x * INV_SQRT2)); }
+static inline float gelu_grad(float x) {
+    return 0.5f * (1.0f + erff(x * INV_SQRT2)) + x * expf(-0.5f * x * x) * INV_SQRT_2PI;
+}
+
+void gelu_forward(float *out, const float *inp, size_t n) {
+    #pragma omp parallel for if (n >= PAR_MIN)
+    for (size_t i = 0; i < n; i++) out[i] = gelu_f(inp[i]);
+}
+
+void gelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
+    if (!dinp) return;
+    #pragma omp parallel for if (n >= PAR_MIN)
+    for (size_t i = 0; i < n; i++) dinp[i] += dout[i] * gelu_grad(inp[i]);
+}
+
+// quickgelu(x) = x * s,  s = sigmoid(1.702 x)   (CLIP's cheap GELU)
+// quickgelu'(x) = s + 1.702 x s (1 - s)
+void quickgelu_forward(float *out, const float *inp, size_t n) {
+    #pragma omp parallel for if (n >= PAR_MIN)
+    for (size_t i = 0; i < n; i++) {
+        float x = inp[i];
+        out[i] = x / (1.0f + expf(-1.702f * x));
+    }
+}
+
+void quickgelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
+    if (!dinp) return;
+    #pragma omp parallel for if (n >= PAR_MIN)
+    for (size_t i = 0; i < n; i++) {
+        float x = inp[i], s = 1.0f / (1.0f + expf(-1.702f * x));
+        dinp[i] += dout[i] * (s + 1.702f * x * s * (1.0f - s));
+    }
+}
+
+/* GEGLU: row n of inp is [value (D) | gate (D)];
+ *     out = value * gelu(gate)
+ *     dvalue = dout * gelu(gate),  dgate = dout * value * gelu'(gate) */
+void geglu_forward(float *out, const float *inp, int N, int D) {
+    #pragma omp parallel for if ((size_t)N * D >= PAR_MIN)
+    for (int r = 0; r < N; r++) {
+        const float *v = inp + (size_t)r * 2 * D, *g = v + D;
+        float *y = out + (size_t)r * D;
+        for (int j = 0; j < D; j++) y[j] = v[j] * gelu_f(g[j]);
+    }
+}
+
+void geglu_backward(float *dinp, const float *dout, const float *inp, int N, int D) {
+    if (!dinp) return;
+    #pragma omp parallel for if ((size_t)N * D >= PAR_MIN)
+    for (int r = 0; r < N; r++) {
+        const float *v = inp + (size_t)r * 2 * D, *g = v + D;
+        const float *dy = dout + (size_t)r * D;
+        float *dv = dinp + (size_t)r * 2 * D, *dg = dv + D;
+        for (int j = 0; j < D; j++) {
+            dv[j] += dy[j] * gelu_f(g[j]);
+            dg[j] += dy[j] * v[j] * gelu_grad(g[j]);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * nearest 2x upsample: out[b, c, y, x] = inp[b, c, y/2, x/2]; backward adds
+ * the gradients of the 4 copies back into their source pixel. */
+
+void upsample2x_forward(float *out, const float *inp, int B, int C, int H, int W) {
+    int W2 = 2 * W;
+    #pragma omp parallel for if ((size_t)B * C * H * W >= PAR_MIN)
+    for (int bc = 0; bc < B * C; bc++) {
+        const float *x = inp + (size_t)bc * H * W;
+        float *y = out + (size_t)bc * 4 * H * W;
+        for (int i = 0; i < H; i++) {
+            float *r0 = y + (size_t)(2 * i) * W2, *r1 = r0 + W2;
+            for (int j = 0; j < W; j++) {
+                float v = x[(size_t)i * W + j];
+                r0[2 * j] = r0[2 * j + 1] = r1[2 * j] = r1[2 * j + 1] = v;
+            }
+        }
+    }
+}
+
+void upsample2x_backward(float *dinp, const float *dout, int B, int C, int H, int W) {
+    if (!dinp) return;
+    int W2 = 2 * W;
+    #pragma omp parallel for if ((size_t)B * C * H * W >= PAR_MIN)
+    for (int bc = 0; bc < B * C; bc++) {
+        float *dx = dinp + (size_t)bc * H * W;
+        const float *dy = dout + (size_t)bc * 4 * H * W;
+        for (int i = 0; i < H; i++) {
+            const float *r0 = dy + (size_t)(2 * i) * W2, *r1 = r0 + W2;
+            for (int j = 0; j < W; j++)
+                dx[(size_t)i * W + j] += (r0[2 * j] + r0[2 * j + 1]) + (r1[2 * j] + r1[2 * j + 1]);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * sinusoidal timestep embedding, as diffusers' get_timestep_embedding:
+ *     exponent_j = -ln(max_period) * j / (half - freq_shift),  j = 0..half-1
+ *     arg_j = t * exp(exponent_j)
+ *     out = [sin(arg) | cos(arg)], or [cos(arg) | sin(arg)] when flipped,
+ *     and a zero last column when dim is odd.
+ * Each step is rounded to float32 in torch's order, so the result matches
+ * PyTorch's float32 computation, not an exact one. */
+void timestep_embedding(float *out, const float *t, int N, int dim,
+                        int flip_sin_to_cos, float freq_shift, float max_period) {
+    int half = dim / 2;
+    float neg_log = (float)(-log((double)max_period));
+    float denom = (float)((double)half - (double)freq_shift);
+    for (int n = 0; n < N; n++) {
+        float *y = out + (size_t)n * dim;
+        float *ys = y + (flip_sin_to_cos ? half : 0);
+        float *yc = y + (flip_sin_to_cos ? 0 : half);
+        for (int j = 0; j < half; j++) {
+            float e = neg_log * (float)j;
+            e = e / denom;
+            float arg = t[n] * expf(e);
+            ys[j] = sinf(arg);
+            yc[j] = cosf(arg);
+        }
+        if (dim % 2) y[dim - 1] = 0.0f;
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * RNG: splitmix64. The state advances by a fixed odd constant and each
+ * output is a hash of the state, so the i-th number after a given state can
+ * be computed directly; dropout uses that to fill its mask in parallel with
+ * exactly the numbers a serial loop would draw. */
+
+#define SPLITMIX_GAMMA 0x9E3779B97F4A7C15ULL
+
+static inline uint64_t splitmix_hash(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+void rng_seed(rng_t *r, uint64_t seed) { r->state = seed; }
+
+uint64_t rng_u64(rng_t *r) {
+    r->state += SPLITMIX_GAMMA;
+    return splitmix_hash(r->state);
+}
+
+// top 24 bits -> k / 2^24, exactly representable, in [0, 1)
+static inline float u64_to_uniform(uint64_t x) { return (float)(x >> 40) * (1.0f / 16777216.0f); }
+
+float rng_uniform(rng_t *r) { return u64_to_uniform(rng_u64(r)); }
+
+// Box-Muller: z = sqrt(-2 ln u1) cos(2 pi u2), u1 in (0, 1] so the log is
+// finite. Only the cosine half of the pair is used: rng_t keeps no spare.
+float rng_normal(rng_t *r) {
+    double u1 = 1.0 - (double)rng_uniform(r);
+    double u2 = (double)rng_uniform(r);
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.28318530717958647692 * u2));
+}
+
+/* ---------------------------------------------------------------------------
+ * dropout (inverted): keep each element with probability 1 - p and scale it
+ * by 1 / (1 - p) so the expectation is unchanged:
+ *     mask_i = (u_i >= p),  out_i = inp_i * mask_i / (1 - p)
+ *     dinp_i += dout_i * mask_i / (1 - p)
+ * u_i is the i-th rng_uniform() of the stream, drawn here by index. */
+void dropout_forward(float *out, uint8_t *mask, const float *inp, size_t n, float p, rng_t *rng) {
+    if (p <= 0.0f) {
+        if (out != inp) memmove(out, inp, n * sizeof(float));
+        memset(mask, 1, n);
+        return;
+    }
+    float scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;   /* p = 1 drops all */
+    uint64_t s0 = rng->state;
+    #pragma omp parallel for if (n >= PAR_MIN)
+    for (size_t i = 0; i < n; i++) {
+        float u = u64_to_uniform(splitmix_hash(s0 + (uint64_t)(i + 1) * SPLITMIX_GAMMA));
+        uint8_t keep = u >= p;
+        mask[i] = keep;
+        out[i] = keep ? inp[i] * scale : 0.0f;
+    }
+    rng->state = s0 + (uint64_t)n * SPLITMIX_GAMMA;
+}
+
+void dropout_backward(float *dinp, const float *dout, const uint8_t *mask, size_t n, float p) {
+    if (!dinp) return;
+    if (p <= 0.0f) {   /* forward was a copy (the mask is all ones, not read) */
+        #pragma omp parallel for if (n >= PAR_MIN)
+        for (size_t i = 0; i < n; i++) dinp[i] += dout[i];
+        return;
+    }
+    float scale = p < 1.0f ? 1.0f / (1.0f - p) : 0.0f;
+    #pragma omp parallel for if (n >= PAR_MIN)
+    for (size_t i = 0; i < n; i++) dinp[i] += mask[i] ? dout[i] * scale : 0.0f;
+}
