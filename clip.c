@@ -1,0 +1,575 @@
+/* clip.c: the CLIP text transformer (transformers CLIPTextModel) that turns
+ * SD1.x's 77 token ids into the 77 x 768 context the UNet cross-attends to.
+ *
+ * A pre-norm transformer with a causal mask (the article's text encoder box):
+ *
+ *   x_0 = token_embedding[id_t] + position_embedding[t]
+ *   x'  = x_l + out_proj(attn(q_proj(ln1(x_l)), k_proj(ln1(x_l)), v_proj(ln1(x_l))))
+ *   x_{l+1} = x' + fc2(act(fc1(ln2(x'))))
+ *   out = final_layer_norm(x_n)
+ *
+ * SD1.x feeds no padding mask: the eos padding tokens are ordinary tokens that
+ * see (causally) the whole prompt, and the UNet attends to all 77 rows.
+ *
+ * Every projection goes through lora_forward / lora_backward with L == NULL
+ * meaning the plain linear, so adding LoRA (article 4.1) changes no code path
+ * here, only whether an adapter pointer is set.
+ *
+ * Backward (for text-encoder LoRA): the only trainable tensors are LoRA's A
+ * and B, so the backward pass carries the gradient down the residual stream
+ * (dx through every frozen weight is unavoidable: the adapters of lower
+ * layers need it) but never forms a frozen weight's gradient, and stops at
+ * the first layer's adapters: nothing below them (the embeddings) trains. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "clip.h"
+#include "json.h"
+
+/* ---------------------------------------------------------------------------
+ * config */
+
+void clip_config_default(clip_config *c) {
+    /* transformers CLIPTextConfig() defaults (a config.json may omit any key) */
+    c->vocab_size = 49408;
+    c->hidden_size = 512;
+    c->intermediate_size = 2048;
+    c->num_layers = 12;
+    c->num_heads = 8;
+    c->max_pos = 77;
+    c->act = CLIP_ACT_QUICKGELU;
+    c->layer_norm_eps = 1e-5f;
+    c->pad_token_id = 1;
+    c->bos_token_id = 49406;
+    c->eos_token_id = 49407;
+}
+
+/* an integer-valued number in [lo, hi], or the default when the key is absent
+ * or null; anything else is an error naming the key */
+static int cfg_int(const json *o, const char *key, int lo, int hi, int *v, const char *path, char *err) {
+    const json *j = json_get(o, key);
+    if (!j || j->type == JSON_NULL) return 0;
+    if (j->type != JSON_NUMBER || !(j->number >= lo && j->number <= hi) || j->number != floor(j->number)) {
+        snprintf(err, ST_ERR_LEN, "%s: \"%s\" must be an integer in [%d, %d] "
+                 "(is this a CLIP text model config.json?)", path, key, lo, hi);
+        return -1;
+    }
+    *v = (int)j->number;
+    return 0;
+}
+
+int clip_config_parse(clip_config *c, const char *text, size_t len, const char *path, char *err) {
+    char jerr[256];
+    clip_config_default(c);
+    json *root = json_parse(text, len, jerr, sizeof jerr);
+    if (!root) {
+        snprintf(err, ST_ERR_LEN, "%s: not valid JSON: %s (is the file complete?)", path, jerr);
+        return -1;
+    }
+    /* a full CLIPConfig keeps the text model's settings under "text_config" */
+    const json *o = root;
+    const json *tc = json_get(root, "text_config");
+    if (tc && tc->type == JSON_OBJECT) o = tc;
+    int rc = -1;
+    if (o->type != JSON_OBJECT) {
+        snprintf(err, ST_ERR_LEN, "%s: top level is not a JSON object (is this a config.json?)", path);
+        goto done;
+    }
+    /* the bounds keep every size product inside size_t and int indexing */
+    if (cfg_int(o, "vocab_size", 1, 1 << 24, &c->vocab_size, path, err) ||
+        cfg_int(o, "hidden_size", 1, 1 << 16, &c->hidden_size, path, err) ||
+        cfg_int(o, "intermediate_size", 1, 1 << 18, &c->intermediate_size, path, err) ||
+        cfg_int(o, "num_hidden_layers", 1, 1024, &c->num_layers, path, err) ||
+        cfg_int(o, "num_attention_heads", 1, 1 << 16, &c->num_heads, path, err) ||
+        cfg_int(o, "max_position_embeddings", 1, 1 << 16, &c->max_pos, path, err) ||
+        cfg_int(o, "bos_token_id", -1, 1 << 30, &c->bos_token_id, path, err) ||
+        cfg_int(o, "eos_token_id", -1, 1 << 30, &c->eos_token_id, path, err) ||
+        cfg_int(o, "pad_token_id", -1, 1 << 30, &c->pad_token_id, path, err))
+        goto done;
+    if (c->hidden_size % c->num_heads != 0) {
+        snprintf(err, ST_ERR_LEN, "%s: hidden_size %d is not a multiple of num_attention_heads %d "
+                 "(is the config.json edited by hand?)", path, c->hidden_size, c->num_heads);
+        goto done;
+    }
+    const json *eps = json_get(o, "layer_norm_eps");
+    if (eps && eps->type != JSON_NULL) {
+        if (eps->type != JSON_NUMBER || !(eps->number > 0 && eps->number < 1)) {
+            snprintf(err, ST_ERR_LEN, "%s: \"layer_norm_eps\" must be a number in (0, 1)", path);
+            goto done;
+        }
+        c->layer_norm_eps = (float)eps->number;
+    }
+    const json *act = json_get(o, "hidden_act");
+    if (act && act->type != JSON_NULL) {
+        if (act->type == JSON_STRING && strcmp(act->string, "quick_gelu") == 0) c->act = CLIP_ACT_QUICKGELU;
+        else if (act->type == JSON_STRING && strcmp(act->string, "gelu") == 0) c->act = CLIP_ACT_GELU;
+        else {
+            snprintf(err, ST_ERR_LEN, "%s: unsupported \"hidden_act\" %s%.40s%s (quick_gelu and gelu are supported)",
+                     path, act->type == JSON_STRING ? "\"" : "", act->type == JSON_STRING ? act->string : "(not a string)",
+                     act->type == JSON_STRING ? "\"" : "");
+            goto done;
+        }
+    }
+    rc = 0;
+done:
+    json_free(root);
+    return rc;
+}
+
+int clip_config_load(clip_config *c, const char *path, char *err) {
+    FILE *fp = fopen(path, "rb");
+    if (!fp) {
+        snprintf(err, ST_ERR_LEN, "%s: cannot open (is the model folder right?)", path);
+        return -1;
+    }
+    /* config.json is small; read it whole, refusing anything absurd */
+    size_t cap = 1 << 12, len = 0;
+    char *buf = malloc(cap);
+    int rc = -1;
+    while (buf) {
+        size_t got = fread(buf + len, 1, cap - len, fp);
+        len += got;
+        if (len < cap) break;
+        if (cap >= (1u << 24)) { free(buf); buf = NULL; break; }
+        char *nb = realloc(buf, cap * 2);
+        if (!nb) { free(buf); buf = NULL; break; }
+        buf = nb; cap *= 2;
+    }
+    if (!buf) snprintf(err, ST_ERR_LEN, "%s: too large or out of memory (a config.json is a few KB)", path);
+    else if (ferror(fp)) snprintf(err, ST_ERR_LEN, "%s: read error", path);
+    else rc = clip_config_parse(c, buf, len, path, err);
+    free(buf);
+    fclose(fp);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------
+ * parameters: one block, one table */
+
+static void table_add(clip_t *m, size_t *off, const char *name, int ndim, int64_t d0, int64_t d1) {
+    clip_param *p = &m->table[m->ntable++];
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->offset = *off;
+    p->ndim = ndim;
+    p->shape[0] = d0; p->shape[1] = ndim > 1 ? d1 : 1;
+    p->numel = (size_t)d0 * (size_t)p->shape[1];
+    *off += p->numel;
+}
+
+int clip_init(clip_t *m, const clip_config *c, char *err) {
+    memset(m, 0, sizeof *m);
+    m->config = *c;
+    int C = c->hidden_size, F = c->intermediate_size, n = c->num_layers;
+    m->table = malloc(sizeof(clip_param) * (size_t)(4 + 16 * n));
+    m->layers = malloc(sizeof(clip_layer) * (size_t)n);
+    if (!m->table || !m->layers) goto oom;
+    /* the table, in a fixed order; names as transformers writes them */
+    size_t off = 0;
+    char name[64];
+    table_add(m, &off, "embeddings.token_embedding.weight", 2, c->vocab_size, C);
+    table_add(m, &off, "embeddings.position_embedding.weight", 2, c->max_pos, C);
+    static const struct { const char *suffix; int kind; } lp[16] = {
+        {"layer_norm1.weight", 0}, {"layer_norm1.bias", 0},
+        {"self_attn.q_proj.weight", 1}, {"self_attn.q_proj.bias", 0},
+        {"self_attn.k_proj.weight", 1}, {"self_attn.k_proj.bias", 0},
+        {"self_attn.v_proj.weight", 1}, {"self_attn.v_proj.bias", 0},
+        {"self_attn.out_proj.weight", 1}, {"self_attn.out_proj.bias", 0},
+        {"layer_norm2.weight", 0}, {"layer_norm2.bias", 0},
+        {"mlp.fc1.weight", 2}, {"mlp.fc1.bias", 3},
+        {"mlp.fc2.weight", 4}, {"mlp.fc2.bias", 0},
+    };
+    for (int l = 0; l < n; l++) {
+        for (int i = 0; i < 16; i++) {
+            snprintf(name, sizeof name, "encoder.layers.%d.%s", l, lp[i].suffix);
+            switch (lp[i].kind) {
+            case 0: table_add(m, &off, name, 1, C, 1); break;     /* (C) vectors */
+            case 1: table_add(m, &off, name, 2, C, C); break;     /* (C x C) */
+            case 2: table_add(m, &off, name, 2, F, C); break;     /* fc1 (F x C) */
+            case 3: table_add(m, &off, name, 1, F, 1); break;     /* fc1 bias (F) */
+            default: table_add(m, &off, name, 2, C, F); break;    /* fc2 (C x F) */
+            }
+        }
+    }
+    table_add(m, &off, "final_layer_norm.weight", 1, C, 1);
+    table_add(m, &off, "final_layer_norm.bias", 1, C, 1);
+    m->num_params = off;
+    if (off > SIZE_MAX / sizeof(float)) goto oom;
+    m->params = malloc(sizeof(float) * off);
+    if (!m->params) goto oom;
+    /* named pointers into the block, in table order */
+    float *p = m->params;
+    int t = 0;
+    m->tok_emb = p + m->table[t++].offset;
+    m->pos_emb = p + m->table[t++].offset;
+    for (int l = 0; l < n; l++) {
+        clip_layer *L = &m->layers[l];
+        float **slot[16] = {&L->ln1_w, &L->ln1_b, &L->q_w, &L->q_b, &L->k_w, &L->k_b, &L->v_w, &L->v_b,
+                            &L->o_w, &L->o_b, &L->ln2_w, &L->ln2_b, &L->fc1_w, &L->fc1_b, &L->fc2_w, &L->fc2_b};
+        for (int i = 0; i < 16; i++) *slot[i] = p + m->table[t++].offset;
+    }
+    m->lnf_w = p + m->table[t++].offset;
+    m->lnf_b = p + m->table[t++].offset;
+    return 0;
+oom:
+    snprintf(err, ST_ERR_LEN, "clip: out of memory for %d layers of width %d (vocab %d)",
+             n, C, c->vocab_size);
+    clip_free(m);
+    return -1;
+}
+
+void clip_free(clip_t *m) {
+    free(m->params); free(m->table); free(m->layers);
+    free(m->adapters); free(m->lora_params); free(m->lora_grads);
+    free(m->acts); free(m->masks); free(m->grads);
+    memset(m, 0, sizeof *m);
+}
+
+int clip_load_st(clip_t *m, const st_file *f, const char *prefix, char *err) {
+    char name[256];
+    for (int i = 0; i < m->ntable; i++) {
+        const clip_param *p = &m->table[i];
+        snprintf(name, sizeof name, "%s%s", prefix, p->name);
+        if (st_read_f32(f, name, p->ndim, p->shape, m->params + p->offset, err)) return -1;
+    }
+    return 0;
+}
+
+int clip_load_hf(clip_t *m, const char *dir, char *err) {
+    char path[4096];
+    clip_config c;
+    memset(m, 0, sizeof *m);
+    if (snprintf(path, sizeof path, "%s/config.json", dir) >= (int)sizeof path) {
+        snprintf(err, ST_ERR_LEN, "%.200s...: path too long", dir);
+        return -1;
+    }
+    if (clip_config_load(&c, path, err)) return -1;
+    if (clip_init(m, &c, err)) return -1;
+    /* diffusers folders may hold only the fp16 variant */
+    st_file f;
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    FILE *probe = fopen(path, "rb");
+    if (probe) fclose(probe);
+    else {
+        char alt[4096];
+        snprintf(alt, sizeof alt, "%s/model.fp16.safetensors", dir);
+        if ((probe = fopen(alt, "rb")) != NULL) { fclose(probe); memcpy(path, alt, sizeof path); }
+    }
+    if (st_open(&f, path, err)) { clip_free(m); return -1; }
+    /* transformers 4 (every SD1.x text_encoder on the Hub) writes
+     * "text_model.embeddings..."; transformers 5 drops the prefix */
+    const char *prefix = st_find(&f, "text_model.embeddings.token_embedding.weight") ? "text_model." : "";
+    int rc = clip_load_st(m, &f, prefix, err);
+    st_close(&f);
+    if (rc) clip_free(m);
+    return rc;
+}
+
+/* ---------------------------------------------------------------------------
+ * LoRA */
+
+static const char *proj_module[CLIP_NPROJ] = {
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"
+};
+
+/* in and out features of projection p */
+static void proj_dims(const clip_config *c, int p, int *in, int *out) {
+    *in = p == CLIP_FC2 ? c->intermediate_size : c->hidden_size;
+    *out = p == CLIP_FC1 ? c->intermediate_size : c->hidden_size;
+}
+
+int clip_add_lora(clip_t *m, int rank, float alpha, float dropout, uint64_t seed, char *err) {
+    const clip_config *c = &m->config;
+    if (m->adapters) {
+        snprintf(err, ST_ERR_LEN, "clip: LoRA already added");
+        return -1;
+    }
+    if (rank < 1 || rank > c->hidden_size || !(dropout >= 0.0f && dropout < 1.0f) || !isfinite(alpha)) {
+        snprintf(err, ST_ERR_LEN, "clip: bad LoRA settings rank %d (1..%d), dropout %g ([0, 1)), alpha %g",
+                 rank, c->hidden_size, (double)dropout, (double)alpha);
+        return -1;
+    }
+    int n = c->num_layers * CLIP_NPROJ;
+    size_t total = 0;
+    for (int i = 0; i < n; i++) {
+        int in, out;
+        proj_dims(c, i % CLIP_NPROJ, &in, &out);
+        total += (size_t)rank * ((size_t)in + (size_t)out);
+    }
+    m->adapters = calloc((size_t)n, sizeof(clip_adapter));
+    m->lora_params = malloc(sizeof(float) * total);
+    m->lora_grads = calloc(total, sizeof(float));
+    if (!m->adapters || !m->lora_params || !m->lora_grads) {
+        free(m->adapters); free(m->lora_params); free(m->lora_grads);
+        m->adapters = NULL; m->lora_params = m->lora_grads = NULL;
+        snprintf(err, ST_ERR_LEN, "clip: out of memory for %zu LoRA parameters", total);
+        return -1;
+    }
+    rng_t rng;
+    rng_seed(&rng, seed);
+    rng_seed(&m->rng, seed ^ 0x9e3779b97f4a7c15ull);   /* dropout: its own stream */
+    size_t off = 0;
+    for (int i = 0; i < n; i++) {
+        clip_adapter *a = &m->adapters[i];
+        int in, out;
+        a->layer = i / CLIP_NPROJ; a->proj = i % CLIP_NPROJ;
+        proj_dims(c, a->proj, &in, &out);
+        /* the module path kohya turns into lora_te_text_model_encoder_layers_0_self_attn_q_proj */
+        snprintf(a->name, sizeof a->name, "text_model.encoder.layers.%d.%s", a->layer, proj_module[a->proj]);
+        float *A = m->lora_params + off, *Bm = A + (size_t)rank * in;
+        lora_init(&a->L, in, out, rank, alpha, dropout, A, Bm, 0, &rng);
+        a->L.dA = m->lora_grads + off;
+        a->L.dB = a->L.dA + (size_t)rank * in;
+        off += (size_t)rank * ((size_t)in + (size_t)out);
+    }
+    m->nadapters = n;
+    m->num_lora_params = total;
+    m->nrun = 0;   /* the activation layout changed: a new forward is needed */
+    return 0;
+}
+
+void clip_zero_grad(clip_t *m) {
+    if (m->lora_grads) memset(m->lora_grads, 0, sizeof(float) * m->num_lora_params);
+}
+
+int clip_num_adapters(const clip_t *m) { return m->nadapters; }
+
+clip_adapter *clip_adapter_at(clip_t *m, int i) {
+    return i >= 0 && i < m->nadapters ? &m->adapters[i] : NULL;
+}
+
+/* The adapter on (layer, proj) as the forward/backward should see it, in *tmp:
+ * dropout off unless the last forward was a training one. NULL = plain linear. */
+static lora_t *adapter(clip_t *m, int l, int p, lora_t *tmp) {
+    if (!m->adapters) return NULL;
+    *tmp = m->adapters[l * CLIP_NPROJ + p].L;
+    if (!m->dropout_on) tmp->dropout = 0.0f;
+    return tmp;
+}
+
+/* ---------------------------------------------------------------------------
+ * activations: one arena, the same layout for every layer */
+
+typedef struct {
+    float *res;                        /* (N, C) layer input x_l */
+    float *ln1, *ln1_mean, *ln1_rstd;  /* (N, C), (N), (N) */
+    float *q, *k, *v;                  /* (N, C) */
+    float *att;                        /* (B, H, T, T) softmax probabilities */
+    float *atty;                       /* (N, C) attention output, before out_proj */
+    float *res2;                       /* (N, C) x' = x_l + attention branch */
+    float *ln2, *ln2_mean, *ln2_rstd;
+    float *h, *ha;                     /* (N, F) fc1 output, after the activation */
+    float *ax[CLIP_NPROJ];             /* (N, r) each: A x saved by lora_forward */
+    uint8_t *mask[CLIP_NPROJ];         /* (N * in) dropout masks, or NULL */
+} layer_acts;
+
+static size_t layer_floats(const clip_t *m, int B, int T) {
+    size_t N = (size_t)B * T, C = m->config.hidden_size, F = m->config.intermediate_size;
+    size_t r = m->adapters ? (size_t)m->adapters[0].L.r : 0;
+    return 8 * N * C + 4 * N + 2 * N * F + (size_t)B * m->config.num_heads * T * T + CLIP_NPROJ * N * r;
+}
+
+static size_t layer_mask_bytes(const clip_t *m, int B, int T) {
+    size_t N = (size_t)B * T, C = m->config.hidden_size, F = m->config.intermediate_size;
+    return N * (5 * C + F);
+}
+
+static void layer_view(clip_t *m, int l, layer_acts *a) {
+    size_t N = (size_t)m->B * m->T, C = m->config.hidden_size, F = m->config.intermediate_size;
+    size_t r = m->adapters ? (size_t)m->adapters[0].L.r : 0;
+    float *p = m->acts + (size_t)l * layer_floats(m, m->B, m->T);
+    a->res = p; p += N * C;
+    a->ln1 = p; p += N * C;
+    a->ln1_mean = p; p += N;
+    a->ln1_rstd = p; p += N;
+    a->q = p; p += N * C;
+    a->k = p; p += N * C;
+    a->v = p; p += N * C;
+    a->att = p; p += (size_t)m->B * m->config.num_heads * m->T * m->T;
+    a->atty = p; p += N * C;
+    a->res2 = p; p += N * C;
+    a->ln2 = p; p += N * C;
+    a->ln2_mean = p; p += N;
+    a->ln2_rstd = p; p += N;
+    a->h = p; p += N * F;
+    a->ha = p; p += N * F;
+    for (int i = 0; i < CLIP_NPROJ; i++) { a->ax[i] = p; p += N * r; }
+    uint8_t *mk = m->dropout_on ? m->masks + (size_t)l * layer_mask_bytes(m, m->B, m->T) : NULL;
+    for (int i = 0; i < CLIP_NPROJ; i++) {
+        a->mask[i] = mk;
+        if (mk) mk += N * (i == CLIP_FC2 ? F : C);
+    }
+}
+
+/* grow-only buffer; 0 or -1 */
+static int ensure(void **buf, size_t *cap, size_t need, size_t elem) {
+    if (*cap >= need && *buf) return 0;
+    void *nb = realloc(*buf, need * elem > 0 ? need * elem : 1);
+    if (!nb) return -1;
+    *buf = nb; *cap = need;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------
+ * forward */
+
+int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_skip) {
+    const clip_config *c = &m->config;
+    int C = c->hidden_size, F = c->intermediate_size, H = c->num_heads, Dh = C / H;
+    m->B = m->T = m->nrun = 0;   /* nothing valid for backward until we finish */
+    if (B < 1 || T < 1 || T > c->max_pos) {
+        snprintf(m->err, sizeof m->err, "clip: bad shape B=%d T=%d (need B >= 1, 1 <= T <= %d)", B, T, c->max_pos);
+        return -1;
+    }
+    if (clip_skip < 1 || clip_skip > c->num_layers) {
+        snprintf(m->err, sizeof m->err, "clip: clip_skip %d out of range (1 = last layer .. %d)",
+                 clip_skip, c->num_layers);
+        return -1;
+    }
+    for (size_t i = 0; i < (size_t)B * T; i++) {
+        if (ids[i] < 0 || ids[i] >= c->vocab_size) {
+            snprintf(m->err, sizeof m->err, "clip: token id %d at position %zu outside the vocabulary [0, %d) "
+                     "(tokenizer and text encoder do not match)", ids[i], i, c->vocab_size);
+            return -1;
+        }
+    }
+    int dropout_on = m->training && m->adapters && m->adapters[0].L.dropout > 0.0f;
+    size_t N = (size_t)B * T;
+    /* arena for all layers (whatever clip_skip), plus the final residual and final-norm stats */
+    size_t need = (size_t)c->num_layers * layer_floats(m, B, T) + N * C + 2 * N;
+    if (ensure((void **)&m->acts, &m->acts_cap, need, sizeof(float)) ||
+        (dropout_on && ensure((void **)&m->masks, &m->masks_cap,
+                              (size_t)c->num_layers * layer_mask_bytes(m, B, T), 1))) {
+        snprintf(m->err, sizeof m->err, "clip: out of memory for activations (B=%d, T=%d)", B, T);
+        return -1;
+    }
+    m->B = B; m->T = T; m->dropout_on = dropout_on;
+    int nrun = c->num_layers - clip_skip + 1;
+    float *xfinal = m->acts + (size_t)c->num_layers * layer_floats(m, B, T);
+    float *lnf_mean = xfinal + N * C, *lnf_rstd = lnf_mean + N;
+
+    /* x_0[b, t] = token_embedding[ids[b, t]] + position_embedding[t] */
+    layer_acts a;
+    layer_view(m, 0, &a);
+    float *x0 = a.res;
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            const float *te = m->tok_emb + (size_t)ids[b * T + t] * C, *pe = m->pos_emb + (size_t)t * C;
+            float *x = x0 + ((size_t)b * T + t) * C;
+            for (int i = 0; i < C; i++) x[i] = te[i] + pe[i];
+        }
+
+    for (int l = 0; l < nrun; l++) {
+        const clip_layer *P = &m->layers[l];
+        lora_t tmp;
+        layer_view(m, l, &a);
+        float *xnext;
+        if (l + 1 < nrun) { layer_acts nx; layer_view(m, l + 1, &nx); xnext = nx.res; }
+        else xnext = xfinal;
+        /* attention branch: x' = x + out_proj(attn(q, k, v)),  q = q_proj(ln1(x)) etc. */
+        layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, a.res, P->ln1_w, P->ln1_b, (int)N, C, c->layer_norm_eps);
+        lora_forward(a.q, a.ax[CLIP_Q], a.mask[CLIP_Q], a.ln1, P->q_w, P->q_b, adapter(m, l, CLIP_Q, &tmp), (int)N, C, C, &m->rng);
+        lora_forward(a.k, a.ax[CLIP_K], a.mask[CLIP_K], a.ln1, P->k_w, P->k_b, adapter(m, l, CLIP_K, &tmp), (int)N, C, C, &m->rng);
+        lora_forward(a.v, a.ax[CLIP_V], a.mask[CLIP_V], a.ln1, P->v_w, P->v_b, adapter(m, l, CLIP_V, &tmp), (int)N, C, C, &m->rng);
+        /* causal: token t sees tokens 0..t only (CLIP was trained left to right) */
+        attention_forward(a.atty, a.att, a.q, a.k, a.v, B, T, T, H, Dh, 1);
+        lora_forward(a.res2, a.ax[CLIP_O], a.mask[CLIP_O], a.atty, P->o_w, P->o_b, adapter(m, l, CLIP_O, &tmp), (int)N, C, C, &m->rng);
+        for (size_t i = 0; i < N * C; i++) a.res2[i] += a.res[i];
+        /* MLP branch: x_{l+1} = x' + fc2(act(fc1(ln2(x')))) */
+        layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, P->ln2_w, P->ln2_b, (int)N, C, c->layer_norm_eps);
+        lora_forward(a.h, a.ax[CLIP_FC1], a.mask[CLIP_FC1], a.ln2, P->fc1_w, P->fc1_b, adapter(m, l, CLIP_FC1, &tmp), (int)N, C, F, &m->rng);
+        if (c->act == CLIP_ACT_GELU) gelu_forward(a.ha, a.h, N * F);
+        else quickgelu_forward(a.ha, a.h, N * F);
+        lora_forward(xnext, a.ax[CLIP_FC2], a.mask[CLIP_FC2], a.ha, P->fc2_w, P->fc2_b, adapter(m, l, CLIP_FC2, &tmp), (int)N, F, C, &m->rng);
+        for (size_t i = 0; i < N * C; i++) xnext[i] += a.res2[i];
+    }
+    /* A1111 and diffusers apply the final layer norm to the skipped-to layer too */
+    layernorm_forward(out, lnf_mean, lnf_rstd, xfinal, m->lnf_w, m->lnf_b, (int)N, C, c->layer_norm_eps);
+    m->nrun = nrun;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------
+ * backward: LoRA gradients only */
+
+int clip_backward(clip_t *m, const float *dout) {
+    const clip_config *c = &m->config;
+    int C = c->hidden_size, F = c->intermediate_size, H = c->num_heads, Dh = C / H;
+    int B = m->B, T = m->T;
+    if (!m->adapters) {
+        snprintf(m->err, sizeof m->err, "clip: backward without LoRA (nothing trains; call clip_add_lora)");
+        return -1;
+    }
+    if (m->nrun == 0 || B == 0) {
+        snprintf(m->err, sizeof m->err, "clip: backward without a successful forward");
+        return -1;
+    }
+    size_t N = (size_t)B * T;
+    if (ensure((void **)&m->grads, &m->grads_cap, 6 * N * C + 2 * N * F, sizeof(float))) {
+        snprintf(m->err, sizeof m->err, "clip: out of memory for the backward workspace");
+        return -1;
+    }
+    float *dres = m->grads, *dln = dres + N * C, *datty = dln + N * C;
+    float *dq = datty + N * C, *dk = dq + N * C, *dv = dk + N * C;
+    float *dh = dv + N * C, *dha = dh + N * F;
+    float *xfinal = m->acts + (size_t)c->num_layers * layer_floats(m, B, T);
+    float *lnf_mean = xfinal + N * C, *lnf_rstd = lnf_mean + N;
+    size_t nC = N * C * sizeof(float), nF = N * F * sizeof(float);
+
+    /* through final_layer_norm (frozen: no dw, db) */
+    memset(dres, 0, nC);
+    layernorm_backward(dres, NULL, NULL, dout, xfinal, m->lnf_w, lnf_mean, lnf_rstd, (int)N, C);
+    for (int l = m->nrun - 1; l >= 0; l--) {
+        const clip_layer *P = &m->layers[l];
+        layer_acts a;
+        lora_t tq, tk, tv, to, t1, t2;
+        layer_view(m, l, &a);
+        /* dres holds dL/dx_{l+1}. MLP branch; the residual passes dres through unchanged */
+        memset(dha, 0, nF);
+        lora_backward(dha, dres, a.ha, a.ax[CLIP_FC2], a.mask[CLIP_FC2], P->fc2_w,
+                      adapter(m, l, CLIP_FC2, &t2), (int)N, F, C);
+        memset(dh, 0, nF);
+        if (c->act == CLIP_ACT_GELU) gelu_backward(dh, dha, a.h, N * F);
+        else quickgelu_backward(dh, dha, a.h, N * F);
+        memset(dln, 0, nC);
+        lora_backward(dln, dh, a.ln2, a.ax[CLIP_FC1], a.mask[CLIP_FC1], P->fc1_w,
+                      adapter(m, l, CLIP_FC1, &t1), (int)N, C, F);
+        /* dL/dx' = dL/dx_{l+1} + ln2 backward */
+        layernorm_backward(dres, NULL, NULL, dln, a.res2, P->ln2_w, a.ln2_mean, a.ln2_rstd, (int)N, C);
+        /* attention branch */
+        memset(datty, 0, nC);
+        lora_backward(datty, dres, a.atty, a.ax[CLIP_O], a.mask[CLIP_O], P->o_w,
+                      adapter(m, l, CLIP_O, &to), (int)N, C, C);
+        memset(dq, 0, 3 * nC);
+        attention_backward(dq, dk, dv, datty, a.q, a.k, a.v, a.att, B, T, T, H, Dh, 1);
+        /* the first layer's input gradient would only reach the frozen
+         * embeddings: skip it (lora_backward with dinp NULL still gives dA, dB) */
+        float *dx = l > 0 ? dln : NULL;
+        if (dx) memset(dln, 0, nC);
+        lora_backward(dx, dq, a.ln1, a.ax[CLIP_Q], a.mask[CLIP_Q], P->q_w, adapter(m, l, CLIP_Q, &tq), (int)N, C, C);
+        lora_backward(dx, dk, a.ln1, a.ax[CLIP_K], a.mask[CLIP_K], P->k_w, adapter(m, l, CLIP_K, &tk), (int)N, C, C);
+        lora_backward(dx, dv, a.ln1, a.ax[CLIP_V], a.mask[CLIP_V], P->v_w, adapter(m, l, CLIP_V, &tv), (int)N, C, C);
+        /* dL/dx_l = dL/dx' + ln1 backward */
+        if (dx) layernorm_backward(dres, NULL, NULL, dln, a.res, P->ln1_w, a.ln1_mean, a.ln1_rstd, (int)N, C);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------
+ * pooled output */
+
+void clip_pooled(const clip_t *m, float *pooled, const float *hidden, const int *ids, int B, int T) {
+    int C = m->config.hidden_size, eos = m->config.eos_token_id;
+    for (int b = 0; b < B; b++) {
+        const int *row = ids + (size_t)b * T;
+        int pos = 0;
+        if (eos == 2) {
+            /* old configs: the end-of-text token is the largest id (first if tied) */
+            for (int t = 1; t < T; t++) if (row[t] > row[pos]) pos = t;
+        } else {
+            /* the first eos (the padding may be eos too); position 0 if none, as argmax of all-zero */
+            for (int t = 0; t < T; t++) if (row[t] == eos) { pos = t; break; }
+        }
+        memcpy(pooled + (size_t)b * C, hidden + ((size_t)b * T + pos) * C, sizeof(float) * C);
+    }
+}

@@ -1,0 +1,139 @@
+/* clip.h: the CLIP text transformer as SD1.x uses it (transformers'
+ * CLIPTextModel, the openai/clip-vit-large-patch14 architecture), forward
+ * and backward, with LoRA on the attention and MLP projections.
+ *
+ *   x = token_embedding[ids] + position_embedding[0..T-1]
+ *   for each layer:  x = x + out_proj(causal_attention(q, k, v of layer_norm1(x)))
+ *                    x = x + fc2(act(fc1(layer_norm2(x))))     act: quick_gelu | gelu
+ *   out = final_layer_norm(x)
+ *
+ * clip_skip (A1111's count, k >= 1): run only the first n_layers - k + 1
+ * layers, then final_layer_norm. k = 1 is last_hidden_state. diffusers'
+ * encode_prompt(clip_skip = k - 1) is the same thing: it takes
+ * hidden_states[-k] and applies final_layer_norm to it; diffusers' None is our 1.
+ *
+ * Parameters live in one float block with a table of (name, offset, shape),
+ * names as transformers writes them without the "text_model." prefix. The
+ * backward gives gradients for the LoRA parameters only: the frozen weights
+ * get none, and no work is spent on them. */
+#ifndef SDLORA_CLIP_H
+#define SDLORA_CLIP_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "lora.h"
+#include "safetensors.h"
+
+enum { CLIP_ACT_QUICKGELU = 0, CLIP_ACT_GELU = 1 };
+
+typedef struct {
+    int vocab_size;          /* 49408 for SD1.x */
+    int hidden_size;         /* d: 768 */
+    int intermediate_size;   /* 3072 */
+    int num_layers;          /* num_hidden_layers: 12 */
+    int num_heads;           /* num_attention_heads: 12 */
+    int max_pos;             /* max_position_embeddings: 77 */
+    int act;                 /* hidden_act: CLIP_ACT_* */
+    float layer_norm_eps;    /* 1e-5 */
+    int bos_token_id, eos_token_id, pad_token_id;
+} clip_config;
+
+/* transformers' CLIPTextConfig defaults, for keys config.json leaves out */
+void clip_config_default(clip_config *c);
+/* from config.json text (a CLIPTextConfig, or a CLIPConfig holding "text_config");
+ * checks every size. Returns 0, or -1 with a one-line reason in err (ST_ERR_LEN). */
+int clip_config_parse(clip_config *c, const char *text, size_t len, const char *path, char *err);
+int clip_config_load(clip_config *c, const char *path, char *err);
+
+typedef struct {
+    char name[64];           /* "encoder.layers.3.mlp.fc1.weight" */
+    size_t offset;           /* into clip_t.params, in floats */
+    int ndim;
+    int64_t shape[2];
+    size_t numel;
+} clip_param;
+
+typedef struct {
+    float *ln1_w, *ln1_b;
+    float *q_w, *q_b, *k_w, *k_b, *v_w, *v_b, *o_w, *o_b;   /* self_attn.{q,k,v,out}_proj */
+    float *ln2_w, *ln2_b;
+    float *fc1_w, *fc1_b, *fc2_w, *fc2_b;                   /* mlp.fc1, mlp.fc2 */
+} clip_layer;
+
+/* the six adapted projections of a layer, in this order */
+enum { CLIP_Q = 0, CLIP_K, CLIP_V, CLIP_O, CLIP_FC1, CLIP_FC2, CLIP_NPROJ };
+
+typedef struct {
+    char name[80];           /* module path, "text_model.encoder.layers.0.self_attn.q_proj" */
+    int layer, proj;         /* which layer, which CLIP_* projection */
+    lora_t L;
+} clip_adapter;
+
+typedef struct {
+    clip_config config;
+    /* parameters: one block, one table */
+    float *params;
+    size_t num_params;
+    clip_param *table;
+    int ntable;
+    float *tok_emb, *pos_emb;          /* (vocab, d), (max_pos, d) */
+    clip_layer *layers;                /* num_layers */
+    float *lnf_w, *lnf_b;              /* final_layer_norm */
+    /* LoRA: adapters[layer * CLIP_NPROJ + proj], NULL-free once added */
+    clip_adapter *adapters;
+    int nadapters;
+    float *lora_params, *lora_grads;   /* A and B of all adapters; their gradients */
+    size_t num_lora_params;
+    int training;                      /* 1: LoRA dropout active in forward */
+    rng_t rng;                         /* dropout masks */
+    /* activations of the last forward, one arena sized from (B, T) */
+    float *acts;
+    size_t acts_cap;                   /* floats allocated */
+    uint8_t *masks;                    /* dropout masks (when dropout > 0 and training) */
+    size_t masks_cap;
+    float *grads;                      /* backward workspace, sized with acts */
+    size_t grads_cap;
+    int B, T, nrun, dropout_on;        /* shape, layers run, dropout used by the last forward */
+    char err[ST_ERR_LEN];              /* why the last clip_forward/clip_backward failed */
+} clip_t;
+
+/* Allocate the parameter block for config c (values uninitialised).
+ * Returns 0, or -1 with err on a size overflow / out of memory. */
+int clip_init(clip_t *m, const clip_config *c, char *err);
+void clip_free(clip_t *m);
+
+/* Load every parameter from an open safetensors file, names prefix + table
+ * name, e.g. prefix "cond_stage_model.transformer.text_model." for an LDM
+ * checkpoint. F32/F16/BF16. An absent or misshapen tensor is an error naming it. */
+int clip_load_st(clip_t *m, const st_file *f, const char *prefix, char *err);
+/* A transformers folder (SD's text_encoder/): dir/config.json and
+ * dir/model.safetensors (or model.fp16.safetensors), names with the
+ * "text_model." prefix (transformers 4) or without it (transformers 5). */
+int clip_load_hf(clip_t *m, const char *dir, char *err);
+
+/* ids (B, T) -> out (B, T, d). Needs 1 <= T <= max_pos, 0 <= ids < vocab,
+ * 1 <= clip_skip <= num_layers. Keeps the activations backward needs.
+ * Returns 0, or -1 with the reason in m->err. */
+int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_skip);
+/* dout (B, T, d) for the out of the last clip_forward: ACCUMULATES (+=) into
+ * the LoRA gradients (clip_zero_grad first). No gradient for frozen weights or
+ * the embeddings. Returns 0, or -1 with m->err (no forward, no LoRA, OOM). */
+int clip_backward(clip_t *m, const float *dout);
+
+/* pooled (B, d): the row of hidden (B, T, d; the clip_skip 1 output) at the
+ * end-of-text token of each sequence, as CLIPTextModel's pooler_output:
+ * the first position with id == eos_token_id, or, for configs with
+ * eos_token_id == 2 (made before transformers PR #24773), the position of the
+ * largest id. */
+void clip_pooled(const clip_t *m, float *pooled, const float *hidden, const int *ids, int B, int T);
+
+/* LoRA on q_proj, k_proj, v_proj, out_proj, fc1, fc2 of every layer (kohya's
+ * text-encoder default). A Kaiming-uniform, B = 0 (lora_init), seeded.
+ * Returns 0, or -1 with err (already added, bad rank, out of memory). */
+int clip_add_lora(clip_t *m, int rank, float alpha, float dropout, uint64_t seed, char *err);
+void clip_zero_grad(clip_t *m);
+int clip_num_adapters(const clip_t *m);
+/* adapter i (0 <= i < clip_num_adapters), NULL when out of range */
+clip_adapter *clip_adapter_at(clip_t *m, int i);
+
+#endif
