@@ -271,6 +271,11 @@ void tok_free(tokenizer *t) {
     free(t);
 }
 
+/* errors quote file content: keep them on one line */
+static void one_line(char *err) {
+    for (; err && *err; err++) if ((unsigned char)*err < 32) *err = ' ';
+}
+
 static char *read_file(const char *path, size_t *n, char *err, size_t errlen, const char *what) {
     FILE *f = fopen(path, "rb");
     if (!f) { snprintf(err, errlen, "tokenizer: cannot open %s '%s': %s (%s)", what, path, strerror(errno),
@@ -405,8 +410,8 @@ tokenizer *tok_load_files(const char *vocab_json, const char *merges_txt, char *
     int maxid = -1;
     for (int i = 0; i < j->n; i++) {
         const json *v = &j->items[i];
-        if (v->type != JSON_NUMBER || v->number < 0 || v->number > 16777216.0 || v->number != (double)(int)v->number) {
-            snprintf(err, errlen, "tokenizer: %s: token '%.40s' has no valid integer id (ids must be integers 0..16777216)", vocab_json, j->keys[i]);
+        if (v->type != JSON_NUMBER || v->number < 0 || v->number > 4194304.0 || v->number != (double)(int)v->number) {
+            snprintf(err, errlen, "tokenizer: %s: token '%.40s' has no valid integer id (ids must be integers 0..4194304)", vocab_json, j->keys[i]);
             goto fail;
         }
         if ((int)v->number > maxid) maxid = (int)v->number;
@@ -438,6 +443,7 @@ tokenizer *tok_load_files(const char *vocab_json, const char *merges_txt, char *
     return t;
 fail:
     json_free(j); free(lines); free(lens); free(mtext); tok_free(t);
+    one_line(err);
     return NULL;
 }
 
@@ -538,6 +544,7 @@ tokenizer *tok_load(const char *path, char *err, size_t errlen) {
     }
 done:
     free(v); free(m); free(sp);
+    if (!t) one_line(err);
     return t;
 }
 
@@ -751,7 +758,7 @@ char *tok_decode(const tokenizer *t, const int *ids, int n) {
     size_t total = 1;
     for (int i = 0; i < n; i++)
         if (ids[i] >= 0 && ids[i] < t->n_vocab && t->tokens[ids[i]]) total += strlen(t->tokens[ids[i]]);
-    char *s = malloc(total), *o = s;
+    char *s = malloc(3 * total), *o = s;   /* an invalid byte in a token may come back as U+FFFD (3 bytes) */
     if (!s) return NULL;
     uint32_t map[256], order[256];
     byte_chars(map, order);
