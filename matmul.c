@@ -50,10 +50,9 @@
  * for the B row and one for the broadcast A value (16 ymm registers). */
 #define MR 6
 #define NR 16
-#define KC 256          /* Bp strip KC x NR = 16 KB: half of L1d            */
-#define MC_MAX 144      /* Ap block MC x KC = 144 KB: fits a 512 KB L2      */
-#define NC_MAX 4096     /* Bp panel KC x NC = 4 MB: in L3                   */
-#define MCHUNK 4098     /* rows of A packed at once (multiple of MR), bounds memory */
+#define KC 512          /* Bp strip KC x NR = 32 KB (L1d), Ap strip 12 KB     */
+#define MC_MAX 96       /* Ap block MC x KC = 192 KB: fits a 512 KB L2      */
+#define NC_MAX 4096     /* Bp panel KC x NC = 8 MB: in L3                   */
 
 /* below this many multiply-adds packing and threads cost more than they save */
 #define SMALL_WORK 32768.0
@@ -62,57 +61,78 @@ static int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 /* ---- packing ------------------------------------------------------------ */
 
-/* op(A)[i0 .. i0+mr, p0 .. p0+kc] -> dst, MR-strip layout: dst[p*MR + i].
- * rows i >= mr are zero. */
-static void pack_a_strip(float *restrict dst, const float *restrict A, int lda, int transA,
-                         int i0, int mr, int p0, int kc) {
+/* Strips [s0, s1) of op(A)[i0 .. i0+mrows, p0 .. p0+kc] -> dst. Strip s
+ * holds rows i0 + s*MR .. +MR at dst + s*KC*MR, laid out dst[p*MR + i];
+ * rows past mrows are zero. Each loop walks memory in the order it is
+ * stored, so the hardware prefetcher can follow it. */
+static void pack_a(float *restrict dst, const float *restrict A, int lda, int transA,
+                   int i0, int mrows, int p0, int kc, int s0, int s1) {
     if (!transA) {
-        /* A stored M x K: row i is contiguous in p */
-        for (int i = 0; i < MR; i++) {
-            if (i < mr) {
-                const float *src = A + (size_t)(i0 + i) * lda + p0;
-                for (int p = 0; p < kc; p++) dst[p * MR + i] = src[p];
-            } else {
-                for (int p = 0; p < kc; p++) dst[p * MR + i] = 0.0f;
-            }
+        /* A stored M x K: MR row streams per strip, each contiguous in p;
+         * missing rows read a valid row and are zeroed after */
+        for (int s = s0; s < s1; s++) {
+            float *d = dst + (size_t)s * KC * MR;
+            int mr = mrows - s * MR < MR ? mrows - s * MR : MR;
+            const float *r[MR];
+            for (int i = 0; i < MR; i++)
+                r[i] = A + (size_t)(i0 + s * MR + (i < mr ? i : 0)) * lda + p0;
+            for (int p = 0; p < kc; p++)
+                for (int i = 0; i < MR; i++) d[p * MR + i] = r[i][p];
+            if (mr < MR)
+                for (int p = 0; p < kc; p++)
+                    for (int i = mr; i < MR; i++) d[p * MR + i] = 0.0f;
         }
     } else {
-        /* A stored K x M: op(A)[i][p] = A[p][i], MR contiguous values per p */
+        /* A stored K x M: op(A)[i][p] = A[p][i]; walk each stored row p
+         * across all strips of the range */
         for (int p = 0; p < kc; p++) {
             const float *src = A + (size_t)(p0 + p) * lda + i0;
-            int i = 0;
-            for (; i < mr; i++) dst[p * MR + i] = src[i];
-            for (; i < MR; i++) dst[p * MR + i] = 0.0f;
+            for (int s = s0; s < s1; s++) {
+                float *d = dst + (size_t)s * KC * MR + (size_t)p * MR;
+                int mr = mrows - s * MR < MR ? mrows - s * MR : MR;
+                int i = 0;
+                for (; i < mr; i++) d[i] = src[s * MR + i];
+                for (; i < MR; i++) d[i] = 0.0f;
+            }
         }
     }
 }
 
-/* op(B)[p0 .. p0+kc, j0 .. j0+nr] -> dst, NR-strip layout: dst[p*NR + j].
- * columns j >= nr are zero. */
-static void pack_b_strip(float *restrict dst, const float *restrict B, int ldb, int transB,
-                         int p0, int kc, int j0, int nr) {
+/* Strips [s0, s1) of op(B)[p0 .. p0+kc, j0 .. j0+ncols] -> dst. Strip s
+ * holds columns j0 + s*NR .. +NR at dst + s*KC*NR, laid out dst[p*NR + j];
+ * columns past ncols are zero. */
+static void pack_b(float *restrict dst, const float *restrict B, int ldb, int transB,
+                   int p0, int kc, int j0, int ncols, int s0, int s1) {
     if (!transB) {
-        /* B stored K x N: NR contiguous values per p */
+        /* B stored K x N: walk each stored row p across the strips */
         for (int p = 0; p < kc; p++) {
             const float *src = B + (size_t)(p0 + p) * ldb + j0;
-            if (nr == NR) {
-                for (int j = 0; j < NR; j++) dst[p * NR + j] = src[j];
-            } else {
-                int j = 0;
-                for (; j < nr; j++) dst[p * NR + j] = src[j];
-                for (; j < NR; j++) dst[p * NR + j] = 0.0f;
+            for (int s = s0; s < s1; s++) {
+                float *d = dst + (size_t)s * KC * NR + (size_t)p * NR;
+                int nr = ncols - s * NR < NR ? ncols - s * NR : NR;
+                if (nr == NR) {
+                    for (int j = 0; j < NR; j++) d[j] = src[s * NR + j];
+                } else {
+                    int j = 0;
+                    for (; j < nr; j++) d[j] = src[s * NR + j];
+                    for (; j < NR; j++) d[j] = 0.0f;
+                }
             }
         }
     } else {
         /* B stored N x K (a PyTorch weight, out x in): column j of op(B) is
-         * row j of B, contiguous in p */
-        for (int j = 0; j < NR; j++) {
-            if (j < nr) {
-                const float *src = B + (size_t)(j0 + j) * ldb + p0;
-                for (int p = 0; p < kc; p++) dst[p * NR + j] = src[p];
-            } else {
-                for (int p = 0; p < kc; p++) dst[p * NR + j] = 0.0f;
-            }
+         * row j of B, contiguous in p; NR row streams per strip */
+        for (int s = s0; s < s1; s++) {
+            float *d = dst + (size_t)s * KC * NR;
+            int nr = ncols - s * NR < NR ? ncols - s * NR : NR;
+            const float *r[NR];
+            for (int j = 0; j < NR; j++)
+                r[j] = B + (size_t)(j0 + s * NR + (j < nr ? j : 0)) * ldb + p0;
+            for (int p = 0; p < kc; p++)
+                for (int j = 0; j < NR; j++) d[p * NR + j] = r[j][p];
+            if (nr < NR)
+                for (int p = 0; p < kc; p++)
+                    for (int j = nr; j < NR; j++) d[p * NR + j] = 0.0f;
         }
     }
 }
@@ -189,70 +209,88 @@ static float *alloc_floats(size_t n) {
 }
 
 /* ---- the blocked path --------------------------------------------------- */
+
+/* how C is cut into tiles for the threads: MC-row blocks (an even split of
+ * M into MR multiples no larger than MC_MAX) by column slices of the panel
+ * (NR multiples), with enough tiles to keep every thread busy. Only which
+ * thread writes which part of C depends on this, never the sum order. */
+typedef struct { int mc, nmb, ns, nnb; } tiling_t;
+
+static tiling_t make_tiling(int M, int nc, int nthreads) {
+    tiling_t t;
+    t.nmb = (M + MC_MAX - 1) / MC_MAX;
+    t.mc = round_up((M + t.nmb - 1) / t.nmb, MR);
+    t.nmb = (M + t.mc - 1) / t.mc;
+    t.nnb = 1;
+    while (t.nmb * t.nnb < 4 * nthreads && nc / (2 * t.nnb) >= 8 * NR) t.nnb *= 2;
+    t.ns = round_up((nc + t.nnb - 1) / t.nnb, NR);
+    t.nnb = (nc + t.ns - 1) / t.ns;
+    return t;
+}
+
+/* buf holds the shared B panel (KC x NC) then one MC x KC A block per thread */
+static size_t blocked_buf_floats(int N, int nthreads) {
+    int nc_max = N < NC_MAX ? round_up(N, NR) : NC_MAX;
+    return (size_t)KC * nc_max + (size_t)nthreads * MC_MAX * KC;
+}
+
 static void gemm_blocked(int transA, int transB, int M, int N, int K,
                          float alpha, const float *A, int lda, const float *B, int ldb,
                          float beta, float *C, int ldc, float *buf, int nthreads) {
     int nc_max = N < NC_MAX ? round_up(N, NR) : NC_MAX;
-    int mchunk = M < MCHUNK ? round_up(M, MR) : MCHUNK;
-    float *Bp = buf;                                  /* KC x nc_max */
-    float *Ap = buf + (size_t)KC * nc_max;            /* mchunk x KC */
+    float *Bp = buf;
+    /* K blocks of equal size (K = 640 runs as 320 + 320, not 512 + 128):
+     * depends on K alone, so the summation order does too */
+    int nkb = (K + KC - 1) / KC;
+    int kb = (K + nkb - 1) / nkb;
 
     OMP(omp parallel num_threads(nthreads))
-    for (int jc = 0; jc < N; jc += NC_MAX) {
-        int nc = N - jc < NC_MAX ? N - jc : NC_MAX;
-        int nstrips_b = (nc + NR - 1) / NR;
-        for (int pc = 0; pc < K; pc += KC) {
-            int kc = K - pc < KC ? K - pc : KC;
-            float bet = pc == 0 ? beta : 1.0f;        /* beta applies once */
+    {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        float *Ap = buf + (size_t)KC * nc_max + (size_t)tid * MC_MAX * KC;
+        for (int jc = 0; jc < N; jc += NC_MAX) {
+            int nc = N - jc < NC_MAX ? N - jc : NC_MAX;
+            int nstrips_b = (nc + NR - 1) / NR;
+            tiling_t tl = make_tiling(M, nc, nthreads);
+            for (int pc = 0; pc < K; pc += kb) {
+                int kc = K - pc < kb ? K - pc : kb;
+                float bet = pc == 0 ? beta : 1.0f;    /* beta applies once */
 
-            /* B panel, shared by all threads */
-            OMP(omp for schedule(static))
-            for (int s = 0; s < nstrips_b; s++) {
-                int j0 = s * NR;
-                int nr = nc - j0 < NR ? nc - j0 : NR;
-                pack_b_strip(Bp + (size_t)s * KC * NR, B, ldb, transB, pc, kc, jc + j0, nr);
-            }
-            /* implicit barrier: Bp complete */
-
-            for (int ic0 = 0; ic0 < M; ic0 += mchunk) {
-                int mrows = M - ic0 < mchunk ? M - ic0 : mchunk;
-                int nstrips_a = (mrows + MR - 1) / MR;
+                /* B panel, shared: one contiguous range of strips per thread */
                 OMP(omp for schedule(static))
-                for (int s = 0; s < nstrips_a; s++) {
-                    int i0 = s * MR;
-                    int mr = mrows - i0 < MR ? mrows - i0 : MR;
-                    pack_a_strip(Ap + (size_t)s * KC * MR, A, lda, transA, ic0 + i0, mr, pc, kc);
-                }
+                for (int t = 0; t < nthreads; t++)
+                    pack_b(Bp, B, ldb, transB, pc, kc, jc, nc,
+                           (int)((long)nstrips_b * t / nthreads),
+                           (int)((long)nstrips_b * (t + 1) / nthreads));
+                /* implicit barrier: Bp complete */
 
-                /* tiles: MC rows (even split of the chunk, MR multiple, <= MC_MAX)
-                 * by NS columns (even split of the panel, NR multiple); enough
-                 * tiles to keep every thread busy. The split is only about
-                 * which thread writes which part of C, never about sum order. */
-                int nmb = (mrows + MC_MAX - 1) / MC_MAX;
-                int mc = round_up((mrows + nmb - 1) / nmb, MR);
-                nmb = (mrows + mc - 1) / mc;
-                int nnb = 1;
-                while (nmb * nnb < 4 * nthreads && nc / (2 * nnb) >= 8 * NR) nnb *= 2;
-                int ns = round_up((nc + nnb - 1) / nnb, NR);
-                nnb = (nc + ns - 1) / ns;
-
+                /* a thread's consecutive tiles mostly share their row block,
+                 * so it packs that A block once and keeps it hot in L2 */
+                int packed_tm = -1;
                 OMP(omp for collapse(2) schedule(static))
-                for (int tm = 0; tm < nmb; tm++)
-                    for (int tn = 0; tn < nnb; tn++) {
-                        int ib = tm * mc, ie = ib + mc < mrows ? ib + mc : mrows;
-                        int jb = tn * ns, je = jb + ns < nc ? jb + ns : nc;
+                for (int tm = 0; tm < tl.nmb; tm++)
+                    for (int tn = 0; tn < tl.nnb; tn++) {
+                        int ib = tm * tl.mc, mrows = M - ib < tl.mc ? M - ib : tl.mc;
+                        int jb = tn * tl.ns, je = jb + tl.ns < nc ? jb + tl.ns : nc;
+                        if (tm != packed_tm) {
+                            pack_a(Ap, A, lda, transA, ib, mrows, pc, kc, 0, (mrows + MR - 1) / MR);
+                            packed_tm = tm;
+                        }
                         for (int jr = jb; jr < je; jr += NR) {
                             int nr = je - jr < NR ? je - jr : NR;
                             const float *bs = Bp + (size_t)(jr / NR) * KC * NR;
-                            for (int ir = ib; ir < ie; ir += MR) {
-                                int mr = ie - ir < MR ? ie - ir : MR;
+                            for (int ir = 0; ir < mrows; ir += MR) {
+                                int mr = mrows - ir < MR ? mrows - ir : MR;
                                 const float *as = Ap + (size_t)(ir / MR) * KC * MR;
-                                float *c = C + (size_t)(ic0 + ir) * ldc + jc + jr;
+                                float *c = C + (size_t)(ib + ir) * ldc + jc + jr;
                                 micro_kernel(kc, as, bs, c, ldc, mr, nr, alpha, bet);
                             }
                         }
                     }
-                /* implicit barrier: Ap free to be repacked */
+                /* implicit barrier: Bp free to be repacked */
             }
         }
     }
@@ -276,19 +314,15 @@ void gemm(int transA, int transB, int M, int N, int K,
         return;
     }
 
-    int nc_max = N < NC_MAX ? round_up(N, NR) : NC_MAX;
-    int mchunk = M < MCHUNK ? round_up(M, MR) : MCHUNK;
-    size_t need = (size_t)KC * nc_max + (size_t)mchunk * KC;
-
     int nested = 0, nthreads = 1;
 #ifdef _OPENMP
     nested = omp_in_parallel();
     nthreads = nested ? 1 : omp_get_max_threads();
     /* a thread needs a few tiles' worth of work to pay for waking it */
-    double per_thread = (double)M * N * K / nthreads;
-    while (nthreads > 1 && per_thread < 1e6) { nthreads--; per_thread = (double)M * N * K / nthreads; }
+    while (nthreads > 1 && (double)M * N * K / nthreads < 1e6) nthreads--;
 #endif
 
+    size_t need = blocked_buf_floats(N, nthreads);
     float *buf;
     if (nested) {
         buf = alloc_floats(need);
