@@ -5,8 +5,8 @@
  * stride, a wrong transpose, a missed edge tile, a K block summed twice or
  * beta applied per K block all show up as a mismatch. Sizes are chosen to
  * hit the small path, the blocked path, ragged MR/NR edges, more than one
- * K block (K > 256), more than one N panel (N > 4096) and more than one
- * packed row chunk (M > 4098). */
+ * K block (K > 512), more than one N panel (N > 4096) and tall, thin
+ * problems (many row blocks, one column strip). */
 #include "testutil.h"
 #ifdef _OPENMP
 #include <omp.h>
@@ -86,7 +86,7 @@ static void check_case(int M, int N, int K, float alpha, float beta, int nan_c) 
 
 static const int sizes[][3] = {   /* M, N, K */
     {1, 1, 1}, {1, 7, 33}, {7, 1, 33}, {7, 33, 100}, {33, 7, 257},
-    {100, 257, 33}, {257, 100, 300}, {64, 64, 64}, {13, 300, 600},
+    {100, 257, 33}, {257, 100, 300}, {64, 64, 64}, {13, 300, 600}, {50, 40, 1100},
 };
 
 START_TEST(test_gemm_vs_reference) {
@@ -105,7 +105,7 @@ START_TEST(test_gemm_beta0_ignores_nan) {
 }
 END_TEST
 
-/* panel boundaries: N past one NC panel, M past one packed row chunk */
+/* panel boundaries: N past one NC panel; M of many row blocks */
 START_TEST(test_gemm_large_edges) {
     check_case(7, 4100, 20, 1.0f, 0.5f, 0);
     check_case(4100, 17, 9, 2.0f, 0.0f, 0);
