@@ -192,11 +192,15 @@ START_TEST(test_lora_gradcheck) {
     ck_assert(clip_backward(&f.m, c.R) == 0);
     /* first layer's q_proj (deepest path), a middle one, the last fc2 */
     int which[3] = {CLIP_Q, CLIP_NPROJ + CLIP_O, clip_num_adapters(&f.m) - 1};
+    /* eps: layer 0's q_proj A bends the loss through two softmaxes and a
+     * layer norm; its central difference has truncation error 0.01 at
+     * eps = 1e-2 and 0.09 at 3e-2, while below ~1e-3 float32 rounding of
+     * the loss (about 36 here) dominates. 3e-3 sits between the two. */
     double worst = 0;
     for (int w = 0; w < 3; w++) {
         lora_t *L = &clip_adapter_at(&f.m, which[w])->L;
-        double ea = grad_check(L->A, L->dA, (size_t)L->r * L->in, fd_loss, &c, 1e-2f, 1e-2, 6);
-        double eb = grad_check(L->B, L->dB, (size_t)L->out * L->r, fd_loss, &c, 1e-2f, 1e-2, 6);
+        double ea = grad_check(L->A, L->dA, (size_t)L->r * L->in, fd_loss, &c, 3e-3f, 1e-2, 6);
+        double eb = grad_check(L->B, L->dB, (size_t)L->out * L->r, fd_loss, &c, 3e-3f, 1e-2, 6);
         if (ea > worst) worst = ea;
         if (eb > worst) worst = eb;
     }

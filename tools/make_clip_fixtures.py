@@ -113,6 +113,7 @@ def build(tag, cfg):
     cfg = dict(cfg)
     T, seed = cfg.pop("T"), cfg.pop("seed")
     g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)     # the model's and peft's own inits use the global generator
     config = CLIPTextConfig(**cfg, attn_implementation="eager")
     model = CLIPTextModel(config).eval()
     randomise(model, g)
