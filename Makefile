@@ -66,6 +66,8 @@ $(BUILD)/test_%: tests/test_%.c tests/testutil.h $(LIBOBJ) $(wildcard *.h)
 # each test binary runs from the repository root so fixture paths are stable;
 # Check's default 4 s per-test timeout is too short for a loaded machine or ASan
 export CK_DEFAULT_TIMEOUT ?= 600
+# idle OpenMP threads sleep instead of spinning, so a loaded machine stays fast
+export OMP_WAIT_POLICY ?= passive
 test: $(TESTBIN)
 	@fail=0; for t in $(TESTBIN); do echo "== $$t"; ./$$t || fail=1; done; \
 	if [ $$fail -ne 0 ]; then echo "some tests FAILED"; exit 1; fi
