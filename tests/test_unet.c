@@ -1,0 +1,450 @@
+/* test_unet.c: UNet2DConditionModel against diffusers and peft.
+ *
+ * Fixtures (tools/make_unet_fixtures.py): two tiny random-weight models,
+ *   unet_a: block_out (8, 16), 1 layer per block, 2 heads, 1x1-conv projections
+ *   unet_b: block_out (8, 8, 8), 2 layers, heads (2, 4, 8) per block,
+ *           transformer_layers_per_block (1, 2, 1), linear projections,
+ *           freq_shift 1, flip_sin_to_cos False
+ * and for each: inputs, output, dL/dx and dL/dctx for L = sum(out * dout), and
+ * the same with peft LoRA adapters (output, every lora_A / lora_B gradient).
+ * Plus finite-difference checks of the analytic gradient, the arena's
+ * inference mode, shapes, and loading / config errors. */
+#include <unistd.h>
+#include <sys/stat.h>
+#include "testutil.h"
+#include "unet.h"
+#include "json.h"
+
+#define OUT_TOL 1e-4
+#define GRAD_TOL 1e-3
+
+static void load(unet_t *u, const char *name) {
+    char err[UNET_ERR_LEN], dir[256];
+    snprintf(dir, sizeof dir, FIXTURE_DIR "%s", name);
+    ck_assert_msg(unet_load_diffusers(u, dir, err) == 0, "%s", err);
+}
+
+typedef struct {
+    st_file f;
+    float *x, *t, *ctx, *dout;
+    int B, C, h, w, Tc, cd;
+} io_t;
+
+static void io_open(io_t *io, const char *name, const unet_t *u) {
+    fx_open(&io->f, name);
+    const st_tensor *x = st_find(&io->f, "x"), *ctx = st_find(&io->f, "ctx");
+    ck_assert(x && ctx && x->ndim == 4 && ctx->ndim == 3);
+    io->B = (int)x->shape[0]; io->C = (int)x->shape[1];
+    io->h = (int)x->shape[2]; io->w = (int)x->shape[3];
+    io->Tc = (int)ctx->shape[1]; io->cd = (int)ctx->shape[2];
+    ck_assert_int_eq(io->C, u->cfg.in_channels);
+    ck_assert_int_eq(io->cd, u->cfg.cross_dim);
+    io->x = fx_get(&io->f, "x", 0);
+    io->t = fx_get(&io->f, "t", (size_t)io->B);
+    io->ctx = fx_get(&io->f, "ctx", 0);
+    io->dout = fx_get(&io->f, "dout", (size_t)io->B * u->cfg.out_channels * io->h * io->w);
+}
+
+static void io_close(io_t *io) {
+    free(io->x); free(io->t); free(io->ctx); free(io->dout);
+    st_close(&io->f);
+}
+
+static size_t nout_of(const io_t *io, const unet_t *u) {
+    return (size_t)io->B * u->cfg.out_channels * io->h * io->w;
+}
+
+/* compare a tensor with the fixture's; returns rel_err */
+static double cmp(const st_file *f, const char *name, const float *got, size_t n, double tol) {
+    float *ref = fx_get(f, name, n);
+    double e = rel_err(got, ref, n);
+    free(ref);
+    printf("  %-40s rel_err %.3g\n", name, e);
+    ck_assert_msg(e < tol, "%s: rel_err %g >= %g", name, e, tol);
+    return e;
+}
+
+/* ---- the plain model: output, dx, dctx ---------------------------------- */
+
+static void check_model(const char *model, const char *iofile) {
+    unet_t u;
+    io_t io;
+    load(&u, model);
+    io_open(&io, iofile, &u);
+    size_t no = nout_of(&io, &u), nx = (size_t)io.B * io.C * io.h * io.w;
+    size_t nc = (size_t)io.B * io.Tc * io.cd;
+    float *out = malloc(sizeof(float) * no), *dx = malloc(sizeof(float) * nx);
+    float *dctx = malloc(sizeof(float) * nc);
+
+    printf("%s:\n", model);
+    ck_assert_msg(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 1) == 0, "%s", u.err);
+    ck_assert_msg(unet_forward(&u, out, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0, "%s", u.err);
+    cmp(&io.f, "out", out, no, OUT_TOL);
+    ck_assert_msg(unet_backward(&u, io.dout, dx, dctx) == 0, "%s", u.err);
+    cmp(&io.f, "dx", dx, nx, GRAD_TOL);
+    cmp(&io.f, "dctx", dctx, nc, GRAD_TOL);
+
+    /* inference mode: same numbers, less memory */
+    size_t train_floats = unet_acts_floats(&u);
+    float *out2 = malloc(sizeof(float) * no);
+    ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 0) == 0);
+    ck_assert(unet_forward(&u, out2, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0);
+    ck_assert_msg(memcmp(out, out2, sizeof(float) * no) == 0, "inference forward differs from training forward");
+    printf("  arena floats: train %zu, inference %zu\n", train_floats, unet_acts_floats(&u));
+    ck_assert(unet_acts_floats(&u) < train_floats);
+    /* and backward refuses to run on it */
+    ck_assert(unet_backward(&u, io.dout, dx, dctx) != 0);
+
+    free(out); free(out2); free(dx); free(dctx);
+    io_close(&io);
+    unet_free(&u);
+}
+
+START_TEST(test_model_a) { check_model("unet_a", "unet_a_io.safetensors"); }
+END_TEST
+
+START_TEST(test_model_b) { check_model("unet_b", "unet_b_io.safetensors"); }
+END_TEST
+
+/* ---- LoRA against peft --------------------------------------------------- */
+
+static void check_lora(const char *model, const char *iofile, const char *targets) {
+    unet_t u;
+    io_t io;
+    char name[256];
+    load(&u, model);
+    io_open(&io, iofile, &u);
+    ck_assert_msg(unet_add_lora(&u, targets, 2, 4.0f, 0.0f, 7) == 0, "%s", u.err);
+
+    /* the same set of modules as peft's target_modules, with peft's A and B */
+    int nfix = 0;
+    for (int i = 0; i < io.f.ntensors; i++) {
+        const char *tn = io.f.tensors[i].name;
+        size_t tl = strlen(targets);
+        if (strncmp(tn, targets, tl) == 0 && strncmp(tn + tl, ".A.", 3) == 0) {
+            nfix++;
+            unet_lora *ul = unet_find_lora(&u, tn + tl + 3);
+            ck_assert_msg(ul != NULL, "peft adapter %s has no counterpart", tn + tl + 3);
+        }
+    }
+    printf("%s LoRA %s: %d adapters (peft %d)\n", model, targets, u.nloras, nfix);
+    ck_assert_int_eq(u.nloras, nfix);
+    for (int i = 0; i < u.nloras; i++) {
+        lora_t *L = &u.loras[i].L;
+        float *A, *B;
+        snprintf(name, sizeof name, "%s.A.%s", targets, u.loras[i].name);
+        A = fx_get(&io.f, name, (size_t)L->r * L->in);
+        snprintf(name, sizeof name, "%s.B.%s", targets, u.loras[i].name);
+        B = fx_get(&io.f, name, (size_t)L->out * L->r);
+        memcpy(L->A, A, sizeof(float) * L->r * L->in);
+        memcpy(L->B, B, sizeof(float) * L->out * L->r);
+        free(A); free(B);
+    }
+
+    size_t no = nout_of(&io, &u), nx = (size_t)io.B * io.C * io.h * io.w;
+    size_t nc = (size_t)io.B * io.Tc * io.cd;
+    float *out = malloc(sizeof(float) * no), *dx = malloc(sizeof(float) * nx);
+    float *dctx = malloc(sizeof(float) * nc);
+    ck_assert_msg(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 1) == 0, "%s", u.err);
+    ck_assert(unet_forward(&u, out, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0);
+    snprintf(name, sizeof name, "%s.out", targets);
+    cmp(&io.f, name, out, no, OUT_TOL);
+    unet_zero_lora_grads(&u);
+    ck_assert(unet_backward(&u, io.dout, dx, dctx) == 0);
+    snprintf(name, sizeof name, "%s.dx", targets);
+    cmp(&io.f, name, dx, nx, GRAD_TOL);
+    snprintf(name, sizeof name, "%s.dctx", targets);
+    cmp(&io.f, name, dctx, nc, GRAD_TOL);
+
+    double worst = 0;
+    const char *worst_name = "";
+    for (int i = 0; i < u.nloras; i++) {
+        lora_t *L = &u.loras[i].L;
+        for (int which = 0; which < 2; which++) {
+            size_t n = which ? (size_t)L->out * L->r : (size_t)L->r * L->in;
+            snprintf(name, sizeof name, "%s.d%c.%s", targets, which ? 'B' : 'A', u.loras[i].name);
+            float *ref = fx_get(&io.f, name, n);
+            double e = rel_err(which ? L->dB : L->dA, ref, n);
+            free(ref);
+            if (e > worst) { worst = e; worst_name = u.loras[i].name; }
+            ck_assert_msg(e < GRAD_TOL, "%s: rel_err %g", name, e);
+        }
+    }
+    printf("  all %d dA/dB: worst rel_err %.3g (%s)\n", 2 * u.nloras, worst, worst_name);
+
+    free(out); free(dx); free(dctx);
+    io_close(&io);
+    unet_free(&u);
+}
+
+START_TEST(test_lora_a_qv) { check_lora("unet_a", "unet_a_io.safetensors", "qv"); }
+END_TEST
+
+START_TEST(test_lora_a_transformer) { check_lora("unet_a", "unet_a_io.safetensors", "transformer"); }
+END_TEST
+
+START_TEST(test_lora_b_transformer) { check_lora("unet_b", "unet_b_io.safetensors", "transformer"); }
+END_TEST
+
+/* ---- finite differences --------------------------------------------------- */
+
+typedef struct {
+    unet_t *u;
+    io_t *io;
+    float *out;
+} fd_ctx;
+
+/* L = sum(out * dout) in double */
+static double fd_loss(void *p) {
+    fd_ctx *c = p;
+    io_t *io = c->io;
+    ck_assert(unet_forward(c->u, c->out, io->x, io->t, io->ctx, io->B, io->h, io->w, io->Tc) == 0);
+    return dot_d(c->out, io->dout, nout_of(io, c->u));
+}
+
+START_TEST(test_gradcheck) {
+    unet_t u;
+    io_t io;
+    load(&u, "unet_a");
+    io_open(&io, "unet_a_io.safetensors", &u);
+    /* every kind of adapter, with B nonzero so A gets a gradient */
+    ck_assert(unet_add_lora(&u, "transformer", 2, 4.0f, 0.0f, 11) == 0);
+    rng_t r;
+    rng_seed(&r, 5);
+    for (size_t i = 0; i < u.lora_nparams; i++) u.lora_params[i] = 0.3f * rng_normal(&r);
+    size_t no = nout_of(&io, &u), nx = (size_t)io.B * io.C * io.h * io.w;
+    size_t nc = (size_t)io.B * io.Tc * io.cd;
+    float *out = malloc(sizeof(float) * no), *dx = malloc(sizeof(float) * nx);
+    float *dctx = malloc(sizeof(float) * nc);
+    ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 1) == 0);
+    ck_assert(unet_forward(&u, out, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0);
+    unet_zero_lora_grads(&u);
+    ck_assert(unet_backward(&u, io.dout, dx, dctx) == 0);
+    /* backward consumed the saved activations of this forward only; the
+     * finite differences below run more forwards, so copy the gradients */
+    float *dl = malloc(sizeof(float) * u.lora_nparams);
+    memcpy(dl, u.lora_grads, sizeof(float) * u.lora_nparams);
+
+    fd_ctx c = {&u, &io, out};
+    const float eps = 1e-2f;
+    double e_x = grad_check(io.x, dx, nx, fd_loss, &c, eps, 1e-2, 12);
+    double e_c = grad_check(io.ctx, dctx, nc, fd_loss, &c, eps, 1e-2, 12);
+    /* a few entries of every adapter kind: proj_in (conv), to_q, to_k, ff, proj_out */
+    double e_l = 0;
+    const char *mods[] = {
+        "down_blocks.0.attentions.0.proj_in",
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "mid_block.attentions.0.transformer_blocks.0.attn2.to_k",
+        "up_blocks.1.attentions.1.transformer_blocks.0.ff.net.0.proj",
+        "up_blocks.1.attentions.0.proj_out",
+    };
+    for (size_t m = 0; m < sizeof mods / sizeof *mods; m++) {
+        unet_lora *ul = unet_find_lora(&u, mods[m]);
+        ck_assert_msg(ul != NULL, "%s", mods[m]);
+        lora_t *L = &ul->L;
+        size_t off = (size_t)(L->A - u.lora_params);
+        size_t nA = (size_t)L->r * L->in, nB = (size_t)L->out * L->r;
+        double ea = grad_check(L->A, dl + off, nA, fd_loss, &c, eps, 1e-2, 3);
+        double eb = grad_check(L->B, dl + off + nA, nB, fd_loss, &c, eps, 1e-2, 3);
+        if (ea > e_l) e_l = ea;
+        if (eb > e_l) e_l = eb;
+    }
+    printf("finite differences: x %.3g, ctx %.3g, LoRA %.3g\n", e_x, e_c, e_l);
+    ck_assert_msg(e_x < 1e-2, "dx: %g", e_x);
+    ck_assert_msg(e_c < 1e-2, "dctx: %g", e_c);
+    ck_assert_msg(e_l < 1e-2, "LoRA: %g", e_l);
+    free(out); free(dx); free(dctx); free(dl);
+    io_close(&io);
+    unet_free(&u);
+}
+END_TEST
+
+/* ---- shapes, dropout ---------------------------------------------------- */
+
+START_TEST(test_shapes_and_dropout) {
+    unet_t u;
+    io_t io;
+    load(&u, "unet_a");
+    io_open(&io, "unet_a_io.safetensors", &u);
+    size_t no = nout_of(&io, &u);
+    float *out = malloc(sizeof(float) * no), *out1 = malloc(sizeof(float) * no);
+    float *ref = fx_get(&io.f, "out", no);
+    ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 0) == 0);
+    /* batch 1 fits the batch-2 arena and gives the first image's result */
+    ck_assert(unet_forward(&u, out1, io.x, io.t, io.ctx, 1, io.h, io.w, io.Tc) == 0);
+    ck_assert(rel_err(out1, ref, no / 2) < OUT_TOL);
+    /* larger than allocated, or not a multiple of 2^(levels-1): refused */
+    ck_assert(unet_forward(&u, out, io.x, io.t, io.ctx, io.B, 2 * io.h, io.w, io.Tc) != 0);
+    ck_assert(strstr(u.err, "unet_alloc_acts") != NULL);
+    ck_assert(unet_forward(&u, out, io.x, io.t, io.ctx, io.B, io.h - 1, io.w, io.Tc) != 0);
+    ck_assert(unet_alloc_acts(&u, 1, 3, 8, 5, 0) != 0);
+    /* bad targets */
+    ck_assert(unet_add_lora(&u, "everything", 2, 4.0f, 0.0f, 1) != 0);
+    ck_assert(strstr(u.err, "everything") != NULL);
+
+    /* dropout: off at inference (B = 0 would hide it, so randomise B) */
+    ck_assert(unet_add_lora(&u, "qv", 2, 4.0f, 0.5f, 1) == 0);
+    ck_assert(unet_add_lora(&u, "qv", 2, 4.0f, 0.5f, 1) != 0);   /* once only */
+    rng_t r;
+    rng_seed(&r, 3);
+    for (size_t i = 0; i < u.lora_nparams; i++) u.lora_params[i] = 0.5f * rng_normal(&r);
+    ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 0) == 0);
+    ck_assert(unet_forward(&u, out, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0);
+    for (int i = 0; i < u.nloras; i++) u.loras[i].L.dropout = 0.0f;
+    ck_assert(unet_forward(&u, out1, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0);
+    ck_assert(memcmp(out, out1, sizeof(float) * no) == 0);
+    /* and on in training, where backward still matches finite differences of
+     * the same mask: here only check it changes the output */
+    for (int i = 0; i < u.nloras; i++) u.loras[i].L.dropout = 0.5f;
+    ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 1) == 0);
+    ck_assert(unet_forward(&u, out, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0);
+    ck_assert(rel_err(out, out1, no) > 1e-3);
+    ck_assert(unet_backward(&u, io.dout, NULL, NULL) == 0);
+
+    free(out); free(out1); free(ref);
+    io_close(&io);
+    unet_free(&u);
+}
+END_TEST
+
+/* ---- config.json --------------------------------------------------------- */
+
+static int parse_cfg(const char *text, unet_config *c, char *err) {
+    char jerr[256];
+    json *j = json_parse(text, strlen(text), jerr, sizeof jerr);
+    ck_assert_msg(j != NULL, "%s", jerr);
+    int rc = unet_config_from_json(c, j, err);
+    json_free(j);
+    return rc;
+}
+
+START_TEST(test_config) {
+    unet_config c;
+    char err[UNET_ERR_LEN];
+    /* SD1.5's unet/config.json (the keys that matter) */
+    const char *sd15 =
+        "{\"_class_name\": \"UNet2DConditionModel\", \"act_fn\": \"silu\", \"attention_head_dim\": 8,"
+        " \"block_out_channels\": [320, 640, 1280, 1280], \"center_input_sample\": false,"
+        " \"cross_attention_dim\": 768, \"down_block_types\": [\"CrossAttnDownBlock2D\","
+        " \"CrossAttnDownBlock2D\", \"CrossAttnDownBlock2D\", \"DownBlock2D\"],"
+        " \"downsample_padding\": 1, \"flip_sin_to_cos\": true, \"freq_shift\": 0, \"in_channels\": 4,"
+        " \"layers_per_block\": 2, \"mid_block_scale_factor\": 1, \"norm_eps\": 1e-05,"
+        " \"norm_num_groups\": 32, \"out_channels\": 4, \"sample_size\": 64, \"up_block_types\":"
+        " [\"UpBlock2D\", \"CrossAttnUpBlock2D\", \"CrossAttnUpBlock2D\", \"CrossAttnUpBlock2D\"]}";
+    ck_assert_msg(parse_cfg(sd15, &c, err) == 0, "%s", err);
+    ck_assert_int_eq(c.nlevels, 4);
+    ck_assert_int_eq(c.heads[0], 8);       /* the naming quirk: 8 heads, not head size 8 */
+    ck_assert_int_eq(c.heads[3], 8);
+    ck_assert_int_eq(c.cross_dim, 768);
+    ck_assert_int_eq(c.layers[2], 2);
+    ck_assert(c.down_attn[0] && c.down_attn[2] && !c.down_attn[3]);
+    ck_assert(!c.up_attn[0] && c.up_attn[1] && c.up_attn[3]);
+    ck_assert(c.flip_sin_to_cos && c.freq_shift == 0 && !c.linear_proj);
+
+    /* what SD1.x does not use is refused, naming the key */
+    static const struct { const char *json, *key; } bad[] = {
+        {"{\"class_embed_type\": \"timestep\"}", "class_embed_type"},
+        {"{\"addition_embed_type\": \"text_time\"}", "addition_embed_type"},
+        {"{\"down_block_types\": [\"AttnDownBlock2D\", \"DownBlock2D\"], \"block_out_channels\": [32, 64],"
+         " \"up_block_types\": [\"UpBlock2D\", \"CrossAttnUpBlock2D\"]}", "down_block_types"},
+        {"{\"mid_block_type\": \"UNetMidBlock2DSimpleCrossAttn\"}", "mid_block_type"},
+        {"{\"resnet_time_scale_shift\": \"scale_shift\"}", "resnet_time_scale_shift"},
+        {"{\"num_attention_heads\": 8}", "num_attention_heads"},
+        {"{\"only_cross_attention\": [false, true, false, false]}", "only_cross_attention"},
+        {"{\"cross_attention_dim\": [768, 768, 768, 768]}", "cross_attention_dim"},
+        {"{\"attention_head_dim\": [8, 8]}", "attention_head_dim"},
+        {"{\"attention_head_dim\": 7}", "attention_head_dim"},
+        {"{\"norm_num_groups\": 48}", "norm_num_groups"},
+        {"{\"conv_in_kernel\": 7}", "conv_in_kernel"},
+        {"{\"time_embedding_type\": \"fourier\"}", "time_embedding_type"},
+        {"[1, 2]", "object"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        err[0] = 0;
+        ck_assert_msg(parse_cfg(bad[i].json, &c, err) != 0, "accepted %s", bad[i].json);
+        ck_assert_msg(strstr(err, bad[i].key) != NULL, "error '%s' does not name %s", err, bad[i].key);
+    }
+
+}
+END_TEST
+
+/* ---- loading errors ------------------------------------------------------ */
+
+/* copy unet_a into dir, dropping tensor `drop` and adding `extra` (either NULL) */
+static void write_variant(const char *dir, const char *drop, const char *extra) {
+    char path[512], err[ST_ERR_LEN];
+    mkdir(dir, 0755);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    FILE *in = fopen(FIXTURE_DIR "unet_a/config.json", "rb"), *out = fopen(path, "wb");
+    ck_assert(in && out);
+    char buf[4096];
+    size_t n;
+    while ((n = fread(buf, 1, sizeof buf, in)) > 0) fwrite(buf, 1, n, out);
+    fclose(in); fclose(out);
+    st_file f;
+    fx_open(&f, "unet_a/diffusion_pytorch_model.safetensors");
+    st_writer *w = st_writer_new();
+    for (int i = 0; i < f.ntensors; i++) {
+        const st_tensor *t = &f.tensors[i];
+        if (drop && strcmp(t->name, drop) == 0) continue;
+        ck_assert(st_writer_add(w, t->name, t->dtype, t->ndim, t->shape, t->data) == 0);
+    }
+    if (extra) {
+        float z[3] = {0, 0, 0};
+        int64_t shape[1] = {3};
+        ck_assert(st_writer_add(w, extra, ST_F32, 1, shape, z) == 0);
+    }
+    snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", dir);
+    ck_assert_msg(st_writer_save(w, path, err) == 0, "%s", err);
+    st_writer_free(w);
+    st_close(&f);
+}
+
+START_TEST(test_load_errors) {
+    unet_t u;
+    char err[UNET_ERR_LEN], dir[256];
+    ck_assert(unet_load_diffusers(&u, "/nonexistent/unet", err) != 0);
+    ck_assert(strstr(err, "config.json") != NULL);
+
+    snprintf(dir, sizeof dir, "/tmp/sdlora_test_unet_%d", (int)getpid());
+    const char *t = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight";
+    write_variant(dir, t, NULL);
+    ck_assert(unet_load_diffusers(&u, dir, err) != 0);
+    ck_assert_msg(strstr(err, t) != NULL, "%s", err);
+
+    write_variant(dir, NULL, "mid_block.extra.weight");
+    ck_assert(unet_load_diffusers(&u, dir, err) != 0);
+    ck_assert_msg(strstr(err, "mid_block.extra.weight") != NULL, "%s", err);
+
+    /* the unchanged copy loads, and has exactly the file's tensors */
+    write_variant(dir, NULL, NULL);
+    ck_assert_msg(unet_load_diffusers(&u, dir, err) == 0, "%s", err);
+    printf("unet_a: %d tensors, %zu parameters\n", u.ntable, u.nparams);
+    ck_assert_int_eq(u.nparams, 52004);    /* sum of numel in diffusers */
+    unet_free(&u);
+
+    char path[512];
+    snprintf(path, sizeof path, "%s/config.json", dir); unlink(path);
+    snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", dir); unlink(path);
+    rmdir(dir);
+}
+END_TEST
+
+static Suite *unet_suite(void) {
+    Suite *s = suite_create("unet");
+    TCase *tc = tcase_create("unet");
+    tcase_set_timeout(tc, 120);
+    tcase_add_test(tc, test_config);
+    tcase_add_test(tc, test_load_errors);
+    tcase_add_test(tc, test_model_a);
+    tcase_add_test(tc, test_model_b);
+    tcase_add_test(tc, test_lora_a_qv);
+    tcase_add_test(tc, test_lora_a_transformer);
+    tcase_add_test(tc, test_lora_b_transformer);
+    tcase_add_test(tc, test_shapes_and_dropout);
+    tcase_add_test(tc, test_gradcheck);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+CHECK_MAIN(unet_suite)

@@ -1,0 +1,1456 @@
+/* unet.c: UNet2DConditionModel (diffusers) as SD1.x uses it, forward and
+ * backward, from config.json. See unet.h for the API.
+ *
+ * The module tree mirrors diffusers one to one, and so do the names:
+ *
+ *   conv_in, time_embedding.linear_1/2
+ *   down_blocks[i]: resnets[j] (+ attentions[j] for CrossAttnDownBlock2D),
+ *                   downsamplers[0].conv (all but the last block)
+ *   mid_block:      resnets[0], attentions[0], resnets[1]
+ *   up_blocks[i]:   layers+1 resnets, each on cat(h, skip), (+ attentions[j]),
+ *                   upsamplers[0].conv after a nearest 2x (all but the last)
+ *   conv_norm_out, conv_out
+ *
+ * Every skip tensor the down path saves is consumed by exactly one up-block
+ * resnet (a stack: last saved, first used). Backward runs the same graph in
+ * reverse; the gradient of a skip is collected in its own buffer by the up
+ * path and added in when the down path reaches the tensor.
+ *
+ * Memory. Two stacks share one arena:
+ *   act: what backward reads (saved activations). In inference mode each
+ *        block gives its inner activations back as soon as it is done, so
+ *        only block outputs (the skips among them) stay.
+ *   tmp: scratch a layer needs only while it runs, and all of backward's
+ *        gradient buffers.
+ * The sizes are not worked out by hand: unet_alloc_acts runs forward and
+ * backward once with u->measuring set, where every layer asks for its buffers
+ * exactly as it will for real but computes nothing, and the arena records the
+ * two peaks. So the sizing cannot drift from the code.
+ */
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "unet.h"
+#include "safetensors.h"
+
+/* ------------------------------------------------------------------------ */
+/* module structs                                                            */
+
+/* a projection that can carry a LoRA adapter: linear, or a 1x1 conv (which is
+ * the same map on the token view, so it runs through the same code) */
+typedef struct {
+    int in, out;
+    float *w, *b;              /* W0 (out x in [x 1 x 1]), bias or NULL */
+    lora_t *L;                 /* NULL: no adapter */
+    /* forward state */
+    const float *inp;
+    float *ax;                 /* (N, r) */
+    uint8_t *mask;             /* (N, in) dropout mask, training only */
+    int N;
+} lin_t;
+
+typedef struct {
+    int cin, cout;
+    float *norm1_w, *norm1_b, *conv1_w, *conv1_b, *temb_w, *temb_b;
+    float *norm2_w, *norm2_b, *conv2_w, *conv2_b;
+    float *short_w, *short_b;  /* conv_shortcut, only when cin != cout */
+    /* forward state */
+    const float *x;
+    int H, W;
+    float *n1, *mean1, *rstd1, *h1, *n2, *mean2, *rstd2;
+} resnet_t;
+
+typedef struct {
+    int heads, dh;
+    lin_t q, k, v, o;          /* to_q, to_k, to_v, to_out.0 */
+    /* forward state */
+    int Tq, Tk;
+    float *qb, *kb, *vb, *ob;  /* q, k, v and the attention output (input of to_out) */
+} attn_t;
+
+typedef struct {               /* BasicTransformerBlock */
+    int dim;
+    float *norm1_w, *norm1_b, *norm2_w, *norm2_b, *norm3_w, *norm3_b;
+    attn_t attn1, attn2;
+    lin_t ff1, ff2;            /* ff.net.0.proj (GEGLU's projection), ff.net.2 */
+    /* forward state */
+    const float *x;
+    float *n1, *m1, *r1, *h1, *n2, *m2, *r2, *h2, *n3, *m3, *r3, *f1, *g;
+} tblock_t;
+
+typedef struct {               /* Transformer2DModel */
+    int C, nblocks;
+    float *norm_w, *norm_b;
+    lin_t proj_in, proj_out;
+    tblock_t *blocks;
+    /* forward state */
+    const float *x;
+    int H, W;
+    float *mean, *rstd, *gnT, *t0;
+} xformer_t;
+
+typedef struct {               /* a down or up block */
+    int nres;
+    resnet_t *res;
+    xformer_t *att;            /* NULL for DownBlock2D / UpBlock2D */
+    float *conv_w, *conv_b;    /* downsamplers.0.conv / upsamplers.0.conv, or NULL */
+    int *skip;                 /* down: skip index of each layer's output; up: the skip each resnet takes */
+    int ds_skip;               /* down: skip index of the downsampler's output */
+} block_t;
+
+enum { S_Q = 1, S_K = 2, S_V = 4, S_OUT = 8, S_PROJ = 16, S_FF = 32 };
+
+typedef struct {               /* where an adapter can go */
+    char name[UNET_NAME_LEN];
+    lin_t *lin;
+    int kind, is_conv;
+} site_t;
+
+struct unet_net {
+    float *conv_in_w, *conv_in_b, *t1_w, *t1_b, *t2_w, *t2_b;
+    block_t down[UNET_MAX_LEVELS], up[UNET_MAX_LEVELS];
+    resnet_t mid_res[2];
+    xformer_t mid_att;
+    float *norm_out_w, *norm_out_b, *conv_out_w, *conv_out_b;
+    int nskips;
+    int *skip_C, *skip_lvl;    /* channels and level (resolution H >> lvl) of each skip */
+    site_t *sites;
+    int nsites, sites_cap;
+    int build_err;
+    /* forward state */
+    float *ctx, *temb;         /* copy of the context; silu(time embedding) */
+    float **skips, **dskips;
+    size_t *skipn;
+    float *h_last, *n_out, *mean_out, *rstd_out;
+    size_t maxact;             /* largest (B, C, H, W) tensor, for backward's buffers */
+    float *dctx;               /* backward: where cross-attention sends dctx (or NULL) */
+};
+
+/* ------------------------------------------------------------------------ */
+/* the two arena stacks                                                     */
+
+static size_t round16(size_t n) { return (n + 15) & ~(size_t)15; }   /* 64-byte steps */
+
+static float *act(unet_t *u, size_t n) {
+    size_t at = u->act_top;
+    u->act_top += round16(n);
+    if (u->act_top > u->act_peak) u->act_peak = u->act_top;
+    if (u->measuring) return NULL;
+    if (u->act_top > u->act_cap) {
+        /* the sizing pass runs this same code, so this is a bug, not bad input */
+        fprintf(stderr, "unet: internal error: activation arena overflow\n");
+        abort();
+    }
+    return u->arena + at;
+}
+
+static float *tmp(unet_t *u, size_t n) {
+    size_t at = u->tmp_top;
+    u->tmp_top += round16(n);
+    if (u->tmp_top > u->tmp_peak) u->tmp_peak = u->tmp_top;
+    if (u->measuring) return NULL;
+    if (u->tmp_top > u->tmp_cap) {
+        fprintf(stderr, "unet: internal error: scratch arena overflow\n");
+        abort();
+    }
+    return u->arena + u->act_cap + at;
+}
+
+/* a zeroed tmp buffer (backward accumulates into its gradient buffers) */
+static float *tmpz(unet_t *u, size_t n) {
+    float *p = tmp(u, n);
+    if (p) memset(p, 0, sizeof(float) * n);
+    return p;
+}
+
+static void zero(float *p, size_t n) { memset(p, 0, sizeof(float) * n); }
+
+/* ------------------------------------------------------------------------ */
+/* small tensor helpers                                                      */
+
+/* out[b][s][r] = in[b][r][s]: (B, R, S) -> (B, S, R). NCHW <-> tokens. */
+static void transpose(float *out, const float *in, int B, int R, int S) {
+    #pragma omp parallel for collapse(2) if ((size_t)B * R * S >= (1u << 16))
+    for (int b = 0; b < B; b++) {
+        for (int s = 0; s < S; s++) {
+            const float *ib = in + (size_t)b * R * S;
+            float *o = out + ((size_t)b * S + s) * R;
+            for (int r = 0; r < R; r++) o[r] = ib[(size_t)r * S + s];
+        }
+    }
+}
+
+static void add_inplace(float *y, const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] += x[i];
+}
+
+/* ------------------------------------------------------------------------ */
+/* lin: linear or 1x1 conv with an optional adapter, on (N, in) tokens       */
+
+static void lin_forward(unet_t *u, lin_t *l, float *out, const float *inp, int N) {
+    l->inp = inp;
+    l->N = N;
+    l->ax = NULL;
+    l->mask = NULL;
+    if (l->L) {
+        l->ax = act(u, (size_t)N * l->L->r);
+        if (u->train && l->L->dropout > 0.0f)
+            l->mask = (uint8_t *)act(u, ((size_t)N * l->in + 3) / 4);
+    }
+    if (u->measuring) return;
+    if (l->L && !u->train && l->L->dropout > 0.0f) {
+        /* inference: dropout is off, as in torch's eval() */
+        lora_t Le = *l->L;
+        Le.dropout = 0.0f;
+        lora_forward(out, l->ax, NULL, inp, l->w, l->b, &Le, N, l->in, l->out, NULL);
+        return;
+    }
+    lora_forward(out, l->ax, l->mask, inp, l->w, l->b, l->L, N, l->in, l->out, &u->dropout_rng);
+}
+
+/* dinp += d/dinp (may be NULL); the adapter's dA, dB += */
+static void lin_backward(lin_t *l, float *dinp, const float *dout) {
+    if (!dinp && !l->L) return;
+    lora_backward(dinp, dout, l->inp, l->ax, l->mask, l->w, l->L, l->N, l->in, l->out);
+}
+
+/* ------------------------------------------------------------------------ */
+/* ResnetBlock2D                                                             */
+/*   h1  = conv1(silu(norm1(x))) + time_emb_proj(silu(temb))[:, :, None, None]
+ *   out = conv2(silu(norm2(h1))) + shortcut(x)
+ * shortcut = conv_shortcut (1x1) when cin != cout, else identity. Dropout
+ * (between silu and conv2) is 0 in every SD config, and
+ * output_scale_factor is 1. */
+
+static float *resnet_forward(unet_t *u, resnet_t *r, const float *x, int H, int W) {
+    struct unet_net *net = u->net;
+    int B = u->B, HW = H * W, G = u->cfg.groups, cin = r->cin, cout = r->cout;
+    int T = 4 * u->cfg.block_out[0];
+    float eps = u->cfg.eps;
+    size_t nin = (size_t)B * cin * HW, nout = (size_t)B * cout * HW;
+    float *out = act(u, nout);
+    size_t mark = u->act_top, tmark = u->tmp_top;
+    r->x = x; r->H = H; r->W = W;
+    r->n1 = act(u, nin);
+    r->mean1 = act(u, (size_t)B * G);
+    r->rstd1 = act(u, (size_t)B * G);
+    r->h1 = act(u, nout);
+    r->n2 = act(u, nout);
+    r->mean2 = act(u, (size_t)B * G);
+    r->rstd2 = act(u, (size_t)B * G);
+    float *a = tmp(u, nin > nout ? nin : nout);    /* silu output, conv input */
+    float *tp = tmp(u, (size_t)B * cout);          /* time_emb_proj output */
+    if (!u->measuring) {
+        groupnorm_forward(r->n1, r->mean1, r->rstd1, x, r->norm1_w, r->norm1_b, B, cin, HW, G, eps);
+        silu_forward(a, r->n1, nin);
+        conv2d_forward(r->h1, a, r->conv1_w, r->conv1_b, B, cin, H, W, cout, 3, 3, 1, 1);
+        // h1[b, c, :] += (W_t silu(temb[b]) + b_t)[c]
+        linear_forward(tp, net->temb, r->temb_w, r->temb_b, B, T, cout);
+        for (int b = 0; b < B; b++)
+            for (int c = 0; c < cout; c++) {
+                float *p = r->h1 + ((size_t)b * cout + c) * HW;
+                float v = tp[(size_t)b * cout + c];
+                for (int i = 0; i < HW; i++) p[i] += v;
+            }
+        groupnorm_forward(r->n2, r->mean2, r->rstd2, r->h1, r->norm2_w, r->norm2_b, B, cout, HW, G, eps);
+        silu_forward(a, r->n2, nout);
+        conv2d_forward(out, a, r->conv2_w, r->conv2_b, B, cout, H, W, cout, 3, 3, 1, 1);
+        if (r->short_w) {
+            // out_b (cout x HW) += W_s (cout x cin) x_b (cin x HW) + b_s
+            for (int b = 0; b < B; b++) {
+                float *ob = out + (size_t)b * cout * HW;
+                gemm(0, 0, cout, HW, cin, 1.0f, r->short_w, cin, x + (size_t)b * cin * HW, HW,
+                     1.0f, ob, HW);
+                for (int c = 0; c < cout; c++)
+                    for (int i = 0; i < HW; i++) ob[(size_t)c * HW + i] += r->short_b[c];
+            }
+        } else {
+            add_inplace(out, x, nout);
+        }
+    }
+    u->tmp_top = tmark;
+    if (!u->train) u->act_top = mark;
+    return out;
+}
+
+/* dx (B, cin, H, W) += d/dx given dout (B, cout, H, W). The time embedding
+ * gets no gradient: t is not learned and the time MLP is frozen. */
+static void resnet_backward(unet_t *u, resnet_t *r, float *dx, const float *dout) {
+    int B = u->B, H = r->H, W = r->W, HW = H * W, G = u->cfg.groups, cin = r->cin, cout = r->cout;
+    size_t nin = (size_t)B * cin * HW, nout = (size_t)B * cout * HW, nmax = nin > nout ? nin : nout;
+    size_t tmark = u->tmp_top;
+    float *g1 = tmp(u, nmax), *g2 = tmp(u, nmax);
+    if (!u->measuring) {
+        // shortcut: dx += W_s^T dout, or dx += dout
+        if (r->short_w) {
+            for (int b = 0; b < B; b++)
+                gemm(1, 0, cin, HW, cout, 1.0f, r->short_w, cin, dout + (size_t)b * cout * HW, HW,
+                     1.0f, dx + (size_t)b * cin * HW, HW);
+        } else {
+            add_inplace(dx, dout, nout);
+        }
+        // conv backward reads its input only for dweight (NULL here); the
+        // gradient buffer of that input has the right shape to stand in for it
+        zero(g1, nout);
+        conv2d_backward(g1, NULL, NULL, dout, g1, r->conv2_w, B, cout, H, W, cout, 3, 3, 1, 1);
+        zero(g2, nout);
+        silu_backward(g2, g1, r->n2, nout);
+        zero(g1, nout);
+        groupnorm_backward(g1, NULL, NULL, g2, r->h1, r->norm2_w, r->mean2, r->rstd2, B, cout, HW, G);
+        zero(g2, nin);
+        conv2d_backward(g2, NULL, NULL, g1, g2, r->conv1_w, B, cin, H, W, cout, 3, 3, 1, 1);
+        zero(g1, nin);
+        silu_backward(g1, g2, r->n1, nin);
+        groupnorm_backward(dx, NULL, NULL, g1, r->x, r->norm1_w, r->mean1, r->rstd1, B, cin, HW, G);
+    }
+    u->tmp_top = tmark;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Attention (diffusers Attention with the default processor):              */
+/*   q = to_q(x), k = to_k(src), v = to_v(src)   (src = x, or the context)   */
+/*   o = softmax(q k^T / sqrt(dh)) v  per head;  out = to_out.0(o)           */
+
+static void attn_forward(unet_t *u, attn_t *a, float *out, const float *x, const float *src,
+                         int Tq, int Tk) {
+    int B = u->B, C = a->heads * a->dh;
+    size_t nq = (size_t)B * Tq * C, nk = (size_t)B * Tk * C;
+    a->Tq = Tq; a->Tk = Tk;
+    a->qb = act(u, nq);
+    a->kb = act(u, nk);
+    a->vb = act(u, nk);
+    a->ob = act(u, nq);
+    lin_forward(u, &a->q, a->qb, x, B * Tq);
+    lin_forward(u, &a->k, a->kb, src, B * Tk);
+    lin_forward(u, &a->v, a->vb, src, B * Tk);
+    if (!u->measuring)
+        attention_forward(a->ob, NULL, a->qb, a->kb, a->vb, B, Tq, Tk, a->heads, a->dh, 0);
+    lin_forward(u, &a->o, out, a->ob, B * Tq);
+}
+
+/* dx += d/dx; dsrc += d/dsrc (dsrc may be NULL; may equal dx for self-attention) */
+static void attn_backward(unet_t *u, attn_t *a, float *dx, float *dsrc, const float *dout) {
+    int B = u->B, C = a->heads * a->dh, Tq = a->Tq, Tk = a->Tk;
+    size_t nq = (size_t)B * Tq * C, nk = (size_t)B * Tk * C;
+    size_t tmark = u->tmp_top;
+    float *dob = tmpz(u, nq), *dq = tmpz(u, nq), *dk = tmpz(u, nk), *dv = tmpz(u, nk);
+    if (!u->measuring) {
+        lin_backward(&a->o, dob, dout);
+        // k and v need a gradient only if it goes somewhere: src or an adapter
+        int need_kv = dsrc || a->k.L || a->v.L;
+        attention_backward(dq, need_kv ? dk : NULL, need_kv ? dv : NULL, dob,
+                           a->qb, a->kb, a->vb, NULL, B, Tq, Tk, a->heads, a->dh, 0);
+        lin_backward(&a->q, dx, dq);
+        if (need_kv) {
+            lin_backward(&a->k, dsrc, dk);
+            lin_backward(&a->v, dsrc, dv);
+        }
+    }
+    u->tmp_top = tmark;
+}
+
+/* ------------------------------------------------------------------------ */
+/* BasicTransformerBlock on tokens x (B, T, D):                             */
+/*   h1  = x  + attn1(norm1(x))                 self-attention               */
+/*   h2  = h1 + attn2(norm2(h1), ctx)           cross-attention on the text  */
+/*   out = h2 + ff.net.2(geglu(ff.net.0.proj(norm3(h2))))                    */
+
+static float *tblock_forward(unet_t *u, tblock_t *tb, const float *x, int T) {
+    int B = u->B, D = tb->dim, Tc = u->Tc;
+    size_t N = (size_t)B * T, nd = N * D;
+    const float eps = 1e-5f;    /* nn.LayerNorm default; diffusers passes norm_eps = 1e-5 */
+    float *out = act(u, nd);
+    size_t mark = u->act_top, tmark = u->tmp_top;
+    float *t = tmp(u, nd);      /* each branch's output before the residual add */
+    tb->x = x;
+
+    tb->n1 = act(u, nd); tb->m1 = act(u, N); tb->r1 = act(u, N);
+    if (!u->measuring) layernorm_forward(tb->n1, tb->m1, tb->r1, x, tb->norm1_w, tb->norm1_b, (int)N, D, eps);
+    attn_forward(u, &tb->attn1, t, tb->n1, tb->n1, T, T);
+    tb->h1 = act(u, nd);
+    if (!u->measuring) for (size_t i = 0; i < nd; i++) tb->h1[i] = x[i] + t[i];
+
+    tb->n2 = act(u, nd); tb->m2 = act(u, N); tb->r2 = act(u, N);
+    if (!u->measuring) layernorm_forward(tb->n2, tb->m2, tb->r2, tb->h1, tb->norm2_w, tb->norm2_b, (int)N, D, eps);
+    attn_forward(u, &tb->attn2, t, tb->n2, u->net->ctx, T, Tc);
+    tb->h2 = act(u, nd);
+    if (!u->measuring) for (size_t i = 0; i < nd; i++) tb->h2[i] = tb->h1[i] + t[i];
+
+    tb->n3 = act(u, nd); tb->m3 = act(u, N); tb->r3 = act(u, N);
+    tb->f1 = act(u, N * 8 * D);     /* [value | gate], 4D each */
+    tb->g = act(u, N * 4 * D);
+    if (!u->measuring) layernorm_forward(tb->n3, tb->m3, tb->r3, tb->h2, tb->norm3_w, tb->norm3_b, (int)N, D, eps);
+    lin_forward(u, &tb->ff1, tb->f1, tb->n3, (int)N);
+    if (!u->measuring) geglu_forward(tb->g, tb->f1, (int)N, 4 * D);
+    lin_forward(u, &tb->ff2, t, tb->g, (int)N);
+    if (!u->measuring) for (size_t i = 0; i < nd; i++) out[i] = tb->h2[i] + t[i];
+
+    u->tmp_top = tmark;
+    if (!u->train) u->act_top = mark;
+    return out;
+}
+
+/* in place: dh holds d(out) on entry and d(x) on return (every branch is residual) */
+static void tblock_backward(unet_t *u, tblock_t *tb, float *dh) {
+    int B = u->B, D = tb->dim, T = tb->attn1.Tq;
+    size_t N = (size_t)B * T, nd = N * D;
+    size_t tmark = u->tmp_top;
+    float *dg = tmpz(u, N * 4 * D), *df1 = tmpz(u, N * 8 * D), *dn = tmpz(u, nd);
+    if (!u->measuring) {
+        // feed-forward branch, then dh += norm3^T dn
+        lin_backward(&tb->ff2, dg, dh);
+        geglu_backward(df1, dg, tb->f1, (int)N, 4 * D);
+        lin_backward(&tb->ff1, dn, df1);
+        layernorm_backward(dh, NULL, NULL, dn, tb->h2, tb->norm3_w, tb->m3, tb->r3, (int)N, D);
+        zero(dn, nd);
+    }
+    // cross-attention: the context's gradient goes to net->dctx (if wanted)
+    attn_backward(u, &tb->attn2, dn, u->net->dctx, dh);
+    if (!u->measuring) {
+        layernorm_backward(dh, NULL, NULL, dn, tb->h1, tb->norm2_w, tb->m2, tb->r2, (int)N, D);
+        zero(dn, nd);
+    }
+    // self-attention: q, k and v all come from norm1(x)
+    attn_backward(u, &tb->attn1, dn, dn, dh);
+    if (!u->measuring)
+        layernorm_backward(dh, NULL, NULL, dn, tb->x, tb->norm1_w, tb->m1, tb->r1, (int)N, D);
+    u->tmp_top = tmark;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Transformer2DModel (continuous input, SD1.x/2.x):                         */
+/*   tokens = proj_in(GroupNorm(x))  as (B, HW, C)                           */
+/*   tokens = transformer_blocks(tokens)                                     */
+/*   out    = proj_out(tokens) as NCHW + x                                   */
+/* diffusers applies a 1x1 conv proj_in to NCHW and then permutes to tokens */
+/* (use_linear_projection = False), or permutes first and applies a linear  */
+/* (True). A 1x1 conv is a linear on every pixel, so both are the same      */
+/* product and share one path here: permute, then project.                  */
+
+static float *xformer_forward(unet_t *u, xformer_t *xf, const float *x, int H, int W) {
+    int B = u->B, C = xf->C, HW = H * W, G = u->cfg.groups;
+    size_t n = (size_t)B * C * HW;
+    float *out = act(u, n);
+    size_t mark = u->act_top, tmark = u->tmp_top;
+    xf->x = x; xf->H = H; xf->W = W;
+    xf->mean = act(u, (size_t)B * G);
+    xf->rstd = act(u, (size_t)B * G);
+    xf->gnT = act(u, n);
+    xf->t0 = act(u, n);
+    float *gn = tmp(u, n);
+    if (!u->measuring) {
+        groupnorm_forward(gn, xf->mean, xf->rstd, x, xf->norm_w, xf->norm_b, B, C, HW, G, 1e-6f);
+        transpose(xf->gnT, gn, B, C, HW);
+    }
+    lin_forward(u, &xf->proj_in, xf->t0, xf->gnT, B * HW);
+    const float *h = xf->t0;
+    for (int k = 0; k < xf->nblocks; k++) h = tblock_forward(u, &xf->blocks[k], h, HW);
+    float *p = gn;   /* reuse: proj_out's tokens */
+    lin_forward(u, &xf->proj_out, p, h, B * HW);
+    if (!u->measuring) {
+        transpose(out, p, B, HW, C);
+        add_inplace(out, x, n);
+    }
+    u->tmp_top = tmark;
+    if (!u->train) u->act_top = mark;
+    return out;
+}
+
+/* in place: dh (B, C, H, W) holds d(out) on entry and d(x) on return */
+static void xformer_backward(unet_t *u, xformer_t *xf, float *dh) {
+    int B = u->B, C = xf->C, HW = xf->H * xf->W, G = u->cfg.groups;
+    size_t n = (size_t)B * C * HW;
+    size_t tmark = u->tmp_top;
+    float *dp = tmp(u, n), *dt = tmpz(u, n), *dg = tmpz(u, n);
+    if (!u->measuring) {
+        transpose(dp, dh, B, C, HW);                 /* d(proj_out output) as tokens */
+        lin_backward(&xf->proj_out, dt, dp);
+    }
+    for (int k = xf->nblocks - 1; k >= 0; k--) tblock_backward(u, &xf->blocks[k], dt);
+    if (!u->measuring) {
+        lin_backward(&xf->proj_in, dg, dt);          /* d(gnT) */
+        transpose(dp, dg, B, HW, C);                 /* d(gn) as NCHW */
+        groupnorm_backward(dh, NULL, NULL, dp, xf->x, xf->norm_w, xf->mean, xf->rstd, B, C, HW, G);
+    }
+    u->tmp_top = tmark;
+}
+
+/* ------------------------------------------------------------------------ */
+/* building the tree and the parameter table                                */
+/* Run twice: first to count (u->table == NULL), then for real.            */
+
+static float *param(unet_t *u, const char *prefix, const char *suffix, int ndim,
+                    int d0, int d1, int d2, int d3) {
+    int shape[4] = {d0, d1, d2, d3};
+    size_t n = 1;
+    for (int i = 0; i < ndim; i++) n *= (size_t)shape[i];
+    if (u->table) {
+        unet_param *p = &u->table[u->ntable];
+        int len = snprintf(p->name, sizeof p->name, "%s.%s", prefix, suffix);
+        if (len < 0 || len >= (int)sizeof p->name) u->net->build_err = 1;
+        p->offset = u->nparams;
+        p->ndim = ndim;
+        for (int i = 0; i < 4; i++) p->shape[i] = i < ndim ? shape[i] : 0;
+    }
+    float *ptr = u->params ? u->params + u->nparams : NULL;
+    u->ntable++;
+    u->nparams += n;
+    return ptr;
+}
+
+static void *xcalloc(unet_t *u, size_t n, size_t size) {
+    void *p = calloc(n ? n : 1, size);
+    if (!p) u->net->build_err = 1;
+    return p;
+}
+
+/* "prefix.name", or the one that is not empty */
+static const char *join(char *buf, const char *prefix, const char *name) {
+    snprintf(buf, UNET_NAME_LEN, "%s%s%s", prefix, *prefix && *name ? "." : "", name);
+    return buf;
+}
+
+static void lin_build(unet_t *u, lin_t *l, const char *prefix, const char *name,
+                      int in, int out, int bias, int conv, int kind) {
+    char full[UNET_NAME_LEN];
+    join(full, prefix, name);
+    l->in = in; l->out = out; l->L = NULL;
+    l->w = conv ? param(u, full, "weight", 4, out, in, 1, 1) : param(u, full, "weight", 2, out, in, 0, 0);
+    l->b = bias ? param(u, full, "bias", 1, out, 0, 0, 0) : NULL;
+    struct unet_net *net = u->net;
+    if (u->table && kind) {
+        if (net->nsites == net->sites_cap) {
+            int cap = net->sites_cap ? 2 * net->sites_cap : 64;
+            site_t *s = realloc(net->sites, sizeof(site_t) * (size_t)cap);
+            if (!s) { net->build_err = 1; return; }
+            net->sites = s; net->sites_cap = cap;
+        }
+        site_t *s = &net->sites[net->nsites++];
+        snprintf(s->name, sizeof s->name, "%s", full);
+        s->lin = l; s->kind = kind; s->is_conv = conv;
+    }
+}
+
+static void norm_build(unet_t *u, float **w, float **b, const char *prefix, const char *name, int C) {
+    char full[UNET_NAME_LEN];
+    join(full, prefix, name);
+    *w = param(u, full, "weight", 1, C, 0, 0, 0);
+    *b = param(u, full, "bias", 1, C, 0, 0, 0);
+}
+
+static void conv_build(unet_t *u, float **w, float **b, const char *prefix, const char *name,
+                       int out, int in, int k) {
+    char full[UNET_NAME_LEN];
+    join(full, prefix, name);
+    *w = param(u, full, "weight", 4, out, in, k, k);
+    *b = param(u, full, "bias", 1, out, 0, 0, 0);
+}
+
+static void resnet_build(unet_t *u, resnet_t *r, const char *prefix, int cin, int cout) {
+    int T = 4 * u->cfg.block_out[0];
+    r->cin = cin; r->cout = cout;
+    norm_build(u, &r->norm1_w, &r->norm1_b, prefix, "norm1", cin);
+    conv_build(u, &r->conv1_w, &r->conv1_b, prefix, "conv1", cout, cin, 3);
+    char full[UNET_NAME_LEN];
+    snprintf(full, sizeof full, "%s.time_emb_proj", prefix);
+    r->temb_w = param(u, full, "weight", 2, cout, T, 0, 0);
+    r->temb_b = param(u, full, "bias", 1, cout, 0, 0, 0);
+    norm_build(u, &r->norm2_w, &r->norm2_b, prefix, "norm2", cout);
+    conv_build(u, &r->conv2_w, &r->conv2_b, prefix, "conv2", cout, cout, 3);
+    r->short_w = r->short_b = NULL;
+    if (cin != cout) conv_build(u, &r->short_w, &r->short_b, prefix, "conv_shortcut", cout, cin, 1);
+}
+
+static void attn_build(unet_t *u, attn_t *a, const char *prefix, int dim, int kvdim, int heads) {
+    a->heads = heads; a->dh = dim / heads;
+    lin_build(u, &a->q, prefix, "to_q", dim, dim, 0, 0, S_Q);
+    lin_build(u, &a->k, prefix, "to_k", kvdim, dim, 0, 0, S_K);
+    lin_build(u, &a->v, prefix, "to_v", kvdim, dim, 0, 0, S_V);
+    lin_build(u, &a->o, prefix, "to_out.0", dim, dim, 1, 0, S_OUT);
+}
+
+static void xformer_build(unet_t *u, xformer_t *xf, const char *prefix, int C, int heads, int nblocks) {
+    int conv = !u->cfg.linear_proj;
+    char p[2 * UNET_NAME_LEN];   /* too-long names are caught where they are stored */
+    xf->C = C; xf->nblocks = nblocks;
+    norm_build(u, &xf->norm_w, &xf->norm_b, prefix, "norm", C);
+    lin_build(u, &xf->proj_in, prefix, "proj_in", C, C, 1, conv, S_PROJ);
+    xf->blocks = xcalloc(u, (size_t)nblocks, sizeof(tblock_t));
+    if (!xf->blocks) return;
+    for (int k = 0; k < nblocks; k++) {
+        tblock_t *tb = &xf->blocks[k];
+        char tp[UNET_NAME_LEN];
+        snprintf(tp, sizeof tp, "%s.transformer_blocks.%d", prefix, k);
+        tb->dim = C;
+        norm_build(u, &tb->norm1_w, &tb->norm1_b, tp, "norm1", C);
+        norm_build(u, &tb->norm2_w, &tb->norm2_b, tp, "norm2", C);
+        norm_build(u, &tb->norm3_w, &tb->norm3_b, tp, "norm3", C);
+        snprintf(p, sizeof p, "%s.attn1", tp);
+        attn_build(u, &tb->attn1, p, C, C, heads);
+        snprintf(p, sizeof p, "%s.attn2", tp);
+        attn_build(u, &tb->attn2, p, C, u->cfg.cross_dim, heads);
+        lin_build(u, &tb->ff1, tp, "ff.net.0.proj", C, 8 * C, 1, 0, S_FF);
+        lin_build(u, &tb->ff2, tp, "ff.net.2", 4 * C, C, 1, 0, S_FF);
+    }
+    lin_build(u, &xf->proj_out, prefix, "proj_out", C, C, 1, conv, S_PROJ);
+}
+
+static void block_free(block_t *b) {
+    if (b->att)
+        for (int j = 0; j < b->nres; j++) free(b->att[j].blocks);
+    free(b->res); free(b->att); free(b->skip);
+    memset(b, 0, sizeof *b);
+}
+
+static void net_free_modules(struct unet_net *net) {
+    for (int i = 0; i < UNET_MAX_LEVELS; i++) { block_free(&net->down[i]); block_free(&net->up[i]); }
+    free(net->mid_att.blocks); net->mid_att.blocks = NULL;
+    free(net->skip_C); free(net->skip_lvl); free(net->skips); free(net->dskips); free(net->skipn);
+    net->skip_C = net->skip_lvl = NULL; net->skips = net->dskips = NULL; net->skipn = NULL;
+    free(net->sites); net->sites = NULL; net->nsites = net->sites_cap = 0;
+}
+
+/* The whole tree, in diffusers' order. Returns 0, or -1 with err set. */
+static int net_build(unet_t *u, char *err) {
+    const unet_config *c = &u->cfg;
+    struct unet_net *net = u->net;
+    int n = c->nlevels, C0 = c->block_out[0], T = 4 * C0;
+    char p[UNET_NAME_LEN];
+
+    conv_build(u, &net->conv_in_w, &net->conv_in_b, "", "conv_in", C0, c->in_channels, 3);
+    net->t1_w = param(u, "time_embedding.linear_1", "weight", 2, T, C0, 0, 0);
+    net->t1_b = param(u, "time_embedding.linear_1", "bias", 1, T, 0, 0, 0);
+    net->t2_w = param(u, "time_embedding.linear_2", "weight", 2, T, T, 0, 0);
+    net->t2_b = param(u, "time_embedding.linear_2", "bias", 1, T, 0, 0, 0);
+
+    /* skips: conv_in's output, each down layer's output, each downsampler's */
+    int maxskips = 1 + n;
+    for (int i = 0; i < n; i++) maxskips += c->layers[i];
+    net->skip_C = xcalloc(u, (size_t)maxskips, sizeof(int));
+    net->skip_lvl = xcalloc(u, (size_t)maxskips, sizeof(int));
+    net->skips = xcalloc(u, (size_t)maxskips, sizeof(float *));
+    net->dskips = xcalloc(u, (size_t)maxskips, sizeof(float *));
+    net->skipn = xcalloc(u, (size_t)maxskips, sizeof(size_t));
+    if (net->build_err) goto oom;
+    int ns = 0;
+    net->skip_C[ns] = C0; net->skip_lvl[ns] = 0; ns++;
+
+    int out = C0;
+    for (int i = 0; i < n; i++) {
+        block_t *blk = &net->down[i];
+        int in = out;
+        out = c->block_out[i];
+        blk->nres = c->layers[i];
+        blk->res = xcalloc(u, (size_t)blk->nres, sizeof(resnet_t));
+        blk->skip = xcalloc(u, (size_t)blk->nres, sizeof(int));
+        if (c->down_attn[i]) blk->att = xcalloc(u, (size_t)blk->nres, sizeof(xformer_t));
+        if (net->build_err) goto oom;
+        for (int j = 0; j < blk->nres; j++) {
+            snprintf(p, sizeof p, "down_blocks.%d.resnets.%d", i, j);
+            resnet_build(u, &blk->res[j], p, j == 0 ? in : out, out);
+            if (blk->att) {
+                snprintf(p, sizeof p, "down_blocks.%d.attentions.%d", i, j);
+                xformer_build(u, &blk->att[j], p, out, c->heads[i], c->tlayers[i]);
+            }
+            blk->skip[j] = ns;
+            net->skip_C[ns] = out; net->skip_lvl[ns] = i; ns++;
+        }
+        if (i < n - 1) {
+            snprintf(p, sizeof p, "down_blocks.%d.downsamplers.0", i);
+            conv_build(u, &blk->conv_w, &blk->conv_b, p, "conv", out, out, 3);
+            blk->ds_skip = ns;
+            net->skip_C[ns] = out; net->skip_lvl[ns] = i + 1; ns++;
+        }
+    }
+    net->nskips = ns;
+
+    int Cm = c->block_out[n - 1];
+    resnet_build(u, &net->mid_res[0], "mid_block.resnets.0", Cm, Cm);
+    xformer_build(u, &net->mid_att, "mid_block.attentions.0", Cm, c->heads[n - 1], c->tlayers[n - 1]);
+    resnet_build(u, &net->mid_res[1], "mid_block.resnets.1", Cm, Cm);
+
+    /* up block i works at level n-1-i with the reversed per-block settings */
+    int prev = Cm;
+    for (int i = 0; i < n; i++) {
+        block_t *blk = &net->up[i];
+        int l = n - 1 - i;
+        out = c->block_out[l];
+        int inch = c->block_out[l > 0 ? l - 1 : 0];
+        blk->nres = c->layers[l] + 1;
+        blk->res = xcalloc(u, (size_t)blk->nres, sizeof(resnet_t));
+        blk->skip = xcalloc(u, (size_t)blk->nres, sizeof(int));
+        if (c->up_attn[i]) blk->att = xcalloc(u, (size_t)blk->nres, sizeof(xformer_t));
+        if (net->build_err) goto oom;
+        for (int j = 0; j < blk->nres; j++) {
+            int skipch = j == blk->nres - 1 ? inch : out;
+            int resin = j == 0 ? prev : out;
+            if (ns == 0 || net->skip_C[ns - 1] != skipch || net->skip_lvl[ns - 1] != l) {
+                snprintf(err, UNET_ERR_LEN,
+                         "config.json: layers_per_block: up_blocks.%d.resnets.%d finds no matching "
+                         "skip connection (use the same layers_per_block for every block)", i, j);
+                return -1;
+            }
+            blk->skip[j] = --ns;
+            snprintf(p, sizeof p, "up_blocks.%d.resnets.%d", i, j);
+            resnet_build(u, &blk->res[j], p, resin + skipch, out);
+            if (blk->att) {
+                snprintf(p, sizeof p, "up_blocks.%d.attentions.%d", i, j);
+                xformer_build(u, &blk->att[j], p, out, c->heads[l], c->tlayers[l]);
+            }
+        }
+        if (i < n - 1) {
+            snprintf(p, sizeof p, "up_blocks.%d.upsamplers.0", i);
+            conv_build(u, &blk->conv_w, &blk->conv_b, p, "conv", out, out, 3);
+        }
+        prev = out;
+    }
+    if (ns != 0) {
+        snprintf(err, UNET_ERR_LEN, "config.json: layers_per_block: %d skip connections left unused "
+                 "(use the same layers_per_block for every block)", ns);
+        return -1;
+    }
+    norm_build(u, &net->norm_out_w, &net->norm_out_b, "", "conv_norm_out", C0);
+    net->conv_out_w = param(u, "conv_out", "weight", 4, c->out_channels, C0, 3, 3);
+    net->conv_out_b = param(u, "conv_out", "bias", 1, c->out_channels, 0, 0, 0);
+    if (net->build_err) goto oom;
+    return 0;
+oom:
+    snprintf(err, UNET_ERR_LEN, "unet: out of memory building the model");
+    return -1;
+}
+
+int unet_build(unet_t *u, const unet_config *c, char *err) {
+    memset(u, 0, sizeof *u);
+    u->cfg = *c;
+    u->net = calloc(1, sizeof(struct unet_net));
+    if (!u->net) { snprintf(err, UNET_ERR_LEN, "unet: out of memory"); return -1; }
+    /* pass 1: count */
+    if (net_build(u, err)) { unet_free(u); return -1; }
+    net_free_modules(u->net);
+    size_t nparams = u->nparams;
+    int ntable = u->ntable;
+    /* pass 2: the same walk with storage, so every pointer and name is set */
+    u->table = calloc((size_t)ntable, sizeof(unet_param));
+    u->params = calloc(nparams, sizeof(float));
+    if (!u->table || !u->params) {
+        snprintf(err, UNET_ERR_LEN, "unet: out of memory for %zu parameters", nparams);
+        unet_free(u);
+        return -1;
+    }
+    u->nparams = 0; u->ntable = 0;
+    if (net_build(u, err)) { unet_free(u); return -1; }
+    if (u->net->build_err) {
+        snprintf(err, UNET_ERR_LEN, "unet: out of memory or a name too long building the model");
+        unet_free(u);
+        return -1;
+    }
+    return 0;
+}
+
+void unet_free(unet_t *u) {
+    if (u->net) { net_free_modules(u->net); free(u->net); }
+    free(u->params); free(u->table);
+    free(u->loras); free(u->lora_params); free(u->lora_grads);
+    free(u->arena);
+    memset(u, 0, sizeof *u);
+}
+
+int unet_param_index(const unet_t *u, const char *name) {
+    for (int i = 0; i < u->ntable; i++)
+        if (strcmp(u->table[i].name, name) == 0) return i;
+    return -1;
+}
+
+/* ------------------------------------------------------------------------ */
+/* config.json                                                               */
+
+/* an int, or a list of n ints, or absent (dflt); out gets n values */
+static int int_list(const json *j, const char *key, int dflt, int n, int *out, char *err) {
+    const json *v = json_get(j, key);
+    if (!v || v->type == JSON_NULL) {
+        for (int i = 0; i < n; i++) out[i] = dflt;
+        return 0;
+    }
+    if (v->type == JSON_NUMBER) {
+        for (int i = 0; i < n; i++) out[i] = (int)v->number;
+        if (v->number != (double)(int)v->number || v->number < 1) goto bad;
+        return 0;
+    }
+    if (v->type == JSON_ARRAY && v->n == n) {
+        for (int i = 0; i < n; i++) {
+            if (v->items[i].type != JSON_NUMBER || v->items[i].number < 1 ||
+                v->items[i].number != (double)(int)v->items[i].number) goto bad;
+            out[i] = (int)v->items[i].number;
+        }
+        return 0;
+    }
+bad:
+    snprintf(err, UNET_ERR_LEN, "config.json: %s: expected a positive integer or a list of %d "
+             "(check the file)", key, n);
+    return -1;
+}
+
+static int is_set(const json *j, const char *key) {
+    const json *v = json_get(j, key);
+    return v && v->type != JSON_NULL;
+}
+
+static int is_true(const json *j, const char *key) {
+    const json *v = json_get(j, key);
+    if (!v) return 0;
+    if (v->type == JSON_BOOL) return v->boolean;
+    if (v->type == JSON_ARRAY) {
+        for (int i = 0; i < v->n; i++)
+            if (v->items[i].type == JSON_BOOL && v->items[i].boolean) return 1;
+    }
+    return 0;
+}
+
+int unet_config_from_json(unet_config *c, const json *j, char *err) {
+    memset(c, 0, sizeof *c);
+    if (!j || j->type != JSON_OBJECT) {
+        snprintf(err, UNET_ERR_LEN, "config.json: not a JSON object (check the file)");
+        return -1;
+    }
+    /* features of UNet2DConditionModel that SD1.x does not use: refuse rather
+     * than compute something else */
+    static const char *must_be_null[] = {
+        "class_embed_type", "addition_embed_type", "num_class_embeds", "encoder_hid_dim",
+        "encoder_hid_dim_type", "time_cond_proj_dim", "time_embedding_dim", "time_embedding_act_fn",
+        "timestep_post_act", "projection_class_embeddings_input_dim", "addition_time_embed_dim",
+        "cross_attention_norm", "num_attention_heads", "reverse_transformer_layers_per_block",
+    };
+    for (size_t i = 0; i < sizeof must_be_null / sizeof *must_be_null; i++)
+        if (is_set(j, must_be_null[i])) {
+            snprintf(err, UNET_ERR_LEN, "config.json: %s: not supported (only SD1.x-style UNets are)",
+                     must_be_null[i]);
+            return -1;
+        }
+    static const char *must_be_false[] = {
+        "center_input_sample", "only_cross_attention", "dual_cross_attention",
+        "resnet_skip_time_act", "class_embeddings_concat", "mid_block_only_cross_attention",
+    };
+    for (size_t i = 0; i < sizeof must_be_false / sizeof *must_be_false; i++)
+        if (is_true(j, must_be_false[i])) {
+            snprintf(err, UNET_ERR_LEN, "config.json: %s: true is not supported (only SD1.x-style UNets are)",
+                     must_be_false[i]);
+            return -1;
+        }
+    static const struct { const char *key, *value; } strings[] = {
+        {"time_embedding_type", "positional"}, {"act_fn", "silu"},
+        {"resnet_time_scale_shift", "default"}, {"attention_type", "default"},
+        {"mid_block_type", "UNetMidBlock2DCrossAttn"},
+    };
+    for (size_t i = 0; i < sizeof strings / sizeof *strings; i++) {
+        const json *v = json_get(j, strings[i].key);
+        if (!v) continue;
+        if (v->type != JSON_STRING || strcmp(v->string, strings[i].value) != 0) {
+            snprintf(err, UNET_ERR_LEN, "config.json: %s: only \"%s\" is supported",
+                     strings[i].key, strings[i].value);
+            return -1;
+        }
+    }
+    static const struct { const char *key; double value; } numbers[] = {
+        {"conv_in_kernel", 3}, {"conv_out_kernel", 3}, {"downsample_padding", 1},
+        {"mid_block_scale_factor", 1}, {"resnet_out_scale_factor", 1}, {"dropout", 0},
+    };
+    for (size_t i = 0; i < sizeof numbers / sizeof *numbers; i++) {
+        const json *v = json_get(j, numbers[i].key);
+        if (!v) continue;
+        if (v->type != JSON_NUMBER || v->number != numbers[i].value) {
+            snprintf(err, UNET_ERR_LEN, "config.json: %s: only %g is supported",
+                     numbers[i].key, numbers[i].value);
+            return -1;
+        }
+    }
+
+    /* block_out_channels and the block types fix the number of levels */
+    const json *boc = json_get(j, "block_out_channels");
+    static const int dflt_boc[4] = {320, 640, 1280, 1280};
+    if (!boc) {
+        c->nlevels = 4;
+        memcpy(c->block_out, dflt_boc, sizeof dflt_boc);
+    } else {
+        if (boc->type != JSON_ARRAY || boc->n < 1 || boc->n > UNET_MAX_LEVELS) {
+            snprintf(err, UNET_ERR_LEN, "config.json: block_out_channels: expected a list of 1 to %d "
+                     "integers", UNET_MAX_LEVELS);
+            return -1;
+        }
+        c->nlevels = boc->n;
+        for (int i = 0; i < boc->n; i++) {
+            const json *v = &boc->items[i];
+            if (v->type != JSON_NUMBER || v->number < 1 || v->number > 65536 ||
+                v->number != (double)(int)v->number) {
+                snprintf(err, UNET_ERR_LEN, "config.json: block_out_channels: item %d is not a "
+                         "positive integer", i);
+                return -1;
+            }
+            c->block_out[i] = (int)v->number;
+        }
+    }
+    int n = c->nlevels;
+    for (int pass = 0; pass < 2; pass++) {
+        const char *key = pass ? "up_block_types" : "down_block_types";
+        const char *attn_name = pass ? "CrossAttnUpBlock2D" : "CrossAttnDownBlock2D";
+        const char *plain_name = pass ? "UpBlock2D" : "DownBlock2D";
+        int *flags = pass ? c->up_attn : c->down_attn;
+        const json *v = json_get(j, key);
+        if (!v) {   /* diffusers' defaults for 4 levels */
+            if (n != 4) {
+                snprintf(err, UNET_ERR_LEN, "config.json: %s: missing (needed with %d levels)", key, n);
+                return -1;
+            }
+            for (int i = 0; i < 4; i++) flags[i] = pass ? i > 0 : i < 3;
+            continue;
+        }
+        if (v->type != JSON_ARRAY || v->n != n) {
+            snprintf(err, UNET_ERR_LEN, "config.json: %s: expected a list of %d block types "
+                     "(one per block_out_channels)", key, n);
+            return -1;
+        }
+        for (int i = 0; i < n; i++) {
+            const json *s = &v->items[i];
+            if (s->type == JSON_STRING && strcmp(s->string, attn_name) == 0) flags[i] = 1;
+            else if (s->type == JSON_STRING && strcmp(s->string, plain_name) == 0) flags[i] = 0;
+            else {
+                snprintf(err, UNET_ERR_LEN, "config.json: %s: item %d: only %s and %s are supported",
+                         key, i, attn_name, plain_name);
+                return -1;
+            }
+        }
+    }
+
+    c->in_channels = (int)json_num(j, "in_channels", 4);
+    c->out_channels = (int)json_num(j, "out_channels", 4);
+    const json *ss = json_get(j, "sample_size");
+    c->sample_size = ss && ss->type == JSON_NUMBER ? (int)ss->number : 0;
+    if (int_list(j, "layers_per_block", 2, n, c->layers, err)) return -1;
+    /* "attention_head_dim" is, for these models, the number of heads: diffusers
+     * sets num_attention_heads = attention_head_dim when num_attention_heads is
+     * not given (a naming mistake kept for compatibility, diffusers issue 2011) */
+    if (int_list(j, "attention_head_dim", 8, n, c->heads, err)) return -1;
+    if (int_list(j, "transformer_layers_per_block", 1, n, c->tlayers, err)) return -1;
+    const json *cd = json_get(j, "cross_attention_dim");
+    if (cd && cd->type != JSON_NUMBER) {
+        snprintf(err, UNET_ERR_LEN, "config.json: cross_attention_dim: per-block lists are not "
+                 "supported (one context size for every block)");
+        return -1;
+    }
+    c->cross_dim = (int)json_num(j, "cross_attention_dim", 1280);
+    const json *g = json_get(j, "norm_num_groups");
+    if (g && g->type == JSON_NULL) {
+        snprintf(err, UNET_ERR_LEN, "config.json: norm_num_groups: null (no output norm) is not supported");
+        return -1;
+    }
+    c->groups = (int)json_num(j, "norm_num_groups", 32);
+    c->eps = (float)json_num(j, "norm_eps", 1e-5);
+    c->linear_proj = json_bool(j, "use_linear_projection", 0);
+    c->flip_sin_to_cos = json_bool(j, "flip_sin_to_cos", 1);
+    c->freq_shift = (float)json_num(j, "freq_shift", 0);
+
+    /* sizes the layers divide */
+    if (c->in_channels < 1 || c->out_channels < 1 || c->cross_dim < 1 || c->groups < 1 || !(c->eps > 0)) {
+        snprintf(err, UNET_ERR_LEN, "config.json: in_channels, out_channels, cross_attention_dim, "
+                 "norm_num_groups and norm_eps must be positive");
+        return -1;
+    }
+    if (c->block_out[0] % 2) {
+        snprintf(err, UNET_ERR_LEN, "config.json: block_out_channels: the first entry must be even "
+                 "(it is the sinusoidal embedding size)");
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        if (c->block_out[i] % c->groups) {
+            snprintf(err, UNET_ERR_LEN, "config.json: norm_num_groups: %d does not divide "
+                     "block_out_channels[%d] = %d", c->groups, i, c->block_out[i]);
+            return -1;
+        }
+        int has_attn = c->down_attn[i] || c->up_attn[n - 1 - i] || i == n - 1;
+        if (has_attn && c->block_out[i] % c->heads[i]) {
+            snprintf(err, UNET_ERR_LEN, "config.json: attention_head_dim: %d heads do not divide "
+                     "the channels of block %d", c->heads[i], i);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* loading                                                                   */
+
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    char *buf = NULL;
+    size_t cap = 0, n = 0;
+    for (;;) {
+        if (n + 4096 > cap) {
+            cap = cap ? 2 * cap : 65536;
+            char *nb = realloc(buf, cap + 1);
+            if (!nb) { free(buf); fclose(f); return NULL; }
+            buf = nb;
+        }
+        size_t got = fread(buf + n, 1, cap - n, f);
+        n += got;
+        if (got == 0) break;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (bad) { free(buf); return NULL; }
+    buf[n] = 0;
+    *len = n;
+    return buf;
+}
+
+int unet_load_diffusers(unet_t *u, const char *dir, char *err) {
+    char path[4096], jerr[256];
+    memset(u, 0, sizeof *u);
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    size_t len = 0;
+    char *text = read_file(path, &len);
+    if (!text) {
+        snprintf(err, UNET_ERR_LEN, "%.400s: cannot read (give a diffusers unet folder)", path);
+        return -1;
+    }
+    json *j = json_parse(text, len, jerr, sizeof jerr);
+    free(text);
+    if (!j) {
+        snprintf(err, UNET_ERR_LEN, "%.200s: %s", path, jerr);
+        return -1;
+    }
+    unet_config c;
+    int rc = unet_config_from_json(&c, j, err);
+    json_free(j);
+    if (rc) return -1;
+    if (unet_build(u, &c, err)) return -1;
+
+    st_file f;
+    char sterr[ST_ERR_LEN];
+    snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", dir);
+    FILE *probe = fopen(path, "rb");
+    if (probe) fclose(probe);
+    else snprintf(path, sizeof path, "%s/diffusion_pytorch_model.fp16.safetensors", dir);
+    if (st_open(&f, path, sterr)) {
+        snprintf(err, UNET_ERR_LEN, "%s", sterr);
+        unet_free(u);
+        return -1;
+    }
+    for (int i = 0; i < u->ntable; i++) {
+        const unet_param *p = &u->table[i];
+        int64_t shape[4];
+        for (int d = 0; d < p->ndim; d++) shape[d] = p->shape[d];
+        if (st_read_f32(&f, p->name, p->ndim, shape, u->params + p->offset, sterr)) {
+            snprintf(err, UNET_ERR_LEN, "%s", sterr);
+            st_close(&f); unet_free(u);
+            return -1;
+        }
+    }
+    for (int i = 0; i < f.ntensors; i++) {
+        if (unet_param_index(u, f.tensors[i].name) < 0) {
+            snprintf(err, UNET_ERR_LEN, "%.300s: unexpected tensor %.100s (not part of the UNet config.json "
+                     "describes; is config.json from the same model?)", path, f.tensors[i].name);
+            st_close(&f); unet_free(u);
+            return -1;
+        }
+    }
+    st_close(&f);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* LoRA                                                                      */
+
+int unet_add_lora(unet_t *u, const char *targets, int rank, float alpha, float dropout,
+                  uint64_t seed) {
+    struct unet_net *net = u->net;
+    int kinds;
+    if (strcmp(targets, "qv") == 0) kinds = S_Q | S_V;
+    else if (strcmp(targets, "attn") == 0) kinds = S_Q | S_K | S_V | S_OUT;
+    else if (strcmp(targets, "transformer") == 0) kinds = S_Q | S_K | S_V | S_OUT | S_PROJ | S_FF;
+    else {
+        snprintf(u->err, UNET_ERR_LEN, "LoRA targets \"%s\": unknown (use qv, attn or transformer)", targets);
+        return -1;
+    }
+    if (u->nloras) {
+        snprintf(u->err, UNET_ERR_LEN, "LoRA: the UNet already has adapters");
+        return -1;
+    }
+    if (rank < 1 || !(alpha > 0) || !(dropout >= 0 && dropout < 1)) {
+        snprintf(u->err, UNET_ERR_LEN, "LoRA: rank must be >= 1, alpha > 0, dropout in [0, 1)");
+        return -1;
+    }
+    int count = 0;
+    size_t total = 0;
+    for (int i = 0; i < net->nsites; i++)
+        if (net->sites[i].kind & kinds) {
+            count++;
+            total += (size_t)rank * ((size_t)net->sites[i].lin->in + net->sites[i].lin->out);
+        }
+    u->loras = calloc((size_t)count, sizeof(unet_lora));
+    u->lora_params = calloc(total, sizeof(float));
+    u->lora_grads = calloc(total, sizeof(float));
+    if (!u->loras || !u->lora_params || !u->lora_grads) {
+        free(u->loras); free(u->lora_params); free(u->lora_grads);
+        u->loras = NULL; u->lora_params = u->lora_grads = NULL;
+        snprintf(u->err, UNET_ERR_LEN, "LoRA: out of memory");
+        return -1;
+    }
+    rng_t rng;
+    rng_seed(&rng, seed);
+    size_t off = 0;
+    int k = 0;
+    for (int i = 0; i < net->nsites; i++) {
+        site_t *s = &net->sites[i];
+        if (!(s->kind & kinds)) continue;
+        unet_lora *ul = &u->loras[k++];
+        lora_t *L = &ul->L;
+        int in = s->lin->in, out = s->lin->out;
+        snprintf(ul->name, sizeof ul->name, "%s", s->name);
+        ul->is_conv = s->is_conv;
+        float *A = u->lora_params + off, *Bm = A + (size_t)rank * in;
+        lora_init(L, in, out, rank, alpha, dropout, A, Bm, 0, &rng);
+        L->dA = u->lora_grads + off;
+        L->dB = L->dA + (size_t)rank * in;
+        off += (size_t)rank * ((size_t)in + out);
+        s->lin->L = L;
+    }
+    u->nloras = count;
+    u->lora_nparams = total;
+    rng_seed(&u->dropout_rng, seed ^ 0x9e3779b97f4a7c15ull);
+    /* the adapters' saved activations change the arena's layout */
+    free(u->arena);
+    u->arena = NULL;
+    u->act_cap = u->tmp_cap = 0;
+    u->have_forward = 0;
+    return 0;
+}
+
+unet_lora *unet_find_lora(unet_t *u, const char *module_name) {
+    for (int i = 0; i < u->nloras; i++)
+        if (strcmp(u->loras[i].name, module_name) == 0) return &u->loras[i];
+    return NULL;
+}
+
+void unet_zero_lora_grads(unet_t *u) {
+    if (u->lora_grads) zero(u->lora_grads, u->lora_nparams);
+}
+
+/* ------------------------------------------------------------------------ */
+/* the whole network                                                        */
+
+static void note_size(struct unet_net *net, size_t n) { if (n > net->maxact) net->maxact = n; }
+
+static void run_forward(unet_t *u, float *eps_out, const float *x, const float *t, const float *ctx) {
+    const unet_config *c = &u->cfg;
+    struct unet_net *net = u->net;
+    int B = u->B, H = u->H, W = u->W, Tc = u->Tc, n = c->nlevels, C0 = c->block_out[0];
+    int T = 4 * C0, G = c->groups, M = u->measuring;
+    u->act_top = u->tmp_top = 0;
+    net->maxact = 0;
+    u->have_forward = 0;
+
+    /* the context is read again by backward (to_k / to_v adapters): keep a copy */
+    size_t nctx = (size_t)B * Tc * c->cross_dim;
+    net->ctx = act(u, nctx);
+    if (!M) memcpy(net->ctx, ctx, sizeof(float) * nctx);
+
+    /* time: temb = linear_2(silu(linear_1(sinusoid(t)))); the resnets all use silu(temb) */
+    net->temb = act(u, (size_t)B * T);
+    size_t tm = u->tmp_top;
+    float *tp = tmp(u, (size_t)B * C0), *th = tmp(u, (size_t)B * T);
+    if (!M) {
+        timestep_embedding(tp, t, B, C0, c->flip_sin_to_cos, c->freq_shift, 10000.0f);
+        linear_forward(th, tp, net->t1_w, net->t1_b, B, C0, T);
+        silu_forward(th, th, (size_t)B * T);
+        linear_forward(net->temb, th, net->t2_w, net->t2_b, B, T, T);
+        silu_forward(net->temb, net->temb, (size_t)B * T);
+    }
+    u->tmp_top = tm;
+
+    /* conv_in */
+    int hh = H, ww = W, C = C0;
+    float *h = act(u, (size_t)B * C0 * H * W);
+    note_size(net, (size_t)B * C0 * H * W);
+    if (!M) conv2d_forward(h, x, net->conv_in_w, net->conv_in_b, B, c->in_channels, H, W, C0, 3, 3, 1, 1);
+    net->skips[0] = h;
+
+    /* down */
+    for (int i = 0; i < n; i++) {
+        block_t *blk = &net->down[i];
+        for (int j = 0; j < blk->nres; j++) {
+            h = resnet_forward(u, &blk->res[j], h, hh, ww);
+            C = blk->res[j].cout;
+            note_size(net, (size_t)B * C * hh * ww);
+            if (blk->att) h = xformer_forward(u, &blk->att[j], h, hh, ww);
+            net->skips[blk->skip[j]] = h;
+        }
+        if (blk->conv_w) {
+            /* Downsample2D: 3x3 conv, stride 2, padding 1 */
+            float *d = act(u, (size_t)B * C * (hh / 2) * (ww / 2));
+            if (!M) conv2d_forward(d, h, blk->conv_w, blk->conv_b, B, C, hh, ww, C, 3, 3, 2, 1);
+            hh /= 2; ww /= 2;
+            h = d;
+            net->skips[blk->ds_skip] = h;
+        }
+    }
+
+    /* mid */
+    h = resnet_forward(u, &net->mid_res[0], h, hh, ww);
+    h = xformer_forward(u, &net->mid_att, h, hh, ww);
+    h = resnet_forward(u, &net->mid_res[1], h, hh, ww);
+
+    /* up: each resnet takes cat(h, skip) along channels */
+    for (int i = 0; i < n; i++) {
+        block_t *blk = &net->up[i];
+        for (int j = 0; j < blk->nres; j++) {
+            int k = blk->skip[j], cs = net->skip_C[k], HW = hh * ww;
+            size_t ncat = (size_t)B * (C + cs) * HW;
+            note_size(net, ncat);
+            /* inference needs the concatenation only while the resnet runs */
+            size_t tmc = u->tmp_top;
+            float *cat = u->train ? act(u, ncat) : tmp(u, ncat);
+            if (!M) {
+                const float *s = net->skips[k];
+                for (int b = 0; b < B; b++) {
+                    float *cb = cat + (size_t)b * (C + cs) * HW;
+                    memcpy(cb, h + (size_t)b * C * HW, sizeof(float) * C * HW);
+                    memcpy(cb + (size_t)C * HW, s + (size_t)b * cs * HW, sizeof(float) * cs * HW);
+                }
+            }
+            h = resnet_forward(u, &blk->res[j], cat, hh, ww);
+            u->tmp_top = tmc;
+            C = blk->res[j].cout;
+            if (blk->att) h = xformer_forward(u, &blk->att[j], h, hh, ww);
+        }
+        if (blk->conv_w) {
+            /* Upsample2D: nearest 2x, then 3x3 conv */
+            size_t tmu = u->tmp_top;
+            float *up = tmp(u, (size_t)B * C * 4 * hh * ww);
+            float *d = act(u, (size_t)B * C * 4 * hh * ww);
+            if (!M) {
+                upsample2x_forward(up, h, B, C, hh, ww);
+                conv2d_forward(d, up, blk->conv_w, blk->conv_b, B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
+            }
+            u->tmp_top = tmu;
+            hh *= 2; ww *= 2;
+            h = d;
+            note_size(net, (size_t)B * C * hh * ww);
+        }
+    }
+
+    /* out: eps = conv_out(silu(conv_norm_out(h))) */
+    size_t nout = (size_t)B * C0 * H * W;
+    net->h_last = h;
+    net->mean_out = act(u, (size_t)B * G);
+    net->rstd_out = act(u, (size_t)B * G);
+    net->n_out = act(u, nout);
+    tm = u->tmp_top;
+    float *a = tmp(u, nout);
+    if (!M) {
+        groupnorm_forward(net->n_out, net->mean_out, net->rstd_out, h, net->norm_out_w, net->norm_out_b,
+                          B, C0, H * W, G, c->eps);
+        silu_forward(a, net->n_out, nout);
+        conv2d_forward(eps_out, a, net->conv_out_w, net->conv_out_b, B, C0, H, W, c->out_channels, 3, 3, 1, 1);
+    }
+    u->tmp_top = tm;
+    u->have_forward = u->train && !M;
+}
+
+/* cur += add, over n floats */
+static void accumulate(float *cur, const float *add, size_t n, int M) { if (!M) add_inplace(cur, add, n); }
+
+static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
+    const unet_config *c = &u->cfg;
+    struct unet_net *net = u->net;
+    int B = u->B, H = u->H, W = u->W, n = c->nlevels, C0 = c->block_out[0];
+    int G = c->groups, M = u->measuring;
+    size_t tm0 = u->tmp_top;
+    net->dctx = dctx;
+    if (dctx && !M) zero(dctx, (size_t)B * u->Tc * c->cross_dim);
+
+    /* the gradient of every skip: filled on the way up, drained on the way down */
+    float **dskip = net->dskips;
+    size_t *skipn = net->skipn;
+    for (int k = 0; k < net->nskips; k++) {
+        int l = net->skip_lvl[k];
+        skipn[k] = (size_t)B * net->skip_C[k] * (H >> l) * (W >> l);
+        dskip[k] = tmpz(u, skipn[k]);
+    }
+    /* the running gradient and a second buffer to swap with */
+    float *cur = tmp(u, net->maxact), *oth = tmp(u, net->maxact), *sw;
+#define SWAP() (sw = cur, cur = oth, oth = sw)
+
+    /* out */
+    size_t nout = (size_t)B * C0 * H * W;
+    size_t tm = u->tmp_top;
+    float *da = tmpz(u, nout);
+    if (!M) {
+        conv2d_backward(da, NULL, NULL, deps, da, net->conv_out_w, B, C0, H, W, c->out_channels, 3, 3, 1, 1);
+        zero(oth, nout);
+        silu_backward(oth, da, net->n_out, nout);
+        zero(cur, nout);
+        groupnorm_backward(cur, NULL, NULL, oth, net->h_last, net->norm_out_w, net->mean_out, net->rstd_out,
+                           B, C0, H * W, G);
+    }
+    u->tmp_top = tm;
+
+    /* up, in reverse */
+    int C = C0;
+    for (int i = n - 1; i >= 0; i--) {
+        block_t *blk = &net->up[i];
+        int l = n - 1 - i, hh = H >> l, ww = W >> l, HW = hh * ww;
+        if (blk->conv_w) {
+            tm = u->tmp_top;
+            float *dup = tmpz(u, (size_t)B * C * 4 * HW);
+            if (!M) {
+                conv2d_backward(dup, NULL, NULL, cur, dup, blk->conv_w, B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
+                zero(oth, (size_t)B * C * HW);
+                upsample2x_backward(oth, dup, B, C, hh, ww);
+            }
+            SWAP();
+            u->tmp_top = tm;
+        }
+        for (int j = blk->nres - 1; j >= 0; j--) {
+            if (blk->att) xformer_backward(u, &blk->att[j], cur);
+            resnet_t *r = &blk->res[j];
+            int k = blk->skip[j], cs = net->skip_C[k], ch = r->cin - cs;
+            tm = u->tmp_top;
+            float *dcat = tmpz(u, (size_t)B * r->cin * HW);
+            resnet_backward(u, r, dcat, cur);
+            if (!M) {
+                /* split d(cat) into d(h) and d(skip) */
+                for (int b = 0; b < B; b++) {
+                    const float *db = dcat + (size_t)b * r->cin * HW;
+                    memcpy(oth + (size_t)b * ch * HW, db, sizeof(float) * ch * HW);
+                    add_inplace(dskip[k] + (size_t)b * cs * HW, db + (size_t)ch * HW, (size_t)cs * HW);
+                }
+            }
+            SWAP();
+            u->tmp_top = tm;
+            C = ch;
+        }
+    }
+
+    /* mid */
+    {
+        int hh = H >> (n - 1), ww = W >> (n - 1);
+        size_t nm = (size_t)B * c->block_out[n - 1] * hh * ww;
+        if (!M) zero(oth, nm);
+        resnet_backward(u, &net->mid_res[1], oth, cur);
+        SWAP();
+        xformer_backward(u, &net->mid_att, cur);
+        if (!M) zero(oth, nm);
+        resnet_backward(u, &net->mid_res[0], oth, cur);
+        SWAP();
+    }
+
+    /* down, in reverse: each saved output gets its skip's gradient added */
+    for (int i = n - 1; i >= 0; i--) {
+        block_t *blk = &net->down[i];
+        int hh = H >> i, ww = W >> i, HW = hh * ww;
+        C = c->block_out[i];
+        if (blk->conv_w) {
+            accumulate(cur, dskip[blk->ds_skip], skipn[blk->ds_skip], M);
+            if (!M) {
+                zero(oth, (size_t)B * C * HW);
+                conv2d_backward(oth, NULL, NULL, cur, oth, blk->conv_w, B, C, hh, ww, C, 3, 3, 2, 1);
+            }
+            SWAP();
+        }
+        for (int j = blk->nres - 1; j >= 0; j--) {
+            accumulate(cur, dskip[blk->skip[j]], skipn[blk->skip[j]], M);
+            if (blk->att) xformer_backward(u, &blk->att[j], cur);
+            resnet_t *r = &blk->res[j];
+            if (!M) zero(oth, (size_t)B * r->cin * HW);
+            resnet_backward(u, r, oth, cur);
+            SWAP();
+        }
+    }
+    accumulate(cur, dskip[0], skipn[0], M);
+    if (dx && !M) {
+        zero(dx, (size_t)B * c->in_channels * H * W);
+        conv2d_backward(dx, NULL, NULL, cur, dx, net->conv_in_w, B, c->in_channels, H, W, C0, 3, 3, 1, 1);
+    }
+#undef SWAP
+    u->tmp_top = tm0;
+}
+
+/* run the sizing pass for a shape: sets act_peak and tmp_peak */
+static void measure(unet_t *u, int B, int h, int w, int Tc) {
+    u->B = B; u->H = h; u->W = w; u->Tc = Tc;
+    u->measuring = 1;
+    u->act_peak = u->tmp_peak = 0;
+    run_forward(u, NULL, NULL, NULL, NULL);
+    if (u->train) run_backward(u, NULL, NULL, NULL);
+    u->measuring = 0;
+    u->have_forward = 0;
+}
+
+static int check_shape(unet_t *u, int B, int h, int w, int Tc) {
+    int f = 1 << (u->cfg.nlevels - 1);
+    if (B < 1 || Tc < 1 || h < f || w < f || h % f || w % f) {
+        snprintf(u->err, UNET_ERR_LEN, "unet: shape B=%d h=%d w=%d Tc=%d: need B, Tc >= 1 and h, w "
+                 "multiples of %d (image sides multiples of %d)", B, h, w, Tc, f, 8 * f);
+        return -1;
+    }
+    return 0;
+}
+
+int unet_alloc_acts(unet_t *u, int B, int h, int w, int Tc, int train) {
+    if (check_shape(u, B, h, w, Tc)) return -1;
+    free(u->arena);
+    u->arena = NULL;
+    u->act_cap = u->tmp_cap = 0;
+    u->train = train != 0;
+    measure(u, B, h, w, Tc);
+    size_t total = u->act_peak + u->tmp_peak;
+    u->arena = malloc(sizeof(float) * (total ? total : 1));
+    if (!u->arena) {
+        snprintf(u->err, UNET_ERR_LEN, "unet: out of memory for %.1f MiB of activations "
+                 "(use a smaller batch or resolution)", (double)total * 4 / 1048576.0);
+        return -1;
+    }
+    u->act_cap = u->act_peak;
+    u->tmp_cap = u->tmp_peak;
+    return 0;
+}
+
+size_t unet_acts_floats(const unet_t *u) { return u->act_cap + u->tmp_cap; }
+
+int unet_forward(unet_t *u, float *eps_out, const float *x, const float *t, const float *ctx,
+                 int B, int h, int w, int Tc) {
+    if (!u->arena) {
+        snprintf(u->err, UNET_ERR_LEN, "unet: no activation memory (call unet_alloc_acts first, "
+                 "and again after unet_add_lora)");
+        return -1;
+    }
+    if (check_shape(u, B, h, w, Tc)) return -1;
+    if (B != u->B || h != u->H || w != u->W || Tc != u->Tc) {
+        /* another shape: fine if it fits what was allocated */
+        size_t ap = u->act_peak, tp = u->tmp_peak;
+        int oB = u->B, oH = u->H, oW = u->W, oT = u->Tc;
+        measure(u, B, h, w, Tc);
+        int fits = u->act_peak <= u->act_cap && u->tmp_peak <= u->tmp_cap;
+        if (!fits) {
+            u->B = oB; u->H = oH; u->W = oW; u->Tc = oT;
+            u->act_peak = ap; u->tmp_peak = tp;
+            snprintf(u->err, UNET_ERR_LEN, "unet: shape B=%d h=%d w=%d Tc=%d needs more activation "
+                     "memory than was allocated (call unet_alloc_acts with it)", B, h, w, Tc);
+            return -1;
+        }
+    }
+    run_forward(u, eps_out, x, t, ctx);
+    return 0;
+}
+
+int unet_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
+    if (!u->train || !u->have_forward) {
+        snprintf(u->err, UNET_ERR_LEN, "unet: backward needs a forward just before it, with "
+                 "activations allocated for training (unet_alloc_acts(..., train = 1))");
+        return -1;
+    }
+    run_backward(u, deps, dx, dctx);
+    return 0;
+}

@@ -1,0 +1,151 @@
+/* unet.h: diffusers' UNet2DConditionModel as Stable Diffusion 1.x uses it,
+ * forward and backward, built from its config.json, with LoRA adapters.
+ *
+ *   eps = UNet(x_t, t, context)
+ *
+ *   time_proj (sinusoidal) -> time_embedding (linear_1, SiLU, linear_2)
+ *   conv_in -> down_blocks -> mid_block -> up_blocks (each resnet takes the
+ *   channel-concatenation with a skip saved on the way down)
+ *   -> conv_norm_out (GroupNorm) -> SiLU -> conv_out
+ *
+ * Parameters live in one float block, in the order of a table of
+ * (diffusers name, offset, shape) built from the config, so loading a
+ * checkpoint is one loop over the table. Activations live in one arena sized
+ * up front by unet_alloc_acts(). Backward computes gradients for the input
+ * latents, the text context and the LoRA A/B matrices only: every pretrained
+ * weight is frozen, and no work is spent on its gradient.
+ */
+#ifndef SDLORA_UNET_H
+#define SDLORA_UNET_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "nn.h"
+#include "lora.h"
+#include "json.h"
+
+#define UNET_MAX_LEVELS 8
+#define UNET_NAME_LEN 96
+#define UNET_ERR_LEN 512
+
+typedef struct {
+    int in_channels, out_channels;   /* 4, 4 */
+    int sample_size;                 /* latent side the model was trained at (64); informational */
+    int nlevels;                     /* len(block_out_channels) */
+    int block_out[UNET_MAX_LEVELS];  /* block_out_channels: (320, 640, 1280, 1280) */
+    int layers[UNET_MAX_LEVELS];     /* layers_per_block, per down block (up blocks have one more) */
+    int down_attn[UNET_MAX_LEVELS];  /* 1: CrossAttnDownBlock2D, 0: DownBlock2D */
+    int up_attn[UNET_MAX_LEVELS];    /* 1: CrossAttnUpBlock2D, 0: UpBlock2D (in up order) */
+    int heads[UNET_MAX_LEVELS];      /* attention heads per down block: config "attention_head_dim"! */
+    int tlayers[UNET_MAX_LEVELS];    /* transformer_layers_per_block, per down block */
+    int cross_dim;                   /* cross_attention_dim: 768 for SD1.x */
+    int groups;                      /* norm_num_groups */
+    float eps;                       /* norm_eps, of the resnet and output group norms */
+    int linear_proj;                 /* use_linear_projection: proj_in/out are linears (SD2) */
+    int flip_sin_to_cos;
+    float freq_shift;
+} unet_config;
+
+/* one parameter tensor: its diffusers name and where it sits in params */
+typedef struct {
+    char name[UNET_NAME_LEN];
+    size_t offset;
+    int ndim;
+    int shape[4];
+} unet_param;
+
+/* one LoRA adapter and the diffusers module it sits on, e.g.
+ * "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" */
+typedef struct {
+    char name[UNET_NAME_LEN];
+    int is_conv;                     /* a 1x1 conv (proj_in / proj_out without linear projection) */
+    lora_t L;
+} unet_lora;
+
+struct unet_net;                     /* the module tree, private to unet.c */
+
+typedef struct {
+    unet_config cfg;
+    float *params;                   /* every pretrained weight, one block */
+    size_t nparams;
+    unet_param *table;
+    int ntable;
+    struct unet_net *net;
+
+    /* LoRA: A and B of every adapter in one block (and their gradients in
+     * another, same layout), so the optimizer can treat them as one vector */
+    unet_lora *loras;
+    int nloras;
+    float *lora_params, *lora_grads;
+    size_t lora_nparams;
+    rng_t dropout_rng;
+
+    /* activations: one arena, sized by unet_alloc_acts, holding two stacks:
+     * act (what backward reads) at [0, act_cap), tmp (scratch and backward's
+     * gradients) at [act_cap, act_cap + tmp_cap) */
+    float *arena;
+    size_t act_cap, act_top, act_peak;
+    size_t tmp_cap, tmp_top, tmp_peak;
+    int train;                       /* forward keeps what backward needs */
+    int measuring;                   /* sizing pass: allocate, compute nothing */
+    int B, H, W, Tc;                 /* shape of the last forward (and of the allocation) */
+    int have_forward;                /* backward needs a forward just before it */
+
+    char err[UNET_ERR_LEN];          /* why the last call returned -1 */
+} unet_t;
+
+/* config.json -> unet_config. Every size comes from the file; a key that asks
+ * for something this code does not implement (class embeddings, other block
+ * types, ...) is an error naming the key. Returns 0 or -1 (message in err). */
+int unet_config_from_json(unet_config *c, const json *j, char *err);
+
+/* Build the module tree and the parameter table for c and allocate params
+ * (zeroed). Returns 0 or -1. */
+int unet_build(unet_t *u, const unet_config *c, char *err);
+void unet_free(unet_t *u);
+
+/* Read dir/config.json and dir/diffusion_pytorch_model.safetensors (F32, F16
+ * or BF16). Every tensor of the table must be present with its shape, and the
+ * file must hold nothing else. Returns 0 or -1 (message in err). */
+int unet_load_diffusers(unet_t *u, const char *dir, char *err);
+
+/* index of a parameter by diffusers name, or -1 */
+int unet_param_index(const unet_t *u, const char *name);
+
+/* Add LoRA adapters (A Kaiming-uniform, B zero) to
+ *   "qv":          attn1 and attn2 to_q, to_v
+ *   "attn":        attn1 and attn2 to_q, to_k, to_v, to_out.0
+ *   "transformer": every linear and 1x1 conv inside the Transformer2DModels:
+ *                  proj_in, proj_out, attn to_q/k/v/out.0, ff.net.0.proj, ff.net.2
+ * scale = alpha / rank; dropout on the adapter's input while training.
+ * Once per model; invalidates the activation arena (call unet_alloc_acts
+ * after). Returns 0 or -1 (message in u->err). */
+int unet_add_lora(unet_t *u, const char *targets, int rank, float alpha, float dropout,
+                  uint64_t seed);
+/* the adapter on a diffusers module name, or NULL */
+unet_lora *unet_find_lora(unet_t *u, const char *module_name);
+/* zero every LoRA gradient (backward accumulates into them) */
+void unet_zero_lora_grads(unet_t *u);
+
+/* Size the activation arena for batch B, latents h x w (multiples of
+ * 2^(nlevels-1)), context length Tc. train: forward keeps what backward needs
+ * and the arena holds the backward's buffers too; otherwise forward frees
+ * each block's inner activations as soon as it is done (inference). */
+int unet_alloc_acts(unet_t *u, int B, int h, int w, int Tc, int train);
+/* floats the arena holds (the peak the sizing pass measured) */
+size_t unet_acts_floats(const unet_t *u);
+
+/* eps_out (B, out_channels, h, w) = UNet(x (B, in_channels, h, w), t (B),
+ * ctx (B, Tc, cross_dim)). Any shape whose needs fit the arena. Returns 0 or
+ * -1 (message in u->err). */
+int unet_forward(unet_t *u, float *eps_out, const float *x, const float *t, const float *ctx,
+                 int B, int h, int w, int Tc);
+
+/* Given deps = dL/d eps_out, after a training-mode forward:
+ *   dx   (B, in_channels, h, w) = dL/dx        written, may be NULL
+ *   dctx (B, Tc, cross_dim)     = dL/dctx      written, may be NULL
+ *   every adapter's dA, dB += dL/dA, dL/dB     accumulated
+ * Returns 0 or -1 (message in u->err). */
+int unet_backward(unet_t *u, const float *deps, float *dx, float *dctx);
+
+#endif
