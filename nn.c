@@ -31,6 +31,7 @@ static size_t scratch_cap = 0;
 
 float *nn_scratch(size_t nfloats) {
     if (nfloats <= scratch_cap && scratch_buf) return scratch_buf;
+    if (nfloats > SIZE_MAX / sizeof(float)) return NULL;   /* size overflows */
     free(scratch_buf);
     scratch_cap = 0;
     scratch_buf = malloc((nfloats ? nfloats : 1) * sizeof(float));
