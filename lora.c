@@ -186,3 +186,248 @@ void lora_merge(float *w0, const lora_t *L, float weight) {
 void lora_unmerge(float *w0, const lora_t *L, float weight) {
     lora_merge(w0, L, -weight);
 }
+
+/* ------------------------------------------------------------------ files */
+#include <stdio.h>
+
+void lora_kohya_name(char *out, size_t n, const char *prefix, const char *module) {
+    snprintf(out, n, "%s_%s", prefix, module);
+    for (char *p = out + strlen(prefix); *p; p++)
+        if (*p == '.') *p = '_';
+}
+
+int lora_save_kohya(const char *path, const lora_ref *refs, int n, st_dtype dt,
+                    const char **meta_keys, const char **meta_vals, int nmeta, char *err) {
+    st_writer *w = st_writer_new();
+    if (!w) { snprintf(err, ST_ERR_LEN, "%s: out of memory", path); return -1; }
+    char key[320];
+    int rc = 0;
+    for (int i = 0; i < n && rc == 0; i++) {
+        const lora_t *L = refs[i].L;
+        /* kohya stores a 1x1-conv adapter as 1x1 convolutions: 4-D shapes */
+        int64_t sa[4] = {L->r, L->in, 1, 1}, sb[4] = {L->out, L->r, 1, 1};
+        int nd = refs[i].conv ? 4 : 2;
+        snprintf(key, sizeof key, "%s.lora_down.weight", refs[i].name);
+        rc |= st_writer_add_f32(w, key, dt, nd, sa, L->A);
+        snprintf(key, sizeof key, "%s.lora_up.weight", refs[i].name);
+        rc |= st_writer_add_f32(w, key, dt, nd, sb, L->B);
+        snprintf(key, sizeof key, "%s.alpha", refs[i].name);
+        rc |= st_writer_add_f32(w, key, dt, 0, NULL, &L->alpha);
+    }
+    for (int i = 0; i < nmeta && rc == 0; i++) rc |= st_writer_meta(w, meta_keys[i], meta_vals[i]);
+    if (rc) { snprintf(err, ST_ERR_LEN, "%s: out of memory while collecting tensors", path); st_writer_free(w); return -1; }
+    rc = st_writer_save(w, path, err);
+    st_writer_free(w);
+    return rc;
+}
+
+static int ends_with(const char *s, size_t n, const char *suf, size_t *stem) {
+    size_t k = strlen(suf);
+    if (n < k || memcmp(s + n - k, suf, k) != 0) return 0;
+    *stem = n - k;
+    return 1;
+}
+
+enum { ROLE_DOWN, ROLE_UP, ROLE_ALPHA };
+
+/* Turn one tensor key into (kohya name, role). Returns 0, or -1 when the key
+ * is not a LoRA key this loader knows. */
+static int classify_key(const char *key, char *name, size_t nn, int *role) {
+    size_t n = strlen(key), stem;
+    /* kohya: lora_unet_* / lora_te_* / lora_te1_* */
+    if (strncmp(key, "lora_unet_", 10) == 0 || strncmp(key, "lora_te_", 8) == 0 || strncmp(key, "lora_te1_", 9) == 0) {
+        const char *dot = strchr(key, '.');
+        if (!dot) return -1;
+        const char *suf = dot + 1;
+        if (strcmp(suf, "lora_down.weight") == 0) *role = ROLE_DOWN;
+        else if (strcmp(suf, "lora_up.weight") == 0) *role = ROLE_UP;
+        else if (strcmp(suf, "alpha") == 0) *role = ROLE_ALPHA;
+        else return -1;
+        size_t len = (size_t)(dot - key);
+        /* SD1.x has one text encoder: lora_te1_ is lora_te_; and a name
+         * without the "text_model" level (transformers 5) gets it back */
+        const char *rest = key + (strncmp(key, "lora_te1_", 9) == 0 ? 9 : strncmp(key, "lora_te_", 8) == 0 ? 8 : 10);
+        int rl = (int)(len - (size_t)(rest - key));
+        int w;
+        if (rest == key + 10) w = snprintf(name, nn, "lora_unet_%.*s", rl, rest);
+        else if (strncmp(rest, "encoder_", 8) == 0) w = snprintf(name, nn, "lora_te_text_model_%.*s", rl, rest);
+        else w = snprintf(name, nn, "lora_te_%.*s", rl, rest);
+        return w < (int)nn ? 0 : -1;
+    }
+    /* diffusers / peft: [unet.|text_encoder.|base_model.model.]<module>.<suffix> */
+    const char *m = key, *prefix = NULL;
+    if (strncmp(m, "unet.", 5) == 0) { m += 5; prefix = "lora_unet"; }
+    else if (strncmp(m, "text_encoder.", 13) == 0) { m += 13; prefix = "lora_te"; }
+    else if (strncmp(m, "base_model.model.", 17) == 0) m += 17;
+    if (!prefix) prefix = strncmp(m, "text_model.", 11) == 0 ? "lora_te" : "lora_unet";
+    n = strlen(m);
+    static const struct { const char *suf; int role; } sufs[] = {
+        {".lora_A.weight", ROLE_DOWN}, {".lora_B.weight", ROLE_UP},
+        {".lora_A.default.weight", ROLE_DOWN}, {".lora_B.default.weight", ROLE_UP},
+        {".lora.down.weight", ROLE_DOWN}, {".lora.up.weight", ROLE_UP},
+        {".lora_linear_layer.down.weight", ROLE_DOWN}, {".lora_linear_layer.up.weight", ROLE_UP},
+        {"_lora.down.weight", ROLE_DOWN}, {"_lora.up.weight", ROLE_UP},
+        {".alpha", ROLE_ALPHA},
+    };
+    for (size_t i = 0; i < sizeof sufs / sizeof sufs[0]; i++) {
+        if (!ends_with(m, n, sufs[i].suf, &stem)) continue;
+        *role = sufs[i].role;
+        char mod[256];
+        if (stem >= sizeof mod) return -1;
+        memcpy(mod, m, stem); mod[stem] = '\0';
+        if (sufs[i].suf[0] == '_') {
+            /* old attention processors: "<attn>.processor.to_q_lora.down.weight"
+             * (UNet) or "<self_attn>.to_q_lora.down.weight" (text encoder) */
+            char *p = strstr(mod, ".processor.");
+            char *last = strrchr(mod, '.');
+            if (!last) return -1;
+            const char *proj = last + 1;
+            char base[240];
+            size_t bl = (size_t)((p ? p : last) - mod);
+            if (bl >= sizeof base) return -1;
+            memcpy(base, mod, bl); base[bl] = '\0';
+            int te = strcmp(prefix, "lora_te") == 0;
+            const char *to;
+            if (strcmp(proj, "to_q") == 0) to = te ? "q_proj" : "to_q";
+            else if (strcmp(proj, "to_k") == 0) to = te ? "k_proj" : "to_k";
+            else if (strcmp(proj, "to_v") == 0) to = te ? "v_proj" : "to_v";
+            else if (strcmp(proj, "to_out") == 0) to = te ? "out_proj" : "to_out.0";
+            else return -1;
+            snprintf(mod, sizeof mod, "%s.%s", base, to);
+        }
+        /* transformers 5 saves CLIPTextModel without its "text_model." level;
+         * SD1.x text-encoder LoRAs everywhere else name it */
+        if (strcmp(prefix, "lora_te") == 0 && strncmp(mod, "encoder.", 8) == 0) {
+            char tmp[256];
+            if (snprintf(tmp, sizeof tmp, "text_model.%s", mod) >= (int)sizeof tmp) return -1;
+            memcpy(mod, tmp, sizeof mod);
+        }
+        lora_kohya_name(name, nn, prefix, mod);
+        return 0;
+    }
+    return -1;
+}
+
+void lora_file_free(lora_file *lf) {
+    for (int i = 0; i < lf->n; i++) { free(lf->e[i].A); free(lf->e[i].B); }
+    free(lf->e);
+    lf->e = NULL; lf->n = 0;
+}
+
+const lora_entry *lora_file_find(const lora_file *lf, const char *kohya_name) {
+    for (int i = 0; i < lf->n; i++)
+        if (strcmp(lf->e[i].name, kohya_name) == 0) return &lf->e[i];
+    return NULL;
+}
+
+/* alpha for peft files from diffusers' "lora_adapter_metadata" JSON
+ * ({"unet.lora_alpha": 8, "unet.r": 4, ...}); NaN when absent */
+#include "json.h"
+static float peft_meta_alpha(const st_file *f, int te) {
+    const char *s = st_meta(f, "lora_adapter_metadata");
+    if (!s) return NAN;
+    char jerr[256];
+    json *j = json_parse(s, strlen(s), jerr, sizeof jerr);
+    if (!j) return NAN;
+    float a = (float)json_num(j, te ? "text_encoder.lora_alpha" : "unet.lora_alpha", NAN);
+    json_free(j);
+    return a;
+}
+
+int lora_file_load(const char *path, lora_file *lf, char *err) {
+    memset(lf, 0, sizeof *lf);
+    st_file f;
+    if (st_open(&f, path, err)) return -1;
+    int peft = 0, cap = 0;
+    lora_entry *e = NULL;
+    int ne = 0;
+    /* pass 1: group the keys by adapter */
+    typedef struct { const st_tensor *down, *up, *alpha; } trio;
+    trio *t = NULL;
+    for (int i = 0; i < f.ntensors; i++) {
+        const st_tensor *x = &f.tensors[i];
+        char name[256]; int role;
+        if (classify_key(x->name, name, sizeof name, &role)) {
+            snprintf(err, ST_ERR_LEN, "%s: tensor '%s' is not a LoRA key sdlora knows (supported: kohya lora_down/lora_up/alpha and diffusers/peft lora_A/lora_B; LyCORIS, LoHa and DoRA are not)", path, x->name);
+            goto fail;
+        }
+        if (strncmp(x->name, "lora_", 5) != 0) peft = 1;
+        int k = 0;
+        while (k < ne && strcmp(e[k].name, name) != 0) k++;
+        if (k == ne) {
+            if (ne == cap) {
+                cap = cap ? 2 * cap : 64;
+                lora_entry *ee = realloc(e, sizeof *e * cap);
+                trio *tt = realloc(t, sizeof *t * cap);
+                if (!ee || !tt) { free(ee ? ee : e); free(tt ? tt : t); e = NULL; t = NULL; ne = 0;
+                    snprintf(err, ST_ERR_LEN, "%s: out of memory", path); goto fail; }
+                e = ee; t = tt;
+            }
+            memset(&e[ne], 0, sizeof e[ne]);
+            memset(&t[ne], 0, sizeof t[ne]);
+            snprintf(e[ne].name, sizeof e[ne].name, "%s", name);
+            ne++;
+        }
+        const st_tensor **slot = role == ROLE_DOWN ? &t[k].down : role == ROLE_UP ? &t[k].up : &t[k].alpha;
+        if (*slot) {
+            snprintf(err, ST_ERR_LEN, "%s: two tensors give the same LoRA weight ('%s' and '%s'); the file mixes formats (re-save it)", path, (*slot)->name, x->name);
+            goto fail;
+        }
+        *slot = x;
+    }
+    lf->e = e; lf->n = ne;
+    lf->format = peft ? "peft" : "kohya";
+    /* pass 2: check shapes and convert */
+    for (int k = 0; k < ne; k++) {
+        lora_entry *en = &e[k];
+        const st_tensor *d = t[k].down, *u = t[k].up;
+        if (!d || !u) {
+            snprintf(err, ST_ERR_LEN, "%s: adapter '%s' has no %s weight (the file is incomplete; re-save it)", path, en->name, d ? "up (lora_up / lora_B)" : "down (lora_down / lora_A)");
+            goto fail_lf;
+        }
+        int conv = d->ndim == 4;
+        if ((d->ndim != 2 && d->ndim != 4) || u->ndim != d->ndim ||
+            (conv && (d->shape[2] != 1 || d->shape[3] != 1 || u->shape[2] != 1 || u->shape[3] != 1)) ||
+            u->shape[1] != d->shape[0] || d->shape[0] < 1 || d->shape[1] < 1 || u->shape[0] < 1) {
+            snprintf(err, ST_ERR_LEN, "%s: adapter '%s': down %s and up %s shapes do not fit a LoRA pair (expected (r, in) and (out, r); only linear and 1x1-conv LoRA are supported)",
+                     path, en->name, d->name, u->name);
+            goto fail_lf;
+        }
+        en->conv = conv;
+        en->r = (int)d->shape[0]; en->in = (int)d->shape[1]; en->out = (int)u->shape[0];
+        en->A = malloc(sizeof(float) * d->numel);
+        en->B = malloc(sizeof(float) * u->numel);
+        if (!en->A || !en->B) { snprintf(err, ST_ERR_LEN, "%s: out of memory", path); goto fail_lf; }
+        if (st_to_f32(d, en->A, err) || st_to_f32(u, en->B, err)) goto fail_lf;
+        if (t[k].alpha) {
+            float a;
+            if (t[k].alpha->numel != 1 || st_to_f32(t[k].alpha, &a, err)) {
+                snprintf(err, ST_ERR_LEN, "%s: '%s' should be one number (the LoRA alpha)", path, t[k].alpha->name);
+                goto fail_lf;
+            }
+            en->alpha = a;
+        } else {
+            /* kohya without alpha means alpha = r (scale 1); diffusers files
+             * may carry it in lora_adapter_metadata */
+            float a = peft ? peft_meta_alpha(&f, strncmp(en->name, "lora_te_", 8) == 0) : NAN;
+            en->alpha = isnan(a) ? (float)en->r : a;
+        }
+        if (!isfinite(en->alpha)) {
+            snprintf(err, ST_ERR_LEN, "%s: adapter '%s' has a non-finite alpha (the file is corrupt)", path, en->name);
+            goto fail_lf;
+        }
+    }
+    free(t);
+    st_close(&f);
+    return 0;
+fail_lf:
+    free(t);
+    lora_file_free(lf);
+    st_close(&f);
+    return -1;
+fail:
+    for (int k = 0; k < ne; k++) { free(e[k].A); free(e[k].B); }
+    free(e); free(t);
+    st_close(&f);
+    return -1;
+}

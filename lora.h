@@ -58,4 +58,49 @@ void lora_conv1x1_backward(float *dinp, const float *dout, const float *inp, con
 void lora_merge(float *w0, const lora_t *L, float weight);
 void lora_unmerge(float *w0, const lora_t *L, float weight);
 
+
+/* ---- LoRA files ------------------------------------------------------------
+ * Written in kohya's format, which AUTOMATIC1111, ComfyUI and diffusers'
+ * load_lora_weights all read:
+ *   lora_unet_<module with '.' -> '_'>.lora_down.weight   A  (r x in) or (r, in, 1, 1)
+ *   lora_unet_<...>.lora_up.weight                        B  (out x r) or (out, r, 1, 1)
+ *   lora_unet_<...>.alpha                                 alpha (a scalar)
+ *   lora_te_text_model_encoder_layers_0_self_attn_q_proj.*  for the text encoder
+ * Read: kohya files and diffusers/peft files ("unet.<module>.lora_A.weight",
+ * "text_encoder.<module>.lora_B.weight", "base_model.model.<module>...",
+ * and the older "<module>.processor.to_q_lora.down.weight" attention-processor
+ * keys). Every entry's name is normalised to the kohya form, which is what
+ * the models match against their own module names. */
+#include "safetensors.h"
+
+typedef struct {
+    char name[256];       /* kohya form: "lora_unet_down_blocks_0_..._attn1_to_q" */
+    int r, in, out;
+    int conv;             /* stored as 4-D (r, in, 1, 1) / (out, r, 1, 1) */
+    float alpha;          /* scale = alpha / r */
+    float *A, *B;         /* owned, (r x in), (out x r) */
+} lora_entry;
+
+typedef struct {
+    int n;
+    lora_entry *e;
+    const char *format;   /* "kohya" or "peft" */
+} lora_file;
+
+/* "lora_unet" + "down_blocks.0.attentions.0.proj_in" -> "lora_unet_down_blocks_0_attentions_0_proj_in" */
+void lora_kohya_name(char *out, size_t n, const char *prefix, const char *module);
+
+/* one adapter to save: its kohya name, the layer, and whether it wraps a 1x1 conv */
+typedef struct { const char *name; const lora_t *L; int conv; } lora_ref;
+
+/* Save in kohya's format (dt: ST_F32, ST_F16 or ST_BF16), with the given
+ * metadata (ss_* keys), to path via a temporary file and rename. */
+int lora_save_kohya(const char *path, const lora_ref *refs, int n, st_dtype dt,
+                    const char **meta_keys, const char **meta_vals, int nmeta, char *err);
+/* Load a kohya or diffusers/peft LoRA file. Any key that is not part of a
+ * complete (down, up[, alpha]) triple is an error naming it. */
+int lora_file_load(const char *path, lora_file *lf, char *err);
+void lora_file_free(lora_file *lf);
+const lora_entry *lora_file_find(const lora_file *lf, const char *kohya_name);
+
 #endif

@@ -1,6 +1,7 @@
 /* test_lora.c: the LoRA layer against its formula, its gradients, and peft.
  *   y = W0 x + b + (alpha/r) B (A dropout(x))        (article 2.2, 4.1)  */
 #include "testutil.h"
+#include <unistd.h>
 #include "lora.h"
 
 /* ---------------------------------------------------------------- helpers */
@@ -286,6 +287,153 @@ START_TEST(test_peft_init_bound) {
 }
 END_TEST
 
+
+/* ------------------------------------------------------------- LoRA files */
+#include "json.h"
+
+static char *slurp(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    ck_assert_msg(f != NULL, "cannot open %s", path);
+    fseek(f, 0, SEEK_END); long len = ftell(f); fseek(f, 0, SEEK_SET);
+    char *buf = malloc((size_t)len + 1);
+    ck_assert(fread(buf, 1, (size_t)len, f) == (size_t)len);
+    fclose(f);
+    buf[len] = 0; *n = (size_t)len;
+    return buf;
+}
+
+/* the name our loader gives a key the Python side wrote with transformers 5
+ * and the lora_te1_ prefix */
+static void normalise(char *dst, size_t n, const char *src) {
+    if (strncmp(src, "lora_te1_", 9) == 0) src += 9;
+    else if (strncmp(src, "lora_te_", 8) == 0) src += 8;
+    else { snprintf(dst, n, "%s", src); return; }
+    snprintf(dst, n, strncmp(src, "encoder_", 8) == 0 ? "lora_te_text_model_%s" : "lora_te_%s", src);
+}
+
+/* files written by diffusers (save_lora_weights) and by diffusers' kohya
+ * converter load with the right names, shapes, alphas and values */
+static void check_against_expected(const char *file) {
+    size_t n; char *txt = slurp(FIXTURE_DIR "lorafile_expected.json", &n);
+    char jerr[256];
+    json *j = json_parse(txt, n, jerr, sizeof jerr);
+    ck_assert_msg(j != NULL, "%s", jerr);
+    lora_file lf; char err[ST_ERR_LEN];
+    ck_assert_msg(lora_file_load(file, &lf, err) == 0, "%s", err);
+    ck_assert_int_eq(lf.n, j->n);
+    for (int i = 0; i < j->n; i++) {
+        const json *e = &j->items[i];
+        char name[256];
+        normalise(name, sizeof name, json_str(e, "name", ""));
+        const lora_entry *en = lora_file_find(&lf, name);
+        ck_assert_msg(en != NULL, "%s: adapter %s not found", file, name);
+        ck_assert_int_eq(en->r, (int)json_num(e, "r", -1));
+        ck_assert_int_eq(en->in, (int)json_num(e, "in", -1));
+        ck_assert_int_eq(en->out, (int)json_num(e, "out", -1));
+        ck_assert_int_eq(en->conv, (int)json_num(e, "conv", -1));
+        ck_assert_float_eq(en->alpha, (float)json_num(e, "alpha", -1));
+        ck_assert_float_eq(en->A[0], (float)json_num(e, "down0", NAN));
+        ck_assert_float_eq(en->B[0], (float)json_num(e, "up0", NAN));
+    }
+    lora_file_free(&lf);
+    json_free(j); free(txt);
+}
+
+START_TEST(test_file_diffusers) { check_against_expected(FIXTURE_DIR "lorafile_diffusers.safetensors"); }
+END_TEST
+START_TEST(test_file_kohya) { check_against_expected(FIXTURE_DIR "lorafile_kohya.safetensors"); }
+END_TEST
+
+/* save in kohya's format and load back: names, shapes, alpha, values */
+START_TEST(test_file_roundtrip) {
+    rng_t g; rng_seed(&g, 5);
+    float A1[3 * 10], B1[6 * 3], A2[2 * 4], B2[5 * 2];
+    lora_t L1, L2;
+    lora_init(&L1, 10, 6, 3, 1.5f, 0, A1, B1, 0, &g);
+    lora_init(&L2, 4, 5, 2, 8.0f, 0, A2, B2, 0, &g);
+    fill_uniform(B1, 18, -1, 1, 11); fill_uniform(B2, 10, -1, 1, 12);
+    char n1[256], n2[256];
+    lora_kohya_name(n1, sizeof n1, "lora_unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q");
+    lora_kohya_name(n2, sizeof n2, "lora_unet", "mid_block.attentions.0.proj_in");
+    ck_assert_str_eq(n1, "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q");
+    lora_ref refs[2] = {{n1, &L1, 0}, {n2, &L2, 1}};
+    const char *mk[] = {"ss_network_dim"}, *mv[] = {"3"};
+    char path[] = "/tmp/sdlora_test_lora_XXXXXX";
+    int fd = mkstemp(path); ck_assert(fd >= 0); close(fd);
+    char err[ST_ERR_LEN];
+    for (int dt = 0; dt < 2; dt++) {
+        ck_assert_msg(lora_save_kohya(path, refs, 2, dt ? ST_F16 : ST_F32, mk, mv, 1, err) == 0, "%s", err);
+        lora_file lf;
+        ck_assert_msg(lora_file_load(path, &lf, err) == 0, "%s", err);
+        ck_assert_int_eq(lf.n, 2);
+        ck_assert_str_eq(lf.format, "kohya");
+        const lora_entry *e1 = lora_file_find(&lf, n1), *e2 = lora_file_find(&lf, n2);
+        ck_assert(e1 && e2);
+        ck_assert(e1->r == 3 && e1->in == 10 && e1->out == 6 && !e1->conv && e1->alpha == 1.5f);
+        ck_assert(e2->r == 2 && e2->in == 4 && e2->out == 5 && e2->conv && e2->alpha == 8.0f);
+        double tol = dt ? 1e-3 : 0;   /* fp16 keeps 11 significant bits */
+        ck_assert(rel_err(e1->A, A1, 30) <= tol && rel_err(e1->B, B1, 18) <= tol);
+        ck_assert(rel_err(e2->A, A2, 8) <= tol && rel_err(e2->B, B2, 10) <= tol);
+        lora_file_free(&lf);
+        st_file f; ck_assert(st_open(&f, path, err) == 0);
+        ck_assert_str_eq(st_meta(&f, "ss_network_dim"), "3");
+        st_close(&f);
+    }
+    unlink(path);
+}
+END_TEST
+
+/* broken LoRA files: one-line errors that name the problem, never a crash */
+static void write_bad(const char *path, const char **names, int n, const int64_t shapes[][2], const int *nd) {
+    st_writer *w = st_writer_new();
+    float buf[64] = {0};
+    for (int i = 0; i < n; i++) ck_assert(st_writer_add_f32(w, names[i], ST_F32, nd[i], shapes[i], buf) == 0);
+    char err[ST_ERR_LEN];
+    ck_assert_msg(st_writer_save(w, path, err) == 0, "%s", err);
+    st_writer_free(w);
+}
+
+START_TEST(test_file_bad) {
+    char path[] = "/tmp/sdlora_test_badlora_XXXXXX";
+    int fd = mkstemp(path); ck_assert(fd >= 0); close(fd);
+    char err[ST_ERR_LEN]; lora_file lf;
+    static const int64_t sh[][2] = {{2, 4}, {5, 2}, {0, 0}, {3, 4}};
+    /* no up weight */
+    const char *a[] = {"lora_unet_x_to_q.lora_down.weight"};
+    write_bad(path, a, 1, sh, (int[]){2});
+    ck_assert(lora_file_load(path, &lf, err) != 0);
+    ck_assert_msg(strstr(err, "lora_unet_x_to_q") && strstr(err, "up"), "%s", err);
+    /* an unknown key (LoHa) */
+    const char *b[] = {"lora_unet_x_to_q.hada_w1_a"};
+    write_bad(path, b, 1, sh, (int[]){2});
+    ck_assert(lora_file_load(path, &lf, err) != 0);
+    ck_assert_msg(strstr(err, "hada_w1_a"), "%s", err);
+    /* shapes that do not chain: down (2, 4), up (3, 4) */
+    const char *c2[] = {"lora_unet_x_to_q.lora_down.weight", "lora_unet_x_to_q.lora_up.weight"};
+    int64_t sh2[][2] = {{2, 4}, {3, 4}};
+    write_bad(path, c2, 2, sh2, (int[]){2, 2});
+    ck_assert(lora_file_load(path, &lf, err) != 0);
+    ck_assert_msg(strstr(err, "shapes"), "%s", err);
+    /* alpha that is not one number */
+    const char *d[] = {"lora_unet_x_to_q.lora_down.weight", "lora_unet_x_to_q.lora_up.weight", "lora_unet_x_to_q.alpha"};
+    int64_t sh3[][2] = {{2, 4}, {5, 2}, {2, 1}};
+    write_bad(path, d, 3, sh3, (int[]){2, 2, 2});
+    ck_assert(lora_file_load(path, &lf, err) != 0);
+    ck_assert_msg(strstr(err, "alpha"), "%s", err);
+    /* not a safetensors file at all, and every truncation of a good one */
+    FILE *f = fopen(path, "wb"); fputs("hello", f); fclose(f);
+    ck_assert(lora_file_load(path, &lf, err) != 0);
+    size_t n; char *good = slurp(FIXTURE_DIR "lorafile_kohya.safetensors", &n);
+    for (size_t cut = 0; cut < n; cut += (cut < 2048 ? 1 : 97)) {
+        f = fopen(path, "wb"); fwrite(good, 1, cut, f); fclose(f);
+        ck_assert_msg(lora_file_load(path, &lf, err) != 0, "truncated at %zu loaded", cut);
+        ck_assert(strstr(err, path) != NULL);
+    }
+    free(good);
+    unlink(path);
+}
+END_TEST
+
 static Suite *lora_suite(void) {
     Suite *s = suite_create("lora");
     TCase *tc = tcase_create("core");
@@ -305,6 +453,12 @@ static Suite *lora_suite(void) {
     tcase_add_test(tp, test_peft_conv1x1);
     tcase_add_test(tp, test_peft_init_bound);
     suite_add_tcase(s, tp);
+    TCase *tf = tcase_create("files");
+    tcase_add_test(tf, test_file_diffusers);
+    tcase_add_test(tf, test_file_kohya);
+    tcase_add_test(tf, test_file_roundtrip);
+    tcase_add_test(tf, test_file_bad);
+    suite_add_tcase(s, tf);
     return s;
 }
 
