@@ -7,16 +7,17 @@
  *
  *   for jc in N by NC:                 panel of B columns
  *     for pc in K by KC:               rank-KC update: C += alpha op(A)[:,pc] op(B)[pc,jc]
- *       pack op(B)[pc.., jc..] -> Bp    KC x NC, shared by the threads (L2/L3)
- *       for each tile (MC rows x a slice of the NC columns), in parallel:
- *         pack op(A)[ic.., pc..] -> Ap  MC x KC, the thread's own (L2)
- *         for jr in slice by NR:        Bp strip KC x NR (L1)
+ *       pack op(B)[pc.., jc..] -> Bp    KC x NC          (L2/L3)
+ *       for ic in M by MC:
+ *         pack op(A)[ic.., pc..] -> Ap  MC x KC          (L2)
+ *         for jr in NC by NR:           Bp strip KC x NR (L1)
  *           for ir in MC by MR:         Ap strip MR x KC
  *             micro-kernel: an MR x NR tile of C held in registers,
  *             acc[i][j] += a[p][i] * b[p][j],  p = 0 .. kc-1
  *
  * Each level keeps the operand it reuses in the cache that level fits in, so
- * the FMA units are fed from L1 and L2, not from memory.
+ * the FMA units are fed from L1 and L2, not from memory. Threads each run
+ * this on their own rectangles of C (gemm_parallel).
  *
  * Packing copies op(A) and op(B) into the exact order the micro-kernel reads
  * them, so the four transpose cases differ only in the packing loops, and
@@ -58,6 +59,9 @@
 #define KC 512          /* Bp strip KC x NR = 32 KB, Ap strip MR x KC = 12 KB */
 #define MC_MAX 96       /* Ap block MC x KC = 192 KB: fits a 512 KB L2      */
 #define NC_MAX 768      /* Bp panel KC x NC = 1.5 MB: 4096 measured 10-20% slower */
+
+/* a B panel up to this many floats (256 KB) is read from L2 */
+#define SMALL_PANEL 65536
 
 /* below this many multiply-adds packing and threads cost more than they save */
 #define SMALL_WORK 32768.0
@@ -215,93 +219,113 @@ static float *alloc_floats(size_t n) {
 
 /* ---- the blocked path --------------------------------------------------- */
 
-/* how C is cut into tiles for the threads: MC-row blocks (an even split of
- * M into MR multiples no larger than MC_MAX) by column slices of the panel
- * (NR multiples), with enough tiles to keep every thread busy. Only which
- * thread writes which part of C depends on this, never the sum order. */
-typedef struct { int mc, nmb, ns, nnb; } tiling_t;
+/* per-thread buffer: one B panel (KC x NC) and one A block (MC x KC) */
+#define BUF_FLOATS ((size_t)KC * NC_MAX + (size_t)MC_MAX * KC)
 
-static tiling_t make_tiling(int M, int nc, int nthreads) {
-    tiling_t t;
-    t.nmb = (M + MC_MAX - 1) / MC_MAX;
-    t.mc = round_up((M + t.nmb - 1) / t.nmb, MR);
-    t.nmb = (M + t.mc - 1) / t.mc;
-    t.nnb = 1;
-    while (t.nmb * t.nnb < 4 * nthreads && nc / (2 * t.nnb) >= 8 * NR) t.nnb *= 2;
-    t.ns = round_up((nc + t.nnb - 1) / t.nnb, NR);
-    t.nnb = (nc + t.ns - 1) / t.ns;
-    return t;
-}
+/* C[M x N] (+)= alpha op(A) op(B) on one thread, Goto's loop order (top of
+ * file). bp and ap are that thread's packing buffers. */
+static void gemm_serial(int transA, int transB, int M, int N, int K,
+                        float alpha, const float *A, int lda, const float *B, int ldb,
+                        float beta, float *C, int ldc, float *bp, float *ap) {
+    /* blocks of equal size in each dimension (K = 640 runs as 320 + 320,
+     * not 512 + 128). The K blocking depends on K alone, so the order each
+     * C element is summed in does too. */
+    int nkb = (K + KC - 1) / KC, kb = (K + nkb - 1) / nkb;
+    int nnb = (N + NC_MAX - 1) / NC_MAX, nb = round_up((N + nnb - 1) / nnb, NR);
+    int nmb = (M + MC_MAX - 1) / MC_MAX, mb = round_up((M + nmb - 1) / nmb, MR);
 
-/* buf holds the shared B panel (KC x NC) then one MC x KC A block per thread */
-static size_t blocked_buf_floats(int N, int nthreads) {
-    int nc_max = round_up(N < NC_MAX ? N : NC_MAX, NR);
-    return (size_t)KC * nc_max + (size_t)nthreads * MC_MAX * KC;
-}
-
-static void gemm_blocked(int transA, int transB, int M, int N, int K,
-                         float alpha, const float *A, int lda, const float *B, int ldb,
-                         float beta, float *C, int ldc, float *buf, int nthreads) {
-    /* N panels of equal width too (N = 1024 as 512 + 512, not 768 + 256) */
-    int npanel = (N + NC_MAX - 1) / NC_MAX;
-    int ncb = round_up((N + npanel - 1) / npanel, NR);
-    int nc_max = round_up(N < NC_MAX ? N : NC_MAX, NR);
-    float *Bp = buf;
-    /* K blocks of equal size (K = 640 runs as 320 + 320, not 512 + 128):
-     * depends on K alone, so the summation order does too */
-    int nkb = (K + KC - 1) / KC;
-    int kb = (K + nkb - 1) / nkb;
-
-    OMP(omp parallel num_threads(nthreads))
-    {
-        int tid = 0;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-#endif
-        float *Ap = buf + (size_t)KC * nc_max + (size_t)tid * MC_MAX * KC;
-        for (int jc = 0; jc < N; jc += ncb) {
-            int nc = N - jc < ncb ? N - jc : ncb;
-            int nstrips_b = (nc + NR - 1) / NR;
-            tiling_t tl = make_tiling(M, nc, nthreads);
-            for (int pc = 0; pc < K; pc += kb) {
-                int kc = K - pc < kb ? K - pc : kb;
-                float bet = pc == 0 ? beta : 1.0f;    /* beta applies once */
-
-                /* B panel, shared: one contiguous range of strips per thread */
-                OMP(omp for schedule(static))
-                for (int t = 0; t < nthreads; t++)
-                    pack_b(Bp, B, ldb, transB, pc, kc, jc, nc,
-                           (int)((long)nstrips_b * t / nthreads),
-                           (int)((long)nstrips_b * (t + 1) / nthreads));
-                /* implicit barrier: Bp complete */
-
-                /* a thread's consecutive tiles mostly share their row block,
-                 * so it packs that A block once and keeps it hot in L2 */
-                int packed_tm = -1;
-                OMP(omp for collapse(2) schedule(static))
-                for (int tm = 0; tm < tl.nmb; tm++)
-                    for (int tn = 0; tn < tl.nnb; tn++) {
-                        int ib = tm * tl.mc, mrows = M - ib < tl.mc ? M - ib : tl.mc;
-                        int jb = tn * tl.ns, je = jb + tl.ns < nc ? jb + tl.ns : nc;
-                        if (tm != packed_tm) {
-                            pack_a(Ap, A, lda, transA, ib, mrows, pc, kc, 0, (mrows + MR - 1) / MR);
-                            packed_tm = tm;
-                        }
-                        for (int jr = jb; jr < je; jr += NR) {
-                            int nr = je - jr < NR ? je - jr : NR;
-                            const float *bs = Bp + (size_t)(jr / NR) * KC * NR;
-                            for (int ir = 0; ir < mrows; ir += MR) {
-                                int mr = mrows - ir < MR ? mrows - ir : MR;
-                                const float *as = Ap + (size_t)(ir / MR) * KC * MR;
-                                float *c = C + (size_t)(ib + ir) * ldc + jc + jr;
-                                micro_kernel(kc, as, bs, c, ldc, mr, nr, alpha, bet);
-                            }
+    for (int jc = 0; jc < N; jc += nb) {
+        int nc = N - jc < nb ? N - jc : nb;
+        for (int pc = 0; pc < K; pc += kb) {
+            int kc = K - pc < kb ? K - pc : kb;
+            float bet = pc == 0 ? beta : 1.0f;        /* beta applies once */
+            pack_b(bp, B, ldb, transB, pc, kc, jc, nc, 0, (nc + NR - 1) / NR);
+            for (int ic = 0; ic < M; ic += mb) {
+                int mc = M - ic < mb ? M - ic : mb;
+                pack_a(ap, A, lda, transA, ic, mc, pc, kc, 0, (mc + MR - 1) / MR);
+                if ((size_t)kc * nc <= SMALL_PANEL) {
+                    /* short K (attention's Dh = 40): the whole B panel fits
+                     * in L2 and storing C costs as much as computing it, so
+                     * walk C along its rows, where the prefetcher helps */
+                    for (int ir = 0; ir < mc; ir += MR) {
+                        int mr = mc - ir < MR ? mc - ir : MR;
+                        const float *as = ap + (size_t)(ir / MR) * KC * MR;
+                        for (int jr = 0; jr < nc; jr += NR) {
+                            int nr = nc - jr < NR ? nc - jr : NR;
+                            const float *bs = bp + (size_t)(jr / NR) * KC * NR;
+                            micro_kernel(kc, as, bs, C + (size_t)(ic + ir) * ldc + jc + jr, ldc,
+                                         mr, nr, alpha, bet);
                         }
                     }
-                /* implicit barrier: Bp free to be repacked */
+                    continue;
+                }
+                for (int jr = 0; jr < nc; jr += NR) {
+                    int nr = nc - jr < NR ? nc - jr : NR;
+                    const float *bs = bp + (size_t)(jr / NR) * KC * NR;
+                    for (int ir = 0; ir < mc; ir += MR) {
+                        int mr = mc - ir < MR ? mc - ir : MR;
+                        const float *as = ap + (size_t)(ir / MR) * KC * MR;
+                        micro_kernel(kc, as, bs, C + (size_t)(ic + ir) * ldc + jc + jr, ldc,
+                                     mr, nr, alpha, bet);
+                    }
+                }
             }
         }
     }
+}
+
+/* Threads: C is cut into a gm x gn grid of rectangles (rows in MR
+ * multiples, columns in NR multiples), each an independent gemm_serial with
+ * its own packing, handed out on demand. No barriers inside, so a thread
+ * that loses its core to another process holds up only its own rectangle.
+ * A rectangle repacks its rows of A and its columns of B: a gm x gn grid
+ * packs K (gn M + gm N) floats for M N K multiply-adds. Packing a float costs
+ * about what 16 multiply-adds do (one 8-wide FMA pair per cycle against about
+ * one float copied), so the packing overhead is ~16 (gn / N + gm / M). More
+ * rectangles than threads balance the load (and survive a busy machine), but
+ * are only used while they add less than 2% of packing over one rectangle. */
+static void choose_grid(int M, int N, int tasks, int *gm, int *gn) {
+    int mstrips = (M + MR - 1) / MR, nstrips = (N + NR - 1) / NR;
+    double best = 1e300;
+    *gm = *gn = 1;
+    for (int m = 1; m <= tasks && m <= mstrips; m++) {
+        int n = (tasks + m - 1) / m;
+        if (n > nstrips) continue;
+        double cost = (double)n * M + (double)m * N;
+        if (cost < best) { best = cost; *gm = m; *gn = n; }
+    }
+}
+
+static void gemm_parallel(int transA, int transB, int M, int N, int K,
+                          float alpha, const float *A, int lda, const float *B, int ldb,
+                          float beta, float *C, int ldc, float *buf, int nthreads) {
+    int mstrips = (M + MR - 1) / MR, nstrips = (N + NR - 1) / NR;
+    int gm = 1, gn = 1;
+    if (nthreads > 1) {
+        double base = 16.0 * (1.0 / N + 1.0 / M);
+        for (int f = 4; f >= 1; f /= 2) {
+            choose_grid(M, N, f * nthreads, &gm, &gn);
+            if (16.0 * ((double)gn / N + (double)gm / M) - base < 0.02) break;
+        }
+    }
+    OMP(omp parallel for collapse(2) schedule(dynamic) num_threads(nthreads))
+    for (int tm = 0; tm < gm; tm++)
+        for (int tn = 0; tn < gn; tn++) {
+            int tid = 0;
+#ifdef _OPENMP
+            tid = omp_get_thread_num();
+#endif
+            int i0 = (int)((long)mstrips * tm / gm) * MR, i1 = (int)((long)mstrips * (tm + 1) / gm) * MR;
+            int j0 = (int)((long)nstrips * tn / gn) * NR, j1 = (int)((long)nstrips * (tn + 1) / gn) * NR;
+            if (i1 > M) i1 = M;
+            if (j1 > N) j1 = N;
+            if (i0 >= i1 || j0 >= j1) continue;
+            const float *a = transA ? A + i0 : A + (size_t)i0 * lda;
+            const float *b = transB ? B + (size_t)j0 * ldb : B + j0;
+            float *bp = buf + (size_t)tid * BUF_FLOATS;
+            gemm_serial(transA, transB, i1 - i0, j1 - j0, K, alpha, a, lda, b, ldb,
+                        beta, C + (size_t)i0 * ldc + j0, ldc, bp, bp + (size_t)KC * NC_MAX);
+        }
 }
 
 void gemm(int transA, int transB, int M, int N, int K,
@@ -330,7 +354,7 @@ void gemm(int transA, int transB, int M, int N, int K,
     while (nthreads > 1 && (double)M * N * K / nthreads < 1e6) nthreads--;
 #endif
 
-    size_t need = blocked_buf_floats(N, nthreads);
+    size_t need = (size_t)nthreads * BUF_FLOATS;
     float *buf;
     if (nested) {
         buf = alloc_floats(need);
@@ -347,6 +371,6 @@ void gemm(int transA, int transB, int M, int N, int K,
         gemm_small(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
-    gemm_blocked(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, buf, nthreads);
+    gemm_parallel(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, buf, nthreads);
     if (nested) free(buf);
 }
