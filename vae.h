@@ -112,7 +112,8 @@ int vae_load_st(vae_t *v, const st_file *f, vae_name_fn map, void *ctx,
                 const char *extra_prefix, char *err);
 
 /* Read dir/config.json and dir/diffusion_pytorch_model.safetensors, build and
- * load (v need not be built; it is on success). Older diffusers files that
+ * load. v is overwritten (vae_free a built one first); on failure it is left
+ * empty, safe to vae_free. Older diffusers files that
  * name the attention query/key/value/proj_attn are accepted. The file must
  * hold nothing else. Returns 0 or -1 (message in err). */
 int vae_load_diffusers(vae_t *v, const char *dir, char *err);
