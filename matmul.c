@@ -159,6 +159,15 @@ static void pack_b(float *restrict dst, const float *restrict B, int ldb, int tr
     }
 }
 
+/* A hint to start fetching the C tile while the k loop runs: C is often far
+ * larger than the caches, and its six rows are six misses each time a tile
+ * is updated. A no-op where the compiler has no such builtin. */
+#if defined(__GNUC__)
+#define PREFETCH_W(p) __builtin_prefetch((p), 1, 3)
+#else
+#define PREFETCH_W(p) ((void)(p))
+#endif
+
 /* ---- micro-kernel -------------------------------------------------------
  * acc = sum_p a[p][0..MR) (outer) b[p][0..NR), then
  *   first K block:  C = alpha * acc + beta * C   (beta == 0: C not read)
@@ -169,6 +178,10 @@ static void micro_kernel(int kc, const float *restrict a, const float *restrict 
                          float *restrict C, int ldc, int mr, int nr,
                          float alpha, float beta) {
     float acc[MR][NR];
+    for (int i = 0; i < mr; i++) {
+        PREFETCH_W(C + (size_t)i * ldc);
+        PREFETCH_W(C + (size_t)i * ldc + NR - 1);
+    }
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = 0.0f;
     for (int p = 0; p < kc; p++) {
