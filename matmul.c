@@ -30,7 +30,6 @@
  * 1 or 64 threads. K is never split across threads. */
 #include <math.h>
 #include <stdlib.h>
-#include <string.h>
 #include "nn.h"
 
 #ifdef _OPENMP
@@ -230,7 +229,9 @@ static void gemm_small(int transA, int transB, int M, int N, int K,
 
 /* ---- packing buffers ----------------------------------------------------
  * Grow-only, kept between calls so the hot path does not malloc. A call
- * made from inside someone else's parallel region gets private buffers. */
+ * made from inside an OpenMP parallel region gets private buffers (and runs
+ * on its one thread); like nn_scratch, gemm is not for concurrent calls from
+ * threads OpenMP does not know about. */
 static float *g_buf;
 static size_t g_buf_n;
 
