@@ -172,7 +172,6 @@ static void zero(float *p, size_t n) { memset(p, 0, sizeof(float) * n); }
 
 /* out[b][s][r] = in[b][r][s]: (B, R, S) -> (B, S, R). NCHW <-> tokens. */
 static void transpose(float *out, const float *in, int B, int R, int S) {
-    #pragma omp parallel for collapse(2) if ((size_t)B * R * S >= (1u << 16))
     for (int b = 0; b < B; b++) {
         for (int s = 0; s < S; s++) {
             const float *ib = in + (size_t)b * R * S;
@@ -481,6 +480,21 @@ static void xformer_backward(unet_t *u, xformer_t *xf, float *dh) {
 /* building the tree and the parameter table                                */
 /* Run twice: first to count (u->table == NULL), then for real.            */
 
+/* buf = "prefix.name" (or the one that is not empty); a name longer than
+ * UNET_NAME_LEN marks the build as failed rather than being cut short */
+static const char *join(unet_t *u, char *buf, const char *prefix, const char *name) {
+    size_t a = strlen(prefix), b = strlen(name), dot = a && b;
+    if (a + dot + b >= UNET_NAME_LEN) {
+        u->net->build_err = 1;
+        buf[0] = 0;
+        return buf;
+    }
+    memcpy(buf, prefix, a);
+    if (dot) buf[a] = '.';
+    memcpy(buf + a + dot, name, b + 1);
+    return buf;
+}
+
 static float *param(unet_t *u, const char *prefix, const char *suffix, int ndim,
                     int d0, int d1, int d2, int d3) {
     int shape[4] = {d0, d1, d2, d3};
@@ -488,8 +502,7 @@ static float *param(unet_t *u, const char *prefix, const char *suffix, int ndim,
     for (int i = 0; i < ndim; i++) n *= (size_t)shape[i];
     if (u->table) {
         unet_param *p = &u->table[u->ntable];
-        int len = snprintf(p->name, sizeof p->name, "%s.%s", prefix, suffix);
-        if (len < 0 || len >= (int)sizeof p->name) u->net->build_err = 1;
+        join(u, p->name, prefix, suffix);
         p->offset = u->nparams;
         p->ndim = ndim;
         for (int i = 0; i < 4; i++) p->shape[i] = i < ndim ? shape[i] : 0;
@@ -506,16 +519,10 @@ static void *xcalloc(unet_t *u, size_t n, size_t size) {
     return p;
 }
 
-/* "prefix.name", or the one that is not empty */
-static const char *join(char *buf, const char *prefix, const char *name) {
-    snprintf(buf, UNET_NAME_LEN, "%s%s%s", prefix, *prefix && *name ? "." : "", name);
-    return buf;
-}
-
 static void lin_build(unet_t *u, lin_t *l, const char *prefix, const char *name,
                       int in, int out, int bias, int conv, int kind) {
     char full[UNET_NAME_LEN];
-    join(full, prefix, name);
+    join(u, full, prefix, name);
     l->in = in; l->out = out; l->L = NULL;
     l->w = conv ? param(u, full, "weight", 4, out, in, 1, 1) : param(u, full, "weight", 2, out, in, 0, 0);
     l->b = bias ? param(u, full, "bias", 1, out, 0, 0, 0) : NULL;
@@ -528,14 +535,14 @@ static void lin_build(unet_t *u, lin_t *l, const char *prefix, const char *name,
             net->sites = s; net->sites_cap = cap;
         }
         site_t *s = &net->sites[net->nsites++];
-        snprintf(s->name, sizeof s->name, "%s", full);
+        memcpy(s->name, full, sizeof s->name);
         s->lin = l; s->kind = kind; s->is_conv = conv;
     }
 }
 
 static void norm_build(unet_t *u, float **w, float **b, const char *prefix, const char *name, int C) {
     char full[UNET_NAME_LEN];
-    join(full, prefix, name);
+    join(u, full, prefix, name);
     *w = param(u, full, "weight", 1, C, 0, 0, 0);
     *b = param(u, full, "bias", 1, C, 0, 0, 0);
 }
@@ -543,7 +550,7 @@ static void norm_build(unet_t *u, float **w, float **b, const char *prefix, cons
 static void conv_build(unet_t *u, float **w, float **b, const char *prefix, const char *name,
                        int out, int in, int k) {
     char full[UNET_NAME_LEN];
-    join(full, prefix, name);
+    join(u, full, prefix, name);
     *w = param(u, full, "weight", 4, out, in, k, k);
     *b = param(u, full, "bias", 1, out, 0, 0, 0);
 }
@@ -554,7 +561,7 @@ static void resnet_build(unet_t *u, resnet_t *r, const char *prefix, int cin, in
     norm_build(u, &r->norm1_w, &r->norm1_b, prefix, "norm1", cin);
     conv_build(u, &r->conv1_w, &r->conv1_b, prefix, "conv1", cout, cin, 3);
     char full[UNET_NAME_LEN];
-    snprintf(full, sizeof full, "%s.time_emb_proj", prefix);
+    join(u, full, prefix, "time_emb_proj");
     r->temb_w = param(u, full, "weight", 2, cout, T, 0, 0);
     r->temb_b = param(u, full, "bias", 1, cout, 0, 0, 0);
     norm_build(u, &r->norm2_w, &r->norm2_b, prefix, "norm2", cout);
@@ -573,7 +580,7 @@ static void attn_build(unet_t *u, attn_t *a, const char *prefix, int dim, int kv
 
 static void xformer_build(unet_t *u, xformer_t *xf, const char *prefix, int C, int heads, int nblocks) {
     int conv = !u->cfg.linear_proj;
-    char p[2 * UNET_NAME_LEN];   /* too-long names are caught where they are stored */
+    char p[UNET_NAME_LEN];
     xf->C = C; xf->nblocks = nblocks;
     norm_build(u, &xf->norm_w, &xf->norm_b, prefix, "norm", C);
     lin_build(u, &xf->proj_in, prefix, "proj_in", C, C, 1, conv, S_PROJ);
@@ -582,14 +589,16 @@ static void xformer_build(unet_t *u, xformer_t *xf, const char *prefix, int C, i
     for (int k = 0; k < nblocks; k++) {
         tblock_t *tb = &xf->blocks[k];
         char tp[UNET_NAME_LEN];
-        snprintf(tp, sizeof tp, "%s.transformer_blocks.%d", prefix, k);
+        char kname[32];
+        snprintf(kname, sizeof kname, "transformer_blocks.%d", k);
+        join(u, tp, prefix, kname);
         tb->dim = C;
         norm_build(u, &tb->norm1_w, &tb->norm1_b, tp, "norm1", C);
         norm_build(u, &tb->norm2_w, &tb->norm2_b, tp, "norm2", C);
         norm_build(u, &tb->norm3_w, &tb->norm3_b, tp, "norm3", C);
-        snprintf(p, sizeof p, "%s.attn1", tp);
+        join(u, p, tp, "attn1");
         attn_build(u, &tb->attn1, p, C, C, heads);
-        snprintf(p, sizeof p, "%s.attn2", tp);
+        join(u, p, tp, "attn2");
         attn_build(u, &tb->attn2, p, C, u->cfg.cross_dim, heads);
         lin_build(u, &tb->ff1, tp, "ff.net.0.proj", C, 8 * C, 1, 0, S_FF);
         lin_build(u, &tb->ff2, tp, "ff.net.2", 4 * C, C, 1, 0, S_FF);
@@ -747,6 +756,24 @@ int unet_build(unet_t *u, const unet_config *c, char *err) {
         return -1;
     }
     return 0;
+}
+
+int unet_count_params(const unet_config *c, size_t *nparams, int *ntensors, char *err) {
+    unet_t u;
+    memset(&u, 0, sizeof u);
+    u.cfg = *c;
+    u.net = calloc(1, sizeof(struct unet_net));
+    if (!u.net) { snprintf(err, UNET_ERR_LEN, "unet: out of memory"); return -1; }
+    int rc = net_build(&u, err);   /* the counting pass only */
+    if (rc == 0 && u.net->build_err) {
+        snprintf(err, UNET_ERR_LEN, "unet: out of memory building the model");
+        rc = -1;
+    }
+    *nparams = u.nparams;
+    *ntensors = u.ntable;
+    net_free_modules(u.net);
+    free(u.net);
+    return rc;
 }
 
 void unet_free(unet_t *u) {
@@ -1258,6 +1285,18 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
     u->have_forward = u->train && !M;
 }
 
+static int xformer_has_lora(const xformer_t *xf) {
+    if (xf->proj_in.L || xf->proj_out.L) return 1;
+    for (int k = 0; k < xf->nblocks; k++) {
+        const tblock_t *tb = &xf->blocks[k];
+        const attn_t *a[2] = {&tb->attn1, &tb->attn2};
+        if (tb->ff1.L || tb->ff2.L) return 1;
+        for (int m = 0; m < 2; m++)
+            if (a[m]->q.L || a[m]->k.L || a[m]->v.L || a[m]->o.L) return 1;
+    }
+    return 0;
+}
+
 /* cur += add, over n floats */
 static void accumulate(float *cur, const float *add, size_t n, int M) { if (!M) add_inplace(cur, add, n); }
 
@@ -1346,7 +1385,18 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
         SWAP();
     }
 
-    /* down, in reverse: each saved output gets its skip's gradient added */
+    /* down, in reverse: each saved output gets its skip's gradient added.
+     * Without dx, nothing below the first transformer that holds an adapter
+     * (or, for dctx, the first transformer at all) needs a gradient: stop
+     * there and save the resnet and conv_in backward beneath it. */
+    int stop_i = -1, stop_j = -1;
+    if (!dx && !M) {
+        for (int i = n - 1; i >= 0; i--)
+            for (int j = net->down[i].nres - 1; j >= 0; j--)
+                if (net->down[i].att && (dctx || xformer_has_lora(&net->down[i].att[j]))) {
+                    stop_i = i; stop_j = j;
+                }
+    }
     for (int i = n - 1; i >= 0; i--) {
         block_t *blk = &net->down[i];
         int hh = H >> i, ww = W >> i, HW = hh * ww;
@@ -1362,6 +1412,7 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
         for (int j = blk->nres - 1; j >= 0; j--) {
             accumulate(cur, dskip[blk->skip[j]], skipn[blk->skip[j]], M);
             if (blk->att) xformer_backward(u, &blk->att[j], cur);
+            if (i == stop_i && j == stop_j) goto done;
             resnet_t *r = &blk->res[j];
             if (!M) zero(oth, (size_t)B * r->cin * HW);
             resnet_backward(u, r, oth, cur);
@@ -1369,6 +1420,7 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
         }
     }
     accumulate(cur, dskip[0], skipn[0], M);
+done:
     if (dx && !M) {
         zero(dx, (size_t)B * c->in_channels * H * W);
         conv2d_backward(dx, NULL, NULL, cur, dx, net->conv_in_w, B, c->in_channels, H, W, C0, 3, 3, 1, 1);

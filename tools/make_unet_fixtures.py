@@ -53,12 +53,27 @@ def randomize(model, seed):
                 p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
 
 
-def run(model, x, t, ctx, dout):
-    x = x.clone().requires_grad_(True)
-    ctx = ctx.clone().requires_grad_(True)
+def run(model, x, t, ctx, dout, dtype=torch.float64):
+    """out and autograd's dL/dx, dL/dctx for L = sum(out * dout), by default
+    in float64: the weights and inputs are the float32 values saved in the
+    files, carried exactly into float64, so the reference carries no rounding
+    of its own and the tests measure only the C code's float32 error. (main
+    prints how far torch's own float32 run is from it, for comparison.)"""
+    model = model.to(dtype)
+    x = x.detach().to(dtype).clone().requires_grad_(True)
+    ctx = ctx.detach().to(dtype).clone().requires_grad_(True)
+    t, dout = t.to(dtype), dout.to(dtype)
     out = model(x, t, encoder_hidden_states=ctx).sample
     (out * dout).sum().backward()
     return out.detach(), x.grad.detach(), ctx.grad.detach()
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def lora_grads(m):
+    return {n: p.grad.detach().clone() for n, p in m.named_parameters() if "lora_" in n}
 
 
 def make(tag, cfg, seed, variants):
@@ -74,20 +89,32 @@ def make(tag, cfg, seed, variants):
     t = torch.tensor([37.0, 801.0])
     ctx = torch.randn(B, 5, cfg["cross_attention_dim"], generator=g)
     dout = torch.randn(B, cfg["out_channels"], h, h, generator=g)
-    out, dx, dctx = run(model, x, t, ctx, dout)
+    out, dx, dctx = run(copy.deepcopy(model), x, t, ctx, dout)
+    o32, dx32, dc32 = run(copy.deepcopy(model), x, t, ctx, dout, torch.float32)
+    print(f"unet_{tag}: torch float32 vs float64: out {rel(o32, out):.2g}, dx {rel(dx32, dx):.2g}, "
+          f"dctx {rel(dc32, dctx):.2g}")
     io = {"x": x, "t": t, "ctx": ctx, "dout": dout, "out": out, "dx": dx, "dctx": dctx}
 
     for v in variants:
         m = copy.deepcopy(model)
         m.add_adapter(LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=TARGETS[v]))
+        # B = 0 would leave A without a gradient; 0.1 keeps the adapters a
+        # perturbation of the model, as trained ones are
         gl = torch.Generator().manual_seed(seed + 2)
         with torch.no_grad():
             for name, p in m.named_parameters():
                 if "lora_B" in name:
-                    p.copy_(0.5 * torch.randn(p.shape, generator=gl))
+                    p.copy_(0.1 * torch.randn(p.shape, generator=gl))
         for name, p in m.named_parameters():
             p.requires_grad_("lora_" in name)
+        m32 = copy.deepcopy(m)
+        o32, dx32, dc32 = run(m32, x, t, ctx, dout, torch.float32)
+        g32 = lora_grads(m32)
         out_l, dx_l, dctx_l = run(m, x, t, ctx, dout)
+        g64 = lora_grads(m)
+        print(f"  {tag}/{v}: torch float32 vs float64: out {rel(o32, out_l):.2g}, dx {rel(dx32, dx_l):.2g}, "
+              f"dctx {rel(dc32, dctx_l):.2g}, worst lora grad "
+              f"{max(rel(g32[k], g64[k]) for k in g64):.2g}")
         io[v + ".out"], io[v + ".dx"], io[v + ".dctx"] = out_l, dx_l, dctx_l
         n = 0
         for name, p in m.named_parameters():
