@@ -3,6 +3,7 @@
 #   make test       build and run every tests/test_*.c (Check)
 #   make asan       the same tests under AddressSanitizer + UBSan
 #   make bench      matmul GFLOP/s beside OpenBLAS SGEMM on the shapes SD uses
+#   make data       redraw the bundled datasets (data/, models/tiny/data/) with tools/make_data.c
 #   make CUDA=1     also compile and link cuda/*.cu with nvcc
 #   make clean
 
@@ -82,6 +83,14 @@ bench: $(BUILD)/bench_matmul
 
 $(BUILD)/bench_matmul: tools/bench_matmul.c $(LIBOBJ)
 	$(CC) $(CFLAGS) -I. $< $(LIBOBJ) -o $@ $(LDFLAGS) -lopenblas $(LDLIBS)
+
+# the bundled datasets; the output is the same bytes on every machine
+.PHONY: data
+data: $(BUILD)/make_data
+	./$(BUILD)/make_data
+
+$(BUILD)/make_data: tools/make_data.c $(LIBOBJ)
+	$(CC) $(CFLAGS) -I. $< $(LIBOBJ) -o $@ $(LDFLAGS) $(LDLIBS)
 
 clean:
 	rm -rf build build-asan $(PROGS)
