@@ -35,7 +35,7 @@ ifeq ($(CUDA),1)
   CUSRC     := $(wildcard cuda/*.cu)
   LIBOBJ    += $(CUSRC:cuda/%.cu=$(BUILD)/cuda_%.o)
   CFLAGS    += -DSDLORA_CUDA=1
-  CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC)))
+  CUDA_HOME ?= $(or $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC))),/usr/local/cuda)
   LDLIBS    += -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/targets/x86_64-linux/lib -lcudart -lcublas -lstdc++
 endif
 
