@@ -120,6 +120,16 @@ START_TEST(test_unsupported_kinds) {
 }
 END_TEST
 
+START_TEST(test_png_crc) {
+    size_t n; uint8_t *d = read_all(IMG_DIR "png_c2_d8_33x17.png", &n);
+    image_t im; char err[512];
+    d[n - 40] ^= 0x10;   /* inside the last IDAT's data */
+    ck_assert_int_eq(image_decode(&im, d, n, "x.png", err, sizeof err), -1);
+    ck_assert_msg(strstr(err, "CRC mismatch in IDAT"), "%s", err);
+    free(d);
+}
+END_TEST
+
 START_TEST(test_size_limits) {
     /* a PNG header claiming 20000 x 8 (valid CRC): refused before decoding */
     uint8_t png[8 + 25] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1a, '\n', 0, 0, 0, 13, 'I', 'H', 'D', 'R',
@@ -410,6 +420,7 @@ static Suite *image_suite(void) {
     tcase_add_test(tc, test_jpeg_matches_pillow);
     tcase_add_test(tc, test_exif_geometry);
     tcase_add_test(tc, test_unsupported_kinds);
+    tcase_add_test(tc, test_png_crc);
     tcase_add_test(tc, test_size_limits);
     tcase_add_test(tc, test_png_roundtrip);
     tcase_add_test(tc, test_png_save_file);

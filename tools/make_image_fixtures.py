@@ -252,7 +252,9 @@ def make():
     gray = np.asarray(Image.fromarray(base).convert("L"))
     Image.fromarray(gray).save(p("jpg_gray_48x40.jpg"), quality=85)
     Image.fromarray(gray[:17, :33]).save(p("jpg_gray_prog_33x17.jpg"), quality=85, progressive=True)
-    for n in ("jpg_gray_48x40.jpg", "jpg_gray_prog_33x17.jpg"):
+    # RGB stored as is (Adobe APP14 transform 0), no YCbCr conversion
+    Image.fromarray(odd).save(p("jpg_adobe_rgb_33x17.jpg"), quality=90, keep_rgb=True)
+    for n in ("jpg_gray_48x40.jpg", "jpg_gray_prog_33x17.jpg", "jpg_adobe_rgb_33x17.jpg"):
         expected[n] = pil_rgb(p(n), True)
 
     # EXIF orientation, all eight, on a non-square picture so rotations show
@@ -285,6 +287,9 @@ def make():
         subprocess.run([cjpeg, "-quality", "85", "-sample", "2x1,1x1,1x1", "-restart", "1", "-outfile",
                         p("jpg_422_restartrow_33x17.jpg"), ppm], check=True)
         expected["jpg_422_restartrow_33x17.jpg"] = pil_rgb(p("jpg_422_restartrow_33x17.jpg"), True)
+        subprocess.run([cjpeg, "-quality", "85", "-sample", "4x1,1x1,1x1", "-outfile",
+                        p("jpg_411_33x17.jpg"), ppm], check=True)      # 4:1:1: chroma replicated, not fancy
+        expected["jpg_411_33x17.jpg"] = pil_rgb(p("jpg_411_33x17.jpg"), True)
         r = subprocess.run([cjpeg, "-arithmetic", "-outfile", p("bad_arith.jpg"), ppm])
         if r.returncode != 0:
             notes.append("cjpeg has no -arithmetic: bad_arith.jpg not written")
