@@ -113,17 +113,18 @@ static int conv_is_pointwise(int kh, int kw, int stride, int pad) {
     return kh == 1 && kw == 1 && stride == 1 && pad == 0;
 }
 
+/* output rows [oy0, oy1) only: cols is then (C*kh*kw, (oy1-oy0)*Wo) */
 static void im2col(float *cols, const float *img, int C, int H, int W,
-                   int kh, int kw, int stride, int pad, int Ho, int Wo) {
-    int rows = C * kh * kw;
-    #pragma omp parallel for if ((size_t)rows * Ho * Wo >= PAR_MIN)
+                   int kh, int kw, int stride, int pad, int oy0, int oy1, int Wo) {
+    int rows = C * kh * kw, nrow = oy1 - oy0;
+    #pragma omp parallel for if ((size_t)rows * nrow * Wo >= PAR_MIN)
     for (int r = 0; r < rows; r++) {
         int c = r / (kh * kw), i = (r / kw) % kh, j = r % kw;
         const float *src = img + (size_t)c * H * W;
-        float *dst = cols + (size_t)r * Ho * Wo;
-        for (int oy = 0; oy < Ho; oy++) {
+        float *dst = cols + (size_t)r * nrow * Wo;
+        for (int oy = oy0; oy < oy1; oy++) {
             int y = oy * stride - pad + i;
-            float *d = dst + (size_t)oy * Wo;
+            float *d = dst + (size_t)(oy - oy0) * Wo;
             if (y < 0 || y >= H) { memset(d, 0, (size_t)Wo * sizeof(float)); continue; }
             for (int ox = 0; ox < Wo; ox++) {
                 int x = ox * stride - pad + j;
@@ -137,23 +138,35 @@ static void im2col(float *cols, const float *img, int C, int H, int W,
  * was read from:  img[c, y, x] += dcols[r, p] over all (r, p) that read it.
  * One thread per channel, so no two threads touch the same pixel. */
 static void col2im_add(float *img, const float *dcols, int C, int H, int W,
-                       int kh, int kw, int stride, int pad, int Ho, int Wo) {
-    #pragma omp parallel for if ((size_t)C * kh * kw * Ho * Wo >= PAR_MIN)
+                       int kh, int kw, int stride, int pad, int oy0, int oy1, int Wo) {
+    int nrow = oy1 - oy0;
+    #pragma omp parallel for if ((size_t)C * kh * kw * nrow * Wo >= PAR_MIN)
     for (int c = 0; c < C; c++) {
         float *dst = img + (size_t)c * H * W;
         for (int i = 0; i < kh; i++)
             for (int j = 0; j < kw; j++) {
-                const float *src = dcols + ((size_t)(c * kh + i) * kw + j) * Ho * Wo;
-                for (int oy = 0; oy < Ho; oy++) {
+                const float *src = dcols + ((size_t)(c * kh + i) * kw + j) * nrow * Wo;
+                for (int oy = oy0; oy < oy1; oy++) {
                     int y = oy * stride - pad + i;
                     if (y < 0 || y >= H) continue;
                     for (int ox = 0; ox < Wo; ox++) {
                         int x = ox * stride - pad + j;
-                        if (x >= 0 && x < W) dst[(size_t)y * W + x] += src[(size_t)oy * Wo + ox];
+                        if (x >= 0 && x < W) dst[(size_t)y * W + x] += src[(size_t)(oy - oy0) * Wo + ox];
                     }
                 }
             }
     }
+}
+
+/* The columns of a big image do not fit in memory (SD's VAE at 512x512:
+ * 128*9 x 262144 floats = 1.2 GB), so they are built a band of output rows
+ * at a time, at most CONV_COLS_MAX floats. */
+#define CONV_COLS_MAX ((size_t)1 << 24)
+
+static int conv_band_rows(int K, int Ho, int Wo) {
+    size_t rows = CONV_COLS_MAX / ((size_t)K * Wo);
+    if (rows < 1) rows = 1;
+    return rows > (size_t)Ho ? Ho : (int)rows;
 }
 
 void conv2d_forward(float *out, const float *inp, const float *w, const float *b,
@@ -161,13 +174,22 @@ void conv2d_forward(float *out, const float *inp, const float *w, const float *b
     int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
     int K = C * kh * kw, P = Ho * Wo;
     int direct = conv_is_pointwise(kh, kw, stride, pad);
-    float *cols = direct ? NULL : scratch_or_die((size_t)K * P);
+    int band = direct ? Ho : conv_band_rows(K, Ho, Wo);
+    float *cols = direct ? NULL : scratch_or_die((size_t)K * band * Wo);
     for (int bi = 0; bi < B; bi++) {
         const float *x = inp + (size_t)bi * C * H * W;
         float *y = out + (size_t)bi * O * P;
-        if (!direct) im2col(cols, x, C, H, W, kh, kw, stride, pad, Ho, Wo);
-        // out_b (O, P) = w (O, K) * cols (K, P)
-        gemm(0, 0, O, P, K, 1.0f, w, K, direct ? x : cols, P, 0.0f, y, P);
+        if (direct) {
+            // out_b (O, P) = w (O, C) * x_b (C, P)
+            gemm(0, 0, O, P, K, 1.0f, w, K, x, P, 0.0f, y, P);
+        } else {
+            for (int oy0 = 0; oy0 < Ho; oy0 += band) {
+                int oy1 = oy0 + band < Ho ? oy0 + band : Ho, Pb = (oy1 - oy0) * Wo;
+                im2col(cols, x, C, H, W, kh, kw, stride, pad, oy0, oy1, Wo);
+                // out_b[:, band] (O, Pb) = w (O, K) * cols (K, Pb)
+                gemm(0, 0, O, Pb, K, 1.0f, w, K, cols, Pb, 0.0f, y + (size_t)oy0 * Wo, P);
+            }
+        }
         if (b) {
             #pragma omp parallel for if ((size_t)O * P >= PAR_MIN)
             for (int o = 0; o < O; o++) {
@@ -199,26 +221,32 @@ void conv2d_backward(float *dinp, float *dw, float *db, const float *dout,
     }
     if (!dw && !dinp) return;
 
-    // one scratch region of K*P floats serves twice per image: first as the
-    // columns of the input (for dw), then as their gradient dcols (for dinp)
-    float *buf = direct ? NULL : scratch_or_die((size_t)K * P);
+    // one scratch band of columns serves twice: first as the columns of the
+    // input (for dw), then as their gradient dcols (for dinp)
+    int band = direct ? Ho : conv_band_rows(K, Ho, Wo);
+    float *buf = direct ? NULL : scratch_or_die((size_t)K * band * Wo);
     for (int bi = 0; bi < B; bi++) {
         const float *x = inp + (size_t)bi * C * H * W;
         const float *dy = dout + (size_t)bi * O * P;
-        if (dw) {
-            // dw (O, K) += dout_b (O, P) * cols^T (P, K)
-            if (!direct) im2col(buf, x, C, H, W, kh, kw, stride, pad, Ho, Wo);
-            gemm(0, 1, O, K, P, 1.0f, dy, P, direct ? x : buf, P, 1.0f, dw, K);
+        float *dx = dinp ? dinp + (size_t)bi * C * H * W : NULL;
+        if (direct) {
+            // dw (O, C) += dout_b (O, P) * x_b^T (P, C);  dx_b (C, P) += w^T (C, O) * dout_b (O, P)
+            if (dw) gemm(0, 1, O, K, P, 1.0f, dy, P, x, P, 1.0f, dw, K);
+            if (dx) gemm(1, 0, K, P, O, 1.0f, w, K, dy, P, 1.0f, dx, P);
+            continue;
         }
-        if (dinp) {
-            float *dx = dinp + (size_t)bi * C * H * W;
-            // dcols (K, P) = w^T (K, O) * dout_b (O, P), then scatter back;
-            // a pointwise conv accumulates straight into the image
-            if (direct) {
-                gemm(1, 0, K, P, O, 1.0f, w, K, dy, P, 1.0f, dx, P);
-            } else {
-                gemm(1, 0, K, P, O, 1.0f, w, K, dy, P, 0.0f, buf, P);
-                col2im_add(dx, buf, C, H, W, kh, kw, stride, pad, Ho, Wo);
+        for (int oy0 = 0; oy0 < Ho; oy0 += band) {
+            int oy1 = oy0 + band < Ho ? oy0 + band : Ho, Pb = (oy1 - oy0) * Wo;
+            const float *dyb = dy + (size_t)oy0 * Wo;
+            if (dw) {
+                // dw (O, K) += dout_b[:, band] (O, Pb) * cols^T (Pb, K)
+                im2col(buf, x, C, H, W, kh, kw, stride, pad, oy0, oy1, Wo);
+                gemm(0, 1, O, K, Pb, 1.0f, dyb, P, buf, Pb, 1.0f, dw, K);
+            }
+            if (dx) {
+                // dcols (K, Pb) = w^T (K, O) * dout_b[:, band] (O, Pb), then scatter back
+                gemm(1, 0, K, Pb, O, 1.0f, w, K, dyb, P, 0.0f, buf, Pb);
+                col2im_add(dx, buf, C, H, W, kh, kw, stride, pad, oy0, oy1, Wo);
             }
         }
     }
