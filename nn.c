@@ -160,11 +160,11 @@ static void col2im_add(float *img, const float *dcols, int C, int H, int W,
 
 /* The columns of a big image do not fit in memory (SD's VAE at 512x512:
  * 128*9 x 262144 floats = 1.2 GB), so they are built a band of output rows
- * at a time, at most CONV_COLS_MAX floats. */
-#define CONV_COLS_MAX ((size_t)1 << 24)
+ * at a time, at most nn_conv_cols_max floats. */
+size_t nn_conv_cols_max = (size_t)1 << 24;
 
 static int conv_band_rows(int K, int Ho, int Wo) {
-    size_t rows = CONV_COLS_MAX / ((size_t)K * Wo);
+    size_t rows = nn_conv_cols_max / ((size_t)K * Wo);
     if (rows < 1) rows = 1;
     return rows > (size_t)Ho ? Ho : (int)rows;
 }

@@ -47,6 +47,9 @@ void conv2d_forward(float *out, const float *inp, const float *w, const float *b
 void conv2d_backward(float *dinp, float *dw, float *db, const float *dout,
                      const float *inp, const float *w,
                      int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad);
+/* conv2d builds its im2col columns a band of output rows at a time, at most
+ * this many floats (default 2^24 = 64 MB); tests lower it to check banding */
+extern size_t nn_conv_cols_max;
 
 /* ---- group norm: inp (B, C, HW), G groups; w, b per channel (C) or NULL.
  * mean, rstd (B*G) are written by forward and read by backward. */

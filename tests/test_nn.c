@@ -654,11 +654,42 @@ START_TEST(test_thread_count_invariance) {
 END_TEST
 #endif
 
+/* banded im2col (nn_conv_cols_max) gives the same forward and backward as
+ * one band: a 3x3 stride-2 conv and a 3x3 pad-1 conv, bands of 1 and 2 rows */
+START_TEST(test_conv_bands) {
+    int B = 2, C = 3, H = 9, W = 7, O = 4;
+    for (int cfg = 0; cfg < 2; cfg++) {
+        int stride = cfg ? 2 : 1, pad = 1, k = 3;
+        int Ho = (H + 2 * pad - k) / stride + 1, Wo = (W + 2 * pad - k) / stride + 1;
+        size_t nx = (size_t)B * C * H * W, ny = (size_t)B * O * Ho * Wo, nw = (size_t)O * C * k * k;
+        float *x = malloc(nx * 4), *w = malloc(nw * 4), *b = malloc(O * 4), *R = malloc(ny * 4);
+        fill_uniform(x, nx, -1, 1, 1); fill_uniform(w, nw, -1, 1, 2); fill_uniform(b, O, -1, 1, 3);
+        fill_uniform(R, ny, -1, 1, 4);
+        float *y[2], *dx[2], *dw[2], *db[2];
+        size_t save = nn_conv_cols_max;
+        for (int v = 0; v < 2; v++) {
+            y[v] = malloc(ny * 4); dx[v] = calloc(nx, 4); dw[v] = calloc(nw, 4); db[v] = calloc(O, 4);
+            nn_conv_cols_max = v ? (size_t)C * k * k * Wo * (cfg ? 1 : 2) : save;
+            conv2d_forward(y[v], x, w, b, B, C, H, W, O, k, k, stride, pad);
+            conv2d_backward(dx[v], dw[v], db[v], R, x, w, B, C, H, W, O, k, k, stride, pad);
+        }
+        nn_conv_cols_max = save;
+        ck_assert(memcmp(y[0], y[1], ny * 4) == 0);
+        ck_assert_double_lt(rel_err(dx[1], dx[0], nx), 1e-6);
+        ck_assert_double_lt(rel_err(dw[1], dw[0], nw), 1e-6);
+        ck_assert_double_lt(rel_err(db[1], db[0], O), 1e-6);
+        for (int v = 0; v < 2; v++) { free(y[v]); free(dx[v]); free(dw[v]); free(db[v]); }
+        free(x); free(w); free(b); free(R);
+    }
+}
+END_TEST
+
 static Suite *nn_suite(void) {
     Suite *s = suite_create("nn");
     TCase *tc = tcase_create("core");
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_linear);
+    tcase_add_test(tc, test_conv_bands);
     tcase_add_test(tc, test_conv2d);
     tcase_add_test(tc, test_groupnorm);
     tcase_add_test(tc, test_layernorm);
