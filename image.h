@@ -14,8 +14,10 @@
  *     Palette indices past the PLTE give black.
  *   - JPEG: baseline and progressive Huffman, 8-bit, 1 or 3 components, any
  *     integer chroma subsampling (4:4:4, 4:2:2, 4:2:0, 4:4:0, ...), restart
- *     markers. Chroma is upsampled with the same triangular ("fancy") filter
- *     libjpeg uses by default, so results are within a level or two of Pillow.
+ *     markers. The IDCT is libjpeg's default accurate-integer one and chroma
+ *     is upsampled with libjpeg's triangular ("fancy") filter (replication
+ *     for factors other than 2), so pixels equal Pillow's exactly on every
+ *     fixture (tests/test_image.c checks it).
  *     The EXIF orientation tag (APP1, 0x0112) is APPLIED, as
  *     ImageOps.exif_transpose does, so phone photos come out upright.
  *     Refused with an error naming the kind: CMYK/YCCK, 12-bit, arithmetic
