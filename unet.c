@@ -27,12 +27,12 @@
  * exactly as it will for real but computes nothing, and the arena records the
  * two peaks. So the sizing cannot drift from the code.
  * SD1.5 at 64x64 latents, batch 1, 77 tokens: training 1501 MiB act + 155 MiB
- * tmp; inference 244 + 30 MiB. Attention probabilities are never stored
+ * tmp; checkpointed training 314 + 155 MiB; inference 244 + 30 MiB. Attention probabilities are never stored
  * (attention_backward recomputes them), which keeps 64x64 self-attention
  * (4096 x 4096 per head) out of the arena.
- * TODO: gradient checkpointing (keep only block inputs, recompute a block's
- * inner activations during backward) would cut the training arena several
- * times over for large batches; not done yet.
+ * Gradient checkpointing (unet_alloc_acts(..., 2)): forward drops every
+ * block's inner activations as inference does, backward re-runs each resnet /
+ * transformer forward just before its backward, on top of the act stack.
  */
 #include <math.h>
 #include <stdarg.h>
@@ -96,6 +96,7 @@ typedef struct {               /* Transformer2DModel */
     const float *x;
     int H, W;
     float *mean, *rstd, *gnT, *t0;
+    rng_t rng;                 /* dropout stream at entry, to recompute the same masks */
 } xformer_t;
 
 typedef struct {               /* a down or up block */
@@ -163,6 +164,12 @@ static float *tmp(unet_t *u, size_t n) {
         abort();
     }
     return u->arena + u->act_cap + at;
+}
+
+/* does a block keep its inner activations? In training, yes, unless they are
+ * checkpointed: then only while backward recomputes them */
+static int keep_inner(const unet_t *u) {
+    return u->train && (!u->checkpoint || u->recomputing);
 }
 
 /* a zeroed tmp buffer (backward accumulates into its gradient buffers) */
@@ -277,7 +284,7 @@ static float *resnet_forward(unet_t *u, resnet_t *r, const float *x, int H, int 
         }
     }
     u->tmp_top = tmark;
-    if (!u->train) u->act_top = mark;
+    if (!keep_inner(u)) u->act_top = mark;
     return out;
 }
 
@@ -394,7 +401,7 @@ static float *tblock_forward(unet_t *u, tblock_t *tb, const float *x, int T) {
     if (!u->measuring) for (size_t i = 0; i < nd; i++) out[i] = tb->h2[i] + t[i];
 
     u->tmp_top = tmark;
-    if (!u->train) u->act_top = mark;
+    if (!keep_inner(u)) u->act_top = mark;
     return out;
 }
 
@@ -441,6 +448,7 @@ static float *xformer_forward(unet_t *u, xformer_t *xf, const float *x, int H, i
     float *out = act(u, n);
     size_t mark = u->act_top, tmark = u->tmp_top;
     xf->x = x; xf->H = H; xf->W = W;
+    xf->rng = u->dropout_rng;
     xf->mean = act(u, (size_t)B * G);
     xf->rstd = act(u, (size_t)B * G);
     xf->gnT = act(u, n);
@@ -460,7 +468,7 @@ static float *xformer_forward(unet_t *u, xformer_t *xf, const float *x, int H, i
         add_inplace(out, x, n);
     }
     u->tmp_top = tmark;
-    if (!u->train) u->act_top = mark;
+    if (!keep_inner(u)) u->act_top = mark;
     return out;
 }
 
@@ -1296,6 +1304,35 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
     u->have_forward = u->train && !M;
 }
 
+/* Backward of one resnet / transformer. With checkpointing, its inner
+ * activations were dropped after the forward: run its forward again first
+ * (same input, same dropout stream, so the same numbers), then give the
+ * memory back once its backward is done. */
+static void resnet_bwd(unet_t *u, resnet_t *r, float *dx, const float *dout) {
+    size_t mark = u->act_top;
+    if (u->checkpoint) {
+        u->recomputing = 1;
+        resnet_forward(u, r, r->x, r->H, r->W);
+        u->recomputing = 0;
+    }
+    resnet_backward(u, r, dx, dout);
+    u->act_top = mark;
+}
+
+static void xformer_bwd(unet_t *u, xformer_t *xf, float *dh) {
+    size_t mark = u->act_top;
+    if (u->checkpoint) {
+        rng_t cont = u->dropout_rng;
+        u->dropout_rng = xf->rng;
+        u->recomputing = 1;
+        xformer_forward(u, xf, xf->x, xf->H, xf->W);
+        u->recomputing = 0;
+        u->dropout_rng = cont;
+    }
+    xformer_backward(u, xf, dh);
+    u->act_top = mark;
+}
+
 static int xformer_has_lora(const xformer_t *xf) {
     if (xf->proj_in.L || xf->proj_out.L) return 1;
     for (int k = 0; k < xf->nblocks; k++) {
@@ -1363,12 +1400,12 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
             u->tmp_top = tm;
         }
         for (int j = blk->nres - 1; j >= 0; j--) {
-            if (blk->att) xformer_backward(u, &blk->att[j], cur);
+            if (blk->att) xformer_bwd(u, &blk->att[j], cur);
             resnet_t *r = &blk->res[j];
             int k = blk->skip[j], cs = net->skip_C[k], ch = r->cin - cs;
             tm = u->tmp_top;
             float *dcat = tmpz(u, (size_t)B * r->cin * HW);
-            resnet_backward(u, r, dcat, cur);
+            resnet_bwd(u, r, dcat, cur);
             if (!M) {
                 /* split d(cat) into d(h) and d(skip) */
                 for (int b = 0; b < B; b++) {
@@ -1388,11 +1425,11 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
         int hh = H >> (n - 1), ww = W >> (n - 1);
         size_t nm = (size_t)B * c->block_out[n - 1] * hh * ww;
         if (!M) zero(oth, nm);
-        resnet_backward(u, &net->mid_res[1], oth, cur);
+        resnet_bwd(u, &net->mid_res[1], oth, cur);
         SWAP();
-        xformer_backward(u, &net->mid_att, cur);
+        xformer_bwd(u, &net->mid_att, cur);
         if (!M) zero(oth, nm);
-        resnet_backward(u, &net->mid_res[0], oth, cur);
+        resnet_bwd(u, &net->mid_res[0], oth, cur);
         SWAP();
     }
 
@@ -1422,11 +1459,11 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
         }
         for (int j = blk->nres - 1; j >= 0; j--) {
             accumulate(cur, dskip[blk->skip[j]], skipn[blk->skip[j]], M);
-            if (blk->att) xformer_backward(u, &blk->att[j], cur);
+            if (blk->att) xformer_bwd(u, &blk->att[j], cur);
             if (i == stop_i && j == stop_j) goto done;
             resnet_t *r = &blk->res[j];
             if (!M) zero(oth, (size_t)B * r->cin * HW);
-            resnet_backward(u, r, oth, cur);
+            resnet_bwd(u, r, oth, cur);
             SWAP();
         }
     }
@@ -1467,6 +1504,7 @@ int unet_alloc_acts(unet_t *u, int B, int h, int w, int Tc, int train) {
     u->arena = NULL;
     u->act_cap = u->tmp_cap = 0;
     u->train = train != 0;
+    u->checkpoint = train == 2;
     measure(u, B, h, w, Tc);
     size_t total = u->act_peak + u->tmp_peak;
     u->arena = malloc(sizeof(float) * (total ? total : 1));

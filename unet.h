@@ -87,6 +87,8 @@ typedef struct {
     size_t act_cap, act_top, act_peak;
     size_t tmp_cap, tmp_top, tmp_peak;
     int train;                       /* forward keeps what backward needs */
+    int checkpoint;                  /* ... only block outputs; backward recomputes the rest */
+    int recomputing;                 /* backward is re-running a block's forward */
     int measuring;                   /* sizing pass: allocate, compute nothing */
     int B, H, W, Tc;                 /* shape of the last forward (and of the allocation) */
     int have_forward;                /* backward needs a forward just before it */
@@ -131,9 +133,14 @@ unet_lora *unet_find_lora(unet_t *u, const char *module_name);
 void unet_zero_lora_grads(unet_t *u);
 
 /* Size the activation arena for batch B, latents h x w (multiples of
- * 2^(nlevels-1)), context length Tc. train: forward keeps what backward needs
- * and the arena holds the backward's buffers too; otherwise forward frees
- * each block's inner activations as soon as it is done (inference). */
+ * 2^(nlevels-1)), context length Tc, for
+ *   train 0: inference: forward frees each block's inner activations as soon
+ *            as the block is done; no backward
+ *   train 1: training: forward keeps what backward needs
+ *   train 2: training with gradient checkpointing: forward keeps only the
+ *            output of every resnet and transformer; backward runs each of
+ *            them forward again just before its backward (about one more
+ *            forward of compute for much less memory; same numbers) */
 int unet_alloc_acts(unet_t *u, int B, int h, int w, int Tc, int train);
 /* floats the arena holds (the peak the sizing pass measured) */
 size_t unet_acts_floats(const unet_t *u);

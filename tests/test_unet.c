@@ -74,7 +74,7 @@ static void check_model(const char *model, const char *iofile) {
     size_t no = nout_of(&io, &u), nx = (size_t)io.B * io.C * io.h * io.w;
     size_t nc = (size_t)io.B * io.Tc * io.cd;
     float *out = malloc(sizeof(float) * no), *dx = malloc(sizeof(float) * nx);
-    float *dctx = malloc(sizeof(float) * nc);
+    float *dctx = malloc(sizeof(float) * nc), *scratch_out = malloc(sizeof(float) * no);
 
     printf("%s:\n", model);
     ck_assert_msg(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 1) == 0, "%s", u.err);
@@ -84,8 +84,18 @@ static void check_model(const char *model, const char *iofile) {
     cmp(&io.f, "dx", dx, nx, GRAD_TOL);
     cmp(&io.f, "dctx", dctx, nc, GRAD_TOL);
 
-    /* inference mode: same numbers, less memory */
+    /* gradient checkpointing: the same numbers, bit for bit, in less memory */
     size_t train_floats = unet_acts_floats(&u);
+    float *dx2 = malloc(sizeof(float) * nx), *dctx2 = malloc(sizeof(float) * nc);
+    ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 2) == 0);
+    ck_assert(unet_forward(&u, scratch_out, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0);
+    ck_assert(unet_backward(&u, io.dout, dx2, dctx2) == 0);
+    ck_assert(memcmp(dx, dx2, sizeof(float) * nx) == 0 && memcmp(dctx, dctx2, sizeof(float) * nc) == 0);
+    printf("  arena floats: checkpointed %zu\n", unet_acts_floats(&u));
+    ck_assert(unet_acts_floats(&u) < train_floats);
+    free(dx2); free(dctx2);
+
+    /* inference mode: same numbers, less memory */
     float *out2 = malloc(sizeof(float) * no);
     ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 0) == 0);
     ck_assert(unet_forward(&u, out2, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0);
@@ -95,7 +105,7 @@ static void check_model(const char *model, const char *iofile) {
     /* and backward refuses to run on it */
     ck_assert(unet_backward(&u, io.dout, dx, dctx) != 0);
 
-    free(out); free(out2); free(dx); free(dctx);
+    free(out); free(out2); free(dx); free(dctx); free(scratch_out);
     io_close(&io);
     unet_free(&u);
 }
@@ -359,9 +369,22 @@ START_TEST(test_shapes_and_dropout) {
      * the same mask: here only check it changes the output */
     for (int i = 0; i < u.nloras; i++) u.loras[i].L.dropout = 0.5f;
     ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 1) == 0);
+    rng_t start = u.dropout_rng;
     ck_assert(unet_forward(&u, out, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0);
     ck_assert(rel_err(out, out1, no) > 1e-3);
+    unet_zero_lora_grads(&u);
     ck_assert(unet_backward(&u, io.dout, NULL, NULL) == 0);
+    /* checkpointing recomputes the same dropout masks: same gradients */
+    float *g = malloc(sizeof(float) * u.lora_nparams);
+    memcpy(g, u.lora_grads, sizeof(float) * u.lora_nparams);
+    ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 2) == 0);
+    u.dropout_rng = start;
+    ck_assert(unet_forward(&u, out1, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0);
+    ck_assert(memcmp(out, out1, sizeof(float) * no) == 0);
+    unet_zero_lora_grads(&u);
+    ck_assert(unet_backward(&u, io.dout, NULL, NULL) == 0);
+    ck_assert(memcmp(g, u.lora_grads, sizeof(float) * u.lora_nparams) == 0);
+    free(g);
 
     free(out); free(out1); free(ref);
     io_close(&io);
