@@ -1,0 +1,46 @@
+/* model.h: a whole Stable Diffusion 1.x model — tokenizer, CLIP text
+ * encoder, UNet, VAE and the noise schedule — loaded from a diffusers folder
+ * or an SD1.x single-file checkpoint. Both programs start here. */
+#ifndef SDLORA_MODEL_H
+#define SDLORA_MODEL_H
+
+#include "tokenizer.h"
+#include "clip.h"
+#include "unet.h"
+#include "vae.h"
+#include "ddpm.h"
+
+#define SD_ERR_LEN 1024
+#define SD_DEFAULT_MODEL "models/tiny"
+
+typedef struct {
+    tokenizer *tok;
+    clip_t clip;
+    unet_t unet;
+    vae_t vae;
+    ddpm_schedule sched;
+    ddpm_prediction prediction;
+    int steps_offset;            /* scheduler config (1 for SD1.x) */
+    char path[1024];             /* what was loaded */
+    char name[256];              /* its base name, for metadata and PNG text */
+    int single_file;
+} sd_model;
+
+/* path: a diffusers folder (model_index.json / unet/ text_encoder/ vae/
+ * tokenizer/) or an SD1.x .safetensors single file; NULL = SD_DEFAULT_MODEL.
+ * tokenizer_dir: where vocab.json + merges.txt are for a single file (NULL:
+ * beside the file, then the Hugging Face cache). Returns 0 or -1 with a
+ * one-line message in err (SD_ERR_LEN). */
+int sd_model_load(sd_model *m, const char *path, const char *tokenizer_dir, char *err);
+void sd_model_free(sd_model *m);
+
+/* the latent side for an image side (side / 8 for SD1.x), and the image
+ * side the model was trained at (unet sample_size * 8) */
+int sd_latent_side(const sd_model *m, int image_side);
+int sd_default_image_side(const sd_model *m);
+
+/* context (n, 77, d) for n prompts (CLIP forward, inference). clip_skip as
+ * AUTOMATIC1111 counts (1 = last layer). Returns 0 or -1 (err). */
+int sd_encode_prompts(sd_model *m, const char **prompts, int n, int clip_skip, float *ctx, char *err);
+
+#endif
