@@ -461,8 +461,9 @@ END_TEST
 
 /* ---- loading errors ------------------------------------------------------ */
 
-/* copy unet_a into dir, dropping tensor `drop` and adding `extra` (either NULL) */
-static void write_variant(const char *dir, const char *drop, const char *extra) {
+/* copy unet_a into dir, dropping tensor `drop` and adding `extra` (either
+ * NULL), storing every tensor as F16 when f16 */
+static void write_variant_dt(const char *dir, const char *drop, const char *extra, int f16) {
     char path[512], err[ST_ERR_LEN];
     mkdir(dir, 0755);
     snprintf(path, sizeof path, "%s/config.json", dir);
@@ -478,7 +479,15 @@ static void write_variant(const char *dir, const char *drop, const char *extra) 
     for (int i = 0; i < f.ntensors; i++) {
         const st_tensor *t = &f.tensors[i];
         if (drop && strcmp(t->name, drop) == 0) continue;
-        ck_assert(st_writer_add(w, t->name, t->dtype, t->ndim, t->shape, t->data) == 0);
+        if (f16) {
+            char e[ST_ERR_LEN];
+            float *v = malloc(sizeof(float) * t->numel);
+            ck_assert(st_to_f32(t, v, e) == 0);
+            ck_assert(st_writer_add_f32(w, t->name, ST_F16, t->ndim, t->shape, v) == 0);
+            free(v);
+        } else {
+            ck_assert(st_writer_add(w, t->name, t->dtype, t->ndim, t->shape, t->data) == 0);
+        }
     }
     if (extra) {
         float z[3] = {0, 0, 0};
@@ -489,6 +498,10 @@ static void write_variant(const char *dir, const char *drop, const char *extra) 
     ck_assert_msg(st_writer_save(w, path, err) == 0, "%s", err);
     st_writer_free(w);
     st_close(&f);
+}
+
+static void write_variant(const char *dir, const char *drop, const char *extra) {
+    write_variant_dt(dir, drop, extra, 0);
 }
 
 START_TEST(test_load_errors) {
@@ -512,6 +525,23 @@ START_TEST(test_load_errors) {
     ck_assert_msg(unet_load_diffusers(&u, dir, err) == 0, "%s", err);
     printf("unet_a: %d tensors, %zu parameters\n", u.ntable, u.nparams);
     ck_assert_int_eq(u.nparams, 52004);    /* sum of numel in diffusers */
+    unet_free(&u);
+
+    /* an fp16 copy loads too; its output is the fp32 one to within fp16's
+     * rounding of the weights (2^-11 relative) */
+    write_variant_dt(dir, NULL, NULL, 1);
+    ck_assert_msg(unet_load_diffusers(&u, dir, err) == 0, "%s", err);
+    io_t io;
+    io_open(&io, "unet_a_io.safetensors", &u);
+    size_t no = nout_of(&io, &u);
+    float *out = malloc(sizeof(float) * no), *ref = fx_get(&io.f, "out", no);
+    ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 0) == 0);
+    ck_assert(unet_forward(&u, out, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0);
+    double e = rel_err(out, ref, no);
+    printf("unet_a from fp16 weights: rel_err %.3g\n", e);
+    ck_assert(e > 1e-6 && e < 1e-2);
+    free(out); free(ref);
+    io_close(&io);
     unet_free(&u);
 
     char path[512];
