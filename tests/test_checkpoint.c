@@ -8,6 +8,9 @@
  * Names lines: diffusers_name TAB ldm_name TAB ldm_shape TAB diffusers_shape. */
 #include "testutil.h"
 #include "checkpoint.h"
+#include "unet.h"
+#include "vae.h"
+#include "clip.h"
 
 typedef struct {
     char *d, *l;                   /* diffusers name, LDM name */
@@ -561,6 +564,88 @@ START_TEST(test_ignorable) {
 }
 END_TEST
 
+/* The loaders' own parameter tables (unet.c, vae.c, clip.c), built from the
+ * inferred architecture, map name by name onto the tiny single file and
+ * read with ldm_read_f32; together they use every weight in it. (norm
+ * groups are not in any shape: the tiny model's 4 is given here.) */
+static const char *vae_map(const char *name, void *ctx, char *buf, size_t len) {
+    return ldm_vae_name(name, (const ldm_vae_layout *)ctx, buf, len) >= 0 ? buf : NULL;
+}
+
+START_TEST(test_loaders_tables) {
+    st_file f;
+    char err[ST_ERR_LEN], nm[LDM_NAME_LEN];
+    ldm_arch a;
+    ck_assert_msg(st_open(&f, FIXTURE_DIR "ldm_tiny.safetensors", err) == 0, "%s", err);
+    ck_assert_msg(ldm_infer_file(&f, &a, err) == 0, "%s", err);
+    int used = 0;
+
+    unet_config c;
+    memset(&c, 0, sizeof c);
+    c.in_channels = a.unet.in_channels; c.out_channels = a.unet.out_channels;
+    c.sample_size = 8; c.nlevels = a.unet.nlevels;
+    for (int b = 0; b < c.nlevels; b++) {
+        c.block_out[b] = a.unet.block_out[b]; c.layers[b] = a.unet.layout.layers[b];
+        c.down_attn[b] = a.unet.layout.down_attn[b]; c.up_attn[b] = a.unet.layout.up_attn[b];
+        c.heads[b] = a.unet.heads[b]; c.tlayers[b] = a.unet.tlayers[b];
+    }
+    c.cross_dim = a.unet.cross_dim; c.groups = 4; c.eps = a.unet.eps;
+    c.linear_proj = a.unet.linear_proj; c.flip_sin_to_cos = a.unet.flip_sin_to_cos;
+    unet_t u;
+    memset(&u, 0, sizeof u);
+    ck_assert_msg(unet_build(&u, &c, err) == 0, "%s", err);
+    for (int i = 0; i < u.ntable; i++) {
+        int64_t sh[4];
+        for (int d = 0; d < u.table[i].ndim; d++) sh[d] = u.table[i].shape[d];
+        int rc = ldm_unet_name(u.table[i].name, &a.unet.layout, nm, sizeof nm);
+        ck_assert_msg(rc >= 0, "unet table name %s not mapped", u.table[i].name);
+        ck_assert_msg(ldm_read_f32(&f, nm, rc, u.table[i].ndim, sh, u.params + u.table[i].offset, err) == 0,
+                      "%s", err);
+    }
+    used += u.ntable;
+    unet_free(&u);
+
+    vae_config vc;
+    memset(&vc, 0, sizeof vc);
+    vc.in_channels = a.vae.in_channels; vc.out_channels = a.vae.out_channels;
+    vc.latent_channels = a.vae.latent_channels; vc.nlevels = a.vae.nlevels;
+    for (int b = 0; b < vc.nlevels; b++) vc.block_out[b] = a.vae.block_out[b];
+    vc.layers = a.vae.layers_per_block; vc.groups = 4; vc.mid_attn = a.vae.mid_attn;
+    vc.quant_conv = a.vae.quant_conv; vc.post_quant_conv = a.vae.post_quant_conv;
+    vc.scaling_factor = a.vae.scaling_factor;
+    vae_t v;
+    memset(&v, 0, sizeof v);
+    ck_assert_msg(vae_build(&v, &vc, err) == 0, "%s", err);
+    /* extra_prefix: every first_stage_model.* tensor must be used */
+    ck_assert_msg(vae_load_st(&v, &f, vae_map, &a.vae.layout, LDM_VAE_PREFIX, err) == 0, "%s", err);
+    used += v.ntable;
+    vae_free(&v);
+
+    clip_config cc;
+    clip_config_default(&cc);
+    cc.vocab_size = a.clip.vocab_size; cc.hidden_size = a.clip.hidden_size;
+    cc.intermediate_size = a.clip.intermediate_size; cc.num_layers = a.clip.num_layers;
+    cc.num_heads = a.clip.num_heads; cc.max_pos = a.clip.max_pos;
+    cc.bos_token_id = 0; cc.eos_token_id = 1; cc.pad_token_id = 1;
+    clip_t m;
+    memset(&m, 0, sizeof m);
+    ck_assert_msg(clip_init(&m, &cc, err) == 0, "%s", err);
+    for (int i = 0; i < m.ntable; i++) {
+        int rc = ldm_clip_name(m.table[i].name, &a.clip.layout, nm, sizeof nm);
+        ck_assert_msg(rc == 0, "clip table name %s not mapped", m.table[i].name);
+        ck_assert_msg(ldm_read_f32(&f, nm, rc, m.table[i].ndim, m.table[i].shape,
+                                   m.params + m.table[i].offset, err) == 0, "%s", err);
+    }
+    used += m.ntable;
+    clip_free(&m);
+
+    int weights = 0;
+    for (int i = 0; i < f.ntensors; i++) weights += !ldm_ignorable(f.tensors[i].name);
+    ck_assert_int_eq(used, weights);
+    st_close(&f);
+}
+END_TEST
+
 static Suite *checkpoint_suite(void) {
     Suite *s = suite_create("checkpoint");
     TCase *tc = tcase_create("core");
@@ -569,6 +654,7 @@ static Suite *checkpoint_suite(void) {
     tcase_add_test(tc, test_refusals_in_memory);
     tcase_add_test(tc, test_refusals_files);
     tcase_add_test(tc, test_ignorable);
+    tcase_add_test(tc, test_loaders_tables);
     suite_add_tcase(s, tc);
     return s;
 }
