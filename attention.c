@@ -47,7 +47,7 @@ static void attention_probs(float *P, const float *qh, const float *kh,
     // over the unmasked j (j <= i when causal); masked entries are exactly 0.
     // Subtracting the row max keeps every exp() <= 1, so nothing overflows.
 #ifdef _OPENMP
-    #pragma omp parallel for
+    #pragma omp parallel for if ((size_t)Tq * Tk >= 16384)
 #endif
     for (int i = 0; i < Tq; i++) {
         float *row = P + (size_t)i * Tk;
@@ -134,7 +134,7 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout,
             // masked entries have P == 0, so their dS is 0 and nothing flows
             // back through them.
 #ifdef _OPENMP
-            #pragma omp parallel for
+            #pragma omp parallel for if ((size_t)Tq * Tk >= 16384)
 #endif
             for (int i = 0; i < Tq; i++) {
                 const float *prow = P + (size_t)i * Tk;
