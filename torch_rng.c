@@ -13,6 +13,9 @@
  * -ffp-contract=off in GCC) so the compiler adds no fusions of its own.
  */
 #include <math.h>
+#ifdef __clang__
+#pragma STDC FP_CONTRACT OFF   /* clang fuses a*b+c by default even in ISO mode */
+#endif
 #include <stdio.h>
 #include <string.h>
 #include "torch_rng.h"
