@@ -39,7 +39,7 @@
 #define SS 4                 /* subsamples per pixel side */
 #define HW (W * SS)          /* the drawing grid: 256x256 */
 
-#define N_BASE_DEFAULT 2000
+#define N_BASE_DEFAULT 3000
 #define N_STYLE_DEFAULT 60
 #define BASE_DIR "models/tiny/data"
 #define STYLE_DIR "data"
@@ -306,7 +306,7 @@ static void make_scene(scene *s, int styled) {
         for (int i = 0; i < n;) {
             object *o = &s->obj[i];
             o->shape = shape; o->colour = colour; o->r = R_COUNT * SS;
-            int lo = o->r + 3 * SS, span = HW - 2 * lo;
+            int lo = o->r + 5 * SS, span = HW - 2 * lo;   /* the grown triangle apex reaches 4 px out */
             o->cx = lo + randint(span); o->cy = lo + randint(span);
             int ok = 1;
             for (int k = 0; k < i; k++) {
