@@ -115,7 +115,10 @@ static double karras_sigma(double smin, double smax, int n, int i) {
 /* ------------------------------------------------------------------------ */
 /* set_timesteps */
 
-/* integer timesteps of DDIMScheduler / DDPMScheduler (identical code) */
+/* integer timesteps of DDIMScheduler / DDPMScheduler (identical code).
+ * "trailing" is numpy's arange(T, 0, -T/N): for 62 step counts (61, 103,
+ * 121, ...) rounding makes numpy return N + 1 values and diffusers then runs
+ * a step too many; we keep the first N (the same for the other schedulers). */
 static void timesteps_ddim(int *t, int n, int T, sampler_spacing sp, int offset) {
     for (int k = 0; k < n; k++) {
         if (sp == SPACING_LINSPACE) {
