@@ -80,11 +80,162 @@ static int load_diffusers(sd_model *m, const char *dir, char *err) {
     return load_scheduler(m, dir, err);
 }
 
-/* SD1.x single-file checkpoint (LDM key names) */
+/* ---- SD1.x single-file checkpoint (LDM key names) ---------------------------
+ * The architecture comes from the tensors' shapes (checkpoint.c); each of
+ * our parameter tables, named by the diffusers module tree, is mapped name by
+ * name onto the file. The tokenizer is not in the file: it is looked for in
+ * --tokenizer DIR, beside the file, then in the Hugging Face cache. */
+#include <dirent.h>
+#include "checkpoint.h"
+
+static const char *vae_ldm_map(const char *name, void *ctx, char *buf, size_t len) {
+    return ldm_vae_name(name, (const ldm_vae_layout *)ctx, buf, len) >= 0 ? buf : NULL;
+}
+
+static int has_vocab(const char *dir) {
+    char p[1200];
+    snprintf(p, sizeof p, "%s/vocab.json", dir);
+    if (!is_file(p)) return 0;
+    snprintf(p, sizeof p, "%s/merges.txt", dir);
+    return is_file(p);
+}
+
+/* where the CLIP vocabulary for a single file may be */
+static int find_tokenizer(char *out, size_t n, const char *file, const char *tokenizer_dir) {
+    if (tokenizer_dir) { snprintf(out, n, "%s", tokenizer_dir); return has_vocab(out) || is_file(out); }
+    char dir[1024];
+    snprintf(dir, sizeof dir, "%s", file);
+    char *slash = strrchr(dir, '/');
+    if (slash) *slash = 0; else snprintf(dir, sizeof dir, ".");
+    snprintf(out, n, "%s/tokenizer", dir);
+    if (has_vocab(out)) return 1;
+    snprintf(out, n, "%s", dir);
+    if (has_vocab(out)) return 1;
+    /* the Hugging Face cache: $HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub */
+    char hub[1024];
+    const char *e;
+    if ((e = getenv("HF_HUB_CACHE")) && *e) snprintf(hub, sizeof hub, "%s", e);
+    else if ((e = getenv("HF_HOME")) && *e) snprintf(hub, sizeof hub, "%s/hub", e);
+    else if ((e = getenv("HOME")) && *e) snprintf(hub, sizeof hub, "%s/.cache/huggingface/hub", e);
+    else return 0;
+    static const char *repos[] = {"models--openai--clip-vit-large-patch14", "models--runwayml--stable-diffusion-v1-5",
+                                  "models--stable-diffusion-v1-5--stable-diffusion-v1-5"};
+    for (size_t r = 0; r < sizeof repos / sizeof repos[0]; r++) {
+        char snaps[1200];
+        snprintf(snaps, sizeof snaps, "%s/%s/snapshots", hub, repos[r]);
+        DIR *d = opendir(snaps);
+        if (!d) continue;
+        struct dirent *de;
+        int found = 0;
+        while (!found && (de = readdir(d))) {
+            if (de->d_name[0] == '.') continue;
+            snprintf(out, n, "%.600s/%.200s", snaps, de->d_name);
+            if (has_vocab(out)) found = 1;
+            else {
+                snprintf(out, n, "%.600s/%.200s/tokenizer", snaps, de->d_name);
+                found = has_vocab(out);
+            }
+        }
+        closedir(d);
+        if (found) return 1;
+    }
+    return 0;
+}
+
+/* count the file's tensors under prefix that a loader must use */
+static int count_prefixed(const st_file *f, const char *prefix) {
+    int n = 0;
+    size_t k = strlen(prefix);
+    for (int i = 0; i < f->ntensors; i++)
+        if (strncmp(f->tensors[i].name, prefix, k) == 0 && !ldm_ignorable(f->tensors[i].name)) n++;
+    return n;
+}
+
 static int sd_model_load_single_file(sd_model *m, const char *path, const char *tokenizer_dir, char *err) {
-    (void)m; (void)tokenizer_dir;
-    snprintf(err, SD_ERR_LEN, "%s: single-file checkpoints are not supported by this build yet (convert it to a diffusers folder)", path);
-    return -1;
+    char e[ST_ERR_LEN > UNET_ERR_LEN ? ST_ERR_LEN : UNET_ERR_LEN], nm[LDM_NAME_LEN];
+    char tokdir[1200];
+    if (!find_tokenizer(tokdir, sizeof tokdir, path, tokenizer_dir)) {
+        if (tokenizer_dir)
+            snprintf(err, SD_ERR_LEN, "%s: no vocab.json + merges.txt there (give --tokenizer the tokenizer folder of openai/clip-vit-large-patch14)", tokenizer_dir);
+        else
+            snprintf(err, SD_ERR_LEN, "%.600s: no CLIP tokenizer found beside it or in the Hugging Face cache (download vocab.json and merges.txt of openai/clip-vit-large-patch14 and pass --tokenizer DIR)", path);
+        return -1;
+    }
+    st_file f;
+    if (st_open(&f, path, e)) { snprintf(err, SD_ERR_LEN, "%s", e); return -1; }
+    ldm_arch a;
+    int rc = -1;
+    if (ldm_infer_file(&f, &a, e)) { snprintf(err, SD_ERR_LEN, "%s", e); goto done; }
+
+    /* UNet */
+    unet_config c;
+    memset(&c, 0, sizeof c);
+    c.in_channels = a.unet.in_channels; c.out_channels = a.unet.out_channels;
+    c.sample_size = a.unet.sample_size; c.nlevels = a.unet.nlevels;
+    for (int b = 0; b < c.nlevels; b++) {
+        c.block_out[b] = a.unet.block_out[b]; c.layers[b] = a.unet.layout.layers[b];
+        c.down_attn[b] = a.unet.layout.down_attn[b]; c.up_attn[b] = a.unet.layout.up_attn[b];
+        c.heads[b] = a.unet.heads[b]; c.tlayers[b] = a.unet.tlayers[b];
+    }
+    c.cross_dim = a.unet.cross_dim; c.groups = a.unet.groups; c.eps = a.unet.eps;
+    c.linear_proj = a.unet.linear_proj; c.flip_sin_to_cos = a.unet.flip_sin_to_cos;
+    c.freq_shift = a.unet.freq_shift;
+    if (unet_build(&m->unet, &c, e)) { snprintf(err, SD_ERR_LEN, "%s: %s", path, e); goto done; }
+    for (int i = 0; i < m->unet.ntable; i++) {
+        const unet_param *p = &m->unet.table[i];
+        int64_t sh[4];
+        for (int d = 0; d < p->ndim; d++) sh[d] = p->shape[d];
+        int sq = ldm_unet_name(p->name, &a.unet.layout, nm, sizeof nm);
+        if (sq < 0) { snprintf(err, SD_ERR_LEN, "%s: UNet tensor for '%s' has no LDM name (unsupported layout)", path, p->name); goto done; }
+        if (ldm_read_f32(&f, nm, sq, p->ndim, sh, m->unet.params + p->offset, e)) { snprintf(err, SD_ERR_LEN, "%s", e); goto done; }
+    }
+    if (count_prefixed(&f, LDM_UNET_PREFIX) != m->unet.ntable) {
+        snprintf(err, SD_ERR_LEN, "%s: holds %d UNet tensors, an SD1.x UNet of this shape has %d (not an SD1.x checkpoint, or a modified one)",
+                 path, count_prefixed(&f, LDM_UNET_PREFIX), m->unet.ntable);
+        goto done;
+    }
+    /* VAE: vae_load_st checks that every first_stage_model.* tensor is used */
+    vae_config vc;
+    memset(&vc, 0, sizeof vc);
+    vc.in_channels = a.vae.in_channels; vc.out_channels = a.vae.out_channels;
+    vc.latent_channels = a.vae.latent_channels; vc.nlevels = a.vae.nlevels;
+    for (int b = 0; b < vc.nlevels; b++) vc.block_out[b] = a.vae.block_out[b];
+    vc.layers = a.vae.layers_per_block; vc.groups = a.vae.groups; vc.mid_attn = a.vae.mid_attn;
+    vc.quant_conv = a.vae.quant_conv; vc.post_quant_conv = a.vae.post_quant_conv;
+    vc.scaling_factor = a.vae.scaling_factor; vc.sample_size = a.vae.sample_size;
+    if (vae_build(&m->vae, &vc, e) || vae_load_st(&m->vae, &f, vae_ldm_map, &a.vae.layout, LDM_VAE_PREFIX, e)) {
+        snprintf(err, SD_ERR_LEN, "%s", e); goto done;
+    }
+    /* CLIP text model */
+    clip_config cc;
+    clip_config_default(&cc);
+    cc.vocab_size = a.clip.vocab_size; cc.hidden_size = a.clip.hidden_size;
+    cc.intermediate_size = a.clip.intermediate_size; cc.num_layers = a.clip.num_layers;
+    cc.num_heads = a.clip.num_heads; cc.max_pos = a.clip.max_pos;
+    if (clip_init(&m->clip, &cc, e)) { snprintf(err, SD_ERR_LEN, "%s: %s", path, e); goto done; }
+    for (int i = 0; i < m->clip.ntable; i++) {
+        const clip_param *p = &m->clip.table[i];
+        int64_t sh[4];
+        for (int d = 0; d < p->ndim; d++) sh[d] = p->shape[d];
+        int sq = ldm_clip_name(p->name, &a.clip.layout, nm, sizeof nm);
+        if (sq < 0) { snprintf(err, SD_ERR_LEN, "%s: text encoder tensor for '%s' has no LDM name", path, p->name); goto done; }
+        if (ldm_read_f32(&f, nm, sq, p->ndim, sh, m->clip.params + p->offset, e)) { snprintf(err, SD_ERR_LEN, "%s", e); goto done; }
+    }
+    if (count_prefixed(&f, LDM_CLIP_PREFIX) != m->clip.ntable) {
+        snprintf(err, SD_ERR_LEN, "%s: holds %d text-encoder tensors, expected %d (not an SD1.x checkpoint, or a modified one)",
+                 path, count_prefixed(&f, LDM_CLIP_PREFIX), m->clip.ntable);
+        goto done;
+    }
+    m->tok = tok_load(tokdir, e, sizeof e);
+    if (!m->tok) { snprintf(err, SD_ERR_LEN, "%s", e); goto done; }
+    if (m->tok->n_vocab != cc.vocab_size) {
+        snprintf(err, SD_ERR_LEN, "%.600s: the tokenizer has %d tokens but the text encoder %d (give --tokenizer the matching vocabulary)", tokdir, m->tok->n_vocab, cc.vocab_size);
+        goto done;
+    }
+    rc = load_scheduler(m, NULL, err);
+done:
+    st_close(&f);
+    return rc;
 }
 
 int sd_model_load(sd_model *m, const char *path, const char *tokenizer_dir, char *err) {
