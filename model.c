@@ -93,10 +93,10 @@ static const char *vae_ldm_map(const char *name, void *ctx, char *buf, size_t le
 }
 
 static int has_vocab(const char *dir) {
-    char p[1200];
-    snprintf(p, sizeof p, "%s/vocab.json", dir);
+    char p[1300];
+    snprintf(p, sizeof p, "%.1200s/vocab.json", dir);
     if (!is_file(p)) return 0;
-    snprintf(p, sizeof p, "%s/merges.txt", dir);
+    snprintf(p, sizeof p, "%.1200s/merges.txt", dir);
     return is_file(p);
 }
 
