@@ -33,6 +33,14 @@
  * Gradient checkpointing (unet_alloc_acts(..., 2)): forward drops every
  * block's inner activations as inference does, backward re-runs each resnet /
  * transformer forward just before its backward, on top of the act stack.
+ *
+ * Full fine-tuning (unet_alloc_grads): every parameter's gradient goes to
+ * u->grads at the parameter's own offset, so gw(u, w) turns a weight pointer
+ * into its gradient pointer, or NULL (frozen: nn.h skips the work) when no
+ * block was allocated. The few inputs that backward then needs and forward
+ * kept only in scratch (the latents, the time MLP's activations) are kept in
+ * act; the SiLU / upsample outputs that feed convolutions are recomputed in
+ * backward's scratch rather than kept.
  */
 #include <math.h>
 #include <stdarg.h>
@@ -106,6 +114,7 @@ typedef struct {               /* a down or up block */
     float *conv_w, *conv_b;    /* downsamplers.0.conv / upsamplers.0.conv, or NULL */
     int *skip;                 /* down: skip index of each layer's output; up: the skip each resnet takes */
     int ds_skip;               /* down: skip index of the downsampler's output */
+    const float *sampler_in;   /* forward state: the down/upsampler's input (before the 2x) */
 } block_t;
 
 enum { S_Q = 1, S_K = 2, S_V = 4, S_OUT = 8, S_PROJ = 16, S_FF = 32 };
@@ -129,6 +138,9 @@ struct unet_net {
     int build_err;
     /* forward state */
     float *ctx, *temb;         /* copy of the context; silu(time embedding) */
+    float *xin;                /* full grads: copy of the input latents (conv_in's dW) */
+    float *tsin, *t1o, *t2o;   /* full grads: sinusoid, linear_1 and linear_2 outputs (before SiLU) */
+    float *dtemb;              /* full grads, backward: d silu(temb), summed over the resnets */
     float **skips, **dskips;
     size_t *skipn;
     float *h_last, *n_out, *mean_out, *rstd_out;
@@ -181,6 +193,12 @@ static float *tmpz(unet_t *u, size_t n) {
 
 static void zero(float *p, size_t n) { memset(p, 0, sizeof(float) * n); }
 
+/* the gradient of parameter p: same offset in u->grads; NULL when the weights
+ * are frozen (no grads block), which every nn.h backward reads as "skip" */
+static float *gw(const unet_t *u, const float *p) {
+    return u->grads && p ? u->grads + (p - u->params) : NULL;
+}
+
 /* ------------------------------------------------------------------------ */
 /* small tensor helpers                                                      */
 
@@ -223,8 +241,11 @@ static void lin_forward(unet_t *u, lin_t *l, float *out, const float *inp, int N
     lora_forward(out, l->ax, l->mask, inp, l->w, l->b, l->L, N, l->in, l->out, &u->dropout_rng);
 }
 
-/* dinp += d/dinp (may be NULL); the adapter's dA, dB += */
-static void lin_backward(lin_t *l, float *dinp, const float *dout) {
+/* dinp += d/dinp (may be NULL); the adapter's dA, dB +=; with full grads
+ * also dW0 += dout^T inp, db += sum_n dout (the adapter's dropout acts on its
+ * own branch only, so W0 sees the undropped input) */
+static void lin_backward(unet_t *u, lin_t *l, float *dinp, const float *dout) {
+    if (u->grads) linear_backward(NULL, gw(u, l->w), gw(u, l->b), dout, l->inp, l->w, l->N, l->in, l->out);
     if (!dinp && !l->L) return;
     lora_backward(dinp, dout, l->inp, l->ax, l->mask, l->w, l->L, l->N, l->in, l->out);
 }
@@ -288,35 +309,64 @@ static float *resnet_forward(unet_t *u, resnet_t *r, const float *x, int H, int 
     return out;
 }
 
-/* dx (B, cin, H, W) += d/dx given dout (B, cout, H, W). The time embedding
- * gets no gradient: t is not learned and the time MLP is frozen. */
+/* dx (B, cin, H, W) += d/dx given dout (B, cout, H, W). Without full grads
+ * the time embedding gets no gradient (t is not learned, the time MLP is
+ * frozen); with them, d silu(temb) is added to net->dtemb and every weight of
+ * the block gets its gradient. */
 static void resnet_backward(unet_t *u, resnet_t *r, float *dx, const float *dout) {
     int B = u->B, H = r->H, W = r->W, HW = H * W, G = u->cfg.groups, cin = r->cin, cout = r->cout;
+    int T = 4 * u->cfg.block_out[0];
     size_t nin = (size_t)B * cin * HW, nout = (size_t)B * cout * HW, nmax = nin > nout ? nin : nout;
     size_t tmark = u->tmp_top;
     float *g1 = tmp(u, nmax), *g2 = tmp(u, nmax);
+    /* full grads: conv1's input silu(n1) (live next to its gradient and
+     * dh1), and the time projection's output gradient */
+    float *a1 = u->grads ? tmp(u, nin) : NULL, *dtp = u->grads ? tmp(u, (size_t)B * cout) : NULL;
     if (!u->measuring) {
         // shortcut: dx += W_s^T dout, or dx += dout
         if (r->short_w) {
             for (int b = 0; b < B; b++)
                 gemm(1, 0, cin, HW, cout, 1.0f, r->short_w, cin, dout + (size_t)b * cout * HW, HW,
                      1.0f, dx + (size_t)b * cin * HW, HW);
+            // dW_s += dout_b x_b^T, db_s += sum dout (a 1x1 conv, no input gradient here)
+            if (u->grads)
+                conv2d_backward(NULL, gw(u, r->short_w), gw(u, r->short_b), dout, r->x, r->short_w,
+                                B, cin, H, W, cout, 1, 1, 1, 0);
         } else {
             add_inplace(dx, dout, nout);
         }
-        // conv backward reads its input only for dweight (NULL here); the
-        // gradient buffer of that input has the right shape to stand in for it
+        // conv backward reads its input only for dweight; when that is NULL
+        // the gradient buffer of the input has the right shape to stand in
+        // for it, else the input silu(n2) is recomputed (forward kept only n2)
+        if (u->grads) silu_forward(g2, r->n2, nout);
         zero(g1, nout);
-        conv2d_backward(g1, NULL, NULL, dout, g1, r->conv2_w, B, cout, H, W, cout, 3, 3, 1, 1);
+        conv2d_backward(g1, gw(u, r->conv2_w), gw(u, r->conv2_b), dout, u->grads ? g2 : g1, r->conv2_w,
+                        B, cout, H, W, cout, 3, 3, 1, 1);
         zero(g2, nout);
         silu_backward(g2, g1, r->n2, nout);
         zero(g1, nout);
-        groupnorm_backward(g1, NULL, NULL, g2, r->h1, r->norm2_w, r->mean2, r->rstd2, B, cout, HW, G);
+        groupnorm_backward(g1, gw(u, r->norm2_w), gw(u, r->norm2_b), g2, r->h1, r->norm2_w,
+                           r->mean2, r->rstd2, B, cout, HW, G);
+        if (u->grads) {
+            // h1[b, c, :] += tp[b, c]  =>  dtp[b, c] = sum_i dh1[b, c, i]; tp = W_t silu(temb) + b_t
+            for (int b = 0; b < B; b++)
+                for (int c = 0; c < cout; c++) {
+                    const float *p = g1 + ((size_t)b * cout + c) * HW;
+                    double s = 0;
+                    for (int i = 0; i < HW; i++) s += p[i];
+                    dtp[(size_t)b * cout + c] = (float)s;
+                }
+            linear_backward(u->net->dtemb, gw(u, r->temb_w), gw(u, r->temb_b), dtp, u->net->temb,
+                            r->temb_w, B, T, cout);
+            silu_forward(a1, r->n1, nin);
+        }
         zero(g2, nin);
-        conv2d_backward(g2, NULL, NULL, g1, g2, r->conv1_w, B, cin, H, W, cout, 3, 3, 1, 1);
+        conv2d_backward(g2, gw(u, r->conv1_w), gw(u, r->conv1_b), g1, u->grads ? a1 : g2, r->conv1_w,
+                        B, cin, H, W, cout, 3, 3, 1, 1);
         zero(g1, nin);
         silu_backward(g1, g2, r->n1, nin);
-        groupnorm_backward(dx, NULL, NULL, g1, r->x, r->norm1_w, r->mean1, r->rstd1, B, cin, HW, G);
+        groupnorm_backward(dx, gw(u, r->norm1_w), gw(u, r->norm1_b), g1, r->x, r->norm1_w,
+                           r->mean1, r->rstd1, B, cin, HW, G);
     }
     u->tmp_top = tmark;
 }
@@ -350,15 +400,15 @@ static void attn_backward(unet_t *u, attn_t *a, float *dx, float *dsrc, const fl
     size_t tmark = u->tmp_top;
     float *dob = tmpz(u, nq), *dq = tmpz(u, nq), *dk = tmpz(u, nk), *dv = tmpz(u, nk);
     if (!u->measuring) {
-        lin_backward(&a->o, dob, dout);
+        lin_backward(u, &a->o, dob, dout);
         // k and v need a gradient only if it goes somewhere: src or an adapter
-        int need_kv = dsrc || a->k.L || a->v.L;
+        int need_kv = dsrc || a->k.L || a->v.L || u->grads;
         attention_backward(dq, need_kv ? dk : NULL, need_kv ? dv : NULL, dob,
                            a->qb, a->kb, a->vb, NULL, B, Tq, Tk, a->heads, a->dh, 0);
-        lin_backward(&a->q, dx, dq);
+        lin_backward(u, &a->q, dx, dq);
         if (need_kv) {
-            lin_backward(&a->k, dsrc, dk);
-            lin_backward(&a->v, dsrc, dv);
+            lin_backward(u, &a->k, dsrc, dk);
+            lin_backward(u, &a->v, dsrc, dv);
         }
     }
     u->tmp_top = tmark;
@@ -413,22 +463,25 @@ static void tblock_backward(unet_t *u, tblock_t *tb, float *dh) {
     float *dg = tmpz(u, N * 4 * D), *df1 = tmpz(u, N * 8 * D), *dn = tmpz(u, nd);
     if (!u->measuring) {
         // feed-forward branch, then dh += norm3^T dn
-        lin_backward(&tb->ff2, dg, dh);
+        lin_backward(u, &tb->ff2, dg, dh);
         geglu_backward(df1, dg, tb->f1, (int)N, 4 * D);
-        lin_backward(&tb->ff1, dn, df1);
-        layernorm_backward(dh, NULL, NULL, dn, tb->h2, tb->norm3_w, tb->m3, tb->r3, (int)N, D);
+        lin_backward(u, &tb->ff1, dn, df1);
+        layernorm_backward(dh, gw(u, tb->norm3_w), gw(u, tb->norm3_b), dn, tb->h2, tb->norm3_w,
+                           tb->m3, tb->r3, (int)N, D);
         zero(dn, nd);
     }
     // cross-attention: the context's gradient goes to net->dctx (if wanted)
     attn_backward(u, &tb->attn2, dn, u->net->dctx, dh);
     if (!u->measuring) {
-        layernorm_backward(dh, NULL, NULL, dn, tb->h1, tb->norm2_w, tb->m2, tb->r2, (int)N, D);
+        layernorm_backward(dh, gw(u, tb->norm2_w), gw(u, tb->norm2_b), dn, tb->h1, tb->norm2_w,
+                           tb->m2, tb->r2, (int)N, D);
         zero(dn, nd);
     }
     // self-attention: q, k and v all come from norm1(x)
     attn_backward(u, &tb->attn1, dn, dn, dh);
     if (!u->measuring)
-        layernorm_backward(dh, NULL, NULL, dn, tb->x, tb->norm1_w, tb->m1, tb->r1, (int)N, D);
+        layernorm_backward(dh, gw(u, tb->norm1_w), gw(u, tb->norm1_b), dn, tb->x, tb->norm1_w,
+                           tb->m1, tb->r1, (int)N, D);
     u->tmp_top = tmark;
 }
 
@@ -480,13 +533,14 @@ static void xformer_backward(unet_t *u, xformer_t *xf, float *dh) {
     float *dp = tmp(u, n), *dt = tmpz(u, n), *dg = tmpz(u, n);
     if (!u->measuring) {
         transpose(dp, dh, B, C, HW);                 /* d(proj_out output) as tokens */
-        lin_backward(&xf->proj_out, dt, dp);
+        lin_backward(u, &xf->proj_out, dt, dp);
     }
     for (int k = xf->nblocks - 1; k >= 0; k--) tblock_backward(u, &xf->blocks[k], dt);
     if (!u->measuring) {
-        lin_backward(&xf->proj_in, dg, dt);          /* d(gnT) */
+        lin_backward(u, &xf->proj_in, dg, dt);          /* d(gnT) */
         transpose(dp, dg, B, HW, C);                 /* d(gn) as NCHW */
-        groupnorm_backward(dh, NULL, NULL, dp, xf->x, xf->norm_w, xf->mean, xf->rstd, B, C, HW, G);
+        groupnorm_backward(dh, gw(u, xf->norm_w), gw(u, xf->norm_b), dp, xf->x, xf->norm_w,
+                           xf->mean, xf->rstd, B, C, HW, G);
     }
     u->tmp_top = tmark;
 }
@@ -793,7 +847,7 @@ int unet_count_params(const unet_config *c, size_t *nparams, int *ntensors, char
 
 void unet_free(unet_t *u) {
     if (u->net) { net_free_modules(u->net); free(u->net); }
-    free(u->params); free(u->table);
+    free(u->params); free(u->grads); free(u->table);
     free(u->loras); free(u->lora_params); free(u->lora_grads);
     free(u->arena);
     memset(u, 0, sizeof *u);
@@ -1184,6 +1238,30 @@ void unet_zero_lora_grads(unet_t *u) {
 }
 
 /* ------------------------------------------------------------------------ */
+/* full fine-tuning                                                          */
+
+int unet_alloc_grads(unet_t *u) {
+    if (u->grads) return 0;
+    u->grads = calloc(u->nparams ? u->nparams : 1, sizeof(float));
+    if (!u->grads) {
+        snprintf(u->err, UNET_ERR_LEN, "unet: out of memory for %zu weight gradients (%.1f MiB)",
+                 u->nparams, (double)u->nparams * 4 / 1048576.0);
+        return -1;
+    }
+    /* forward now keeps a little more (the latents, the time MLP) and backward
+     * needs more scratch: the arena's sizes change, as after unet_add_lora */
+    free(u->arena);
+    u->arena = NULL;
+    u->act_cap = u->tmp_cap = 0;
+    u->have_forward = 0;
+    return 0;
+}
+
+void unet_zero_grads(unet_t *u) {
+    if (u->grads) zero(u->grads, u->nparams);
+}
+
+/* ------------------------------------------------------------------------ */
 /* the whole network                                                        */
 
 static void note_size(struct unet_net *net, size_t n) { if (n > net->maxact) net->maxact = n; }
@@ -1202,21 +1280,31 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
     net->ctx = act(u, nctx);
     if (!M) memcpy(net->ctx, ctx, sizeof(float) * nctx);
 
-    /* time: temb = linear_2(silu(linear_1(sinusoid(t)))); the resnets all use silu(temb) */
+    /* time: temb = linear_2(silu(linear_1(sinusoid(t)))); the resnets all use silu(temb).
+     * Full grads keep the sinusoid and both linears' outputs (before their
+     * SiLU, which is applied out of place then) for the time MLP's backward. */
+    int keep = u->train && u->grads;
     net->temb = act(u, (size_t)B * T);
     size_t tm = u->tmp_top;
-    float *tp = tmp(u, (size_t)B * C0), *th = tmp(u, (size_t)B * T);
+    float *tp = keep ? act(u, (size_t)B * C0) : tmp(u, (size_t)B * C0);
+    float *th = keep ? act(u, (size_t)B * T) : tmp(u, (size_t)B * T);
+    float *ths = keep ? tmp(u, (size_t)B * T) : th;               /* silu(th) */
+    float *t2o = keep ? act(u, (size_t)B * T) : net->temb;        /* linear_2 output */
+    net->tsin = tp; net->t1o = th; net->t2o = t2o;
     if (!M) {
         timestep_embedding(tp, t, B, C0, c->flip_sin_to_cos, c->freq_shift, 10000.0f);
         linear_forward(th, tp, net->t1_w, net->t1_b, B, C0, T);
-        silu_forward(th, th, (size_t)B * T);
-        linear_forward(net->temb, th, net->t2_w, net->t2_b, B, T, T);
-        silu_forward(net->temb, net->temb, (size_t)B * T);
+        silu_forward(ths, th, (size_t)B * T);
+        linear_forward(t2o, ths, net->t2_w, net->t2_b, B, T, T);
+        silu_forward(net->temb, t2o, (size_t)B * T);
     }
     u->tmp_top = tm;
 
-    /* conv_in */
+    /* conv_in (full grads keep its input for dW) */
     int hh = H, ww = W, C = C0;
+    size_t nx = (size_t)B * c->in_channels * H * W;
+    net->xin = keep ? act(u, nx) : NULL;
+    if (keep && !M) memcpy(net->xin, x, sizeof(float) * nx);
     float *h = act(u, (size_t)B * C0 * H * W);
     note_size(net, (size_t)B * C0 * H * W);
     if (!M) conv2d_forward(h, x, net->conv_in_w, net->conv_in_b, B, c->in_channels, H, W, C0, 3, 3, 1, 1);
@@ -1234,6 +1322,7 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
         }
         if (blk->conv_w) {
             /* Downsample2D: 3x3 conv, stride 2, padding 1 */
+            blk->sampler_in = h;
             float *d = act(u, (size_t)B * C * (hh / 2) * (ww / 2));
             if (!M) conv2d_forward(d, h, blk->conv_w, blk->conv_b, B, C, hh, ww, C, 3, 3, 2, 1);
             hh /= 2; ww /= 2;
@@ -1272,6 +1361,7 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
         }
         if (blk->conv_w) {
             /* Upsample2D: nearest 2x, then 3x3 conv */
+            blk->sampler_in = h;
             size_t tmu = u->tmp_top;
             float *up = tmp(u, (size_t)B * C * 4 * hh * ww);
             float *d = act(u, (size_t)B * C * 4 * hh * ww);
@@ -1356,6 +1446,8 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
     size_t tm0 = u->tmp_top;
     net->dctx = dctx;
     if (dctx && !M) zero(dctx, (size_t)B * u->Tc * c->cross_dim);
+    /* full grads: every resnet adds its d silu(temb) here */
+    net->dtemb = u->grads ? tmpz(u, (size_t)B * 4 * C0) : NULL;
 
     /* the gradient of every skip: filled on the way up, drained on the way down */
     float **dskip = net->dskips;
@@ -1374,12 +1466,15 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
     size_t tm = u->tmp_top;
     float *da = tmpz(u, nout);
     if (!M) {
-        conv2d_backward(da, NULL, NULL, deps, da, net->conv_out_w, B, C0, H, W, c->out_channels, 3, 3, 1, 1);
+        /* conv_out's input silu(n_out), recomputed for its dW (else da stands in, unread) */
+        if (u->grads) silu_forward(oth, net->n_out, nout);
+        conv2d_backward(da, gw(u, net->conv_out_w), gw(u, net->conv_out_b), deps, u->grads ? oth : da,
+                        net->conv_out_w, B, C0, H, W, c->out_channels, 3, 3, 1, 1);
         zero(oth, nout);
         silu_backward(oth, da, net->n_out, nout);
         zero(cur, nout);
-        groupnorm_backward(cur, NULL, NULL, oth, net->h_last, net->norm_out_w, net->mean_out, net->rstd_out,
-                           B, C0, H * W, G);
+        groupnorm_backward(cur, gw(u, net->norm_out_w), gw(u, net->norm_out_b), oth, net->h_last,
+                           net->norm_out_w, net->mean_out, net->rstd_out, B, C0, H * W, G);
     }
     u->tmp_top = tm;
 
@@ -1392,7 +1487,10 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
             tm = u->tmp_top;
             float *dup = tmpz(u, (size_t)B * C * 4 * HW);
             if (!M) {
-                conv2d_backward(dup, NULL, NULL, cur, dup, blk->conv_w, B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
+                /* the conv's input, upsample(h), recomputed for its dW */
+                if (u->grads) upsample2x_forward(oth, blk->sampler_in, B, C, hh, ww);
+                conv2d_backward(dup, gw(u, blk->conv_w), gw(u, blk->conv_b), cur, u->grads ? oth : dup,
+                                blk->conv_w, B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
                 zero(oth, (size_t)B * C * HW);
                 upsample2x_backward(oth, dup, B, C, hh, ww);
             }
@@ -1436,9 +1534,10 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
     /* down, in reverse: each saved output gets its skip's gradient added.
      * Without dx, nothing below the first transformer that holds an adapter
      * (or, for dctx, the first transformer at all) needs a gradient: stop
-     * there and save the resnet and conv_in backward beneath it. */
+     * there and save the resnet and conv_in backward beneath it. Full grads
+     * need everything, down to conv_in and the time MLP. */
     int stop_i = -1, stop_j = -1;
-    if (!dx && !M) {
+    if (!dx && !M && !u->grads) {
         for (int i = n - 1; i >= 0; i--)
             for (int j = net->down[i].nres - 1; j >= 0; j--)
                 if (net->down[i].att && (dctx || xformer_has_lora(&net->down[i].att[j]))) {
@@ -1453,7 +1552,8 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
             accumulate(cur, dskip[blk->ds_skip], skipn[blk->ds_skip], M);
             if (!M) {
                 zero(oth, (size_t)B * C * HW);
-                conv2d_backward(oth, NULL, NULL, cur, oth, blk->conv_w, B, C, hh, ww, C, 3, 3, 2, 1);
+                conv2d_backward(oth, gw(u, blk->conv_w), gw(u, blk->conv_b), cur,
+                                u->grads ? blk->sampler_in : oth, blk->conv_w, B, C, hh, ww, C, 3, 3, 2, 1);
             }
             SWAP();
         }
@@ -1469,9 +1569,25 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
     }
     accumulate(cur, dskip[0], skipn[0], M);
 done:
-    if (dx && !M) {
-        zero(dx, (size_t)B * c->in_channels * H * W);
-        conv2d_backward(dx, NULL, NULL, cur, dx, net->conv_in_w, B, c->in_channels, H, W, C0, 3, 3, 1, 1);
+    if ((dx || u->grads) && !M) {
+        if (dx) zero(dx, (size_t)B * c->in_channels * H * W);
+        conv2d_backward(dx, gw(u, net->conv_in_w), gw(u, net->conv_in_b), cur, u->grads ? net->xin : dx,
+                        net->conv_in_w, B, c->in_channels, H, W, C0, 3, 3, 1, 1);
+    }
+    if (u->grads) {
+        /* the time MLP, from d silu(temb):
+         *   d t2o = silu'(t2o) dtemb;  dW_2 += d t2o^T silu(t1o);  d silu(t1o) = d t2o W_2
+         *   d t1o = silu'(t1o) d silu(t1o);  dW_1 += d t1o^T sinusoid */
+        int T = 4 * C0;
+        size_t nt = (size_t)B * T;
+        float *d2 = tmpz(u, nt), *ths = tmp(u, nt), *dth = tmpz(u, nt), *d1 = tmpz(u, nt);
+        if (!M) {
+            silu_forward(ths, net->t1o, nt);
+            silu_backward(d2, net->dtemb, net->t2o, nt);
+            linear_backward(dth, gw(u, net->t2_w), gw(u, net->t2_b), d2, ths, net->t2_w, B, T, T);
+            silu_backward(d1, dth, net->t1o, nt);
+            linear_backward(NULL, gw(u, net->t1_w), gw(u, net->t1_b), d1, net->tsin, net->t1_w, B, C0, T);
+        }
     }
 #undef SWAP
     u->tmp_top = tm0;
@@ -1524,7 +1640,7 @@ int unet_forward(unet_t *u, float *eps_out, const float *x, const float *t, cons
                  int B, int h, int w, int Tc) {
     if (!u->arena) {
         snprintf(u->err, UNET_ERR_LEN, "unet: no activation memory (call unet_alloc_acts first, "
-                 "and again after unet_add_lora)");
+                 "and again after unet_add_lora or unet_alloc_grads)");
         return -1;
     }
     if (check_shape(u, B, h, w, Tc)) return -1;

@@ -12,8 +12,10 @@
  * (diffusers name, offset, shape) built from the config, so loading a
  * checkpoint is one loop over the table. Activations live in one arena sized
  * up front by unet_alloc_acts(). Backward computes gradients for the input
- * latents, the text context and the LoRA A/B matrices only: every pretrained
- * weight is frozen, and no work is spent on its gradient.
+ * latents, the text context and the LoRA A/B matrices; every pretrained
+ * weight is frozen, and no work is spent on its gradient, unless a gradient
+ * block of the same layout as params was allocated (unet_alloc_grads: full
+ * fine-tuning, the article's baseline, and how the tiny model is trained).
  */
 #ifndef SDLORA_UNET_H
 #define SDLORA_UNET_H
@@ -67,6 +69,7 @@ struct unet_net;                     /* the module tree, private to unet.c */
 typedef struct {
     unet_config cfg;
     float *params;                   /* every pretrained weight, one block */
+    float *grads;                    /* same layout: dL/dparams; NULL = frozen (no work) */
     size_t nparams;
     unet_param *table;
     int ntable;
@@ -132,6 +135,14 @@ unet_lora *unet_find_lora(unet_t *u, const char *module_name);
 /* zero every LoRA gradient (backward accumulates into them) */
 void unet_zero_lora_grads(unet_t *u);
 
+/* Full fine-tuning: allocate u->grads (zeroed, the layout of u->params), after
+ * which unet_backward also accumulates dL/dW for every parameter of the table
+ * (with LoRA adapters present, their dA, dB as before, and W0 gets the
+ * gradient of W0 itself). Invalidates the activation arena, which then holds
+ * a little more (call unet_alloc_acts after). Returns 0 or -1 (u->err). */
+int unet_alloc_grads(unet_t *u);
+void unet_zero_grads(unet_t *u);
+
 /* Size the activation arena for batch B, latents h x w (multiples of
  * 2^(nlevels-1)), context length Tc, for
  *   train 0: inference: forward frees each block's inner activations as soon
@@ -155,6 +166,7 @@ int unet_forward(unet_t *u, float *eps_out, const float *x, const float *t, cons
  *   dx   (B, in_channels, h, w) = dL/dx        written, may be NULL
  *   dctx (B, Tc, cross_dim)     = dL/dctx      written, may be NULL
  *   every adapter's dA, dB += dL/dA, dL/dB     accumulated
+ *   grads += dL/dparams                        accumulated, when allocated
  * Returns 0 or -1 (message in u->err). */
 int unet_backward(unet_t *u, const float *deps, float *dx, float *dctx);
 

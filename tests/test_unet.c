@@ -8,7 +8,10 @@
  * and for each: inputs, output, dL/dx and dL/dctx for L = sum(out * dout), and
  * the same with peft LoRA adapters (output, every lora_A / lora_B gradient).
  * Plus finite-difference checks of the analytic gradient, the arena's
- * inference mode, shapes, and loading / config errors. */
+ * inference mode, shapes, and loading / config errors.
+ * Full fine-tuning (unet_alloc_grads): every parameter's gradient of unet_a
+ * against autograd's (unet_a_grads.safetensors), checkpointing and LoRA
+ * alongside, and finite differences on single weights and whole tensors. */
 #include <unistd.h>
 #include <sys/stat.h>
 #include "testutil.h"
@@ -17,6 +20,12 @@
 
 #define OUT_TOL 1e-4
 #define GRAD_TOL 1e-3
+#ifndef FD_H_ENTRY
+#define FD_H_ENTRY 3e-3f     /* finite-difference steps of the full-grads checks */
+#define FD_H_DIR 1e-4f
+#endif
+#define FD_ENTRY_TOL 1e-2
+#define FD_ALL_TOL 5e-3
 
 static void load(unet_t *u, const char *name) {
     char err[UNET_ERR_LEN], dir[256];
@@ -331,6 +340,193 @@ START_TEST(test_gradcheck) {
 }
 END_TEST
 
+/* ---- full fine-tuning: a gradient for every parameter -------------------- */
+
+/* one forward and backward of u on io's data (dx, dctx may be NULL) */
+static void fwd_bwd(unet_t *u, io_t *io, float *out, float *dx, float *dctx) {
+    ck_assert_msg(unet_forward(u, out, io->x, io->t, io->ctx, io->B, io->h, io->w, io->Tc) == 0, "%s", u->err);
+    ck_assert_msg(unet_backward(u, io->dout, dx, dctx) == 0, "%s", u->err);
+}
+
+START_TEST(test_full_grads_a) {
+    unet_t u;
+    io_t io;
+    load(&u, "unet_a");
+    io_open(&io, "unet_a_io.safetensors", &u);
+    size_t no = nout_of(&io, &u), nx = (size_t)io.B * io.C * io.h * io.w;
+    size_t nc = (size_t)io.B * io.Tc * io.cd, np = u.nparams;
+    float *out = malloc(sizeof(float) * no), *dx = malloc(sizeof(float) * nx);
+    float *dctx = malloc(sizeof(float) * nc);
+
+    ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 1) == 0);
+    size_t frozen_floats = unet_acts_floats(&u);
+    ck_assert_msg(unet_alloc_grads(&u) == 0, "%s", u.err);
+    ck_assert(u.grads != NULL);
+    /* the arena was sized without the gradients' needs: it must be redone */
+    ck_assert(unet_forward(&u, out, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) != 0);
+    ck_assert(strstr(u.err, "unet_alloc_acts") != NULL);
+    ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 1) == 0);
+    printf("unet_a full grads: arena floats %zu (frozen %zu)\n", unet_acts_floats(&u), frozen_floats);
+    unet_zero_grads(&u);
+    fwd_bwd(&u, &io, out, dx, dctx);
+    /* the rest of backward is as without weight gradients */
+    cmp(&io.f, "out", out, no, OUT_TOL);
+    cmp(&io.f, "dx", dx, nx, GRAD_TOL);
+    cmp(&io.f, "dctx", dctx, nc, GRAD_TOL);
+
+    /* every tensor of the table against autograd */
+    st_file gf;
+    fx_open(&gf, "unet_a_grads.safetensors");
+    ck_assert_int_eq(gf.ntensors, u.ntable);
+    double worst = 0;
+    const char *worst_name = "";
+    for (int i = 0; i < u.ntable; i++) {
+        const unet_param *p = &u.table[i];
+        size_t n = 1;
+        for (int d = 0; d < p->ndim; d++) n *= (size_t)p->shape[d];
+        float *ref = fx_get(&gf, p->name, n);
+        double e = rel_err(u.grads + p->offset, ref, n);
+        free(ref);
+        if (!(e <= worst)) { worst = e; worst_name = p->name; }
+        ck_assert_msg(e < GRAD_TOL, "%s: rel_err %g", p->name, e);
+    }
+    printf("  all %d weight gradients: worst rel_err %.3g (%s)\n", u.ntable, worst, worst_name);
+    st_close(&gf);
+
+    float *g1 = malloc(sizeof(float) * np);
+    memcpy(g1, u.grads, sizeof(float) * np);
+    /* without dx and dctx backward still reaches conv_in and the time MLP */
+    unet_zero_grads(&u);
+    fwd_bwd(&u, &io, out, NULL, NULL);
+    ck_assert(memcmp(g1, u.grads, sizeof(float) * np) == 0);
+    /* backward accumulates: a second backward of the same forward doubles */
+    ck_assert(unet_backward(&u, io.dout, NULL, NULL) == 0);
+    float *g2 = malloc(sizeof(float) * np);
+    for (size_t i = 0; i < np; i++) g2[i] = 2.0f * g1[i];
+    ck_assert(rel_err(u.grads, g2, np) < 1e-6);
+    free(g2);
+    /* gradient checkpointing: the same numbers, bit for bit */
+    ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 2) == 0);
+    unet_zero_grads(&u);
+    fwd_bwd(&u, &io, out, dx, dctx);
+    ck_assert(memcmp(g1, u.grads, sizeof(float) * np) == 0);
+    unet_zero_grads(&u);
+    for (size_t i = 0; i < np; i++) ck_assert(u.grads[i] == 0.0f);
+
+    free(out); free(dx); free(dctx); free(g1);
+    io_close(&io);
+    unet_free(&u);
+}
+END_TEST
+
+/* d/dw of one entry, by central differences with Richardson extrapolation
+ * (as in dir_check) */
+static double entry_fd(float *w, fd_ctx *c, float h) {
+    float save = *w;
+    double d[2];
+    for (int k = 0; k < 2; k++) {
+        float hk = k ? h / 2 : h;
+        *w = save + hk; double lp = fd_loss(c);
+        *w = save - hk; double lm = fd_loss(c);
+        d[k] = (lp - lm) / (2.0 * (double)hk);
+    }
+    *w = save;
+    return (4.0 * d[1] - d[0]) / 3.0;
+}
+
+/* Finite differences on the weights, with and without LoRA adapters (whose
+ * gradients must not change when full grads are on). On unet_b, not unet_a:
+ * unet_a's loss is so curved in its first convolutions (seen in float64
+ * torch too: d/dw of down_blocks.0.resnets.0.conv1.weight[156] is -22.36 at
+ * h = 1e-5, -17.7 at h = 3e-3, -2.4 at h = 1e-2) that no step is both past
+ * the float32 noise and inside the linear range; unet_b's difference
+ * quotients agree to 4 digits from h = 1e-2 to 3e-4. For a set of tensors
+ * covering every kind of layer: the largest-gradient entry of each on its
+ * own, and the whole tensor along its gradient (dir_check); then every
+ * parameter at once along a random direction. */
+static void check_full_fd(int with_lora) {
+    unet_t u;
+    io_t io;
+    load(&u, "unet_b");
+    io_open(&io, "unet_b_io.safetensors", &u);
+    size_t no = nout_of(&io, &u), nx = (size_t)io.B * io.C * io.h * io.w;
+    size_t nc = (size_t)io.B * io.Tc * io.cd, np = u.nparams;
+    float *out = malloc(sizeof(float) * no), *dx = malloc(sizeof(float) * nx);
+    float *dctx = malloc(sizeof(float) * nc), *dl = NULL;
+    if (with_lora) {
+        ck_assert(unet_add_lora(&u, "transformer", 2, 4.0f, 0.0f, 11) == 0);
+        rng_t r;
+        rng_seed(&r, 5);
+        for (int i = 0; i < u.nloras; i++) {
+            lora_t *L = &u.loras[i].L;
+            for (int k = 0; k < L->out * L->r; k++) L->B[k] = 0.1f * rng_normal(&r);
+        }
+        /* the LoRA gradients without weight gradients, to compare with */
+        ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 1) == 0);
+        unet_zero_lora_grads(&u);
+        fwd_bwd(&u, &io, out, dx, dctx);
+        dl = malloc(sizeof(float) * u.lora_nparams);
+        memcpy(dl, u.lora_grads, sizeof(float) * u.lora_nparams);
+    }
+    ck_assert(unet_alloc_grads(&u) == 0);
+    ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 1) == 0);
+    unet_zero_grads(&u);
+    unet_zero_lora_grads(&u);
+    fwd_bwd(&u, &io, out, dx, dctx);
+    if (with_lora)
+        ck_assert_msg(memcmp(dl, u.lora_grads, sizeof(float) * u.lora_nparams) == 0,
+                      "LoRA gradients change when weight gradients are on");
+    float *g = malloc(sizeof(float) * np);
+    memcpy(g, u.grads, sizeof(float) * np);
+
+    fd_ctx c = {&u, &io, out};
+    static const char *names[] = {
+        "time_embedding.linear_1.weight", "time_embedding.linear_2.bias", "conv_in.weight",
+        "down_blocks.0.resnets.0.norm1.weight", "down_blocks.0.resnets.1.conv1.weight",
+        "down_blocks.1.resnets.0.time_emb_proj.weight", "down_blocks.0.downsamplers.0.conv.weight",
+        "down_blocks.1.attentions.1.norm.bias", "down_blocks.0.attentions.0.proj_in.weight",
+        "down_blocks.1.attentions.0.transformer_blocks.1.norm2.weight",
+        "mid_block.resnets.1.norm2.bias",
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+        "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_out.0.bias",
+        "up_blocks.2.attentions.2.transformer_blocks.0.ff.net.0.proj.weight",
+        "up_blocks.2.attentions.2.transformer_blocks.0.ff.net.2.bias",
+        "up_blocks.1.attentions.0.proj_out.weight", "up_blocks.0.resnets.0.conv_shortcut.weight",
+        "up_blocks.0.resnets.2.conv2.weight", "up_blocks.1.upsamplers.0.conv.weight",
+        "conv_norm_out.weight", "conv_out.weight",
+    };
+    double e_entry = 0;
+    for (size_t k = 0; k < sizeof names / sizeof *names; k++) {
+        int ti = unet_param_index(&u, names[k]);
+        ck_assert_msg(ti >= 0, "%s", names[k]);
+        const unet_param *p = &u.table[ti];
+        size_t n = 1, best = 0;
+        for (int d = 0; d < p->ndim; d++) n *= (size_t)p->shape[d];
+        const float *gt = g + p->offset;
+        for (size_t i = 1; i < n; i++) if (fabsf(gt[i]) > fabsf(gt[best])) best = i;
+        double num = entry_fd(u.params + p->offset + best, &c, FD_H_ENTRY);
+        double ee = fabs(gt[best] - num) / (fabs(gt[best]) + fabs(num) + 1.0);
+        printf("  %-66s [%4zu] %8.4f vs %8.4f: %.2g\n", names[k], best, gt[best], num, ee);
+        if (ee > e_entry) e_entry = ee;
+    }
+    /* and every parameter at once along a random direction */
+    double e_all = dir_check(u.params, g, np, &c, FD_H_DIR, 77);
+    printf("unet_b full grads%s, finite differences: worst entry %.3g, all %.3g\n",
+           with_lora ? " with LoRA" : "", e_entry, e_all);
+    ck_assert_msg(e_entry < FD_ENTRY_TOL, "entry: %g", e_entry);
+    ck_assert_msg(e_all < FD_ALL_TOL, "all: %g", e_all);
+    free(out); free(dx); free(dctx); free(dl); free(g);
+    io_close(&io);
+    unet_free(&u);
+}
+
+START_TEST(test_full_grads_fd) { check_full_fd(0); }
+END_TEST
+
+START_TEST(test_full_grads_fd_lora) { check_full_fd(1); }
+END_TEST
+
 /* ---- shapes, dropout ---------------------------------------------------- */
 
 START_TEST(test_shapes_and_dropout) {
@@ -564,6 +760,9 @@ static Suite *unet_suite(void) {
     tcase_add_test(tc, test_lora_b_transformer);
     tcase_add_test(tc, test_shapes_and_dropout);
     tcase_add_test(tc, test_gradcheck);
+    tcase_add_test(tc, test_full_grads_a);
+    tcase_add_test(tc, test_full_grads_fd);
+    tcase_add_test(tc, test_full_grads_fd_lora);
     suite_add_tcase(s, tc);
     return s;
 }

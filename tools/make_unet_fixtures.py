@@ -21,6 +21,9 @@ inputs, output and autograd gradients into tests/fixtures/unet_X_io.safetensors:
   (A, B and their gradients flattened to (r, in) and (out, r)).
 Every weight is random (norms around 1, conv_out and proj_out included), so no
 path through the network is zero.
+For model A only, tests/fixtures/unet_a_grads.safetensors holds the autograd
+gradient of the same L with respect to every parameter of the plain model
+(full fine-tuning), under the parameter's diffusers name (52,004 floats).
 """
 import copy
 import json
@@ -68,6 +71,17 @@ def run(model, x, t, ctx, dout, dtype=torch.float64):
     return out.detach(), x.grad.detach(), ctx.grad.detach()
 
 
+def full_grads(model, x, t, ctx, dout, dtype=torch.float64):
+    """dL/dW for every parameter, L = sum(out * dout), as run() computes it"""
+    model = model.to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    out = model(x.to(dtype), t.to(dtype), encoder_hidden_states=ctx.to(dtype)).sample
+    (out * dout.to(dtype)).sum().backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
 def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
@@ -94,6 +108,15 @@ def make(tag, cfg, seed, variants):
     print(f"unet_{tag}: torch float32 vs float64: out {rel(o32, out):.2g}, dx {rel(dx32, dx):.2g}, "
           f"dctx {rel(dc32, dctx):.2g}")
     io = {"x": x, "t": t, "ctx": ctx, "dout": dout, "out": out, "dx": dx, "dctx": dctx}
+
+    if tag == "a":
+        gw = full_grads(copy.deepcopy(model), x, t, ctx, dout)
+        gw32 = full_grads(copy.deepcopy(model), x, t, ctx, dout, torch.float32)
+        worst = max(gw, key=lambda k: rel(gw32[k], gw[k]))
+        print(f"unet_{tag}: {len(gw)} weight gradients, torch float32 vs float64 worst "
+              f"{rel(gw32[worst], gw[worst]):.2g} ({worst})")
+        save_file({k: v.contiguous().float() for k, v in gw.items()},
+                  os.path.join(OUT, f"unet_{tag}_grads.safetensors"))
 
     for v in variants:
         m = copy.deepcopy(model)
