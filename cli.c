@@ -10,7 +10,7 @@ void cli_usage(const char *usage, const cli_opt *opts, int nopts) {
     printf("%s\n\noptions:\n", usage);
     for (int i = 0; i < nopts; i++) {
         const cli_opt *o = &opts[i];
-        const char *arg = o->kind == OPT_FLAG ? "" : o->kind == OPT_STR ? " S"
+        const char *arg = o->kind == OPT_FLAG ? "" : o->kind == OPT_STR || o->kind == OPT_STRLIST ? " S"
                         : o->kind == OPT_CHOICE ? " C" : " N";
         char lhs[64];
         snprintf(lhs, sizeof lhs, "%s%s", o->name, arg);
@@ -78,6 +78,15 @@ static int set_value(const cli_opt *o, const char *v) {
     case OPT_STR:
         *(const char **)o->dst = v;
         return 0;
+    case OPT_STRLIST: {
+        cli_strlist *l = o->dst;
+        if (l->n >= CLI_LIST_MAX) {
+            fprintf(stderr, "error: %s: given more than %d times (combine the files or merge some first)\n", o->name, CLI_LIST_MAX);
+            return 2;
+        }
+        l->v[l->n++] = v;
+        return 0;
+    }
     case OPT_FLAG:
         break;
     }

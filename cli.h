@@ -6,12 +6,16 @@
 #include <stdint.h>
 #include <stddef.h>
 
-typedef enum { OPT_FLAG, OPT_INT, OPT_FLOAT, OPT_U64, OPT_STR, OPT_CHOICE } opt_kind;
+typedef enum { OPT_FLAG, OPT_INT, OPT_FLOAT, OPT_U64, OPT_STR, OPT_CHOICE, OPT_STRLIST } opt_kind;
+
+/* OPT_STRLIST: a flag that may be given several times (./sample --lora) */
+#define CLI_LIST_MAX 32
+typedef struct { const char *v[CLI_LIST_MAX]; int n; } cli_strlist;
 
 typedef struct {
     const char *name;     /* "--rank" */
     opt_kind kind;
-    void *dst;            /* int*, float*, uint64_t*, const char** */
+    void *dst;            /* int*, float*, uint64_t*, const char**, cli_strlist* */
     double min, max;      /* accepted range for numbers */
     const char *choices;  /* OPT_CHOICE: "a|b|c" */
     const char *help;

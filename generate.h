@@ -40,4 +40,13 @@ void sd_params_text(char *buf, size_t n, const sd_model *m, const gen_params *p,
  * on error the model is as before). */
 int sd_apply_lora(sd_model *m, const lora_file *lf, float w, int merge, char *err);
 
+/* AUTOMATIC1111's LoRA tags in a prompt: "a cat <lora:style:0.8>, night"
+ * gives text "a cat , night" (tags removed, as A1111 removes them) and
+ * {"style", 0.8}. "<lora:name>" means weight 1. Other <...> text is left
+ * alone. Returns the number of tags (at most max), or -1 with err
+ * (SD_ERR_LEN) for a malformed tag or too many. */
+typedef struct { char name[256]; float weight; } sd_prompt_lora;
+int sd_prompt_loras(const char *prompt, char *text, size_t ntext,
+                    sd_prompt_lora *loras, int max, char *err);
+
 #endif
