@@ -19,7 +19,10 @@
  * and B, so the backward pass carries the gradient down the residual stream
  * (dx through every frozen weight is unavoidable: the adapters of lower
  * layers need it) but never forms a frozen weight's gradient, and stops at
- * the first layer's adapters: nothing below them (the embeddings) trains. */
+ * the first layer's adapters: nothing below them (the embeddings) trains.
+ * With a grads block (clip_alloc_grads, full fine-tuning) every weight's
+ * gradient is formed too, at the weight's own offset in grads, and backward
+ * runs on down to the embeddings. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -221,7 +224,7 @@ oom:
 void clip_free(clip_t *m) {
     free(m->params); free(m->table); free(m->layers);
     free(m->adapters); free(m->lora_params); free(m->lora_grads);
-    free(m->acts); free(m->masks); free(m->grads);
+    free(m->acts); free(m->masks); free(m->work); free(m->grads); free(m->ids);
     memset(m, 0, sizeof *m);
 }
 
@@ -330,6 +333,38 @@ int clip_add_lora(clip_t *m, int rank, float alpha, float dropout, uint64_t seed
 
 void clip_zero_grad(clip_t *m) {
     if (m->lora_grads) memset(m->lora_grads, 0, sizeof(float) * m->num_lora_params);
+}
+
+/* ---------------------------------------------------------------------------
+ * full fine-tuning */
+
+int clip_alloc_grads(clip_t *m) {
+    if (m->grads) return 0;
+    m->grads = calloc(m->num_params ? m->num_params : 1, sizeof(float));
+    if (!m->grads) {
+        snprintf(m->err, sizeof m->err, "clip: out of memory for %zu weight gradients", m->num_params);
+        return -1;
+    }
+    return 0;
+}
+
+void clip_zero_grads(clip_t *m) {
+    if (m->grads) memset(m->grads, 0, sizeof(float) * m->num_params);
+}
+
+/* the gradient of parameter p (same offset in grads), or NULL: frozen */
+static float *gw(const clip_t *m, const float *p) {
+    return m->grads ? m->grads + (p - m->params) : NULL;
+}
+
+/* backward of one projection: dinp += (may be NULL), the adapter's dA, dB +=,
+ * and with full grads dW += dout^T inp, db += sum_n dout (W0 sees the
+ * undropped input: dropout is on the adapter's branch only) */
+static void proj_backward(clip_t *m, float *dinp, const float *dout, const float *inp, const float *ax,
+                          const uint8_t *mask, const float *w, const float *b, lora_t *L,
+                          int N, int in, int out) {
+    if (m->grads) linear_backward(NULL, gw(m, w), gw(m, b), dout, inp, w, N, in, out);
+    lora_backward(dinp, dout, inp, ax, mask, w, L, N, in, out);
 }
 
 int clip_num_adapters(const clip_t *m) { return m->nadapters; }
@@ -443,6 +478,11 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
         snprintf(m->err, sizeof m->err, "clip: out of memory for activations (B=%d, T=%d)", B, T);
         return -1;
     }
+    if (ensure((void **)&m->ids, &m->ids_cap, N, sizeof(int))) {
+        snprintf(m->err, sizeof m->err, "clip: out of memory for activations (B=%d, T=%d)", B, T);
+        return -1;
+    }
+    memcpy(m->ids, ids, sizeof(int) * N);
     m->B = B; m->T = T; m->dropout_on = dropout_on;
     int nrun = c->num_layers - clip_skip + 1;
     float *xfinal = m->acts + (size_t)c->num_layers * layer_floats(m, B, T);
@@ -490,14 +530,15 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
 }
 
 /* ---------------------------------------------------------------------------
- * backward: LoRA gradients only */
+ * backward: LoRA gradients, and every weight's with full grads */
 
 int clip_backward(clip_t *m, const float *dout) {
     const clip_config *c = &m->config;
     int C = c->hidden_size, F = c->intermediate_size, H = c->num_heads, Dh = C / H;
     int B = m->B, T = m->T;
-    if (!m->adapters) {
-        snprintf(m->err, sizeof m->err, "clip: backward without LoRA (nothing trains; call clip_add_lora)");
+    if (!m->adapters && !m->grads) {
+        snprintf(m->err, sizeof m->err, "clip: backward without LoRA or weight gradients (nothing trains; "
+                 "call clip_add_lora or clip_alloc_grads)");
         return -1;
     }
     if (m->nrun == 0 || B == 0) {
@@ -505,20 +546,21 @@ int clip_backward(clip_t *m, const float *dout) {
         return -1;
     }
     size_t N = (size_t)B * T;
-    if (ensure((void **)&m->grads, &m->grads_cap, 6 * N * C + 2 * N * F, sizeof(float))) {
+    if (ensure((void **)&m->work, &m->work_cap, 6 * N * C + 2 * N * F, sizeof(float))) {
         snprintf(m->err, sizeof m->err, "clip: out of memory for the backward workspace");
         return -1;
     }
-    float *dres = m->grads, *dln = dres + N * C, *datty = dln + N * C;
+    float *dres = m->work, *dln = dres + N * C, *datty = dln + N * C;
     float *dq = datty + N * C, *dk = dq + N * C, *dv = dk + N * C;
     float *dh = dv + N * C, *dha = dh + N * F;
     float *xfinal = m->acts + (size_t)c->num_layers * layer_floats(m, B, T);
     float *lnf_mean = xfinal + N * C, *lnf_rstd = lnf_mean + N;
     size_t nC = N * C * sizeof(float), nF = N * F * sizeof(float);
 
-    /* through final_layer_norm (frozen: no dw, db) */
+    /* through final_layer_norm (frozen unless full grads: gw gives NULL) */
     memset(dres, 0, nC);
-    layernorm_backward(dres, NULL, NULL, dout, xfinal, m->lnf_w, lnf_mean, lnf_rstd, (int)N, C);
+    layernorm_backward(dres, gw(m, m->lnf_w), gw(m, m->lnf_b), dout, xfinal, m->lnf_w, lnf_mean, lnf_rstd,
+                       (int)N, C);
     for (int l = m->nrun - 1; l >= 0; l--) {
         const clip_layer *P = &m->layers[l];
         layer_acts a;
@@ -526,31 +568,49 @@ int clip_backward(clip_t *m, const float *dout) {
         layer_view(m, l, &a);
         /* dres holds dL/dx_{l+1}. MLP branch; the residual passes dres through unchanged */
         memset(dha, 0, nF);
-        lora_backward(dha, dres, a.ha, a.ax[CLIP_FC2], a.mask[CLIP_FC2], P->fc2_w,
+        proj_backward(m, dha, dres, a.ha, a.ax[CLIP_FC2], a.mask[CLIP_FC2], P->fc2_w, P->fc2_b,
                       adapter(m, l, CLIP_FC2, &t2), (int)N, F, C);
         memset(dh, 0, nF);
         if (c->act == CLIP_ACT_GELU) gelu_backward(dh, dha, a.h, N * F);
         else quickgelu_backward(dh, dha, a.h, N * F);
         memset(dln, 0, nC);
-        lora_backward(dln, dh, a.ln2, a.ax[CLIP_FC1], a.mask[CLIP_FC1], P->fc1_w,
+        proj_backward(m, dln, dh, a.ln2, a.ax[CLIP_FC1], a.mask[CLIP_FC1], P->fc1_w, P->fc1_b,
                       adapter(m, l, CLIP_FC1, &t1), (int)N, C, F);
         /* dL/dx' = dL/dx_{l+1} + ln2 backward */
-        layernorm_backward(dres, NULL, NULL, dln, a.res2, P->ln2_w, a.ln2_mean, a.ln2_rstd, (int)N, C);
+        layernorm_backward(dres, gw(m, P->ln2_w), gw(m, P->ln2_b), dln, a.res2, P->ln2_w,
+                           a.ln2_mean, a.ln2_rstd, (int)N, C);
         /* attention branch */
         memset(datty, 0, nC);
-        lora_backward(datty, dres, a.atty, a.ax[CLIP_O], a.mask[CLIP_O], P->o_w,
+        proj_backward(m, datty, dres, a.atty, a.ax[CLIP_O], a.mask[CLIP_O], P->o_w, P->o_b,
                       adapter(m, l, CLIP_O, &to), (int)N, C, C);
         memset(dq, 0, 3 * nC);
         attention_backward(dq, dk, dv, datty, a.q, a.k, a.v, a.att, B, T, T, H, Dh, 1);
-        /* the first layer's input gradient would only reach the frozen
-         * embeddings: skip it (lora_backward with dinp NULL still gives dA, dB) */
-        float *dx = l > 0 ? dln : NULL;
+        /* the first layer's input gradient reaches only the embeddings: skip
+         * it when they are frozen (lora_backward with dinp NULL still gives dA, dB) */
+        float *dx = l > 0 || m->grads ? dln : NULL;
         if (dx) memset(dln, 0, nC);
-        lora_backward(dx, dq, a.ln1, a.ax[CLIP_Q], a.mask[CLIP_Q], P->q_w, adapter(m, l, CLIP_Q, &tq), (int)N, C, C);
-        lora_backward(dx, dk, a.ln1, a.ax[CLIP_K], a.mask[CLIP_K], P->k_w, adapter(m, l, CLIP_K, &tk), (int)N, C, C);
-        lora_backward(dx, dv, a.ln1, a.ax[CLIP_V], a.mask[CLIP_V], P->v_w, adapter(m, l, CLIP_V, &tv), (int)N, C, C);
+        proj_backward(m, dx, dq, a.ln1, a.ax[CLIP_Q], a.mask[CLIP_Q], P->q_w, P->q_b,
+                      adapter(m, l, CLIP_Q, &tq), (int)N, C, C);
+        proj_backward(m, dx, dk, a.ln1, a.ax[CLIP_K], a.mask[CLIP_K], P->k_w, P->k_b,
+                      adapter(m, l, CLIP_K, &tk), (int)N, C, C);
+        proj_backward(m, dx, dv, a.ln1, a.ax[CLIP_V], a.mask[CLIP_V], P->v_w, P->v_b,
+                      adapter(m, l, CLIP_V, &tv), (int)N, C, C);
         /* dL/dx_l = dL/dx' + ln1 backward */
-        if (dx) layernorm_backward(dres, NULL, NULL, dln, a.res, P->ln1_w, a.ln1_mean, a.ln1_rstd, (int)N, C);
+        if (dx)
+            layernorm_backward(dres, gw(m, P->ln1_w), gw(m, P->ln1_b), dln, a.res, P->ln1_w,
+                               a.ln1_mean, a.ln1_rstd, (int)N, C);
+    }
+    if (m->grads) {
+        /* x_0[b, t] = tok[ids[b, t]] + pos[t]:
+         *   dtok[ids[b, t]] += dx_0[b, t],  dpos[t] += dx_0[b, t]
+         * (a repeated id, as the eos padding, sums its rows; serial, so in order) */
+        float *dtok = gw(m, m->tok_emb), *dpos = gw(m, m->pos_emb);
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < T; t++) {
+                const float *d = dres + ((size_t)b * T + t) * C;
+                float *dt = dtok + (size_t)m->ids[b * T + t] * C, *dp = dpos + (size_t)t * C;
+                for (int i = 0; i < C; i++) { dt[i] += d[i]; dp[i] += d[i]; }
+            }
     }
     return 0;
 }

@@ -15,7 +15,8 @@
  * Parameters live in one float block with a table of (name, offset, shape),
  * names as transformers writes them without the "text_model." prefix. The
  * backward gives gradients for the LoRA parameters only: the frozen weights
- * get none, and no work is spent on them. */
+ * get none, and no work is spent on them, unless a gradient block of the
+ * params' layout was allocated (clip_alloc_grads: full fine-tuning). */
 #ifndef SDLORA_CLIP_H
 #define SDLORA_CLIP_H
 
@@ -73,6 +74,7 @@ typedef struct {
     clip_config config;
     /* parameters: one block, one table */
     float *params;
+    float *grads;                      /* same layout: dL/dparams; NULL = frozen (no work) */
     size_t num_params;
     clip_param *table;
     int ntable;
@@ -91,8 +93,10 @@ typedef struct {
     size_t acts_cap;                   /* floats allocated */
     uint8_t *masks;                    /* dropout masks (when dropout > 0 and training) */
     size_t masks_cap;
-    float *grads;                      /* backward workspace, sized with acts */
-    size_t grads_cap;
+    int *ids;                          /* the last forward's ids (the token embedding's gradient) */
+    size_t ids_cap;
+    float *work;                       /* backward workspace, sized with acts */
+    size_t work_cap;
     int B, T, nrun, dropout_on;        /* shape, layers run, dropout used by the last forward */
     char err[ST_ERR_LEN];              /* why the last clip_forward/clip_backward failed */
 } clip_t;
@@ -116,9 +120,19 @@ int clip_load_hf(clip_t *m, const char *dir, char *err);
  * Returns 0, or -1 with the reason in m->err. */
 int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_skip);
 /* dout (B, T, d) for the out of the last clip_forward: ACCUMULATES (+=) into
- * the LoRA gradients (clip_zero_grad first). No gradient for frozen weights or
- * the embeddings. Returns 0, or -1 with m->err (no forward, no LoRA, OOM). */
+ * the LoRA gradients (clip_zero_grad first) and, when allocated, into grads
+ * (clip_zero_grads first): every weight, final_layer_norm, the position
+ * embedding and the token embedding rows of the ids seen. Layers that
+ * clip_skip left out get nothing. Without grads, no gradient for frozen
+ * weights or the embeddings, and backward stops at the first layer's
+ * adapters. Returns 0, or -1 with m->err (no forward, nothing to train, OOM). */
 int clip_backward(clip_t *m, const float *dout);
+
+/* Full fine-tuning: allocate grads (zeroed, the layout of params). Returns 0,
+ * or -1 with m->err (out of memory). clip_zero_grads zeroes it (not to be
+ * confused with clip_zero_grad, the LoRA gradients). */
+int clip_alloc_grads(clip_t *m);
+void clip_zero_grads(clip_t *m);
 
 /* pooled (B, d): the row of hidden (B, T, d; the clip_skip 1 output) at the
  * end-of-text token of each sequence, as CLIPTextModel's pooler_output:

@@ -1,9 +1,16 @@
 /* test_clip.c: the CLIP text model against transformers / diffusers / peft
  * (fixtures from tools/make_clip_fixtures.py), a finite-difference check of
- * the LoRA gradients, and malformed model folders. */
+ * the LoRA gradients, and malformed model folders. Full fine-tuning
+ * (clip_alloc_grads): every parameter's gradient of clip_a against autograd
+ * (clip_a_grads.safetensors), clip_skip and LoRA alongside, and finite
+ * differences on single weights of clip_b. */
 #include <unistd.h>
 #include "testutil.h"
 #include "clip.h"
+
+#ifndef FD_H
+#define FD_H 3e-3f          /* finite-difference step of the full-grads checks */
+#endif
 
 /* ---- helpers ------------------------------------------------------------ */
 
@@ -235,6 +242,182 @@ START_TEST(test_lora_dropout) {
 }
 END_TEST
 
+/* ---- full fine-tuning: a gradient for every parameter -------------------- */
+
+START_TEST(test_full_grads_a) {
+    fx_model f;
+    fx_model_open(&f, "a");
+    clip_t *m = &f.m;
+    size_t n = out_numel(&f), np = m->num_params;
+    float *out = malloc(sizeof(float) * n), *dout = fx_get(&f.io, "dout", n);
+    ck_assert(m->grads == NULL);
+    ck_assert_msg(clip_alloc_grads(m) == 0, "%s", m->err);
+    clip_zero_grads(m);
+    /* no LoRA needed now: the weights train */
+    ck_assert(clip_forward(m, out, f.ids, f.B, f.T, 1) == 0);
+    ck_assert_msg(clip_backward(m, dout) == 0, "%s", m->err);
+
+    st_file gf;
+    fx_open(&gf, "clip_a_grads.safetensors");
+    ck_assert_int_eq(gf.ntensors, m->ntable);
+    double worst = 0;
+    const char *worst_name = "";
+    for (int i = 0; i < m->ntable; i++) {
+        const clip_param *p = &m->table[i];
+        float *ref = fx_get(&gf, p->name, p->numel);
+        double e = rel_err(m->grads + p->offset, ref, p->numel);
+        if (i == 0) {
+            /* token embedding: exactly zero on the rows of ids never seen */
+            int C = m->config.hidden_size, seen_rows = 0;
+            for (int v = 0; v < m->config.vocab_size; v++) {
+                int seen = 0;
+                for (int k = 0; k < f.B * f.T; k++) seen |= f.ids[k] == v;
+                seen_rows += seen;
+                for (int j = 0; j < C && !seen; j++)
+                    ck_assert(m->grads[p->offset + (size_t)v * C + j] == 0.0f && ref[(size_t)v * C + j] == 0.0f);
+            }
+            printf("clip_a token embedding: %d of %d rows seen\n", seen_rows, m->config.vocab_size);
+        }
+        if (strstr(p->name, "k_proj.bias")) {
+            /* softmax(q (k_j + b)) = softmax(q k_j): a key bias does not change
+             * attention, its true gradient is 0 and both sides hold rounding
+             * only (the float64 reference up to 1.4e-6). Compare its size with
+             * the layer's q_proj.bias gradient (two tensors before it). */
+            const clip_param *qb = &m->table[i - 2];
+            ck_assert(strstr(qb->name, "q_proj.bias") != NULL);
+            double mk = 0, mq = 0;
+            for (size_t j = 0; j < p->numel; j++) mk = fmax(mk, fabs(m->grads[p->offset + j]));
+            for (size_t j = 0; j < qb->numel; j++) mq = fmax(mq, fabs(m->grads[qb->offset + j]));
+            printf("  %-40s max |g| %.3g (q_proj.bias %.3g)\n", p->name, mk, mq);
+            ck_assert_msg(mk < 1e-4 * mq, "%s: %g", p->name, mk);
+            free(ref);
+            continue;
+        }
+        free(ref);
+        if (!(e <= worst)) { worst = e; worst_name = p->name; }
+        ck_assert_msg(e < 1e-3, "%s: rel_err %g", p->name, e);
+    }
+    printf("clip_a all %d weight gradients (but k_proj.bias): worst rel_err %.3g (%s)\n", m->ntable, worst,
+           worst_name);
+    st_close(&gf);
+
+    /* backward accumulates: a second call doubles every gradient */
+    float *g1 = malloc(sizeof(float) * np), *g2 = malloc(sizeof(float) * np);
+    memcpy(g1, m->grads, sizeof(float) * np);
+    ck_assert(clip_backward(m, dout) == 0);
+    for (size_t i = 0; i < np; i++) g2[i] = 2.0f * g1[i];
+    ck_assert(rel_err(m->grads, g2, np) < 1e-6);
+
+    /* clip_skip 2: the last layer is not run and gets nothing; every other
+     * tensor gets a gradient */
+    clip_zero_grads(m);
+    ck_assert(clip_forward(m, out, f.ids, f.B, f.T, 2) == 0);
+    ck_assert(clip_backward(m, dout) == 0);
+    int last = m->config.num_layers - 1;
+    char prefix[64];
+    snprintf(prefix, sizeof prefix, "encoder.layers.%d.", last);
+    for (int i = 0; i < m->ntable; i++) {
+        const clip_param *p = &m->table[i];
+        double s = 0;
+        for (size_t j = 0; j < p->numel; j++) s += fabsf(m->grads[p->offset + j]);
+        if (strncmp(p->name, prefix, strlen(prefix)) == 0) ck_assert_msg(s == 0, "%s", p->name);
+        else ck_assert_msg(s > 0, "%s has no gradient", p->name);
+    }
+
+    /* with LoRA as well: the adapters' gradients are those of LoRA alone
+     * (computed first with the weights frozen again) */
+    free(m->grads);
+    m->grads = NULL;
+    fx_add_lora(&f, 0.0f);
+    ck_assert(clip_forward(m, out, f.ids, f.B, f.T, 1) == 0);
+    clip_zero_grad(m);
+    ck_assert(clip_backward(m, dout) == 0);
+    float *dl = malloc(sizeof(float) * m->num_lora_params);
+    memcpy(dl, m->lora_grads, sizeof(float) * m->num_lora_params);
+    ck_assert(clip_alloc_grads(m) == 0);
+    clip_zero_grad(m);
+    ck_assert(clip_forward(m, out, f.ids, f.B, f.T, 1) == 0);
+    ck_assert(clip_backward(m, dout) == 0);
+    ck_assert(memcmp(dl, m->lora_grads, sizeof(float) * m->num_lora_params) == 0);
+    /* and the weights' gradients now differ from the plain model's (the
+     * adapters change the function) but are finite */
+    double d = rel_err(m->grads, g1, np);
+    printf("clip_a full grads with LoRA vs without: rel diff %.3g\n", d);
+    ck_assert(d > 1e-3 && isfinite(d));
+
+    free(dl); free(g1); free(g2); free(out); free(dout);
+    fx_model_close(&f);
+}
+END_TEST
+
+/* d/dw of one entry, central differences with Richardson extrapolation
+ * R = (4 D(h/2) - D(h)) / 3, which cancels D's h^2 term */
+static double entry_fd(float *w, fd_ctx *c, float h) {
+    float save = *w;
+    double d[2];
+    for (int k = 0; k < 2; k++) {
+        float hk = k ? h / 2 : h;
+        *w = save + hk; double lp = fd_loss(c);
+        *w = save - hk; double lm = fd_loss(c);
+        d[k] = (lp - lm) / (2.0 * (double)hk);
+    }
+    *w = save;
+    return (4.0 * d[1] - d[0]) / 3.0;
+}
+
+/* Finite differences on clip_b (gelu, independent of any fixture gradient),
+ * plain and with LoRA: for a tensor of every kind, its largest-gradient
+ * entry, error |a - n| / (|a| + |n| + 1): the loss (about 36) rounds at
+ * ~1e-5, which the atol of 1 keeps out of the measure for small entries. */
+static void check_full_fd(int with_lora) {
+    fx_model f;
+    fx_model_open(&f, "b");
+    if (with_lora) {
+        fx_add_lora(&f, 0.0f);
+    }
+    clip_t *m = &f.m;
+    size_t n = out_numel(&f);
+    fd_ctx c = {&f, malloc(sizeof(float) * n), malloc(sizeof(float) * n), n, 1};
+    fill_uniform(c.R, n, -1, 1, 99);
+    ck_assert(clip_alloc_grads(m) == 0);
+    clip_zero_grads(m);
+    fd_loss(&c);
+    ck_assert(clip_backward(m, c.R) == 0);
+    float *g = malloc(sizeof(float) * m->num_params);
+    memcpy(g, m->grads, sizeof(float) * m->num_params);
+    static const char *names[] = {
+        "embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
+        "encoder.layers.0.layer_norm1.weight", "encoder.layers.0.self_attn.q_proj.weight",
+        "encoder.layers.0.self_attn.k_proj.weight", "encoder.layers.1.self_attn.v_proj.bias",
+        "encoder.layers.0.self_attn.v_proj.weight",
+        "encoder.layers.0.self_attn.out_proj.weight", "encoder.layers.0.layer_norm2.bias",
+        "encoder.layers.0.mlp.fc1.weight", "encoder.layers.1.mlp.fc1.bias",
+        "encoder.layers.1.mlp.fc2.weight", "final_layer_norm.weight", "final_layer_norm.bias",
+    };
+    double worst = 0;
+    for (size_t k = 0; k < sizeof names / sizeof *names; k++) {
+        const clip_param *p = NULL;
+        for (int i = 0; i < m->ntable; i++) if (strcmp(m->table[i].name, names[k]) == 0) p = &m->table[i];
+        ck_assert_msg(p != NULL, "%s", names[k]);
+        const float *gt = g + p->offset;
+        size_t best = 0;
+        for (size_t i = 1; i < p->numel; i++) if (fabsf(gt[i]) > fabsf(gt[best])) best = i;
+        double num = entry_fd(m->params + p->offset + best, &c, FD_H);
+        double e = fabs(gt[best] - num) / (fabs(gt[best]) + fabs(num) + 1.0);
+        printf("  %-44s [%5zu] %9.4f vs %9.4f: %.2g\n", names[k], best, gt[best], num, e);
+        if (e > worst) worst = e;
+    }
+    printf("clip_b full grads%s, finite differences: worst %.3g\n", with_lora ? " with LoRA" : "", worst);
+    ck_assert_msg(worst < 1e-2, "finite-difference error %g", worst);
+    free(g); free(c.out); free(c.R);
+    fx_model_close(&f);
+}
+
+START_TEST(test_full_grads_fd) { check_full_fd(0); }
+END_TEST
+START_TEST(test_full_grads_fd_lora) { check_full_fd(1); }
+END_TEST
+
 /* ---- fp16 weights: the same model with every weight rounded to fp16 ------- */
 
 static void write_model(const char *dir, const clip_t *m, st_dtype dt, int skip, int bad_shape) {
@@ -447,6 +630,9 @@ static Suite *clip_suite(void) {
     tcase_add_test(tc, test_lora_b);
     tcase_add_test(tc, test_lora_gradcheck);
     tcase_add_test(tc, test_lora_dropout);
+    tcase_add_test(tc, test_full_grads_a);
+    tcase_add_test(tc, test_full_grads_fd);
+    tcase_add_test(tc, test_full_grads_fd_lora);
     tcase_add_test(tc, test_fp16_weights);
     tcase_add_test(tc, test_bad_config);
     tcase_add_test(tc, test_bad_weights);

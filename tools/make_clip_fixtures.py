@@ -18,6 +18,9 @@ Writes, for two tiny random-weight transformers CLIPTextModel configs:
     lora_skip2.*        the same through clip_skip=2 (A only): the last layer's
                         adapters get exactly zero gradient
   <module> is the transformers module path, e.g. text_model.encoder.layers.0.self_attn.q_proj.
+  tests/fixtures/clip_a_grads.safetensors (A only): d(sum(last_hidden_state * dout)) / dW
+    for every parameter of the plain model (full fine-tuning), named as clip.c's
+    table (no "text_model." prefix); the token embedding's rows of unused ids are 0.
 
 Config A: quick_gelu, eos_token_id = vocab-1 (pooled = first eos position).
 Config B: gelu, eos_token_id = 2, transformers' legacy rule (pooled = argmax id);
@@ -160,6 +163,16 @@ def build(tag, cfg):
 
     dout = torch.randn((ids.shape[0], T, d), generator=g, dtype=torch.float64)
     fx["dout"] = dout
+
+    if tag == "a":
+        # every parameter's gradient, before peft wraps the model (uses no generator)
+        names, params = zip(*model.named_parameters())
+        out = model(ids).last_hidden_state
+        grads = torch.autograd.grad(out, params, grad_outputs=dout)
+        gw = {n.removeprefix("text_model."): gr.detach().to(torch.float32).contiguous()
+              for n, gr in zip(names, grads)}
+        save_file(gw, os.path.join(FX, f"clip_{tag}_grads.safetensors"))
+        print(tag, "full grads:", len(gw), "tensors,", sum(v.numel() for v in gw.values()), "floats")
 
     # LoRA through peft
     lcfg = LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=TARGETS)
