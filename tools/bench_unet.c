@@ -1,0 +1,185 @@
+/* bench_unet.c: one full-size SD1.5 UNet step on the CPU, timed, for the
+ * comparison with PyTorch that tools/bench_unet.sh prints (`make bench`).
+ *
+ *   bench_unet MODEL INPUTS OUT infer [REPS]
+ *   bench_unet MODEL INPUTS OUT train|train-ckpt [REPS]
+ *
+ * MODEL: an SD1.x single .safetensors file or a diffusers folder (loaded by
+ * sd_model_load, so the text encoder and VAE are in memory too, as in
+ * train/sample). INPUTS: written by tools/bench_unet.py: x (1,4,h,w), t (1),
+ * ctx (1,77,768), and for training target (1,4,h,w) and every adapter's A and
+ * B ("lora.<diffusers module>.A" / ".B"), so both sides start from the same
+ * LoRA weights. OUT gets what the Python side compares against diffusers:
+ * eps, and for training every adapter's gradients ("grad.<module>.A"/".B").
+ *
+ * infer: one forward (inference arena). train: LoRA "attn" rank 4 (to_q, to_k,
+ * to_v, to_out.0 of every attn1/attn2; alpha 4, no dropout), a training-mode
+ * forward, loss = mean((eps - target)^2), backward to the LoRA gradients only.
+ * train-ckpt: the same with gradient checkpointing (unet_alloc_acts train=2).
+ * Each is run once to warm up, then REPS (3) times; the best time is printed.
+ * One measurement per process, so the peak RSS (getrusage ru_maxrss) printed
+ * at the end is that measurement's own. Threads: OpenMP's default, every core
+ * (OMP_NUM_THREADS overrides). Lines starting "result " are for the script. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <sys/resource.h>
+#include "model.h"
+#include "safetensors.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+static double peak_rss_mb(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return ru.ru_maxrss / 1024.0;     /* Linux: kilobytes */
+}
+
+/* the resident set now, from /proc (0 where there is none) */
+static double rss_mb(void) {
+    long pages = 0, resident = 0;
+    FILE *f = fopen("/proc/self/statm", "r");
+    if (!f) return 0;
+    if (fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
+    fclose(f);
+    return resident * 4096.0 / (1024 * 1024);
+}
+
+static void die(const char *what, const char *why) {
+    fprintf(stderr, "error: %s: %s\n", what, why);
+    exit(1);
+}
+
+/* read a tensor of exactly n floats from the inputs file */
+static float *need(const st_file *f, const char *name, size_t n, const char *path) {
+    char err[512];
+    size_t got = 0;
+    float *p = st_load_f32(f, name, &got, err);
+    if (!p) die(path, err);
+    if (got != n) {
+        snprintf(err, sizeof err, "tensor %s has %zu values, expected %zu (rerun tools/bench_unet.py prepare)", name, got, n);
+        die(path, err);
+    }
+    return p;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 5 || (strcmp(argv[4], "infer") && strcmp(argv[4], "train") && strcmp(argv[4], "train-ckpt"))) {
+        fprintf(stderr, "usage: %s MODEL INPUTS.safetensors OUT.safetensors infer|train|train-ckpt [REPS]\n", argv[0]);
+        return 2;
+    }
+    const char *model_path = argv[1], *in_path = argv[2], *out_path = argv[3], *mode = argv[4];
+    int reps = argc > 5 ? atoi(argv[5]) : 3;
+    if (reps < 1) reps = 1;
+    int train = strcmp(mode, "infer") == 0 ? 0 : strcmp(mode, "train") == 0 ? 1 : 2;
+    int threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+
+    char err[SD_ERR_LEN];
+    sd_model m;
+    double t0 = now();
+    if (sd_model_load(&m, model_path, NULL, err)) die(model_path, err);
+    double load_s = now() - t0;
+    unet_t *u = &m.unet;
+    printf("loaded %s in %.1f s (%s), RSS %.0f MB\n", model_path, load_s,
+           m.single_file ? "single file" : "diffusers folder", rss_mb());
+
+    st_file inp;
+    if (st_open(&inp, in_path, err)) die(in_path, err);
+    const st_tensor *xt = st_find(&inp, "x");
+    if (!xt || xt->ndim != 4) die(in_path, "no 4-D tensor x (rerun tools/bench_unet.py prepare)");
+    int B = (int)xt->shape[0], C = (int)xt->shape[1], h = (int)xt->shape[2], w = (int)xt->shape[3];
+    int Tc = 77, D = u->cfg.cross_dim;
+    size_t nx = (size_t)B * C * h * w, neps = (size_t)B * u->cfg.out_channels * h * w;
+    if (C != u->cfg.in_channels) die(in_path, "x has the wrong channel count for this UNet");
+    float *x = need(&inp, "x", nx, in_path);
+    float *t = need(&inp, "t", (size_t)B, in_path);
+    float *ctx = need(&inp, "ctx", (size_t)B * Tc * D, in_path);
+    float *eps = malloc(sizeof(float) * neps);
+    float *target = NULL, *deps = NULL;
+    if (!eps) die("eps", "out of memory");
+
+    if (train) {
+        if (unet_add_lora(u, "attn", 4, 4.0f, 0.0f, 1234)) die("LoRA", u->err);
+        /* the Python side's A and B, so the gradients can be compared */
+        for (int i = 0; i < u->nloras; i++) {
+            lora_t *L = &u->loras[i].L;
+            char name[160];
+            snprintf(name, sizeof name, "lora.%s.A", u->loras[i].name);
+            float *a = need(&inp, name, (size_t)L->r * L->in, in_path);
+            snprintf(name, sizeof name, "lora.%s.B", u->loras[i].name);
+            float *b = need(&inp, name, (size_t)L->out * L->r, in_path);
+            memcpy(L->A, a, sizeof(float) * L->r * L->in);
+            memcpy(L->B, b, sizeof(float) * L->out * L->r);
+            free(a); free(b);
+        }
+        target = need(&inp, "target", neps, in_path);
+        deps = malloc(sizeof(float) * neps);
+        if (!deps) die("deps", "out of memory");
+        printf("LoRA attn rank 4: %d adapters, %zu parameters\n", u->nloras, u->lora_nparams);
+    }
+    if (unet_alloc_acts(u, B, h, w, Tc, train)) die("activations", u->err);
+    printf("activation arena %.0f MB (train=%d), %d threads\n",
+           unet_acts_floats(u) * 4.0 / (1 << 20), train, threads);
+
+    double best = 1e30, best_f = 1e30, best_b = 1e30, loss = 0;
+    for (int rep = 0; rep <= reps; rep++) {      /* rep 0 warms up */
+        double a = now();
+        if (unet_forward(u, eps, x, t, ctx, B, h, w, Tc)) die("forward", u->err);
+        double b = now();
+        if (train) {
+            /* loss = mean((eps - target)^2)  =>  dL/deps = 2 (eps - target) / n */
+            loss = 0;
+            for (size_t i = 0; i < neps; i++) {
+                double d = eps[i] - target[i];
+                loss += d * d;
+                deps[i] = (float)(2.0 * d / neps);
+            }
+            loss /= neps;
+            unet_zero_lora_grads(u);
+            if (unet_backward(u, deps, NULL, NULL)) die("backward", u->err);
+        }
+        double c = now();
+        printf("  %s %d: %.3f s%s", rep ? "run" : "warm-up", rep, c - a, train ? "" : "\n");
+        if (train) printf(" (forward %.3f s, backward %.3f s, loss %.6f)\n", b - a, c - b, loss);
+        fflush(stdout);
+        if (rep && c - a < best) { best = c - a; best_f = b - a; best_b = c - b; }
+    }
+
+    st_writer *wr = st_writer_new();
+    int64_t shp[4] = {B, u->cfg.out_channels, h, w};
+    int rc = st_writer_add_f32(wr, "eps", ST_F32, 4, shp, eps);
+    for (int i = 0; train && rc == 0 && i < u->nloras; i++) {
+        lora_t *L = &u->loras[i].L;
+        char name[160];
+        int64_t sa[2] = {L->r, L->in}, sb[2] = {L->out, L->r};
+        snprintf(name, sizeof name, "grad.%s.A", u->loras[i].name);
+        rc = st_writer_add_f32(wr, name, ST_F32, 2, sa, L->dA);
+        snprintf(name, sizeof name, "grad.%s.B", u->loras[i].name);
+        if (rc == 0) rc = st_writer_add_f32(wr, name, ST_F32, 2, sb, L->dB);
+    }
+    if (rc || st_writer_save(wr, out_path, err)) die(out_path, rc ? "cannot add a tensor" : err);
+    st_writer_free(wr);
+
+    double peak = peak_rss_mb();
+    printf("best of %d: %.3f s", reps, best);
+    if (train) printf(" (forward %.3f s + backward %.3f s)", best_f, best_b);
+    printf(", peak RSS %.0f MB\n", peak);
+    printf("result sdlora %s time_s=%.4f fwd_s=%.4f bwd_s=%.4f peak_rss_mb=%.0f threads=%d load_s=%.1f\n",
+           mode, best, train ? best_f : best, train ? best_b : 0.0, peak, threads, load_s);
+
+    free(x); free(t); free(ctx); free(eps); free(target); free(deps);
+    st_close(&inp);
+    sd_model_free(&m);
+    return 0;
+}

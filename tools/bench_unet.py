@@ -1,0 +1,233 @@
+#!/usr/bin/env python3
+"""The PyTorch side of the UNet-step benchmark (tools/bench_unet.sh runs it).
+
+    bench_unet.py prepare DIR INPUTS [SIDE]     fixed inputs for both sides
+    bench_unet.py infer   DIR INPUTS OUT        one UNet forward, torch.no_grad()
+    bench_unet.py train   DIR INPUTS OUT        LoRA (peft) forward + backward
+    bench_unet.py compare INPUTS C_OUT PY_OUT   max|a-b| / max|b| of eps (and gradients)
+    bench_unet.py report  LOG...                the table, from the "result" lines
+
+DIR is the diffusers folder of tools/make_sd15_random.py (fp16 weights, loaded
+as float32: the same fp16-rounded numbers the C side converts). The model is
+loaded as StableDiffusion pipelines hold it (UNet, VAE, text encoder, all
+float32 on the CPU), because the C side's sd_model_load holds all three too.
+
+infer: unet(x, t=500, ctx) under torch.no_grad(). train: peft LoRA rank 4,
+alpha 4, no dropout, on to_q, to_k, to_v, to_out.0 (every attn1 and attn2),
+base weights frozen, A and B set from INPUTS; loss = mse(eps, target);
+loss.backward(). Both: one warm-up run, then best of REPS (3,
+SDLORA_BENCH_REPS) runs. Threads: torch.set_num_threads(OMP_NUM_THREADS or
+every core). One measurement per process, so ru_maxrss is its own peak.
+"""
+import math
+import os
+import re
+import resource
+import sys
+import time
+
+import torch
+
+
+def threads():
+    n = os.environ.get("OMP_NUM_THREADS")
+    return int(n) if n else os.cpu_count()
+
+
+def rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux: kB
+
+
+def lora_sites(unet):
+    """(diffusers module name, in, out) of every LoRA "attn" target, in
+    module order (the C side's unet_add_lora "attn" covers the same set)."""
+    out = []
+    for name, m in unet.named_modules():
+        if re.search(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name):
+            out.append((name, m.in_features, m.out_features))
+    return out
+
+
+def prepare(folder, path, side=64):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    cfg = UNet2DConditionModel.load_config(os.path.join(folder, "unet"))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(cfg)
+    g = torch.Generator().manual_seed(42)
+    t = {
+        "x": torch.randn(1, cfg["in_channels"], side, side, generator=g),
+        "t": torch.tensor([500.0]),
+        "ctx": torch.randn(1, 77, cfg["cross_attention_dim"], generator=g),
+        "target": torch.randn(1, cfg["out_channels"], side, side, generator=g),
+    }
+    # A as peft/kohya initialise it (Kaiming-uniform: U(-1/sqrt(in), 1/sqrt(in)));
+    # B small but nonzero, so the adapters change the output and both
+    # gradients are nonzero (a fresh B = 0 would leave dA = 0)
+    r = 4
+    sites = lora_sites(unet)
+    for name, i, o in sites:
+        t[f"lora.{name}.A"] = (torch.rand(r, i, generator=g) * 2 - 1) / math.sqrt(i)
+        t[f"lora.{name}.B"] = torch.randn(o, r, generator=g) * 0.02
+    save_file(t, path)
+    print(f"{path}: x {tuple(t['x'].shape)}, t 500, ctx {tuple(t['ctx'].shape)}, {len(sites)} adapters")
+
+
+def load(folder):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+    kw = dict(torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kw)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **kw)
+    te = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kw)
+    return unet, vae, te
+
+
+def step(folder, inputs, out, train):
+    from safetensors.torch import load_file, save_file
+    torch.set_num_threads(threads())
+    reps = int(os.environ.get("SDLORA_BENCH_REPS", "3"))
+    t0 = time.perf_counter()
+    unet, vae, te = load(folder)
+    load_s = time.perf_counter() - t0
+    print(f"loaded {folder} in {load_s:.1f} s, RSS {rss_mb():.0f} MB, {torch.get_num_threads()} threads")
+    inp = load_file(inputs)
+    x, t, ctx = inp["x"], inp["t"], inp["ctx"]
+    mode = "train" if train else "infer"
+    if train:
+        from peft import LoraConfig
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, lora_dropout=0.0, init_lora_weights=True,
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        n = 0
+        with torch.no_grad():
+            for name, m in unet.named_modules():
+                if hasattr(m, "lora_A") and len(m.lora_A):
+                    k = next(iter(m.lora_A.keys()))
+                    m.lora_A[k].weight.copy_(inp[f"lora.{name}.A"])
+                    m.lora_B[k].weight.copy_(inp[f"lora.{name}.B"])
+                    n += 1
+        assert n == len(lora_sites(unet)), (n, len(lora_sites(unet)))
+        trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+        print(f"peft LoRA attn rank 4: {n} adapters, {trainable} trainable parameters")
+        unet.train()
+    else:
+        unet.eval()
+
+    best = best_f = best_b = math.inf
+    for rep in range(reps + 1):          # rep 0 warms up
+        a = time.perf_counter()
+        if train:
+            unet.zero_grad(set_to_none=True)
+            eps = unet(x, t, ctx).sample
+            b = time.perf_counter()
+            loss = torch.nn.functional.mse_loss(eps, inp["target"])
+            loss.backward()
+        else:
+            with torch.no_grad():
+                eps = unet(x, t, ctx).sample
+            b = time.perf_counter()
+        c = time.perf_counter()
+        extra = f" (forward {b - a:.3f} s, backward {c - b:.3f} s, loss {loss.item():.6f})" if train else ""
+        print(f"  {'run' if rep else 'warm-up'} {rep}: {c - a:.3f} s{extra}", flush=True)
+        if rep and c - a < best:
+            best, best_f, best_b = c - a, b - a, c - b
+
+    res = {"eps": eps.detach().contiguous()}
+    if train:
+        for name, m in unet.named_modules():
+            if hasattr(m, "lora_A") and len(m.lora_A):
+                k = next(iter(m.lora_A.keys()))
+                res[f"grad.{name}.A"] = m.lora_A[k].weight.grad.contiguous()
+                res[f"grad.{name}.B"] = m.lora_B[k].weight.grad.contiguous()
+    save_file(res, out)
+    peak = peak_rss_mb()
+    print(f"best of {reps}: {best:.3f} s, peak RSS {peak:.0f} MB")
+    print(f"result pytorch {mode} time_s={best:.4f} fwd_s={best_f:.4f} bwd_s={best_b if train else 0:.4f} "
+          f"peak_rss_mb={peak:.0f} threads={torch.get_num_threads()} load_s={load_s:.1f}")
+
+
+def relerr(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def compare(c_path, py_path, tol=1e-3):
+    """max|a - b| / max|b| per tensor (b = PyTorch); eps and, for a training
+    step, the worst over all LoRA gradients."""
+    from safetensors.torch import load_file
+    c, p = load_file(c_path), load_file(py_path)
+    e = relerr(c["eps"], p["eps"])
+    grads = [k for k in p if k.startswith("grad.")]
+    missing = [k for k in grads if k not in c]
+    if missing:
+        raise SystemExit(f"compare: {c_path} lacks {missing[0]} (and {len(missing) - 1} more)")
+    worst, wk = 0.0, ""
+    for k in grads:
+        r = relerr(c[k], p[k])
+        if r > worst:
+            worst, wk = r, k
+    ok = e <= tol and worst <= tol
+    what = "train" if grads else "infer"
+    line = f"result parity {what} eps_rel={e:.3e}"
+    if grads:
+        line += f" grad_rel={worst:.3e} grad_worst={wk} ngrads={len(grads)}"
+    print(line + f" tol={tol:g} status={'ok' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def report(logs):
+    r = {}
+    for path in logs:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("result "):
+                    w = line.split()
+                    r[(w[1], w[2])] = dict(kv.split("=", 1) for kv in w[3:])
+    def row(label, mode):
+        c, p = r.get(("sdlora", mode)), r.get(("pytorch", mode))
+        if not c or not p:
+            print(f"{label}: missing ({'sdlora' if not c else 'pytorch'} did not finish)")
+            return
+        tc, tp = float(c["time_s"]), float(p["time_s"])
+        print(f"{label}: sdlora {tc:.2f} s, PyTorch {tp:.2f} s, ratio {tc / tp:.2f}x "
+              f"(sdlora/PyTorch); peak RSS {c['peak_rss_mb']} MB vs {p['peak_rss_mb']} MB")
+        if mode != "infer":
+            print(f"    forward {float(c['fwd_s']):.2f} s + backward {float(c['bwd_s']):.2f} s  vs  "
+                  f"forward {float(p['fwd_s']):.2f} s + backward {float(p['bwd_s']):.2f} s")
+    row("UNet step 64x64 (inference)            ", "infer")
+    tmode = "train-ckpt" if ("sdlora", "train-ckpt") in r and ("sdlora", "train") not in r else "train"
+    if tmode == "train-ckpt":
+        r[("pytorch", "train-ckpt")] = r.get(("pytorch", "train"))
+    row("UNet step 64x64 (LoRA attn r4 training)" + (" [sdlora with gradient checkpointing]" if tmode != "train" else ""), tmode)
+    for mode in ("infer", "train"):
+        p = r.get(("parity", mode))
+        if p:
+            g = f", LoRA gradients {float(p['grad_rel']):.2e} (worst {p['grad_worst']})" if "grad_rel" in p else ""
+            print(f"parity {mode}: max|sdlora - diffusers| / max|diffusers|: eps {float(p['eps_rel']):.2e}{g} "
+                  f"(tolerance {p['tol']}: {p['status']})")
+
+
+def main():
+    cmd = sys.argv[1] if len(sys.argv) > 1 else ""
+    a = sys.argv[2:]
+    if cmd == "prepare" and len(a) in (2, 3):
+        prepare(a[0], a[1], int(a[2]) if len(a) == 3 else 64)
+    elif cmd in ("infer", "train") and len(a) == 3:
+        step(a[0], a[1], a[2], cmd == "train")
+    elif cmd == "compare" and len(a) == 2:
+        return compare(a[0], a[1])
+    elif cmd == "report" and a:
+        report(a)
+    else:
+        print(__doc__)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
