@@ -2,7 +2,8 @@
 #   make            build ./train and ./sample (OpenMP when the compiler has it; OMP=0 without)
 #   make test       build and run every tests/test_*.c (Check)
 #   make asan       the same tests under AddressSanitizer + UBSan
-#   make bench      matmul GFLOP/s beside OpenBLAS SGEMM on the shapes SD uses
+#   make bench      matmul GFLOP/s beside OpenBLAS SGEMM on the shapes SD uses, and one
+#                   SD1.5 UNet step beside PyTorch (tools/bench_unet.sh; SDLORA_PY=python)
 #   make data       redraw the bundled datasets (data/, models/tiny/data/) with tools/make_data.c
 #   make CUDA=1     also compile and link cuda/*.cu with nvcc
 #   make clean
@@ -78,8 +79,14 @@ asan:
 	$(MAKE) test BUILD=build-asan OMP=0 OPT="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all" \
 	  LDFLAGS="-fsanitize=address,undefined"
 
-bench: $(BUILD)/bench_matmul
+bench: $(BUILD)/bench_matmul $(BUILD)/bench_unet
 	./$(BUILD)/bench_matmul
+	sh tools/bench_unet.sh $(BUILD)
+
+# one SD1.5 UNet step (inference, LoRA training) beside PyTorch; needs
+# SDLORA_PY (default /work/venv/bin/python) with torch/diffusers/peft, else skipped
+$(BUILD)/bench_unet: tools/bench_unet.c $(LIBOBJ)
+	$(CC) $(CFLAGS) -I. $< $(LIBOBJ) -o $@ $(LDFLAGS) $(LDLIBS)
 
 $(BUILD)/bench_matmul: tools/bench_matmul.c $(LIBOBJ)
 	$(CC) $(CFLAGS) -I. $< $(LIBOBJ) -o $@ $(LDFLAGS) -lopenblas $(LDLIBS)
