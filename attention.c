@@ -121,6 +121,8 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout,
                 P = Pbuf;
             }
 
+            /* ASSIGNMENT 04 BEGIN: dV, then dP = dO V^T, the softmax backward to dS, then dQ and dK */
+            /* ASSIGNMENT 04 STUB: (void)doh; (void)vh; (void)P; (void)dS; */
             // dV += P^T dO   (Tk x Tq times Tq x Dh)
             if (dv) gemm(1, 0, Tk, Dh, Tq, 1.0f, P, Tk, doh, C, 1.0f, dv + koff, C);
 
@@ -149,6 +151,7 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout,
             //   dK += scale * dS^T Q   (Tk x Tq times Tq x Dh)
             if (dq) gemm(0, 0, Tq, Dh, Tk, scale, dS, Tk, kh, C, 1.0f, dq + qoff, C);
             if (dk) gemm(1, 0, Tk, Dh, Tq, scale, dS, Tk, qh, C, 1.0f, dk + koff, C);
+            /* ASSIGNMENT 04 END */
         }
     }
 }

@@ -110,6 +110,8 @@ int ddpm_prediction_from_name(const char *name, ddpm_prediction *p, char *err) {
 
 void ddpm_add_noise(float *xt, const float *x0, const float *eps, const int *t,
                     int B, size_t n_per_item, const ddpm_schedule *s) {
+    /* ASSIGNMENT 05 BEGIN: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, each item with its own t[b] */
+    /* ASSIGNMENT 05 STUB: memset(xt, 0, (size_t)B * n_per_item * sizeof(float)); */
     for (int b = 0; b < B; b++) {
         float ca = s->sqrt_abar[t[b]], cn = s->sqrt_1m_abar[t[b]];
         const float *x = x0 + (size_t)b * n_per_item, *e = eps + (size_t)b * n_per_item;
@@ -117,6 +119,7 @@ void ddpm_add_noise(float *xt, const float *x0, const float *eps, const int *t,
         /* x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps   (article 4.2, the UNet's input) */
         for (size_t i = 0; i < n_per_item; i++) o[i] = ca * x[i] + cn * e[i];
     }
+    /* ASSIGNMENT 05 END */
 }
 
 void ddpm_velocity(float *v, const float *x0, const float *eps, const int *t,
@@ -198,6 +201,8 @@ void ddpm_sample_noise(float *eps, size_t n, rng_t *rng) {
 
 float mse_loss_forward(const float *pred, const float *target, const float *weight,
                        int B, size_t n_per_item) {
+    /* ASSIGNMENT 05 BEGIN: L = (1/B) sum_b w_b (1/n) sum_i (pred_bi - target_bi)^2, weight NULL: w_b = 1 */
+    /* ASSIGNMENT 05 STUB: return 0.0f; */
     /* L = (1/B) sum_b w_b (1/n) sum_i (pred_bi - target_bi)^2
      * The sums run in double: n is 4*64*64 = 16384 per item for SD1.x. */
     double total = 0.0;
@@ -212,10 +217,12 @@ float mse_loss_forward(const float *pred, const float *target, const float *weig
         total += w * sum / (double)n_per_item;
     }
     return (float)(total / (double)B);
+    /* ASSIGNMENT 05 END */
 }
 
 void mse_loss_backward(float *dpred, const float *pred, const float *target, const float *weight,
                        float dloss, int B, size_t n_per_item) {
+    /* ASSIGNMENT 05 BEGIN: dpred += dloss * dL/dpred (accumulate) */
     for (int b = 0; b < B; b++) {
         const float *p = pred + (size_t)b * n_per_item, *y = target + (size_t)b * n_per_item;
         float *dp = dpred + (size_t)b * n_per_item;
@@ -224,4 +231,5 @@ void mse_loss_backward(float *dpred, const float *pred, const float *target, con
         /* dL/dpred_bi = 2 w_b (pred_bi - target_bi) / (B n) */
         for (size_t i = 0; i < n_per_item; i++) dp[i] += k * (p[i] - y[i]);
     }
+    /* ASSIGNMENT 05 END */
 }

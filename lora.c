@@ -61,6 +61,7 @@ void lora_forward(float *out, float *ax, uint8_t *mask, const float *inp,
     /* frozen path: out = x W0^T + b */
     linear_forward(out, inp, w0, b0, N, in, outc);
     if (!L) return;
+    /* ASSIGNMENT 01 BEGIN: the LoRA branch, ax = x_d A^T, out += (alpha/r) ax B^T */
     int r = L->r;
     float *xd = L->dropout > 0.0f ? malloc(sizeof(float) * (size_t)N * in) : NULL;
     const float *x = branch_input(xd, mask, inp, (size_t)N * in, L, rng);
@@ -69,6 +70,7 @@ void lora_forward(float *out, float *ax, uint8_t *mask, const float *inp,
     /* out += (alpha/r) * ax B^T             (up-projection, scaled) */
     gemm(0, 1, N, outc, r, L->scale, ax, r, L->B, r, 1.0f, out, outc);
     free(xd);
+    /* ASSIGNMENT 01 END */
 }
 
 void lora_backward(float *dinp, const float *dout, const float *inp, const float *ax,
@@ -76,6 +78,7 @@ void lora_backward(float *dinp, const float *dout, const float *inp, const float
     /* frozen path: dx += dout W0; no dW0, no db (NULL = frozen, no work) */
     if (dinp) linear_backward(dinp, NULL, NULL, dout, inp, w0, N, in, outc);
     if (!L) return;
+    /* ASSIGNMENT 01 BEGIN: dB += s dout^T ax, dA += s (dout B)^T x_d, dinp += s (dout B) A through the mask */
     int r = L->r;
     float s = L->scale;
     /* g (N x r) = dout B: the gradient reaching the rank-r bottleneck, over s */
@@ -112,6 +115,7 @@ void lora_backward(float *dinp, const float *dout, const float *inp, const float
         }
     }
     free(g);
+    /* ASSIGNMENT 01 END */
 }
 
 /* 1x1 convolution on NCHW. Per image b, X_b is the (in x HW) matrix and the
@@ -122,6 +126,8 @@ void lora_conv1x1_forward(float *out, float *ax, uint8_t *mask, const float *inp
                           int Bn, int in, int outc, int HW, rng_t *rng) {
     conv2d_forward(out, inp, w0, b0, Bn, in, HW, 1, outc, 1, 1, 1, 0);
     if (!L) return;
+    /* ASSIGNMENT 01 BEGIN: per image, AX_b = A X_b, Y_b += (alpha/r) B AX_b */
+    /* ASSIGNMENT 01 STUB: (void)branch_input; */
     int r = L->r;
     float *xd = L->dropout > 0.0f ? malloc(sizeof(float) * (size_t)Bn * in * HW) : NULL;
     const float *x = branch_input(xd, mask, inp, (size_t)Bn * in * HW, L, rng);
@@ -134,6 +140,7 @@ void lora_conv1x1_forward(float *out, float *ax, uint8_t *mask, const float *inp
         gemm(0, 0, outc, HW, r, L->scale, L->B, r, axb, HW, 1.0f, out + (size_t)b * outc * HW, HW);
     }
     free(xd);
+    /* ASSIGNMENT 01 END */
 }
 
 void lora_conv1x1_backward(float *dinp, const float *dout, const float *inp, const float *ax,
@@ -142,6 +149,8 @@ void lora_conv1x1_backward(float *dinp, const float *dout, const float *inp, con
     size_t nin = (size_t)in * HW;
     if (dinp) conv2d_backward(dinp, NULL, NULL, dout, inp, w0, Bn, in, HW, 1, outc, 1, 1, 1, 0);
     if (!L) return;
+    /* ASSIGNMENT 01 BEGIN: the same gradients with the token axis last, per image */
+    /* ASSIGNMENT 01 STUB: (void)nin; */
     int r = L->r;
     float s = L->scale;
     float *g = malloc(sizeof(float) * (size_t)r * HW);
@@ -174,17 +183,22 @@ void lora_conv1x1_backward(float *dinp, const float *dout, const float *inp, con
         }
     }
     free(g); free(xd); free(t);
+    /* ASSIGNMENT 01 END */
 }
 
 /* Merge (article 2.2, "no inference latency"): W0 <- W0 + w * (alpha/r) B A.
  * Unmerge subtracts the same product; in float32 the round trip is exact to
  * rounding (one add and one subtract of the same numbers). */
 void lora_merge(float *w0, const lora_t *L, float weight) {
+    /* ASSIGNMENT 02 BEGIN: W0 += weight * (alpha/r) B A, in place (W0: out x in) */
     gemm(0, 0, L->out, L->in, L->r, weight * L->scale, L->B, L->r, L->A, L->in, 1.0f, w0, L->in);
+    /* ASSIGNMENT 02 END */
 }
 
 void lora_unmerge(float *w0, const lora_t *L, float weight) {
+    /* ASSIGNMENT 02 BEGIN: undo lora_merge(w0, L, weight) */
     lora_merge(w0, L, -weight);
+    /* ASSIGNMENT 02 END */
 }
 
 /* ------------------------------------------------------------------ files */

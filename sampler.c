@@ -298,6 +298,7 @@ void sampler_scale_model_input(const sampler_t *s, float *out, const float *x, s
  *   sd   = eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev))
  *   x'   = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sd^2) eps + sd z */
 static void step_ddim(sampler_t *s, const float *mo, float *x, size_t n, int i, torch_rng *rng) {
+    /* ASSIGNMENT 06 BEGIN: one DDIM step t -> prev = t - T/N in place on x (epsilon and v_prediction, eta) */
     const float *ac = s->sched.alphas_cumprod;
     int t = s->t_int[i];
     int prev = t - s->cfg.num_train_timesteps / s->num_steps;
@@ -324,6 +325,7 @@ static void step_ddim(sampler_t *s, const float *mo, float *x, size_t n, int i, 
         if (noisy) v = v + sd * s->noise[j];
         x[j] = v;
     }
+    /* ASSIGNMENT 06 END */
 }
 
 /* DDPM ancestral step (Ho et al. 2020, eqs. 6-7) from t to the next timestep

@@ -614,6 +614,8 @@ static int bpe(const tokenizer *t, const uint8_t *s, int n, bpe_work *w, int *ou
     }
     int hn = 0;
     for (int i = 0; i + 1 < n; i++) push_pair(t, w, &hn, i);
+    /* ASSIGNMENT 07 BEGIN: pop the lowest-ranked pair, skip it if stale, merge it, push the new neighbour pairs */
+    /* ASSIGNMENT 07 STUB: (void)heap_pop; */
     while (hn > 0) {
         cand c = heap_pop(w->heap, &hn);
         int i = c.pos, j = w->next[i];
@@ -627,6 +629,7 @@ static int bpe(const tokenizer *t, const uint8_t *s, int n, bpe_work *w, int *ou
         if (w->prev[i] >= 0) push_pair(t, w, &hn, w->prev[i]);
         push_pair(t, w, &hn, i);
     }
+    /* ASSIGNMENT 07 END */
     int k = 0;
     for (int i = 0; i >= 0 && k < max_out; i = w->next[i]) out[k++] = w->id[i];
     return k;
