@@ -2,6 +2,7 @@
 #   make            build ./train and ./sample (OpenMP when the compiler has it; OMP=0 without)
 #   make test       build and run every tests/test_*.c (Check)
 #   make asan       the same tests under AddressSanitizer + UBSan
+#   make check-assignments  the course assignments (assignments/README.md) build, fail as stubs, pass as reference
 #   make bench      matmul GFLOP/s beside OpenBLAS SGEMM on the shapes SD uses, and one
 #                   SD1.5 UNet step beside PyTorch (tools/bench_unet.sh; SDLORA_PY=python)
 #   make data       redraw the bundled datasets (data/, models/tiny/data/) with tools/make_data.c
@@ -78,6 +79,12 @@ test: $(TESTBIN)
 asan:
 	$(MAKE) test BUILD=build-asan OMP=0 OPT="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all" \
 	  LDFLAGS="-fsanitize=address,undefined"
+
+# every course assignment: its tests pass here, and its student copy
+# (tools/make-assignment) builds with -Werror and fails them (assignments/README.md)
+.PHONY: check-assignments
+check-assignments:
+	MAKE="$(MAKE)" CC="$(CC)" BUILD="$(BUILD)" tools/check-assignments.sh
 
 bench: $(BUILD)/bench_matmul $(BUILD)/bench_unet
 	./$(BUILD)/bench_matmul
