@@ -1671,3 +1671,105 @@ int unet_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
     run_backward(u, deps, dx, dctx);
     return 0;
 }
+
+/* ------------------------------------------------------------------------ */
+/* LoRA adapters from a file, for inference (sd_apply_lora without merging)  */
+
+int unet_lora_site(const unet_t *u, const char *module, int *in, int *out, int *is_conv) {
+    const struct unet_net *net = u->net;
+    for (int i = 0; net && i < net->nsites; i++)
+        if (strcmp(net->sites[i].name, module) == 0) {
+            *in = net->sites[i].lin->in;
+            *out = net->sites[i].lin->out;
+            *is_conv = net->sites[i].is_conv;
+            return 1;
+        }
+    return 0;
+}
+
+/* The adapters live in one block [A_0 | B_0 | A_1 | B_1 | ...] (and the
+ * gradients in a second of the same layout), so adding one means a new
+ * block: copy every adapter over and point the sites at the copies.
+ * A second adapter on the same module is stacked onto the first by
+ * concatenating ranks, which is exact:
+ *     s1 B1 A1 x + s2 B2 A2 x = [s1 B1 | s2 B2] [A1 ; A2] x   (scale 1) */
+int unet_attach_lora(unet_t *u, const char *module, int r, float scale,
+                     const float *A, const float *B) {
+    struct unet_net *net = u->net;
+    site_t *site = NULL;
+    for (int i = 0; net && i < net->nsites; i++)
+        if (strcmp(net->sites[i].name, module) == 0) { site = &net->sites[i]; break; }
+    if (!site) {
+        snprintf(u->err, UNET_ERR_LEN, "%s: not a module that can carry an adapter (only the transformer projections can)", module);
+        return -1;
+    }
+    if (r < 1) { snprintf(u->err, UNET_ERR_LEN, "%s: LoRA rank %d", module, r); return -1; }
+    int in = site->lin->in, out = site->lin->out;
+    int ex = -1;                       /* the adapter already on this module */
+    for (int k = 0; k < u->nloras; k++)
+        if (strcmp(u->loras[k].name, module) == 0) ex = k;
+    if (ex >= 0 && u->loras[ex].L.dA) {
+        snprintf(u->err, UNET_ERR_LEN, "%s: already has a trainable adapter (merge the file instead)", module);
+        return -1;
+    }
+    int n = u->nloras + (ex < 0);
+    size_t total = u->lora_nparams + (size_t)r * ((size_t)in + out);
+    unet_lora *L2 = calloc((size_t)n, sizeof *L2);
+    float *P2 = calloc(total, sizeof(float)), *G2 = calloc(total, sizeof(float));
+    if (!L2 || !P2 || !G2) {
+        free(L2); free(P2); free(G2);
+        snprintf(u->err, UNET_ERR_LEN, "%s: out of memory for the LoRA adapter", module);
+        return -1;
+    }
+    size_t off = 0;
+    for (int k = 0; k < n; k++) {
+        unet_lora *d = &L2[k];
+        if (k < u->nloras) *d = u->loras[k];
+        else {                         /* the new one, at the end */
+            snprintf(d->name, sizeof d->name, "%s", module);
+            d->is_conv = site->is_conv;
+            d->L.in = in; d->L.out = out; d->L.r = 0;
+        }
+        const lora_t *o = k < u->nloras ? &u->loras[k].L : NULL;
+        int ro = o ? o->r : 0, rn = (k == ex || k == u->nloras) ? r : 0;
+        int rt = ro + rn, li = d->L.in, lo = d->L.out;
+        float *An = P2 + off, *Bn = An + (size_t)rt * li;
+        /* A: the old rows, then the new ones */
+        if (ro) memcpy(An, o->A, sizeof(float) * (size_t)ro * li);
+        if (rn) memcpy(An + (size_t)ro * li, A, sizeof(float) * (size_t)rn * li);
+        /* B (out x rt): each row is [old row | new row]; when stacking, each
+         * part carries its own scale and the adapter's becomes 1 */
+        float so = rn && ro ? o->scale : 1.0f, sn = rn && ro ? scale : 1.0f;
+        for (int row = 0; row < lo; row++) {
+            for (int c = 0; c < ro; c++) Bn[(size_t)row * rt + c] = so * o->B[(size_t)row * ro + c];
+            for (int c = 0; c < rn; c++) Bn[(size_t)row * rt + ro + c] = sn * B[(size_t)row * rn + c];
+        }
+        d->L.A = An; d->L.B = Bn; d->L.r = rt;
+        if (rn) {
+            d->L.scale = ro ? 1.0f : scale;
+            d->L.alpha = d->L.scale * (float)rt;
+            d->L.dropout = 0.0f;
+            d->L.dA = d->L.dB = NULL;  /* frozen: read from a file */
+        }
+        if (o && o->dA) {              /* a trainable adapter keeps its gradients */
+            d->L.dA = G2 + off;
+            d->L.dB = d->L.dA + (size_t)rt * li;
+            memcpy(d->L.dA, o->dA, sizeof(float) * (size_t)rt * ((size_t)li + lo));
+        }
+        off += (size_t)rt * ((size_t)li + lo);
+    }
+    free(u->loras); free(u->lora_params); free(u->lora_grads);
+    u->loras = L2; u->lora_params = P2; u->lora_grads = G2;
+    u->nloras = n; u->lora_nparams = total;
+    /* the sites point at the new copies */
+    for (int i = 0; i < net->nsites; i++) net->sites[i].lin->L = NULL;
+    for (int k = 0; k < n; k++)
+        for (int i = 0; i < net->nsites; i++)
+            if (strcmp(net->sites[i].name, L2[k].name) == 0) net->sites[i].lin->L = &L2[k].L;
+    /* the adapters' saved activations change the arena's layout */
+    free(u->arena);
+    u->arena = NULL;
+    u->act_cap = u->tmp_cap = 0;
+    u->have_forward = 0;
+    return 0;
+}

@@ -170,4 +170,16 @@ int unet_forward(unet_t *u, float *eps_out, const float *x, const float *t, cons
  * Returns 0 or -1 (message in u->err). */
 int unet_backward(unet_t *u, const float *deps, float *dx, float *dctx);
 
+/* Inference adapters from a LoRA file (generate.c's sd_apply_lora):
+ * unet_lora_site says whether a diffusers module name can carry an adapter
+ * (1, with its sizes) or not (0). unet_attach_lora adds a frozen adapter
+ * y += scale B (A x) there, A (r x in) and B (out x r) copied; scale is
+ * weight * alpha / r. A second one on the same module is stacked onto the
+ * first (ranks concatenated). Invalidates the activation arena, as
+ * unet_add_lora does. Returns 0 or -1 (message in u->err). */
+#define UNET_ATTACH_LORA 1   /* generate.c uses side branches when this is set */
+int unet_lora_site(const unet_t *u, const char *module, int *in, int *out, int *is_conv);
+int unet_attach_lora(unet_t *u, const char *module, int r, float scale,
+                     const float *A, const float *B);
+
 #endif
