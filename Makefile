@@ -60,18 +60,23 @@ $(BUILD)/%.o: %.c $(wildcard *.h) | $(BUILD)
 $(BUILD)/cuda_%.o: cuda/%.cu $(wildcard cuda/*.h) | $(BUILD)
 	$(NVCC) $(NVFLAGS) -c $< -o $@
 
-$(PROGS): %: $(BUILD)/%.o $(LIBOBJ)
+# the programs are built in $(BUILD) (so `make asan` has sanitised ones for
+# tests/test_programs.c) and copied to the top for users
+$(PROGS): %: $(BUILD)/%
+	cp $< $@
+
+$(PROGS:%=$(BUILD)/%): $(BUILD)/%: $(BUILD)/%.o $(LIBOBJ)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 
 $(BUILD)/test_%: tests/test_%.c tests/testutil.h $(LIBOBJ) $(wildcard *.h)
-	$(CC) $(CFLAGS) $(CHECK_CFLAGS) -I. $< $(LIBOBJ) -o $@ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS)
+	$(CC) $(CFLAGS) $(CHECK_CFLAGS) -DSDLORA_BUILD='"$(BUILD)"' -I. $< $(LIBOBJ) -o $@ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS)
 
 # each test binary runs from the repository root so fixture paths are stable;
 # Check's default 4 s per-test timeout is too short for a loaded machine or ASan
 export CK_DEFAULT_TIMEOUT ?= 600
 # idle OpenMP threads sleep instead of spinning, so a loaded machine stays fast
 export OMP_WAIT_POLICY ?= passive
-test: $(TESTBIN)
+test: $(TESTBIN) $(PROGS:%=$(BUILD)/%)
 	@fail=0; for t in $(TESTBIN); do echo "== $$t"; ./$$t || fail=1; done; \
 	if [ $$fail -ne 0 ]; then echo "some tests FAILED"; exit 1; fi
 
@@ -108,3 +113,12 @@ $(BUILD)/make_data: tools/make_data.c $(LIBOBJ)
 
 clean:
 	rm -rf build build-asan $(PROGS)
+
+# the bundled tiny model (models/tiny/), pre-trained from scratch by
+# tools/tiny_base.c: tokenizer, VAE, then text encoder + UNet
+.PHONY: tiny-base
+tiny-base: $(BUILD)/tiny_base
+	./$(BUILD)/tiny_base
+
+$(BUILD)/tiny_base: tools/tiny_base.c $(LIBOBJ)
+	$(CC) $(CFLAGS) -I. $< $(LIBOBJ) -o $@ $(LDFLAGS) $(LDLIBS)

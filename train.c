@@ -1,39 +1,641 @@
-/* train.c: ./train DIR — LoRA fine-tuning of a Stable Diffusion 1.x model
- * on a folder of captioned images (article section 5).
+/* train.c: ./train DIR — LoRA fine-tuning of a Stable Diffusion 1.x model on
+ * a folder of captioned images (article section 5).
  *
- * Data flow (see DESIGN.md): images -> VAE latents (cached) ; captions ->
- * CLIP context ; x_t = sqrt(abar_t) x0 + sqrt(1-abar_t) eps ; loss =
- * mean((UNet(x_t, t, c) - eps)^2) ; gradients for LoRA A, B only ; AdamW.
- *
- * Status: flags are parsed and checked; the training loop arrives with the
- * programs issue (it needs the UNet, text encoder and VAE). */
+ * One optimizer step (article 3.3 and 4.2, with what they leave out):
+ *   x0    = VAE(image) * 0.18215          latents, computed once and cached
+ *   c     = CLIP(tokenize(caption))        context, cached unless --te
+ *   t ~ U{0..999}, eps ~ N(0, I)
+ *   x_t   = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps                     (ddpm.c)
+ *   loss  = mean((UNet(x_t, t, c) - eps)^2)    [ * min-SNR weight ]
+ *   backward through the frozen UNet: gradients for LoRA A, B only  (lora.c)
+ *   AdamW on A, B                                                    (optim.c)
+ * and every --save-every steps the LoRA in kohya's format plus a training
+ * state that --resume continues from, byte for byte. */
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include "cli.h"
+#include "dataset.h"
+#include "generate.h"
+#include "image.h"
+#include "lora.h"
+#include "model.h"
+#include "optim.h"
+#include "safetensors.h"
 
 typedef struct {
-    const char *model, *out, *targets, *sched, *resume, *sample_prompt, *tokenizer;
+    const char *data, *model, *out, *name, *targets, *sched, *resume, *sample_prompt, *tokenizer, *precision;
     int rank, res, batch, accum, steps, epochs, warmup, save_every, sample_every, te, flip,
-        random_crop, grad_ckpt, threads;
+        random_crop, grad_ckpt, threads, clip_skip;
     float alpha, dropout, lr, te_lr, beta1, beta2, adam_eps, wd, clip, min_snr, noise_offset;
     uint64_t seed;
 } train_args;
 
+/* ---------------------------------------------------------------- signals */
+static volatile sig_atomic_t g_stop = 0;
+static void on_signal(int sig) { (void)sig; g_stop = 1; }
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+static int mkdir_p(const char *dir, char *err) {
+    char buf[1024];
+    snprintf(buf, sizeof buf, "%s", dir);
+    for (char *p = buf + 1; ; p++) {
+        if (*p == '/' || *p == 0) {
+            char c = *p; *p = 0;
+            if (mkdir(buf, 0777) != 0 && errno != EEXIST) {
+                snprintf(err, SD_ERR_LEN, "%.600s: cannot create folder: %s (choose another --out)", buf, strerror(errno));
+                return -1;
+            }
+            *p = c;
+            if (!c) break;
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------- the data */
+typedef struct {
+    int n;             /* images */
+    int variants;      /* 1, or 2 with --flip (the mirrored latent as well) */
+    int lc, lh, lw;    /* latent shape */
+    float *latents;    /* (n * variants, lc, lh, lw), cached once */
+    int d;             /* context width */
+    float *ctx;        /* (n, 77, d): cached contexts (NULL with --te) */
+    int *ids;          /* (n, 77) token ids */
+} train_data;
+
+/* decode, resize the short side to res, crop (centre, or at a seeded random
+ * offset), optionally mirror; -> CHW floats in [-1, 1] */
+static int load_image_chw(float *chw, const char *path, int res, int random_crop, int flip,
+                          rng_t *rng, char *err) {
+    image_t im, cr;
+    if (image_load(&im, path, err, SD_ERR_LEN)) return -1;
+    int x0 = -1, y0 = -1;
+    if (random_crop) {
+        /* the scaled size, as image_resize_crop computes it */
+        int sw = im.w <= im.h ? res : (int)((long)res * im.w / im.h);
+        int sh = im.h <= im.w ? res : (int)((long)res * im.h / im.w);
+        x0 = sw > res ? (int)(rng_u64(rng) % (uint64_t)(sw - res + 1)) : 0;
+        y0 = sh > res ? (int)(rng_u64(rng) % (uint64_t)(sh - res + 1)) : 0;
+    }
+    int rc = image_resize_crop(&cr, &im, res, res, res, x0, y0, IMAGE_LANCZOS, err, SD_ERR_LEN);
+    image_free(&im);
+    if (rc) return -1;
+    if (flip) image_flip_h(cr.rgb, res, res);
+    image_to_chw(chw, cr.rgb, res, res);
+    image_free(&cr);
+    return 0;
+}
+
+/* latents of every image (and its mirror with --flip), encoded once: the VAE
+ * is frozen, so the same image always gives the same latent distribution;
+ * the posterior sample is drawn once here with a seeded noise, as kohya's
+ * cache_latents does. */
+static int cache_latents(train_data *td, sd_model *m, const dataset_t *ds, const train_args *a, char *err) {
+    int res = a->res;
+    td->lc = m->vae.cfg.latent_channels;
+    td->lh = td->lw = sd_latent_side(m, res);
+    td->variants = a->flip ? 2 : 1;
+    size_t per = (size_t)td->lc * td->lh * td->lw;
+    td->latents = malloc(sizeof(float) * per * td->n * td->variants);
+    float *img = malloc(sizeof(float) * 3 * (size_t)res * res);
+    float *noise = malloc(sizeof(float) * per);
+    if (!td->latents || !img || !noise) { snprintf(err, SD_ERR_LEN, "out of memory for the latent cache"); free(img); free(noise); return -1; }
+    if (vae_alloc_acts(&m->vae, 1, res, res, 0)) { snprintf(err, SD_ERR_LEN, "VAE: %s", m->vae.err); free(img); free(noise); return -1; }
+    rng_t rng; rng_seed(&rng, a->seed ^ 0x6c6174656e7473ULL);   /* "latents" */
+    double t0 = now_s();
+    for (int i = 0; i < td->n; i++) {
+        for (int v = 0; v < td->variants; v++) {
+            if (load_image_chw(img, ds->path[i], res, 0, v, &rng, err)) { free(img); free(noise); return -1; }
+            for (size_t k = 0; k < per; k++) noise[k] = rng_normal(&rng);
+            if (vae_encode_latents(&m->vae, td->latents + ((size_t)i * td->variants + v) * per, img, noise, 1, res, res)) {
+                snprintf(err, SD_ERR_LEN, "%s: VAE: %s", ds->path[i], m->vae.err);
+                free(img); free(noise); return -1;
+            }
+        }
+        if (isatty(2)) fprintf(stderr, "\rcaching latents %d/%d", i + 1, td->n);
+    }
+    fprintf(stderr, "%scached %d latents (%dx%d) in %.1f s\n", isatty(2) ? "\r" : "",
+            td->n * td->variants, td->lh, td->lw, now_s() - t0);
+    free(img); free(noise);
+    return 0;
+}
+
+static int cache_text(train_data *td, sd_model *m, const dataset_t *ds, const train_args *a, char *err) {
+    td->d = m->clip.config.hidden_size;
+    td->ids = malloc(sizeof(int) * TOK_CTX * (size_t)td->n);
+    if (!td->ids) { snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
+    for (int i = 0; i < td->n; i++) tok_encode_sd(m->tok, ds->caption[i], td->ids + (size_t)i * TOK_CTX);
+    if (a->te) return 0;                      /* the text encoder trains: no cache */
+    td->ctx = malloc(sizeof(float) * TOK_CTX * (size_t)td->d * td->n);
+    if (!td->ctx) { snprintf(err, SD_ERR_LEN, "out of memory for the text cache"); return -1; }
+    for (int i = 0; i < td->n; i++)
+        if (clip_forward(&m->clip, td->ctx + (size_t)i * TOK_CTX * td->d, td->ids + (size_t)i * TOK_CTX, 1, TOK_CTX, a->clip_skip)) {
+            snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err);
+            return -1;
+        }
+    return 0;
+}
+
+/* ------------------------------------------------------------ the state
+ * Everything a resumed run needs to continue exactly: LoRA weights, AdamW
+ * moments, the step, and the RNG streams (timesteps/noise, LoRA dropout). */
+typedef struct {
+    long step;             /* optimizer steps done */
+    long sample_pos;       /* samples consumed (across epochs) */
+    rng_t rng;             /* timesteps, noise, noise offset */
+    adamw_t opt_unet, opt_te;
+} train_state;
+
+static void fmt_u64(char *b, size_t n, uint64_t v) { snprintf(b, n, "%llu", (unsigned long long)v); }
+
+/* the flags that must match for --resume to continue the same run */
+static void run_signature(char *b, size_t n, const train_args *a, const char *model_name) {
+    snprintf(b, n, "model=%s targets=%s rank=%d alpha=%g dropout=%g te=%d res=%d batch=%d accum=%d "
+             "lr=%g te_lr=%g sched=%s warmup=%d steps=%d epochs=%d seed=%llu flip=%d crop=%d "
+             "snr=%g offset=%g clip=%g wd=%g b1=%g b2=%g eps=%g clip_skip=%d",
+             model_name, a->targets, a->rank, a->alpha, a->dropout, a->te, a->res, a->batch, a->accum,
+             a->lr, a->te_lr, a->sched, a->warmup, a->steps, a->epochs, (unsigned long long)a->seed,
+             a->flip, a->random_crop, a->min_snr, a->noise_offset, a->clip, a->wd, a->beta1, a->beta2,
+             a->adam_eps, a->clip_skip);
+}
+
+static int save_state(const char *path, const train_state *s, sd_model *m, const train_args *a, char *err) {
+    st_writer *w = st_writer_new();
+    if (!w) { snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
+    int64_t n1 = (int64_t)m->unet.lora_nparams, n2 = (int64_t)m->clip.num_lora_params;
+    int rc = 0;
+    rc |= st_writer_add(w, "unet.lora", ST_F32, 1, &n1, m->unet.lora_params);
+    rc |= st_writer_add(w, "unet.adam_m", ST_F32, 1, &n1, s->opt_unet.m);
+    rc |= st_writer_add(w, "unet.adam_v", ST_F32, 1, &n1, s->opt_unet.v);
+    if (a->te) {
+        rc |= st_writer_add(w, "te.lora", ST_F32, 1, &n2, m->clip.lora_params);
+        rc |= st_writer_add(w, "te.adam_m", ST_F32, 1, &n2, s->opt_te.m);
+        rc |= st_writer_add(w, "te.adam_v", ST_F32, 1, &n2, s->opt_te.v);
+    }
+    char b[4][32], sig[1024];
+    snprintf(b[0], 32, "%ld", s->step);
+    snprintf(b[1], 32, "%ld", s->sample_pos);
+    fmt_u64(b[2], 32, s->rng.state);
+    fmt_u64(b[3], 32, m->unet.dropout_rng.state);
+    char b4[32]; fmt_u64(b4, 32, m->clip.rng.state);
+    run_signature(sig, sizeof sig, a, m->name);
+    rc |= st_writer_meta(w, "sdlora_state", "1");
+    rc |= st_writer_meta(w, "step", b[0]);
+    rc |= st_writer_meta(w, "sample_pos", b[1]);
+    rc |= st_writer_meta(w, "rng", b[2]);
+    rc |= st_writer_meta(w, "unet_dropout_rng", b[3]);
+    rc |= st_writer_meta(w, "te_dropout_rng", b4);
+    rc |= st_writer_meta(w, "run", sig);
+    if (rc) { st_writer_free(w); snprintf(err, SD_ERR_LEN, "%.600s: out of memory", path); return -1; }
+    rc = st_writer_save(w, path, err);
+    st_writer_free(w);
+    return rc;
+}
+
+static int meta_u64(const st_file *f, const char *key, uint64_t *v, const char *path, char *err) {
+    const char *s = st_meta(f, key);
+    char *end;
+    if (!s || !*s) { snprintf(err, SD_ERR_LEN, "%s: no '%s' in the state (not an sdlora training state?)", path, key); return -1; }
+    errno = 0;
+    unsigned long long x = strtoull(s, &end, 10);
+    if (*end || errno) { snprintf(err, SD_ERR_LEN, "%s: '%s' is not a number (the state file is corrupt)", path, key); return -1; }
+    *v = x;
+    return 0;
+}
+
+static int load_state(const char *path, train_state *s, sd_model *m, const train_args *a, char *err) {
+    st_file f;
+    if (st_open(&f, path, err)) return -1;
+    int rc = -1;
+    uint64_t step, pos, r0, r1, r2;
+    char sig[1024];
+    run_signature(sig, sizeof sig, a, m->name);
+    const char *have = st_meta(&f, "run");
+    if (!st_meta(&f, "sdlora_state")) { snprintf(err, SD_ERR_LEN, "%s: not an sdlora training state (give --resume the state.safetensors that ./train wrote)", path); goto done; }
+    if (!have || strcmp(have, sig) != 0) {
+        snprintf(err, SD_ERR_LEN, "%s: was written by a run with other settings (resume with the same flags; it has: %.300s)", path, have ? have : "?");
+        goto done;
+    }
+    if (meta_u64(&f, "step", &step, path, err) || meta_u64(&f, "sample_pos", &pos, path, err) ||
+        meta_u64(&f, "rng", &r0, path, err) || meta_u64(&f, "unet_dropout_rng", &r1, path, err) ||
+        meta_u64(&f, "te_dropout_rng", &r2, path, err)) goto done;
+    int64_t n1 = (int64_t)m->unet.lora_nparams, n2 = (int64_t)m->clip.num_lora_params;
+    if (st_read_f32(&f, "unet.lora", 1, &n1, m->unet.lora_params, err) ||
+        st_read_f32(&f, "unet.adam_m", 1, &n1, s->opt_unet.m, err) ||
+        st_read_f32(&f, "unet.adam_v", 1, &n1, s->opt_unet.v, err)) goto done;
+    if (a->te && (st_read_f32(&f, "te.lora", 1, &n2, m->clip.lora_params, err) ||
+                  st_read_f32(&f, "te.adam_m", 1, &n2, s->opt_te.m, err) ||
+                  st_read_f32(&f, "te.adam_v", 1, &n2, s->opt_te.v, err))) goto done;
+    s->step = (long)step; s->sample_pos = (long)pos;
+    s->opt_unet.step = s->opt_te.step = (long)step;
+    s->rng.state = r0; m->unet.dropout_rng.state = r1; m->clip.rng.state = r2;
+    rc = 0;
+done:
+    st_close(&f);
+    return rc;
+}
+
+/* ------------------------------------------------------------ the LoRA file */
+static int save_lora(const char *path, sd_model *m, const train_args *a, long step, long total,
+                     int n_images, char *err) {
+    int nu = m->unet.nloras, nt = a->te ? clip_num_adapters(&m->clip) : 0;
+    lora_ref *refs = malloc(sizeof(lora_ref) * (size_t)(nu + nt + 1));
+    char (*names)[256] = malloc(256 * (size_t)(nu + nt + 1));
+    if (!refs || !names) { free(refs); free(names); snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
+    for (int i = 0; i < nu; i++) {
+        lora_kohya_name(names[i], 256, "lora_unet", m->unet.loras[i].name);
+        refs[i] = (lora_ref){names[i], &m->unet.loras[i].L, m->unet.loras[i].is_conv};
+    }
+    for (int i = 0; i < nt; i++) {
+        clip_adapter *ad = clip_adapter_at(&m->clip, i);
+        lora_kohya_name(names[nu + i], 256, "lora_te", ad->name);
+        refs[nu + i] = (lora_ref){names[nu + i], &ad->L, 0};
+    }
+    /* kohya's ss_* metadata, which AUTOMATIC1111's and kohya's tools show.
+     * No wall-clock times: a resumed run must write the same bytes. */
+    char v[24][64];
+    snprintf(v[0], 64, "%d", a->rank);
+    snprintf(v[1], 64, "%g", a->alpha);
+    snprintf(v[2], 64, "%g", a->lr);
+    snprintf(v[3], 64, "%g", a->te ? a->te_lr : 0.0f);
+    snprintf(v[4], 64, "%ld", step);
+    snprintf(v[5], 64, "%ld", total);
+    snprintf(v[6], 64, "(%d, %d)", a->res, a->res);
+    snprintf(v[7], 64, "%llu", (unsigned long long)a->seed);
+    snprintf(v[8], 64, "%d", n_images);
+    snprintf(v[9], 64, "%d", a->batch);
+    snprintf(v[10], 64, "%d", a->accum);
+    snprintf(v[11], 64, "%g", a->dropout);
+    snprintf(v[12], 64, "%g", a->min_snr);
+    snprintf(v[13], 64, "%g", a->noise_offset);
+    snprintf(v[14], 64, "%d", a->clip_skip);
+    snprintf(v[15], 64, "%d", a->warmup);
+    snprintf(v[16], 64, "%g", a->clip);
+    const char *mk[] = {"ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_learning_rate",
+                        "ss_unet_lr", "ss_text_encoder_lr", "ss_steps", "ss_max_train_steps", "ss_resolution",
+                        "ss_seed", "ss_num_train_images", "ss_batch_size_per_device",
+                        "ss_gradient_accumulation_steps", "ss_network_dropout", "ss_min_snr_gamma",
+                        "ss_noise_offset", "ss_clip_skip", "ss_lr_warmup_steps", "ss_max_grad_norm",
+                        "ss_lr_scheduler", "ss_base_model_version", "ss_v2", "ss_sd_model_name",
+                        "ss_output_name", "ss_network_train_unet_only", "ss_training_comment", "sdlora_targets"};
+    const char *mv[] = {"networks.lora", v[0], v[1], v[2], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9],
+                        v[10], v[11], v[12], v[13], v[14], v[15], v[16], a->sched, "sd_v1", "False",
+                        m->name, a->name, a->te ? "False" : "True", "trained with sdlora", a->targets};
+    int rc = lora_save_kohya(path, refs, nu + nt, strcmp(a->precision, "fp16") == 0 ? ST_F16 : ST_F32,
+                             mk, mv, (int)(sizeof mk / sizeof mk[0]), err);
+    free(refs); free(names);
+    return rc;
+}
+
+/* ------------------------------------------------------------- the plots */
+/* loss curve: smoothed loss per step on a white canvas, with a light grid */
+static int save_loss_plot(const char *path, const float *loss, long n, char *err) {
+    const int W = 640, H = 320, L = 40, R = 10, T = 10, Bm = 30;
+    uint8_t *px = malloc((size_t)W * H * 3);
+    if (!px) { snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
+    memset(px, 255, (size_t)W * H * 3);
+    float lo = INFINITY, hi = -INFINITY;
+    for (long i = 0; i < n; i++) { if (loss[i] < lo) lo = loss[i]; if (loss[i] > hi) hi = loss[i]; }
+    if (!(hi > lo)) { hi = lo + 1e-3f; lo -= 1e-3f; }
+#define PUT(x, y, r, g, b) do { int xx_ = (x), yy_ = (y); if (xx_ >= 0 && xx_ < W && yy_ >= 0 && yy_ < H) { \
+        uint8_t *p_ = px + ((size_t)yy_ * W + xx_) * 3; p_[0] = (r); p_[1] = (g); p_[2] = (b); } } while (0)
+    for (int g = 0; g <= 4; g++) {                       /* grid lines */
+        int y = T + (H - T - Bm) * g / 4;
+        for (int x = L; x < W - R; x++) PUT(x, y, 220, 220, 220);
+    }
+    for (int y = T; y < H - Bm; y++) PUT(L, y, 0, 0, 0);  /* axes */
+    for (int x = L; x < W - R; x++) PUT(x, H - Bm, 0, 0, 0);
+    int prev_y = -1;
+    for (int x = L; x < W - R && n > 0; x++) {
+        long i = (long)((double)(x - L) / (W - R - L - 1) * (n - 1));
+        int y = T + (int)((hi - loss[i]) / (hi - lo) * (H - T - Bm));
+        if (prev_y < 0) prev_y = y;
+        for (int yy = prev_y < y ? prev_y : y; yy <= (prev_y < y ? y : prev_y); yy++) PUT(x, yy, 30, 90, 200);
+        prev_y = y;
+    }
+#undef PUT
+    char lbl[128];
+    snprintf(lbl, sizeof lbl, "loss (smoothed) from %.4f to %.4f over %ld steps", hi, lo, n);
+    const char *k[] = {"Title"}, *v[] = {lbl};
+    int rc = image_save_png(path, px, W, H, k, v, 1, err, SD_ERR_LEN);
+    free(px);
+    return rc;
+}
+
+/* a row of images per prompt: the sample prompts at this checkpoint */
+static int save_sample_grid(const char *path, sd_model *m, const train_args *a, long step, char *err) {
+    char buf[2048];
+    snprintf(buf, sizeof buf, "%s", a->sample_prompt);
+    const char *prompts[16]; int np = 0;
+    for (char *s = buf; s && np < 16; ) {
+        char *bar = strchr(s, '|');
+        if (bar) *bar = 0;
+        if (*s) prompts[np++] = s;
+        s = bar ? bar + 1 : NULL;
+    }
+    if (np == 0) return 0;
+    int side = a->res;
+    uint8_t *grid = malloc((size_t)side * side * 3 * np), *img = malloc((size_t)side * side * 3);
+    if (!grid || !img) { free(grid); free(img); snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
+    int rc = 0;
+    for (int i = 0; i < np && rc == 0; i++) {
+        gen_params p = {.prompt = prompts[i], .negative = "", .width = side, .height = side, .steps = 20,
+                        .cfg = 7.0f, .seed = a->seed + (uint64_t)i, .batch = 1, .clip_skip = a->clip_skip,
+                        .sampler = "euler_a", .karras = 0, .rng_cuda = 0};
+        rc = sd_generate(m, &p, img, err);
+        for (int y = 0; y < side && rc == 0; y++)
+            memcpy(grid + ((size_t)y * side * np + (size_t)i * side) * 3, img + (size_t)y * side * 3, (size_t)side * 3);
+    }
+    if (rc == 0) {
+        char t[64]; snprintf(t, sizeof t, "step %ld", step);
+        const char *k[] = {"Title", "prompts"}, *v[] = {t, a->sample_prompt};
+        rc = image_save_png(path, grid, side * np, side, k, v, 2, err, SD_ERR_LEN);
+    }
+    free(grid); free(img);
+    return rc;
+}
+
+/* -------------------------------------------------------------- training */
+static void fmt_time(char *b, size_t n, double s) {
+    if (!(s >= 0) || s > 359999) { snprintf(b, n, "--:--"); return; }
+    int si = (int)(s + 0.5);
+    if (si >= 3600) snprintf(b, n, "%d:%02d:%02d", si / 3600, si / 60 % 60, si % 60);
+    else snprintf(b, n, "%d:%02d", si / 60, si % 60);
+}
+
+static int train(train_args *a, char *err) {
+    sd_model m;
+    if (sd_model_load(&m, a->model, a->tokenizer, err)) return 1;
+    dataset_t ds;
+    memset(&ds, 0, sizeof ds);
+    int ret = 1;
+    train_data td;
+    memset(&td, 0, sizeof td);
+    train_state st;
+    memset(&st, 0, sizeof st);
+    float *loss_hist = NULL;
+    FILE *csv = NULL;
+    if (dataset_scan(&ds, a->data, err, SD_ERR_LEN)) goto out;
+    fputs(ds.warnings, stderr);
+    td.n = ds.n_images;
+
+    /* resolution: the model's own unless --res; it must survive the UNet's downsamples */
+    if (a->res == 0) a->res = sd_default_image_side(&m);
+    int ls = sd_latent_side(&m, a->res);
+    int need = 1 << (m.unet.cfg.nlevels - 1);
+    if (a->res % 8 || ls <= 0 || ls % need) {
+        snprintf(err, SD_ERR_LEN, "--res %d: the latent side %d must be a multiple of %d for this model (use a multiple of %d, e.g. %d)",
+                 a->res, ls, need, a->res / (ls > 0 ? ls : 1) * need, sd_default_image_side(&m));
+        goto out;
+    }
+    long per_epoch = (ds.n_total_with_repeats + (long)a->batch * a->accum - 1) / ((long)a->batch * a->accum);
+    long total = a->steps > 0 ? a->steps : (long)(a->epochs > 0 ? a->epochs : 10) * per_epoch;
+    if (mkdir_p(a->out, err)) goto out;
+
+    /* LoRA on the UNet (and the text encoder with --te); the rest is frozen */
+    if (unet_add_lora(&m.unet, a->targets, a->rank, a->alpha, a->dropout, a->seed)) {
+        snprintf(err, SD_ERR_LEN, "UNet LoRA: %s", m.unet.err); goto out;
+    }
+    if (a->te) {
+        char e[ST_ERR_LEN];
+        if (clip_add_lora(&m.clip, a->rank, a->alpha, a->dropout, a->seed + 1, e)) { snprintf(err, SD_ERR_LEN, "text encoder LoRA: %s", e); goto out; }
+    }
+    if (adamw_init(&st.opt_unet, m.unet.lora_nparams, a->lr, a->beta1, a->beta2, a->adam_eps, a->wd) ||
+        adamw_init(&st.opt_te, a->te ? m.clip.num_lora_params : 0, a->te_lr, a->beta1, a->beta2, a->adam_eps, a->wd)) {
+        snprintf(err, SD_ERR_LEN, "out of memory for the optimizer"); goto out;
+    }
+    rng_seed(&st.rng, a->seed);
+    if (a->resume) {
+        if (load_state(a->resume, &st, &m, a, err)) goto out;
+        fprintf(stderr, "resuming from %s at step %ld\n", a->resume, st.step);
+    }
+    size_t ntrain = m.unet.lora_nparams + (a->te ? m.clip.num_lora_params : 0);
+    fprintf(stderr, "model %s: UNet %zu parameters frozen; LoRA '%s' rank %d alpha %g: %d adapters, %zu trainable parameters%s\n",
+            m.name, m.unet.nparams, a->targets, a->rank, a->alpha, m.unet.nloras + (a->te ? clip_num_adapters(&m.clip) : 0),
+            ntrain, a->te ? " (UNet + text encoder)" : "");
+    fprintf(stderr, "data %s: %d images, %d samples per epoch, %ld steps of %d x %d\n",
+            a->data, ds.n_images, ds.n_total_with_repeats, total, a->batch, a->accum);
+
+    /* the frozen parts run once: latents and (without --te) contexts */
+    if (!a->random_crop && cache_latents(&td, &m, &ds, a, err)) goto out;
+    if (a->random_crop) {
+        td.lc = m.vae.cfg.latent_channels; td.lh = td.lw = ls; td.variants = 1;
+        if (vae_alloc_acts(&m.vae, 1, a->res, a->res, 0)) { snprintf(err, SD_ERR_LEN, "VAE: %s", m.vae.err); goto out; }
+    }
+    if (cache_text(&td, &m, &ds, a, err)) goto out;
+    if (a->te) m.clip.training = 1;
+
+    int B = a->batch, C = td.lc, h = td.lh, w = td.lw, d = td.d;
+    size_t per = (size_t)C * h * w;
+    if (unet_alloc_acts(&m.unet, B, h, w, TOK_CTX, a->grad_ckpt ? 2 : 1)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m.unet.err); goto out; }
+    float *x0 = malloc(sizeof(float) * per * B), *eps = malloc(sizeof(float) * per * B);
+    float *xt = malloc(sizeof(float) * per * B), *pred = malloc(sizeof(float) * per * B);
+    float *target = malloc(sizeof(float) * per * B), *dpred = malloc(sizeof(float) * per * B);
+    float *ctx = malloc(sizeof(float) * (size_t)B * TOK_CTX * d), *dctx = a->te ? malloc(sizeof(float) * (size_t)B * TOK_CTX * d) : NULL;
+    float *tf = malloc(sizeof(float) * B), *wt = malloc(sizeof(float) * B);
+    int *tt = malloc(sizeof(int) * B), *ids = malloc(sizeof(int) * B * TOK_CTX);
+    int *order = malloc(sizeof(int) * (size_t)ds.n_total_with_repeats);
+    float *img = a->random_crop ? malloc(sizeof(float) * 3 * (size_t)a->res * a->res) : NULL;
+    loss_hist = malloc(sizeof(float) * (size_t)(total + 1));
+    if (!x0 || !eps || !xt || !pred || !target || !dpred || !ctx || (a->te && !dctx) || !tf || !wt || !tt || !ids || !order || !loss_hist || (a->random_crop && !img)) {
+        snprintf(err, SD_ERR_LEN, "out of memory for the training buffers"); goto out_bufs;
+    }
+    lr_schedule sched;
+    lr_schedule_from_name(a->sched, &sched);
+
+    /* loss.csv: rewritten up to the resumed step, then appended */
+    char path[1200];
+    snprintf(path, sizeof path, "%s/loss.csv", a->out);
+    {
+        float *old = NULL; long nold = 0;
+        FILE *f = a->resume ? fopen(path, "r") : NULL;
+        if (f) {
+            old = malloc(sizeof(float) * (size_t)(st.step + 1));
+            char line[256]; long s; float l, sm, lr_;
+            while (old && fgets(line, sizeof line, f))
+                if (sscanf(line, "%ld,%f,%f,%f", &s, &l, &sm, &lr_) == 4 && s == nold + 1 && s <= st.step) old[nold++] = l;
+            fclose(f);
+        }
+        csv = fopen(path, "w");
+        if (!csv) { free(old); snprintf(err, SD_ERR_LEN, "%.600s: %s (check that --out is writable)", path, strerror(errno)); goto out_bufs; }
+        fprintf(csv, "step,loss,smoothed,lr\n");
+        float smooth = 0;
+        for (long i = 0; i < nold; i++) {
+            smooth = i == 0 ? old[i] : 0.95f * smooth + 0.05f * old[i];
+            loss_hist[i] = smooth;
+            fprintf(csv, "%ld,%.6f,%.6f,%.6g\n", i + 1, old[i], smooth, lr_at(sched, a->lr, i, a->warmup, total));
+        }
+        if (nold != st.step) { long k; for (k = nold; k < st.step; k++) loss_hist[k] = nold ? loss_hist[nold - 1] : 0; }
+        free(old);
+    }
+    float smooth = st.step > 0 ? loss_hist[st.step - 1] : 0;
+
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    /* for the tests: stop after N steps exactly as Ctrl-C would */
+    const char *stop_env = getenv("SDLORA_STOP_AFTER");
+    long stop_after = stop_env ? atol(stop_env) : 0;
+    int cur_epoch = -1;
+    double t_start = now_s();
+    long step0 = st.step;
+    int tty = isatty(2);
+    char lora_path[1200], state_path[1200];
+    snprintf(state_path, sizeof state_path, "%s/state.safetensors", a->out);
+    size_t n1 = m.unet.lora_nparams, n2 = a->te ? m.clip.num_lora_params : 0;
+
+    while (st.step < total && !g_stop) {
+        float lr = lr_at(sched, a->lr, st.step, a->warmup, total);
+        float lr_te = lr_at(sched, a->te_lr, st.step, a->warmup, total);
+        unet_zero_lora_grads(&m.unet);
+        if (a->te) clip_zero_grad(&m.clip);
+        double step_loss = 0;
+        for (int k = 0; k < a->accum; k++) {
+            /* the batch: the next B samples of the epoch's shuffled order */
+            for (int b = 0; b < B; b++) {
+                long pos = st.sample_pos++;
+                int epoch = (int)(pos / ds.n_total_with_repeats);
+                if (epoch != cur_epoch) { dataset_epoch_order(&ds, a->seed, epoch, order); cur_epoch = epoch; }
+                int i = order[pos % ds.n_total_with_repeats];
+                int v = a->flip ? (int)(rng_u64(&st.rng) & 1) : 0;
+                if (a->random_crop) {
+                    if (load_image_chw(img, ds.path[i], a->res, 1, v, &st.rng, err)) goto out_bufs;
+                    for (size_t q = 0; q < per; q++) eps[q] = rng_normal(&st.rng);   /* posterior noise */
+                    if (vae_encode_latents(&m.vae, x0 + b * per, img, eps, 1, a->res, a->res)) { snprintf(err, SD_ERR_LEN, "VAE: %s", m.vae.err); goto out_bufs; }
+                } else {
+                    memcpy(x0 + b * per, td.latents + ((size_t)i * td.variants + v) * per, sizeof(float) * per);
+                }
+                memcpy(ids + b * TOK_CTX, td.ids + (size_t)i * TOK_CTX, sizeof(int) * TOK_CTX);
+                if (!a->te) memcpy(ctx + (size_t)b * TOK_CTX * d, td.ctx + (size_t)i * TOK_CTX * d, sizeof(float) * TOK_CTX * d);
+            }
+            /* noise and timesteps (article 4.2): x_t = sqrt(abar) x0 + sqrt(1-abar) eps */
+            ddpm_sample_timesteps(tt, B, m.sched.T, &st.rng);
+            ddpm_sample_noise(eps, per * B, &st.rng);
+            ddpm_noise_offset(eps, B, C, (size_t)h * w, a->noise_offset, &st.rng);
+            ddpm_add_noise(xt, x0, eps, tt, B, per, &m.sched);
+            ddpm_target(target, x0, eps, tt, B, per, m.prediction, &m.sched);
+            for (int b = 0; b < B; b++) tf[b] = (float)tt[b];
+            if (a->te && clip_forward(&m.clip, ctx, ids, B, TOK_CTX, a->clip_skip)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m.clip.err); goto out_bufs; }
+            if (unet_forward(&m.unet, pred, xt, tf, ctx, B, h, w, TOK_CTX)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m.unet.err); goto out_bufs; }
+            /* loss = mean((eps_hat - eps)^2), optionally min-SNR weighted */
+            if (a->min_snr > 0) ddpm_min_snr_weights(wt, tt, B, a->min_snr, m.prediction, &m.sched);
+            float loss = mse_loss_forward(pred, target, a->min_snr > 0 ? wt : NULL, B, per);
+            step_loss += loss / a->accum;
+            memset(dpred, 0, sizeof(float) * per * B);
+            mse_loss_backward(dpred, pred, target, a->min_snr > 0 ? wt : NULL, B, per, 1.0f / a->accum);
+            if (unet_backward(&m.unet, dpred, NULL, dctx)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m.unet.err); goto out_bufs; }
+            if (a->te && clip_backward(&m.clip, dctx)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m.clip.err); goto out_bufs; }
+        }
+        if (!isfinite(step_loss)) {
+            if (tty) fputc('\n', stderr);
+            snprintf(err, SD_ERR_LEN, "step %ld: the loss is %s (try a lower --lr, e.g. %g, or --clip-grad 1; the last good checkpoint is in %s/)",
+                     st.step + 1, isnan(step_loss) ? "NaN" : "infinite", a->lr / 4, a->out);
+            goto out_bufs;
+        }
+        /* one clipping norm over every trainable parameter, then AdamW */
+        if (a->clip > 0) {
+            double s2 = 0;
+            for (size_t i = 0; i < n1; i++) s2 += (double)m.unet.lora_grads[i] * m.unet.lora_grads[i];
+            for (size_t i = 0; i < n2; i++) s2 += (double)m.clip.lora_grads[i] * m.clip.lora_grads[i];
+            float norm = (float)sqrt(s2), coef = a->clip / (norm + 1e-6f);
+            if (coef < 1.0f) {
+                for (size_t i = 0; i < n1; i++) m.unet.lora_grads[i] *= coef;
+                for (size_t i = 0; i < n2; i++) m.clip.lora_grads[i] *= coef;
+            }
+        }
+        adamw_step(&st.opt_unet, m.unet.lora_params, m.unet.lora_grads, lr);
+        if (a->te) adamw_step(&st.opt_te, m.clip.lora_params, m.clip.lora_grads, lr_te);
+        st.step++;
+        if (stop_after > 0 && st.step - step0 >= stop_after) g_stop = 1;
+        smooth = st.step == 1 ? (float)step_loss : 0.95f * smooth + 0.05f * (float)step_loss;
+        loss_hist[st.step - 1] = smooth;
+        fprintf(csv, "%ld,%.6f,%.6f,%.6g\n", st.step, step_loss, smooth, lr);
+        fflush(csv);
+
+        /* progress: step, loss, it/s, ETA */
+        double el = now_s() - t_start, ips = (st.step - step0) / (el > 0 ? el : 1e-9);
+        char eta[32], ela[32];
+        fmt_time(eta, sizeof eta, (total - st.step) / (ips > 0 ? ips : 1e-9));
+        fmt_time(ela, sizeof ela, el);
+        if (tty || st.step == total || st.step % 10 == 0) {
+            int bar = (int)(30 * st.step / total);
+            fprintf(stderr, "%s[%.*s%*s] step %ld/%ld  loss %.4f (avg %.4f)  %.2f it/s  %s < %s%s",
+                    tty ? "\r" : "", bar, "==============================", 30 - bar, "", st.step, total,
+                    step_loss, smooth, ips, ela, eta, tty ? "   " : "\n");
+        }
+        int save_now = (a->save_every > 0 && st.step % a->save_every == 0) || st.step == total || g_stop;
+        if (save_now) {
+            snprintf(lora_path, sizeof lora_path, st.step == total ? "%s/%s.safetensors" : "%s/%s-step%06ld.safetensors",
+                     a->out, a->name, st.step);
+            if (save_lora(lora_path, &m, a, st.step, total, ds.n_images, err) || save_state(state_path, &st, &m, a, err)) goto out_bufs;
+            snprintf(path, sizeof path, "%s/loss.png", a->out);
+            if (save_loss_plot(path, loss_hist, st.step, err)) goto out_bufs;
+            if (tty) fputc('\n', stderr);
+            fprintf(stderr, "saved %s and %s\n", lora_path, state_path);
+        }
+        if (a->sample_prompt && a->sample_every > 0 && (st.step % a->sample_every == 0 || st.step == total)) {
+            snprintf(path, sizeof path, "%s/sample-step%06ld.png", a->out, st.step);
+            if (unet_alloc_acts(&m.unet, 2, h, w, TOK_CTX, 0) ||
+                (m.clip.training = 0, save_sample_grid(path, &m, a, st.step, err)) ||
+                unet_alloc_acts(&m.unet, B, h, w, TOK_CTX, a->grad_ckpt ? 2 : 1)) {
+                if (!err[0]) snprintf(err, SD_ERR_LEN, "UNet: %s", m.unet.err);
+                goto out_bufs;
+            }
+            m.clip.training = a->te;
+            fprintf(stderr, "sample grid: %s\n", path);
+        }
+    }
+    if (g_stop) {
+        fprintf(stderr, "stopped at step %ld; continue with: ./train %s --resume %s (and the same flags)\n", st.step, a->data, state_path);
+        ret = 130;
+    } else {
+        fprintf(stderr, "done: %ld steps in %.1f s. LoRA: %s/%s.safetensors  loss: %s/loss.csv, %s/loss.png\n"
+                        "try: ./sample --model %s --lora %s/%s.safetensors --prompt \"%s\"\n",
+                st.step, now_s() - t_start, a->out, a->name, a->out, a->out, m.path, a->out, a->name,
+                ds.n_images ? ds.caption[0] : "a photo");
+        ret = 0;
+    }
+out_bufs:
+    free(x0); free(eps); free(xt); free(pred); free(target); free(dpred); free(ctx); free(dctx);
+    free(tf); free(wt); free(tt); free(ids); free(order); free(img);
+out:
+    if (csv) fclose(csv);
+    free(loss_hist);
+    free(td.latents); free(td.ctx); free(td.ids);
+    adamw_free(&st.opt_unet); adamw_free(&st.opt_te);
+    dataset_free(&ds);
+    sd_model_free(&m);
+    return ret;
+}
+
 int main(int argc, char **argv) {
     train_args a = {
-        .model = NULL, .out = "out", .targets = "qv", .sched = "constant",
+        .model = NULL, .out = "out", .name = "lora", .targets = "qv", .sched = "constant", .precision = "fp32",
         .rank = 4, .res = 0, .batch = 1, .accum = 1, .steps = 0, .epochs = 0, .warmup = 0,
-        .save_every = 0, .sample_every = 0,
+        .save_every = 0, .sample_every = 0, .clip_skip = 1,
         .alpha = 4.0f, .dropout = 0.0f, .lr = 1e-4f, .te_lr = 5e-5f,
         .beta1 = 0.9f, .beta2 = 0.999f, .adam_eps = 1e-8f, .wd = 1e-2f, .clip = 1.0f,
         .min_snr = 0.0f, .noise_offset = 0.0f, .seed = 42,
     };
     const cli_opt opts[] = {
-        {"--model", OPT_STR, &a.model, 0, 0, NULL, "base model: SD1.x .safetensors or diffusers folder (default: models/tiny)"},
+        {"--model", OPT_STR, &a.model, 0, 0, NULL, "base model: SD1.x .safetensors or diffusers folder (default: " SD_DEFAULT_MODEL ")"},
         {"--tokenizer", OPT_STR, &a.tokenizer, 0, 0, NULL, "folder with vocab.json + merges.txt (single-file checkpoints)"},
-        {"--out", OPT_STR, &a.out, 0, 0, NULL, "output folder for the LoRA, loss.csv, plots, state"},
+        {"--out", OPT_STR, &a.out, 0, 0, NULL, "output folder for the LoRA, loss.csv, loss.png, state"},
+        {"--name", OPT_STR, &a.name, 0, 0, NULL, "file name of the LoRA (NAME.safetensors)"},
         {"--targets", OPT_CHOICE, &a.targets, 0, 0, "qv|attn|transformer", "UNet layers that get a LoRA"},
         {"--te", OPT_FLAG, &a.te, 0, 0, NULL, "also train LoRA on the text encoder"},
         {"--rank", OPT_INT, &a.rank, 1, 1024, NULL, "LoRA rank r"},
@@ -41,11 +643,11 @@ int main(int argc, char **argv) {
         {"--dropout", OPT_FLOAT, &a.dropout, 0, 0.99, NULL, "dropout on the LoRA branch"},
         {"--res", OPT_INT, &a.res, 0, 4096, NULL, "training resolution, multiple of 8 (0: the model's)"},
         {"--flip", OPT_FLAG, &a.flip, 0, 0, NULL, "random horizontal flips"},
-        {"--random-crop", OPT_FLAG, &a.random_crop, 0, 0, NULL, "random instead of centre crop"},
-        {"--batch", OPT_INT, &a.batch, 1, 1024, NULL, "images per step"},
-        {"--accum", OPT_INT, &a.accum, 1, 1024, NULL, "gradient accumulation steps"},
+        {"--random-crop", OPT_FLAG, &a.random_crop, 0, 0, NULL, "random instead of centre crop (no latent cache: slower)"},
+        {"--batch", OPT_INT, &a.batch, 1, 1024, NULL, "images per micro-batch"},
+        {"--accum", OPT_INT, &a.accum, 1, 1024, NULL, "gradient accumulation: micro-batches per step"},
         {"--steps", OPT_INT, &a.steps, 0, 100000000, NULL, "optimizer steps (0: from --epochs)"},
-        {"--epochs", OPT_INT, &a.epochs, 0, 1000000, NULL, "passes over the data set"},
+        {"--epochs", OPT_INT, &a.epochs, 0, 1000000, NULL, "passes over the data set (0 with --steps 0: 10)"},
         {"--lr", OPT_FLOAT, &a.lr, 0, 10, NULL, "UNet LoRA learning rate"},
         {"--te-lr", OPT_FLOAT, &a.te_lr, 0, 10, NULL, "text-encoder LoRA learning rate"},
         {"--scheduler", OPT_CHOICE, &a.sched, 0, 0, "constant|constant_with_warmup|cosine|linear", "learning-rate schedule"},
@@ -57,29 +659,46 @@ int main(int argc, char **argv) {
         {"--clip-grad", OPT_FLOAT, &a.clip, 0, 1e9, NULL, "gradient-norm clipping (0: off)"},
         {"--min-snr-gamma", OPT_FLOAT, &a.min_snr, 0, 1e6, NULL, "min-SNR loss weighting gamma (0: off)"},
         {"--noise-offset", OPT_FLOAT, &a.noise_offset, 0, 10, NULL, "noise offset"},
+        {"--clip-skip", OPT_INT, &a.clip_skip, 1, 12, NULL, "use the output of the N-th last CLIP layer"},
         {"--seed", OPT_U64, &a.seed, 0, 9.2e18, NULL, "random seed"},
         {"--grad-checkpoint", OPT_FLAG, &a.grad_ckpt, 0, 0, NULL, "recompute activations in backward (less memory)"},
         {"--save-every", OPT_INT, &a.save_every, 0, 100000000, NULL, "save the LoRA and state every N steps (0: only at the end)"},
+        {"--precision", OPT_CHOICE, &a.precision, 0, 0, "fp32|fp16", "dtype of the saved LoRA"},
         {"--sample-every", OPT_INT, &a.sample_every, 0, 100000000, NULL, "sample grid every N steps"},
         {"--sample-prompt", OPT_STR, &a.sample_prompt, 0, 0, NULL, "prompt(s) for the sample grid, separated by '|'"},
-        {"--resume", OPT_STR, &a.resume, 0, 0, NULL, "training state to resume from"},
+        {"--resume", OPT_STR, &a.resume, 0, 0, NULL, "training state to resume from (OUT/state.safetensors)"},
         {"--threads", OPT_INT, &a.threads, 0, 4096, NULL, "CPU threads (0: all)"},
     };
     const char *pos[1]; int npos;
     int rc = cli_parse(argc, argv, opts, (int)(sizeof opts / sizeof opts[0]), pos, 1, &npos,
                        "usage: ./train DIR [options]\n"
-                       "Trains a LoRA for a Stable Diffusion 1.x model on the captioned images in DIR.");
+                       "Trains a LoRA for a Stable Diffusion 1.x model on the captioned images in DIR\n"
+                       "(PNG/JPEG with same-name .txt captions, or a captions.csv; N_name folders repeat N times).");
     if (rc == 1) return 0;
     if (rc) return rc;
     if (npos != 1) {
         fprintf(stderr, "error: no data folder given (run ./train DIR, e.g. ./train data/; see ./train --help)\n");
         return 2;
     }
-    struct stat st;
-    if (stat(pos[0], &st) != 0 || !S_ISDIR(st.st_mode)) {
-        fprintf(stderr, "error: %s: not a folder (give the folder that holds your images and captions)\n", pos[0]);
+    a.data = pos[0];
+    struct stat sb;
+    if (stat(a.data, &sb) != 0 || !S_ISDIR(sb.st_mode)) {
+        fprintf(stderr, "error: %s: not a folder (give the folder that holds your images and captions)\n", a.data);
         return 2;
     }
-    fprintf(stderr, "error: training is not implemented in this build yet (the UNet, text encoder and VAE land first; see README.md)\n");
-    return 1;
+    if (a.sample_every > 0 && !a.sample_prompt) {
+        fprintf(stderr, "error: --sample-every needs --sample-prompt (e.g. --sample-prompt \"a red circle|a blue square\")\n");
+        return 2;
+    }
+    if (strchr(a.name, '/')) {
+        fprintf(stderr, "error: --name %s: must be a file name, not a path (use --out for the folder)\n", a.name);
+        return 2;
+    }
+#ifdef _OPENMP
+    if (a.threads > 0) omp_set_num_threads(a.threads);
+#endif
+    char err[SD_ERR_LEN] = "";
+    rc = train(&a, err);
+    if (rc && rc != 130) fprintf(stderr, "error: %s\n", err);
+    return rc;
 }

@@ -1,0 +1,351 @@
+/* test_programs.c: ./train and ./sample as a user runs them, on the tiny
+ * diffusers-made model in tests/fixtures/gen_tiny and small data sets made
+ * here: end to end (train, then sample with the LoRA), Ctrl-C and --resume
+ * giving the same bytes as a run never stopped, the same bytes whatever the
+ * thread count, every data-set layout, and bad input of every kind ending in
+ * one clear line. Under `make asan` the programs themselves are sanitised. */
+#include <signal.h>
+#include <stdarg.h>
+#include <time.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include "testutil.h"
+#include "image.h"
+#include "lora.h"
+
+#ifndef SDLORA_BUILD
+#define SDLORA_BUILD "build"
+#endif
+#define TRAIN SDLORA_BUILD "/train"
+#define SAMPLE SDLORA_BUILD "/sample"
+#define MODEL FIXTURE_DIR "gen_tiny"
+
+static char tmp[64];
+
+static void setup(void) {
+    snprintf(tmp, sizeof tmp, "/tmp/sdlora_prog_XXXXXX");
+    ck_assert(mkdtemp(tmp) != NULL);
+}
+static void teardown(void) {
+    char cmd[128];
+    snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
+    if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", tmp);
+}
+
+/* run a shell command; stderr+stdout to tmp/log; exit status */
+static int run(const char *fmt, ...) {
+    char cmd[4096], full[4400];
+    va_list ap; va_start(ap, fmt); vsnprintf(cmd, sizeof cmd, fmt, ap); va_end(ap);
+    snprintf(full, sizeof full, "%s > %s/log 2>&1", cmd, tmp);
+    int st = system(full);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+static char *slurp(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END); long len = ftell(f); fseek(f, 0, SEEK_SET);
+    char *b = malloc((size_t)len + 1);
+    if (fread(b, 1, (size_t)len, f) != (size_t)len) { free(b); fclose(f); return NULL; }
+    fclose(f); b[len] = 0;
+    if (n) *n = (size_t)len;
+    return b;
+}
+
+static char *log_text(void) {
+    char p[128]; snprintf(p, sizeof p, "%s/log", tmp);
+    char *s = slurp(p, NULL);
+    return s ? s : calloc(1, 1);
+}
+
+/* the one error line the program printed */
+static void assert_error_line(const char *must1, const char *must2) {
+    char *s = log_text();
+    char *e = strstr(s, "error: ");
+    ck_assert_msg(e != NULL, "no 'error:' line in: %s", s);
+    char *nl = strchr(e, '\n');
+    ck_assert_msg(nl && nl[1] == 0, "the error is not one last line: %s", s);
+    ck_assert_msg(!must1 || strstr(e, must1), "error lacks '%s': %s", must1, e);
+    ck_assert_msg(!must2 || strstr(e, must2), "error lacks '%s': %s", must2, e);
+    free(s);
+}
+
+static int has_bytes(const char *hay, size_t n, const char *needle) {
+    size_t k = strlen(needle);
+    for (size_t i = 0; i + k <= n; i++) if (memcmp(hay + i, needle, k) == 0) return 1;
+    return 0;
+}
+
+static void sleep_ms(int ms) {
+    struct timespec ts = {ms / 1000, (long)(ms % 1000) * 1000000L};
+    nanosleep(&ts, NULL);
+}
+
+static int same_file(const char *a, const char *b) {
+    size_t na, nb;
+    char *x = slurp(a, &na), *y = slurp(b, &nb);
+    int same = x && y && na == nb && memcmp(x, y, na) == 0;
+    free(x); free(y);
+    return same;
+}
+
+/* a small captioned data set: n 64x64 images of a coloured square */
+static void make_images(const char *dir, int n, int captions) {
+    char p[512];
+    mkdir(dir, 0777);
+    uint8_t *px = malloc(64 * 64 * 3);
+    for (int i = 0; i < n; i++) {
+        for (int y = 0; y < 64; y++)
+            for (int x = 0; x < 64; x++) {
+                int in = x > 8 + 4 * i && x < 40 + 2 * i && y > 12 && y < 44;
+                uint8_t *q = px + (y * 64 + x) * 3;
+                q[0] = in ? 220 : 30; q[1] = in ? (uint8_t)(40 * i) : 60; q[2] = in ? 40 : 200;
+            }
+        char err[256];
+        snprintf(p, sizeof p, "%s/img%02d.png", dir, i);
+        ck_assert_msg(image_save_png(p, px, 64, 64, NULL, NULL, 0, err, sizeof err) == 0, "%s", err);
+        if (captions) {
+            snprintf(p, sizeof p, "%s/img%02d.txt", dir, i);
+            FILE *f = fopen(p, "w"); fprintf(f, "a red square number %d\n", i); fclose(f);
+        }
+    }
+    free(px);
+}
+
+#define FLAGS "--model " MODEL " --rank 2 --alpha 2 --batch 2 --seed 7 --lr 1e-3"
+
+START_TEST(test_help) {
+    ck_assert_int_eq(run(TRAIN " --help"), 0);
+    char *s = log_text(); ck_assert(strstr(s, "usage: ./train DIR") && strstr(s, "--rank")); free(s);
+    ck_assert_int_eq(run(SAMPLE " --help"), 0);
+    s = log_text(); ck_assert(strstr(s, "usage: ./sample") && strstr(s, "--sampler")); free(s);
+}
+END_TEST
+
+START_TEST(test_bad_flags) {
+    char d[128]; snprintf(d, sizeof d, "%s/data", tmp);
+    make_images(d, 2, 1);
+    ck_assert_int_eq(run(TRAIN " %s --rank abc", d), 2);          assert_error_line("--rank", "abc");
+    ck_assert_int_eq(run(TRAIN " %s --rank 0", d), 2);            assert_error_line("--rank", "range");
+    ck_assert_int_eq(run(TRAIN " %s --lr", d), 2);                assert_error_line("--lr", "value");
+    ck_assert_int_eq(run(TRAIN " %s --bogus 1", d), 2);           assert_error_line("--bogus", NULL);
+    ck_assert_int_eq(run(TRAIN " %s --targets everything", d), 2); assert_error_line("--targets", "qv");
+    ck_assert_int_eq(run(TRAIN), 2);                              assert_error_line("data folder", NULL);
+    ck_assert_int_eq(run(TRAIN " %s/none", tmp), 2);              assert_error_line("not a folder", NULL);
+    ck_assert_int_eq(run(TRAIN " %s --sample-every 5", d), 2);    assert_error_line("--sample-prompt", NULL);
+    ck_assert_int_eq(run(SAMPLE " --steps 5"), 2);                assert_error_line("--prompt", NULL);
+    ck_assert_int_eq(run(SAMPLE " --prompt x --width 30"), 2);    assert_error_line("8", NULL);
+}
+END_TEST
+
+/* train, then sample with the LoRA it wrote */
+START_TEST(test_train_then_sample) {
+    char d[128], o[128], p[256];
+    snprintf(d, sizeof d, "%s/data", tmp); snprintf(o, sizeof o, "%s/out", tmp);
+    make_images(d, 4, 1);
+    ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 6 --save-every 3 --out %s", d, o) == 0, "%s", log_text());
+    char *s = log_text();
+    ck_assert_msg(strstr(s, "trainable parameters") && strstr(s, "./sample"), "%s", s);
+    free(s);
+    /* the LoRA in kohya's format, with ss_* metadata */
+    snprintf(p, sizeof p, "%s/lora.safetensors", o);
+    lora_file lf; char err[ST_ERR_LEN];
+    ck_assert_msg(lora_file_load(p, &lf, err) == 0, "%s", err);
+    ck_assert_str_eq(lf.format, "kohya");
+    ck_assert(lf.n > 0 && lf.e[0].r == 2 && lf.e[0].alpha == 2.0f);
+    ck_assert_msg(strncmp(lf.e[0].name, "lora_unet_", 10) == 0, "%s", lf.e[0].name);
+    double bsum = 0;
+    for (int i = 0; i < lf.n; i++) for (int k = 0; k < lf.e[i].out * lf.e[i].r; k++) bsum += fabs(lf.e[i].B[k]);
+    ck_assert_msg(bsum > 0, "B is still zero after 6 steps: nothing trained");
+    lora_file_free(&lf);
+    st_file f; ck_assert(st_open(&f, p, err) == 0);
+    ck_assert_str_eq(st_meta(&f, "ss_network_dim"), "2");
+    ck_assert_str_eq(st_meta(&f, "ss_network_module"), "networks.lora");
+    st_close(&f);
+    snprintf(p, sizeof p, "%s/lora-step000003.safetensors", o); ck_assert(access(p, F_OK) == 0);
+    snprintf(p, sizeof p, "%s/state.safetensors", o);          ck_assert(access(p, F_OK) == 0);
+    /* loss.csv: a header and one line per step; loss.png decodes */
+    snprintf(p, sizeof p, "%s/loss.csv", o);
+    s = slurp(p, NULL); ck_assert(s);
+    int lines = 0; for (char *q = s; *q; q++) lines += *q == '\n';
+    ck_assert_int_eq(lines, 7);
+    ck_assert(strncmp(s, "step,loss,smoothed,lr\n1,", 24) == 0);
+    free(s);
+    image_t im; snprintf(p, sizeof p, "%s/loss.png", o);
+    ck_assert_msg(image_load(&im, p, err, sizeof err) == 0, "%s", err);
+    image_free(&im);
+    /* sample with it: a PNG that carries A1111's parameters */
+    snprintf(p, sizeof p, "%s/s.png", o);
+    ck_assert_msg(run(SAMPLE " --model " MODEL " --prompt \"a red square\" --steps 3 --seed 1 --lora %s/lora.safetensors:0.8 --out %s", o, p) == 0,
+                  "%s", log_text());
+    ck_assert_msg(image_load(&im, p, err, sizeof err) == 0, "%s", err);
+    ck_assert(im.w == 64 && im.h == 64);
+    image_free(&im);
+    size_t n; s = slurp(p, &n);
+    ck_assert(s != NULL);
+    ck_assert(has_bytes(s, n, "parameters") && has_bytes(s, n, "Steps: 3"));
+    free(s);
+}
+END_TEST
+
+/* stopped after 3 of 8 steps (as Ctrl-C does), then --resume: the final LoRA
+ * and state are byte-identical to a run that was never stopped */
+START_TEST(test_resume_identical) {
+    char d[128], a[128], b[128], p1[256], p2[256];
+    snprintf(d, sizeof d, "%s/data", tmp);
+    snprintf(a, sizeof a, "%s/a", tmp); snprintf(b, sizeof b, "%s/b", tmp);
+    make_images(d, 5, 1);
+    const char *more = " --steps 8 --flip --dropout 0.1 --noise-offset 0.05 --te";
+    ck_assert_msg(run(TRAIN " %s " FLAGS "%s --out %s", d, more, a) == 0, "%s", log_text());
+    ck_assert_int_eq(run("SDLORA_STOP_AFTER=3 " TRAIN " %s " FLAGS "%s --out %s", d, more, b), 130);
+    char *s = log_text(); ck_assert_msg(strstr(s, "--resume"), "%s", s); free(s);
+    snprintf(p1, sizeof p1, "%s/lora-step000003.safetensors", b); ck_assert(access(p1, F_OK) == 0);
+    ck_assert_msg(run(TRAIN " %s " FLAGS "%s --out %s --resume %s/state.safetensors", d, more, b, b) == 0, "%s", log_text());
+    snprintf(p1, sizeof p1, "%s/lora.safetensors", a); snprintf(p2, sizeof p2, "%s/lora.safetensors", b);
+    ck_assert_msg(same_file(p1, p2), "resumed LoRA differs from the uninterrupted one");
+    snprintf(p1, sizeof p1, "%s/state.safetensors", a); snprintf(p2, sizeof p2, "%s/state.safetensors", b);
+    ck_assert(same_file(p1, p2));
+    snprintf(p1, sizeof p1, "%s/loss.csv", a); snprintf(p2, sizeof p2, "%s/loss.csv", b);
+    ck_assert(same_file(p1, p2));
+    /* resuming with other flags is refused */
+    ck_assert_int_eq(run(TRAIN " %s " FLAGS " --steps 8 --out %s --resume %s/state.safetensors", d, b, b), 1);
+    assert_error_line("other settings", NULL);
+}
+END_TEST
+
+/* a real Ctrl-C: the run saves its state and says how to resume */
+START_TEST(test_sigint_saves) {
+    char d[128], o[128], cmd[1024], p[256];
+    snprintf(d, sizeof d, "%s/data", tmp); snprintf(o, sizeof o, "%s/out", tmp);
+    make_images(d, 3, 1);
+    snprintf(cmd, sizeof cmd, "%s/log", tmp);
+    pid_t pid = fork();
+    if (pid == 0) {
+        FILE *lf = fopen(cmd, "w");
+        if (!lf) _exit(127);
+        dup2(fileno(lf), 1); dup2(fileno(lf), 2);
+        execl(TRAIN, "train", d, "--model", MODEL, "--rank", "2", "--alpha", "2", "--batch", "2",
+              "--seed", "7", "--lr", "1e-3", "--steps", "1000000", "--out", o, (char *)NULL);
+        _exit(127);
+    }
+    snprintf(p, sizeof p, "%s/loss.csv", o);
+    for (int i = 0; i < 6000; i++) {                 /* wait for two steps */
+        char *s = slurp(p, NULL);
+        int lines = 0;
+        if (s) { for (char *q = s; *q; q++) lines += *q == '\n'; free(s); }
+        if (lines >= 3) break;
+        sleep_ms(10);
+    }
+    kill(pid, SIGINT);
+    int st; waitpid(pid, &st, 0);
+    ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 130, "exit %d", WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+    snprintf(p, sizeof p, "%s/state.safetensors", o);
+    ck_assert(access(p, F_OK) == 0);
+    char *s = log_text(); ck_assert_msg(strstr(s, "stopped at step") && strstr(s, "--resume"), "%s", s); free(s);
+}
+END_TEST
+
+/* the same seed and flags give the same bytes with 1 or 2 threads */
+START_TEST(test_threads_identical) {
+    char d[128], a[128], b[128], p1[256], p2[256];
+    snprintf(d, sizeof d, "%s/data", tmp);
+    snprintf(a, sizeof a, "%s/a", tmp); snprintf(b, sizeof b, "%s/b", tmp);
+    make_images(d, 4, 1);
+    ck_assert_int_eq(run("OMP_NUM_THREADS=1 " TRAIN " %s " FLAGS " --steps 4 --targets transformer --out %s", d, a), 0);
+    ck_assert_int_eq(run("OMP_NUM_THREADS=2 " TRAIN " %s " FLAGS " --steps 4 --targets transformer --out %s", d, b), 0);
+    snprintf(p1, sizeof p1, "%s/lora.safetensors", a); snprintf(p2, sizeof p2, "%s/lora.safetensors", b);
+    ck_assert_msg(same_file(p1, p2), "1 and 2 threads wrote different LoRAs");
+}
+END_TEST
+
+/* captions.csv, N_name repeat folders, .caption files, an uncaptioned image */
+START_TEST(test_dataset_layouts) {
+    char d[128], sub[256], p[300], o[128];
+    snprintf(d, sizeof d, "%s/data", tmp); snprintf(o, sizeof o, "%s/out", tmp);
+    mkdir(d, 0777);
+    snprintf(sub, sizeof sub, "%s/3_squares", d);
+    make_images(sub, 2, 1);                           /* 2 images x 3 repeats */
+    snprintf(sub, sizeof sub, "%s/csv", d);
+    make_images(sub, 2, 0);
+    snprintf(p, sizeof p, "%s/captions.csv", sub);
+    FILE *f = fopen(p, "w"); fprintf(f, "file,caption\nimg00.png,\"a square, red\"\n"); fclose(f);
+    snprintf(p, sizeof p, "%s/img01.caption", sub);  /* img01: .caption file */
+    f = fopen(p, "w"); fprintf(f, "another square\n"); fclose(f);
+    snprintf(sub, sizeof sub, "%s/plain", d);
+    make_images(sub, 1, 0);                           /* uncaptioned */
+    ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 1 --out %s", d, o) == 0, "%s", log_text());
+    char *s = log_text();
+    ck_assert_msg(strstr(s, "5 images, 9 samples per epoch"), "%s", s);
+    ck_assert_msg(strstr(s, "warning") && strstr(s, "plain/img00.png"), "%s", s);
+    free(s);
+}
+END_TEST
+
+/* bad data and models: one clear line naming the file, nothing written over */
+START_TEST(test_bad_inputs) {
+    char d[128], o[128], p[256];
+    snprintf(d, sizeof d, "%s/data", tmp); snprintf(o, sizeof o, "%s/out", tmp);
+    make_images(d, 3, 1);
+    /* a truncated PNG */
+    snprintf(p, sizeof p, "%s/img01.png", d);
+    ck_assert(truncate(p, 40) == 0);
+    ck_assert_int_eq(run(TRAIN " %s " FLAGS " --steps 2 --out %s", d, o), 1);
+    assert_error_line("img01.png", NULL);
+    /* not an image at all */
+    FILE *f = fopen(p, "w"); fputs("hello", f); fclose(f);
+    ck_assert_int_eq(run(TRAIN " %s " FLAGS " --steps 2 --out %s", d, o), 1);
+    assert_error_line("img01.png", NULL);
+    unlink(p);
+    /* a caption that is not UTF-8 */
+    snprintf(p, sizeof p, "%s/img02.txt", d);
+    f = fopen(p, "wb"); fputs("caf\xe9\n", f); fclose(f);
+    ck_assert_int_eq(run(TRAIN " %s " FLAGS " --steps 2 --out %s", d, o), 1);
+    assert_error_line("img02.txt", "UTF-8");
+    unlink(p);
+    /* a model that is not there, a model folder without a UNet */
+    ck_assert_int_eq(run(TRAIN " %s --model %s/nomodel --steps 2 --out %s", d, tmp, o), 1);
+    assert_error_line("nomodel", NULL);
+    ck_assert_int_eq(run(TRAIN " %s --model %s --steps 2 --out %s", d, d, o), 1);
+    assert_error_line("unet/", NULL);
+    /* a good run, then a corrupt --resume state: the good LoRA stays as it was */
+    ck_assert_int_eq(run(TRAIN " %s " FLAGS " --steps 2 --out %s", d, o), 0);
+    char lora[256], keep[600];
+    snprintf(lora, sizeof lora, "%s/lora.safetensors", o);
+    snprintf(keep, sizeof keep, "cp %s %s/keep.safetensors", lora, tmp);
+    ck_assert(system(keep) == 0);
+    snprintf(p, sizeof p, "%s/state.safetensors", o);
+    ck_assert(truncate(p, 100) == 0);
+    ck_assert_int_eq(run(TRAIN " %s " FLAGS " --steps 2 --out %s --resume %s", d, o, p), 1);
+    assert_error_line("state.safetensors", NULL);
+    snprintf(keep, sizeof keep, "%s/keep.safetensors", tmp);
+    ck_assert(same_file(lora, keep));
+    /* a resolution the model cannot take */
+    ck_assert_int_eq(run(TRAIN " %s " FLAGS " --steps 2 --res 60 --out %s", d, o), 1);
+    assert_error_line("--res", NULL);
+    /* a LoRA that does not fit the model, and a missing one, for ./sample */
+    ck_assert_int_eq(run(SAMPLE " --model " MODEL " --prompt x --steps 2 --lora " FIXTURE_DIR "lorafile_kohya.safetensors --out %s/x.png", tmp), 1);
+    assert_error_line("lora_", NULL);
+    ck_assert_int_eq(run(SAMPLE " --model " MODEL " --prompt x --steps 2 --lora %s/none.safetensors --out %s/x.png", tmp, tmp), 1);
+    assert_error_line("none.safetensors", NULL);
+}
+END_TEST
+
+static Suite *programs_suite(void) {
+    Suite *s = suite_create("programs");
+    TCase *tc = tcase_create("programs");
+    tcase_add_checked_fixture(tc, setup, teardown);
+    tcase_set_timeout(tc, 900);   /* whole training runs; slow under ASan */
+    tcase_add_test(tc, test_help);
+    tcase_add_test(tc, test_bad_flags);
+    tcase_add_test(tc, test_train_then_sample);
+    tcase_add_test(tc, test_resume_identical);
+    tcase_add_test(tc, test_sigint_saves);
+    tcase_add_test(tc, test_threads_identical);
+    tcase_add_test(tc, test_dataset_layouts);
+    tcase_add_test(tc, test_bad_inputs);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+CHECK_MAIN(programs_suite)
