@@ -111,6 +111,11 @@ data: $(BUILD)/make_data
 $(BUILD)/make_data: tools/make_data.c $(LIBOBJ)
 	$(CC) $(CFLAGS) -I. $< $(LIBOBJ) -o $@ $(LDFLAGS) $(LDLIBS)
 
+# full fine-tuning vs LoRA, measured (tools/compare.sh)
+.PHONY: compare
+compare: $(PROGS)
+	bash tools/compare.sh
+
 clean:
 	rm -rf build build-asan $(PROGS)
 

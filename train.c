@@ -17,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -35,7 +36,7 @@
 typedef struct {
     const char *data, *model, *out, *name, *targets, *sched, *resume, *sample_prompt, *tokenizer, *precision;
     int rank, res, batch, accum, steps, epochs, warmup, save_every, sample_every, te, flip,
-        random_crop, grad_ckpt, threads, clip_skip;
+        random_crop, grad_ckpt, threads, clip_skip, full;
     float alpha, dropout, lr, te_lr, beta1, beta2, adam_eps, wd, clip, min_snr, noise_offset;
     uint64_t seed;
 } train_args;
@@ -302,6 +303,23 @@ static int save_lora(const char *path, sd_model *m, const train_args *a, long st
     return rc;
 }
 
+/* --full: the fine-tuned UNet, under its diffusers names */
+static int save_full_unet(const char *path, sd_model *m, char *err) {
+    st_writer *w = st_writer_new();
+    if (!w) { snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
+    int rc = 0;
+    for (int i = 0; i < m->unet.ntable && rc == 0; i++) {
+        const unet_param *p = &m->unet.table[i];
+        int64_t sh[4];
+        for (int d = 0; d < p->ndim; d++) sh[d] = p->shape[d];
+        rc = st_writer_add(w, p->name, ST_F32, p->ndim, sh, m->unet.params + p->offset);
+    }
+    if (rc) { st_writer_free(w); snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
+    rc = st_writer_save(w, path, err);
+    st_writer_free(w);
+    return rc;
+}
+
 /* ------------------------------------------------------------- the plots */
 /* loss curve: smoothed loss per step on a white canvas, with a light grid */
 static int save_loss_plot(const char *path, const float *loss, long n, char *err) {
@@ -407,16 +425,31 @@ static int train(train_args *a, char *err) {
     long total = a->steps > 0 ? a->steps : (long)(a->epochs > 0 ? a->epochs : 10) * per_epoch;
     if (mkdir_p(a->out, err)) goto out;
 
-    /* LoRA on the UNet (and the text encoder with --te); the rest is frozen */
-    if (unet_add_lora(&m.unet, a->targets, a->rank, a->alpha, a->dropout, a->seed)) {
-        snprintf(err, SD_ERR_LEN, "UNet LoRA: %s", m.unet.err); goto out;
+    /* What trains. LoRA (article 2.2): adapters on the UNet (and the text
+     * encoder with --te), every pretrained weight frozen. --full (the
+     * article's "traditional full fine-tuning", the baseline of 2.1): every
+     * UNet (and text-encoder) weight, with a gradient and two AdamW moments each. */
+    float *P1, *G1, *P2 = NULL, *G2 = NULL;
+    size_t n1, n2 = 0;
+    if (a->full) {
+        if (unet_alloc_grads(&m.unet) || (a->te && clip_alloc_grads(&m.clip))) {
+            snprintf(err, SD_ERR_LEN, "out of memory for the full fine-tuning gradients (use LoRA: drop --full)"); goto out;
+        }
+        P1 = m.unet.params; G1 = m.unet.grads; n1 = m.unet.nparams;
+        if (a->te) { P2 = m.clip.params; G2 = m.clip.grads; n2 = m.clip.num_params; }
+    } else {
+        if (unet_add_lora(&m.unet, a->targets, a->rank, a->alpha, a->dropout, a->seed)) {
+            snprintf(err, SD_ERR_LEN, "UNet LoRA: %s", m.unet.err); goto out;
+        }
+        if (a->te) {
+            char e[ST_ERR_LEN];
+            if (clip_add_lora(&m.clip, a->rank, a->alpha, a->dropout, a->seed + 1, e)) { snprintf(err, SD_ERR_LEN, "text encoder LoRA: %s", e); goto out; }
+        }
+        P1 = m.unet.lora_params; G1 = m.unet.lora_grads; n1 = m.unet.lora_nparams;
+        if (a->te) { P2 = m.clip.lora_params; G2 = m.clip.lora_grads; n2 = m.clip.num_lora_params; }
     }
-    if (a->te) {
-        char e[ST_ERR_LEN];
-        if (clip_add_lora(&m.clip, a->rank, a->alpha, a->dropout, a->seed + 1, e)) { snprintf(err, SD_ERR_LEN, "text encoder LoRA: %s", e); goto out; }
-    }
-    if (adamw_init(&st.opt_unet, m.unet.lora_nparams, a->lr, a->beta1, a->beta2, a->adam_eps, a->wd) ||
-        adamw_init(&st.opt_te, a->te ? m.clip.num_lora_params : 0, a->te_lr, a->beta1, a->beta2, a->adam_eps, a->wd)) {
+    if (adamw_init(&st.opt_unet, n1, a->lr, a->beta1, a->beta2, a->adam_eps, a->wd) ||
+        adamw_init(&st.opt_te, n2, a->te_lr, a->beta1, a->beta2, a->adam_eps, a->wd)) {
         snprintf(err, SD_ERR_LEN, "out of memory for the optimizer"); goto out;
     }
     rng_seed(&st.rng, a->seed);
@@ -424,10 +457,14 @@ static int train(train_args *a, char *err) {
         if (load_state(a->resume, &st, &m, a, err)) goto out;
         fprintf(stderr, "resuming from %s at step %ld\n", a->resume, st.step);
     }
-    size_t ntrain = m.unet.lora_nparams + (a->te ? m.clip.num_lora_params : 0);
-    fprintf(stderr, "model %s: UNet %zu parameters frozen; LoRA '%s' rank %d alpha %g: %d adapters, %zu trainable parameters%s\n",
-            m.name, m.unet.nparams, a->targets, a->rank, a->alpha, m.unet.nloras + (a->te ? clip_num_adapters(&m.clip) : 0),
-            ntrain, a->te ? " (UNet + text encoder)" : "");
+    size_t ntrain = n1 + n2;
+    if (a->full)
+        fprintf(stderr, "model %s: full fine-tuning: %zu trainable parameters%s\n", m.name, ntrain,
+                a->te ? " (UNet + text encoder)" : " (UNet)");
+    else
+        fprintf(stderr, "model %s: UNet %zu parameters frozen; LoRA '%s' rank %d alpha %g: %d adapters, %zu trainable parameters%s\n",
+                m.name, m.unet.nparams, a->targets, a->rank, a->alpha, m.unet.nloras + (a->te ? clip_num_adapters(&m.clip) : 0),
+                ntrain, a->te ? " (UNet + text encoder)" : "");
     fprintf(stderr, "data %s: %d images, %d samples per epoch, %ld steps of %d x %d\n",
             a->data, ds.n_images, ds.n_total_with_repeats, total, a->batch, a->accum);
 
@@ -496,13 +533,12 @@ static int train(train_args *a, char *err) {
     int tty = isatty(2);
     char lora_path[1200], state_path[1200];
     snprintf(state_path, sizeof state_path, "%s/state.safetensors", a->out);
-    size_t n1 = m.unet.lora_nparams, n2 = a->te ? m.clip.num_lora_params : 0;
 
     while (st.step < total && !g_stop) {
         float lr = lr_at(sched, a->lr, st.step, a->warmup, total);
         float lr_te = lr_at(sched, a->te_lr, st.step, a->warmup, total);
-        unet_zero_lora_grads(&m.unet);
-        if (a->te) clip_zero_grad(&m.clip);
+        memset(G1, 0, sizeof(float) * n1);
+        if (n2) memset(G2, 0, sizeof(float) * n2);
         double step_loss = 0;
         for (int k = 0; k < a->accum; k++) {
             /* the batch: the next B samples of the epoch's shuffled order */
@@ -549,16 +585,16 @@ static int train(train_args *a, char *err) {
         /* one clipping norm over every trainable parameter, then AdamW */
         if (a->clip > 0) {
             double s2 = 0;
-            for (size_t i = 0; i < n1; i++) s2 += (double)m.unet.lora_grads[i] * m.unet.lora_grads[i];
-            for (size_t i = 0; i < n2; i++) s2 += (double)m.clip.lora_grads[i] * m.clip.lora_grads[i];
+            for (size_t i = 0; i < n1; i++) s2 += (double)G1[i] * G1[i];
+            for (size_t i = 0; i < n2; i++) s2 += (double)G2[i] * G2[i];
             float norm = (float)sqrt(s2), coef = a->clip / (norm + 1e-6f);
             if (coef < 1.0f) {
-                for (size_t i = 0; i < n1; i++) m.unet.lora_grads[i] *= coef;
-                for (size_t i = 0; i < n2; i++) m.clip.lora_grads[i] *= coef;
+                for (size_t i = 0; i < n1; i++) G1[i] *= coef;
+                for (size_t i = 0; i < n2; i++) G2[i] *= coef;
             }
         }
-        adamw_step(&st.opt_unet, m.unet.lora_params, m.unet.lora_grads, lr);
-        if (a->te) adamw_step(&st.opt_te, m.clip.lora_params, m.clip.lora_grads, lr_te);
+        adamw_step(&st.opt_unet, P1, G1, lr);
+        if (n2) adamw_step(&st.opt_te, P2, G2, lr_te);
         st.step++;
         if (stop_after > 0 && st.step - step0 >= stop_after) g_stop = 1;
         smooth = st.step == 1 ? (float)step_loss : 0.95f * smooth + 0.05f * (float)step_loss;
@@ -581,11 +617,15 @@ static int train(train_args *a, char *err) {
         if (save_now) {
             snprintf(lora_path, sizeof lora_path, st.step == total ? "%s/%s.safetensors" : "%s/%s-step%06ld.safetensors",
                      a->out, a->name, st.step);
-            if (save_lora(lora_path, &m, a, st.step, total, ds.n_images, err) || save_state(state_path, &st, &m, a, err)) goto out_bufs;
+            if (a->full) {
+                snprintf(lora_path, sizeof lora_path, "%s/%s-unet.safetensors", a->out, a->name);
+                if (save_full_unet(lora_path, &m, err)) goto out_bufs;
+            } else if (save_lora(lora_path, &m, a, st.step, total, ds.n_images, err) || save_state(state_path, &st, &m, a, err)) goto out_bufs;
             snprintf(path, sizeof path, "%s/loss.png", a->out);
             if (save_loss_plot(path, loss_hist, st.step, err)) goto out_bufs;
             if (tty) fputc('\n', stderr);
-            fprintf(stderr, "saved %s and %s\n", lora_path, state_path);
+            if (a->full) fprintf(stderr, "saved %s\n", lora_path);
+            else fprintf(stderr, "saved %s and %s\n", lora_path, state_path);
         }
         if (a->sample_prompt && a->sample_every > 0 && (st.step % a->sample_every == 0 || st.step == total)) {
             snprintf(path, sizeof path, "%s/sample-step%06ld.png", a->out, st.step);
@@ -603,10 +643,20 @@ static int train(train_args *a, char *err) {
         fprintf(stderr, "stopped at step %ld; continue with: ./train %s --resume %s (and the same flags)\n", st.step, a->data, state_path);
         ret = 130;
     } else {
-        fprintf(stderr, "done: %ld steps in %.1f s. LoRA: %s/%s.safetensors  loss: %s/loss.csv, %s/loss.png\n"
-                        "try: ./sample --model %s --lora %s/%s.safetensors --prompt \"%s\"\n",
-                st.step, now_s() - t_start, a->out, a->name, a->out, a->out, m.path, a->out, a->name,
-                ds.n_images ? ds.caption[0] : "a photo");
+        struct rusage ru;
+        getrusage(RUSAGE_SELF, &ru);
+        double el = now_s() - t_start;
+        /* one line the comparison (make compare) reads */
+        fprintf(stderr, "summary: mode %s, trainable %zu, peak_rss_mb %.1f, s_per_step %.4f, final_loss %.5f\n",
+                a->full ? "full" : "lora", ntrain, ru.ru_maxrss / 1024.0, el / (double)(st.step - step0 > 0 ? st.step - step0 : 1), smooth);
+        if (a->full)
+            fprintf(stderr, "done: %ld steps in %.1f s. UNet weights: %s  loss: %s/loss.csv, %s/loss.png\n",
+                    st.step, el, lora_path, a->out, a->out);
+        else
+            fprintf(stderr, "done: %ld steps in %.1f s. LoRA: %s/%s.safetensors  loss: %s/loss.csv, %s/loss.png\n"
+                            "try: ./sample --model %s --lora %s/%s.safetensors --prompt \"%s\"\n",
+                    st.step, el, a->out, a->name, a->out, a->out, m.path, a->out, a->name,
+                    ds.n_images ? ds.caption[0] : "a photo");
         ret = 0;
     }
 out_bufs:
@@ -637,7 +687,8 @@ int main(int argc, char **argv) {
         {"--out", OPT_STR, &a.out, 0, 0, NULL, "output folder for the LoRA, loss.csv, loss.png, state"},
         {"--name", OPT_STR, &a.name, 0, 0, NULL, "file name of the LoRA (NAME.safetensors)"},
         {"--targets", OPT_CHOICE, &a.targets, 0, 0, "qv|attn|transformer", "UNet layers that get a LoRA"},
-        {"--te", OPT_FLAG, &a.te, 0, 0, NULL, "also train LoRA on the text encoder"},
+        {"--te", OPT_FLAG, &a.te, 0, 0, NULL, "also train the text encoder (its LoRA, or all of it with --full)"},
+        {"--full", OPT_FLAG, &a.full, 0, 0, NULL, "full fine-tuning of every UNet weight instead of LoRA (the baseline)"},
         {"--rank", OPT_INT, &a.rank, 1, 1024, NULL, "LoRA rank r"},
         {"--alpha", OPT_FLOAT, &a.alpha, 1e-6, 1e6, NULL, "LoRA alpha (scale = alpha / rank)"},
         {"--dropout", OPT_FLOAT, &a.dropout, 0, 0.99, NULL, "dropout on the LoRA branch"},
@@ -688,6 +739,10 @@ int main(int argc, char **argv) {
     }
     if (a.sample_every > 0 && !a.sample_prompt) {
         fprintf(stderr, "error: --sample-every needs --sample-prompt (e.g. --sample-prompt \"a red circle|a blue square\")\n");
+        return 2;
+    }
+    if (a.full && a.resume) {
+        fprintf(stderr, "error: --resume works with LoRA runs only (drop --full or --resume)\n");
         return 2;
     }
     if (strchr(a.name, '/')) {
