@@ -36,7 +36,7 @@
 typedef struct {
     const char *data, *model, *out, *name, *targets, *sched, *resume, *sample_prompt, *tokenizer, *precision;
     int rank, res, batch, accum, steps, epochs, warmup, save_every, sample_every, te, flip,
-        random_crop, grad_ckpt, threads, clip_skip, full;
+        random_crop, grad_ckpt, threads, clip_skip, full, no_grid;
     float alpha, dropout, lr, te_lr, beta1, beta2, adam_eps, wd, clip, min_snr, noise_offset;
     uint64_t seed;
 } train_args;
@@ -388,6 +388,79 @@ static int save_sample_grid(const char *path, sd_model *m, const train_args *a, 
     return rc;
 }
 
+/* The before/after grid (the student's first look at LoRA): the same
+ * prompts and seeds, top row without the LoRA (scale 0: the base model),
+ * bottom row with it. Prompts: DIR/sample_prompts.txt (one per line, as
+ * kohya's --sample_prompts), else --sample-prompt, else the first captions. */
+static void set_lora_scale(sd_model *m, float *saved, int restore) {
+    int k = 0;
+    for (int i = 0; i < m->unet.nloras; i++, k++) {
+        if (restore) m->unet.loras[i].L.scale = saved[k];
+        else { saved[k] = m->unet.loras[i].L.scale; m->unet.loras[i].L.scale = 0; }
+    }
+    for (int i = 0; i < m->clip.nadapters; i++, k++) {
+        clip_adapter *ad = clip_adapter_at(&m->clip, i);
+        if (restore) ad->L.scale = saved[k];
+        else { saved[k] = ad->L.scale; ad->L.scale = 0; }
+    }
+}
+
+static int save_before_after(const char *path, sd_model *m, const train_args *a, const dataset_t *ds, char *err) {
+    char buf[4096] = "", pp[1200];
+    snprintf(pp, sizeof pp, "%s/sample_prompts.txt", a->data);
+    FILE *f = fopen(pp, "r");
+    if (f) {
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        buf[n] = 0;
+        fclose(f);
+    } else if (a->sample_prompt) {
+        snprintf(buf, sizeof buf, "%s", a->sample_prompt);
+    } else {
+        for (int i = 0, k = 0; i < ds->n_images && k < 4; i++)
+            if (ds->caption[i][0] && !strstr(buf, ds->caption[i])) {
+                size_t l = strlen(buf);
+                snprintf(buf + l, sizeof buf - l, "%s\n", ds->caption[i]);
+                k++;
+            }
+    }
+    const char *prompts[8]; int np = 0;
+    for (char *s = buf; s && *s && np < 8; ) {
+        char *e = s + strcspn(s, "|\n");
+        char c = *e; *e = 0;
+        if (*s) prompts[np++] = s;
+        s = c ? e + 1 : NULL;
+    }
+    if (np == 0) return 0;
+    int side = a->res;
+    size_t cell = (size_t)side * side * 3;
+    uint8_t *grid = malloc(cell * np * 2), *img = malloc(cell);
+    float *saved = malloc(sizeof(float) * (size_t)(m->unet.nloras + m->clip.nadapters + 1));
+    if (!grid || !img || !saved) { free(grid); free(img); free(saved); snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
+    int rc = 0;
+    for (int row = 0; row < 2 && rc == 0; row++) {
+        if (row == 0) set_lora_scale(m, saved, 0);
+        for (int i = 0; i < np && rc == 0; i++) {
+            gen_params p = {.prompt = prompts[i], .negative = "", .width = side, .height = side, .steps = 20,
+                            .cfg = 7.0f, .seed = a->seed + (uint64_t)i, .batch = 1, .clip_skip = a->clip_skip,
+                            .sampler = "euler_a", .karras = 0, .rng_cuda = 0};
+            rc = sd_generate(m, &p, img, err);
+            for (int y = 0; y < side && rc == 0; y++)
+                memcpy(grid + (((size_t)row * side + y) * side * np + (size_t)i * side) * 3,
+                       img + (size_t)y * side * 3, (size_t)side * 3);
+        }
+        if (row == 0) set_lora_scale(m, saved, 1);
+    }
+    if (rc == 0) {
+        char desc[4200];
+        snprintf(desc, sizeof desc, "top: base model, bottom: with the LoRA; seeds %llu.., euler_a, 20 steps, cfg 7; prompts: %s",
+                 (unsigned long long)a->seed, buf);
+        const char *k[] = {"Title"}, *v[] = {desc};
+        rc = image_save_png(path, grid, side * np, side * 2, k, v, 1, err, SD_ERR_LEN);
+    }
+    free(grid); free(img); free(saved);
+    return rc;
+}
+
 /* -------------------------------------------------------------- training */
 static void fmt_time(char *b, size_t n, double s) {
     if (!(s >= 0) || s > 359999) { snprintf(b, n, "--:--"); return; }
@@ -639,13 +712,21 @@ static int train(train_args *a, char *err) {
             fprintf(stderr, "sample grid: %s\n", path);
         }
     }
+    double t_loop = now_s() - t_start;
+    if (!g_stop && !a->full && !a->no_grid) {
+        snprintf(path, sizeof path, "%s/before_after.png", a->out);
+        m.clip.training = 0;
+        if (unet_alloc_acts(&m.unet, 2, h, w, TOK_CTX, 0)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m.unet.err); goto out_bufs; }
+        if (save_before_after(path, &m, a, &ds, err)) goto out_bufs;
+        fprintf(stderr, "before/after grid (top: base model, bottom: with the LoRA): %s\n", path);
+    }
     if (g_stop) {
         fprintf(stderr, "stopped at step %ld; continue with: ./train %s --resume %s (and the same flags)\n", st.step, a->data, state_path);
         ret = 130;
     } else {
         struct rusage ru;
         getrusage(RUSAGE_SELF, &ru);
-        double el = now_s() - t_start;
+        double el = t_loop;
         /* one line the comparison (make compare) reads */
         fprintf(stderr, "summary: mode %s, trainable %zu, peak_rss_mb %.1f, s_per_step %.4f, final_loss %.5f\n",
                 a->full ? "full" : "lora", ntrain, ru.ru_maxrss / 1024.0, el / (double)(st.step - step0 > 0 ? st.step - step0 : 1), smooth);
@@ -717,6 +798,7 @@ int main(int argc, char **argv) {
         {"--precision", OPT_CHOICE, &a.precision, 0, 0, "fp32|fp16", "dtype of the saved LoRA"},
         {"--sample-every", OPT_INT, &a.sample_every, 0, 100000000, NULL, "sample grid every N steps"},
         {"--sample-prompt", OPT_STR, &a.sample_prompt, 0, 0, NULL, "prompt(s) for the sample grid, separated by '|'"},
+        {"--no-grid", OPT_FLAG, &a.no_grid, 0, 0, NULL, "skip the before/after grid at the end"},
         {"--resume", OPT_STR, &a.resume, 0, 0, NULL, "training state to resume from (OUT/state.safetensors)"},
         {"--threads", OPT_INT, &a.threads, 0, 4096, NULL, "CPU threads (0: all)"},
     };

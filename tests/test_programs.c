@@ -113,7 +113,8 @@ static void make_images(const char *dir, int n, int captions) {
     free(px);
 }
 
-#define FLAGS "--model " MODEL " --rank 2 --alpha 2 --batch 2 --seed 7 --lr 1e-3"
+#define FLAGS0 "--model " MODEL " --rank 2 --alpha 2 --batch 2 --seed 7 --lr 1e-3"
+#define FLAGS FLAGS0 " --no-grid"
 
 START_TEST(test_help) {
     ck_assert_int_eq(run(TRAIN " --help"), 0);
@@ -144,7 +145,7 @@ START_TEST(test_train_then_sample) {
     char d[128], o[128], p[256];
     snprintf(d, sizeof d, "%s/data", tmp); snprintf(o, sizeof o, "%s/out", tmp);
     make_images(d, 4, 1);
-    ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 6 --save-every 3 --out %s", d, o) == 0, "%s", log_text());
+    ck_assert_msg(run(TRAIN " %s " FLAGS0 " --steps 6 --save-every 3 --out %s", d, o) == 0, "%s", log_text());
     char *s = log_text();
     ck_assert_msg(strstr(s, "trainable parameters") && strstr(s, "./sample"), "%s", s);
     free(s);
@@ -174,6 +175,12 @@ START_TEST(test_train_then_sample) {
     free(s);
     image_t im; snprintf(p, sizeof p, "%s/loss.png", o);
     ck_assert_msg(image_load(&im, p, err, sizeof err) == 0, "%s", err);
+    image_free(&im);
+    /* the before/after grid: 2 rows (base, LoRA) of one 64x64 cell per distinct caption (4) */
+    snprintf(p, sizeof p, "%s/before_after.png", o);
+    ck_assert_msg(image_load(&im, p, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(im.h, 128);
+    ck_assert_int_eq(im.w, 4 * 64);
     image_free(&im);
     /* sample with it: a PNG that carries A1111's parameters */
     snprintf(p, sizeof p, "%s/s.png", o);
