@@ -6,6 +6,7 @@
 #   make bench      matmul GFLOP/s beside OpenBLAS SGEMM on the shapes SD uses, and one
 #                   SD1.5 UNet step beside PyTorch (tools/bench_unet.sh; SDLORA_PY=python)
 #   make data       redraw the bundled datasets (data/, models/tiny/data/) with tools/make_data.c
+#   make tiny-base  pre-train the bundled tiny model (models/tiny/) from scratch, about 25 minutes
 #   make CUDA=1     also compile and link cuda/*.cu with nvcc
 #   make clean
 
