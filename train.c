@@ -802,8 +802,45 @@ int main(int argc, char **argv) {
         {"--resume", OPT_STR, &a.resume, 0, 0, NULL, "training state to resume from (OUT/state.safetensors)"},
         {"--threads", OPT_INT, &a.threads, 0, 4096, NULL, "CPU threads (0: all)"},
     };
+    /* A data folder may carry its own default flags in DIR/sdlora_args.txt
+     * (the bundled data/ does: the settings that suit the tiny model); they
+     * go before the command line's, so anything typed wins. */
+    char **av = argv, argsbuf[4096];
+    int ac = argc;
+    const char *dir = NULL;
+    for (int i = 1; i < argc; i++) {
+        if (argv[i][0] != '-') { dir = argv[i]; break; }
+        if (!strchr(argv[i], '=') && i + 1 < argc && strcmp(argv[i], "--te") && strcmp(argv[i], "--full") &&
+            strcmp(argv[i], "--flip") && strcmp(argv[i], "--random-crop") && strcmp(argv[i], "--grad-checkpoint") &&
+            strcmp(argv[i], "--no-grid") && strcmp(argv[i], "-h") && strcmp(argv[i], "--help")) i++;
+    }
+    if (dir) {
+        char ap[1200];
+        snprintf(ap, sizeof ap, "%s/sdlora_args.txt", dir);
+        FILE *f = fopen(ap, "r");
+        if (f) {
+            size_t n = fread(argsbuf, 1, sizeof argsbuf - 1, f);
+            argsbuf[n] = 0;
+            fclose(f);
+            av = malloc(sizeof(char *) * (size_t)(argc + 256));
+            if (!av) { fprintf(stderr, "error: out of memory\n"); return 1; }
+            ac = 0;
+            av[ac++] = argv[0];
+            for (char *s = argsbuf; *s && ac < 250; ) {
+                while (*s == ' ' || *s == '\t' || *s == '\n' || *s == '\r') s++;
+                if (!*s) break;
+                if (*s == '#') { while (*s && *s != '\n') s++; continue; }
+                char *t = s;
+                while (*s && *s != ' ' && *s != '\t' && *s != '\n' && *s != '\r') s++;
+                if (*s) *s++ = 0;
+                av[ac++] = t;
+            }
+            for (int i = 1; i < argc; i++) av[ac++] = argv[i];
+            fprintf(stderr, "using the flags in %s (the command line overrides them)\n", ap);
+        }
+    }
     const char *pos[1]; int npos;
-    int rc = cli_parse(argc, argv, opts, (int)(sizeof opts / sizeof opts[0]), pos, 1, &npos,
+    int rc = cli_parse(ac, av, opts, (int)(sizeof opts / sizeof opts[0]), pos, 1, &npos,
                        "usage: ./train DIR [options]\n"
                        "Trains a LoRA for a Stable Diffusion 1.x model on the captioned images in DIR\n"
                        "(PNG/JPEG with same-name .txt captions, or a captions.csv; N_name folders repeat N times).");
