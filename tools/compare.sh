@@ -12,6 +12,7 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 common=(data/ --model "$model" --steps "$steps" --batch 4 --seed 1 --threads 2)
 echo "full fine-tuning vs LoRA on $model, data/, $steps steps of batch 4, $(nproc) cores"
+[ -f data/sdlora_args.txt ] && echo "(data/sdlora_args.txt applies to both: with --te the text encoder trains too, fully or by LoRA)"
 ./train "${common[@]}" --full --lr 1e-4 --out "$out/full" 2> "$out/full.log" || { cat "$out/full.log"; exit 1; }
 ./train "${common[@]}" --lr 1e-3 --rank 4 --alpha 4 --targets qv --out "$out/lora" 2> "$out/lora.log" || { cat "$out/lora.log"; exit 1; }
 printf '\n| %-28s | %14s | %14s |\n' "" "full" "LoRA (qv, r=4)"
