@@ -46,6 +46,10 @@ static int make_sampler(sampler_t *s, const sd_model *m, const gen_params *p, si
     c.beta_start = m->sched.beta_start;
     c.beta_end = m->sched.beta_end;
     c.steps_offset = m->steps_offset;
+    if (m->timestep_spacing[0] && sampler_spacing_from_name(m->timestep_spacing, &c.spacing, e)) {
+        snprintf(err, SD_ERR_LEN, "%.600s/scheduler/scheduler_config.json: %.200s", m->path, e);
+        return -1;
+    }
     c.prediction = m->prediction;
     c.karras = p->karras;
     if (sampler_init(s, kind, p->steps, n, &c, e)) {

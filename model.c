@@ -48,6 +48,9 @@ static int load_scheduler(sd_model *m, const char *dir, char *err) {
         b1 = json_num(j, "beta_end", b1);
         T = (int)json_num(j, "num_train_timesteps", T);
         m->steps_offset = (int)json_num(j, "steps_offset", 1);
+        /* diffusers builds any scheduler class from this file, so a
+         * timestep_spacing written here overrides every class's default */
+        snprintf(m->timestep_spacing, sizeof m->timestep_spacing, "%s", json_str(j, "timestep_spacing", ""));
     }
     char derr[DDPM_ERR_LEN];
     int rc = ddpm_schedule_init(&m->sched, schedule, T, b0, b1, derr);

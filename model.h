@@ -21,6 +21,8 @@ typedef struct {
     ddpm_schedule sched;
     ddpm_prediction prediction;
     int steps_offset;            /* scheduler config (1 for SD1.x) */
+    char timestep_spacing[16];   /* scheduler config "timestep_spacing", "" when absent
+                                    (then each sampler takes diffusers' class default) */
     char path[1024];             /* what was loaded */
     char name[256];              /* its base name, for metadata and PNG text */
     int single_file;

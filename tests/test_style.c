@@ -11,6 +11,8 @@
  * LoRA; the LoRA's row must be paler by a clear margin, on prompts that
  * include content the style set never shows (data/sample_prompts.txt).
  *
+ * Measured: 113.3 -> 147.2 (the paler paper shows on 2 of the 4 prompts).
+ *
  * This is a 300-step training run (about 30 s at -O3 on 2 cores), so it is
  * skipped in the sanitiser build, where it would take many minutes. */
 #include <unistd.h>
