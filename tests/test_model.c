@@ -93,6 +93,20 @@ START_TEST(test_diffusers_folder) {
 }
 END_TEST
 
+/* the scheduler config's timestep_spacing is read (diffusers builds every
+ * scheduler class from it, so ./sample must too); gen_tiny has none */
+START_TEST(test_scheduler_spacing) {
+    sd_model m; char err[SD_ERR_LEN];
+    ck_assert_msg(sd_model_load(&m, "models/tiny", NULL, err) == 0, "%s", err);
+    ck_assert_str_eq(m.timestep_spacing, "leading");
+    ck_assert_int_eq(m.steps_offset, 1);
+    sd_model_free(&m);
+    ck_assert_msg(sd_model_load(&m, FIXTURE_DIR "gen_tiny", NULL, err) == 0, "%s", err);
+    ck_assert_str_eq(m.timestep_spacing, "");
+    sd_model_free(&m);
+}
+END_TEST
+
 static Suite *model_suite(void) {
     Suite *s = suite_create("model");
     TCase *tc = tcase_create("load");
@@ -101,6 +115,7 @@ static Suite *model_suite(void) {
     tcase_add_test(tc, test_single_file_no_tokenizer);
     tcase_add_test(tc, test_single_file_bad);
     tcase_add_test(tc, test_diffusers_folder);
+    tcase_add_test(tc, test_scheduler_spacing);
     suite_add_tcase(s, tc);
     return s;
 }
