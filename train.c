@@ -810,9 +810,9 @@ int main(int argc, char **argv) {
     const char *dir = NULL;
     for (int i = 1; i < argc; i++) {
         if (argv[i][0] != '-') { dir = argv[i]; break; }
-        if (!strchr(argv[i], '=') && i + 1 < argc && strcmp(argv[i], "--te") && strcmp(argv[i], "--full") &&
-            strcmp(argv[i], "--flip") && strcmp(argv[i], "--random-crop") && strcmp(argv[i], "--grad-checkpoint") &&
-            strcmp(argv[i], "--no-grid") && strcmp(argv[i], "-h") && strcmp(argv[i], "--help")) i++;
+        /* a flag that takes a value, written "--flag value", skips that value */
+        for (size_t k = 0; k < sizeof opts / sizeof opts[0]; k++)
+            if (strcmp(argv[i], opts[k].name) == 0 && opts[k].kind != OPT_FLAG) { i++; break; }
     }
     if (dir) {
         char ap[1200];
