@@ -600,6 +600,9 @@ static int train(train_args *a, char *err) {
     /* for the tests: stop after N steps exactly as Ctrl-C would */
     const char *stop_env = getenv("SDLORA_STOP_AFTER");
     long stop_after = stop_env ? atol(stop_env) : 0;
+    /* and to make step N's loss NaN, to check what a diverged run does */
+    const char *nan_env = getenv("SDLORA_NAN_AT");
+    long nan_at = nan_env ? atol(nan_env) : 0;
     int cur_epoch = -1;
     double t_start = now_s();
     long step0 = st.step;
@@ -649,6 +652,7 @@ static int train(train_args *a, char *err) {
             if (unet_backward(&m.unet, dpred, NULL, dctx)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m.unet.err); goto out_bufs; }
             if (a->te && clip_backward(&m.clip, dctx)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m.clip.err); goto out_bufs; }
         }
+        if (nan_at > 0 && st.step + 1 == nan_at) step_loss = NAN;
         if (!isfinite(step_loss)) {
             if (tty) fputc('\n', stderr);
             snprintf(err, SD_ERR_LEN, "step %ld: the loss is %s (try a lower --lr, e.g. %g, or --clip-grad 1; the last good checkpoint is in %s/)",

@@ -338,6 +338,28 @@ START_TEST(test_bad_inputs) {
 }
 END_TEST
 
+/* a diverged run (step 4's loss made NaN through the test hook): it stops
+ * with one line naming the step and what to try, and the checkpoint of
+ * step 2 stays intact and resumable */
+START_TEST(test_nan_stops) {
+    char d[128], o[128], p[256];
+    snprintf(d, sizeof d, "%s/data", tmp); snprintf(o, sizeof o, "%s/out", tmp);
+    make_images(d, 3, 1);
+    ck_assert_int_eq(run("SDLORA_NAN_AT=4 " TRAIN " %s " FLAGS " --steps 6 --save-every 2 --out %s", d, o), 1);
+    assert_error_line("step 4", "NaN");
+    assert_error_line("--lr", NULL);
+    snprintf(p, sizeof p, "%s/lora-step000002.safetensors", o);
+    lora_file lf; char err[ST_ERR_LEN];
+    ck_assert_msg(lora_file_load(p, &lf, err) == 0, "%s", err);
+    lora_file_free(&lf);
+    snprintf(p, sizeof p, "%s/lora-step000004.safetensors", o);
+    ck_assert(access(p, F_OK) != 0);
+    ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 6 --save-every 2 --out %s --resume %s/state.safetensors", d, o, o) == 0,
+                  "%s", log_text());
+    char *s = log_text(); ck_assert_msg(strstr(s, "at step 2"), "%s", s); free(s);
+}
+END_TEST
+
 static Suite *programs_suite(void) {
     Suite *s = suite_create("programs");
     TCase *tc = tcase_create("programs");
@@ -351,6 +373,7 @@ static Suite *programs_suite(void) {
     tcase_add_test(tc, test_threads_identical);
     tcase_add_test(tc, test_dataset_layouts);
     tcase_add_test(tc, test_bad_inputs);
+    tcase_add_test(tc, test_nan_stops);
     suite_add_tcase(s, tc);
     return s;
 }
