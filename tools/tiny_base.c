@@ -844,7 +844,7 @@ static void tb_default_opts(tb_opts *o) {
     o->data_dir = "models/tiny/data";
     o->out_dir = "models/tiny";
     o->seed = 1234;
-    o->vae = (vae_opts){.steps = 1500, .batch = 4, .lr = 2e-3f, .kl_weight = 1e-6f, .log_every = 100};
+    o->vae = (vae_opts){.steps = 6000, .batch = 4, .lr = 2e-3f, .kl_weight = 1e-6f, .log_every = 100};
     o->diff = (diff_opts){.steps = 1600, .batch = 16, .lr = 1e-3f, .uncond_p = 0.1f, .log_every = 100};
     o->save = 1;
 }
