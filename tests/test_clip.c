@@ -350,21 +350,6 @@ START_TEST(test_full_grads_a) {
 }
 END_TEST
 
-/* d/dw of one entry, central differences with Richardson extrapolation
- * R = (4 D(h/2) - D(h)) / 3, which cancels D's h^2 term */
-static double entry_fd(float *w, fd_ctx *c, float h) {
-    float save = *w;
-    double d[2];
-    for (int k = 0; k < 2; k++) {
-        float hk = k ? h / 2 : h;
-        *w = save + hk; double lp = fd_loss(c);
-        *w = save - hk; double lm = fd_loss(c);
-        d[k] = (lp - lm) / (2.0 * (double)hk);
-    }
-    *w = save;
-    return (4.0 * d[1] - d[0]) / 3.0;
-}
-
 /* Finite differences on clip_b (gelu, independent of any fixture gradient),
  * plain and with LoRA: for a tensor of every kind, its largest-gradient
  * entry, error |a - n| / (|a| + |n| + 1): the loss (about 36) rounds at
@@ -402,7 +387,7 @@ static void check_full_fd(int with_lora) {
         const float *gt = g + p->offset;
         size_t best = 0;
         for (size_t i = 1; i < p->numel; i++) if (fabsf(gt[i]) > fabsf(gt[best])) best = i;
-        double num = entry_fd(m->params + p->offset + best, &c, FD_H);
+        double num = entry_fd(m->params + p->offset + best, fd_loss, &c, FD_H);
         double e = fabs(gt[best] - num) / (fabs(gt[best]) + fabs(num) + 1.0);
         printf("  %-44s [%5zu] %9.4f vs %9.4f: %.2g\n", names[k], best, gt[best], num, e);
         if (e > worst) worst = e;

@@ -419,21 +419,6 @@ START_TEST(test_full_grads_a) {
 }
 END_TEST
 
-/* d/dw of one entry, by central differences with Richardson extrapolation
- * (as in dir_check) */
-static double entry_fd(float *w, fd_ctx *c, float h) {
-    float save = *w;
-    double d[2];
-    for (int k = 0; k < 2; k++) {
-        float hk = k ? h / 2 : h;
-        *w = save + hk; double lp = fd_loss(c);
-        *w = save - hk; double lm = fd_loss(c);
-        d[k] = (lp - lm) / (2.0 * (double)hk);
-    }
-    *w = save;
-    return (4.0 * d[1] - d[0]) / 3.0;
-}
-
 /* Finite differences on the weights, with and without LoRA adapters (whose
  * gradients must not change when full grads are on). On unet_b, not unet_a:
  * unet_a's loss is so curved in its first convolutions (seen in float64
@@ -505,7 +490,7 @@ static void check_full_fd(int with_lora) {
         for (int d = 0; d < p->ndim; d++) n *= (size_t)p->shape[d];
         const float *gt = g + p->offset;
         for (size_t i = 1; i < n; i++) if (fabsf(gt[i]) > fabsf(gt[best])) best = i;
-        double num = entry_fd(u.params + p->offset + best, &c, FD_H_ENTRY);
+        double num = entry_fd(u.params + p->offset + best, fd_loss, &c, FD_H_ENTRY);
         double ee = fabs(gt[best] - num) / (fabs(gt[best]) + fabs(num) + 1.0);
         printf("  %-66s [%4zu] %8.4f vs %8.4f: %.2g\n", names[k], best, gt[best], num, ee);
         if (ee > e_entry) e_entry = ee;
