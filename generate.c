@@ -198,7 +198,8 @@ void sd_params_text(char *buf, size_t n, const sd_model *m, const gen_params *p,
 /* where one file entry goes */
 typedef struct {
     int te;               /* 0: UNet, 1: text encoder */
-    float *w0;            /* the (out x in) weight it changes */
+    float *w0;            /* the (out x in) weight it changes, or NULL when held as fp16 */
+    int unet_index;       /* UNet: its table entry (for fp16 weights) */
     char module[UNET_NAME_LEN + 16];
 } lora_target;
 
@@ -234,7 +235,8 @@ static int find_target(sd_model *m, const lora_entry *e, lora_target *t, char *e
                 return -1;
             }
             t->te = 0;
-            t->w0 = m->unet.params + up->offset;
+            t->w0 = up->data;
+            t->unet_index = i;
             snprintf(t->module, sizeof t->module, "%s", mod);
             return 0;
         }
@@ -303,7 +305,21 @@ int sd_apply_lora(sd_model *m, const lora_file *lf, float w, int merge, char *er
 #endif
         }
     }
-    /* side branches first (they allocate; merges cannot fail). The text
+    /* fp16 weights: merged in fp32 and rounded back to fp16 (as diffusers'
+     * fuse_lora does on an fp16 pipeline), through one buffer */
+    float *wide = NULL;
+    for (int i = 0; i < lf->n; i++) {
+        if ((merge || t[i].te) && !t[i].w0) {
+            size_t big = 0;
+            for (int k = 0; k < lf->n; k++)
+                if ((merge || t[k].te) && !t[k].w0 && m->unet.table[t[k].unet_index].numel > big)
+                    big = m->unet.table[t[k].unet_index].numel;
+            wide = malloc(sizeof(float) * big);
+            if (!wide) { snprintf(err, SD_ERR_LEN, "out of memory merging the LoRA"); free(t); return -1; }
+            break;
+        }
+    }
+    /* side branches next (they allocate; merges cannot fail). The text
      * encoder runs once per image, so its LoRA is always merged: the same
      * numbers as a side branch, and clip.c's adapters are for training. */
     for (int i = 0; i < lf->n; i++) {
@@ -312,6 +328,7 @@ int sd_apply_lora(sd_model *m, const lora_file *lf, float w, int merge, char *er
         const lora_entry *e = &lf->e[i];
         if (unet_attach_lora(&m->unet, t[i].module, e->r, w * e->alpha / (float)e->r, e->A, e->B)) {
             snprintf(err, SD_ERR_LEN, "LoRA entry %s: %s", e->name, m->unet.err);
+            free(wide);
             free(t);
             return -1;
         }
@@ -321,8 +338,15 @@ int sd_apply_lora(sd_model *m, const lora_file *lf, float w, int merge, char *er
         if (!merge && !t[i].te) continue;
         lora_t L;
         entry_layer(&L, &lf->e[i]);
-        lora_merge(t[i].w0, &L, w);
+        if (t[i].w0) {
+            lora_merge(t[i].w0, &L, w);
+        } else {
+            unet_param_get(&m->unet, t[i].unet_index, wide);
+            lora_merge(wide, &L, w);
+            unet_param_set(&m->unet, t[i].unet_index, wide);
+        }
     }
+    free(wide);
     free(t);
     return 0;
 }

@@ -77,7 +77,7 @@ static int load_diffusers(sd_model *m, const char *dir, char *err) {
     snprintf(sub, sizeof sub, "%s/text_encoder", dir);
     if (clip_load_hf(&m->clip, sub, e)) { snprintf(err, SD_ERR_LEN, "%s", e); return -1; }
     snprintf(sub, sizeof sub, "%s/unet", dir);
-    if (unet_load_diffusers(&m->unet, sub, e)) { snprintf(err, SD_ERR_LEN, "%s", e); return -1; }
+    if (unet_load_diffusers_dtype(&m->unet, sub, m->wdtype, e)) { snprintf(err, SD_ERR_LEN, "%s", e); return -1; }
     snprintf(sub, sizeof sub, "%s/vae", dir);
     if (vae_load_diffusers(&m->vae, sub, e)) { snprintf(err, SD_ERR_LEN, "%s", e); return -1; }
     return load_scheduler(m, dir, err);
@@ -183,14 +183,12 @@ static int sd_model_load_single_file(sd_model *m, const char *path, const char *
     c.cross_dim = a.unet.cross_dim; c.groups = a.unet.groups; c.eps = a.unet.eps;
     c.linear_proj = a.unet.linear_proj; c.flip_sin_to_cos = a.unet.flip_sin_to_cos;
     c.freq_shift = a.unet.freq_shift;
-    if (unet_build(&m->unet, &c, e)) { snprintf(err, SD_ERR_LEN, "%s: %s", path, e); goto done; }
+    if (unet_build_dtype(&m->unet, &c, m->wdtype, e)) { snprintf(err, SD_ERR_LEN, "%s: %s", path, e); goto done; }
     for (int i = 0; i < m->unet.ntable; i++) {
         const unet_param *p = &m->unet.table[i];
-        int64_t sh[4];
-        for (int d = 0; d < p->ndim; d++) sh[d] = p->shape[d];
         int sq = ldm_unet_name(p->name, &a.unet.layout, nm, sizeof nm);
         if (sq < 0) { snprintf(err, SD_ERR_LEN, "%s: UNet tensor for '%s' has no LDM name (unsupported layout)", path, p->name); goto done; }
-        if (ldm_read_f32(&f, nm, sq, p->ndim, sh, m->unet.params + p->offset, e)) { snprintf(err, SD_ERR_LEN, "%s", e); goto done; }
+        if (unet_read_param(&m->unet, i, &f, nm, sq, e)) { snprintf(err, SD_ERR_LEN, "%s", e); goto done; }
     }
     if (count_prefixed(&f, LDM_UNET_PREFIX) != m->unet.ntable) {
         snprintf(err, SD_ERR_LEN, "%s: holds %d UNet tensors, an SD1.x UNet of this shape has %d (not an SD1.x checkpoint, or a modified one)",
@@ -242,7 +240,13 @@ done:
 }
 
 int sd_model_load(sd_model *m, const char *path, const char *tokenizer_dir, char *err) {
+    return sd_model_load_dtype(m, path, tokenizer_dir, WEIGHT_F32, err);
+}
+
+int sd_model_load_dtype(sd_model *m, const char *path, const char *tokenizer_dir, weight_dtype wdtype,
+                        char *err) {
     memset(m, 0, sizeof *m);
+    m->wdtype = wdtype;
     if (!path) path = SD_DEFAULT_MODEL;
     snprintf(m->path, sizeof m->path, "%s", path);
     const char *base = strrchr(path, '/');

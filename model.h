@@ -26,6 +26,7 @@ typedef struct {
     char path[1024];             /* what was loaded */
     char name[256];              /* its base name, for metadata and PNG text */
     int single_file;
+    weight_dtype wdtype;         /* how the UNet's weight matrices are held (--weight-dtype) */
 } sd_model;
 
 /* path: a diffusers folder (model_index.json / unet/ text_encoder/ vae/
@@ -34,6 +35,11 @@ typedef struct {
  * beside the file, then the Hugging Face cache). Returns 0 or -1 with a
  * one-line message in err (SD_ERR_LEN). */
 int sd_model_load(sd_model *m, const char *path, const char *tokenizer_dir, char *err);
+/* the same with the UNet's weight matrices held as wdtype (--weight-dtype;
+ * sd_model_load: WEIGHT_F32). WEIGHT_F16 halves the UNet's memory and
+ * computes in fp32 (unet.h); from an fp16 file the numbers are the same. */
+int sd_model_load_dtype(sd_model *m, const char *path, const char *tokenizer_dir, weight_dtype wdtype,
+                        char *err);
 void sd_model_free(sd_model *m);
 
 /* the latent side for an image side (side / 8 for SD1.x), and the image

@@ -8,7 +8,12 @@
  * before a pointer is formed, so a truncated or corrupt file gives a one-line
  * error instead of a crash. Tensor data may sit at any byte offset, so it is
  * always read with memcpy / byte loads, never through a cast pointer. */
+/* madvise(MADV_DONTNEED) (st_release) is not POSIX: ask the C library for it */
+#ifndef _DEFAULT_SOURCE
+#define _DEFAULT_SOURCE
+#endif
 #include "safetensors.h"
+#include "half.h"
 #include "json.h"
 
 #include <errno.h>
@@ -323,56 +328,9 @@ const char *st_meta(const st_file *f, const char *key) {
 static uint32_t f32_bits(float x) { uint32_t u; memcpy(&u, &x, 4); return u; }
 static float bits_f32(uint32_t u) { float x; memcpy(&x, &u, 4); return x; }
 
-/* half: 1 sign, 5 exponent (bias 15), 10 mantissa bits.
- *   e = 0:      (-1)^s * m * 2^-24            (zero and subnormals)
- *   0 < e < 31: (-1)^s * (1 + m/1024) * 2^(e-15)
- *   e = 31:     inf (m = 0) or NaN */
-float st_f16_to_f32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
-    uint32_t e = (h >> 10) & 0x1F, m = h & 0x3FF;
-    if (e == 0) {
-        if (m == 0) return bits_f32(sign);
-        /* subnormal: normalise, shifting the mantissa up until the implicit bit appears */
-        int shift = 0;
-        while (!(m & 0x400)) { m <<= 1; shift++; }
-        m &= 0x3FF;
-        return bits_f32(sign | (uint32_t)(127 - 15 + 1 - shift) << 23 | m << 13);
-    }
-    if (e == 31) return bits_f32(sign | 0x7F800000u | m << 13);   /* keeps the NaN payload */
-    return bits_f32(sign | (e - 15 + 127) << 23 | m << 13);
-}
-
-/* round a non-negative integer q + rem/2^shift to nearest, ties to even */
-static uint32_t round_rne(uint32_t q, uint32_t rem, int shift) {
-    uint32_t half = 1u << (shift - 1);
-    if (rem > half || (rem == half && (q & 1))) q++;
-    return q;
-}
-
-uint16_t st_f32_to_f16(float f) {
-    uint32_t x = f32_bits(f);
-    uint16_t sign = (uint16_t)((x >> 16) & 0x8000);
-    uint32_t ax = x & 0x7FFFFFFF;
-    if (ax > 0x7F800000) return (uint16_t)(sign | 0x7E00 | ((ax >> 13) & 0x3FF));   /* NaN stays a (quiet) NaN */
-    /* 65520 is halfway between the largest half 65504 (odd mantissa) and
-     * 65536, so it and everything above rounds to inf */
-    if (ax >= 0x477FF000) return (uint16_t)(sign | 0x7C00);
-    uint32_t e = ax >> 23, m = ax & 0x7FFFFF;
-    if (ax < 0x38800000) {
-        /* below 2^-14: a subnormal half, q = round(|f| / 2^-24) with
-         * |f| = (m | 2^23) * 2^(e-150), so q = (m | 2^23) >> (126 - e) */
-        if (e < 102) return sign;          /* |f| < 2^-25: rounds to zero (2^-25 itself is e = 102) */
-        m |= 0x800000;
-        int shift = 126 - (int)e;          /* 14..24 */
-        uint32_t q = round_rne(m >> shift, m & ((1u << shift) - 1), shift);
-        return (uint16_t)(sign | q);       /* q = 0x400 is the smallest normal, also right */
-    }
-    /* normal: rebias the exponent (127 -> 15), keep the top 10 mantissa bits and
-     * round on the 13 dropped ones; a mantissa carry correctly bumps the exponent */
-    uint32_t h = ((e - 127 + 15) << 10) | (m >> 13);
-    h = round_rne(h, m & 0x1FFF, 13);
-    return (uint16_t)(sign | h);
-}
+/* fp16: the exact conversions live in half.c (one place for the bit layout) */
+float st_f16_to_f32(uint16_t h) { return half_to_float(h); }
+uint16_t st_f32_to_f16(float f) { return float_to_half(f); }
 
 /* bf16 is the top half of an f32 */
 float st_bf16_to_f32(uint16_t h) { return bits_f32((uint32_t)h << 16); }
@@ -419,9 +377,31 @@ int st_to_f32(const st_tensor *t, float *dst, char *err) {
     }
 }
 
-int st_read_f32(const st_file *f, const char *name, int ndim, const int64_t *shape, float *dst, char *err) {
+/* After a tensor is copied out of the mapped file its pages are not needed
+ * again: give them back, so loading a checkpoint peaks near the size of the
+ * copy rather than file + copy. Only whole pages inside the tensor are
+ * dropped (a neighbour may share the edge pages). For a private read-only
+ * file mapping MADV_DONTNEED only drops the page: touched again, it is read
+ * back from the file, so this changes memory, never contents. */
+void st_release(const st_file *f, const st_tensor *t) {
+#ifdef MADV_DONTNEED
+    if (!f || !t || !f->mapped || !t->data || t->nbytes == 0) return;
+    long pg = sysconf(_SC_PAGESIZE);
+    if (pg <= 0) return;
+    uintptr_t lo = (uintptr_t)t->data, hi = lo + t->nbytes;
+    lo = (lo + (uintptr_t)pg - 1) & ~((uintptr_t)pg - 1);
+    hi &= ~((uintptr_t)pg - 1);
+    if (hi > lo) madvise((void *)lo, hi - lo, MADV_DONTNEED);
+#else
+    (void)f; (void)t;
+#endif
+}
+
+/* the tensor named name, checked to have shape (ndim, shape) unless shape is NULL */
+static const st_tensor *find_shaped(const st_file *f, const char *name, int ndim, const int64_t *shape,
+                                    char *err) {
     const st_tensor *t = st_find(f, name);
-    if (!t) return st_fail(err, f->path, "is this the right model file?", "missing tensor '%s'", name);
+    if (!t) { st_fail(err, f->path, "is this the right model file?", "missing tensor '%s'", name); return NULL; }
     if (shape) {
         int same = t->ndim == ndim;
         for (int i = 0; same && i < ndim; i++) same = t->shape[i] == shape[i];
@@ -429,13 +409,66 @@ int st_read_f32(const st_file *f, const char *name, int ndim, const int64_t *sha
             char a[256], b[256];
             shape_str(a, sizeof a, t->ndim, t->shape);
             shape_str(b, sizeof b, ndim > ST_MAX_DIMS ? ST_MAX_DIMS : ndim < 0 ? 0 : ndim, shape);
-            return st_fail(err, f->path, "is this the right model file?", "tensor '%s' has shape %s, expected %s",
-                           name, a, b);
+            st_fail(err, f->path, "is this the right model file?", "tensor '%s' has shape %s, expected %s",
+                    name, a, b);
+            return NULL;
         }
     }
+    return t;
+}
+
+int st_read_f32(const st_file *f, const char *name, int ndim, const int64_t *shape, float *dst, char *err) {
+    const st_tensor *t = find_shaped(f, name, ndim, shape, err);
+    if (!t) return -1;
     if (st_to_f32(t, dst, NULL))
         return st_fail(err, f->path, "only F32, F16, BF16 and F64 convert to float32",
                        "tensor '%s' has integer dtype %s, not a float type", name, st_dtype_name(t->dtype));
+    st_release(f, t);
+    return 0;
+}
+
+/* F16 bytes are copied as they are (little-endian host, as for F32);
+ * every other float type goes through float32 and is rounded to nearest even */
+int st_to_f16(const st_tensor *t, uint16_t *dst, char *err) {
+    const uint8_t *p = t->data;
+    size_t n = t->numel;
+    switch (t->dtype) {
+    case ST_F16:
+        if (n) memcpy(dst, p, n * 2);
+        return 0;
+    case ST_F32:
+        for (size_t i = 0; i < n; i++) {
+            float x;
+            memcpy(&x, p + 4 * i, 4);
+            dst[i] = float_to_half(x);
+        }
+        return 0;
+    case ST_BF16:
+        for (size_t i = 0; i < n; i++) dst[i] = float_to_half(st_bf16_to_f32((uint16_t)(p[2 * i] | p[2 * i + 1] << 8)));
+        return 0;
+    case ST_F64:
+        for (size_t i = 0; i < n; i++) {
+            double d;
+            memcpy(&d, p + 8 * i, 8);
+            /* through float32: out-of-range doubles become inf first (st_to_f32) */
+            float x = fabs(d) >= 0x1.ffffffp127 ? (float)copysign(INFINITY, d) : (float)d;
+            dst[i] = float_to_half(x);
+        }
+        return 0;
+    default:
+        if (err) snprintf(err, ST_ERR_LEN, "tensor '%s' has integer dtype %s, not a float type "
+                          "(only F32, F16, BF16 and F64 convert to float16)", t->name, st_dtype_name(t->dtype));
+        return -1;
+    }
+}
+
+int st_read_f16(const st_file *f, const char *name, int ndim, const int64_t *shape, uint16_t *dst, char *err) {
+    const st_tensor *t = find_shaped(f, name, ndim, shape, err);
+    if (!t) return -1;
+    if (st_to_f16(t, dst, NULL))
+        return st_fail(err, f->path, "only F32, F16, BF16 and F64 convert to float16",
+                       "tensor '%s' has integer dtype %s, not a float type", name, st_dtype_name(t->dtype));
+    st_release(f, t);
     return 0;
 }
 

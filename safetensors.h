@@ -50,10 +50,19 @@ int st_to_f32(const st_tensor *t, float *dst, char *err);
  * An absent or misshapen tensor is an error naming it. */
 int st_read_f32(const st_file *f, const char *name, int ndim, const int64_t *shape,
                 float *dst, char *err);
+/* the same into fp16 (uint16_t bit patterns): F16 copied as is, F32 / BF16 /
+ * F64 rounded to nearest even (what --weight-dtype fp16 holds) */
+int st_to_f16(const st_tensor *t, uint16_t *dst, char *err);
+int st_read_f16(const st_file *f, const char *name, int ndim, const int64_t *shape,
+                uint16_t *dst, char *err);
+/* give back the mapped pages of a tensor already copied out (st_read_f32 and
+ * st_read_f16 do it): loading then peaks near the copy, not file + copy.
+ * The tensor stays readable (the pages come back from the file). */
+void st_release(const st_file *f, const st_tensor *t);
 /* find + convert into a new malloc'ed buffer (caller frees); *numel if non-NULL */
 float *st_load_f32(const st_file *f, const char *name, size_t *numel, char *err);
 
-/* fp16 / bf16 <-> fp32 */
+/* fp16 / bf16 <-> fp32 (fp16: half.h's exact conversions) */
 float st_f16_to_f32(uint16_t h);
 uint16_t st_f32_to_f16(float f);
 float st_bf16_to_f32(uint16_t h);

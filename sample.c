@@ -11,6 +11,8 @@
  * UNet adapter runs as a side branch, W0 x + w (alpha/r) B A x, as diffusers
  * and A1111 do; with --merge it is added into W0 once (same image, no extra
  * work per step). Text-encoder adapters are always merged (it runs once).
+ * --weight-dtype fp16 holds the UNet's weight matrices as fp16 (half the
+ * memory, fp32 arithmetic); a merge into them is rounded to fp16.
  *
  * --batch N writes OUT, then OUT with -1, -2, ... before the extension: the
  * N images diffusers makes from one seed (num_images_per_prompt = N). */
@@ -71,7 +73,8 @@ static void out_name(char *buf, size_t n, const char *out, int b) {
 
 int main(int argc, char **argv) {
     const char *model = NULL, *prompt = NULL, *negative = "", *out = "sample.png",
-               *sampler = "euler_a", *rng = "cpu", *lora_dir = "loras", *tok_dir = NULL;
+               *sampler = "euler_a", *rng = "cpu", *lora_dir = "loras", *tok_dir = NULL,
+               *wdtype_name = "fp32";
     int steps = 20, width = 0, height = 0, batch = 1, clip_skip = 1, karras = 0, merge = 0, threads = 0;
     float cfg = 7.0f;
     uint64_t seed = 42;
@@ -79,6 +82,7 @@ int main(int argc, char **argv) {
     const cli_opt opts[] = {
         {"--model", OPT_STR, &model, 0, 0, NULL, "base model: SD1.x .safetensors or diffusers folder (default: models/tiny)"},
         {"--tokenizer", OPT_STR, &tok_dir, 0, 0, NULL, "folder with vocab.json + merges.txt (single-file checkpoints)"},
+        {"--weight-dtype", OPT_CHOICE, &wdtype_name, 0, 0, "fp32|fp16", "UNet weights held in memory as (fp16: half the RAM, fp32 math; --merge rounds to fp16)"},
         {"--prompt", OPT_STR, &prompt, 0, 0, NULL, "what to draw (may hold <lora:name:weight>)"},
         {"--negative", OPT_STR, &negative, 0, 0, NULL, "negative prompt"},
         {"--steps", OPT_INT, &steps, 1, 1000, NULL, "sampling steps"},
@@ -145,7 +149,9 @@ int main(int argc, char **argv) {
 
     double t0 = now();
     sd_model m;
-    if (sd_model_load(&m, model, tok_dir, err)) {
+    weight_dtype wdtype = WEIGHT_F32;
+    weight_dtype_parse(wdtype_name, &wdtype);   /* cli_parse checked it is fp32 or fp16 */
+    if (sd_model_load_dtype(&m, model, tok_dir, wdtype, err)) {
         fprintf(stderr, "error: model: %s\n", err);
         free(text);
         return 1;

@@ -34,7 +34,8 @@
 #include "safetensors.h"
 
 typedef struct {
-    const char *data, *model, *out, *name, *targets, *sched, *resume, *sample_prompt, *tokenizer, *precision;
+    const char *data, *model, *out, *name, *targets, *sched, *resume, *sample_prompt, *tokenizer, *precision,
+               *weight_dtype;
     int rank, res, batch, accum, steps, epochs, warmup, save_every, sample_every, te, flip,
         random_crop, grad_ckpt, threads, clip_skip, full, no_grid;
     float alpha, dropout, lr, te_lr, beta1, beta2, adam_eps, wd, clip, min_snr, noise_offset;
@@ -471,7 +472,9 @@ static void fmt_time(char *b, size_t n, double s) {
 
 static int train(train_args *a, char *err) {
     sd_model m;
-    if (sd_model_load(&m, a->model, a->tokenizer, err)) return 1;
+    weight_dtype wdtype = WEIGHT_F32;
+    weight_dtype_parse(a->weight_dtype, &wdtype);   /* cli_parse checked it is fp32 or fp16 */
+    if (sd_model_load_dtype(&m, a->model, a->tokenizer, wdtype, err)) return 1;
     dataset_t ds;
     memset(&ds, 0, sizeof ds);
     int ret = 1;
@@ -535,8 +538,8 @@ static int train(train_args *a, char *err) {
         fprintf(stderr, "model %s: full fine-tuning: %zu trainable parameters%s\n", m.name, ntrain,
                 a->te ? " (UNet + text encoder)" : " (UNet)");
     else
-        fprintf(stderr, "model %s: UNet %zu parameters frozen; LoRA '%s' rank %d alpha %g: %d adapters, %zu trainable parameters%s\n",
-                m.name, m.unet.nparams, a->targets, a->rank, a->alpha, m.unet.nloras + (a->te ? clip_num_adapters(&m.clip) : 0),
+        fprintf(stderr, "model %s: UNet %zu parameters frozen (held as %s); LoRA '%s' rank %d alpha %g: %d adapters, %zu trainable parameters%s\n",
+                m.name, m.unet.nparams, weight_dtype_name(m.wdtype), a->targets, a->rank, a->alpha, m.unet.nloras + (a->te ? clip_num_adapters(&m.clip) : 0),
                 ntrain, a->te ? " (UNet + text encoder)" : "");
     fprintf(stderr, "data %s: %d images, %d samples per epoch, %ld steps of %d x %d\n",
             a->data, ds.n_images, ds.n_total_with_repeats, total, a->batch, a->accum);
@@ -760,6 +763,7 @@ out:
 int main(int argc, char **argv) {
     train_args a = {
         .model = NULL, .out = "out", .name = "lora", .targets = "qv", .sched = "constant", .precision = "fp32",
+        .weight_dtype = "fp32",
         .rank = 4, .res = 0, .batch = 1, .accum = 1, .steps = 0, .epochs = 0, .warmup = 0,
         .save_every = 0, .sample_every = 0, .clip_skip = 1,
         .alpha = 4.0f, .dropout = 0.0f, .lr = 1e-4f, .te_lr = 5e-5f,
@@ -800,6 +804,7 @@ int main(int argc, char **argv) {
         {"--grad-checkpoint", OPT_FLAG, &a.grad_ckpt, 0, 0, NULL, "recompute activations in backward (less memory)"},
         {"--save-every", OPT_INT, &a.save_every, 0, 100000000, NULL, "save the LoRA and state every N steps (0: only at the end)"},
         {"--precision", OPT_CHOICE, &a.precision, 0, 0, "fp32|fp16", "dtype of the saved LoRA"},
+        {"--weight-dtype", OPT_CHOICE, &a.weight_dtype, 0, 0, "fp32|fp16", "frozen UNet weights held in memory as (fp16: half the RAM, fp32 math; not with --full)"},
         {"--sample-every", OPT_INT, &a.sample_every, 0, 100000000, NULL, "sample grid every N steps"},
         {"--sample-prompt", OPT_STR, &a.sample_prompt, 0, 0, NULL, "prompt(s) for the sample grid, separated by '|'"},
         {"--no-grid", OPT_FLAG, &a.no_grid, 0, 0, NULL, "skip the before/after grid at the end"},
@@ -862,6 +867,10 @@ int main(int argc, char **argv) {
     }
     if (a.sample_every > 0 && !a.sample_prompt) {
         fprintf(stderr, "error: --sample-every needs --sample-prompt (e.g. --sample-prompt \"a red circle|a blue square\")\n");
+        return 2;
+    }
+    if (a.full && strcmp(a.weight_dtype, "fp32") != 0) {
+        fprintf(stderr, "error: --weight-dtype %s: full fine-tuning updates the weights themselves and needs fp32 (drop --full or use --weight-dtype fp32)\n", a.weight_dtype);
         return 2;
     }
     if (a.full && a.resume) {

@@ -49,6 +49,7 @@
 #include <string.h>
 #include "unet.h"
 #include "safetensors.h"
+#include "half.h"
 
 /* ------------------------------------------------------------------------ */
 /* module structs                                                            */
@@ -57,7 +58,8 @@
  * the same map on the token view, so it runs through the same code) */
 typedef struct {
     int in, out;
-    float *w, *b;              /* W0 (out x in [x 1 x 1]), bias or NULL */
+    const unet_param *w;       /* W0 (out x in [x 1 x 1]): read through wf() */
+    float *b;                  /* bias or NULL */
     lora_t *L;                 /* NULL: no adapter */
     /* forward state */
     const float *inp;
@@ -68,9 +70,10 @@ typedef struct {
 
 typedef struct {
     int cin, cout;
-    float *norm1_w, *norm1_b, *conv1_w, *conv1_b, *temb_w, *temb_b;
-    float *norm2_w, *norm2_b, *conv2_w, *conv2_b;
-    float *short_w, *short_b;  /* conv_shortcut, only when cin != cout */
+    float *norm1_w, *norm1_b, *conv1_b, *temb_b, *norm2_w, *norm2_b, *conv2_b;
+    const unet_param *conv1_w, *temb_w, *conv2_w;
+    const unet_param *short_w; /* conv_shortcut, only when cin != cout */
+    float *short_b;
     /* forward state */
     const float *x;
     int H, W;
@@ -111,7 +114,8 @@ typedef struct {               /* a down or up block */
     int nres;
     resnet_t *res;
     xformer_t *att;            /* NULL for DownBlock2D / UpBlock2D */
-    float *conv_w, *conv_b;    /* downsamplers.0.conv / upsamplers.0.conv, or NULL */
+    const unet_param *conv_w;  /* downsamplers.0.conv / upsamplers.0.conv, or NULL */
+    float *conv_b;
     int *skip;                 /* down: skip index of each layer's output; up: the skip each resnet takes */
     int ds_skip;               /* down: skip index of the downsampler's output */
     const float *sampler_in;   /* forward state: the down/upsampler's input (before the 2x) */
@@ -126,11 +130,12 @@ typedef struct {               /* where an adapter can go */
 } site_t;
 
 struct unet_net {
-    float *conv_in_w, *conv_in_b, *t1_w, *t1_b, *t2_w, *t2_b;
+    const unet_param *conv_in_w, *t1_w, *t2_w, *conv_out_w;
+    float *conv_in_b, *t1_b, *t2_b;
     block_t down[UNET_MAX_LEVELS], up[UNET_MAX_LEVELS];
     resnet_t mid_res[2];
     xformer_t mid_att;
-    float *norm_out_w, *norm_out_b, *conv_out_w, *conv_out_b;
+    float *norm_out_w, *norm_out_b, *conv_out_b;
     int nskips;
     int *skip_C, *skip_lvl;    /* channels and level (resolution H >> lvl) of each skip */
     site_t *sites;
@@ -199,6 +204,26 @@ static float *gw(const unet_t *u, const float *p) {
     return u->grads && p ? u->grads + (p - u->params) : NULL;
 }
 
+/* the same for a weight matrix (grads exist only with fp32 weights) */
+static float *gwm(const unet_t *u, const unet_param *p) {
+    return u->grads && p ? u->grads + p->offset : NULL;
+}
+
+/* A weight matrix as fp32, for the layer about to use it. Held as fp32: the
+ * weights themselves. Held as fp16 (--weight-dtype fp16): widened (exactly)
+ * into u->wbuf, one matrix at a time, so a layer must be done with one matrix
+ * before it asks for the next; asking again for the matrix already there
+ * costs nothing (lin_backward reads W0 twice). */
+static const float *wf(unet_t *u, const unet_param *p) {
+    if (p->data) return p->data;
+    if (u->measuring) return NULL;
+    if (u->wbuf_of != p) {
+        half_to_float_array(u->wbuf, p->data16, p->numel);
+        u->wbuf_of = p;
+    }
+    return u->wbuf;
+}
+
 /* ------------------------------------------------------------------------ */
 /* small tensor helpers                                                      */
 
@@ -235,19 +260,19 @@ static void lin_forward(unet_t *u, lin_t *l, float *out, const float *inp, int N
         /* inference: dropout is off, as in torch's eval() */
         lora_t Le = *l->L;
         Le.dropout = 0.0f;
-        lora_forward(out, l->ax, NULL, inp, l->w, l->b, &Le, N, l->in, l->out, NULL);
+        lora_forward(out, l->ax, NULL, inp, wf(u, l->w), l->b, &Le, N, l->in, l->out, NULL);
         return;
     }
-    lora_forward(out, l->ax, l->mask, inp, l->w, l->b, l->L, N, l->in, l->out, &u->dropout_rng);
+    lora_forward(out, l->ax, l->mask, inp, wf(u, l->w), l->b, l->L, N, l->in, l->out, &u->dropout_rng);
 }
 
 /* dinp += d/dinp (may be NULL); the adapter's dA, dB +=; with full grads
  * also dW0 += dout^T inp, db += sum_n dout (the adapter's dropout acts on its
  * own branch only, so W0 sees the undropped input) */
 static void lin_backward(unet_t *u, lin_t *l, float *dinp, const float *dout) {
-    if (u->grads) linear_backward(NULL, gw(u, l->w), gw(u, l->b), dout, l->inp, l->w, l->N, l->in, l->out);
+    if (u->grads) linear_backward(NULL, gwm(u, l->w), gw(u, l->b), dout, l->inp, wf(u, l->w), l->N, l->in, l->out);
     if (!dinp && !l->L) return;
-    lora_backward(dinp, dout, l->inp, l->ax, l->mask, l->w, l->L, l->N, l->in, l->out);
+    lora_backward(dinp, dout, l->inp, l->ax, l->mask, wf(u, l->w), l->L, l->N, l->in, l->out);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -279,9 +304,9 @@ static float *resnet_forward(unet_t *u, resnet_t *r, const float *x, int H, int 
     if (!u->measuring) {
         groupnorm_forward(r->n1, r->mean1, r->rstd1, x, r->norm1_w, r->norm1_b, B, cin, HW, G, eps);
         silu_forward(a, r->n1, nin);
-        conv2d_forward(r->h1, a, r->conv1_w, r->conv1_b, B, cin, H, W, cout, 3, 3, 1, 1);
+        conv2d_forward(r->h1, a, wf(u, r->conv1_w), r->conv1_b, B, cin, H, W, cout, 3, 3, 1, 1);
         // h1[b, c, :] += (W_t silu(temb[b]) + b_t)[c]
-        linear_forward(tp, net->temb, r->temb_w, r->temb_b, B, T, cout);
+        linear_forward(tp, net->temb, wf(u, r->temb_w), r->temb_b, B, T, cout);
         for (int b = 0; b < B; b++)
             for (int c = 0; c < cout; c++) {
                 float *p = r->h1 + ((size_t)b * cout + c) * HW;
@@ -290,12 +315,12 @@ static float *resnet_forward(unet_t *u, resnet_t *r, const float *x, int H, int 
             }
         groupnorm_forward(r->n2, r->mean2, r->rstd2, r->h1, r->norm2_w, r->norm2_b, B, cout, HW, G, eps);
         silu_forward(a, r->n2, nout);
-        conv2d_forward(out, a, r->conv2_w, r->conv2_b, B, cout, H, W, cout, 3, 3, 1, 1);
+        conv2d_forward(out, a, wf(u, r->conv2_w), r->conv2_b, B, cout, H, W, cout, 3, 3, 1, 1);
         if (r->short_w) {
             // out_b (cout x HW) += W_s (cout x cin) x_b (cin x HW) + b_s
             for (int b = 0; b < B; b++) {
                 float *ob = out + (size_t)b * cout * HW;
-                gemm(0, 0, cout, HW, cin, 1.0f, r->short_w, cin, x + (size_t)b * cin * HW, HW,
+                gemm(0, 0, cout, HW, cin, 1.0f, wf(u, r->short_w), cin, x + (size_t)b * cin * HW, HW,
                      1.0f, ob, HW);
                 for (int c = 0; c < cout; c++)
                     for (int i = 0; i < HW; i++) ob[(size_t)c * HW + i] += r->short_b[c];
@@ -326,11 +351,11 @@ static void resnet_backward(unet_t *u, resnet_t *r, float *dx, const float *dout
         // shortcut: dx += W_s^T dout, or dx += dout
         if (r->short_w) {
             for (int b = 0; b < B; b++)
-                gemm(1, 0, cin, HW, cout, 1.0f, r->short_w, cin, dout + (size_t)b * cout * HW, HW,
+                gemm(1, 0, cin, HW, cout, 1.0f, wf(u, r->short_w), cin, dout + (size_t)b * cout * HW, HW,
                      1.0f, dx + (size_t)b * cin * HW, HW);
             // dW_s += dout_b x_b^T, db_s += sum dout (a 1x1 conv, no input gradient here)
             if (u->grads)
-                conv2d_backward(NULL, gw(u, r->short_w), gw(u, r->short_b), dout, r->x, r->short_w,
+                conv2d_backward(NULL, gwm(u, r->short_w), gw(u, r->short_b), dout, r->x, wf(u, r->short_w),
                                 B, cin, H, W, cout, 1, 1, 1, 0);
         } else {
             add_inplace(dx, dout, nout);
@@ -340,7 +365,7 @@ static void resnet_backward(unet_t *u, resnet_t *r, float *dx, const float *dout
         // for it, else the input silu(n2) is recomputed (forward kept only n2)
         if (u->grads) silu_forward(g2, r->n2, nout);
         zero(g1, nout);
-        conv2d_backward(g1, gw(u, r->conv2_w), gw(u, r->conv2_b), dout, u->grads ? g2 : g1, r->conv2_w,
+        conv2d_backward(g1, gwm(u, r->conv2_w), gw(u, r->conv2_b), dout, u->grads ? g2 : g1, wf(u, r->conv2_w),
                         B, cout, H, W, cout, 3, 3, 1, 1);
         zero(g2, nout);
         silu_backward(g2, g1, r->n2, nout);
@@ -356,12 +381,12 @@ static void resnet_backward(unet_t *u, resnet_t *r, float *dx, const float *dout
                     for (int i = 0; i < HW; i++) s += p[i];
                     dtp[(size_t)b * cout + c] = (float)s;
                 }
-            linear_backward(u->net->dtemb, gw(u, r->temb_w), gw(u, r->temb_b), dtp, u->net->temb,
-                            r->temb_w, B, T, cout);
+            linear_backward(u->net->dtemb, gwm(u, r->temb_w), gw(u, r->temb_b), dtp, u->net->temb,
+                            wf(u, r->temb_w), B, T, cout);
             silu_forward(a1, r->n1, nin);
         }
         zero(g2, nin);
-        conv2d_backward(g2, gw(u, r->conv1_w), gw(u, r->conv1_b), g1, u->grads ? a1 : g2, r->conv1_w,
+        conv2d_backward(g2, gwm(u, r->conv1_w), gw(u, r->conv1_b), g1, u->grads ? a1 : g2, wf(u, r->conv1_w),
                         B, cin, H, W, cout, 3, 3, 1, 1);
         zero(g1, nin);
         silu_backward(g1, g2, r->n1, nin);
@@ -564,22 +589,37 @@ static const char *join(unet_t *u, char *buf, const char *prefix, const char *na
     return buf;
 }
 
-static float *param(unet_t *u, const char *prefix, const char *suffix, int ndim,
-                    int d0, int d1, int d2, int d3) {
+/* Register one parameter tensor: count it (first pass), or also fill its
+ * table entry (second pass, which returns it). Where it is held:
+ *   fp32 weights: params + offset, every tensor (offset also indexes grads);
+ *   fp16 weights: matrices (ndim >= 2) in params16, vectors (biases, norm
+ *                 scales) in params as fp32, each block packed in table order. */
+static unet_param *param(unet_t *u, const char *prefix, const char *suffix, int ndim,
+                         int d0, int d1, int d2, int d3) {
     int shape[4] = {d0, d1, d2, d3};
     size_t n = 1;
     for (int i = 0; i < ndim; i++) n *= (size_t)shape[i];
+    unet_param *p = NULL;
     if (u->table) {
-        unet_param *p = &u->table[u->ntable];
+        p = &u->table[u->ntable];
         join(u, p->name, prefix, suffix);
         p->offset = u->nparams;
         p->ndim = ndim;
+        p->numel = n;
         for (int i = 0; i < 4; i++) p->shape[i] = i < ndim ? shape[i] : 0;
+        if (u->wdtype == WEIGHT_F16 && ndim >= 2) p->data16 = u->params16 + u->nmat;
+        else p->data = u->params + (u->wdtype == WEIGHT_F16 ? u->nparams - u->nmat : u->nparams);
     }
-    float *ptr = u->params ? u->params + u->nparams : NULL;
     u->ntable++;
     u->nparams += n;
-    return ptr;
+    if (ndim >= 2) u->nmat += n;
+    return p;
+}
+
+/* a vector (bias, norm scale): always fp32 */
+static float *vec(unet_t *u, const char *prefix, const char *suffix, int C) {
+    unet_param *p = param(u, prefix, suffix, 1, C, 0, 0, 0);
+    return p ? p->data : NULL;
 }
 
 static void *xcalloc(unet_t *u, size_t n, size_t size) {
@@ -594,7 +634,7 @@ static void lin_build(unet_t *u, lin_t *l, const char *prefix, const char *name,
     join(u, full, prefix, name);
     l->in = in; l->out = out; l->L = NULL;
     l->w = conv ? param(u, full, "weight", 4, out, in, 1, 1) : param(u, full, "weight", 2, out, in, 0, 0);
-    l->b = bias ? param(u, full, "bias", 1, out, 0, 0, 0) : NULL;
+    l->b = bias ? vec(u, full, "bias", out) : NULL;
     struct unet_net *net = u->net;
     if (u->table && kind) {
         if (net->nsites == net->sites_cap) {
@@ -612,16 +652,16 @@ static void lin_build(unet_t *u, lin_t *l, const char *prefix, const char *name,
 static void norm_build(unet_t *u, float **w, float **b, const char *prefix, const char *name, int C) {
     char full[UNET_NAME_LEN];
     join(u, full, prefix, name);
-    *w = param(u, full, "weight", 1, C, 0, 0, 0);
-    *b = param(u, full, "bias", 1, C, 0, 0, 0);
+    *w = vec(u, full, "weight", C);
+    *b = vec(u, full, "bias", C);
 }
 
-static void conv_build(unet_t *u, float **w, float **b, const char *prefix, const char *name,
+static void conv_build(unet_t *u, const unet_param **w, float **b, const char *prefix, const char *name,
                        int out, int in, int k) {
     char full[UNET_NAME_LEN];
     join(u, full, prefix, name);
     *w = param(u, full, "weight", 4, out, in, k, k);
-    *b = param(u, full, "bias", 1, out, 0, 0, 0);
+    *b = vec(u, full, "bias", out);
 }
 
 static void resnet_build(unet_t *u, resnet_t *r, const char *prefix, int cin, int cout) {
@@ -632,10 +672,11 @@ static void resnet_build(unet_t *u, resnet_t *r, const char *prefix, int cin, in
     char full[UNET_NAME_LEN];
     join(u, full, prefix, "time_emb_proj");
     r->temb_w = param(u, full, "weight", 2, cout, T, 0, 0);
-    r->temb_b = param(u, full, "bias", 1, cout, 0, 0, 0);
+    r->temb_b = vec(u, full, "bias", cout);
     norm_build(u, &r->norm2_w, &r->norm2_b, prefix, "norm2", cout);
     conv_build(u, &r->conv2_w, &r->conv2_b, prefix, "conv2", cout, cout, 3);
-    r->short_w = r->short_b = NULL;
+    r->short_w = NULL;
+    r->short_b = NULL;
     if (cin != cout) conv_build(u, &r->short_w, &r->short_b, prefix, "conv_shortcut", cout, cin, 1);
 }
 
@@ -699,9 +740,9 @@ static int net_build(unet_t *u, char *err) {
 
     conv_build(u, &net->conv_in_w, &net->conv_in_b, "", "conv_in", C0, c->in_channels, 3);
     net->t1_w = param(u, "time_embedding.linear_1", "weight", 2, T, C0, 0, 0);
-    net->t1_b = param(u, "time_embedding.linear_1", "bias", 1, T, 0, 0, 0);
+    net->t1_b = vec(u, "time_embedding.linear_1", "bias", T);
     net->t2_w = param(u, "time_embedding.linear_2", "weight", 2, T, T, 0, 0);
-    net->t2_b = param(u, "time_embedding.linear_2", "bias", 1, T, 0, 0, 0);
+    net->t2_b = vec(u, "time_embedding.linear_2", "bias", T);
 
     /* skips: conv_in's output, each down layer's output, each downsampler's */
     int maxskips = 1 + n;
@@ -791,7 +832,7 @@ static int net_build(unet_t *u, char *err) {
     }
     norm_build(u, &net->norm_out_w, &net->norm_out_b, "", "conv_norm_out", C0);
     net->conv_out_w = param(u, "conv_out", "weight", 4, c->out_channels, C0, 3, 3);
-    net->conv_out_b = param(u, "conv_out", "bias", 1, c->out_channels, 0, 0, 0);
+    net->conv_out_b = vec(u, "conv_out", "bias", c->out_channels);
     if (net->build_err) goto oom;
     return 0;
 oom:
@@ -800,29 +841,49 @@ oom:
 }
 
 int unet_build(unet_t *u, const unet_config *c, char *err) {
+    return unet_build_dtype(u, c, WEIGHT_F32, err);
+}
+
+int unet_build_dtype(unet_t *u, const unet_config *c, weight_dtype wdtype, char *err) {
     memset(u, 0, sizeof *u);
     u->cfg = *c;
+    u->wdtype = wdtype;
     u->net = calloc(1, sizeof(struct unet_net));
     if (!u->net) { snprintf(err, UNET_ERR_LEN, "unet: out of memory"); return -1; }
     /* pass 1: count */
     if (net_build(u, err)) { unet_free(u); return -1; }
     net_free_modules(u->net);
-    size_t nparams = u->nparams;
+    size_t nparams = u->nparams, nmat = u->nmat;
     int ntable = u->ntable;
-    /* pass 2: the same walk with storage, so every pointer and name is set */
+    /* pass 2: the same walk with storage, so every pointer and name is set.
+     * fp16 weights: the matrices in params16, the vectors in params */
+    int f16 = wdtype == WEIGHT_F16;
     u->table = calloc((size_t)ntable, sizeof(unet_param));
-    u->params = calloc(nparams, sizeof(float));
-    if (!u->table || !u->params) {
+    u->params = calloc(f16 ? nparams - nmat + 1 : nparams, sizeof(float));
+    if (f16) u->params16 = calloc(nmat + 1, sizeof(uint16_t));
+    if (!u->table || !u->params || (f16 && !u->params16)) {
         snprintf(err, UNET_ERR_LEN, "unet: out of memory for %zu parameters", nparams);
         unet_free(u);
         return -1;
     }
-    u->nparams = 0; u->ntable = 0;
+    u->nparams = 0; u->nmat = 0; u->ntable = 0;
     if (net_build(u, err)) { unet_free(u); return -1; }
     if (u->net->build_err) {
         snprintf(err, UNET_ERR_LEN, "unet: out of memory or a name too long building the model");
         unet_free(u);
         return -1;
+    }
+    if (f16) {
+        /* the widening buffer: room for the largest matrix (SD1.5: 1280 x 2560 x 3 x 3) */
+        size_t big = 1;
+        for (int i = 0; i < u->ntable; i++)
+            if (u->table[i].data16 && u->table[i].numel > big) big = u->table[i].numel;
+        u->wbuf = malloc(sizeof(float) * big);
+        if (!u->wbuf) {
+            snprintf(err, UNET_ERR_LEN, "unet: out of memory for the %zu-float weight buffer", big);
+            unet_free(u);
+            return -1;
+        }
     }
     return 0;
 }
@@ -847,7 +908,7 @@ int unet_count_params(const unet_config *c, size_t *nparams, int *ntensors, char
 
 void unet_free(unet_t *u) {
     if (u->net) { net_free_modules(u->net); free(u->net); }
-    free(u->params); free(u->grads); free(u->table);
+    free(u->params); free(u->params16); free(u->wbuf); free(u->grads); free(u->table);
     free(u->loras); free(u->lora_params); free(u->lora_grads);
     free(u->arena);
     memset(u, 0, sizeof *u);
@@ -857,6 +918,39 @@ int unet_param_index(const unet_t *u, const char *name) {
     for (int i = 0; i < u->ntable; i++)
         if (strcmp(u->table[i].name, name) == 0) return i;
     return -1;
+}
+
+int unet_read_param(unet_t *u, int i, const st_file *f, const char *name, int squeeze, char *err) {
+    const unet_param *p = &u->table[i];
+    int64_t shape[ST_MAX_DIMS];
+    int ndim = p->ndim;
+    for (int d = 0; d < ndim; d++) shape[d] = p->shape[d];
+    const st_tensor *t = st_find(f, name);
+    if (t && squeeze && t->ndim > ndim && t->ndim <= ST_MAX_DIMS) {
+        /* (C, C, 1, 1) for (C, C): the same numbers in the same order */
+        int same = 1;
+        for (int d = 0; d < t->ndim; d++) same &= t->shape[d] == (d < ndim ? shape[d] : 1);
+        if (same) {
+            for (int d = ndim; d < t->ndim; d++) shape[d] = 1;
+            ndim = t->ndim;
+        }
+    }
+    u->wbuf_of = NULL;   /* the widened copy may be of this matrix */
+    if (p->data16) return st_read_f16(f, name, ndim, shape, p->data16, err);
+    return st_read_f32(f, name, ndim, shape, p->data, err);
+}
+
+void unet_param_get(const unet_t *u, int i, float *dst) {
+    const unet_param *p = &u->table[i];
+    if (p->data16) half_to_float_array(dst, p->data16, p->numel);
+    else memcpy(dst, p->data, sizeof(float) * p->numel);
+}
+
+void unet_param_set(unet_t *u, int i, const float *src) {
+    const unet_param *p = &u->table[i];
+    if (p->data16) float_to_half_array(p->data16, src, p->numel);
+    else memcpy(p->data, src, sizeof(float) * p->numel);
+    u->wbuf_of = NULL;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1101,6 +1195,10 @@ static char *read_file(const char *path, size_t *len) {
 }
 
 int unet_load_diffusers(unet_t *u, const char *dir, char *err) {
+    return unet_load_diffusers_dtype(u, dir, WEIGHT_F32, err);
+}
+
+int unet_load_diffusers_dtype(unet_t *u, const char *dir, weight_dtype wdtype, char *err) {
     char path[4096], jerr[256];
     memset(u, 0, sizeof *u);
     snprintf(path, sizeof path, "%s/config.json", dir);
@@ -1120,7 +1218,7 @@ int unet_load_diffusers(unet_t *u, const char *dir, char *err) {
     int rc = unet_config_from_json(&c, j, err);
     json_free(j);
     if (rc) return -1;
-    if (unet_build(u, &c, err)) return -1;
+    if (unet_build_dtype(u, &c, wdtype, err)) return -1;
 
     st_file f;
     char sterr[ST_ERR_LEN];
@@ -1134,10 +1232,7 @@ int unet_load_diffusers(unet_t *u, const char *dir, char *err) {
         return -1;
     }
     for (int i = 0; i < u->ntable; i++) {
-        const unet_param *p = &u->table[i];
-        int64_t shape[4];
-        for (int d = 0; d < p->ndim; d++) shape[d] = p->shape[d];
-        if (st_read_f32(&f, p->name, p->ndim, shape, u->params + p->offset, sterr)) {
+        if (unet_read_param(u, i, &f, u->table[i].name, 0, sterr)) {
             snprintf(err, UNET_ERR_LEN, "%s", sterr);
             st_close(&f); unet_free(u);
             return -1;
@@ -1242,6 +1337,12 @@ void unet_zero_lora_grads(unet_t *u) {
 
 int unet_alloc_grads(unet_t *u) {
     if (u->grads) return 0;
+    if (u->wdtype != WEIGHT_F32) {
+        /* the gradient updates the weights themselves, which fp16 cannot hold
+         * to the precision small updates need */
+        snprintf(u->err, UNET_ERR_LEN, "unet: full fine-tuning needs fp32 weights (load with --weight-dtype fp32)");
+        return -1;
+    }
     u->grads = calloc(u->nparams ? u->nparams : 1, sizeof(float));
     if (!u->grads) {
         snprintf(u->err, UNET_ERR_LEN, "unet: out of memory for %zu weight gradients (%.1f MiB)",
@@ -1293,9 +1394,9 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
     net->tsin = tp; net->t1o = th; net->t2o = t2o;
     if (!M) {
         timestep_embedding(tp, t, B, C0, c->flip_sin_to_cos, c->freq_shift, 10000.0f);
-        linear_forward(th, tp, net->t1_w, net->t1_b, B, C0, T);
+        linear_forward(th, tp, wf(u, net->t1_w), net->t1_b, B, C0, T);
         silu_forward(ths, th, (size_t)B * T);
-        linear_forward(t2o, ths, net->t2_w, net->t2_b, B, T, T);
+        linear_forward(t2o, ths, wf(u, net->t2_w), net->t2_b, B, T, T);
         silu_forward(net->temb, t2o, (size_t)B * T);
     }
     u->tmp_top = tm;
@@ -1307,7 +1408,7 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
     if (keep && !M) memcpy(net->xin, x, sizeof(float) * nx);
     float *h = act(u, (size_t)B * C0 * H * W);
     note_size(net, (size_t)B * C0 * H * W);
-    if (!M) conv2d_forward(h, x, net->conv_in_w, net->conv_in_b, B, c->in_channels, H, W, C0, 3, 3, 1, 1);
+    if (!M) conv2d_forward(h, x, wf(u, net->conv_in_w), net->conv_in_b, B, c->in_channels, H, W, C0, 3, 3, 1, 1);
     net->skips[0] = h;
 
     /* down */
@@ -1324,7 +1425,7 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
             /* Downsample2D: 3x3 conv, stride 2, padding 1 */
             blk->sampler_in = h;
             float *d = act(u, (size_t)B * C * (hh / 2) * (ww / 2));
-            if (!M) conv2d_forward(d, h, blk->conv_w, blk->conv_b, B, C, hh, ww, C, 3, 3, 2, 1);
+            if (!M) conv2d_forward(d, h, wf(u, blk->conv_w), blk->conv_b, B, C, hh, ww, C, 3, 3, 2, 1);
             hh /= 2; ww /= 2;
             h = d;
             net->skips[blk->ds_skip] = h;
@@ -1367,7 +1468,7 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
             float *d = act(u, (size_t)B * C * 4 * hh * ww);
             if (!M) {
                 upsample2x_forward(up, h, B, C, hh, ww);
-                conv2d_forward(d, up, blk->conv_w, blk->conv_b, B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
+                conv2d_forward(d, up, wf(u, blk->conv_w), blk->conv_b, B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
             }
             u->tmp_top = tmu;
             hh *= 2; ww *= 2;
@@ -1388,7 +1489,7 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
         groupnorm_forward(net->n_out, net->mean_out, net->rstd_out, h, net->norm_out_w, net->norm_out_b,
                           B, C0, H * W, G, c->eps);
         silu_forward(a, net->n_out, nout);
-        conv2d_forward(eps_out, a, net->conv_out_w, net->conv_out_b, B, C0, H, W, c->out_channels, 3, 3, 1, 1);
+        conv2d_forward(eps_out, a, wf(u, net->conv_out_w), net->conv_out_b, B, C0, H, W, c->out_channels, 3, 3, 1, 1);
     }
     u->tmp_top = tm;
     u->have_forward = u->train && !M;
@@ -1468,8 +1569,8 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
     if (!M) {
         /* conv_out's input silu(n_out), recomputed for its dW (else da stands in, unread) */
         if (u->grads) silu_forward(oth, net->n_out, nout);
-        conv2d_backward(da, gw(u, net->conv_out_w), gw(u, net->conv_out_b), deps, u->grads ? oth : da,
-                        net->conv_out_w, B, C0, H, W, c->out_channels, 3, 3, 1, 1);
+        conv2d_backward(da, gwm(u, net->conv_out_w), gw(u, net->conv_out_b), deps, u->grads ? oth : da,
+                        wf(u, net->conv_out_w), B, C0, H, W, c->out_channels, 3, 3, 1, 1);
         zero(oth, nout);
         silu_backward(oth, da, net->n_out, nout);
         zero(cur, nout);
@@ -1489,8 +1590,8 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
             if (!M) {
                 /* the conv's input, upsample(h), recomputed for its dW */
                 if (u->grads) upsample2x_forward(oth, blk->sampler_in, B, C, hh, ww);
-                conv2d_backward(dup, gw(u, blk->conv_w), gw(u, blk->conv_b), cur, u->grads ? oth : dup,
-                                blk->conv_w, B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
+                conv2d_backward(dup, gwm(u, blk->conv_w), gw(u, blk->conv_b), cur, u->grads ? oth : dup,
+                                wf(u, blk->conv_w), B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
                 zero(oth, (size_t)B * C * HW);
                 upsample2x_backward(oth, dup, B, C, hh, ww);
             }
@@ -1552,8 +1653,8 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
             accumulate(cur, dskip[blk->ds_skip], skipn[blk->ds_skip], M);
             if (!M) {
                 zero(oth, (size_t)B * C * HW);
-                conv2d_backward(oth, gw(u, blk->conv_w), gw(u, blk->conv_b), cur,
-                                u->grads ? blk->sampler_in : oth, blk->conv_w, B, C, hh, ww, C, 3, 3, 2, 1);
+                conv2d_backward(oth, gwm(u, blk->conv_w), gw(u, blk->conv_b), cur,
+                                u->grads ? blk->sampler_in : oth, wf(u, blk->conv_w), B, C, hh, ww, C, 3, 3, 2, 1);
             }
             SWAP();
         }
@@ -1571,8 +1672,8 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
 done:
     if ((dx || u->grads) && !M) {
         if (dx) zero(dx, (size_t)B * c->in_channels * H * W);
-        conv2d_backward(dx, gw(u, net->conv_in_w), gw(u, net->conv_in_b), cur, u->grads ? net->xin : dx,
-                        net->conv_in_w, B, c->in_channels, H, W, C0, 3, 3, 1, 1);
+        conv2d_backward(dx, gwm(u, net->conv_in_w), gw(u, net->conv_in_b), cur, u->grads ? net->xin : dx,
+                        wf(u, net->conv_in_w), B, c->in_channels, H, W, C0, 3, 3, 1, 1);
     }
     if (u->grads) {
         /* the time MLP, from d silu(temb):
@@ -1584,9 +1685,9 @@ done:
         if (!M) {
             silu_forward(ths, net->t1o, nt);
             silu_backward(d2, net->dtemb, net->t2o, nt);
-            linear_backward(dth, gw(u, net->t2_w), gw(u, net->t2_b), d2, ths, net->t2_w, B, T, T);
+            linear_backward(dth, gwm(u, net->t2_w), gw(u, net->t2_b), d2, ths, wf(u, net->t2_w), B, T, T);
             silu_backward(d1, dth, net->t1o, nt);
-            linear_backward(NULL, gw(u, net->t1_w), gw(u, net->t1_b), d1, net->tsin, net->t1_w, B, C0, T);
+            linear_backward(NULL, gwm(u, net->t1_w), gw(u, net->t1_b), d1, net->tsin, wf(u, net->t1_w), B, C0, T);
         }
     }
 #undef SWAP

@@ -25,6 +25,8 @@
 #include "nn.h"
 #include "lora.h"
 #include "json.h"
+#include "half.h"
+#include "safetensors.h"
 
 #define UNET_MAX_LEVELS 8
 #define UNET_NAME_LEN 96
@@ -48,12 +50,15 @@ typedef struct {
     float freq_shift;
 } unet_config;
 
-/* one parameter tensor: its diffusers name and where it sits in params */
+/* one parameter tensor: its diffusers name and where it is held */
 typedef struct {
     char name[UNET_NAME_LEN];
-    size_t offset;
+    size_t offset;           /* in the fp32 layout: params + offset (fp32 weights), grads + offset */
     int ndim;
     int shape[4];
+    size_t numel;
+    float *data;             /* the tensor as fp32, or NULL when held as fp16 */
+    uint16_t *data16;        /* the tensor as fp16 (a matrix with fp16 weights), or NULL */
 } unet_param;
 
 /* one LoRA adapter and the diffusers module it sits on, e.g.
@@ -68,10 +73,19 @@ struct unet_net;                     /* the module tree, private to unet.c */
 
 typedef struct {
     unet_config cfg;
-    float *params;                   /* every pretrained weight, one block */
+    float *params;                   /* every pretrained weight, one block (fp16 weights:
+                                        only the vectors, biases and norm scales) */
     float *grads;                    /* same layout: dL/dparams; NULL = frozen (no work) */
     size_t nparams;
     unet_param *table;
+    /* --weight-dtype fp16: the weight matrices (convolutions, linears; nmat
+     * of the nparams numbers) held as fp16 in params16, and each widened to
+     * fp32 into wbuf (room for the largest) just before its layer runs */
+    weight_dtype wdtype;
+    uint16_t *params16;
+    size_t nmat;
+    float *wbuf;
+    const unet_param *wbuf_of;       /* the matrix wbuf holds now, or NULL */
     int ntable;
     struct unet_net *net;
 
@@ -107,6 +121,12 @@ int unet_config_from_json(unet_config *c, const json *j, char *err);
 /* Build the module tree and the parameter table for c and allocate params
  * (zeroed). Returns 0 or -1. */
 int unet_build(unet_t *u, const unet_config *c, char *err);
+/* the same with the weights held as wdtype (unet_build: WEIGHT_F32). With
+ * WEIGHT_F16 every matrix is fp16 (half the memory) and widened, exactly, to
+ * fp32 right before use: all arithmetic stays fp32, and the LoRA parameters,
+ * activations and gradients are fp32 as ever. Full fine-tuning
+ * (unet_alloc_grads) needs WEIGHT_F32. */
+int unet_build_dtype(unet_t *u, const unet_config *c, weight_dtype wdtype, char *err);
 void unet_free(unet_t *u);
 /* the parameter and tensor counts of a config, without allocating them
  * (SD1.5: 859,520,964 parameters in 686 tensors). Returns 0 or -1. */
@@ -116,6 +136,18 @@ int unet_count_params(const unet_config *c, size_t *nparams, int *ntensors, char
  * or BF16). Every tensor of the table must be present with its shape, and the
  * file must hold nothing else. Returns 0 or -1 (message in err). */
 int unet_load_diffusers(unet_t *u, const char *dir, char *err);
+int unet_load_diffusers_dtype(unet_t *u, const char *dir, weight_dtype wdtype, char *err);
+
+/* Read table entry i from tensor `name` of f, which must have the entry's
+ * shape or, when squeeze, that shape followed by 1s (an LDM 1x1 conv for a
+ * diffusers linear). Held as fp16: F16 tensors are copied as they are, others
+ * rounded to nearest even; held as fp32: converted exactly. The file's pages
+ * of the tensor are given back (st_release). Returns 0 or -1 (err, ST_ERR_LEN). */
+int unet_read_param(unet_t *u, int i, const st_file *f, const char *name, int squeeze, char *err);
+/* table entry i as fp32 (numel floats), and back (rounded when held as fp16):
+ * how a LoRA is merged into the weights whatever their dtype */
+void unet_param_get(const unet_t *u, int i, float *dst);
+void unet_param_set(unet_t *u, int i, const float *src);
 
 /* index of a parameter by diffusers name, or -1 */
 int unet_param_index(const unet_t *u, const char *name);

@@ -852,6 +852,7 @@ int vae_load_st(vae_t *v, const st_file *f, vae_name_fn map, void *ctx,
             seterr(err, "%s: tensor '%s': %s", f->path, t->name, serr);
             goto done;
         }
+        st_release(f, t);   /* copied: the mapped pages can go (a lower load peak) */
         used[t - f->tensors] = 1;
     }
     if (extra_prefix) {
