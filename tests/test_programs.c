@@ -140,6 +140,29 @@ START_TEST(test_bad_flags) {
 }
 END_TEST
 
+/* --weight-dtype: bad values and --full are one-line errors; models/tiny is
+ * stored as fp16, so holding it as fp16 draws the very same PNG; a LoRA
+ * merged into fp16 weights works */
+START_TEST(test_weight_dtype) {
+    char d[128], a[256], b[256];
+    snprintf(d, sizeof d, "%s/data", tmp);
+    make_images(d, 2, 1);
+    ck_assert_int_eq(run(TRAIN " %s --weight-dtype fp8", d), 2);        assert_error_line("--weight-dtype", "fp32|fp16");
+    ck_assert_int_eq(run(TRAIN " %s --weight-dtype fp16 --full", d), 2); assert_error_line("--weight-dtype", "--full");
+    ck_assert_int_eq(run(SAMPLE " --prompt x --weight-dtype half"), 2);  assert_error_line("--weight-dtype", "fp32|fp16");
+    ck_assert_int_eq(run(SAMPLE " --help"), 0);
+    char *s = log_text(); ck_assert(strstr(s, "--weight-dtype")); free(s);
+    snprintf(a, sizeof a, "%s/a.png", tmp); snprintf(b, sizeof b, "%s/b.png", tmp);
+    ck_assert_msg(run(SAMPLE " --model models/tiny --prompt \"a red circle\" --steps 2 --out %s", a) == 0, "%s", log_text());
+    ck_assert_msg(run(SAMPLE " --model models/tiny --prompt \"a red circle\" --steps 2 --weight-dtype fp16 --out %s", b) == 0,
+                  "%s", log_text());
+    ck_assert_msg(same_file(a, b), "fp16-held models/tiny drew another image");
+    ck_assert_msg(run(SAMPLE " --model " MODEL " --prompt x --steps 2 --weight-dtype fp16 --lora " FIXTURE_DIR
+                      "gen_lora.safetensors --merge --out %s", b) == 0, "%s", log_text());
+    s = log_text(); ck_assert_msg(strstr(s, "merged") && strstr(s, "wrote"), "%s", s); free(s);
+}
+END_TEST
+
 /* train, then sample with the LoRA it wrote */
 START_TEST(test_train_then_sample) {
     char d[128], o[128], p[256];
@@ -367,6 +390,7 @@ static Suite *programs_suite(void) {
     tcase_set_timeout(tc, 900);   /* whole training runs; slow under ASan */
     tcase_add_test(tc, test_help);
     tcase_add_test(tc, test_bad_flags);
+    tcase_add_test(tc, test_weight_dtype);
     tcase_add_test(tc, test_train_then_sample);
     tcase_add_test(tc, test_resume_identical);
     tcase_add_test(tc, test_sigint_saves);
