@@ -3,6 +3,8 @@
  *
  *   bench_unet MODEL INPUTS OUT infer [REPS]
  *   bench_unet MODEL INPUTS OUT train|train-ckpt [REPS]
+ *   ... [REPS fp16]: the UNet's weights held as fp16 (--weight-dtype fp16);
+ *   its result lines say "sdlora-fp16"
  *
  * MODEL: an SD1.x single .safetensors file or a diffusers folder (loaded by
  * sd_model_load, so the text encoder and VAE are in memory too, as in
@@ -84,12 +86,14 @@ static float *need(const st_file *f, const char *name, size_t n, const char *pat
 
 int main(int argc, char **argv) {
     if (argc < 5 || (strcmp(argv[4], "infer") && strcmp(argv[4], "train") && strcmp(argv[4], "train-ckpt"))) {
-        fprintf(stderr, "usage: %s MODEL INPUTS.safetensors OUT.safetensors infer|train|train-ckpt [REPS]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL INPUTS.safetensors OUT.safetensors infer|train|train-ckpt [REPS [fp32|fp16]]\n", argv[0]);
         return 2;
     }
     const char *model_path = argv[1], *in_path = argv[2], *out_path = argv[3], *mode = argv[4];
     int reps = argc > 5 ? atoi(argv[5]) : 3;
     if (reps < 1) reps = 1;
+    weight_dtype wdt = WEIGHT_F32;
+    if (argc > 6 && weight_dtype_parse(argv[6], &wdt)) die(argv[6], "weight dtype: use fp32 or fp16");
     int train = strcmp(mode, "infer") == 0 ? 0 : strcmp(mode, "train") == 0 ? 1 : 2;
     int threads = 1;
 #ifdef _OPENMP
@@ -99,11 +103,11 @@ int main(int argc, char **argv) {
     char err[SD_ERR_LEN];
     sd_model m;
     double t0 = now();
-    if (sd_model_load(&m, model_path, NULL, err)) die(model_path, err);
+    if (sd_model_load_dtype(&m, model_path, NULL, wdt, err)) die(model_path, err);
     double load_s = now() - t0;
     unet_t *u = &m.unet;
-    printf("loaded %s in %.1f s (%s), RSS %.0f MB\n", model_path, load_s,
-           m.single_file ? "single file" : "diffusers folder", rss_mb());
+    printf("loaded %s in %.1f s (%s, UNet weights %s), RSS %.0f MB, peak %.0f MB\n", model_path, load_s,
+           m.single_file ? "single file" : "diffusers folder", weight_dtype_name(wdt), rss_mb(), peak_rss_mb());
 
     st_file inp;
     if (st_open(&inp, in_path, err)) die(in_path, err);
@@ -189,9 +193,10 @@ int main(int argc, char **argv) {
     printf("best of %d: %.3f s", reps, best);
     if (train) printf(" (forward %.3f s + backward %.3f s)", best_f, best_b);
     printf(", peak RSS %.0f MB (after loading %.0f MB, peak during the steps %.0f MB)\n", peak, load_rss, step_peak);
-    printf("result sdlora %s time_s=%.4f fwd_s=%.4f bwd_s=%.4f peak_rss_mb=%.0f load_rss_mb=%.0f "
-           "step_peak_rss_mb=%.0f threads=%d load_s=%.1f\n",
-           mode, best, train ? best_f : best, train ? best_b : 0.0, peak, load_rss, step_peak, threads, load_s);
+    printf("result %s %s time_s=%.4f fwd_s=%.4f bwd_s=%.4f peak_rss_mb=%.0f load_rss_mb=%.0f "
+           "step_peak_rss_mb=%.0f load_peak_rss_mb=%.0f threads=%d load_s=%.1f\n",
+           wdt == WEIGHT_F16 ? "sdlora-fp16" : "sdlora", mode, best, train ? best_f : best, train ? best_b : 0.0,
+           peak, load_rss, step_peak, load_peak, threads, load_s);
 
     free(x); free(t); free(ctx); free(eps); free(target); free(deps);
     st_close(&inp);

@@ -5,6 +5,7 @@
     bench_unet.py infer   DIR INPUTS OUT        one UNet forward, torch.no_grad()
     bench_unet.py train   DIR INPUTS OUT        LoRA (peft) forward + backward
     bench_unet.py compare INPUTS C_OUT PY_OUT   max|a-b| / max|b| of eps (and gradients)
+    bench_unet.py same    C_OUT C16_OUT         max|a-b| of the fp32-held and fp16-held sdlora runs
     bench_unet.py report  LOG...                the table, from the "result" lines
 
 DIR is the diffusers folder of tools/make_sd15_random.py (fp16 weights, loaded
@@ -197,6 +198,22 @@ def compare(c_path, py_path, tol=1e-3):
     return 0 if ok else 1
 
 
+def same(a_path, b_path):
+    """max|a - b| over eps and every LoRA gradient: the fp32-held and the
+    fp16-held runs (from an fp16 file they must be 0)."""
+    from safetensors.torch import load_file
+    a, b = load_file(a_path), load_file(b_path)
+    worst, wk = 0.0, "eps"
+    for k in a:
+        d = (a[k].double() - b[k].double()).abs().max().item()
+        if d > worst:
+            worst, wk = d, k
+    eps = (a["eps"].double() - b["eps"].double()).abs().max().item()
+    mode = "train" if any(k.startswith("grad.") for k in a) else "infer"
+    print(f"result fp16diff {mode} eps_max_abs={eps:.3e} max_abs={worst:.3e} worst={wk}")
+    return 0
+
+
 def report(logs):
     r = {}
     for path in logs:
@@ -224,6 +241,14 @@ def report(logs):
     if tmode == "train-ckpt":
         r[("pytorch", "train-ckpt")] = r.get(("pytorch", "train"))
     row("UNet step 64x64 (LoRA attn r4 training)" + (" [sdlora with gradient checkpointing]" if tmode != "train" else ""), tmode)
+    for mode in ("infer", tmode):
+        c, h = r.get(("sdlora", mode)), r.get(("sdlora-fp16", mode))
+        if c and h:
+            d = r.get(("fp16diff", "infer" if mode == "infer" else "train"))
+            print(f"--weight-dtype fp16, {mode}: {float(h['time_s']):.2f} s vs fp32 {float(c['time_s']):.2f} s; "
+                  f"peak RSS {h['peak_rss_mb']} vs {c['peak_rss_mb']} MB (loading {h.get('load_peak_rss_mb', '?')} vs "
+                  f"{c.get('load_peak_rss_mb', '?')} MB, steps {h['step_peak_rss_mb']} vs {c['step_peak_rss_mb']} MB)"
+                  + (f"; max|fp16-held - fp32-held| {float(d['max_abs']):.1e} (eps {float(d['eps_max_abs']):.1e})" if d else ""))
     for mode in ("infer", "train"):
         p = r.get(("parity", mode))
         if p:
@@ -241,6 +266,8 @@ def main():
         step(a[0], a[1], a[2], cmd == "train")
     elif cmd == "compare" and len(a) == 2:
         return compare(a[0], a[1])
+    elif cmd == "same" and len(a) == 2:
+        return same(a[0], a[1])
     elif cmd == "report" and a:
         report(a)
     else:

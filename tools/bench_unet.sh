@@ -13,6 +13,8 @@
 #                      diffusers folder if the single-file loader refuses it)
 #   SDLORA_BENCH_REPS  timed runs after the warm-up (default 3; best is kept)
 #   SDLORA_BENCH_TRAIN train (default) or train-ckpt (gradient checkpointing)
+#   SDLORA_BENCH_FP16  1 (default): also both steps with the UNet's weights
+#                      held as fp16 (--weight-dtype fp16), beside the fp32 ones
 #   OMP_NUM_THREADS    threads for both sides (default: every core)
 #
 # Each measurement runs in its own process, so each peak RSS is its own.
@@ -65,6 +67,15 @@ run_c() {  # mode
     fi
     cat "$LOG/c_$1.log"
 }
+run_c16() {  # mode: the same with --weight-dtype fp16, compared with the fp32 run
+    echo "-- sdlora $1, UNet weights held as fp16 ($MODEL)"
+    if ! "$BIN" "$MODEL" "$IN" "$LOG/c16_$1.safetensors" "$1" "$SDLORA_BENCH_REPS" fp16 >"$LOG/c16_$1.log" 2>&1; then
+        cat "$LOG/c16_$1.log"
+        return 1
+    fi
+    cat "$LOG/c16_$1.log"
+    "$PY" tools/bench_unet.py same "$LOG/c_$1.safetensors" "$LOG/c16_$1.safetensors" >"$LOG/same_$1.log" 2>&1
+}
 run_py() {  # mode
     echo "-- PyTorch $1"
     "$PY" tools/bench_unet.py "$1" "$DIR/diffusers" "$IN" "$LOG/py_$1.safetensors" >"$LOG/py_$1.log" 2>&1
@@ -79,6 +90,10 @@ run_py infer
 run_c "$TRAIN"
 run_py train
 "$PY" tools/bench_unet.py compare "$LOG/c_$TRAIN.safetensors" "$LOG/py_train.safetensors" >"$LOG/parity_train.log" 2>&1
+if [ "${SDLORA_BENCH_FP16:-1}" = 1 ]; then
+    run_c16 infer
+    run_c16 "$TRAIN"
+fi
 load1=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)
 
 echo
