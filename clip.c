@@ -22,13 +22,20 @@
  * the first layer's adapters: nothing below them (the embeddings) trains.
  * With a grads block (clip_alloc_grads, full fine-tuning) every weight's
  * gradient is formed too, at the weight's own offset in grads, and backward
- * runs on down to the embeddings. */
+ * runs on down to the embeddings.
+ *
+ * fp16 weights (clip_init_dtype(..., WEIGHT_F16), --weight-dtype fp16): the
+ * matrices are held as fp16 and wf() widens each, exactly, into one fp32
+ * buffer just before its layer (forward, and backward's dX = dY W); the
+ * embeddings are gathered from fp16 row by row. Widening is exact, so from
+ * an fp16 checkpoint the numbers are bit for bit those of fp32 weights. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "clip.h"
 #include "json.h"
+#include "half.h"
 
 /* ---------------------------------------------------------------------------
  * config */
@@ -161,10 +168,15 @@ static void table_add(clip_t *m, size_t *off, const char *name, int ndim, int64_
 }
 
 int clip_init(clip_t *m, const clip_config *c, char *err) {
+    return clip_init_dtype(m, c, WEIGHT_F32, err);
+}
+
+int clip_init_dtype(clip_t *m, const clip_config *c, weight_dtype wdtype, char *err) {
     memset(m, 0, sizeof *m);
     m->config = *c;
+    m->wdtype = wdtype;
     int C = c->hidden_size, F = c->intermediate_size, n = c->num_layers;
-    m->table = malloc(sizeof(clip_param) * (size_t)(4 + 16 * n));
+    m->table = calloc((size_t)(4 + 16 * n), sizeof(clip_param));
     m->layers = malloc(sizeof(clip_layer) * (size_t)n);
     if (!m->table || !m->layers) goto oom;
     /* the table, in a fixed order; names as transformers writes them */
@@ -198,21 +210,52 @@ int clip_init(clip_t *m, const clip_config *c, char *err) {
     table_add(m, &off, "final_layer_norm.bias", 1, C, 1);
     m->num_params = off;
     if (off > SIZE_MAX / sizeof(float)) goto oom;
-    m->params = malloc(sizeof(float) * off);
+    /* where each tensor is held: fp32 weights, all in params at its offset;
+     * fp16 weights, the matrices packed in params16 and the vectors packed in
+     * params, each in table order. The widening buffer fits the largest
+     * layer matrix (the embeddings are read row by row, never widened whole). */
+    int f16 = wdtype == WEIGHT_F16;
+    size_t nmat = 0, big = 1;
+    for (int i = 0; i < m->ntable; i++) {
+        if (m->table[i].ndim < 2) continue;
+        nmat += m->table[i].numel;
+        if (i >= 2 && m->table[i].numel > big) big = m->table[i].numel;
+    }
+    m->params = malloc(sizeof(float) * (f16 ? off - nmat + 1 : off));
+    if (f16) {
+        m->params16 = malloc(sizeof(uint16_t) * (nmat + 1));
+        m->wbuf = malloc(sizeof(float) * big);
+        if (!m->params16 || !m->wbuf) goto oom;
+    }
     if (!m->params) goto oom;
-    /* named pointers into the block, in table order */
-    float *p = m->params;
+    size_t nv = 0;
+    m->nmat = 0;
+    for (int i = 0; i < m->ntable; i++) {
+        clip_param *q = &m->table[i];
+        if (f16 && q->ndim >= 2) { q->data16 = m->params16 + m->nmat; m->nmat += q->numel; }
+        else if (f16) { q->data = m->params + nv; nv += q->numel; }
+        else q->data = m->params + q->offset;
+        if (q->ndim >= 2 && !f16) m->nmat += q->numel;
+    }
+    /* named pointers, in table order */
     int t = 0;
-    m->tok_emb = p + m->table[t++].offset;
-    m->pos_emb = p + m->table[t++].offset;
+    m->tok_emb = &m->table[t++];
+    m->pos_emb = &m->table[t++];
     for (int l = 0; l < n; l++) {
         clip_layer *L = &m->layers[l];
-        float **slot[16] = {&L->ln1_w, &L->ln1_b, &L->q_w, &L->q_b, &L->k_w, &L->k_b, &L->v_w, &L->v_b,
-                            &L->o_w, &L->o_b, &L->ln2_w, &L->ln2_b, &L->fc1_w, &L->fc1_b, &L->fc2_w, &L->fc2_b};
-        for (int i = 0; i < 16; i++) *slot[i] = p + m->table[t++].offset;
+        float **vs[10] = {&L->ln1_w, &L->ln1_b, &L->q_b, &L->k_b, &L->v_b, &L->o_b, &L->ln2_w, &L->ln2_b,
+                          &L->fc1_b, &L->fc2_b};
+        const clip_param **ms[6] = {&L->q_w, &L->k_w, &L->v_w, &L->o_w, &L->fc1_w, &L->fc2_w};
+        int nvs = 0, nms = 0;
+        /* the table's 16 entries of a layer: vectors and matrices alternate as lp[] says */
+        for (int i = 0; i < 16; i++) {
+            const clip_param *q = &m->table[t++];
+            if (q->ndim >= 2) *ms[nms++] = q;
+            else *vs[nvs++] = q->data;
+        }
     }
-    m->lnf_w = p + m->table[t++].offset;
-    m->lnf_b = p + m->table[t++].offset;
+    m->lnf_w = m->table[t++].data;
+    m->lnf_b = m->table[t++].data;
     return 0;
 oom:
     snprintf(err, ST_ERR_LEN, "clip: out of memory for %d layers of width %d (vocab %d)",
@@ -222,23 +265,59 @@ oom:
 }
 
 void clip_free(clip_t *m) {
-    free(m->params); free(m->table); free(m->layers);
+    free(m->params); free(m->params16); free(m->wbuf); free(m->table); free(m->layers);
     free(m->adapters); free(m->lora_params); free(m->lora_grads);
     free(m->acts); free(m->masks); free(m->work); free(m->grads); free(m->ids);
     memset(m, 0, sizeof *m);
 }
 
+int clip_read_param(clip_t *m, int i, const st_file *f, const char *name, int squeeze, char *err) {
+    const clip_param *p = &m->table[i];
+    int64_t shape[ST_MAX_DIMS];
+    int ndim = p->ndim;
+    for (int d = 0; d < ndim; d++) shape[d] = p->shape[d];
+    const st_tensor *t = st_find(f, name);
+    if (t && squeeze && t->ndim > ndim && t->ndim <= ST_MAX_DIMS) {
+        /* (C, C, 1, 1) for (C, C): the same numbers in the same order */
+        int same = 1;
+        for (int d = 0; d < t->ndim; d++) same &= t->shape[d] == (d < ndim ? shape[d] : 1);
+        if (same) {
+            for (int d = ndim; d < t->ndim; d++) shape[d] = 1;
+            ndim = t->ndim;
+        }
+    }
+    m->wbuf_of = NULL;   /* the widened copy may be of this matrix */
+    if (p->data16) return st_read_f16(f, name, ndim, shape, p->data16, err);
+    return st_read_f32(f, name, ndim, shape, p->data, err);
+}
+
+void clip_param_get(const clip_t *m, int i, float *dst) {
+    const clip_param *p = &m->table[i];
+    if (p->data16) half_to_float_array(dst, p->data16, p->numel);
+    else memcpy(dst, p->data, sizeof(float) * p->numel);
+}
+
+void clip_param_set(clip_t *m, int i, const float *src) {
+    const clip_param *p = &m->table[i];
+    if (p->data16) float_to_half_array(p->data16, src, p->numel);
+    else memcpy(p->data, src, sizeof(float) * p->numel);
+    m->wbuf_of = NULL;
+}
+
 int clip_load_st(clip_t *m, const st_file *f, const char *prefix, char *err) {
     char name[256];
     for (int i = 0; i < m->ntable; i++) {
-        const clip_param *p = &m->table[i];
-        snprintf(name, sizeof name, "%s%s", prefix, p->name);
-        if (st_read_f32(f, name, p->ndim, p->shape, m->params + p->offset, err)) return -1;
+        snprintf(name, sizeof name, "%s%s", prefix, m->table[i].name);
+        if (clip_read_param(m, i, f, name, 0, err)) return -1;
     }
     return 0;
 }
 
 int clip_load_hf(clip_t *m, const char *dir, char *err) {
+    return clip_load_hf_dtype(m, dir, WEIGHT_F32, err);
+}
+
+int clip_load_hf_dtype(clip_t *m, const char *dir, weight_dtype wdtype, char *err) {
     char path[4096];
     clip_config c;
     memset(m, 0, sizeof *m);
@@ -247,7 +326,7 @@ int clip_load_hf(clip_t *m, const char *dir, char *err) {
         return -1;
     }
     if (clip_config_load(&c, path, err)) return -1;
-    if (clip_init(m, &c, err)) return -1;
+    if (clip_init_dtype(m, &c, wdtype, err)) return -1;
     /* diffusers folders may hold only the fp16 variant */
     st_file f;
     snprintf(path, sizeof path, "%s/model.safetensors", dir);
@@ -340,6 +419,12 @@ void clip_zero_grad(clip_t *m) {
 
 int clip_alloc_grads(clip_t *m) {
     if (m->grads) return 0;
+    if (m->wdtype != WEIGHT_F32) {
+        /* the gradient updates the weights themselves, which fp16 cannot hold
+         * to the precision small updates need */
+        snprintf(m->err, sizeof m->err, "clip: full fine-tuning needs fp32 weights (load with --weight-dtype fp32)");
+        return -1;
+    }
     m->grads = calloc(m->num_params ? m->num_params : 1, sizeof(float));
     if (!m->grads) {
         snprintf(m->err, sizeof m->err, "clip: out of memory for %zu weight gradients", m->num_params);
@@ -352,19 +437,47 @@ void clip_zero_grads(clip_t *m) {
     if (m->grads) memset(m->grads, 0, sizeof(float) * m->num_params);
 }
 
-/* the gradient of parameter p (same offset in grads), or NULL: frozen */
+/* the gradient of vector p (same offset in grads), or NULL: frozen. Grads
+ * exist only with fp32 weights, where params is the whole fp32 layout. */
 static float *gw(const clip_t *m, const float *p) {
     return m->grads ? m->grads + (p - m->params) : NULL;
+}
+
+/* the same for a matrix */
+static float *gwm(const clip_t *m, const clip_param *p) {
+    return m->grads ? m->grads + p->offset : NULL;
+}
+
+/* A layer matrix as fp32, for the layer about to use it: the weights
+ * themselves, or (held as fp16) widened exactly into m->wbuf, one matrix at
+ * a time; asking again for the matrix already there costs nothing. */
+static const float *wf(clip_t *m, const clip_param *p) {
+    if (p->data) return p->data;
+    if (m->wbuf_of != p) {
+        half_to_float_array(m->wbuf, p->data16, p->numel);
+        m->wbuf_of = p;
+    }
+    return m->wbuf;
+}
+
+/* row r of an embedding table as fp32 (d floats), into out: widening only
+ * the rows that are used, not the 49408 x 768 table */
+static const float *emb_row(const clip_param *p, size_t r, float *out) {
+    size_t d = (size_t)p->shape[1];
+    if (p->data) return p->data + r * d;
+    for (size_t i = 0; i < d; i++) out[i] = half_to_float(p->data16[r * d + i]);
+    return out;
 }
 
 /* backward of one projection: dinp += (may be NULL), the adapter's dA, dB +=,
  * and with full grads dW += dout^T inp, db += sum_n dout (W0 sees the
  * undropped input: dropout is on the adapter's branch only) */
 static void proj_backward(clip_t *m, float *dinp, const float *dout, const float *inp, const float *ax,
-                          const uint8_t *mask, const float *w, const float *b, lora_t *L,
+                          const uint8_t *mask, const clip_param *w, const float *b, lora_t *L,
                           int N, int in, int out) {
-    if (m->grads) linear_backward(NULL, gw(m, w), gw(m, b), dout, inp, w, N, in, out);
-    lora_backward(dinp, dout, inp, ax, mask, w, L, N, in, out);
+    const float *w32 = wf(m, w);
+    if (m->grads) linear_backward(NULL, gwm(m, w), gw(m, b), dout, inp, w32, N, in, out);
+    lora_backward(dinp, dout, inp, ax, mask, w32, L, N, in, out);
 }
 
 int clip_num_adapters(const clip_t *m) { return m->nadapters; }
@@ -492,9 +605,13 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
     layer_acts a;
     layer_view(m, 0, &a);
     float *x0 = a.res;
+    /* fp16 weights: the two rows are widened into layer 0's q and k buffers
+     * (each N x C, written only later) */
+    float *rowt = a.q, *rowp = a.k;
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
-            const float *te = m->tok_emb + (size_t)ids[b * T + t] * C, *pe = m->pos_emb + (size_t)t * C;
+            const float *te = emb_row(m->tok_emb, (size_t)ids[b * T + t], rowt);
+            const float *pe = emb_row(m->pos_emb, (size_t)t, rowp);
             float *x = x0 + ((size_t)b * T + t) * C;
             for (int i = 0; i < C; i++) x[i] = te[i] + pe[i];
         }
@@ -508,19 +625,19 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
         else xnext = xfinal;
         /* attention branch: x' = x + out_proj(attn(q, k, v)),  q = q_proj(ln1(x)) etc. */
         layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, a.res, P->ln1_w, P->ln1_b, (int)N, C, c->layer_norm_eps);
-        lora_forward(a.q, a.ax[CLIP_Q], a.mask[CLIP_Q], a.ln1, P->q_w, P->q_b, adapter(m, l, CLIP_Q, &tmp), (int)N, C, C, &m->rng);
-        lora_forward(a.k, a.ax[CLIP_K], a.mask[CLIP_K], a.ln1, P->k_w, P->k_b, adapter(m, l, CLIP_K, &tmp), (int)N, C, C, &m->rng);
-        lora_forward(a.v, a.ax[CLIP_V], a.mask[CLIP_V], a.ln1, P->v_w, P->v_b, adapter(m, l, CLIP_V, &tmp), (int)N, C, C, &m->rng);
+        lora_forward(a.q, a.ax[CLIP_Q], a.mask[CLIP_Q], a.ln1, wf(m, P->q_w), P->q_b, adapter(m, l, CLIP_Q, &tmp), (int)N, C, C, &m->rng);
+        lora_forward(a.k, a.ax[CLIP_K], a.mask[CLIP_K], a.ln1, wf(m, P->k_w), P->k_b, adapter(m, l, CLIP_K, &tmp), (int)N, C, C, &m->rng);
+        lora_forward(a.v, a.ax[CLIP_V], a.mask[CLIP_V], a.ln1, wf(m, P->v_w), P->v_b, adapter(m, l, CLIP_V, &tmp), (int)N, C, C, &m->rng);
         /* causal: token t sees tokens 0..t only (CLIP was trained left to right) */
         attention_forward(a.atty, a.att, a.q, a.k, a.v, B, T, T, H, Dh, 1);
-        lora_forward(a.res2, a.ax[CLIP_O], a.mask[CLIP_O], a.atty, P->o_w, P->o_b, adapter(m, l, CLIP_O, &tmp), (int)N, C, C, &m->rng);
+        lora_forward(a.res2, a.ax[CLIP_O], a.mask[CLIP_O], a.atty, wf(m, P->o_w), P->o_b, adapter(m, l, CLIP_O, &tmp), (int)N, C, C, &m->rng);
         for (size_t i = 0; i < N * C; i++) a.res2[i] += a.res[i];
         /* MLP branch: x_{l+1} = x' + fc2(act(fc1(ln2(x')))) */
         layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, P->ln2_w, P->ln2_b, (int)N, C, c->layer_norm_eps);
-        lora_forward(a.h, a.ax[CLIP_FC1], a.mask[CLIP_FC1], a.ln2, P->fc1_w, P->fc1_b, adapter(m, l, CLIP_FC1, &tmp), (int)N, C, F, &m->rng);
+        lora_forward(a.h, a.ax[CLIP_FC1], a.mask[CLIP_FC1], a.ln2, wf(m, P->fc1_w), P->fc1_b, adapter(m, l, CLIP_FC1, &tmp), (int)N, C, F, &m->rng);
         if (c->act == CLIP_ACT_GELU) gelu_forward(a.ha, a.h, N * F);
         else quickgelu_forward(a.ha, a.h, N * F);
-        lora_forward(xnext, a.ax[CLIP_FC2], a.mask[CLIP_FC2], a.ha, P->fc2_w, P->fc2_b, adapter(m, l, CLIP_FC2, &tmp), (int)N, F, C, &m->rng);
+        lora_forward(xnext, a.ax[CLIP_FC2], a.mask[CLIP_FC2], a.ha, wf(m, P->fc2_w), P->fc2_b, adapter(m, l, CLIP_FC2, &tmp), (int)N, F, C, &m->rng);
         for (size_t i = 0; i < N * C; i++) xnext[i] += a.res2[i];
     }
     /* A1111 and diffusers apply the final layer norm to the skipped-to layer too */
@@ -604,7 +721,7 @@ int clip_backward(clip_t *m, const float *dout) {
         /* x_0[b, t] = tok[ids[b, t]] + pos[t]:
          *   dtok[ids[b, t]] += dx_0[b, t],  dpos[t] += dx_0[b, t]
          * (a repeated id, as the eos padding, sums its rows; serial, so in order) */
-        float *dtok = gw(m, m->tok_emb), *dpos = gw(m, m->pos_emb);
+        float *dtok = gwm(m, m->tok_emb), *dpos = gwm(m, m->pos_emb);
         for (int b = 0; b < B; b++)
             for (int t = 0; t < T; t++) {
                 const float *d = dres + ((size_t)b * T + t) * C;

@@ -13,7 +13,11 @@
  * hidden_states[-k] and applies final_layer_norm to it; diffusers' None is our 1.
  *
  * Parameters live in one float block with a table of (name, offset, shape),
- * names as transformers writes them without the "text_model." prefix. The
+ * names as transformers writes them without the "text_model." prefix. With
+ * the fp16 weight dtype (--weight-dtype fp16) every matrix (the embeddings,
+ * q/k/v/out_proj, fc1, fc2) is held as fp16 instead and widened, exactly, to
+ * fp32 right before the layer that reads it (the embeddings row by row), so
+ * all arithmetic stays fp32 and an fp16 checkpoint gives the same bits. The
  * backward gives gradients for the LoRA parameters only: the frozen weights
  * get none, and no work is spent on them, unless a gradient block of the
  * params' layout was allocated (clip_alloc_grads: full fine-tuning). */
@@ -24,6 +28,7 @@
 #include <stdint.h>
 #include "lora.h"
 #include "safetensors.h"
+#include "half.h"
 
 enum { CLIP_ACT_QUICKGELU = 0, CLIP_ACT_GELU = 1 };
 
@@ -48,17 +53,19 @@ int clip_config_load(clip_config *c, const char *path, char *err);
 
 typedef struct {
     char name[64];           /* "encoder.layers.3.mlp.fc1.weight" */
-    size_t offset;           /* into clip_t.params, in floats */
+    size_t offset;           /* in the fp32 layout: params + offset (fp32 weights), grads + offset */
     int ndim;
     int64_t shape[2];
     size_t numel;
+    float *data;             /* the tensor as fp32, or NULL when held as fp16 */
+    uint16_t *data16;        /* the tensor as fp16 (a matrix with fp16 weights), or NULL */
 } clip_param;
 
 typedef struct {
-    float *ln1_w, *ln1_b;
-    float *q_w, *q_b, *k_w, *k_b, *v_w, *v_b, *o_w, *o_b;   /* self_attn.{q,k,v,out}_proj */
-    float *ln2_w, *ln2_b;
-    float *fc1_w, *fc1_b, *fc2_w, *fc2_b;                   /* mlp.fc1, mlp.fc2 */
+    float *ln1_w, *ln1_b, *q_b, *k_b, *v_b, *o_b, *ln2_w, *ln2_b, *fc1_b, *fc2_b;
+    /* self_attn.{q,k,v,out}_proj, mlp.fc1, mlp.fc2: read through the table
+     * entry, fp32 or fp16 */
+    const clip_param *q_w, *k_w, *v_w, *o_w, *fc1_w, *fc2_w;
 } clip_layer;
 
 /* the six adapted projections of a layer, in this order */
@@ -73,12 +80,20 @@ typedef struct {
 typedef struct {
     clip_config config;
     /* parameters: one block, one table */
-    float *params;
-    float *grads;                      /* same layout: dL/dparams; NULL = frozen (no work) */
+    float *params;                     /* fp16 weights: only the vectors (biases, norm scales) */
+    float *grads;                      /* fp32 layout: dL/dparams; NULL = frozen (no work) */
     size_t num_params;
     clip_param *table;
     int ntable;
-    float *tok_emb, *pos_emb;          /* (vocab, d), (max_pos, d) */
+    /* --weight-dtype fp16: the matrices (nmat of the num_params numbers) in
+     * params16; a layer's matrix is widened into wbuf (room for the largest
+     * layer matrix; the embeddings are gathered row by row, not widened) */
+    weight_dtype wdtype;
+    uint16_t *params16;
+    size_t nmat;
+    float *wbuf;
+    const clip_param *wbuf_of;         /* the matrix wbuf holds now, or NULL */
+    const clip_param *tok_emb, *pos_emb;   /* (vocab, d), (max_pos, d) */
     clip_layer *layers;                /* num_layers */
     float *lnf_w, *lnf_b;              /* final_layer_norm */
     /* LoRA: adapters[layer * CLIP_NPROJ + proj], NULL-free once added */
@@ -104,6 +119,10 @@ typedef struct {
 /* Allocate the parameter block for config c (values uninitialised).
  * Returns 0, or -1 with err on a size overflow / out of memory. */
 int clip_init(clip_t *m, const clip_config *c, char *err);
+/* the same with the matrices held as wdtype (clip_init: WEIGHT_F32). With
+ * WEIGHT_F16 they take half the memory; full fine-tuning (clip_alloc_grads)
+ * then refuses, LoRA training works as ever. */
+int clip_init_dtype(clip_t *m, const clip_config *c, weight_dtype wdtype, char *err);
 void clip_free(clip_t *m);
 
 /* Load every parameter from an open safetensors file, names prefix + table
@@ -114,6 +133,17 @@ int clip_load_st(clip_t *m, const st_file *f, const char *prefix, char *err);
  * dir/model.safetensors (or model.fp16.safetensors), names with the
  * "text_model." prefix (transformers 4) or without it (transformers 5). */
 int clip_load_hf(clip_t *m, const char *dir, char *err);
+int clip_load_hf_dtype(clip_t *m, const char *dir, weight_dtype wdtype, char *err);
+
+/* Read table entry i from tensor `name` of f, which must have the entry's
+ * shape or, when squeeze, that shape followed by 1s (an LDM 1x1 conv).
+ * Held as fp16: F16 copied as is, others rounded to nearest even; held as
+ * fp32: converted exactly. Returns 0 or -1 (err, ST_ERR_LEN). */
+int clip_read_param(clip_t *m, int i, const st_file *f, const char *name, int squeeze, char *err);
+/* table entry i as fp32 (numel floats), and back (rounded when held as
+ * fp16): how a LoRA is merged into the weights whatever their dtype */
+void clip_param_get(const clip_t *m, int i, float *dst);
+void clip_param_set(clip_t *m, int i, const float *src);
 
 /* ids (B, T) -> out (B, T, d). Needs 1 <= T <= max_pos, 0 <= ids < vocab,
  * 1 <= clip_skip <= num_layers. Keeps the activations backward needs.
@@ -128,8 +158,8 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
  * adapters. Returns 0, or -1 with m->err (no forward, nothing to train, OOM). */
 int clip_backward(clip_t *m, const float *dout);
 
-/* Full fine-tuning: allocate grads (zeroed, the layout of params). Returns 0,
- * or -1 with m->err (out of memory). clip_zero_grads zeroes it (not to be
+/* Full fine-tuning: allocate grads (zeroed, the fp32 layout of params).
+ * Returns 0, or -1 with m->err (out of memory, or fp16 weights). clip_zero_grads zeroes it (not to be
  * confused with clip_zero_grad, the LoRA gradients). */
 int clip_alloc_grads(clip_t *m);
 void clip_zero_grads(clip_t *m);

@@ -199,7 +199,7 @@ void sd_params_text(char *buf, size_t n, const sd_model *m, const gen_params *p,
 typedef struct {
     int te;               /* 0: UNet, 1: text encoder */
     float *w0;            /* the (out x in) weight it changes, or NULL when held as fp16 */
-    int unet_index;       /* UNet: its table entry (for fp16 weights) */
+    int index;            /* its table entry, UNet's or text encoder's (for fp16 weights) */
     char module[UNET_NAME_LEN + 16];
 } lora_target;
 
@@ -236,7 +236,7 @@ static int find_target(sd_model *m, const lora_entry *e, lora_target *t, char *e
             }
             t->te = 0;
             t->w0 = up->data;
-            t->unet_index = i;
+            t->index = i;
             snprintf(t->module, sizeof t->module, "%s", mod);
             return 0;
         }
@@ -258,7 +258,8 @@ static int find_target(sd_model *m, const lora_entry *e, lora_target *t, char *e
                 return -1;
             }
             t->te = 1;
-            t->w0 = m->clip.params + cp->offset;
+            t->w0 = cp->data;
+            t->index = i;
             snprintf(t->module, sizeof t->module, "%s", mod);
             return 0;
         }
@@ -311,9 +312,11 @@ int sd_apply_lora(sd_model *m, const lora_file *lf, float w, int merge, char *er
     for (int i = 0; i < lf->n; i++) {
         if ((merge || t[i].te) && !t[i].w0) {
             size_t big = 0;
-            for (int k = 0; k < lf->n; k++)
-                if ((merge || t[k].te) && !t[k].w0 && m->unet.table[t[k].unet_index].numel > big)
-                    big = m->unet.table[t[k].unet_index].numel;
+            for (int k = 0; k < lf->n; k++) {
+                if (!(merge || t[k].te) || t[k].w0) continue;
+                size_t n = t[k].te ? m->clip.table[t[k].index].numel : m->unet.table[t[k].index].numel;
+                if (n > big) big = n;
+            }
             wide = malloc(sizeof(float) * big);
             if (!wide) { snprintf(err, SD_ERR_LEN, "out of memory merging the LoRA"); free(t); return -1; }
             break;
@@ -340,10 +343,14 @@ int sd_apply_lora(sd_model *m, const lora_file *lf, float w, int merge, char *er
         entry_layer(&L, &lf->e[i]);
         if (t[i].w0) {
             lora_merge(t[i].w0, &L, w);
-        } else {
-            unet_param_get(&m->unet, t[i].unet_index, wide);
+        } else if (t[i].te) {
+            clip_param_get(&m->clip, t[i].index, wide);
             lora_merge(wide, &L, w);
-            unet_param_set(&m->unet, t[i].unet_index, wide);
+            clip_param_set(&m->clip, t[i].index, wide);
+        } else {
+            unet_param_get(&m->unet, t[i].index, wide);
+            lora_merge(wide, &L, w);
+            unet_param_set(&m->unet, t[i].index, wide);
         }
     }
     free(wide);

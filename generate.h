@@ -35,8 +35,9 @@ void sd_params_text(char *buf, size_t n, const sd_model *m, const gen_params *p,
 
 /* Apply a LoRA file with weight w to the model's UNet and text encoder.
  * merge: W0 += w (alpha/r) B A in place; otherwise attach it as a side
- * branch (the weights stay as loaded). UNet weights held as fp16
- * (--weight-dtype fp16) are merged in fp32 and rounded back to fp16. Every entry must match a module of
+ * branch (the weights stay as loaded). Weights held as fp16 (--weight-dtype
+ * fp16; the text encoder's always merge) are merged in fp32 and rounded back
+ * to fp16. Every entry must match a module of
  * the model with the right shape, else an error names it (no partial load:
  * on error the model is as before). */
 int sd_apply_lora(sd_model *m, const lora_file *lf, float w, int merge, char *err);

@@ -75,11 +75,11 @@ static int load_diffusers(sd_model *m, const char *dir, char *err) {
     m->tok = tok_load(sub, e, sizeof e);
     if (!m->tok) { snprintf(err, SD_ERR_LEN, "%s", e); return -1; }
     snprintf(sub, sizeof sub, "%s/text_encoder", dir);
-    if (clip_load_hf(&m->clip, sub, e)) { snprintf(err, SD_ERR_LEN, "%s", e); return -1; }
+    if (clip_load_hf_dtype(&m->clip, sub, m->wdtype, e)) { snprintf(err, SD_ERR_LEN, "%s", e); return -1; }
     snprintf(sub, sizeof sub, "%s/unet", dir);
     if (unet_load_diffusers_dtype(&m->unet, sub, m->wdtype, e)) { snprintf(err, SD_ERR_LEN, "%s", e); return -1; }
     snprintf(sub, sizeof sub, "%s/vae", dir);
-    if (vae_load_diffusers(&m->vae, sub, e)) { snprintf(err, SD_ERR_LEN, "%s", e); return -1; }
+    if (vae_load_diffusers_dtype(&m->vae, sub, m->wdtype, e)) { snprintf(err, SD_ERR_LEN, "%s", e); return -1; }
     return load_scheduler(m, dir, err);
 }
 
@@ -204,7 +204,7 @@ static int sd_model_load_single_file(sd_model *m, const char *path, const char *
     vc.layers = a.vae.layers_per_block; vc.groups = a.vae.groups; vc.mid_attn = a.vae.mid_attn;
     vc.quant_conv = a.vae.quant_conv; vc.post_quant_conv = a.vae.post_quant_conv;
     vc.scaling_factor = a.vae.scaling_factor; vc.sample_size = a.vae.sample_size;
-    if (vae_build(&m->vae, &vc, e) || vae_load_st(&m->vae, &f, vae_ldm_map, &a.vae.layout, LDM_VAE_PREFIX, e)) {
+    if (vae_build_dtype(&m->vae, &vc, m->wdtype, e) || vae_load_st(&m->vae, &f, vae_ldm_map, &a.vae.layout, LDM_VAE_PREFIX, e)) {
         snprintf(err, SD_ERR_LEN, "%s", e); goto done;
     }
     /* CLIP text model */
@@ -213,14 +213,12 @@ static int sd_model_load_single_file(sd_model *m, const char *path, const char *
     cc.vocab_size = a.clip.vocab_size; cc.hidden_size = a.clip.hidden_size;
     cc.intermediate_size = a.clip.intermediate_size; cc.num_layers = a.clip.num_layers;
     cc.num_heads = a.clip.num_heads; cc.max_pos = a.clip.max_pos;
-    if (clip_init(&m->clip, &cc, e)) { snprintf(err, SD_ERR_LEN, "%s: %s", path, e); goto done; }
+    if (clip_init_dtype(&m->clip, &cc, m->wdtype, e)) { snprintf(err, SD_ERR_LEN, "%s: %s", path, e); goto done; }
     for (int i = 0; i < m->clip.ntable; i++) {
         const clip_param *p = &m->clip.table[i];
-        int64_t sh[4];
-        for (int d = 0; d < p->ndim; d++) sh[d] = p->shape[d];
         int sq = ldm_clip_name(p->name, &a.clip.layout, nm, sizeof nm);
         if (sq < 0) { snprintf(err, SD_ERR_LEN, "%s: text encoder tensor for '%s' has no LDM name", path, p->name); goto done; }
-        if (ldm_read_f32(&f, nm, sq, p->ndim, sh, m->clip.params + p->offset, e)) { snprintf(err, SD_ERR_LEN, "%s", e); goto done; }
+        if (clip_read_param(&m->clip, i, &f, nm, sq, e)) { snprintf(err, SD_ERR_LEN, "%s", e); goto done; }
     }
     if (count_prefixed(&f, LDM_CLIP_PREFIX) != m->clip.ntable) {
         snprintf(err, SD_ERR_LEN, "%s: holds %d text-encoder tensors, expected %d (not an SD1.x checkpoint, or a modified one)",
@@ -275,6 +273,17 @@ void sd_model_free(sd_model *m) {
     unet_free(&m->unet);
     vae_free(&m->vae);
     ddpm_free(&m->sched);
+}
+
+/* a part's bytes: nmat of its n numbers are matrices, 2 bytes each when fp16 */
+static size_t part_bytes(size_t n, size_t nmat, int f16) {
+    return f16 ? (n - nmat) * sizeof(float) + nmat * sizeof(uint16_t) : n * sizeof(float);
+}
+
+size_t sd_model_weight_bytes(const sd_model *m) {
+    return part_bytes(m->clip.num_params, m->clip.nmat, m->clip.params16 != NULL) +
+           part_bytes(m->unet.nparams, m->unet.nmat, m->unet.params16 != NULL) +
+           part_bytes(m->vae.nparams, m->vae.nmat, m->vae.params16 != NULL);
 }
 
 int sd_latent_side(const sd_model *m, int image_side) {

@@ -26,7 +26,7 @@ typedef struct {
     char path[1024];             /* what was loaded */
     char name[256];              /* its base name, for metadata and PNG text */
     int single_file;
-    weight_dtype wdtype;         /* how the UNet's weight matrices are held (--weight-dtype) */
+    weight_dtype wdtype;         /* how the weight matrices of all three parts are held (--weight-dtype) */
 } sd_model;
 
 /* path: a diffusers folder (model_index.json / unet/ text_encoder/ vae/
@@ -35,12 +35,16 @@ typedef struct {
  * beside the file, then the Hugging Face cache). Returns 0 or -1 with a
  * one-line message in err (SD_ERR_LEN). */
 int sd_model_load(sd_model *m, const char *path, const char *tokenizer_dir, char *err);
-/* the same with the UNet's weight matrices held as wdtype (--weight-dtype;
- * sd_model_load: WEIGHT_F32). WEIGHT_F16 halves the UNet's memory and
- * computes in fp32 (unet.h); from an fp16 file the numbers are the same. */
+/* the same with the weight matrices of the text encoder, the UNet and the
+ * VAE held as wdtype (--weight-dtype; sd_model_load: WEIGHT_F32).
+ * WEIGHT_F16 halves their memory and computes in fp32 (clip.h, unet.h,
+ * vae.h); from an fp16 file the numbers are the same. */
 int sd_model_load_dtype(sd_model *m, const char *path, const char *tokenizer_dir, weight_dtype wdtype,
                         char *err);
 void sd_model_free(sd_model *m);
+/* bytes the three parts' pretrained weights take as held (fp32 or fp16
+ * matrices, fp32 vectors), not counting the widening buffers */
+size_t sd_model_weight_bytes(const sd_model *m);
 
 /* the latent side for an image side (side / 8 for SD1.x), and the image
  * side the model was trained at (unet sample_size * 8) */

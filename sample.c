@@ -11,8 +11,9 @@
  * UNet adapter runs as a side branch, W0 x + w (alpha/r) B A x, as diffusers
  * and A1111 do; with --merge it is added into W0 once (same image, no extra
  * work per step). Text-encoder adapters are always merged (it runs once).
- * --weight-dtype fp16 holds the UNet's weight matrices as fp16 (half the
- * memory, fp32 arithmetic); a merge into them is rounded to fp16.
+ * --weight-dtype fp16 holds the weight matrices of the text encoder, the
+ * UNet and the VAE as fp16 (half the memory, fp32 arithmetic); a merge into
+ * them is rounded to fp16.
  *
  * --batch N writes OUT, then OUT with -1, -2, ... before the extension: the
  * N images diffusers makes from one seed (num_images_per_prompt = N). */
@@ -82,7 +83,7 @@ int main(int argc, char **argv) {
     const cli_opt opts[] = {
         {"--model", OPT_STR, &model, 0, 0, NULL, "base model: SD1.x .safetensors or diffusers folder (default: models/tiny)"},
         {"--tokenizer", OPT_STR, &tok_dir, 0, 0, NULL, "folder with vocab.json + merges.txt (single-file checkpoints)"},
-        {"--weight-dtype", OPT_CHOICE, &wdtype_name, 0, 0, "fp32|fp16", "UNet weights held in memory as (fp16: half the RAM, fp32 math; --merge rounds to fp16)"},
+        {"--weight-dtype", OPT_CHOICE, &wdtype_name, 0, 0, "fp32|fp16", "hold the model's frozen weights as (fp16: half the RAM, fp32 math; --merge rounds to fp16)"},
         {"--prompt", OPT_STR, &prompt, 0, 0, NULL, "what to draw (may hold <lora:name:weight>)"},
         {"--negative", OPT_STR, &negative, 0, 0, NULL, "negative prompt"},
         {"--steps", OPT_INT, &steps, 1, 1000, NULL, "sampling steps"},
@@ -225,9 +226,10 @@ int main(int argc, char **argv) {
     }
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
-    printf("%dx%d, %d steps (%s%s), batch %d: load %.2f s, sampling and decoding %.2f s; peak memory %.0f MiB\n",
+    printf("%dx%d, %d steps (%s%s), batch %d: load %.2f s, sampling and decoding %.2f s; peak memory %.0f MiB "
+           "(weights %.0f MiB held as %s)\n",
            p.width, p.height, steps, sampler, karras ? ", Karras" : "", batch, t_load, t_gen,
-           (double)ru.ru_maxrss / 1024.0);
+           (double)ru.ru_maxrss / 1024.0, (double)sd_model_weight_bytes(&m) / 1048576.0, weight_dtype_name(m.wdtype));
     free(rgb);
     sd_model_free(&m);
     free(text);

@@ -538,8 +538,8 @@ static int train(train_args *a, char *err) {
         fprintf(stderr, "model %s: full fine-tuning: %zu trainable parameters%s\n", m.name, ntrain,
                 a->te ? " (UNet + text encoder)" : " (UNet)");
     else
-        fprintf(stderr, "model %s: UNet %zu parameters frozen (held as %s); LoRA '%s' rank %d alpha %g: %d adapters, %zu trainable parameters%s\n",
-                m.name, m.unet.nparams, weight_dtype_name(m.wdtype), a->targets, a->rank, a->alpha, m.unet.nloras + (a->te ? clip_num_adapters(&m.clip) : 0),
+        fprintf(stderr, "model %s: UNet %zu parameters frozen (all weights: %.0f MiB held as %s); LoRA '%s' rank %d alpha %g: %d adapters, %zu trainable parameters%s\n",
+                m.name, m.unet.nparams, (double)sd_model_weight_bytes(&m) / 1048576.0, weight_dtype_name(m.wdtype), a->targets, a->rank, a->alpha, m.unet.nloras + (a->te ? clip_num_adapters(&m.clip) : 0),
                 ntrain, a->te ? " (UNet + text encoder)" : "");
     fprintf(stderr, "data %s: %d images, %d samples per epoch, %ld steps of %d x %d\n",
             a->data, ds.n_images, ds.n_total_with_repeats, total, a->batch, a->accum);
@@ -804,7 +804,7 @@ int main(int argc, char **argv) {
         {"--grad-checkpoint", OPT_FLAG, &a.grad_ckpt, 0, 0, NULL, "recompute activations in backward (less memory)"},
         {"--save-every", OPT_INT, &a.save_every, 0, 100000000, NULL, "save the LoRA and state every N steps (0: only at the end)"},
         {"--precision", OPT_CHOICE, &a.precision, 0, 0, "fp32|fp16", "dtype of the saved LoRA"},
-        {"--weight-dtype", OPT_CHOICE, &a.weight_dtype, 0, 0, "fp32|fp16", "frozen UNet weights held in memory as (fp16: half the RAM, fp32 math; not with --full)"},
+        {"--weight-dtype", OPT_CHOICE, &a.weight_dtype, 0, 0, "fp32|fp16", "hold the model's frozen weights as (fp16: half the RAM, fp32 math; not with --full)"},
         {"--sample-every", OPT_INT, &a.sample_every, 0, 100000000, NULL, "sample grid every N steps"},
         {"--sample-prompt", OPT_STR, &a.sample_prompt, 0, 0, NULL, "prompt(s) for the sample grid, separated by '|'"},
         {"--no-grid", OPT_FLAG, &a.no_grid, 0, 0, NULL, "skip the before/after grid at the end"},

@@ -8,6 +8,9 @@
  * reads) onto the half's arena; backward walks the list in reverse, each
  * layer turning dL/d(output) into dL/d(input). Parameters are addressed by
  * offset into v->params, so the same offset into v->grads is the gradient.
+ * With fp16 weights the conv and linear weights' offsets are into
+ * v->params16 instead (and the vectors' into the shorter v->params), and
+ * wmat() widens one weight at a time into v->wbuf for the op about to run.
  *
  * Every norm here is a GroupNorm with eps 1e-6 (diffusers hard-codes it for
  * the VAE, whatever norm_eps would say) and every activation is SiLU.
@@ -67,6 +70,20 @@ struct vae_net {
 static inline float *P(const vae_t *v, size_t off) { return v->params + off; }
 static inline float *G(const vae_t *v, size_t off) { return v->grads ? v->grads + off : NULL; }
 
+/* a conv / linear weight of n floats as fp32: the weights themselves, or
+ * (held as fp16) widened exactly into wbuf, which then holds that one */
+static const float *wmat(vae_t *v, size_t off, size_t n) {
+    if (!v->params16) return v->params + off;
+    if (v->wbuf_of != off) {
+        half_to_float_array(v->wbuf, v->params16 + off, n);
+        v->wbuf_of = off;
+    }
+    return v->wbuf;
+}
+
+static size_t conv_numel(const conv_p *c) { return (size_t)c->cout * c->cin * c->k * c->k; }
+static size_t lin_numel(const lin_p *l) { return (size_t)l->out * l->in; }
+
 /* ---------------------------------------------------------------------------
  * the arena: a stack. push() hands out the next n floats; pop_to() moves the
  * most recent result down to an earlier mark, dropping everything between
@@ -102,13 +119,13 @@ static float *pop_to(vae_t *v, vae_arena *a, size_t mark, float *keep, size_t n)
 static void conv_fwd(vae_t *v, const conv_p *c, float *out, const float *in,
                      int B, int H, int W, int stride, int pad) {
     if (v->measuring) return;
-    conv2d_forward(out, in, P(v, c->w), P(v, c->b), B, c->cin, H, W, c->cout, c->k, c->k, stride, pad);
+    conv2d_forward(out, in, wmat(v, c->w, conv_numel(c)), P(v, c->b), B, c->cin, H, W, c->cout, c->k, c->k, stride, pad);
 }
 
 static void conv_bwd(vae_t *v, const conv_p *c, float *din, const float *dout, const float *in,
                      int B, int H, int W, int stride, int pad) {
     if (v->measuring) return;
-    conv2d_backward(din, G(v, c->w), G(v, c->b), dout, in, P(v, c->w),
+    conv2d_backward(din, G(v, c->w), G(v, c->b), dout, in, wmat(v, c->w, conv_numel(c)),
                     B, c->cin, H, W, c->cout, c->k, c->k, stride, pad);
 }
 
@@ -127,12 +144,12 @@ static void gn_bwd(vae_t *v, const norm_p *n, float *din, const float *dout, con
 
 static void lin_fwd(vae_t *v, const lin_p *l, float *out, const float *in, int N) {
     if (v->measuring) return;
-    linear_forward(out, in, P(v, l->w), P(v, l->b), N, l->in, l->out);
+    linear_forward(out, in, wmat(v, l->w, lin_numel(l)), P(v, l->b), N, l->in, l->out);
 }
 
 static void lin_bwd(vae_t *v, const lin_p *l, float *din, const float *dout, const float *in, int N) {
     if (v->measuring) return;
-    linear_backward(din, G(v, l->w), G(v, l->b), dout, in, P(v, l->w), N, l->in, l->out);
+    linear_backward(din, G(v, l->w), G(v, l->b), dout, in, wmat(v, l->w, lin_numel(l)), N, l->in, l->out);
 }
 
 static void silu_fwd(vae_t *v, float *out, const float *in, size_t n) {
@@ -599,6 +616,7 @@ typedef struct {
     vae_t *v;
     int cap;
     size_t n;          /* floats so far */
+    size_t nmat;       /* of which in matrices (ndim >= 2) */
     int fail;
 } builder;
 
@@ -619,8 +637,14 @@ static size_t add_param(builder *b, const char *name, int ndim, int s0, int s1, 
     p->ndim = ndim;
     for (int i = 0; i < ndim; i++) { p->shape[i] = s[i]; numel *= (size_t)s[i]; }
     p->offset = b->n;
+    p->numel = numel;
+    /* where the layers address it: the fp32 layout, or with fp16 weights
+     * the matrices' block / the vectors' block */
+    size_t at = p->offset;
+    if (v->wdtype == WEIGHT_F16) at = ndim >= 2 ? b->nmat : b->n - b->nmat;
     b->n += numel;
-    return p->offset;
+    if (ndim >= 2) b->nmat += numel;
+    return at;
 }
 
 /* "<prefix>.<leaf>.weight" and ".bias" */
@@ -687,8 +711,14 @@ static void mk_mid(builder *b, layer *Ls, int *n, const char *half, int C, int a
 }
 
 int vae_build(vae_t *v, const vae_config *c, char *err) {
+    return vae_build_dtype(v, c, WEIGHT_F32, err);
+}
+
+int vae_build_dtype(vae_t *v, const vae_config *c, weight_dtype wdtype, char *err) {
     memset(v, 0, sizeof *v);
     v->cfg = *c;
+    v->wdtype = wdtype;
+    v->wbuf_of = SIZE_MAX;
     int nl = c->nlevels, lpb = c->layers, Lc = c->latent_channels;
     const int *bo = c->block_out;
     /* layers per half: convs and norm, resnets, samplers, mid (3) */
@@ -703,7 +733,7 @@ int vae_build(vae_t *v, const vae_config *c, char *err) {
         seterr(err, "vae: out of memory building the model");
         return -1;
     }
-    builder b = { v, 0, 0, 0 };
+    builder b = { v, 0, 0, 0, 0 };
     char pre[VAE_NAME_LEN];
     layer *E = v->net->enc, *D = v->net->dec;
     int ne = 0, nd = 0;
@@ -764,18 +794,35 @@ int vae_build(vae_t *v, const vae_config *c, char *err) {
 
     v->net->nenc = ne; v->net->ndec = nd;
     v->nparams = b.n;
-    v->params = b.fail ? NULL : calloc(b.n, sizeof(float));
-    if (!v->params) {
+    v->nmat = b.nmat;
+    int f16 = wdtype == WEIGHT_F16;
+    size_t big = 1;
+    for (int i = 0; !b.fail && i < v->ntable; i++)
+        if (v->table[i].ndim >= 2 && v->table[i].numel > big) big = v->table[i].numel;
+    v->params = b.fail ? NULL : calloc(f16 ? b.n - b.nmat + 1 : b.n, sizeof(float));
+    if (f16 && v->params) {
+        v->params16 = calloc(b.nmat + 1, sizeof(uint16_t));
+        v->wbuf = malloc(sizeof(float) * big);
+    }
+    if (!v->params || (f16 && (!v->params16 || !v->wbuf))) {
         vae_free(v);
         seterr(err, "vae: out of memory for %zu parameters", b.n);
         return -1;
+    }
+    /* each table entry's data, in the same order add_param handed out offsets */
+    size_t nm = 0, nv = 0;
+    for (int i = 0; i < v->ntable; i++) {
+        vae_param *p = &v->table[i];
+        if (f16 && p->ndim >= 2) { p->data16 = v->params16 + nm; nm += p->numel; }
+        else if (f16) { p->data = v->params + nv; nv += p->numel; }
+        else p->data = v->params + p->offset;
     }
     return 0;
 }
 
 void vae_free(vae_t *v) {
     if (v->net) { free(v->net->enc); free(v->net->dec); free(v->net); }
-    free(v->params); free(v->grads); free(v->table);
+    free(v->params); free(v->params16); free(v->wbuf); free(v->grads); free(v->table);
     free(v->enc.base); free(v->dec.base);
     memset(v, 0, sizeof *v);
 }
@@ -787,6 +834,10 @@ int vae_param_index(const vae_t *v, const char *name) {
 }
 
 int vae_alloc_grads(vae_t *v) {
+    if (v->params16) {
+        seterr(v->err, "vae: training the VAE needs fp32 weights (load with --weight-dtype fp32)");
+        return -1;
+    }
     if (!v->grads) v->grads = calloc(v->nparams, sizeof(float));
     if (!v->grads) { seterr(v->err, "vae: out of memory for %zu weight gradients", v->nparams); return -1; }
     return 0;
@@ -848,7 +899,8 @@ int vae_load_st(vae_t *v, const st_file *f, vae_name_fn map, void *ctx,
             goto done;
         }
         char serr[ST_ERR_LEN];
-        if (st_to_f32(t, v->params + p->offset, serr) != 0) {
+        v->wbuf_of = SIZE_MAX;   /* the widened copy may be of this weight */
+        if ((p->data16 ? st_to_f16(t, p->data16, serr) : st_to_f32(t, p->data, serr)) != 0) {
             seterr(err, "%s: tensor '%s': %s", f->path, t->name, serr);
             goto done;
         }
@@ -913,6 +965,10 @@ static char *read_text(const char *path, size_t *len, char *err) {
 }
 
 int vae_load_diffusers(vae_t *v, const char *dir, char *err) {
+    return vae_load_diffusers_dtype(v, dir, WEIGHT_F32, err);
+}
+
+int vae_load_diffusers_dtype(vae_t *v, const char *dir, weight_dtype wdtype, char *err) {
     char path[1024], jerr[256];
     snprintf(path, sizeof path, "%s/config.json", dir);
     memset(v, 0, sizeof *v);
@@ -927,7 +983,7 @@ int vae_load_diffusers(vae_t *v, const char *dir, char *err) {
     int rc = vae_config_from_json(&c, j, cerr);
     json_free(j);
     if (rc) { seterr(err, "%s: %s", path, cerr); return -1; }
-    if (vae_build(v, &c, err)) return -1;
+    if (vae_build_dtype(v, &c, wdtype, err)) return -1;
 
     snprintf(path, sizeof path, "%s/diffusion_pytorch_model.safetensors", dir);
     st_file f;
@@ -1079,7 +1135,16 @@ int vae_encode_latents(vae_t *v, float *latents, const float *img, const float *
     return rc;
 }
 
+/* backward reads the weights as the forward did, but it exists to train the
+ * VAE (tools/tiny_base.c), and that needs fp32 weights */
+static int refuse_f16(vae_t *v) {
+    if (!v->params16) return 0;
+    seterr(v->err, "vae: backward needs fp32 weights (load with --weight-dtype fp32)");
+    return -1;
+}
+
 int vae_encoder_backward(vae_t *v, const float *dmean, const float *dlogvar, float *dimg) {
+    if (refuse_f16(v)) return -1;
     if (!v->train || v->enc_B == 0) {
         seterr(v->err, "vae: encoder backward needs a training-mode encode just before it (vae_alloc_acts(..., train=1))");
         return -1;
@@ -1137,6 +1202,7 @@ int vae_decode_latents(vae_t *v, float *img, const float *latents, int B, int h,
 }
 
 int vae_decoder_backward(vae_t *v, const float *dimg, float *dlatent) {
+    if (refuse_f16(v)) return -1;
     if (!v->train || v->dec_B == 0) {
         seterr(v->err, "vae: decoder backward needs a training-mode decode just before it (vae_alloc_acts(..., train=1))");
         return -1;

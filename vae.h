@@ -19,6 +19,12 @@
  * frozen and backward only computes input gradients. Activations live in two
  * arenas (encoder, decoder) sized up front by vae_alloc_acts, so a full
  * autoencoder step (encode, decode, backward through both) needs no malloc.
+ *
+ * With the fp16 weight dtype (vae_build_dtype, --weight-dtype fp16) every
+ * conv and linear weight is held as fp16 and widened, exactly, to fp32 right
+ * before its layer runs: all arithmetic stays fp32, and an fp16 checkpoint
+ * gives the same bits as fp32-held weights. Backward then refuses (only the
+ * tiny model's pre-training runs it, on fp32 weights).
  */
 #ifndef SDLORA_VAE_H
 #define SDLORA_VAE_H
@@ -27,6 +33,7 @@
 #include "nn.h"
 #include "json.h"
 #include "safetensors.h"
+#include "half.h"
 
 #define VAE_MAX_LEVELS 8
 #define VAE_NAME_LEN 96
@@ -46,12 +53,15 @@ typedef struct {
     float shift_factor;              /* 0 when the config says null */
 } vae_config;
 
-/* one parameter tensor: its diffusers name and where it sits in params */
+/* one parameter tensor: its diffusers name and where it is held */
 typedef struct {
     char name[VAE_NAME_LEN];
-    size_t offset;
+    size_t offset;           /* in the fp32 layout: params + offset (fp32 weights), grads + offset */
     int ndim;
     int shape[4];
+    size_t numel;
+    float *data;             /* the tensor as fp32, or NULL when held as fp16 */
+    uint16_t *data16;        /* the tensor as fp16 (a matrix with fp16 weights), or NULL */
 } vae_param;
 
 /* a stack of floats: forward pushes what backward will read */
@@ -64,11 +74,19 @@ struct vae_net;                      /* the module tree, private to vae.c */
 
 typedef struct {
     vae_config cfg;
-    float *params;                   /* every weight, one block */
-    float *grads;                    /* same layout; NULL = frozen (no weight gradients) */
+    float *params;                   /* every weight, one block (fp16 weights: only the vectors) */
+    float *grads;                    /* fp32 layout; NULL = frozen (no weight gradients) */
     size_t nparams;
     vae_param *table;
     int ntable;
+    /* --weight-dtype fp16: the conv / linear weights (nmat of the nparams
+     * numbers) in params16, each widened into wbuf (room for the largest)
+     * just before its layer */
+    weight_dtype wdtype;
+    uint16_t *params16;
+    size_t nmat;
+    float *wbuf;
+    size_t wbuf_of;                  /* params16 offset of the matrix in wbuf, or SIZE_MAX */
     struct vae_net *net;
 
     vae_arena enc, dec;              /* activations of the encoder / the decoder */
@@ -91,6 +109,8 @@ int vae_config_from_json(vae_config *c, const json *j, char *err);
 /* Build the module tree and parameter table for c and allocate params
  * (zeroed). Returns 0 or -1. */
 int vae_build(vae_t *v, const vae_config *c, char *err);
+/* the same with the weights held as wdtype (vae_build: WEIGHT_F32) */
+int vae_build_dtype(vae_t *v, const vae_config *c, weight_dtype wdtype, char *err);
 void vae_free(vae_t *v);
 
 /* index of a parameter by diffusers name, or -1 */
@@ -117,8 +137,10 @@ int vae_load_st(vae_t *v, const st_file *f, vae_name_fn map, void *ctx,
  * name the attention query/key/value/proj_attn are accepted. The file must
  * hold nothing else. Returns 0 or -1 (message in err). */
 int vae_load_diffusers(vae_t *v, const char *dir, char *err);
+int vae_load_diffusers_dtype(vae_t *v, const char *dir, weight_dtype wdtype, char *err);
 
-/* allocate (zeroed) / zero the weight-gradient block. Returns 0 or -1. */
+/* allocate (zeroed) / zero the weight-gradient block. Returns 0 or -1
+ * (out of memory, or fp16 weights). */
 int vae_alloc_grads(vae_t *v);
 void vae_zero_grads(vae_t *v);
 
@@ -155,7 +177,7 @@ int vae_encode_latents(vae_t *v, float *latents, const float *img, const float *
  * sample and the scaling are the caller's to differentiate):
  *   dimg (B, in_channels, H, W) = dL/dimg     written, may be NULL
  *   grads += dL/dweights                      when vae_alloc_grads was called
- * Returns 0 or -1. */
+ * Returns 0 or -1 (also with fp16 weights: backward needs fp32). */
 int vae_encoder_backward(vae_t *v, const float *dmean, const float *dlogvar, float *dimg);
 
 /* Decoder: z (B, latent_channels, h, w) -> img (B, out_channels, h f, w f).
