@@ -163,6 +163,30 @@ START_TEST(test_weight_dtype) {
 }
 END_TEST
 
+/* ./train data/ --weight-dtype fp16 --te: the text encoder, UNet and VAE of
+ * models/tiny (an fp16 file) held as fp16, text-encoder LoRA trained through
+ * fp16-held frozen weights: the LoRA and the training state are the very
+ * bytes the fp32-held run writes */
+START_TEST(test_weight_dtype_te) {
+    char a[128], b[128], fa[256], fb[256];
+    snprintf(a, sizeof a, "%s/a", tmp);
+    snprintf(b, sizeof b, "%s/b", tmp);
+    ck_assert_msg(run(TRAIN " data/ --te --steps 2 --no-grid --weight-dtype fp16 --out %s", a) == 0, "%s", log_text());
+    char *s = log_text();
+    ck_assert_msg(strstr(s, "held as fp16") && strstr(s, "UNet + text encoder"), "%s", s);
+    free(s);
+    ck_assert_msg(run(TRAIN " data/ --te --steps 2 --no-grid --weight-dtype fp32 --out %s", b) == 0, "%s", log_text());
+    snprintf(fa, sizeof fa, "%s/lora.safetensors", a); snprintf(fb, sizeof fb, "%s/lora.safetensors", b);
+    ck_assert_msg(same_file(fa, fb), "fp16-held training wrote another LoRA");
+    size_t n;
+    char *lora = slurp(fa, &n);
+    ck_assert(lora && has_bytes(lora, n, "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight"));
+    free(lora);
+    snprintf(fa, sizeof fa, "%s/state.safetensors", a); snprintf(fb, sizeof fb, "%s/state.safetensors", b);
+    ck_assert_msg(same_file(fa, fb), "fp16-held training wrote another training state");
+}
+END_TEST
+
 /* train, then sample with the LoRA it wrote */
 START_TEST(test_train_then_sample) {
     char d[128], o[128], p[256];
@@ -391,6 +415,7 @@ static Suite *programs_suite(void) {
     tcase_add_test(tc, test_help);
     tcase_add_test(tc, test_bad_flags);
     tcase_add_test(tc, test_weight_dtype);
+    tcase_add_test(tc, test_weight_dtype_te);
     tcase_add_test(tc, test_train_then_sample);
     tcase_add_test(tc, test_resume_identical);
     tcase_add_test(tc, test_sigint_saves);
