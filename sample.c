@@ -83,7 +83,7 @@ int main(int argc, char **argv) {
     const cli_opt opts[] = {
         {"--model", OPT_STR, &model, 0, 0, NULL, "base model: SD1.x .safetensors or diffusers folder (default: models/tiny)"},
         {"--tokenizer", OPT_STR, &tok_dir, 0, 0, NULL, "folder with vocab.json + merges.txt (single-file checkpoints)"},
-        {"--weight-dtype", OPT_CHOICE, &wdtype_name, 0, 0, "fp32|fp16", "hold the model's frozen weights as (fp16: half the RAM, fp32 math; --merge rounds to fp16)"},
+        {"--weight-dtype", OPT_CHOICE, &wdtype_name, 0, 0, "fp32|fp16", "fp16: hold the model's frozen weights as fp16 (half the RAM, fp32 math; --merge rounds to fp16)"},
         {"--prompt", OPT_STR, &prompt, 0, 0, NULL, "what to draw (may hold <lora:name:weight>)"},
         {"--negative", OPT_STR, &negative, 0, 0, NULL, "negative prompt"},
         {"--steps", OPT_INT, &steps, 1, 1000, NULL, "sampling steps"},

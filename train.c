@@ -804,7 +804,7 @@ int main(int argc, char **argv) {
         {"--grad-checkpoint", OPT_FLAG, &a.grad_ckpt, 0, 0, NULL, "recompute activations in backward (less memory)"},
         {"--save-every", OPT_INT, &a.save_every, 0, 100000000, NULL, "save the LoRA and state every N steps (0: only at the end)"},
         {"--precision", OPT_CHOICE, &a.precision, 0, 0, "fp32|fp16", "dtype of the saved LoRA"},
-        {"--weight-dtype", OPT_CHOICE, &a.weight_dtype, 0, 0, "fp32|fp16", "hold the model's frozen weights as (fp16: half the RAM, fp32 math; not with --full)"},
+        {"--weight-dtype", OPT_CHOICE, &a.weight_dtype, 0, 0, "fp32|fp16", "fp16: hold the model's frozen weights as fp16 (half the RAM, fp32 math; not with --full)"},
         {"--sample-every", OPT_INT, &a.sample_every, 0, 100000000, NULL, "sample grid every N steps"},
         {"--sample-prompt", OPT_STR, &a.sample_prompt, 0, 0, NULL, "prompt(s) for the sample grid, separated by '|'"},
         {"--no-grid", OPT_FLAG, &a.no_grid, 0, 0, NULL, "skip the before/after grid at the end"},
