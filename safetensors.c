@@ -472,6 +472,23 @@ int st_read_f16(const st_file *f, const char *name, int ndim, const int64_t *sha
     return 0;
 }
 
+int st_read_param(const st_file *f, const char *name, int squeeze, int ndim, const int64_t *shape,
+                  float *dst, uint16_t *dst16, char *err) {
+    int64_t sh[ST_MAX_DIMS];
+    const st_tensor *t = st_find(f, name);
+    if (t && squeeze && ndim >= 0 && t->ndim > ndim && t->ndim <= ST_MAX_DIMS) {
+        /* (C, C, 1, 1) for (C, C): the same numbers in the same order */
+        int same = 1;
+        for (int d = 0; d < t->ndim; d++) same &= t->shape[d] == (d < ndim ? shape[d] : 1);
+        if (same) {
+            for (int d = 0; d < t->ndim; d++) sh[d] = t->shape[d];
+            ndim = t->ndim;
+            shape = sh;
+        }
+    }
+    return dst16 ? st_read_f16(f, name, ndim, shape, dst16, err) : st_read_f32(f, name, ndim, shape, dst, err);
+}
+
 float *st_load_f32(const st_file *f, const char *name, size_t *numel, char *err) {
     const st_tensor *t = st_find(f, name);
     if (!t) { st_fail(err, f->path, "is this the right model file?", "missing tensor '%s'", name); return NULL; }

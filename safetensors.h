@@ -55,6 +55,11 @@ int st_read_f32(const st_file *f, const char *name, int ndim, const int64_t *sha
 int st_to_f16(const st_tensor *t, uint16_t *dst, char *err);
 int st_read_f16(const st_file *f, const char *name, int ndim, const int64_t *shape,
                 uint16_t *dst, char *err);
+/* a model parameter held as fp32 (into dst) or as fp16 (into dst16; the
+ * other NULL): st_read_f32 / st_read_f16, where the tensor may also have the
+ * shape followed by 1s when squeeze is set (an LDM 1x1 conv for a linear) */
+int st_read_param(const st_file *f, const char *name, int squeeze, int ndim, const int64_t *shape,
+                  float *dst, uint16_t *dst16, char *err);
 /* give back the mapped pages of a tensor already copied out (st_read_f32 and
  * st_read_f16 do it): loading then peaks near the copy, not file + copy.
  * The tensor stays readable (the pages come back from the file). */

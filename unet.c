@@ -930,22 +930,10 @@ int unet_param_index(const unet_t *u, const char *name) {
 
 int unet_read_param(unet_t *u, int i, const st_file *f, const char *name, int squeeze, char *err) {
     const unet_param *p = &u->table[i];
-    int64_t shape[ST_MAX_DIMS];
-    int ndim = p->ndim;
-    for (int d = 0; d < ndim; d++) shape[d] = p->shape[d];
-    const st_tensor *t = st_find(f, name);
-    if (t && squeeze && t->ndim > ndim && t->ndim <= ST_MAX_DIMS) {
-        /* (C, C, 1, 1) for (C, C): the same numbers in the same order */
-        int same = 1;
-        for (int d = 0; d < t->ndim; d++) same &= t->shape[d] == (d < ndim ? shape[d] : 1);
-        if (same) {
-            for (int d = ndim; d < t->ndim; d++) shape[d] = 1;
-            ndim = t->ndim;
-        }
-    }
+    int64_t shape[4];
+    for (int d = 0; d < p->ndim; d++) shape[d] = p->shape[d];
     u->wbuf_of = NULL;   /* the widened copy may be of this matrix */
-    if (p->data16) return st_read_f16(f, name, ndim, shape, p->data16, err);
-    return st_read_f32(f, name, ndim, shape, p->data, err);
+    return st_read_param(f, name, squeeze, p->ndim, shape, p->data, p->data16, err);
 }
 
 void unet_param_get(const unet_t *u, int i, float *dst) {
