@@ -853,6 +853,7 @@ int main(int argc, char **argv) {
                        "usage: ./train DIR [options]\n"
                        "Trains a LoRA for a Stable Diffusion 1.x model on the captioned images in DIR\n"
                        "(PNG/JPEG with same-name .txt captions, or a captions.csv; N_name folders repeat N times).");
+    if (av != argv) free(av);   /* the values point into argsbuf and argv, not into av */
     if (rc == 1) return 0;
     if (rc) return rc;
     if (npos != 1) {
