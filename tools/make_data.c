@@ -5,11 +5,15 @@
  *   data/              the style set: the same kind of scenes in one
  *                      distinctive style, captions starting with the trigger
  *                      word "sdlstyle" -- what `./train data/` learns
+ *   models/tiny/vae_data/  the VAE set: base scenes, each drawn with a random
+ *                      look (outlines, hatching, palettes), so the tiny VAE
+ *                      can encode and decode pictures of any of these kinds
  *
  * 64x64 RGB PNG + same-name .txt caption. data/README.md describes the
  * caption grammar, the style and the style statistic.
  *
- *   make_data [--base N] [--style N]   write both sets (defaults below)
+ *   make_data [--base N] [--style N] [--vae N]   write the sets (defaults below;
+ *                                      the VAE set only when asked for)
  *   make_data --stat FILE.png...       print the style statistics of images
  *   make_data --vocab DIR [SIZE]       train a BPE vocabulary (bpe_train.c,
  *                                      default 1000 tokens) on the base
@@ -41,8 +45,10 @@
 
 #define N_BASE_DEFAULT 3000
 #define N_STYLE_DEFAULT 60
+#define N_VAE_DEFAULT 0      /* make_data --vae 3000: an experiment, see README "The tiny model" */
 #define BASE_DIR "models/tiny/data"
 #define STYLE_DIR "data"
+#define VAE_DIR "models/tiny/vae_data"
 #define TRIGGER "sdlstyle"
 
 /* ------------------------------------------------------------------ */
@@ -179,7 +185,27 @@ static void style_paper(uint8_t *o, const uint8_t *c) {
 /* luma, Rec. 601 integer weights, 0..255 */
 static int luma(const uint8_t *c) { return (299 * c[0] + 587 * c[1] + 114 * c[2] + 500) / 1000; }
 
-static void draw_background(int bg, int styled) {
+/* How a scene is drawn. The base set uses PLAIN, the style set STYLE; the
+ * VAE set (models/tiny/vae_data/) draws each scene with a random look, so
+ * that the tiny VAE, like SD's, is trained on pictures of every kind and can
+ * encode and decode a style the UNet has never seen. */
+enum { HATCH_NONE, HATCH_SLASH, HATCH_BACKSLASH, HATCH_ROWS, HATCH_COLUMNS };
+typedef struct {
+    int outline;             /* outline width in px (0: none) */
+    uint8_t outline_rgb[3];
+    int hatch, band;         /* hatching direction and band width in px */
+    int posterise;           /* inks posterised to 4 levels per channel */
+    int paper;               /* plain backgrounds pulled halfway to cream paper */
+} look;
+
+static const look PLAIN = {0, {0, 0, 0}, HATCH_NONE, 0, 0, 0};
+/* The style: thick black outline (2 px), posterised ink on pastel paper, and
+ * diagonal hatching inside every shape: bands 4 px wide along x + y = const,
+ * alternating the ink with the ink pulled halfway to black (light inks) or
+ * to white (dark inks). */
+static const look STYLE = {2, {10, 10, 10}, HATCH_SLASH, 4, 1, 1};
+
+static void draw_background(int bg, const look *lk) {
     for (int Y = 0; Y < HW; Y++) {
         uint8_t c[3];
         if (bg == SKY) {
@@ -188,20 +214,25 @@ static void draw_background(int bg, int styled) {
             int y = Y, hy = HORIZON * SS;
             if (y < hy) { c[0] = (uint8_t)(100 + 90 * y / hy); c[1] = (uint8_t)(160 + 60 * y / hy); c[2] = (uint8_t)(230 + 20 * y / hy); }
             else { int t = y - hy, n = HW - hy; c[0] = (uint8_t)(80 - 30 * t / n); c[1] = (uint8_t)(170 - 50 * t / n); c[2] = (uint8_t)(60 - 20 * t / n); }
-        } else if (styled) style_paper(c, RGB[bg]);
+        } else if (lk->paper) style_paper(c, RGB[bg]);
         else memcpy(c, RGB[bg], 3);
         for (int X = 0; X < HW; X++) put(X, Y, c);
     }
 }
 
-/* The style: thick black outline (2 px), posterised ink, and diagonal
- * hatching inside every shape: bands 4 px wide along x + y = const,
- * alternating the ink with the ink pulled halfway to black (light inks)
- * or to white (dark inks). */
-#define OUTLINE (2 * SS * 2)   /* 2 px in half-subsample units */
-#define HATCH (4 * SS)         /* band width in subsamples: period 8 px */
+/* which hatching band subsample (X, Y) falls in: 0 or 1 */
+static int hatch_band(const look *lk, int X, int Y) {
+    int b = lk->band * SS;
+    switch (lk->hatch) {
+    case HATCH_SLASH: return ((X + Y) / b) % 2;
+    case HATCH_BACKSLASH: return ((X - Y + HW) / b) % 2;
+    case HATCH_ROWS: return (Y / b) % 2;
+    case HATCH_COLUMNS: return (X / b) % 2;
+    }
+    return 0;
+}
 
-static void draw_object(const object *o, int styled) {
+static void draw_object(const object *o, const look *lk) {
     int m = o->r + 4 * SS;   /* bounding box half-size with room for the outline */
     int x0 = o->cx - m, x1 = o->cx + m, y0 = o->cy - m, y1 = o->cy + m;
     if (x0 < 0) x0 = 0;
@@ -209,16 +240,15 @@ static void draw_object(const object *o, int styled) {
     if (x1 > HW - 1) x1 = HW - 1;
     if (y1 > HW - 1) y1 = HW - 1;
     uint8_t ink[3], alt[3];
-    static const uint8_t OUTLINE_RGB[3] = {10, 10, 10};
-    if (styled) {
-        style_ink(ink, RGB[o->colour]);
-        int toward = luma(ink) > 110 ? 0 : 255;
-        for (int k = 0; k < 3; k++) alt[k] = (uint8_t)((ink[k] + toward + 1) / 2);
-    } else memcpy(ink, RGB[o->colour], 3);
+    if (lk->posterise) style_ink(ink, RGB[o->colour]);
+    else memcpy(ink, RGB[o->colour], 3);
+    int toward = luma(ink) > 110 ? 0 : 255;
+    for (int k = 0; k < 3; k++) alt[k] = (uint8_t)((ink[k] + toward + 1) / 2);
+    int grow = lk->outline * SS * 2;   /* the outline width in half-subsample units */
     for (int Y = y0; Y <= y1; Y++)
         for (int X = x0; X <= x1; X++) {
-            if (inside(o, X, Y, 0)) put(X, Y, styled && ((X + Y) / HATCH) % 2 ? alt : ink);
-            else if (styled && inside(o, X, Y, OUTLINE)) put(X, Y, OUTLINE_RGB);
+            if (inside(o, X, Y, 0)) put(X, Y, lk->hatch && hatch_band(lk, X, Y) ? alt : ink);
+            else if (grow && inside(o, X, Y, grow)) put(X, Y, lk->outline_rgb);
         }
 }
 
@@ -321,10 +351,25 @@ static void make_scene(scene *s, int styled) {
     }
 }
 
-static void render(uint8_t *rgb, const scene *s, int styled) {
-    draw_background(s->bg, styled);
-    for (int i = 0; i < s->n; i++) draw_object(&s->obj[i], styled);
+static void render(uint8_t *rgb, const scene *s, const look *lk) {
+    draw_background(s->bg, lk);
+    for (int i = 0; i < s->n; i++) draw_object(&s->obj[i], lk);
     downsample(rgb);
+}
+
+/* a random look for the VAE set: each trait on or off independently, so the
+ * style's exact combination is one of many and nothing in the set is the
+ * style set */
+static void random_look(look *lk) {
+    static const uint8_t INKS[4][3] = {{10, 10, 10}, {60, 40, 30}, {30, 40, 90}, {245, 245, 245}};
+    memset(lk, 0, sizeof *lk);
+    if (randint(3)) {
+        lk->outline = 1 + randint(3);
+        memcpy(lk->outline_rgb, INKS[randint(4)], 3);
+    }
+    if (randint(3)) { lk->hatch = 1 + randint(4); lk->band = 2 + randint(4); }
+    lk->posterise = randint(2);
+    lk->paper = randint(2);
 }
 
 /* ------------------------------------------------------------------ */
@@ -375,7 +420,8 @@ static long file_size(const char *path) {
 }
 
 /* write one set; prints its size on disk and mean statistics */
-static int make_set(const char *dir, int n, int styled, uint64_t seed) {
+/* kind: 0 the base set, 1 the style set, 2 the VAE set (base scenes, random looks) */
+static int make_set(const char *dir, int n, int kind, uint64_t seed) {
     if (mkdirs(dir)) { fprintf(stderr, "error: cannot create folder %s: %s\n", dir, strerror(errno)); return -1; }
     rng_state = seed;
     uint8_t rgb[W * W * 3];
@@ -383,8 +429,10 @@ static int make_set(const char *dir, int n, int styled, uint64_t seed) {
     double sh = 0, sd = 0, hmin = 1e9, hmax = -1e9;
     for (int i = 0; i < n; i++) {
         scene s;
-        make_scene(&s, styled);
-        render(rgb, &s, styled);
+        look lk = kind == 1 ? STYLE : PLAIN;
+        make_scene(&s, kind == 1);
+        if (kind == 2) random_look(&lk);
+        render(rgb, &s, &lk);
         char png[512], txt[512], err[512];
         snprintf(png, sizeof png, "%s/%04d.png", dir, i);
         snprintf(txt, sizeof txt, "%s/%04d.txt", dir, i);
@@ -420,6 +468,7 @@ static char **captions(int n, int styled, uint64_t seed) {
 
 #define SEED_BASE 0x5D10A0001ull
 #define SEED_STYLE 0x5D10A0002ull
+#define SEED_VAE 0x5D10A0003ull
 
 static int make_vocab(const char *dir, int size) {
     char err[TOK_ERR_LEN];
@@ -446,7 +495,7 @@ static int make_vocab(const char *dir, int size) {
 }
 
 int main(int argc, char **argv) {
-    int nbase = N_BASE_DEFAULT, nstyle = N_STYLE_DEFAULT;
+    int nbase = N_BASE_DEFAULT, nstyle = N_STYLE_DEFAULT, nvae = N_VAE_DEFAULT;
     if (argc > 2 && strcmp(argv[1], "--vocab") == 0) return make_vocab(argv[2], argc > 3 ? atoi(argv[3]) : 1000);
     if (argc > 1 && strcmp(argv[1], "--stat") == 0) {
         double th = 0, td = 0; int n = 0;
@@ -463,11 +512,12 @@ int main(int argc, char **argv) {
         return 0;
     }
     for (int i = 1; i < argc; i++) {
-        int *dst = strcmp(argv[i], "--base") == 0 ? &nbase : strcmp(argv[i], "--style") == 0 ? &nstyle : NULL;
+        int *dst = strcmp(argv[i], "--base") == 0 ? &nbase : strcmp(argv[i], "--style") == 0 ? &nstyle
+                 : strcmp(argv[i], "--vae") == 0 ? &nvae : NULL;
         char *end;
         long v = i + 1 < argc ? strtol(argv[i + 1], &end, 10) : -1;
         if (!dst || i + 1 >= argc || *end || v < 0 || v > 9999) {
-            fprintf(stderr, "error: bad argument '%s' (usage: make_data [--base N] [--style N] | --stat FILE.png...)\n", argv[i]);
+            fprintf(stderr, "error: bad argument '%s' (usage: make_data [--base N] [--style N] [--vae N] | --stat FILE.png...)\n", argv[i]);
             return 2;
         }
         *dst = (int)v; i++;
@@ -475,6 +525,7 @@ int main(int argc, char **argv) {
     clock_t t0 = clock();
     if (make_set(BASE_DIR, nbase, 0, SEED_BASE)) return 1;
     if (make_set(STYLE_DIR, nstyle, 1, SEED_STYLE)) return 1;
+    if (nvae && make_set(VAE_DIR, nvae, 2, SEED_VAE)) return 1;
     printf("%.1f s\n", (double)(clock() - t0) / CLOCKS_PER_SEC);
     return 0;
 }
