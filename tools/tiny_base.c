@@ -388,6 +388,7 @@ typedef struct {
     float loss_first, loss_last;  /* mean recon MSE over the first / last 10% of steps */
     float init_mse;               /* the same measure at the random initialisation */
     float eval_mse, psnr;         /* over eval images, posterior mean, fp16 weights */
+    float eval_mse_vae;           /* the same on the first images of the VAE set */
     float scaling;                /* 1 / std(latent means) */
 } vae_result;
 
@@ -422,13 +423,16 @@ done:
     return (float)se;
 }
 
-static int train_vae(vae_t *v, const tb_data *d, const vae_opts *o, vae_result *r) {
+/* trains on d; the random initialisation's reconstruction error is measured
+ * on the first neval images of ev, where the caller measures the result */
+static int train_vae(vae_t *v, const tb_data *d, const tb_data *ev, int neval,
+                     const vae_opts *o, vae_result *r) {
     const int B = o->batch;
     const size_t per = 3 * TB_IMG * TB_IMG, lper = TB_LC * TB_LAT * TB_LAT;
     rng_t rng;
     rng_seed(&rng, o->seed ^ 0x7661650000000000ull);
     init_vae(v, &rng);
-    r->init_mse = vae_eval(v, d, d->n < 50 ? d->n : 50, 25);
+    r->init_mse = vae_eval(v, ev, neval, 25);
     if (vae_alloc_grads(v) || vae_alloc_acts(v, B, TB_IMG, TB_IMG, 1)) { fprintf(stderr, "error: %s\n", v->err); return -1; }
     adamw_t opt;
     if (adamw_init(&opt, v->nparams, o->lr, 0.9f, 0.999f, 1e-8f, 0.0f)) return -1;
@@ -824,6 +828,8 @@ done:
 
 typedef struct {
     const char *data_dir, *out_dir;
+    const char *vae_data_dir;   /* more pictures for the VAE stage only ("" = none) */
+    int vae_only;               /* stop after the VAE stage (to try VAE settings) */
     uint64_t seed;
     int images;                 /* 0 = all */
     vae_opts vae;
@@ -842,6 +848,7 @@ typedef struct {
 static void tb_default_opts(tb_opts *o) {
     memset(o, 0, sizeof *o);
     o->data_dir = "models/tiny/data";
+    o->vae_data_dir = "";
     o->out_dir = "models/tiny";
     o->seed = 1234;
     o->vae = (vae_opts){.steps = 6000, .batch = 4, .lr = 2e-3f, .kl_weight = 1e-6f, .log_every = 100};
@@ -876,12 +883,27 @@ static int tb_run(const tb_opts *o, tb_result *res) {
     }
     if (o->vae.log_every) printf("tokenizer: %d tokens\n", res->vocab);
 
-    /* 1: VAE */
+    /* 1: VAE, on the base pictures and, with --vae-data, more pictures (e.g.
+     * make_data --vae: the same scenes drawn in many looks, as SD's VAE saw
+     * pictures of every kind; not the default, see README "The tiny model") */
     double t0 = now_s();
     vae_opts vo = o->vae;
     vo.seed = o->seed;
-    if (build_vae(&v, 1.0f) || train_vae(&v, &d, &vo, &res->vae)) goto done;
+    tb_data dv, dall;
+    memset(&dv, 0, sizeof dv); memset(&dall, 0, sizeof dall);
+    if (o->vae_data_dir && o->vae_data_dir[0] && tb_data_load(&dv, o->vae_data_dir, o->images)) goto done;
+    const size_t per = 3 * TB_IMG * TB_IMG;
+    dall.n = d.n + dv.n;
+    if (!(dall.img = malloc((size_t)dall.n * per * sizeof(float)))) { tb_data_free(&dv); goto done; }
+    memcpy(dall.img, d.img, (size_t)d.n * per * sizeof(float));
+    if (dv.n) memcpy(dall.img + (size_t)d.n * per, dv.img, (size_t)dv.n * per * sizeof(float));
+    if (o->vae.log_every && dv.n) printf("vae: %d base + %d pictures from %s\n", d.n, dv.n, o->vae_data_dir);
     int neval = d.n < 200 ? d.n : 200;
+    int vae_rc = build_vae(&v, 1.0f) || train_vae(&v, &dall, &d, neval, &vo, &res->vae);
+    tb_data_free(&dall);
+    if (!vae_rc && dv.n) res->vae.eval_mse_vae = vae_eval(&v, &dv, dv.n < 200 ? dv.n : 200, 25);
+    tb_data_free(&dv);
+    if (vae_rc) goto done;
     res->vae.eval_mse = vae_eval(&v, &d, neval, 25);
     res->vae.psnr = 10.0f * log10f(4.0f / res->vae.eval_mse);
     float std;
@@ -896,6 +918,7 @@ static int tb_run(const tb_opts *o, tb_result *res) {
                res->vae.eval_mse, res->vae.psnr, neval, std, res->vae.scaling, res->secs_vae);
     fflush(stdout);
     if (o->save) { snprintf(dir, sizeof dir, "%s/vae", o->out_dir); if (save_vae(&v, dir, res->vae.scaling)) goto done; }
+    if (o->vae_only) { rc = 0; goto done; }
 
     /* 2: text encoder + UNet */
     t0 = now_s();
@@ -927,7 +950,7 @@ done:
 static void usage(void) {
     fprintf(stderr,
         "usage: tiny_base [--data DIR] [--out DIR] [--seed N] [--images N]\n"
-        "                 [--vae-steps N] [--steps N] [--bench]\n"
+        "                 [--vae-data DIR] [--vae-steps N] [--vae-only] [--steps N] [--bench]\n"
         "pre-trains the tiny SD1.x-architecture model from scratch (models/tiny/)\n");
 }
 
@@ -952,6 +975,8 @@ int main(int argc, char **argv) {
         if (strcmp(a, "--bench") == 0) { bench_lora(1); bench_lora(4); bench_lora(8); return 0; }
         else if (strcmp(a, "--data") == 0 && val) { o.data_dir = val; i++; }
         else if (strcmp(a, "--out") == 0 && val) { o.out_dir = val; i++; }
+        else if (strcmp(a, "--vae-data") == 0 && val) { o.vae_data_dir = val; i++; }
+        else if (strcmp(a, "--vae-only") == 0) o.vae_only = 1;
         else if (strcmp(a, "--seed") == 0) { if (parse_int(a, val, 0, 1L << 30, &x)) return 2; o.seed = (uint64_t)x; i++; }
         else if (strcmp(a, "--images") == 0) { if (parse_int(a, val, 0, 1L << 30, &x)) return 2; o.images = (int)x; i++; }
         else if (strcmp(a, "--vae-steps") == 0) { if (parse_int(a, val, 1, 1L << 30, &x)) return 2; o.vae.steps = (int)x; i++; }
@@ -972,6 +997,8 @@ int main(int argc, char **argv) {
            r.vocab, r.vae.loss_first, r.vae.loss_last, r.vae.eval_mse, r.vae.init_mse, r.vae.psnr,
            r.vae.scaling, r.diff.loss_first, r.diff.loss_last, r.diff_eval, r.diff.init_eval,
            r.secs_vae, r.secs_diff, now_s() - t0);
+    if (r.vae.eval_mse_vae > 0)
+        printf("  vae on --vae-data: eval %.5f = PSNR %.2f dB\n", r.vae.eval_mse_vae, 10.0f * log10f(4.0f / r.vae.eval_mse_vae));
     if (o.save) printf("wrote %s/\n", o.out_dir);
     return 0;
 }
