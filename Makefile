@@ -71,6 +71,8 @@ $(PROGS:%=$(BUILD)/%): $(BUILD)/%: $(BUILD)/%.o $(LIBOBJ)
 
 $(BUILD)/test_%: tests/test_%.c tests/testutil.h $(LIBOBJ) $(wildcard *.h)
 	$(CC) $(CFLAGS) $(CHECK_CFLAGS) -DSDLORA_BUILD='"$(BUILD)"' -I. $< $(LIBOBJ) -o $@ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS)
+# test_tiny_base includes the pre-training program itself
+$(BUILD)/test_tiny_base: tools/tiny_base.c
 
 # each test binary runs from the repository root so fixture paths are stable;
 # Check's default 4 s per-test timeout is too short for a loaded machine or ASan
