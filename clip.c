@@ -279,14 +279,12 @@ int clip_read_param(clip_t *m, int i, const st_file *f, const char *name, int sq
 
 void clip_param_get(const clip_t *m, int i, float *dst) {
     const clip_param *p = &m->table[i];
-    if (p->data16) half_to_float_array(dst, p->data16, p->numel);
-    else memcpy(dst, p->data, sizeof(float) * p->numel);
+    half_param_get(dst, p->data, p->data16, p->numel);
 }
 
 void clip_param_set(clip_t *m, int i, const float *src) {
     const clip_param *p = &m->table[i];
-    if (p->data16) float_to_half_array(p->data16, src, p->numel);
-    else memcpy(p->data, src, sizeof(float) * p->numel);
+    half_param_set(p->data, p->data16, src, p->numel);
     m->wbuf_of = NULL;
 }
 
@@ -439,11 +437,7 @@ static float *gwm(const clip_t *m, const clip_param *p) {
  * a time; asking again for the matrix already there costs nothing. */
 static const float *wf(clip_t *m, const clip_param *p) {
     if (p->data) return p->data;
-    if (m->wbuf_of != p) {
-        half_to_float_array(m->wbuf, p->data16, p->numel);
-        m->wbuf_of = p;
-    }
-    return m->wbuf;
+    return half_widen_cached(m->wbuf, &m->wbuf_of, p->data16, p->numel);
 }
 
 /* row r of an embedding table as fp32 (d floats), into out: widening only

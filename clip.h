@@ -92,7 +92,7 @@ typedef struct {
     uint16_t *params16;
     size_t nmat;
     float *wbuf;
-    const clip_param *wbuf_of;         /* the matrix wbuf holds now, or NULL */
+    const uint16_t *wbuf_of;           /* the fp16 matrix wbuf holds now, or NULL */
     const clip_param *tok_emb, *pos_emb;   /* (vocab, d), (max_pos, d) */
     clip_layer *layers;                /* num_layers */
     float *lnf_w, *lnf_b;              /* final_layer_norm */

@@ -104,3 +104,21 @@ void float_to_half_array(uint16_t *dst, const float *src, size_t n) {
     OMP(omp parallel for schedule(static) if (nn > 65536))
     for (long long i = 0; i < nn; i++) dst[i] = float_to_half(src[i]);
 }
+
+const float *half_widen_cached(float *buf, const uint16_t **held, const uint16_t *src, size_t n) {
+    if (*held != src) {
+        half_to_float_array(buf, src, n);
+        *held = src;
+    }
+    return buf;
+}
+
+void half_param_get(float *dst, const float *f32, const uint16_t *f16, size_t n) {
+    if (f16) half_to_float_array(dst, f16, n);
+    else memcpy(dst, f32, sizeof(float) * n);
+}
+
+void half_param_set(float *f32, uint16_t *f16, const float *src, size_t n) {
+    if (f16) float_to_half_array(f16, src, n);
+    else memcpy(f32, src, sizeof(float) * n);
+}

@@ -28,4 +28,14 @@ void half_to_float_array(float *dst, const uint16_t *src, size_t n);
 /* dst[i] = float_to_half(src[i]) */
 void float_to_half_array(uint16_t *dst, const float *src, size_t n);
 
+/* The one-matrix widening buffer of an fp16-held model: buf gets the n
+ * halfs at src widened, unless *held says it already holds them (asking
+ * again costs nothing); *held = src after. Set *held = NULL whenever the
+ * fp16 weights change. Returns buf. */
+const float *half_widen_cached(float *buf, const uint16_t **held, const uint16_t *src, size_t n);
+/* a parameter held as fp32 (f32) or as fp16 (f16, when not NULL), read to
+ * or written from n floats */
+void half_param_get(float *dst, const float *f32, const uint16_t *f16, size_t n);
+void half_param_set(float *f32, uint16_t *f16, const float *src, size_t n);
+
 #endif

@@ -225,11 +225,7 @@ static float *gwm(const unet_t *u, const unet_param *p) {
 static const float *wf(unet_t *u, const unet_param *p) {
     if (p->data) return p->data;
     if (u->measuring) return NULL;
-    if (u->wbuf_of != p) {
-        half_to_float_array(u->wbuf, p->data16, p->numel);
-        u->wbuf_of = p;
-    }
-    return u->wbuf;
+    return half_widen_cached(u->wbuf, &u->wbuf_of, p->data16, p->numel);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -938,14 +934,12 @@ int unet_read_param(unet_t *u, int i, const st_file *f, const char *name, int sq
 
 void unet_param_get(const unet_t *u, int i, float *dst) {
     const unet_param *p = &u->table[i];
-    if (p->data16) half_to_float_array(dst, p->data16, p->numel);
-    else memcpy(dst, p->data, sizeof(float) * p->numel);
+    half_param_get(dst, p->data, p->data16, p->numel);
 }
 
 void unet_param_set(unet_t *u, int i, const float *src) {
     const unet_param *p = &u->table[i];
-    if (p->data16) float_to_half_array(p->data16, src, p->numel);
-    else memcpy(p->data, src, sizeof(float) * p->numel);
+    half_param_set(p->data, p->data16, src, p->numel);
     u->wbuf_of = NULL;
 }
 

@@ -85,7 +85,7 @@ typedef struct {
     uint16_t *params16;
     size_t nmat;
     float *wbuf;
-    const unet_param *wbuf_of;       /* the matrix wbuf holds now, or NULL */
+    const uint16_t *wbuf_of;         /* the fp16 matrix wbuf holds now, or NULL */
     int ntable;
     struct unet_net *net;
 

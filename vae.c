@@ -74,11 +74,7 @@ static inline float *G(const vae_t *v, size_t off) { return v->grads ? v->grads 
  * (held as fp16) widened exactly into wbuf, which then holds that one */
 static const float *wmat(vae_t *v, size_t off, size_t n) {
     if (!v->params16) return v->params + off;
-    if (v->wbuf_of != off) {
-        half_to_float_array(v->wbuf, v->params16 + off, n);
-        v->wbuf_of = off;
-    }
-    return v->wbuf;
+    return half_widen_cached(v->wbuf, &v->wbuf_of, v->params16 + off, n);
 }
 
 static size_t conv_numel(const conv_p *c) { return (size_t)c->cout * c->cin * c->k * c->k; }
@@ -718,7 +714,7 @@ int vae_build_dtype(vae_t *v, const vae_config *c, weight_dtype wdtype, char *er
     memset(v, 0, sizeof *v);
     v->cfg = *c;
     v->wdtype = wdtype;
-    v->wbuf_of = SIZE_MAX;
+    v->wbuf_of = NULL;
     int nl = c->nlevels, lpb = c->layers, Lc = c->latent_channels;
     const int *bo = c->block_out;
     /* layers per half: convs and norm, resnets, samplers, mid (3) */
@@ -899,7 +895,7 @@ int vae_load_st(vae_t *v, const st_file *f, vae_name_fn map, void *ctx,
             goto done;
         }
         char serr[ST_ERR_LEN];
-        v->wbuf_of = SIZE_MAX;   /* the widened copy may be of this weight */
+        v->wbuf_of = NULL;   /* the widened copy may be of this weight */
         if ((p->data16 ? st_to_f16(t, p->data16, serr) : st_to_f32(t, p->data, serr)) != 0) {
             seterr(err, "%s: tensor '%s': %s", f->path, t->name, serr);
             goto done;

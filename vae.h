@@ -86,7 +86,7 @@ typedef struct {
     uint16_t *params16;
     size_t nmat;
     float *wbuf;
-    size_t wbuf_of;                  /* params16 offset of the matrix in wbuf, or SIZE_MAX */
+    const uint16_t *wbuf_of;         /* the fp16 matrix wbuf holds now, or NULL */
     struct vae_net *net;
 
     vae_arena enc, dec;              /* activations of the encoder / the decoder */
