@@ -892,14 +892,16 @@ static int tb_run(const tb_opts *o, tb_result *res) {
     tb_data dv, dall;
     memset(&dv, 0, sizeof dv); memset(&dall, 0, sizeof dall);
     if (o->vae_data_dir && o->vae_data_dir[0] && tb_data_load(&dv, o->vae_data_dir, o->images)) goto done;
-    const size_t per = 3 * TB_IMG * TB_IMG;
-    dall.n = d.n + dv.n;
-    if (!(dall.img = malloc((size_t)dall.n * per * sizeof(float)))) { tb_data_free(&dv); goto done; }
-    memcpy(dall.img, d.img, (size_t)d.n * per * sizeof(float));
-    if (dv.n) memcpy(dall.img + (size_t)d.n * per, dv.img, (size_t)dv.n * per * sizeof(float));
-    if (o->vae.log_every && dv.n) printf("vae: %d base + %d pictures from %s\n", d.n, dv.n, o->vae_data_dir);
+    if (dv.n) {   /* the VAE trains on both sets, one after the other in one block */
+        const size_t per = 3 * TB_IMG * TB_IMG;
+        dall.n = d.n + dv.n;
+        if (!(dall.img = malloc((size_t)dall.n * per * sizeof(float)))) { tb_data_free(&dv); goto done; }
+        memcpy(dall.img, d.img, (size_t)d.n * per * sizeof(float));
+        memcpy(dall.img + (size_t)d.n * per, dv.img, (size_t)dv.n * per * sizeof(float));
+        if (o->vae.log_every) printf("vae: %d base + %d pictures from %s\n", d.n, dv.n, o->vae_data_dir);
+    }
     int neval = d.n < 200 ? d.n : 200;
-    int vae_rc = build_vae(&v, 1.0f) || train_vae(&v, &dall, &d, neval, &vo, &res->vae);
+    int vae_rc = build_vae(&v, 1.0f) || train_vae(&v, dv.n ? &dall : &d, &d, neval, &vo, &res->vae);
     tb_data_free(&dall);
     if (!vae_rc && dv.n) res->vae.eval_mse_vae = vae_eval(&v, &dv, dv.n < 200 ? dv.n : 200, 25);
     tb_data_free(&dv);
