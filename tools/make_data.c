@@ -5,15 +5,18 @@
  *   data/              the style set: the same kind of scenes in one
  *                      distinctive style, captions starting with the trigger
  *                      word "sdlstyle" -- what `./train data/` learns
- *   models/tiny/vae_data/  the VAE set: base scenes, each drawn with a random
+ *   build/vae_data/    the VAE set: base scenes, each drawn with a random
  *                      look (outlines, hatching, palettes), so the tiny VAE
  *                      can encode and decode pictures of any of these kinds
+ *                      (an experiment, not committed)
  *
  * 64x64 RGB PNG + same-name .txt caption. data/README.md describes the
  * caption grammar, the style and the style statistic.
  *
- *   make_data [--base N] [--style N] [--vae N]   write the sets (defaults below;
- *                                      the VAE set only when asked for)
+ *   make_data [--base N] [--style N] [--vae N] [--vae-dir DIR]
+ *                                      write the sets (defaults below; the
+ *                                      VAE set only when asked for; N = 0
+ *                                      skips a set)
  *   make_data --stat FILE.png...       print the style statistics of images
  *   make_data --vocab DIR [SIZE]       train a BPE vocabulary (bpe_train.c,
  *                                      default 1000 tokens) on the base
@@ -48,7 +51,7 @@
 #define N_VAE_DEFAULT 0      /* make_data --vae 3000: an experiment, see README "The tiny model" */
 #define BASE_DIR "models/tiny/data"
 #define STYLE_DIR "data"
-#define VAE_DIR "models/tiny/vae_data"
+#define VAE_DIR "build/vae_data"   /* not committed; --vae-dir DIR elsewhere */
 #define TRIGGER "sdlstyle"
 
 /* ------------------------------------------------------------------ */
@@ -186,7 +189,7 @@ static void style_paper(uint8_t *o, const uint8_t *c) {
 static int luma(const uint8_t *c) { return (299 * c[0] + 587 * c[1] + 114 * c[2] + 500) / 1000; }
 
 /* How a scene is drawn. The base set uses PLAIN, the style set STYLE; the
- * VAE set (models/tiny/vae_data/) draws each scene with a random look, so
+ * VAE set (build/vae_data/) draws each scene with a random look, so
  * that the tiny VAE, like SD's, is trained on pictures of every kind and can
  * encode and decode a style the UNet has never seen. */
 enum { HATCH_NONE, HATCH_SLASH, HATCH_BACKSLASH, HATCH_ROWS, HATCH_COLUMNS };
@@ -496,6 +499,7 @@ static int make_vocab(const char *dir, int size) {
 
 int main(int argc, char **argv) {
     int nbase = N_BASE_DEFAULT, nstyle = N_STYLE_DEFAULT, nvae = N_VAE_DEFAULT;
+    const char *vae_dir = VAE_DIR;
     if (argc > 2 && strcmp(argv[1], "--vocab") == 0) return make_vocab(argv[2], argc > 3 ? atoi(argv[3]) : 1000);
     if (argc > 1 && strcmp(argv[1], "--stat") == 0) {
         double th = 0, td = 0; int n = 0;
@@ -512,20 +516,21 @@ int main(int argc, char **argv) {
         return 0;
     }
     for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--vae-dir") == 0 && i + 1 < argc) { vae_dir = argv[++i]; continue; }
         int *dst = strcmp(argv[i], "--base") == 0 ? &nbase : strcmp(argv[i], "--style") == 0 ? &nstyle
                  : strcmp(argv[i], "--vae") == 0 ? &nvae : NULL;
         char *end;
         long v = i + 1 < argc ? strtol(argv[i + 1], &end, 10) : -1;
         if (!dst || i + 1 >= argc || *end || v < 0 || v > 9999) {
-            fprintf(stderr, "error: bad argument '%s' (usage: make_data [--base N] [--style N] [--vae N] | --stat FILE.png...)\n", argv[i]);
+            fprintf(stderr, "error: bad argument '%s' (usage: make_data [--base N] [--style N] [--vae N] [--vae-dir DIR] | --stat FILE.png...)\n", argv[i]);
             return 2;
         }
         *dst = (int)v; i++;
     }
     clock_t t0 = clock();
-    if (make_set(BASE_DIR, nbase, 0, SEED_BASE)) return 1;
-    if (make_set(STYLE_DIR, nstyle, 1, SEED_STYLE)) return 1;
-    if (nvae && make_set(VAE_DIR, nvae, 2, SEED_VAE)) return 1;
+    if (nbase && make_set(BASE_DIR, nbase, 0, SEED_BASE)) return 1;
+    if (nstyle && make_set(STYLE_DIR, nstyle, 1, SEED_STYLE)) return 1;
+    if (nvae && make_set(vae_dir, nvae, 2, SEED_VAE)) return 1;
     printf("%.1f s\n", (double)(clock() - t0) / CLOCKS_PER_SEC);
     return 0;
 }

@@ -53,7 +53,6 @@
  * laptop CPU (tiny_base --bench measures it). */
 
 #define TB_IMG 64
-#define TB_LAT 8                    /* TB_IMG / 8 */
 #define TB_LC 4                     /* latent channels */
 #define TB_VOCAB 1000               /* asked of the BPE trainer (it may stop earlier) */
 #define TB_D 64                     /* text hidden size = UNet cross_attention_dim */
@@ -68,14 +67,29 @@ static double now_s(void) {
 /* config.json of each part, with every key diffusers 0.42 / transformers 5
  * write for it (from save_pretrained on the same sizes), so both loaders see
  * what they expect; the C side parses the same text, so there is one truth. */
+/* the VAE's block_out_channels, one per level; each level but the last
+ * halves the side: 4 levels turn 64x64 into 8x8 latents (SD's factor 8);
+ * --vae-channels 8,16,32 makes 16x16 latents (README "The tiny model") */
+#define TB_MAXLEV 5
+static int tb_vae_ch[TB_MAXLEV] = {8, 16, 32, 64};
+static int tb_vae_nlev = 4;
+#define TB_LAT (TB_IMG >> (tb_vae_nlev - 1))   /* latent side */
+
 static int vae_config_text(char *buf, size_t n, float scaling) {
+    char ch[96] = "", down[256] = "", up[256] = "";
+    for (int i = 0; i < tb_vae_nlev; i++) {
+        const char *sep = i ? ", " : "";
+        snprintf(ch + strlen(ch), sizeof ch - strlen(ch), "%s%d", sep, tb_vae_ch[i]);
+        snprintf(down + strlen(down), sizeof down - strlen(down), "%s\"DownEncoderBlock2D\"", sep);
+        snprintf(up + strlen(up), sizeof up - strlen(up), "%s\"UpDecoderBlock2D\"", sep);
+    }
     return snprintf(buf, n,
         "{\n"
         "  \"_class_name\": \"AutoencoderKL\",\n"
         "  \"_diffusers_version\": \"0.42.1\",\n"
         "  \"act_fn\": \"silu\",\n"
-        "  \"block_out_channels\": [8, 16, 32, 64],\n"
-        "  \"down_block_types\": [\"DownEncoderBlock2D\", \"DownEncoderBlock2D\", \"DownEncoderBlock2D\", \"DownEncoderBlock2D\"],\n"
+        "  \"block_out_channels\": [%s],\n"
+        "  \"down_block_types\": [%s],\n"
         "  \"force_upcast\": true,\n"
         "  \"in_channels\": 3,\n"
         "  \"latent_channels\": %d,\n"
@@ -88,10 +102,10 @@ static int vae_config_text(char *buf, size_t n, float scaling) {
         "  \"sample_size\": %d,\n"
         "  \"scaling_factor\": %.6g,\n"
         "  \"shift_factor\": null,\n"
-        "  \"up_block_types\": [\"UpDecoderBlock2D\", \"UpDecoderBlock2D\", \"UpDecoderBlock2D\", \"UpDecoderBlock2D\"],\n"
+        "  \"up_block_types\": [%s],\n"
         "  \"use_post_quant_conv\": true,\n"
         "  \"use_quant_conv\": true\n"
-        "}\n", TB_LC, TB_IMG, scaling);
+        "}\n", ch, down, TB_LC, TB_IMG, scaling, up);
 }
 
 static int unet_config_text(char *buf, size_t n) {
@@ -635,6 +649,9 @@ static int build_clip(clip_t *m, int vocab) {
 typedef struct {
     int steps, batch;
     float lr, uncond_p;
+    float min_snr;     /* min-SNR-gamma loss weighting (0: off) */
+    float ema;         /* EMA decay of the saved weights (0: off, save the last weights) */
+    float noise_offset; /* eps += offset * N(0,1) per (image, channel): lets the model move a picture's mean colour */
     uint64_t seed;
     int log_every;
 } diff_opts;
@@ -674,10 +691,16 @@ static int train_diffusion(unet_t *u, clip_t *m, const tokenizer *tok, const flo
     float *tf = malloc(B * sizeof(float));
     float *x0 = malloc(B * lper * sizeof(float)), *eps = malloc(B * lper * sizeof(float));
     float *xt = malloc(B * lper * sizeof(float)), *pred = malloc(B * lper * sizeof(float));
-    float *dpred = malloc(B * lper * sizeof(float));
+    float *dpred = malloc(B * lper * sizeof(float)), *wt = malloc(B * sizeof(float));
     float *ctx = malloc((size_t)B * T * D * sizeof(float)), *dctx = malloc((size_t)B * T * D * sizeof(float));
+    float *ema_u = NULL, *ema_c = NULL;
     int rc = -1;
-    if (!ids_all || !ids || !order || !ti || !tf || !x0 || !eps || !xt || !pred || !dpred || !ctx || !dctx) goto done;
+    if (!ids_all || !ids || !order || !ti || !tf || !x0 || !eps || !xt || !pred || !dpred || !wt || !ctx || !dctx) goto done;
+    if (o->ema > 0) {
+        if (!(ema_u = malloc(u->nparams * sizeof(float))) || !(ema_c = malloc(m->num_params * sizeof(float)))) goto done;
+        memcpy(ema_u, u->params, u->nparams * sizeof(float));
+        memcpy(ema_c, m->params, m->num_params * sizeof(float));
+    }
     if (adamw_init(&ou, u->nparams, o->lr, 0.9f, 0.999f, 1e-8f, 0.01f) ||
         adamw_init(&oc, m->num_params, o->lr, 0.9f, 0.999f, 1e-8f, 0.01f)) goto done;
     /* every caption tokenised once; row n is the empty prompt */
@@ -704,6 +727,7 @@ static int train_diffusion(unet_t *u, clip_t *m, const tokenizer *tok, const flo
         }
         ddpm_sample_timesteps(ti, B, DDPM_SD_T, &rng);
         ddpm_sample_noise(eps, B * lper, &rng);
+        if (o->noise_offset > 0) ddpm_noise_offset(eps, B, TB_LC, (size_t)TB_LAT * TB_LAT, o->noise_offset, &rng);
         for (int b = 0; b < B; b++) tf[b] = (float)ti[b];
         ddpm_add_noise(xt, x0, eps, ti, B, lper, &s);
 
@@ -711,9 +735,10 @@ static int train_diffusion(unet_t *u, clip_t *m, const tokenizer *tok, const flo
         clip_zero_grads(m);
         if (clip_forward(m, ctx, ids, B, T, 1)) { fprintf(stderr, "error: clip: %s\n", m->err); goto done; }
         if (unet_forward(u, pred, xt, tf, ctx, B, TB_LAT, TB_LAT, T)) { fprintf(stderr, "error: %s\n", u->err); goto done; }
-        float loss = mse_loss_forward(pred, eps, NULL, B, lper);
+        if (o->min_snr > 0) ddpm_min_snr_weights(wt, ti, B, o->min_snr, DDPM_EPSILON, &s);
+        float loss = mse_loss_forward(pred, eps, o->min_snr > 0 ? wt : NULL, B, lper);
         memset(dpred, 0, B * lper * sizeof(float));
-        mse_loss_backward(dpred, pred, eps, NULL, 1.0f, B, lper);
+        mse_loss_backward(dpred, pred, eps, o->min_snr > 0 ? wt : NULL, 1.0f, B, lper);
         if (unet_backward(u, dpred, NULL, dctx)) { fprintf(stderr, "error: %s\n", u->err); goto done; }
         if (clip_backward(m, dctx)) { fprintf(stderr, "error: clip: %s\n", m->err); goto done; }
         clip_grad_norm(u->grads, u->nparams, 1.0f);
@@ -721,6 +746,13 @@ static int train_diffusion(unet_t *u, clip_t *m, const tokenizer *tok, const flo
         float lr = lr_at(LR_COSINE, o->lr, step, o->steps / 20, o->steps);
         adamw_step(&ou, u->params, u->grads, lr);
         adamw_step(&oc, m->params, m->grads, lr);
+        /* EMA of the weights: e = d e + (1 - d) w, the decay warmed up as
+         * min(d, (1 + step) / (10 + step)) so early weights fade fast */
+        if (ema_u) {
+            float dcy = fminf(o->ema, (1.0f + step) / (10.0f + step));
+            for (size_t k = 0; k < u->nparams; k++) ema_u[k] = dcy * ema_u[k] + (1 - dcy) * u->params[k];
+            for (size_t k = 0; k < m->num_params; k++) ema_c[k] = dcy * ema_c[k] + (1 - dcy) * m->params[k];
+        }
 
         if (step < (o->steps + 9) / 10) { sum_first += loss; n_first++; }
         if (step >= o->steps - (o->steps + 9) / 10) { sum_last += loss; n_last++; }
@@ -734,6 +766,10 @@ static int train_diffusion(unet_t *u, clip_t *m, const tokenizer *tok, const flo
     }
     r->loss_first = n_first ? (float)(sum_first / n_first) : NAN;
     r->loss_last = n_last ? (float)(sum_last / n_last) : NAN;
+    if (ema_u) {
+        memcpy(u->params, ema_u, u->nparams * sizeof(float));
+        memcpy(m->params, ema_c, m->num_params * sizeof(float));
+    }
     round_f16(u->params, u->nparams);
     round_f16(m->params, m->num_params);
     rc = 0;
@@ -741,7 +777,7 @@ done:
     adamw_free(&ou); adamw_free(&oc);
     ddpm_free(&s);
     free(ids_all); free(ids); free(order); free(ti); free(tf); free(x0); free(eps); free(xt);
-    free(pred); free(dpred); free(ctx); free(dctx);
+    free(pred); free(dpred); free(wt); free(ctx); free(dctx); free(ema_u); free(ema_c);
     return rc;
 }
 
@@ -757,11 +793,13 @@ static float diffusion_eval(unet_t *u, clip_t *m, const tokenizer *tok, const fl
     rng_t rng;
     rng_seed(&rng, seed);
     int ids[8 * TOK_CTX], ti[8];
-    float tf[8], eps[8 * 256], xt[8 * 256], pred[8 * 256];
+    float tf[8];
+    float *eps = malloc(B * lper * sizeof(float)), *xt = malloc(B * lper * sizeof(float));
+    float *pred = malloc(B * lper * sizeof(float));
     float *ctx = malloc((size_t)B * T * TB_D * sizeof(float));
     double sum = 0;
     int nb = 0;
-    if (!ctx || unet_alloc_acts(u, B, TB_LAT, TB_LAT, T, 0)) { sum = NAN; goto done; }
+    if (!ctx || !eps || !xt || !pred || unet_alloc_acts(u, B, TB_LAT, TB_LAT, T, 0)) { sum = NAN; goto done; }
     for (int i = 0; i + B <= n; i += B, nb++) {
         for (int b = 0; b < B; b++) tok_encode_sd(tok, d->caption[i + b], ids + b * T);
         ddpm_sample_timesteps(ti, B, DDPM_SD_T, &rng);
@@ -773,7 +811,7 @@ static float diffusion_eval(unet_t *u, clip_t *m, const tokenizer *tok, const fl
         sum += mse_loss_forward(pred, eps, NULL, B, lper);
     }
 done:
-    free(ctx);
+    free(ctx); free(eps); free(xt); free(pred);
     ddpm_free(&s);
     return nb ? (float)(sum / nb) : NAN;
 }
@@ -813,8 +851,8 @@ static void bench_lora(int B) {
         double c = now_s();
         if (r >= 0) { tc += b2 - a; tu += c - b2; }
     }
-    printf("LoRA step (UNet qv r4, batch %d, 8x8 latents): unet fwd+bwd %.1f ms, text encoder fwd %.1f ms\n",
-           B, 1000 * tu / reps, 1000 * tc / reps);
+    printf("LoRA step (UNet qv r4, batch %d, %dx%d latents): unet fwd+bwd %.1f ms, text encoder fwd %.1f ms\n",
+           B, TB_LAT, TB_LAT, 1000 * tu / reps, 1000 * tc / reps);
     free(ids); free(x); free(pred); free(tf); free(ctx);
 done:
     unet_free(&u);
@@ -829,6 +867,7 @@ done:
 typedef struct {
     const char *data_dir, *out_dir;
     const char *vae_data_dir;   /* more pictures for the VAE stage only ("" = none) */
+    const char *vae_from;       /* a trained VAE folder to use instead of stage 1 (NULL: train one) */
     int vae_only;               /* stop after the VAE stage (to try VAE settings) */
     uint64_t seed;
     int images;                 /* 0 = all */
@@ -901,7 +940,16 @@ static int tb_run(const tb_opts *o, tb_result *res) {
         if (o->vae.log_every) printf("vae: %d base + %d pictures from %s\n", d.n, dv.n, o->vae_data_dir);
     }
     int neval = d.n < 200 ? d.n : 200;
-    int vae_rc = build_vae(&v, 1.0f) || train_vae(&v, dv.n ? &dall : &d, &d, neval, &vo, &res->vae);
+    int vae_rc;
+    if (o->vae_from) {   /* a VAE from an earlier run: stage 2 gets the latents that run's would get */
+        char e2[VAE_ERR_LEN];
+        vae_rc = vae_load_diffusers(&v, o->vae_from, e2);
+        if (vae_rc) fprintf(stderr, "error: %s\n", e2);
+        else {
+            tb_vae_nlev = v.cfg.nlevels;
+            for (int i = 0; i < v.cfg.nlevels && i < TB_MAXLEV; i++) tb_vae_ch[i] = v.cfg.block_out[i];
+        }
+    } else vae_rc = build_vae(&v, 1.0f) || train_vae(&v, dv.n ? &dall : &d, &d, neval, &vo, &res->vae);
     tb_data_free(&dall);
     if (!vae_rc && dv.n) res->vae.eval_mse_vae = vae_eval(&v, &dv, dv.n < 200 ? dv.n : 200, 25);
     tb_data_free(&dv);
@@ -953,6 +1001,8 @@ static void usage(void) {
     fprintf(stderr,
         "usage: tiny_base [--data DIR] [--out DIR] [--seed N] [--images N]\n"
         "                 [--vae-data DIR] [--vae-steps N] [--vae-only] [--steps N] [--bench]\n"
+        "                 [--vae-channels a,b,c[,d]] [--vae-lr X] [--vae-batch N] [--vae-from DIR]\n"
+        "                 [--lr X] [--batch N] [--min-snr G] [--ema D] [--noise-offset X]\n"
         "pre-trains the tiny SD1.x-architecture model from scratch (models/tiny/)\n");
 }
 
@@ -962,6 +1012,17 @@ static int parse_int(const char *flag, const char *s, long lo, long hi, long *v)
     long x = s ? strtol(s, &end, 10) : 0;
     if (!s || errno || *end || x < lo || x > hi) {
         fprintf(stderr, "error: %s: '%s' is not a number in [%ld, %ld]\n", flag, s ? s : "", lo, hi);
+        return -1;
+    }
+    *v = x;
+    return 0;
+}
+
+static int parse_float(const char *flag, const char *s, float lo, float hi, float *v) {
+    char *end;
+    float x = s ? strtof(s, &end) : 0;
+    if (!s || *end || !(x >= lo && x <= hi)) {
+        fprintf(stderr, "error: %s: '%s' is not a number in [%g, %g]\n", flag, s ? s : "", lo, hi);
         return -1;
     }
     *v = x;
@@ -979,8 +1040,28 @@ int main(int argc, char **argv) {
         else if (strcmp(a, "--out") == 0 && val) { o.out_dir = val; i++; }
         else if (strcmp(a, "--vae-data") == 0 && val) { o.vae_data_dir = val; i++; }
         else if (strcmp(a, "--vae-only") == 0) o.vae_only = 1;
+        else if (strcmp(a, "--vae-from") == 0 && val) { o.vae_from = val; i++; }
+        else if (strcmp(a, "--min-snr") == 0) { if (parse_float(a, val, 0, 100, &o.diff.min_snr)) return 2; i++; }
+        else if (strcmp(a, "--noise-offset") == 0) { if (parse_float(a, val, 0, 1, &o.diff.noise_offset)) return 2; i++; }
+        else if (strcmp(a, "--ema") == 0) { if (parse_float(a, val, 0, 0.99999f, &o.diff.ema)) return 2; i++; }
+        else if (strcmp(a, "--lr") == 0) { if (parse_float(a, val, 1e-7f, 1, &o.diff.lr)) return 2; i++; }
+        else if (strcmp(a, "--batch") == 0) { if (parse_int(a, val, 1, 1024, &x)) return 2; o.diff.batch = (int)x; i++; }
         else if (strcmp(a, "--seed") == 0) { if (parse_int(a, val, 0, 1L << 30, &x)) return 2; o.seed = (uint64_t)x; i++; }
         else if (strcmp(a, "--images") == 0) { if (parse_int(a, val, 0, 1L << 30, &x)) return 2; o.images = (int)x; i++; }
+        else if (strcmp(a, "--vae-channels") == 0 && val) {
+            int k = 0, used = 0;
+            for (const char *q = val; k < TB_MAXLEV && sscanf(q, "%d%n", &tb_vae_ch[k], &used) == 1; k++) {
+                if (tb_vae_ch[k] < 4 || tb_vae_ch[k] % 4) k = -100;
+                q += used;
+                if (*q != ',') { k++; break; }
+                q++;
+            }
+            if (k < 2) { fprintf(stderr, "error: --vae-channels: '%s' is not 2 to %d multiples of 4, a,b,...\n", val, TB_MAXLEV); return 2; }
+            tb_vae_nlev = k;
+            i++;
+        }
+        else if (strcmp(a, "--vae-lr") == 0) { if (parse_float(a, val, 1e-7f, 1, &o.vae.lr)) return 2; i++; }
+        else if (strcmp(a, "--vae-batch") == 0) { if (parse_int(a, val, 1, 256, &x)) return 2; o.vae.batch = (int)x; i++; }
         else if (strcmp(a, "--vae-steps") == 0) { if (parse_int(a, val, 1, 1L << 30, &x)) return 2; o.vae.steps = (int)x; i++; }
         else if (strcmp(a, "--steps") == 0) { if (parse_int(a, val, 1, 1L << 30, &x)) return 2; o.diff.steps = (int)x; i++; }
         else if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) { usage(); return 0; }
