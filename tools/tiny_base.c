@@ -735,10 +735,11 @@ static int train_diffusion(unet_t *u, clip_t *m, const tokenizer *tok, const flo
         clip_zero_grads(m);
         if (clip_forward(m, ctx, ids, B, T, 1)) { fprintf(stderr, "error: clip: %s\n", m->err); goto done; }
         if (unet_forward(u, pred, xt, tf, ctx, B, TB_LAT, TB_LAT, T)) { fprintf(stderr, "error: %s\n", u->err); goto done; }
-        if (o->min_snr > 0) ddpm_min_snr_weights(wt, ti, B, o->min_snr, DDPM_EPSILON, &s);
-        float loss = mse_loss_forward(pred, eps, o->min_snr > 0 ? wt : NULL, B, lper);
+        const float *w = NULL;   /* per-image loss weights, min-SNR only */
+        if (o->min_snr > 0) { ddpm_min_snr_weights(wt, ti, B, o->min_snr, DDPM_EPSILON, &s); w = wt; }
+        float loss = mse_loss_forward(pred, eps, w, B, lper);
         memset(dpred, 0, B * lper * sizeof(float));
-        mse_loss_backward(dpred, pred, eps, o->min_snr > 0 ? wt : NULL, 1.0f, B, lper);
+        mse_loss_backward(dpred, pred, eps, w, 1.0f, B, lper);
         if (unet_backward(u, dpred, NULL, dctx)) { fprintf(stderr, "error: %s\n", u->err); goto done; }
         if (clip_backward(m, dctx)) { fprintf(stderr, "error: clip: %s\n", m->err); goto done; }
         clip_grad_norm(u->grads, u->nparams, 1.0f);
@@ -1029,6 +1030,29 @@ static int parse_float(const char *flag, const char *s, float lo, float hi, floa
     return 0;
 }
 
+/* --vae-channels a,b[,c...]: 2 to TB_MAXLEV levels, each a multiple of 4
+ * (the VAE's GroupNorm has 4 groups); sets tb_vae_ch / tb_vae_nlev */
+static int parse_channels(const char *flag, const char *s) {
+    int ch[TB_MAXLEV], k = 0, ok = 0;
+    for (const char *q = s; q && k < TB_MAXLEV; ) {
+        char *end;
+        errno = 0;
+        long c = strtol(q, &end, 10);
+        if (end == q || errno || c < 4 || c > 4096 || c % 4) break;
+        ch[k++] = (int)c;
+        if (*end == '\0') { ok = k >= 2; break; }   /* the whole list read */
+        q = *end == ',' ? end + 1 : NULL;
+    }
+    if (!ok) {
+        fprintf(stderr, "error: %s: '%s' is not 2 to %d multiples of 4 (4..4096) separated by commas, e.g. 8,16,32\n",
+                flag, s ? s : "", TB_MAXLEV);
+        return -1;
+    }
+    memcpy(tb_vae_ch, ch, sizeof ch);
+    tb_vae_nlev = k;
+    return 0;
+}
+
 int main(int argc, char **argv) {
     tb_opts o;
     tb_default_opts(&o);
@@ -1048,18 +1072,7 @@ int main(int argc, char **argv) {
         else if (strcmp(a, "--batch") == 0) { if (parse_int(a, val, 1, 1024, &x)) return 2; o.diff.batch = (int)x; i++; }
         else if (strcmp(a, "--seed") == 0) { if (parse_int(a, val, 0, 1L << 30, &x)) return 2; o.seed = (uint64_t)x; i++; }
         else if (strcmp(a, "--images") == 0) { if (parse_int(a, val, 0, 1L << 30, &x)) return 2; o.images = (int)x; i++; }
-        else if (strcmp(a, "--vae-channels") == 0 && val) {
-            int k = 0, used = 0;
-            for (const char *q = val; k < TB_MAXLEV && sscanf(q, "%d%n", &tb_vae_ch[k], &used) == 1; k++) {
-                if (tb_vae_ch[k] < 4 || tb_vae_ch[k] % 4) k = -100;
-                q += used;
-                if (*q != ',') { k++; break; }
-                q++;
-            }
-            if (k < 2) { fprintf(stderr, "error: --vae-channels: '%s' is not 2 to %d multiples of 4, a,b,...\n", val, TB_MAXLEV); return 2; }
-            tb_vae_nlev = k;
-            i++;
-        }
+        else if (strcmp(a, "--vae-channels") == 0) { if (parse_channels(a, val)) return 2; i++; }
         else if (strcmp(a, "--vae-lr") == 0) { if (parse_float(a, val, 1e-7f, 1, &o.vae.lr)) return 2; i++; }
         else if (strcmp(a, "--vae-batch") == 0) { if (parse_int(a, val, 1, 256, &x)) return 2; o.vae.batch = (int)x; i++; }
         else if (strcmp(a, "--vae-steps") == 0) { if (parse_int(a, val, 1, 1L << 30, &x)) return 2; o.vae.steps = (int)x; i++; }
