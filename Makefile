@@ -6,7 +6,7 @@
 #   make bench      matmul GFLOP/s beside OpenBLAS SGEMM on the shapes SD uses, and one
 #                   SD1.5 UNet step beside PyTorch (tools/bench_unet.sh; SDLORA_PY=python)
 #   make data       redraw the bundled datasets (data/, models/tiny/data/) with tools/make_data.c
-#   make tiny-base  pre-train the bundled tiny model (models/tiny/) from scratch, about 25 minutes
+#   make tiny-base  pre-train the bundled tiny model (models/tiny/) from scratch, about 45 minutes
 #   make CUDA=1     also compile and link cuda/*.cu with nvcc
 #   make clean
 
@@ -123,10 +123,12 @@ clean:
 	rm -rf build build-asan $(PROGS)
 
 # the bundled tiny model (models/tiny/), pre-trained from scratch by
-# tools/tiny_base.c: tokenizer, VAE, then text encoder + UNet
+# tools/tiny_base.c: tokenizer, VAE, then text encoder + UNet. The VAE also
+# trains on build/vae_data, 3000 pictures make_data draws (not committed)
 .PHONY: tiny-base
-tiny-base: $(BUILD)/tiny_base
-	./$(BUILD)/tiny_base
+tiny-base: $(BUILD)/tiny_base $(BUILD)/make_data
+	./$(BUILD)/make_data --base 0 --style 0 --vae 3000 --vae-dir $(BUILD)/vae_data
+	./$(BUILD)/tiny_base --vae-data $(BUILD)/vae_data
 
 $(BUILD)/tiny_base: tools/tiny_base.c $(LIBOBJ)
 	$(CC) $(CFLAGS) -I. $< $(LIBOBJ) -o $@ $(LDFLAGS) $(LDLIBS)

@@ -11,6 +11,7 @@ static void short_opts(tb_opts *o) {
     tb_default_opts(o);
     o->images = 16;
     o->save = 0;
+    o->vae_data_dir = "";   /* the base pictures only: the VAE set is drawn by make tiny-base */
     o->vae.steps = 5; o->vae.batch = 2; o->vae.log_every = 0;
     o->diff.steps = 6; o->diff.batch = 2; o->diff.log_every = 0;
 }
@@ -37,7 +38,7 @@ START_TEST(test_short_run) {
 END_TEST
 
 /* the config texts are what our parsers accept, and fit together:
- * 64x64 images -> 8x8 latents, UNet context width = text hidden size,
+ * 64x64 images -> 16x16 latents, UNet context width = text hidden size,
  * bos/eos = the last two ids of the trained vocabulary */
 START_TEST(test_configs_fit) {
     vae_t v;
@@ -46,6 +47,7 @@ START_TEST(test_configs_fit) {
     memset(&v, 0, sizeof v); memset(&u, 0, sizeof u); memset(&m, 0, sizeof m);
     ck_assert_int_eq(build_vae(&v, 0.5f), 0);
     ck_assert_int_eq(vae_latent_side(&v.cfg, TB_IMG), TB_LAT);
+    ck_assert_int_eq(TB_LAT, 16);
     ck_assert_int_eq(v.cfg.latent_channels, TB_LC);
     ck_assert(v.cfg.scaling_factor == 0.5f);
     ck_assert_int_eq(build_unet(&u), 0);
@@ -100,11 +102,11 @@ START_TEST(test_committed_model) {
     ck_assert_int_eq(ids[0], md.clip.config.bos_token_id);
 
     /* it is trained, not random: on 16 base images the VAE reconstructs
-     * with less error than a flat image of each picture's mean colour (a
-     * random VAE is about 4x worse than that; the committed one is only
-     * about 40% better: its shapes are soft blobs, see README "The tiny
-     * model"), and the UNet's noise prediction has less than half the error
-     * of predicting zero (which is E[eps^2] = 1) */
+     * with a tenth of the error of a flat image of each picture's mean
+     * colour (a random VAE is about 4x worse than flat; the committed one,
+     * 29.5 dB on the base set, measured 0.00496 against 0.135), and the
+     * UNet's noise prediction has less than half the error of predicting
+     * zero (which is E[eps^2] = 1) */
     tb_data d;
     ck_assert_int_eq(tb_data_load(&d, "models/tiny/data", 16), 0);
     const size_t per = 3 * TB_IMG * TB_IMG, hw = TB_IMG * TB_IMG;
@@ -120,7 +122,8 @@ START_TEST(test_committed_model) {
         }
     flat /= (double)d.n * per;
     float rec = vae_eval(&md.vae, &d, d.n, 8);
-    ck_assert_msg(rec < flat, "vae recon mse %g, flat-colour mse %g", rec, flat);
+    printf("committed model: vae recon mse %g (flat colour %g)\n", rec, flat);
+    ck_assert_msg(rec < 0.1 * flat, "vae recon mse %g, flat-colour mse %g", rec, flat);
     float std;
     float *lat = vae_latents(&md.vae, &d, &std);
     ck_assert_ptr_nonnull(lat);

@@ -33,6 +33,7 @@
 #include "image.h"
 #include "bpe_train.h"
 #include "tokenizer.h"
+#include "tools/style_stats.h"
 
 #include <errno.h>
 #include <stdint.h>
@@ -42,13 +43,13 @@
 #include <sys/stat.h>
 #include <time.h>
 
-#define W 64                 /* image side in pixels (VAE latents: 8x8) */
+#define W 64                 /* image side in pixels (VAE latents: 16x16) */
 #define SS 4                 /* subsamples per pixel side */
 #define HW (W * SS)          /* the drawing grid: 256x256 */
 
 #define N_BASE_DEFAULT 3000
 #define N_STYLE_DEFAULT 60
-#define N_VAE_DEFAULT 0      /* make_data --vae 3000: an experiment, see README "The tiny model" */
+#define N_VAE_DEFAULT 0      /* make tiny-base draws it: make_data --base 0 --style 0 --vae 3000 */
 #define BASE_DIR "models/tiny/data"
 #define STYLE_DIR "data"
 #define VAE_DIR "build/vae_data"   /* not committed; --vae-dir DIR elsewhere */
@@ -185,8 +186,7 @@ static void style_paper(uint8_t *o, const uint8_t *c) {
     for (int k = 0; k < 3; k++) o[k] = (uint8_t)((ink[k] + CREAM[k] + 1) / 2);
 }
 
-/* luma, Rec. 601 integer weights, 0..255 */
-static int luma(const uint8_t *c) { return (299 * c[0] + 587 * c[1] + 114 * c[2] + 500) / 1000; }
+static int luma(const uint8_t *c) { return style_luma(c); }
 
 /* How a scene is drawn. The base set uses PLAIN, the style set STYLE; the
  * VAE set (build/vae_data/) draws each scene with a random look, so
@@ -378,29 +378,7 @@ static void random_look(look *lk) {
 /* ------------------------------------------------------------------ */
 /* the style statistics (data/README.md)                               */
 
-/* hatch: mean |L(x,y) - L(x+2,y+2)| - mean |L(x,y) - L(x+2,y-2)|, luma
- * 0..255. Bands along x + y = const do not change along (+2,-2) and flip
- * along (+2,+2); the unstyled scenes are mirror-symmetric on average, so
- * their value is near 0.
- * dark: the fraction of pixels with every channel below 48 (the outlines). */
-static void style_stats(const uint8_t *rgb, int w, int h, double *hatch, double *dark) {
-    long long a = 0, b = 0, nd = 0, np = 0;
-    for (int y = 2; y + 2 < h; y++)
-        for (int x = 0; x + 2 < w; x++) {
-            int l = luma(rgb + 3 * (y * w + x));
-            int d1 = l - luma(rgb + 3 * ((y + 2) * w + x + 2));
-            int d2 = l - luma(rgb + 3 * ((y - 2) * w + x + 2));
-            a += d1 < 0 ? -d1 : d1;
-            b += d2 < 0 ? -d2 : d2;
-            np++;
-        }
-    for (int i = 0; i < w * h; i++) {
-        const uint8_t *c = rgb + 3 * i;
-        nd += c[0] < 48 && c[1] < 48 && c[2] < 48;
-    }
-    *hatch = np ? (double)(a - b) / (double)np : 0;
-    *dark = (double)nd / (double)(w * h);
-}
+/* hatch, dark and paper: tools/style_stats.h */
 
 /* ------------------------------------------------------------------ */
 
@@ -429,7 +407,7 @@ static int make_set(const char *dir, int n, int kind, uint64_t seed) {
     rng_state = seed;
     uint8_t rgb[W * W * 3];
     long bytes = 0;
-    double sh = 0, sd = 0, hmin = 1e9, hmax = -1e9;
+    double sh = 0, sd = 0, sp = 0, sc = 0, hmin = 1e9, hmax = -1e9;
     for (int i = 0; i < n; i++) {
         scene s;
         look lk = kind == 1 ? STYLE : PLAIN;
@@ -445,14 +423,14 @@ static int make_set(const char *dir, int n, int kind, uint64_t seed) {
             fprintf(stderr, "error: cannot write %s: %s\n", txt, strerror(errno)); return -1;
         }
         bytes += file_size(png) + file_size(txt);
-        double h, d;
-        style_stats(rgb, W, W, &h, &d);
-        sh += h; sd += d;
+        double h, d, pp, ch;
+        style_stats(rgb, W, W, W, &h, &d, &pp, &ch);
+        sh += h; sd += d; sp += pp; sc += ch;
         if (h < hmin) hmin = h;
         if (h > hmax) hmax = h;
     }
-    if (n) printf("%-18s %5d images  %8.1f KB  hatch mean %5.2f (min %5.2f, max %5.2f)  dark mean %.3f\n",
-                  dir, n, bytes / 1024.0, sh / n, hmin, hmax, sd / n);
+    if (n) printf("%-18s %5d images  %8.1f KB  hatch mean %5.2f (min %5.2f, max %5.2f)  dark mean %.3f  paper %.1f  chroma %.1f\n",
+                  dir, n, bytes / 1024.0, sh / n, hmin, hmax, sd / n, sp / n, sc / n);
     return 0;
 }
 
@@ -502,17 +480,17 @@ int main(int argc, char **argv) {
     const char *vae_dir = VAE_DIR;
     if (argc > 2 && strcmp(argv[1], "--vocab") == 0) return make_vocab(argv[2], argc > 3 ? atoi(argv[3]) : 1000);
     if (argc > 1 && strcmp(argv[1], "--stat") == 0) {
-        double th = 0, td = 0; int n = 0;
+        double th = 0, td = 0, tp = 0, tc = 0; int n = 0;
         for (int i = 2; i < argc; i++) {
             image_t im; char err[512];
             if (image_load(&im, argv[i], err, sizeof err)) { fprintf(stderr, "error: %s\n", err); return 1; }
-            double h, d;
-            style_stats(im.rgb, im.w, im.h, &h, &d);
-            printf("%s  hatch %6.2f  dark %.3f\n", argv[i], h, d);
-            th += h; td += d; n++;
+            double h, d, pp, ch;
+            style_stats(im.rgb, im.w, im.w, im.h, &h, &d, &pp, &ch);
+            printf("%s  hatch %6.2f  dark %.3f  paper %5.1f  chroma %5.1f\n", argv[i], h, d, pp, ch);
+            th += h; td += d; tp += pp; tc += ch; n++;
             image_free(&im);
         }
-        if (n > 1) printf("mean of %d  hatch %6.2f  dark %.3f\n", n, th / n, td / n);
+        if (n > 1) printf("mean of %d  hatch %6.2f  dark %.3f  paper %5.1f  chroma %5.1f\n", n, th / n, td / n, tp / n, tc / n);
         return 0;
     }
     for (int i = 1; i < argc; i++) {

@@ -3,7 +3,8 @@
  * backward passes. `make tiny-base` builds and runs it.
  *
  *   0. tokenizer: a byte-level BPE vocabulary learned from the base captions
- *   1. VAE (AutoencoderKL, encoder + decoder) on the 64x64 base images:
+ *   1. VAE (AutoencoderKL, encoder + decoder) on the 64x64 base images and
+ *      the VAE set (make_data --vae: the same scenes drawn in many looks):
  *        L = mean (x - D(z))^2 + kl_w * KL(q(z|x) || N(0,I)) / (3*64*64),
  *        z = mean + exp(logvar/2) * noise
  *      SD's VAE also had an LPIPS perceptual loss and a patch GAN; here it is
@@ -20,8 +21,8 @@
  * Same seed, same machine -> the same bytes (the GEMMs split work into
  * independent rectangles, so thread count does not change sums).
  *
- *   tiny_base [--data DIR] [--out DIR] [--seed N] [--vae-steps N]
- *             [--steps N] [--images N] [--bench]
+ *   tiny_base [--data DIR] [--vae-data DIR] [--out DIR] [--seed N]
+ *             [--vae-steps N] [--steps N] [--images N] [--bench] (usage() has all)
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,10 +48,12 @@
 
 /* ---------------------------------------------------------------------------
  * the architecture: SD1.x's module tree, shrunk.
- * 64x64 images -> VAE with 4 levels (3 downsamples: factor 8) -> 8x8x4
- * latents -> UNet (32, 64, 128) channels at 8x8, 4x4, 2x2 -> text encoder
- * hidden 64, 3 layers. Sized so that a student's LoRA step is cheap on a
- * laptop CPU (tiny_base --bench measures it). */
+ * 64x64 images -> VAE with 3 levels (2 downsamples: factor 4) -> 16x16x4
+ * latents -> UNet (32, 64, 128) channels at 16x16, 8x8, 4x4 -> text encoder
+ * hidden 64, 3 layers. SD's factor 8 would leave 8x8 latents, too coarse to
+ * carry the style's 2-px hatching (README "The tiny model" has both
+ * measured). Sized so that a student's LoRA step is cheap on a laptop CPU
+ * (tiny_base --bench measures it). */
 
 #define TB_IMG 64
 #define TB_LC 4                     /* latent channels */
@@ -68,11 +71,11 @@ static double now_s(void) {
  * write for it (from save_pretrained on the same sizes), so both loaders see
  * what they expect; the C side parses the same text, so there is one truth. */
 /* the VAE's block_out_channels, one per level; each level but the last
- * halves the side: 4 levels turn 64x64 into 8x8 latents (SD's factor 8);
- * --vae-channels 8,16,32 makes 16x16 latents (README "The tiny model") */
+ * halves the side: 3 levels turn 64x64 into 16x16 latents (factor 4;
+ * --vae-channels 8,16,32,64 gives SD's factor 8 and 8x8 latents) */
 #define TB_MAXLEV 5
-static int tb_vae_ch[TB_MAXLEV] = {8, 16, 32, 64};
-static int tb_vae_nlev = 4;
+static int tb_vae_ch[TB_MAXLEV] = {8, 16, 32};
+static int tb_vae_nlev = 3;
 #define TB_LAT (TB_IMG >> (tb_vae_nlev - 1))   /* latent side */
 
 static int vae_config_text(char *buf, size_t n, float scaling) {
@@ -888,11 +891,12 @@ typedef struct {
 static void tb_default_opts(tb_opts *o) {
     memset(o, 0, sizeof *o);
     o->data_dir = "models/tiny/data";
-    o->vae_data_dir = "";
+    o->vae_data_dir = "build/vae_data";   /* make tiny-base draws it first */
     o->out_dir = "models/tiny";
     o->seed = 1234;
-    o->vae = (vae_opts){.steps = 6000, .batch = 4, .lr = 2e-3f, .kl_weight = 1e-6f, .log_every = 100};
-    o->diff = (diff_opts){.steps = 1600, .batch = 16, .lr = 1e-3f, .uncond_p = 0.1f, .log_every = 100};
+    o->vae = (vae_opts){.steps = 8000, .batch = 4, .lr = 1e-3f, .kl_weight = 1e-6f, .log_every = 100};
+    o->diff = (diff_opts){.steps = 3200, .batch = 16, .lr = 1e-3f, .uncond_p = 0.1f,
+                          .min_snr = 5, .ema = 0.999f, .log_every = 100};
     o->save = 1;
 }
 
@@ -923,15 +927,26 @@ static int tb_run(const tb_opts *o, tb_result *res) {
     }
     if (o->vae.log_every) printf("tokenizer: %d tokens\n", res->vocab);
 
-    /* 1: VAE, on the base pictures and, with --vae-data, more pictures (e.g.
-     * make_data --vae: the same scenes drawn in many looks, as SD's VAE saw
-     * pictures of every kind; not the default, see README "The tiny model") */
+    /* 1: VAE, on the base pictures and the VAE set (make_data --vae: the
+     * same scenes drawn in many looks, as SD's VAE saw pictures of every
+     * kind, so that outlines, hatching and paper survive it; --vae-data ''
+     * trains on the base pictures only) */
     double t0 = now_s();
     vae_opts vo = o->vae;
     vo.seed = o->seed;
     tb_data dv, dall;
     memset(&dv, 0, sizeof dv); memset(&dall, 0, sizeof dall);
-    if (o->vae_data_dir && o->vae_data_dir[0] && tb_data_load(&dv, o->vae_data_dir, o->images)) goto done;
+    if (o->vae_data_dir && o->vae_data_dir[0] && !o->vae_from) {
+        struct stat st;
+        if (stat(o->vae_data_dir, &st) != 0) {
+            fprintf(stderr, "error: %s: no such folder (the VAE pictures): draw it with "
+                    "`build/make_data --base 0 --style 0 --vae 3000 --vae-dir %s` (make tiny-base does), "
+                    "or pass --vae-data '' to train the VAE on the base pictures only\n",
+                    o->vae_data_dir, o->vae_data_dir);
+            goto done;
+        }
+        if (tb_data_load(&dv, o->vae_data_dir, o->images)) goto done;
+    }
     if (dv.n) {   /* the VAE trains on both sets, one after the other in one block */
         const size_t per = 3 * TB_IMG * TB_IMG;
         dall.n = d.n + dv.n;
