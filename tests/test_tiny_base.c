@@ -37,6 +37,20 @@ START_TEST(test_short_run) {
 }
 END_TEST
 
+/* a missing VAE set is an error before anything is written */
+START_TEST(test_missing_vae_data) {
+    tb_opts o;
+    tb_result r;
+    short_opts(&o);
+    o.save = 1;
+    o.out_dir = "/tmp/sdlora_tiny_base_never_written";
+    o.vae_data_dir = "/tmp/sdlora_no_such_vae_data";
+    ck_assert_int_eq(tb_run(&o, &r), -1);
+    struct stat st;
+    ck_assert_int_ne(stat(o.out_dir, &st), 0);
+}
+END_TEST
+
 /* the config texts are what our parsers accept, and fit together:
  * 64x64 images -> 16x16 latents, UNet context width = text hidden size,
  * bos/eos = the last two ids of the trained vocabulary */
@@ -141,6 +155,7 @@ static Suite *tiny_base_suite(void) {
     TCase *tc = tcase_create("core");
     tcase_add_test(tc, test_configs_fit);
     tcase_add_test(tc, test_short_run);
+    tcase_add_test(tc, test_missing_vae_data);
     tcase_add_test(tc, test_committed_model);
     suite_add_tcase(s, tc);
     return s;

@@ -911,6 +911,15 @@ static int tb_run(const tb_opts *o, tb_result *res) {
     tokenizer *tok = NULL;
     float *lat = NULL;
     memset(&v, 0, sizeof v); memset(&u, 0, sizeof u); memset(&m, 0, sizeof m);
+    struct stat st;
+    if (o->vae_data_dir && o->vae_data_dir[0] && !o->vae_from && stat(o->vae_data_dir, &st) != 0) {
+        /* checked before anything is written */
+        fprintf(stderr, "error: %s: no such folder (the VAE pictures): draw it with "
+                "`build/make_data --base 0 --style 0 --vae 3000 --vae-dir %s` (make tiny-base does), "
+                "or pass --vae-data '' to train the VAE on the base pictures only\n",
+                o->vae_data_dir, o->vae_data_dir);
+        return -1;
+    }
     if (tb_data_load(&d, o->data_dir, o->images)) return -1;
     if (o->vae.log_every) printf("data: %d images from %s\n", d.n, o->data_dir);
 
@@ -936,17 +945,7 @@ static int tb_run(const tb_opts *o, tb_result *res) {
     vo.seed = o->seed;
     tb_data dv, dall;
     memset(&dv, 0, sizeof dv); memset(&dall, 0, sizeof dall);
-    if (o->vae_data_dir && o->vae_data_dir[0] && !o->vae_from) {
-        struct stat st;
-        if (stat(o->vae_data_dir, &st) != 0) {
-            fprintf(stderr, "error: %s: no such folder (the VAE pictures): draw it with "
-                    "`build/make_data --base 0 --style 0 --vae 3000 --vae-dir %s` (make tiny-base does), "
-                    "or pass --vae-data '' to train the VAE on the base pictures only\n",
-                    o->vae_data_dir, o->vae_data_dir);
-            goto done;
-        }
-        if (tb_data_load(&dv, o->vae_data_dir, o->images)) goto done;
-    }
+    if (o->vae_data_dir && o->vae_data_dir[0] && !o->vae_from && tb_data_load(&dv, o->vae_data_dir, o->images)) goto done;
     if (dv.n) {   /* the VAE trains on both sets, one after the other in one block */
         const size_t per = 3 * TB_IMG * TB_IMG;
         dall.n = d.n + dv.n;
