@@ -38,7 +38,7 @@
 
 START_TEST(test_default_run_shows_style) {
 #ifdef SANITISED
-    printf("test_default_run_shows_style: skipped in the sanitiser build (a 300-step training run)\n");
+    printf("test_default_run_shows_style: skipped in the sanitiser build (a 1200-step training run)\n");
     return;
 #endif
     char dir[] = "/tmp/sdlora_style_XXXXXX";

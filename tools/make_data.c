@@ -186,8 +186,6 @@ static void style_paper(uint8_t *o, const uint8_t *c) {
     for (int k = 0; k < 3; k++) o[k] = (uint8_t)((ink[k] + CREAM[k] + 1) / 2);
 }
 
-static int luma(const uint8_t *c) { return style_luma(c); }
-
 /* How a scene is drawn. The base set uses PLAIN, the style set STYLE; the
  * VAE set (build/vae_data/) draws each scene with a random look, so
  * that the tiny VAE, like SD's, is trained on pictures of every kind and can
@@ -245,7 +243,7 @@ static void draw_object(const object *o, const look *lk) {
     uint8_t ink[3], alt[3];
     if (lk->posterise) style_ink(ink, RGB[o->colour]);
     else memcpy(ink, RGB[o->colour], 3);
-    int toward = luma(ink) > 110 ? 0 : 255;
+    int toward = style_luma(ink) > 110 ? 0 : 255;
     for (int k = 0; k < 3; k++) alt[k] = (uint8_t)((ink[k] + toward + 1) / 2);
     int grow = lk->outline * SS * 2;   /* the outline width in half-subsample units */
     for (int Y = y0; Y <= y1; Y++)
@@ -375,10 +373,7 @@ static void random_look(look *lk) {
     lk->paper = randint(2);
 }
 
-/* ------------------------------------------------------------------ */
-/* the style statistics (data/README.md)                               */
-
-/* hatch, dark and paper: tools/style_stats.h */
+/* the style statistics (hatch, dark, paper, chroma): tools/style_stats.h */
 
 /* ------------------------------------------------------------------ */
 

@@ -911,9 +911,12 @@ static int tb_run(const tb_opts *o, tb_result *res) {
     tokenizer *tok = NULL;
     float *lat = NULL;
     memset(&v, 0, sizeof v); memset(&u, 0, sizeof u); memset(&m, 0, sizeof m);
+    /* both picture sets are read before anything is written */
+    tb_data dv, dall;
+    memset(&dv, 0, sizeof dv); memset(&dall, 0, sizeof dall);
+    const int use_vd = o->vae_data_dir && o->vae_data_dir[0] && !o->vae_from;
     struct stat st;
-    if (o->vae_data_dir && o->vae_data_dir[0] && !o->vae_from && stat(o->vae_data_dir, &st) != 0) {
-        /* checked before anything is written */
+    if (use_vd && stat(o->vae_data_dir, &st) != 0) {
         fprintf(stderr, "error: %s: no such folder (the VAE pictures): draw it with "
                 "`build/make_data --base 0 --style 0 --vae 3000 --vae-dir %s` (make tiny-base does), "
                 "or pass --vae-data '' to train the VAE on the base pictures only\n",
@@ -921,6 +924,7 @@ static int tb_run(const tb_opts *o, tb_result *res) {
         return -1;
     }
     if (tb_data_load(&d, o->data_dir, o->images)) return -1;
+    if (use_vd && tb_data_load(&dv, o->vae_data_dir, o->images)) { tb_data_free(&d); return -1; }
     if (o->vae.log_every) printf("data: %d images from %s\n", d.n, o->data_dir);
 
     /* 0: tokenizer (into the output folder, or a scratch one when not saving) */
@@ -943,13 +947,10 @@ static int tb_run(const tb_opts *o, tb_result *res) {
     double t0 = now_s();
     vae_opts vo = o->vae;
     vo.seed = o->seed;
-    tb_data dv, dall;
-    memset(&dv, 0, sizeof dv); memset(&dall, 0, sizeof dall);
-    if (o->vae_data_dir && o->vae_data_dir[0] && !o->vae_from && tb_data_load(&dv, o->vae_data_dir, o->images)) goto done;
     if (dv.n) {   /* the VAE trains on both sets, one after the other in one block */
         const size_t per = 3 * TB_IMG * TB_IMG;
         dall.n = d.n + dv.n;
-        if (!(dall.img = malloc((size_t)dall.n * per * sizeof(float)))) { tb_data_free(&dv); goto done; }
+        if (!(dall.img = malloc((size_t)dall.n * per * sizeof(float)))) goto done;
         memcpy(dall.img, d.img, (size_t)d.n * per * sizeof(float));
         memcpy(dall.img + (size_t)d.n * per, dv.img, (size_t)dv.n * per * sizeof(float));
         if (o->vae.log_every) printf("vae: %d base + %d pictures from %s\n", d.n, dv.n, o->vae_data_dir);
@@ -1005,6 +1006,7 @@ static int tb_run(const tb_opts *o, tb_result *res) {
     rc = 0;
 done:
     free(lat);
+    tb_data_free(&dv); tb_data_free(&dall);
     tok_free(tok);
     vae_free(&v); unet_free(&u); clip_free(&m);
     tb_data_free(&d);
