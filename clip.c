@@ -457,7 +457,7 @@ static void proj_backward(clip_t *m, float *dinp, const float *dout, const float
                           int N, int in, int out) {
     const float *w32 = wf(m, w);
     if (m->grads) linear_backward(NULL, gwm(m, w), gw(m, b), dout, inp, w32, N, in, out);
-    lora_backward(dinp, dout, inp, ax, mask, w32, L, N, in, out);
+    lora_backward(dinp, dout, inp, ax, mask, m->lscratch, w32, L, N, in, out);
 }
 
 int clip_num_adapters(const clip_t *m) { return m->nadapters; }
@@ -575,6 +575,13 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
         snprintf(m->err, sizeof m->err, "clip: out of memory for activations (B=%d, T=%d)", B, T);
         return -1;
     }
+    /* the adapters' scratch (lora_scratch_floats): rank plus the widest input */
+    size_t lr = m->adapters ? (size_t)m->adapters[0].L.r : 0;
+    if (m->adapters && ensure((void **)&m->work, &m->work_cap, N * (lr + (size_t)c->intermediate_size), sizeof(float))) {
+        snprintf(m->err, sizeof m->err, "clip: out of memory for activations (B=%d, T=%d)", B, T);
+        return -1;
+    }
+    float *lscratch = m->work;
     memcpy(m->ids, ids, sizeof(int) * N);
     m->B = B; m->T = T; m->dropout_on = dropout_on;
     int nrun = c->num_layers - clip_skip + 1;
@@ -605,19 +612,19 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
         else xnext = xfinal;
         /* attention branch: x' = x + out_proj(attn(q, k, v)),  q = q_proj(ln1(x)) etc. */
         layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, a.res, P->ln1_w, P->ln1_b, (int)N, C, c->layer_norm_eps);
-        lora_forward(a.q, a.ax[CLIP_Q], a.mask[CLIP_Q], a.ln1, wf(m, P->q_w), P->q_b, adapter(m, l, CLIP_Q, &tmp), (int)N, C, C, &m->rng);
-        lora_forward(a.k, a.ax[CLIP_K], a.mask[CLIP_K], a.ln1, wf(m, P->k_w), P->k_b, adapter(m, l, CLIP_K, &tmp), (int)N, C, C, &m->rng);
-        lora_forward(a.v, a.ax[CLIP_V], a.mask[CLIP_V], a.ln1, wf(m, P->v_w), P->v_b, adapter(m, l, CLIP_V, &tmp), (int)N, C, C, &m->rng);
+        lora_forward(a.q, a.ax[CLIP_Q], a.mask[CLIP_Q], lscratch, a.ln1, wf(m, P->q_w), P->q_b, adapter(m, l, CLIP_Q, &tmp), (int)N, C, C, &m->rng);
+        lora_forward(a.k, a.ax[CLIP_K], a.mask[CLIP_K], lscratch, a.ln1, wf(m, P->k_w), P->k_b, adapter(m, l, CLIP_K, &tmp), (int)N, C, C, &m->rng);
+        lora_forward(a.v, a.ax[CLIP_V], a.mask[CLIP_V], lscratch, a.ln1, wf(m, P->v_w), P->v_b, adapter(m, l, CLIP_V, &tmp), (int)N, C, C, &m->rng);
         /* causal: token t sees tokens 0..t only (CLIP was trained left to right) */
         attention_forward(a.atty, a.att, a.q, a.k, a.v, B, T, T, H, Dh, 1);
-        lora_forward(a.res2, a.ax[CLIP_O], a.mask[CLIP_O], a.atty, wf(m, P->o_w), P->o_b, adapter(m, l, CLIP_O, &tmp), (int)N, C, C, &m->rng);
+        lora_forward(a.res2, a.ax[CLIP_O], a.mask[CLIP_O], lscratch, a.atty, wf(m, P->o_w), P->o_b, adapter(m, l, CLIP_O, &tmp), (int)N, C, C, &m->rng);
         for (size_t i = 0; i < N * C; i++) a.res2[i] += a.res[i];
         /* MLP branch: x_{l+1} = x' + fc2(act(fc1(ln2(x')))) */
         layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, P->ln2_w, P->ln2_b, (int)N, C, c->layer_norm_eps);
-        lora_forward(a.h, a.ax[CLIP_FC1], a.mask[CLIP_FC1], a.ln2, wf(m, P->fc1_w), P->fc1_b, adapter(m, l, CLIP_FC1, &tmp), (int)N, C, F, &m->rng);
+        lora_forward(a.h, a.ax[CLIP_FC1], a.mask[CLIP_FC1], lscratch, a.ln2, wf(m, P->fc1_w), P->fc1_b, adapter(m, l, CLIP_FC1, &tmp), (int)N, C, F, &m->rng);
         if (c->act == CLIP_ACT_GELU) gelu_forward(a.ha, a.h, N * F);
         else quickgelu_forward(a.ha, a.h, N * F);
-        lora_forward(xnext, a.ax[CLIP_FC2], a.mask[CLIP_FC2], a.ha, wf(m, P->fc2_w), P->fc2_b, adapter(m, l, CLIP_FC2, &tmp), (int)N, F, C, &m->rng);
+        lora_forward(xnext, a.ax[CLIP_FC2], a.mask[CLIP_FC2], lscratch, a.ha, wf(m, P->fc2_w), P->fc2_b, adapter(m, l, CLIP_FC2, &tmp), (int)N, F, C, &m->rng);
         for (size_t i = 0; i < N * C; i++) xnext[i] += a.res2[i];
     }
     /* A1111 and diffusers apply the final layer norm to the skipped-to layer too */
@@ -643,13 +650,15 @@ int clip_backward(clip_t *m, const float *dout) {
         return -1;
     }
     size_t N = (size_t)B * T;
-    if (ensure((void **)&m->work, &m->work_cap, 6 * N * C + 2 * N * F, sizeof(float))) {
+    size_t lr = m->adapters ? (size_t)m->adapters[0].L.r : 0;
+    if (ensure((void **)&m->work, &m->work_cap, 6 * N * C + 2 * N * F + N * (lr + F), sizeof(float))) {
         snprintf(m->err, sizeof m->err, "clip: out of memory for the backward workspace");
         return -1;
     }
     float *dres = m->work, *dln = dres + N * C, *datty = dln + N * C;
     float *dq = datty + N * C, *dk = dq + N * C, *dv = dk + N * C;
     float *dh = dv + N * C, *dha = dh + N * F;
+    m->lscratch = dha + N * F;             /* the adapters' (lora_scratch_floats) */
     float *xfinal = m->acts + (size_t)c->num_layers * layer_floats(m, B, T);
     float *lnf_mean = xfinal + N * C, *lnf_rstd = lnf_mean + N;
     size_t nC = N * C * sizeof(float), nF = N * F * sizeof(float);

@@ -111,6 +111,7 @@ typedef struct {
     int *ids;                          /* the last forward's ids (the token embedding's gradient) */
     size_t ids_cap;
     float *work;                       /* backward workspace, sized with acts */
+    float *lscratch;                   /* within work: the adapters' scratch in backward */
     size_t work_cap;
     int B, T, nrun, dropout_on;        /* shape, layers run, dropout used by the last forward */
     char err[ST_ERR_LEN];              /* why the last clip_forward/clip_backward failed */

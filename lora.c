@@ -16,6 +16,7 @@
  * Names: kohya files call A "lora_down" and B "lora_up"; peft calls them
  * lora_A and lora_B. The tensors are the same, so they load unchanged. */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "lora.h"
@@ -55,7 +56,22 @@ static const float *branch_input(float *buf, uint8_t *mask, const float *inp, si
     return buf;
 }
 
-void lora_forward(float *out, float *ax, uint8_t *mask, const float *inp,
+size_t lora_scratch_floats(const lora_t *L, int N) {
+    if (!L) return 0;
+    /* g = dout B (N x r), and x_d (N x in) when there is dropout */
+    return (size_t)N * L->r + (L->dropout > 0.0f ? (size_t)N * L->in : 0);
+}
+
+/* the caller's arena must hold the scratch: a missing one is a bug in the
+ * caller's layout, never bad input, and never a silently skipped gradient */
+static void need_scratch(const float *scratch, const char *fn) {
+    if (!scratch) {
+        fprintf(stderr, "%s: internal error: no scratch memory (lora_scratch_floats)\n", fn);
+        abort();
+    }
+}
+
+void lora_forward(float *out, float *ax, uint8_t *mask, float *scratch, const float *inp,
                   const float *w0, const float *b0, const lora_t *L,
                   int N, int in, int outc, rng_t *rng) {
     /* frozen path: out = x W0^T + b */
@@ -63,126 +79,52 @@ void lora_forward(float *out, float *ax, uint8_t *mask, const float *inp,
     if (!L) return;
     /* ASSIGNMENT 01 BEGIN: the LoRA branch, ax = x_d A^T, out += (alpha/r) ax B^T */
     int r = L->r;
-    float *xd = L->dropout > 0.0f ? malloc(sizeof(float) * (size_t)N * in) : NULL;
-    const float *x = branch_input(xd, mask, inp, (size_t)N * in, L, rng);
+    if (L->dropout > 0.0f) need_scratch(scratch, "lora_forward");
+    const float *x = branch_input(scratch, mask, inp, (size_t)N * in, L, rng);
     /* ax (N x r) = x_d A^T                  (down-projection to rank r) */
     gemm(0, 1, N, r, in, 1.0f, x, in, L->A, in, 0.0f, ax, r);
     /* out += (alpha/r) * ax B^T             (up-projection, scaled) */
     gemm(0, 1, N, outc, r, L->scale, ax, r, L->B, r, 1.0f, out, outc);
-    free(xd);
     /* ASSIGNMENT 01 END */
 }
 
 void lora_backward(float *dinp, const float *dout, const float *inp, const float *ax,
-                   const uint8_t *mask, const float *w0, lora_t *L, int N, int in, int outc) {
+                   const uint8_t *mask, float *scratch, const float *w0, lora_t *L,
+                   int N, int in, int outc) {
     /* frozen path: dx += dout W0; no dW0, no db (NULL = frozen, no work) */
     if (dinp) linear_backward(dinp, NULL, NULL, dout, inp, w0, N, in, outc);
     if (!L) return;
     /* ASSIGNMENT 01 BEGIN: dB += s dout^T ax, dA += s (dout B)^T x_d, dinp += s (dout B) A through the mask */
+    need_scratch(scratch, "lora_backward");
     int r = L->r;
     float s = L->scale;
+    float *g = scratch;                      /* N x r */
+    float *xd = scratch + (size_t)N * r;     /* N x in, with dropout */
     /* g (N x r) = dout B: the gradient reaching the rank-r bottleneck, over s */
-    float *g = malloc(sizeof(float) * (size_t)N * r);
-    if (!g) return;
     gemm(0, 0, N, r, outc, 1.0f, dout, outc, L->B, r, 0.0f, g, r);
     /* dB += s * dout^T ax                   (out x r) */
     if (L->dB) gemm(1, 0, outc, r, N, s, dout, outc, ax, r, 1.0f, L->dB, r);
     /* dA += s * g^T x_d                     (r x in) */
-    if (L->dA || dinp) {
-        float *xd = NULL;
+    if (L->dA) {
         const float *x = inp;
         if (L->dropout > 0.0f) {
             /* rebuild x_d = x * mask / (1 - p) from the saved mask */
-            xd = malloc(sizeof(float) * (size_t)N * in);
-            if (!xd) { free(g); return; }
             float keep = 1.0f / (1.0f - L->dropout);
             for (size_t i = 0; i < (size_t)N * in; i++) xd[i] = mask[i] ? inp[i] * keep : 0.0f;
             x = xd;
         }
-        if (L->dA) gemm(1, 0, r, in, N, s, g, r, x, in, 1.0f, L->dA, in);
-        free(xd);
+        gemm(1, 0, r, in, N, s, g, r, x, in, 1.0f, L->dA, in);
     }
-    /* dx += s * g A, through the dropout mask (d x_d / dx = mask / (1-p)) */
+    /* dx += s * g A, through the dropout mask (d x_d / dx = mask / (1-p)):
+     * with dropout, s g A goes to the x_d buffer first (done with above) */
     if (dinp) {
         if (L->dropout > 0.0f) {
-            float *t = malloc(sizeof(float) * (size_t)N * in);
-            if (!t) { free(g); return; }
-            gemm(0, 0, N, in, r, s, g, r, L->A, in, 0.0f, t, in);
-            dropout_backward(dinp, t, mask, (size_t)N * in, L->dropout);
-            free(t);
+            gemm(0, 0, N, in, r, s, g, r, L->A, in, 0.0f, xd, in);
+            dropout_backward(dinp, xd, mask, (size_t)N * in, L->dropout);
         } else {
             gemm(0, 0, N, in, r, s, g, r, L->A, in, 1.0f, dinp, in);
         }
     }
-    free(g);
-    /* ASSIGNMENT 01 END */
-}
-
-/* 1x1 convolution on NCHW. Per image b, X_b is the (in x HW) matrix and the
- * layer is Y_b = W0 X_b + b + s * B (A X_b): the same algebra with the token
- * axis last, so the products are transposed relative to lora_forward. */
-void lora_conv1x1_forward(float *out, float *ax, uint8_t *mask, const float *inp,
-                          const float *w0, const float *b0, const lora_t *L,
-                          int Bn, int in, int outc, int HW, rng_t *rng) {
-    conv2d_forward(out, inp, w0, b0, Bn, in, HW, 1, outc, 1, 1, 1, 0);
-    if (!L) return;
-    /* ASSIGNMENT 01 BEGIN: per image, AX_b = A X_b, Y_b += (alpha/r) B AX_b */
-    /* ASSIGNMENT 01 STUB: (void)branch_input; */
-    int r = L->r;
-    float *xd = L->dropout > 0.0f ? malloc(sizeof(float) * (size_t)Bn * in * HW) : NULL;
-    const float *x = branch_input(xd, mask, inp, (size_t)Bn * in * HW, L, rng);
-    for (int b = 0; b < Bn; b++) {
-        const float *xb = x + (size_t)b * in * HW;
-        float *axb = ax + (size_t)b * r * HW;
-        /* AX_b (r x HW) = A X_b */
-        gemm(0, 0, r, HW, in, 1.0f, L->A, in, xb, HW, 0.0f, axb, HW);
-        /* Y_b += s * B AX_b */
-        gemm(0, 0, outc, HW, r, L->scale, L->B, r, axb, HW, 1.0f, out + (size_t)b * outc * HW, HW);
-    }
-    free(xd);
-    /* ASSIGNMENT 01 END */
-}
-
-void lora_conv1x1_backward(float *dinp, const float *dout, const float *inp, const float *ax,
-                           const uint8_t *mask, const float *w0, lora_t *L,
-                           int Bn, int in, int outc, int HW) {
-    size_t nin = (size_t)in * HW;
-    if (dinp) conv2d_backward(dinp, NULL, NULL, dout, inp, w0, Bn, in, HW, 1, outc, 1, 1, 1, 0);
-    if (!L) return;
-    /* ASSIGNMENT 01 BEGIN: the same gradients with the token axis last, per image */
-    /* ASSIGNMENT 01 STUB: (void)nin; */
-    int r = L->r;
-    float s = L->scale;
-    float *g = malloc(sizeof(float) * (size_t)r * HW);
-    float *xd = L->dropout > 0.0f ? malloc(sizeof(float) * nin) : NULL;
-    float *t = (dinp && L->dropout > 0.0f) ? malloc(sizeof(float) * nin) : NULL;
-    float keep = L->dropout > 0.0f ? 1.0f / (1.0f - L->dropout) : 1.0f;
-    for (int b = 0; b < Bn; b++) {
-        const float *dy = dout + (size_t)b * outc * HW;
-        const float *xb = inp + (size_t)b * nin;
-        if (xd) {
-            const uint8_t *mb = mask + (size_t)b * nin;
-            for (size_t i = 0; i < nin; i++) xd[i] = mb[i] ? xb[i] * keep : 0.0f;
-            xb = xd;
-        }
-        /* G (r x HW) = B^T dY_b */
-        gemm(1, 0, r, HW, outc, 1.0f, L->B, r, dy, HW, 0.0f, g, HW);
-        /* dB += s * dY_b AX_b^T    (out x r) */
-        if (L->dB) gemm(0, 1, outc, r, HW, s, dy, HW, ax + (size_t)b * r * HW, HW, 1.0f, L->dB, r);
-        /* dA += s * G X_b^T        (r x in) */
-        if (L->dA) gemm(0, 1, r, in, HW, s, g, HW, xb, HW, 1.0f, L->dA, in);
-        /* dX_b += s * A^T G  (through the dropout mask) */
-        if (dinp) {
-            float *dx = dinp + (size_t)b * nin;
-            if (t) {
-                gemm(1, 0, in, HW, r, s, L->A, in, g, HW, 0.0f, t, HW);
-                dropout_backward(dx, t, mask + (size_t)b * nin, nin, L->dropout);
-            } else {
-                gemm(1, 0, in, HW, r, s, L->A, in, g, HW, 1.0f, dx, HW);
-            }
-        }
-    }
-    free(g); free(xd); free(t);
     /* ASSIGNMENT 01 END */
 }
 

@@ -7,9 +7,7 @@
  *                  or Gaussian on request
  *   B  (out x r):  "lora_up"; zero, so training starts from the base model
  *   trainable parameters: r * (in + out)
- *
- * A 1x1 convolution (proj_in / proj_out of SD1.x transformers) is the same
- * map applied at every pixel; lora_conv1x1_* take NCHW input (B, in, HW). */
+ */
 #ifndef SDLORA_LORA_H
 #define SDLORA_LORA_H
 
@@ -34,24 +32,20 @@ size_t lora_num_params(const lora_t *L);               /* r * (in + out) */
 /* Linear with an optional adapter (L == NULL: plain linear).
  *   inp (N, in) -> out (N, outc); in/outc must equal L->in/L->out when L is set
  *   ax (N, r): saved A dropout(x) for backward (unused when L == NULL)
- *   mask (N * in): dropout mask, needed only when L->dropout > 0 */
-void lora_forward(float *out, float *ax, uint8_t *mask, const float *inp,
+ *   mask (N * in): dropout mask, needed only when L->dropout > 0
+ *   scratch: lora_scratch_floats(L, N) floats of the caller's arena, used only
+ *   while the call runs (the layer itself never allocates)
+ * A 1x1 convolution (proj_in / proj_out of SD1.x transformers) is the same
+ * map at every pixel: the UNet runs it on (pixels, channels) tokens. */
+size_t lora_scratch_floats(const lora_t *L, int N);
+void lora_forward(float *out, float *ax, uint8_t *mask, float *scratch, const float *inp,
                   const float *w0, const float *b0, const lora_t *L,
                   int N, int in, int outc, rng_t *rng);
 /* dinp += dout W0 + scale * (dout B) A (masked);  dB += scale * dout^T ax;
  * dA += scale * (dout B)^T dropout(x). Never a gradient for W0 or b. */
 void lora_backward(float *dinp, const float *dout, const float *inp, const float *ax,
-                   const uint8_t *mask, const float *w0, lora_t *L, int N, int in, int outc);
-
-/* The same for a 1x1 convolution on NCHW: inp (Bn, in, HW) -> out (Bn, out, HW);
- * ax (Bn, r, HW), mask (Bn * in * HW). w0 is (out, in, 1, 1) = (out x in).
- * L == NULL: the plain 1x1 convolution. */
-void lora_conv1x1_forward(float *out, float *ax, uint8_t *mask, const float *inp,
-                          const float *w0, const float *b0, const lora_t *L,
-                          int Bn, int in, int outc, int HW, rng_t *rng);
-void lora_conv1x1_backward(float *dinp, const float *dout, const float *inp, const float *ax,
-                           const uint8_t *mask, const float *w0, lora_t *L,
-                           int Bn, int in, int outc, int HW);
+                   const uint8_t *mask, float *scratch, const float *w0, lora_t *L,
+                   int N, int in, int outc);
 
 /* W0 += weight * scale * B A  (merge, for inference at no extra cost; article 2.2)
  * and its exact inverse with -weight (unmerge). */

@@ -264,10 +264,10 @@ static void lin_forward(unet_t *u, lin_t *l, float *out, const float *inp, int N
         /* inference: dropout is off, as in torch's eval() */
         lora_t Le = *l->L;
         Le.dropout = 0.0f;
-        lora_forward(out, l->ax, NULL, inp, wf(u, l->w), l->b, &Le, N, l->in, l->out, NULL);
+        lora_forward(out, l->ax, NULL, NULL, inp, wf(u, l->w), l->b, &Le, N, l->in, l->out, NULL);
         return;
     }
-    lora_forward(out, l->ax, l->mask, inp, wf(u, l->w), l->b, l->L, N, l->in, l->out, &u->dropout_rng);
+    lora_forward(out, l->ax, l->mask, u->lora_scratch, inp, wf(u, l->w), l->b, l->L, N, l->in, l->out, &u->dropout_rng);
 }
 
 /* dinp += d/dinp (may be NULL); the adapter's dA, dB +=; with full grads
@@ -276,7 +276,7 @@ static void lin_forward(unet_t *u, lin_t *l, float *out, const float *inp, int N
 static void lin_backward(unet_t *u, lin_t *l, float *dinp, const float *dout) {
     if (u->grads) linear_backward(NULL, gwm(u, l->w), gw(u, l->b), dout, l->inp, wf(u, l->w), l->N, l->in, l->out);
     if (!dinp && !l->L) return;
-    lora_backward(dinp, dout, l->inp, l->ax, l->mask, wf(u, l->w), l->L, l->N, l->in, l->out);
+    lora_backward(dinp, dout, l->inp, l->ax, l->mask, u->lora_scratch, wf(u, l->w), l->L, l->N, l->in, l->out);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -914,7 +914,7 @@ void unet_free(unet_t *u) {
     if (u->net) { net_free_modules(u->net); free(u->net); }
     free(u->params); free(u->params16); free(u->wbuf); free(u->grads); free(u->table);
     free(u->loras); free(u->lora_params); free(u->lora_grads);
-    free(u->arena);
+    free(u->arena); free(u->lora_scratch);
     memset(u, 0, sizeof *u);
 }
 
@@ -1307,6 +1307,8 @@ int unet_add_lora(unet_t *u, const char *targets, int rank, float alpha, float d
     /* the adapters' saved activations change the arena's layout */
     free(u->arena);
     u->arena = NULL;
+    free(u->lora_scratch);
+    u->lora_scratch = NULL;
     u->act_cap = u->tmp_cap = 0;
     u->have_forward = 0;
     return 0;
@@ -1343,6 +1345,8 @@ int unet_alloc_grads(unet_t *u) {
      * needs more scratch: the arena's sizes change, as after unet_add_lora */
     free(u->arena);
     u->arena = NULL;
+    free(u->lora_scratch);
+    u->lora_scratch = NULL;
     u->act_cap = u->tmp_cap = 0;
     u->have_forward = 0;
     return 0;
@@ -1709,12 +1713,23 @@ int unet_alloc_acts(unet_t *u, int B, int h, int w, int Tc, int train) {
     if (check_shape(u, B, h, w, Tc)) return -1;
     free(u->arena);
     u->arena = NULL;
+    free(u->lora_scratch);
+    u->lora_scratch = NULL;
     u->act_cap = u->tmp_cap = 0;
     u->train = train != 0;
     u->checkpoint = train == 2;
     measure(u, B, h, w, Tc);
     size_t total = u->act_peak + u->tmp_peak;
+    /* the adapters' scratch: the most any one needs at the largest token count */
+    size_t ls = 0, ntok = (size_t)B * (h * w > Tc ? h * w : Tc);
+    for (int i = 0; i < u->nloras; i++) {
+        size_t n = lora_scratch_floats(&u->loras[i].L, 1) * ntok;
+        if (n > ls) ls = n;
+    }
+    free(u->lora_scratch);
+    u->lora_scratch = ls ? malloc(sizeof(float) * ls) : NULL;
     u->arena = malloc(sizeof(float) * (total ? total : 1));
+    if (ls && !u->lora_scratch) { free(u->arena); u->arena = NULL; }
     if (!u->arena) {
         snprintf(u->err, UNET_ERR_LEN, "unet: out of memory for %.1f MiB of activations "
                  "(use a smaller batch or resolution)", (double)total * 4 / 1048576.0);
@@ -1860,6 +1875,8 @@ int unet_attach_lora(unet_t *u, const char *module, int r, float scale,
     /* the adapters' saved activations change the arena's layout */
     free(u->arena);
     u->arena = NULL;
+    free(u->lora_scratch);
+    u->lora_scratch = NULL;
     u->act_cap = u->tmp_cap = 0;
     u->have_forward = 0;
     return 0;

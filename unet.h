@@ -96,6 +96,7 @@ typedef struct {
     float *lora_params, *lora_grads;
     size_t lora_nparams;
     rng_t dropout_rng;
+    float *lora_scratch;             /* the adapters' scratch (lora_scratch_floats) */
 
     /* activations: one arena, sized by unet_alloc_acts, holding two stacks:
      * act (what backward reads) at [0, act_cap), tmp (scratch and backward's

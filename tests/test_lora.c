@@ -5,6 +5,57 @@
 #include "lora.h"
 
 /* ---------------------------------------------------------------- helpers */
+/* A 1x1 convolution with an adapter is lora_forward at every pixel: the UNet
+ * runs proj_in / proj_out on (pixels, channels) tokens. These wrap it for
+ * NCHW input, (Bn, C, HW) <-> (Bn * HW, C), so peft's Conv2d LoRA and the
+ * gradient checks see the same layer the UNet runs. */
+static void to_tokens(float *t, const float *x, int Bn, int C, int HW) {
+    for (int b = 0; b < Bn; b++)
+        for (int c = 0; c < C; c++)
+            for (int p = 0; p < HW; p++) t[((size_t)b * HW + p) * C + c] = x[((size_t)b * C + c) * HW + p];
+}
+static void from_tokens(float *x, const float *t, int Bn, int C, int HW) {
+    for (int b = 0; b < Bn; b++)
+        for (int c = 0; c < C; c++)
+            for (int p = 0; p < HW; p++) x[((size_t)b * C + c) * HW + p] = t[((size_t)b * HW + p) * C + c];
+}
+static void conv1x1_forward(float *out, float *ax, uint8_t *mask, const float *inp, const float *w0,
+                            const float *b0, const lora_t *L, int Bn, int in, int outc, int HW, rng_t *rng) {
+    size_t N = (size_t)Bn * HW;
+    float *xt = malloc(sizeof(float) * N * in), *yt = malloc(sizeof(float) * N * outc);
+    float *scratch = malloc(sizeof(float) * (lora_scratch_floats(L, (int)N) + 1));
+    to_tokens(xt, inp, Bn, in, HW);
+    lora_forward(yt, ax, mask, scratch, xt, w0, b0, L, (int)N, in, outc, rng);
+    from_tokens(out, yt, Bn, outc, HW);
+    free(xt); free(yt); free(scratch);
+}
+static void conv1x1_backward(float *dinp, const float *dout, const float *inp, const float *ax,
+                             const uint8_t *mask, const float *w0, lora_t *L, int Bn, int in, int outc, int HW) {
+    size_t N = (size_t)Bn * HW;
+    float *xt = malloc(sizeof(float) * N * in), *dyt = malloc(sizeof(float) * N * outc);
+    float *dxt = malloc(sizeof(float) * N * in);
+    float *scratch = malloc(sizeof(float) * (lora_scratch_floats(L, (int)N) + 1));
+    to_tokens(xt, inp, Bn, in, HW);
+    to_tokens(dyt, dout, Bn, outc, HW);
+    to_tokens(dxt, dinp, Bn, in, HW);              /* backward accumulates */
+    lora_backward(dxt, dyt, xt, ax, mask, scratch, w0, L, (int)N, in, outc);
+    from_tokens(dinp, dxt, Bn, in, HW);
+    free(xt); free(dyt); free(dxt); free(scratch);
+}
+/* lora_forward / lora_backward with the scratch they ask for */
+static void lin_forward(float *out, float *ax, uint8_t *mask, const float *inp, const float *w0,
+                        const float *b0, const lora_t *L, int N, int in, int outc, rng_t *rng) {
+    float *scratch = malloc(sizeof(float) * (lora_scratch_floats(L, N) + 1));
+    lora_forward(out, ax, mask, scratch, inp, w0, b0, L, N, in, outc, rng);
+    free(scratch);
+}
+static void lin_backward(float *dinp, const float *dout, const float *inp, const float *ax,
+                         const uint8_t *mask, const float *w0, lora_t *L, int N, int in, int outc) {
+    float *scratch = malloc(sizeof(float) * (lora_scratch_floats(L, N) + 1));
+    lora_backward(dinp, dout, inp, ax, mask, scratch, w0, L, N, in, outc);
+    free(scratch);
+}
+
 typedef struct {
     int N, in, out, r, conv, HW;
     float *x, *w0, *b0, *R, *y, *ax;
@@ -16,9 +67,9 @@ typedef struct {
 static void run_forward(lcase *c) {
     rng_seed(&c->rng, c->seed);        /* same dropout mask on every call */
     if (c->conv)
-        lora_conv1x1_forward(c->y, c->ax, c->mask, c->x, c->w0, c->b0, &c->L, c->N, c->in, c->out, c->HW, &c->rng);
+        conv1x1_forward(c->y, c->ax, c->mask, c->x, c->w0, c->b0, &c->L, c->N, c->in, c->out, c->HW, &c->rng);
     else
-        lora_forward(c->y, c->ax, c->mask, c->x, c->w0, c->b0, &c->L, c->N, c->in, c->out, &c->rng);
+        lin_forward(c->y, c->ax, c->mask, c->x, c->w0, c->b0, &c->L, c->N, c->in, c->out, &c->rng);
 }
 static size_t nout(const lcase *c) { return (size_t)c->N * c->out * (c->conv ? c->HW : 1); }
 static size_t nin(const lcase *c) { return (size_t)c->N * c->in * (c->conv ? c->HW : 1); }
@@ -58,9 +109,9 @@ static void teardown(lcase *c) {
 
 static void backward(lcase *c, float *dx) {
     if (c->conv)
-        lora_conv1x1_backward(dx, c->R, c->x, c->ax, c->mask, c->w0, &c->L, c->N, c->in, c->out, c->HW);
+        conv1x1_backward(dx, c->R, c->x, c->ax, c->mask, c->w0, &c->L, c->N, c->in, c->out, c->HW);
     else
-        lora_backward(dx, c->R, c->x, c->ax, c->mask, c->w0, &c->L, c->N, c->in, c->out);
+        lin_backward(dx, c->R, c->x, c->ax, c->mask, c->w0, &c->L, c->N, c->in, c->out);
 }
 
 /* finite differences for dx, dA, dB */
@@ -200,11 +251,11 @@ static void peft_case(const char *pre, int conv, int rs) {
     float *y = malloc(sizeof(float) * ny), *ax = malloc(sizeof(float) * (size_t)N * r * HW);
     float *dx = calloc(nx, sizeof(float));
     if (conv) {
-        lora_conv1x1_forward(y, ax, NULL, x, w0, b0, &Lr, N, in, out, HW, NULL);
-        lora_conv1x1_backward(dx, dout, x, ax, NULL, w0, &Lr, N, in, out, HW);
+        conv1x1_forward(y, ax, NULL, x, w0, b0, &Lr, N, in, out, HW, NULL);
+        conv1x1_backward(dx, dout, x, ax, NULL, w0, &Lr, N, in, out, HW);
     } else {
-        lora_forward(y, ax, NULL, x, w0, b0, &Lr, N, in, out, NULL);
-        lora_backward(dx, dout, x, ax, NULL, w0, &Lr, N, in, out);
+        lin_forward(y, ax, NULL, x, w0, b0, &Lr, N, in, out, NULL);
+        lin_backward(dx, dout, x, ax, NULL, w0, &Lr, N, in, out);
     }
     double e;
     e = rel_err(y, yref, ny);        ck_assert_msg(e <= 1e-5, "%s out rel err %g", pre, e);

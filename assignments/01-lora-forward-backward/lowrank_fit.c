@@ -44,12 +44,13 @@ static double fit(int r, float alpha, int steps, float lr, int verbose) {
     float *ax = malloc(sizeof(float) * N * r);
     lora_t L; rng_t g; rng_seed(&g, 7);
     lora_init(&L, IN, OUT, r, alpha, 0.0f, p, p + (size_t)r * IN, 0, &g);
+    float *scratch = malloc(sizeof(float) * lora_scratch_floats(&L, N));
     L.dA = dp; L.dB = dp + (size_t)r * IN;
     adamw_t opt;
     adamw_init(&opt, np, lr, 0.9f, 0.999f, 1e-8f, 0.0f);
     double loss = 0;
     for (int step = 0; step <= steps; step++) {
-        lora_forward(y, ax, NULL, X, W0, NULL, &L, N, IN, OUT, NULL);
+        lora_forward(y, ax, NULL, scratch, X, W0, NULL, &L, N, IN, OUT, NULL);
         /* L = (1/n) sum (y - y*)^2,  dL/dy = 2 (y - y*) / n */
         loss = 0;
         for (int i = 0; i < N * OUT; i++) {
@@ -61,11 +62,11 @@ static double fit(int r, float alpha, int steps, float lr, int verbose) {
         if (verbose && step % 50 == 0) printf("step %4d  loss %.6f\n", step, loss);
         if (step == steps) break;
         memset(dp, 0, sizeof(float) * np);
-        lora_backward(NULL, dy, X, ax, NULL, W0, &L, N, IN, OUT);
+        lora_backward(NULL, dy, X, ax, NULL, scratch, W0, &L, N, IN, OUT);
         adamw_step(&opt, p, dp, lr);
     }
     adamw_free(&opt);
-    free(p); free(dp); free(y); free(dy); free(ax);
+    free(p); free(dp); free(y); free(dy); free(ax); free(scratch);
     return loss;
 }
 
