@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include "nn.h"
+#include "profile.h"
 
 static float *attention_scratch(size_t n) {
     float *buf = nn_scratch(n);
@@ -69,6 +70,7 @@ static void attention_probs(float *P, const float *qh, const float *kh,
 
 void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                        int B, int Tq, int Tk, int H, int Dh, int causal) {
+    double t0 = prof_begin();
     int C = H * Dh;
     float scale = 1.0f / sqrtf((float)Dh);
     // without att, one head's P lives in the scratch buffer at a time
@@ -89,12 +91,14 @@ void attention_forward(float *out, float *att, const float *q, const float *k, c
             gemm(0, 0, Tq, Dh, Tk, 1.0f, P, Tk, vh, C, 0.0f, oh, C);
         }
     }
+    prof_end(PROF_ATTN, 0, t0, 4.0 * B * H * Tq * Tk * Dh);
 }
 
 void attention_backward(float *dq, float *dk, float *dv, const float *dout,
                         const float *q, const float *k, const float *v, const float *att,
                         int B, int Tq, int Tk, int H, int Dh, int causal) {
     if (dq == NULL && dk == NULL && dv == NULL) return;
+    double t0 = prof_begin();
     int C = H * Dh;
     float scale = 1.0f / sqrtf((float)Dh);
     int need_ds = dq != NULL || dk != NULL;   // dS only feeds dQ and dK
@@ -154,4 +158,5 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout,
             /* ASSIGNMENT 04 END */
         }
     }
+    prof_end(PROF_ATTN, 1, t0, 2.0 * B * H * Tq * Tk * Dh * ((att == NULL) + (dv != NULL) + 2 * need_ds + (dq != NULL) + (dk != NULL)));
 }

@@ -20,6 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "lora.h"
+#include "profile.h"
 
 void lora_init(lora_t *L, int in, int out, int r, float alpha, float dropout,
                float *A, float *B, int gaussian, rng_t *rng) {
@@ -77,6 +78,7 @@ void lora_forward(float *out, float *ax, uint8_t *mask, float *scratch, const fl
     /* frozen path: out = x W0^T + b */
     linear_forward(out, inp, w0, b0, N, in, outc);
     if (!L) return;
+    double t0 = prof_begin();
     /* ASSIGNMENT 01 BEGIN: the LoRA branch, ax = x_d A^T, out += (alpha/r) ax B^T */
     int r = L->r;
     if (L->dropout > 0.0f) need_scratch(scratch, "lora_forward");
@@ -86,6 +88,7 @@ void lora_forward(float *out, float *ax, uint8_t *mask, float *scratch, const fl
     /* out += (alpha/r) * ax B^T             (up-projection, scaled) */
     gemm(0, 1, N, outc, r, L->scale, ax, r, L->B, r, 1.0f, out, outc);
     /* ASSIGNMENT 01 END */
+    prof_end(PROF_LORA, 0, t0, 2.0 * N * L->r * (in + outc));
 }
 
 void lora_backward(float *dinp, const float *dout, const float *inp, const float *ax,
@@ -94,6 +97,7 @@ void lora_backward(float *dinp, const float *dout, const float *inp, const float
     /* frozen path: dx += dout W0; no dW0, no db (NULL = frozen, no work) */
     if (dinp) linear_backward(dinp, NULL, NULL, dout, inp, w0, N, in, outc);
     if (!L) return;
+    double t0 = prof_begin();
     /* ASSIGNMENT 01 BEGIN: dB += s dout^T ax, dA += s (dout B)^T x_d, dinp += s (dout B) A through the mask */
     need_scratch(scratch, "lora_backward");
     int r = L->r;
@@ -126,6 +130,8 @@ void lora_backward(float *dinp, const float *dout, const float *inp, const float
         }
     }
     /* ASSIGNMENT 01 END */
+    prof_end(PROF_LORA, 1, t0, 2.0 * N * L->r * (outc + (L->dB != NULL) * outc + (L->dA != NULL) * in +
+                                                (dinp != NULL) * in));
 }
 
 /* Merge (article 2.2, "no inference latency"): W0 <- W0 + w * (alpha/r) B A.

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "nn.h"
+#include "profile.h"
 
 /* without -fopenmp the pragmas below are simply ignored; keep that quiet */
 #ifndef _OPENMP
@@ -63,18 +64,22 @@ void nn_scratch_free(void) {
 
 void linear_forward(float *out, const float *inp, const float *w, const float *b,
                     int N, int in, int outc) {
+    double t0 = prof_begin();
     // out[n,o] = sum_i inp[n,i] * w[o,i] + b[o]
     gemm(0, 1, N, outc, in, 1.0f, inp, in, w, in, 0.0f, out, outc);
-    if (!b) return;
-    #pragma omp parallel for if ((size_t)N * outc >= PAR_MIN)
-    for (int n = 0; n < N; n++) {
-        float *o = out + (size_t)n * outc;
-        for (int j = 0; j < outc; j++) o[j] += b[j];
+    if (b) {
+        #pragma omp parallel for if ((size_t)N * outc >= PAR_MIN)
+        for (int n = 0; n < N; n++) {
+            float *o = out + (size_t)n * outc;
+            for (int j = 0; j < outc; j++) o[j] += b[j];
+        }
     }
+    prof_end(PROF_LINEAR, 0, t0, 2.0 * N * in * outc);
 }
 
 void linear_backward(float *dinp, float *dw, float *db, const float *dout,
                      const float *inp, const float *w, int N, int in, int outc) {
+    double t0 = prof_begin();
     // dinp (N, in) += dout (N, out) * w (out, in)
     if (dinp) gemm(0, 0, N, in, outc, 1.0f, dout, outc, w, in, 1.0f, dinp, in);
     // dw (out, in) += dout^T (out, N) * inp (N, in)
@@ -95,6 +100,7 @@ void linear_backward(float *dinp, float *dw, float *db, const float *dout,
             for (int j = j0; j < j1; j++) db[j] += (float)acc[j - j0];
         }
     }
+    prof_end(PROF_LINEAR, 1, t0, 2.0 * N * in * outc * ((dinp != NULL) + (dw != NULL)));
 }
 
 /* ---------------------------------------------------------------------------
@@ -171,6 +177,7 @@ static int conv_band_rows(int K, int Ho, int Wo) {
 
 void conv2d_forward(float *out, const float *inp, const float *w, const float *b,
                     int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad) {
+    double t0 = prof_begin();
     int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
     int K = C * kh * kw, P = Ho * Wo;
     int direct = conv_is_pointwise(kh, kw, stride, pad);
@@ -198,11 +205,13 @@ void conv2d_forward(float *out, const float *inp, const float *w, const float *b
             }
         }
     }
+    prof_end(kh * kw > 1 ? PROF_CONV3 : PROF_LINEAR, 0, t0, 2.0 * B * O * P * K);
 }
 
 void conv2d_backward(float *dinp, float *dw, float *db, const float *dout,
                      const float *inp, const float *w,
                      int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad) {
+    double t0 = prof_begin();
     int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
     int K = C * kh * kw, P = Ho * Wo;
     int direct = conv_is_pointwise(kh, kw, stride, pad);
@@ -219,7 +228,7 @@ void conv2d_backward(float *dinp, float *dw, float *db, const float *dout,
             db[o] += (float)s;
         }
     }
-    if (!dw && !dinp) return;
+    if (!dw && !dinp) { prof_end(kh * kw > 1 ? PROF_CONV3 : PROF_LINEAR, 1, t0, 0); return; }
 
     // one scratch band of columns serves twice: first as the columns of the
     // input (for dw), then as their gradient dcols (for dinp)
@@ -250,6 +259,7 @@ void conv2d_backward(float *dinp, float *dw, float *db, const float *dout,
             }
         }
     }
+    prof_end(kh * kw > 1 ? PROF_CONV3 : PROF_LINEAR, 1, t0, 2.0 * B * O * P * K * ((dinp != NULL) + (dw != NULL)));
 }
 
 /* ---------------------------------------------------------------------------
@@ -274,6 +284,7 @@ static void moments(const float *x, size_t n, float eps, float *mean, float *rst
 
 void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
                        const float *w, const float *b, int B, int C, int HW, int G, float eps) {
+    double t0 = prof_begin();
     int Cg = C / G;
     size_t n = (size_t)Cg * HW;
     #pragma omp parallel for if ((size_t)B * C * HW >= PAR_MIN)
@@ -291,6 +302,7 @@ void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
             for (int i = 0; i < HW; i++) yc[i] = (xc[i] - m) * rs * wc + bc;
         }
     }
+    prof_end(PROF_NORM, 0, t0, 0);
 }
 
 /* Backward, with dxhat = dout * w[c] over the n values of one group:
@@ -300,6 +312,7 @@ void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
 void groupnorm_backward(float *dinp, float *dw, float *db, const float *dout,
                         const float *inp, const float *w, const float *mean, const float *rstd,
                         int B, int C, int HW, int G) {
+    double t0 = prof_begin();
     int Cg = C / G;
     size_t n = (size_t)Cg * HW;
     #pragma omp parallel for if ((size_t)B * C * HW >= PAR_MIN)
@@ -338,6 +351,7 @@ void groupnorm_backward(float *dinp, float *dw, float *db, const float *dout,
             }
         }
     }
+    prof_end(PROF_NORM, 1, t0, 0);
 }
 
 /* ---------------------------------------------------------------------------
@@ -346,6 +360,7 @@ void groupnorm_backward(float *dinp, float *dw, float *db, const float *dout,
 
 void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
                        const float *w, const float *b, int N, int C, float eps) {
+    double t0 = prof_begin();
     #pragma omp parallel for if ((size_t)N * C >= PAR_MIN)
     for (int r = 0; r < N; r++) {
         const float *x = inp + (size_t)r * C;
@@ -359,11 +374,13 @@ void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
             y[c] = xh * (w ? w[c] : 1.0f) + (b ? b[c] : 0.0f);
         }
     }
+    prof_end(PROF_NORM, 0, t0, 0);
 }
 
 void layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
                         const float *inp, const float *w, const float *mean, const float *rstd,
                         int N, int C) {
+    double t0 = prof_begin();
     // dx = rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)),  dxhat = dout * w
     if (dinp) {
         #pragma omp parallel for if ((size_t)N * C >= PAR_MIN)
@@ -410,6 +427,7 @@ void layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
             }
         }
     }
+    prof_end(PROF_NORM, 1, t0, 0);
 }
 
 /* ---------------------------------------------------------------------------
@@ -418,20 +436,24 @@ void layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
 // silu(x) = x * s,  s = sigmoid(x) = 1 / (1 + exp(-x))
 // silu'(x) = s + x s (1 - s) = s (1 + x (1 - s))
 void silu_forward(float *out, const float *inp, size_t n) {
+    double t0 = prof_begin();
     #pragma omp parallel for if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
         out[i] = x / (1.0f + expf(-x));
     }
+    prof_end(PROF_ELEM, 0, t0, 0);
 }
 
 void silu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
     if (!dinp) return;
+    double t0 = prof_begin();
     #pragma omp parallel for if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         float x = inp[i], s = 1.0f / (1.0f + expf(-x));
         dinp[i] += dout[i] * s * (1.0f + x * (1.0f - s));
     }
+    prof_end(PROF_ELEM, 1, t0, 0);
 }
 
 // gelu(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))   (exact, torch's default)
@@ -445,48 +467,59 @@ static inline float gelu_grad(float x) {
 }
 
 void gelu_forward(float *out, const float *inp, size_t n) {
+    double t0 = prof_begin();
     #pragma omp parallel for if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) out[i] = gelu_f(inp[i]);
+    prof_end(PROF_ELEM, 0, t0, 0);
 }
 
 void gelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
     if (!dinp) return;
+    double t0 = prof_begin();
     #pragma omp parallel for if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) dinp[i] += dout[i] * gelu_grad(inp[i]);
+    prof_end(PROF_ELEM, 1, t0, 0);
 }
 
 // quickgelu(x) = x * s,  s = sigmoid(1.702 x)   (CLIP's cheap GELU)
 // quickgelu'(x) = s + 1.702 x s (1 - s)
 void quickgelu_forward(float *out, const float *inp, size_t n) {
+    double t0 = prof_begin();
     #pragma omp parallel for if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
         out[i] = x / (1.0f + expf(-1.702f * x));
     }
+    prof_end(PROF_ELEM, 0, t0, 0);
 }
 
 void quickgelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
     if (!dinp) return;
+    double t0 = prof_begin();
     #pragma omp parallel for if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         float x = inp[i], s = 1.0f / (1.0f + expf(-1.702f * x));
         dinp[i] += dout[i] * (s + 1.702f * x * s * (1.0f - s));
     }
+    prof_end(PROF_ELEM, 1, t0, 0);
 }
 
 /* GEGLU: row n of inp is [value (D) | gate (D)];
  *     out = value * gelu(gate)
  *     dvalue = dout * gelu(gate),  dgate = dout * value * gelu'(gate) */
 void geglu_forward(float *out, const float *inp, int N, int D) {
+    double t0 = prof_begin();
     #pragma omp parallel for if ((size_t)N * D >= PAR_MIN)
     for (int r = 0; r < N; r++) {
         const float *v = inp + (size_t)r * 2 * D, *g = v + D;
         float *y = out + (size_t)r * D;
         for (int j = 0; j < D; j++) y[j] = v[j] * gelu_f(g[j]);
     }
+    prof_end(PROF_ELEM, 0, t0, 0);
 }
 
 void geglu_backward(float *dinp, const float *dout, const float *inp, int N, int D) {
+    double t0 = prof_begin();
     /* ASSIGNMENT 03 BEGIN: dinp += [dout * gelu(gate) | dout * value * gelu'(gate)] per row; NULL dinp: no work */
     if (!dinp) return;
     #pragma omp parallel for if ((size_t)N * D >= PAR_MIN)
@@ -500,6 +533,7 @@ void geglu_backward(float *dinp, const float *dout, const float *inp, int N, int
         }
     }
     /* ASSIGNMENT 03 END */
+    prof_end(PROF_ELEM, 1, t0, 0);
 }
 
 /* ---------------------------------------------------------------------------
@@ -507,6 +541,7 @@ void geglu_backward(float *dinp, const float *dout, const float *inp, int N, int
  * the gradients of the 4 copies back into their source pixel. */
 
 void upsample2x_forward(float *out, const float *inp, int B, int C, int H, int W) {
+    double t0 = prof_begin();
     int W2 = 2 * W;
     #pragma omp parallel for if ((size_t)B * C * H * W >= PAR_MIN)
     for (int bc = 0; bc < B * C; bc++) {
@@ -520,10 +555,12 @@ void upsample2x_forward(float *out, const float *inp, int B, int C, int H, int W
             }
         }
     }
+    prof_end(PROF_ELEM, 0, t0, 0);
 }
 
 void upsample2x_backward(float *dinp, const float *dout, int B, int C, int H, int W) {
     if (!dinp) return;
+    double t0 = prof_begin();
     int W2 = 2 * W;
     #pragma omp parallel for if ((size_t)B * C * H * W >= PAR_MIN)
     for (int bc = 0; bc < B * C; bc++) {
@@ -535,6 +572,7 @@ void upsample2x_backward(float *dinp, const float *dout, int B, int C, int H, in
                 dx[(size_t)i * W + j] += (r0[2 * j] + r0[2 * j + 1]) + (r1[2 * j] + r1[2 * j + 1]);
         }
     }
+    prof_end(PROF_ELEM, 1, t0, 0);
 }
 
 /* ---------------------------------------------------------------------------

@@ -1,0 +1,82 @@
+/* profile.c: the per-kind time table (see profile.h). */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "profile.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+int prof_on = 0;
+
+static double secs[PROF_NKINDS][2], flops[PROF_NKINDS][2];
+static long calls[PROF_NKINDS][2];
+static const char *kind_name[PROF_NKINDS] = {
+    "conv kxk", "linear/1x1", "lora A,B", "attention", "norm", "elementwise"
+};
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+int prof_init(void) {
+    const char *e = getenv("SDLORA_PROFILE");
+    if (e && *e && strcmp(e, "0") != 0) prof_on = 1;
+    return prof_on;
+}
+
+void prof_enable(int on) { prof_on = on != 0; }
+
+void prof_reset(void) {
+    memset(secs, 0, sizeof secs);
+    memset(flops, 0, sizeof flops);
+    memset(calls, 0, sizeof calls);
+}
+
+static int counted(void) {
+#ifdef _OPENMP
+    if (omp_in_parallel()) return 0;
+#endif
+    return prof_on;
+}
+
+double prof_begin(void) { return counted() ? now() : 0.0; }
+
+void prof_end(prof_kind k, int backward, double t0, double f) {
+    if (t0 == 0.0 || !counted()) return;
+    secs[k][backward != 0] += now() - t0;
+    flops[k][backward != 0] += f;
+    calls[k][backward != 0]++;
+}
+
+void prof_get(prof_kind k, int backward, double *seconds, double *nflops, long *ncalls) {
+    int d = backward != 0;
+    if (seconds) *seconds = secs[k][d];
+    if (nflops) *nflops = flops[k][d];
+    if (ncalls) *ncalls = calls[k][d];
+}
+
+double prof_total(void) {
+    double t = 0;
+    for (int k = 0; k < PROF_NKINDS; k++) t += secs[k][0] + secs[k][1];
+    return t;
+}
+
+void prof_print(FILE *f, const char *title) {
+    double total = prof_total();
+    if (total <= 0) return;
+    fprintf(f, "profile: %s (SDLORA_PROFILE=1)\n", title);
+    fprintf(f, "  %-12s %-8s %8s %10s %7s %9s\n", "kind", "pass", "calls", "seconds", "share", "GFLOP/s");
+    for (int d = 0; d < 2; d++)
+        for (int k = 0; k < PROF_NKINDS; k++) {
+            if (!calls[k][d]) continue;
+            double s = secs[k][d];
+            fprintf(f, "  %-12s %-8s %8ld %10.3f %6.1f%%", kind_name[k], d ? "backward" : "forward",
+                    calls[k][d], s, 100.0 * s / total);
+            if (flops[k][d] > 0 && s > 0) fprintf(f, " %9.1f\n", flops[k][d] / s * 1e-9);
+            else fprintf(f, " %9s\n", "-");
+        }
+    fprintf(f, "  %-12s %-8s %8s %10.3f\n", "all", "", "", total);
+}
