@@ -11,22 +11,36 @@
  *   P = softmax_j(S)                               (Tq x Tk)
  *   O = P V                                        (Tq x Dh)
  *
- * Memory: P for SD1.5 self-attention at 64x64 latents is 4096 x 4096 floats
- * (64 MiB) per head, times B*H heads. So storing att is optional: with
- * att == NULL the forward keeps P for one head at a time in the scratch
- * buffer and the backward recomputes it, trading one extra Q K^T per head
+ * Tiles. Nothing ever holds the whole Tq x Tk matrix P: the queries are cut
+ * into tiles of `rows` consecutive rows (rows * Tk <= ATT_TILE floats, 32
+ * rows for a 4096-key self-attention), and a tile's scores, softmax and P V
+ * are done while its rows of P sit in the cache (S_t = Q_t K^T, P_t =
+ * softmax(S_t), O_t = P_t V). Each row of P is computed exactly as the whole
+ * matrix would compute it, so the tiling changes no output bit. For SD1.5
+ * at 64x64 latents the untiled P was 64 MiB per head, written and read back
+ * three times; a tile is 512 KiB.
+ * att (the whole P, B*H*Tq*Tk floats) is optional: with att == NULL the
+ * backward recomputes each tile's P from Q and K, one extra Q K^T per head
  * for B*H*Tq*Tk floats of activation memory.
  *
- * Threading: gemm is OpenMP-parallel inside, so the (b, h) loop is serial
- * and only the softmax rows get their own parallel for. Each row is done
- * start to finish by one thread in a fixed order, so results do not depend
- * on the thread count (as long as gemm's do not).
+ * Threading: forward tiles are independent, so threads take whole tiles
+ * (gemm runs single-threaded inside a parallel region). Backward sums dK and
+ * dV over all the query tiles of a head, so threads take whole heads and walk
+ * a head's tiles in order. Either way every number is computed by one thread
+ * in a fixed order: results do not depend on the thread count.
  */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include "nn.h"
 #include "profile.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+/* floats of one tile of P (and of dP in backward): 512 KiB, an L2's worth */
+#define ATT_TILE ((size_t)1 << 17)
 
 static float *attention_scratch(size_t n) {
     float *buf = nn_scratch(n);
@@ -37,21 +51,43 @@ static float *attention_scratch(size_t n) {
     return buf;
 }
 
-/* P (Tq x Tk, row stride Tk) = softmax(Q K^T * scale) for one head.
- * qh, kh point at the head's first column; their row stride is C. */
-static void attention_probs(float *P, const float *qh, const float *kh,
-                            int Tq, int Tk, int Dh, int C, float scale, int causal) {
-    // S = scale * Q K^T   (Q: Tq x Dh, K: Tk x Dh, both with row stride C)
-    gemm(0, 1, Tq, Tk, Dh, scale, qh, C, kh, C, 0.0f, P, Tk);
+/* query rows per tile: as many as fit ATT_TILE with Tk keys, at least 1 */
+static int tile_rows(int Tq, int Tk) {
+    size_t r = ATT_TILE / (size_t)Tk;
+    if (r < 1) r = 1;
+    return r < (size_t)Tq ? (int)r : Tq;
+}
+
+static int max_threads(void) {
+#ifdef _OPENMP
+    return omp_in_parallel() ? 1 : omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* P (rows x Tk, row stride Tk) = softmax(Q K^T * scale) for query rows
+ * i0 .. i0+rows-1 of one head. qh, kh point at the head's first column of
+ * row 0; their row stride is C. */
+static void attention_probs(float *P, const float *qh, const float *kh, int i0, int rows,
+                            int Tk, int Dh, int C, float scale, int causal) {
+    // S = scale * Q_t K^T   (Q_t: rows x Dh, K: Tk x Dh, both with row stride C)
+    gemm(0, 1, rows, Tk, Dh, scale, qh + (size_t)i0 * C, C, kh, C, 0.0f, P, Tk);
 
     // P[i][j] = exp(S[i][j] - m_i) / sum_j' exp(S[i][j'] - m_i),  m_i = max_j S[i][j]
     // over the unmasked j (j <= i when causal); masked entries are exactly 0.
     // Subtracting the row max keeps every exp() <= 1, so nothing overflows.
-#ifdef _OPENMP
-    #pragma omp parallel for if ((size_t)Tq * Tk >= 16384)
-#endif
-    for (int i = 0; i < Tq; i++) {
-        float *row = P + (size_t)i * Tk;
+    for (int r = 0; r < rows; r++) {
+        int i = i0 + r;
+        float *row = P + (size_t)r * Tk;
         int n = causal ? (i + 1 < Tk ? i + 1 : Tk) : Tk;   // keys this query sees
         float maxval = -INFINITY;
         for (int j = 0; j < n; j++) {
@@ -73,23 +109,31 @@ void attention_forward(float *out, float *att, const float *q, const float *k, c
     double t0 = prof_begin();
     int C = H * Dh;
     float scale = 1.0f / sqrtf((float)Dh);
-    // without att, one head's P lives in the scratch buffer at a time
-    float *Pbuf = att ? NULL : attention_scratch((size_t)Tq * Tk);
+    int rows = tile_rows(Tq, Tk), ntiles = (Tq + rows - 1) / rows;
+    long nwork = (long)B * H * ntiles;
+    int nth = max_threads();
+    if (nth > nwork) nth = (int)nwork;
+    // without att, each thread keeps one tile of P in the scratch buffer
+    float *Pbuf = att ? NULL : attention_scratch((size_t)nth * rows * Tk);
 
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < H; h++) {
-            const float *qh = q + (size_t)b * Tq * C + (size_t)h * Dh;
-            const float *kh = k + (size_t)b * Tk * C + (size_t)h * Dh;
-            const float *vh = v + (size_t)b * Tk * C + (size_t)h * Dh;
-            float *oh = out + (size_t)b * Tq * C + (size_t)h * Dh;
-            float *P = att ? att + ((size_t)b * H + h) * Tq * Tk : Pbuf;
+#ifdef _OPENMP
+    #pragma omp parallel for schedule(dynamic) num_threads(nth) if (nth > 1)
+#endif
+    for (long w = 0; w < nwork; w++) {
+        int b = (int)(w / ((long)H * ntiles)), h = (int)(w / ntiles % H), i0 = (int)(w % ntiles) * rows;
+        int nr = i0 + rows <= Tq ? rows : Tq - i0;
+        const float *qh = q + (size_t)b * Tq * C + (size_t)h * Dh;
+        const float *kh = k + (size_t)b * Tk * C + (size_t)h * Dh;
+        const float *vh = v + (size_t)b * Tk * C + (size_t)h * Dh;
+        float *oh = out + (size_t)b * Tq * C + (size_t)h * Dh;
+        float *P = att ? att + ((size_t)b * H + h) * Tq * Tk + (size_t)i0 * Tk
+                       : Pbuf + (size_t)thread_id() * rows * Tk;
 
-            // P = softmax(Q K^T * scale), masked when causal
-            attention_probs(P, qh, kh, Tq, Tk, Dh, C, scale, causal);
+        // P_t = softmax(Q_t K^T * scale), masked when causal
+        attention_probs(P, qh, kh, i0, nr, Tk, Dh, C, scale, causal);
 
-            // O = P V   (Tq x Tk times Tk x Dh), written at the head's columns
-            gemm(0, 0, Tq, Dh, Tk, 1.0f, P, Tk, vh, C, 0.0f, oh, C);
-        }
+        // O_t = P_t V   (rows x Tk times Tk x Dh), written at the head's columns
+        gemm(0, 0, nr, Dh, Tk, 1.0f, P, Tk, vh, C, 0.0f, oh + (size_t)i0 * C, C);
     }
     prof_end(PROF_ATTN, 0, t0, 4.0 * B * H * Tq * Tk * Dh);
 }
@@ -102,47 +146,55 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout,
     int C = H * Dh;
     float scale = 1.0f / sqrtf((float)Dh);
     int need_ds = dq != NULL || dk != NULL;   // dS only feeds dQ and dK
+    int rows = tile_rows(Tq, Tk);
+    int nheads = B * H, nth = max_threads();
+    if (nth > nheads) nth = nheads;
 
-    // scratch: dP/dS (Tq x Tk) when needed, then the recomputed P when att == NULL
-    size_t TT = (size_t)Tq * Tk;
-    size_t nscratch = (need_ds ? TT : 0) + (att ? 0 : TT);
-    float *scratch = nscratch ? attention_scratch(nscratch) : NULL;
-    float *dS = need_ds ? scratch : NULL;
-    float *Pbuf = att ? NULL : scratch + (need_ds ? TT : 0);
+    // per thread: a tile of dP/dS when needed, then the recomputed P when att == NULL
+    size_t tile = (size_t)rows * Tk;
+    size_t per_thread = (need_ds ? tile : 0) + (att ? 0 : tile);
+    float *scratch = per_thread ? attention_scratch((size_t)nth * per_thread) : NULL;
 
-    for (int b = 0; b < B; b++) {
-        for (int h = 0; h < H; h++) {
-            size_t qoff = (size_t)b * Tq * C + (size_t)h * Dh;
-            size_t koff = (size_t)b * Tk * C + (size_t)h * Dh;
-            const float *qh = q + qoff, *kh = k + koff, *vh = v + koff;
+#ifdef _OPENMP
+    #pragma omp parallel for schedule(dynamic) num_threads(nth) if (nth > 1)
+#endif
+    for (int bh = 0; bh < nheads; bh++) {
+        int b = bh / H, h = bh % H;
+        float *mine = scratch ? scratch + (size_t)thread_id() * per_thread : NULL;
+        float *dS = need_ds ? mine : NULL;
+        float *Pbuf = att ? NULL : mine + (need_ds ? tile : 0);
+        size_t koff = (size_t)b * Tk * C + (size_t)h * Dh;
+        const float *kh = k + koff, *vh = v + koff;
+        for (int i0 = 0; i0 < Tq; i0 += rows) {
+            int nr = i0 + rows <= Tq ? rows : Tq - i0;
+            size_t qoff = ((size_t)b * Tq + i0) * C + (size_t)h * Dh;   // row i0 of the head
+            const float *qh = q + qoff;
             const float *doh = dout + qoff;
             const float *P;
             if (att) {
-                P = att + ((size_t)b * H + h) * TT;
+                P = att + ((size_t)b * H + h) * Tq * Tk + (size_t)i0 * Tk;
             } else {
-                // recompute P = softmax(Q K^T * scale) exactly as the forward did
-                attention_probs(Pbuf, qh, kh, Tq, Tk, Dh, C, scale, causal);
+                // recompute P_t = softmax(Q_t K^T * scale) exactly as the forward did
+                attention_probs(Pbuf, q + (size_t)b * Tq * C + (size_t)h * Dh, kh, i0, nr,
+                                Tk, Dh, C, scale, causal);
                 P = Pbuf;
             }
 
             /* ASSIGNMENT 04 BEGIN: dV, then dP = dO V^T, the softmax backward to dS, then dQ and dK */
-            /* ASSIGNMENT 04 STUB: (void)doh; (void)vh; (void)P; (void)dS; */
-            // dV += P^T dO   (Tk x Tq times Tq x Dh)
-            if (dv) gemm(1, 0, Tk, Dh, Tq, 1.0f, P, Tk, doh, C, 1.0f, dv + koff, C);
+            /* ASSIGNMENT 04 STUB: (void)doh; (void)vh; (void)P; (void)dS; (void)qh; */
+            // dV += P_t^T dO_t   (Tk x rows times rows x Dh)
+            if (dv) gemm(1, 0, Tk, Dh, nr, 1.0f, P, Tk, doh, C, 1.0f, dv + koff, C);
 
             if (!need_ds) continue;
 
-            // dP = dO V^T   (Tq x Dh times Dh x Tk)
-            gemm(0, 1, Tq, Tk, Dh, 1.0f, doh, C, vh, C, 0.0f, dS, Tk);
+            // dP_t = dO_t V^T   (rows x Dh times Dh x Tk)
+            gemm(0, 1, nr, Tk, Dh, 1.0f, doh, C, vh, C, 0.0f, dS, Tk);
 
             // softmax backward, row by row, in place over dP:
             //   dS[i][j] = P[i][j] * (dP[i][j] - sum_j' dP[i][j'] P[i][j'])
             // masked entries have P == 0, so their dS is 0 and nothing flows
             // back through them.
-#ifdef _OPENMP
-            #pragma omp parallel for if ((size_t)Tq * Tk >= 16384)
-#endif
-            for (int i = 0; i < Tq; i++) {
+            for (int i = 0; i < nr; i++) {
                 const float *prow = P + (size_t)i * Tk;
                 float *drow = dS + (size_t)i * Tk;
                 float dot = 0.0f;
@@ -151,10 +203,10 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout,
             }
 
             // S = scale * Q K^T, so
-            //   dQ += scale * dS K     (Tq x Tk times Tk x Dh)
-            //   dK += scale * dS^T Q   (Tk x Tq times Tq x Dh)
-            if (dq) gemm(0, 0, Tq, Dh, Tk, scale, dS, Tk, kh, C, 1.0f, dq + qoff, C);
-            if (dk) gemm(1, 0, Tk, Dh, Tq, scale, dS, Tk, qh, C, 1.0f, dk + koff, C);
+            //   dQ_t += scale * dS_t K     (rows x Tk times Tk x Dh)
+            //   dK   += scale * dS_t^T Q_t (Tk x rows times rows x Dh)
+            if (dq) gemm(0, 0, nr, Dh, Tk, scale, dS, Tk, kh, C, 1.0f, dq + qoff, C);
+            if (dk) gemm(1, 0, Tk, Dh, nr, scale, dS, Tk, qh, C, 1.0f, dk + koff, C);
             /* ASSIGNMENT 04 END */
         }
     }

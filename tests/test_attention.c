@@ -363,6 +363,94 @@ START_TEST(test_thread_count_invariant) {
 }
 END_TEST
 
+/* Long sequences are cut into query tiles (attention.c: rows * Tk <= 2^17):
+ * Tq = 300, Tk = 600 gives tiles of 218 rows, the last one ragged. Forward
+ * and backward against the textbook formulas in double, with and without
+ * att, causal or not, and bit-identical for 1 and 3 threads. */
+static void naive_backward(double *dq, double *dk, double *dv, const double *P, const prob_t *p) {
+    int C = p->H * p->Dh, Tq = p->Tq, Tk = p->Tk, Dh = p->Dh;
+    double scale = 1.0 / sqrt((double)Dh);
+    double *dS = malloc(sizeof(double) * (size_t)Tk);
+    for (int b = 0; b < p->B; b++)
+        for (int h = 0; h < p->H; h++)
+            for (int i = 0; i < Tq; i++) {
+                const double *prow = P + (((size_t)b * p->H + h) * Tq + i) * Tk;
+                const float *R = p->R + ((size_t)b * Tq + i) * C + h * Dh;
+                const float *qi = p->q + ((size_t)b * Tq + i) * C + h * Dh;
+                // dP_j = R . v_j;  dS_j = P_j (dP_j - sum_j' P_j' dP_j')
+                double dot = 0;
+                for (int j = 0; j < Tk; j++) {
+                    const float *vj = p->v + ((size_t)b * Tk + j) * C + h * Dh;
+                    double d = 0;
+                    for (int c = 0; c < Dh; c++) d += (double)R[c] * vj[c];
+                    dS[j] = d;
+                    dot += prow[j] * d;
+                }
+                for (int j = 0; j < Tk; j++) {
+                    dS[j] = prow[j] * (dS[j] - dot);
+                    size_t kj = ((size_t)b * Tk + j) * C + h * Dh;
+                    for (int c = 0; c < Dh; c++) {
+                        dv[kj + c] += prow[j] * R[c];
+                        dk[kj + c] += scale * dS[j] * qi[c];
+                        dq[((size_t)b * Tq + i) * C + h * Dh + c] += scale * dS[j] * p->k[kj + c];
+                    }
+                }
+            }
+    free(dS);
+}
+
+START_TEST(test_tiled_long_sequences) {
+    for (int causal = 0; causal < 2; causal++) {
+        prob_t p = prob_make(1, 300, 600, 2, 8, causal, 700 + causal);
+        double *ref_out = malloc(nq(&p) * sizeof(double)), *ref_att = malloc(natt(&p) * sizeof(double));
+        double *rq = calloc(nq(&p), sizeof(double)), *rk = calloc(nk(&p), sizeof(double));
+        double *rv = calloc(nk(&p), sizeof(double));
+        naive_attention(ref_out, ref_att, &p);
+        naive_backward(rq, rk, rv, ref_att, &p);
+        for (int keep = 0; keep < 2; keep++) {
+            float *att = keep ? p.att : NULL;
+            prob_zero_grads(&p);
+            run_forward(&p, att);
+            run_backward(&p, p.dq, p.dk, p.dv, att);
+            double eo = rel_err_d(p.out, ref_out, nq(&p));
+            double eq = rel_err_d(p.dq, rq, nq(&p)), ek = rel_err_d(p.dk, rk, nk(&p));
+            double ev = rel_err_d(p.dv, rv, nk(&p));
+            ck_assert_msg(eo < 1e-5 && eq < 1e-4 && ek < 1e-4 && ev < 1e-4,
+                          "causal %d att %d: out %g dq %g dk %g dv %g", causal, keep, eo, eq, ek, ev);
+            if (keep) {
+                double ea = rel_err_d(p.att, ref_att, natt(&p));
+                ck_assert_msg(ea < 1e-5, "causal %d: att rel err %g", causal, ea);
+            }
+        }
+#ifdef _OPENMP
+        int saved = omp_get_max_threads();
+        float *ref[4];
+        size_t n[4] = {nq(&p), nq(&p), nk(&p), nk(&p)};
+        for (int run = 0; run < 2; run++) {
+            omp_set_num_threads(run == 0 ? 1 : 3);
+            prob_zero_grads(&p);
+            run_forward(&p, NULL);
+            run_backward(&p, p.dq, p.dk, p.dv, NULL);
+            float *cur[4] = {p.out, p.dq, p.dk, p.dv};
+            for (int t = 0; t < 4; t++) {
+                if (run == 0) {
+                    ref[t] = malloc(n[t] * sizeof(float));
+                    memcpy(ref[t], cur[t], n[t] * sizeof(float));
+                } else {
+                    ck_assert_msg(memcmp(ref[t], cur[t], n[t] * sizeof(float)) == 0,
+                                  "tiled: tensor %d differs between 1 and 3 threads", t);
+                    free(ref[t]);
+                }
+            }
+        }
+        omp_set_num_threads(saved);
+#endif
+        free(ref_out); free(ref_att); free(rq); free(rk); free(rv);
+        prob_free(&p);
+    }
+}
+END_TEST
+
 static Suite *attention_suite(void) {
     Suite *s = suite_create("attention");
     TCase *tc = tcase_create("core");
@@ -373,6 +461,7 @@ static Suite *attention_suite(void) {
     tcase_add_test(tc, test_backward_accumulates);
     tcase_add_test(tc, test_null_grads);
     tcase_add_test(tc, test_thread_count_invariant);
+    tcase_add_test(tc, test_tiled_long_sequences);
     suite_add_tcase(s, tc);
     return s;
 }
