@@ -16,35 +16,42 @@
  * reverse; the gradient of a skip is collected in its own buffer by the up
  * path and added in when the down path reaches the tensor.
  *
- * Memory. Two stacks share one arena:
- *   act: what backward reads (saved activations). In inference mode each
- *        block gives its inner activations back as soon as it is done, so
- *        only block outputs (the skips among them) stay.
- *   tmp: scratch a layer needs only while it runs, and all of backward's
- *        gradient buffers.
- * The sizes are not worked out by hand: unet_alloc_acts runs forward and
- * backward once with u->measuring set, where every layer asks for its buffers
- * exactly as it will for real but computes nothing, and the arena records the
- * two peaks. So the sizing cannot drift from the code.
- * SD1.5 at 64x64 latents, batch 1, 77 tokens: training 1501 MiB act + 155 MiB
- * tmp; checkpointed training 314 + 155 MiB; inference 244 + 30 MiB. Attention probabilities are never stored
+ * Memory. Every activation, every gradient buffer of backward and every
+ * layer's scratch (the LoRA adapters' included) has an offset in one arena,
+ * which unet_layout computes from the config, the shape (B, h, w, Tc) and the
+ * mode before anything runs; unet_alloc_acts then allocates its peak once.
+ * The layout walks the modules as forward does, then as backward does, and
+ * each tensor is taken from the top of a stack and given back when its last
+ * reader is done (arena.h):
+ *   inference:     a resnet's or transformer's inner tensors are given back
+ *                  when it is done, so only block outputs (the skips among
+ *                  them) stay;
+ *   training:      forward keeps everything backward reads; backward's
+ *                  gradients and scratch go on top;
+ *   checkpointing: forward keeps only block outputs; backward runs each
+ *                  resnet / transformer forward again just before its
+ *                  backward, into a region above backward's buffers (so the
+ *                  peak is set by the largest block; forward uses the same
+ *                  region, free then).
+ * The layout is offsets, not pointers: a second backend (CUDA) allocates the
+ * same number of floats once on its device and uses the same offsets.
+ * SD1.5 at 64x64 latents, batch 1, 77 tokens, no adapters: training 1656 MiB
+ * (1501 kept by forward); checkpointed 464 MiB (179 kept); inference 254 MiB
+ * (119 of block outputs). Attention probabilities are never stored
  * (attention_backward recomputes them), which keeps 64x64 self-attention
  * (4096 x 4096 per head) out of the arena.
- * Gradient checkpointing (unet_alloc_acts(..., 2)): forward drops every
- * block's inner activations as inference does, backward re-runs each resnet /
- * transformer forward just before its backward, on top of the act stack.
  *
  * Full fine-tuning (unet_alloc_grads): every parameter's gradient goes to
- * u->grads at the parameter's own offset, so gw(u, w) turns a weight pointer
- * into its gradient pointer, or NULL (frozen: nn.h skips the work) when no
- * block was allocated. The few inputs that backward then needs and forward
- * kept only in scratch (the latents, the time MLP's activations) are kept in
- * act; the SiLU / upsample outputs that feed convolutions are recomputed in
+ * u->grads at the parameter's own offset, so grad_of(u, w) turns a weight
+ * pointer into its gradient pointer, or NULL (frozen: nn.h skips the work)
+ * when no block was allocated. The few inputs that backward then needs and forward
+ * kept only in scratch (the latents, the time MLP's activations) are kept;
+ * the SiLU / upsample outputs that feed convolutions are recomputed in
  * backward's scratch rather than kept.
  *
  * fp16 weights (unet_build_dtype(..., WEIGHT_F16), --weight-dtype fp16): the
- * modules point at their matrices' table entries, and wf() hands a layer its
- * matrix as fp32, widened into one buffer just before the call (forward, and
+ * modules point at their matrices' table entries, and weight_f32() hands a
+ * layer its matrix as fp32, widened into one buffer just before the call (forward, and
  * backward's dX = dY W). Widening is exact, so from an fp16 checkpoint the
  * numbers are bit for bit those of fp32 weights; the cost is one pass over
  * each matrix per use (SD1.5: 860M halfs, about 0.7 s per forward on the
@@ -90,7 +97,8 @@ typedef struct {
     size_t x, out;                                  /* (B, cin, H, W), (B, cout, H, W) */
     size_t n1, mean1, rstd1, h1, n2, mean2, rstd2;  /* kept for backward */
     size_t silu, tproj;                             /* forward: conv input, time_emb_proj output */
-    size_t g1, g2, silu1, dtproj;                   /* backward */
+    size_t g1, g2, silu1, dtproj;                   /* backward: two gradient buffers; full
+                                                       grads: silu(n1) again, d tproj */
 } resnet_t;
 
 typedef struct {
@@ -98,7 +106,7 @@ typedef struct {
     lin_t q, k, v, o;          /* to_q, to_k, to_v, to_out.0 */
     int Tq, Tk;
     size_t qb, kb, vb, ob;     /* q, k, v and the attention output (input of to_out) */
-    size_t dob, dq, dk, dv;    /* backward */
+    size_t dob, dq, dk, dv;    /* backward: their gradients */
 } attn_t;
 
 typedef struct {               /* BasicTransformerBlock */
@@ -110,7 +118,7 @@ typedef struct {               /* BasicTransformerBlock */
     size_t x, out;             /* (B, T, dim) tokens */
     size_t n1, m1, r1, h1, n2, m2, r2, h2, n3, m3, r3, f1, g;   /* kept */
     size_t branch;             /* forward: each branch's output before the residual add */
-    size_t dg, df1, dn;        /* backward */
+    size_t dg, df1, dn;        /* backward: d geglu, d ff.net.0.proj, d of a norm's output */
 } tblock_t;
 
 typedef struct {               /* Transformer2DModel */
@@ -123,7 +131,7 @@ typedef struct {               /* Transformer2DModel */
     size_t x, out;             /* (B, C, H, W) */
     size_t mean, rstd, gnT, t0;   /* kept: group norm stats, its output as tokens, proj_in's */
     size_t gn;                 /* forward: the group norm's output, then proj_out's */
-    size_t dp, dt, dg;         /* backward */
+    size_t dp, dt, dg;         /* backward: d proj_out's tokens (then d gn), d tokens, d gnT */
 } xformer_t;
 
 typedef struct {               /* a down or up block */
@@ -275,11 +283,11 @@ static void resnet_forward(unet_t *u, resnet_t *r) {
     const float *x = at(u, r->x);
     float *out = at(u, r->out), *n1 = at(u, r->n1), *h1 = at(u, r->h1), *n2 = at(u, r->n2);
     float *mean1 = at(u, r->mean1), *rstd1 = at(u, r->rstd1), *mean2 = at(u, r->mean2), *rstd2 = at(u, r->rstd2);
-    float *a = at(u, r->silu), *tp = at(u, r->tproj);
+    float *silu_out = at(u, r->silu), *tp = at(u, r->tproj);
 
     groupnorm_forward(n1, mean1, rstd1, x, r->norm1_w, r->norm1_b, B, cin, HW, G, eps);
-    silu_forward(a, n1, nin);
-    conv2d_forward(h1, a, weight_f32(u, r->conv1_w), r->conv1_b, B, cin, H, W, cout, 3, 3, 1, 1);
+    silu_forward(silu_out, n1, nin);
+    conv2d_forward(h1, silu_out, weight_f32(u, r->conv1_w), r->conv1_b, B, cin, H, W, cout, 3, 3, 1, 1);
     // h1[b, c, :] += (W_t silu(temb[b]) + b_t)[c]
     linear_forward(tp, at(u, u->net->temb), weight_f32(u, r->temb_w), r->temb_b, B, T, cout);
     for (int b = 0; b < B; b++)
@@ -289,8 +297,8 @@ static void resnet_forward(unet_t *u, resnet_t *r) {
             for (int i = 0; i < HW; i++) p[i] += v;
         }
     groupnorm_forward(n2, mean2, rstd2, h1, r->norm2_w, r->norm2_b, B, cout, HW, G, eps);
-    silu_forward(a, n2, nout);
-    conv2d_forward(out, a, weight_f32(u, r->conv2_w), r->conv2_b, B, cout, H, W, cout, 3, 3, 1, 1);
+    silu_forward(silu_out, n2, nout);
+    conv2d_forward(out, silu_out, weight_f32(u, r->conv2_w), r->conv2_b, B, cout, H, W, cout, 3, 3, 1, 1);
     if (r->short_w) {
         // out_b (cout x HW) += W_s (cout x cin) x_b (cin x HW) + b_s
         for (int b = 0; b < B; b++) {
@@ -1731,11 +1739,11 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
 
     /* out: eps = conv_out(silu(conv_norm_out(h))) */
     size_t nout = (size_t)B * C0 * H * W;
-    float *n_out = at(u, net->n_out), *a = at(u, net->out_silu);
+    float *n_out = at(u, net->n_out), *silu_out = at(u, net->out_silu);
     groupnorm_forward(n_out, at(u, net->mean_out), at(u, net->rstd_out), h, net->norm_out_w, net->norm_out_b,
                       B, C0, H * W, c->groups, c->eps);
-    silu_forward(a, n_out, nout);
-    conv2d_forward(eps_out, a, weight_f32(u, net->conv_out_w), net->conv_out_b, B, C0, H, W, c->out_channels,
+    silu_forward(silu_out, n_out, nout);
+    conv2d_forward(eps_out, silu_out, weight_f32(u, net->conv_out_w), net->conv_out_b, B, C0, H, W, c->out_channels,
                    3, 3, 1, 1);
     u->have_forward = u->train;
 }
@@ -1888,14 +1896,15 @@ done:
          *   d t1o = silu'(t1o) d silu(t1o);  dW_1 += d t1o^T sinusoid */
         int T = 4 * C0;
         size_t nt = (size_t)B * T;
-        float *d2 = at(u, net->dt2o), *ths = at(u, net->t1s_bwd), *dth = at(u, net->dt1s), *d1 = at(u, net->dt1o);
-        zero(d2, nt); zero(dth, nt); zero(d1, nt);
-        silu_forward(ths, at(u, net->t1o), nt);
-        silu_backward(d2, at(u, net->dtemb), at(u, net->t2o), nt);
-        linear_backward(dth, grad_of_matrix(u, net->t2_w), grad_of(u, net->t2_b), d2, ths,
+        float *dt2o = at(u, net->dt2o), *t1s = at(u, net->t1s_bwd), *dt1s = at(u, net->dt1s);
+        float *dt1o = at(u, net->dt1o);
+        zero(dt2o, nt); zero(dt1s, nt); zero(dt1o, nt);
+        silu_forward(t1s, at(u, net->t1o), nt);
+        silu_backward(dt2o, at(u, net->dtemb), at(u, net->t2o), nt);
+        linear_backward(dt1s, grad_of_matrix(u, net->t2_w), grad_of(u, net->t2_b), dt2o, t1s,
                         weight_f32(u, net->t2_w), B, T, T);
-        silu_backward(d1, dth, at(u, net->t1o), nt);
-        linear_backward(NULL, grad_of_matrix(u, net->t1_w), grad_of(u, net->t1_b), d1, at(u, net->tsin),
+        silu_backward(dt1o, dt1s, at(u, net->t1o), nt);
+        linear_backward(NULL, grad_of_matrix(u, net->t1_w), grad_of(u, net->t1_b), dt1o, at(u, net->tsin),
                         weight_f32(u, net->t1_w), B, C0, T);
     }
 #undef SWAP
