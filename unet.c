@@ -16,35 +16,42 @@
  * reverse; the gradient of a skip is collected in its own buffer by the up
  * path and added in when the down path reaches the tensor.
  *
- * Memory. Two stacks share one arena:
- *   act: what backward reads (saved activations). In inference mode each
- *        block gives its inner activations back as soon as it is done, so
- *        only block outputs (the skips among them) stay.
- *   tmp: scratch a layer needs only while it runs, and all of backward's
- *        gradient buffers.
- * The sizes are not worked out by hand: unet_alloc_acts runs forward and
- * backward once with u->measuring set, where every layer asks for its buffers
- * exactly as it will for real but computes nothing, and the arena records the
- * two peaks. So the sizing cannot drift from the code.
- * SD1.5 at 64x64 latents, batch 1, 77 tokens: training 1501 MiB act + 155 MiB
- * tmp; checkpointed training 314 + 155 MiB; inference 244 + 30 MiB. Attention probabilities are never stored
+ * Memory. Every activation, every gradient buffer of backward and every
+ * layer's scratch (the LoRA adapters' included) has an offset in one arena,
+ * which unet_layout computes from the config, the shape (B, h, w, Tc) and the
+ * mode before anything runs; unet_alloc_acts then allocates its peak once.
+ * The layout walks the modules as forward does, then as backward does, and
+ * each tensor is taken from the top of a stack and given back when its last
+ * reader is done (arena.h):
+ *   inference:     a resnet's or transformer's inner tensors are given back
+ *                  when it is done, so only block outputs (the skips among
+ *                  them) stay;
+ *   training:      forward keeps everything backward reads; backward's
+ *                  gradients and scratch go on top;
+ *   checkpointing: forward keeps only block outputs; backward runs each
+ *                  resnet / transformer forward again just before its
+ *                  backward, into a region above backward's buffers (so the
+ *                  peak is set by the largest block; forward uses the same
+ *                  region, free then).
+ * The layout is offsets, not pointers: a second backend (CUDA) allocates the
+ * same number of floats once on its device and uses the same offsets.
+ * SD1.5 at 64x64 latents, batch 1, 77 tokens, no adapters: training 1656 MiB
+ * (1501 kept by forward); checkpointed 464 MiB (179 kept); inference 254 MiB
+ * (119 of block outputs). Attention probabilities are never stored
  * (attention_backward recomputes them), which keeps 64x64 self-attention
  * (4096 x 4096 per head) out of the arena.
- * Gradient checkpointing (unet_alloc_acts(..., 2)): forward drops every
- * block's inner activations as inference does, backward re-runs each resnet /
- * transformer forward just before its backward, on top of the act stack.
  *
  * Full fine-tuning (unet_alloc_grads): every parameter's gradient goes to
- * u->grads at the parameter's own offset, so gw(u, w) turns a weight pointer
- * into its gradient pointer, or NULL (frozen: nn.h skips the work) when no
- * block was allocated. The few inputs that backward then needs and forward
- * kept only in scratch (the latents, the time MLP's activations) are kept in
- * act; the SiLU / upsample outputs that feed convolutions are recomputed in
+ * u->grads at the parameter's own offset, so grad_of(u, w) turns a weight
+ * pointer into its gradient pointer, or NULL (frozen: nn.h skips the work)
+ * when no block was allocated. The few inputs that backward then needs and forward
+ * kept only in scratch (the latents, the time MLP's activations) are kept;
+ * the SiLU / upsample outputs that feed convolutions are recomputed in
  * backward's scratch rather than kept.
  *
  * fp16 weights (unet_build_dtype(..., WEIGHT_F16), --weight-dtype fp16): the
- * modules point at their matrices' table entries, and wf() hands a layer its
- * matrix as fp32, widened into one buffer just before the call (forward, and
+ * modules point at their matrices' table entries, and weight_f32() hands a
+ * layer its matrix as fp32, widened into one buffer just before the call (forward, and
  * backward's dX = dY W). Widening is exact, so from an fp16 checkpoint the
  * numbers are bit for bit those of fp32 weights; the cost is one pass over
  * each matrix per use (SD1.5: 860M halfs, about 0.7 s per forward on the
@@ -61,19 +68,23 @@
 
 /* ------------------------------------------------------------------------ */
 /* module structs                                                            */
+/* Every activation is an offset into the arena (u->acts), set by           */
+/* unet_layout; NONE marks one this mode does not hold.                     */
+
+#define NONE ((size_t)-1)
 
 /* a projection that can carry a LoRA adapter: linear, or a 1x1 conv (which is
  * the same map on the token view, so it runs through the same code) */
 typedef struct {
     int in, out;
-    const unet_param *w;       /* W0 (out x in [x 1 x 1]): read through wf() */
+    const unet_param *w;       /* W0 (out x in [x 1 x 1]): read through weight_f32() */
     float *b;                  /* bias or NULL */
     lora_t *L;                 /* NULL: no adapter */
-    /* forward state */
-    const float *inp;
-    float *ax;                 /* (N, r) */
-    uint8_t *mask;             /* (N, in) dropout mask, training only */
-    int N;
+    int N;                     /* tokens */
+    size_t inp;                /* (N, in): another module's tensor */
+    size_t ax;                 /* (N, r) A dropout(x), for backward */
+    size_t mask;               /* (N, in) bytes: the dropout mask, training only */
+    size_t scratch, dscratch;  /* the adapter's scratch in forward, in backward */
 } lin_t;
 
 typedef struct {
@@ -82,18 +93,20 @@ typedef struct {
     const unet_param *conv1_w, *temb_w, *conv2_w;
     const unet_param *short_w; /* conv_shortcut, only when cin != cout */
     float *short_b;
-    /* forward state */
-    const float *x;
     int H, W;
-    float *n1, *mean1, *rstd1, *h1, *n2, *mean2, *rstd2;
+    size_t x, out;                                  /* (B, cin, H, W), (B, cout, H, W) */
+    size_t n1, mean1, rstd1, h1, n2, mean2, rstd2;  /* kept for backward */
+    size_t silu, tproj;                             /* forward: conv input, time_emb_proj output */
+    size_t g1, g2, silu1, dtproj;                   /* backward: two gradient buffers; full
+                                                       grads: silu(n1) again, d tproj */
 } resnet_t;
 
 typedef struct {
     int heads, dh;
     lin_t q, k, v, o;          /* to_q, to_k, to_v, to_out.0 */
-    /* forward state */
     int Tq, Tk;
-    float *qb, *kb, *vb, *ob;  /* q, k, v and the attention output (input of to_out) */
+    size_t qb, kb, vb, ob;     /* q, k, v and the attention output (input of to_out) */
+    size_t dob, dq, dk, dv;    /* backward: their gradients */
 } attn_t;
 
 typedef struct {               /* BasicTransformerBlock */
@@ -101,9 +114,11 @@ typedef struct {               /* BasicTransformerBlock */
     float *norm1_w, *norm1_b, *norm2_w, *norm2_b, *norm3_w, *norm3_b;
     attn_t attn1, attn2;
     lin_t ff1, ff2;            /* ff.net.0.proj (GEGLU's projection), ff.net.2 */
-    /* forward state */
-    const float *x;
-    float *n1, *m1, *r1, *h1, *n2, *m2, *r2, *h2, *n3, *m3, *r3, *f1, *g;
+    int T;
+    size_t x, out;             /* (B, T, dim) tokens */
+    size_t n1, m1, r1, h1, n2, m2, r2, h2, n3, m3, r3, f1, g;   /* kept */
+    size_t branch;             /* forward: each branch's output before the residual add */
+    size_t dg, df1, dn;        /* backward: d geglu, d ff.net.0.proj, d of a norm's output */
 } tblock_t;
 
 typedef struct {               /* Transformer2DModel */
@@ -111,11 +126,12 @@ typedef struct {               /* Transformer2DModel */
     float *norm_w, *norm_b;
     lin_t proj_in, proj_out;
     tblock_t *blocks;
-    /* forward state */
-    const float *x;
-    int H, W;
-    float *mean, *rstd, *gnT, *t0;
     rng_t rng;                 /* dropout stream at entry, to recompute the same masks */
+    int H, W;
+    size_t x, out;             /* (B, C, H, W) */
+    size_t mean, rstd, gnT, t0;   /* kept: group norm stats, its output as tokens, proj_in's */
+    size_t gn;                 /* forward: the group norm's output, then proj_out's */
+    size_t dp, dt, dg;         /* backward: d proj_out's tokens (then d gn), d tokens, d gnT */
 } xformer_t;
 
 typedef struct {               /* a down or up block */
@@ -126,7 +142,9 @@ typedef struct {               /* a down or up block */
     float *conv_b;
     int *skip;                 /* down: skip index of each layer's output; up: the skip each resnet takes */
     int ds_skip;               /* down: skip index of the downsampler's output */
-    const float *sampler_in;   /* forward state: the down/upsampler's input (before the 2x) */
+    size_t *dcat;              /* up, backward: d cat(h, skip) of each resnet */
+    size_t sampler_in, sampler_out;   /* the down/upsampler's input (before the 2x) and output */
+    size_t up2x, dup2x;        /* up: upsample(h), the conv's input; its gradient in backward */
 } block_t;
 
 enum { S_Q = 1, S_K = 2, S_V = 4, S_OUT = 8, S_PROJ = 16, S_FF = 32 };
@@ -149,71 +167,45 @@ struct unet_net {
     site_t *sites;
     int nsites, sites_cap;
     int build_err;
-    /* forward state */
-    float *ctx, *temb;         /* copy of the context; silu(time embedding) */
-    float *xin;                /* full grads: copy of the input latents (conv_in's dW) */
-    float *tsin, *t1o, *t2o;   /* full grads: sinusoid, linear_1 and linear_2 outputs (before SiLU) */
-    float *dtemb;              /* full grads, backward: d silu(temb), summed over the resnets */
-    float **skips, **dskips;
-    size_t *skipn;
-    float *h_last, *n_out, *mean_out, *rstd_out;
-    size_t maxact;             /* largest (B, C, H, W) tensor, for backward's buffers */
+    /* activations (offsets) */
+    size_t ctx, temb;          /* copy of the context; silu(time embedding) */
+    size_t tsin, t1o, t1s, t2o;   /* the time MLP: sinusoid, linear_1, its SiLU, linear_2 */
+    size_t xin;                /* full grads: copy of the input latents (conv_in's dW) */
+    size_t *skips, *dskips;    /* every skip tensor and, in backward, its gradient */
+    size_t *skipn;             /* their sizes */
+    size_t h_last, n_out, mean_out, rstd_out, out_silu;   /* conv_norm_out, SiLU */
+    size_t maxact;             /* largest (B, C, H, W) tensor: the size of dcur, doth */
+    size_t dtemb;              /* full grads, backward: d silu(temb), summed over the resnets */
+    size_t dcur, doth;         /* backward: the running gradient, and a second buffer */
+    size_t dout_silu;          /* backward: d silu(conv_norm_out) */
+    size_t dt2o, t1s_bwd, dt1s, dt1o;   /* full grads, backward: the time MLP */
     float *dctx;               /* backward: where cross-attention sends dctx (or NULL) */
 };
 
 /* ------------------------------------------------------------------------ */
-/* the two arena stacks                                                     */
+/* helpers                                                                   */
 
-static size_t round16(size_t n) { return (n + 15) & ~(size_t)15; }   /* 64-byte steps */
-
-static float *act(unet_t *u, size_t n) {
-    size_t at = u->act_top;
-    u->act_top += round16(n);
-    if (u->act_top > u->act_peak) u->act_peak = u->act_top;
-    if (u->measuring) return NULL;
-    if (u->act_top > u->act_cap) {
-        /* the sizing pass runs this same code, so this is a bug, not bad input */
-        fprintf(stderr, "unet: internal error: activation arena overflow\n");
-        abort();
-    }
-    return u->arena + at;
-}
-
-static float *tmp(unet_t *u, size_t n) {
-    size_t at = u->tmp_top;
-    u->tmp_top += round16(n);
-    if (u->tmp_top > u->tmp_peak) u->tmp_peak = u->tmp_top;
-    if (u->measuring) return NULL;
-    if (u->tmp_top > u->tmp_cap) {
-        fprintf(stderr, "unet: internal error: scratch arena overflow\n");
-        abort();
-    }
-    return u->arena + u->act_cap + at;
-}
-
-/* does a block keep its inner activations? In training, yes, unless they are
- * checkpointed: then only while backward recomputes them */
-static int keep_inner(const unet_t *u) {
-    return u->train && (!u->checkpoint || u->recomputing);
-}
-
-/* a zeroed tmp buffer (backward accumulates into its gradient buffers) */
-static float *tmpz(unet_t *u, size_t n) {
-    float *p = tmp(u, n);
-    if (p) memset(p, 0, sizeof(float) * n);
-    return p;
+/* the tensor at offset off of the arena, or NULL for NONE */
+static float *at(const unet_t *u, size_t off) {
+    return off == NONE ? NULL : arena_at(&u->acts, off);
 }
 
 static void zero(float *p, size_t n) { memset(p, 0, sizeof(float) * n); }
 
+/* the layout is out of date (adapters or weight gradients change it) */
+static void drop_acts(unet_t *u) {
+    arena_free(&u->acts);
+    u->have_forward = 0;
+}
+
 /* the gradient of parameter p: same offset in u->grads; NULL when the weights
  * are frozen (no grads block), which every nn.h backward reads as "skip" */
-static float *gw(const unet_t *u, const float *p) {
+static float *grad_of(const unet_t *u, const float *p) {
     return u->grads && p ? u->grads + (p - u->params) : NULL;
 }
 
 /* the same for a weight matrix (grads exist only with fp32 weights) */
-static float *gwm(const unet_t *u, const unet_param *p) {
+static float *grad_of_matrix(const unet_t *u, const unet_param *p) {
     return u->grads && p ? u->grads + p->offset : NULL;
 }
 
@@ -222,9 +214,8 @@ static float *gwm(const unet_t *u, const unet_param *p) {
  * into u->wbuf, one matrix at a time, so a layer must be done with one matrix
  * before it asks for the next; asking again for the matrix already there
  * costs nothing (lin_backward reads W0 twice). */
-static const float *wf(unet_t *u, const unet_param *p) {
+static const float *weight_f32(unet_t *u, const unet_param *p) {
     if (p->data) return p->data;
-    if (u->measuring) return NULL;
     return half_widen_cached(u->wbuf, &u->wbuf_of, p->data16, p->numel);
 }
 
@@ -249,34 +240,31 @@ static void add_inplace(float *y, const float *x, size_t n) {
 /* ------------------------------------------------------------------------ */
 /* lin: linear or 1x1 conv with an optional adapter, on (N, in) tokens       */
 
-static void lin_forward(unet_t *u, lin_t *l, float *out, const float *inp, int N) {
-    l->inp = inp;
-    l->N = N;
-    l->ax = NULL;
-    l->mask = NULL;
-    if (l->L) {
-        l->ax = act(u, (size_t)N * l->L->r);
-        if (u->train && l->L->dropout > 0.0f)
-            l->mask = (uint8_t *)act(u, ((size_t)N * l->in + 3) / 4);
-    }
-    if (u->measuring) return;
+static void lin_forward(unet_t *u, lin_t *l, float *out) {
+    const float *inp = at(u, l->inp);
+    float *ax = at(u, l->ax);
     if (l->L && !u->train && l->L->dropout > 0.0f) {
         /* inference: dropout is off, as in torch's eval() */
         lora_t Le = *l->L;
         Le.dropout = 0.0f;
-        lora_forward(out, l->ax, NULL, NULL, inp, wf(u, l->w), l->b, &Le, N, l->in, l->out, NULL);
+        lora_forward(out, ax, NULL, NULL, inp, weight_f32(u, l->w), l->b, &Le, l->N, l->in, l->out, NULL);
         return;
     }
-    lora_forward(out, l->ax, l->mask, u->lora_scratch, inp, wf(u, l->w), l->b, l->L, N, l->in, l->out, &u->dropout_rng);
+    lora_forward(out, ax, (uint8_t *)at(u, l->mask), at(u, l->scratch), inp, weight_f32(u, l->w), l->b,
+                 l->L, l->N, l->in, l->out, &u->dropout_rng);
 }
 
 /* dinp += d/dinp (may be NULL); the adapter's dA, dB +=; with full grads
  * also dW0 += dout^T inp, db += sum_n dout (the adapter's dropout acts on its
  * own branch only, so W0 sees the undropped input) */
 static void lin_backward(unet_t *u, lin_t *l, float *dinp, const float *dout) {
-    if (u->grads) linear_backward(NULL, gwm(u, l->w), gw(u, l->b), dout, l->inp, wf(u, l->w), l->N, l->in, l->out);
+    const float *inp = at(u, l->inp);
+    if (u->grads)
+        linear_backward(NULL, grad_of_matrix(u, l->w), grad_of(u, l->b), dout, inp, weight_f32(u, l->w),
+                        l->N, l->in, l->out);
     if (!dinp && !l->L) return;
-    lora_backward(dinp, dout, l->inp, l->ax, l->mask, u->lora_scratch, wf(u, l->w), l->L, l->N, l->in, l->out);
+    lora_backward(dinp, dout, inp, at(u, l->ax), (const uint8_t *)at(u, l->mask), at(u, l->dscratch),
+                  weight_f32(u, l->w), l->L, l->N, l->in, l->out);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -287,55 +275,42 @@ static void lin_backward(unet_t *u, lin_t *l, float *dinp, const float *dout) {
  * (between silu and conv2) is 0 in every SD config, and
  * output_scale_factor is 1. */
 
-static float *resnet_forward(unet_t *u, resnet_t *r, const float *x, int H, int W) {
-    struct unet_net *net = u->net;
-    int B = u->B, HW = H * W, G = u->cfg.groups, cin = r->cin, cout = r->cout;
+static void resnet_forward(unet_t *u, resnet_t *r) {
+    int B = u->B, H = r->H, W = r->W, HW = H * W, G = u->cfg.groups, cin = r->cin, cout = r->cout;
     int T = 4 * u->cfg.block_out[0];
     float eps = u->cfg.eps;
     size_t nin = (size_t)B * cin * HW, nout = (size_t)B * cout * HW;
-    float *out = act(u, nout);
-    size_t mark = u->act_top, tmark = u->tmp_top;
-    r->x = x; r->H = H; r->W = W;
-    r->n1 = act(u, nin);
-    r->mean1 = act(u, (size_t)B * G);
-    r->rstd1 = act(u, (size_t)B * G);
-    r->h1 = act(u, nout);
-    r->n2 = act(u, nout);
-    r->mean2 = act(u, (size_t)B * G);
-    r->rstd2 = act(u, (size_t)B * G);
-    float *a = tmp(u, nin > nout ? nin : nout);    /* silu output, conv input */
-    float *tp = tmp(u, (size_t)B * cout);          /* time_emb_proj output */
-    if (!u->measuring) {
-        groupnorm_forward(r->n1, r->mean1, r->rstd1, x, r->norm1_w, r->norm1_b, B, cin, HW, G, eps);
-        silu_forward(a, r->n1, nin);
-        conv2d_forward(r->h1, a, wf(u, r->conv1_w), r->conv1_b, B, cin, H, W, cout, 3, 3, 1, 1);
-        // h1[b, c, :] += (W_t silu(temb[b]) + b_t)[c]
-        linear_forward(tp, net->temb, wf(u, r->temb_w), r->temb_b, B, T, cout);
-        for (int b = 0; b < B; b++)
-            for (int c = 0; c < cout; c++) {
-                float *p = r->h1 + ((size_t)b * cout + c) * HW;
-                float v = tp[(size_t)b * cout + c];
-                for (int i = 0; i < HW; i++) p[i] += v;
-            }
-        groupnorm_forward(r->n2, r->mean2, r->rstd2, r->h1, r->norm2_w, r->norm2_b, B, cout, HW, G, eps);
-        silu_forward(a, r->n2, nout);
-        conv2d_forward(out, a, wf(u, r->conv2_w), r->conv2_b, B, cout, H, W, cout, 3, 3, 1, 1);
-        if (r->short_w) {
-            // out_b (cout x HW) += W_s (cout x cin) x_b (cin x HW) + b_s
-            for (int b = 0; b < B; b++) {
-                float *ob = out + (size_t)b * cout * HW;
-                gemm(0, 0, cout, HW, cin, 1.0f, wf(u, r->short_w), cin, x + (size_t)b * cin * HW, HW,
-                     1.0f, ob, HW);
-                for (int c = 0; c < cout; c++)
-                    for (int i = 0; i < HW; i++) ob[(size_t)c * HW + i] += r->short_b[c];
-            }
-        } else {
-            add_inplace(out, x, nout);
+    const float *x = at(u, r->x);
+    float *out = at(u, r->out), *n1 = at(u, r->n1), *h1 = at(u, r->h1), *n2 = at(u, r->n2);
+    float *mean1 = at(u, r->mean1), *rstd1 = at(u, r->rstd1), *mean2 = at(u, r->mean2), *rstd2 = at(u, r->rstd2);
+    float *silu_out = at(u, r->silu), *tp = at(u, r->tproj);
+
+    groupnorm_forward(n1, mean1, rstd1, x, r->norm1_w, r->norm1_b, B, cin, HW, G, eps);
+    silu_forward(silu_out, n1, nin);
+    conv2d_forward(h1, silu_out, weight_f32(u, r->conv1_w), r->conv1_b, B, cin, H, W, cout, 3, 3, 1, 1);
+    // h1[b, c, :] += (W_t silu(temb[b]) + b_t)[c]
+    linear_forward(tp, at(u, u->net->temb), weight_f32(u, r->temb_w), r->temb_b, B, T, cout);
+    for (int b = 0; b < B; b++)
+        for (int c = 0; c < cout; c++) {
+            float *p = h1 + ((size_t)b * cout + c) * HW;
+            float v = tp[(size_t)b * cout + c];
+            for (int i = 0; i < HW; i++) p[i] += v;
         }
+    groupnorm_forward(n2, mean2, rstd2, h1, r->norm2_w, r->norm2_b, B, cout, HW, G, eps);
+    silu_forward(silu_out, n2, nout);
+    conv2d_forward(out, silu_out, weight_f32(u, r->conv2_w), r->conv2_b, B, cout, H, W, cout, 3, 3, 1, 1);
+    if (r->short_w) {
+        // out_b (cout x HW) += W_s (cout x cin) x_b (cin x HW) + b_s
+        for (int b = 0; b < B; b++) {
+            float *ob = out + (size_t)b * cout * HW;
+            gemm(0, 0, cout, HW, cin, 1.0f, weight_f32(u, r->short_w), cin, x + (size_t)b * cin * HW, HW,
+                 1.0f, ob, HW);
+            for (int c = 0; c < cout; c++)
+                for (int i = 0; i < HW; i++) ob[(size_t)c * HW + i] += r->short_b[c];
+        }
+    } else {
+        add_inplace(out, x, nout);
     }
-    u->tmp_top = tmark;
-    if (!keep_inner(u)) u->act_top = mark;
-    return out;
 }
 
 /* dx (B, cin, H, W) += d/dx given dout (B, cout, H, W). Without full grads
@@ -345,59 +320,56 @@ static float *resnet_forward(unet_t *u, resnet_t *r, const float *x, int H, int 
 static void resnet_backward(unet_t *u, resnet_t *r, float *dx, const float *dout) {
     int B = u->B, H = r->H, W = r->W, HW = H * W, G = u->cfg.groups, cin = r->cin, cout = r->cout;
     int T = 4 * u->cfg.block_out[0];
-    size_t nin = (size_t)B * cin * HW, nout = (size_t)B * cout * HW, nmax = nin > nout ? nin : nout;
-    size_t tmark = u->tmp_top;
-    float *g1 = tmp(u, nmax), *g2 = tmp(u, nmax);
+    size_t nin = (size_t)B * cin * HW, nout = (size_t)B * cout * HW;
+    const float *x = at(u, r->x);
+    float *g1 = at(u, r->g1), *g2 = at(u, r->g2);
     /* full grads: conv1's input silu(n1) (live next to its gradient and
      * dh1), and the time projection's output gradient */
-    float *a1 = u->grads ? tmp(u, nin) : NULL, *dtp = u->grads ? tmp(u, (size_t)B * cout) : NULL;
-    if (!u->measuring) {
-        // shortcut: dx += W_s^T dout, or dx += dout
-        if (r->short_w) {
-            for (int b = 0; b < B; b++)
-                gemm(1, 0, cin, HW, cout, 1.0f, wf(u, r->short_w), cin, dout + (size_t)b * cout * HW, HW,
-                     1.0f, dx + (size_t)b * cin * HW, HW);
-            // dW_s += dout_b x_b^T, db_s += sum dout (a 1x1 conv, no input gradient here)
-            if (u->grads)
-                conv2d_backward(NULL, gwm(u, r->short_w), gw(u, r->short_b), dout, r->x, wf(u, r->short_w),
-                                B, cin, H, W, cout, 1, 1, 1, 0);
-        } else {
-            add_inplace(dx, dout, nout);
-        }
-        // conv backward reads its input only for dweight; when that is NULL
-        // the gradient buffer of the input has the right shape to stand in
-        // for it, else the input silu(n2) is recomputed (forward kept only n2)
-        if (u->grads) silu_forward(g2, r->n2, nout);
-        zero(g1, nout);
-        conv2d_backward(g1, gwm(u, r->conv2_w), gw(u, r->conv2_b), dout, u->grads ? g2 : g1, wf(u, r->conv2_w),
-                        B, cout, H, W, cout, 3, 3, 1, 1);
-        zero(g2, nout);
-        silu_backward(g2, g1, r->n2, nout);
-        zero(g1, nout);
-        groupnorm_backward(g1, gw(u, r->norm2_w), gw(u, r->norm2_b), g2, r->h1, r->norm2_w,
-                           r->mean2, r->rstd2, B, cout, HW, G);
-        if (u->grads) {
-            // h1[b, c, :] += tp[b, c]  =>  dtp[b, c] = sum_i dh1[b, c, i]; tp = W_t silu(temb) + b_t
-            for (int b = 0; b < B; b++)
-                for (int c = 0; c < cout; c++) {
-                    const float *p = g1 + ((size_t)b * cout + c) * HW;
-                    double s = 0;
-                    for (int i = 0; i < HW; i++) s += p[i];
-                    dtp[(size_t)b * cout + c] = (float)s;
-                }
-            linear_backward(u->net->dtemb, gwm(u, r->temb_w), gw(u, r->temb_b), dtp, u->net->temb,
-                            wf(u, r->temb_w), B, T, cout);
-            silu_forward(a1, r->n1, nin);
-        }
-        zero(g2, nin);
-        conv2d_backward(g2, gwm(u, r->conv1_w), gw(u, r->conv1_b), g1, u->grads ? a1 : g2, wf(u, r->conv1_w),
-                        B, cin, H, W, cout, 3, 3, 1, 1);
-        zero(g1, nin);
-        silu_backward(g1, g2, r->n1, nin);
-        groupnorm_backward(dx, gw(u, r->norm1_w), gw(u, r->norm1_b), g1, r->x, r->norm1_w,
-                           r->mean1, r->rstd1, B, cin, HW, G);
+    float *a1 = at(u, r->silu1), *dtp = at(u, r->dtproj);
+    // shortcut: dx += W_s^T dout, or dx += dout
+    if (r->short_w) {
+        for (int b = 0; b < B; b++)
+            gemm(1, 0, cin, HW, cout, 1.0f, weight_f32(u, r->short_w), cin, dout + (size_t)b * cout * HW, HW,
+                 1.0f, dx + (size_t)b * cin * HW, HW);
+        // dW_s += dout_b x_b^T, db_s += sum dout (a 1x1 conv, no input gradient here)
+        if (u->grads)
+            conv2d_backward(NULL, grad_of_matrix(u, r->short_w), grad_of(u, r->short_b), dout, x,
+                            weight_f32(u, r->short_w), B, cin, H, W, cout, 1, 1, 1, 0);
+    } else {
+        add_inplace(dx, dout, nout);
     }
-    u->tmp_top = tmark;
+    // conv backward reads its input only for dweight; when that is NULL
+    // the gradient buffer of the input has the right shape to stand in
+    // for it, else the input silu(n2) is recomputed (forward kept only n2)
+    if (u->grads) silu_forward(g2, at(u, r->n2), nout);
+    zero(g1, nout);
+    conv2d_backward(g1, grad_of_matrix(u, r->conv2_w), grad_of(u, r->conv2_b), dout, u->grads ? g2 : g1,
+                    weight_f32(u, r->conv2_w), B, cout, H, W, cout, 3, 3, 1, 1);
+    zero(g2, nout);
+    silu_backward(g2, g1, at(u, r->n2), nout);
+    zero(g1, nout);
+    groupnorm_backward(g1, grad_of(u, r->norm2_w), grad_of(u, r->norm2_b), g2, at(u, r->h1), r->norm2_w,
+                       at(u, r->mean2), at(u, r->rstd2), B, cout, HW, G);
+    if (u->grads) {
+        // h1[b, c, :] += tp[b, c]  =>  dtp[b, c] = sum_i dh1[b, c, i]; tp = W_t silu(temb) + b_t
+        for (int b = 0; b < B; b++)
+            for (int c = 0; c < cout; c++) {
+                const float *p = g1 + ((size_t)b * cout + c) * HW;
+                double s = 0;
+                for (int i = 0; i < HW; i++) s += p[i];
+                dtp[(size_t)b * cout + c] = (float)s;
+            }
+        linear_backward(at(u, u->net->dtemb), grad_of_matrix(u, r->temb_w), grad_of(u, r->temb_b), dtp,
+                        at(u, u->net->temb), weight_f32(u, r->temb_w), B, T, cout);
+        silu_forward(a1, at(u, r->n1), nin);
+    }
+    zero(g2, nin);
+    conv2d_backward(g2, grad_of_matrix(u, r->conv1_w), grad_of(u, r->conv1_b), g1, u->grads ? a1 : g2,
+                    weight_f32(u, r->conv1_w), B, cin, H, W, cout, 3, 3, 1, 1);
+    zero(g1, nin);
+    silu_backward(g1, g2, at(u, r->n1), nin);
+    groupnorm_backward(dx, grad_of(u, r->norm1_w), grad_of(u, r->norm1_b), g1, x, r->norm1_w,
+                       at(u, r->mean1), at(u, r->rstd1), B, cin, HW, G);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -405,42 +377,31 @@ static void resnet_backward(unet_t *u, resnet_t *r, float *dx, const float *dout
 /*   q = to_q(x), k = to_k(src), v = to_v(src)   (src = x, or the context)   */
 /*   o = softmax(q k^T / sqrt(dh)) v  per head;  out = to_out.0(o)           */
 
-static void attn_forward(unet_t *u, attn_t *a, float *out, const float *x, const float *src,
-                         int Tq, int Tk) {
-    int B = u->B, C = a->heads * a->dh;
-    size_t nq = (size_t)B * Tq * C, nk = (size_t)B * Tk * C;
-    a->Tq = Tq; a->Tk = Tk;
-    a->qb = act(u, nq);
-    a->kb = act(u, nk);
-    a->vb = act(u, nk);
-    a->ob = act(u, nq);
-    lin_forward(u, &a->q, a->qb, x, B * Tq);
-    lin_forward(u, &a->k, a->kb, src, B * Tk);
-    lin_forward(u, &a->v, a->vb, src, B * Tk);
-    if (!u->measuring)
-        attention_forward(a->ob, NULL, a->qb, a->kb, a->vb, B, Tq, Tk, a->heads, a->dh, 0);
-    lin_forward(u, &a->o, out, a->ob, B * Tq);
+static void attn_forward(unet_t *u, attn_t *a, float *out) {
+    float *qb = at(u, a->qb), *kb = at(u, a->kb), *vb = at(u, a->vb), *ob = at(u, a->ob);
+    lin_forward(u, &a->q, qb);
+    lin_forward(u, &a->k, kb);
+    lin_forward(u, &a->v, vb);
+    attention_forward(ob, NULL, qb, kb, vb, u->B, a->Tq, a->Tk, a->heads, a->dh, 0);
+    lin_forward(u, &a->o, out);
 }
 
 /* dx += d/dx; dsrc += d/dsrc (dsrc may be NULL; may equal dx for self-attention) */
 static void attn_backward(unet_t *u, attn_t *a, float *dx, float *dsrc, const float *dout) {
     int B = u->B, C = a->heads * a->dh, Tq = a->Tq, Tk = a->Tk;
     size_t nq = (size_t)B * Tq * C, nk = (size_t)B * Tk * C;
-    size_t tmark = u->tmp_top;
-    float *dob = tmpz(u, nq), *dq = tmpz(u, nq), *dk = tmpz(u, nk), *dv = tmpz(u, nk);
-    if (!u->measuring) {
-        lin_backward(u, &a->o, dob, dout);
-        // k and v need a gradient only if it goes somewhere: src or an adapter
-        int need_kv = dsrc || a->k.L || a->v.L || u->grads;
-        attention_backward(dq, need_kv ? dk : NULL, need_kv ? dv : NULL, dob,
-                           a->qb, a->kb, a->vb, NULL, B, Tq, Tk, a->heads, a->dh, 0);
-        lin_backward(u, &a->q, dx, dq);
-        if (need_kv) {
-            lin_backward(u, &a->k, dsrc, dk);
-            lin_backward(u, &a->v, dsrc, dv);
-        }
+    float *dob = at(u, a->dob), *dq = at(u, a->dq), *dk = at(u, a->dk), *dv = at(u, a->dv);
+    zero(dob, nq); zero(dq, nq); zero(dk, nk); zero(dv, nk);
+    lin_backward(u, &a->o, dob, dout);
+    // k and v need a gradient only if it goes somewhere: src or an adapter
+    int need_kv = dsrc || a->k.L || a->v.L || u->grads;
+    attention_backward(dq, need_kv ? dk : NULL, need_kv ? dv : NULL, dob,
+                       at(u, a->qb), at(u, a->kb), at(u, a->vb), NULL, B, Tq, Tk, a->heads, a->dh, 0);
+    lin_backward(u, &a->q, dx, dq);
+    if (need_kv) {
+        lin_backward(u, &a->k, dsrc, dk);
+        lin_backward(u, &a->v, dsrc, dv);
     }
-    u->tmp_top = tmark;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -449,69 +410,51 @@ static void attn_backward(unet_t *u, attn_t *a, float *dx, float *dsrc, const fl
 /*   h2  = h1 + attn2(norm2(h1), ctx)           cross-attention on the text  */
 /*   out = h2 + ff.net.2(geglu(ff.net.0.proj(norm3(h2))))                    */
 
-static float *tblock_forward(unet_t *u, tblock_t *tb, const float *x, int T) {
-    int B = u->B, D = tb->dim, Tc = u->Tc;
-    size_t N = (size_t)B * T, nd = N * D;
+static void tblock_forward(unet_t *u, tblock_t *tb) {
+    int D = tb->dim, N = u->B * tb->T;
+    size_t nd = (size_t)N * D;
     const float eps = 1e-5f;    /* nn.LayerNorm default; diffusers passes norm_eps = 1e-5 */
-    float *out = act(u, nd);
-    size_t mark = u->act_top, tmark = u->tmp_top;
-    float *t = tmp(u, nd);      /* each branch's output before the residual add */
-    tb->x = x;
+    const float *x = at(u, tb->x);
+    float *out = at(u, tb->out), *t = at(u, tb->branch);
+    float *h1 = at(u, tb->h1), *h2 = at(u, tb->h2);
 
-    tb->n1 = act(u, nd); tb->m1 = act(u, N); tb->r1 = act(u, N);
-    if (!u->measuring) layernorm_forward(tb->n1, tb->m1, tb->r1, x, tb->norm1_w, tb->norm1_b, (int)N, D, eps);
-    attn_forward(u, &tb->attn1, t, tb->n1, tb->n1, T, T);
-    tb->h1 = act(u, nd);
-    if (!u->measuring) for (size_t i = 0; i < nd; i++) tb->h1[i] = x[i] + t[i];
+    layernorm_forward(at(u, tb->n1), at(u, tb->m1), at(u, tb->r1), x, tb->norm1_w, tb->norm1_b, N, D, eps);
+    attn_forward(u, &tb->attn1, t);
+    for (size_t i = 0; i < nd; i++) h1[i] = x[i] + t[i];
 
-    tb->n2 = act(u, nd); tb->m2 = act(u, N); tb->r2 = act(u, N);
-    if (!u->measuring) layernorm_forward(tb->n2, tb->m2, tb->r2, tb->h1, tb->norm2_w, tb->norm2_b, (int)N, D, eps);
-    attn_forward(u, &tb->attn2, t, tb->n2, u->net->ctx, T, Tc);
-    tb->h2 = act(u, nd);
-    if (!u->measuring) for (size_t i = 0; i < nd; i++) tb->h2[i] = tb->h1[i] + t[i];
+    layernorm_forward(at(u, tb->n2), at(u, tb->m2), at(u, tb->r2), h1, tb->norm2_w, tb->norm2_b, N, D, eps);
+    attn_forward(u, &tb->attn2, t);
+    for (size_t i = 0; i < nd; i++) h2[i] = h1[i] + t[i];
 
-    tb->n3 = act(u, nd); tb->m3 = act(u, N); tb->r3 = act(u, N);
-    tb->f1 = act(u, N * 8 * D);     /* [value | gate], 4D each */
-    tb->g = act(u, N * 4 * D);
-    if (!u->measuring) layernorm_forward(tb->n3, tb->m3, tb->r3, tb->h2, tb->norm3_w, tb->norm3_b, (int)N, D, eps);
-    lin_forward(u, &tb->ff1, tb->f1, tb->n3, (int)N);
-    if (!u->measuring) geglu_forward(tb->g, tb->f1, (int)N, 4 * D);
-    lin_forward(u, &tb->ff2, t, tb->g, (int)N);
-    if (!u->measuring) for (size_t i = 0; i < nd; i++) out[i] = tb->h2[i] + t[i];
-
-    u->tmp_top = tmark;
-    if (!keep_inner(u)) u->act_top = mark;
-    return out;
+    layernorm_forward(at(u, tb->n3), at(u, tb->m3), at(u, tb->r3), h2, tb->norm3_w, tb->norm3_b, N, D, eps);
+    lin_forward(u, &tb->ff1, at(u, tb->f1));
+    geglu_forward(at(u, tb->g), at(u, tb->f1), N, 4 * D);
+    lin_forward(u, &tb->ff2, t);
+    for (size_t i = 0; i < nd; i++) out[i] = h2[i] + t[i];
 }
 
 /* in place: dh holds d(out) on entry and d(x) on return (every branch is residual) */
 static void tblock_backward(unet_t *u, tblock_t *tb, float *dh) {
-    int B = u->B, D = tb->dim, T = tb->attn1.Tq;
-    size_t N = (size_t)B * T, nd = N * D;
-    size_t tmark = u->tmp_top;
-    float *dg = tmpz(u, N * 4 * D), *df1 = tmpz(u, N * 8 * D), *dn = tmpz(u, nd);
-    if (!u->measuring) {
-        // feed-forward branch, then dh += norm3^T dn
-        lin_backward(u, &tb->ff2, dg, dh);
-        geglu_backward(df1, dg, tb->f1, (int)N, 4 * D);
-        lin_backward(u, &tb->ff1, dn, df1);
-        layernorm_backward(dh, gw(u, tb->norm3_w), gw(u, tb->norm3_b), dn, tb->h2, tb->norm3_w,
-                           tb->m3, tb->r3, (int)N, D);
-        zero(dn, nd);
-    }
+    int D = tb->dim, N = u->B * tb->T;
+    size_t nd = (size_t)N * D;
+    float *dg = at(u, tb->dg), *df1 = at(u, tb->df1), *dn = at(u, tb->dn);
+    zero(dg, (size_t)N * 4 * D); zero(df1, (size_t)N * 8 * D); zero(dn, nd);
+    // feed-forward branch, then dh += norm3^T dn
+    lin_backward(u, &tb->ff2, dg, dh);
+    geglu_backward(df1, dg, at(u, tb->f1), N, 4 * D);
+    lin_backward(u, &tb->ff1, dn, df1);
+    layernorm_backward(dh, grad_of(u, tb->norm3_w), grad_of(u, tb->norm3_b), dn, at(u, tb->h2), tb->norm3_w,
+                       at(u, tb->m3), at(u, tb->r3), N, D);
+    zero(dn, nd);
     // cross-attention: the context's gradient goes to net->dctx (if wanted)
     attn_backward(u, &tb->attn2, dn, u->net->dctx, dh);
-    if (!u->measuring) {
-        layernorm_backward(dh, gw(u, tb->norm2_w), gw(u, tb->norm2_b), dn, tb->h1, tb->norm2_w,
-                           tb->m2, tb->r2, (int)N, D);
-        zero(dn, nd);
-    }
+    layernorm_backward(dh, grad_of(u, tb->norm2_w), grad_of(u, tb->norm2_b), dn, at(u, tb->h1), tb->norm2_w,
+                       at(u, tb->m2), at(u, tb->r2), N, D);
+    zero(dn, nd);
     // self-attention: q, k and v all come from norm1(x)
     attn_backward(u, &tb->attn1, dn, dn, dh);
-    if (!u->measuring)
-        layernorm_backward(dh, gw(u, tb->norm1_w), gw(u, tb->norm1_b), dn, tb->x, tb->norm1_w,
-                           tb->m1, tb->r1, (int)N, D);
-    u->tmp_top = tmark;
+    layernorm_backward(dh, grad_of(u, tb->norm1_w), grad_of(u, tb->norm1_b), dn, at(u, tb->x), tb->norm1_w,
+                       at(u, tb->m1), at(u, tb->r1), N, D);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -524,54 +467,34 @@ static void tblock_backward(unet_t *u, tblock_t *tb, float *dh) {
 /* (True). A 1x1 conv is a linear on every pixel, so both are the same      */
 /* product and share one path here: permute, then project.                  */
 
-static float *xformer_forward(unet_t *u, xformer_t *xf, const float *x, int H, int W) {
-    int B = u->B, C = xf->C, HW = H * W, G = u->cfg.groups;
+static void xformer_forward(unet_t *u, xformer_t *xf) {
+    int B = u->B, C = xf->C, HW = xf->H * xf->W, G = u->cfg.groups;
     size_t n = (size_t)B * C * HW;
-    float *out = act(u, n);
-    size_t mark = u->act_top, tmark = u->tmp_top;
-    xf->x = x; xf->H = H; xf->W = W;
+    const float *x = at(u, xf->x);
+    float *out = at(u, xf->out), *gn = at(u, xf->gn);
     xf->rng = u->dropout_rng;
-    xf->mean = act(u, (size_t)B * G);
-    xf->rstd = act(u, (size_t)B * G);
-    xf->gnT = act(u, n);
-    xf->t0 = act(u, n);
-    float *gn = tmp(u, n);
-    if (!u->measuring) {
-        groupnorm_forward(gn, xf->mean, xf->rstd, x, xf->norm_w, xf->norm_b, B, C, HW, G, 1e-6f);
-        transpose(xf->gnT, gn, B, C, HW);
-    }
-    lin_forward(u, &xf->proj_in, xf->t0, xf->gnT, B * HW);
-    const float *h = xf->t0;
-    for (int k = 0; k < xf->nblocks; k++) h = tblock_forward(u, &xf->blocks[k], h, HW);
-    float *p = gn;   /* reuse: proj_out's tokens */
-    lin_forward(u, &xf->proj_out, p, h, B * HW);
-    if (!u->measuring) {
-        transpose(out, p, B, HW, C);
-        add_inplace(out, x, n);
-    }
-    u->tmp_top = tmark;
-    if (!keep_inner(u)) u->act_top = mark;
-    return out;
+    groupnorm_forward(gn, at(u, xf->mean), at(u, xf->rstd), x, xf->norm_w, xf->norm_b, B, C, HW, G, 1e-6f);
+    transpose(at(u, xf->gnT), gn, B, C, HW);
+    lin_forward(u, &xf->proj_in, at(u, xf->t0));
+    for (int k = 0; k < xf->nblocks; k++) tblock_forward(u, &xf->blocks[k]);
+    lin_forward(u, &xf->proj_out, gn);     /* gn is free again: proj_out's tokens */
+    transpose(out, gn, B, HW, C);
+    add_inplace(out, x, n);
 }
 
 /* in place: dh (B, C, H, W) holds d(out) on entry and d(x) on return */
 static void xformer_backward(unet_t *u, xformer_t *xf, float *dh) {
     int B = u->B, C = xf->C, HW = xf->H * xf->W, G = u->cfg.groups;
     size_t n = (size_t)B * C * HW;
-    size_t tmark = u->tmp_top;
-    float *dp = tmp(u, n), *dt = tmpz(u, n), *dg = tmpz(u, n);
-    if (!u->measuring) {
-        transpose(dp, dh, B, C, HW);                 /* d(proj_out output) as tokens */
-        lin_backward(u, &xf->proj_out, dt, dp);
-    }
+    float *dp = at(u, xf->dp), *dt = at(u, xf->dt), *dg = at(u, xf->dg);
+    zero(dt, n); zero(dg, n);
+    transpose(dp, dh, B, C, HW);                 /* d(proj_out output) as tokens */
+    lin_backward(u, &xf->proj_out, dt, dp);
     for (int k = xf->nblocks - 1; k >= 0; k--) tblock_backward(u, &xf->blocks[k], dt);
-    if (!u->measuring) {
-        lin_backward(u, &xf->proj_in, dg, dt);          /* d(gnT) */
-        transpose(dp, dg, B, HW, C);                 /* d(gn) as NCHW */
-        groupnorm_backward(dh, gw(u, xf->norm_w), gw(u, xf->norm_b), dp, xf->x, xf->norm_w,
-                           xf->mean, xf->rstd, B, C, HW, G);
-    }
-    u->tmp_top = tmark;
+    lin_backward(u, &xf->proj_in, dg, dt);       /* d(gnT) */
+    transpose(dp, dg, B, HW, C);                 /* d(gn) as NCHW */
+    groupnorm_backward(dh, grad_of(u, xf->norm_w), grad_of(u, xf->norm_b), dp, at(u, xf->x), xf->norm_w,
+                       at(u, xf->mean), at(u, xf->rstd), B, C, HW, G);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -723,7 +646,7 @@ static void xformer_build(unet_t *u, xformer_t *xf, const char *prefix, int C, i
 static void block_free(block_t *b) {
     if (b->att)
         for (int j = 0; j < b->nres; j++) free(b->att[j].blocks);
-    free(b->res); free(b->att); free(b->skip);
+    free(b->res); free(b->att); free(b->skip); free(b->dcat);
     memset(b, 0, sizeof *b);
 }
 
@@ -753,8 +676,8 @@ static int net_build(unet_t *u, char *err) {
     for (int i = 0; i < n; i++) maxskips += c->layers[i];
     net->skip_C = xcalloc(u, (size_t)maxskips, sizeof(int));
     net->skip_lvl = xcalloc(u, (size_t)maxskips, sizeof(int));
-    net->skips = xcalloc(u, (size_t)maxskips, sizeof(float *));
-    net->dskips = xcalloc(u, (size_t)maxskips, sizeof(float *));
+    net->skips = xcalloc(u, (size_t)maxskips, sizeof(size_t));
+    net->dskips = xcalloc(u, (size_t)maxskips, sizeof(size_t));
     net->skipn = xcalloc(u, (size_t)maxskips, sizeof(size_t));
     if (net->build_err) goto oom;
     int ns = 0;
@@ -804,6 +727,7 @@ static int net_build(unet_t *u, char *err) {
         blk->nres = c->layers[l] + 1;
         blk->res = xcalloc(u, (size_t)blk->nres, sizeof(resnet_t));
         blk->skip = xcalloc(u, (size_t)blk->nres, sizeof(int));
+        blk->dcat = xcalloc(u, (size_t)blk->nres, sizeof(size_t));
         if (c->up_attn[i]) blk->att = xcalloc(u, (size_t)blk->nres, sizeof(xformer_t));
         if (net->build_err) goto oom;
         for (int j = 0; j < blk->nres; j++) {
@@ -914,7 +838,7 @@ void unet_free(unet_t *u) {
     if (u->net) { net_free_modules(u->net); free(u->net); }
     free(u->params); free(u->params16); free(u->wbuf); free(u->grads); free(u->table);
     free(u->loras); free(u->lora_params); free(u->lora_grads);
-    free(u->arena); free(u->lora_scratch);
+    arena_free(&u->acts);
     memset(u, 0, sizeof *u);
 }
 
@@ -1305,12 +1229,7 @@ int unet_add_lora(unet_t *u, const char *targets, int rank, float alpha, float d
     u->lora_nparams = total;
     rng_seed(&u->dropout_rng, seed ^ 0x9e3779b97f4a7c15ull);
     /* the adapters' saved activations change the arena's layout */
-    free(u->arena);
-    u->arena = NULL;
-    free(u->lora_scratch);
-    u->lora_scratch = NULL;
-    u->act_cap = u->tmp_cap = 0;
-    u->have_forward = 0;
+    drop_acts(u);
     return 0;
 }
 
@@ -1343,12 +1262,7 @@ int unet_alloc_grads(unet_t *u) {
     }
     /* forward now keeps a little more (the latents, the time MLP) and backward
      * needs more scratch: the arena's sizes change, as after unet_add_lora */
-    free(u->arena);
-    u->arena = NULL;
-    free(u->lora_scratch);
-    u->lora_scratch = NULL;
-    u->act_cap = u->tmp_cap = 0;
-    u->have_forward = 0;
+    drop_acts(u);
     return 0;
 }
 
@@ -1357,165 +1271,499 @@ void unet_zero_grads(unet_t *u) {
 }
 
 /* ------------------------------------------------------------------------ */
-/* the whole network                                                        */
+/* the activation layout                                                    */
+/* unet_layout gives every tensor forward and backward use an offset in one */
+/* arena, from the config and the shape alone (arena.h). It walks the       */
+/* modules in forward order, then in backward's. Each module has three      */
+/* helpers: _keep (what its forward writes and backward reads), and         */
+/* _fwd_scratch / _bwd_scratch (what it needs only while it runs: they give */
+/* it back before returning, so they only raise the peak).                  */
+
+static void lin_keep(unet_t *u, arena_plan *p, lin_t *l, size_t inp, int N) {
+    l->inp = inp;
+    l->N = N;
+    l->ax = l->L ? arena_take(p, (size_t)N * l->L->r) : NONE;
+    l->mask = l->L && u->train && l->L->dropout > 0.0f ? arena_take(p, ((size_t)N * l->in + 3) / 4) : NONE;
+    l->scratch = l->dscratch = NONE;
+}
+
+static void lin_fwd_scratch(arena_plan *p, lin_t *l) {
+    size_t m = arena_mark(p);
+    /* lora_forward needs scratch only for the dropped-out copy of its input */
+    if (l->mask != NONE) l->scratch = arena_take(p, lora_scratch_floats(l->L, l->N));
+    arena_release(p, m);
+}
+
+static void lin_bwd_scratch(arena_plan *p, lin_t *l) {
+    size_t m = arena_mark(p);
+    if (l->L) l->dscratch = arena_take(p, lora_scratch_floats(l->L, l->N));
+    arena_release(p, m);
+}
+
+static void resnet_keep(unet_t *u, arena_plan *p, resnet_t *r) {
+    size_t B = (size_t)u->B, HW = (size_t)r->H * r->W, G = (size_t)u->cfg.groups;
+    r->n1 = arena_take(p, B * r->cin * HW);
+    r->mean1 = arena_take(p, B * G);
+    r->rstd1 = arena_take(p, B * G);
+    r->h1 = arena_take(p, B * r->cout * HW);
+    r->n2 = arena_take(p, B * r->cout * HW);
+    r->mean2 = arena_take(p, B * G);
+    r->rstd2 = arena_take(p, B * G);
+}
+
+static void resnet_fwd_scratch(unet_t *u, arena_plan *p, resnet_t *r) {
+    size_t B = (size_t)u->B, HW = (size_t)r->H * r->W, m = arena_mark(p);
+    r->silu = arena_take(p, B * (r->cin > r->cout ? r->cin : r->cout) * HW);
+    r->tproj = arena_take(p, B * r->cout);
+    arena_release(p, m);
+}
+
+static void resnet_bwd_scratch(unet_t *u, arena_plan *p, resnet_t *r) {
+    size_t B = (size_t)u->B, HW = (size_t)r->H * r->W, m = arena_mark(p);
+    size_t nmax = B * (r->cin > r->cout ? r->cin : r->cout) * HW;
+    r->g1 = arena_take(p, nmax);
+    r->g2 = arena_take(p, nmax);
+    r->silu1 = u->grads ? arena_take(p, B * r->cin * HW) : NONE;
+    r->dtproj = u->grads ? arena_take(p, B * r->cout) : NONE;
+    arena_release(p, m);
+}
+
+static void attn_keep(unet_t *u, arena_plan *p, attn_t *a, size_t x, size_t src, int Tq, int Tk) {
+    size_t C = (size_t)a->heads * a->dh, nq = (size_t)u->B * Tq * C, nk = (size_t)u->B * Tk * C;
+    a->Tq = Tq; a->Tk = Tk;
+    a->qb = arena_take(p, nq);
+    a->kb = arena_take(p, nk);
+    a->vb = arena_take(p, nk);
+    a->ob = arena_take(p, nq);
+    lin_keep(u, p, &a->q, x, u->B * Tq);
+    lin_keep(u, p, &a->k, src, u->B * Tk);
+    lin_keep(u, p, &a->v, src, u->B * Tk);
+    lin_keep(u, p, &a->o, a->ob, u->B * Tq);
+}
+
+static void attn_fwd_scratch(arena_plan *p, attn_t *a) {
+    lin_fwd_scratch(p, &a->q);
+    lin_fwd_scratch(p, &a->k);
+    lin_fwd_scratch(p, &a->v);
+    lin_fwd_scratch(p, &a->o);
+}
+
+static void attn_bwd_scratch(unet_t *u, arena_plan *p, attn_t *a) {
+    size_t C = (size_t)a->heads * a->dh, nq = (size_t)u->B * a->Tq * C, nk = (size_t)u->B * a->Tk * C;
+    size_t m = arena_mark(p);
+    a->dob = arena_take(p, nq);
+    a->dq = arena_take(p, nq);
+    a->dk = arena_take(p, nk);
+    a->dv = arena_take(p, nk);
+    lin_bwd_scratch(p, &a->o);
+    lin_bwd_scratch(p, &a->q);
+    lin_bwd_scratch(p, &a->k);
+    lin_bwd_scratch(p, &a->v);
+    arena_release(p, m);
+}
+
+static void tblock_keep(unet_t *u, arena_plan *p, tblock_t *tb, size_t x, int T) {
+    size_t N = (size_t)u->B * T, nd = N * tb->dim;
+    tb->x = x; tb->T = T;
+    tb->out = arena_take(p, nd);
+    tb->n1 = arena_take(p, nd); tb->m1 = arena_take(p, N); tb->r1 = arena_take(p, N);
+    attn_keep(u, p, &tb->attn1, tb->n1, tb->n1, T, T);
+    tb->h1 = arena_take(p, nd);
+    tb->n2 = arena_take(p, nd); tb->m2 = arena_take(p, N); tb->r2 = arena_take(p, N);
+    attn_keep(u, p, &tb->attn2, tb->n2, u->net->ctx, T, u->Tc);
+    tb->h2 = arena_take(p, nd);
+    tb->n3 = arena_take(p, nd); tb->m3 = arena_take(p, N); tb->r3 = arena_take(p, N);
+    tb->f1 = arena_take(p, N * 8 * tb->dim);   /* [value | gate], 4 dim each */
+    tb->g = arena_take(p, N * 4 * tb->dim);
+    lin_keep(u, p, &tb->ff1, tb->n3, (int)N);
+    lin_keep(u, p, &tb->ff2, tb->g, (int)N);
+}
+
+static void tblock_fwd_scratch(unet_t *u, arena_plan *p, tblock_t *tb) {
+    size_t m = arena_mark(p);
+    tb->branch = arena_take(p, (size_t)u->B * tb->T * tb->dim);
+    attn_fwd_scratch(p, &tb->attn1);
+    attn_fwd_scratch(p, &tb->attn2);
+    lin_fwd_scratch(p, &tb->ff1);
+    lin_fwd_scratch(p, &tb->ff2);
+    arena_release(p, m);
+}
+
+static void tblock_bwd_scratch(unet_t *u, arena_plan *p, tblock_t *tb) {
+    size_t N = (size_t)u->B * tb->T, m = arena_mark(p);
+    tb->dg = arena_take(p, N * 4 * tb->dim);
+    tb->df1 = arena_take(p, N * 8 * tb->dim);
+    tb->dn = arena_take(p, N * tb->dim);
+    lin_bwd_scratch(p, &tb->ff2);
+    lin_bwd_scratch(p, &tb->ff1);
+    attn_bwd_scratch(u, p, &tb->attn2);
+    attn_bwd_scratch(u, p, &tb->attn1);
+    arena_release(p, m);
+}
+
+static void xformer_keep(unet_t *u, arena_plan *p, xformer_t *xf) {
+    int HW = xf->H * xf->W;
+    size_t n = (size_t)u->B * xf->C * HW;
+    xf->mean = arena_take(p, (size_t)u->B * u->cfg.groups);
+    xf->rstd = arena_take(p, (size_t)u->B * u->cfg.groups);
+    xf->gnT = arena_take(p, n);
+    xf->t0 = arena_take(p, n);
+    lin_keep(u, p, &xf->proj_in, xf->gnT, u->B * HW);
+    size_t h = xf->t0;
+    for (int k = 0; k < xf->nblocks; k++) {
+        tblock_keep(u, p, &xf->blocks[k], h, HW);
+        h = xf->blocks[k].out;
+    }
+    lin_keep(u, p, &xf->proj_out, h, u->B * HW);
+}
+
+static void xformer_fwd_scratch(unet_t *u, arena_plan *p, xformer_t *xf) {
+    size_t m = arena_mark(p);
+    xf->gn = arena_take(p, (size_t)u->B * xf->C * xf->H * xf->W);
+    lin_fwd_scratch(p, &xf->proj_in);
+    for (int k = 0; k < xf->nblocks; k++) tblock_fwd_scratch(u, p, &xf->blocks[k]);
+    lin_fwd_scratch(p, &xf->proj_out);
+    arena_release(p, m);
+}
+
+static void xformer_bwd_scratch(unet_t *u, arena_plan *p, xformer_t *xf) {
+    size_t n = (size_t)u->B * xf->C * xf->H * xf->W, m = arena_mark(p);
+    xf->dp = arena_take(p, n);
+    xf->dt = arena_take(p, n);
+    xf->dg = arena_take(p, n);
+    lin_bwd_scratch(p, &xf->proj_out);
+    for (int k = xf->nblocks - 1; k >= 0; k--) tblock_bwd_scratch(u, p, &xf->blocks[k]);
+    lin_bwd_scratch(p, &xf->proj_in);
+    arena_release(p, m);
+}
+
+/* The forward walk's part of a resnet or transformer whose output is placed:
+ * training keeps its inner tensors; inference gives them back once it is
+ * done; checkpointing plans them with backward, which runs it again. */
+static void resnet_plan_inner(unet_t *u, arena_plan *p, resnet_t *r) {
+    if (u->checkpoint) return;
+    size_t m = arena_mark(p);
+    resnet_keep(u, p, r);
+    resnet_fwd_scratch(u, p, r);
+    if (!u->train) arena_release(p, m);
+}
+
+static void xformer_plan_inner(unet_t *u, arena_plan *p, xformer_t *xf) {
+    if (u->checkpoint) return;
+    size_t m = arena_mark(p);
+    xformer_keep(u, p, xf);
+    xformer_fwd_scratch(u, p, xf);
+    if (!u->train) arena_release(p, m);
+}
+
+static size_t resnet_plan_forward(unet_t *u, arena_plan *p, resnet_t *r, size_t x, int H, int W) {
+    r->x = x; r->H = H; r->W = W;
+    r->out = arena_take(p, (size_t)u->B * r->cout * H * W);
+    resnet_plan_inner(u, p, r);
+    return r->out;
+}
+
+static size_t xformer_plan_forward(unet_t *u, arena_plan *p, xformer_t *xf, size_t x, int H, int W) {
+    xf->x = x; xf->H = H; xf->W = W;
+    xf->out = arena_take(p, (size_t)u->B * xf->C * H * W);
+    xformer_plan_inner(u, p, xf);
+    return xf->out;
+}
+
+/* The backward walk's part: its scratch, and with checkpointing first its
+ * inner tensors again (forward, free then, uses the same place). */
+static void resnet_plan_backward(unet_t *u, arena_plan *p, resnet_t *r) {
+    size_t m = arena_mark(p);
+    if (u->checkpoint) {
+        resnet_keep(u, p, r);
+        resnet_fwd_scratch(u, p, r);
+    }
+    resnet_bwd_scratch(u, p, r);
+    arena_release(p, m);
+}
+
+static void xformer_plan_backward(unet_t *u, arena_plan *p, xformer_t *xf) {
+    size_t m = arena_mark(p);
+    if (u->checkpoint) {
+        xformer_keep(u, p, xf);
+        xformer_fwd_scratch(u, p, xf);
+    }
+    xformer_bwd_scratch(u, p, xf);
+    arena_release(p, m);
+}
 
 static void note_size(struct unet_net *net, size_t n) { if (n > net->maxact) net->maxact = n; }
 
-static void run_forward(unet_t *u, float *eps_out, const float *x, const float *t, const float *ctx) {
+/* Every offset, for batch B, latents H x W, context length Tc, in the mode
+ * u->train / u->checkpoint set. Returns the plan; its peak is the arena's
+ * size. The layout holds offsets, not pointers, so a second backend (CUDA)
+ * can allocate the same peak once on its device and use the same offsets. */
+static arena_plan unet_layout(unet_t *u, int B, int H, int W, int Tc) {
     const unet_config *c = &u->cfg;
     struct unet_net *net = u->net;
-    int B = u->B, H = u->H, W = u->W, Tc = u->Tc, n = c->nlevels, C0 = c->block_out[0];
-    int T = 4 * C0, G = c->groups, M = u->measuring;
-    u->act_top = u->tmp_top = 0;
+    int n = c->nlevels, C0 = c->block_out[0], T = 4 * C0;
+    int keep_time = u->train && u->grads;
+    arena_plan plan = {0}, *p = &plan;
+    size_t m;
+    u->B = B; u->H = H; u->W = W; u->Tc = Tc;
     net->maxact = 0;
-    u->have_forward = 0;
 
-    /* the context is read again by backward (to_k / to_v adapters): keep a copy */
-    size_t nctx = (size_t)B * Tc * c->cross_dim;
-    net->ctx = act(u, nctx);
-    if (!M) memcpy(net->ctx, ctx, sizeof(float) * nctx);
-
-    /* time: temb = linear_2(silu(linear_1(sinusoid(t)))); the resnets all use silu(temb).
-     * Full grads keep the sinusoid and both linears' outputs (before their
-     * SiLU, which is applied out of place then) for the time MLP's backward. */
-    int keep = u->train && u->grads;
-    net->temb = act(u, (size_t)B * T);
-    size_t tm = u->tmp_top;
-    float *tp = keep ? act(u, (size_t)B * C0) : tmp(u, (size_t)B * C0);
-    float *th = keep ? act(u, (size_t)B * T) : tmp(u, (size_t)B * T);
-    float *ths = keep ? tmp(u, (size_t)B * T) : th;               /* silu(th) */
-    float *t2o = keep ? act(u, (size_t)B * T) : net->temb;        /* linear_2 output */
-    net->tsin = tp; net->t1o = th; net->t2o = t2o;
-    if (!M) {
-        timestep_embedding(tp, t, B, C0, c->flip_sin_to_cos, c->freq_shift, 10000.0f);
-        linear_forward(th, tp, wf(u, net->t1_w), net->t1_b, B, C0, T);
-        silu_forward(ths, th, (size_t)B * T);
-        linear_forward(t2o, ths, wf(u, net->t2_w), net->t2_b, B, T, T);
-        silu_forward(net->temb, t2o, (size_t)B * T);
+    /* ---- forward ---- */
+    /* the context is read again by backward (to_k / to_v adapters): a copy */
+    net->ctx = arena_take(p, (size_t)B * Tc * c->cross_dim);
+    /* the time MLP; full grads keep the sinusoid and both linears' outputs */
+    net->temb = arena_take(p, (size_t)B * T);
+    if (keep_time) {
+        net->tsin = arena_take(p, (size_t)B * C0);
+        net->t1o = arena_take(p, (size_t)B * T);
+        net->t2o = arena_take(p, (size_t)B * T);
+        m = arena_mark(p);
+        net->t1s = arena_take(p, (size_t)B * T);
+        arena_release(p, m);
+    } else {
+        m = arena_mark(p);
+        net->tsin = arena_take(p, (size_t)B * C0);
+        net->t1o = arena_take(p, (size_t)B * T);
+        net->t1s = net->t1o;          /* SiLU in place */
+        net->t2o = net->temb;         /* SiLU in place */
+        arena_release(p, m);
     }
-    u->tmp_top = tm;
-
     /* conv_in (full grads keep its input for dW) */
-    int hh = H, ww = W, C = C0;
-    size_t nx = (size_t)B * c->in_channels * H * W;
-    net->xin = keep ? act(u, nx) : NULL;
-    if (keep && !M) memcpy(net->xin, x, sizeof(float) * nx);
-    float *h = act(u, (size_t)B * C0 * H * W);
+    net->xin = keep_time ? arena_take(p, (size_t)B * c->in_channels * H * W) : NONE;
+    size_t h = net->skips[0] = arena_take(p, (size_t)B * C0 * H * W);
     note_size(net, (size_t)B * C0 * H * W);
-    if (!M) conv2d_forward(h, x, wf(u, net->conv_in_w), net->conv_in_b, B, c->in_channels, H, W, C0, 3, 3, 1, 1);
-    net->skips[0] = h;
 
     /* down */
+    int hh = H, ww = W;
     for (int i = 0; i < n; i++) {
         block_t *blk = &net->down[i];
+        int C = c->block_out[i];
         for (int j = 0; j < blk->nres; j++) {
-            h = resnet_forward(u, &blk->res[j], h, hh, ww);
-            C = blk->res[j].cout;
+            h = resnet_plan_forward(u, p, &blk->res[j], h, hh, ww);
             note_size(net, (size_t)B * C * hh * ww);
-            if (blk->att) h = xformer_forward(u, &blk->att[j], h, hh, ww);
+            if (blk->att) h = xformer_plan_forward(u, p, &blk->att[j], h, hh, ww);
             net->skips[blk->skip[j]] = h;
         }
         if (blk->conv_w) {
-            /* Downsample2D: 3x3 conv, stride 2, padding 1 */
             blk->sampler_in = h;
-            float *d = act(u, (size_t)B * C * (hh / 2) * (ww / 2));
-            if (!M) conv2d_forward(d, h, wf(u, blk->conv_w), blk->conv_b, B, C, hh, ww, C, 3, 3, 2, 1);
+            blk->sampler_out = arena_take(p, (size_t)B * C * (hh / 2) * (ww / 2));
             hh /= 2; ww /= 2;
-            h = d;
-            net->skips[blk->ds_skip] = h;
+            h = net->skips[blk->ds_skip] = blk->sampler_out;
         }
     }
 
     /* mid */
-    h = resnet_forward(u, &net->mid_res[0], h, hh, ww);
-    h = xformer_forward(u, &net->mid_att, h, hh, ww);
-    h = resnet_forward(u, &net->mid_res[1], h, hh, ww);
+    h = resnet_plan_forward(u, p, &net->mid_res[0], h, hh, ww);
+    h = xformer_plan_forward(u, p, &net->mid_att, h, hh, ww);
+    h = resnet_plan_forward(u, p, &net->mid_res[1], h, hh, ww);
 
-    /* up: each resnet takes cat(h, skip) along channels */
+    /* up */
     for (int i = 0; i < n; i++) {
         block_t *blk = &net->up[i];
+        int C = c->block_out[n - 1 - i];
         for (int j = 0; j < blk->nres; j++) {
-            int k = blk->skip[j], cs = net->skip_C[k], HW = hh * ww;
-            size_t ncat = (size_t)B * (C + cs) * HW;
+            resnet_t *r = &blk->res[j];
+            size_t ncat = (size_t)B * r->cin * hh * ww;
             note_size(net, ncat);
-            /* inference needs the concatenation only while the resnet runs */
-            size_t tmc = u->tmp_top;
-            float *cat = u->train ? act(u, ncat) : tmp(u, ncat);
-            if (!M) {
-                const float *s = net->skips[k];
-                for (int b = 0; b < B; b++) {
-                    float *cb = cat + (size_t)b * (C + cs) * HW;
-                    memcpy(cb, h + (size_t)b * C * HW, sizeof(float) * C * HW);
-                    memcpy(cb + (size_t)C * HW, s + (size_t)b * cs * HW, sizeof(float) * cs * HW);
-                }
+            r->H = hh; r->W = ww;
+            if (u->train) {
+                /* backward reads cat(h, skip): kept */
+                r->x = arena_take(p, ncat);
+                r->out = arena_take(p, (size_t)B * C * hh * ww);
+                resnet_plan_inner(u, p, r);
+            } else {
+                /* needed only while the resnet runs: above its output */
+                r->out = arena_take(p, (size_t)B * C * hh * ww);
+                m = arena_mark(p);
+                r->x = arena_take(p, ncat);
+                resnet_plan_inner(u, p, r);
+                arena_release(p, m);
             }
-            h = resnet_forward(u, &blk->res[j], cat, hh, ww);
-            u->tmp_top = tmc;
-            C = blk->res[j].cout;
-            if (blk->att) h = xformer_forward(u, &blk->att[j], h, hh, ww);
+            h = r->out;
+            if (blk->att) h = xformer_plan_forward(u, p, &blk->att[j], h, hh, ww);
+        }
+        if (blk->conv_w) {
+            blk->sampler_in = h;
+            blk->sampler_out = arena_take(p, (size_t)B * C * 4 * hh * ww);
+            m = arena_mark(p);
+            blk->up2x = arena_take(p, (size_t)B * C * 4 * hh * ww);
+            arena_release(p, m);
+            hh *= 2; ww *= 2;
+            h = blk->sampler_out;
+            note_size(net, (size_t)B * C * hh * ww);
+        }
+    }
+
+    /* out */
+    size_t nout = (size_t)B * C0 * H * W;
+    net->h_last = h;
+    net->mean_out = arena_take(p, (size_t)B * c->groups);
+    net->rstd_out = arena_take(p, (size_t)B * c->groups);
+    net->n_out = arena_take(p, nout);
+    m = arena_mark(p);
+    net->out_silu = arena_take(p, nout);
+    arena_release(p, m);
+
+    for (int k = 0; k < net->nskips; k++) {
+        int l = net->skip_lvl[k];
+        net->skipn[k] = (size_t)B * net->skip_C[k] * (H >> l) * (W >> l);
+    }
+    if (!u->train) return plan;
+
+    /* ---- backward, on top of what forward kept ---- */
+    net->dtemb = u->grads ? arena_take(p, (size_t)B * T) : NONE;
+    for (int k = 0; k < net->nskips; k++) net->dskips[k] = arena_take(p, net->skipn[k]);
+    net->dcur = arena_take(p, net->maxact);
+    net->doth = arena_take(p, net->maxact);
+    m = arena_mark(p);
+    net->dout_silu = arena_take(p, nout);
+    arena_release(p, m);
+
+    /* up, in reverse */
+    for (int i = n - 1; i >= 0; i--) {
+        block_t *blk = &net->up[i];
+        int l = n - 1 - i;
+        size_t HW = (size_t)(H >> l) * (W >> l);
+        if (blk->conv_w) {
+            m = arena_mark(p);
+            blk->dup2x = arena_take(p, (size_t)B * c->block_out[l] * 4 * HW);
+            arena_release(p, m);
+        }
+        for (int j = blk->nres - 1; j >= 0; j--) {
+            if (blk->att) xformer_plan_backward(u, p, &blk->att[j]);
+            m = arena_mark(p);
+            blk->dcat[j] = arena_take(p, (size_t)B * blk->res[j].cin * HW);
+            resnet_plan_backward(u, p, &blk->res[j]);
+            arena_release(p, m);
+        }
+    }
+
+    /* mid */
+    resnet_plan_backward(u, p, &net->mid_res[1]);
+    xformer_plan_backward(u, p, &net->mid_att);
+    resnet_plan_backward(u, p, &net->mid_res[0]);
+
+    /* down, in reverse */
+    for (int i = n - 1; i >= 0; i--) {
+        block_t *blk = &net->down[i];
+        for (int j = blk->nres - 1; j >= 0; j--) {
+            if (blk->att) xformer_plan_backward(u, p, &blk->att[j]);
+            resnet_plan_backward(u, p, &blk->res[j]);
+        }
+    }
+
+    /* full grads: the time MLP */
+    if (u->grads) {
+        net->dt2o = arena_take(p, (size_t)B * T);
+        net->t1s_bwd = arena_take(p, (size_t)B * T);
+        net->dt1s = arena_take(p, (size_t)B * T);
+        net->dt1o = arena_take(p, (size_t)B * T);
+    }
+    return plan;
+}
+
+/* ------------------------------------------------------------------------ */
+/* the whole network                                                        */
+
+static void run_forward(unet_t *u, float *eps_out, const float *x, const float *t, const float *ctx) {
+    const unet_config *c = &u->cfg;
+    struct unet_net *net = u->net;
+    int B = u->B, H = u->H, W = u->W, n = c->nlevels, C0 = c->block_out[0], T = 4 * C0;
+    u->have_forward = 0;
+
+    memcpy(at(u, net->ctx), ctx, sizeof(float) * (size_t)B * u->Tc * c->cross_dim);
+
+    /* time: temb = linear_2(silu(linear_1(sinusoid(t)))); the resnets all use silu(temb) */
+    float *tsin = at(u, net->tsin), *t1o = at(u, net->t1o), *t1s = at(u, net->t1s), *t2o = at(u, net->t2o);
+    timestep_embedding(tsin, t, B, C0, c->flip_sin_to_cos, c->freq_shift, 10000.0f);
+    linear_forward(t1o, tsin, weight_f32(u, net->t1_w), net->t1_b, B, C0, T);
+    silu_forward(t1s, t1o, (size_t)B * T);
+    linear_forward(t2o, t1s, weight_f32(u, net->t2_w), net->t2_b, B, T, T);
+    silu_forward(at(u, net->temb), t2o, (size_t)B * T);
+
+    /* conv_in */
+    if (net->xin != NONE) memcpy(at(u, net->xin), x, sizeof(float) * (size_t)B * c->in_channels * H * W);
+    conv2d_forward(at(u, net->skips[0]), x, weight_f32(u, net->conv_in_w), net->conv_in_b,
+                   B, c->in_channels, H, W, C0, 3, 3, 1, 1);
+
+    /* down */
+    for (int i = 0; i < n; i++) {
+        block_t *blk = &net->down[i];
+        int C = c->block_out[i];
+        for (int j = 0; j < blk->nres; j++) {
+            resnet_forward(u, &blk->res[j]);
+            if (blk->att) xformer_forward(u, &blk->att[j]);
+        }
+        /* Downsample2D: 3x3 conv, stride 2, padding 1 */
+        if (blk->conv_w)
+            conv2d_forward(at(u, blk->sampler_out), at(u, blk->sampler_in), weight_f32(u, blk->conv_w),
+                           blk->conv_b, B, C, H >> i, W >> i, C, 3, 3, 2, 1);
+    }
+
+    /* mid */
+    resnet_forward(u, &net->mid_res[0]);
+    xformer_forward(u, &net->mid_att);
+    resnet_forward(u, &net->mid_res[1]);
+
+    /* up: each resnet takes cat(h, skip) along channels */
+    const float *h = at(u, net->mid_res[1].out);
+    for (int i = 0; i < n; i++) {
+        block_t *blk = &net->up[i];
+        int l = n - 1 - i, C = c->block_out[l], hh = H >> l, ww = W >> l, HW = hh * ww;
+        for (int j = 0; j < blk->nres; j++) {
+            resnet_t *r = &blk->res[j];
+            int k = blk->skip[j], cs = net->skip_C[k], ch = r->cin - cs;
+            const float *s = at(u, net->skips[k]);
+            float *cat = at(u, r->x);
+            for (int b = 0; b < B; b++) {
+                float *cb = cat + (size_t)b * r->cin * HW;
+                memcpy(cb, h + (size_t)b * ch * HW, sizeof(float) * ch * HW);
+                memcpy(cb + (size_t)ch * HW, s + (size_t)b * cs * HW, sizeof(float) * cs * HW);
+            }
+            resnet_forward(u, r);
+            h = at(u, r->out);
+            if (blk->att) {
+                xformer_forward(u, &blk->att[j]);
+                h = at(u, blk->att[j].out);
+            }
         }
         if (blk->conv_w) {
             /* Upsample2D: nearest 2x, then 3x3 conv */
-            blk->sampler_in = h;
-            size_t tmu = u->tmp_top;
-            float *up = tmp(u, (size_t)B * C * 4 * hh * ww);
-            float *d = act(u, (size_t)B * C * 4 * hh * ww);
-            if (!M) {
-                upsample2x_forward(up, h, B, C, hh, ww);
-                conv2d_forward(d, up, wf(u, blk->conv_w), blk->conv_b, B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
-            }
-            u->tmp_top = tmu;
-            hh *= 2; ww *= 2;
-            h = d;
-            note_size(net, (size_t)B * C * hh * ww);
+            float *up = at(u, blk->up2x);
+            upsample2x_forward(up, h, B, C, hh, ww);
+            conv2d_forward(at(u, blk->sampler_out), up, weight_f32(u, blk->conv_w), blk->conv_b,
+                           B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
+            h = at(u, blk->sampler_out);
         }
     }
 
     /* out: eps = conv_out(silu(conv_norm_out(h))) */
     size_t nout = (size_t)B * C0 * H * W;
-    net->h_last = h;
-    net->mean_out = act(u, (size_t)B * G);
-    net->rstd_out = act(u, (size_t)B * G);
-    net->n_out = act(u, nout);
-    tm = u->tmp_top;
-    float *a = tmp(u, nout);
-    if (!M) {
-        groupnorm_forward(net->n_out, net->mean_out, net->rstd_out, h, net->norm_out_w, net->norm_out_b,
-                          B, C0, H * W, G, c->eps);
-        silu_forward(a, net->n_out, nout);
-        conv2d_forward(eps_out, a, wf(u, net->conv_out_w), net->conv_out_b, B, C0, H, W, c->out_channels, 3, 3, 1, 1);
-    }
-    u->tmp_top = tm;
-    u->have_forward = u->train && !M;
+    float *n_out = at(u, net->n_out), *silu_out = at(u, net->out_silu);
+    groupnorm_forward(n_out, at(u, net->mean_out), at(u, net->rstd_out), h, net->norm_out_w, net->norm_out_b,
+                      B, C0, H * W, c->groups, c->eps);
+    silu_forward(silu_out, n_out, nout);
+    conv2d_forward(eps_out, silu_out, weight_f32(u, net->conv_out_w), net->conv_out_b, B, C0, H, W, c->out_channels,
+                   3, 3, 1, 1);
+    u->have_forward = u->train;
 }
 
-/* Backward of one resnet / transformer. With checkpointing, its inner
- * activations were dropped after the forward: run its forward again first
- * (same input, same dropout stream, so the same numbers), then give the
- * memory back once its backward is done. */
+/* Backward of one resnet / transformer. With checkpointing its inner
+ * activations were not kept: run its forward again first (same input, same
+ * dropout stream, so the same numbers, its output rewritten unchanged). */
 static void resnet_bwd(unet_t *u, resnet_t *r, float *dx, const float *dout) {
-    size_t mark = u->act_top;
-    if (u->checkpoint) {
-        u->recomputing = 1;
-        resnet_forward(u, r, r->x, r->H, r->W);
-        u->recomputing = 0;
-    }
+    if (u->checkpoint) resnet_forward(u, r);
     resnet_backward(u, r, dx, dout);
-    u->act_top = mark;
 }
 
 static void xformer_bwd(unet_t *u, xformer_t *xf, float *dh) {
-    size_t mark = u->act_top;
     if (u->checkpoint) {
         rng_t cont = u->dropout_rng;
         u->dropout_rng = xf->rng;
-        u->recomputing = 1;
-        xformer_forward(u, xf, xf->x, xf->H, xf->W);
-        u->recomputing = 0;
+        xformer_forward(u, xf);
         u->dropout_rng = cont;
     }
     xformer_backward(u, xf, dh);
-    u->act_top = mark;
 }
 
 static int xformer_has_lora(const xformer_t *xf) {
@@ -1530,101 +1778,75 @@ static int xformer_has_lora(const xformer_t *xf) {
     return 0;
 }
 
-/* cur += add, over n floats */
-static void accumulate(float *cur, const float *add, size_t n, int M) { if (!M) add_inplace(cur, add, n); }
-
 static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
     const unet_config *c = &u->cfg;
     struct unet_net *net = u->net;
-    int B = u->B, H = u->H, W = u->W, n = c->nlevels, C0 = c->block_out[0];
-    int G = c->groups, M = u->measuring;
-    size_t tm0 = u->tmp_top;
+    int B = u->B, H = u->H, W = u->W, n = c->nlevels, C0 = c->block_out[0], G = c->groups;
     net->dctx = dctx;
-    if (dctx && !M) zero(dctx, (size_t)B * u->Tc * c->cross_dim);
+    if (dctx) zero(dctx, (size_t)B * u->Tc * c->cross_dim);
     /* full grads: every resnet adds its d silu(temb) here */
-    net->dtemb = u->grads ? tmpz(u, (size_t)B * 4 * C0) : NULL;
-
+    if (u->grads) zero(at(u, net->dtemb), (size_t)B * 4 * C0);
     /* the gradient of every skip: filled on the way up, drained on the way down */
-    float **dskip = net->dskips;
-    size_t *skipn = net->skipn;
-    for (int k = 0; k < net->nskips; k++) {
-        int l = net->skip_lvl[k];
-        skipn[k] = (size_t)B * net->skip_C[k] * (H >> l) * (W >> l);
-        dskip[k] = tmpz(u, skipn[k]);
-    }
+    for (int k = 0; k < net->nskips; k++) zero(at(u, net->dskips[k]), net->skipn[k]);
     /* the running gradient and a second buffer to swap with */
-    float *cur = tmp(u, net->maxact), *oth = tmp(u, net->maxact), *sw;
+    float *cur = at(u, net->dcur), *oth = at(u, net->doth), *sw;
 #define SWAP() (sw = cur, cur = oth, oth = sw)
 
     /* out */
     size_t nout = (size_t)B * C0 * H * W;
-    size_t tm = u->tmp_top;
-    float *da = tmpz(u, nout);
-    if (!M) {
-        /* conv_out's input silu(n_out), recomputed for its dW (else da stands in, unread) */
-        if (u->grads) silu_forward(oth, net->n_out, nout);
-        conv2d_backward(da, gwm(u, net->conv_out_w), gw(u, net->conv_out_b), deps, u->grads ? oth : da,
-                        wf(u, net->conv_out_w), B, C0, H, W, c->out_channels, 3, 3, 1, 1);
-        zero(oth, nout);
-        silu_backward(oth, da, net->n_out, nout);
-        zero(cur, nout);
-        groupnorm_backward(cur, gw(u, net->norm_out_w), gw(u, net->norm_out_b), oth, net->h_last,
-                           net->norm_out_w, net->mean_out, net->rstd_out, B, C0, H * W, G);
-    }
-    u->tmp_top = tm;
+    float *da = at(u, net->dout_silu), *n_out = at(u, net->n_out);
+    zero(da, nout);
+    /* conv_out's input silu(n_out), recomputed for its dW (else da stands in, unread) */
+    if (u->grads) silu_forward(oth, n_out, nout);
+    conv2d_backward(da, grad_of_matrix(u, net->conv_out_w), grad_of(u, net->conv_out_b), deps,
+                    u->grads ? oth : da, weight_f32(u, net->conv_out_w), B, C0, H, W, c->out_channels, 3, 3, 1, 1);
+    zero(oth, nout);
+    silu_backward(oth, da, n_out, nout);
+    zero(cur, nout);
+    groupnorm_backward(cur, grad_of(u, net->norm_out_w), grad_of(u, net->norm_out_b), oth, at(u, net->h_last),
+                       net->norm_out_w, at(u, net->mean_out), at(u, net->rstd_out), B, C0, H * W, G);
 
     /* up, in reverse */
-    int C = C0;
     for (int i = n - 1; i >= 0; i--) {
         block_t *blk = &net->up[i];
-        int l = n - 1 - i, hh = H >> l, ww = W >> l, HW = hh * ww;
+        int l = n - 1 - i, C = c->block_out[l], hh = H >> l, ww = W >> l, HW = hh * ww;
         if (blk->conv_w) {
-            tm = u->tmp_top;
-            float *dup = tmpz(u, (size_t)B * C * 4 * HW);
-            if (!M) {
-                /* the conv's input, upsample(h), recomputed for its dW */
-                if (u->grads) upsample2x_forward(oth, blk->sampler_in, B, C, hh, ww);
-                conv2d_backward(dup, gwm(u, blk->conv_w), gw(u, blk->conv_b), cur, u->grads ? oth : dup,
-                                wf(u, blk->conv_w), B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
-                zero(oth, (size_t)B * C * HW);
-                upsample2x_backward(oth, dup, B, C, hh, ww);
-            }
+            float *dup = at(u, blk->dup2x);
+            zero(dup, (size_t)B * C * 4 * HW);
+            /* the conv's input, upsample(h), recomputed for its dW */
+            if (u->grads) upsample2x_forward(oth, at(u, blk->sampler_in), B, C, hh, ww);
+            conv2d_backward(dup, grad_of_matrix(u, blk->conv_w), grad_of(u, blk->conv_b), cur, u->grads ? oth : dup,
+                            weight_f32(u, blk->conv_w), B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
+            zero(oth, (size_t)B * C * HW);
+            upsample2x_backward(oth, dup, B, C, hh, ww);
             SWAP();
-            u->tmp_top = tm;
         }
         for (int j = blk->nres - 1; j >= 0; j--) {
             if (blk->att) xformer_bwd(u, &blk->att[j], cur);
             resnet_t *r = &blk->res[j];
             int k = blk->skip[j], cs = net->skip_C[k], ch = r->cin - cs;
-            tm = u->tmp_top;
-            float *dcat = tmpz(u, (size_t)B * r->cin * HW);
+            float *dcat = at(u, blk->dcat[j]), *dskip = at(u, net->dskips[k]);
+            zero(dcat, (size_t)B * r->cin * HW);
             resnet_bwd(u, r, dcat, cur);
-            if (!M) {
-                /* split d(cat) into d(h) and d(skip) */
-                for (int b = 0; b < B; b++) {
-                    const float *db = dcat + (size_t)b * r->cin * HW;
-                    memcpy(oth + (size_t)b * ch * HW, db, sizeof(float) * ch * HW);
-                    add_inplace(dskip[k] + (size_t)b * cs * HW, db + (size_t)ch * HW, (size_t)cs * HW);
-                }
+            /* split d(cat) into d(h) and d(skip) */
+            for (int b = 0; b < B; b++) {
+                const float *db = dcat + (size_t)b * r->cin * HW;
+                memcpy(oth + (size_t)b * ch * HW, db, sizeof(float) * ch * HW);
+                add_inplace(dskip + (size_t)b * cs * HW, db + (size_t)ch * HW, (size_t)cs * HW);
             }
             SWAP();
-            u->tmp_top = tm;
-            C = ch;
         }
     }
 
     /* mid */
-    {
-        int hh = H >> (n - 1), ww = W >> (n - 1);
-        size_t nm = (size_t)B * c->block_out[n - 1] * hh * ww;
-        if (!M) zero(oth, nm);
-        resnet_bwd(u, &net->mid_res[1], oth, cur);
-        SWAP();
-        xformer_bwd(u, &net->mid_att, cur);
-        if (!M) zero(oth, nm);
-        resnet_bwd(u, &net->mid_res[0], oth, cur);
-        SWAP();
-    }
+    size_t nm = (size_t)B * c->block_out[n - 1] * (H >> (n - 1)) * (W >> (n - 1));
+    zero(oth, nm);
+    resnet_bwd(u, &net->mid_res[1], oth, cur);
+    SWAP();
+    xformer_bwd(u, &net->mid_att, cur);
+    zero(oth, nm);
+    resnet_bwd(u, &net->mid_res[0], oth, cur);
+    SWAP();
 
     /* down, in reverse: each saved output gets its skip's gradient added.
      * Without dx, nothing below the first transformer that holds an adapter
@@ -1632,7 +1854,7 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
      * there and save the resnet and conv_in backward beneath it. Full grads
      * need everything, down to conv_in and the time MLP. */
     int stop_i = -1, stop_j = -1;
-    if (!dx && !M && !u->grads) {
+    if (!dx && !u->grads) {
         for (int i = n - 1; i >= 0; i--)
             for (int j = net->down[i].nres - 1; j >= 0; j--)
                 if (net->down[i].att && (dctx || xformer_has_lora(&net->down[i].att[j]))) {
@@ -1641,33 +1863,32 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
     }
     for (int i = n - 1; i >= 0; i--) {
         block_t *blk = &net->down[i];
-        int hh = H >> i, ww = W >> i, HW = hh * ww;
-        C = c->block_out[i];
+        int C = c->block_out[i], hh = H >> i, ww = W >> i, HW = hh * ww;
         if (blk->conv_w) {
-            accumulate(cur, dskip[blk->ds_skip], skipn[blk->ds_skip], M);
-            if (!M) {
-                zero(oth, (size_t)B * C * HW);
-                conv2d_backward(oth, gwm(u, blk->conv_w), gw(u, blk->conv_b), cur,
-                                u->grads ? blk->sampler_in : oth, wf(u, blk->conv_w), B, C, hh, ww, C, 3, 3, 2, 1);
-            }
+            add_inplace(cur, at(u, net->dskips[blk->ds_skip]), net->skipn[blk->ds_skip]);
+            zero(oth, (size_t)B * C * HW);
+            conv2d_backward(oth, grad_of_matrix(u, blk->conv_w), grad_of(u, blk->conv_b), cur,
+                            u->grads ? at(u, blk->sampler_in) : oth, weight_f32(u, blk->conv_w),
+                            B, C, hh, ww, C, 3, 3, 2, 1);
             SWAP();
         }
         for (int j = blk->nres - 1; j >= 0; j--) {
-            accumulate(cur, dskip[blk->skip[j]], skipn[blk->skip[j]], M);
+            add_inplace(cur, at(u, net->dskips[blk->skip[j]]), net->skipn[blk->skip[j]]);
             if (blk->att) xformer_bwd(u, &blk->att[j], cur);
             if (i == stop_i && j == stop_j) goto done;
             resnet_t *r = &blk->res[j];
-            if (!M) zero(oth, (size_t)B * r->cin * HW);
+            zero(oth, (size_t)B * r->cin * HW);
             resnet_bwd(u, r, oth, cur);
             SWAP();
         }
     }
-    accumulate(cur, dskip[0], skipn[0], M);
+    add_inplace(cur, at(u, net->dskips[0]), net->skipn[0]);
 done:
-    if ((dx || u->grads) && !M) {
+    if (dx || u->grads) {
         if (dx) zero(dx, (size_t)B * c->in_channels * H * W);
-        conv2d_backward(dx, gwm(u, net->conv_in_w), gw(u, net->conv_in_b), cur, u->grads ? net->xin : dx,
-                        wf(u, net->conv_in_w), B, c->in_channels, H, W, C0, 3, 3, 1, 1);
+        conv2d_backward(dx, grad_of_matrix(u, net->conv_in_w), grad_of(u, net->conv_in_b), cur,
+                        u->grads ? at(u, net->xin) : dx, weight_f32(u, net->conv_in_w),
+                        B, c->in_channels, H, W, C0, 3, 3, 1, 1);
     }
     if (u->grads) {
         /* the time MLP, from d silu(temb):
@@ -1675,28 +1896,18 @@ done:
          *   d t1o = silu'(t1o) d silu(t1o);  dW_1 += d t1o^T sinusoid */
         int T = 4 * C0;
         size_t nt = (size_t)B * T;
-        float *d2 = tmpz(u, nt), *ths = tmp(u, nt), *dth = tmpz(u, nt), *d1 = tmpz(u, nt);
-        if (!M) {
-            silu_forward(ths, net->t1o, nt);
-            silu_backward(d2, net->dtemb, net->t2o, nt);
-            linear_backward(dth, gwm(u, net->t2_w), gw(u, net->t2_b), d2, ths, wf(u, net->t2_w), B, T, T);
-            silu_backward(d1, dth, net->t1o, nt);
-            linear_backward(NULL, gwm(u, net->t1_w), gw(u, net->t1_b), d1, net->tsin, wf(u, net->t1_w), B, C0, T);
-        }
+        float *dt2o = at(u, net->dt2o), *t1s = at(u, net->t1s_bwd), *dt1s = at(u, net->dt1s);
+        float *dt1o = at(u, net->dt1o);
+        zero(dt2o, nt); zero(dt1s, nt); zero(dt1o, nt);
+        silu_forward(t1s, at(u, net->t1o), nt);
+        silu_backward(dt2o, at(u, net->dtemb), at(u, net->t2o), nt);
+        linear_backward(dt1s, grad_of_matrix(u, net->t2_w), grad_of(u, net->t2_b), dt2o, t1s,
+                        weight_f32(u, net->t2_w), B, T, T);
+        silu_backward(dt1o, dt1s, at(u, net->t1o), nt);
+        linear_backward(NULL, grad_of_matrix(u, net->t1_w), grad_of(u, net->t1_b), dt1o, at(u, net->tsin),
+                        weight_f32(u, net->t1_w), B, C0, T);
     }
 #undef SWAP
-    u->tmp_top = tm0;
-}
-
-/* run the sizing pass for a shape: sets act_peak and tmp_peak */
-static void measure(unet_t *u, int B, int h, int w, int Tc) {
-    u->B = B; u->H = h; u->W = w; u->Tc = Tc;
-    u->measuring = 1;
-    u->act_peak = u->tmp_peak = 0;
-    run_forward(u, NULL, NULL, NULL, NULL);
-    if (u->train) run_backward(u, NULL, NULL, NULL);
-    u->measuring = 0;
-    u->have_forward = 0;
 }
 
 static int check_shape(unet_t *u, int B, int h, int w, int Tc) {
@@ -1711,54 +1922,34 @@ static int check_shape(unet_t *u, int B, int h, int w, int Tc) {
 
 int unet_alloc_acts(unet_t *u, int B, int h, int w, int Tc, int train) {
     if (check_shape(u, B, h, w, Tc)) return -1;
-    free(u->arena);
-    u->arena = NULL;
-    free(u->lora_scratch);
-    u->lora_scratch = NULL;
-    u->act_cap = u->tmp_cap = 0;
+    drop_acts(u);
     u->train = train != 0;
     u->checkpoint = train == 2;
-    measure(u, B, h, w, Tc);
-    size_t total = u->act_peak + u->tmp_peak;
-    /* the adapters' scratch: the most any one needs at the largest token count */
-    size_t ls = 0, ntok = (size_t)B * (h * w > Tc ? h * w : Tc);
-    for (int i = 0; i < u->nloras; i++) {
-        size_t n = lora_scratch_floats(&u->loras[i].L, 1) * ntok;
-        if (n > ls) ls = n;
-    }
-    free(u->lora_scratch);
-    u->lora_scratch = ls ? malloc(sizeof(float) * ls) : NULL;
-    u->arena = malloc(sizeof(float) * (total ? total : 1));
-    if (ls && !u->lora_scratch) { free(u->arena); u->arena = NULL; }
-    if (!u->arena) {
+    arena_plan p = unet_layout(u, B, h, w, Tc);
+    if (arena_alloc(&u->acts, &p)) {
         snprintf(u->err, UNET_ERR_LEN, "unet: out of memory for %.1f MiB of activations "
-                 "(use a smaller batch or resolution)", (double)total * 4 / 1048576.0);
+                 "(use a smaller batch or resolution)", (double)p.peak * 4 / 1048576.0);
         return -1;
     }
-    u->act_cap = u->act_peak;
-    u->tmp_cap = u->tmp_peak;
     return 0;
 }
 
-size_t unet_acts_floats(const unet_t *u) { return u->act_cap + u->tmp_cap; }
+size_t unet_acts_floats(const unet_t *u) { return u->acts.nfloats; }
 
 int unet_forward(unet_t *u, float *eps_out, const float *x, const float *t, const float *ctx,
                  int B, int h, int w, int Tc) {
-    if (!u->arena) {
+    if (!u->acts.base) {
         snprintf(u->err, UNET_ERR_LEN, "unet: no activation memory (call unet_alloc_acts first, "
                  "and again after unet_add_lora or unet_alloc_grads)");
         return -1;
     }
     if (check_shape(u, B, h, w, Tc)) return -1;
     if (B != u->B || h != u->H || w != u->W || Tc != u->Tc) {
-        /* another shape: fine if it fits what was allocated */
-        size_t ap = u->act_peak, tp = u->tmp_peak;
+        /* another shape: fine if its layout fits what was allocated */
         int oB = u->B, oH = u->H, oW = u->W, oT = u->Tc;
-        measure(u, B, h, w, Tc);
-        int fits = u->act_peak <= u->act_cap && u->tmp_peak <= u->tmp_cap;
-        if (!fits) {
-            u->B = oB; u->H = oH; u->W = oW; u->Tc = oT;
-            u->act_peak = ap; u->tmp_peak = tp;
+        u->have_forward = 0;
+        if (unet_layout(u, B, h, w, Tc).peak > u->acts.nfloats) {
+            unet_layout(u, oB, oH, oW, oT);
             snprintf(u->err, UNET_ERR_LEN, "unet: shape B=%d h=%d w=%d Tc=%d needs more activation "
                      "memory than was allocated (call unet_alloc_acts with it)", B, h, w, Tc);
             return -1;
@@ -1873,11 +2064,6 @@ int unet_attach_lora(unet_t *u, const char *module, int r, float scale,
         for (int i = 0; i < net->nsites; i++)
             if (strcmp(net->sites[i].name, L2[k].name) == 0) net->sites[i].lin->L = &L2[k].L;
     /* the adapters' saved activations change the arena's layout */
-    free(u->arena);
-    u->arena = NULL;
-    free(u->lora_scratch);
-    u->lora_scratch = NULL;
-    u->act_cap = u->tmp_cap = 0;
-    u->have_forward = 0;
+    drop_acts(u);
     return 0;
 }

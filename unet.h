@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include "nn.h"
 #include "lora.h"
+#include "arena.h"
 #include "json.h"
 #include "half.h"
 #include "safetensors.h"
@@ -96,18 +97,12 @@ typedef struct {
     float *lora_params, *lora_grads;
     size_t lora_nparams;
     rng_t dropout_rng;
-    float *lora_scratch;             /* the adapters' scratch (lora_scratch_floats) */
 
-    /* activations: one arena, sized by unet_alloc_acts, holding two stacks:
-     * act (what backward reads) at [0, act_cap), tmp (scratch and backward's
-     * gradients) at [act_cap, act_cap + tmp_cap) */
-    float *arena;
-    size_t act_cap, act_top, act_peak;
-    size_t tmp_cap, tmp_top, tmp_peak;
+    /* activations: one arena, every tensor at the offset unet_layout (in
+     * unet.c) gives it for the shape and mode of unet_alloc_acts */
+    arena_t acts;
     int train;                       /* forward keeps what backward needs */
     int checkpoint;                  /* ... only block outputs; backward recomputes the rest */
-    int recomputing;                 /* backward is re-running a block's forward */
-    int measuring;                   /* sizing pass: allocate, compute nothing */
     int B, H, W, Tc;                 /* shape of the last forward (and of the allocation) */
     int have_forward;                /* backward needs a forward just before it */
 
@@ -186,7 +181,7 @@ void unet_zero_grads(unet_t *u);
  *            them forward again just before its backward (about one more
  *            forward of compute for much less memory; same numbers) */
 int unet_alloc_acts(unet_t *u, int B, int h, int w, int Tc, int train);
-/* floats the arena holds (the peak the sizing pass measured) */
+/* floats the arena holds (the peak of the layout) */
 size_t unet_acts_floats(const unet_t *u);
 
 /* eps_out (B, out_channels, h, w) = UNet(x (B, in_channels, h, w), t (B),
