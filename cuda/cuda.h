@@ -49,6 +49,16 @@ const char *cuda_last_error(void);
  * "down_blocks.0.resnets.1.conv1"; NULL: none) */
 void cuda_set_layer(const char *name);
 
+/* device memory; each returns NULL / 0 after recording a failure. Kernels
+ * run asynchronously: a fault inside one is reported by the next copy or
+ * by cuda_synchronize(). */
+void *cuda_alloc(size_t bytes);
+void cuda_free(void *p);
+int cuda_upload(void *dst, const void *src, size_t bytes);     /* host -> device */
+int cuda_download(void *dst, const void *src, size_t bytes);   /* device -> host */
+int cuda_zero(void *dst, size_t bytes);
+int cuda_synchronize(void);
+
 /* ---- gemm.cu: gemm() from nn.h through cuBLAS (row-major, BLAS semantics) */
 void gemm_cuda(int transA, int transB, int M, int N, int K,
                float alpha, const float *A, int lda, const float *B, int ldb,

@@ -36,6 +36,14 @@ void cuda_record_(const char *call, const char *fn, const char *why) {
     g_have_err = 1;
 }
 
+// an internal error that is not a failed call (a caller's layout bug)
+static void record_internal(const char *what) {
+    if (g_have_err) return;
+    snprintf(g_msg, sizeof g_msg, "error: CUDA: internal error%s%s%s: %s", g_layer ? " (layer " : "",
+             g_layer ? g_layer : "", g_layer ? ")" : "", what);
+    g_have_err = 1;
+}
+
 int cuda_check_(cudaError_t e, const char *call, const char *fn) {
     if (e == cudaSuccess) return 1;
     cuda_record_(call, fn, cudaGetErrorString(e));
@@ -91,6 +99,28 @@ extern "C" int cuda_device_check(char *err) {
              "(install or update the NVIDIA driver, or use --device cpu)", cudaGetErrorString(e));
     return CUDA_DEV_NO_DRIVER;
 }
+
+/* ---- device memory, checked */
+extern "C" void *cuda_alloc(size_t bytes) {
+    void *p = NULL;
+    if (!CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1))) return NULL;
+    return p;
+}
+extern "C" void cuda_free(void *p) {
+    if (p) CUDA_CHECK(cudaFree(p));
+}
+extern "C" int cuda_upload(void *dst, const void *src, size_t bytes) {
+    return bytes == 0 || CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+}
+extern "C" int cuda_download(void *dst, const void *src, size_t bytes) {
+    return bytes == 0 || CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+}
+extern "C" int cuda_zero(void *dst, size_t bytes) {
+    return bytes == 0 || CUDA_CHECK(cudaMemset(dst, 0, bytes));
+}
+// kernels run asynchronously: a fault inside one shows up here, or at the
+// next copy
+extern "C" int cuda_synchronize(void) { return CUDA_CHECK(cudaDeviceSynchronize()); }
 
 cublasHandle_t cuda_cublas(void) {
     if (!g_handle_ok) {
@@ -153,4 +183,4 @@ void DevBK::gemm_batched(int tA, int tB, int M, int N, int K, float alpha,
     gemm_batched_cuda(tA, tB, M, N, K, alpha, A, lda, sA, B, ldb, sB, beta, C, ldc, sC, batch);
 }
 float *DevBK::scratch(size_t n) { return cuda_scratch(n); }
-void DevBK::fail(const char *what) { cuda_record_("internal", "layer", what); }
+void DevBK::fail(const char *what) { record_internal(what); }

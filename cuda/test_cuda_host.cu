@@ -510,6 +510,269 @@ static void test_device_check(void) {
                 e && strstr(e, "silu_forward_kernel<<<>>> failed in silu_forward_cuda: ") && !strchr(e, '\n'));
 }
 
+/* ---------------------------------------------------------------------------
+ * On a machine with a GPU only: the *_cuda functions themselves against the
+ * CPU code, same tolerances. (Written without a GPU at hand: this part has
+ * not run yet; tools/gpu_check.sh is where it will.) */
+static std::vector<void *> g_dev;
+static float *up(const vec &v) {
+    float *p = (float *)cuda_alloc(v.size() * sizeof(float) + 4);
+    if (p) { g_dev.push_back(p); cuda_upload(p, v.data(), v.size() * sizeof(float)); }
+    return p;
+}
+static float *dzeros(size_t n) { return up(vec(n, 0.0f)); }
+static vec down(const float *p, size_t n) {
+    vec v(n, NAN);
+    if (p) cuda_download(v.data(), p, n * sizeof(float));
+    return v;
+}
+static void dev_done(const char *what) {
+    cuda_synchronize();
+    const char *e = cuda_last_error();
+    char name[160];
+    snprintf(name, sizeof name, "device %s: no CUDA error%s%s", what, e ? ": " : "", e ? e : "");
+    expect_true(name, e == NULL);
+    for (void *p : g_dev) cuda_free(p);
+    g_dev.clear();
+}
+
+static void dev_nn(void) {
+    char name[128];
+    // group norm and layer norm, forward and backward (accumulating)
+    int B = 2, C = 32, HW = 64, G = 8;
+    size_t n = (size_t)B * C * HW;
+    vec x = randv(n, -2.0f, 3.0f, 11), w = randv(C, 0.5f, 1.5f, 12), b = randv(C, -0.5f, 0.5f, 13);
+    vec y(n), m(B * G), rs(B * G);
+    groupnorm_forward(y.data(), m.data(), rs.data(), x.data(), w.data(), b.data(), B, C, HW, G, 1e-5f);
+    float *dx_ = up(x), *dw_ = up(w), *db_ = up(b), *dy_ = dzeros(n), *dm = dzeros(B * G), *drs = dzeros(B * G);
+    groupnorm_forward_cuda(dy_, dm, drs, dx_, dw_, db_, B, C, HW, G, 1e-5f);
+    expect_close("device groupnorm fwd", down(dy_, n), y, FWD);
+    vec g = randv(n, -1.0f, 1.0f, 14), gx = randv(n, -0.1f, 0.1f, 15), gw = randv(C, -0.1f, 0.1f, 16), gb = gw;
+    float *dg = up(g), *dgx = up(gx), *dgw = up(gw), *dgb = up(gb), *dmr = up(m), *drsr = up(rs);
+    groupnorm_backward(gx.data(), gw.data(), gb.data(), g.data(), x.data(), w.data(), m.data(), rs.data(), B, C, HW, G);
+    groupnorm_backward_cuda(dgx, dgw, dgb, dg, dx_, dw_, dmr, drsr, B, C, HW, G);
+    expect_close("device groupnorm bwd dx", down(dgx, n), gx, BWD);
+    expect(("device groupnorm bwd dw, db"), fmax(rel_err(down(dgw, C).data(), gw.data(), C), rel_err(down(dgb, C).data(), gb.data(), C)), BWD);
+
+    int N = 37;
+    int Cl = 320;
+    size_t nl = (size_t)N * Cl;
+    vec lx = randv(nl, -2.0f, 3.0f, 21), lw = randv(Cl, 0.5f, 1.5f, 22), lb = randv(Cl, -0.5f, 0.5f, 23), ly(nl), lm(N), lr(N);
+    layernorm_forward(ly.data(), lm.data(), lr.data(), lx.data(), lw.data(), lb.data(), N, Cl, 1e-5f);
+    float *dlx = up(lx), *dlw = up(lw), *dlb = up(lb), *dly = dzeros(nl), *dlm = dzeros(N), *dlr = dzeros(N);
+    layernorm_forward_cuda(dly, dlm, dlr, dlx, dlw, dlb, N, Cl, 1e-5f);
+    expect_close("device layernorm fwd", down(dly, nl), ly, FWD);
+    vec lg = randv(nl, -1.0f, 1.0f, 24), lgx = randv(nl, -0.1f, 0.1f, 25), lgw = randv(Cl, -0.1f, 0.1f, 26), lgb = lgw;
+    float *dlg = up(lg), *dlgx = up(lgx), *dlgw = up(lgw), *dlgb = up(lgb);
+    layernorm_backward(lgx.data(), lgw.data(), lgb.data(), lg.data(), lx.data(), lw.data(), lm.data(), lr.data(), N, Cl);
+    layernorm_backward_cuda(dlgx, dlgw, dlgb, dlg, dlx, dlw, dlm, dlr, N, Cl);
+    expect_close("device layernorm bwd dx", down(dlgx, nl), lgx, BWD);
+    expect("device layernorm bwd dw, db", fmax(rel_err(down(dlgw, Cl).data(), lgw.data(), Cl), rel_err(down(dlgb, Cl).data(), lgb.data(), Cl)), BWD);
+
+    // activations
+    size_t na = 5000;
+    vec ax = randv(na, -8.0f, 8.0f, 31), ady = randv(na, -1.0f, 1.0f, 32);
+    float *dax = up(ax), *dady = up(ady);
+    struct { const char *nm; void (*cf)(float *, const float *, size_t); void (*cb)(float *, const float *, const float *, size_t);
+             void (*gf)(float *, const float *, size_t); void (*gb)(float *, const float *, const float *, size_t); } acts[] = {
+        {"silu", silu_forward, silu_backward, silu_forward_cuda, silu_backward_cuda},
+        {"gelu", gelu_forward, gelu_backward, gelu_forward_cuda, gelu_backward_cuda},
+        {"quickgelu", quickgelu_forward, quickgelu_backward, quickgelu_forward_cuda, quickgelu_backward_cuda},
+    };
+    for (auto &a : acts) {
+        vec r(na), rd = randv(na, -0.1f, 0.1f, 33);
+        float *o = dzeros(na), *od = up(rd);
+        a.cf(r.data(), ax.data(), na);
+        a.gf(o, dax, na);
+        snprintf(name, sizeof name, "device %s fwd", a.nm);
+        expect_close(name, down(o, na), r, FWD);
+        a.cb(rd.data(), ady.data(), ax.data(), na);
+        a.gb(od, dady, dax, na);
+        snprintf(name, sizeof name, "device %s bwd", a.nm);
+        expect_close(name, down(od, na), rd, FWD);
+    }
+    int Ng = 37, D = 70;
+    vec gi = randv((size_t)Ng * 2 * D, -4.0f, 4.0f, 34), go((size_t)Ng * D), gdy = randv((size_t)Ng * D, -1.0f, 1.0f, 35);
+    vec gdx = randv((size_t)Ng * 2 * D, -0.1f, 0.1f, 36);
+    float *dgi = up(gi), *dgo = dzeros(go.size()), *dgdy = up(gdy), *dgdx = up(gdx);
+    geglu_forward(go.data(), gi.data(), Ng, D);
+    geglu_forward_cuda(dgo, dgi, Ng, D);
+    expect_close("device geglu fwd", down(dgo, go.size()), go, FWD);
+    geglu_backward(gdx.data(), gdy.data(), gi.data(), Ng, D);
+    geglu_backward_cuda(dgdx, dgdy, dgi, Ng, D);
+    expect_close("device geglu bwd", down(dgdx, gdx.size()), gdx, FWD);
+
+    int Bu = 2, Cu = 3, H = 5, W = 7;
+    size_t ni = (size_t)Bu * Cu * H * W;
+    vec ux = randv(ni, -1.0f, 1.0f, 37), uy(4 * ni), udy = randv(4 * ni, -1.0f, 1.0f, 38), udx = randv(ni, -0.1f, 0.1f, 39);
+    float *dux = up(ux), *duy = dzeros(4 * ni), *dudy = up(udy), *dudx = up(udx);
+    upsample2x_forward(uy.data(), ux.data(), Bu, Cu, H, W);
+    upsample2x_forward_cuda(duy, dux, Bu, Cu, H, W);
+    expect_close("device upsample2x fwd (exact)", down(duy, 4 * ni), uy, 0.0);
+    upsample2x_backward(udx.data(), udy.data(), Bu, Cu, H, W);
+    upsample2x_backward_cuda(dudx, dudy, Bu, Cu, H, W);
+    expect_close("device upsample2x bwd (exact)", down(dudx, ni), udx, 0.0);
+
+    vec t = {0.0f, 1.0f, 517.0f, 999.0f}, te(4 * 320);
+    float *dt = up(t), *dte = dzeros(te.size());
+    timestep_embedding(te.data(), t.data(), 4, 320, 1, 0.0f, 10000.0f);
+    timestep_embedding_cuda(dte, dt, 4, 320, 1, 0.0f, 10000.0f);
+    expect_close("device timestep embedding", down(dte, te.size()), te, FWD);
+
+    // dropout: the same mask from the same rng state
+    size_t nd = 3001;
+    vec dxv = randv(nd, -1.0f, 1.0f, 41), dyv(nd);
+    std::vector<uint8_t> mk(nd), mkd(nd);
+    uint8_t *dmk = (uint8_t *)cuda_alloc(nd);
+    g_dev.push_back(dmk);
+    float *ddx = up(dxv), *ddy = dzeros(nd);
+    rng_t r1, r2;
+    rng_seed(&r1, 42); rng_seed(&r2, 42);
+    dropout_forward(dyv.data(), mk.data(), dxv.data(), nd, 0.1f, &r1);
+    dropout_forward_cuda(ddy, dmk, ddx, nd, 0.1f, &r2);
+    if (dmk) cuda_download(mkd.data(), dmk, nd);
+    expect_true("device dropout: mask, values and rng state exact",
+                mk == mkd && rel_err(down(ddy, nd).data(), dyv.data(), nd) == 0.0 && r1.state == r2.state);
+    dev_done("nn primitives");
+}
+
+static void dev_layers(void) {
+    char name[160];
+    // linear
+    int N = 29, in = 48, out = 33;
+    vec x = randv((size_t)N * in, -1.0f, 1.0f, 51), w = randv((size_t)out * in, -0.3f, 0.3f, 52), b = randv(out, -1.0f, 1.0f, 53);
+    vec y((size_t)N * out), dy = randv(y.size(), -1.0f, 1.0f, 54), dx = randv(x.size(), -0.1f, 0.1f, 55), dw = randv(w.size(), -0.1f, 0.1f, 56), db = randv(out, -0.1f, 0.1f, 57);
+    float *px = up(x), *pw = up(w), *pb = up(b), *py = dzeros(y.size()), *pdy = up(dy), *pdx = up(dx), *pdw = up(dw), *pdb = up(db);
+    linear_forward(y.data(), x.data(), w.data(), b.data(), N, in, out);
+    linear_forward_cuda(py, px, pw, pb, N, in, out);
+    expect_close("device linear fwd", down(py, y.size()), y, FWD);
+    linear_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), N, in, out);
+    linear_backward_cuda(pdx, pdw, pdb, pdy, px, pw, N, in, out);
+    expect("device linear bwd dx, dw, db", fmax(fmax(rel_err(down(pdx, dx.size()).data(), dx.data(), dx.size()),
+                                                     rel_err(down(pdw, dw.size()).data(), dw.data(), dw.size())),
+                                                rel_err(down(pdb, out).data(), db.data(), out)), BWD);
+    // conv2d: resnet 3x3, downsampler, 1x1 (cuBLAS)
+    int cs[3][9] = {{2, 5, 9, 8, 6, 3, 3, 1, 1}, {1, 4, 9, 10, 3, 3, 3, 2, 1}, {2, 6, 5, 7, 4, 1, 1, 1, 0}};
+    for (auto &c : cs) {
+        int Bc = c[0], C = c[1], H = c[2], W = c[3], O = c[4], kh = c[5], kw = c[6], st = c[7], pd = c[8];
+        int Ho = (H + 2 * pd - kh) / st + 1, Wo = (W + 2 * pd - kw) / st + 1;
+        size_t nx = (size_t)Bc * C * H * W, ny = (size_t)Bc * O * Ho * Wo, nw = (size_t)O * C * kh * kw;
+        vec cx = randv(nx, -1.0f, 1.0f, 61), cw = randv(nw, -0.3f, 0.3f, 62), cb = randv(O, -1.0f, 1.0f, 63), cy(ny);
+        vec cdy = randv(ny, -1.0f, 1.0f, 64), cdx = randv(nx, -0.1f, 0.1f, 65), cdw = randv(nw, -0.1f, 0.1f, 66), cdb = randv(O, -0.1f, 0.1f, 67);
+        float *qx = up(cx), *qw = up(cw), *qb = up(cb), *qy = dzeros(ny), *qdy = up(cdy), *qdx = up(cdx), *qdw = up(cdw), *qdb = up(cdb);
+        conv2d_forward(cy.data(), cx.data(), cw.data(), cb.data(), Bc, C, H, W, O, kh, kw, st, pd);
+        conv2d_forward_cuda(qy, qx, qw, qb, Bc, C, H, W, O, kh, kw, st, pd);
+        snprintf(name, sizeof name, "device conv2d fwd k%dx%d s%d", kh, kw, st);
+        expect_close(name, down(qy, ny), cy, FWD);
+        conv2d_backward(cdx.data(), cdw.data(), cdb.data(), cdy.data(), cx.data(), cw.data(), Bc, C, H, W, O, kh, kw, st, pd);
+        conv2d_backward_cuda(qdx, qdw, qdb, qdy, qx, qw, Bc, C, H, W, O, kh, kw, st, pd);
+        snprintf(name, sizeof name, "device conv2d bwd dx, dw, db k%dx%d s%d", kh, kw, st);
+        expect(name, fmax(fmax(rel_err(down(qdx, nx).data(), cdx.data(), nx), rel_err(down(qdw, nw).data(), cdw.data(), nw)),
+                          rel_err(down(qdb, O).data(), cdb.data(), O)), BWD);
+    }
+    // attention: self, cross with P recomputed, causal with rows longer than a block
+    int as[3][7] = {{2, 13, 13, 3, 8, 0, 1}, {1, 21, 7, 2, 16, 0, 0}, {1, 300, 300, 2, 8, 1, 0}};
+    for (auto &a : as) {
+        int Ba = a[0], Tq = a[1], Tk = a[2], Hh = a[3], Dh = a[4], causal = a[5], keep = a[6], C = Hh * Dh;
+        size_t nq = (size_t)Ba * Tq * C, nk = (size_t)Ba * Tk * C, na = (size_t)Ba * Hh * Tq * Tk;
+        vec q = randv(nq, -1.5f, 1.5f, 71), k = randv(nk, -1.5f, 1.5f, 72), v = randv(nk, -1.0f, 1.0f, 73), o(nq), att(na);
+        vec dO = randv(nq, -1.0f, 1.0f, 74), dq = randv(nq, -0.1f, 0.1f, 75), dk = randv(nk, -0.1f, 0.1f, 76), dv = randv(nk, -0.1f, 0.1f, 77);
+        float *pq = up(q), *pk = up(k), *pv = up(v), *po = dzeros(nq), *pa = keep ? dzeros(na) : NULL;
+        float *pdO = up(dO), *pdq = up(dq), *pdk = up(dk), *pdv = up(dv);
+        attention_forward(o.data(), att.data(), q.data(), k.data(), v.data(), Ba, Tq, Tk, Hh, Dh, causal);
+        attention_forward_cuda(po, pa, pq, pk, pv, Ba, Tq, Tk, Hh, Dh, causal);
+        snprintf(name, sizeof name, "device attention fwd Tq%d Tk%d%s", Tq, Tk, causal ? " causal" : "");
+        expect_close(name, down(po, nq), o, FWD);
+        attention_backward(dq.data(), dk.data(), dv.data(), dO.data(), q.data(), k.data(), v.data(), att.data(), Ba, Tq, Tk, Hh, Dh, causal);
+        attention_backward_cuda(pdq, pdk, pdv, pdO, pq, pk, pv, pa, Ba, Tq, Tk, Hh, Dh, causal);
+        snprintf(name, sizeof name, "device attention bwd dq, dk, dv Tq%d Tk%d%s", Tq, Tk, causal ? " causal" : "");
+        expect(name, fmax(fmax(rel_err(down(pdq, nq).data(), dq.data(), nq), rel_err(down(pdk, nk).data(), dk.data(), nk)),
+                          rel_err(down(pdv, nk).data(), dv.data(), nk)), BWD);
+    }
+    dev_done("linear, conv2d, attention");
+}
+
+static void dev_lora_optim_ddpm(void) {
+    for (float p : {0.0f, 0.25f}) {
+        int N = 11, in = 33, out = 17, r = 3;
+        vec x = randv((size_t)N * in, -1.0f, 1.0f, 81), w0 = randv((size_t)out * in, -0.3f, 0.3f, 82), b0 = randv(out, -1.0f, 1.0f, 83);
+        vec A = randv((size_t)r * in, -0.3f, 0.3f, 84), Bm = randv((size_t)out * r, -0.3f, 0.3f, 85);
+        vec dA = randv(A.size(), -0.1f, 0.1f, 86), dB = randv(Bm.size(), -0.1f, 0.1f, 87);
+        lora_t L, Ld;
+        rng_t init;
+        rng_seed(&init, 1);
+        vec A0(A.size()), B0(Bm.size());
+        lora_init(&L, in, out, r, 8.0f, p, A0.data(), B0.data(), 0, &init);
+        Ld = L;
+        L.A = A.data(); L.B = Bm.data(); L.dA = dA.data(); L.dB = dB.data();
+        Ld.A = up(A); Ld.B = up(Bm); Ld.dA = up(dA); Ld.dB = up(dB);
+        size_t ns = lora_scratch_floats(&L, N) + 1;
+        vec y((size_t)N * out), ax((size_t)N * r), s(ns);
+        std::vector<uint8_t> m((size_t)N * in);
+        uint8_t *pm = (uint8_t *)cuda_alloc(m.size());
+        g_dev.push_back(pm);
+        float *px = up(x), *pw0 = up(w0), *pb0 = up(b0), *py = dzeros(y.size()), *pax = dzeros(ax.size()), *ps = dzeros(ns);
+        rng_t g1, g2;
+        rng_seed(&g1, 99); rng_seed(&g2, 99);
+        lora_forward(y.data(), ax.data(), m.data(), s.data(), x.data(), w0.data(), b0.data(), &L, N, in, out, &g1);
+        lora_forward_cuda(py, pax, pm, ps, px, pw0, pb0, &Ld, N, in, out, &g2);
+        char name[128];
+        snprintf(name, sizeof name, "device lora fwd dropout %g", p);
+        expect_close(name, down(py, y.size()), y, FWD);
+        vec dy = randv(y.size(), -1.0f, 1.0f, 88), dx = randv(x.size(), -0.1f, 0.1f, 89);
+        float *pdy = up(dy), *pdx = up(dx);
+        lora_backward(dx.data(), dy.data(), x.data(), ax.data(), m.data(), s.data(), w0.data(), &L, N, in, out);
+        lora_backward_cuda(pdx, pdy, px, pax, pm, ps, pw0, &Ld, N, in, out);
+        snprintf(name, sizeof name, "device lora bwd dx, dA, dB dropout %g", p);
+        expect(name, fmax(fmax(rel_err(down(pdx, dx.size()).data(), dx.data(), dx.size()),
+                               rel_err(down(Ld.dA, dA.size()).data(), dA.data(), dA.size())),
+                          rel_err(down(Ld.dB, dB.size()).data(), dB.data(), dB.size())), BWD);
+    }
+    // AdamW, 3 steps, bit for bit (cuda/optim.cu has no fused multiply-add)
+    size_t n = 1000;
+    vec p = randv(n, -1.0f, 1.0f, 91);
+    adamw_t o, od;
+    adamw_init(&o, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+    od = o;
+    od.m = dzeros(n); od.v = dzeros(n);
+    float *pp = up(p);
+    for (int step = 0; step < 3; step++) {
+        vec g = randv(n, -0.5f, 0.5f, 92 + step);
+        float *pg = up(g);
+        adamw_step(&o, p.data(), g.data(), 1e-3f);
+        adamw_step_cuda(&od, pp, pg, 1e-3f);
+    }
+    expect_close("device adamw 3 steps (exact)", down(pp, n), p, 0.0);
+    free(o.m); free(o.v);
+    // DDPM noising and the loss
+    ddpm_schedule sc;
+    char err[DDPM_ERR_LEN];
+    if (ddpm_schedule_init(&sc, "scaled_linear", DDPM_SD_T, DDPM_SD_BETA_START, DDPM_SD_BETA_END, err) == 0) {
+        int B = 3;
+        size_t ni = 4 * 9 * 11;
+        int t[3] = {0, 411, 999};
+        vec x0 = randv(B * ni, -1.0f, 1.0f, 101), eps = randv(B * ni, -2.0f, 2.0f, 102), xt(B * ni), wv = {1.0f, 0.25f, 2.5f};
+        int *pt = (int *)cuda_alloc(sizeof t);
+        g_dev.push_back(pt);
+        if (pt) cuda_upload(pt, t, sizeof t);
+        float *px0 = up(x0), *peps = up(eps), *pxt = dzeros(B * ni), *psa = up(vec(sc.sqrt_abar, sc.sqrt_abar + sc.T));
+        float *ps1 = up(vec(sc.sqrt_1m_abar, sc.sqrt_1m_abar + sc.T)), *pwv = up(wv);
+        ddpm_add_noise(xt.data(), x0.data(), eps.data(), t, B, ni, &sc);
+        ddpm_add_noise_cuda(pxt, px0, peps, pt, B, ni, psa, ps1);
+        expect_close("device ddpm add_noise", down(pxt, B * ni), xt, FWD);
+        float L = mse_loss_forward(xt.data(), eps.data(), wv.data(), B, ni);
+        float Ld2 = mse_loss_forward_cuda(pxt, peps, pwv, B, ni);
+        expect("device mse loss fwd, weighted", fabs(Ld2 - L) / fabs(L), FWD);
+        vec d = randv(B * ni, -0.1f, 0.1f, 103);
+        float *pd = up(d);
+        mse_loss_backward(d.data(), xt.data(), eps.data(), wv.data(), 0.5f, B, ni);
+        mse_loss_backward_cuda(pd, pxt, peps, pwv, 0.5f, B, ni);
+        expect_close("device mse loss bwd", down(pd, B * ni), d, FWD);
+        ddpm_free(&sc);
+    }
+    dev_done("lora, adamw, ddpm");
+}
+
 int main(void) {
     test_groupnorm(2, 32, 64, 8, 1);
     test_groupnorm(1, 16, 7, 4, 0);
@@ -534,6 +797,14 @@ int main(void) {
     test_adamw();
     test_ddpm();
     test_device_check();
+    char err[CUDA_ERR_LEN];
+    if (cuda_device_check(err) == CUDA_DEV_OK) {
+        dev_nn();
+        dev_layers();
+        dev_lora_optim_ddpm();
+    } else {
+        printf("note: no GPU: the device checks (the *_cuda functions against the CPU) are skipped\n");
+    }
     nn_scratch_free();
     printf("%d passed, %d failed\n", g_pass, g_fail);
     return g_fail ? 1 : 0;
