@@ -84,7 +84,7 @@ $(BUILD)/test_cuda_host: $(BUILD)/test_cuda_host.o $(LIBOBJ)
 	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
 else
 test-cuda:
-	@echo "error: test-cuda: needs the CUDA build (run make CUDA=1 test-cuda BUILD=build-cuda)"; exit 1
+	@echo "error: test-cuda: exists only in the CUDA build (run make CUDA=1 test-cuda BUILD=build-cuda)"; exit 1
 endif
 
 # the programs are built in $(BUILD) (so `make asan` has sanitised ones for

@@ -773,6 +773,22 @@ static void dev_lora_optim_ddpm(void) {
     dev_done("lora, adamw, ddpm");
 }
 
+/* a build without CUDA=1: cuda.h's fallback check, as a C program sees it
+ * (cuda.h read a second time without SDLORA_CUDA, in its own namespace) */
+#undef SDLORA_CUDA_H
+#undef SDLORA_CUDA
+namespace nobuild {
+#include "cuda.h"
+}
+static void test_not_built(void) {
+    char err[CUDA_ERR_LEN];
+    int st = nobuild::cuda_device_check(err);
+    printf("note: without CUDA=1: %s\n", err);
+    expect_true("cuda_device_check in a build without CUDA=1: says so, one line, names make CUDA=1",
+                st == nobuild::CUDA_DEV_NOT_BUILT && strncmp(err, "error: --device cuda: ", 22) == 0 &&
+                !strchr(err, '\n') && strstr(err, "make CUDA=1") && strstr(err, "--device cpu)"));
+}
+
 int main(void) {
     test_groupnorm(2, 32, 64, 8, 1);
     test_groupnorm(1, 16, 7, 4, 0);
@@ -797,6 +813,7 @@ int main(void) {
     test_adamw();
     test_ddpm();
     test_device_check();
+    test_not_built();
     char err[CUDA_ERR_LEN];
     if (cuda_device_check(err) == CUDA_DEV_OK) {
         dev_nn();
