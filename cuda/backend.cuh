@@ -24,6 +24,13 @@ struct DevBK {
     static void conv_fwd(float *out, const float *x, const float *w, const float *b, conv_dims d);
     static void conv_dinp(float *dx, const float *dy, const float *w, conv_dims d);
     static void conv_dw(float *dw, const float *dy, const float *x, conv_dims d);
+    static void shift_pad(float *xpad, const float *x, conv_dims d, shift_dims s);
+    static void shift_wpack(float *wp, const float *w, conv_dims d);
+    static void shift_crop(float *out, const float *opad, const float *b, conv_dims d, shift_dims s);
+    static void shift_dpad(float *dpad, const float *dout, conv_dims d, shift_dims s);
+    static void shift_dx_add(float *dx, const float *dxpad, conv_dims d, shift_dims s);
+    static void shift_dw_add(float *dw, const float *dwp, conv_dims d);
+    static void zero(float *p, size_t n);
     static void dropout_fwd(float *out, uint8_t *mask, const float *inp, size_t n, float p, uint64_t s0);
     static void dropout_rebuild(float *xd, const float *inp, const uint8_t *mask, size_t n, float p);
     static void dropout_bwd(float *dinp, const float *dout, const uint8_t *mask, size_t n, float p);

@@ -33,12 +33,65 @@ void linear_backward_t(float *dinp, float *dw, float *db, const float *dout, con
 
 /* conv2d: a 1x1 stride-1 unpadded conv is one GEMM per image,
  *   out_b (O, P) = w (O, C) x_b (C, P)
- * (batched over b); any other shape is the direct kernel (nn_ops.cuh) */
+ * (batched over b); any other stride-1 conv is kh*kw GEMMs on a padded copy
+ * (the shifted GEMM above); strided ones (the downsamplers) are the direct
+ * kernel (nn_ops.cuh) */
 inline conv_dims make_conv_dims(int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad) {
     conv_dims d = {B, C, H, W, O, kh, kw, stride, pad,
                    (H + 2 * pad - kh) / stride + 1, (W + 2 * pad - kw) / stride + 1};
     return d;
 }
+/* the stride-1 shifted-GEMM convolution (nn_ops.cuh); scratch: xpad
+ * (C ldx), wp (kh kw O C), opad (O Nq) */
+template <class BK>
+void conv2d_shift_forward_t(float *out, const float *inp, const float *w, const float *b, conv_dims d) {
+    shift_dims s = make_shift_dims(d);
+    size_t nxp = (size_t)d.C * s.ldx, nwp = (size_t)d.kh * d.kw * d.O * d.C, nop = (size_t)d.O * s.Nq;
+    float *xpad = BK::scratch(nxp + nwp + nop);
+    if (!xpad) return;
+    float *wp = xpad + nxp, *opad = wp + nwp;
+    BK::shift_pad(xpad, inp, d, s);
+    BK::shift_wpack(wp, w, d);
+    for (int i = 0; i < d.kh; i++)
+        for (int j = 0; j < d.kw; j++) {
+            int t = i * d.kw + j;
+            // opad (O, Nq) += W_ij (O, C) xpad[:, shifted by i Wp + j] (C, Nq)
+            BK::gemm(0, 0, d.O, (int)s.Nq, d.C, 1.0f, wp + (size_t)t * d.O * d.C, d.C,
+                     xpad + (size_t)i * s.Wp + j, (int)s.ldx, t ? 1.0f : 0.0f, opad, (int)s.Nq);
+        }
+    BK::shift_crop(out, opad, b, d, s);
+}
+template <class BK>
+void conv2d_shift_backward_t(float *dinp, float *dw, const float *dout, const float *inp,
+                             const float *w, conv_dims d) {
+    shift_dims s = make_shift_dims(d);
+    size_t nxp = (size_t)d.C * s.ldx, nwp = (size_t)d.kh * d.kw * d.O * d.C, ndp = (size_t)d.O * s.Nq;
+    // dpad, then xpad (dw) and wp, dxpad (dinp), and dwp (dw)
+    float *dpad = BK::scratch(ndp + nxp + nwp + nxp + nwp);
+    if (!dpad) return;
+    float *xpad = dpad + ndp, *wp = xpad + nxp, *dxpad = wp + nwp, *dwp = dxpad + nxp;
+    BK::shift_dpad(dpad, dout, d, s);
+    if (dw) {
+        BK::shift_pad(xpad, inp, d, s);
+        // dW_ij (O, C) = dpad (O, Nq) xpad[:, shifted]^T (Nq, C)
+        for (int i = 0; i < d.kh; i++)
+            for (int j = 0; j < d.kw; j++)
+                BK::gemm(0, 1, d.O, d.C, (int)s.Nq, 1.0f, dpad, (int)s.Nq, xpad + (size_t)i * s.Wp + j, (int)s.ldx,
+                         0.0f, dwp + (size_t)(i * d.kw + j) * d.O * d.C, d.C);
+        BK::shift_dw_add(dw, dwp, d);
+    }
+    if (dinp) {
+        BK::shift_wpack(wp, w, d);
+        BK::zero(dxpad, nxp);
+        // dxpad[:, shifted] (C, Nq) += W_ij^T (C, O) dpad (O, Nq), tap after tap
+        for (int i = 0; i < d.kh; i++)
+            for (int j = 0; j < d.kw; j++)
+                BK::gemm(1, 0, d.C, (int)s.Nq, d.O, 1.0f, wp + (size_t)(i * d.kw + j) * d.O * d.C, d.C, dpad,
+                         (int)s.Nq, 1.0f, dxpad + (size_t)i * s.Wp + j, (int)s.ldx);
+        BK::shift_dx_add(dinp, dxpad, d, s);
+    }
+}
+
 template <class BK>
 void conv2d_forward_t(float *out, const float *inp, const float *w, const float *b,
                       int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad) {
@@ -47,6 +100,8 @@ void conv2d_forward_t(float *out, const float *inp, const float *w, const float 
     if (kh == 1 && kw == 1 && stride == 1 && pad == 0) {
         BK::gemm_batched(0, 0, O, (int)P, C, 1.0f, w, C, 0, inp, (int)P, C * P, 0.0f, out, (int)P, O * P, B);
         if (b) BK::add_bias_chan(out, b, B, O, (size_t)P);
+    } else if (stride == 1) {
+        conv2d_shift_forward_t<BK>(out, inp, w, b, d);
     } else {
         BK::conv_fwd(out, inp, w, b, d);
     }
@@ -68,6 +123,8 @@ void conv2d_backward_t(float *dinp, float *dw, float *db, const float *dout, con
         if (dinp)
             BK::gemm_batched(1, 0, C, (int)P, O, 1.0f, w, C, 0, dout, (int)P, O * P, 1.0f, dinp, (int)P,
                              C * P, B);
+    } else if (stride == 1) {
+        if (dw || dinp) conv2d_shift_backward_t<BK>(dinp, dw, dout, inp, w, d);
     } else {
         if (dw) BK::conv_dw(dw, dout, inp, d);
         if (dinp) BK::conv_dinp(dinp, dout, w, d);

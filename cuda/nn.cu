@@ -287,7 +287,8 @@ void DevBK::bias_grad_chan(float *db, const float *dout, int B, int O, size_t P)
     KERNEL_CHECK("bias_grad_chan_kernel");
 }
 
-/* ---- direct convolution (one thread per output / input / weight value) */
+/* ---- direct convolution (one thread per output / input / weight value),
+ * for the strided convs (downsamplers); stride 1 takes the shifted GEMM */
 
 __global__ static void conv_fwd_kernel(floatX *out, const floatX *x, const float *w, const float *b,
                                        conv_dims d, size_t n) {
@@ -316,6 +317,60 @@ void DevBK::conv_dw(float *dw, const float *dy, const float *x, conv_dims d) {
     if (n == 0) return;
     conv_dw_kernel<<<grid_for(n, TPB), TPB>>>(dw, dy, x, d, n);
     KERNEL_CHECK("conv_dw_kernel");
+}
+
+/* ---- the shifted-GEMM convolution's gathers (layers.cuh does the GEMMs) */
+
+__global__ static void shift_pad_kernel(float *xpad, const floatX *x, conv_dims d, shift_dims s, size_t n) {
+    GRID_STRIDE(i, n) xpad[i] = shift_pad_elem(x, d, s, i);
+}
+__global__ static void shift_wpack_kernel(float *wp, const float *w, conv_dims d, size_t n) {
+    GRID_STRIDE(i, n) wp[i] = shift_wpack_elem(w, d, i);
+}
+__global__ static void shift_crop_kernel(floatX *out, const float *opad, const float *b, conv_dims d, shift_dims s, size_t n) {
+    GRID_STRIDE(i, n) out[i] = stx(shift_crop_elem(opad, b, d, s, i));
+}
+__global__ static void shift_dpad_kernel(float *dpad, const floatX *dout, conv_dims d, shift_dims s, size_t n) {
+    GRID_STRIDE(i, n) dpad[i] = shift_dpad_elem(dout, d, s, i);
+}
+__global__ static void shift_dx_kernel(floatX *dx, const float *dxpad, conv_dims d, shift_dims s, size_t n) {
+    GRID_STRIDE(i, n) dx[i] = stx(ldx(dx[i]) + shift_dx_elem(dxpad, d, s, i));
+}
+__global__ static void shift_dw_kernel(float *dw, const float *dwp, conv_dims d, size_t n) {
+    GRID_STRIDE(i, n) dw[i] += shift_dw_elem(dwp, d, i);
+}
+void DevBK::shift_pad(float *xpad, const float *x, conv_dims d, shift_dims s) {
+    size_t n = (size_t)d.C * s.ldx;
+    shift_pad_kernel<<<grid_for(n, TPB), TPB>>>(xpad, x, d, s, n);
+    KERNEL_CHECK("shift_pad_kernel");
+}
+void DevBK::shift_wpack(float *wp, const float *w, conv_dims d) {
+    size_t n = (size_t)d.kh * d.kw * d.O * d.C;
+    shift_wpack_kernel<<<grid_for(n, TPB), TPB>>>(wp, w, d, n);
+    KERNEL_CHECK("shift_wpack_kernel");
+}
+void DevBK::shift_crop(float *out, const float *opad, const float *b, conv_dims d, shift_dims s) {
+    size_t n = (size_t)d.B * d.O * d.Ho * d.Wo;
+    shift_crop_kernel<<<grid_for(n, TPB), TPB>>>(out, opad, b, d, s, n);
+    KERNEL_CHECK("shift_crop_kernel");
+}
+void DevBK::shift_dpad(float *dpad, const float *dout, conv_dims d, shift_dims s) {
+    size_t n = (size_t)d.O * s.Nq;
+    shift_dpad_kernel<<<grid_for(n, TPB), TPB>>>(dpad, dout, d, s, n);
+    KERNEL_CHECK("shift_dpad_kernel");
+}
+void DevBK::shift_dx_add(float *dx, const float *dxpad, conv_dims d, shift_dims s) {
+    size_t n = (size_t)d.B * d.C * d.H * d.W;
+    shift_dx_kernel<<<grid_for(n, TPB), TPB>>>(dx, dxpad, d, s, n);
+    KERNEL_CHECK("shift_dx_kernel");
+}
+void DevBK::shift_dw_add(float *dw, const float *dwp, conv_dims d) {
+    size_t n = (size_t)d.O * d.C * d.kh * d.kw;
+    shift_dw_kernel<<<grid_for(n, TPB), TPB>>>(dw, dwp, d, n);
+    KERNEL_CHECK("shift_dw_kernel");
+}
+void DevBK::zero(float *p, size_t n) {
+    if (n) CUDA_CHECK(cudaMemsetAsync(p, 0, n * sizeof(float)));
 }
 
 /* ---- dropout ----------------------------------------------------------- */

@@ -372,4 +372,67 @@ HD float conv_dw_elem(const floatX *dout, const floatX *x, conv_dims d, size_t i
     return acc;
 }
 
+/* ---------------------------------------------------------------------------
+ * stride-1 convolution as kh*kw GEMMs, no im2col buffer (the "shifted GEMM"):
+ * the input is copied once, zero-padded, as xpad (C, B*Hp*Wp) with row
+ * stride ldx, and the output is computed on the padded grid: for tap (i, j)
+ *     opad (O, B*Hp*Wp) += W_ij (O, C) * xpad[:, q + i*Wp + j]
+ * since column q = b*S + oy*Wp + ox (S = Hp*Wp) of that shifted window holds
+ * x[b, c, oy + i - pad, ox + j - pad]. Columns with ox >= Wo or oy >= Ho are
+ * computed and thrown away (about 2 pad / W of the work); the tail of each
+ * xpad row, (kh-1)*Wp + kw-1 zeros, keeps the last window inside the row.
+ * W_ij is w[:, :, i, j], packed as wp (kh*kw, O, C) so that each is a plain
+ * matrix. Backward is the adjoint of each step (dout padded with zeros on
+ * the thrown-away columns, so they contribute nothing). */
+struct shift_dims { int Hp, Wp; size_t S, Nq, ldx; };
+HD shift_dims make_shift_dims(conv_dims d) {
+    shift_dims s;
+    s.Hp = d.H + 2 * d.pad;
+    s.Wp = d.W + 2 * d.pad;
+    s.S = (size_t)s.Hp * s.Wp;
+    s.Nq = (size_t)d.B * s.S;
+    s.ldx = s.Nq + (size_t)(d.kh - 1) * s.Wp + (d.kw - 1);
+    return s;
+}
+// xpad[c, q], element idx of (C, ldx): x at the unpadded position, else 0
+HD float shift_pad_elem(const floatX *x, conv_dims d, shift_dims s, size_t idx) {
+    size_t c = idx / s.ldx, q = idx % s.ldx;
+    if (q >= s.Nq) return 0.0f;
+    size_t b = q / s.S, r = q % s.S;
+    int y = (int)(r / s.Wp) - d.pad, xx = (int)(r % s.Wp) - d.pad;
+    if (y < 0 || y >= d.H || xx < 0 || xx >= d.W) return 0.0f;
+    return ldx(x[((b * d.C + c) * d.H + y) * d.W + xx]);
+}
+// wp[t, o, c] = w[o, c, t], t = i*kw + j; element idx of (kh*kw, O, C)
+HD float shift_wpack_elem(const float *w, conv_dims d, size_t idx) {
+    size_t oc = (size_t)d.O * d.C, t = idx / oc;
+    return w[(idx % oc) * d.kh * d.kw + t];
+}
+// out[b, o, oy, ox] = opad[o, b*S + oy*Wp + ox] + bias[o]
+HD float shift_crop_elem(const float *opad, const float *bias, conv_dims d, shift_dims s, size_t idx) {
+    int ox = (int)(idx % d.Wo), oy = (int)((idx / d.Wo) % d.Ho);
+    int o = (int)((idx / ((size_t)d.Wo * d.Ho)) % d.O);
+    size_t b = idx / ((size_t)d.Wo * d.Ho * d.O);
+    float v = opad[(size_t)o * s.Nq + b * s.S + (size_t)oy * s.Wp + ox];
+    return bias ? v + bias[o] : v;
+}
+// dpad[o, q] = dout at a kept column, 0 at a thrown-away one
+HD float shift_dpad_elem(const floatX *dout, conv_dims d, shift_dims s, size_t idx) {
+    size_t o = idx / s.Nq, q = idx % s.Nq, b = q / s.S, r = q % s.S;
+    int oy = (int)(r / s.Wp), ox = (int)(r % s.Wp);
+    if (oy >= d.Ho || ox >= d.Wo) return 0.0f;
+    return ldx(dout[((b * d.O + o) * d.Ho + oy) * d.Wo + ox]);
+}
+// dx[b, c, y, x] gets dxpad[c, b*S + (y + pad)*Wp + x + pad]
+HD float shift_dx_elem(const float *dxpad, conv_dims d, shift_dims s, size_t idx) {
+    int xx = (int)(idx % d.W), y = (int)((idx / d.W) % d.H);
+    size_t c = (idx / ((size_t)d.W * d.H)) % d.C, b = idx / ((size_t)d.W * d.H * d.C);
+    return dxpad[c * s.ldx + b * s.S + (size_t)(y + d.pad) * s.Wp + xx + d.pad];
+}
+// dw[o, c, t] gets dwp[t, o, c]
+HD float shift_dw_elem(const float *dwp, conv_dims d, size_t idx) {
+    size_t t = idx % ((size_t)d.kh * d.kw), oc = idx / ((size_t)d.kh * d.kw);
+    return dwp[t * d.O * d.C + oc];
+}
+
 #endif

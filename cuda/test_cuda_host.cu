@@ -113,6 +113,25 @@ struct HostBK {
     static void conv_dw(float *dw, const float *dy, const float *x, conv_dims d) {
         for (size_t i = 0; i < (size_t)d.O * d.C * d.kh * d.kw; i++) dw[i] += conv_dw_elem(dy, x, d, i);
     }
+    static void shift_pad(float *xpad, const float *x, conv_dims d, shift_dims s) {
+        for (size_t i = 0; i < (size_t)d.C * s.ldx; i++) xpad[i] = shift_pad_elem(x, d, s, i);
+    }
+    static void shift_wpack(float *wp, const float *w, conv_dims d) {
+        for (size_t i = 0; i < (size_t)d.kh * d.kw * d.O * d.C; i++) wp[i] = shift_wpack_elem(w, d, i);
+    }
+    static void shift_crop(float *out, const float *opad, const float *b, conv_dims d, shift_dims s) {
+        for (size_t i = 0; i < (size_t)d.B * d.O * d.Ho * d.Wo; i++) out[i] = shift_crop_elem(opad, b, d, s, i);
+    }
+    static void shift_dpad(float *dpad, const float *dout, conv_dims d, shift_dims s) {
+        for (size_t i = 0; i < (size_t)d.O * s.Nq; i++) dpad[i] = shift_dpad_elem(dout, d, s, i);
+    }
+    static void shift_dx_add(float *dx, const float *dxpad, conv_dims d, shift_dims s) {
+        for (size_t i = 0; i < (size_t)d.B * d.C * d.H * d.W; i++) dx[i] += shift_dx_elem(dxpad, d, s, i);
+    }
+    static void shift_dw_add(float *dw, const float *dwp, conv_dims d) {
+        for (size_t i = 0; i < (size_t)d.O * d.C * d.kh * d.kw; i++) dw[i] += shift_dw_elem(dwp, d, i);
+    }
+    static void zero(float *p, size_t n) { memset(p, 0, n * sizeof(float)); }
     static void dropout_fwd(float *out, uint8_t *mask, const float *inp, size_t n, float p, uint64_t s0) {
         float sc = dropout_scale(p);
         for (size_t i = 0; i < n; i++) {
@@ -324,6 +343,16 @@ static void test_conv(int B, int C, int H, int W, int O, int kh, int kw, int str
     expect_close(name, dx, dxr, BWD);
     snprintf(name, sizeof name, "conv2d bwd dw, db (k%dx%d s%d p%d)", kh, kw, stride, pad);
     expect(name, fmax(rel_err(dw.data(), dwr.data(), nw), rel_err(db.data(), dbr.data(), O)), BWD);
+    // the direct kernel (used for strided convs) on every shape too
+    conv_dims d = make_conv_dims(B, C, H, W, O, kh, kw, stride, pad);
+    vec y3(ny), dx3 = randv(nx, -0.1f, 0.1f, 65), dw3 = randv(nw, -0.1f, 0.1f, 66);
+    HostBK::conv_fwd(y3.data(), x.data(), w.data(), b.data(), d);
+    HostBK::conv_dinp(dx3.data(), dy.data(), w.data(), d);
+    HostBK::conv_dw(dw3.data(), dy.data(), x.data(), d);
+    snprintf(name, sizeof name, "conv2d direct kernel fwd (k%dx%d s%d p%d)", kh, kw, stride, pad);
+    expect(name, rel_err(y3.data(), yr.data(), ny), FWD);
+    snprintf(name, sizeof name, "conv2d direct kernel bwd dx, dw (k%dx%d s%d p%d)", kh, kw, stride, pad);
+    expect(name, fmax(rel_err(dx3.data(), dxr.data(), nx), rel_err(dw3.data(), dwr.data(), nw)), BWD);
     // frozen weight (dw, db NULL): dx only
     vec dx2 = randv(nx, -0.1f, 0.1f, 65);
     conv2d_backward_t<HostBK>(dx2.data(), NULL, NULL, dy.data(), x.data(), w.data(), B, C, H, W, O, kh, kw, stride, pad);
@@ -804,6 +833,9 @@ int main(void) {
     test_conv(1, 4, 9, 10, 3, 3, 3, 2, 1);     // downsampler (odd size)
     test_conv(2, 6, 5, 7, 4, 1, 1, 1, 0);      // 1x1: the cuBLAS path
     test_conv(1, 3, 6, 6, 2, 1, 3, 1, 0);      // kh != kw
+    test_conv(3, 4, 7, 5, 5, 3, 3, 1, 0);      // unpadded 3x3, batch 3
+    test_conv(1, 2, 8, 9, 3, 5, 5, 1, 2);      // 5x5
+    test_conv(1, 3, 6, 7, 4, 4, 4, 2, 1);      // 4x4 stride 2 (direct kernel)
     test_attention(2, 13, 13, 3, 8, 0, 1);
     test_attention(1, 21, 7, 2, 16, 0, 0);     // cross-attention, P recomputed
     test_attention(2, 9, 9, 2, 4, 1, 1);       // causal (CLIP)
