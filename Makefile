@@ -8,6 +8,8 @@
 #   make data       redraw the bundled datasets (data/, models/tiny/data/) with tools/make_data.c
 #   make tiny-base  pre-train the bundled tiny model (models/tiny/) from scratch, about 45 minutes
 #   make CUDA=1     also compile and link cuda/*.cu with nvcc
+#   make CUDA=1 test-cuda   the GPU kernels' arithmetic checked on the host against the
+#                   CPU code (cuda/test_cuda_host.cu; needs nvcc, not a GPU)
 #   make clean
 
 CC      ?= cc
@@ -32,10 +34,16 @@ PROGS   := train sample
 LIBSRC  := $(filter-out $(PROGS:=.c),$(wildcard *.c))
 LIBOBJ  := $(LIBSRC:%.c=$(BUILD)/%.o)
 
+# One virtual architecture, as PTX only: nvcc then skips ptxas (the slow
+# half of a CUDA compile) and the driver JIT-compiles the PTX once, on the
+# first run, for whatever GPU it finds from Ampere (sm_80) on, and caches
+# it. CUDA_ARCH="-arch=sm_90" would ship machine code for Hopper instead.
 ifeq ($(CUDA),1)
   NVCC      ?= nvcc
-  NVFLAGS   ?= -O3 -std=c++17
-  CUSRC     := $(wildcard cuda/*.cu)
+  CUDA_ARCH ?= -gencode arch=compute_80,code=compute_80
+  NVFLAGS   ?= -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -Wall
+  NVFLAGS   += -DSDLORA_CUDA=1
+  CUSRC     := $(filter-out cuda/test_%.cu,$(wildcard cuda/*.cu))
   LIBOBJ    += $(CUSRC:cuda/%.cu=$(BUILD)/cuda_%.o)
   CFLAGS    += -DSDLORA_CUDA=1
   CUDA_HOME ?= $(or $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC))),/usr/local/cuda)
@@ -58,8 +66,26 @@ $(BUILD):
 $(BUILD)/%.o: %.c $(wildcard *.h) | $(BUILD)
 	$(CC) $(CFLAGS) -c $< -o $@
 
-$(BUILD)/cuda_%.o: cuda/%.cu $(wildcard cuda/*.h) | $(BUILD)
+$(BUILD)/cuda_%.o: cuda/%.cu $(wildcard cuda/*.h cuda/*.cuh *.h) | $(BUILD)
 	$(NVCC) $(NVFLAGS) -c $< -o $@
+# AdamW rounds every product as optim.c does (no fused multiply-add), so the
+# GPU's update is the CPU's bit for bit
+$(BUILD)/cuda_optim.o: NVFLAGS += -fmad=false
+
+# the kernels' arithmetic on the host, beside the CPU code (no GPU needed);
+# nvcc compiles it, cc links it with the library as the programs are linked
+.PHONY: test-cuda
+ifeq ($(CUDA),1)
+test-cuda: $(BUILD)/test_cuda_host
+	./$(BUILD)/test_cuda_host
+$(BUILD)/test_cuda_host.o: cuda/test_cuda_host.cu $(wildcard cuda/*.h cuda/*.cuh *.h) | $(BUILD)
+	$(NVCC) $(NVFLAGS) -I. -c $< -o $@
+$(BUILD)/test_cuda_host: $(BUILD)/test_cuda_host.o $(LIBOBJ)
+	$(CC) $(LDFLAGS) $^ -o $@ $(LDLIBS)
+else
+test-cuda:
+	@echo "error: test-cuda: exists only in the CUDA build (run make CUDA=1 test-cuda BUILD=build-cuda)"; exit 1
+endif
 
 # the programs are built in $(BUILD) (so `make asan` has sanitised ones for
 # tests/test_programs.c) and copied to the top for users
@@ -120,7 +146,7 @@ compare: $(PROGS)
 	bash tools/compare.sh
 
 clean:
-	rm -rf build build-asan $(PROGS)
+	rm -rf build build-asan build-cuda $(PROGS)
 
 # the bundled tiny model (models/tiny/), pre-trained from scratch by
 # tools/tiny_base.c: tokenizer, VAE, then text encoder + UNet. The VAE also

@@ -1,34 +1,150 @@
 /* cuda/cuda.h: the optional GPU backend (make CUDA=1), callable from C.
  *
- * Pointers passed to the *_cuda functions are device pointers (cudaMalloc).
- * Nothing here is needed by the CPU build; the C code only calls these under
- * #ifdef SDLORA_CUDA. (Include it as "cuda/cuda.h": it is not the CUDA
- * driver API's <cuda.h>.) */
+ * Every *_cuda function is its CPU twin from nn.h / lora.h / optim.h /
+ * ddpm.h on device memory (cudaMalloc), same arguments, same semantics:
+ * backward accumulates (+=), a NULL gradient pointer skips that work. The
+ * arithmetic of each kernel is checked against the CPU code on the host by
+ * `make CUDA=1 test-cuda` (cuda/test_cuda_host.cu). Calls do not return
+ * errors: the first failed CUDA or cuBLAS call is kept as one line (the
+ * call, the function, the layer) until cuda_last_error() takes it.
+ * (Include it as "cuda/cuda.h": it is not the CUDA driver API's <cuda.h>.)
+ *
+ * cuda_device_check() is callable from every build; the rest exists only
+ * with SDLORA_CUDA (make CUDA=1). */
 #ifndef SDLORA_CUDA_H
 #define SDLORA_CUDA_H
 
 #include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
+/* what --device cuda can expect here */
+typedef enum {
+    CUDA_DEV_OK = 0,          /* a usable GPU */
+    CUDA_DEV_NOT_BUILT = 1,   /* this build has no CUDA (make without CUDA=1) */
+    CUDA_DEV_NO_DRIVER = 2,   /* no NVIDIA driver, or one too old for this runtime */
+    CUDA_DEV_NO_DEVICE = 3    /* a driver, but no GPU it can use */
+} cuda_dev_status;
+#define CUDA_ERR_LEN 320
+
+#ifdef SDLORA_CUDA
+#include "../lora.h"
+#include "../optim.h"
+
+/* CUDA_DEV_OK, or the case with a one-line "error: ..." in err (CUDA_ERR_LEN) */
+int cuda_device_check(char *err);
+
 /* 1 when at least one CUDA device is usable, 0 when there is none, no
  * driver, or any error; never aborts. */
 int cuda_available(void);
 
-/* gemm() from nn.h on device memory, through cuBLAS:
- *   C[M x N] = alpha * op(A)[M x K] * op(B)[K x N] + beta * C   (row-major)
- * beta == 0: C is not read. Failures are recorded, see cuda_last_error(). */
+/* the first error since the last call (one line, valid until the next
+ * call), or NULL; clears it */
+const char *cuda_last_error(void);
+/* the layer named in error messages from now on (a static string, e.g.
+ * "down_blocks.0.resnets.1.conv1"; NULL: none) */
+void cuda_set_layer(const char *name);
+
+/* device memory; each returns NULL / 0 after recording a failure. Kernels
+ * run asynchronously: a fault inside one is reported by the next copy or
+ * by cuda_synchronize(). */
+void *cuda_alloc(size_t bytes);
+void cuda_free(void *p);
+int cuda_upload(void *dst, const void *src, size_t bytes);     /* host -> device */
+int cuda_download(void *dst, const void *src, size_t bytes);   /* device -> host */
+int cuda_zero(void *dst, size_t bytes);
+int cuda_synchronize(void);
+
+/* ---- gemm.cu: gemm() from nn.h through cuBLAS (row-major, BLAS semantics) */
 void gemm_cuda(int transA, int transB, int M, int N, int K,
                float alpha, const float *A, int lda, const float *B, int ldb,
                float beta, float *C, int ldc);
 
-/* out[i] = inp[i] * sigmoid(inp[i]) over n floats (out may equal inp) */
+/* ---- nn.cu */
+void linear_forward_cuda(float *out, const float *inp, const float *w, const float *b,
+                         int N, int in, int outc);
+void linear_backward_cuda(float *dinp, float *dw, float *db, const float *dout,
+                          const float *inp, const float *w, int N, int in, int outc);
+void conv2d_forward_cuda(float *out, const float *inp, const float *w, const float *b,
+                         int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad);
+void conv2d_backward_cuda(float *dinp, float *dw, float *db, const float *dout,
+                          const float *inp, const float *w,
+                          int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad);
+void groupnorm_forward_cuda(float *out, float *mean, float *rstd, const float *inp,
+                            const float *w, const float *b, int B, int C, int HW, int G, float eps);
+void groupnorm_backward_cuda(float *dinp, float *dw, float *db, const float *dout,
+                             const float *inp, const float *w, const float *mean, const float *rstd,
+                             int B, int C, int HW, int G);
+void layernorm_forward_cuda(float *out, float *mean, float *rstd, const float *inp,
+                            const float *w, const float *b, int N, int C, float eps);
+void layernorm_backward_cuda(float *dinp, float *dw, float *db, const float *dout,
+                             const float *inp, const float *w, const float *mean, const float *rstd,
+                             int N, int C);
 void silu_forward_cuda(float *out, const float *inp, size_t n);
+void silu_backward_cuda(float *dinp, const float *dout, const float *inp, size_t n);
+void gelu_forward_cuda(float *out, const float *inp, size_t n);
+void gelu_backward_cuda(float *dinp, const float *dout, const float *inp, size_t n);
+void quickgelu_forward_cuda(float *out, const float *inp, size_t n);
+void quickgelu_backward_cuda(float *dinp, const float *dout, const float *inp, size_t n);
+void geglu_forward_cuda(float *out, const float *inp, int N, int D);
+void geglu_backward_cuda(float *dinp, const float *dout, const float *inp, int N, int D);
+void upsample2x_forward_cuda(float *out, const float *inp, int B, int C, int H, int W);
+void upsample2x_backward_cuda(float *dinp, const float *dout, int B, int C, int H, int W);
+/* t: N device floats */
+void timestep_embedding_cuda(float *out, const float *t, int N, int dim,
+                             int flip_sin_to_cos, float freq_shift, float max_period);
+/* out = a + b over n floats (residual; out may alias a or b), and its
+ * backward: dst += src (a NULL dst skips) */
+void add_cuda(float *out, const float *a, const float *b, size_t n);
+void accumulate_cuda(float *dst, const float *src, size_t n);
+/* mask: n device bytes; the rng state stays on the host and advances by n */
+void dropout_forward_cuda(float *out, uint8_t *mask, const float *inp, size_t n, float p, rng_t *rng);
+void dropout_backward_cuda(float *dinp, const float *dout, const uint8_t *mask, size_t n, float p);
 
-/* the first error since the last call (a static message), or NULL; clears it */
-const char *cuda_last_error(void);
+/* ---- attention.cu (att: (B, H, Tq, Tk) device floats, or NULL) */
+void attention_forward_cuda(float *out, float *att, const float *q, const float *k, const float *v,
+                            int B, int Tq, int Tk, int H, int Dh, int causal);
+void attention_backward_cuda(float *dq, float *dk, float *dv, const float *dout,
+                             const float *q, const float *k, const float *v, const float *att,
+                             int B, int Tq, int Tk, int H, int Dh, int causal);
+
+/* ---- lora.cu: L->A, B, dA, dB, mask, scratch and every array on the device */
+void lora_forward_cuda(float *out, float *ax, uint8_t *mask, float *scratch, const float *inp,
+                       const float *w0, const float *b0, const lora_t *L,
+                       int N, int in, int outc, rng_t *rng);
+void lora_backward_cuda(float *dinp, const float *dout, const float *inp, const float *ax,
+                        const uint8_t *mask, float *scratch, const float *w0, lora_t *L,
+                        int N, int in, int outc);
+
+/* ---- optim.cu: o->m, o->v, params, grads on the device; o->step on the host */
+void adamw_step_cuda(adamw_t *o, float *params, const float *grads, float lr);
+
+/* ---- ddpm.cu: t (B ints), sqrt_abar and sqrt_1m_abar (the schedule's T
+ * floats), weight (B floats or NULL) on the device */
+void ddpm_add_noise_cuda(float *xt, const float *x0, const float *eps, const int *t, int B,
+                         size_t n_per_item, const float *sqrt_abar, const float *sqrt_1m_abar);
+void ddpm_velocity_cuda(float *v, const float *x0, const float *eps, const int *t, int B,
+                        size_t n_per_item, const float *sqrt_abar, const float *sqrt_1m_abar);
+/* the loss comes back to the host (the one value a step brings down); NaN
+ * when a call failed */
+float mse_loss_forward_cuda(const float *pred, const float *target, const float *weight,
+                            int B, size_t n_per_item);
+void mse_loss_backward_cuda(float *dpred, const float *pred, const float *target,
+                            const float *weight, float dloss, int B, size_t n_per_item);
+
+#else  /* a build without CUDA: only the check, which says so */
+
+static inline int cuda_device_check(char *err) {
+    snprintf(err, CUDA_ERR_LEN, "error: --device cuda: this program was built without GPU support "
+             "(rebuild with `make CUDA=1` on a machine with the CUDA Toolkit, or use --device cpu)");
+    return CUDA_DEV_NOT_BUILT;
+}
+
+#endif
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,860 @@
+// cuda/test_cuda_host.cu: the GPU kernels' arithmetic, checked on the host
+// (make CUDA=1 test-cuda; built by nvcc, needs no GPU).
+//
+// Every kernel of cuda/*.cu computes through a __host__ __device__ function
+// of its indices (cuda/*_ops.cuh). Here those functions run in plain loops,
+// in the kernels' own thread and tree order (the host twins), and the GEMM
+// layers run through cuda/layers.cuh on HostBK: the same sequence of
+// products and kernels as on the device, with the CPU gemm() in place of
+// cuBLAS. The results are compared with the CPU layers (nn.c, attention.c,
+// lora.c, optim.c, ddpm.c) by rel_err = max|a - b| / max|b|, at the CPU
+// parity tests' tolerances: 1e-5 forward, 1e-4 backward through GEMMs, and
+// exactly (0) where the order of operations is the CPU's. Backward is checked
+// accumulating (+=) into non-zero gradients, and with NULL gradients.
+//
+// What this cannot check: cuBLAS's own products and the row-major swap in
+// gemm_cuda, launch configurations, and everything else that needs a GPU
+// (tools/gpu_check.sh's job, when one is at hand).
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <vector>
+#include "common.cuh"
+#include "nn_ops.cuh"
+#include "attention_ops.cuh"
+#include "optim_ops.cuh"
+#include "ddpm_ops.cuh"
+#include "layers.cuh"
+extern "C" {
+#include "../nn.h"
+#include "../lora.h"
+#include "../optim.h"
+#include "../ddpm.h"
+#include "cuda.h"
+}
+
+typedef std::vector<float> vec;
+
+static int g_pass, g_fail;
+
+static double rel_err(const float *a, const float *b, size_t n) {
+    double maxd = 0, maxb = 0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - (double)b[i]);
+        if (!(d <= maxd)) maxd = d;               // NaN propagates
+        if (fabs((double)b[i]) > maxb) maxb = fabs((double)b[i]);
+    }
+    return maxb > 0 ? maxd / maxb : maxd;
+}
+
+static void expect(const char *what, double err, double tol) {
+    int ok = err <= tol;
+    printf("%s %-58s rel err %.3g (tol %g)\n", ok ? "ok  " : "FAIL", what, err, tol);
+    if (ok) g_pass++; else g_fail++;
+}
+static void expect_close(const char *what, const vec &got, const vec &ref, double tol) {
+    expect(what, got.size() == ref.size() ? rel_err(got.data(), ref.data(), ref.size()) : INFINITY, tol);
+}
+static void expect_true(const char *what, int cond) {
+    printf("%s %s\n", cond ? "ok  " : "FAIL", what);
+    if (cond) g_pass++; else g_fail++;
+}
+
+static vec randv(size_t n, float lo, float hi, uint64_t seed) {
+    vec v(n);
+    rng_t r;
+    rng_seed(&r, seed);
+    for (size_t i = 0; i < n; i++) v[i] = lo + (hi - lo) * rng_uniform(&r);
+    return v;
+}
+
+#define FWD 1e-5
+#define BWD 1e-4
+
+/* ---------------------------------------------------------------------------
+ * HostBK: DevBK's methods (backend.cuh) as host loops over the same
+ * functions, each in its kernel's thread order */
+struct HostBK {
+    static void gemm(int tA, int tB, int M, int N, int K, float alpha, const float *A, int lda,
+                     const float *B, int ldb, float beta, float *C, int ldc) {
+        ::gemm(tA, tB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    }
+    static void gemm_batched(int tA, int tB, int M, int N, int K, float alpha,
+                             const float *A, int lda, long long sA, const float *B, int ldb, long long sB,
+                             float beta, float *C, int ldc, long long sC, int batch) {
+        for (int k = 0; k < batch; k++)
+            ::gemm(tA, tB, M, N, K, alpha, A + k * sA, lda, B + k * sB, ldb, beta, C + k * sC, ldc);
+    }
+    static float *scratch(size_t n) { return nn_scratch(n); }
+    static void fail(const char *what) { fprintf(stderr, "HostBK: %s\n", what); g_fail++; }
+    static void add_bias_rows(float *out, const float *b, int N, int C) {
+        for (size_t i = 0; i < (size_t)N * C; i++) out[i] = bias_rows_elem(out[i], b, C, i);
+    }
+    static void add_bias_chan(float *out, const float *b, int B, int O, size_t P) {
+        for (size_t i = 0; i < (size_t)B * O * P; i++) out[i] = bias_chan_elem(out[i], b, O, P, i);
+    }
+    static void bias_grad_rows(float *db, const float *dout, int N, int C) {
+        for (int c = 0; c < C; c++) bias_grad_rows_col(db, dout, N, C, c);
+    }
+    static void bias_grad_chan(float *db, const float *dout, int B, int O, size_t P) {
+        double p[NT];
+        for (int o = 0; o < O; o++) {
+            for (int t = 0; t < NT; t++) p[t] = bias_grad_chan_partial(dout, B, O, P, o, t, NT);
+            db[o] += (float)host_tree_sum(p, NT);
+        }
+    }
+    static void conv_fwd(float *out, const float *x, const float *w, const float *b, conv_dims d) {
+        for (size_t i = 0; i < (size_t)d.B * d.O * d.Ho * d.Wo; i++) out[i] = conv_fwd_elem(x, w, b, d, i);
+    }
+    static void conv_dinp(float *dx, const float *dy, const float *w, conv_dims d) {
+        for (size_t i = 0; i < (size_t)d.B * d.C * d.H * d.W; i++) dx[i] += conv_dinp_elem(dy, w, d, i);
+    }
+    static void conv_dw(float *dw, const float *dy, const float *x, conv_dims d) {
+        for (size_t i = 0; i < (size_t)d.O * d.C * d.kh * d.kw; i++) dw[i] += conv_dw_elem(dy, x, d, i);
+    }
+    static void shift_pad(float *xpad, const float *x, conv_dims d, shift_dims s) {
+        for (size_t i = 0; i < (size_t)d.C * s.ldx; i++) xpad[i] = shift_pad_elem(x, d, s, i);
+    }
+    static void shift_wpack(float *wp, const float *w, conv_dims d) {
+        for (size_t i = 0; i < (size_t)d.kh * d.kw * d.O * d.C; i++) wp[i] = shift_wpack_elem(w, d, i);
+    }
+    static void shift_crop(float *out, const float *opad, const float *b, conv_dims d, shift_dims s) {
+        for (size_t i = 0; i < (size_t)d.B * d.O * d.Ho * d.Wo; i++) out[i] = shift_crop_elem(opad, b, d, s, i);
+    }
+    static void shift_dpad(float *dpad, const float *dout, conv_dims d, shift_dims s) {
+        for (size_t i = 0; i < (size_t)d.O * s.Nq; i++) dpad[i] = shift_dpad_elem(dout, d, s, i);
+    }
+    static void shift_dx_add(float *dx, const float *dxpad, conv_dims d, shift_dims s) {
+        for (size_t i = 0; i < (size_t)d.B * d.C * d.H * d.W; i++) dx[i] += shift_dx_elem(dxpad, d, s, i);
+    }
+    static void shift_dw_add(float *dw, const float *dwp, conv_dims d) {
+        for (size_t i = 0; i < (size_t)d.O * d.C * d.kh * d.kw; i++) dw[i] += shift_dw_elem(dwp, d, i);
+    }
+    static void zero(float *p, size_t n) { memset(p, 0, n * sizeof(float)); }
+    static void dropout_fwd(float *out, uint8_t *mask, const float *inp, size_t n, float p, uint64_t s0) {
+        float sc = dropout_scale(p);
+        for (size_t i = 0; i < n; i++) {
+            uint8_t keep = p <= 0.0f ? 1 : dropout_keep(s0, i, p);
+            mask[i] = keep;
+            out[i] = p <= 0.0f ? inp[i] : (keep ? inp[i] * sc : 0.0f);
+        }
+    }
+    static void dropout_rebuild(float *xd, const float *inp, const uint8_t *mask, size_t n, float p) {
+        float keep = 1.0f / (1.0f - p);
+        for (size_t i = 0; i < n; i++) xd[i] = mask[i] ? inp[i] * keep : 0.0f;
+    }
+    static void dropout_bwd(float *dinp, const float *dout, const uint8_t *mask, size_t n, float p) {
+        for (size_t i = 0; i < n; i++) dinp[i] += dropout_bwd_elem(dout[i], p <= 0.0f ? 1 : mask[i], p);
+    }
+    static void softmax_rows(float *P, int rows, int Tq, int Tk, int causal) {
+        for (int r = 0; r < rows; r++) softmax_row_host(P + (size_t)r * Tk, r % Tq, Tk, causal);
+    }
+    static void softmax_bwd_rows(float *dS, const float *P, int rows, int Tk) {
+        for (int r = 0; r < rows; r++) softmax_bwd_row_host(dS + (size_t)r * Tk, P + (size_t)r * Tk, Tk);
+    }
+};
+
+/* ---------------------------------------------------------------------------
+ * normalisation */
+
+static void test_groupnorm(int B, int C, int HW, int G, int affine) {
+    char name[128];
+    size_t n = (size_t)B * C * HW;
+    vec x = randv(n, -2.0f, 3.0f, 11 + C), w = randv(C, 0.5f, 1.5f, 12), b = randv(C, -0.5f, 0.5f, 13);
+    vec y(n), yr(n), m(B * G), mr(B * G), rs(B * G), rsr(B * G);
+    const float *pw = affine ? w.data() : NULL, *pb = affine ? b.data() : NULL;
+    groupnorm_forward_host(y.data(), m.data(), rs.data(), x.data(), pw, pb, B, C, HW, G, 1e-5f);
+    groupnorm_forward(yr.data(), mr.data(), rsr.data(), x.data(), pw, pb, B, C, HW, G, 1e-5f);
+    snprintf(name, sizeof name, "groupnorm fwd B%d C%d HW%d G%d%s", B, C, HW, G, affine ? "" : " no-affine");
+    expect_close(name, y, yr, FWD);
+    snprintf(name, sizeof name, "groupnorm fwd mean, rstd (B%d C%d HW%d G%d)", B, C, HW, G);
+    expect(name, fmax(rel_err(m.data(), mr.data(), m.size()), rel_err(rs.data(), rsr.data(), rs.size())), FWD);
+
+    // backward, accumulating into non-zero gradients
+    vec dy = randv(n, -1.0f, 1.0f, 14), dx = randv(n, -0.1f, 0.1f, 15), dxr = dx;
+    vec dw = randv(C, -0.1f, 0.1f, 16), dwr = dw, db = randv(C, -0.1f, 0.1f, 17), dbr = db;
+    vec sums((size_t)B * C * 2);
+    float *pdw = affine ? dw.data() : NULL, *pdb = affine ? db.data() : NULL;
+    groupnorm_backward_host(dx.data(), pdw, pdb, dy.data(), x.data(), pw, mr.data(), rsr.data(), B, C, HW, G, sums.data());
+    for (int c = 0; c < C; c++) gn_wb_fold(pdw, pdb, sums.data(), B, C, c);
+    groupnorm_backward(dxr.data(), affine ? dwr.data() : NULL, affine ? dbr.data() : NULL, dy.data(), x.data(), pw,
+                       mr.data(), rsr.data(), B, C, HW, G);
+    snprintf(name, sizeof name, "groupnorm bwd dx (B%d C%d HW%d G%d)", B, C, HW, G);
+    expect_close(name, dx, dxr, BWD);
+    if (affine) {
+        snprintf(name, sizeof name, "groupnorm bwd dw, db (B%d C%d HW%d G%d)", B, C, HW, G);
+        expect(name, fmax(rel_err(dw.data(), dwr.data(), C), rel_err(db.data(), dbr.data(), C)), BWD);
+    }
+}
+
+static void test_layernorm(int N, int C, int affine) {
+    char name[128];
+    size_t n = (size_t)N * C;
+    vec x = randv(n, -2.0f, 3.0f, 21 + C), w = randv(C, 0.5f, 1.5f, 22), b = randv(C, -0.5f, 0.5f, 23);
+    vec y(n), yr(n), m(N), mr(N), rs(N), rsr(N);
+    const float *pw = affine ? w.data() : NULL, *pb = affine ? b.data() : NULL;
+    layernorm_forward_host(y.data(), m.data(), rs.data(), x.data(), pw, pb, N, C, 1e-5f);
+    layernorm_forward(yr.data(), mr.data(), rsr.data(), x.data(), pw, pb, N, C, 1e-5f);
+    snprintf(name, sizeof name, "layernorm fwd N%d C%d%s", N, C, affine ? "" : " no-affine");
+    expect_close(name, y, yr, FWD);
+    snprintf(name, sizeof name, "layernorm fwd mean, rstd (N%d C%d)", N, C);
+    expect(name, fmax(rel_err(m.data(), mr.data(), N), rel_err(rs.data(), rsr.data(), N)), FWD);
+
+    vec dy = randv(n, -1.0f, 1.0f, 24), dx = randv(n, -0.1f, 0.1f, 25), dxr = dx;
+    vec dw = randv(C, -0.1f, 0.1f, 26), dwr = dw, db = randv(C, -0.1f, 0.1f, 27), dbr = db;
+    layernorm_backward_host(dx.data(), affine ? dw.data() : NULL, affine ? db.data() : NULL, dy.data(), x.data(), pw,
+                            mr.data(), rsr.data(), N, C);
+    layernorm_backward(dxr.data(), affine ? dwr.data() : NULL, affine ? dbr.data() : NULL, dy.data(), x.data(), pw,
+                       mr.data(), rsr.data(), N, C);
+    snprintf(name, sizeof name, "layernorm bwd dx (N%d C%d)", N, C);
+    expect_close(name, dx, dxr, BWD);
+    if (affine) {
+        snprintf(name, sizeof name, "layernorm bwd dw, db (N%d C%d)", N, C);
+        expect(name, fmax(rel_err(dw.data(), dwr.data(), C), rel_err(db.data(), dbr.data(), C)), BWD);
+    }
+    // dx NULL: only dw, db, and dx untouched
+    vec dw2 = randv(C, -0.1f, 0.1f, 26), db2 = randv(C, -0.1f, 0.1f, 27);
+    layernorm_backward_host(NULL, dw2.data(), db2.data(), dy.data(), x.data(), pw, mr.data(), rsr.data(), N, C);
+    snprintf(name, sizeof name, "layernorm bwd with dx NULL (N%d C%d)", N, C);
+    expect(name, affine ? fmax(rel_err(dw2.data(), dwr.data(), C), rel_err(db2.data(), dbr.data(), C)) : 0.0, BWD);
+}
+
+/* ---------------------------------------------------------------------------
+ * pointwise */
+
+static void test_pointwise(void) {
+    size_t n = 5000;
+    vec x = randv(n, -8.0f, 8.0f, 31), dy = randv(n, -1.0f, 1.0f, 32), d0 = randv(n, -0.2f, 0.2f, 33);
+    struct { const char *name; float (*f)(float); float (*g)(float, float);
+             void (*cf)(float *, const float *, size_t); void (*cg)(float *, const float *, const float *, size_t); } acts[] = {
+        {"silu", silu_fwd, silu_bwd, silu_forward, silu_backward},
+        {"gelu", gelu_fwd, gelu_bwd, gelu_forward, gelu_backward},
+        {"quickgelu", quickgelu_fwd, quickgelu_bwd, quickgelu_forward, quickgelu_backward},
+    };
+    char name[128];
+    for (auto &a : acts) {
+        vec y(n), yr(n), dx = d0, dxr = d0;
+        for (size_t i = 0; i < n; i++) y[i] = a.f(x[i]);
+        a.cf(yr.data(), x.data(), n);
+        snprintf(name, sizeof name, "%s fwd", a.name);
+        expect_close(name, y, yr, FWD);
+        for (size_t i = 0; i < n; i++) dx[i] += a.g(dy[i], x[i]);
+        a.cg(dxr.data(), dy.data(), x.data(), n);
+        snprintf(name, sizeof name, "%s bwd (accumulating)", a.name);
+        expect_close(name, dx, dxr, FWD);
+    }
+
+    int N = 37, D = 70;
+    vec gi = randv((size_t)N * 2 * D, -4.0f, 4.0f, 34), go((size_t)N * D), gor((size_t)N * D);
+    vec gdy = randv((size_t)N * D, -1.0f, 1.0f, 35), gdx = randv((size_t)N * 2 * D, -0.1f, 0.1f, 36), gdxr = gdx;
+    for (size_t i = 0; i < (size_t)N * D; i++) go[i] = geglu_fwd_elem(gi.data(), D, i / D, (int)(i % D));
+    geglu_forward(gor.data(), gi.data(), N, D);
+    expect_close("geglu fwd", go, gor, FWD);
+    for (size_t i = 0; i < (size_t)N * D; i++) geglu_bwd_elem(gdx.data(), gdy.data(), gi.data(), D, i / D, (int)(i % D));
+    geglu_backward(gdxr.data(), gdy.data(), gi.data(), N, D);
+    expect_close("geglu bwd (accumulating)", gdx, gdxr, FWD);
+
+    // upsample: the CPU's order of additions, so exactly equal
+    int B = 2, C = 3, H = 5, W = 7;
+    size_t ni = (size_t)B * C * H * W;
+    vec ux = randv(ni, -1.0f, 1.0f, 37), uy(4 * ni), uyr(4 * ni);
+    for (size_t i = 0; i < 4 * ni; i++) uy[i] = upsample2x_fwd_elem(ux.data(), H, W, i);
+    upsample2x_forward(uyr.data(), ux.data(), B, C, H, W);
+    expect_close("upsample2x fwd (exact)", uy, uyr, 0.0);
+    vec udy = randv(4 * ni, -1.0f, 1.0f, 38), udx = randv(ni, -0.1f, 0.1f, 39), udxr = udx;
+    for (size_t i = 0; i < ni; i++) udx[i] += upsample2x_bwd_elem(udy.data(), H, W, i);
+    upsample2x_backward(udxr.data(), udy.data(), B, C, H, W);
+    expect_close("upsample2x bwd (exact)", udx, udxr, 0.0);
+
+    // timestep embedding: SD's (320, flip, shift 0) and CLIP-free odd dims
+    struct { int dim, flip; float shift; } te[] = {{320, 1, 0.0f}, {33, 0, 1.0f}};
+    for (auto &c : te) {
+        int Nt = 4;
+        float t[4] = {0.0f, 1.0f, 517.0f, 999.0f};
+        vec o((size_t)Nt * c.dim), orf((size_t)Nt * c.dim);
+        float neg_log = (float)(-log(10000.0)), denom = (float)((double)(c.dim / 2) - (double)c.shift);
+        for (size_t i = 0; i < o.size(); i++) o[i] = timestep_elem(t, c.dim, c.flip, neg_log, denom, i / c.dim, (int)(i % c.dim));
+        timestep_embedding(orf.data(), t, Nt, c.dim, c.flip, c.shift, 10000.0f);
+        snprintf(name, sizeof name, "timestep embedding dim %d flip %d shift %g", c.dim, c.flip, c.shift);
+        expect_close(name, o, orf, FWD);
+    }
+}
+
+/* dropout: the device draws the CPU's stream, so mask and values are equal */
+static void test_dropout(void) {
+    size_t n = 3001;
+    vec x = randv(n, -1.0f, 1.0f, 41);
+    for (float p : {0.0f, 0.1f, 0.5f}) {
+        vec y(n), yr(n);
+        std::vector<uint8_t> m(n), mr(n);
+        rng_t r;
+        rng_seed(&r, 42);
+        uint64_t s0 = r.state;
+        HostBK::dropout_fwd(y.data(), m.data(), x.data(), n, p, s0);
+        dropout_forward(yr.data(), mr.data(), x.data(), n, p, &r);
+        uint64_t s_after = p > 0.0f ? s0 + (uint64_t)n * 0x9E3779B97F4A7C15ULL : s0;
+        char name[128];
+        snprintf(name, sizeof name, "dropout p=%g: mask, values and rng state exact", p);
+        expect_true(name, m == mr && rel_err(y.data(), yr.data(), n) == 0.0 && r.state == s_after);
+        vec dy = randv(n, -1.0f, 1.0f, 43), dx = randv(n, -0.1f, 0.1f, 44), dxr = dx;
+        HostBK::dropout_bwd(dx.data(), dy.data(), m.data(), n, p);
+        dropout_backward(dxr.data(), dy.data(), mr.data(), n, p);
+        snprintf(name, sizeof name, "dropout p=%g bwd (accumulating, exact)", p);
+        expect_close(name, dx, dxr, 0.0);
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * GEMM layers through layers.cuh on HostBK */
+
+static void test_linear(int N, int in, int out, int bias) {
+    vec x = randv((size_t)N * in, -1.0f, 1.0f, 51), w = randv((size_t)out * in, -0.3f, 0.3f, 52), b = randv(out, -1.0f, 1.0f, 53);
+    vec y((size_t)N * out), yr((size_t)N * out);
+    linear_forward_t<HostBK>(y.data(), x.data(), w.data(), bias ? b.data() : NULL, N, in, out);
+    linear_forward(yr.data(), x.data(), w.data(), bias ? b.data() : NULL, N, in, out);
+    char name[128];
+    snprintf(name, sizeof name, "linear fwd N%d %d->%d%s", N, in, out, bias ? "" : " no-bias");
+    expect_close(name, y, yr, FWD);
+    vec dy = randv((size_t)N * out, -1.0f, 1.0f, 54), dx = randv((size_t)N * in, -0.1f, 0.1f, 55), dxr = dx;
+    vec dw = randv((size_t)out * in, -0.1f, 0.1f, 56), dwr = dw, db = randv(out, -0.1f, 0.1f, 57), dbr = db;
+    linear_backward_t<HostBK>(dx.data(), dw.data(), bias ? db.data() : NULL, dy.data(), x.data(), w.data(), N, in, out);
+    linear_backward(dxr.data(), dwr.data(), bias ? dbr.data() : NULL, dy.data(), x.data(), w.data(), N, in, out);
+    snprintf(name, sizeof name, "linear bwd dx, dw, db N%d %d->%d", N, in, out);
+    expect(name, fmax(fmax(rel_err(dx.data(), dxr.data(), dx.size()), rel_err(dw.data(), dwr.data(), dw.size())),
+                      rel_err(db.data(), dbr.data(), out)), BWD);
+}
+
+static void test_conv(int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad) {
+    int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
+    size_t nx = (size_t)B * C * H * W, ny = (size_t)B * O * Ho * Wo, nw = (size_t)O * C * kh * kw;
+    vec x = randv(nx, -1.0f, 1.0f, 61), w = randv(nw, -0.3f, 0.3f, 62), b = randv(O, -1.0f, 1.0f, 63);
+    vec y(ny), yr(ny);
+    conv2d_forward_t<HostBK>(y.data(), x.data(), w.data(), b.data(), B, C, H, W, O, kh, kw, stride, pad);
+    conv2d_forward(yr.data(), x.data(), w.data(), b.data(), B, C, H, W, O, kh, kw, stride, pad);
+    char name[128];
+    snprintf(name, sizeof name, "conv2d fwd B%d C%d %dx%d O%d k%dx%d s%d p%d", B, C, H, W, O, kh, kw, stride, pad);
+    expect_close(name, y, yr, FWD);
+    vec dy = randv(ny, -1.0f, 1.0f, 64), dx = randv(nx, -0.1f, 0.1f, 65), dxr = dx;
+    vec dw = randv(nw, -0.1f, 0.1f, 66), dwr = dw, db = randv(O, -0.1f, 0.1f, 67), dbr = db;
+    conv2d_backward_t<HostBK>(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), B, C, H, W, O, kh, kw, stride, pad);
+    conv2d_backward(dxr.data(), dwr.data(), dbr.data(), dy.data(), x.data(), w.data(), B, C, H, W, O, kh, kw, stride, pad);
+    snprintf(name, sizeof name, "conv2d bwd dx (k%dx%d s%d p%d)", kh, kw, stride, pad);
+    expect_close(name, dx, dxr, BWD);
+    snprintf(name, sizeof name, "conv2d bwd dw, db (k%dx%d s%d p%d)", kh, kw, stride, pad);
+    expect(name, fmax(rel_err(dw.data(), dwr.data(), nw), rel_err(db.data(), dbr.data(), O)), BWD);
+    // the direct kernel (used for strided convs) on every shape too
+    conv_dims d = make_conv_dims(B, C, H, W, O, kh, kw, stride, pad);
+    vec y3(ny), dx3 = randv(nx, -0.1f, 0.1f, 65), dw3 = randv(nw, -0.1f, 0.1f, 66);
+    HostBK::conv_fwd(y3.data(), x.data(), w.data(), b.data(), d);
+    HostBK::conv_dinp(dx3.data(), dy.data(), w.data(), d);
+    HostBK::conv_dw(dw3.data(), dy.data(), x.data(), d);
+    snprintf(name, sizeof name, "conv2d direct kernel fwd (k%dx%d s%d p%d)", kh, kw, stride, pad);
+    expect(name, rel_err(y3.data(), yr.data(), ny), FWD);
+    snprintf(name, sizeof name, "conv2d direct kernel bwd dx, dw (k%dx%d s%d p%d)", kh, kw, stride, pad);
+    expect(name, fmax(rel_err(dx3.data(), dxr.data(), nx), rel_err(dw3.data(), dwr.data(), nw)), BWD);
+    // frozen weight (dw, db NULL): dx only
+    vec dx2 = randv(nx, -0.1f, 0.1f, 65);
+    conv2d_backward_t<HostBK>(dx2.data(), NULL, NULL, dy.data(), x.data(), w.data(), B, C, H, W, O, kh, kw, stride, pad);
+    snprintf(name, sizeof name, "conv2d bwd frozen weight, dx only (k%dx%d s%d p%d)", kh, kw, stride, pad);
+    expect_close(name, dx2, dxr, BWD);
+}
+
+static void test_attention(int B, int Tq, int Tk, int H, int Dh, int causal, int keep_att) {
+    int C = H * Dh;
+    size_t nq = (size_t)B * Tq * C, nk = (size_t)B * Tk * C, na = (size_t)B * H * Tq * Tk;
+    vec q = randv(nq, -1.5f, 1.5f, 71), k = randv(nk, -1.5f, 1.5f, 72), v = randv(nk, -1.0f, 1.0f, 73);
+    vec o(nq), orf(nq), att(na), attr(na);
+    attention_forward_t<HostBK>(o.data(), keep_att ? att.data() : NULL, q.data(), k.data(), v.data(), B, Tq, Tk, H, Dh, causal);
+    attention_forward(orf.data(), attr.data(), q.data(), k.data(), v.data(), B, Tq, Tk, H, Dh, causal);
+    char name[160], tag[96];
+    snprintf(tag, sizeof tag, "B%d Tq%d Tk%d H%d Dh%d%s att=%s", B, Tq, Tk, H, Dh, causal ? " causal" : "",
+             keep_att ? "kept" : "NULL");
+    snprintf(name, sizeof name, "attention fwd out (%s)", tag);
+    expect_close(name, o, orf, FWD);
+    if (keep_att) {
+        snprintf(name, sizeof name, "attention fwd probabilities (%s)", tag);
+        expect_close(name, att, attr, FWD);
+    }
+    vec dout = randv(nq, -1.0f, 1.0f, 74);
+    vec dq = randv(nq, -0.1f, 0.1f, 75), dqr = dq, dk = randv(nk, -0.1f, 0.1f, 76), dkr = dk, dv = randv(nk, -0.1f, 0.1f, 77), dvr = dv;
+    attention_backward_t<HostBK>(dq.data(), dk.data(), dv.data(), dout.data(), q.data(), k.data(), v.data(),
+                                 keep_att ? att.data() : NULL, B, Tq, Tk, H, Dh, causal);
+    attention_backward(dqr.data(), dkr.data(), dvr.data(), dout.data(), q.data(), k.data(), v.data(), attr.data(),
+                       B, Tq, Tk, H, Dh, causal);
+    snprintf(name, sizeof name, "attention bwd dq (%s)", tag);
+    expect_close(name, dq, dqr, BWD);
+    snprintf(name, sizeof name, "attention bwd dk (%s)", tag);
+    expect_close(name, dk, dkr, BWD);
+    snprintf(name, sizeof name, "attention bwd dv (%s)", tag);
+    expect_close(name, dv, dvr, BWD);
+    // dv only (dq, dk NULL: no dS at all)
+    vec dv2 = randv(nk, -0.1f, 0.1f, 77);
+    attention_backward_t<HostBK>(NULL, NULL, dv2.data(), dout.data(), q.data(), k.data(), v.data(),
+                                 keep_att ? att.data() : NULL, B, Tq, Tk, H, Dh, causal);
+    snprintf(name, sizeof name, "attention bwd dv only (%s)", tag);
+    expect_close(name, dv2, dvr, BWD);
+}
+
+static void test_lora(int N, int in, int out, int r, float dropout) {
+    vec x = randv((size_t)N * in, -1.0f, 1.0f, 81), w0 = randv((size_t)out * in, -0.3f, 0.3f, 82), b0 = randv(out, -1.0f, 1.0f, 83);
+    vec A = randv((size_t)r * in, -0.3f, 0.3f, 84), Bm = randv((size_t)out * r, -0.3f, 0.3f, 85);  // B != 0: a trained adapter
+    lora_t L, Lr;
+    rng_t init;
+    rng_seed(&init, 1);
+    vec A0((size_t)r * in), B0((size_t)out * r);
+    lora_init(&L, in, out, r, 8.0f, dropout, A0.data(), B0.data(), 0, &init);
+    L.A = A.data(); L.B = Bm.data();
+    Lr = L;
+    vec dA = randv((size_t)r * in, -0.1f, 0.1f, 86), dAr = dA, dB = randv((size_t)out * r, -0.1f, 0.1f, 87), dBr = dB;
+    L.dA = dA.data(); L.dB = dB.data();
+    Lr.dA = dAr.data(); Lr.dB = dBr.data();
+    size_t ns = lora_scratch_floats(&L, N);
+    vec y((size_t)N * out), yr((size_t)N * out), ax((size_t)N * r), axr((size_t)N * r), s(ns + 1), sr(ns + 1);
+    std::vector<uint8_t> m((size_t)N * in), mr((size_t)N * in);
+    rng_t g1, g2;
+    rng_seed(&g1, 99); rng_seed(&g2, 99);
+    lora_forward_t<HostBK>(y.data(), ax.data(), m.data(), s.data(), x.data(), w0.data(), b0.data(), &L, N, in, out, &g1);
+    lora_forward(yr.data(), axr.data(), mr.data(), sr.data(), x.data(), w0.data(), b0.data(), &Lr, N, in, out, &g2);
+    char name[128], tag[64];
+    snprintf(tag, sizeof tag, "N%d %d->%d r%d dropout %g", N, in, out, r, dropout);
+    snprintf(name, sizeof name, "lora fwd out, ax (%s)", tag);
+    expect(name, fmax(rel_err(y.data(), yr.data(), y.size()), rel_err(ax.data(), axr.data(), ax.size())), FWD);
+    if (dropout > 0.0f) {
+        snprintf(name, sizeof name, "lora fwd dropout mask and rng state exact (%s)", tag);
+        expect_true(name, m == mr && g1.state == g2.state);
+    }
+    vec dy = randv((size_t)N * out, -1.0f, 1.0f, 88), dx = randv((size_t)N * in, -0.1f, 0.1f, 89), dxr = dx;
+    lora_backward_t<HostBK>(dx.data(), dy.data(), x.data(), ax.data(), m.data(), s.data(), w0.data(), &L, N, in, out);
+    lora_backward(dxr.data(), dy.data(), x.data(), axr.data(), mr.data(), sr.data(), w0.data(), &Lr, N, in, out);
+    snprintf(name, sizeof name, "lora bwd dx (%s)", tag);
+    expect_close(name, dx, dxr, BWD);
+    snprintf(name, sizeof name, "lora bwd dA, dB (%s)", tag);
+    expect(name, fmax(rel_err(dA.data(), dAr.data(), dA.size()), rel_err(dB.data(), dBr.data(), dB.size())), BWD);
+    // frozen adapter (dA, dB NULL) and no dx: nothing may be written
+    vec dA2 = dA;
+    L.dA = NULL; L.dB = NULL;
+    lora_backward_t<HostBK>(NULL, dy.data(), x.data(), ax.data(), m.data(), s.data(), w0.data(), &L, N, in, out);
+    snprintf(name, sizeof name, "lora bwd, all gradients NULL, writes nothing (%s)", tag);
+    expect_true(name, dA2 == dA);
+}
+
+/* ---------------------------------------------------------------------------
+ * AdamW: the CPU's formula term for term, so equal bit for bit */
+static void test_adamw(void) {
+    size_t n = 1000;
+    vec p = randv(n, -1.0f, 1.0f, 91), pr = p;
+    adamw_t o, orf;
+    adamw_init(&o, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+    adamw_init(&orf, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+    int exact = 1;
+    for (int step = 0; step < 5; step++) {
+        vec g = randv(n, -0.5f, 0.5f, 92 + step);
+        float lr = 1e-3f * (step + 1) / 5.0f;
+        o.step++;
+        double bc1 = 1.0 - pow(o.beta1, (double)o.step), bc2 = 1.0 - pow(o.beta2, (double)o.step);
+        adamw_coef k = {o.beta1, o.beta2, o.eps, (float)(lr / bc1), (float)sqrt(bc2), (float)(1.0 - (double)lr * o.weight_decay)};
+        for (size_t i = 0; i < n; i++) adamw_elem(p.data(), o.m, o.v, g.data(), k, i);
+        adamw_step(&orf, pr.data(), g.data(), lr);
+        exact &= memcmp(p.data(), pr.data(), n * sizeof(float)) == 0 && memcmp(o.m, orf.m, n * sizeof(float)) == 0 &&
+                 memcmp(o.v, orf.v, n * sizeof(float)) == 0;
+    }
+    expect_true("adamw 5 steps: params, m, v bit-identical to optim.c", exact);
+    adamw_free(&o);
+    adamw_free(&orf);
+}
+
+/* ---------------------------------------------------------------------------
+ * ddpm */
+static void test_ddpm(void) {
+    ddpm_schedule s;
+    char err[DDPM_ERR_LEN];
+    if (ddpm_schedule_init(&s, "scaled_linear", DDPM_SD_T, DDPM_SD_BETA_START, DDPM_SD_BETA_END, err) != 0) {
+        expect_true(err, 0);
+        return;
+    }
+    int B = 3;
+    size_t n = 4 * 9 * 11;
+    int t[3] = {0, 411, 999};
+    vec x0 = randv(B * n, -1.0f, 1.0f, 101), eps = randv(B * n, -2.0f, 2.0f, 102);
+    vec xt(B * n), xtr(B * n), v(B * n), vr(B * n);
+    for (size_t i = 0; i < B * n; i++) xt[i] = add_noise_elem(x0.data(), eps.data(), t, s.sqrt_abar, s.sqrt_1m_abar, n, i);
+    ddpm_add_noise(xtr.data(), x0.data(), eps.data(), t, B, n, &s);
+    expect_close("ddpm add_noise (exact)", xt, xtr, 0.0);
+    for (size_t i = 0; i < B * n; i++) v[i] = velocity_elem(x0.data(), eps.data(), t, s.sqrt_abar, s.sqrt_1m_abar, n, i);
+    ddpm_velocity(vr.data(), x0.data(), eps.data(), t, B, n, &s);
+    expect_close("ddpm velocity (exact)", v, vr, 0.0);
+
+    float w[3] = {1.0f, 0.25f, 2.5f};
+    for (int weighted = 0; weighted < 2; weighted++) {
+        const float *pw = weighted ? w : NULL;
+        float L = mse_loss_host(xt.data(), eps.data(), pw, B, n);
+        float Lr = mse_loss_forward(xt.data(), eps.data(), pw, B, n);
+        expect(weighted ? "mse loss fwd, min-SNR weights" : "mse loss fwd", fabs(L - Lr) / fabs(Lr), FWD);
+        vec d = randv(B * n, -0.1f, 0.1f, 103), dr = d;
+        for (size_t i = 0; i < B * n; i++) {
+            float k = mse_grad_coef(0.5f, pw, B, n, (int)(i / n));
+            d[i] += mse_bwd_elem(xt.data(), eps.data(), k, i);
+        }
+        mse_loss_backward(dr.data(), xt.data(), eps.data(), pw, 0.5f, B, n);
+        expect_close(weighted ? "mse loss bwd, weighted, dloss 1/2 (exact)" : "mse loss bwd, dloss 1/2 (exact)", d, dr, 0.0);
+    }
+    ddpm_free(&s);
+}
+
+/* ---------------------------------------------------------------------------
+ * the no-GPU path: a clear one-line error, and recorded errors that name
+ * the call and the layer */
+static void test_device_check(void) {
+    char err[CUDA_ERR_LEN];
+    int st = cuda_device_check(err);
+    printf("note: cuda_device_check: %d %s\n", st, st ? err : "(a usable GPU)");
+    if (st == CUDA_DEV_OK) {
+        expect_true("cuda_device_check OK agrees with cuda_available()", cuda_available() == 1);
+        return;
+    }
+    expect_true("cuda_device_check: no GPU here, cuda_available() says 0", cuda_available() == 0);
+    expect_true("cuda_device_check: says which case (no driver / no device)",
+                st == CUDA_DEV_NO_DRIVER || st == CUDA_DEV_NO_DEVICE);
+    expect_true("cuda_device_check: one line, \"error: --device cuda: ... (... --device cpu)\"",
+                strncmp(err, "error: --device cuda: ", 22) == 0 && !strchr(err, '\n') && strstr(err, "--device cpu)"));
+
+    // without a GPU every call fails; the first failure is kept, one line
+    expect_true("cuda_last_error: NULL before any call", cuda_last_error() == NULL);
+    cuda_set_layer("down_blocks.0.attentions.0.proj_in");
+    float dummy = 0.0f;
+    linear_forward_cuda(&dummy, &dummy, &dummy, NULL, 1, 1, 1);
+    silu_forward_cuda(&dummy, &dummy, 1);
+    const char *e = cuda_last_error();
+    printf("note: recorded: %s\n", e ? e : "(none)");
+    expect_true("gemm without a GPU: one line naming cublasCreate, the function and the layer",
+                e && strncmp(e, "error: CUDA: cublasCreate failed in cuda_cublas (layer down_blocks.0.attentions.0.proj_in): ", 90) == 0 &&
+                !strchr(e, '\n'));
+    expect_true("cuda_last_error: cleared after it is read", cuda_last_error() == NULL);
+    cuda_set_layer(NULL);
+    silu_forward_cuda(&dummy, &dummy, 1);
+    e = cuda_last_error();
+    printf("note: recorded: %s\n", e ? e : "(none)");
+    expect_true("kernel launch without a GPU: one line naming the kernel and the function",
+                e && strstr(e, "silu_forward_kernel<<<>>> failed in silu_forward_cuda: ") && !strchr(e, '\n'));
+}
+
+/* ---------------------------------------------------------------------------
+ * On a machine with a GPU only: the *_cuda functions themselves against the
+ * CPU code, same tolerances. (Written without a GPU at hand: this part has
+ * not run yet; tools/gpu_check.sh is where it will.) */
+static std::vector<void *> g_dev;
+static float *up(const vec &v) {
+    float *p = (float *)cuda_alloc(v.size() * sizeof(float) + 4);
+    if (p) { g_dev.push_back(p); cuda_upload(p, v.data(), v.size() * sizeof(float)); }
+    return p;
+}
+static float *dzeros(size_t n) { return up(vec(n, 0.0f)); }
+static vec down(const float *p, size_t n) {
+    vec v(n, NAN);
+    if (p) cuda_download(v.data(), p, n * sizeof(float));
+    return v;
+}
+static void dev_done(const char *what) {
+    cuda_synchronize();
+    const char *e = cuda_last_error();
+    char name[160];
+    snprintf(name, sizeof name, "device %s: no CUDA error%s%s", what, e ? ": " : "", e ? e : "");
+    expect_true(name, e == NULL);
+    for (void *p : g_dev) cuda_free(p);
+    g_dev.clear();
+}
+
+static void dev_nn(void) {
+    char name[128];
+    // group norm and layer norm, forward and backward (accumulating)
+    int B = 2, C = 32, HW = 64, G = 8;
+    size_t n = (size_t)B * C * HW;
+    vec x = randv(n, -2.0f, 3.0f, 11), w = randv(C, 0.5f, 1.5f, 12), b = randv(C, -0.5f, 0.5f, 13);
+    vec y(n), m(B * G), rs(B * G);
+    groupnorm_forward(y.data(), m.data(), rs.data(), x.data(), w.data(), b.data(), B, C, HW, G, 1e-5f);
+    float *dx_ = up(x), *dw_ = up(w), *db_ = up(b), *dy_ = dzeros(n), *dm = dzeros(B * G), *drs = dzeros(B * G);
+    groupnorm_forward_cuda(dy_, dm, drs, dx_, dw_, db_, B, C, HW, G, 1e-5f);
+    expect_close("device groupnorm fwd", down(dy_, n), y, FWD);
+    vec g = randv(n, -1.0f, 1.0f, 14), gx = randv(n, -0.1f, 0.1f, 15), gw = randv(C, -0.1f, 0.1f, 16), gb = gw;
+    float *dg = up(g), *dgx = up(gx), *dgw = up(gw), *dgb = up(gb), *dmr = up(m), *drsr = up(rs);
+    groupnorm_backward(gx.data(), gw.data(), gb.data(), g.data(), x.data(), w.data(), m.data(), rs.data(), B, C, HW, G);
+    groupnorm_backward_cuda(dgx, dgw, dgb, dg, dx_, dw_, dmr, drsr, B, C, HW, G);
+    expect_close("device groupnorm bwd dx", down(dgx, n), gx, BWD);
+    expect(("device groupnorm bwd dw, db"), fmax(rel_err(down(dgw, C).data(), gw.data(), C), rel_err(down(dgb, C).data(), gb.data(), C)), BWD);
+
+    int N = 37;
+    int Cl = 320;
+    size_t nl = (size_t)N * Cl;
+    vec lx = randv(nl, -2.0f, 3.0f, 21), lw = randv(Cl, 0.5f, 1.5f, 22), lb = randv(Cl, -0.5f, 0.5f, 23), ly(nl), lm(N), lr(N);
+    layernorm_forward(ly.data(), lm.data(), lr.data(), lx.data(), lw.data(), lb.data(), N, Cl, 1e-5f);
+    float *dlx = up(lx), *dlw = up(lw), *dlb = up(lb), *dly = dzeros(nl), *dlm = dzeros(N), *dlr = dzeros(N);
+    layernorm_forward_cuda(dly, dlm, dlr, dlx, dlw, dlb, N, Cl, 1e-5f);
+    expect_close("device layernorm fwd", down(dly, nl), ly, FWD);
+    vec lg = randv(nl, -1.0f, 1.0f, 24), lgx = randv(nl, -0.1f, 0.1f, 25), lgw = randv(Cl, -0.1f, 0.1f, 26), lgb = lgw;
+    float *dlg = up(lg), *dlgx = up(lgx), *dlgw = up(lgw), *dlgb = up(lgb);
+    layernorm_backward(lgx.data(), lgw.data(), lgb.data(), lg.data(), lx.data(), lw.data(), lm.data(), lr.data(), N, Cl);
+    layernorm_backward_cuda(dlgx, dlgw, dlgb, dlg, dlx, dlw, dlm, dlr, N, Cl);
+    expect_close("device layernorm bwd dx", down(dlgx, nl), lgx, BWD);
+    expect("device layernorm bwd dw, db", fmax(rel_err(down(dlgw, Cl).data(), lgw.data(), Cl), rel_err(down(dlgb, Cl).data(), lgb.data(), Cl)), BWD);
+
+    // activations
+    size_t na = 5000;
+    vec ax = randv(na, -8.0f, 8.0f, 31), ady = randv(na, -1.0f, 1.0f, 32);
+    float *dax = up(ax), *dady = up(ady);
+    struct { const char *nm; void (*cf)(float *, const float *, size_t); void (*cb)(float *, const float *, const float *, size_t);
+             void (*gf)(float *, const float *, size_t); void (*gb)(float *, const float *, const float *, size_t); } acts[] = {
+        {"silu", silu_forward, silu_backward, silu_forward_cuda, silu_backward_cuda},
+        {"gelu", gelu_forward, gelu_backward, gelu_forward_cuda, gelu_backward_cuda},
+        {"quickgelu", quickgelu_forward, quickgelu_backward, quickgelu_forward_cuda, quickgelu_backward_cuda},
+    };
+    for (auto &a : acts) {
+        vec r(na), rd = randv(na, -0.1f, 0.1f, 33);
+        float *o = dzeros(na), *od = up(rd);
+        a.cf(r.data(), ax.data(), na);
+        a.gf(o, dax, na);
+        snprintf(name, sizeof name, "device %s fwd", a.nm);
+        expect_close(name, down(o, na), r, FWD);
+        a.cb(rd.data(), ady.data(), ax.data(), na);
+        a.gb(od, dady, dax, na);
+        snprintf(name, sizeof name, "device %s bwd", a.nm);
+        expect_close(name, down(od, na), rd, FWD);
+    }
+    int Ng = 37, D = 70;
+    vec gi = randv((size_t)Ng * 2 * D, -4.0f, 4.0f, 34), go((size_t)Ng * D), gdy = randv((size_t)Ng * D, -1.0f, 1.0f, 35);
+    vec gdx = randv((size_t)Ng * 2 * D, -0.1f, 0.1f, 36);
+    float *dgi = up(gi), *dgo = dzeros(go.size()), *dgdy = up(gdy), *dgdx = up(gdx);
+    geglu_forward(go.data(), gi.data(), Ng, D);
+    geglu_forward_cuda(dgo, dgi, Ng, D);
+    expect_close("device geglu fwd", down(dgo, go.size()), go, FWD);
+    geglu_backward(gdx.data(), gdy.data(), gi.data(), Ng, D);
+    geglu_backward_cuda(dgdx, dgdy, dgi, Ng, D);
+    expect_close("device geglu bwd", down(dgdx, gdx.size()), gdx, FWD);
+
+    int Bu = 2, Cu = 3, H = 5, W = 7;
+    size_t ni = (size_t)Bu * Cu * H * W;
+    vec ux = randv(ni, -1.0f, 1.0f, 37), uy(4 * ni), udy = randv(4 * ni, -1.0f, 1.0f, 38), udx = randv(ni, -0.1f, 0.1f, 39);
+    float *dux = up(ux), *duy = dzeros(4 * ni), *dudy = up(udy), *dudx = up(udx);
+    upsample2x_forward(uy.data(), ux.data(), Bu, Cu, H, W);
+    upsample2x_forward_cuda(duy, dux, Bu, Cu, H, W);
+    expect_close("device upsample2x fwd (exact)", down(duy, 4 * ni), uy, 0.0);
+    upsample2x_backward(udx.data(), udy.data(), Bu, Cu, H, W);
+    upsample2x_backward_cuda(dudx, dudy, Bu, Cu, H, W);
+    expect_close("device upsample2x bwd (exact)", down(dudx, ni), udx, 0.0);
+
+    vec t = {0.0f, 1.0f, 517.0f, 999.0f}, te(4 * 320);
+    float *dt = up(t), *dte = dzeros(te.size());
+    timestep_embedding(te.data(), t.data(), 4, 320, 1, 0.0f, 10000.0f);
+    timestep_embedding_cuda(dte, dt, 4, 320, 1, 0.0f, 10000.0f);
+    expect_close("device timestep embedding", down(dte, te.size()), te, FWD);
+
+    // dropout: the same mask from the same rng state
+    size_t nd = 3001;
+    vec dxv = randv(nd, -1.0f, 1.0f, 41), dyv(nd);
+    std::vector<uint8_t> mk(nd), mkd(nd);
+    uint8_t *dmk = (uint8_t *)cuda_alloc(nd);
+    g_dev.push_back(dmk);
+    float *ddx = up(dxv), *ddy = dzeros(nd);
+    rng_t r1, r2;
+    rng_seed(&r1, 42); rng_seed(&r2, 42);
+    dropout_forward(dyv.data(), mk.data(), dxv.data(), nd, 0.1f, &r1);
+    dropout_forward_cuda(ddy, dmk, ddx, nd, 0.1f, &r2);
+    if (dmk) cuda_download(mkd.data(), dmk, nd);
+    expect_true("device dropout: mask, values and rng state exact",
+                mk == mkd && rel_err(down(ddy, nd).data(), dyv.data(), nd) == 0.0 && r1.state == r2.state);
+    dev_done("nn primitives");
+}
+
+static void dev_layers(void) {
+    char name[160];
+    // linear
+    int N = 29, in = 48, out = 33;
+    vec x = randv((size_t)N * in, -1.0f, 1.0f, 51), w = randv((size_t)out * in, -0.3f, 0.3f, 52), b = randv(out, -1.0f, 1.0f, 53);
+    vec y((size_t)N * out), dy = randv(y.size(), -1.0f, 1.0f, 54), dx = randv(x.size(), -0.1f, 0.1f, 55), dw = randv(w.size(), -0.1f, 0.1f, 56), db = randv(out, -0.1f, 0.1f, 57);
+    float *px = up(x), *pw = up(w), *pb = up(b), *py = dzeros(y.size()), *pdy = up(dy), *pdx = up(dx), *pdw = up(dw), *pdb = up(db);
+    linear_forward(y.data(), x.data(), w.data(), b.data(), N, in, out);
+    linear_forward_cuda(py, px, pw, pb, N, in, out);
+    expect_close("device linear fwd", down(py, y.size()), y, FWD);
+    linear_backward(dx.data(), dw.data(), db.data(), dy.data(), x.data(), w.data(), N, in, out);
+    linear_backward_cuda(pdx, pdw, pdb, pdy, px, pw, N, in, out);
+    expect("device linear bwd dx, dw, db", fmax(fmax(rel_err(down(pdx, dx.size()).data(), dx.data(), dx.size()),
+                                                     rel_err(down(pdw, dw.size()).data(), dw.data(), dw.size())),
+                                                rel_err(down(pdb, out).data(), db.data(), out)), BWD);
+    // conv2d: resnet 3x3, downsampler, 1x1 (cuBLAS)
+    int cs[3][9] = {{2, 5, 9, 8, 6, 3, 3, 1, 1}, {1, 4, 9, 10, 3, 3, 3, 2, 1}, {2, 6, 5, 7, 4, 1, 1, 1, 0}};
+    for (auto &c : cs) {
+        int Bc = c[0], C = c[1], H = c[2], W = c[3], O = c[4], kh = c[5], kw = c[6], st = c[7], pd = c[8];
+        int Ho = (H + 2 * pd - kh) / st + 1, Wo = (W + 2 * pd - kw) / st + 1;
+        size_t nx = (size_t)Bc * C * H * W, ny = (size_t)Bc * O * Ho * Wo, nw = (size_t)O * C * kh * kw;
+        vec cx = randv(nx, -1.0f, 1.0f, 61), cw = randv(nw, -0.3f, 0.3f, 62), cb = randv(O, -1.0f, 1.0f, 63), cy(ny);
+        vec cdy = randv(ny, -1.0f, 1.0f, 64), cdx = randv(nx, -0.1f, 0.1f, 65), cdw = randv(nw, -0.1f, 0.1f, 66), cdb = randv(O, -0.1f, 0.1f, 67);
+        float *qx = up(cx), *qw = up(cw), *qb = up(cb), *qy = dzeros(ny), *qdy = up(cdy), *qdx = up(cdx), *qdw = up(cdw), *qdb = up(cdb);
+        conv2d_forward(cy.data(), cx.data(), cw.data(), cb.data(), Bc, C, H, W, O, kh, kw, st, pd);
+        conv2d_forward_cuda(qy, qx, qw, qb, Bc, C, H, W, O, kh, kw, st, pd);
+        snprintf(name, sizeof name, "device conv2d fwd k%dx%d s%d", kh, kw, st);
+        expect_close(name, down(qy, ny), cy, FWD);
+        conv2d_backward(cdx.data(), cdw.data(), cdb.data(), cdy.data(), cx.data(), cw.data(), Bc, C, H, W, O, kh, kw, st, pd);
+        conv2d_backward_cuda(qdx, qdw, qdb, qdy, qx, qw, Bc, C, H, W, O, kh, kw, st, pd);
+        snprintf(name, sizeof name, "device conv2d bwd dx, dw, db k%dx%d s%d", kh, kw, st);
+        expect(name, fmax(fmax(rel_err(down(qdx, nx).data(), cdx.data(), nx), rel_err(down(qdw, nw).data(), cdw.data(), nw)),
+                          rel_err(down(qdb, O).data(), cdb.data(), O)), BWD);
+    }
+    // attention: self, cross with P recomputed, causal with rows longer than a block
+    int as[3][7] = {{2, 13, 13, 3, 8, 0, 1}, {1, 21, 7, 2, 16, 0, 0}, {1, 300, 300, 2, 8, 1, 0}};
+    for (auto &a : as) {
+        int Ba = a[0], Tq = a[1], Tk = a[2], Hh = a[3], Dh = a[4], causal = a[5], keep = a[6], C = Hh * Dh;
+        size_t nq = (size_t)Ba * Tq * C, nk = (size_t)Ba * Tk * C, na = (size_t)Ba * Hh * Tq * Tk;
+        vec q = randv(nq, -1.5f, 1.5f, 71), k = randv(nk, -1.5f, 1.5f, 72), v = randv(nk, -1.0f, 1.0f, 73), o(nq), att(na);
+        vec dO = randv(nq, -1.0f, 1.0f, 74), dq = randv(nq, -0.1f, 0.1f, 75), dk = randv(nk, -0.1f, 0.1f, 76), dv = randv(nk, -0.1f, 0.1f, 77);
+        float *pq = up(q), *pk = up(k), *pv = up(v), *po = dzeros(nq), *pa = keep ? dzeros(na) : NULL;
+        float *pdO = up(dO), *pdq = up(dq), *pdk = up(dk), *pdv = up(dv);
+        attention_forward(o.data(), att.data(), q.data(), k.data(), v.data(), Ba, Tq, Tk, Hh, Dh, causal);
+        attention_forward_cuda(po, pa, pq, pk, pv, Ba, Tq, Tk, Hh, Dh, causal);
+        snprintf(name, sizeof name, "device attention fwd Tq%d Tk%d%s", Tq, Tk, causal ? " causal" : "");
+        expect_close(name, down(po, nq), o, FWD);
+        attention_backward(dq.data(), dk.data(), dv.data(), dO.data(), q.data(), k.data(), v.data(), att.data(), Ba, Tq, Tk, Hh, Dh, causal);
+        attention_backward_cuda(pdq, pdk, pdv, pdO, pq, pk, pv, pa, Ba, Tq, Tk, Hh, Dh, causal);
+        snprintf(name, sizeof name, "device attention bwd dq, dk, dv Tq%d Tk%d%s", Tq, Tk, causal ? " causal" : "");
+        expect(name, fmax(fmax(rel_err(down(pdq, nq).data(), dq.data(), nq), rel_err(down(pdk, nk).data(), dk.data(), nk)),
+                          rel_err(down(pdv, nk).data(), dv.data(), nk)), BWD);
+    }
+    dev_done("linear, conv2d, attention");
+}
+
+static void dev_lora_optim_ddpm(void) {
+    for (float p : {0.0f, 0.25f}) {
+        int N = 11, in = 33, out = 17, r = 3;
+        vec x = randv((size_t)N * in, -1.0f, 1.0f, 81), w0 = randv((size_t)out * in, -0.3f, 0.3f, 82), b0 = randv(out, -1.0f, 1.0f, 83);
+        vec A = randv((size_t)r * in, -0.3f, 0.3f, 84), Bm = randv((size_t)out * r, -0.3f, 0.3f, 85);
+        vec dA = randv(A.size(), -0.1f, 0.1f, 86), dB = randv(Bm.size(), -0.1f, 0.1f, 87);
+        lora_t L, Ld;
+        rng_t init;
+        rng_seed(&init, 1);
+        vec A0(A.size()), B0(Bm.size());
+        lora_init(&L, in, out, r, 8.0f, p, A0.data(), B0.data(), 0, &init);
+        Ld = L;
+        L.A = A.data(); L.B = Bm.data(); L.dA = dA.data(); L.dB = dB.data();
+        Ld.A = up(A); Ld.B = up(Bm); Ld.dA = up(dA); Ld.dB = up(dB);
+        size_t ns = lora_scratch_floats(&L, N) + 1;
+        vec y((size_t)N * out), ax((size_t)N * r), s(ns);
+        std::vector<uint8_t> m((size_t)N * in);
+        uint8_t *pm = (uint8_t *)cuda_alloc(m.size());
+        g_dev.push_back(pm);
+        float *px = up(x), *pw0 = up(w0), *pb0 = up(b0), *py = dzeros(y.size()), *pax = dzeros(ax.size()), *ps = dzeros(ns);
+        rng_t g1, g2;
+        rng_seed(&g1, 99); rng_seed(&g2, 99);
+        lora_forward(y.data(), ax.data(), m.data(), s.data(), x.data(), w0.data(), b0.data(), &L, N, in, out, &g1);
+        lora_forward_cuda(py, pax, pm, ps, px, pw0, pb0, &Ld, N, in, out, &g2);
+        char name[128];
+        snprintf(name, sizeof name, "device lora fwd dropout %g", p);
+        expect_close(name, down(py, y.size()), y, FWD);
+        vec dy = randv(y.size(), -1.0f, 1.0f, 88), dx = randv(x.size(), -0.1f, 0.1f, 89);
+        float *pdy = up(dy), *pdx = up(dx);
+        lora_backward(dx.data(), dy.data(), x.data(), ax.data(), m.data(), s.data(), w0.data(), &L, N, in, out);
+        lora_backward_cuda(pdx, pdy, px, pax, pm, ps, pw0, &Ld, N, in, out);
+        snprintf(name, sizeof name, "device lora bwd dx, dA, dB dropout %g", p);
+        expect(name, fmax(fmax(rel_err(down(pdx, dx.size()).data(), dx.data(), dx.size()),
+                               rel_err(down(Ld.dA, dA.size()).data(), dA.data(), dA.size())),
+                          rel_err(down(Ld.dB, dB.size()).data(), dB.data(), dB.size())), BWD);
+    }
+    // AdamW, 3 steps, bit for bit (cuda/optim.cu has no fused multiply-add)
+    size_t n = 1000;
+    vec p = randv(n, -1.0f, 1.0f, 91);
+    adamw_t o, od;
+    adamw_init(&o, n, 1e-3f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+    od = o;
+    od.m = dzeros(n); od.v = dzeros(n);
+    float *pp = up(p);
+    for (int step = 0; step < 3; step++) {
+        vec g = randv(n, -0.5f, 0.5f, 92 + step);
+        float *pg = up(g);
+        adamw_step(&o, p.data(), g.data(), 1e-3f);
+        adamw_step_cuda(&od, pp, pg, 1e-3f);
+    }
+    expect_close("device adamw 3 steps (exact)", down(pp, n), p, 0.0);
+    free(o.m); free(o.v);
+    // DDPM noising and the loss
+    ddpm_schedule sc;
+    char err[DDPM_ERR_LEN];
+    if (ddpm_schedule_init(&sc, "scaled_linear", DDPM_SD_T, DDPM_SD_BETA_START, DDPM_SD_BETA_END, err) == 0) {
+        int B = 3;
+        size_t ni = 4 * 9 * 11;
+        int t[3] = {0, 411, 999};
+        vec x0 = randv(B * ni, -1.0f, 1.0f, 101), eps = randv(B * ni, -2.0f, 2.0f, 102), xt(B * ni), wv = {1.0f, 0.25f, 2.5f};
+        int *pt = (int *)cuda_alloc(sizeof t);
+        g_dev.push_back(pt);
+        if (pt) cuda_upload(pt, t, sizeof t);
+        float *px0 = up(x0), *peps = up(eps), *pxt = dzeros(B * ni), *psa = up(vec(sc.sqrt_abar, sc.sqrt_abar + sc.T));
+        float *ps1 = up(vec(sc.sqrt_1m_abar, sc.sqrt_1m_abar + sc.T)), *pwv = up(wv);
+        ddpm_add_noise(xt.data(), x0.data(), eps.data(), t, B, ni, &sc);
+        ddpm_add_noise_cuda(pxt, px0, peps, pt, B, ni, psa, ps1);
+        expect_close("device ddpm add_noise", down(pxt, B * ni), xt, FWD);
+        float L = mse_loss_forward(xt.data(), eps.data(), wv.data(), B, ni);
+        float Ld2 = mse_loss_forward_cuda(pxt, peps, pwv, B, ni);
+        expect("device mse loss fwd, weighted", fabs(Ld2 - L) / fabs(L), FWD);
+        vec d = randv(B * ni, -0.1f, 0.1f, 103);
+        float *pd = up(d);
+        mse_loss_backward(d.data(), xt.data(), eps.data(), wv.data(), 0.5f, B, ni);
+        mse_loss_backward_cuda(pd, pxt, peps, pwv, 0.5f, B, ni);
+        expect_close("device mse loss bwd", down(pd, B * ni), d, FWD);
+        ddpm_free(&sc);
+    }
+    dev_done("lora, adamw, ddpm");
+}
+
+/* a build without CUDA=1: cuda.h's fallback check, as a C program sees it
+ * (cuda.h read a second time without SDLORA_CUDA, in its own namespace) */
+#undef SDLORA_CUDA_H
+#undef SDLORA_CUDA
+namespace nobuild {
+#include "cuda.h"
+}
+static void test_not_built(void) {
+    char err[CUDA_ERR_LEN];
+    int st = nobuild::cuda_device_check(err);
+    printf("note: without CUDA=1: %s\n", err);
+    expect_true("cuda_device_check in a build without CUDA=1: says so, one line, names make CUDA=1",
+                st == nobuild::CUDA_DEV_NOT_BUILT && strncmp(err, "error: --device cuda: ", 22) == 0 &&
+                !strchr(err, '\n') && strstr(err, "make CUDA=1") && strstr(err, "--device cpu)"));
+}
+
+int main(void) {
+    test_groupnorm(2, 32, 64, 8, 1);
+    test_groupnorm(1, 16, 7, 4, 0);
+    test_groupnorm(1, 40, 64 * 64, 4, 1);      // 10 channels of 64x64 per group, as SD1.5's largest
+    test_layernorm(37, 320, 1);
+    test_layernorm(5, 77, 0);
+    test_layernorm(3, 1280, 1);
+    test_pointwise();
+    test_dropout();
+    test_linear(29, 48, 33, 1);
+    test_linear(7, 300, 17, 0);
+    test_conv(2, 5, 9, 8, 6, 3, 3, 1, 1);      // resnet conv
+    test_conv(1, 4, 9, 10, 3, 3, 3, 2, 1);     // downsampler (odd size)
+    test_conv(2, 6, 5, 7, 4, 1, 1, 1, 0);      // 1x1: the cuBLAS path
+    test_conv(1, 3, 6, 6, 2, 1, 3, 1, 0);      // kh != kw
+    test_conv(3, 4, 7, 5, 5, 3, 3, 1, 0);      // unpadded 3x3, batch 3
+    test_conv(1, 2, 8, 9, 3, 5, 5, 1, 2);      // 5x5
+    test_conv(1, 3, 6, 7, 4, 4, 4, 2, 1);      // 4x4 stride 2 (direct kernel)
+    test_attention(2, 13, 13, 3, 8, 0, 1);
+    test_attention(1, 21, 7, 2, 16, 0, 0);     // cross-attention, P recomputed
+    test_attention(2, 9, 9, 2, 4, 1, 1);       // causal (CLIP)
+    test_attention(1, 300, 300, 2, 8, 1, 0);   // rows longer than a block, causal, recomputed
+    test_lora(19, 40, 24, 4, 0.0f);
+    test_lora(11, 33, 17, 3, 0.25f);
+    test_adamw();
+    test_ddpm();
+    test_device_check();
+    test_not_built();
+    char err[CUDA_ERR_LEN];
+    if (cuda_device_check(err) == CUDA_DEV_OK) {
+        dev_nn();
+        dev_layers();
+        dev_lora_optim_ddpm();
+    } else {
+        printf("note: no GPU: the device checks (the *_cuda functions against the CPU) are skipped\n");
+    }
+    nn_scratch_free();
+    printf("%d passed, %d failed\n", g_pass, g_fail);
+    return g_fail ? 1 : 0;
+}
