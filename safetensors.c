@@ -158,6 +158,9 @@ static int read_header(st_file *f, const json *h, const uint8_t *data, size_t ds
         if (strcmp(name, "__metadata__") == 0) {
             if (e->type != JSON_OBJECT)
                 return st_fail(err, path, FIX_REDOWNLOAD, "__metadata__ is not an object of strings");
+            /* json_parse refuses a repeated key; this guards the arrays below */
+            if (f->meta_keys)
+                return st_fail(err, path, FIX_REDOWNLOAD, "__metadata__ appears twice in the header");
             f->meta_keys = calloc((size_t)e->n + 1, sizeof(char *));
             f->meta_vals = calloc((size_t)e->n + 1, sizeof(char *));
             if (!f->meta_keys || !f->meta_vals) return st_fail(err, path, "free some memory", "out of memory");
