@@ -348,6 +348,26 @@ static float peft_meta_alpha(const st_file *f, int te) {
     return a;
 }
 
+/* a LoRA alpha: one number of any shape holding one element ([], [1], ..),
+ * float or integer. diffusers' convert_state_dict_to_kohya writes int64;
+ * BOOL is not a number. Bytes are little-endian and maybe unaligned. */
+static int alpha_value(const st_tensor *t, float *a) {
+    if (t->numel != 1) return -1;
+    const uint8_t *p = t->data;
+    uint64_t u = 0;
+    size_t nb = st_dtype_size(t->dtype);
+    for (size_t i = 0; i < nb && i < 8; i++) u |= (uint64_t)p[i] << (8 * i);
+    switch (t->dtype) {
+    case ST_I64: *a = (float)(int64_t)u; return 0;
+    case ST_I32: *a = (float)(int32_t)(uint32_t)u; return 0;
+    case ST_I16: *a = (float)(int16_t)(uint16_t)u; return 0;
+    case ST_I8: *a = (float)(int8_t)(uint8_t)u; return 0;
+    case ST_U8: *a = (float)u; return 0;
+    case ST_BOOL: return -1;
+    default: return st_to_f32(t, a, NULL);
+    }
+}
+
 int lora_file_load(const char *path, lora_file *lf, char *err) {
     memset(lf, 0, sizeof *lf);
     st_file f;
@@ -414,12 +434,17 @@ int lora_file_load(const char *path, lora_file *lf, char *err) {
         if (!en->A || !en->B) { snprintf(err, ST_ERR_LEN, "%s: out of memory", path); goto fail_lf; }
         if (st_to_f32(d, en->A, err) || st_to_f32(u, en->B, err)) goto fail_lf;
         if (t[k].alpha) {
-            float a;
-            if (t[k].alpha->numel != 1 || st_to_f32(t[k].alpha, &a, err)) {
-                snprintf(err, ST_ERR_LEN, "%s: '%s' should be one number (the LoRA alpha)", path, t[k].alpha->name);
+            const st_tensor *al = t[k].alpha;
+            if (alpha_value(al, &en->alpha)) {
+                char sh[160];
+                size_t o = (size_t)snprintf(sh, sizeof sh, "[");
+                for (int dd = 0; dd < al->ndim && o < sizeof sh; dd++)
+                    o += (size_t)snprintf(sh + o, sizeof sh - o, "%s%lld", dd ? ", " : "", (long long)al->shape[dd]);
+                if (o < sizeof sh) snprintf(sh + o, sizeof sh - o, "]");
+                snprintf(err, ST_ERR_LEN, "%s: '%s' should be one number (the LoRA alpha) but is %s with shape %s "
+                         "(save it as a float or integer scalar)", path, al->name, st_dtype_name(al->dtype), sh);
                 goto fail_lf;
             }
-            en->alpha = a;
         } else {
             /* kohya without alpha means alpha = r (scale 1); diffusers files
              * may carry it in lora_adapter_metadata */
