@@ -368,6 +368,11 @@ static int alpha_value(const st_tensor *t, float *a) {
     }
 }
 
+/* tensor names in messages come from the file: control bytes become '?' */
+static void one_line(char *s) {
+    for (; *s; s++) if ((unsigned char)*s < 0x20 || *s == 0x7f) *s = '?';
+}
+
 int lora_file_load(const char *path, lora_file *lf, char *err) {
     memset(lf, 0, sizeof *lf);
     st_file f;
@@ -432,7 +437,12 @@ int lora_file_load(const char *path, lora_file *lf, char *err) {
         en->A = malloc(sizeof(float) * d->numel);
         en->B = malloc(sizeof(float) * u->numel);
         if (!en->A || !en->B) { snprintf(err, ST_ERR_LEN, "%s: out of memory", path); goto fail_lf; }
-        if (st_to_f32(d, en->A, err) || st_to_f32(u, en->B, err)) goto fail_lf;
+        if (st_to_f32(d, en->A, NULL) || st_to_f32(u, en->B, NULL)) {
+            const st_tensor *bad = st_to_f32(d, en->A, NULL) ? d : u;
+            snprintf(err, ST_ERR_LEN, "%s: '%s' has dtype %s, not a float type (LoRA weights are F32, F16, BF16 or F64; re-save it)",
+                     path, bad->name, st_dtype_name(bad->dtype));
+            goto fail_lf;
+        }
         if (t[k].alpha) {
             const st_tensor *al = t[k].alpha;
             if (alpha_value(al, &en->alpha)) {
@@ -463,10 +473,12 @@ fail_lf:
     free(t);
     lora_file_free(lf);
     st_close(&f);
+    one_line(err);
     return -1;
 fail:
     for (int k = 0; k < ne; k++) { free(e[k].A); free(e[k].B); }
     free(e); free(t);
     st_close(&f);
+    one_line(err);
     return -1;
 }

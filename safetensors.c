@@ -63,6 +63,8 @@ static int st_fail(char *err, const char *path, const char *fix, const char *fmt
         va_end(ap);
     }
     if (k < ST_ERR_LEN) snprintf(err + k, ST_ERR_LEN - k, " (%s)", fix);
+    /* names come from the file and may hold control bytes: keep one line */
+    for (char *c = err; *c; c++) if ((unsigned char)*c < 0x20 || *c == 0x7f) *c = '?';
     return -1;
 }
 

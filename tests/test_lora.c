@@ -496,6 +496,19 @@ START_TEST(test_file_alpha_dtypes) {
     write_alpha(path, ST_F32, 1, zero, NULL);
     ck_assert(lora_file_load(path, &lf, err) != 0);
     ck_assert_msg(strstr(err, "F32 with shape [0]") && strchr(err, '\n') == NULL, "%s", err);
+    /* a name with a newline (a JSON escape) is named on one line */
+    {
+        st_writer *w = st_writer_new();
+        float buf[16] = {0};
+        static const int64_t sd[2] = {2, 4}, su[2] = {5, 2};
+        ck_assert(st_writer_add_f32(w, "lora_unet_x\ny.lora_down.weight", ST_F32, 2, sd, buf) == 0);
+        ck_assert(st_writer_add_f32(w, "lora_unet_x\ny.lora_up.weight", ST_F32, 2, su, buf) == 0);
+        ck_assert(st_writer_add(w, "lora_unet_x\ny.alpha", ST_BOOL, 0, NULL, t1) == 0);
+        ck_assert_msg(st_writer_save(w, path, err) == 0, "%s", err);
+        st_writer_free(w);
+        ck_assert(lora_file_load(path, &lf, err) != 0);
+        ck_assert_msg(strstr(err, "'lora_unet_x?y.alpha'") && strchr(err, '\n') == NULL, "%s", err);
+    }
     unlink(path);
 }
 END_TEST

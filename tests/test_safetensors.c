@@ -627,6 +627,8 @@ START_TEST(test_corrupt_headers) {
           " \"__metadata__\": {\"k1\": \"1\", \"k2\": \"2\", \"k3\": \"3\", \"k4\": \"4\", \"k5\": \"5\"}}", 4,
           "key \"__metadata__\" appears twice" },
         { "{\"__metadata__\": {\"k\": \"v\", \"k\": \"w\"}}", 0, "key \"k\" appears twice" },
+        /* a name with control characters (JSON escapes) still gives one line */
+        { "{\"a\\nb\\u0007\": 1}", 0, "'a?b?' is not an object" },
         { "{\"__metadata__\": [1], \"a\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]}}", 4,
           "__metadata__" },
     };
