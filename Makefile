@@ -153,7 +153,7 @@ fuzz: $(FUZZ_NAMES:%=$(FUZZ_BUILD)/fuzz_%)
 	  echo "== fuzz_$$t, $(FUZZ_SECONDS) s"; \
 	  ./$(FUZZ_BUILD)/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 \
 	    -print_final_stats=1 -artifact_prefix=$(FUZZ_BUILD)/crash-$$t- \
-	    $(FUZZ_BUILD)/corpus/$$t tests/fuzz/corpus/$$t 2>&1 | grep -E '^(stat::number_of_executed_units|#[0-9]+ +DONE)|ERROR|SUMMARY|Test unit written'; \
+	    $(FUZZ_BUILD)/corpus/$$t tests/fuzz/corpus/$$t 2>&1 | grep -E '^stat::number_of_executed_units|ERROR|SUMMARY|runtime error|Test unit written'; \
 	  if ls $(FUZZ_BUILD)/crash-$$t-* >/dev/null 2>&1; then echo "fuzz_$$t FOUND A FAULT: $$(ls $(FUZZ_BUILD)/crash-$$t-*)"; exit 1; fi; \
 	done
 

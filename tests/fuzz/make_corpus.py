@@ -2,7 +2,9 @@
 """make_corpus.py: write the seed corpus tests/fuzz/corpus/NAME/ for each
 harness, from tests/fixtures and models/tiny (a few KB per harness), plus
 the reproducers of the faults issue 16 fixed. Standard library only; the
-output is the same bytes on every run. Run from the repository root."""
+output is the same bytes on every run. Run from the repository root.
+Files named repro_fuzz_* were saved by fuzzing runs and are kept as they are
+(this script does not remove anything)."""
 import gzip, json, os, struct, zlib
 
 OUT = "tests/fuzz/corpus"
@@ -117,6 +119,8 @@ put("config", "clip_full", b"\x00" + json.dumps({"text_config": {"hidden_size": 
 put("config", "unet", b"\x01" + read("models/tiny/unet/config.json"))
 put("config", "vae", b"\x02" + read("models/tiny/vae/config.json"))
 put("config", "scheduler", b"\x03" + read("models/tiny/scheduler/scheduler_config.json"))
+# reproducer: a number beyond int's range was converted to int before any check
+put("config", "repro_scheduler_huge_timesteps", b'\x03{"num_train_timesteps": 1e300, "steps_offset": 1}')
 
 # tokenizer: vocab.json NUL merges.txt NUL text; no NUL = a .txt.gz vocabulary
 put("tokenizer", "tiny_fixture", read("tests/fixtures/tokenizer_tiny/vocab.json") + b"\x00"
