@@ -1,8 +1,9 @@
 /* fuzz_tokenizer.c: the tokenizer's files. The input is
- * vocab.json NUL merges.txt NUL text: the two files are written to a folder
- * and loaded (tok_load_files); a tokenizer that loads then encodes the text
- * and a fixed prompt, and decodes what it got. When the input has no NUL
- * at all it is read as OpenAI's bpe_simple_vocab_16e6.txt.gz instead. */
+ * vocab.json NUL merges.txt NUL text [NUL special_tokens_map.json]: the
+ * files are written to a folder and loaded (tok_load on the folder when the
+ * fourth part is there, else tok_load_files); a tokenizer that loads then
+ * encodes the text and a fixed prompt, and decodes what it got. When the
+ * input has no NUL at all it is read as OpenAI's bpe_simple_vocab_16e6.txt.gz. */
 #include "fuzz_util.h"
 #include "tokenizer.h"
 
@@ -36,11 +37,21 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n) {
         char *vocab = fuzz_split(data, n, &rest, &rn);
         char *merges = fuzz_split(rest, rn, &rest2, &rn2);
         tx = fuzz_split(rest2, rn2, &rest, &rn);
-        const char *vp = fuzz_path(0, "vocab.json"), *mp = fuzz_path(1, "merges.txt");
+        int with_map = rest > rest2 && rest[-1] == 0;     /* a third NUL: the map follows */
+        const char *dir = fuzz_path(2, "tok");
+        mkdir(dir, 0700);
+        const char *vp = fuzz_path(0, "tok/vocab.json"), *mp = fuzz_path(1, "tok/merges.txt");
+        const char *sp = fuzz_path(3, "tok/special_tokens_map.json");
         fuzz_write(vp, vocab, strlen(vocab));
         fuzz_write(mp, merges, strlen(merges));
         free(vocab); free(merges);
-        t = tok_load_files(vp, mp, err, sizeof err);
+        if (with_map) {
+            fuzz_write(sp, rest, rn);
+            t = tok_load(dir, err, sizeof err);
+        } else {
+            unlink(sp);
+            t = tok_load_files(vp, mp, err, sizeof err);
+        }
     }
     if (!t) {
         if (!err[0] || strchr(err, '\n')) abort();

@@ -127,6 +127,9 @@ put("tokenizer", "tiny_fixture", read("tests/fixtures/tokenizer_tiny/vocab.json"
     + read("tests/fixtures/tokenizer_tiny/merges.txt") + b"\x00abc ab! it's \xc3\xa9")
 put("tokenizer", "tiny_model", read("models/tiny/tokenizer/vocab.json") + b"\x00"
     + read("models/tiny/tokenizer/merges.txt") + b"\x00a photo of a red circle")
+put("tokenizer", "tiny_model_map", read("models/tiny/tokenizer/vocab.json") + b"\x00"
+    + read("models/tiny/tokenizer/merges.txt") + b"\x00a <|endoftext|> b\x00"
+    + read("models/tiny/tokenizer/special_tokens_map.json"))
 put("tokenizer", "clip_gz", gzip.compress(b"bpe_simple_vocab_16e6.txt#version: 0.2\ni n\nt h\na n\nr e\nth e</w>\n"
                                           * 3, mtime=0))
 
