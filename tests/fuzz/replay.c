@@ -2,6 +2,7 @@
  * file or a folder of files (one level), goes once through
  * LLVMFuzzerTestOneInput. Built with gcc -fsanitize=address,undefined it
  * replays the seed corpus and the reproducers with no clang needed:
+ *   sh tests/fuzz/replay.sh            (every harness, its whole corpus), or by hand:
  *   cc -std=c99 -D_POSIX_C_SOURCE=200809L -I. -fsanitize=address,undefined \
  *      tests/fuzz/fuzz_json.c tests/fuzz/replay.c json.c -o replay_json
  *   ./replay_json tests/fuzz/corpus/json */
