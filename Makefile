@@ -154,7 +154,8 @@ fuzz: $(FUZZ_NAMES:%=$(FUZZ_BUILD)/fuzz_%)
 	  ./$(FUZZ_BUILD)/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 \
 	    -print_final_stats=1 -artifact_prefix=$(FUZZ_BUILD)/crash-$$t- \
 	    $(FUZZ_BUILD)/corpus/$$t tests/fuzz/corpus/$$t 2>&1 | grep -E '^stat::number_of_executed_units|ERROR|SUMMARY|runtime error|Test unit written'; \
-	  if ls $(FUZZ_BUILD)/crash-$$t-* >/dev/null 2>&1; then echo "fuzz_$$t FOUND A FAULT: $$(ls $(FUZZ_BUILD)/crash-$$t-*)"; exit 1; fi; \
+	  if ls $(FUZZ_BUILD)/crash-$$t-* >/dev/null 2>&1; then f=$$(ls $(FUZZ_BUILD)/crash-$$t-* | head -1); \
+	    echo "fuzz_$$t FOUND A FAULT, input $$f (see it again: ./$(FUZZ_BUILD)/fuzz_$$t $$f)"; exit 1; fi; \
 	done
 
 .SECONDARY: $(FUZZ_LIBOBJ)
@@ -163,6 +164,6 @@ $(FUZZ_BUILD)/%.o: %.c $(wildcard *.h)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
 
 # fuzz_config includes model.c itself (for its static scheduler reader)
-$(FUZZ_BUILD)/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_util.h $(FUZZ_LIBOBJ)
+$(FUZZ_BUILD)/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_util.h $(FUZZ_LIBOBJ) model.c $(wildcard *.h)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -I. $< \
 	  $(if $(filter config,$*),$(filter-out $(FUZZ_BUILD)/model.o,$(FUZZ_LIBOBJ)),$(FUZZ_LIBOBJ)) -o $@ -lm
