@@ -7,6 +7,8 @@
 #                   SD1.5 UNet step beside PyTorch (tools/bench_unet.sh; SDLORA_PY=python)
 #   make data       redraw the bundled datasets (data/, models/tiny/data/) with tools/make_data.c
 #   make tiny-base  pre-train the bundled tiny model (models/tiny/) from scratch, about 45 minutes
+#   make fuzz       build tests/fuzz/ with clang (libFuzzer + ASan + UBSan) and run each
+#                   reader's harness FUZZ_SECONDS (default 60) seconds
 #   make CUDA=1     also compile and link cuda/*.cu with nvcc
 #   make CUDA=1 test-cuda   the GPU kernels' arithmetic checked on the host against the
 #                   CPU code (cuda/test_cuda_host.cu; needs nvcc, not a GPU)
@@ -146,7 +148,7 @@ compare: $(PROGS)
 	bash tools/compare.sh
 
 clean:
-	rm -rf build build-asan build-cuda $(PROGS)
+	rm -rf build build-asan build-cuda build-fuzz $(PROGS)
 
 # the bundled tiny model (models/tiny/), pre-trained from scratch by
 # tools/tiny_base.c: tokenizer, VAE, then text encoder + UNet. The VAE also
@@ -158,3 +160,36 @@ tiny-base: $(BUILD)/tiny_base $(BUILD)/make_data
 
 $(BUILD)/tiny_base: tools/tiny_base.c $(LIBOBJ)
 	$(CC) $(CFLAGS) -I. $< $(LIBOBJ) -o $@ $(LDFLAGS) $(LDLIBS)
+
+# libFuzzer harnesses, one per reader (tests/fuzz/, README "Hardening"),
+# built with clang in their own folder and run one after another for
+# FUZZ_SECONDS each from the seed corpus tests/fuzz/corpus/NAME; what they
+# find goes to build-fuzz/corpus/NAME, a crash to build-fuzz/crash-NAME-*
+FUZZ_CC      ?= clang
+FUZZ_SECONDS ?= 60
+FUZZ_BUILD   := build-fuzz
+FUZZ_NAMES   := png jpeg inflate json safetensors lora config tokenizer captions dataset
+FUZZ_CFLAGS  := -std=c99 -D_POSIX_C_SOURCE=200809L -O1 -g -fno-omit-frame-pointer \
+                -fsanitize=address,undefined -fno-sanitize-recover=all
+FUZZ_LIBOBJ  := $(LIBSRC:%.c=$(FUZZ_BUILD)/%.o)
+.PHONY: fuzz
+fuzz: $(FUZZ_NAMES:%=$(FUZZ_BUILD)/fuzz_%)
+	@for t in $(FUZZ_NAMES); do \
+	  mkdir -p $(FUZZ_BUILD)/corpus/$$t; rm -f $(FUZZ_BUILD)/crash-$$t-*; \
+	  echo "== fuzz_$$t, $(FUZZ_SECONDS) s"; \
+	  ./$(FUZZ_BUILD)/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -timeout=20 -rss_limit_mb=2048 \
+	    -print_final_stats=1 -artifact_prefix=$(FUZZ_BUILD)/crash-$$t- \
+	    $(FUZZ_BUILD)/corpus/$$t tests/fuzz/corpus/$$t 2>&1 | grep -E '^stat::number_of_executed_units|ERROR|SUMMARY|runtime error|Test unit written'; \
+	  if ls $(FUZZ_BUILD)/crash-$$t-* >/dev/null 2>&1; then f=$$(ls $(FUZZ_BUILD)/crash-$$t-* | head -1); \
+	    echo "fuzz_$$t FOUND A FAULT, input $$f (see it again: ./$(FUZZ_BUILD)/fuzz_$$t $$f)"; exit 1; fi; \
+	done
+
+.SECONDARY: $(FUZZ_LIBOBJ)
+$(FUZZ_BUILD)/%.o: %.c $(wildcard *.h)
+	@mkdir -p $(FUZZ_BUILD)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+# fuzz_config includes model.c itself (for its static scheduler reader)
+$(FUZZ_BUILD)/fuzz_%: tests/fuzz/fuzz_%.c tests/fuzz/fuzz_util.h $(FUZZ_LIBOBJ) model.c $(wildcard *.h)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -I. $< \
+	  $(if $(filter config,$*),$(filter-out $(FUZZ_BUILD)/model.o,$(FUZZ_LIBOBJ)),$(FUZZ_LIBOBJ)) -o $@ -lm

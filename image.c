@@ -178,14 +178,15 @@ static int png_decode(image_t *im, const uint8_t *d, size_t n, const char *name,
             if (len % 3 || len == 0 || len > 768) { fail(err, errlen, name, "corrupt PNG (PLTE of %u bytes)", len); goto done; }
             memcpy(plte, cd, len); nplte = (int)(len / 3);
         } else if (memcmp(type, "IDAT", 4) == 0) {
-            if (zn + len > zcap) {
+            /* an empty IDAT adds nothing (and z may still be NULL: no memcpy) */
+            if (len > 0 && zn + len > zcap) {
                 size_t nc = zcap ? zcap : 65536;
                 while (nc < zn + len) nc *= 2;
                 uint8_t *t = realloc(z, nc);
                 if (!t) { fail(err, errlen, name, "out of memory"); goto done; }
                 z = t; zcap = nc;
             }
-            memcpy(z + zn, cd, len); zn += len;
+            if (len > 0) { memcpy(z + zn, cd, len); zn += len; }
         } else if (memcmp(type, "IEND", 4) == 0) {
             break;
         } else if (!(type[0] & 0x20)) {   /* lowercase first letter = ancillary, safe to skip */
@@ -499,6 +500,8 @@ typedef struct {
     int dcpred, qlatched;
     uint16_t q[64];        /* quantisation table (natural order), latched at the first scan */
     uint8_t *pix;          /* bw*8 x bh*8 samples after the IDCT */
+    int8_t al[64];         /* progressive: the lowest bit sent so far of each zig-zag
+                              coefficient, -1 before any scan; 0 everywhere = complete */
 } jcomp_t;
 
 typedef struct {
@@ -652,6 +655,7 @@ static int jpeg_sof(jpeg_t *j, int marker, const uint8_t *s, size_t len) {
         c->cw = (j->w * c->h + j->hmax - 1) / j->hmax;
         c->ch = (j->hgt * c->v + j->vmax - 1) / j->vmax;
         c->bw = j->mcux * c->h; c->bh = j->mcuy * c->v;
+        memset(c->al, -1, sizeof c->al);
         c->coef = calloc((size_t)c->bw * (size_t)c->bh * 64, sizeof(int16_t));
         if (!c->coef) return jfail(j, "out of memory for a %dx%d JPEG", j->w, j->hgt);
     }
@@ -834,6 +838,9 @@ static int jpeg_sos(jpeg_t *j, const uint8_t *s, size_t len) {
             todo = j->ri;
         }
     }
+    if (j->progressive)
+        for (int i = 0; i < ns; i++)
+            for (int k = ss; k <= se; k++) cs[i]->al[k] = (int8_t)al;
     return 0;
 }
 
@@ -1057,6 +1064,20 @@ static int jpeg_decode(image_t *im, const uint8_t *d, size_t n, const char *name
         }
     }
     if (!j->have_frame || scans == 0) { jfail(j, "corrupt JPEG (no image data)"); goto done; }
+    /* A progressive file cut short but closed with an end-of-image marker
+     * (its last scans missing) is refused: libjpeg, and so Pillow, would
+     * smooth the blocks whose low AC coefficients never arrived, which this
+     * decoder does not do, so the picture would differ from theirs. A
+     * complete file brings every coefficient down to its last bit (al 0). */
+    if (j->progressive)
+        for (int i = 0; i < j->ncomp; i++)
+            for (int k = 0; k < 64; k++)
+                if (j->c[i].al[k] != 0) {
+                    jfail(j, "progressive JPEG is incomplete: its last scans are missing (coefficient %d of "
+                          "component %d %s); re-download it, or re-save it from a complete copy", k, i,
+                          j->c[i].al[k] < 0 ? "never sent" : "not refined to its last bit");
+                    goto done;
+                }
 
     /* dequantise + IDCT each component into its own plane */
     for (int i = 0; i < j->ncomp; i++) {

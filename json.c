@@ -2,7 +2,8 @@
  * config.json and tokenizer vocab.json.
  *
  * The text need not be NUL-terminated: every read is checked against len.
- * Objects keep their keys in file order. On any error the partial tree is
+ * Objects keep their keys in file order; a key repeated in one object is an
+ * error (naming the key). On any error the partial tree is
  * freed and a one-line reason with the byte offset goes to err. */
 #include "json.h"
 
@@ -246,9 +247,68 @@ static int grow(parser *p, json *j, int *cap, int need, int with_keys) {
     return 0;
 }
 
+/* FNV-1a over the key up to its NUL: keys that differ only after an
+ * embedded \u0000 compare equal in json_get, so they count as one key here */
+static size_t key_hash(const char *k) {
+    size_t h = 2166136261u;
+    for (const unsigned char *s = (const unsigned char *)k; *s; s++) h = (h ^ *s) * 16777619u;
+    return h;
+}
+
+/* The keys of one object seen so far, in an open-addressed table of key
+ * indices + 1 (0 = empty), kept at most half full. A repeated key is
+ * refused rather than resolved: readers would otherwise disagree on which
+ * copy counts (safetensors metadata twice used to corrupt the heap). */
+typedef struct { int *slot; size_t cap; } keyset;
+
+static int keyset_insert(const json *obj, keyset *ks, int idx) {
+    if (((size_t)idx + 1) * 2 > ks->cap) {
+        size_t nc = ks->cap ? ks->cap * 2 : 16;
+        int *ns = calloc(nc, sizeof *ns);
+        if (!ns) return -1;
+        for (size_t i = 0; i < ks->cap; i++) {
+            if (!ks->slot[i]) continue;
+            size_t h = key_hash(obj->keys[ks->slot[i] - 1]) & (nc - 1);
+            while (ns[h]) h = (h + 1) & (nc - 1);
+            ns[h] = ks->slot[i];
+        }
+        free(ks->slot);
+        ks->slot = ns;
+        ks->cap = nc;
+    }
+    size_t h = key_hash(obj->keys[idx]) & (ks->cap - 1);
+    while (ks->slot[h]) {
+        if (strcmp(obj->keys[ks->slot[h] - 1], obj->keys[idx]) == 0) return 1;
+        h = (h + 1) & (ks->cap - 1);
+    }
+    ks->slot[h] = idx + 1;
+    return 0;
+}
+
+/* a key for a message: at most 64 bytes, control bytes and quotes escaped */
+static void quote_key(char *o, size_t on, const char *k) {
+    size_t n = 0;
+    const unsigned char *s = (const unsigned char *)k;
+    for (; *s && n + 8 < on; s++) {
+        if (s - (const unsigned char *)k >= 64) { memcpy(o + n, "...", 3); n += 3; break; }
+        if (*s < 0x20 || *s == 0x7f || *s == '"' || *s == '\\') n += (size_t)snprintf(o + n, on - n, "\\x%02x", *s);
+        else o[n++] = (char)*s;
+    }
+    o[n] = '\0';
+}
+
+static int parse_items(parser *p, json *out, int is_obj, keyset *ks);
+
 /* shared by arrays and objects; the container is already typed in out and
  * the caller frees it on failure */
 static int parse_container(parser *p, json *out, int is_obj) {
+    keyset ks = { NULL, 0 };
+    int rc = parse_items(p, out, is_obj, &ks);
+    free(ks.slot);
+    return rc;
+}
+
+static int parse_items(parser *p, json *out, int is_obj, keyset *ks) {
     char close = is_obj ? '}' : ']';
     char b[16];
     int cap = 0;
@@ -264,9 +324,19 @@ static int parse_container(parser *p, json *out, int is_obj) {
             skip_ws(p);
             if (peek(p) != '"') { fail(p, "expected a string key, got %s", describe(peek(p), b)); return -1; }
             char *key; size_t klen;
+            size_t kpos = p->pos;
             if (parse_string(p, &key, &klen)) return -1;
             out->keys[out->n] = key;
             out->n++;                      /* counted now so the key is freed on error */
+            int dup = keyset_insert(out, ks, out->n - 1);
+            if (dup) {
+                char q[100];
+                quote_key(q, sizeof q, key);
+                p->pos = kpos;
+                if (dup < 0) fail(p, "out of memory");
+                else fail(p, "key \"%s\" appears twice in one object", q);
+                return -1;
+            }
             skip_ws(p);
             if (peek(p) != ':') { fail(p, "expected ':' after key, got %s", describe(peek(p), b)); return -1; }
             p->pos++;
@@ -331,8 +401,8 @@ json *json_parse(const char *text, size_t len, char *err, size_t errlen) {
 
 const json *json_get(const json *obj, const char *key) {
     if (!obj || obj->type != JSON_OBJECT || !key) return NULL;
-    /* the last duplicate wins, as in Python's json module */
-    for (int i = obj->n - 1; i >= 0; i--)
+    /* json_parse refuses repeated keys, so the first match is the only one */
+    for (int i = 0; i < obj->n; i++)
         if (strcmp(obj->keys[i], key) == 0) return &obj->items[i];
     return NULL;
 }

@@ -20,7 +20,7 @@ typedef struct json {
 
 /* Parse len bytes. Returns NULL and a one-line reason in err (ERR_LEN 256
  * at least, with the byte offset) on any syntax error, nesting deeper than
- * 64, or trailing garbage. */
+ * 64, trailing garbage, or a key repeated within one object (named). */
 json *json_parse(const char *text, size_t len, char *err, size_t errlen);
 void json_free(json *j);
 const json *json_get(const json *obj, const char *key);   /* NULL if not an object or absent */

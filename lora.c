@@ -296,6 +296,31 @@ static float peft_meta_alpha(const st_file *f, int te) {
     return a;
 }
 
+/* a LoRA alpha: one number of any shape holding one element ([], [1], ..),
+ * float or integer. diffusers' convert_state_dict_to_kohya writes int64;
+ * BOOL is not a number. Bytes are little-endian and maybe unaligned. */
+static int alpha_value(const st_tensor *t, float *a) {
+    if (t->numel != 1) return -1;
+    const uint8_t *p = t->data;
+    uint64_t u = 0;
+    size_t nb = st_dtype_size(t->dtype);
+    for (size_t i = 0; i < nb && i < 8; i++) u |= (uint64_t)p[i] << (8 * i);
+    switch (t->dtype) {
+    case ST_I64: *a = (float)(int64_t)u; return 0;
+    case ST_I32: *a = (float)(int32_t)(uint32_t)u; return 0;
+    case ST_I16: *a = (float)(int16_t)(uint16_t)u; return 0;
+    case ST_I8: *a = (float)(int8_t)(uint8_t)u; return 0;
+    case ST_U8: *a = (float)u; return 0;
+    case ST_BOOL: return -1;
+    default: return st_to_f32(t, a, NULL);
+    }
+}
+
+/* tensor names in messages come from the file: control bytes become '?' */
+static void one_line(char *s) {
+    for (; *s; s++) if ((unsigned char)*s < 0x20 || *s == 0x7f) *s = '?';
+}
+
 int lora_file_load(const char *path, lora_file *lf, char *err) {
     memset(lf, 0, sizeof *lf);
     st_file f;
@@ -360,14 +385,24 @@ int lora_file_load(const char *path, lora_file *lf, char *err) {
         en->A = malloc(sizeof(float) * d->numel);
         en->B = malloc(sizeof(float) * u->numel);
         if (!en->A || !en->B) { snprintf(err, ST_ERR_LEN, "%s: out of memory", path); goto fail_lf; }
-        if (st_to_f32(d, en->A, err) || st_to_f32(u, en->B, err)) goto fail_lf;
+        if (st_to_f32(d, en->A, NULL) || st_to_f32(u, en->B, NULL)) {
+            const st_tensor *bad = st_to_f32(d, en->A, NULL) ? d : u;
+            snprintf(err, ST_ERR_LEN, "%s: '%s' has dtype %s, not a float type (LoRA weights are F32, F16, BF16 or F64; re-save it)",
+                     path, bad->name, st_dtype_name(bad->dtype));
+            goto fail_lf;
+        }
         if (t[k].alpha) {
-            float a;
-            if (t[k].alpha->numel != 1 || st_to_f32(t[k].alpha, &a, err)) {
-                snprintf(err, ST_ERR_LEN, "%s: '%s' should be one number (the LoRA alpha)", path, t[k].alpha->name);
+            const st_tensor *al = t[k].alpha;
+            if (alpha_value(al, &en->alpha)) {
+                char sh[160];
+                size_t o = (size_t)snprintf(sh, sizeof sh, "[");
+                for (int dd = 0; dd < al->ndim && o < sizeof sh; dd++)
+                    o += (size_t)snprintf(sh + o, sizeof sh - o, "%s%lld", dd ? ", " : "", (long long)al->shape[dd]);
+                if (o < sizeof sh) snprintf(sh + o, sizeof sh - o, "]");
+                snprintf(err, ST_ERR_LEN, "%s: '%s' should be one number (the LoRA alpha) but is %s with shape %s "
+                         "(save it as a float or integer scalar)", path, al->name, st_dtype_name(al->dtype), sh);
                 goto fail_lf;
             }
-            en->alpha = a;
         } else {
             /* kohya without alpha means alpha = r (scale 1); diffusers files
              * may carry it in lora_adapter_metadata */
@@ -386,10 +421,12 @@ fail_lf:
     free(t);
     lora_file_free(lf);
     st_close(&f);
+    one_line(err);
     return -1;
 fail:
     for (int k = 0; k < ne; k++) { free(e[k].A); free(e[k].B); }
     free(e); free(t);
     st_close(&f);
+    one_line(err);
     return -1;
 }

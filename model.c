@@ -1,5 +1,6 @@
 /* model.c: load a whole SD1.x model. */
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -24,6 +25,18 @@ static char *read_text(const char *path, size_t *n) {
     return buf;
 }
 
+/* *v = the number under key (left as it is when absent), which must be a
+ * whole number in [lo, 1000000]: checked before the conversion to int,
+ * since a double out of int's range converts to nothing defined */
+static int whole_number(const json *j, const char *key, int lo, int *v, const char *path, const char *usual,
+                        char *err) {
+    double d = json_num(j, key, *v);
+    if (d >= lo && d <= 1000000 && d == floor(d)) { *v = (int)d; return 0; }
+    snprintf(err, SD_ERR_LEN, "%.500s: \"%s\" %g is not a whole number in [%d, 1000000] (SD1.x uses %s)",
+             path, key, d, lo, usual);
+    return -1;
+}
+
 /* scheduler/scheduler_config.json, else SD1.x's values */
 static int load_scheduler(sd_model *m, const char *dir, char *err) {
     char path[1200], jerr[256];
@@ -46,8 +59,11 @@ static int load_scheduler(sd_model *m, const char *dir, char *err) {
         pred = json_str(j, "prediction_type", pred);
         b0 = json_num(j, "beta_start", b0);
         b1 = json_num(j, "beta_end", b1);
-        T = (int)json_num(j, "num_train_timesteps", T);
-        m->steps_offset = (int)json_num(j, "steps_offset", 1);
+        if (whole_number(j, "num_train_timesteps", 2, &T, path, "1000", err) ||
+            whole_number(j, "steps_offset", 0, &m->steps_offset, path, "1", err)) {
+            json_free(j);
+            return -1;
+        }
         /* diffusers builds any scheduler class from this file, so a
          * timestep_spacing written here overrides every class's default */
         snprintf(m->timestep_spacing, sizeof m->timestep_spacing, "%s", json_str(j, "timestep_spacing", ""));

@@ -63,6 +63,8 @@ static int st_fail(char *err, const char *path, const char *fix, const char *fmt
         va_end(ap);
     }
     if (k < ST_ERR_LEN) snprintf(err + k, ST_ERR_LEN - k, " (%s)", fix);
+    /* names come from the file and may hold control bytes: keep one line */
+    for (char *c = err; *c; c++) if ((unsigned char)*c < 0x20 || *c == 0x7f) *c = '?';
     return -1;
 }
 
@@ -158,6 +160,9 @@ static int read_header(st_file *f, const json *h, const uint8_t *data, size_t ds
         if (strcmp(name, "__metadata__") == 0) {
             if (e->type != JSON_OBJECT)
                 return st_fail(err, path, FIX_REDOWNLOAD, "__metadata__ is not an object of strings");
+            /* json_parse refuses a repeated key; this guards the arrays below */
+            if (f->meta_keys)
+                return st_fail(err, path, FIX_REDOWNLOAD, "__metadata__ appears twice in the header");
             f->meta_keys = calloc((size_t)e->n + 1, sizeof(char *));
             f->meta_vals = calloc((size_t)e->n + 1, sizeof(char *));
             if (!f->meta_keys || !f->meta_vals) return st_fail(err, path, "free some memory", "out of memory");

@@ -500,6 +500,7 @@ tokenizer *tok_load_clip_gz(const char *gz_path, char *err, size_t errlen) {
     return t;
 fail:
     free(lines); free(lens); free(raw); tok_free(t);
+    one_line(err);
     return NULL;
 }
 

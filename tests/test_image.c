@@ -412,6 +412,127 @@ START_TEST(test_flip_chw) {
 }
 END_TEST
 
+/* a PNG chunk (length, type, data, CRC) into out; returns its size */
+static size_t put_chunk(uint8_t *out, const char *type, const uint8_t *data, uint32_t len) {
+    out[0] = (uint8_t)(len >> 24); out[1] = (uint8_t)(len >> 16); out[2] = (uint8_t)(len >> 8); out[3] = (uint8_t)len;
+    memcpy(out + 4, type, 4);
+    if (len) memcpy(out + 8, data, len);
+    uint32_t c = crc32_update(0, out + 4, (size_t)len + 4);
+    uint8_t *q = out + 8 + len;
+    q[0] = (uint8_t)(c >> 24); q[1] = (uint8_t)(c >> 16); q[2] = (uint8_t)(c >> 8); q[3] = (uint8_t)c;
+    return 12 + (size_t)len;
+}
+
+/* empty IDAT chunks (legal: the zlib stream is the concatenation of the
+ * IDAT data) before, between and after the real one decode to the same
+ * picture; an empty first IDAT used to memcpy from a NULL buffer (UBSan,
+ * make asan). Only empty IDATs: no image data. */
+START_TEST(test_png_empty_idat) {
+    int w = 23, h = 9;
+    uint8_t *p = test_picture(w, h, 11), *png; size_t n;
+    char err[512];
+    ck_assert(image_encode_png(&png, &n, p, w, h, NULL, NULL, 0, err, sizeof err) == 0);
+    /* the encoder writes IHDR, one IDAT, IEND: find the IDAT */
+    size_t at = 8 + 25;
+    ck_assert(memcmp(png + at + 4, "IDAT", 4) == 0);
+    uint32_t len = ((uint32_t)png[at] << 24) | ((uint32_t)png[at + 1] << 16) | ((uint32_t)png[at + 2] << 8) | png[at + 3];
+    ck_assert(len > 2);
+    const uint8_t *zd = png + at + 8;
+    uint8_t *o = malloc(n + 200);
+    for (int variant = 0; variant < 4; variant++) {
+        size_t k = 0;
+        memcpy(o, png, at); k = at;                            /* signature + IHDR */
+        if (variant == 0 || variant == 3) k += put_chunk(o + k, "IDAT", NULL, 0);
+        if (variant == 3) k += put_chunk(o + k, "IDAT", NULL, 0);
+        if (variant == 1) {                                    /* split, an empty one between */
+            k += put_chunk(o + k, "IDAT", zd, 2);
+            k += put_chunk(o + k, "IDAT", NULL, 0);
+            k += put_chunk(o + k, "IDAT", zd + 2, len - 2);
+        } else {
+            k += put_chunk(o + k, "IDAT", zd, len);
+        }
+        if (variant == 2) k += put_chunk(o + k, "IDAT", NULL, 0);
+        k += put_chunk(o + k, "IEND", NULL, 0);
+        uint8_t *c = malloc(k);                                /* exact size for ASan */
+        memcpy(c, o, k);
+        image_t im;
+        ck_assert_msg(image_decode(&im, c, k, "empty_idat.png", err, sizeof err) == 0, "variant %d: %s", variant, err);
+        ck_assert(im.w == w && im.h == h);
+        ck_assert_int_eq(max_diff(im.rgb, p, (size_t)w * h * 3), 0);
+        image_free(&im);
+        free(c);
+    }
+    size_t k = at;
+    memcpy(o, png, at);
+    k += put_chunk(o + k, "IDAT", NULL, 0);
+    k += put_chunk(o + k, "IEND", NULL, 0);
+    image_t im;
+    ck_assert_int_eq(image_decode(&im, o, k, "only_empty.png", err, sizeof err), -1);
+    ck_assert_msg(strstr(err, "no image data"), "%s", err);
+    free(o); free(png); free(p);
+}
+END_TEST
+
+/* where each scan of a JPEG ends: the offset of the marker that follows its
+ * entropy-coded data; returns the number of scans */
+static int jpeg_scan_ends(const uint8_t *d, size_t n, size_t *ends, int max) {
+    size_t pos = 2;
+    int ns = 0;
+    while (pos + 4 <= n) {
+        ck_assert(d[pos] == 0xFF);
+        int m = d[pos + 1];
+        if (m == 0xD9) break;
+        size_t len = ((size_t)d[pos + 2] << 8) | d[pos + 3];
+        pos += 2 + len;
+        if (m != 0xDA) continue;
+        /* entropy data runs to the first 0xFF not followed by 00 or RSTn */
+        while (pos + 1 < n && !(d[pos] == 0xFF && d[pos + 1] != 0x00 && !(d[pos + 1] >= 0xD0 && d[pos + 1] <= 0xD7)))
+            pos++;
+        ck_assert(ns < max);
+        ends[ns++] = pos;
+    }
+    return ns;
+}
+
+/* a progressive JPEG whose last scans are missing, closed with an
+ * end-of-image marker, is refused (libjpeg would smooth the blocks that lack
+ * AC coefficients; this decoder does not, README "Hardening"); the complete
+ * file still decodes as Pillow does (test_jpeg_matches_pillow) */
+static void progressive_cuts(const char *file) {
+    char path[512], err[512];
+    snprintf(path, sizeof path, IMG_DIR "%s", file);
+    size_t n; uint8_t *d = read_all(path, &n);
+    size_t ends[64];
+    int ns = jpeg_scan_ends(d, n, ends, 64);
+    ck_assert_msg(ns >= 2, "%s: %d scans", file, ns);
+    image_t im;
+    for (int k = 1; k <= ns; k++) {
+        size_t cut = ends[k - 1];
+        uint8_t *c = malloc(cut + 2);
+        memcpy(c, d, cut);
+        c[cut] = 0xFF; c[cut + 1] = 0xD9;
+        int rc = image_decode(&im, c, cut + 2, file, err, sizeof err);
+        if (k < ns) {
+            ck_assert_msg(rc == -1, "%s: %d of %d scans decoded", file, k, ns);
+            ck_assert_msg(strstr(err, "progressive JPEG is incomplete") && strchr(err, '\n') == NULL, "%s", err);
+        } else {
+            ck_assert_msg(rc == 0, "%s: all %d scans: %s", file, ns, err);
+            image_free(&im);
+        }
+        free(c);
+    }
+    printf("  %s: %d scans, the %d cuts before the last refused\n", file, ns, ns - 1);
+    free(d);
+}
+
+START_TEST(test_progressive_incomplete) {
+    progressive_cuts("jpg_prog_420_33x17.jpg");
+    progressive_cuts("jpg_prog_48x40.jpg");
+    progressive_cuts("jpg_gray_prog_33x17.jpg");
+    progressive_cuts("jpg_prog_restart_48x40.jpg");
+}
+END_TEST
+
 static Suite *image_suite(void) {
     Suite *s = suite_create("image");
     TCase *tc = tcase_create("image");
@@ -429,6 +550,8 @@ static Suite *image_suite(void) {
     tcase_add_test(tc, test_resize_matches_pillow);
     tcase_add_test(tc, test_resize_crop);
     tcase_add_test(tc, test_flip_chw);
+    tcase_add_test(tc, test_png_empty_idat);
+    tcase_add_test(tc, test_progressive_incomplete);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -69,7 +69,7 @@ START_TEST(test_nested) {
 END_TEST
 
 START_TEST(test_helpers_defaults) {
-    json *j = parse_ok("{\"n\": 3.5, \"s\": \"str\", \"b\": true, \"dup\": 1, \"dup\": 2}");
+    json *j = parse_ok("{\"n\": 3.5, \"s\": \"str\", \"b\": true}");
     ck_assert(json_num(j, "n", -1) == 3.5);
     ck_assert(json_num(j, "s", -1) == -1);          /* wrong type -> default */
     ck_assert(json_num(j, "zz", 7) == 7);
@@ -77,7 +77,6 @@ START_TEST(test_helpers_defaults) {
     ck_assert_int_eq(json_bool(j, "b", 0), 1);
     ck_assert_str_eq(json_str(j, "n", "dflt"), "dflt");
     ck_assert_str_eq(json_str(j, "zz", "dflt"), "dflt");
-    ck_assert(json_num(j, "dup", 0) == 2);          /* last duplicate wins, like Python */
     ck_assert(json_num(NULL, "n", 9) == 9);
     json_free(j);
     json_free(NULL);
@@ -132,7 +131,7 @@ START_TEST(test_numbers) {
     ck_assert(j->type == JSON_NULL);
     json_free(j);
     /* a long number (longer than any small stack buffer) */
-    char big[400];
+    char big[500];
     memset(big, '1', 300);
     strcpy(big + 300, ".25");
     j = parse_ok(big);
@@ -180,6 +179,54 @@ START_TEST(test_error_offset) {
     ck_assert_int_eq(small[5], 'x');
     /* NULL err is allowed */
     ck_assert_ptr_null(json_parse("[1,]", 4, NULL, 0));
+}
+END_TEST
+
+/* a key repeated within one object is refused, naming the key and where
+ * its second copy begins; the same key in different objects is fine */
+START_TEST(test_duplicate_keys) {
+    char err[256];
+    const char *s = "{\"dup\": 1, \"x\": 2, \"dup\": 3}";
+    ck_assert_ptr_null(parse_exact(s, strlen(s), err));
+    ck_assert_msg(strstr(err, "\"dup\" appears twice") && strstr(err, "at byte 19"), "%s", err);
+    ck_assert_msg(strchr(err, '\n') == NULL, "%s", err);
+    /* the safetensors case: __metadata__ twice, each one valid alone */
+    s = "{\"__metadata__\": {\"a\": \"1\"}, \"t\": {}, \"__metadata__\": {\"b\": \"2\", \"c\": \"3\"}}";
+    ck_assert_ptr_null(parse_exact(s, strlen(s), err));
+    ck_assert_msg(strstr(err, "\"__metadata__\" appears twice"), "%s", err);
+    /* nested, and spelled differently (an escape decodes to the same key) */
+    s = "[{\"o\": {\"k\": 1, \"\\u006b\": 2}}]";
+    ck_assert_ptr_null(parse_exact(s, strlen(s), err));
+    ck_assert_msg(strstr(err, "\"k\" appears twice"), "%s", err);
+    /* a key with a newline is named on one line */
+    s = "{\"a\\nb\": 1, \"a\\nb\": 2}";
+    ck_assert_ptr_null(parse_exact(s, strlen(s), err));
+    ck_assert_msg(strchr(err, '\n') == NULL && strstr(err, "a\\x0ab"), "%s", err);
+    /* a long key is cut in the message, which stays one short line */
+    char big[500];
+    int n = snprintf(big, sizeof big, "{\"%0200d\": 1, \"%0200d\": 2}", 7, 7);
+    ck_assert_ptr_null(parse_exact(big, (size_t)n, err));
+    ck_assert_msg(strstr(err, "...\" appears twice"), "%s", err);
+    /* the same key in sibling and nested objects is not a repeat */
+    json *j = parse_ok("{\"k\": {\"k\": 1}, \"o\": [{\"k\": 2}, {\"k\": 3}], \"K\": 4}");
+    ck_assert_int_eq(j->n, 3);
+    json_free(j);
+    /* many keys (a vocab.json has ~49k): the last one repeating the first is found */
+    size_t cap = 60000 * 20 + 32, len = 0;
+    char *v = malloc(cap);
+    ck_assert_ptr_nonnull(v);
+    v[len++] = '{';
+    for (int i = 0; i < 60000; i++) len += (size_t)snprintf(v + len, cap - len, "%s\"w%d\":%d", i ? "," : "", i, i);
+    size_t ok_len = len;
+    v[ok_len] = '}';
+    j = parse_exact(v, ok_len + 1, err);
+    ck_assert_msg(j != NULL, "%s", err);
+    ck_assert(json_num(j, "w59999", -1) == 59999);
+    json_free(j);
+    len += (size_t)snprintf(v + len, cap - len, ",\"w0\":1}");
+    ck_assert_ptr_null(parse_exact(v, len, err));
+    ck_assert_msg(strstr(err, "\"w0\" appears twice"), "%s", err);
+    free(v);
 }
 END_TEST
 
@@ -272,6 +319,7 @@ static Suite *json_suite(void) {
     tcase_add_test(tc, test_numbers);
     tcase_add_test(tc, test_invalid);
     tcase_add_test(tc, test_error_offset);
+    tcase_add_test(tc, test_duplicate_keys);
     tcase_add_test(tc, test_truncated_every_byte);
     tcase_add_test(tc, test_depth);
     tcase_add_test(tc, test_large_and_late_failure);

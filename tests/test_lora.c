@@ -485,6 +485,85 @@ START_TEST(test_file_bad) {
 }
 END_TEST
 
+/* a kohya file with one adapter (down 2x4, up 5x2) whose alpha has dtype dt,
+ * ndim dims of shape sh, and the raw little-endian bytes ab */
+static void write_alpha(const char *path, st_dtype dt, int ndim, const int64_t *sh, const void *ab) {
+    st_writer *w = st_writer_new();
+    float buf[16] = {0};
+    static const int64_t sd[2] = {2, 4}, su[2] = {5, 2};
+    ck_assert(st_writer_add_f32(w, "lora_unet_x_to_q.lora_down.weight", ST_F32, 2, sd, buf) == 0);
+    ck_assert(st_writer_add_f32(w, "lora_unet_x_to_q.lora_up.weight", ST_F32, 2, su, buf) == 0);
+    ck_assert(st_writer_add(w, "lora_unet_x_to_q.alpha", dt, ndim, sh, ab) == 0);
+    char err[ST_ERR_LEN];
+    ck_assert_msg(st_writer_save(w, path, err) == 0, "%s", err);
+    st_writer_free(w);
+}
+
+/* integer alphas are numbers too: diffusers' convert_state_dict_to_kohya
+ * writes a 0-d int64 tensor; any float or integer scalar is accepted, and
+ * a refusal names the dtype and shape it found */
+START_TEST(test_file_alpha_dtypes) {
+    char path[] = "/tmp/sdlora_test_alpha_XXXXXX";
+    int fd = mkstemp(path); ck_assert(fd >= 0); close(fd);
+    char err[ST_ERR_LEN]; lora_file lf;
+    static const int64_t one[1] = {1}, one2[2] = {1, 1}, two[1] = {2};
+    /* little-endian bytes of 8, -3, 200 in each width */
+    const uint8_t i64_8[8] = {8, 0, 0, 0, 0, 0, 0, 0}, i64_m3[8] = {0xFD, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF};
+    const uint8_t i32_16[4] = {16, 0, 0, 0}, i16_m3[2] = {0xFD, 0xFF}, i8_m3[1] = {0xFD}, u8_200[1] = {200};
+    const uint8_t i64_big[8] = {0, 0, 0, 0, 0, 0, 0, 0x40};     /* 2^62: finite as float */
+    struct { st_dtype dt; int ndim; const int64_t *sh; const void *b; float want; } ok[] = {
+        {ST_I64, 0, NULL, i64_8, 8.0f}, {ST_I64, 1, one, i64_m3, -3.0f}, {ST_I32, 2, one2, i32_16, 16.0f},
+        {ST_I16, 0, NULL, i16_m3, -3.0f}, {ST_I8, 1, one, i8_m3, -3.0f}, {ST_U8, 0, NULL, u8_200, 200.0f},
+        {ST_I64, 0, NULL, i64_big, 4611686018427387904.0f},
+    };
+    for (size_t i = 0; i < sizeof ok / sizeof ok[0]; i++) {
+        write_alpha(path, ok[i].dt, ok[i].ndim, ok[i].sh, ok[i].b);
+        ck_assert_msg(lora_file_load(path, &lf, err) == 0, "%s alpha: %s", st_dtype_name(ok[i].dt), err);
+        ck_assert_int_eq(lf.n, 1);
+        ck_assert_msg(lf.e[0].alpha == ok[i].want, "%s alpha %g, want %g", st_dtype_name(ok[i].dt),
+                      lf.e[0].alpha, ok[i].want);
+        lora_file_free(&lf);
+    }
+    /* float scalars as before, in every float dtype: 0-d F64 and [1] F16 */
+    const double d6 = 6.0;
+    write_alpha(path, ST_F64, 0, NULL, &d6);
+    ck_assert_msg(lora_file_load(path, &lf, err) == 0, "%s", err);
+    ck_assert(lf.e[0].alpha == 6.0f);
+    lora_file_free(&lf);
+    const uint8_t h4[2] = {0x00, 0x44};                      /* fp16 4.0 */
+    write_alpha(path, ST_F16, 1, one, h4);
+    ck_assert_msg(lora_file_load(path, &lf, err) == 0, "%s", err);
+    ck_assert(lf.e[0].alpha == 4.0f);
+    lora_file_free(&lf);
+    /* refused, naming the dtype and the shape: BOOL, two numbers, none */
+    const uint8_t t1[1] = {1}, i64x2[16] = {8, 0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0};
+    write_alpha(path, ST_BOOL, 0, NULL, t1);
+    ck_assert(lora_file_load(path, &lf, err) != 0);
+    ck_assert_msg(strstr(err, "should be one number") && strstr(err, "BOOL with shape []"), "%s", err);
+    write_alpha(path, ST_I64, 1, two, i64x2);
+    ck_assert(lora_file_load(path, &lf, err) != 0);
+    ck_assert_msg(strstr(err, "I64 with shape [2]") && strstr(err, "lora_unet_x_to_q.alpha"), "%s", err);
+    static const int64_t zero[1] = {0};
+    write_alpha(path, ST_F32, 1, zero, NULL);
+    ck_assert(lora_file_load(path, &lf, err) != 0);
+    ck_assert_msg(strstr(err, "F32 with shape [0]") && strchr(err, '\n') == NULL, "%s", err);
+    /* a name with a newline (a JSON escape) is named on one line */
+    {
+        st_writer *w = st_writer_new();
+        float buf[16] = {0};
+        static const int64_t sd[2] = {2, 4}, su[2] = {5, 2};
+        ck_assert(st_writer_add_f32(w, "lora_unet_x\ny.lora_down.weight", ST_F32, 2, sd, buf) == 0);
+        ck_assert(st_writer_add_f32(w, "lora_unet_x\ny.lora_up.weight", ST_F32, 2, su, buf) == 0);
+        ck_assert(st_writer_add(w, "lora_unet_x\ny.alpha", ST_BOOL, 0, NULL, t1) == 0);
+        ck_assert_msg(st_writer_save(w, path, err) == 0, "%s", err);
+        st_writer_free(w);
+        ck_assert(lora_file_load(path, &lf, err) != 0);
+        ck_assert_msg(strstr(err, "'lora_unet_x?y.alpha'") && strchr(err, '\n') == NULL, "%s", err);
+    }
+    unlink(path);
+}
+END_TEST
+
 static Suite *lora_suite(void) {
     Suite *s = suite_create("lora");
     TCase *tc = tcase_create("core");
@@ -509,6 +588,7 @@ static Suite *lora_suite(void) {
     tcase_add_test(tf, test_file_kohya);
     tcase_add_test(tf, test_file_roundtrip);
     tcase_add_test(tf, test_file_bad);
+    tcase_add_test(tf, test_file_alpha_dtypes);
     suite_add_tcase(s, tf);
     return s;
 }

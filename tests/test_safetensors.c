@@ -619,7 +619,16 @@ START_TEST(test_corrupt_headers) {
         { "{\"a\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [0, 8]},"
           " \"b\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [4, 12]}}", 16, "'a' and 'b' overlap" },
         { "{\"a\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [0, 8]},"
-          " \"a\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [8, 16]}}", 16, "'a' appears twice" },
+          " \"a\": {\"dtype\": \"F32\", \"shape\": [2], \"data_offsets\": [8, 16]}}", 16, "key \"a\" appears twice" },
+        /* __metadata__ twice, the second larger: this used to write past the
+         * first one's arrays (double free in ./sample --lora, a segfault in
+         * ./train --resume) */
+        { "{\"__metadata__\": {\"k\": \"v\"}, \"a\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]},"
+          " \"__metadata__\": {\"k1\": \"1\", \"k2\": \"2\", \"k3\": \"3\", \"k4\": \"4\", \"k5\": \"5\"}}", 4,
+          "key \"__metadata__\" appears twice" },
+        { "{\"__metadata__\": {\"k\": \"v\", \"k\": \"w\"}}", 0, "key \"k\" appears twice" },
+        /* a name with control characters (JSON escapes) still gives one line */
+        { "{\"a\\nb\\u0007\": 1}", 0, "'a?b?' is not an object" },
         { "{\"__metadata__\": [1], \"a\": {\"dtype\": \"F32\", \"shape\": [1], \"data_offsets\": [0, 4]}}", 4,
           "__metadata__" },
     };
