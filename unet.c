@@ -57,6 +57,7 @@
  * each matrix per use (SD1.5: 860M halfs, about 0.7 s per forward on the
  * 2-core development machine, against 18 s for the step).
  */
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -877,14 +878,16 @@ static int int_list(const json *j, const char *key, int dflt, int n, int *out, c
         for (int i = 0; i < n; i++) out[i] = dflt;
         return 0;
     }
+    /* the range is checked before any conversion: a double out of int's
+     * range converts to nothing defined */
     if (v->type == JSON_NUMBER) {
+        if (!(v->number >= 1 && v->number <= INT_MAX) || v->number != (double)(int)v->number) goto bad;
         for (int i = 0; i < n; i++) out[i] = (int)v->number;
-        if (v->number != (double)(int)v->number || v->number < 1) goto bad;
         return 0;
     }
     if (v->type == JSON_ARRAY && v->n == n) {
         for (int i = 0; i < n; i++) {
-            if (v->items[i].type != JSON_NUMBER || v->items[i].number < 1 ||
+            if (v->items[i].type != JSON_NUMBER || !(v->items[i].number >= 1 && v->items[i].number <= INT_MAX) ||
                 v->items[i].number != (double)(int)v->items[i].number) goto bad;
             out[i] = (int)v->items[i].number;
         }
@@ -894,6 +897,13 @@ bad:
     snprintf(err, UNET_ERR_LEN, "config.json: %s: expected a positive integer or a list of %d "
              "(check the file)", key, n);
     return -1;
+}
+
+/* json_num as an int; a value outside int's range becomes -1, which the
+ * size checks refuse (converting it directly would be undefined) */
+static int num_int(const json *j, const char *key, int dflt) {
+    double d = json_num(j, key, dflt);
+    return d > -2147483648.0 && d < 2147483648.0 ? (int)d : -1;
 }
 
 static int is_set(const json *j, const char *key) {
@@ -1026,10 +1036,10 @@ int unet_config_from_json(unet_config *c, const json *j, char *err) {
         }
     }
 
-    c->in_channels = (int)json_num(j, "in_channels", 4);
-    c->out_channels = (int)json_num(j, "out_channels", 4);
+    c->in_channels = num_int(j, "in_channels", 4);
+    c->out_channels = num_int(j, "out_channels", 4);
     const json *ss = json_get(j, "sample_size");
-    c->sample_size = ss && ss->type == JSON_NUMBER ? (int)ss->number : 0;
+    c->sample_size = ss && ss->type == JSON_NUMBER ? num_int(j, "sample_size", 0) : 0;
     if (int_list(j, "layers_per_block", 2, n, c->layers, err)) return -1;
     /* "attention_head_dim" is, for these models, the number of heads: diffusers
      * sets num_attention_heads = attention_head_dim when num_attention_heads is
@@ -1042,14 +1052,15 @@ int unet_config_from_json(unet_config *c, const json *j, char *err) {
                  "supported (one context size for every block)");
         return -1;
     }
-    c->cross_dim = (int)json_num(j, "cross_attention_dim", 1280);
+    c->cross_dim = num_int(j, "cross_attention_dim", 1280);
     const json *g = json_get(j, "norm_num_groups");
     if (g && g->type == JSON_NULL) {
         snprintf(err, UNET_ERR_LEN, "config.json: norm_num_groups: null (no output norm) is not supported");
         return -1;
     }
-    c->groups = (int)json_num(j, "norm_num_groups", 32);
-    c->eps = (float)json_num(j, "norm_eps", 1e-5);
+    c->groups = num_int(j, "norm_num_groups", 32);
+    double eps = json_num(j, "norm_eps", 1e-5);
+    c->eps = eps > 0 && eps <= 3.4e38 ? (float)eps : -1.0f;   /* beyond float: refused below */
     c->linear_proj = json_bool(j, "use_linear_projection", 0);
     c->flip_sin_to_cos = json_bool(j, "flip_sin_to_cos", 1);
     c->freq_shift = (float)json_num(j, "freq_shift", 0);
