@@ -536,7 +536,9 @@ static void clip_layout(clip_t *m, int B, int T, int nrun, arena_plan *p) {
         layer_offsets *a = &o->layer[l];
         a->res = arena_take(p, N * C);
         a->ln1 = arena_take(p, N * C);
-        a->ln1_mean = arena_take(p, 2 * N); a->ln1_rstd = a->ln1_mean + N;
+        /* the small vectors in one piece each: one alignment pad, not six */
+        a->ln1_mean = arena_take(p, 4 * N);
+        a->ln1_rstd = a->ln1_mean + N; a->ln2_mean = a->ln1_mean + 2 * N; a->ln2_rstd = a->ln1_mean + 3 * N;
         a->q = arena_take(p, N * C);
         a->k = arena_take(p, N * C);
         a->v = arena_take(p, N * C);
@@ -544,13 +546,13 @@ static void clip_layout(clip_t *m, int B, int T, int nrun, arena_plan *p) {
         a->atty = arena_take(p, N * C);
         a->res2 = arena_take(p, N * C);
         a->ln2 = arena_take(p, N * C);
-        a->ln2_mean = arena_take(p, 2 * N); a->ln2_rstd = a->ln2_mean + N;
         a->h = arena_take(p, N * F);
         a->ha = arena_take(p, N * F);
+        size_t ax = arena_take(p, CLIP_NPROJ * N * r);
         for (int i = 0; i < CLIP_NPROJ; i++) {
             int in, out;
             proj_dims(c, i, &in, &out);
-            a->ax[i] = arena_take(p, N * r);
+            a->ax[i] = ax + i * N * r;
             /* bytes, in floats of their own */
             a->mask[i] = m->dropout_on ? arena_take(p, (N * in + sizeof(float) - 1) / sizeof(float)) : 0;
         }
