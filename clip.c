@@ -526,6 +526,8 @@ static void layer_adapters(const clip_t *m, int l, lora_t run[CLIP_NPROJ], lora_
 
 static float *at(const clip_t *m, size_t off) { return arena_at(&m->acts, off); }
 
+/* the layout of a forward over (B, T) that runs nrun layers: dropout masks
+ * when m->dropout_on, the backward's workspace when anything trains */
 static void clip_layout(clip_t *m, int B, int T, int nrun, arena_plan *p) {
     const clip_config *c = &m->config;
     struct clip_layout *o = m->layout;
