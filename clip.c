@@ -24,8 +24,13 @@
  * gradient is formed too, at the weight's own offset in grads, and backward
  * runs on down to the embeddings.
  *
+ * Memory: clip_layout gives every activation a forward keeps, the dropout
+ * masks, the adapters' scratch and the backward's workspace an offset into
+ * one block (arena.h); clip_forward allocates it (again only when a bigger
+ * shape comes) and forward and backward read and write at those offsets.
+ *
  * fp16 weights (clip_init_dtype(..., WEIGHT_F16), --weight-dtype fp16): the
- * matrices are held as fp16 and wf() widens each, exactly, into one fp32
+ * matrices are held as fp16 and weight_f32() widens each, exactly, into one fp32
  * buffer just before its layer (forward, and backward's dX = dY W); the
  * embeddings are gathered from fp16 row by row. Widening is exact, so from
  * an fp16 checkpoint the numbers are bit for bit those of fp32 weights. */
@@ -36,6 +41,32 @@
 #include "clip.h"
 #include "json.h"
 #include "half.h"
+
+/* where the activations live: offsets into m->acts, set by clip_layout */
+typedef struct {
+    size_t res;                        /* (N, C) layer input x_l */
+    size_t ln1, ln1_mean, ln1_rstd;    /* (N, C), (N), (N) */
+    size_t q, k, v;                    /* (N, C) */
+    size_t att;                        /* (B, H, T, T) softmax probabilities */
+    size_t atty;                       /* (N, C) attention output, before out_proj */
+    size_t res2;                       /* (N, C) x' = x_l + attention branch */
+    size_t ln2, ln2_mean, ln2_rstd;
+    size_t h, ha;                      /* (N, F) fc1 output, after the activation */
+    size_t ax[CLIP_NPROJ];             /* (N, r) each: A x saved by lora_forward */
+    size_t mask[CLIP_NPROJ];           /* (N * in) bytes each: dropout masks, training with dropout */
+} layer_offsets;
+
+struct clip_layout {
+    size_t ids;                        /* (B, T) ints: the last forward's ids (the token embedding's gradient) */
+    size_t x_final;                    /* (N, C) the last run layer's output */
+    size_t lnf_mean, lnf_rstd;         /* (N) final_layer_norm statistics */
+    size_t lora_scratch;               /* lora_scratch_floats of the widest adapter */
+    int backward;                      /* whether the workspace below is laid out */
+    size_t dres, dln, datty;           /* (N, C): dL/d(residual stream), d(a norm's output), d(atty) */
+    size_t dq, dk, dv;                 /* (N, C) */
+    size_t dh, dha;                    /* (N, F): dL/dh, dL/dha */
+    layer_offsets layer[];             /* num_layers (the first nrun laid out) */
+};
 
 /* ---------------------------------------------------------------------------
  * config */
@@ -178,7 +209,8 @@ int clip_init_dtype(clip_t *m, const clip_config *c, weight_dtype wdtype, char *
     int C = c->hidden_size, F = c->intermediate_size, n = c->num_layers;
     m->table = calloc((size_t)(4 + 16 * n), sizeof(clip_param));
     m->layers = malloc(sizeof(clip_layer) * (size_t)n);
-    if (!m->table || !m->layers) goto oom;
+    m->layout = calloc(1, sizeof(struct clip_layout) + sizeof(layer_offsets) * (size_t)n);
+    if (!m->table || !m->layers || !m->layout) goto oom;
     /* the table, in a fixed order; names as transformers writes them */
     size_t off = 0;
     char name[64];
@@ -267,7 +299,8 @@ oom:
 void clip_free(clip_t *m) {
     free(m->params); free(m->params16); free(m->wbuf); free(m->table); free(m->layers);
     free(m->adapters); free(m->lora_params); free(m->lora_grads);
-    free(m->acts); free(m->masks); free(m->work); free(m->grads); free(m->ids);
+    free(m->grads); free(m->layout);
+    arena_free(&m->acts);
     memset(m, 0, sizeof *m);
 }
 
@@ -414,6 +447,7 @@ int clip_alloc_grads(clip_t *m) {
         snprintf(m->err, sizeof m->err, "clip: out of memory for %zu weight gradients", m->num_params);
         return -1;
     }
+    m->nrun = 0;   /* the next forward lays out the backward's workspace */
     return 0;
 }
 
@@ -423,19 +457,19 @@ void clip_zero_grads(clip_t *m) {
 
 /* the gradient of vector p (same offset in grads), or NULL: frozen. Grads
  * exist only with fp32 weights, where params is the whole fp32 layout. */
-static float *gw(const clip_t *m, const float *p) {
+static float *grad_of(const clip_t *m, const float *p) {
     return m->grads ? m->grads + (p - m->params) : NULL;
 }
 
-/* the same for a matrix */
-static float *gwm(const clip_t *m, const clip_param *p) {
+/* the same for a matrix, by its table entry */
+static float *grad_of_param(const clip_t *m, const clip_param *p) {
     return m->grads ? m->grads + p->offset : NULL;
 }
 
 /* A layer matrix as fp32, for the layer about to use it: the weights
  * themselves, or (held as fp16) widened exactly into m->wbuf, one matrix at
  * a time; asking again for the matrix already there costs nothing. */
-static const float *wf(clip_t *m, const clip_param *p) {
+static const float *weight_f32(clip_t *m, const clip_param *p) {
     if (p->data) return p->data;
     return half_widen_cached(m->wbuf, &m->wbuf_of, p->data16, p->numel);
 }
@@ -453,11 +487,11 @@ static const float *emb_row(const clip_param *p, size_t r, float *out) {
  * and with full grads dW += dout^T inp, db += sum_n dout (W0 sees the
  * undropped input: dropout is on the adapter's branch only) */
 static void proj_backward(clip_t *m, float *dinp, const float *dout, const float *inp, const float *ax,
-                          const uint8_t *mask, const clip_param *w, const float *b, lora_t *L,
+                          const uint8_t *mask, float *scratch, const clip_param *w, const float *b, lora_t *L,
                           int N, int in, int out) {
-    const float *w32 = wf(m, w);
-    if (m->grads) linear_backward(NULL, gwm(m, w), gw(m, b), dout, inp, w32, N, in, out);
-    lora_backward(dinp, dout, inp, ax, mask, m->lscratch, w32, L, N, in, out);
+    const float *w32 = weight_f32(m, w);
+    if (m->grads) linear_backward(NULL, grad_of_param(m, w), grad_of(m, b), dout, inp, w32, N, in, out);
+    lora_backward(dinp, dout, inp, ax, mask, scratch, w32, L, N, in, out);
 }
 
 int clip_num_adapters(const clip_t *m) { return m->nadapters; }
@@ -466,76 +500,90 @@ clip_adapter *clip_adapter_at(clip_t *m, int i) {
     return i >= 0 && i < m->nadapters ? &m->adapters[i] : NULL;
 }
 
-/* The adapter on (layer, proj) as the forward/backward should see it, in *tmp:
- * dropout off unless the last forward was a training one. NULL = plain linear. */
-static lora_t *adapter(clip_t *m, int l, int p, lora_t *tmp) {
-    if (!m->adapters) return NULL;
-    *tmp = m->adapters[l * CLIP_NPROJ + p].L;
-    if (!m->dropout_on) tmp->dropout = 0.0f;
-    return tmp;
-}
-
-/* ---------------------------------------------------------------------------
- * activations: one arena, the same layout for every layer */
-
-typedef struct {
-    float *res;                        /* (N, C) layer input x_l */
-    float *ln1, *ln1_mean, *ln1_rstd;  /* (N, C), (N), (N) */
-    float *q, *k, *v;                  /* (N, C) */
-    float *att;                        /* (B, H, T, T) softmax probabilities */
-    float *atty;                       /* (N, C) attention output, before out_proj */
-    float *res2;                       /* (N, C) x' = x_l + attention branch */
-    float *ln2, *ln2_mean, *ln2_rstd;
-    float *h, *ha;                     /* (N, F) fc1 output, after the activation */
-    float *ax[CLIP_NPROJ];             /* (N, r) each: A x saved by lora_forward */
-    uint8_t *mask[CLIP_NPROJ];         /* (N * in) dropout masks, or NULL */
-} layer_acts;
-
-static size_t layer_floats(const clip_t *m, int B, int T) {
-    size_t N = (size_t)B * T, C = m->config.hidden_size, F = m->config.intermediate_size;
-    size_t r = m->adapters ? (size_t)m->adapters[0].L.r : 0;
-    return 8 * N * C + 4 * N + 2 * N * F + (size_t)B * m->config.num_heads * T * T + CLIP_NPROJ * N * r;
-}
-
-static size_t layer_mask_bytes(const clip_t *m, int B, int T) {
-    size_t N = (size_t)B * T, C = m->config.hidden_size, F = m->config.intermediate_size;
-    return N * (5 * C + F);
-}
-
-static void layer_view(clip_t *m, int l, layer_acts *a) {
-    size_t N = (size_t)m->B * m->T, C = m->config.hidden_size, F = m->config.intermediate_size;
-    size_t r = m->adapters ? (size_t)m->adapters[0].L.r : 0;
-    float *p = m->acts + (size_t)l * layer_floats(m, m->B, m->T);
-    a->res = p; p += N * C;
-    a->ln1 = p; p += N * C;
-    a->ln1_mean = p; p += N;
-    a->ln1_rstd = p; p += N;
-    a->q = p; p += N * C;
-    a->k = p; p += N * C;
-    a->v = p; p += N * C;
-    a->att = p; p += (size_t)m->B * m->config.num_heads * m->T * m->T;
-    a->atty = p; p += N * C;
-    a->res2 = p; p += N * C;
-    a->ln2 = p; p += N * C;
-    a->ln2_mean = p; p += N;
-    a->ln2_rstd = p; p += N;
-    a->h = p; p += N * F;
-    a->ha = p; p += N * F;
-    for (int i = 0; i < CLIP_NPROJ; i++) { a->ax[i] = p; p += N * r; }
-    uint8_t *mk = m->dropout_on ? m->masks + (size_t)l * layer_mask_bytes(m, m->B, m->T) : NULL;
-    for (int i = 0; i < CLIP_NPROJ; i++) {
-        a->mask[i] = mk;
-        if (mk) mk += N * (i == CLIP_FC2 ? F : C);
+/* The adapters of layer l as this pass runs them (dropout off unless the
+ * last forward was a training one), into run[]: ad[p] = &run[p], or NULL
+ * for a plain linear when there is no LoRA. */
+static void layer_adapters(const clip_t *m, int l, lora_t run[CLIP_NPROJ], lora_t *ad[CLIP_NPROJ]) {
+    for (int p = 0; p < CLIP_NPROJ; p++) {
+        ad[p] = NULL;
+        if (!m->adapters) continue;
+        run[p] = m->adapters[l * CLIP_NPROJ + p].L;
+        if (!m->dropout_on) run[p].dropout = 0.0f;
+        ad[p] = &run[p];
     }
 }
 
-/* grow-only buffer; 0 or -1 */
-static int ensure(void **buf, size_t *cap, size_t need, size_t elem) {
-    if (*cap >= need && *buf) return 0;
-    void *nb = realloc(*buf, need * elem > 0 ? need * elem : 1);
-    if (!nb) return -1;
-    *buf = nb; *cap = need;
-    return 0;
+/* ---------------------------------------------------------------------------
+ * the activation layout
+ *
+ * clip_layout gives every tensor a forward over (B, T) keeps, and the
+ * backward's workspace, an offset into m->acts (arena.h), in module order.
+ * Offsets, not pointers: the CPU allocates the plan's peak once (and again
+ * only when a forward needs more), and a CUDA backend can allocate the same
+ * number of floats once on its device and use the same offsets. Every layer
+ * run keeps everything (the backward reads it); CLIP is small beside the
+ * UNet, so there is no inference-only layout. */
+
+static float *at(const clip_t *m, size_t off) { return arena_at(&m->acts, off); }
+
+/* the layout of a forward over (B, T) that runs nrun layers: dropout masks
+ * when m->dropout_on, the backward's workspace when anything trains */
+static void clip_layout(clip_t *m, int B, int T, int nrun, arena_plan *p) {
+    const clip_config *c = &m->config;
+    struct clip_layout *o = m->layout;
+    size_t N = (size_t)B * T, C = c->hidden_size, F = c->intermediate_size;
+    size_t r = m->adapters ? (size_t)m->adapters[0].L.r : 0;
+    o->ids = arena_take(p, N);         /* an int is a float's size */
+    for (int l = 0; l < nrun; l++) {
+        layer_offsets *a = &o->layer[l];
+        a->res = arena_take(p, N * C);
+        a->ln1 = arena_take(p, N * C);
+        /* the small vectors in one piece each: one alignment pad, not six */
+        a->ln1_mean = arena_take(p, 4 * N);
+        a->ln1_rstd = a->ln1_mean + N; a->ln2_mean = a->ln1_mean + 2 * N; a->ln2_rstd = a->ln1_mean + 3 * N;
+        a->q = arena_take(p, N * C);
+        a->k = arena_take(p, N * C);
+        a->v = arena_take(p, N * C);
+        a->att = arena_take(p, (size_t)B * c->num_heads * T * T);
+        a->atty = arena_take(p, N * C);
+        a->res2 = arena_take(p, N * C);
+        a->ln2 = arena_take(p, N * C);
+        a->h = arena_take(p, N * F);
+        a->ha = arena_take(p, N * F);
+        size_t ax = arena_take(p, CLIP_NPROJ * N * r);
+        for (int i = 0; i < CLIP_NPROJ; i++) {
+            int in, out;
+            proj_dims(c, i, &in, &out);
+            a->ax[i] = ax + i * N * r;
+            /* bytes, in floats of their own */
+            a->mask[i] = m->dropout_on ? arena_take(p, (N * in + sizeof(float) - 1) / sizeof(float)) : 0;
+        }
+    }
+    o->x_final = arena_take(p, N * C);
+    o->lnf_mean = arena_take(p, 2 * N); o->lnf_rstd = o->lnf_mean + N;
+    /* the adapters' scratch, forward and backward: N r, and N in with dropout */
+    size_t scratch = 0;
+    if (m->adapters) {
+        lora_t run[CLIP_NPROJ], *ad[CLIP_NPROJ];
+        layer_adapters(m, 0, run, ad);
+        for (int i = 0; i < CLIP_NPROJ; i++) {
+            size_t s = lora_scratch_floats(ad[i], (int)N);
+            if (s > scratch) scratch = s;
+        }
+    }
+    o->lora_scratch = arena_take(p, scratch);
+    /* backward's workspace, when there is something to train */
+    o->backward = m->adapters || m->grads;
+    if (o->backward) {
+        o->dres = arena_take(p, N * C);
+        o->dln = arena_take(p, N * C);
+        o->datty = arena_take(p, N * C);
+        o->dq = arena_take(p, N * C);
+        o->dk = arena_take(p, N * C);
+        o->dv = arena_take(p, N * C);
+        o->dh = arena_take(p, N * F);
+        o->dha = arena_take(p, N * F);
+    }
 }
 
 /* ---------------------------------------------------------------------------
@@ -561,74 +609,65 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
             return -1;
         }
     }
-    int dropout_on = m->training && m->adapters && m->adapters[0].L.dropout > 0.0f;
-    size_t N = (size_t)B * T;
-    /* arena for all layers (whatever clip_skip), plus the final residual and final-norm stats */
-    size_t need = (size_t)c->num_layers * layer_floats(m, B, T) + N * C + 2 * N;
-    if (ensure((void **)&m->acts, &m->acts_cap, need, sizeof(float)) ||
-        (dropout_on && ensure((void **)&m->masks, &m->masks_cap,
-                              (size_t)c->num_layers * layer_mask_bytes(m, B, T), 1))) {
-        snprintf(m->err, sizeof m->err, "clip: out of memory for activations (B=%d, T=%d)", B, T);
-        return -1;
-    }
-    if (ensure((void **)&m->ids, &m->ids_cap, N, sizeof(int))) {
-        snprintf(m->err, sizeof m->err, "clip: out of memory for activations (B=%d, T=%d)", B, T);
-        return -1;
-    }
-    /* the adapters' scratch (lora_scratch_floats): rank plus the widest input */
-    size_t lr = m->adapters ? (size_t)m->adapters[0].L.r : 0;
-    if (m->adapters && ensure((void **)&m->work, &m->work_cap, N * (lr + (size_t)c->intermediate_size), sizeof(float))) {
-        snprintf(m->err, sizeof m->err, "clip: out of memory for activations (B=%d, T=%d)", B, T);
-        return -1;
-    }
-    float *lscratch = m->work;
-    memcpy(m->ids, ids, sizeof(int) * N);
-    m->B = B; m->T = T; m->dropout_on = dropout_on;
     int nrun = c->num_layers - clip_skip + 1;
-    float *xfinal = m->acts + (size_t)c->num_layers * layer_floats(m, B, T);
-    float *lnf_mean = xfinal + N * C, *lnf_rstd = lnf_mean + N;
+    m->dropout_on = m->training && m->adapters && m->adapters[0].L.dropout > 0.0f;
+    arena_plan plan = { 0, 0 };
+    clip_layout(m, B, T, nrun, &plan);
+    if (plan.peak > m->acts.nfloats && arena_alloc(&m->acts, &plan)) {
+        snprintf(m->err, sizeof m->err, "clip: out of memory for activations (B=%d, T=%d)", B, T);
+        return -1;
+    }
+    const struct clip_layout *o = m->layout;
+    size_t N = (size_t)B * T;
+    memcpy(at(m, o->ids), ids, sizeof(int) * N);
+    m->B = B; m->T = T;
+    float *lora_scratch = at(m, o->lora_scratch);
 
     /* x_0[b, t] = token_embedding[ids[b, t]] + position_embedding[t] */
-    layer_acts a;
-    layer_view(m, 0, &a);
-    float *x0 = a.res;
+    const layer_offsets *a0 = &o->layer[0];
+    float *x0 = at(m, a0->res);
     /* fp16 weights: the two rows are widened into layer 0's q and k buffers
      * (each N x C, written only later) */
-    float *rowt = a.q, *rowp = a.k;
+    float *tok_row = at(m, a0->q), *pos_row = at(m, a0->k);
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
-            const float *te = emb_row(m->tok_emb, (size_t)ids[b * T + t], rowt);
-            const float *pe = emb_row(m->pos_emb, (size_t)t, rowp);
+            const float *te = emb_row(m->tok_emb, (size_t)ids[b * T + t], tok_row);
+            const float *pe = emb_row(m->pos_emb, (size_t)t, pos_row);
             float *x = x0 + ((size_t)b * T + t) * C;
             for (int i = 0; i < C; i++) x[i] = te[i] + pe[i];
         }
 
     for (int l = 0; l < nrun; l++) {
         const clip_layer *P = &m->layers[l];
-        lora_t tmp;
-        layer_view(m, l, &a);
-        float *xnext;
-        if (l + 1 < nrun) { layer_acts nx; layer_view(m, l + 1, &nx); xnext = nx.res; }
-        else xnext = xfinal;
+        const layer_offsets *a = &o->layer[l];
+        lora_t run[CLIP_NPROJ], *ad[CLIP_NPROJ];
+        layer_adapters(m, l, run, ad);
+        float *x = at(m, a->res), *ln1 = at(m, a->ln1), *q = at(m, a->q), *k = at(m, a->k), *v = at(m, a->v);
+        float *atty = at(m, a->atty), *res2 = at(m, a->res2), *ln2 = at(m, a->ln2);
+        float *h = at(m, a->h), *ha = at(m, a->ha);
+        float *xnext = at(m, l + 1 < nrun ? o->layer[l + 1].res : o->x_final);
+        uint8_t *mask[CLIP_NPROJ];
+        for (int i = 0; i < CLIP_NPROJ; i++) mask[i] = m->dropout_on ? (uint8_t *)at(m, a->mask[i]) : NULL;
         /* attention branch: x' = x + out_proj(attn(q, k, v)),  q = q_proj(ln1(x)) etc. */
-        layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, a.res, P->ln1_w, P->ln1_b, (int)N, C, c->layer_norm_eps);
-        lora_forward(a.q, a.ax[CLIP_Q], a.mask[CLIP_Q], lscratch, a.ln1, wf(m, P->q_w), P->q_b, adapter(m, l, CLIP_Q, &tmp), (int)N, C, C, &m->rng);
-        lora_forward(a.k, a.ax[CLIP_K], a.mask[CLIP_K], lscratch, a.ln1, wf(m, P->k_w), P->k_b, adapter(m, l, CLIP_K, &tmp), (int)N, C, C, &m->rng);
-        lora_forward(a.v, a.ax[CLIP_V], a.mask[CLIP_V], lscratch, a.ln1, wf(m, P->v_w), P->v_b, adapter(m, l, CLIP_V, &tmp), (int)N, C, C, &m->rng);
+        layernorm_forward(ln1, at(m, a->ln1_mean), at(m, a->ln1_rstd), x, P->ln1_w, P->ln1_b, (int)N, C, c->layer_norm_eps);
+        lora_forward(q, at(m, a->ax[CLIP_Q]), mask[CLIP_Q], lora_scratch, ln1, weight_f32(m, P->q_w), P->q_b, ad[CLIP_Q], (int)N, C, C, &m->rng);
+        lora_forward(k, at(m, a->ax[CLIP_K]), mask[CLIP_K], lora_scratch, ln1, weight_f32(m, P->k_w), P->k_b, ad[CLIP_K], (int)N, C, C, &m->rng);
+        lora_forward(v, at(m, a->ax[CLIP_V]), mask[CLIP_V], lora_scratch, ln1, weight_f32(m, P->v_w), P->v_b, ad[CLIP_V], (int)N, C, C, &m->rng);
         /* causal: token t sees tokens 0..t only (CLIP was trained left to right) */
-        attention_forward(a.atty, a.att, a.q, a.k, a.v, B, T, T, H, Dh, 1);
-        lora_forward(a.res2, a.ax[CLIP_O], a.mask[CLIP_O], lscratch, a.atty, wf(m, P->o_w), P->o_b, adapter(m, l, CLIP_O, &tmp), (int)N, C, C, &m->rng);
-        for (size_t i = 0; i < N * C; i++) a.res2[i] += a.res[i];
+        attention_forward(atty, at(m, a->att), q, k, v, B, T, T, H, Dh, 1);
+        lora_forward(res2, at(m, a->ax[CLIP_O]), mask[CLIP_O], lora_scratch, atty, weight_f32(m, P->o_w), P->o_b, ad[CLIP_O], (int)N, C, C, &m->rng);
+        for (size_t i = 0; i < N * C; i++) res2[i] += x[i];
         /* MLP branch: x_{l+1} = x' + fc2(act(fc1(ln2(x')))) */
-        layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, P->ln2_w, P->ln2_b, (int)N, C, c->layer_norm_eps);
-        lora_forward(a.h, a.ax[CLIP_FC1], a.mask[CLIP_FC1], lscratch, a.ln2, wf(m, P->fc1_w), P->fc1_b, adapter(m, l, CLIP_FC1, &tmp), (int)N, C, F, &m->rng);
-        if (c->act == CLIP_ACT_GELU) gelu_forward(a.ha, a.h, N * F);
-        else quickgelu_forward(a.ha, a.h, N * F);
-        lora_forward(xnext, a.ax[CLIP_FC2], a.mask[CLIP_FC2], lscratch, a.ha, wf(m, P->fc2_w), P->fc2_b, adapter(m, l, CLIP_FC2, &tmp), (int)N, F, C, &m->rng);
-        for (size_t i = 0; i < N * C; i++) xnext[i] += a.res2[i];
+        layernorm_forward(ln2, at(m, a->ln2_mean), at(m, a->ln2_rstd), res2, P->ln2_w, P->ln2_b, (int)N, C, c->layer_norm_eps);
+        lora_forward(h, at(m, a->ax[CLIP_FC1]), mask[CLIP_FC1], lora_scratch, ln2, weight_f32(m, P->fc1_w), P->fc1_b, ad[CLIP_FC1], (int)N, C, F, &m->rng);
+        if (c->act == CLIP_ACT_GELU) gelu_forward(ha, h, N * F);
+        else quickgelu_forward(ha, h, N * F);
+        lora_forward(xnext, at(m, a->ax[CLIP_FC2]), mask[CLIP_FC2], lora_scratch, ha, weight_f32(m, P->fc2_w), P->fc2_b, ad[CLIP_FC2], (int)N, F, C, &m->rng);
+        for (size_t i = 0; i < N * C; i++) xnext[i] += res2[i];
     }
     /* A1111 and diffusers apply the final layer norm to the skipped-to layer too */
-    layernorm_forward(out, lnf_mean, lnf_rstd, xfinal, m->lnf_w, m->lnf_b, (int)N, C, c->layer_norm_eps);
+    layernorm_forward(out, at(m, o->lnf_mean), at(m, o->lnf_rstd), at(m, o->x_final), m->lnf_w, m->lnf_b,
+                      (int)N, C, c->layer_norm_eps);
     m->nrun = nrun;
     return 0;
 }
@@ -645,76 +684,76 @@ int clip_backward(clip_t *m, const float *dout) {
                  "call clip_add_lora or clip_alloc_grads)");
         return -1;
     }
-    if (m->nrun == 0 || B == 0) {
+    const struct clip_layout *o = m->layout;
+    if (m->nrun == 0 || B == 0 || !o->backward) {
         snprintf(m->err, sizeof m->err, "clip: backward without a successful forward");
         return -1;
     }
     size_t N = (size_t)B * T;
-    size_t lr = m->adapters ? (size_t)m->adapters[0].L.r : 0;
-    if (ensure((void **)&m->work, &m->work_cap, 6 * N * C + 2 * N * F + N * (lr + F), sizeof(float))) {
-        snprintf(m->err, sizeof m->err, "clip: out of memory for the backward workspace");
-        return -1;
-    }
-    float *dres = m->work, *dln = dres + N * C, *datty = dln + N * C;
-    float *dq = datty + N * C, *dk = dq + N * C, *dv = dk + N * C;
-    float *dh = dv + N * C, *dha = dh + N * F;
-    m->lscratch = dha + N * F;             /* the adapters' (lora_scratch_floats) */
-    float *xfinal = m->acts + (size_t)c->num_layers * layer_floats(m, B, T);
-    float *lnf_mean = xfinal + N * C, *lnf_rstd = lnf_mean + N;
+    float *dres = at(m, o->dres), *dln = at(m, o->dln), *datty = at(m, o->datty);
+    float *dq = at(m, o->dq), *dk = at(m, o->dk), *dv = at(m, o->dv);
+    float *dh = at(m, o->dh), *dha = at(m, o->dha);
+    float *lora_scratch = at(m, o->lora_scratch);
     size_t nC = N * C * sizeof(float), nF = N * F * sizeof(float);
 
-    /* through final_layer_norm (frozen unless full grads: gw gives NULL) */
+    /* through final_layer_norm (frozen unless full grads: grad_of gives NULL) */
     memset(dres, 0, nC);
-    layernorm_backward(dres, gw(m, m->lnf_w), gw(m, m->lnf_b), dout, xfinal, m->lnf_w, lnf_mean, lnf_rstd,
-                       (int)N, C);
+    layernorm_backward(dres, grad_of(m, m->lnf_w), grad_of(m, m->lnf_b), dout, at(m, o->x_final), m->lnf_w,
+                       at(m, o->lnf_mean), at(m, o->lnf_rstd), (int)N, C);
     for (int l = m->nrun - 1; l >= 0; l--) {
         const clip_layer *P = &m->layers[l];
-        layer_acts a;
-        lora_t tq, tk, tv, to, t1, t2;
-        layer_view(m, l, &a);
+        const layer_offsets *a = &o->layer[l];
+        lora_t run[CLIP_NPROJ], *ad[CLIP_NPROJ];
+        layer_adapters(m, l, run, ad);
+        const float *ax[CLIP_NPROJ];
+        const uint8_t *mask[CLIP_NPROJ];
+        for (int i = 0; i < CLIP_NPROJ; i++) {
+            ax[i] = at(m, a->ax[i]);
+            mask[i] = m->dropout_on ? (const uint8_t *)at(m, a->mask[i]) : NULL;
+        }
+        const float *ln1 = at(m, a->ln1);
         /* dres holds dL/dx_{l+1}. MLP branch; the residual passes dres through unchanged */
         memset(dha, 0, nF);
-        proj_backward(m, dha, dres, a.ha, a.ax[CLIP_FC2], a.mask[CLIP_FC2], P->fc2_w, P->fc2_b,
-                      adapter(m, l, CLIP_FC2, &t2), (int)N, F, C);
+        proj_backward(m, dha, dres, at(m, a->ha), ax[CLIP_FC2], mask[CLIP_FC2], lora_scratch, P->fc2_w, P->fc2_b,
+                      ad[CLIP_FC2], (int)N, F, C);
         memset(dh, 0, nF);
-        if (c->act == CLIP_ACT_GELU) gelu_backward(dh, dha, a.h, N * F);
-        else quickgelu_backward(dh, dha, a.h, N * F);
+        if (c->act == CLIP_ACT_GELU) gelu_backward(dh, dha, at(m, a->h), N * F);
+        else quickgelu_backward(dh, dha, at(m, a->h), N * F);
         memset(dln, 0, nC);
-        proj_backward(m, dln, dh, a.ln2, a.ax[CLIP_FC1], a.mask[CLIP_FC1], P->fc1_w, P->fc1_b,
-                      adapter(m, l, CLIP_FC1, &t1), (int)N, C, F);
+        proj_backward(m, dln, dh, at(m, a->ln2), ax[CLIP_FC1], mask[CLIP_FC1], lora_scratch, P->fc1_w, P->fc1_b,
+                      ad[CLIP_FC1], (int)N, C, F);
         /* dL/dx' = dL/dx_{l+1} + ln2 backward */
-        layernorm_backward(dres, gw(m, P->ln2_w), gw(m, P->ln2_b), dln, a.res2, P->ln2_w,
-                           a.ln2_mean, a.ln2_rstd, (int)N, C);
+        layernorm_backward(dres, grad_of(m, P->ln2_w), grad_of(m, P->ln2_b), dln, at(m, a->res2), P->ln2_w,
+                           at(m, a->ln2_mean), at(m, a->ln2_rstd), (int)N, C);
         /* attention branch */
         memset(datty, 0, nC);
-        proj_backward(m, datty, dres, a.atty, a.ax[CLIP_O], a.mask[CLIP_O], P->o_w, P->o_b,
-                      adapter(m, l, CLIP_O, &to), (int)N, C, C);
-        memset(dq, 0, 3 * nC);
-        attention_backward(dq, dk, dv, datty, a.q, a.k, a.v, a.att, B, T, T, H, Dh, 1);
+        proj_backward(m, datty, dres, at(m, a->atty), ax[CLIP_O], mask[CLIP_O], lora_scratch, P->o_w, P->o_b,
+                      ad[CLIP_O], (int)N, C, C);
+        memset(dq, 0, nC); memset(dk, 0, nC); memset(dv, 0, nC);
+        attention_backward(dq, dk, dv, datty, at(m, a->q), at(m, a->k), at(m, a->v), at(m, a->att),
+                           B, T, T, H, Dh, 1);
         /* the first layer's input gradient reaches only the embeddings: skip
          * it when they are frozen (lora_backward with dinp NULL still gives dA, dB) */
         float *dx = l > 0 || m->grads ? dln : NULL;
         if (dx) memset(dln, 0, nC);
-        proj_backward(m, dx, dq, a.ln1, a.ax[CLIP_Q], a.mask[CLIP_Q], P->q_w, P->q_b,
-                      adapter(m, l, CLIP_Q, &tq), (int)N, C, C);
-        proj_backward(m, dx, dk, a.ln1, a.ax[CLIP_K], a.mask[CLIP_K], P->k_w, P->k_b,
-                      adapter(m, l, CLIP_K, &tk), (int)N, C, C);
-        proj_backward(m, dx, dv, a.ln1, a.ax[CLIP_V], a.mask[CLIP_V], P->v_w, P->v_b,
-                      adapter(m, l, CLIP_V, &tv), (int)N, C, C);
+        proj_backward(m, dx, dq, ln1, ax[CLIP_Q], mask[CLIP_Q], lora_scratch, P->q_w, P->q_b, ad[CLIP_Q], (int)N, C, C);
+        proj_backward(m, dx, dk, ln1, ax[CLIP_K], mask[CLIP_K], lora_scratch, P->k_w, P->k_b, ad[CLIP_K], (int)N, C, C);
+        proj_backward(m, dx, dv, ln1, ax[CLIP_V], mask[CLIP_V], lora_scratch, P->v_w, P->v_b, ad[CLIP_V], (int)N, C, C);
         /* dL/dx_l = dL/dx' + ln1 backward */
         if (dx)
-            layernorm_backward(dres, gw(m, P->ln1_w), gw(m, P->ln1_b), dln, a.res, P->ln1_w,
-                               a.ln1_mean, a.ln1_rstd, (int)N, C);
+            layernorm_backward(dres, grad_of(m, P->ln1_w), grad_of(m, P->ln1_b), dln, at(m, a->res), P->ln1_w,
+                               at(m, a->ln1_mean), at(m, a->ln1_rstd), (int)N, C);
     }
     if (m->grads) {
         /* x_0[b, t] = tok[ids[b, t]] + pos[t]:
          *   dtok[ids[b, t]] += dx_0[b, t],  dpos[t] += dx_0[b, t]
          * (a repeated id, as the eos padding, sums its rows; serial, so in order) */
-        float *dtok = gwm(m, m->tok_emb), *dpos = gwm(m, m->pos_emb);
+        float *dtok = grad_of_param(m, m->tok_emb), *dpos = grad_of_param(m, m->pos_emb);
+        const int *ids = (const int *)at(m, o->ids);
         for (int b = 0; b < B; b++)
             for (int t = 0; t < T; t++) {
                 const float *d = dres + ((size_t)b * T + t) * C;
-                float *dt = dtok + (size_t)m->ids[b * T + t] * C, *dp = dpos + (size_t)t * C;
+                float *dt = dtok + (size_t)ids[b * T + t] * C, *dp = dpos + (size_t)t * C;
                 for (int i = 0; i < C; i++) { dt[i] += d[i]; dp[i] += d[i]; }
             }
     }

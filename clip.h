@@ -29,6 +29,7 @@
 #include "lora.h"
 #include "safetensors.h"
 #include "half.h"
+#include "arena.h"
 
 enum { CLIP_ACT_QUICKGELU = 0, CLIP_ACT_GELU = 1 };
 
@@ -103,16 +104,12 @@ typedef struct {
     size_t num_lora_params;
     int training;                      /* 1: LoRA dropout active in forward */
     rng_t rng;                         /* dropout masks */
-    /* activations of the last forward, one arena sized from (B, T) */
-    float *acts;
-    size_t acts_cap;                   /* floats allocated */
-    uint8_t *masks;                    /* dropout masks (when dropout > 0 and training) */
-    size_t masks_cap;
-    int *ids;                          /* the last forward's ids (the token embedding's gradient) */
-    size_t ids_cap;
-    float *work;                       /* backward workspace, sized with acts */
-    float *lscratch;                   /* within work: the adapters' scratch in backward */
-    size_t work_cap;
+    /* the last forward's activations, the dropout masks, the backward's
+     * workspace, the adapters' scratch and the ids: one block, laid out by
+     * clip.c's clip_layout for the forward's shape (offsets in layout) and
+     * reallocated only when a forward needs more */
+    arena_t acts;
+    struct clip_layout *layout;
     int B, T, nrun, dropout_on;        /* shape, layers run, dropout used by the last forward */
     char err[ST_ERR_LEN];              /* why the last clip_forward/clip_backward failed */
 } clip_t;
@@ -160,6 +157,7 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
 int clip_backward(clip_t *m, const float *dout);
 
 /* Full fine-tuning: allocate grads (zeroed, the fp32 layout of params).
+ * A backward then needs a forward after it (as after clip_add_lora).
  * Returns 0, or -1 with m->err (out of memory, or fp16 weights). clip_zero_grads zeroes it (not to be
  * confused with clip_zero_grad, the LoRA gradients). */
 int clip_alloc_grads(clip_t *m);

@@ -4,13 +4,17 @@
  * decoder's); a diffusers block is just several consecutive layers:
  *   DownEncoderBlock2D = resnets + DOWN,  UpDecoderBlock2D = resnets + UP,
  *   UNetMidBlock2D     = resnet, ATTN, resnet.
- * Forward pushes each layer's output (and, when training, what its backward
- * reads) onto the half's arena; backward walks the list in reverse, each
- * layer turning dL/d(output) into dL/d(input). Parameters are addressed by
- * offset into v->params, so the same offset into v->grads is the gradient.
- * With fp16 weights the conv and linear weights' offsets are into
- * v->params16 instead (and the vectors' into the shorter v->params), and
- * wmat() widens one weight at a time into v->wbuf for the op about to run.
+ * Memory: vae_layout walks a half's layers once for a shape and mode and
+ * gives every activation an offset (arena.h); vae_alloc_acts allocates the
+ * encoder's and the decoder's layouts as one block, and the forward and
+ * backward only read and write at those offsets. Forward writes each
+ * layer's output (and, when training, keeps what its backward reads);
+ * backward walks the list in reverse, each layer turning dL/d(output) into
+ * dL/d(input). Parameters are addressed by offset into v->params, so the
+ * same offset into v->grads is the gradient. With fp16 weights the conv and
+ * linear weights' offsets are into v->params16 instead (and the vectors'
+ * into the shorter v->params), and weight_f32() widens one weight at a time
+ * into v->wbuf for the op about to run.
  *
  * Every norm here is a GroupNorm with eps 1e-6 (diffusers hard-codes it for
  * the VAE, whatever norm_eps would say) and every activation is SiLU.
@@ -35,7 +39,7 @@ static void seterr(char *err, const char *fmt, ...) {
 }
 
 /* ---------------------------------------------------------------------------
- * the module tree: offsets of parameters, and the activations a forward saved */
+ * the module tree: offsets of parameters, and of the activations */
 
 typedef struct { size_t w, b; int cin, cout, k; } conv_p;   /* k x k, bias always */
 typedef struct { size_t w, b; int C; } norm_p;
@@ -51,28 +55,54 @@ typedef struct {
     norm_p norm1, norm2;             /* RESNET; NORMACT and ATTN use norm1 */
     conv_p conv1, conv2, shortcut;   /* RESNET; shortcut.cin == 0: identity */
     lin_p q, k, v, o;                /* ATTN */
-    /* the input shape of the last forward */
+    /* the input shape vae_layout laid the layer out for */
     int B, H, W;
-    /* saved by a training forward (NULL otherwise) */
-    float *x;                        /* the layer's input */
-    float *n1, *a1, *h1, *n2, *a2;   /* norm1, SiLU, conv1, norm2, SiLU outputs */
-    float *m1, *r1, *m2, *r2;        /* group norm mean / rstd */
-    float *t, *qa, *ka, *va, *att, *oa; /* ATTN: tokens, q, k, v, probabilities, attention out */
-    float *xp;                       /* DOWN: padded input;  UP: upsampled input */
+    /* Activations: offsets into v->acts, set by vae_layout (which ones are
+     * used depends on kind). Forward: */
+    size_t x;                        /* the layer's input */
+    size_t out;                      /* its output */
+    size_t y;                        /* where the next layer reads the output: out (training),
+                                        or x, the output moved down onto the dead input (inference) */
+    size_t mean1, rstd1, mean2, rstd2;   /* group norm statistics, (B, groups) */
+    size_t n1, a1, h1, n2, a2;       /* RESNET: norm1, SiLU, conv1, norm2, SiLU outputs
+                                        (inference: a1 = n1, a2 = n2, SiLU in place);
+                                        ATTN, NORMACT: n1 = the norm's output */
+    size_t shortcut_out;             /* RESNET: the 1x1 shortcut's output */
+    size_t tokens, q_out, k_out, v_out, probs, attn_out, proj_out; /* ATTN: (B, T, C) each, probs (B, T, T) */
+    size_t xp;                       /* DOWN: the padded input;  UP: the upsampled input */
+    /* backward (training only): dL/d(output) waits at dy; the layer writes
+     * dL/d(input) at dx, which then moves down onto dy for the layer below */
+    size_t dy, dx;
+    size_t d_a2_h1;                  /* RESNET: dL/da2, then dL/dh1 (cout channels) */
+    size_t d_n2_a1;                  /* RESNET: dL/dn2, then dL/da1 (room for either) */
+    size_t d_n1;                     /* RESNET: dL/dn1 */
+    size_t d_proj, d_attn, dq, dk, dv, d_tokens, d_norm; /* ATTN (NORMACT: d_norm) */
+    size_t d_xp;                     /* DOWN: dL/d(padded input);  UP: dL/d(upsampled input) */
 } layer;
 
+/* the encoder or the decoder: its layers, and where the whole half's
+ * input, output and output gradient live (vae_layout) */
+typedef struct {
+    layer *L;
+    int n;
+    size_t in;                       /* the caller's input, copied in (decoder: scaled) */
+    size_t out;                      /* the last layer's output (encoder: the moments) */
+    size_t dout;                     /* dL/d(out): where backward starts */
+    size_t din;                      /* dL/d(in): where backward ends */
+} half_net;
+
 struct vae_net {
-    layer *enc, *dec;
-    int nenc, ndec;
-    float *moments;                  /* the encoder's raw output, kept for the clamp's backward */
+    half_net enc, dec;
 };
 
-static inline float *P(const vae_t *v, size_t off) { return v->params + off; }
-static inline float *G(const vae_t *v, size_t off) { return v->grads ? v->grads + off : NULL; }
+static inline float *param(const vae_t *v, size_t off) { return v->params + off; }
+static inline float *grad_of(const vae_t *v, size_t off) { return v->grads ? v->grads + off : NULL; }
+/* the activation at offset off */
+static inline float *at(const vae_t *v, size_t off) { return arena_at(&v->acts, off); }
 
 /* a conv / linear weight of n floats as fp32: the weights themselves, or
  * (held as fp16) widened exactly into wbuf, which then holds that one */
-static const float *wmat(vae_t *v, size_t off, size_t n) {
+static const float *weight_f32(vae_t *v, size_t off, size_t n) {
     if (!v->params16) return v->params + off;
     return half_widen_cached(v->wbuf, &v->wbuf_of, v->params16 + off, n);
 }
@@ -80,85 +110,176 @@ static const float *wmat(vae_t *v, size_t off, size_t n) {
 static size_t conv_numel(const conv_p *c) { return (size_t)c->cout * c->cin * c->k * c->k; }
 static size_t lin_numel(const lin_p *l) { return (size_t)l->out * l->in; }
 
+/* floats of a layer's input and of its output at the laid-out shape */
+static size_t in_floats(const layer *L) { return (size_t)L->B * L->cin * L->H * L->W; }
+static size_t out_floats(const layer *L) {
+    int H = L->H, W = L->W;
+    if (L->kind == L_DOWN) { H = (H - 2) / 2 + 1; W = (W - 2) / 2 + 1; }   /* (side + 1 - 3) / 2 + 1 */
+    if (L->kind == L_UP) { H *= 2; W *= 2; }
+    return (size_t)L->B * L->cout * H * W;
+}
+
 /* ---------------------------------------------------------------------------
- * the arena: a stack. push() hands out the next n floats; pop_to() moves the
- * most recent result down to an earlier mark, dropping everything between
- * (inference drops each layer's input, backward each layer's dL/d(output)).
- * While measuring, nothing is allocated or computed: only top and peak move. */
+ * the activation layout
+ *
+ * vae_layout gives every tensor one half (encoder or decoder) will hold an
+ * offset, for input (B, cin, H, W) and the mode in v->train, walking the
+ * layers in diffusers' module order as the forward runs them, then
+ * backwards as the backward does. Offsets, not pointers: the CPU runs them
+ * in v->acts, one block of the plan's peak, and a CUDA backend can allocate
+ * the same number of floats once on its device and use the same offsets.
+ *
+ * Training keeps every forward tensor (the backward reads them). Inference
+ * keeps only the current layer: its output moves down onto its input, so
+ * the half needs about one layer's worth. Backward needs a layer's gradient
+ * buffers only while it runs: each layer's dL/d(input) moves down onto its
+ * dL/d(output), and the rest is given back. */
+static void vae_layout(vae_t *v, int dec, int B, int H, int W, arena_plan *p) {
+    half_net *h = dec ? &v->net->dec : &v->net->enc;
+    size_t G = (size_t)B * v->cfg.groups;
+    int train = v->train;
+    size_t base = arena_mark(p);
+    h->in = arena_take(p, (size_t)B * h->L[0].cin * H * W);
+    size_t x = h->in;
+    for (int i = 0; i < h->n; i++) {
+        layer *L = &h->L[i];
+        L->B = B; L->H = H; L->W = W;
+        L->x = x;
+        size_t ni = in_floats(L), no = out_floats(L);
+        switch (L->kind) {
+        case L_CONV:
+            L->out = arena_take(p, no);
+            break;
+        case L_RESNET:
+            L->mean1 = arena_take(p, 4 * G);   /* the four small vectors in one piece */
+            L->rstd1 = L->mean1 + G; L->mean2 = L->mean1 + 2 * G; L->rstd2 = L->mean1 + 3 * G;
+            L->n1 = arena_take(p, ni);
+            L->a1 = train ? arena_take(p, ni) : L->n1;
+            L->h1 = arena_take(p, no);
+            L->n2 = arena_take(p, no);
+            L->a2 = train ? arena_take(p, no) : L->n2;
+            L->out = arena_take(p, no);
+            if (L->shortcut.cin) L->shortcut_out = arena_take(p, no);
+            break;
+        case L_ATTN: {
+            size_t T = (size_t)H * W;
+            L->mean1 = arena_take(p, 2 * G); L->rstd1 = L->mean1 + G;
+            L->n1 = arena_take(p, ni);
+            L->tokens = arena_take(p, ni);
+            L->q_out = arena_take(p, ni); L->k_out = arena_take(p, ni); L->v_out = arena_take(p, ni);
+            /* training keeps the probabilities (B T^2 floats: 64 MiB per
+             * image at 512 px) so the backward does not recompute q k^T */
+            if (train) L->probs = arena_take(p, (size_t)B * T * T);
+            L->attn_out = arena_take(p, ni);
+            L->proj_out = arena_take(p, ni);
+            L->out = arena_take(p, no);
+            break;
+        }
+        case L_DOWN:
+            L->xp = arena_take(p, (size_t)B * L->cin * (H + 1) * (W + 1));
+            L->out = arena_take(p, no);
+            H = (H - 2) / 2 + 1; W = (W - 2) / 2 + 1;
+            break;
+        case L_UP:
+            L->xp = arena_take(p, (size_t)B * L->cin * 4 * H * W);
+            L->out = arena_take(p, no);
+            H *= 2; W *= 2;
+            break;
+        case L_NORMACT:
+            L->mean1 = arena_take(p, 2 * G); L->rstd1 = L->mean1 + G;
+            L->n1 = arena_take(p, ni);
+            L->out = train ? arena_take(p, ni) : L->n1;   /* inference: SiLU in place */
+            break;
+        }
+        if (train) {
+            L->y = L->out;
+        } else {
+            arena_release(p, base);          /* everything but the output is dead */
+            L->y = arena_take(p, no);        /* == h->in: the output moved down */
+        }
+        x = L->y;
+    }
+    h->out = x;
+    if (!train) return;
 
-static float *push(vae_t *v, vae_arena *a, size_t n) {
-    size_t at = a->top;
-    a->top += n;
-    if (a->top > a->peak) a->peak = a->top;
-    if (v->measuring) return NULL;
-    return a->base + at;   /* fits: the forward checked the measured peak first */
-}
-
-static float *pushz(vae_t *v, vae_arena *a, size_t n) {
-    float *p = push(v, a, n);
-    if (p) memset(p, 0, n * sizeof(float));
-    return p;
-}
-
-static float *pop_to(vae_t *v, vae_arena *a, size_t mark, float *keep, size_t n) {
-    a->top = mark + n;
-    if (v->measuring) return NULL;
-    if (keep != a->base + mark) memmove(a->base + mark, keep, n * sizeof(float));
-    return a->base + mark;
+    size_t mark = arena_mark(p);
+    h->dout = arena_take(p, out_floats(&h->L[h->n - 1]));
+    size_t dy = h->dout;
+    for (int i = h->n - 1; i >= 0; i--) {
+        layer *L = &h->L[i];
+        size_t ni = in_floats(L), no = out_floats(L);
+        L->dy = dy;
+        L->dx = arena_take(p, ni);
+        switch (L->kind) {
+        case L_CONV:
+            break;
+        case L_RESNET:
+            L->d_a2_h1 = arena_take(p, no);
+            L->d_n2_a1 = arena_take(p, ni > no ? ni : no);
+            L->d_n1 = arena_take(p, ni);
+            break;
+        case L_ATTN:
+            L->d_proj = arena_take(p, ni);
+            L->d_attn = arena_take(p, ni);
+            L->dq = arena_take(p, ni); L->dk = arena_take(p, ni); L->dv = arena_take(p, ni);
+            L->d_tokens = arena_take(p, ni);
+            L->d_norm = arena_take(p, ni);
+            break;
+        case L_DOWN:
+            L->d_xp = arena_take(p, (size_t)L->B * L->cin * (L->H + 1) * (L->W + 1));
+            break;
+        case L_UP:
+            L->d_xp = arena_take(p, (size_t)L->B * L->cin * 4 * L->H * L->W);
+            break;
+        case L_NORMACT:
+            L->d_norm = arena_take(p, ni);
+            break;
+        }
+        arena_release(p, mark);              /* the layer's gradient buffers are dead */
+        dy = arena_take(p, ni);              /* == L->dy: dL/d(input) moved down */
+    }
+    h->din = dy;
+    arena_release(p, mark);
 }
 
 /* ---------------------------------------------------------------------------
  * the ops, as the layers use them: thin wrappers over nn.h that know the
- * parameter block, skip the work while measuring, and pass NULL weight
- * gradients when the VAE is frozen. */
+ * parameter block and pass NULL weight gradients when the VAE is frozen */
 
 static void conv_fwd(vae_t *v, const conv_p *c, float *out, const float *in,
                      int B, int H, int W, int stride, int pad) {
-    if (v->measuring) return;
-    conv2d_forward(out, in, wmat(v, c->w, conv_numel(c)), P(v, c->b), B, c->cin, H, W, c->cout, c->k, c->k, stride, pad);
+    conv2d_forward(out, in, weight_f32(v, c->w, conv_numel(c)), param(v, c->b),
+                   B, c->cin, H, W, c->cout, c->k, c->k, stride, pad);
 }
 
 static void conv_bwd(vae_t *v, const conv_p *c, float *din, const float *dout, const float *in,
                      int B, int H, int W, int stride, int pad) {
-    if (v->measuring) return;
-    conv2d_backward(din, G(v, c->w), G(v, c->b), dout, in, wmat(v, c->w, conv_numel(c)),
+    conv2d_backward(din, grad_of(v, c->w), grad_of(v, c->b), dout, in, weight_f32(v, c->w, conv_numel(c)),
                     B, c->cin, H, W, c->cout, c->k, c->k, stride, pad);
 }
 
 static void gn_fwd(vae_t *v, const norm_p *n, float *out, float *mean, float *rstd,
                    const float *in, int B, int HW) {
-    if (v->measuring) return;
-    groupnorm_forward(out, mean, rstd, in, P(v, n->w), P(v, n->b), B, n->C, HW, v->cfg.groups, VAE_EPS);
+    groupnorm_forward(out, mean, rstd, in, param(v, n->w), param(v, n->b), B, n->C, HW, v->cfg.groups, VAE_EPS);
 }
 
 static void gn_bwd(vae_t *v, const norm_p *n, float *din, const float *dout, const float *in,
                    const float *mean, const float *rstd, int B, int HW) {
-    if (v->measuring) return;
-    groupnorm_backward(din, G(v, n->w), G(v, n->b), dout, in, P(v, n->w), mean, rstd,
+    groupnorm_backward(din, grad_of(v, n->w), grad_of(v, n->b), dout, in, param(v, n->w), mean, rstd,
                        B, n->C, HW, v->cfg.groups);
 }
 
 static void lin_fwd(vae_t *v, const lin_p *l, float *out, const float *in, int N) {
-    if (v->measuring) return;
-    linear_forward(out, in, wmat(v, l->w, lin_numel(l)), P(v, l->b), N, l->in, l->out);
+    linear_forward(out, in, weight_f32(v, l->w, lin_numel(l)), param(v, l->b), N, l->in, l->out);
 }
 
 static void lin_bwd(vae_t *v, const lin_p *l, float *din, const float *dout, const float *in, int N) {
-    if (v->measuring) return;
-    linear_backward(din, G(v, l->w), G(v, l->b), dout, in, wmat(v, l->w, lin_numel(l)), N, l->in, l->out);
-}
-
-static void silu_fwd(vae_t *v, float *out, const float *in, size_t n) {
-    if (!v->measuring) silu_forward(out, in, n);
-}
-
-static void silu_bwd(vae_t *v, float *din, const float *dout, const float *in, size_t n) {
-    if (!v->measuring) silu_backward(din, dout, in, n);
+    linear_backward(din, grad_of(v, l->w), grad_of(v, l->b), dout, in, weight_f32(v, l->w, lin_numel(l)),
+                    N, l->in, l->out);
 }
 
 /* y += x */
-static void add_to(vae_t *v, float *y, const float *x, size_t n) {
-    if (v->measuring) return;
+static void add_to(float *y, const float *x, size_t n) {
 #ifdef _OPENMP
     #pragma omp parallel for if (n >= 16384)
 #endif
@@ -167,8 +288,7 @@ static void add_to(vae_t *v, float *y, const float *x, size_t n) {
 
 /* out[b][j][i] = in[b][i][j]: (B, R, S) -> (B, S, R). Images (B, C, HW) and
  * token sequences (B, HW, C) are the same numbers in the two orders. */
-static void transpose(vae_t *v, float *out, const float *in, int B, int R, int S) {
-    if (v->measuring) return;
+static void transpose(float *out, const float *in, int B, int R, int S) {
     for (int b = 0; b < B; b++) {
         const float *x = in + (size_t)b * R * S;
         float *y = out + (size_t)b * R * S;
@@ -180,64 +300,64 @@ static void transpose(vae_t *v, float *out, const float *in, int B, int R, int S
     }
 }
 
+/* a buffer the backward accumulates into (+=) starts at zero */
+static float *zeroed(vae_t *v, size_t off, size_t n) {
+    float *p = at(v, off);
+    memset(p, 0, n * sizeof(float));
+    return p;
+}
+
 /* ---------------------------------------------------------------------------
- * layers: forward returns the output (pushed on a), backward dL/d(input)
- * (pushed on a, NULL when !need_dx). Forward records the input shape in L. */
+ * layers: forward reads its input at L->x and writes L->out; backward reads
+ * dL/d(output) at L->dy and writes dL/d(input) at L->dx. Every tensor is
+ * where vae_layout put it. */
 
 /* ResnetBlock2D without time embedding (output_scale_factor 1, dropout 0):
  *   h   = conv1(silu(norm1(x)))
  *   out = conv2(silu(norm2(h))) + shortcut(x)      shortcut = 1x1 conv or identity */
-static float *resnet_forward(vae_t *v, vae_arena *a, layer *L, const float *x, int B, int H, int W) {
-    int HW = H * W, G_ = v->cfg.groups;
-    size_t ni = (size_t)B * L->cin * HW, no = (size_t)B * L->cout * HW;
-    float *m1 = push(v, a, (size_t)B * G_), *r1 = push(v, a, (size_t)B * G_);
-    float *m2 = push(v, a, (size_t)B * G_), *r2 = push(v, a, (size_t)B * G_);
-    float *n1 = push(v, a, ni);
-    gn_fwd(v, &L->norm1, n1, m1, r1, x, B, HW);
-    float *a1 = v->train ? push(v, a, ni) : n1;      /* inference: SiLU in place */
-    silu_fwd(v, a1, n1, ni);
-    float *h1 = push(v, a, no);
+static void resnet_forward(vae_t *v, const layer *L) {
+    int B = L->B, H = L->H, W = L->W, HW = H * W;
+    size_t ni = in_floats(L), no = out_floats(L);
+    const float *x = at(v, L->x);
+    float *n1 = at(v, L->n1), *a1 = at(v, L->a1), *h1 = at(v, L->h1);
+    float *n2 = at(v, L->n2), *a2 = at(v, L->a2), *out = at(v, L->out);
+    gn_fwd(v, &L->norm1, n1, at(v, L->mean1), at(v, L->rstd1), x, B, HW);
+    silu_forward(a1, n1, ni);
     conv_fwd(v, &L->conv1, h1, a1, B, H, W, 1, 1);
-    float *n2 = push(v, a, no);
-    gn_fwd(v, &L->norm2, n2, m2, r2, h1, B, HW);
-    float *a2 = v->train ? push(v, a, no) : n2;
-    silu_fwd(v, a2, n2, no);
-    float *out = push(v, a, no);
+    gn_fwd(v, &L->norm2, n2, at(v, L->mean2), at(v, L->rstd2), h1, B, HW);
+    silu_forward(a2, n2, no);
     conv_fwd(v, &L->conv2, out, a2, B, H, W, 1, 1);
     if (L->shortcut.cin) {
-        float *s = push(v, a, no);
+        float *s = at(v, L->shortcut_out);
         conv_fwd(v, &L->shortcut, s, x, B, H, W, 1, 0);
-        add_to(v, out, s, no);
+        add_to(out, s, no);
     } else {
-        add_to(v, out, x, no);
+        add_to(out, x, no);
     }
-    if (v->train) {
-        L->n1 = n1; L->a1 = a1; L->h1 = h1; L->n2 = n2; L->a2 = a2;
-        L->m1 = m1; L->r1 = r1; L->m2 = m2; L->r2 = r2;
-    }
-    return out;
 }
 
 /* dL/dx = norm1'(silu'(conv1'(norm2'(silu'(conv2'(dout)))))) + shortcut'(dout),
  * each ' the backward of that op at the saved input. Two ping-pong buffers
  * carry the chain (the second also holds dL/da1, which has cin channels); a
  * third of the input's size ends it. */
-static float *resnet_backward(vae_t *v, vae_arena *a, layer *L, const float *dy) {
+static void resnet_backward(vae_t *v, const layer *L) {
     int B = L->B, H = L->H, W = L->W, HW = H * W;
-    size_t ni = (size_t)B * L->cin * HW, no = (size_t)B * L->cout * HW;
-    float *dx = pushz(v, a, ni);
-    float *ta = pushz(v, a, no), *tb = pushz(v, a, ni > no ? ni : no), *tc = pushz(v, a, ni);
-    conv_bwd(v, &L->conv2, ta, dy, L->a2, B, H, W, 1, 1);          /* ta = dL/da2 */
-    silu_bwd(v, tb, ta, L->n2, no);                                 /* tb = dL/dn2 */
-    if (!v->measuring) memset(ta, 0, no * sizeof(float));
-    gn_bwd(v, &L->norm2, ta, tb, L->h1, L->m2, L->r2, B, HW);       /* ta = dL/dh1 */
-    if (!v->measuring) memset(tb, 0, ni * sizeof(float));
-    conv_bwd(v, &L->conv1, tb, ta, L->a1, B, H, W, 1, 1);          /* tb = dL/da1 (cin channels) */
-    silu_bwd(v, tc, tb, L->n1, ni);                                 /* tc = dL/dn1 */
-    gn_bwd(v, &L->norm1, dx, tc, L->x, L->m1, L->r1, B, HW);
-    if (L->shortcut.cin) conv_bwd(v, &L->shortcut, dx, dy, L->x, B, H, W, 1, 0);
-    else add_to(v, dx, dy, no);
-    return dx;
+    size_t ni = in_floats(L), no = out_floats(L);
+    const float *x = at(v, L->x), *dy = at(v, L->dy);
+    float *dx = zeroed(v, L->dx, ni);
+    float *d_a2_h1 = zeroed(v, L->d_a2_h1, no);
+    float *d_n2_a1 = zeroed(v, L->d_n2_a1, ni > no ? ni : no);
+    float *d_n1 = zeroed(v, L->d_n1, ni);
+    conv_bwd(v, &L->conv2, d_a2_h1, dy, at(v, L->a2), B, H, W, 1, 1);       /* dL/da2 */
+    silu_backward(d_n2_a1, d_a2_h1, at(v, L->n2), no);                      /* dL/dn2 */
+    memset(d_a2_h1, 0, no * sizeof(float));
+    gn_bwd(v, &L->norm2, d_a2_h1, d_n2_a1, at(v, L->h1), at(v, L->mean2), at(v, L->rstd2), B, HW);  /* dL/dh1 */
+    memset(d_n2_a1, 0, ni * sizeof(float));
+    conv_bwd(v, &L->conv1, d_n2_a1, d_a2_h1, at(v, L->a1), B, H, W, 1, 1);  /* dL/da1 (cin channels) */
+    silu_backward(d_n1, d_n2_a1, at(v, L->n1), ni);                         /* dL/dn1 */
+    gn_bwd(v, &L->norm1, dx, d_n1, x, at(v, L->mean1), at(v, L->rstd1), B, HW);
+    if (L->shortcut.cin) conv_bwd(v, &L->shortcut, dx, dy, x, B, H, W, 1, 0);
+    else add_to(dx, dy, no);
 }
 
 /* Mid-block attention (diffusers Attention, one head of width C, as the
@@ -246,55 +366,44 @@ static float *resnet_backward(vae_t *v, vae_arena *a, layer *L, const float *dy)
  *   q, k, v = t Wq^T + bq, t Wk^T + bk, t Wv^T + bv
  *   o = softmax(q k^T / sqrt(C)) v
  *   out = x + (o Wo^T + bo)^T            (residual, rescale_output_factor 1) */
-static float *attn_forward(vae_t *v, vae_arena *a, layer *L, const float *x, int B, int H, int W) {
-    int C = L->cin, T = H * W, G_ = v->cfg.groups;
-    size_t n = (size_t)B * C * T;
-    float *m = push(v, a, (size_t)B * G_), *r = push(v, a, (size_t)B * G_);
-    float *nx = push(v, a, n);
-    gn_fwd(v, &L->norm1, nx, m, r, x, B, T);
-    float *t = push(v, a, n);
-    transpose(v, t, nx, B, C, T);
-    float *q = push(v, a, n), *k = push(v, a, n), *vv = push(v, a, n);
+static void attn_forward(vae_t *v, const layer *L) {
+    int B = L->B, C = L->cin, T = L->H * L->W;
+    size_t n = in_floats(L);
+    const float *x = at(v, L->x);
+    float *nx = at(v, L->n1), *t = at(v, L->tokens);
+    float *q = at(v, L->q_out), *k = at(v, L->k_out), *vv = at(v, L->v_out);
+    float *o = at(v, L->attn_out), *p = at(v, L->proj_out), *out = at(v, L->out);
+    gn_fwd(v, &L->norm1, nx, at(v, L->mean1), at(v, L->rstd1), x, B, T);
+    transpose(t, nx, B, C, T);
     lin_fwd(v, &L->q, q, t, B * T);
     lin_fwd(v, &L->k, k, t, B * T);
     lin_fwd(v, &L->v, vv, t, B * T);
-    /* training keeps the probabilities (B T^2 floats: 64 MiB per image at
-     * 512 px) so the backward does not recompute q k^T */
-    float *att = v->train ? push(v, a, (size_t)B * T * T) : NULL;
-    float *o = push(v, a, n);
-    if (!v->measuring) attention_forward(o, att, q, k, vv, B, T, T, 1, C, 0);
-    float *p = push(v, a, n);
+    attention_forward(o, v->train ? at(v, L->probs) : NULL, q, k, vv, B, T, T, 1, C, 0);
     lin_fwd(v, &L->o, p, o, B * T);
-    float *out = push(v, a, n);
-    transpose(v, out, p, B, T, C);
-    add_to(v, out, x, n);
-    if (v->train) {
-        L->m1 = m; L->r1 = r; L->t = t;
-        L->qa = q; L->ka = k; L->va = vv; L->att = att; L->oa = o;
-    }
-    return out;
+    transpose(out, p, B, T, C);
+    add_to(out, x, n);
 }
 
-static float *attn_backward(vae_t *v, vae_arena *a, layer *L, const float *dy) {
+static void attn_backward(vae_t *v, const layer *L) {
     int B = L->B, C = L->cin, T = L->H * L->W;
-    size_t n = (size_t)B * C * T;
-    float *dx = pushz(v, a, n);
-    add_to(v, dx, dy, n);                                   /* the residual */
-    float *dp = push(v, a, n);
-    transpose(v, dp, dy, B, C, T);
-    float *dout = pushz(v, a, n);
-    lin_bwd(v, &L->o, dout, dp, L->oa, B * T);
-    float *dq = pushz(v, a, n), *dk = pushz(v, a, n), *dv = pushz(v, a, n);
-    if (!v->measuring)
-        attention_backward(dq, dk, dv, dout, L->qa, L->ka, L->va, L->att, B, T, T, 1, C, 0);
-    float *dt = pushz(v, a, n);                             /* q, k, v all read t */
-    lin_bwd(v, &L->q, dt, dq, L->t, B * T);
-    lin_bwd(v, &L->k, dt, dk, L->t, B * T);
-    lin_bwd(v, &L->v, dt, dv, L->t, B * T);
-    float *dn = push(v, a, n);
-    transpose(v, dn, dt, B, T, C);
-    gn_bwd(v, &L->norm1, dx, dn, L->x, L->m1, L->r1, B, T);
-    return dx;
+    size_t n = in_floats(L);
+    const float *dy = at(v, L->dy), *t = at(v, L->tokens);
+    float *dx = zeroed(v, L->dx, n);
+    add_to(dx, dy, n);                                          /* the residual */
+    float *d_proj = at(v, L->d_proj);
+    transpose(d_proj, dy, B, C, T);
+    float *d_attn = zeroed(v, L->d_attn, n);
+    lin_bwd(v, &L->o, d_attn, d_proj, at(v, L->attn_out), B * T);
+    float *dq = zeroed(v, L->dq, n), *dk = zeroed(v, L->dk, n), *dv = zeroed(v, L->dv, n);
+    attention_backward(dq, dk, dv, d_attn, at(v, L->q_out), at(v, L->k_out), at(v, L->v_out),
+                       at(v, L->probs), B, T, T, 1, C, 0);
+    float *d_tokens = zeroed(v, L->d_tokens, n);                /* q, k, v all read t */
+    lin_bwd(v, &L->q, d_tokens, dq, t, B * T);
+    lin_bwd(v, &L->k, d_tokens, dk, t, B * T);
+    lin_bwd(v, &L->v, d_tokens, dv, t, B * T);
+    float *d_norm = at(v, L->d_norm);
+    transpose(d_norm, d_tokens, B, T, C);
+    gn_bwd(v, &L->norm1, dx, d_norm, at(v, L->x), at(v, L->mean1), at(v, L->rstd1), B, T);
 }
 
 /* Downsample2D with padding=0: pad one zero row at the bottom and one zero
@@ -302,154 +411,112 @@ static float *attn_backward(vae_t *v, vae_arena *a, layer *L, const float *dy) {
  *   xp (H+1, W+1),  out side = (side + 1 - 3) / 2 + 1 = floor(side / 2).
  * Not the UNet's symmetric pad-1 downsample: the two differ at every
  * output pixel's window, so SD checkpoints only match with this one. */
-static float *down_forward(vae_t *v, vae_arena *a, layer *L, const float *x, int B, int H, int W) {
-    int C = L->cin, Hp = H + 1, Wp = W + 1, Ho = (Hp - 3) / 2 + 1, Wo = (Wp - 3) / 2 + 1;
-    float *xp = push(v, a, (size_t)B * C * Hp * Wp);
-    if (!v->measuring) {
-        for (int bc = 0; bc < B * C; bc++) {
-            const float *s = x + (size_t)bc * H * W;
-            float *d = xp + (size_t)bc * Hp * Wp;
-            for (int i = 0; i < H; i++) {
-                memcpy(d + (size_t)i * Wp, s + (size_t)i * W, (size_t)W * sizeof(float));
-                d[(size_t)i * Wp + W] = 0.0f;
-            }
-            memset(d + (size_t)H * Wp, 0, (size_t)Wp * sizeof(float));
+static void down_forward(vae_t *v, const layer *L) {
+    int B = L->B, C = L->cin, H = L->H, W = L->W, Hp = H + 1, Wp = W + 1;
+    const float *x = at(v, L->x);
+    float *xp = at(v, L->xp);
+    for (int bc = 0; bc < B * C; bc++) {
+        const float *s = x + (size_t)bc * H * W;
+        float *d = xp + (size_t)bc * Hp * Wp;
+        for (int i = 0; i < H; i++) {
+            memcpy(d + (size_t)i * Wp, s + (size_t)i * W, (size_t)W * sizeof(float));
+            d[(size_t)i * Wp + W] = 0.0f;
         }
+        memset(d + (size_t)H * Wp, 0, (size_t)Wp * sizeof(float));
     }
-    float *out = push(v, a, (size_t)B * L->cout * Ho * Wo);
-    conv_fwd(v, &L->conv, out, xp, B, Hp, Wp, 2, 0);
-    if (v->train) L->xp = xp;
-    return out;
+    conv_fwd(v, &L->conv, at(v, L->out), xp, B, Hp, Wp, 2, 0);
 }
 
-static float *down_backward(vae_t *v, vae_arena *a, layer *L, const float *dy) {
+static void down_backward(vae_t *v, const layer *L) {
     int B = L->B, C = L->cin, H = L->H, W = L->W, Hp = H + 1, Wp = W + 1;
-    float *dxp = pushz(v, a, (size_t)B * C * Hp * Wp);
-    conv_bwd(v, &L->conv, dxp, dy, L->xp, B, Hp, Wp, 2, 0);
-    float *dx = push(v, a, (size_t)B * C * H * W);
-    if (!v->measuring) {                  /* the padding's gradient goes nowhere */
-        for (int bc = 0; bc < B * C; bc++)
-            for (int i = 0; i < H; i++)
-                memcpy(dx + ((size_t)bc * H + i) * W, dxp + ((size_t)bc * Hp + i) * Wp,
-                       (size_t)W * sizeof(float));
-    }
-    return dx;
+    float *d_xp = zeroed(v, L->d_xp, (size_t)B * C * Hp * Wp), *dx = at(v, L->dx);
+    conv_bwd(v, &L->conv, d_xp, at(v, L->dy), at(v, L->xp), B, Hp, Wp, 2, 0);
+    for (int bc = 0; bc < B * C; bc++)          /* the padding's gradient goes nowhere */
+        for (int i = 0; i < H; i++)
+            memcpy(dx + ((size_t)bc * H + i) * W, d_xp + ((size_t)bc * Hp + i) * Wp,
+                   (size_t)W * sizeof(float));
 }
 
 /* Upsample2D: nearest 2x, then a 3x3 conv (pad 1) */
-static float *up_forward(vae_t *v, vae_arena *a, layer *L, const float *x, int B, int H, int W) {
-    int C = L->cin;
-    float *u = push(v, a, (size_t)B * C * 4 * H * W);
-    if (!v->measuring) upsample2x_forward(u, x, B, C, H, W);
-    float *out = push(v, a, (size_t)B * L->cout * 4 * H * W);
-    conv_fwd(v, &L->conv, out, u, B, 2 * H, 2 * W, 1, 1);
-    if (v->train) L->xp = u;
-    return out;
+static void up_forward(vae_t *v, const layer *L) {
+    int B = L->B, C = L->cin, H = L->H, W = L->W;
+    float *u = at(v, L->xp);
+    upsample2x_forward(u, at(v, L->x), B, C, H, W);
+    conv_fwd(v, &L->conv, at(v, L->out), u, B, 2 * H, 2 * W, 1, 1);
 }
 
-static float *up_backward(vae_t *v, vae_arena *a, layer *L, const float *dy) {
+static void up_backward(vae_t *v, const layer *L) {
     int B = L->B, C = L->cin, H = L->H, W = L->W;
-    float *du = pushz(v, a, (size_t)B * C * 4 * H * W);
-    conv_bwd(v, &L->conv, du, dy, L->xp, B, 2 * H, 2 * W, 1, 1);
-    float *dx = pushz(v, a, (size_t)B * C * H * W);
-    if (!v->measuring) upsample2x_backward(dx, du, B, C, H, W);
-    return dx;
+    float *du = zeroed(v, L->d_xp, (size_t)B * C * 4 * H * W);
+    conv_bwd(v, &L->conv, du, at(v, L->dy), at(v, L->xp), B, 2 * H, 2 * W, 1, 1);
+    upsample2x_backward(zeroed(v, L->dx, in_floats(L)), du, B, C, H, W);
 }
 
 /* conv_norm_out then conv_act: out = silu(norm(x)) */
-static float *normact_forward(vae_t *v, vae_arena *a, layer *L, const float *x, int B, int H, int W) {
-    int HW = H * W, G_ = v->cfg.groups;
-    size_t n = (size_t)B * L->cin * HW;
-    float *m = push(v, a, (size_t)B * G_), *r = push(v, a, (size_t)B * G_);
-    float *nx = push(v, a, n);
-    gn_fwd(v, &L->norm1, nx, m, r, x, B, HW);
-    float *out = v->train ? push(v, a, n) : nx;
-    silu_fwd(v, out, nx, n);
-    if (v->train) { L->n1 = nx; L->m1 = m; L->r1 = r; }
-    return out;
+static void normact_forward(vae_t *v, const layer *L) {
+    int HW = L->H * L->W;
+    float *nx = at(v, L->n1);
+    gn_fwd(v, &L->norm1, nx, at(v, L->mean1), at(v, L->rstd1), at(v, L->x), L->B, HW);
+    silu_forward(at(v, L->out), nx, in_floats(L));
 }
 
-static float *normact_backward(vae_t *v, vae_arena *a, layer *L, const float *dy) {
-    int B = L->B, HW = L->H * L->W;
-    size_t n = (size_t)B * L->cin * HW;
-    float *dn = pushz(v, a, n);
-    silu_bwd(v, dn, dy, L->n1, n);
-    float *dx = pushz(v, a, n);
-    gn_bwd(v, &L->norm1, dx, dn, L->x, L->m1, L->r1, B, HW);
-    return dx;
+static void normact_backward(vae_t *v, const layer *L) {
+    size_t n = in_floats(L);
+    float *d_norm = zeroed(v, L->d_norm, n);
+    silu_backward(d_norm, at(v, L->dy), at(v, L->n1), n);
+    gn_bwd(v, &L->norm1, zeroed(v, L->dx, n), d_norm, at(v, L->x), at(v, L->mean1), at(v, L->rstd1),
+           L->B, L->H * L->W);
 }
 
 /* a k x k conv, stride 1, "same" padding (conv_in, conv_out: 3x3; quant_conv: 1x1) */
-static float *conv_forward_layer(vae_t *v, vae_arena *a, layer *L, const float *x, int B, int H, int W) {
-    float *out = push(v, a, (size_t)B * L->cout * H * W);
-    conv_fwd(v, &L->conv, out, x, B, H, W, 1, L->conv.k / 2);
-    return out;
+static void conv_layer_forward(vae_t *v, const layer *L) {
+    conv_fwd(v, &L->conv, at(v, L->out), at(v, L->x), L->B, L->H, L->W, 1, L->conv.k / 2);
 }
 
-static float *conv_backward_layer(vae_t *v, vae_arena *a, layer *L, const float *dy, int need_dx) {
-    float *dx = need_dx ? pushz(v, a, (size_t)L->B * L->cin * L->H * L->W) : NULL;
-    if (need_dx || v->grads) conv_bwd(v, &L->conv, dx, dy, L->x, L->B, L->H, L->W, 1, L->conv.k / 2);
-    return dx;
+/* need_dx 0: only the weight gradients (the first layer, when the caller
+ * wants no input gradient) */
+static void conv_layer_backward(vae_t *v, const layer *L, int need_dx) {
+    float *dx = need_dx ? zeroed(v, L->dx, in_floats(L)) : NULL;
+    if (need_dx || v->grads)
+        conv_bwd(v, &L->conv, dx, at(v, L->dy), at(v, L->x), L->B, L->H, L->W, 1, L->conv.k / 2);
 }
 
-static float *layer_forward(vae_t *v, vae_arena *a, layer *L, const float *x, int B, int *H, int *W) {
-    L->B = B; L->H = *H; L->W = *W;
-    L->x = v->train ? (float *)x : NULL;
-    switch (L->kind) {
-    case L_CONV:    return conv_forward_layer(v, a, L, x, B, *H, *W);
-    case L_RESNET:  return resnet_forward(v, a, L, x, B, *H, *W);
-    case L_ATTN:    return attn_forward(v, a, L, x, B, *H, *W);
-    case L_NORMACT: return normact_forward(v, a, L, x, B, *H, *W);
-    case L_DOWN: {
-        float *out = down_forward(v, a, L, x, B, *H, *W);
-        *H = (*H - 2) / 2 + 1; *W = (*W - 2) / 2 + 1;
-        return out;
+/* Run a half's layers on its input (at h->in), each reading the last one's
+ * output where vae_layout put it; the output ends at h->out. */
+static void run_forward(vae_t *v, const half_net *h) {
+    for (int i = 0; i < h->n; i++) {
+        const layer *L = &h->L[i];
+        switch (L->kind) {
+        case L_CONV:    conv_layer_forward(v, L); break;
+        case L_RESNET:  resnet_forward(v, L); break;
+        case L_ATTN:    attn_forward(v, L); break;
+        case L_DOWN:    down_forward(v, L); break;
+        case L_UP:      up_forward(v, L); break;
+        case L_NORMACT: normact_forward(v, L); break;
+        }
+        /* inference: the output moves down onto the dead input */
+        if (L->y != L->out) memmove(at(v, L->y), at(v, L->out), out_floats(L) * sizeof(float));
     }
-    case L_UP: {
-        float *out = up_forward(v, a, L, x, B, *H, *W);
-        *H *= 2; *W *= 2;
-        return out;
-    }
-    }
-    return NULL;
 }
 
-static float *layer_backward(vae_t *v, vae_arena *a, layer *L, const float *dy, int need_dx) {
-    switch (L->kind) {
-    case L_CONV:    return conv_backward_layer(v, a, L, dy, need_dx);
-    case L_RESNET:  return resnet_backward(v, a, L, dy);
-    case L_ATTN:    return attn_backward(v, a, L, dy);
-    case L_NORMACT: return normact_backward(v, a, L, dy);
-    case L_DOWN:    return down_backward(v, a, L, dy);
-    case L_UP:      return up_backward(v, a, L, dy);
-    }
-    return NULL;
-}
-
-/* Run n layers on x, which sits at the bottom of the arena (offset 0).
- * Inference moves each output down onto its input, so the arena holds one
- * layer's worth at a time; training keeps everything. Returns the output;
- * *H, *W, *C become its shape. */
-static float *run_forward(vae_t *v, vae_arena *a, layer *Ls, int n, float *x, int B, int *H, int *W) {
-    for (int i = 0; i < n; i++) {
-        float *y = layer_forward(v, a, &Ls[i], x, B, H, W);
-        if (!v->train) y = pop_to(v, a, 0, y, (size_t)B * Ls[i].cout * *H * *W);
-        x = y;
-    }
-    return x;
-}
-
-/* dy sits at the arena's top (offset mark); each layer's dL/d(input) is moved
- * down onto it. need_dx: whether the first layer's input gradient is wanted. */
-static float *run_backward(vae_t *v, vae_arena *a, layer *Ls, int n, float *dy, size_t mark, int need_dx) {
-    for (int i = n - 1; i >= 0; i--) {
-        layer *L = &Ls[i];
+/* Backward through a half, from dL/d(output) at h->dout to dL/d(input) at
+ * h->din. need_dx: whether the first layer's input gradient is wanted. */
+static void run_backward(vae_t *v, const half_net *h, int need_dx) {
+    for (int i = h->n - 1; i >= 0; i--) {
+        const layer *L = &h->L[i];
         int want = i > 0 || need_dx;
-        float *dx = layer_backward(v, a, L, dy, want);
-        if (!want) { a->top = mark; return NULL; }
-        dy = pop_to(v, a, mark, dx, (size_t)L->B * L->cin * L->H * L->W);
+        switch (L->kind) {
+        case L_CONV:    conv_layer_backward(v, L, want); break;
+        case L_RESNET:  resnet_backward(v, L); break;
+        case L_ATTN:    attn_backward(v, L); break;
+        case L_DOWN:    down_backward(v, L); break;
+        case L_UP:      up_backward(v, L); break;
+        case L_NORMACT: normact_backward(v, L); break;
+        }
+        if (!want) return;
+        /* dL/d(input) moves down onto the dead dL/d(output): the layer below's dy */
+        memmove(at(v, L->dy), at(v, L->dx), in_floats(L) * sizeof(float));
     }
-    return dy;
 }
 
 /* ---------------------------------------------------------------------------
@@ -721,17 +788,17 @@ int vae_build_dtype(vae_t *v, const vae_config *c, weight_dtype wdtype, char *er
     int maxl = 8 + nl * (lpb + 2);
     v->net = calloc(1, sizeof *v->net);
     if (v->net) {
-        v->net->enc = calloc((size_t)maxl, sizeof(layer));
-        v->net->dec = calloc((size_t)maxl, sizeof(layer));
+        v->net->enc.L = calloc((size_t)maxl, sizeof(layer));
+        v->net->dec.L = calloc((size_t)maxl, sizeof(layer));
     }
-    if (!v->net || !v->net->enc || !v->net->dec) {
+    if (!v->net || !v->net->enc.L || !v->net->dec.L) {
         vae_free(v);
         seterr(err, "vae: out of memory building the model");
         return -1;
     }
     builder b = { v, 0, 0, 0, 0 };
     char pre[VAE_NAME_LEN];
-    layer *E = v->net->enc, *D = v->net->dec;
+    layer *E = v->net->enc.L, *D = v->net->dec.L;
     int ne = 0, nd = 0;
     layer *L;
 
@@ -788,7 +855,7 @@ int vae_build_dtype(vae_t *v, const vae_config *c, weight_dtype wdtype, char *er
     L = next_layer(D, &nd, L_CONV, ch, c->out_channels);
     L->conv = mk_conv(&b, "decoder.conv_out", "", ch, c->out_channels, 3);
 
-    v->net->nenc = ne; v->net->ndec = nd;
+    v->net->enc.n = ne; v->net->dec.n = nd;
     v->nparams = b.n;
     v->nmat = b.nmat;
     int f16 = wdtype == WEIGHT_F16;
@@ -817,9 +884,9 @@ int vae_build_dtype(vae_t *v, const vae_config *c, weight_dtype wdtype, char *er
 }
 
 void vae_free(vae_t *v) {
-    if (v->net) { free(v->net->enc); free(v->net->dec); free(v->net); }
+    if (v->net) { free(v->net->enc.L); free(v->net->dec.L); free(v->net); }
     free(v->params); free(v->params16); free(v->wbuf); free(v->grads); free(v->table);
-    free(v->enc.base); free(v->dec.base);
+    arena_free(&v->acts);
     memset(v, 0, sizeof *v);
 }
 
@@ -1002,22 +1069,12 @@ int vae_latent_side(const vae_config *c, int side) {
     return side;
 }
 
-/* arena floats one forward (and, training, its backward) of this half needs */
-static size_t measure(vae_t *v, int dec, int B, int H, int W) {
-    vae_arena a = { NULL, 0, 0, 0 };
-    layer *Ls = dec ? v->net->dec : v->net->enc;
-    int n = dec ? v->net->ndec : v->net->nenc;
-    int cin = Ls[0].cin, h = H, w = W;
-    v->measuring = 1;
-    push(v, &a, (size_t)B * cin * H * W);                    /* the input copy */
-    run_forward(v, &a, Ls, n, NULL, B, &h, &w);
-    if (v->train) {
-        size_t mark = a.top;
-        push(v, &a, (size_t)B * Ls[n - 1].cout * h * w);     /* dL/d(output) */
-        run_backward(v, &a, Ls, n, NULL, mark, 1);
-    }
-    v->measuring = 0;
-    return a.peak;
+/* the decoder's activations start where the encoder's end: encoding, then
+ * decoding, then backward through both (tools/tiny_base.c) keeps both */
+static arena_plan half_plan(const vae_t *v, int dec) {
+    arena_plan p = { 0, 0 };
+    if (dec) p.top = p.peak = v->enc_floats;
+    return p;
 }
 
 int vae_alloc_acts(vae_t *v, int B, int H, int W, int train) {
@@ -1028,63 +1085,59 @@ int vae_alloc_acts(vae_t *v, int B, int H, int W, int train) {
         return -1;
     }
     v->train = train;
-    size_t ne = measure(v, 0, B, H, W), nd = measure(v, 1, B, h, w);
-    free(v->enc.base); free(v->dec.base);
-    memset(&v->enc, 0, sizeof v->enc); memset(&v->dec, 0, sizeof v->dec);
-    v->enc.base = malloc(ne * sizeof(float));
-    v->dec.base = malloc(nd * sizeof(float));
-    if (!v->enc.base || !v->dec.base) {
-        free(v->enc.base); free(v->dec.base);
-        memset(&v->enc, 0, sizeof v->enc); memset(&v->dec, 0, sizeof v->dec);
-        seterr(v->err, "vae: out of memory for %zu activation floats", ne + nd);
-        return -1;
-    }
-    v->enc.cap = ne; v->dec.cap = nd;
-    v->B = B; v->H = H; v->W = W;
     v->enc_B = v->dec_B = 0;
+    arena_plan p = half_plan(v, 0);
+    vae_layout(v, 0, B, H, W, &p);
+    v->enc_floats = p.peak;
+    p = half_plan(v, 1);
+    vae_layout(v, 1, B, h, w, &p);
+    if (arena_alloc(&v->acts, &p)) {
+        v->enc_floats = 0;
+        seterr(v->err, "vae: out of memory for %zu activation floats", p.peak);
+        return -1;
+    }
+    v->B = B; v->H = H; v->W = W;
     return 0;
 }
 
-size_t vae_acts_floats(const vae_t *v) { return v->enc.cap + v->dec.cap; }
+size_t vae_acts_floats(const vae_t *v) { return v->acts.nfloats; }
 
-/* check this call fits the arena the shape was sized for */
-static int fits(vae_t *v, int dec, int B, int H, int W) {
-    vae_arena *a = dec ? &v->dec : &v->enc;
-    if (!a->base) { seterr(v->err, "vae: no activation memory (call vae_alloc_acts first)"); return -1; }
-    size_t need = measure(v, dec, B, H, W);
-    if (need > a->cap) {
+/* Lay out a half for this call's shape (it may be smaller than the one
+ * vae_alloc_acts sized) and check that it fits there. A failed call leaves
+ * nothing for a backward. */
+static int layout_for_call(vae_t *v, int dec, int B, int H, int W) {
+    if (dec) v->dec_B = 0; else v->enc_B = 0;
+    if (!v->acts.base) { seterr(v->err, "vae: no activation memory (call vae_alloc_acts first)"); return -1; }
+    arena_plan p = half_plan(v, dec);
+    size_t start = p.top, end = dec ? v->acts.nfloats : v->enc_floats;
+    vae_layout(v, dec, B, H, W, &p);
+    if (p.peak > end) {
         seterr(v->err, "vae: %s of %d x %dx%d needs %zu activation floats, vae_alloc_acts sized %zu (size for the largest batch)",
-               dec ? "decoding" : "encoding", B, H, W, need, a->cap);
+               dec ? "decoding" : "encoding", B, H, W, p.peak - start, end - start);
         return -1;
     }
     return 0;
 }
 
-/* encoder forward to the moments (B, 2L, h, w) at the arena's top */
-static float *encode_moments(vae_t *v, const float *img, int B, int H, int W, int *h, int *w) {
+/* encoder forward: the moments (B, 2L, h, w) end at v->net->enc.out */
+static int encode_moments(vae_t *v, const float *img, int B, int H, int W) {
     if (B < 1 || vae_latent_side(&v->cfg, H) < 1 || vae_latent_side(&v->cfg, W) < 1) {
         seterr(v->err, "vae: cannot encode %d images of %dx%d (too small to downsample %d times)",
                B, H, W, v->cfg.nlevels - 1);
-        return NULL;
+        return -1;
     }
-    if (fits(v, 0, B, H, W)) return NULL;
-    vae_arena *a = &v->enc;
-    a->top = 0;
-    size_t n = (size_t)B * v->cfg.in_channels * H * W;
-    float *x = push(v, a, n);
-    memcpy(x, img, n * sizeof(float));
-    *h = H; *w = W;
-    float *m = run_forward(v, a, v->net->enc, v->net->nenc, x, B, h, w);
+    if (layout_for_call(v, 0, B, H, W)) return -1;
+    const half_net *enc = &v->net->enc;
+    memcpy(at(v, enc->in), img, (size_t)B * v->cfg.in_channels * H * W * sizeof(float));
+    run_forward(v, enc);
     if (v->train) { v->enc_B = B; v->enc_H = H; v->enc_W = W; }
-    else v->enc_B = 0;
-    v->net->moments = m;
-    return m;
+    return 0;
 }
 
 int vae_encode(vae_t *v, float *mean, float *logvar, const float *img, int B, int H, int W) {
-    int h, w;
-    float *m = encode_moments(v, img, B, H, W, &h, &w);
-    if (!m) return -1;
+    if (encode_moments(v, img, B, H, W)) return -1;
+    const float *m = at(v, v->net->enc.out);
+    int h = vae_latent_side(&v->cfg, H), w = vae_latent_side(&v->cfg, W);
     /* moments = [mean | logvar] along channels; logvar = clamp(logvar, -30, 20) */
     int Lc = v->cfg.latent_channels;
     size_t hw = (size_t)h * w, per = (size_t)Lc * hw;
@@ -1146,13 +1199,12 @@ int vae_encoder_backward(vae_t *v, const float *dmean, const float *dlogvar, flo
         return -1;
     }
     int B = v->enc_B, h = vae_latent_side(&v->cfg, v->enc_H), w = vae_latent_side(&v->cfg, v->enc_W);
-    int Lc = v->cfg.latent_channels, n = v->net->nenc;
+    int Lc = v->cfg.latent_channels;
     if (!dimg && !v->grads) return 0;               /* nothing asked for */
-    vae_arena *a = &v->enc;
-    size_t per = (size_t)Lc * h * w, nm = 2 * per * B;
-    const float *m = v->net->moments;
-    size_t mark = a->top;
-    float *dm = push(v, a, nm);
+    const half_net *enc = &v->net->enc;
+    size_t per = (size_t)Lc * h * w;
+    const float *m = at(v, enc->out);
+    float *dm = at(v, enc->dout);
     /* dmoments = [dmean | dlogvar * 1{-30 <= logvar <= 20}]  (clamp passes
      * the gradient where it did not clip, as torch.clamp's backward) */
     for (int b = 0; b < B; b++) {
@@ -1165,26 +1217,23 @@ int vae_encoder_backward(vae_t *v, const float *dmean, const float *dlogvar, flo
             d[per + i] = dlogvar && pass ? dlogvar[b * per + i] : 0.0f;
         }
     }
-    float *dx = run_backward(v, a, v->net->enc, n, dm, mark, dimg != NULL);
-    if (dimg) memcpy(dimg, dx, (size_t)B * v->cfg.in_channels * v->enc_H * v->enc_W * sizeof(float));
-    a->top = mark;
+    run_backward(v, enc, dimg != NULL);
+    if (dimg) memcpy(dimg, at(v, enc->din), (size_t)B * v->cfg.in_channels * v->enc_H * v->enc_W * sizeof(float));
     return 0;
 }
 
 /* z -> img; in_scale, in_shift: the decoder's input is z * in_scale + in_shift */
 static int decode(vae_t *v, float *img, const float *z, int B, int h, int w, float in_scale, float in_shift) {
     if (B < 1 || h < 1 || w < 1) { seterr(v->err, "vae: cannot decode %d latents of %dx%d", B, h, w); return -1; }
-    if (fits(v, 1, B, h, w)) return -1;
-    vae_arena *a = &v->dec;
-    a->top = 0;
+    if (layout_for_call(v, 1, B, h, w)) return -1;
+    const half_net *dec = &v->net->dec;
     size_t n = (size_t)B * v->cfg.latent_channels * h * w;
-    float *x = push(v, a, n);
+    float *x = at(v, dec->in);
     for (size_t i = 0; i < n; i++) x[i] = z[i] * in_scale + in_shift;
-    int H = h, W = w;
-    float *y = run_forward(v, a, v->net->dec, v->net->ndec, x, B, &H, &W);
-    memcpy(img, y, (size_t)B * v->cfg.out_channels * H * W * sizeof(float));
+    run_forward(v, dec);
+    int f = 1 << (v->cfg.nlevels - 1);
+    memcpy(img, at(v, dec->out), (size_t)B * v->cfg.out_channels * h * f * w * f * sizeof(float));
     if (v->train) { v->dec_B = B; v->dec_h = h; v->dec_w = w; v->dec_in_scale = in_scale; }
-    else v->dec_B = 0;
     return 0;
 }
 
@@ -1206,16 +1255,14 @@ int vae_decoder_backward(vae_t *v, const float *dimg, float *dlatent) {
     if (!dlatent && !v->grads) return 0;
     int B = v->dec_B, f = 1 << (v->cfg.nlevels - 1);
     int H = v->dec_h * f, W = v->dec_w * f;
-    vae_arena *a = &v->dec;
-    size_t mark = a->top, n = (size_t)B * v->cfg.out_channels * H * W;
-    float *dy = push(v, a, n);
-    memcpy(dy, dimg, n * sizeof(float));
-    float *dx = run_backward(v, a, v->net->dec, v->net->ndec, dy, mark, dlatent != NULL);
+    const half_net *dec = &v->net->dec;
+    memcpy(at(v, dec->dout), dimg, (size_t)B * v->cfg.out_channels * H * W * sizeof(float));
+    run_backward(v, dec, dlatent != NULL);
     if (dlatent) {
         /* chain rule through z = latents * in_scale + shift */
+        const float *dz = at(v, dec->din);
         size_t nz = (size_t)B * v->cfg.latent_channels * v->dec_h * v->dec_w;
-        for (size_t i = 0; i < nz; i++) dlatent[i] = dx[i] * v->dec_in_scale;
+        for (size_t i = 0; i < nz; i++) dlatent[i] = dz[i] * v->dec_in_scale;
     }
-    a->top = mark;
     return 0;
 }

@@ -16,9 +16,11 @@
  * (diffusers name, offset, shape) built from the config, so loading is one
  * loop over the table. Weight gradients go to a second block of the same
  * layout, allocated only on request (vae_alloc_grads): without it the VAE is
- * frozen and backward only computes input gradients. Activations live in two
- * arenas (encoder, decoder) sized up front by vae_alloc_acts, so a full
- * autoencoder step (encode, decode, backward through both) needs no malloc.
+ * frozen and backward only computes input gradients. Activations live in one
+ * block allocated up front by vae_alloc_acts (the encoder's, then the
+ * decoder's, each at offsets vae.c's vae_layout computes from the shape),
+ * so a full autoencoder step (encode, decode, backward through both) needs
+ * no malloc.
  *
  * With the fp16 weight dtype (vae_build_dtype, --weight-dtype fp16) every
  * conv and linear weight is held as fp16 and widened, exactly, to fp32 right
@@ -34,6 +36,7 @@
 #include "json.h"
 #include "safetensors.h"
 #include "half.h"
+#include "arena.h"
 
 #define VAE_MAX_LEVELS 8
 #define VAE_NAME_LEN 96
@@ -64,12 +67,6 @@ typedef struct {
     uint16_t *data16;        /* the tensor as fp16 (a matrix with fp16 weights), or NULL */
 } vae_param;
 
-/* a stack of floats: forward pushes what backward will read */
-typedef struct {
-    float *base;
-    size_t cap, top, peak;
-} vae_arena;
-
 struct vae_net;                      /* the module tree, private to vae.c */
 
 typedef struct {
@@ -89,10 +86,12 @@ typedef struct {
     const uint16_t *wbuf_of;         /* the fp16 matrix wbuf holds now, or NULL */
     struct vae_net *net;
 
-    vae_arena enc, dec;              /* activations of the encoder / the decoder */
+    /* activations, one block (vae_alloc_acts; offsets from vae.c's
+     * vae_layout): the encoder's in [0, enc_floats), the decoder's above */
+    arena_t acts;
+    size_t enc_floats;
     int train;                       /* forward keeps what backward needs */
-    int measuring;                   /* sizing pass: allocate, compute nothing */
-    int B, H, W;                     /* image shape the arenas were sized for */
+    int B, H, W;                     /* image shape the block was sized for */
     int enc_B, enc_H, enc_W;         /* last training-mode encoder forward (0: none) */
     int dec_B, dec_h, dec_w;         /* last training-mode decoder forward (0: none) */
     float dec_in_scale;              /* d(decoder input)/d(caller's input): 1 or 1/scaling */
@@ -144,15 +143,15 @@ int vae_load_diffusers_dtype(vae_t *v, const char *dir, weight_dtype wdtype, cha
 int vae_alloc_grads(vae_t *v);
 void vae_zero_grads(vae_t *v);
 
-/* Size both arenas for batch B of H x W images (latents H/f x W/f with
+/* Size the activation block for batch B of H x W images (latents H/f x W/f with
  * f = 2^(nlevels-1), each downsample taking floor(side/2)). train: forwards
- * keep their activations and the arenas hold the backward's buffers too;
+ * keep their activations and the block holds the backward's buffers too;
  * otherwise each block's input is dropped once its output is made.
  * Any later call with a shape that fits is allowed. Returns 0 or -1. */
 int vae_alloc_acts(vae_t *v, int B, int H, int W, int train);
 /* latent side for an image side (0 if too small to downsample) */
 int vae_latent_side(const vae_config *c, int side);
-/* floats the two arenas hold */
+/* floats the activation block holds */
 size_t vae_acts_floats(const vae_t *v);
 
 /* Encoder: img (B, in_channels, H, W) -> mean, logvar (B, latent_channels,
