@@ -59,7 +59,7 @@ trap 'rm -rf "$tmp"' EXIT
 extract_blocks() {
     awk -v out="$2" '
         function flush() { close(out "/" k ".sh"); close(out "/" k ".attr") }
-        BEGIN { k = 0; inb = 0; other = 0; prevblank = 1 }
+        BEGIN { k = 0; inb = 0; other = 0 }
         {
             line = $0
             if (!inb && !other && match(line, /^[ \t]*```/)) {
@@ -105,7 +105,7 @@ make_scratch() {
 # run the ```sh blocks of README $1 (scratch folder $2, temp folder $3);
 # sets why (empty when all ran as they should) and ran (a summary)
 run_blocks() {
-    local readme=$1 scratch=$2 t=$3 k nb=0 ns=0 attr need rc line blocks
+    local readme=$1 scratch=$2 t=$3 k nb=0 attr need rc line blocks
     blocks=$t/blocks
     ran=""
     mkdir -p "$blocks" "$t/tmp"
@@ -127,9 +127,9 @@ run_blocks() {
         done
         if [ -n "$need" ]; then
             case $need in
-                /*) [ -e "$need" ] || { ns=$((ns + 1)); ran="$ran skipped block at line $line ($need not here);"; continue; };;
+                /*) [ -e "$need" ] || { ran="$ran; skipped the block at line $line ($need is not here)"; continue; };;
                 *)  if [ ! -e "$root/$need" ]; then
-                        ns=$((ns + 1)); ran="$ran skipped block at line $line ($need not here);"; continue
+                        ran="$ran; skipped the block at line $line ($need is not here)"; continue
                     fi
                     mkdir -p "$scratch/$(dirname "$need")"
                     cp -pR "$root/$need" "$scratch/$(dirname "$need")/";;
@@ -159,7 +159,7 @@ run_blocks() {
             return
         fi
     done
-    ran=" $nb command block(s) ran;$ran"
+    ran=" $nb command block(s) ran$ran."
 }
 
 if ! $MAKE -s BUILD="$BUILD" train sample >"$tmp/build.log" 2>&1; then
