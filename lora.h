@@ -17,7 +17,8 @@ typedef struct {
     int in, out, r;
     float alpha;
     float scale;          /* alpha / r (rsLoRA would be alpha / sqrt(r)) */
-    float dropout;        /* on the LoRA branch input only, as peft and kohya */
+    float dropout;        /* on the LoRA branch's input x only, as peft does (kohya
+                             drops A x instead; NOTES.md 3.1) */
     float *A, *B;         /* (r x in), (out x r): trainable */
     float *dA, *dB;       /* their gradients, same shapes; NULL = frozen */
 } lora_t;

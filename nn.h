@@ -1,6 +1,6 @@
 /* nn.h: the primitives every SD1.x component is built from.
  *
- * Conventions (see ../shared/DESIGN.md):
+ * Conventions (NOTES.md, "The design in brief"):
  *  - flat float32 arrays; images NCHW, token sequences (B, T, C) row-major;
  *    weights in PyTorch's layout (out x in, out x in x kh x kw).
  *  - every layer is a pair  x_forward(out, inp, params.., dims..)

@@ -1,5 +1,6 @@
 /* testutil.h: shared by the Check tests in tests/test_*.c.
- *  - CHECK_MAIN(suite_fn): the main() of one test binary
+ *  - CHECK_MAIN(suite_fn): the main() of one test binary (with a 600 s
+ *    default per-test timeout instead of Check's 4 s)
  *  - grad_check(): central finite differences against an analytic gradient
  *  - fixture helpers: read tensors that tools/make_fixtures.py wrote from
  *    the PyTorch reference into tests/fixtures/ (safetensors files)
@@ -17,8 +18,15 @@
 #include "nn.h"
 #include "safetensors.h"
 
+/* Check gives each test 4 s unless told otherwise, too little for the
+ * heavier tests on a loaded machine or under ASan (test_lora's file tests
+ * take 7-10 s). `make test` exports CK_DEFAULT_TIMEOUT=600; a binary run by
+ * hand (./build/test_lora) gets the same here. A CK_DEFAULT_TIMEOUT already
+ * in the environment wins, and a tcase_set_timeout() in a suite wins over
+ * both. It is set before suite_fn() runs: tcase_create() reads it. */
 #define CHECK_MAIN(suite_fn)                                              \
     int main(void) {                                                      \
+        setenv("CK_DEFAULT_TIMEOUT", "600", 0);                           \
         SRunner *sr = srunner_create(suite_fn());                         \
         srunner_run_all(sr, CK_NORMAL);                                   \
         int nf = srunner_ntests_failed(sr);                               \
