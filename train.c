@@ -580,8 +580,8 @@ static void print_run(const trainer *t) {
         fprintf(stderr, "model %s: UNet %zu parameters frozen (all weights: %.0f MiB held as %s); LoRA '%s' rank %d alpha %g: %d adapters, %zu trainable parameters%s\n",
                 m->name, m->unet.nparams, (double)sd_model_weight_bytes(m) / 1048576.0, weight_dtype_name(m->wdtype), a->targets, a->rank, a->alpha,
                 m->unet.nloras + (a->te ? clip_num_adapters(&m->clip) : 0), ntrain, a->te ? " (UNet + text encoder)" : "");
-    fprintf(stderr, "data %s: %d images, %d samples per epoch, %ld steps of %d x %d\n",
-            a->data, t->ds.n_images, t->ds.n_total_with_repeats, t->total, a->batch, a->accum);
+    fprintf(stderr, "data %s: %d images, %d samples per epoch, %ld steps of %d x %d at %dx%d\n",
+            a->data, t->ds.n_images, t->ds.n_total_with_repeats, t->total, a->batch, a->accum, a->res, a->res);
 }
 
 /* the frozen parts run once: latents (unless --random-crop, which encodes
@@ -915,10 +915,13 @@ out:
  * bundled data/ does: the settings that suit the tiny model); they go before
  * the command line's, so anything typed wins. Returns the argument list to
  * parse (argv itself when there is no such file; else a new list whose
- * words point into buf and argv) and sets *ac; NULL when out of memory. */
-static char **with_args_file(int argc, char **argv, const cli_opt *opts, int nopts, char *buf, size_t nbuf, int *ac) {
+ * words point into buf and argv) and sets *ac, the file's name and its
+ * number of words *nfile (they come first); NULL when out of memory. */
+static char **with_args_file(int argc, char **argv, const cli_opt *opts, int nopts, char *buf, size_t nbuf, int *ac,
+                             char *file, size_t nf, int *nfile) {
     const char *dir = NULL;
     *ac = argc;
+    *nfile = 0;
     for (int i = 1; i < argc; i++) {
         if (argv[i][0] != '-') { dir = argv[i]; break; }
         /* a flag that takes a value, written "--flag value", skips that value */
@@ -926,9 +929,9 @@ static char **with_args_file(int argc, char **argv, const cli_opt *opts, int nop
             if (strcmp(argv[i], opts[k].name) == 0 && opts[k].kind != OPT_FLAG) { i++; break; }
     }
     if (!dir) return argv;
-    char ap[1200];
-    snprintf(ap, sizeof ap, "%s/sdlora_args.txt", dir);
-    FILE *f = fopen(ap, "r");
+    size_t dl = strlen(dir);
+    snprintf(file, nf, "%s%ssdlora_args.txt", dir, dl && dir[dl - 1] == '/' ? "" : "/");
+    FILE *f = fopen(file, "r");
     if (!f) return argv;
     size_t n = fread(buf, 1, nbuf - 1, f);
     buf[n] = 0;
@@ -946,9 +949,9 @@ static char **with_args_file(int argc, char **argv, const cli_opt *opts, int nop
         if (*s) *s++ = 0;
         av[k++] = word;
     }
+    *nfile = k - 1;
     for (int i = 1; i < argc; i++) av[k++] = argv[i];
     *ac = k;
-    fprintf(stderr, "using the flags in %s (the command line overrides them)\n", ap);
     return av;
 }
 
@@ -1022,25 +1025,28 @@ static int parse_args(train_args *a, int argc, char **argv) {
         {"--resume", OPT_STR, &a->resume, 0, 0, NULL, "training state to resume from (OUT/state.safetensors)"},
         {"--threads", OPT_INT, &a->threads, 0, 4096, NULL, "CPU threads (0: all)"},
     };
-    int nopts = (int)(sizeof opts / sizeof opts[0]), ac, npos;
+    enum { NOPTS = (int)(sizeof opts / sizeof opts[0]) };
+    int ac, npos, nfile, set_at[NOPTS];
     static char argsbuf[4096];   /* the values point into it: it outlives this call */
-    char **av = with_args_file(argc, argv, opts, nopts, argsbuf, sizeof argsbuf, &ac);
+    char file[1200] = "";
+    char **av = with_args_file(argc, argv, opts, NOPTS, argsbuf, sizeof argsbuf, &ac, file, sizeof file, &nfile);
     if (!av) { fprintf(stderr, "error: out of memory\n"); return 1; }
     const char *pos[1];
-    int rc = cli_parse(ac, av, opts, nopts, pos, 1, &npos,
-                       "usage: ./train DIR [options]\n"
-                       "Trains a LoRA for a Stable Diffusion 1.x model on the captioned images in DIR\n"
-                       "(PNG/JPEG with same-name .txt captions, or a captions.csv; N_name folders repeat N times).");
-    if (av != argv) free(av);   /* the values point into argsbuf and argv, not into av */
-    if (rc == 1) return 0;
-    if (rc) return rc;
-    if (npos != 1) {
+    int rc = cli_parse_at(ac, av, opts, NOPTS, pos, 1, &npos,
+                          "usage: ./train DIR [options]\n"
+                          "Trains a LoRA for a Stable Diffusion 1.x model on the captioned images in DIR\n"
+                          "(PNG/JPEG with same-name .txt captions, or a captions.csv; N_name folders repeat N times).",
+                          set_at);
+    if (rc == 0 && npos != 1) {
         fprintf(stderr, "error: no data folder given (run ./train DIR, e.g. ./train data/; see ./train --help)\n");
-        return 2;
+        rc = 2;
     }
-    a->data = pos[0];
-    rc = check_args(a);
-    return rc ? rc : -1;
+    if (rc == 0) a->data = pos[0];
+    if (rc == 0) rc = check_args(a);
+    /* what each setting is and where it came from: the file, the command line, the default */
+    if (rc == 0) cli_print_sources(stderr, opts, NOPTS, set_at, ac, av, nfile, file);
+    if (av != argv) free(av);   /* the values point into argsbuf and argv, not into av */
+    return rc == 1 ? 0 : rc ? rc : -1;
 }
 
 int main(int argc, char **argv) {

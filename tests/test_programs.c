@@ -407,23 +407,86 @@ START_TEST(test_nan_stops) {
 }
 END_TEST
 
-static Suite *programs_suite(void) {
-    Suite *s = suite_create("programs");
-    TCase *tc = tcase_create("programs");
+/* the line of the log that starts with prefix, copied (NULL when none) */
+static char *log_line(const char *prefix) {
+    char *s = log_text(), *found = NULL;
+    for (char *l = s; l && *l; ) {
+        char *nl = strchr(l, '\n');
+        size_t len = nl ? (size_t)(nl - l) : strlen(l);
+        /* a wrapped group continues on lines that start with spaces */
+        while (nl && nl[1] == ' ') { nl = strchr(nl + 1, '\n'); len = nl ? (size_t)(nl - l) : strlen(l); }
+        if (strncmp(l, prefix, strlen(prefix)) == 0) { found = strndup(l, len); break; }
+        l = nl ? nl + 1 : NULL;
+    }
+    free(s);
+    return found;
+}
+
+/* ", name value," as one item of a settings line (either end of the line counts) */
+static int has_setting(const char *line, const char *item) {
+    size_t k = strlen(item);
+    for (const char *p = strstr(line, item); p; p = strstr(p + 1, item)) {
+        int start = p - line >= 2 && p[-1] == ' ' && (p[-2] == ',' || p[-2] == ':' || p[-2] == ' ');
+        int end = p[k] == ',' || p[k] == 0 || p[k] == ' ' || p[k] == '\n';
+        if (start && end) return 1;
+    }
+    return 0;
+}
+
+/* ./train prints every setting with where it came from: DIR/sdlora_args.txt,
+ * the command line (over the file's value), or the default */
+START_TEST(test_settings_sources) {
+    char d[128], o[128], p[256], file[300];
+    snprintf(d, sizeof d, "%s/data", tmp); snprintf(o, sizeof o, "%s/out", tmp);
+    make_images(d, 2, 1);
+    snprintf(p, sizeof p, "%s/sdlora_args.txt", d);
+    FILE *f = fopen(p, "w");
+    fprintf(f, "# defaults for this folder\n--rank 3 --alpha 3\n--steps 5 --lr 2e-3\n");
+    fclose(f);
+    ck_assert_msg(run(TRAIN " %s --model " MODEL " --batch 2 --steps 1 --no-grid --out %s", d, o) == 0, "%s", log_text());
+    snprintf(file, sizeof file, "settings from %s/sdlora_args.txt:", d);
+    char *fl = log_line(file), *cl = log_line("settings from the command line:"), *dl = log_line("settings by default:");
+    ck_assert_msg(fl && cl && dl, "%s", log_text());
+    ck_assert_msg(has_setting(fl, "rank 3") && has_setting(fl, "alpha 3") && has_setting(fl, "lr 0.002"), "%s", fl);
+    ck_assert_msg(!strstr(fl, "steps"), "the file's --steps was overridden: %s", fl);
+    char over[400];
+    snprintf(over, sizeof over, "steps 1 (over %s/sdlora_args.txt)", d);
+    ck_assert_msg(strstr(cl, over) && has_setting(cl, "batch 2"), "%s", cl);
+    ck_assert_msg(!strstr(cl, "rank"), "%s", cl);
+    ck_assert_msg(has_setting(dl, "targets qv") && has_setting(dl, "seed 42") && has_setting(dl, "te off"), "%s", dl);
+    ck_assert_msg(!strstr(dl, "rank") && !strstr(dl, "batch") && !strstr(dl, "steps"), "%s", dl);
+    free(fl); free(cl); free(dl);
+    /* and the run used them */
+    char *s = log_text();
+    ck_assert_msg(strstr(s, "rank 3 alpha 3") && strstr(s, "1 steps of 2 x 1"), "%s", s);
+    free(s);
+}
+END_TEST
+
+/* one case per test, so that CK_RUN_CASE=test_resume_identical runs just that one */
+static void add_case(Suite *s, const char *name, const TTest *t) {
+    TCase *tc = tcase_create(name);
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 900);   /* whole training runs; slow under ASan */
-    tcase_add_test(tc, test_help);
-    tcase_add_test(tc, test_bad_flags);
-    tcase_add_test(tc, test_weight_dtype);
-    tcase_add_test(tc, test_weight_dtype_te);
-    tcase_add_test(tc, test_train_then_sample);
-    tcase_add_test(tc, test_resume_identical);
-    tcase_add_test(tc, test_sigint_saves);
-    tcase_add_test(tc, test_threads_identical);
-    tcase_add_test(tc, test_dataset_layouts);
-    tcase_add_test(tc, test_bad_inputs);
-    tcase_add_test(tc, test_nan_stops);
+    tcase_add_test(tc, t);
     suite_add_tcase(s, tc);
+}
+#define ADD_CASE(s, t) add_case(s, #t, t)
+
+static Suite *programs_suite(void) {
+    Suite *s = suite_create("programs");
+    ADD_CASE(s, test_help);
+    ADD_CASE(s, test_bad_flags);
+    ADD_CASE(s, test_weight_dtype);
+    ADD_CASE(s, test_weight_dtype_te);
+    ADD_CASE(s, test_train_then_sample);
+    ADD_CASE(s, test_resume_identical);
+    ADD_CASE(s, test_sigint_saves);
+    ADD_CASE(s, test_threads_identical);
+    ADD_CASE(s, test_dataset_layouts);
+    ADD_CASE(s, test_bad_inputs);
+    ADD_CASE(s, test_nan_stops);
+    ADD_CASE(s, test_settings_sources);
     return s;
 }
 
