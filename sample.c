@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #ifdef _OPENMP
@@ -247,6 +248,27 @@ static void report(const sample_run *r, const sample_args *a) {
            (double)ru.ru_maxrss / 1024.0, (double)sd_model_weight_bytes(&r->m) / 1048576.0, weight_dtype_name(r->m.wdtype));
 }
 
+/* the progress line after each sampler step: its seconds, the mean, the time left */
+typedef struct { double t_start, t_prev; int tty; } progress;
+
+static void fmt_time(char *b, size_t n, double s) {
+    int si = (int)(s + 0.5);
+    if (!(s >= 0) || s > 359999) snprintf(b, n, "--:--");
+    else if (si >= 3600) snprintf(b, n, "%d:%02d:%02d", si / 3600, si / 60 % 60, si % 60);
+    else snprintf(b, n, "%d:%02d", si / 60, si % 60);
+}
+
+static void on_step(void *ctx, int step, int steps) {
+    progress *pr = ctx;
+    double t = now(), el = t - pr->t_start, mean = el / step;
+    char ela[32], eta[32];
+    fmt_time(ela, sizeof ela, el);
+    fmt_time(eta, sizeof eta, mean * (steps - step));
+    fprintf(stderr, "%sstep %d/%d  %.3f s/step (mean %.3f)  %s < %s%s", pr->tty ? "\r" : "", step, steps,
+            t - pr->t_prev, mean, ela, eta, pr->tty && step < steps ? "   " : "\n");
+    pr->t_prev = t;
+}
+
 /* the run, as a list of steps; the exit status */
 static int run(sample_run *r, const sample_args *a) {
     int rc = collect_loras(r, a);
@@ -256,8 +278,12 @@ static int run(sample_run *r, const sample_args *a) {
     r->t_load = now() - t0;
     if ((rc = prepare(r, a))) return rc;
     double t1 = now();
+    progress pr = {t1, t1, isatty(2)};
+    r->p.on_step = on_step;
+    r->p.on_step_ctx = &pr;
     char err[SD_ERR_LEN];
     if (sd_generate(&r->m, &r->p, r->rgb, err)) {
+        if (pr.tty) fputc('\n', stderr);
         fprintf(stderr, "error: generate: %s\n", err);
         return 1;
     }
