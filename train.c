@@ -155,12 +155,16 @@ static int cache_text(train_data *td, sd_model *m, const dataset_t *ds, const tr
 
 /* ------------------------------------------------------------ the state
  * Everything a resumed run needs to continue exactly: LoRA weights, AdamW
- * moments, the step, and the RNG streams (timesteps/noise, LoRA dropout). */
+ * moments, the step, the RNG streams (timesteps/noise, LoRA dropout), and
+ * every step's loss as computed (loss.csv holds them rounded: the smoothed
+ * column and loss.png are recomputed from these, so they come out the same). */
 typedef struct {
     long step;             /* optimizer steps done */
     long sample_pos;       /* samples consumed (across epochs) */
     rng_t rng;             /* timesteps, noise, noise offset */
     adamw_t opt_unet, opt_te;
+    double *loss;          /* (total) the loss of each step done */
+    long nloss;            /* how many of them are known (step, or fewer from an old state) */
 } train_state;
 
 static void fmt_u64(char *b, size_t n, uint64_t v) { snprintf(b, n, "%llu", (unsigned long long)v); }
@@ -189,6 +193,8 @@ static int save_state(const char *path, const train_state *s, sd_model *m, const
         rc |= st_writer_add(w, "te.adam_m", ST_F32, 1, &n2, s->opt_te.m);
         rc |= st_writer_add(w, "te.adam_v", ST_F32, 1, &n2, s->opt_te.v);
     }
+    int64_t nl = s->step;
+    if (nl > 0) rc |= st_writer_add(w, "loss", ST_F64, 1, &nl, s->loss);
     char b[4][32], sig[1024];
     snprintf(b[0], 32, "%ld", s->step);
     snprintf(b[1], 32, "%ld", s->sample_pos);
@@ -220,7 +226,7 @@ static int meta_u64(const st_file *f, const char *key, uint64_t *v, const char *
     return 0;
 }
 
-static int load_state(const char *path, train_state *s, sd_model *m, const train_args *a, char *err) {
+static int load_state(const char *path, train_state *s, sd_model *m, const train_args *a, long total, char *err) {
     st_file f;
     if (st_open(&f, path, err)) return -1;
     int rc = -1;
@@ -243,6 +249,18 @@ static int load_state(const char *path, train_state *s, sd_model *m, const train
     if (a->te && (st_read_f32(&f, "te.lora", 1, &n2, m->clip.lora_params, err) ||
                   st_read_f32(&f, "te.adam_m", 1, &n2, s->opt_te.m, err) ||
                   st_read_f32(&f, "te.adam_v", 1, &n2, s->opt_te.v, err))) goto done;
+    if (step > (uint64_t)total) {
+        snprintf(err, SD_ERR_LEN, "%s: at step %llu, past this run's %ld steps (resume with the same data and flags)", path, (unsigned long long)step, total);
+        goto done;
+    }
+    /* the losses (a state written before they were kept has none: loss.csv's then) */
+    const st_tensor *lt = st_find(&f, "loss");
+    if (lt && (lt->dtype != ST_F64 || lt->ndim != 1 || lt->numel != step)) {
+        snprintf(err, SD_ERR_LEN, "%s: 'loss' is not %llu float64 values (the state file is corrupt)", path, (unsigned long long)step);
+        goto done;
+    }
+    if (lt) memcpy(s->loss, lt->data, sizeof(double) * (size_t)step);
+    s->nloss = lt ? (long)step : 0;
     s->step = (long)step; s->sample_pos = (long)pos;
     s->opt_unet.step = s->opt_te.step = (long)step;
     s->rng.state = r0; m->unet.dropout_rng.state = r1; m->clip.rng.state = r2;
@@ -499,9 +517,12 @@ typedef struct {
     double step_loss;           /* this step's loss (mean over its micro-batches) */
     float smooth;               /* exponential moving average of the loss */
     float *loss_hist;           /* smooth after each step, for loss.png */
-    FILE *csv;
+    FILE *csv;                  /* loss.csv, written as OUT/loss.csv.tmp until it has a row of this run */
+    int csv_in_place;
+    char csv_path[1200], csv_tmp[1200];
     long step0, stop_after, nan_at;
-    double t_start;
+    double t_start;             /* when the loop began */
+    double t_steps;             /* seconds in optimizer steps only (no checkpoints, no grids) */
     int tty;
     char lora_path[1200], state_path[1200];
 } trainer;
@@ -562,8 +583,10 @@ static int setup_trainables(trainer *t, char *err) {
         snprintf(err, SD_ERR_LEN, "out of memory for the optimizer"); return -1;
     }
     rng_seed(&t->st.rng, a->seed);
+    t->st.loss = malloc(sizeof(double) * (size_t)(t->total + 1));
+    if (!t->st.loss) { snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
     if (a->resume) {
-        if (load_state(a->resume, &t->st, m, a, err)) return -1;
+        if (load_state(a->resume, &t->st, m, a, t->total, err)) return -1;
         fprintf(stderr, "resuming from %s at step %ld\n", a->resume, t->st.step);
     }
     return 0;
@@ -634,32 +657,43 @@ static int alloc_buffers(trainer *t, char *err) {
     return 0;
 }
 
-/* loss.csv: rewritten up to the resumed step, then appended */
+/* a state written before the losses were kept: loss.csv's rows (rounded) */
+static void losses_from_csv(trainer *t) {
+    FILE *f = fopen(t->csv_path, "r");
+    if (!f) return;
+    char line[256]; long s; double l, sm, lr_;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "%ld,%lf,%lf,%lf", &s, &l, &sm, &lr_) == 4 && s == t->st.nloss + 1 && s <= t->st.step)
+            t->st.loss[t->st.nloss++] = l;
+    fclose(f);
+}
+
+/* the smoothed loss after step i (0-based) from the one before; as log_step computes it */
+static float smoothed(float prev, double loss, long i) {
+    return i == 0 ? (float)loss : 0.95f * prev + 0.05f * (float)loss;
+}
+
+/* loss.csv: the resumed steps' rows, recomputed from the state's losses,
+ * then a row per step. It goes to OUT/loss.csv.tmp, which replaces
+ * loss.csv only once this run has a step of its own to add (log_step): a
+ * run that fails before that leaves an earlier run's loss.csv as it was. */
 static int open_loss_log(trainer *t, char *err) {
     const train_args *a = t->a;
     long done = t->st.step;
-    char path[1200];
-    snprintf(path, sizeof path, "%s/loss.csv", a->out);
-    float *old = NULL; long nold = 0;
-    FILE *f = a->resume ? fopen(path, "r") : NULL;
-    if (f) {
-        old = malloc(sizeof(float) * (size_t)(done + 1));
-        char line[256]; long s; float l, sm, lr_;
-        while (old && fgets(line, sizeof line, f))
-            if (sscanf(line, "%ld,%f,%f,%f", &s, &l, &sm, &lr_) == 4 && s == nold + 1 && s <= done) old[nold++] = l;
-        fclose(f);
-    }
-    t->csv = fopen(path, "w");
-    if (!t->csv) { free(old); snprintf(err, SD_ERR_LEN, "%.600s: %s (check that --out is writable)", path, strerror(errno)); return -1; }
+    snprintf(t->csv_path, sizeof t->csv_path, "%s/loss.csv", a->out);
+    snprintf(t->csv_tmp, sizeof t->csv_tmp, "%s/loss.csv.tmp", a->out);
+    if (done > 0 && t->st.nloss == 0) losses_from_csv(t);
+    t->csv = fopen(t->csv_tmp, "w");
+    if (!t->csv) { snprintf(err, SD_ERR_LEN, "%.600s: %s (check that --out is writable)", t->csv_tmp, strerror(errno)); return -1; }
     fprintf(t->csv, "step,loss,smoothed,lr\n");
     float smooth = 0;
-    for (long i = 0; i < nold; i++) {
-        smooth = i == 0 ? old[i] : 0.95f * smooth + 0.05f * old[i];
+    for (long i = 0; i < t->st.nloss; i++) {
+        smooth = smoothed(smooth, t->st.loss[i], i);
         t->loss_hist[i] = smooth;
-        fprintf(t->csv, "%ld,%.6f,%.6f,%.6g\n", i + 1, old[i], smooth, lr_at(t->sched, a->lr, i, a->warmup, t->total));
+        fprintf(t->csv, "%ld,%.6f,%.6f,%.6g\n", i + 1, t->st.loss[i], smooth, lr_at(t->sched, a->lr, i, a->warmup, t->total));
     }
-    for (long k = nold; k < done; k++) t->loss_hist[k] = nold ? t->loss_hist[nold - 1] : 0;
-    free(old);
+    /* steps whose loss is unknown (an old state without loss.csv) repeat the last */
+    for (long k = t->st.nloss; k < done; k++) t->loss_hist[k] = t->st.nloss ? t->loss_hist[t->st.nloss - 1] : 0;
     t->smooth = done > 0 ? t->loss_hist[done - 1] : 0;
     return 0;
 }
@@ -773,23 +807,38 @@ static int optimizer_step(trainer *t, char *err) {
     return 0;
 }
 
-/* the step's row of loss.csv, and the progress line: step, loss, it/s, ETA */
-static void log_step(trainer *t) {
-    long step = t->st.step, total = t->total;
-    t->smooth = step == 1 ? (float)t->step_loss : 0.95f * t->smooth + 0.05f * (float)t->step_loss;
+/* the step's row of loss.csv, and the progress line: step, loss, seconds
+ * per step and images per second (optimizer steps only), elapsed < ETA */
+static int log_step(trainer *t, char *err) {
+    long step = t->st.step, total = t->total, done = step - t->step0;
+    t->st.loss[step - 1] = t->step_loss;
+    t->st.nloss = step;
+    t->smooth = smoothed(t->smooth, t->step_loss, step - 1);
     t->loss_hist[step - 1] = t->smooth;
     fprintf(t->csv, "%ld,%.6f,%.6f,%.6g\n", step, t->step_loss, t->smooth, t->lr);
-    fflush(t->csv);
-    double el = now_s() - t->t_start, ips = (step - t->step0) / (el > 0 ? el : 1e-9);
+    if (fflush(t->csv) != 0) {
+        snprintf(err, SD_ERR_LEN, "%.600s: %s (check that --out has space)", t->csv_tmp, strerror(errno));
+        return -1;
+    }
+    if (!t->csv_in_place) {
+        if (rename(t->csv_tmp, t->csv_path) != 0) {
+            snprintf(err, SD_ERR_LEN, "%.600s: cannot rename loss.csv.tmp onto it: %s (check that --out is writable)", t->csv_path, strerror(errno));
+            return -1;
+        }
+        t->csv_in_place = 1;
+    }
+    double el = now_s() - t->t_start, ips = done / (el > 0 ? el : 1e-9);
     char eta[32], ela[32];
     fmt_time(eta, sizeof eta, (total - step) / (ips > 0 ? ips : 1e-9));
     fmt_time(ela, sizeof ela, el);
     if (t->tty || step == total || step % 10 == 0) {
         int bar = (int)(30 * step / total);
-        fprintf(stderr, "%s[%.*s%*s] step %ld/%ld  loss %.4f (avg %.4f)  %.2f it/s  %s < %s%s",
+        double sps = t->t_steps / done, imgs = (double)done * t->a->batch * t->a->accum / (t->t_steps > 0 ? t->t_steps : 1e-9);
+        fprintf(stderr, "%s[%.*s%*s] step %ld/%ld  loss %.4f (avg %.4f)  %.3f s/step  %.1f img/s  %s < %s%s",
                 t->tty ? "\r" : "", bar, "==============================", 30 - bar, "", step, total,
-                t->step_loss, t->smooth, ips, ela, eta, t->tty ? "   " : "\n");
+                t->step_loss, t->smooth, sps, imgs, ela, eta, t->tty ? "   " : "\n");
     }
+    return 0;
 }
 
 /* every --save-every steps, at the end, and on Ctrl-C: the LoRA (NAME-stepN,
@@ -878,9 +927,11 @@ static void trainer_free(trainer *t) {
     free(b->ctx); free(b->dctx); free(b->tf); free(b->wt); free(b->tt); free(b->ids); free(b->img);
     free(t->order);
     if (t->csv) fclose(t->csv);
+    if (t->csv && !t->csv_in_place) remove(t->csv_tmp);   /* nothing of this run to show */
     free(t->loss_hist);
     free(t->td.latents); free(t->td.ctx); free(t->td.ids);
     adamw_free(&t->st.opt_unet); adamw_free(&t->st.opt_te);
+    free(t->st.loss);
     dataset_free(&t->ds);
     if (t->model_loaded) sd_model_free(&t->m);
 }
@@ -899,8 +950,10 @@ static int train(train_args *a, char *err) {
     t.step0 = t.st.step;
     t.t_start = now_s();
     while (t.st.step < t.total && !g_stop) {
+        double t0 = now_s();
         if (optimizer_step(&t, err)) goto out;
-        log_step(&t);
+        t.t_steps += now_s() - t0;
+        if (log_step(&t, err)) goto out;
         if (checkpoint_due(&t) && save_checkpoint(&t, err)) goto out;
         if (sample_due(&t) && sample_grid_step(&t, err)) goto out;
     }
