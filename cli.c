@@ -146,7 +146,8 @@ void cli_format_value(char *buf, size_t n, const cli_opt *o) {
     case OPT_FLOAT: snprintf(buf, n, "%s %g", name, *(float *)o->dst); break;
     case OPT_STR: case OPT_CHOICE: {
         const char *v = *(const char **)o->dst;
-        snprintf(buf, n, strpbrk(v, " \t") ? "%s \"%s\"" : "%s %s", name, v);
+        if (!v) snprintf(buf, n, "%s (none)", name);
+        else snprintf(buf, n, strpbrk(v, " \t") ? "%s \"%s\"" : "%s %s", name, v);
         break;
     }
     case OPT_STRLIST: {
