@@ -95,7 +95,13 @@ static int set_value(const cli_opt *o, const char *v) {
 
 int cli_parse(int argc, char **argv, const cli_opt *opts, int nopts,
               const char **pos, int maxpos, int *npos, const char *usage) {
+    return cli_parse_at(argc, argv, opts, nopts, pos, maxpos, npos, usage, NULL);
+}
+
+int cli_parse_at(int argc, char **argv, const cli_opt *opts, int nopts,
+                 const char **pos, int maxpos, int *npos, const char *usage, int *set_at) {
     *npos = 0;
+    if (set_at) memset(set_at, 0, sizeof(int) * (size_t)nopts);
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         if (strcmp(a, "-h") == 0 || strcmp(a, "--help") == 0) { cli_usage(usage, opts, nopts); return 1; }
@@ -106,6 +112,7 @@ int cli_parse(int argc, char **argv, const cli_opt *opts, int nopts,
             const cli_opt *o = NULL;
             for (int k = 0; k < nopts; k++)
                 if (strlen(opts[k].name) == n && strncmp(opts[k].name, a, n) == 0) { o = &opts[k]; break; }
+            if (o && set_at) set_at[o - opts] = i;
             if (!o) {
                 fprintf(stderr, "error: unknown flag '%.*s' (see %s --help)\n", (int)n, a, argv[0]);
                 return 2;
@@ -128,4 +135,65 @@ int cli_parse(int argc, char **argv, const cli_opt *opts, int nopts,
         }
     }
     return 0;
+}
+
+void cli_format_value(char *buf, size_t n, const cli_opt *o) {
+    const char *name = o->name + (strncmp(o->name, "--", 2) == 0 ? 2 : 0);
+    switch (o->kind) {
+    case OPT_FLAG:  snprintf(buf, n, "%s %s", name, *(int *)o->dst ? "on" : "off"); break;
+    case OPT_INT:   snprintf(buf, n, "%s %d", name, *(int *)o->dst); break;
+    case OPT_U64:   snprintf(buf, n, "%s %llu", name, (unsigned long long)*(uint64_t *)o->dst); break;
+    case OPT_FLOAT: snprintf(buf, n, "%s %g", name, *(float *)o->dst); break;
+    case OPT_STR: case OPT_CHOICE: {
+        const char *v = *(const char **)o->dst;
+        if (!v) snprintf(buf, n, "%s (none)", name);
+        else snprintf(buf, n, strpbrk(v, " \t") ? "%s \"%s\"" : "%s %s", name, v);
+        break;
+    }
+    case OPT_STRLIST: {
+        const cli_strlist *l = o->dst;
+        size_t k = (size_t)snprintf(buf, n, "%s", name);
+        for (int i = 0; i < l->n && k < n; i++) k += (size_t)snprintf(buf + k, n - k, " %s", l->v[i]);
+        break;
+    }
+    }
+}
+
+/* one group: "LABEL: a 1, b 2, ..." wrapped under 100 columns */
+static void print_group(FILE *f, const char *label, const cli_opt *opts, int nopts, const int *set_at,
+                        int lo, int hi, char **argv, int nfile, const char *file) {
+    int col = 0;
+    for (int k = 0; k < nopts; k++) {
+        const cli_opt *o = &opts[k];
+        if (set_at[k] < lo || set_at[k] > hi) continue;
+        if ((o->kind == OPT_STR || o->kind == OPT_CHOICE) && !*(const char **)o->dst) continue;
+        if (o->kind == OPT_STRLIST && ((const cli_strlist *)o->dst)->n == 0) continue;
+        char item[600];
+        cli_format_value(item, sizeof item, o);
+        /* a command-line flag that the file also set says so */
+        for (int i = 1; file && set_at[k] > nfile && i <= nfile; i++) {
+            size_t len = strlen(o->name);
+            if (strncmp(argv[i], o->name, len) == 0 && (argv[i][len] == 0 || argv[i][len] == '=')) {
+                size_t l = strlen(item);
+                snprintf(item + l, sizeof item - l, " (over %s)", file);
+                break;
+            }
+        }
+        int w = (int)strlen(item);
+        if (col == 0) col = fprintf(f, "%s: %s", label, item);
+        else if (col + 2 + w > 100) col = fprintf(f, ",\n    %s", item) - 2;
+        else col += fprintf(f, ", %s", item);
+    }
+    if (col) fputc('\n', f);
+}
+
+void cli_print_sources(FILE *f, const cli_opt *opts, int nopts, const int *set_at, int argc, char **argv,
+                       int nfile, const char *file) {
+    char label[1100];
+    if (file && nfile > 0) {
+        snprintf(label, sizeof label, "settings from %.1000s", file);
+        print_group(f, label, opts, nopts, set_at, 1, nfile, argv, nfile, file);
+    }
+    print_group(f, "settings from the command line", opts, nopts, set_at, nfile + 1, argc, argv, nfile, file);
+    print_group(f, "settings by default", opts, nopts, set_at, 0, 0, argv, nfile, file);
 }

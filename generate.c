@@ -136,6 +136,7 @@ int sd_generate(sd_model *m, const gen_params *p, uint8_t *rgb, char *err) {
             for (size_t k = 0; k < nlat; k++) eps[k] = eps[k] + g * (eps[nlat + k] - eps[k]);
         }
         sampler_step(&s, eps, x, nlat, i, &rng);
+        if (p->on_step) p->on_step(p->on_step_ctx, i + 1, s.num_steps);
     }
 
     /* decode one image at a time: the VAE's activations at 512x512 are the

@@ -22,6 +22,9 @@ typedef struct {
     const char *sampler;             /* "ddim" "ddpm" "euler" "euler_a" "dpmpp_2m" */
     int karras;                      /* Karras sigmas */
     int rng_cuda;                    /* 0: torch CPU generator, 1: torch CUDA Philox (A1111 GPU seeds) */
+    /* when set, called after each sampler step (step = 1 .. steps): ./sample's progress line */
+    void (*on_step)(void *ctx, int step, int steps);
+    void *on_step_ctx;
 } gen_params;
 
 /* Fill rgb (batch x height x width x 3) with the generated images.

@@ -21,6 +21,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #ifdef _OPENMP
@@ -72,35 +73,51 @@ static void out_name(char *buf, size_t n, const char *out, int b) {
     snprintf(buf, n, "%.*s-%d%s", (int)(dot - out), out, b, dot);
 }
 
-int main(int argc, char **argv) {
-    const char *model = NULL, *prompt = NULL, *negative = "", *out = "sample.png",
-               *sampler = "euler_a", *rng = "cpu", *lora_dir = "loras", *tok_dir = NULL,
-               *wdtype_name = "fp32";
-    int steps = 20, width = 0, height = 0, batch = 1, clip_skip = 1, karras = 0, merge = 0, threads = 0;
-    float cfg = 7.0f;
-    uint64_t seed = 42;
-    cli_strlist lora = {{0}, 0};
+/* the flags, and what one run holds */
+typedef struct {
+    const char *model, *prompt, *negative, *out, *sampler, *rng, *lora_dir, *tok_dir, *wdtype_name;
+    int steps, width, height, batch, clip_skip, karras, merge, threads;
+    float cfg;
+    uint64_t seed;
+    cli_strlist lora;
+} sample_args;
+
+typedef struct {
+    char *text;                         /* the prompt without its <lora:...> tags */
+    int nl;                             /* LoRAs: --lora flags, then the prompt's tags */
+    char paths[MAX_LORAS][1024];
+    float weights[MAX_LORAS];
+    char lora_text[MAX_LORAS * 300];    /* "<lora:stem:w> ..." for the PNG's parameters */
+    sd_model m;
+    int model_loaded;
+    gen_params p;
+    uint8_t *rgb;                       /* batch x height x width x 3 */
+    double t_load, t_gen;
+} sample_run;
+
+/* the table of flags into a; -1 to go on, else the exit status */
+static int parse_args(sample_args *a, int argc, char **argv) {
     const cli_opt opts[] = {
-        {"--model", OPT_STR, &model, 0, 0, NULL, "base model: SD1.x .safetensors or diffusers folder (default: models/tiny)"},
-        {"--tokenizer", OPT_STR, &tok_dir, 0, 0, NULL, "folder with vocab.json + merges.txt (single-file checkpoints)"},
-        {"--weight-dtype", OPT_CHOICE, &wdtype_name, 0, 0, "fp32|fp16", "fp16: hold the model's frozen weights as fp16 (half the RAM, fp32 math; --merge rounds to fp16)"},
-        {"--prompt", OPT_STR, &prompt, 0, 0, NULL, "what to draw (may hold <lora:name:weight>)"},
-        {"--negative", OPT_STR, &negative, 0, 0, NULL, "negative prompt"},
-        {"--steps", OPT_INT, &steps, 1, 1000, NULL, "sampling steps"},
-        {"--cfg", OPT_FLOAT, &cfg, 0, 100, NULL, "classifier-free guidance scale (<= 1: no negative pass)"},
-        {"--seed", OPT_U64, &seed, 0, 9.2e18, NULL, "noise seed"},
-        {"--width", OPT_INT, &width, 0, 8192, NULL, "image width, multiple of 8 (0: the model's)"},
-        {"--height", OPT_INT, &height, 0, 8192, NULL, "image height, multiple of 8 (0: the model's)"},
-        {"--batch", OPT_INT, &batch, 1, 64, NULL, "images per prompt (OUT, OUT-1, OUT-2, ...)"},
-        {"--sampler", OPT_CHOICE, &sampler, 0, 0, "ddim|ddpm|euler|euler_a|dpmpp_2m", "sampler"},
-        {"--karras", OPT_FLAG, &karras, 0, 0, NULL, "Karras sigmas (dpmpp_2m, euler)"},
-        {"--rng", OPT_CHOICE, &rng, 0, 0, "cpu|cuda", "noise generator to reproduce (torch CPU or CUDA Philox)"},
-        {"--lora", OPT_STRLIST, &lora, 0, 0, NULL, "LoRA file[:weight], repeatable"},
-        {"--lora-dir", OPT_STR, &lora_dir, 0, 0, NULL, "folder searched for <lora:name:w> in the prompt"},
-        {"--merge", OPT_FLAG, &merge, 0, 0, NULL, "bake LoRAs into the weights"},
-        {"--clip-skip", OPT_INT, &clip_skip, 1, 12, NULL, "use the output of the N-th last CLIP layer"},
-        {"--out", OPT_STR, &out, 0, 0, NULL, "output PNG"},
-        {"--threads", OPT_INT, &threads, 0, 4096, NULL, "CPU threads (0: all)"},
+        {"--model", OPT_STR, &a->model, 0, 0, NULL, "base model: SD1.x .safetensors or diffusers folder (default: models/tiny)"},
+        {"--tokenizer", OPT_STR, &a->tok_dir, 0, 0, NULL, "folder with vocab.json + merges.txt (single-file checkpoints)"},
+        {"--weight-dtype", OPT_CHOICE, &a->wdtype_name, 0, 0, "fp32|fp16", "fp16: hold the model's frozen weights as fp16 (half the RAM, fp32 math; --merge rounds to fp16)"},
+        {"--prompt", OPT_STR, &a->prompt, 0, 0, NULL, "what to draw (may hold <lora:name:weight>)"},
+        {"--negative", OPT_STR, &a->negative, 0, 0, NULL, "negative prompt"},
+        {"--steps", OPT_INT, &a->steps, 1, 1000, NULL, "sampling steps"},
+        {"--cfg", OPT_FLOAT, &a->cfg, 0, 100, NULL, "classifier-free guidance scale (<= 1: no negative pass)"},
+        {"--seed", OPT_U64, &a->seed, 0, 9.2e18, NULL, "noise seed"},
+        {"--width", OPT_INT, &a->width, 0, 8192, NULL, "image width, multiple of 8 (0: the model's)"},
+        {"--height", OPT_INT, &a->height, 0, 8192, NULL, "image height, multiple of 8 (0: the model's)"},
+        {"--batch", OPT_INT, &a->batch, 1, 64, NULL, "images per prompt (OUT, OUT-1, OUT-2, ...)"},
+        {"--sampler", OPT_CHOICE, &a->sampler, 0, 0, "ddim|ddpm|euler|euler_a|dpmpp_2m", "sampler"},
+        {"--karras", OPT_FLAG, &a->karras, 0, 0, NULL, "Karras sigmas (dpmpp_2m, euler)"},
+        {"--rng", OPT_CHOICE, &a->rng, 0, 0, "cpu|cuda", "noise generator to reproduce (torch CPU or CUDA Philox)"},
+        {"--lora", OPT_STRLIST, &a->lora, 0, 0, NULL, "LoRA file[:weight], repeatable"},
+        {"--lora-dir", OPT_STR, &a->lora_dir, 0, 0, NULL, "folder searched for <lora:name:w> in the prompt"},
+        {"--merge", OPT_FLAG, &a->merge, 0, 0, NULL, "bake LoRAs into the weights"},
+        {"--clip-skip", OPT_INT, &a->clip_skip, 1, 12, NULL, "use the output of the N-th last CLIP layer"},
+        {"--out", OPT_STR, &a->out, 0, 0, NULL, "output PNG"},
+        {"--threads", OPT_INT, &a->threads, 0, 4096, NULL, "CPU threads (0: all)"},
     };
     const char *pos[1]; int npos;
     int rc = cli_parse(argc, argv, opts, (int)(sizeof opts / sizeof opts[0]), pos, 0, &npos,
@@ -108,130 +125,192 @@ int main(int argc, char **argv) {
                        "Draws images with a Stable Diffusion 1.x model and optional LoRAs.");
     if (rc == 1) return 0;
     if (rc) return rc;
-    if (!prompt) {
+    if (!a->prompt) {
         fprintf(stderr, "error: no prompt given (add --prompt \"a red circle\"; see ./sample --help)\n");
         return 2;
     }
-    if (width % 8 || height % 8) {
-        fprintf(stderr, "error: --width/--height %dx%d: not multiples of 8 (the VAE works on 8x8 blocks; use e.g. 512)\n", width, height);
+    if (a->width % 8 || a->height % 8) {
+        fprintf(stderr, "error: --width/--height %dx%d: not multiples of 8 (the VAE works on 8x8 blocks; use e.g. 512)\n", a->width, a->height);
         return 2;
     }
-    if (karras && strcmp(sampler, "euler") != 0 && strcmp(sampler, "dpmpp_2m") != 0) {
-        fprintf(stderr, "error: --karras: the %s sampler has no Karras schedule (use --sampler euler or dpmpp_2m)\n", sampler);
+    if (a->karras && strcmp(a->sampler, "euler") != 0 && strcmp(a->sampler, "dpmpp_2m") != 0) {
+        fprintf(stderr, "error: --karras: the %s sampler has no Karras schedule (use --sampler euler or dpmpp_2m)\n", a->sampler);
         return 2;
     }
-#ifdef _OPENMP
-    if (threads > 0) omp_set_num_threads(threads);
-#endif
+    return -1;
+}
 
-    /* the LoRAs: --lora flags, then the prompt's tags */
+/* the LoRAs: --lora flags, then the prompt's tags (which must exist in
+ * --lora-dir); the prompt without its tags into r->text. 0 or 2. */
+static int collect_loras(sample_run *r, const sample_args *a) {
     char err[SD_ERR_LEN];
-    size_t plen = strlen(prompt) + 1;
-    char *text = malloc(plen);
+    size_t plen = strlen(a->prompt) + 1;
+    r->text = malloc(plen);
     sd_prompt_lora tags[MAX_LORAS];
-    int ntags = text ? sd_prompt_loras(prompt, text, plen, tags, MAX_LORAS - lora.n, err) : -1;
-    if (ntags < 0) { fprintf(stderr, "error: %s\n", text ? err : "out of memory"); free(text); return 2; }
-    int nl = 0;
-    char paths[MAX_LORAS][1024];
-    float weights[MAX_LORAS];
-    for (int i = 0; i < lora.n; i++, nl++)
-        split_lora_arg(lora.v[i], paths[nl], sizeof paths[nl], &weights[nl]);
-    for (int i = 0; i < ntags; i++, nl++) {
-        snprintf(paths[nl], sizeof paths[nl], "%.700s/%.250s.safetensors", lora_dir, tags[i].name);
-        weights[nl] = tags[i].weight;
+    int ntags = r->text ? sd_prompt_loras(a->prompt, r->text, plen, tags, MAX_LORAS - a->lora.n, err) : -1;
+    if (ntags < 0) { fprintf(stderr, "error: %s\n", r->text ? err : "out of memory"); return 2; }
+    for (int i = 0; i < a->lora.n; i++, r->nl++)
+        split_lora_arg(a->lora.v[i], r->paths[r->nl], sizeof r->paths[r->nl], &r->weights[r->nl]);
+    for (int i = 0; i < ntags; i++, r->nl++) {
+        snprintf(r->paths[r->nl], sizeof r->paths[r->nl], "%.700s/%.250s.safetensors", a->lora_dir, tags[i].name);
+        r->weights[r->nl] = tags[i].weight;
         struct stat st;
-        if (stat(paths[nl], &st) != 0) {
+        if (stat(r->paths[r->nl], &st) != 0) {
             fprintf(stderr, "error: <lora:%s>: %s not found (put %s.safetensors in %s/ or point --lora-dir at its folder)\n",
-                    tags[i].name, paths[nl], tags[i].name, lora_dir);
-            free(text);
+                    tags[i].name, r->paths[r->nl], tags[i].name, a->lora_dir);
             return 2;
         }
     }
+    return 0;
+}
 
-    double t0 = now();
-    sd_model m;
+/* the model, then each LoRA on it (as a side branch, or merged); 0 or 1 */
+static int load_model_and_loras(sample_run *r, const sample_args *a) {
+    char err[SD_ERR_LEN];
     weight_dtype wdtype = WEIGHT_F32;
-    weight_dtype_parse(wdtype_name, &wdtype);   /* cli_parse checked it is fp32 or fp16 */
-    if (sd_model_load_dtype(&m, model, tok_dir, wdtype, err)) {
+    weight_dtype_parse(a->wdtype_name, &wdtype);   /* cli_parse checked it is fp32 or fp16 */
+    if (sd_model_load_dtype(&r->m, a->model, a->tok_dir, wdtype, err)) {
         fprintf(stderr, "error: model: %s\n", err);
-        free(text);
         return 1;
     }
-    char lora_text[MAX_LORAS * 300] = "";
-    for (int i = 0; i < nl; i++) {
+    r->model_loaded = 1;
+    for (int i = 0; i < r->nl; i++) {
         lora_file lf;
         char lerr[SD_ERR_LEN > ST_ERR_LEN ? SD_ERR_LEN : ST_ERR_LEN];
-        if (lora_file_load(paths[i], &lf, lerr)) {
+        if (lora_file_load(r->paths[i], &lf, lerr)) {
             fprintf(stderr, "error: LoRA %s\n", lerr);
-            sd_model_free(&m); free(text);
             return 1;
         }
-        rc = sd_apply_lora(&m, &lf, weights[i], merge, lerr);
+        int rc = sd_apply_lora(&r->m, &lf, r->weights[i], a->merge, lerr);
         int nmod = lf.n;
         lora_file_free(&lf);
         if (rc) {
-            fprintf(stderr, "error: LoRA %s: %s\n", paths[i], lerr);
-            sd_model_free(&m); free(text);
+            fprintf(stderr, "error: LoRA %s: %s\n", r->paths[i], lerr);
             return 1;
         }
         char stem[256];
-        lora_stem(stem, sizeof stem, paths[i]);
-        size_t k = strlen(lora_text);
-        snprintf(lora_text + k, sizeof lora_text - k, "%s<lora:%s:%g>", k ? " " : "", stem, (double)weights[i]);
-        printf("LoRA %s, weight %g (%d modules%s)\n", paths[i], (double)weights[i], nmod, merge ? ", merged" : "");
+        lora_stem(stem, sizeof stem, r->paths[i]);
+        size_t k = strlen(r->lora_text);
+        snprintf(r->lora_text + k, sizeof r->lora_text - k, "%s<lora:%s:%g>", k ? " " : "", stem, (double)r->weights[i]);
+        printf("LoRA %s, weight %g (%d modules%s)\n", r->paths[i], (double)r->weights[i], nmod, a->merge ? ", merged" : "");
     }
-    double t_load = now() - t0;
+    return 0;
+}
 
-    int side = sd_default_image_side(&m);
-    gen_params p = {
-        .prompt = text, .negative = negative, .width = width ? width : side,
-        .height = height ? height : side, .steps = steps, .cfg = cfg, .seed = seed,
-        .batch = batch, .clip_skip = clip_skip, .sampler = sampler, .karras = karras,
-        .rng_cuda = strcmp(rng, "cuda") == 0,
+/* the generation's settings (size 0: the model's) and the image buffer; 0, 1 or 2 */
+static int prepare(sample_run *r, const sample_args *a) {
+    int side = sd_default_image_side(&r->m);
+    r->p = (gen_params){
+        .prompt = r->text, .negative = a->negative, .width = a->width ? a->width : side,
+        .height = a->height ? a->height : side, .steps = a->steps, .cfg = a->cfg, .seed = a->seed,
+        .batch = a->batch, .clip_skip = a->clip_skip, .sampler = a->sampler, .karras = a->karras,
+        .rng_cuda = strcmp(a->rng, "cuda") == 0,
     };
-    if (clip_skip > m.clip.config.num_layers) {
-        fprintf(stderr, "error: --clip-skip %d: the text encoder has only %d layers (use 1 to %d)\n",
-                clip_skip, m.clip.config.num_layers, m.clip.config.num_layers);
-        sd_model_free(&m); free(text);
+    int nlayers = r->m.clip.config.num_layers;
+    if (a->clip_skip > nlayers) {
+        fprintf(stderr, "error: --clip-skip %d: the text encoder has only %d layers (use 1 to %d)\n", a->clip_skip, nlayers, nlayers);
         return 2;
     }
-    size_t npix = (size_t)p.width * p.height * 3;
-    uint8_t *rgb = malloc(npix * (size_t)batch);
-    if (!rgb) {
-        fprintf(stderr, "error: %dx%d x %d images: out of memory (use a smaller --batch or size)\n", p.width, p.height, batch);
-        sd_model_free(&m); free(text);
+    r->rgb = malloc((size_t)r->p.width * r->p.height * 3 * (size_t)a->batch);
+    if (!r->rgb) {
+        fprintf(stderr, "error: %dx%d x %d images: out of memory (use a smaller --batch or size)\n", r->p.width, r->p.height, a->batch);
         return 1;
     }
-    double t1 = now();
-    if (sd_generate(&m, &p, rgb, err)) {
-        fprintf(stderr, "error: generate: %s\n", err);
-        free(rgb); sd_model_free(&m); free(text);
-        return 1;
-    }
-    double t_gen = now() - t1;
+    return 0;
+}
 
+/* OUT, OUT-1, ...: PNGs with AUTOMATIC1111's "parameters" text; 0 or 1 */
+static int save_images(sample_run *r, const sample_args *a) {
     char params[8192];
-    sd_params_text(params, sizeof params, &m, &p, lora_text);
+    sd_params_text(params, sizeof params, &r->m, &r->p, r->lora_text);
     const char *keys[1] = {"parameters"}, *vals[1] = {params};
-    rc = 0;
-    for (int b = 0; b < batch && rc == 0; b++) {
+    size_t npix = (size_t)r->p.width * r->p.height * 3;
+    int rc = 0;
+    for (int b = 0; b < a->batch && rc == 0; b++) {
         char name[1200], ierr[512];
-        out_name(name, sizeof name, out, b);
-        if (image_save_png(name, rgb + npix * (size_t)b, p.width, p.height, keys, vals, 1, ierr, sizeof ierr)) {
+        out_name(name, sizeof name, a->out, b);
+        if (image_save_png(name, r->rgb + npix * (size_t)b, r->p.width, r->p.height, keys, vals, 1, ierr, sizeof ierr)) {
             fprintf(stderr, "error: %s\n", ierr);
             rc = 1;
         } else {
             printf("wrote %s\n", name);
         }
     }
+    return rc;
+}
+
+static void report(const sample_run *r, const sample_args *a) {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     printf("%dx%d, %d steps (%s%s), batch %d: load %.2f s, sampling and decoding %.2f s; peak memory %.0f MiB "
            "(weights %.0f MiB held as %s)\n",
-           p.width, p.height, steps, sampler, karras ? ", Karras" : "", batch, t_load, t_gen,
-           (double)ru.ru_maxrss / 1024.0, (double)sd_model_weight_bytes(&m) / 1048576.0, weight_dtype_name(m.wdtype));
-    free(rgb);
-    sd_model_free(&m);
-    free(text);
+           r->p.width, r->p.height, a->steps, a->sampler, a->karras ? ", Karras" : "", a->batch, r->t_load, r->t_gen,
+           (double)ru.ru_maxrss / 1024.0, (double)sd_model_weight_bytes(&r->m) / 1048576.0, weight_dtype_name(r->m.wdtype));
+}
+
+/* the progress line after each sampler step: its seconds, the mean, the time left */
+typedef struct { double t_start, t_prev; int tty; } progress;
+
+static void fmt_time(char *b, size_t n, double s) {
+    int si = (int)(s + 0.5);
+    if (!(s >= 0) || s > 359999) snprintf(b, n, "--:--");
+    else if (si >= 3600) snprintf(b, n, "%d:%02d:%02d", si / 3600, si / 60 % 60, si % 60);
+    else snprintf(b, n, "%d:%02d", si / 60, si % 60);
+}
+
+static void on_step(void *ctx, int step, int steps) {
+    progress *pr = ctx;
+    double t = now(), el = t - pr->t_start, mean = el / step;
+    char ela[32], eta[32];
+    fmt_time(ela, sizeof ela, el);
+    fmt_time(eta, sizeof eta, mean * (steps - step));
+    fprintf(stderr, "%sstep %d/%d  %.3f s/step (mean %.3f)  %s < %s%s", pr->tty ? "\r" : "", step, steps,
+            t - pr->t_prev, mean, ela, eta, pr->tty && step < steps ? "   " : "\n");
+    pr->t_prev = t;
+}
+
+/* the run, as a list of steps; the exit status */
+static int run(sample_run *r, const sample_args *a) {
+    int rc = collect_loras(r, a);
+    if (rc) return rc;
+    double t0 = now();
+    if ((rc = load_model_and_loras(r, a))) return rc;
+    r->t_load = now() - t0;
+    if ((rc = prepare(r, a))) return rc;
+    double t1 = now();
+    progress pr = {t1, t1, isatty(2)};
+    r->p.on_step = on_step;
+    r->p.on_step_ctx = &pr;
+    char err[SD_ERR_LEN];
+    if (sd_generate(&r->m, &r->p, r->rgb, err)) {
+        if (pr.tty) fputc('\n', stderr);
+        fprintf(stderr, "error: generate: %s\n", err);
+        return 1;
+    }
+    r->t_gen = now() - t1;
+    rc = save_images(r, a);
+    report(r, a);
+    return rc;
+}
+
+int main(int argc, char **argv) {
+    sample_args a = {
+        .model = NULL, .prompt = NULL, .negative = "", .out = "sample.png", .sampler = "euler_a", .rng = "cpu",
+        .lora_dir = "loras", .tok_dir = NULL, .wdtype_name = "fp32",
+        .steps = 20, .width = 0, .height = 0, .batch = 1, .clip_skip = 1, .karras = 0, .merge = 0, .threads = 0,
+        .cfg = 7.0f, .seed = 42, .lora = {{0}, 0},
+    };
+    int rc = parse_args(&a, argc, argv);
+    if (rc >= 0) return rc;
+#ifdef _OPENMP
+    if (a.threads > 0) omp_set_num_threads(a.threads);
+#endif
+    sample_run *r = calloc(1, sizeof *r);   /* ~60 KB of LoRA paths: not on the stack */
+    if (!r) { fprintf(stderr, "error: out of memory\n"); return 1; }
+    rc = run(r, &a);
+    free(r->rgb);
+    if (r->model_loaded) sd_model_free(&r->m);
+    free(r->text);
+    free(r);
     return rc;
 }

@@ -155,12 +155,16 @@ static int cache_text(train_data *td, sd_model *m, const dataset_t *ds, const tr
 
 /* ------------------------------------------------------------ the state
  * Everything a resumed run needs to continue exactly: LoRA weights, AdamW
- * moments, the step, and the RNG streams (timesteps/noise, LoRA dropout). */
+ * moments, the step, the RNG streams (timesteps/noise, LoRA dropout), and
+ * every step's loss as computed (loss.csv holds them rounded: the smoothed
+ * column and loss.png are recomputed from these, so they come out the same). */
 typedef struct {
     long step;             /* optimizer steps done */
     long sample_pos;       /* samples consumed (across epochs) */
     rng_t rng;             /* timesteps, noise, noise offset */
     adamw_t opt_unet, opt_te;
+    double *loss;          /* (total) the loss of each step done */
+    long nloss;            /* how many of them are known (step, or fewer from an old state) */
 } train_state;
 
 static void fmt_u64(char *b, size_t n, uint64_t v) { snprintf(b, n, "%llu", (unsigned long long)v); }
@@ -189,6 +193,8 @@ static int save_state(const char *path, const train_state *s, sd_model *m, const
         rc |= st_writer_add(w, "te.adam_m", ST_F32, 1, &n2, s->opt_te.m);
         rc |= st_writer_add(w, "te.adam_v", ST_F32, 1, &n2, s->opt_te.v);
     }
+    int64_t nl = s->step;
+    if (nl > 0) rc |= st_writer_add(w, "loss", ST_F64, 1, &nl, s->loss);
     char b[4][32], sig[1024];
     snprintf(b[0], 32, "%ld", s->step);
     snprintf(b[1], 32, "%ld", s->sample_pos);
@@ -220,7 +226,7 @@ static int meta_u64(const st_file *f, const char *key, uint64_t *v, const char *
     return 0;
 }
 
-static int load_state(const char *path, train_state *s, sd_model *m, const train_args *a, char *err) {
+static int load_state(const char *path, train_state *s, sd_model *m, const train_args *a, long total, char *err) {
     st_file f;
     if (st_open(&f, path, err)) return -1;
     int rc = -1;
@@ -243,6 +249,18 @@ static int load_state(const char *path, train_state *s, sd_model *m, const train
     if (a->te && (st_read_f32(&f, "te.lora", 1, &n2, m->clip.lora_params, err) ||
                   st_read_f32(&f, "te.adam_m", 1, &n2, s->opt_te.m, err) ||
                   st_read_f32(&f, "te.adam_v", 1, &n2, s->opt_te.v, err))) goto done;
+    if (step > (uint64_t)total) {
+        snprintf(err, SD_ERR_LEN, "%s: at step %llu, past this run's %ld steps (resume with the same data and flags)", path, (unsigned long long)step, total);
+        goto done;
+    }
+    /* the losses (a state written before they were kept has none: loss.csv's then) */
+    const st_tensor *lt = st_find(&f, "loss");
+    if (lt && (lt->dtype != ST_F64 || lt->ndim != 1 || lt->numel != step)) {
+        snprintf(err, SD_ERR_LEN, "%s: 'loss' is not %llu float64 values (the state file is corrupt)", path, (unsigned long long)step);
+        goto done;
+    }
+    if (lt) memcpy(s->loss, lt->data, sizeof(double) * (size_t)step);
+    s->nloss = lt ? (long)step : 0;
     s->step = (long)step; s->sample_pos = (long)pos;
     s->opt_unet.step = s->opt_te.step = (long)step;
     s->rng.state = r0; m->unet.dropout_rng.state = r1; m->clip.rng.state = r2;
@@ -470,294 +488,618 @@ static void fmt_time(char *b, size_t n, double s) {
     else snprintf(b, n, "%d:%02d", si / 60, si % 60);
 }
 
-static int train(train_args *a, char *err) {
+/* one micro-batch: B samples of latents x0 (B, C, h, w), their token ids and
+ * (without --te) cached contexts, the noise, the noised latents, the UNet's
+ * prediction and its target, and the loss's gradient */
+typedef struct {
+    float *x0, *eps, *xt, *pred, *target, *dpred;   /* (B, C, h, w) each */
+    float *ctx, *dctx;                              /* (B, 77, d); dctx only with --te */
+    float *tf, *wt;                                 /* timesteps as floats, min-SNR weights: (B) */
+    int *tt, *ids;                                  /* timesteps (B), token ids (B, 77) */
+    float *img;                                     /* (3, res, res): --random-crop decodes here */
+} micro_batch;
+
+/* everything one run holds */
+typedef struct {
+    train_args *a;
     sd_model m;
+    int model_loaded;
+    dataset_t ds;
+    train_data td;
+    train_state st;
+    float *P1, *G1, *P2, *G2;   /* what trains: UNet (1), text encoder (2; none without --te) */
+    size_t n1, n2;
+    long total;                 /* optimizer steps of the whole run */
+    lr_schedule sched;
+    micro_batch mb;
+    int *order, cur_epoch;      /* the current epoch's shuffled sample order */
+    float lr, lr_te;            /* this step's learning rates */
+    double step_loss;           /* this step's loss (mean over its micro-batches) */
+    float smooth;               /* exponential moving average of the loss */
+    float *loss_hist;           /* smooth after each step, for loss.png */
+    FILE *csv;                  /* loss.csv, written as OUT/loss.csv.tmp until it has a row of this run */
+    int csv_in_place;
+    char csv_path[1200], csv_tmp[1200];
+    long step0, stop_after, nan_at;
+    double t_start;             /* when the loop began */
+    double t_steps;             /* seconds in optimizer steps only (no checkpoints, no grids) */
+    int tty;
+    char lora_path[1200], state_path[1200];
+} trainer;
+
+/* the model, the data set, the resolution, the length of the run, OUT */
+static int load_model_and_data(trainer *t, char *err) {
+    train_args *a = t->a;
     weight_dtype wdtype = WEIGHT_F32;
     weight_dtype_parse(a->weight_dtype, &wdtype);   /* cli_parse checked it is fp32 or fp16 */
-    if (sd_model_load_dtype(&m, a->model, a->tokenizer, wdtype, err)) return 1;
-    dataset_t ds;
-    memset(&ds, 0, sizeof ds);
-    int ret = 1;
-    train_data td;
-    memset(&td, 0, sizeof td);
-    train_state st;
-    memset(&st, 0, sizeof st);
-    float *loss_hist = NULL;
-    FILE *csv = NULL;
-    if (dataset_scan(&ds, a->data, err, SD_ERR_LEN)) goto out;
-    fputs(ds.warnings, stderr);
-    td.n = ds.n_images;
+    if (sd_model_load_dtype(&t->m, a->model, a->tokenizer, wdtype, err)) return -1;
+    t->model_loaded = 1;
+    if (dataset_scan(&t->ds, a->data, err, SD_ERR_LEN)) return -1;
+    fputs(t->ds.warnings, stderr);
+    t->td.n = t->ds.n_images;
 
     /* resolution: the model's own unless --res; it must survive the UNet's downsamples */
-    if (a->res == 0) a->res = sd_default_image_side(&m);
-    int ls = sd_latent_side(&m, a->res);
-    int need = 1 << (m.unet.cfg.nlevels - 1);
+    if (a->res == 0) a->res = sd_default_image_side(&t->m);
+    int ls = sd_latent_side(&t->m, a->res);
+    int need = 1 << (t->m.unet.cfg.nlevels - 1);
     if (a->res % 8 || ls <= 0 || ls % need) {
         snprintf(err, SD_ERR_LEN, "--res %d: the latent side %d must be a multiple of %d for this model (use a multiple of %d, e.g. %d)",
-                 a->res, ls, need, a->res / (ls > 0 ? ls : 1) * need, sd_default_image_side(&m));
-        goto out;
+                 a->res, ls, need, a->res / (ls > 0 ? ls : 1) * need, sd_default_image_side(&t->m));
+        return -1;
     }
-    long per_epoch = (ds.n_total_with_repeats + (long)a->batch * a->accum - 1) / ((long)a->batch * a->accum);
-    long total = a->steps > 0 ? a->steps : (long)(a->epochs > 0 ? a->epochs : 10) * per_epoch;
-    if (mkdir_p(a->out, err)) goto out;
+    long per_epoch = (t->ds.n_total_with_repeats + (long)a->batch * a->accum - 1) / ((long)a->batch * a->accum);
+    t->total = a->steps > 0 ? a->steps : (long)(a->epochs > 0 ? a->epochs : 10) * per_epoch;
+    snprintf(t->state_path, sizeof t->state_path, "%s/state.safetensors", a->out);
+    return mkdir_p(a->out, err);
+}
 
-    /* What trains. LoRA (article 2.2): adapters on the UNet (and the text
-     * encoder with --te), every pretrained weight frozen. --full (the
-     * article's "traditional full fine-tuning", the baseline of 2.1): every
-     * UNet (and text-encoder) weight, with a gradient and two AdamW moments each. */
-    float *P1, *G1, *P2 = NULL, *G2 = NULL;
-    size_t n1, n2 = 0;
+/* What trains. LoRA (article 2.2): adapters on the UNet (and the text
+ * encoder with --te), every pretrained weight frozen. --full (the article's
+ * "traditional full fine-tuning", the baseline of 2.1): every UNet (and
+ * text-encoder) weight, with a gradient and two AdamW moments each. Then the
+ * optimizer, and with --resume the state it continues from. */
+static int setup_trainables(trainer *t, char *err) {
+    train_args *a = t->a;
+    sd_model *m = &t->m;
     if (a->full) {
-        if (unet_alloc_grads(&m.unet) || (a->te && clip_alloc_grads(&m.clip))) {
-            snprintf(err, SD_ERR_LEN, "out of memory for the full fine-tuning gradients (use LoRA: drop --full)"); goto out;
+        if (unet_alloc_grads(&m->unet) || (a->te && clip_alloc_grads(&m->clip))) {
+            snprintf(err, SD_ERR_LEN, "out of memory for the full fine-tuning gradients (use LoRA: drop --full)"); return -1;
         }
-        P1 = m.unet.params; G1 = m.unet.grads; n1 = m.unet.nparams;
-        if (a->te) { P2 = m.clip.params; G2 = m.clip.grads; n2 = m.clip.num_params; }
+        t->P1 = m->unet.params; t->G1 = m->unet.grads; t->n1 = m->unet.nparams;
+        if (a->te) { t->P2 = m->clip.params; t->G2 = m->clip.grads; t->n2 = m->clip.num_params; }
     } else {
-        if (unet_add_lora(&m.unet, a->targets, a->rank, a->alpha, a->dropout, a->seed)) {
-            snprintf(err, SD_ERR_LEN, "UNet LoRA: %s", m.unet.err); goto out;
+        if (unet_add_lora(&m->unet, a->targets, a->rank, a->alpha, a->dropout, a->seed)) {
+            snprintf(err, SD_ERR_LEN, "UNet LoRA: %s", m->unet.err); return -1;
         }
-        if (a->te) {
-            char e[ST_ERR_LEN];
-            if (clip_add_lora(&m.clip, a->rank, a->alpha, a->dropout, a->seed + 1, e)) { snprintf(err, SD_ERR_LEN, "text encoder LoRA: %s", e); goto out; }
+        char e[ST_ERR_LEN];
+        if (a->te && clip_add_lora(&m->clip, a->rank, a->alpha, a->dropout, a->seed + 1, e)) {
+            snprintf(err, SD_ERR_LEN, "text encoder LoRA: %s", e); return -1;
         }
-        P1 = m.unet.lora_params; G1 = m.unet.lora_grads; n1 = m.unet.lora_nparams;
-        if (a->te) { P2 = m.clip.lora_params; G2 = m.clip.lora_grads; n2 = m.clip.num_lora_params; }
+        t->P1 = m->unet.lora_params; t->G1 = m->unet.lora_grads; t->n1 = m->unet.lora_nparams;
+        if (a->te) { t->P2 = m->clip.lora_params; t->G2 = m->clip.lora_grads; t->n2 = m->clip.num_lora_params; }
     }
-    if (adamw_init(&st.opt_unet, n1, a->lr, a->beta1, a->beta2, a->adam_eps, a->wd) ||
-        adamw_init(&st.opt_te, n2, a->te_lr, a->beta1, a->beta2, a->adam_eps, a->wd)) {
-        snprintf(err, SD_ERR_LEN, "out of memory for the optimizer"); goto out;
+    if (adamw_init(&t->st.opt_unet, t->n1, a->lr, a->beta1, a->beta2, a->adam_eps, a->wd) ||
+        adamw_init(&t->st.opt_te, t->n2, a->te_lr, a->beta1, a->beta2, a->adam_eps, a->wd)) {
+        snprintf(err, SD_ERR_LEN, "out of memory for the optimizer"); return -1;
     }
-    rng_seed(&st.rng, a->seed);
+    rng_seed(&t->st.rng, a->seed);
+    t->st.loss = malloc(sizeof(double) * (size_t)(t->total + 1));
+    if (!t->st.loss) { snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
     if (a->resume) {
-        if (load_state(a->resume, &st, &m, a, err)) goto out;
-        fprintf(stderr, "resuming from %s at step %ld\n", a->resume, st.step);
+        if (load_state(a->resume, &t->st, m, a, t->total, err)) return -1;
+        fprintf(stderr, "resuming from %s at step %ld\n", a->resume, t->st.step);
     }
-    size_t ntrain = n1 + n2;
+    return 0;
+}
+
+static void print_run(const trainer *t) {
+    const train_args *a = t->a;
+    const sd_model *m = &t->m;
+    size_t ntrain = t->n1 + t->n2;
     if (a->full)
-        fprintf(stderr, "model %s: full fine-tuning: %zu trainable parameters%s\n", m.name, ntrain,
+        fprintf(stderr, "model %s: full fine-tuning: %zu trainable parameters%s\n", m->name, ntrain,
                 a->te ? " (UNet + text encoder)" : " (UNet)");
     else
         fprintf(stderr, "model %s: UNet %zu parameters frozen (all weights: %.0f MiB held as %s); LoRA '%s' rank %d alpha %g: %d adapters, %zu trainable parameters%s\n",
-                m.name, m.unet.nparams, (double)sd_model_weight_bytes(&m) / 1048576.0, weight_dtype_name(m.wdtype), a->targets, a->rank, a->alpha, m.unet.nloras + (a->te ? clip_num_adapters(&m.clip) : 0),
-                ntrain, a->te ? " (UNet + text encoder)" : "");
-    fprintf(stderr, "data %s: %d images, %d samples per epoch, %ld steps of %d x %d\n",
-            a->data, ds.n_images, ds.n_total_with_repeats, total, a->batch, a->accum);
+                m->name, m->unet.nparams, (double)sd_model_weight_bytes(m) / 1048576.0, weight_dtype_name(m->wdtype), a->targets, a->rank, a->alpha,
+                m->unet.nloras + (a->te ? clip_num_adapters(&m->clip) : 0), ntrain, a->te ? " (UNet + text encoder)" : "");
+    fprintf(stderr, "data %s: %d images, %d samples per epoch, %ld steps of %d x %d at %dx%d\n",
+            a->data, t->ds.n_images, t->ds.n_total_with_repeats, t->total, a->batch, a->accum, a->res, a->res);
+}
 
-    /* the frozen parts run once: latents and (without --te) contexts */
-    if (!a->random_crop && cache_latents(&td, &m, &ds, a, err)) goto out;
+/* the frozen parts run once: latents (unless --random-crop, which encodes
+ * each crop as it comes) and, without --te, the contexts */
+static int build_caches(trainer *t, char *err) {
+    train_args *a = t->a;
+    if (!a->random_crop && cache_latents(&t->td, &t->m, &t->ds, a, err)) return -1;
     if (a->random_crop) {
-        td.lc = m.vae.cfg.latent_channels; td.lh = td.lw = ls; td.variants = 1;
-        if (vae_alloc_acts(&m.vae, 1, a->res, a->res, 0)) { snprintf(err, SD_ERR_LEN, "VAE: %s", m.vae.err); goto out; }
+        t->td.lc = t->m.vae.cfg.latent_channels;
+        t->td.lh = t->td.lw = sd_latent_side(&t->m, a->res);
+        t->td.variants = 1;
+        if (vae_alloc_acts(&t->m.vae, 1, a->res, a->res, 0)) { snprintf(err, SD_ERR_LEN, "VAE: %s", t->m.vae.err); return -1; }
     }
-    if (cache_text(&td, &m, &ds, a, err)) goto out;
-    if (a->te) m.clip.training = 1;
+    if (cache_text(&t->td, &t->m, &t->ds, a, err)) return -1;
+    if (a->te) t->m.clip.training = 1;
+    return 0;
+}
 
-    int B = a->batch, C = td.lc, h = td.lh, w = td.lw, d = td.d;
-    size_t per = (size_t)C * h * w;
-    if (unet_alloc_acts(&m.unet, B, h, w, TOK_CTX, a->grad_ckpt ? 2 : 1)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m.unet.err); goto out; }
-    float *x0 = malloc(sizeof(float) * per * B), *eps = malloc(sizeof(float) * per * B);
-    float *xt = malloc(sizeof(float) * per * B), *pred = malloc(sizeof(float) * per * B);
-    float *target = malloc(sizeof(float) * per * B), *dpred = malloc(sizeof(float) * per * B);
-    float *ctx = malloc(sizeof(float) * (size_t)B * TOK_CTX * d), *dctx = a->te ? malloc(sizeof(float) * (size_t)B * TOK_CTX * d) : NULL;
-    float *tf = malloc(sizeof(float) * B), *wt = malloc(sizeof(float) * B);
-    int *tt = malloc(sizeof(int) * B), *ids = malloc(sizeof(int) * B * TOK_CTX);
-    int *order = malloc(sizeof(int) * (size_t)ds.n_total_with_repeats);
-    float *img = a->random_crop ? malloc(sizeof(float) * 3 * (size_t)a->res * a->res) : NULL;
-    loss_hist = malloc(sizeof(float) * (size_t)(total + 1));
-    if (!x0 || !eps || !xt || !pred || !target || !dpred || !ctx || (a->te && !dctx) || !tf || !wt || !tt || !ids || !order || !loss_hist || (a->random_crop && !img)) {
-        snprintf(err, SD_ERR_LEN, "out of memory for the training buffers"); goto out_bufs;
+/* the UNet's activations for a training micro-batch (with --grad-checkpoint
+ * only what backward cannot recompute) */
+static int alloc_train_acts(trainer *t, char *err) {
+    if (unet_alloc_acts(&t->m.unet, t->a->batch, t->td.lh, t->td.lw, TOK_CTX, t->a->grad_ckpt ? 2 : 1)) {
+        snprintf(err, SD_ERR_LEN, "UNet: %s", t->m.unet.err);
+        return -1;
     }
-    lr_schedule sched;
-    lr_schedule_from_name(a->sched, &sched);
+    return 0;
+}
 
-    /* loss.csv: rewritten up to the resumed step, then appended */
-    char path[1200];
-    snprintf(path, sizeof path, "%s/loss.csv", a->out);
-    {
-        float *old = NULL; long nold = 0;
-        FILE *f = a->resume ? fopen(path, "r") : NULL;
-        if (f) {
-            old = malloc(sizeof(float) * (size_t)(st.step + 1));
-            char line[256]; long s; float l, sm, lr_;
-            while (old && fgets(line, sizeof line, f))
-                if (sscanf(line, "%ld,%f,%f,%f", &s, &l, &sm, &lr_) == 4 && s == nold + 1 && s <= st.step) old[nold++] = l;
-            fclose(f);
-        }
-        csv = fopen(path, "w");
-        if (!csv) { free(old); snprintf(err, SD_ERR_LEN, "%.600s: %s (check that --out is writable)", path, strerror(errno)); goto out_bufs; }
-        fprintf(csv, "step,loss,smoothed,lr\n");
-        float smooth = 0;
-        for (long i = 0; i < nold; i++) {
-            smooth = i == 0 ? old[i] : 0.95f * smooth + 0.05f * old[i];
-            loss_hist[i] = smooth;
-            fprintf(csv, "%ld,%.6f,%.6f,%.6g\n", i + 1, old[i], smooth, lr_at(sched, a->lr, i, a->warmup, total));
-        }
-        if (nold != st.step) { long k; for (k = nold; k < st.step; k++) loss_hist[k] = nold ? loss_hist[nold - 1] : 0; }
-        free(old);
+static int alloc_buffers(trainer *t, char *err) {
+    const train_args *a = t->a;
+    micro_batch *b = &t->mb;
+    int B = a->batch, d = t->td.d;
+    size_t lat = sizeof(float) * (size_t)t->td.lc * t->td.lh * t->td.lw * B, text = sizeof(float) * (size_t)B * TOK_CTX * d;
+    if (alloc_train_acts(t, err)) return -1;
+    b->x0 = malloc(lat); b->eps = malloc(lat); b->xt = malloc(lat);
+    b->pred = malloc(lat); b->target = malloc(lat); b->dpred = malloc(lat);
+    b->ctx = malloc(text); b->dctx = a->te ? malloc(text) : NULL;
+    b->tf = malloc(sizeof(float) * B); b->wt = malloc(sizeof(float) * B);
+    b->tt = malloc(sizeof(int) * B); b->ids = malloc(sizeof(int) * B * TOK_CTX);
+    b->img = a->random_crop ? malloc(sizeof(float) * 3 * (size_t)a->res * a->res) : NULL;
+    t->order = malloc(sizeof(int) * (size_t)t->ds.n_total_with_repeats);
+    t->loss_hist = malloc(sizeof(float) * (size_t)(t->total + 1));
+    if (!b->x0 || !b->eps || !b->xt || !b->pred || !b->target || !b->dpred || !b->ctx || (a->te && !b->dctx) ||
+        !b->tf || !b->wt || !b->tt || !b->ids || !t->order || !t->loss_hist || (a->random_crop && !b->img)) {
+        snprintf(err, SD_ERR_LEN, "out of memory for the training buffers");
+        return -1;
     }
-    float smooth = st.step > 0 ? loss_hist[st.step - 1] : 0;
+    lr_schedule_from_name(a->sched, &t->sched);
+    t->cur_epoch = -1;
+    return 0;
+}
 
+/* a state written before the losses were kept: loss.csv's rows (rounded) */
+static void losses_from_csv(trainer *t) {
+    FILE *f = fopen(t->csv_path, "r");
+    if (!f) return;
+    char line[256]; long s; double l, sm, lr_;
+    while (fgets(line, sizeof line, f))
+        if (sscanf(line, "%ld,%lf,%lf,%lf", &s, &l, &sm, &lr_) == 4 && s == t->st.nloss + 1 && s <= t->st.step)
+            t->st.loss[t->st.nloss++] = l;
+    fclose(f);
+}
+
+/* the smoothed loss after step i (0-based) from the one before; as log_step computes it */
+static float smoothed(float prev, double loss, long i) {
+    return i == 0 ? (float)loss : 0.95f * prev + 0.05f * (float)loss;
+}
+
+/* loss.csv: the resumed steps' rows, recomputed from the state's losses,
+ * then a row per step. It goes to OUT/loss.csv.tmp, which replaces
+ * loss.csv only once this run has a step of its own to add (log_step): a
+ * run that fails before that leaves an earlier run's loss.csv as it was. */
+static int open_loss_log(trainer *t, char *err) {
+    const train_args *a = t->a;
+    long done = t->st.step;
+    snprintf(t->csv_path, sizeof t->csv_path, "%s/loss.csv", a->out);
+    snprintf(t->csv_tmp, sizeof t->csv_tmp, "%s/loss.csv.tmp", a->out);
+    if (done > 0 && t->st.nloss == 0) losses_from_csv(t);
+    t->csv = fopen(t->csv_tmp, "w");
+    if (!t->csv) { snprintf(err, SD_ERR_LEN, "%.600s: %s (check that --out is writable)", t->csv_tmp, strerror(errno)); return -1; }
+    fprintf(t->csv, "step,loss,smoothed,lr\n");
+    float smooth = 0;
+    for (long i = 0; i < t->st.nloss; i++) {
+        smooth = smoothed(smooth, t->st.loss[i], i);
+        t->loss_hist[i] = smooth;
+        fprintf(t->csv, "%ld,%.6f,%.6f,%.6g\n", i + 1, t->st.loss[i], smooth, lr_at(t->sched, a->lr, i, a->warmup, t->total));
+    }
+    /* steps whose loss is unknown (an old state without loss.csv) repeat the last */
+    for (long k = t->st.nloss; k < done; k++) t->loss_hist[k] = t->st.nloss ? t->loss_hist[t->st.nloss - 1] : 0;
+    t->smooth = done > 0 ? t->loss_hist[done - 1] : 0;
+    return 0;
+}
+
+/* Ctrl-C and kill save a checkpoint and stop; the tests stop after N steps
+ * exactly as Ctrl-C would (SDLORA_STOP_AFTER=N), or make step N's loss NaN
+ * to check what a diverged run does (SDLORA_NAN_AT=N) */
+static void install_stop_hooks(trainer *t) {
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
-    /* for the tests: stop after N steps exactly as Ctrl-C would */
-    const char *stop_env = getenv("SDLORA_STOP_AFTER");
-    long stop_after = stop_env ? atol(stop_env) : 0;
-    /* and to make step N's loss NaN, to check what a diverged run does */
-    const char *nan_env = getenv("SDLORA_NAN_AT");
-    long nan_at = nan_env ? atol(nan_env) : 0;
-    int cur_epoch = -1;
-    double t_start = now_s();
-    long step0 = st.step;
-    int tty = isatty(2);
-    char lora_path[1200], state_path[1200];
-    snprintf(state_path, sizeof state_path, "%s/state.safetensors", a->out);
+    const char *stop_env = getenv("SDLORA_STOP_AFTER"), *nan_env = getenv("SDLORA_NAN_AT");
+    t->stop_after = stop_env ? atol(stop_env) : 0;
+    t->nan_at = nan_env ? atol(nan_env) : 0;
+}
 
-    while (st.step < total && !g_stop) {
-        float lr = lr_at(sched, a->lr, st.step, a->warmup, total);
-        float lr_te = lr_at(sched, a->te_lr, st.step, a->warmup, total);
-        memset(G1, 0, sizeof(float) * n1);
-        if (n2) memset(G2, 0, sizeof(float) * n2);
-        double step_loss = 0;
-        for (int k = 0; k < a->accum; k++) {
-            /* the batch: the next B samples of the epoch's shuffled order */
-            for (int b = 0; b < B; b++) {
-                long pos = st.sample_pos++;
-                int epoch = (int)(pos / ds.n_total_with_repeats);
-                if (epoch != cur_epoch) { dataset_epoch_order(&ds, a->seed, epoch, order); cur_epoch = epoch; }
-                int i = order[pos % ds.n_total_with_repeats];
-                int v = a->flip ? (int)(rng_u64(&st.rng) & 1) : 0;
-                if (a->random_crop) {
-                    if (load_image_chw(img, ds.path[i], a->res, 1, v, &st.rng, err)) goto out_bufs;
-                    for (size_t q = 0; q < per; q++) eps[q] = rng_normal(&st.rng);   /* posterior noise */
-                    if (vae_encode_latents(&m.vae, x0 + b * per, img, eps, 1, a->res, a->res)) { snprintf(err, SD_ERR_LEN, "VAE: %s", m.vae.err); goto out_bufs; }
-                } else {
-                    memcpy(x0 + b * per, td.latents + ((size_t)i * td.variants + v) * per, sizeof(float) * per);
-                }
-                memcpy(ids + b * TOK_CTX, td.ids + (size_t)i * TOK_CTX, sizeof(int) * TOK_CTX);
-                if (!a->te) memcpy(ctx + (size_t)b * TOK_CTX * d, td.ctx + (size_t)i * TOK_CTX * d, sizeof(float) * TOK_CTX * d);
+/* the batch: the next B samples of the epoch's shuffled order, as latents
+ * (from the cache, or a fresh random crop through the VAE), token ids and
+ * cached contexts */
+static int next_batch(trainer *t, char *err) {
+    const train_args *a = t->a;
+    micro_batch *mb = &t->mb;
+    const train_data *td = &t->td;
+    size_t per = (size_t)td->lc * td->lh * td->lw, nctx = (size_t)TOK_CTX * td->d;
+    for (int b = 0; b < a->batch; b++) {
+        long pos = t->st.sample_pos++;
+        int epoch = (int)(pos / t->ds.n_total_with_repeats);
+        if (epoch != t->cur_epoch) { dataset_epoch_order(&t->ds, a->seed, epoch, t->order); t->cur_epoch = epoch; }
+        int i = t->order[pos % t->ds.n_total_with_repeats];
+        int v = a->flip ? (int)(rng_u64(&t->st.rng) & 1) : 0;
+        if (a->random_crop) {
+            if (load_image_chw(mb->img, t->ds.path[i], a->res, 1, v, &t->st.rng, err)) return -1;
+            for (size_t q = 0; q < per; q++) mb->eps[q] = rng_normal(&t->st.rng);   /* posterior noise */
+            if (vae_encode_latents(&t->m.vae, mb->x0 + b * per, mb->img, mb->eps, 1, a->res, a->res)) {
+                snprintf(err, SD_ERR_LEN, "VAE: %s", t->m.vae.err); return -1;
             }
-            /* noise and timesteps (article 4.2): x_t = sqrt(abar) x0 + sqrt(1-abar) eps */
-            ddpm_sample_timesteps(tt, B, m.sched.T, &st.rng);
-            ddpm_sample_noise(eps, per * B, &st.rng);
-            ddpm_noise_offset(eps, B, C, (size_t)h * w, a->noise_offset, &st.rng);
-            ddpm_add_noise(xt, x0, eps, tt, B, per, &m.sched);
-            ddpm_target(target, x0, eps, tt, B, per, m.prediction, &m.sched);
-            for (int b = 0; b < B; b++) tf[b] = (float)tt[b];
-            if (a->te && clip_forward(&m.clip, ctx, ids, B, TOK_CTX, a->clip_skip)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m.clip.err); goto out_bufs; }
-            if (unet_forward(&m.unet, pred, xt, tf, ctx, B, h, w, TOK_CTX)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m.unet.err); goto out_bufs; }
-            /* loss = mean((eps_hat - eps)^2), optionally min-SNR weighted */
-            if (a->min_snr > 0) ddpm_min_snr_weights(wt, tt, B, a->min_snr, m.prediction, &m.sched);
-            float loss = mse_loss_forward(pred, target, a->min_snr > 0 ? wt : NULL, B, per);
-            step_loss += loss / a->accum;
-            memset(dpred, 0, sizeof(float) * per * B);
-            mse_loss_backward(dpred, pred, target, a->min_snr > 0 ? wt : NULL, B, per, 1.0f / a->accum);
-            if (unet_backward(&m.unet, dpred, NULL, dctx)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m.unet.err); goto out_bufs; }
-            if (a->te && clip_backward(&m.clip, dctx)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m.clip.err); goto out_bufs; }
+        } else {
+            memcpy(mb->x0 + b * per, td->latents + ((size_t)i * td->variants + v) * per, sizeof(float) * per);
         }
-        if (nan_at > 0 && st.step + 1 == nan_at) step_loss = NAN;
-        if (!isfinite(step_loss)) {
-            if (tty) fputc('\n', stderr);
-            snprintf(err, SD_ERR_LEN, "step %ld: the loss is %s (try a lower --lr, e.g. %g, or --clip-grad 1; the last good checkpoint is in %s/)",
-                     st.step + 1, isnan(step_loss) ? "NaN" : "infinite", a->lr / 4, a->out);
-            goto out_bufs;
-        }
-        /* one clipping norm over every trainable parameter, then AdamW */
-        if (a->clip > 0) {
-            double s2 = 0;
-            for (size_t i = 0; i < n1; i++) s2 += (double)G1[i] * G1[i];
-            for (size_t i = 0; i < n2; i++) s2 += (double)G2[i] * G2[i];
-            float norm = (float)sqrt(s2), coef = a->clip / (norm + 1e-6f);
-            if (coef < 1.0f) {
-                for (size_t i = 0; i < n1; i++) G1[i] *= coef;
-                for (size_t i = 0; i < n2; i++) G2[i] *= coef;
-            }
-        }
-        adamw_step(&st.opt_unet, P1, G1, lr);
-        if (n2) adamw_step(&st.opt_te, P2, G2, lr_te);
-        st.step++;
-        if (stop_after > 0 && st.step - step0 >= stop_after) g_stop = 1;
-        smooth = st.step == 1 ? (float)step_loss : 0.95f * smooth + 0.05f * (float)step_loss;
-        loss_hist[st.step - 1] = smooth;
-        fprintf(csv, "%ld,%.6f,%.6f,%.6g\n", st.step, step_loss, smooth, lr);
-        fflush(csv);
-
-        /* progress: step, loss, it/s, ETA */
-        double el = now_s() - t_start, ips = (st.step - step0) / (el > 0 ? el : 1e-9);
-        char eta[32], ela[32];
-        fmt_time(eta, sizeof eta, (total - st.step) / (ips > 0 ? ips : 1e-9));
-        fmt_time(ela, sizeof ela, el);
-        if (tty || st.step == total || st.step % 10 == 0) {
-            int bar = (int)(30 * st.step / total);
-            fprintf(stderr, "%s[%.*s%*s] step %ld/%ld  loss %.4f (avg %.4f)  %.2f it/s  %s < %s%s",
-                    tty ? "\r" : "", bar, "==============================", 30 - bar, "", st.step, total,
-                    step_loss, smooth, ips, ela, eta, tty ? "   " : "\n");
-        }
-        int save_now = (a->save_every > 0 && st.step % a->save_every == 0) || st.step == total || g_stop;
-        if (save_now) {
-            snprintf(lora_path, sizeof lora_path, st.step == total ? "%s/%s.safetensors" : "%s/%s-step%06ld.safetensors",
-                     a->out, a->name, st.step);
-            if (a->full) {
-                snprintf(lora_path, sizeof lora_path, "%s/%s-unet.safetensors", a->out, a->name);
-                if (save_full_unet(lora_path, &m, err)) goto out_bufs;
-            } else if (save_lora(lora_path, &m, a, st.step, total, ds.n_images, err) || save_state(state_path, &st, &m, a, err)) goto out_bufs;
-            snprintf(path, sizeof path, "%s/loss.png", a->out);
-            if (save_loss_plot(path, loss_hist, st.step, err)) goto out_bufs;
-            if (tty) fputc('\n', stderr);
-            if (a->full) fprintf(stderr, "saved %s\n", lora_path);
-            else fprintf(stderr, "saved %s and %s\n", lora_path, state_path);
-        }
-        if (a->sample_prompt && a->sample_every > 0 && (st.step % a->sample_every == 0 || st.step == total)) {
-            snprintf(path, sizeof path, "%s/sample-step%06ld.png", a->out, st.step);
-            if (unet_alloc_acts(&m.unet, 2, h, w, TOK_CTX, 0) ||
-                (m.clip.training = 0, save_sample_grid(path, &m, a, st.step, err)) ||
-                unet_alloc_acts(&m.unet, B, h, w, TOK_CTX, a->grad_ckpt ? 2 : 1)) {
-                if (!err[0]) snprintf(err, SD_ERR_LEN, "UNet: %s", m.unet.err);
-                goto out_bufs;
-            }
-            m.clip.training = a->te;
-            fprintf(stderr, "sample grid: %s\n", path);
-        }
+        memcpy(mb->ids + b * TOK_CTX, td->ids + (size_t)i * TOK_CTX, sizeof(int) * TOK_CTX);
+        if (!a->te) memcpy(mb->ctx + b * nctx, td->ctx + (size_t)i * nctx, sizeof(float) * nctx);
     }
-    double t_loop = now_s() - t_start;
+    return 0;
+}
+
+/* one micro-batch forward and backward; adds its share of the step's loss.
+ * Gradients accumulate into G1, G2 (scaled by 1/accum). */
+static int micro_step(trainer *t, char *err) {
+    const train_args *a = t->a;
+    sd_model *m = &t->m;
+    micro_batch *mb = &t->mb;
+    int B = a->batch, C = t->td.lc, h = t->td.lh, w = t->td.lw;
+    size_t per = (size_t)C * h * w;
+    float *wt = a->min_snr > 0 ? mb->wt : NULL;
+    /* noise and timesteps (article 4.2): x_t = sqrt(abar) x0 + sqrt(1-abar) eps */
+    ddpm_sample_timesteps(mb->tt, B, m->sched.T, &t->st.rng);
+    ddpm_sample_noise(mb->eps, per * B, &t->st.rng);
+    ddpm_noise_offset(mb->eps, B, C, (size_t)h * w, a->noise_offset, &t->st.rng);
+    ddpm_add_noise(mb->xt, mb->x0, mb->eps, mb->tt, B, per, &m->sched);
+    ddpm_target(mb->target, mb->x0, mb->eps, mb->tt, B, per, m->prediction, &m->sched);
+    for (int b = 0; b < B; b++) mb->tf[b] = (float)mb->tt[b];
+    if (a->te && clip_forward(&m->clip, mb->ctx, mb->ids, B, TOK_CTX, a->clip_skip)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err); return -1; }
+    if (unet_forward(&m->unet, mb->pred, mb->xt, mb->tf, mb->ctx, B, h, w, TOK_CTX)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m->unet.err); return -1; }
+    /* loss = mean((eps_hat - eps)^2), optionally min-SNR weighted */
+    if (wt) ddpm_min_snr_weights(wt, mb->tt, B, a->min_snr, m->prediction, &m->sched);
+    float loss = mse_loss_forward(mb->pred, mb->target, wt, B, per);
+    t->step_loss += loss / a->accum;
+    memset(mb->dpred, 0, sizeof(float) * per * B);
+    mse_loss_backward(mb->dpred, mb->pred, mb->target, wt, B, per, 1.0f / a->accum);
+    if (unet_backward(&m->unet, mb->dpred, NULL, mb->dctx)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m->unet.err); return -1; }
+    if (a->te && clip_backward(&m->clip, mb->dctx)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err); return -1; }
+    return 0;
+}
+
+/* one clipping norm over every trainable parameter: g *= clip / (|g| + 1e-6) when that is < 1 */
+static void clip_gradients(trainer *t) {
+    float c = t->a->clip;
+    if (c <= 0) return;
+    double s2 = 0;
+    for (size_t i = 0; i < t->n1; i++) s2 += (double)t->G1[i] * t->G1[i];
+    for (size_t i = 0; i < t->n2; i++) s2 += (double)t->G2[i] * t->G2[i];
+    float norm = (float)sqrt(s2), coef = c / (norm + 1e-6f);
+    if (coef < 1.0f) {
+        for (size_t i = 0; i < t->n1; i++) t->G1[i] *= coef;
+        for (size_t i = 0; i < t->n2; i++) t->G2[i] *= coef;
+    }
+}
+
+/* one optimizer step: --accum micro-batches of gradient, a check that the
+ * loss is finite, clipping, AdamW */
+static int optimizer_step(trainer *t, char *err) {
+    const train_args *a = t->a;
+    t->lr = lr_at(t->sched, a->lr, t->st.step, a->warmup, t->total);
+    t->lr_te = lr_at(t->sched, a->te_lr, t->st.step, a->warmup, t->total);
+    memset(t->G1, 0, sizeof(float) * t->n1);
+    if (t->n2) memset(t->G2, 0, sizeof(float) * t->n2);
+    t->step_loss = 0;
+    for (int k = 0; k < a->accum; k++)
+        if (next_batch(t, err) || micro_step(t, err)) return -1;
+    if (t->nan_at > 0 && t->st.step + 1 == t->nan_at) t->step_loss = NAN;
+    if (!isfinite(t->step_loss)) {
+        if (t->tty) fputc('\n', stderr);
+        snprintf(err, SD_ERR_LEN, "step %ld: the loss is %s (try a lower --lr, e.g. %g, or --clip-grad 1; the last good checkpoint is in %s/)",
+                 t->st.step + 1, isnan(t->step_loss) ? "NaN" : "infinite", a->lr / 4, a->out);
+        return -1;
+    }
+    clip_gradients(t);
+    adamw_step(&t->st.opt_unet, t->P1, t->G1, t->lr);
+    if (t->n2) adamw_step(&t->st.opt_te, t->P2, t->G2, t->lr_te);
+    t->st.step++;
+    if (t->stop_after > 0 && t->st.step - t->step0 >= t->stop_after) g_stop = 1;
+    return 0;
+}
+
+/* the step's row of loss.csv, and the progress line: step, loss, seconds
+ * per step and images per second (optimizer steps only), elapsed < ETA */
+static int log_step(trainer *t, char *err) {
+    long step = t->st.step, total = t->total, done = step - t->step0;
+    t->st.loss[step - 1] = t->step_loss;
+    t->st.nloss = step;
+    t->smooth = smoothed(t->smooth, t->step_loss, step - 1);
+    t->loss_hist[step - 1] = t->smooth;
+    fprintf(t->csv, "%ld,%.6f,%.6f,%.6g\n", step, t->step_loss, t->smooth, t->lr);
+    if (fflush(t->csv) != 0) {
+        snprintf(err, SD_ERR_LEN, "%.600s: %s (check that --out has space)", t->csv_tmp, strerror(errno));
+        return -1;
+    }
+    if (!t->csv_in_place) {
+        if (rename(t->csv_tmp, t->csv_path) != 0) {
+            snprintf(err, SD_ERR_LEN, "%.600s: cannot rename loss.csv.tmp onto it: %s (check that --out is writable)", t->csv_path, strerror(errno));
+            return -1;
+        }
+        t->csv_in_place = 1;
+    }
+    double el = now_s() - t->t_start, ips = done / (el > 0 ? el : 1e-9);
+    char eta[32], ela[32];
+    fmt_time(eta, sizeof eta, (total - step) / (ips > 0 ? ips : 1e-9));
+    fmt_time(ela, sizeof ela, el);
+    if (t->tty || step == total || step % 10 == 0) {
+        int bar = (int)(30 * step / total);
+        double sps = t->t_steps / done, imgs = (double)done * t->a->batch * t->a->accum / (t->t_steps > 0 ? t->t_steps : 1e-9);
+        fprintf(stderr, "%s[%.*s%*s] step %ld/%ld  loss %.4f (avg %.4f)  %.3f s/step  %.1f img/s  %s < %s%s",
+                t->tty ? "\r" : "", bar, "==============================", 30 - bar, "", step, total,
+                t->step_loss, t->smooth, sps, imgs, ela, eta, t->tty ? "   " : "\n");
+    }
+    return 0;
+}
+
+/* every --save-every steps, at the end, and on Ctrl-C: the LoRA (NAME-stepN,
+ * or NAME at the end) and the state, or with --full the UNet; and loss.png */
+static int checkpoint_due(const trainer *t) {
+    long s = t->st.step;
+    return (t->a->save_every > 0 && s % t->a->save_every == 0) || s == t->total || g_stop;
+}
+
+static int save_checkpoint(trainer *t, char *err) {
+    const train_args *a = t->a;
+    long step = t->st.step;
+    char path[1200];
+    snprintf(t->lora_path, sizeof t->lora_path, step == t->total ? "%s/%s.safetensors" : "%s/%s-step%06ld.safetensors",
+             a->out, a->name, step);
+    if (a->full) {
+        snprintf(t->lora_path, sizeof t->lora_path, "%s/%s-unet.safetensors", a->out, a->name);
+        if (save_full_unet(t->lora_path, &t->m, err)) return -1;
+    } else if (save_lora(t->lora_path, &t->m, a, step, t->total, t->ds.n_images, err) ||
+               save_state(t->state_path, &t->st, &t->m, a, err)) return -1;
+    snprintf(path, sizeof path, "%s/loss.png", a->out);
+    if (save_loss_plot(path, t->loss_hist, step, err)) return -1;
+    if (t->tty) fputc('\n', stderr);
+    if (a->full) fprintf(stderr, "saved %s\n", t->lora_path);
+    else fprintf(stderr, "saved %s and %s\n", t->lora_path, t->state_path);
+    return 0;
+}
+
+/* --sample-every: a grid of the sample prompts at this step. Sampling runs
+ * the UNet at batch 2 (cfg) without training activations; then back. */
+static int sample_due(const trainer *t) {
+    const train_args *a = t->a;
+    return a->sample_prompt && a->sample_every > 0 && (t->st.step % a->sample_every == 0 || t->st.step == t->total);
+}
+
+static int sample_grid_step(trainer *t, char *err) {
+    char path[1200];
+    snprintf(path, sizeof path, "%s/sample-step%06ld.png", t->a->out, t->st.step);
+    if (unet_alloc_acts(&t->m.unet, 2, t->td.lh, t->td.lw, TOK_CTX, 0) ||
+        (t->m.clip.training = 0, save_sample_grid(path, &t->m, t->a, t->st.step, err)) ||
+        alloc_train_acts(t, err)) {
+        if (!err[0]) snprintf(err, SD_ERR_LEN, "UNet: %s", t->m.unet.err);
+        return -1;
+    }
+    t->m.clip.training = t->a->te;
+    fprintf(stderr, "sample grid: %s\n", path);
+    return 0;
+}
+
+/* after the loop: the before/after grid, and what was done (or how to resume) */
+static int finish(trainer *t, double t_loop, char *err) {
+    const train_args *a = t->a;
+    char path[1200];
     if (!g_stop && !a->full && !a->no_grid) {
         snprintf(path, sizeof path, "%s/before_after.png", a->out);
-        m.clip.training = 0;
-        if (unet_alloc_acts(&m.unet, 2, h, w, TOK_CTX, 0)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m.unet.err); goto out_bufs; }
-        if (save_before_after(path, &m, a, &ds, err)) goto out_bufs;
+        t->m.clip.training = 0;
+        if (unet_alloc_acts(&t->m.unet, 2, t->td.lh, t->td.lw, TOK_CTX, 0)) { snprintf(err, SD_ERR_LEN, "UNet: %s", t->m.unet.err); return 1; }
+        if (save_before_after(path, &t->m, a, &t->ds, err)) return 1;
         fprintf(stderr, "before/after grid (top: base model, bottom: with the LoRA): %s\n", path);
     }
     if (g_stop) {
-        fprintf(stderr, "stopped at step %ld; continue with: ./train %s --resume %s (and the same flags)\n", st.step, a->data, state_path);
-        ret = 130;
-    } else {
-        struct rusage ru;
-        getrusage(RUSAGE_SELF, &ru);
-        double el = t_loop;
-        /* one line the comparison (make compare) reads */
-        fprintf(stderr, "summary: mode %s, trainable %zu, peak_rss_mb %.1f, s_per_step %.4f, final_loss %.5f\n",
-                a->full ? "full" : "lora", ntrain, ru.ru_maxrss / 1024.0, el / (double)(st.step - step0 > 0 ? st.step - step0 : 1), smooth);
-        if (a->full)
-            fprintf(stderr, "done: %ld steps in %.1f s. UNet weights: %s  loss: %s/loss.csv, %s/loss.png\n",
-                    st.step, el, lora_path, a->out, a->out);
-        else
-            fprintf(stderr, "done: %ld steps in %.1f s. LoRA: %s/%s.safetensors  loss: %s/loss.csv, %s/loss.png\n"
-                            "try: ./sample --model %s --lora %s/%s.safetensors --prompt \"%s\"\n",
-                    st.step, el, a->out, a->name, a->out, a->out, m.path, a->out, a->name,
-                    ds.n_images ? ds.caption[0] : "a photo");
-        ret = 0;
+        fprintf(stderr, "stopped at step %ld; continue with: ./train %s --resume %s (and the same flags)\n", t->st.step, a->data, t->state_path);
+        return 130;
     }
-out_bufs:
-    free(x0); free(eps); free(xt); free(pred); free(target); free(dpred); free(ctx); free(dctx);
-    free(tf); free(wt); free(tt); free(ids); free(order); free(img);
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    long steps = t->st.step;
+    /* one line the comparison (make compare) reads */
+    fprintf(stderr, "summary: mode %s, trainable %zu, peak_rss_mb %.1f, s_per_step %.4f, final_loss %.5f\n",
+            a->full ? "full" : "lora", t->n1 + t->n2, ru.ru_maxrss / 1024.0,
+            t_loop / (double)(steps - t->step0 > 0 ? steps - t->step0 : 1), t->smooth);
+    if (a->full)
+        fprintf(stderr, "done: %ld steps in %.1f s. UNet weights: %s  loss: %s/loss.csv, %s/loss.png\n",
+                steps, t_loop, t->lora_path, a->out, a->out);
+    else
+        fprintf(stderr, "done: %ld steps in %.1f s. LoRA: %s/%s.safetensors  loss: %s/loss.csv, %s/loss.png\n"
+                        "try: ./sample --model %s --lora %s/%s.safetensors --prompt \"%s\"\n",
+                steps, t_loop, a->out, a->name, a->out, a->out, t->m.path, a->out, a->name,
+                t->ds.n_images ? t->ds.caption[0] : "a photo");
+    return 0;
+}
+
+static void trainer_free(trainer *t) {
+    micro_batch *b = &t->mb;
+    free(b->x0); free(b->eps); free(b->xt); free(b->pred); free(b->target); free(b->dpred);
+    free(b->ctx); free(b->dctx); free(b->tf); free(b->wt); free(b->tt); free(b->ids); free(b->img);
+    free(t->order);
+    if (t->csv) fclose(t->csv);
+    if (t->csv && !t->csv_in_place) remove(t->csv_tmp);   /* nothing of this run to show */
+    free(t->loss_hist);
+    free(t->td.latents); free(t->td.ctx); free(t->td.ids);
+    adamw_free(&t->st.opt_unet); adamw_free(&t->st.opt_te);
+    free(t->st.loss);
+    dataset_free(&t->ds);
+    if (t->model_loaded) sd_model_free(&t->m);
+}
+
+/* the run, as a list of steps */
+static int train(train_args *a, char *err) {
+    trainer t;
+    memset(&t, 0, sizeof t);
+    t.a = a;
+    int ret = 1;
+    if (load_model_and_data(&t, err) || setup_trainables(&t, err)) goto out;
+    print_run(&t);
+    if (build_caches(&t, err) || alloc_buffers(&t, err) || open_loss_log(&t, err)) goto out;
+    install_stop_hooks(&t);
+    t.tty = isatty(2);
+    t.step0 = t.st.step;
+    t.t_start = now_s();
+    while (t.st.step < t.total && !g_stop) {
+        double t0 = now_s();
+        if (optimizer_step(&t, err)) goto out;
+        t.t_steps += now_s() - t0;
+        if (log_step(&t, err)) goto out;
+        if (checkpoint_due(&t) && save_checkpoint(&t, err)) goto out;
+        if (sample_due(&t) && sample_grid_step(&t, err)) goto out;
+    }
+    ret = finish(&t, now_s() - t.t_start, err);
 out:
-    if (csv) fclose(csv);
-    free(loss_hist);
-    free(td.latents); free(td.ctx); free(td.ids);
-    adamw_free(&st.opt_unet); adamw_free(&st.opt_te);
-    dataset_free(&ds);
-    sd_model_free(&m);
+    trainer_free(&t);
     return ret;
+}
+
+/* ------------------------------------------------------------ the flags */
+/* A data folder may carry its own default flags in DIR/sdlora_args.txt (the
+ * bundled data/ does: the settings that suit the tiny model); they go before
+ * the command line's, so anything typed wins. Returns the argument list to
+ * parse (argv itself when there is no such file; else a new list whose
+ * words point into buf and argv) and sets *ac, the file's name and its
+ * number of words *nfile (they come first); NULL when out of memory. */
+static char **with_args_file(int argc, char **argv, const cli_opt *opts, int nopts, char *buf, size_t nbuf, int *ac,
+                             char *file, size_t nf, int *nfile) {
+    const char *dir = NULL;
+    *ac = argc;
+    *nfile = 0;
+    for (int i = 1; i < argc; i++) {
+        if (argv[i][0] != '-') { dir = argv[i]; break; }
+        /* a flag that takes a value, written "--flag value", skips that value */
+        for (int k = 0; k < nopts; k++)
+            if (strcmp(argv[i], opts[k].name) == 0 && opts[k].kind != OPT_FLAG) { i++; break; }
+    }
+    if (!dir) return argv;
+    size_t dl = strlen(dir);
+    snprintf(file, nf, "%s%ssdlora_args.txt", dir, dl && dir[dl - 1] == '/' ? "" : "/");
+    FILE *f = fopen(file, "r");
+    if (!f) return argv;
+    size_t n = fread(buf, 1, nbuf - 1, f);
+    buf[n] = 0;
+    fclose(f);
+    char **av = malloc(sizeof(char *) * (size_t)(argc + 256));
+    if (!av) return NULL;
+    int k = 0;
+    av[k++] = argv[0];
+    for (char *s = buf; *s && k < 250; ) {      /* words, and # comments to the end of a line */
+        while (*s == ' ' || *s == '\t' || *s == '\n' || *s == '\r') s++;
+        if (!*s) break;
+        if (*s == '#') { while (*s && *s != '\n') s++; continue; }
+        char *word = s;
+        while (*s && *s != ' ' && *s != '\t' && *s != '\n' && *s != '\r') s++;
+        if (*s) *s++ = 0;
+        av[k++] = word;
+    }
+    *nfile = k - 1;
+    for (int i = 1; i < argc; i++) av[k++] = argv[i];
+    *ac = k;
+    return av;
+}
+
+/* the combinations the table's ranges cannot check; 0 or 2 */
+static int check_args(const train_args *a) {
+    struct stat sb;
+    if (stat(a->data, &sb) != 0 || !S_ISDIR(sb.st_mode)) {
+        fprintf(stderr, "error: %s: not a folder (give the folder that holds your images and captions)\n", a->data);
+        return 2;
+    }
+    if (a->sample_every > 0 && !a->sample_prompt) {
+        fprintf(stderr, "error: --sample-every needs --sample-prompt (e.g. --sample-prompt \"a red circle|a blue square\")\n");
+        return 2;
+    }
+    if (a->full && strcmp(a->weight_dtype, "fp32") != 0) {
+        fprintf(stderr, "error: --weight-dtype %s: full fine-tuning updates the weights themselves and needs fp32 (drop --full or use --weight-dtype fp32)\n", a->weight_dtype);
+        return 2;
+    }
+    if (a->full && a->resume) {
+        fprintf(stderr, "error: --resume works with LoRA runs only (drop --full or --resume)\n");
+        return 2;
+    }
+    if (strchr(a->name, '/')) {
+        fprintf(stderr, "error: --name %s: must be a file name, not a path (use --out for the folder)\n", a->name);
+        return 2;
+    }
+    return 0;
+}
+
+/* DIR/sdlora_args.txt, then the command line, into a; -1 to go on, else
+ * the exit status (0 after --help, 2 for a bad flag) */
+static int parse_args(train_args *a, int argc, char **argv) {
+    const cli_opt opts[] = {
+        {"--model", OPT_STR, &a->model, 0, 0, NULL, "base model: SD1.x .safetensors or diffusers folder (default: " SD_DEFAULT_MODEL ")"},
+        {"--tokenizer", OPT_STR, &a->tokenizer, 0, 0, NULL, "folder with vocab.json + merges.txt (single-file checkpoints)"},
+        {"--out", OPT_STR, &a->out, 0, 0, NULL, "output folder for the LoRA, loss.csv, loss.png, state"},
+        {"--name", OPT_STR, &a->name, 0, 0, NULL, "file name of the LoRA (NAME.safetensors)"},
+        {"--targets", OPT_CHOICE, &a->targets, 0, 0, "qv|attn|transformer", "UNet layers that get a LoRA"},
+        {"--te", OPT_FLAG, &a->te, 0, 0, NULL, "also train the text encoder (its LoRA, or all of it with --full)"},
+        {"--full", OPT_FLAG, &a->full, 0, 0, NULL, "full fine-tuning of every UNet weight instead of LoRA (the baseline)"},
+        {"--rank", OPT_INT, &a->rank, 1, 1024, NULL, "LoRA rank r"},
+        {"--alpha", OPT_FLOAT, &a->alpha, 1e-6, 1e6, NULL, "LoRA alpha (scale = alpha / rank)"},
+        {"--dropout", OPT_FLOAT, &a->dropout, 0, 0.99, NULL, "dropout on the LoRA branch"},
+        {"--res", OPT_INT, &a->res, 0, 4096, NULL, "training resolution, multiple of 8 (0: the model's)"},
+        {"--flip", OPT_FLAG, &a->flip, 0, 0, NULL, "random horizontal flips"},
+        {"--random-crop", OPT_FLAG, &a->random_crop, 0, 0, NULL, "random instead of centre crop (no latent cache: slower)"},
+        {"--batch", OPT_INT, &a->batch, 1, 1024, NULL, "images per micro-batch"},
+        {"--accum", OPT_INT, &a->accum, 1, 1024, NULL, "gradient accumulation: micro-batches per step"},
+        {"--steps", OPT_INT, &a->steps, 0, 100000000, NULL, "optimizer steps (0: from --epochs)"},
+        {"--epochs", OPT_INT, &a->epochs, 0, 1000000, NULL, "passes over the data set (0 with --steps 0: 10)"},
+        {"--lr", OPT_FLOAT, &a->lr, 0, 10, NULL, "UNet LoRA learning rate"},
+        {"--te-lr", OPT_FLOAT, &a->te_lr, 0, 10, NULL, "text-encoder LoRA learning rate"},
+        {"--scheduler", OPT_CHOICE, &a->sched, 0, 0, "constant|constant_with_warmup|cosine|linear", "learning-rate schedule"},
+        {"--warmup", OPT_INT, &a->warmup, 0, 100000000, NULL, "warm-up steps"},
+        {"--beta1", OPT_FLOAT, &a->beta1, 0, 0.999999, NULL, "AdamW beta1"},
+        {"--beta2", OPT_FLOAT, &a->beta2, 0, 0.999999, NULL, "AdamW beta2"},
+        {"--adam-eps", OPT_FLOAT, &a->adam_eps, 0, 1, NULL, "AdamW epsilon"},
+        {"--weight-decay", OPT_FLOAT, &a->wd, 0, 10, NULL, "AdamW weight decay"},
+        {"--clip-grad", OPT_FLOAT, &a->clip, 0, 1e9, NULL, "gradient-norm clipping (0: off)"},
+        {"--min-snr-gamma", OPT_FLOAT, &a->min_snr, 0, 1e6, NULL, "min-SNR loss weighting gamma (0: off)"},
+        {"--noise-offset", OPT_FLOAT, &a->noise_offset, 0, 10, NULL, "noise offset"},
+        {"--clip-skip", OPT_INT, &a->clip_skip, 1, 12, NULL, "use the output of the N-th last CLIP layer"},
+        {"--seed", OPT_U64, &a->seed, 0, 9.2e18, NULL, "random seed"},
+        {"--grad-checkpoint", OPT_FLAG, &a->grad_ckpt, 0, 0, NULL, "recompute activations in backward (less memory)"},
+        {"--save-every", OPT_INT, &a->save_every, 0, 100000000, NULL, "save the LoRA and state every N steps (0: only at the end)"},
+        {"--precision", OPT_CHOICE, &a->precision, 0, 0, "fp32|fp16", "dtype of the saved LoRA"},
+        {"--weight-dtype", OPT_CHOICE, &a->weight_dtype, 0, 0, "fp32|fp16", "fp16: hold the model's frozen weights as fp16 (half the RAM, fp32 math; not with --full)"},
+        {"--sample-every", OPT_INT, &a->sample_every, 0, 100000000, NULL, "sample grid every N steps"},
+        {"--sample-prompt", OPT_STR, &a->sample_prompt, 0, 0, NULL, "prompt(s) for the sample grid, separated by '|'"},
+        {"--no-grid", OPT_FLAG, &a->no_grid, 0, 0, NULL, "skip the before/after grid at the end"},
+        {"--resume", OPT_STR, &a->resume, 0, 0, NULL, "training state to resume from (OUT/state.safetensors)"},
+        {"--threads", OPT_INT, &a->threads, 0, 4096, NULL, "CPU threads (0: all)"},
+    };
+    enum { NOPTS = (int)(sizeof opts / sizeof opts[0]) };
+    int ac, npos, nfile, set_at[NOPTS];
+    static char argsbuf[4096];   /* the values point into it: it outlives this call */
+    char file[1200] = "";
+    char **av = with_args_file(argc, argv, opts, NOPTS, argsbuf, sizeof argsbuf, &ac, file, sizeof file, &nfile);
+    if (!av) { fprintf(stderr, "error: out of memory\n"); return 1; }
+    const char *pos[1];
+    int rc = cli_parse_at(ac, av, opts, NOPTS, pos, 1, &npos,
+                          "usage: ./train DIR [options]\n"
+                          "Trains a LoRA for a Stable Diffusion 1.x model on the captioned images in DIR\n"
+                          "(PNG/JPEG with same-name .txt captions, or a captions.csv; N_name folders repeat N times).",
+                          set_at);
+    if (rc == 0 && npos != 1) {
+        fprintf(stderr, "error: no data folder given (run ./train DIR, e.g. ./train data/; see ./train --help)\n");
+        rc = 2;
+    }
+    if (rc == 0) a->data = pos[0];
+    if (rc == 0) rc = check_args(a);
+    /* what each setting is and where it came from: the file, the command line, the default */
+    if (rc == 0) cli_print_sources(stderr, opts, NOPTS, set_at, ac, av, nfile, file);
+    if (av != argv) free(av);   /* the values point into argsbuf and argv, not into av */
+    return rc == 1 ? 0 : rc ? rc : -1;
 }
 
 int main(int argc, char **argv) {
@@ -770,118 +1112,8 @@ int main(int argc, char **argv) {
         .beta1 = 0.9f, .beta2 = 0.999f, .adam_eps = 1e-8f, .wd = 1e-2f, .clip = 1.0f,
         .min_snr = 0.0f, .noise_offset = 0.0f, .seed = 42,
     };
-    const cli_opt opts[] = {
-        {"--model", OPT_STR, &a.model, 0, 0, NULL, "base model: SD1.x .safetensors or diffusers folder (default: " SD_DEFAULT_MODEL ")"},
-        {"--tokenizer", OPT_STR, &a.tokenizer, 0, 0, NULL, "folder with vocab.json + merges.txt (single-file checkpoints)"},
-        {"--out", OPT_STR, &a.out, 0, 0, NULL, "output folder for the LoRA, loss.csv, loss.png, state"},
-        {"--name", OPT_STR, &a.name, 0, 0, NULL, "file name of the LoRA (NAME.safetensors)"},
-        {"--targets", OPT_CHOICE, &a.targets, 0, 0, "qv|attn|transformer", "UNet layers that get a LoRA"},
-        {"--te", OPT_FLAG, &a.te, 0, 0, NULL, "also train the text encoder (its LoRA, or all of it with --full)"},
-        {"--full", OPT_FLAG, &a.full, 0, 0, NULL, "full fine-tuning of every UNet weight instead of LoRA (the baseline)"},
-        {"--rank", OPT_INT, &a.rank, 1, 1024, NULL, "LoRA rank r"},
-        {"--alpha", OPT_FLOAT, &a.alpha, 1e-6, 1e6, NULL, "LoRA alpha (scale = alpha / rank)"},
-        {"--dropout", OPT_FLOAT, &a.dropout, 0, 0.99, NULL, "dropout on the LoRA branch"},
-        {"--res", OPT_INT, &a.res, 0, 4096, NULL, "training resolution, multiple of 8 (0: the model's)"},
-        {"--flip", OPT_FLAG, &a.flip, 0, 0, NULL, "random horizontal flips"},
-        {"--random-crop", OPT_FLAG, &a.random_crop, 0, 0, NULL, "random instead of centre crop (no latent cache: slower)"},
-        {"--batch", OPT_INT, &a.batch, 1, 1024, NULL, "images per micro-batch"},
-        {"--accum", OPT_INT, &a.accum, 1, 1024, NULL, "gradient accumulation: micro-batches per step"},
-        {"--steps", OPT_INT, &a.steps, 0, 100000000, NULL, "optimizer steps (0: from --epochs)"},
-        {"--epochs", OPT_INT, &a.epochs, 0, 1000000, NULL, "passes over the data set (0 with --steps 0: 10)"},
-        {"--lr", OPT_FLOAT, &a.lr, 0, 10, NULL, "UNet LoRA learning rate"},
-        {"--te-lr", OPT_FLOAT, &a.te_lr, 0, 10, NULL, "text-encoder LoRA learning rate"},
-        {"--scheduler", OPT_CHOICE, &a.sched, 0, 0, "constant|constant_with_warmup|cosine|linear", "learning-rate schedule"},
-        {"--warmup", OPT_INT, &a.warmup, 0, 100000000, NULL, "warm-up steps"},
-        {"--beta1", OPT_FLOAT, &a.beta1, 0, 0.999999, NULL, "AdamW beta1"},
-        {"--beta2", OPT_FLOAT, &a.beta2, 0, 0.999999, NULL, "AdamW beta2"},
-        {"--adam-eps", OPT_FLOAT, &a.adam_eps, 0, 1, NULL, "AdamW epsilon"},
-        {"--weight-decay", OPT_FLOAT, &a.wd, 0, 10, NULL, "AdamW weight decay"},
-        {"--clip-grad", OPT_FLOAT, &a.clip, 0, 1e9, NULL, "gradient-norm clipping (0: off)"},
-        {"--min-snr-gamma", OPT_FLOAT, &a.min_snr, 0, 1e6, NULL, "min-SNR loss weighting gamma (0: off)"},
-        {"--noise-offset", OPT_FLOAT, &a.noise_offset, 0, 10, NULL, "noise offset"},
-        {"--clip-skip", OPT_INT, &a.clip_skip, 1, 12, NULL, "use the output of the N-th last CLIP layer"},
-        {"--seed", OPT_U64, &a.seed, 0, 9.2e18, NULL, "random seed"},
-        {"--grad-checkpoint", OPT_FLAG, &a.grad_ckpt, 0, 0, NULL, "recompute activations in backward (less memory)"},
-        {"--save-every", OPT_INT, &a.save_every, 0, 100000000, NULL, "save the LoRA and state every N steps (0: only at the end)"},
-        {"--precision", OPT_CHOICE, &a.precision, 0, 0, "fp32|fp16", "dtype of the saved LoRA"},
-        {"--weight-dtype", OPT_CHOICE, &a.weight_dtype, 0, 0, "fp32|fp16", "fp16: hold the model's frozen weights as fp16 (half the RAM, fp32 math; not with --full)"},
-        {"--sample-every", OPT_INT, &a.sample_every, 0, 100000000, NULL, "sample grid every N steps"},
-        {"--sample-prompt", OPT_STR, &a.sample_prompt, 0, 0, NULL, "prompt(s) for the sample grid, separated by '|'"},
-        {"--no-grid", OPT_FLAG, &a.no_grid, 0, 0, NULL, "skip the before/after grid at the end"},
-        {"--resume", OPT_STR, &a.resume, 0, 0, NULL, "training state to resume from (OUT/state.safetensors)"},
-        {"--threads", OPT_INT, &a.threads, 0, 4096, NULL, "CPU threads (0: all)"},
-    };
-    /* A data folder may carry its own default flags in DIR/sdlora_args.txt
-     * (the bundled data/ does: the settings that suit the tiny model); they
-     * go before the command line's, so anything typed wins. */
-    char **av = argv, argsbuf[4096];
-    int ac = argc;
-    const char *dir = NULL;
-    for (int i = 1; i < argc; i++) {
-        if (argv[i][0] != '-') { dir = argv[i]; break; }
-        /* a flag that takes a value, written "--flag value", skips that value */
-        for (size_t k = 0; k < sizeof opts / sizeof opts[0]; k++)
-            if (strcmp(argv[i], opts[k].name) == 0 && opts[k].kind != OPT_FLAG) { i++; break; }
-    }
-    if (dir) {
-        char ap[1200];
-        snprintf(ap, sizeof ap, "%s/sdlora_args.txt", dir);
-        FILE *f = fopen(ap, "r");
-        if (f) {
-            size_t n = fread(argsbuf, 1, sizeof argsbuf - 1, f);
-            argsbuf[n] = 0;
-            fclose(f);
-            av = malloc(sizeof(char *) * (size_t)(argc + 256));
-            if (!av) { fprintf(stderr, "error: out of memory\n"); return 1; }
-            ac = 0;
-            av[ac++] = argv[0];
-            for (char *s = argsbuf; *s && ac < 250; ) {
-                while (*s == ' ' || *s == '\t' || *s == '\n' || *s == '\r') s++;
-                if (!*s) break;
-                if (*s == '#') { while (*s && *s != '\n') s++; continue; }
-                char *t = s;
-                while (*s && *s != ' ' && *s != '\t' && *s != '\n' && *s != '\r') s++;
-                if (*s) *s++ = 0;
-                av[ac++] = t;
-            }
-            for (int i = 1; i < argc; i++) av[ac++] = argv[i];
-            fprintf(stderr, "using the flags in %s (the command line overrides them)\n", ap);
-        }
-    }
-    const char *pos[1]; int npos;
-    int rc = cli_parse(ac, av, opts, (int)(sizeof opts / sizeof opts[0]), pos, 1, &npos,
-                       "usage: ./train DIR [options]\n"
-                       "Trains a LoRA for a Stable Diffusion 1.x model on the captioned images in DIR\n"
-                       "(PNG/JPEG with same-name .txt captions, or a captions.csv; N_name folders repeat N times).");
-    if (av != argv) free(av);   /* the values point into argsbuf and argv, not into av */
-    if (rc == 1) return 0;
-    if (rc) return rc;
-    if (npos != 1) {
-        fprintf(stderr, "error: no data folder given (run ./train DIR, e.g. ./train data/; see ./train --help)\n");
-        return 2;
-    }
-    a.data = pos[0];
-    struct stat sb;
-    if (stat(a.data, &sb) != 0 || !S_ISDIR(sb.st_mode)) {
-        fprintf(stderr, "error: %s: not a folder (give the folder that holds your images and captions)\n", a.data);
-        return 2;
-    }
-    if (a.sample_every > 0 && !a.sample_prompt) {
-        fprintf(stderr, "error: --sample-every needs --sample-prompt (e.g. --sample-prompt \"a red circle|a blue square\")\n");
-        return 2;
-    }
-    if (a.full && strcmp(a.weight_dtype, "fp32") != 0) {
-        fprintf(stderr, "error: --weight-dtype %s: full fine-tuning updates the weights themselves and needs fp32 (drop --full or use --weight-dtype fp32)\n", a.weight_dtype);
-        return 2;
-    }
-    if (a.full && a.resume) {
-        fprintf(stderr, "error: --resume works with LoRA runs only (drop --full or --resume)\n");
-        return 2;
-    }
-    if (strchr(a.name, '/')) {
-        fprintf(stderr, "error: --name %s: must be a file name, not a path (use --out for the folder)\n", a.name);
-        return 2;
-    }
+    int rc = parse_args(&a, argc, argv);
+    if (rc >= 0) return rc;
 #ifdef _OPENMP
     if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif

@@ -195,6 +195,8 @@ START_TEST(test_train_then_sample) {
     ck_assert_msg(run(TRAIN " %s " FLAGS0 " --steps 6 --save-every 3 --out %s", d, o) == 0, "%s", log_text());
     char *s = log_text();
     ck_assert_msg(strstr(s, "trainable parameters") && strstr(s, "./sample"), "%s", s);
+    /* the progress line: seconds per step and images per second */
+    ck_assert_msg(strstr(s, "step 6/6") && strstr(s, " s/step  ") && strstr(s, " img/s  "), "%s", s);
     free(s);
     /* the LoRA in kohya's format, with ss_* metadata */
     snprintf(p, sizeof p, "%s/lora.safetensors", o);
@@ -236,6 +238,10 @@ START_TEST(test_train_then_sample) {
     ck_assert_msg(image_load(&im, p, err, sizeof err) == 0, "%s", err);
     ck_assert(im.w == 64 && im.h == 64);
     image_free(&im);
+    /* a progress line per sampler step, with its seconds */
+    s = log_text();
+    ck_assert_msg(strstr(s, "step 1/3  ") && strstr(s, "step 3/3  ") && strstr(s, " s/step (mean "), "%s", s);
+    free(s);
     size_t n; s = slurp(p, &n);
     ck_assert(s != NULL);
     ck_assert(has_bytes(s, n, "parameters") && has_bytes(s, n, "Steps: 3"));
@@ -243,27 +249,31 @@ START_TEST(test_train_then_sample) {
 }
 END_TEST
 
-/* stopped after 3 of 8 steps (as Ctrl-C does), then --resume: the final LoRA
- * and state are byte-identical to a run that was never stopped */
+/* stopped after 3, or 7, of 12 steps (as Ctrl-C does), then --resume: the
+ * final LoRA, state, loss.csv (whose smoothed column the resumed run
+ * recomputes) and loss.png are byte-identical to a run never stopped */
 START_TEST(test_resume_identical) {
     char d[128], a[128], b[128], p1[256], p2[256];
     snprintf(d, sizeof d, "%s/data", tmp);
-    snprintf(a, sizeof a, "%s/a", tmp); snprintf(b, sizeof b, "%s/b", tmp);
+    snprintf(a, sizeof a, "%s/a", tmp);
     make_images(d, 5, 1);
-    const char *more = " --steps 8 --flip --dropout 0.1 --noise-offset 0.05 --te";
+    const char *more = " --steps 12 --flip --dropout 0.1 --noise-offset 0.05 --te";
     ck_assert_msg(run(TRAIN " %s " FLAGS "%s --out %s", d, more, a) == 0, "%s", log_text());
-    ck_assert_int_eq(run("SDLORA_STOP_AFTER=3 " TRAIN " %s " FLAGS "%s --out %s", d, more, b), 130);
-    char *s = log_text(); ck_assert_msg(strstr(s, "--resume"), "%s", s); free(s);
-    snprintf(p1, sizeof p1, "%s/lora-step000003.safetensors", b); ck_assert(access(p1, F_OK) == 0);
-    ck_assert_msg(run(TRAIN " %s " FLAGS "%s --out %s --resume %s/state.safetensors", d, more, b, b) == 0, "%s", log_text());
-    snprintf(p1, sizeof p1, "%s/lora.safetensors", a); snprintf(p2, sizeof p2, "%s/lora.safetensors", b);
-    ck_assert_msg(same_file(p1, p2), "resumed LoRA differs from the uninterrupted one");
-    snprintf(p1, sizeof p1, "%s/state.safetensors", a); snprintf(p2, sizeof p2, "%s/state.safetensors", b);
-    ck_assert(same_file(p1, p2));
-    snprintf(p1, sizeof p1, "%s/loss.csv", a); snprintf(p2, sizeof p2, "%s/loss.csv", b);
-    ck_assert(same_file(p1, p2));
+    const int stops[] = {3, 7};
+    for (int k = 0; k < 2; k++) {
+        snprintf(b, sizeof b, "%s/b%d", tmp, stops[k]);
+        ck_assert_int_eq(run("SDLORA_STOP_AFTER=%d " TRAIN " %s " FLAGS "%s --out %s", stops[k], d, more, b), 130);
+        char *s = log_text(); ck_assert_msg(strstr(s, "--resume"), "%s", s); free(s);
+        snprintf(p1, sizeof p1, "%s/lora-step%06d.safetensors", b, stops[k]); ck_assert(access(p1, F_OK) == 0);
+        ck_assert_msg(run(TRAIN " %s " FLAGS "%s --out %s --resume %s/state.safetensors", d, more, b, b) == 0, "%s", log_text());
+        const char *files[] = {"lora.safetensors", "state.safetensors", "loss.csv", "loss.png"};
+        for (int f = 0; f < 4; f++) {
+            snprintf(p1, sizeof p1, "%s/%s", a, files[f]); snprintf(p2, sizeof p2, "%s/%s", b, files[f]);
+            ck_assert_msg(same_file(p1, p2), "stopped at %d and resumed: %s differs from the uninterrupted run's", stops[k], files[f]);
+        }
+    }
     /* resuming with other flags is refused */
-    ck_assert_int_eq(run(TRAIN " %s " FLAGS " --steps 8 --out %s --resume %s/state.safetensors", d, b, b), 1);
+    ck_assert_int_eq(run(TRAIN " %s " FLAGS " --steps 12 --out %s --resume %s/state.safetensors", d, b, b), 1);
     assert_error_line("other settings", NULL);
 }
 END_TEST
@@ -407,23 +417,114 @@ START_TEST(test_nan_stops) {
 }
 END_TEST
 
-static Suite *programs_suite(void) {
-    Suite *s = suite_create("programs");
-    TCase *tc = tcase_create("programs");
+/* A run that fails before it has a step of its own (every image corrupt,
+ * met in the first step with --random-crop, or while caching latents
+ * without it) leaves an earlier run's OUT as it was: loss.csv not cut to
+ * its header, no loss.csv.tmp left behind */
+START_TEST(test_failed_run_keeps_out) {
+    char d[128], o[128], p[256], keep[256];
+    snprintf(d, sizeof d, "%s/data", tmp); snprintf(o, sizeof o, "%s/out", tmp);
+    make_images(d, 2, 1);
+    ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 2 --out %s", d, o) == 0, "%s", log_text());
+    snprintf(p, sizeof p, "%s/loss.csv", o); snprintf(keep, sizeof keep, "%s/loss.keep", tmp);
+    char cmd[600]; snprintf(cmd, sizeof cmd, "cp %s %s", p, keep);
+    ck_assert(system(cmd) == 0);
+    for (int i = 0; i < 2; i++) {
+        char img[256]; snprintf(img, sizeof img, "%s/img%02d.png", d, i);
+        ck_assert(truncate(img, 40) == 0);
+    }
+    const char *modes[] = {" --random-crop", " --random-crop --te", "", " --full"};
+    for (int k = 0; k < 4; k++) {
+        ck_assert_int_eq(run(TRAIN " %s " FLAGS " --steps 2%s --out %s", d, modes[k], o), 1);
+        assert_error_line("img0", NULL);
+        ck_assert_msg(same_file(p, keep), "%s: the earlier run's loss.csv was changed", modes[k]);
+        char t[300]; snprintf(t, sizeof t, "%s.tmp", p);
+        ck_assert_msg(access(t, F_OK) != 0, "%s: loss.csv.tmp left behind", modes[k]);
+    }
+}
+END_TEST
+
+/* the line of the log that starts with prefix, copied (NULL when none) */
+static char *log_line(const char *prefix) {
+    char *s = log_text(), *found = NULL;
+    for (char *l = s; l && *l; ) {
+        char *nl = strchr(l, '\n');
+        size_t len = nl ? (size_t)(nl - l) : strlen(l);
+        /* a wrapped group continues on lines that start with spaces */
+        while (nl && nl[1] == ' ') { nl = strchr(nl + 1, '\n'); len = nl ? (size_t)(nl - l) : strlen(l); }
+        if (strncmp(l, prefix, strlen(prefix)) == 0) { found = strndup(l, len); break; }
+        l = nl ? nl + 1 : NULL;
+    }
+    free(s);
+    return found;
+}
+
+/* ", name value," as one item of a settings line (either end of the line counts) */
+static int has_setting(const char *line, const char *item) {
+    size_t k = strlen(item);
+    for (const char *p = strstr(line, item); p; p = strstr(p + 1, item)) {
+        int start = p - line >= 2 && p[-1] == ' ' && (p[-2] == ',' || p[-2] == ':' || p[-2] == ' ');
+        int end = p[k] == ',' || p[k] == 0 || p[k] == ' ' || p[k] == '\n';
+        if (start && end) return 1;
+    }
+    return 0;
+}
+
+/* ./train prints every setting with where it came from: DIR/sdlora_args.txt,
+ * the command line (over the file's value), or the default */
+START_TEST(test_settings_sources) {
+    char d[128], o[128], p[256], file[300];
+    snprintf(d, sizeof d, "%s/data", tmp); snprintf(o, sizeof o, "%s/out", tmp);
+    make_images(d, 2, 1);
+    snprintf(p, sizeof p, "%s/sdlora_args.txt", d);
+    FILE *f = fopen(p, "w");
+    fprintf(f, "# defaults for this folder\n--rank 3 --alpha 3\n--steps 5 --lr 2e-3\n");
+    fclose(f);
+    ck_assert_msg(run(TRAIN " %s --model " MODEL " --batch 2 --steps 1 --no-grid --out %s", d, o) == 0, "%s", log_text());
+    snprintf(file, sizeof file, "settings from %s/sdlora_args.txt:", d);
+    char *fl = log_line(file), *cl = log_line("settings from the command line:"), *dl = log_line("settings by default:");
+    ck_assert_msg(fl && cl && dl, "%s", log_text());
+    ck_assert_msg(has_setting(fl, "rank 3") && has_setting(fl, "alpha 3") && has_setting(fl, "lr 0.002"), "%s", fl);
+    ck_assert_msg(!strstr(fl, "steps"), "the file's --steps was overridden: %s", fl);
+    char over[400];
+    snprintf(over, sizeof over, "steps 1 (over %s/sdlora_args.txt)", d);
+    ck_assert_msg(strstr(cl, over) && has_setting(cl, "batch 2"), "%s", cl);
+    ck_assert_msg(!strstr(cl, "rank"), "%s", cl);
+    ck_assert_msg(has_setting(dl, "targets qv") && has_setting(dl, "seed 42") && has_setting(dl, "te off"), "%s", dl);
+    ck_assert_msg(!strstr(dl, "rank") && !strstr(dl, "batch") && !strstr(dl, "steps"), "%s", dl);
+    free(fl); free(cl); free(dl);
+    /* and the run used them */
+    char *s = log_text();
+    ck_assert_msg(strstr(s, "rank 3 alpha 3") && strstr(s, "1 steps of 2 x 1"), "%s", s);
+    free(s);
+}
+END_TEST
+
+/* one case per test, so that CK_RUN_CASE=test_resume_identical runs just that one */
+static void add_case(Suite *s, const char *name, const TTest *t) {
+    TCase *tc = tcase_create(name);
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_set_timeout(tc, 900);   /* whole training runs; slow under ASan */
-    tcase_add_test(tc, test_help);
-    tcase_add_test(tc, test_bad_flags);
-    tcase_add_test(tc, test_weight_dtype);
-    tcase_add_test(tc, test_weight_dtype_te);
-    tcase_add_test(tc, test_train_then_sample);
-    tcase_add_test(tc, test_resume_identical);
-    tcase_add_test(tc, test_sigint_saves);
-    tcase_add_test(tc, test_threads_identical);
-    tcase_add_test(tc, test_dataset_layouts);
-    tcase_add_test(tc, test_bad_inputs);
-    tcase_add_test(tc, test_nan_stops);
+    tcase_add_test(tc, t);
     suite_add_tcase(s, tc);
+}
+#define ADD_CASE(s, t) add_case(s, #t, t)
+
+static Suite *programs_suite(void) {
+    Suite *s = suite_create("programs");
+    ADD_CASE(s, test_help);
+    ADD_CASE(s, test_bad_flags);
+    ADD_CASE(s, test_weight_dtype);
+    ADD_CASE(s, test_weight_dtype_te);
+    ADD_CASE(s, test_train_then_sample);
+    ADD_CASE(s, test_resume_identical);
+    ADD_CASE(s, test_sigint_saves);
+    ADD_CASE(s, test_threads_identical);
+    ADD_CASE(s, test_dataset_layouts);
+    ADD_CASE(s, test_bad_inputs);
+    ADD_CASE(s, test_nan_stops);
+    ADD_CASE(s, test_settings_sources);
+    ADD_CASE(s, test_failed_run_keeps_out);
     return s;
 }
 
