@@ -64,9 +64,10 @@ double prof_total(void) {
     return t;
 }
 
-void prof_print(FILE *f, const char *title) {
+void prof_print(FILE *f, const char *title, double wall) {
     double total = prof_total();
     if (total <= 0) return;
+    if (wall > total) total = wall;
     fprintf(f, "profile: %s (SDLORA_PROFILE=1)\n", title);
     fprintf(f, "  %-12s %-8s %8s %10s %7s %9s\n", "kind", "pass", "calls", "seconds", "share", "GFLOP/s");
     for (int d = 0; d < 2; d++)
@@ -78,5 +79,8 @@ void prof_print(FILE *f, const char *title) {
             if (flops[k][d] > 0 && s > 0) fprintf(f, " %9.1f\n", flops[k][d] / s * 1e-9);
             else fprintf(f, " %9s\n", "-");
         }
+    if (wall > 0)
+        fprintf(f, "  %-12s %-8s %8s %10.3f %6.1f%%\n", "other", "", "", wall - prof_total(),
+                100.0 * (wall - prof_total()) / total);
     fprintf(f, "  %-12s %-8s %8s %10.3f\n", "all", "", "", total);
 }

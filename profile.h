@@ -30,8 +30,10 @@ void prof_reset(void);
 /* a primitive's start (0 when off) and its end, with the flops it did */
 double prof_begin(void);
 void prof_end(prof_kind k, int backward, double t0, double flops);
-/* the table: per kind and direction, seconds, share of the total, GFLOP/s */
-void prof_print(FILE *f, const char *title);
+/* the table: per kind and direction, seconds, share, GFLOP/s; with the wall
+ * time of what was profiled (0: unknown) also the rest, spent outside the
+ * primitives (the models' own loops: copies, transposes, residual adds) */
+void prof_print(FILE *f, const char *title, double wall);
 /* what one kind and direction recorded: seconds, flops, calls */
 void prof_get(prof_kind k, int backward, double *seconds, double *nflops, long *ncalls);
 /* total seconds recorded so far (both directions) */

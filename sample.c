@@ -30,6 +30,7 @@
 #include "cli.h"
 #include "generate.h"
 #include "image.h"
+#include "profile.h"
 
 #define MAX_LORAS (CLI_LIST_MAX + 16)
 
@@ -277,6 +278,7 @@ static int run(sample_run *r, const sample_args *a) {
     if ((rc = load_model_and_loras(r, a))) return rc;
     r->t_load = now() - t0;
     if ((rc = prepare(r, a))) return rc;
+    prof_reset();                          /* SDLORA_PROFILE=1: the sampling steps only */
     double t1 = now();
     progress pr = {t1, t1, isatty(2)};
     r->p.on_step = on_step;
@@ -288,6 +290,7 @@ static int run(sample_run *r, const sample_args *a) {
         return 1;
     }
     r->t_gen = now() - t1;
+    prof_print(stderr, "sampling, after loading (per kind of operation)", r->t_gen);
     rc = save_images(r, a);
     report(r, a);
     return rc;
@@ -305,6 +308,7 @@ int main(int argc, char **argv) {
 #ifdef _OPENMP
     if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif
+    prof_init();
     sample_run *r = calloc(1, sizeof *r);   /* ~60 KB of LoRA paths: not on the stack */
     if (!r) { fprintf(stderr, "error: out of memory\n"); return 1; }
     rc = run(r, &a);

@@ -28,6 +28,7 @@
 #include "dataset.h"
 #include "generate.h"
 #include "image.h"
+#include "profile.h"
 #include "lora.h"
 #include "model.h"
 #include "optim.h"
@@ -946,6 +947,8 @@ static int train(train_args *a, char *err) {
     print_run(&t);
     if (build_caches(&t, err) || alloc_buffers(&t, err) || open_loss_log(&t, err)) goto out;
     install_stop_hooks(&t);
+    prof_init();                         /* SDLORA_PROFILE=1: the training steps only */
+    prof_reset();
     t.tty = isatty(2);
     t.step0 = t.st.step;
     t.t_start = now_s();
@@ -953,10 +956,13 @@ static int train(train_args *a, char *err) {
         double t0 = now_s();
         if (optimizer_step(&t, err)) goto out;
         t.t_steps += now_s() - t0;
+        prof_enable(0);                  /* checkpoints and grids are not steps */
         if (log_step(&t, err)) goto out;
         if (checkpoint_due(&t) && save_checkpoint(&t, err)) goto out;
         if (sample_due(&t) && sample_grid_step(&t, err)) goto out;
+        prof_init();
     }
+    prof_print(stderr, "training steps (per kind of operation)", t.t_steps);
     ret = finish(&t, now_s() - t.t_start, err);
 out:
     trainer_free(&t);
