@@ -62,15 +62,51 @@
 #define MADD(a, b, c) ((a) * (b) + (c))
 #endif
 
-/* Sizes tuned on Zen 3 (32 KB L1d, 512 KB L2): KC = 512 beat 256 and 384 by
- * 10-20%, mostly by touching each C tile half as often.
- * micro-tile: 6 x 16 floats = 12 AVX2 registers of accumulators, plus two
- * for the B row and one for the broadcast A value (16 ymm registers). */
+/* ---- the micro-kernel's shape ------------------------------------------
+ * An MR x NR tile of C lives in registers while the kernel runs down K, so
+ * the tile is chosen from the vector registers the compiler targets (its
+ * predefined macros): NR a whole number of vectors, MR rows so that the
+ * MR * NR / lanes accumulators, the NR / lanes B vectors and one broadcast
+ * A value fill the register file without spilling. Each step p then does
+ * MR * NR / lanes FMAs for NR / lanes vector loads and MR broadcasts.
+ *
+ *   AVX-512 (32 zmm, 16 lanes): 12 x 32 = 24 accumulators + 2 B + 1 A
+ *   AVX2+FMA (16 ymm, 8 lanes):  6 x 16 = 12 accumulators + 2 B + 1 A
+ *   portable C (any other target, NEON's 32 q registers included, or
+ *     SDLORA_GEMM_PORTABLE defined): 6 x 16, vectorised by the compiler
+ *
+ * The two x86 kernels use intrinsics, because the plain loop is vectorised
+ * at the compiler's preferred width (gcc prefers 256-bit on Intel's AVX-512
+ * parts), which halves the FMA rate there. Every path sums each C element
+ * over p in the same order, so which one is built changes the last bits of
+ * C (FMA versus multiply-add on the portable path), never the determinism.
+ *
+ * Cache blocking (KC, MC, NC): the B strip (KC x NR) is reused by every A
+ * strip of the MC x KC block, the A block by every strip of the KC x NC
+ * panel. Measured on Zen 4 (32 KB L1d, 1 MB L2) beside Zen 3's sizes. */
+#if defined(__AVX512F__) && !defined(SDLORA_GEMM_PORTABLE)
+#include <immintrin.h>
+#define GEMM_AVX512 1
+#define MR 12
+#define NR 32
+#define KC 384
+#define MC_MAX 192
+#define NC_MAX 1024
+#elif defined(__AVX2__) && defined(__FMA__) && !defined(SDLORA_GEMM_PORTABLE)
+#include <immintrin.h>
+#define GEMM_AVX2 1
+#define MR 6
+#define NR 16
+#define KC 512
+#define MC_MAX 96
+#define NC_MAX 768
+#else
 #define MR 6
 #define NR 16
 #define KC 512          /* Bp strip KC x NR = 32 KB, Ap strip MR x KC = 12 KB */
 #define MC_MAX 96       /* Ap block MC x KC = 192 KB: fits a 512 KB L2      */
 #define NC_MAX 768      /* Bp panel KC x NC = 1.5 MB: 4096 measured 10-20% slower */
+#endif
 
 /* a B panel up to this many floats (256 KB) is read from L2 */
 #define SMALL_PANEL 65536
@@ -171,15 +207,117 @@ static void pack_b(float *restrict dst, const float *restrict B, int ldb, int tr
  * acc = sum_p a[p][0..MR) (outer) b[p][0..NR), then
  *   first K block:  C = alpha * acc + beta * C   (beta == 0: C not read)
  *   later K blocks: C = alpha * acc + C
- * The k loop is outermost and the MR x NR loops have constant bounds, so
- * gcc unrolls them and keeps acc in registers (see SIMD_LOOP). */
+ * Only the mr x nr corner of the tile is stored (ragged edges). */
+
+/* store the tile: full tiles straight from acc, ragged ones clipped; the
+ * same float operations either way (no contraction under -std=c99) */
+static void store_tile(const float *restrict acc, float *restrict C, int ldc, int mr, int nr,
+                       float alpha, float beta) {
+    if (beta == 0.0f) {
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++) C[(size_t)i * ldc + j] = alpha * acc[i * NR + j];
+    } else {
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++)
+                C[(size_t)i * ldc + j] = alpha * acc[i * NR + j] + beta * C[(size_t)i * ldc + j];
+    }
+}
+
+#if defined(GEMM_AVX512)
+/* 12 rows x 2 zmm; a strip whose live columns fit one vector (N = 40's
+ * last 8) runs the one-vector loop: half the FMAs, same sums */
+static void micro_kernel(int kc, const float *restrict a, const float *restrict b,
+                         float *restrict C, int ldc, int mr, int nr,
+                         float alpha, float beta) {
+    __m512 c0[MR], c1[MR];
+    for (int i = 0; i < mr; i++) {
+        PREFETCH_W(C + (size_t)i * ldc);
+        PREFETCH_W(C + (size_t)i * ldc + nr - 1);
+    }
+    for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm512_setzero_ps();
+    if (nr > 16) {
+        for (int p = 0; p < kc; p++) {
+            __m512 b0 = _mm512_load_ps(b + (size_t)p * NR);
+            __m512 b1 = _mm512_load_ps(b + (size_t)p * NR + 16);
+            const float *ap = a + (size_t)p * MR;
+            for (int i = 0; i < MR; i++) {
+                __m512 ai = _mm512_set1_ps(ap[i]);
+                c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
+                c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
+            }
+        }
+    } else {
+        for (int p = 0; p < kc; p++) {
+            __m512 b0 = _mm512_load_ps(b + (size_t)p * NR);
+            const float *ap = a + (size_t)p * MR;
+            for (int i = 0; i < MR; i++) c0[i] = _mm512_fmadd_ps(_mm512_set1_ps(ap[i]), b0, c0[i]);
+        }
+    }
+    if (mr == MR && nr == NR) {
+        __m512 va = _mm512_set1_ps(alpha);
+        if (beta == 0.0f) {
+            for (int i = 0; i < MR; i++) {
+                _mm512_storeu_ps(C + (size_t)i * ldc, _mm512_mul_ps(va, c0[i]));
+                _mm512_storeu_ps(C + (size_t)i * ldc + 16, _mm512_mul_ps(va, c1[i]));
+            }
+        } else {
+            __m512 vb = _mm512_set1_ps(beta);
+            for (int i = 0; i < MR; i++) {
+                float *c = C + (size_t)i * ldc;
+                _mm512_storeu_ps(c, _mm512_add_ps(_mm512_mul_ps(va, c0[i]),
+                                                  _mm512_mul_ps(vb, _mm512_loadu_ps(c))));
+                _mm512_storeu_ps(c + 16, _mm512_add_ps(_mm512_mul_ps(va, c1[i]),
+                                                       _mm512_mul_ps(vb, _mm512_loadu_ps(c + 16))));
+            }
+        }
+        return;
+    }
+    float acc[MR * NR];
+    for (int i = 0; i < MR; i++) {
+        _mm512_storeu_ps(acc + i * NR, c0[i]);
+        _mm512_storeu_ps(acc + i * NR + 16, c1[i]);
+    }
+    store_tile(acc, C, ldc, mr, nr, alpha, beta);
+}
+#elif defined(GEMM_AVX2)
+/* 6 rows x 2 ymm */
+static void micro_kernel(int kc, const float *restrict a, const float *restrict b,
+                         float *restrict C, int ldc, int mr, int nr,
+                         float alpha, float beta) {
+    __m256 c0[MR], c1[MR];
+    for (int i = 0; i < mr; i++) {
+        PREFETCH_W(C + (size_t)i * ldc);
+        PREFETCH_W(C + (size_t)i * ldc + nr - 1);
+    }
+    for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm256_setzero_ps();
+    for (int p = 0; p < kc; p++) {
+        __m256 b0 = _mm256_load_ps(b + (size_t)p * NR);
+        __m256 b1 = _mm256_load_ps(b + (size_t)p * NR + 8);
+        const float *ap = a + (size_t)p * MR;
+        for (int i = 0; i < MR; i++) {
+            __m256 ai = _mm256_broadcast_ss(ap + i);
+            c0[i] = _mm256_fmadd_ps(ai, b0, c0[i]);
+            c1[i] = _mm256_fmadd_ps(ai, b1, c1[i]);
+        }
+    }
+    float acc[MR * NR];
+    for (int i = 0; i < MR; i++) {
+        _mm256_storeu_ps(acc + i * NR, c0[i]);
+        _mm256_storeu_ps(acc + i * NR + 8, c1[i]);
+    }
+    store_tile(acc, C, ldc, mr, nr, alpha, beta);
+}
+#else
+/* plain C: the k loop is outermost and the MR x NR loops have constant
+ * bounds, so the compiler unrolls them and keeps acc in registers (see
+ * SIMD_LOOP) */
 static void micro_kernel(int kc, const float *restrict a, const float *restrict b,
                          float *restrict C, int ldc, int mr, int nr,
                          float alpha, float beta) {
     float acc[MR][NR];
     for (int i = 0; i < mr; i++) {
         PREFETCH_W(C + (size_t)i * ldc);
-        PREFETCH_W(C + (size_t)i * ldc + NR - 1);
+        PREFETCH_W(C + (size_t)i * ldc + nr - 1);
     }
     for (int i = 0; i < MR; i++)
         for (int j = 0; j < NR; j++) acc[i][j] = 0.0f;
@@ -192,23 +330,9 @@ static void micro_kernel(int kc, const float *restrict a, const float *restrict 
             for (int j = 0; j < NR; j++) acc[i][j] = MADD(ai, bp[j], acc[i][j]);
         }
     }
-    if (mr == MR && nr == NR) {
-        if (beta == 0.0f) {
-            for (int i = 0; i < MR; i++)
-                for (int j = 0; j < NR; j++) C[(size_t)i * ldc + j] = alpha * acc[i][j];
-        } else {
-            for (int i = 0; i < MR; i++)
-                for (int j = 0; j < NR; j++)
-                    C[(size_t)i * ldc + j] = alpha * acc[i][j] + beta * C[(size_t)i * ldc + j];
-        }
-    } else {
-        for (int i = 0; i < mr; i++)
-            for (int j = 0; j < nr; j++) {
-                float *c = &C[(size_t)i * ldc + j];
-                *c = beta == 0.0f ? alpha * acc[i][j] : alpha * acc[i][j] + beta * *c;
-            }
-    }
+    store_tile(&acc[0][0], C, ldc, mr, nr, alpha, beta);
 }
+#endif
 
 /* ---- small problems: direct loops, no packing, no threads ---------------- */
 static void gemm_small(int transA, int transB, int M, int N, int K,
