@@ -71,6 +71,8 @@ $(PROGS:%=$(BUILD)/%): $(BUILD)/%: $(BUILD)/%.o $(LIBOBJ)
 
 $(BUILD)/test_%: tests/test_%.c tests/testutil.h $(LIBOBJ) $(wildcard *.h)
 	$(CC) $(CFLAGS) $(CHECK_CFLAGS) -DSDLORA_BUILD='"$(BUILD)"' -I. $< $(LIBOBJ) -o $@ $(LDFLAGS) $(CHECK_LIBS) $(LDLIBS)
+# the kernel variants compile matmul.c and test_matmul.c into themselves
+$(BUILD)/test_matmul_portable $(BUILD)/test_matmul_avx2: tests/test_matmul.c matmul.c
 # test_tiny_base includes the pre-training program itself
 $(BUILD)/test_tiny_base: tools/tiny_base.c
 

@@ -74,6 +74,8 @@
  *   AVX2+FMA (16 ymm, 8 lanes):  6 x 16 = 12 accumulators + 2 B + 1 A
  *   portable C (any other target, NEON's 32 q registers included, or
  *     SDLORA_GEMM_PORTABLE defined): 6 x 16, vectorised by the compiler
+ * (SDLORA_GEMM_NO_AVX512 skips the first; tests/test_matmul_portable.c and
+ * test_matmul_avx2.c build those paths on any x86 machine.)
  *
  * The two x86 kernels use intrinsics, because the plain loop is vectorised
  * at the compiler's preferred width (gcc prefers 256-bit on Intel's AVX-512
@@ -84,7 +86,7 @@
  * Cache blocking (KC, MC, NC): the B strip (KC x NR) is reused by every A
  * strip of the MC x KC block, the A block by every strip of the KC x NC
  * panel. Measured on Zen 4 (32 KB L1d, 1 MB L2) beside Zen 3's sizes. */
-#if defined(__AVX512F__) && !defined(SDLORA_GEMM_PORTABLE)
+#if defined(__AVX512F__) && !defined(SDLORA_GEMM_PORTABLE) && !defined(SDLORA_GEMM_NO_AVX512)
 #include <immintrin.h>
 #define GEMM_AVX512 1
 #define MR 12
@@ -118,6 +120,10 @@ static int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
 /* ---- packing ------------------------------------------------------------ */
 
+/* transposing packs read this many consecutive floats (a cache line) from
+ * each source row before moving to the next row */
+#define PB 16
+
 /* Strips [s0, s1) of op(A)[i0 .. i0+mrows, p0 .. p0+kc] -> dst. Strip s
  * holds rows i0 + s*MR .. +MR at dst + s*KC*MR, laid out dst[p*MR + i];
  * rows past mrows are zero. Each loop walks memory in the order it is
@@ -133,8 +139,14 @@ static void pack_a(float *restrict dst, const float *restrict A, int lda, int tr
             const float *r[MR];
             for (int i = 0; i < MR; i++)
                 r[i] = A + (size_t)(i0 + s * MR + (i < mr ? i : 0)) * lda + p0;
-            for (int p = 0; p < kc; p++)
-                for (int i = 0; i < MR; i++) d[p * MR + i] = r[i][p];
+            /* PB values of p per row at a time: each row's cache line is
+             * used up while it is in L1, even when the MR rows, lda apart,
+             * fall in the same L1 set (lda a multiple of 1024 floats) */
+            for (int pb = 0; pb < kc; pb += PB) {
+                int pe = kc - pb < PB ? kc : pb + PB;
+                for (int i = 0; i < MR; i++)
+                    for (int p = pb; p < pe; p++) d[p * MR + i] = r[i][p];
+            }
             if (mr < MR)
                 for (int p = 0; p < kc; p++)
                     for (int i = mr; i < MR; i++) d[p * MR + i] = 0.0f;
@@ -147,9 +159,13 @@ static void pack_a(float *restrict dst, const float *restrict A, int lda, int tr
             for (int s = s0; s < s1; s++) {
                 float *d = dst + (size_t)s * KC * MR + (size_t)p * MR;
                 int mr = mrows - s * MR < MR ? mrows - s * MR : MR;
-                int i = 0;
-                for (; i < mr; i++) d[i] = src[s * MR + i];
-                for (; i < MR; i++) d[i] = 0.0f;
+                if (mr == MR) {            /* constant bounds: one vector copy */
+                    for (int i = 0; i < MR; i++) d[i] = src[s * MR + i];
+                } else {
+                    int i = 0;
+                    for (; i < mr; i++) d[i] = src[s * MR + i];
+                    for (; i < MR; i++) d[i] = 0.0f;
+                }
             }
         }
     }
@@ -185,8 +201,11 @@ static void pack_b(float *restrict dst, const float *restrict B, int ldb, int tr
             const float *r[NR];
             for (int j = 0; j < NR; j++)
                 r[j] = B + (size_t)(j0 + s * NR + (j < nr ? j : 0)) * ldb + p0;
-            for (int p = 0; p < kc; p++)
-                for (int j = 0; j < NR; j++) d[p * NR + j] = r[j][p];
+            for (int pb = 0; pb < kc; pb += PB) {   /* as in pack_a */
+                int pe = kc - pb < PB ? kc : pb + PB;
+                for (int j = 0; j < NR; j++)
+                    for (int p = pb; p < pe; p++) d[p * NR + j] = r[j][p];
+            }
             if (nr < NR)
                 for (int p = 0; p < kc; p++)
                     for (int j = nr; j < NR; j++) d[p * NR + j] = 0.0f;
@@ -223,88 +242,80 @@ static void store_tile(const float *restrict acc, float *restrict C, int ldc, in
     }
 }
 
+#if defined(GEMM_AVX512) || defined(GEMM_AVX2)
+/* The accumulators are named variables, one pair per row, written out by
+ * ROWS(X) = X(0) .. X(MR-1): an array of vectors would be zeroed by memset
+ * and copied through the stack around the k loop. */
 #if defined(GEMM_AVX512)
 /* 12 rows x 2 zmm; a strip whose live columns fit one vector (N = 40's
- * last 8) runs the one-vector loop: half the FMAs, same sums */
+ * last 8) runs the one-vector loop: half the FMAs, the same sums */
+#define ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define VW 16
+#define vec __m512
+#define vzero _mm512_setzero_ps
+#define vload _mm512_load_ps
+#define vloadu _mm512_loadu_ps
+#define vstoreu _mm512_storeu_ps
+#define vset1 _mm512_set1_ps
+#define vfma _mm512_fmadd_ps
+#define vmul _mm512_mul_ps
+#define vadd _mm512_add_ps
+#else
+/* 6 rows x 2 ymm */
+#define ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define VW 8
+#define vec __m256
+#define vzero _mm256_setzero_ps
+#define vload _mm256_load_ps
+#define vloadu _mm256_loadu_ps
+#define vstoreu _mm256_storeu_ps
+#define vset1 _mm256_set1_ps
+#define vfma _mm256_fmadd_ps
+#define vmul _mm256_mul_ps
+#define vadd _mm256_add_ps
+#endif
+#define K_DECL(i) vec c##i##0 = vzero(), c##i##1 = vzero();
+#define K_FMA2(i) { vec ai = vset1(ap[i]); c##i##0 = vfma(ai, b0, c##i##0); c##i##1 = vfma(ai, b1, c##i##1); }
+#define K_FMA1(i) c##i##0 = vfma(vset1(ap[i]), b0, c##i##0);
+#define K_ST0(i) vstoreu(C + (size_t)(i) * ldc, vmul(va, c##i##0)); \
+                 vstoreu(C + (size_t)(i) * ldc + VW, vmul(va, c##i##1));
+#define K_STB(i) vstoreu(C + (size_t)(i) * ldc, vadd(vmul(va, c##i##0), vmul(vb, vloadu(C + (size_t)(i) * ldc)))); \
+                 vstoreu(C + (size_t)(i) * ldc + VW, vadd(vmul(va, c##i##1), vmul(vb, vloadu(C + (size_t)(i) * ldc + VW))));
+#define K_ACC(i) vstoreu(acc + (i) * NR, c##i##0); vstoreu(acc + (i) * NR + VW, c##i##1);
+
 static void micro_kernel(int kc, const float *restrict a, const float *restrict b,
                          float *restrict C, int ldc, int mr, int nr,
                          float alpha, float beta) {
-    __m512 c0[MR], c1[MR];
     for (int i = 0; i < mr; i++) {
         PREFETCH_W(C + (size_t)i * ldc);
         PREFETCH_W(C + (size_t)i * ldc + nr - 1);
     }
-    for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm512_setzero_ps();
-    if (nr > 16) {
+    ROWS(K_DECL)
+    if (nr > VW) {
         for (int p = 0; p < kc; p++) {
-            __m512 b0 = _mm512_load_ps(b + (size_t)p * NR);
-            __m512 b1 = _mm512_load_ps(b + (size_t)p * NR + 16);
+            vec b0 = vload(b + (size_t)p * NR), b1 = vload(b + (size_t)p * NR + VW);
             const float *ap = a + (size_t)p * MR;
-            for (int i = 0; i < MR; i++) {
-                __m512 ai = _mm512_set1_ps(ap[i]);
-                c0[i] = _mm512_fmadd_ps(ai, b0, c0[i]);
-                c1[i] = _mm512_fmadd_ps(ai, b1, c1[i]);
-            }
+            ROWS(K_FMA2)
         }
     } else {
         for (int p = 0; p < kc; p++) {
-            __m512 b0 = _mm512_load_ps(b + (size_t)p * NR);
+            vec b0 = vload(b + (size_t)p * NR);
             const float *ap = a + (size_t)p * MR;
-            for (int i = 0; i < MR; i++) c0[i] = _mm512_fmadd_ps(_mm512_set1_ps(ap[i]), b0, c0[i]);
+            ROWS(K_FMA1)
         }
     }
     if (mr == MR && nr == NR) {
-        __m512 va = _mm512_set1_ps(alpha);
+        vec va = vset1(alpha);
         if (beta == 0.0f) {
-            for (int i = 0; i < MR; i++) {
-                _mm512_storeu_ps(C + (size_t)i * ldc, _mm512_mul_ps(va, c0[i]));
-                _mm512_storeu_ps(C + (size_t)i * ldc + 16, _mm512_mul_ps(va, c1[i]));
-            }
+            ROWS(K_ST0)
         } else {
-            __m512 vb = _mm512_set1_ps(beta);
-            for (int i = 0; i < MR; i++) {
-                float *c = C + (size_t)i * ldc;
-                _mm512_storeu_ps(c, _mm512_add_ps(_mm512_mul_ps(va, c0[i]),
-                                                  _mm512_mul_ps(vb, _mm512_loadu_ps(c))));
-                _mm512_storeu_ps(c + 16, _mm512_add_ps(_mm512_mul_ps(va, c1[i]),
-                                                       _mm512_mul_ps(vb, _mm512_loadu_ps(c + 16))));
-            }
+            vec vb = vset1(beta);
+            ROWS(K_STB)
         }
         return;
     }
     float acc[MR * NR];
-    for (int i = 0; i < MR; i++) {
-        _mm512_storeu_ps(acc + i * NR, c0[i]);
-        _mm512_storeu_ps(acc + i * NR + 16, c1[i]);
-    }
-    store_tile(acc, C, ldc, mr, nr, alpha, beta);
-}
-#elif defined(GEMM_AVX2)
-/* 6 rows x 2 ymm */
-static void micro_kernel(int kc, const float *restrict a, const float *restrict b,
-                         float *restrict C, int ldc, int mr, int nr,
-                         float alpha, float beta) {
-    __m256 c0[MR], c1[MR];
-    for (int i = 0; i < mr; i++) {
-        PREFETCH_W(C + (size_t)i * ldc);
-        PREFETCH_W(C + (size_t)i * ldc + nr - 1);
-    }
-    for (int i = 0; i < MR; i++) c0[i] = c1[i] = _mm256_setzero_ps();
-    for (int p = 0; p < kc; p++) {
-        __m256 b0 = _mm256_load_ps(b + (size_t)p * NR);
-        __m256 b1 = _mm256_load_ps(b + (size_t)p * NR + 8);
-        const float *ap = a + (size_t)p * MR;
-        for (int i = 0; i < MR; i++) {
-            __m256 ai = _mm256_broadcast_ss(ap + i);
-            c0[i] = _mm256_fmadd_ps(ai, b0, c0[i]);
-            c1[i] = _mm256_fmadd_ps(ai, b1, c1[i]);
-        }
-    }
-    float acc[MR * NR];
-    for (int i = 0; i < MR; i++) {
-        _mm256_storeu_ps(acc + i * NR, c0[i]);
-        _mm256_storeu_ps(acc + i * NR + 8, c1[i]);
-    }
+    ROWS(K_ACC)
     store_tile(acc, C, ldc, mr, nr, alpha, beta);
 }
 #else

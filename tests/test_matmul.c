@@ -125,7 +125,9 @@ START_TEST(test_gemm_degenerate) {
 END_TEST
 
 /* the same bits whatever the thread count, and when called from inside a
- * parallel region (where it must neither nest nor share its buffers) */
+ * parallel region (where it must neither nest nor share its buffers), in all
+ * four transpose cases; N = 517 leaves a ragged last column strip, K = 700
+ * more than one K block */
 START_TEST(test_gemm_thread_invariant) {
 #ifdef _OPENMP
     const int M = 203, N = 517, K = 700;
@@ -134,23 +136,32 @@ START_TEST(test_gemm_thread_invariant) {
     float *C1 = malloc((size_t)M * N * sizeof(float)), *C2 = malloc((size_t)M * N * sizeof(float));
     float *C3 = malloc((size_t)2 * M * N * sizeof(float));
     ck_assert(C1 && C2 && C3);
-    memcpy(C1, C0, (size_t)M * N * sizeof(float));
-    memcpy(C2, C0, (size_t)M * N * sizeof(float));
     int saved = omp_get_max_threads();
-    omp_set_num_threads(1);
-    gemm(0, 1, M, N, K, 0.5f, A, K, B, K, 0.5f, C1, N);
-    omp_set_num_threads(2);
-    gemm(0, 1, M, N, K, 0.5f, A, K, B, K, 0.5f, C2, N);
-    ck_assert_msg(memcmp(C1, C2, (size_t)M * N * sizeof(float)) == 0, "1 vs 2 threads differ");
-    /* two concurrent calls from a parallel region */
-    #pragma omp parallel for num_threads(2)
-    for (int t = 0; t < 2; t++) {
-        memcpy(C3 + (size_t)t * M * N, C0, (size_t)M * N * sizeof(float));
-        gemm(0, 1, M, N, K, 0.5f, A, K, B, K, 0.5f, C3 + (size_t)t * M * N, N);
-    }
-    ck_assert_msg(memcmp(C1, C3, (size_t)M * N * sizeof(float)) == 0, "nested call differs");
-    ck_assert_msg(memcmp(C1, C3 + (size_t)M * N, (size_t)M * N * sizeof(float)) == 0,
-                  "nested call differs");
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) {
+            int lda = ta ? M : K, ldb = tb ? K : N;
+            memcpy(C1, C0, (size_t)M * N * sizeof(float));
+            omp_set_num_threads(1);
+            gemm(ta, tb, M, N, K, 0.5f, A, lda, B, ldb, 0.5f, C1, N);
+            for (int nt = 2; nt <= 5; nt++) {
+                memcpy(C2, C0, (size_t)M * N * sizeof(float));
+                omp_set_num_threads(nt);
+                gemm(ta, tb, M, N, K, 0.5f, A, lda, B, ldb, 0.5f, C2, N);
+                ck_assert_msg(memcmp(C1, C2, (size_t)M * N * sizeof(float)) == 0,
+                              "ta=%d tb=%d: 1 vs %d threads differ", ta, tb, nt);
+            }
+            /* two concurrent calls from a parallel region */
+            omp_set_num_threads(2);
+            #pragma omp parallel for num_threads(2)
+            for (int t = 0; t < 2; t++) {
+                memcpy(C3 + (size_t)t * M * N, C0, (size_t)M * N * sizeof(float));
+                gemm(ta, tb, M, N, K, 0.5f, A, lda, B, ldb, 0.5f, C3 + (size_t)t * M * N, N);
+            }
+            ck_assert_msg(memcmp(C1, C3, (size_t)M * N * sizeof(float)) == 0,
+                          "ta=%d tb=%d: nested call differs", ta, tb);
+            ck_assert_msg(memcmp(C1, C3 + (size_t)M * N, (size_t)M * N * sizeof(float)) == 0,
+                          "ta=%d tb=%d: nested call differs", ta, tb);
+        }
     omp_set_num_threads(saved);
     free(A); free(B); free(C0); free(C1); free(C2); free(C3);
 #endif

@@ -9,7 +9,14 @@
  * ours / OpenBLAS over the shapes run.
  *
  *   bench_matmul [INDEX...]    only the shapes at these 0-based indices
- *   OMP_NUM_THREADS            threads for both libraries (default: all) */
+ *   OMP_NUM_THREADS            threads for both libraries (default: all)
+ *   SDLORA_BENCH_CLOCK=cpu     time by the process's CPU time instead of the
+ *                              wall clock: on a shared machine, time spent
+ *                              descheduled is not counted. With T threads the
+ *                              figure is flop / (CPU seconds / T), i.e. as if
+ *                              each thread had its own core; exact at T = 1,
+ *                              and it counts idle OpenMP threads' spinning
+ *                              (run with OMP_WAIT_POLICY=passive). */
 #include <cblas.h>
 #include <math.h>
 #include <stdio.h>
@@ -52,10 +59,13 @@ static const shape_t shapes[] = {
     {"square 1024^3",                           0, 0, 1024, 1024,  1024},
 };
 
+static int use_cpu_clock;   /* SDLORA_BENCH_CLOCK=cpu */
+static int nthreads = 1;
+
 static double now(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+    clock_gettime(use_cpu_clock ? CLOCK_PROCESS_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
+    return (ts.tv_sec + 1e-9 * ts.tv_nsec) / (use_cpu_clock ? nthreads : 1);
 }
 
 static void pause_ms(int ms) {
@@ -90,7 +100,8 @@ static double best_time(int lib, const shape_t *s, const float *A, const float *
 }
 
 int main(int argc, char **argv) {
-    int nthreads = 1;
+    const char *clk = getenv("SDLORA_BENCH_CLOCK");
+    use_cpu_clock = clk && strcmp(clk, "cpu") == 0;
 #ifdef _OPENMP
     nthreads = omp_get_max_threads();
 #endif
@@ -99,6 +110,7 @@ int main(int argc, char **argv) {
     printf("threads %d (ours and OpenBLAS); OpenBLAS core %s; OPENBLAS_CORETYPE=%s\n",
            nthreads, openblas_get_corename(), ct ? ct : "(unset)");
     printf("config: %s\n", openblas_get_config());
+    printf("clock: %s\n", use_cpu_clock ? "process CPU time / threads (SDLORA_BENCH_CLOCK=cpu)" : "wall");
     FILE *ci = fopen("/proc/cpuinfo", "r");
     char cbuf[256];
     while (ci && fgets(cbuf, sizeof cbuf, ci))
