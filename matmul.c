@@ -236,14 +236,14 @@ static void pack_a(float *restrict dst, const float *restrict A, int lda, int tr
 /* Strips [s0, s1) of op(B)[p0 .. p0+kc, j0 .. j0+ncols] -> dst. Strip s
  * holds columns j0 + s*NR .. +NR at dst + s*KC*NR, laid out dst[p*NR + j];
  * columns past ncols are zero. */
-static void pack_b(float *restrict dst, const float *restrict B, int ldb, int transB,
-                   int p0, int kc, int j0, int ncols, int s0, int s1) {
+static void pack_b(float *restrict dst, size_t sstride, const float *restrict B, int ldb,
+                   int transB, int p0, int kc, int j0, int ncols, int s0, int s1) {
     if (!transB) {
         /* B stored K x N: walk each stored row p across the strips */
         for (int p = 0; p < kc; p++) {
             const float *src = B + (size_t)(p0 + p) * ldb + j0;
             for (int s = s0; s < s1; s++) {
-                float *d = dst + (size_t)s * KC * NR + (size_t)p * NR;
+                float *d = dst + (size_t)s * sstride + (size_t)p * NR;
                 int nr = ncols - s * NR < NR ? ncols - s * NR : NR;
                 if (nr == NR) {
                     for (int j = 0; j < NR; j++) d[j] = src[s * NR + j];
@@ -258,7 +258,7 @@ static void pack_b(float *restrict dst, const float *restrict B, int ldb, int tr
         /* B stored N x K (a PyTorch weight, out x in): column j of op(B) is
          * row j of B, contiguous in p; NR row streams per strip */
         for (int s = s0; s < s1; s++) {
-            float *d = dst + (size_t)s * KC * NR;
+            float *d = dst + (size_t)s * sstride;
             int nr = ncols - s * NR < NR ? ncols - s * NR : NR;
             const float *r[NR];
             for (int j = 0; j < NR; j++)
@@ -436,10 +436,13 @@ static float *alloc_floats(size_t n) {
 #define BUF_FLOATS ((size_t)KC * NC_MAX + (size_t)MC_MAX * KC)
 
 /* C[M x N] (+)= alpha op(A) op(B) on one thread, Goto's loop order (top of
- * file). bp and ap are that thread's packing buffers. */
+ * file). bp and ap are that thread's packing buffers. With bpre (a
+ * gemm_pack_b layout, bnpad its padded width, j0 this rectangle's first
+ * column) B is already packed and bp is not used. */
 static void gemm_serial(int transA, int transB, int M, int N, int K,
                         float alpha, const float *A, int lda, const float *B, int ldb,
-                        float beta, float *C, int ldc, float *bp, float *ap) {
+                        float beta, float *C, int ldc, float *bp, float *ap,
+                        const float *bpre, int bnpad, int j0) {
     /* blocks of equal size in each dimension (K = 640 runs as 320 + 320,
      * not 512 + 128). The K blocking depends on K alone, so the order each
      * C element is summed in does too. */
@@ -452,7 +455,14 @@ static void gemm_serial(int transA, int transB, int M, int N, int K,
         for (int pc = 0; pc < K; pc += kb) {
             int kc = K - pc < kb ? K - pc : kb;
             float bet = pc == 0 ? beta : 1.0f;        /* beta applies once */
-            pack_b(bp, B, ldb, transB, pc, kc, jc, nc, 0, (nc + NR - 1) / NR);
+            size_t bstride = (size_t)KC * NR;         /* floats from strip to strip */
+            const float *bpan = bp;
+            if (bpre) {
+                bstride = (size_t)kc * NR;
+                bpan = bpre + (size_t)pc * bnpad + (size_t)((j0 + jc) / NR) * bstride;
+            } else {
+                pack_b(bp, bstride, B, ldb, transB, pc, kc, jc, nc, 0, (nc + NR - 1) / NR);
+            }
             for (int ic = 0; ic < M; ic += mb) {
                 int mc = M - ic < mb ? M - ic : mb;
                 pack_a(ap, A, lda, transA, ic, mc, pc, kc, 0, (mc + MR - 1) / MR);
@@ -465,7 +475,7 @@ static void gemm_serial(int transA, int transB, int M, int N, int K,
                         const float *as = ap + (size_t)(ir / MR) * KC * MR;
                         for (int jr = 0; jr < nc; jr += NR) {
                             int nr = nc - jr < NR ? nc - jr : NR;
-                            const float *bs = bp + (size_t)(jr / NR) * KC * NR;
+                            const float *bs = bpan + (size_t)(jr / NR) * bstride;
                             micro_kernel(kc, as, bs, C + (size_t)(ic + ir) * ldc + jc + jr, ldc,
                                          mr, nr, alpha, bet);
                         }
@@ -474,7 +484,7 @@ static void gemm_serial(int transA, int transB, int M, int N, int K,
                 }
                 for (int jr = 0; jr < nc; jr += NR) {
                     int nr = nc - jr < NR ? nc - jr : NR;
-                    const float *bs = bp + (size_t)(jr / NR) * KC * NR;
+                    const float *bs = bpan + (size_t)(jr / NR) * bstride;
                     for (int ir = 0; ir < mc; ir += MR) {
                         int mr = mc - ir < MR ? mc - ir : MR;
                         const float *as = ap + (size_t)(ir / MR) * KC * MR;
@@ -515,6 +525,7 @@ static void choose_grid(int M, int N, int tasks, int *gm, int *gn) {
 
 static void gemm_parallel(int transA, int transB, int M, int N, int K,
                           float alpha, const float *A, int lda, const float *B, int ldb,
+                          const float *bpre, int bnpad,
                           float beta, float *C, int ldc, float *buf, int nthreads) {
     int mstrips = (M + MR - 1) / MR, nstrips = (N + NR - 1) / NR;
     int gm = 1, gn = 1;
@@ -538,16 +549,77 @@ static void gemm_parallel(int transA, int transB, int M, int N, int K,
             if (j1 > N) j1 = N;
             if (i0 >= i1 || j0 >= j1) continue;
             const float *a = transA ? A + i0 : A + (size_t)i0 * lda;
-            const float *b = transB ? B + (size_t)j0 * ldb : B + j0;
+            const float *b = bpre ? NULL : transB ? B + (size_t)j0 * ldb : B + j0;
             float *bp = buf + (size_t)tid * BUF_FLOATS;
             gemm_serial(transA, transB, i1 - i0, j1 - j0, K, alpha, a, lda, b, ldb,
-                        beta, C + (size_t)i0 * ldc + j0, ldc, bp, bp + (size_t)KC * NC_MAX);
+                        beta, C + (size_t)i0 * ldc + j0, ldc, bp, bp + (size_t)KC * NC_MAX,
+                        bpre, bnpad, j0);
         }
 }
 
-void gemm(int transA, int transB, int M, int N, int K,
-          float alpha, const float *A, int lda, const float *B, int ldb,
-          float beta, float *C, int ldc) {
+/* ---- B packed once (gemm_pack_b) ------------------------------------------
+ * The layout gemm_serial reads: K blocks of kb (as gemm_serial cuts them),
+ * block by block; in each, the round_up(N, NR) columns as strips of NR, each
+ * strip kc x NR, laid out [p][j], zero past N. */
+struct gemm_packed_b {
+    int K, N, npad, kb;
+    float *data;
+};
+
+/* op(B)[p][j] out of the packed layout */
+static float packed_at(const gemm_packed_b *pb, int p, int j) {
+    int pc = p / pb->kb * pb->kb, kc = pb->K - pc < pb->kb ? pb->K - pc : pb->kb;
+    return pb->data[(size_t)pc * pb->npad + (size_t)(j / NR) * kc * NR + (size_t)(p - pc) * NR + j % NR];
+}
+
+/* gemm_small with B read from the packed layout: the same sums */
+static void gemm_small_packed(int transA, int M, int N, int K, float alpha, const float *A, int lda,
+                              const gemm_packed_b *pb, float beta, float *C, int ldc) {
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            float s = 0.0f;
+            for (int p = 0; p < K; p++) {
+                float a = transA ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
+                s = MADD(a, packed_at(pb, p, j), s);
+            }
+            float *c = &C[(size_t)i * ldc + j];
+            *c = beta == 0.0f ? alpha * s : alpha * s + beta * *c;
+        }
+}
+
+gemm_packed_b *gemm_pack_b(int transB, int K, int N, const float *B, int ldb) {
+    if (K <= 0 || N <= 0) return NULL;
+    gemm_packed_b *pb = malloc(sizeof *pb);
+    if (!pb) return NULL;
+    int nkb = (K + KC - 1) / KC;
+    pb->K = K;
+    pb->N = N;
+    pb->npad = round_up(N, NR);
+    pb->kb = (K + nkb - 1) / nkb;
+    pb->data = alloc_floats((size_t)K * pb->npad);
+    if (!pb->data) { free(pb); return NULL; }
+    int nstrips = pb->npad / NR;
+    /* one K block at a time, its strips split over the threads */
+    for (int pc = 0; pc < K; pc += pb->kb) {
+        int kc = K - pc < pb->kb ? K - pc : pb->kb;
+        float *dst = pb->data + (size_t)pc * pb->npad;
+        OMP(omp parallel for schedule(static) if (!omp_in_parallel() && (double)K * N > 1e6))
+        for (int s = 0; s < nstrips; s++)
+            pack_b(dst, (size_t)kc * NR, B, ldb, transB, pc, kc, 0, N, s, s + 1);
+    }
+    return pb;
+}
+
+void gemm_packed_b_free(gemm_packed_b *pb) {
+    if (!pb) return;
+    free(pb->data);
+    free(pb);
+}
+
+/* gemm and gemm_packed: B as given (pb NULL) or packed */
+static void gemm_run(int transA, int transB, int M, int N, int K,
+                     float alpha, const float *A, int lda, const float *B, int ldb,
+                     const gemm_packed_b *pb, float beta, float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0 || alpha == 0.0f) {
         /* C = beta * C: nothing to multiply */
@@ -559,7 +631,8 @@ void gemm(int transA, int transB, int M, int N, int K,
         return;
     }
     if ((double)M * N * K < SMALL_WORK) {
-        gemm_small(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        if (pb) gemm_small_packed(transA, M, N, K, alpha, A, lda, pb, beta, C, ldc);
+        else gemm_small(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
 
@@ -585,9 +658,22 @@ void gemm(int transA, int transB, int M, int N, int K,
     }
     if (!buf) {
         /* out of memory for the packing buffers: still give the right answer */
-        gemm_small(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        if (pb) gemm_small_packed(transA, M, N, K, alpha, A, lda, pb, beta, C, ldc);
+        else gemm_small(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
-    gemm_parallel(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, buf, nthreads);
+    gemm_parallel(transA, transB, M, N, K, alpha, A, lda, B, ldb, pb ? pb->data : NULL,
+                  pb ? pb->npad : 0, beta, C, ldc, buf, nthreads);
     if (nested) free(buf);
+}
+
+void gemm(int transA, int transB, int M, int N, int K,
+          float alpha, const float *A, int lda, const float *B, int ldb,
+          float beta, float *C, int ldc) {
+    gemm_run(transA, transB, M, N, K, alpha, A, lda, B, ldb, NULL, beta, C, ldc);
+}
+
+void gemm_packed(int transA, int M, float alpha, const float *A, int lda,
+                 const gemm_packed_b *B, float beta, float *C, int ldc) {
+    gemm_run(transA, 0, M, B->N, B->K, alpha, A, lda, NULL, 0, B, beta, C, ldc);
 }

@@ -168,6 +168,53 @@ START_TEST(test_gemm_thread_invariant) {
 }
 END_TEST
 
+/* gemm_packed with a B packed once gives gemm's bits, for either layout of
+ * B, ragged sizes, more than one K block, the small path, beta != 0, and
+ * 1 or 2 threads; and a packed B is reused across calls unchanged */
+START_TEST(test_gemm_packed_same_bits) {
+    static const int cases[][3] = {   /* M, N, K */
+        {203, 517, 700}, {64, 40, 1100}, {5, 7, 9}, {300, 33, 64}, {1, 1000, 50},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+        for (int ta = 0; ta < 2; ta++)
+            for (int tb = 0; tb < 2; tb++) {
+                int M = cases[c][0], N = cases[c][1], K = cases[c][2];
+                int lda = (ta ? M : K) + PAD, ldb = (tb ? K : N) + PAD, ldc = N + PAD;
+                float *A = rand_buf((size_t)(ta ? K : M) * lda, 21 + c);
+                float *B = rand_buf((size_t)(tb ? N : K) * ldb, 22 + c);
+                float *C0 = rand_buf((size_t)M * ldc, 23 + c);
+                float *C1 = malloc((size_t)M * ldc * sizeof(float));
+                float *C2 = malloc((size_t)M * ldc * sizeof(float));
+                ck_assert(C1 && C2);
+                gemm_packed_b *pb = gemm_pack_b(tb, K, N, B, ldb);
+                ck_assert_ptr_nonnull(pb);
+                for (int nt = 1; nt <= 2; nt++) {
+#ifdef _OPENMP
+                    int saved = omp_get_max_threads();
+                    omp_set_num_threads(nt);
+#endif
+                    for (int rep = 0; rep < 2; rep++) {
+                        float beta = rep ? 0.5f : 0.0f;
+                        memcpy(C1, C0, (size_t)M * ldc * sizeof(float));
+                        memcpy(C2, C0, (size_t)M * ldc * sizeof(float));
+                        gemm(ta, tb, M, N, K, 1.25f, A, lda, B, ldb, beta, C1, ldc);
+                        gemm_packed(ta, M, 1.25f, A, lda, pb, beta, C2, ldc);
+                        ck_assert_msg(memcmp(C1, C2, (size_t)M * ldc * sizeof(float)) == 0,
+                                      "M=%d N=%d K=%d ta=%d tb=%d beta=%g threads=%d: packed differs",
+                                      M, N, K, ta, tb, beta, nt);
+                    }
+#ifdef _OPENMP
+                    omp_set_num_threads(saved);
+#endif
+                }
+                gemm_packed_b_free(pb);
+                free(A); free(B); free(C0); free(C1); free(C2);
+            }
+    ck_assert_ptr_null(gemm_pack_b(0, 0, 5, NULL, 5));
+    gemm_packed_b_free(NULL);
+}
+END_TEST
+
 static Suite *matmul_suite(void) {
     Suite *s = suite_create("matmul");
     TCase *tc = tcase_create("gemm");
@@ -177,6 +224,7 @@ static Suite *matmul_suite(void) {
     tcase_add_test(tc, test_gemm_large_edges);
     tcase_add_test(tc, test_gemm_degenerate);
     tcase_add_test(tc, test_gemm_thread_invariant);
+    tcase_add_test(tc, test_gemm_packed_same_bits);
     suite_add_tcase(s, tc);
     return s;
 }

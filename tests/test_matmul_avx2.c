@@ -4,5 +4,8 @@
  * this is the portable kernel again. */
 #define SDLORA_GEMM_NO_AVX512 1
 #define gemm gemm_avx2
+#define gemm_pack_b gemm_pack_b_avx2
+#define gemm_packed gemm_packed_avx2
+#define gemm_packed_b_free gemm_packed_b_free_avx2
 #include "../matmul.c"
 #include "test_matmul.c"
