@@ -85,7 +85,10 @@
  *
  * Cache blocking (KC, MC, NC): the B strip (KC x NR) is reused by every A
  * strip of the MC x KC block, the A block by every strip of the KC x NC
- * panel. Measured on Zen 4 (32 KB L1d, 1 MB L2) beside Zen 3's sizes. */
+ * panel. AVX-512: B strip 48 KB (read from L2 as often as from L1), A block
+ * 288 KB (L2); on Zen 4 (32 KB L1d, 1 MB L2) KC = 384 and 512 ran within
+ * the machine's noise of each other, KC = 256 slower. The other paths keep
+ * the sizes measured on Zen 3 (notes on the last branch). */
 #if defined(__AVX512F__) && !defined(SDLORA_GEMM_PORTABLE) && !defined(SDLORA_GEMM_NO_AVX512)
 #include <immintrin.h>
 #define GEMM_AVX512 1
