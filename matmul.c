@@ -145,9 +145,9 @@ static int round_up(int x, int m) { return (x + m - 1) / m * m; }
 #define PB 16
 
 /* d[p * ldd + i] = r[i][p] for i < nrows, pb <= p < pe: a block of the
- * transposing packs. On x86 builds, 8 x 8 blocks are transposed in
- * registers (8 row loads, 24 shuffles, 8 stores for 64 floats, against 64
- * scalar loads and stores), the rest element by element. */
+ * transposing packs. On x86 builds, 8 x 8 blocks (then 4 x 4) are
+ * transposed in registers (8 row loads, 24 shuffles, 8 stores for 64
+ * floats, against 64 scalar loads and stores), the rest element by element. */
 static void transpose_rows(float *restrict d, int ldd, const float *const *r, int nrows,
                            int pb, int pe) {
     int i = 0;
@@ -183,6 +183,22 @@ static void transpose_rows(float *restrict d, int ldd, const float *const *r, in
             _mm256_storeu_ps(o + 7 * ldd, _mm256_permute2f128_ps(u3, u7, 0x31));
         }
         for (int k = i; k < i + 8; k++)
+            for (int q = p; q < pe; q++) d[(size_t)q * ldd + k] = r[k][q];
+    }
+    /* 4 rows left (MR = 12, 6): 4 x 4 blocks */
+    for (; i + 4 <= nrows; i += 4) {
+        int p = pb;
+        for (; p + 4 <= pe; p += 4) {
+            __m128 r0 = _mm_loadu_ps(r[i] + p), r1 = _mm_loadu_ps(r[i + 1] + p);
+            __m128 r2 = _mm_loadu_ps(r[i + 2] + p), r3 = _mm_loadu_ps(r[i + 3] + p);
+            _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+            float *o = d + (size_t)p * ldd + i;
+            _mm_storeu_ps(o, r0);
+            _mm_storeu_ps(o + ldd, r1);
+            _mm_storeu_ps(o + 2 * ldd, r2);
+            _mm_storeu_ps(o + 3 * ldd, r3);
+        }
+        for (int k = i; k < i + 4; k++)
             for (int q = p; q < pe; q++) d[(size_t)q * ldd + k] = r[k][q];
     }
 #endif
