@@ -3,8 +3,9 @@
 #   make test       build and run every tests/test_*.c (Check)
 #   make asan       the same tests under AddressSanitizer + UBSan
 #   make check-assignments  the course assignments (assignments/README.md) build, fail as stubs, pass as reference
-#   make bench      matmul GFLOP/s beside OpenBLAS SGEMM on the shapes SD uses, and one
-#                   SD1.5 UNet step beside PyTorch (tools/bench_unet.sh; SDLORA_PY=python)
+#   make bench      matmul GFLOP/s beside OpenBLAS SGEMM on the shapes SD uses (skipped,
+#                   with a message, without OpenBLAS), and one SD1.5 UNet step beside
+#                   PyTorch (tools/bench_unet.sh; SDLORA_PY=python)
 #   make data       redraw the bundled datasets (data/, models/tiny/data/) with tools/make_data.c
 #   make tiny-base  pre-train the bundled tiny model (models/tiny/) from scratch, about 45 minutes
 #   make CUDA=1     also compile and link cuda/*.cu with nvcc

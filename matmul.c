@@ -3,7 +3,9 @@
  *   C[M x N] = alpha * op(A)[M x K] * op(B)[K x N] + beta * C      (row-major)
  *
  * Blocking, after Goto & van de Geijn ("Anatomy of high-performance matrix
- * multiplication"), all in plain C99 so the compiler vectorises it:
+ * multiplication"), in plain C99 that the compiler vectorises, with x86
+ * intrinsics for the micro-kernel and the transposing packs where the
+ * compiler targets AVX2 or AVX-512 (the shape section below):
  *
  *   for jc in N by NC:                 panel of B columns
  *     for pc in K by KC:               rank-KC update: C += alpha op(A)[:,pc] op(B)[pc,jc]
@@ -22,7 +24,8 @@
  * Packing copies op(A) and op(B) into the exact order the micro-kernel reads
  * them, so the four transpose cases differ only in the packing loops, and
  * ragged edges are zero-padded there (the kernel always runs full MR x NR
- * and only the store is clipped).
+ * and only the store is clipped). A B that does not change can be packed
+ * once (gemm_pack_b, at the end).
  *
  * Determinism: threads split only the output tiles; every C element is
  * summed over p in the same order (K blocks of KC, in sequence, each summed
