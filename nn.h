@@ -26,6 +26,19 @@ void gemm(int transA, int transB, int M, int N, int K,
           float alpha, const float *A, int lda, const float *B, int ldb,
           float beta, float *C, int ldc);
 
+/* A B operand packed once into gemm's panel layout, for a matrix that many
+ * calls share and that does not change (a frozen weight): gemm_packed then
+ * skips packing it. gemm_pack_b(transB, K, N, B, ldb) copies op(B) [K x N]
+ * (K x N rounded up to the kernel's strip width; B itself is not kept) and returns NULL when
+ * K or N <= 0 or memory runs out. gemm_packed(transA, M, alpha, A, lda, pb,
+ * beta, C, ldc) is gemm(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta,
+ * C, ldc) with N, K from pb, and gives the same bits. */
+typedef struct gemm_packed_b gemm_packed_b;
+gemm_packed_b *gemm_pack_b(int transB, int K, int N, const float *B, int ldb);
+void gemm_packed(int transA, int M, float alpha, const float *A, int lda,
+                 const gemm_packed_b *B, float beta, float *C, int ldc);
+void gemm_packed_b_free(gemm_packed_b *pb);
+
 /* ---- scratch ---------------------------------------------------------------
  * One grow-only work buffer (im2col columns, attention scores) reused by
  * every layer, so the hot path does not malloc. Not re-entrant: a layer asks

@@ -125,7 +125,9 @@ START_TEST(test_gemm_degenerate) {
 END_TEST
 
 /* the same bits whatever the thread count, and when called from inside a
- * parallel region (where it must neither nest nor share its buffers) */
+ * parallel region (where it must neither nest nor share its buffers), in all
+ * four transpose cases; N = 517 leaves a ragged last column strip, K = 700
+ * more than one K block */
 START_TEST(test_gemm_thread_invariant) {
 #ifdef _OPENMP
     const int M = 203, N = 517, K = 700;
@@ -134,26 +136,82 @@ START_TEST(test_gemm_thread_invariant) {
     float *C1 = malloc((size_t)M * N * sizeof(float)), *C2 = malloc((size_t)M * N * sizeof(float));
     float *C3 = malloc((size_t)2 * M * N * sizeof(float));
     ck_assert(C1 && C2 && C3);
-    memcpy(C1, C0, (size_t)M * N * sizeof(float));
-    memcpy(C2, C0, (size_t)M * N * sizeof(float));
     int saved = omp_get_max_threads();
-    omp_set_num_threads(1);
-    gemm(0, 1, M, N, K, 0.5f, A, K, B, K, 0.5f, C1, N);
-    omp_set_num_threads(2);
-    gemm(0, 1, M, N, K, 0.5f, A, K, B, K, 0.5f, C2, N);
-    ck_assert_msg(memcmp(C1, C2, (size_t)M * N * sizeof(float)) == 0, "1 vs 2 threads differ");
-    /* two concurrent calls from a parallel region */
-    #pragma omp parallel for num_threads(2)
-    for (int t = 0; t < 2; t++) {
-        memcpy(C3 + (size_t)t * M * N, C0, (size_t)M * N * sizeof(float));
-        gemm(0, 1, M, N, K, 0.5f, A, K, B, K, 0.5f, C3 + (size_t)t * M * N, N);
-    }
-    ck_assert_msg(memcmp(C1, C3, (size_t)M * N * sizeof(float)) == 0, "nested call differs");
-    ck_assert_msg(memcmp(C1, C3 + (size_t)M * N, (size_t)M * N * sizeof(float)) == 0,
-                  "nested call differs");
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) {
+            int lda = ta ? M : K, ldb = tb ? K : N;
+            memcpy(C1, C0, (size_t)M * N * sizeof(float));
+            omp_set_num_threads(1);
+            gemm(ta, tb, M, N, K, 0.5f, A, lda, B, ldb, 0.5f, C1, N);
+            for (int nt = 2; nt <= 5; nt++) {
+                memcpy(C2, C0, (size_t)M * N * sizeof(float));
+                omp_set_num_threads(nt);
+                gemm(ta, tb, M, N, K, 0.5f, A, lda, B, ldb, 0.5f, C2, N);
+                ck_assert_msg(memcmp(C1, C2, (size_t)M * N * sizeof(float)) == 0,
+                              "ta=%d tb=%d: 1 vs %d threads differ", ta, tb, nt);
+            }
+            /* two concurrent calls from a parallel region */
+            omp_set_num_threads(2);
+            #pragma omp parallel for num_threads(2)
+            for (int t = 0; t < 2; t++) {
+                memcpy(C3 + (size_t)t * M * N, C0, (size_t)M * N * sizeof(float));
+                gemm(ta, tb, M, N, K, 0.5f, A, lda, B, ldb, 0.5f, C3 + (size_t)t * M * N, N);
+            }
+            ck_assert_msg(memcmp(C1, C3, (size_t)M * N * sizeof(float)) == 0,
+                          "ta=%d tb=%d: nested call differs", ta, tb);
+            ck_assert_msg(memcmp(C1, C3 + (size_t)M * N, (size_t)M * N * sizeof(float)) == 0,
+                          "ta=%d tb=%d: nested call differs", ta, tb);
+        }
     omp_set_num_threads(saved);
     free(A); free(B); free(C0); free(C1); free(C2); free(C3);
 #endif
+}
+END_TEST
+
+/* gemm_packed with a B packed once gives gemm's bits, for either layout of
+ * B, ragged sizes, more than one K block, the small path, beta != 0, and
+ * 1 or 2 threads; and a packed B is reused across calls unchanged */
+START_TEST(test_gemm_packed_same_bits) {
+    static const int cases[][3] = {   /* M, N, K */
+        {203, 517, 700}, {64, 40, 1100}, {5, 7, 9}, {300, 33, 64}, {1, 1000, 50},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
+        for (int ta = 0; ta < 2; ta++)
+            for (int tb = 0; tb < 2; tb++) {
+                int M = cases[c][0], N = cases[c][1], K = cases[c][2];
+                int lda = (ta ? M : K) + PAD, ldb = (tb ? K : N) + PAD, ldc = N + PAD;
+                float *A = rand_buf((size_t)(ta ? K : M) * lda, 21 + c);
+                float *B = rand_buf((size_t)(tb ? N : K) * ldb, 22 + c);
+                float *C0 = rand_buf((size_t)M * ldc, 23 + c);
+                float *C1 = malloc((size_t)M * ldc * sizeof(float));
+                float *C2 = malloc((size_t)M * ldc * sizeof(float));
+                ck_assert(C1 && C2);
+                gemm_packed_b *pb = gemm_pack_b(tb, K, N, B, ldb);
+                ck_assert_ptr_nonnull(pb);
+                for (int nt = 1; nt <= 2; nt++) {
+#ifdef _OPENMP
+                    int saved = omp_get_max_threads();
+                    omp_set_num_threads(nt);
+#endif
+                    for (int rep = 0; rep < 2; rep++) {
+                        float beta = rep ? 0.5f : 0.0f;
+                        memcpy(C1, C0, (size_t)M * ldc * sizeof(float));
+                        memcpy(C2, C0, (size_t)M * ldc * sizeof(float));
+                        gemm(ta, tb, M, N, K, 1.25f, A, lda, B, ldb, beta, C1, ldc);
+                        gemm_packed(ta, M, 1.25f, A, lda, pb, beta, C2, ldc);
+                        ck_assert_msg(memcmp(C1, C2, (size_t)M * ldc * sizeof(float)) == 0,
+                                      "M=%d N=%d K=%d ta=%d tb=%d beta=%g threads=%d: packed differs",
+                                      M, N, K, ta, tb, beta, nt);
+                    }
+#ifdef _OPENMP
+                    omp_set_num_threads(saved);
+#endif
+                }
+                gemm_packed_b_free(pb);
+                free(A); free(B); free(C0); free(C1); free(C2);
+            }
+    ck_assert_ptr_null(gemm_pack_b(0, 0, 5, NULL, 5));
+    gemm_packed_b_free(NULL);
 }
 END_TEST
 
@@ -166,6 +224,7 @@ static Suite *matmul_suite(void) {
     tcase_add_test(tc, test_gemm_large_edges);
     tcase_add_test(tc, test_gemm_degenerate);
     tcase_add_test(tc, test_gemm_thread_invariant);
+    tcase_add_test(tc, test_gemm_packed_same_bits);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -6,7 +6,17 @@
  * average printed first says how busy the machine was.
  *
  * GFLOP/s = 2 M N K / seconds / 1e9. The last line is the geometric mean of
- * ours / OpenBLAS over all shapes. */
+ * ours / OpenBLAS over the shapes run.
+ *
+ *   bench_matmul [INDEX...]    only the shapes at these 0-based indices
+ *   OMP_NUM_THREADS            threads for both libraries (default: all)
+ *   SDLORA_BENCH_CLOCK=cpu     time by the process's CPU time instead of the
+ *                              wall clock: on a shared machine, time spent
+ *                              descheduled is not counted. With T threads the
+ *                              figure is flop / (CPU seconds / T), i.e. as if
+ *                              each thread had its own core; exact at T = 1,
+ *                              and it counts idle OpenMP threads' spinning
+ *                              (run with OMP_WAIT_POLICY=passive). */
 #include <cblas.h>
 #include <math.h>
 #include <stdio.h>
@@ -49,10 +59,13 @@ static const shape_t shapes[] = {
     {"square 1024^3",                           0, 0, 1024, 1024,  1024},
 };
 
+static int use_cpu_clock;   /* SDLORA_BENCH_CLOCK=cpu */
+static int nthreads = 1;
+
 static double now(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+    clock_gettime(use_cpu_clock ? CLOCK_PROCESS_CPUTIME_ID : CLOCK_MONOTONIC, &ts);
+    return (ts.tv_sec + 1e-9 * ts.tv_nsec) / (use_cpu_clock ? nthreads : 1);
 }
 
 static void pause_ms(int ms) {
@@ -86,8 +99,9 @@ static double best_time(int lib, const shape_t *s, const float *A, const float *
     return best;
 }
 
-int main(void) {
-    int nthreads = 1;
+int main(int argc, char **argv) {
+    const char *clk = getenv("SDLORA_BENCH_CLOCK");
+    use_cpu_clock = clk && strcmp(clk, "cpu") == 0;
 #ifdef _OPENMP
     nthreads = omp_get_max_threads();
 #endif
@@ -96,6 +110,12 @@ int main(void) {
     printf("threads %d (ours and OpenBLAS); OpenBLAS core %s; OPENBLAS_CORETYPE=%s\n",
            nthreads, openblas_get_corename(), ct ? ct : "(unset)");
     printf("config: %s\n", openblas_get_config());
+    printf("clock: %s\n", use_cpu_clock ? "process CPU time / threads (SDLORA_BENCH_CLOCK=cpu)" : "wall");
+    FILE *ci = fopen("/proc/cpuinfo", "r");
+    char cbuf[256];
+    while (ci && fgets(cbuf, sizeof cbuf, ci))
+        if (strncmp(cbuf, "model name", 10) == 0) { printf("cpu: %s", strchr(cbuf, ':') + 2); break; }
+    if (ci) fclose(ci);
     FILE *la = fopen("/proc/loadavg", "r");
     char lbuf[64];
     if (la && fgets(lbuf, sizeof lbuf, la)) printf("load average: %s", lbuf);
@@ -106,9 +126,13 @@ int main(void) {
     printf("%-38s %29s %9s %9s\n", "", "", "GFLOP/s", "GFLOP/s");
 
     double log_sum = 0;
-    int nshapes = (int)(sizeof shapes / sizeof shapes[0]);
+    int nshapes = (int)(sizeof shapes / sizeof shapes[0]), nrun = 0;
     for (int i = 0; i < nshapes; i++) {
         const shape_t *s = &shapes[i];
+        int wanted = argc < 2;
+        for (int a = 1; a < argc; a++) wanted |= atoi(argv[a]) == i;
+        if (!wanted) continue;
+        nrun++;
         size_t na = (size_t)s->M * s->K, nb = (size_t)s->K * s->N, nc = (size_t)s->M * s->N;
         float *A = malloc(na * sizeof(float)), *B = malloc(nb * sizeof(float));
         float *C0 = malloc(nc * sizeof(float)), *C1 = malloc(nc * sizeof(float));
@@ -144,6 +168,6 @@ int main(void) {
         fflush(stdout);
         free(A); free(B); free(C0); free(C1);
     }
-    printf("\ngeometric mean ours / OpenBLAS: %.2f\n", exp(log_sum / nshapes));
+    if (nrun) printf("\ngeometric mean ours / OpenBLAS over %d shapes: %.2f\n", nrun, exp(log_sum / nrun));
     return 0;
 }
