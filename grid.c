@@ -29,8 +29,8 @@ void grid_cell_origin(const grid_image *g, int r, int c, int *x, int *y) {
     *y = g->y0 + r * (g->cell_h + g->gap);
 }
 
-int grid_compose(grid_image *g, const uint8_t *const *cells, int rows, int cols, int cw, int ch,
-                 int min_side, const char *const *col_labels, const char *const *row_labels) {
+int grid_geometry(grid_image *g, int rows, int cols, int cw, int ch, int min_side,
+                  int has_col_labels, int has_row_labels) {
     memset(g, 0, sizeof *g);
     if (rows < 1 || cols < 1 || cw < 1 || ch < 1) return -1;
     // the smallest whole factor that brings the shorter side to min_side
@@ -40,28 +40,20 @@ int grid_compose(grid_image *g, const uint8_t *const *cells, int rows, int cols,
     g->cell_w = cw * scale;
     g->cell_h = ch * scale;
     g->gap = PAD;
-    int adv = FONT_ADV * TEXT_SCALE, lh = FONT_LINE * TEXT_SCALE;
-
-    // header height: the most lines any column label wraps to
-    int col_chars = (g->cell_w - 4) / adv, head_lines = 0;
-    char lines[MAX_LINES][LINE_CHARS];
-    for (int c = 0; col_labels && c < cols; c++) {
-        int n = col_labels[c] ? wrap_label(col_labels[c], col_chars, lines) : 0;
-        if (n > head_lines) head_lines = n;
-    }
-    // row label column: as wide as the widest line, at most 14 characters
-    int row_chars = 14, left_w = 0;
-    for (int r = 0; row_labels && r < rows; r++) {
-        int n = row_labels[r] ? wrap_label(row_labels[r], row_chars, lines) : 0;
-        for (int i = 0; i < n; i++) {
-            int wd = font_text_width(lines[i], TEXT_SCALE);
-            if (wd > left_w) left_w = wd;
-        }
-    }
+    int left_w = has_row_labels ? (GRID_LABEL_CHARS * FONT_ADV - 1) * TEXT_SCALE : 0;
     g->x0 = PAD + (left_w ? left_w + PAD : 0);
-    g->y0 = PAD + (head_lines ? head_lines * lh + PAD : 0);
+    g->y0 = PAD + (has_col_labels ? GRID_HEAD_LINES * FONT_LINE * TEXT_SCALE + PAD : 0);
     g->w = g->x0 + cols * g->cell_w + (cols - 1) * g->gap + PAD;
     g->h = g->y0 + rows * g->cell_h + (rows - 1) * g->gap + PAD;
+    return 0;
+}
+
+int grid_compose(grid_image *g, const uint8_t *const *cells, int rows, int cols, int cw, int ch,
+                 int min_side, const char *const *col_labels, const char *const *row_labels) {
+    if (grid_geometry(g, rows, cols, cw, ch, min_side, col_labels != NULL, row_labels != NULL)) return -1;
+    int scale = g->scale, adv = FONT_ADV * TEXT_SCALE, lh = FONT_LINE * TEXT_SCALE;
+    int col_chars = (g->cell_w - 4) / adv, row_chars = GRID_LABEL_CHARS;
+    char lines[MAX_LINES][LINE_CHARS];
     g->rgb = malloc((size_t)g->w * g->h * 3);
     if (!g->rgb) return -1;
     memset(g->rgb, 255, (size_t)g->w * g->h * 3);
@@ -82,6 +74,14 @@ int grid_compose(grid_image *g, const uint8_t *const *cells, int rows, int cols,
     for (int c = 0; col_labels && c < cols; c++) {
         if (!col_labels[c]) continue;
         int ox, oy, n = wrap_label(col_labels[c], col_chars, lines);
+        if (n > GRID_HEAD_LINES) {
+            // too long: the first lines, "...", and the last line (the seed)
+            size_t l = strlen(lines[GRID_HEAD_LINES - 2]);
+            if (l > (size_t)col_chars - 3) l = (size_t)col_chars - 3;
+            memcpy(lines[GRID_HEAD_LINES - 2] + l, "...", 4);
+            memcpy(lines[GRID_HEAD_LINES - 1], lines[n - 1], LINE_CHARS);
+            n = GRID_HEAD_LINES;
+        }
         grid_cell_origin(g, 0, c, &ox, &oy);
         for (int i = 0; i < n; i++)
             font_draw(g->rgb, g->w, g->h, ox + 2, PAD + i * lh, lines[i], TEXT_SCALE, INK);

@@ -19,10 +19,19 @@ typedef struct {
 
 /* cells[r * cols + c]: RGB images of cw x ch pixels. col_labels (cols) and
  * row_labels (rows) may be NULL, and so may any one of them; a '\n' in a
- * label starts a new line, and long lines are wrapped at spaces. Returns 0,
+ * label starts a new line, and long lines are wrapped at spaces (and cut at
+ * GRID_HEAD_LINES lines over a column). Returns 0,
  * or -1 when out of memory or the sizes are not positive. */
 int grid_compose(grid_image *g, const uint8_t *const *cells, int rows, int cols, int cw, int ch,
                  int min_side, const char *const *col_labels, const char *const *row_labels);
+/* the layout alone (rgb NULL): it depends on the cell size, the counts and
+ * whether there are column headers (GRID_HEAD_LINES lines tall) and row
+ * labels (GRID_LABEL_CHARS wide), never on the labels' text, so a reader of
+ * the picture can find every cell. Returns 0, or -1 for sizes < 1. */
+#define GRID_HEAD_LINES 4
+#define GRID_LABEL_CHARS 14
+int grid_geometry(grid_image *g, int rows, int cols, int cw, int ch, int min_side,
+                  int has_col_labels, int has_row_labels);
 /* top-left pixel of cell (r, c) in g */
 void grid_cell_origin(const grid_image *g, int r, int c, int *x, int *y);
 void grid_free(grid_image *g);

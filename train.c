@@ -29,6 +29,8 @@
 #include "generate.h"
 #include "image.h"
 #include "profile.h"
+#include "plot.h"
+#include "grid.h"
 #include "lora.h"
 #include "model.h"
 #include "optim.h"
@@ -341,38 +343,60 @@ static int save_full_unet(const char *path, sd_model *m, char *err) {
 }
 
 /* ------------------------------------------------------------- the plots */
-/* loss curve: smoothed loss per step on a white canvas, with a light grid */
-static int save_loss_plot(const char *path, const float *loss, long n, char *err) {
-    const int W = 640, H = 320, L = 40, R = 10, T = 10, Bm = 30;
-    uint8_t *px = malloc((size_t)W * H * 3);
-    if (!px) { snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
-    memset(px, 255, (size_t)W * H * 3);
-    float lo = INFINITY, hi = -INFINITY;
-    for (long i = 0; i < n; i++) { if (loss[i] < lo) lo = loss[i]; if (loss[i] > hi) hi = loss[i]; }
-    if (!(hi > lo)) { hi = lo + 1e-3f; lo -= 1e-3f; }
-#define PUT(x, y, r, g, b) do { int xx_ = (x), yy_ = (y); if (xx_ >= 0 && xx_ < W && yy_ >= 0 && yy_ < H) { \
-        uint8_t *p_ = px + ((size_t)yy_ * W + xx_) * 3; p_[0] = (r); p_[1] = (g); p_[2] = (b); } } while (0)
-    for (int g = 0; g <= 4; g++) {                       /* grid lines */
-        int y = T + (H - T - Bm) * g / 4;
-        for (int x = L; x < W - R; x++) PUT(x, y, 220, 220, 220);
+
+/* the labels of a grid column: the prompt (wrapped by grid.c) and its seed */
+static void column_label(char *b, size_t n, const char *prompt, uint64_t seed) {
+    snprintf(b, n, "%s\nseed %llu", prompt, (unsigned long long)seed);
+}
+
+/* Draw prompts[i] with seed + i into cells[row * np + i] (side x side RGB);
+ * the generation settings of every grid the run writes */
+static int draw_row(sd_model *m, const train_args *a, const char *const *prompts, int np, uint8_t **cells,
+                    int row, char *err) {
+    int side = a->res;
+    for (int i = 0; i < np; i++) {
+        gen_params p = {.prompt = prompts[i], .negative = "", .width = side, .height = side, .steps = 20,
+                        .cfg = 7.0f, .seed = a->seed + (uint64_t)i, .batch = 1, .clip_skip = a->clip_skip,
+                        .sampler = "euler_a", .karras = 0, .rng_cuda = 0};
+        if (sd_generate(m, &p, cells[row * np + i], err)) return -1;
     }
-    for (int y = T; y < H - Bm; y++) PUT(L, y, 0, 0, 0);  /* axes */
-    for (int x = L; x < W - R; x++) PUT(x, H - Bm, 0, 0, 0);
-    int prev_y = -1;
-    for (int x = L; x < W - R && n > 0; x++) {
-        long i = (long)((double)(x - L) / (W - R - L - 1) * (n - 1));
-        int y = T + (int)((hi - loss[i]) / (hi - lo) * (H - T - Bm));
-        if (prev_y < 0) prev_y = y;
-        for (int yy = prev_y < y ? prev_y : y; yy <= (prev_y < y ? y : prev_y); yy++) PUT(x, yy, 30, 90, 200);
-        prev_y = y;
+    return 0;
+}
+
+/* rows x np cells of side x side, labelled, into path (grid.c) */
+static int save_grid(const char *path, uint8_t **cells, int rows, int np, const train_args *a,
+                     const char *const *prompts, const char *const *row_labels, const char *desc, char *err) {
+    char heads[16][600];
+    const char *hp[16];
+    for (int i = 0; i < np && i < 16; i++) {
+        column_label(heads[i], sizeof heads[i], prompts[i], a->seed + (uint64_t)i);
+        hp[i] = heads[i];
     }
-#undef PUT
-    char lbl[128];
-    snprintf(lbl, sizeof lbl, "loss (smoothed) from %.4f to %.4f over %ld steps", hi, lo, n);
-    const char *k[] = {"Title"}, *v[] = {lbl};
-    int rc = image_save_png(path, px, W, H, k, v, 1, err, SD_ERR_LEN);
-    free(px);
+    grid_image g;
+    if (grid_compose(&g, (const uint8_t *const *)cells, rows, np, a->res, a->res, 256, hp, row_labels)) {
+        snprintf(err, SD_ERR_LEN, "out of memory");
+        return -1;
+    }
+    const char *k[] = {"Title"}, *v[] = {desc};
+    int rc = image_save_png(path, g.rgb, g.w, g.h, k, v, 1, err, SD_ERR_LEN);
+    grid_free(&g);
     return rc;
+}
+
+static uint8_t **alloc_cells(int n, int side) {
+    uint8_t **c = calloc((size_t)n, sizeof *c);
+    for (int i = 0; c && i < n; i++)
+        if (!(c[i] = malloc((size_t)side * side * 3))) {
+            for (int j = 0; j < i; j++) free(c[j]);
+            free(c);
+            return NULL;
+        }
+    return c;
+}
+
+static void free_cells(uint8_t **c, int n) {
+    for (int i = 0; c && i < n; i++) free(c[i]);
+    free(c);
 }
 
 /* a row of images per prompt: the sample prompts at this checkpoint */
@@ -387,24 +411,15 @@ static int save_sample_grid(const char *path, sd_model *m, const train_args *a, 
         s = bar ? bar + 1 : NULL;
     }
     if (np == 0) return 0;
-    int side = a->res;
-    uint8_t *grid = malloc((size_t)side * side * 3 * np), *img = malloc((size_t)side * side * 3);
-    if (!grid || !img) { free(grid); free(img); snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
-    int rc = 0;
-    for (int i = 0; i < np && rc == 0; i++) {
-        gen_params p = {.prompt = prompts[i], .negative = "", .width = side, .height = side, .steps = 20,
-                        .cfg = 7.0f, .seed = a->seed + (uint64_t)i, .batch = 1, .clip_skip = a->clip_skip,
-                        .sampler = "euler_a", .karras = 0, .rng_cuda = 0};
-        rc = sd_generate(m, &p, img, err);
-        for (int y = 0; y < side && rc == 0; y++)
-            memcpy(grid + ((size_t)y * side * np + (size_t)i * side) * 3, img + (size_t)y * side * 3, (size_t)side * 3);
-    }
-    if (rc == 0) {
-        char t[64]; snprintf(t, sizeof t, "step %ld", step);
-        const char *k[] = {"Title", "prompts"}, *v[] = {t, a->sample_prompt};
-        rc = image_save_png(path, grid, side * np, side, k, v, 2, err, SD_ERR_LEN);
-    }
-    free(grid); free(img);
+    uint8_t **cells = alloc_cells(np, a->res);
+    if (!cells) { snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
+    char label[64], desc[2200];
+    snprintf(label, sizeof label, "LoRA, step %ld", step);
+    const char *rows[1] = {label};
+    snprintf(desc, sizeof desc, "step %ld; euler_a, 20 steps, cfg 7; prompts: %s", step, a->sample_prompt);
+    int rc = draw_row(m, a, prompts, np, cells, 0, err);
+    if (rc == 0) rc = save_grid(path, cells, 1, np, a, prompts, rows, desc, err);
+    free_cells(cells, np);
     return rc;
 }
 
@@ -425,7 +440,8 @@ static void set_lora_scale(sd_model *m, float *saved, int restore) {
     }
 }
 
-static int save_before_after(const char *path, sd_model *m, const train_args *a, const dataset_t *ds, char *err) {
+static int save_before_after(const char *path, sd_model *m, const train_args *a, const dataset_t *ds, long step,
+                             char *err) {
     char buf[4096] = "", pp[1200];
     snprintf(pp, sizeof pp, "%s/sample_prompts.txt", a->data);
     FILE *f = fopen(pp, "r");
@@ -451,33 +467,23 @@ static int save_before_after(const char *path, sd_model *m, const train_args *a,
         s = c ? e + 1 : NULL;
     }
     if (np == 0) return 0;
-    int side = a->res;
-    size_t cell = (size_t)side * side * 3;
-    uint8_t *grid = malloc(cell * np * 2), *img = malloc(cell);
+    uint8_t **cells = alloc_cells(2 * np, a->res);
     float *saved = malloc(sizeof(float) * (size_t)(m->unet.nloras + m->clip.nadapters + 1));
-    if (!grid || !img || !saved) { free(grid); free(img); free(saved); snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
-    int rc = 0;
-    for (int row = 0; row < 2 && rc == 0; row++) {
-        if (row == 0) set_lora_scale(m, saved, 0);
-        for (int i = 0; i < np && rc == 0; i++) {
-            gen_params p = {.prompt = prompts[i], .negative = "", .width = side, .height = side, .steps = 20,
-                            .cfg = 7.0f, .seed = a->seed + (uint64_t)i, .batch = 1, .clip_skip = a->clip_skip,
-                            .sampler = "euler_a", .karras = 0, .rng_cuda = 0};
-            rc = sd_generate(m, &p, img, err);
-            for (int y = 0; y < side && rc == 0; y++)
-                memcpy(grid + (((size_t)row * side + y) * side * np + (size_t)i * side) * 3,
-                       img + (size_t)y * side * 3, (size_t)side * 3);
-        }
-        if (row == 0) set_lora_scale(m, saved, 1);
-    }
+    if (!cells || !saved) { free_cells(cells, 2 * np); free(saved); snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
+    /* top row: the adapters' scale 0 is the base model, bit for bit */
+    set_lora_scale(m, saved, 0);
+    int rc = draw_row(m, a, prompts, np, cells, 0, err);
+    set_lora_scale(m, saved, 1);
+    if (rc == 0) rc = draw_row(m, a, prompts, np, cells, 1, err);
     if (rc == 0) {
-        char desc[4200];
+        char desc[4200], after[64];
+        snprintf(after, sizeof after, "LoRA, step %ld", step);
+        const char *rows[2] = {"base model", after};
         snprintf(desc, sizeof desc, "top: base model, bottom: with the LoRA; seeds %llu.., euler_a, 20 steps, cfg 7; prompts: %s",
                  (unsigned long long)a->seed, buf);
-        const char *k[] = {"Title"}, *v[] = {desc};
-        rc = image_save_png(path, grid, side * np, side * 2, k, v, 1, err, SD_ERR_LEN);
+        rc = save_grid(path, cells, 2, np, a, prompts, rows, desc, err);
     }
-    free(grid); free(img); free(saved);
+    free_cells(cells, 2 * np); free(saved);
     return rc;
 }
 
@@ -674,6 +680,39 @@ static float smoothed(float prev, double loss, long i) {
     return i == 0 ? (float)loss : 0.95f * prev + 0.05f * (float)loss;
 }
 
+/* loss.png: the raw loss faint, the smoothed loss bold, the learning rate
+ * below when it is scheduled, and what ran in the title (plot.c). Made from
+ * the state's exact losses, so a resumed run draws the same picture. */
+static int save_loss_plot(const char *path, const trainer *t, long n, char *err) {
+    const train_args *a = t->a;
+    const int W = 900, H = 540;
+    float *raw = malloc(sizeof(float) * (size_t)n), *lr = malloc(sizeof(float) * (size_t)n);
+    uint8_t *px = malloc((size_t)W * H * 3);
+    if (!raw || !lr || !px) { free(raw); free(lr); free(px); snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
+    for (long i = 0; i < n; i++) {
+        raw[i] = i < t->st.nloss ? (float)t->st.loss[i] : t->loss_hist[i];
+        lr[i] = lr_at(t->sched, a->lr, i, a->warmup, t->total);
+    }
+    char title[256], sub[512];
+    if (a->full) snprintf(title, sizeof title, "%s: full fine-tuning", a->name);
+    else snprintf(title, sizeof title, "%s: LoRA rank %d, alpha %g", a->name, a->rank, a->alpha);
+    snprintf(sub, sizeof sub, "%.200s; %s%s; %ld steps of batch %d x %d; lr %g (%s)", t->m.path,
+             a->full ? "UNet" : a->targets, a->te ? " + text encoder" : "", t->total, a->batch, a->accum,
+             a->lr, a->sched);
+    plot_series ps = {raw, t->loss_hist, lr, n, title, sub, -1};
+    int rc = plot_loss(px, W, H, &ps, NULL);
+    if (rc == 0) {
+        char desc[160];
+        snprintf(desc, sizeof desc, "loss (smoothed) from %.4f to %.4f over %ld steps", t->loss_hist[0], t->loss_hist[n - 1], n);
+        const char *k[] = {"Title"}, *v[] = {desc};
+        rc = image_save_png(path, px, W, H, k, v, 1, err, SD_ERR_LEN);
+    } else {
+        snprintf(err, SD_ERR_LEN, "%.600s: nothing to plot", path);
+    }
+    free(raw); free(lr); free(px);
+    return rc;
+}
+
 /* loss.csv: the resumed steps' rows, recomputed from the state's losses,
  * then a row per step. It goes to OUT/loss.csv.tmp, which replaces
  * loss.csv only once this run has a step of its own to add (log_step): a
@@ -861,7 +900,7 @@ static int save_checkpoint(trainer *t, char *err) {
     } else if (save_lora(t->lora_path, &t->m, a, step, t->total, t->ds.n_images, err) ||
                save_state(t->state_path, &t->st, &t->m, a, err)) return -1;
     snprintf(path, sizeof path, "%s/loss.png", a->out);
-    if (save_loss_plot(path, t->loss_hist, step, err)) return -1;
+    if (save_loss_plot(path, t, step, err)) return -1;
     if (t->tty) fputc('\n', stderr);
     if (a->full) fprintf(stderr, "saved %s\n", t->lora_path);
     else fprintf(stderr, "saved %s and %s\n", t->lora_path, t->state_path);
@@ -897,7 +936,7 @@ static int finish(trainer *t, double t_loop, char *err) {
         snprintf(path, sizeof path, "%s/before_after.png", a->out);
         t->m.clip.training = 0;
         if (unet_alloc_acts(&t->m.unet, 2, t->td.lh, t->td.lw, TOK_CTX, 0)) { snprintf(err, SD_ERR_LEN, "UNet: %s", t->m.unet.err); return 1; }
-        if (save_before_after(path, &t->m, a, &t->ds, err)) return 1;
+        if (save_before_after(path, &t->m, a, &t->ds, t->st.step, err)) return 1;
         fprintf(stderr, "before/after grid (top: base model, bottom: with the LoRA): %s\n", path);
     }
     if (g_stop) {

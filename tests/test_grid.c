@@ -80,6 +80,20 @@ START_TEST(test_labels) {
     ck_assert(dark_in(&g, 0, r1y, g.x0, r1y + g.cell_h) > 30);
     /* the cells themselves stay white: no label drawn over them */
     ck_assert_int_eq(dark_in(&g, g.x0, g.y0, g.w - g.gap, g.h - g.gap), 0);
+    /* the layout does not depend on the labels' text: grid_geometry gives it */
+    grid_image geo;
+    ck_assert_int_eq(grid_geometry(&geo, 2, 2, CW, CH, 256, 1, 1), 0);
+    ck_assert(geo.w == g.w && geo.h == g.h && geo.x0 == g.x0 && geo.y0 == g.y0 && geo.scale == g.scale && !geo.rgb);
+    grid_free(&g);
+    const char *longer[2] = {"one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+                             "fifteen sixteen seventeen eighteen nineteen twenty\nseed 3", "x"};
+    ck_assert_int_eq(grid_compose(&g, cells, 2, 2, CW, CH, 256, longer, rows), 0);
+    ck_assert(geo.w == g.w && geo.h == g.h && geo.x0 == g.x0 && geo.y0 == g.y0);
+    /* cut at GRID_HEAD_LINES lines, the last one (the seed) kept: ink on the
+     * header's last line, and none between it and the cells */
+    grid_cell_origin(&g, 0, 0, &ox, &oy);
+    ck_assert(dark_in(&g, ox, 8 + (GRID_HEAD_LINES - 1) * lh, ox + g.cell_w, 8 + GRID_HEAD_LINES * lh) > 10);
+    ck_assert_int_eq(dark_in(&g, ox, 8 + GRID_HEAD_LINES * lh, ox + g.cell_w, oy), 0);
     grid_free(&g);
     ck_assert_int_eq(grid_compose(&g, cells, 0, 2, CW, CH, 256, NULL, NULL), -1);
     free(white);

@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include "testutil.h"
+#include "grid.h"
 #include "image.h"
 #include "lora.h"
 
@@ -225,11 +226,15 @@ START_TEST(test_train_then_sample) {
     image_t im; snprintf(p, sizeof p, "%s/loss.png", o);
     ck_assert_msg(image_load(&im, p, err, sizeof err) == 0, "%s", err);
     image_free(&im);
-    /* the before/after grid: 2 rows (base, LoRA) of one 64x64 cell per distinct caption (4) */
+    /* the before/after grid: 2 rows (base, LoRA) of one 64x64 cell per
+     * distinct caption (4), each scaled to 256 and labelled (grid.c) */
     snprintf(p, sizeof p, "%s/before_after.png", o);
     ck_assert_msg(image_load(&im, p, err, sizeof err) == 0, "%s", err);
-    ck_assert_int_eq(im.h, 128);
-    ck_assert_int_eq(im.w, 4 * 64);
+    grid_image geo;
+    ck_assert_int_eq(grid_geometry(&geo, 2, 4, 64, 64, 256, 1, 1), 0);
+    ck_assert_int_eq(geo.scale, 4);
+    ck_assert_int_eq(im.h, geo.h);
+    ck_assert_int_eq(im.w, geo.w);
     image_free(&im);
     /* sample with it: a PNG that carries A1111's parameters */
     snprintf(p, sizeof p, "%s/s.png", o);

@@ -21,6 +21,7 @@
  * is skipped in the sanitiser build, where it would take many minutes. */
 #include <unistd.h>
 #include "testutil.h"
+#include "grid.h"
 #include "image.h"
 #include "tools/style_stats.h"
 
@@ -51,13 +52,27 @@ START_TEST(test_default_run_shows_style) {
     snprintf(p, sizeof p, "%s/before_after.png", dir);
     image_t im;
     ck_assert_msg(image_load(&im, p, err, sizeof err) == 0, "%s", err);
-    int side = im.h / 2, n = im.w / side;
-    ck_assert_int_eq(n, 4);
+    /* 2 rows (base, LoRA) of 4 labelled cells, each 64x64 scaled by a whole
+     * factor (grid.c): every scale-th pixel gives the sample back exactly */
+    enum { n = 4, side = 64 };
+    grid_image geo;
+    ck_assert_int_eq(grid_geometry(&geo, 2, n, side, side, 256, 1, 1), 0);
+    ck_assert_msg(im.w == geo.w && im.h == geo.h, "before_after.png is %dx%d, the grid's layout %dx%d",
+                  im.w, im.h, geo.w, geo.h);
+    uint8_t *cell[2] = {malloc(side * side * 3), malloc(side * side * 3)};
     double hb = 0, ha = 0, pb = 0, pa = 0, cb = 0, ca = 0;
     for (int i = 0; i < n; i++) {
         double h0, h1, d, p0, p1, c0, c1;
-        style_stats(im.rgb + (size_t)i * side * 3, im.w, side, side, &h0, &d, &p0, &c0);
-        style_stats(im.rgb + ((size_t)side * im.w + (size_t)i * side) * 3, im.w, side, side, &h1, &d, &p1, &c1);
+        for (int r = 0; r < 2; r++) {
+            int ox, oy;
+            grid_cell_origin(&geo, r, i, &ox, &oy);
+            for (int y = 0; y < side; y++)
+                for (int x = 0; x < side; x++)
+                    memcpy(cell[r] + ((size_t)y * side + x) * 3,
+                           im.rgb + ((size_t)(oy + y * geo.scale) * im.w + ox + x * geo.scale) * 3, 3);
+        }
+        style_stats(cell[0], side, side, side, &h0, &d, &p0, &c0);
+        style_stats(cell[1], side, side, side, &h1, &d, &p1, &c1);
         printf("prompt %d: chroma %5.1f -> %5.1f, paper %5.1f -> %5.1f, hatch %6.2f -> %6.2f (without -> with the LoRA)\n",
                i, c0, c1, p0, p1, h0, h1);
         hb += h0 / n; ha += h1 / n; pb += p0 / n; pa += p1 / n; cb += c0 / n; ca += c1 / n;
@@ -68,6 +83,7 @@ START_TEST(test_default_run_shows_style) {
     ck_assert_msg(ca < cb - 15, "the LoRA did not move the samples toward the style's pastel palette: chroma %.1f -> %.1f", cb, ca);
     ck_assert_msg(pa > pb + 10, "the LoRA did not move the samples toward the style's pale paper: %.1f -> %.1f", pb, pa);
     image_free(&im);
+    free(cell[0]); free(cell[1]);
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     ck_assert(system(cmd) == 0);
 }
