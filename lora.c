@@ -78,10 +78,10 @@ void lora_forward(float *out, float *ax, uint8_t *mask, float *scratch, const fl
     /* frozen path: out = x W0^T + b */
     linear_forward(out, inp, w0, b0, N, in, outc);
     if (!L) return;
+    if (L->dropout > 0.0f) need_scratch(scratch, "lora_forward");
     double t0 = prof_begin();
     /* ASSIGNMENT 01 BEGIN: the LoRA branch, ax = x_d A^T, out += (alpha/r) ax B^T */
     int r = L->r;
-    if (L->dropout > 0.0f) need_scratch(scratch, "lora_forward");
     const float *x = branch_input(scratch, mask, inp, (size_t)N * in, L, rng);
     /* ax (N x r) = x_d A^T                  (down-projection to rank r) */
     gemm(0, 1, N, r, in, 1.0f, x, in, L->A, in, 0.0f, ax, r);
@@ -97,9 +97,9 @@ void lora_backward(float *dinp, const float *dout, const float *inp, const float
     /* frozen path: dx += dout W0; no dW0, no db (NULL = frozen, no work) */
     if (dinp) linear_backward(dinp, NULL, NULL, dout, inp, w0, N, in, outc);
     if (!L) return;
+    need_scratch(scratch, "lora_backward");
     double t0 = prof_begin();
     /* ASSIGNMENT 01 BEGIN: dB += s dout^T ax, dA += s (dout B)^T x_d, dinp += s (dout B) A through the mask */
-    need_scratch(scratch, "lora_backward");
     int r = L->r;
     float s = L->scale;
     float *g = scratch;                      /* N x r */
