@@ -7,7 +7,7 @@
  * the final loss should fall as r grows and stop falling at r = 8.
  *
  *   cc -O2 -std=c99 -D_POSIX_C_SOURCE=200809L -I. assignments/01-lora-forward-backward/lowrank_fit.c \
- *      lora.c nn.c matmul.c optim.c safetensors.c json.c -lm -o /tmp/lowrank_fit
+ *      lora.c nn.c matmul.c optim.c safetensors.c json.c half.c profile.c -lm -o /tmp/lowrank_fit
  *   /tmp/lowrank_fit                       the sweep: r = 1..32, alpha = r and alpha = 8
  *   /tmp/lowrank_fit RANK ALPHA [STEPS] [LR] one run, loss every 50 steps
  */
