@@ -146,9 +146,10 @@ int clip_config_parse(clip_config *c, const char *text, size_t len, const char *
         if (act->type == JSON_STRING && strcmp(act->string, "quick_gelu") == 0) c->act = CLIP_ACT_QUICKGELU;
         else if (act->type == JSON_STRING && strcmp(act->string, "gelu") == 0) c->act = CLIP_ACT_GELU;
         else {
+            char q[300];
+            json_quote_key(q, sizeof q, act->type == JSON_STRING ? act->string : "(not a string)");
             snprintf(err, ST_ERR_LEN, "%s: unsupported \"hidden_act\" %s%.40s%s (quick_gelu and gelu are supported)",
-                     path, act->type == JSON_STRING ? "\"" : "", act->type == JSON_STRING ? act->string : "(not a string)",
-                     act->type == JSON_STRING ? "\"" : "");
+                     path, act->type == JSON_STRING ? "\"" : "", q, act->type == JSON_STRING ? "\"" : "");
             goto done;
         }
     }

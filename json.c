@@ -286,7 +286,7 @@ static int keyset_insert(const json *obj, keyset *ks, int idx) {
 }
 
 /* a key for a message: at most 64 bytes, control bytes and quotes escaped */
-static void quote_key(char *o, size_t on, const char *k) {
+void json_quote_key(char *o, size_t on, const char *k) {
     size_t n = 0;
     const unsigned char *s = (const unsigned char *)k;
     for (; *s && n + 8 < on; s++) {
@@ -331,7 +331,7 @@ static int parse_items(parser *p, json *out, int is_obj, keyset *ks) {
             int dup = keyset_insert(out, ks, out->n - 1);
             if (dup) {
                 char q[100];
-                quote_key(q, sizeof q, key);
+                json_quote_key(q, sizeof q, key);
                 p->pos = kpos;
                 if (dup < 0) fail(p, "out of memory");
                 else fail(p, "key \"%s\" appears twice in one object", q);

@@ -29,4 +29,8 @@ double json_num(const json *obj, const char *key, double dflt);
 int json_bool(const json *obj, const char *key, int dflt);
 const char *json_str(const json *obj, const char *key, const char *dflt);
 
+/* key k as it may appear in a one-line message: at most 64 bytes, control
+ * bytes, quotes and backslashes as \xNN, into o (on bytes, at least 16) */
+void json_quote_key(char *o, size_t on, const char *k);
+
 #endif

@@ -71,7 +71,11 @@ static int load_scheduler(sd_model *m, const char *dir, char *err) {
     char derr[DDPM_ERR_LEN];
     int rc = ddpm_schedule_init(&m->sched, schedule, T, b0, b1, derr);
     if (rc == 0) rc = ddpm_prediction_from_name(pred, &m->prediction, derr);
-    if (rc) snprintf(err, SD_ERR_LEN, "%.500s: %.300s", j ? path : "scheduler", derr);
+    if (rc) {
+        /* the names in derr come from the file: control bytes would break the one line */
+        for (char *c = derr; *c; c++) if ((unsigned char)*c < 0x20 || *c == 0x7f) *c = '?';
+        snprintf(err, SD_ERR_LEN, "%.500s: %.300s", j ? path : "scheduler", derr);
+    }
     json_free(j);
     return rc;
 }

@@ -411,7 +411,9 @@ tokenizer *tok_load_files(const char *vocab_json, const char *merges_txt, char *
     for (int i = 0; i < j->n; i++) {
         const json *v = &j->items[i];
         if (v->type != JSON_NUMBER || v->number < 0 || v->number > 4194304.0 || v->number != (double)(int)v->number) {
-            snprintf(err, errlen, "tokenizer: %s: token '%.40s' has no valid integer id (ids must be integers 0..4194304)", vocab_json, j->keys[i]);
+            char q[300];
+            json_quote_key(q, sizeof q, j->keys[i]);
+            snprintf(err, errlen, "tokenizer: %s: token '%.40s' has no valid integer id (ids must be integers 0..4194304)", vocab_json, q);
             goto fail;
         }
         if ((int)v->number > maxid) maxid = (int)v->number;

@@ -564,8 +564,9 @@ static int cfg_types(const json *j, const char *key, const char *want, int n, ch
     for (int i = 0; i < n; i++) {
         const json *s = &x->items[i];
         if (s->type != JSON_STRING || strcmp(s->string, want) != 0) {
-            seterr(err, "key '%s'[%d]: '%s' is not supported (only %s)", key, i,
-                   s->type == JSON_STRING ? s->string : "(not a string)", want);
+            char q[300];
+            json_quote_key(q, sizeof q, s->type == JSON_STRING ? s->string : "(not a string)");
+            seterr(err, "key '%s'[%d]: '%s' is not supported (only %s)", key, i, q, want);
             return -1;
         }
     }
@@ -581,7 +582,9 @@ int vae_config_from_json(vae_config *c, const json *j, char *err) {
         int known = 0;
         for (int q = 0; known_keys[q]; q++) known |= strcmp(k, known_keys[q]) == 0;
         if (!known) {
-            seterr(err, "key '%s' is not supported by this AutoencoderKL (remove it or use a plain SD1.x VAE)", k);
+            char q[300];
+            json_quote_key(q, sizeof q, k);          /* keys come from the file: keep one line */
+            seterr(err, "key '%s' is not supported by this AutoencoderKL (remove it or use a plain SD1.x VAE)", q);
             return -1;
         }
     }
@@ -630,7 +633,9 @@ int vae_config_from_json(vae_config *c, const json *j, char *err) {
     const char *act = json_str(j, "act_fn", "silu");
     const json *actj = json_get(j, "act_fn");
     if ((actj && actj->type != JSON_STRING) || (strcmp(act, "silu") != 0 && strcmp(act, "swish") != 0)) {
-        seterr(err, "key 'act_fn': '%s' is not supported (only silu)", actj && actj->type == JSON_STRING ? act : "?");
+        char q[300];
+        json_quote_key(q, sizeof q, actj && actj->type == JSON_STRING ? act : "?");
+        seterr(err, "key 'act_fn': '%s' is not supported (only silu)", q);
         return -1;
     }
 

@@ -400,6 +400,23 @@ START_TEST(test_bad_config) {
     ck_assert_int_eq(c.latent_channels, 4); ck_assert(c.mid_attn && c.quant_conv && c.post_quant_conv);
     ck_assert(fabsf(c.scaling_factor - 0.18215f) < 1e-7f && c.shift_factor == 0.0f);
     json_free(j);
+
+    /* names from the file with control bytes in them (JSON escapes) stay on
+     * one line in the message: a key, a block type, act_fn (found by fuzz_config) */
+    const char *odd[] = {
+        "{\"lat\\nt_channels\": 4}",
+        "{\"block_out_channels\": [64], \"down_block_types\": [\"Down\\nBlock\"]}",
+        "{\"act_fn\": \"si\\r\\nlu\"}",
+    };
+    for (int i = 0; i < 3; i++) {
+        j = json_parse(odd[i], strlen(odd[i]), jerr, sizeof jerr);
+        ck_assert_msg(j != NULL, "%s", jerr);
+        err[0] = 0;
+        ck_assert(vae_config_from_json(&c, j, err) == -1);
+        ck_assert_msg(err[0] && !strchr(err, '\n') && !strchr(err, '\r'), "case %d: [%s]", i, err);
+        ck_assert_msg(strstr(err, "\\x0a"), "case %d: the newline is shown escaped: [%s]", i, err);
+        json_free(j);
+    }
 }
 END_TEST
 
