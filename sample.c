@@ -30,6 +30,7 @@
 #include "cli.h"
 #include "generate.h"
 #include "image.h"
+#include "grid.h"
 #include "profile.h"
 
 #define MAX_LORAS (CLI_LIST_MAX + 16)
@@ -49,21 +50,31 @@ static void lora_stem(char *out, size_t n, const char *path) {
     if (dot && dot != out) *dot = 0;
 }
 
-/* "FILE[:weight]": a trailing ":number" is the weight, else the whole is the path */
-static int split_lora_arg(const char *arg, char *path, size_t n, float *w) {
+/* "FILE[:w]" or, for --grid, "FILE:w1,w2,...": a trailing ":number[,number...]"
+ * holds the weights (at most max), else the whole is the path and the
+ * weight is 1. Returns how many weights were found. */
+static int split_lora_arg(const char *arg, char *path, size_t n, float *w, int max) {
     const char *colon = strrchr(arg, ':');
-    *w = 1.0f;
+    w[0] = 1.0f;
     if (colon && colon[1]) {
+        int k = 0;
+        const char *p = colon + 1;
         char *end;
-        double v = strtod(colon + 1, &end);
-        if (*end == 0) {
-            *w = (float)v;
-            snprintf(path, n, "%.*s", (int)(colon - arg), arg);
-            return 0;
+        for (;;) {
+            double v = strtod(p, &end);
+            if (end == p || k == max) break;
+            w[k++] = (float)v;
+            if (*end == ',') { p = end + 1; continue; }
+            if (*end == 0) {
+                snprintf(path, n, "%.*s", (int)(colon - arg), arg);
+                return k;
+            }
+            break;
         }
+        w[0] = 1.0f;
     }
     snprintf(path, n, "%s", arg);
-    return 0;
+    return 1;
 }
 
 /* OUT for image 0, OUT with "-b" before the extension for image b */
@@ -77,7 +88,7 @@ static void out_name(char *buf, size_t n, const char *out, int b) {
 /* the flags, and what one run holds */
 typedef struct {
     const char *model, *prompt, *negative, *out, *sampler, *rng, *lora_dir, *tok_dir, *wdtype_name;
-    int steps, width, height, batch, clip_skip, karras, merge, threads;
+    int steps, width, height, batch, clip_skip, karras, merge, threads, grid;
     float cfg;
     uint64_t seed;
     cli_strlist lora;
@@ -94,6 +105,9 @@ typedef struct {
     gen_params p;
     uint8_t *rgb;                       /* batch x height x width x 3 */
     double t_load, t_gen;
+    int grid_lora;                      /* --grid: the LoRA whose weights make the rows, or -1 */
+    int ngrid_w;
+    float grid_w[16];
 } sample_run;
 
 /* the table of flags into a; -1 to go on, else the exit status */
@@ -116,6 +130,7 @@ static int parse_args(sample_args *a, int argc, char **argv) {
         {"--lora", OPT_STRLIST, &a->lora, 0, 0, NULL, "LoRA file[:weight], repeatable"},
         {"--lora-dir", OPT_STR, &a->lora_dir, 0, 0, NULL, "folder searched for <lora:name:w> in the prompt"},
         {"--merge", OPT_FLAG, &a->merge, 0, 0, NULL, "bake LoRAs into the weights"},
+        {"--grid", OPT_FLAG, &a->grid, 0, 0, NULL, "one labelled X/Y grid: a column per prompt (split at |), a row per weight of --lora FILE:w1,w2,..."},
         {"--clip-skip", OPT_INT, &a->clip_skip, 1, 12, NULL, "use the output of the N-th last CLIP layer"},
         {"--out", OPT_STR, &a->out, 0, 0, NULL, "output PNG"},
         {"--threads", OPT_INT, &a->threads, 0, 4096, NULL, "CPU threads (0: all)"},
@@ -134,6 +149,10 @@ static int parse_args(sample_args *a, int argc, char **argv) {
         fprintf(stderr, "error: --width/--height %dx%d: not multiples of 8 (the VAE works on 8x8 blocks; use e.g. 512)\n", a->width, a->height);
         return 2;
     }
+    if (a->grid && a->batch != 1) {
+        fprintf(stderr, "error: --grid with --batch %d: a grid holds one image per prompt and weight (drop --batch)\n", a->batch);
+        return 2;
+    }
     if (a->karras && strcmp(a->sampler, "euler") != 0 && strcmp(a->sampler, "dpmpp_2m") != 0) {
         fprintf(stderr, "error: --karras: the %s sampler has no Karras schedule (use --sampler euler or dpmpp_2m)\n", a->sampler);
         return 2;
@@ -150,8 +169,24 @@ static int collect_loras(sample_run *r, const sample_args *a) {
     sd_prompt_lora tags[MAX_LORAS];
     int ntags = r->text ? sd_prompt_loras(a->prompt, r->text, plen, tags, MAX_LORAS - a->lora.n, err) : -1;
     if (ntags < 0) { fprintf(stderr, "error: %s\n", r->text ? err : "out of memory"); return 2; }
-    for (int i = 0; i < a->lora.n; i++, r->nl++)
-        split_lora_arg(a->lora.v[i], r->paths[r->nl], sizeof r->paths[r->nl], &r->weights[r->nl]);
+    r->grid_lora = -1;
+    for (int i = 0; i < a->lora.n; i++, r->nl++) {
+        float w[16];
+        int nw = split_lora_arg(a->lora.v[i], r->paths[r->nl], sizeof r->paths[r->nl], w, 16);
+        r->weights[r->nl] = w[0];
+        if (nw == 1) continue;
+        if (!a->grid) {
+            fprintf(stderr, "error: --lora %s: a list of weights makes the rows of a grid (add --grid, or give one weight)\n", a->lora.v[i]);
+            return 2;
+        }
+        if (r->grid_lora >= 0) {
+            fprintf(stderr, "error: --lora %s: only one LoRA may carry a list of weights (the grid's rows)\n", a->lora.v[i]);
+            return 2;
+        }
+        r->grid_lora = r->nl;
+        r->ngrid_w = nw;
+        memcpy(r->grid_w, w, sizeof(float) * (size_t)nw);
+    }
     for (int i = 0; i < ntags; i++, r->nl++) {
         snprintf(r->paths[r->nl], sizeof r->paths[r->nl], "%.700s/%.250s.safetensors", a->lora_dir, tags[i].name);
         r->weights[r->nl] = tags[i].weight;
@@ -270,10 +305,81 @@ static void on_step(void *ctx, int step, int steps) {
     pr->t_prev = t;
 }
 
+/* --grid: an X/Y grid, a column per prompt (the prompt split at '|') and a
+ * row per weight of the one LoRA given a list (FILE:0,0.5,1), all from the
+ * same seed, labelled (grid.c). Each row loads the model again with that
+ * weight, so each cell is exactly the image ./sample draws alone. */
+static int run_grid(sample_run *r, const sample_args *a) {
+    char *prompts_buf = strdup(r->text), *prompts[16];
+    int np = 0;
+    for (char *p = prompts_buf; p && np < 16; ) {
+        char *bar = strchr(p, '|');
+        if (bar) *bar = 0;
+        while (*p == ' ') p++;
+        if (*p) prompts[np++] = p;
+        p = bar ? bar + 1 : NULL;
+    }
+    int nrows = r->grid_lora >= 0 ? r->ngrid_w : 1, rc = 0;
+    uint8_t *cells[16 * 16] = {0};
+    char heads[16][700], rowlab[16][300];
+    const char *hp[16], *rp[16];
+    int w = 0, h = 0;
+    for (int row = 0; row < nrows && rc == 0; row++) {
+        if (r->grid_lora >= 0) r->weights[r->grid_lora] = r->grid_w[row];
+        r->lora_text[0] = 0;
+        if ((rc = load_model_and_loras(r, a)) || (rc = prepare(r, a))) break;
+        w = r->p.width; h = r->p.height;
+        for (int i = 0; i < np && rc == 0; i++) {
+            char err[SD_ERR_LEN];
+            r->p.prompt = prompts[i];
+            cells[row * np + i] = malloc((size_t)w * h * 3);
+            if (!cells[row * np + i]) { fprintf(stderr, "error: out of memory\n"); rc = 1; break; }
+            if (sd_generate(&r->m, &r->p, cells[row * np + i], err)) {
+                fprintf(stderr, "error: generate: %s\n", err);
+                rc = 1;
+            }
+            printf("grid: row %d/%d, prompt %d/%d done\n", row + 1, nrows, i + 1, np);
+        }
+        char stem[256] = "";
+        if (r->grid_lora >= 0) lora_stem(stem, sizeof stem, r->paths[r->grid_lora]);
+        snprintf(rowlab[row], sizeof rowlab[row], "%s %g", stem, (double)r->grid_w[row]);
+        rp[row] = rowlab[row];
+        free(r->rgb); r->rgb = NULL;
+        sd_model_free(&r->m);
+        r->model_loaded = 0;
+    }
+    if (rc == 0) {
+        for (int i = 0; i < np; i++) {
+            snprintf(heads[i], sizeof heads[i], "%s\nseed %llu", prompts[i], (unsigned long long)a->seed);
+            hp[i] = heads[i];
+        }
+        grid_image g;
+        char desc[2048], ierr[512];
+        snprintf(desc, sizeof desc, "columns: the prompts; rows: %s; seed %llu, %s, %d steps, cfg %g",
+                 r->grid_lora >= 0 ? "the LoRA's weight" : "one", (unsigned long long)a->seed, a->sampler, a->steps,
+                 (double)a->cfg);
+        const char *k[1] = {"Title"}, *v[1] = {desc};
+        if (grid_compose(&g, (const uint8_t *const *)cells, nrows, np, w, h, 256, hp, r->grid_lora >= 0 ? rp : NULL)) {
+            fprintf(stderr, "error: out of memory for the grid\n");
+            rc = 1;
+        } else if (image_save_png(a->out, g.rgb, g.w, g.h, k, v, 1, ierr, sizeof ierr)) {
+            fprintf(stderr, "error: %s\n", ierr);
+            rc = 1;
+        } else {
+            printf("wrote %s (%d x %d cells, %dx%d)\n", a->out, nrows, np, g.w, g.h);
+        }
+        grid_free(&g);
+    }
+    for (int i = 0; i < nrows * np; i++) free(cells[i]);
+    free(prompts_buf);
+    return rc;
+}
+
 /* the run, as a list of steps; the exit status */
 static int run(sample_run *r, const sample_args *a) {
     int rc = collect_loras(r, a);
     if (rc) return rc;
+    if (a->grid) return run_grid(r, a);
     double t0 = now();
     if ((rc = load_model_and_loras(r, a))) return rc;
     r->t_load = now() - t0;

@@ -251,6 +251,30 @@ START_TEST(test_train_then_sample) {
     ck_assert(s != NULL);
     ck_assert(has_bytes(s, n, "parameters") && has_bytes(s, n, "Steps: 3"));
     free(s);
+    /* an X/Y grid: a column per prompt, a row per LoRA weight, labelled; the
+     * cell of "a red square" at weight 0.8 is exactly s.png above */
+    char g[256];
+    snprintf(g, sizeof g, "%s/g.png", o);
+    ck_assert_msg(run(SAMPLE " --model " MODEL " --grid --prompt \"a red square|a cat\" --steps 3 --seed 1 "
+                      "--lora %s/lora.safetensors:0,0.8 --out %s", o, g) == 0, "%s", log_text());
+    image_t gi, si;
+    ck_assert_msg(image_load(&gi, g, err, sizeof err) == 0, "%s", err);
+    ck_assert_msg(image_load(&si, p, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(grid_geometry(&geo, 2, 2, 64, 64, 256, 1, 1), 0);
+    ck_assert(gi.w == geo.w && gi.h == geo.h);
+    int ox, oy, same = 1;
+    grid_cell_origin(&geo, 1, 0, &ox, &oy);
+    for (int y = 0; y < 64; y++)
+        for (int x = 0; x < 64; x++)
+            same &= memcmp(gi.rgb + ((size_t)(oy + y * geo.scale) * gi.w + ox + x * geo.scale) * 3,
+                           si.rgb + ((size_t)y * 64 + x) * 3, 3) == 0;
+    ck_assert_msg(same, "the grid's weight-0.8 cell differs from ./sample --lora ...:0.8");
+    image_free(&gi); image_free(&si);
+    /* a list of weights without --grid: a one-line error */
+    ck_assert_int_eq(run(SAMPLE " --model " MODEL " --prompt x --lora %s/lora.safetensors:0,1 --out %s/x.png", o, o), 2);
+    s = log_text();
+    ck_assert_msg(strstr(s, "--grid") && !strstr(s, "wrote"), "%s", s);
+    free(s);
 }
 END_TEST
 
