@@ -332,34 +332,42 @@ START_TEST(test_null_grads) {
 }
 END_TEST
 
-/* the same numbers whatever the OpenMP thread count (with a gemm whose
- * results do not depend on it either) */
-START_TEST(test_thread_count_invariant) {
+/* forward and backward with 1 thread and with `threads`: out, dq, dk, dv
+ * bit for bit the same (a no-op without OpenMP) */
+static void assert_thread_invariant(prob_t *p, int threads, const char *what) {
 #ifdef _OPENMP
-    prob_t p = prob_make(2, 37, 29, 3, 8, 0, 600);
     int saved = omp_get_max_threads();
     float *ref[4];
-    size_t n[4] = {nq(&p), nq(&p), nk(&p), nk(&p)};
+    size_t n[4] = {nq(p), nq(p), nk(p), nk(p)};
     for (int run = 0; run < 2; run++) {
-        omp_set_num_threads(run == 0 ? 1 : 4);
-        prob_zero_grads(&p);
-        run_forward(&p, NULL);
-        run_backward(&p, p.dq, p.dk, p.dv, NULL);
-        float *cur[4] = {p.out, p.dq, p.dk, p.dv};
+        omp_set_num_threads(run == 0 ? 1 : threads);
+        prob_zero_grads(p);
+        run_forward(p, NULL);
+        run_backward(p, p->dq, p->dk, p->dv, NULL);
+        float *cur[4] = {p->out, p->dq, p->dk, p->dv};
         for (int t = 0; t < 4; t++) {
             if (run == 0) {
                 ref[t] = malloc(n[t] * sizeof(float));
                 memcpy(ref[t], cur[t], n[t] * sizeof(float));
             } else {
                 ck_assert_msg(memcmp(ref[t], cur[t], n[t] * sizeof(float)) == 0,
-                              "tensor %d differs between 1 and 4 threads", t);
+                              "%stensor %d differs between 1 and %d threads", what, t, threads);
                 free(ref[t]);
             }
         }
     }
     omp_set_num_threads(saved);
-    prob_free(&p);
+#else
+    (void)p; (void)threads; (void)what;
 #endif
+}
+
+/* the same numbers whatever the OpenMP thread count (with a gemm whose
+ * results do not depend on it either) */
+START_TEST(test_thread_count_invariant) {
+    prob_t p = prob_make(2, 37, 29, 3, 8, 0, 600);
+    assert_thread_invariant(&p, 4, "");
+    prob_free(&p);
 }
 END_TEST
 
@@ -422,29 +430,7 @@ START_TEST(test_tiled_long_sequences) {
                 ck_assert_msg(ea < 1e-5, "causal %d: att rel err %g", causal, ea);
             }
         }
-#ifdef _OPENMP
-        int saved = omp_get_max_threads();
-        float *ref[4];
-        size_t n[4] = {nq(&p), nq(&p), nk(&p), nk(&p)};
-        for (int run = 0; run < 2; run++) {
-            omp_set_num_threads(run == 0 ? 1 : 3);
-            prob_zero_grads(&p);
-            run_forward(&p, NULL);
-            run_backward(&p, p.dq, p.dk, p.dv, NULL);
-            float *cur[4] = {p.out, p.dq, p.dk, p.dv};
-            for (int t = 0; t < 4; t++) {
-                if (run == 0) {
-                    ref[t] = malloc(n[t] * sizeof(float));
-                    memcpy(ref[t], cur[t], n[t] * sizeof(float));
-                } else {
-                    ck_assert_msg(memcmp(ref[t], cur[t], n[t] * sizeof(float)) == 0,
-                                  "tiled: tensor %d differs between 1 and 3 threads", t);
-                    free(ref[t]);
-                }
-            }
-        }
-        omp_set_num_threads(saved);
-#endif
+        assert_thread_invariant(&p, 3, "tiled: ");
         free(ref_out); free(ref_att); free(rq); free(rk); free(rv);
         prob_free(&p);
     }
