@@ -197,3 +197,10 @@ void cli_print_sources(FILE *f, const cli_opt *opts, int nopts, const int *set_a
     print_group(f, "settings from the command line", opts, nopts, set_at, nfile + 1, argc, argv, nfile, file);
     print_group(f, "settings by default", opts, nopts, set_at, 0, 0, argv, nfile, file);
 }
+
+void cli_fmt_duration(char *b, size_t n, double s) {
+    if (!(s >= 0) || s > 359999) { snprintf(b, n, "--:--"); return; }
+    int si = (int)(s + 0.5);
+    if (si >= 3600) snprintf(b, n, "%d:%02d:%02d", si / 3600, si / 60 % 60, si % 60);
+    else snprintf(b, n, "%d:%02d", si / 60, si % 60);
+}

@@ -42,4 +42,8 @@ void cli_print_sources(FILE *f, const cli_opt *opts, int nopts, const int *set_a
                        int nfile, const char *file);
 void cli_usage(const char *usage, const cli_opt *opts, int nopts);
 
+/* seconds as "m:ss" or "h:mm:ss" for progress lines; "--:--" when unknown
+ * (negative, NaN) or past 99 hours */
+void cli_fmt_duration(char *b, size_t n, double s);
+
 #endif

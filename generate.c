@@ -416,3 +416,15 @@ int sd_prompt_loras(const char *prompt, char *text, size_t ntext,
     if (lead) memmove(text, text + lead, k - lead + 1);
     return n;
 }
+
+int sd_split_prompts(char *buf, const char *seps, char **out, int max) {
+    int n = 0;
+    for (char *s = buf; s && n < max; ) {
+        char *e = s + strcspn(s, seps);
+        char c = *e;
+        *e = 0;
+        if (*s) out[n++] = s;
+        s = c ? e + 1 : NULL;
+    }
+    return n;
+}

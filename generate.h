@@ -54,4 +54,9 @@ typedef struct { char name[256]; float weight; } sd_prompt_lora;
 int sd_prompt_loras(const char *prompt, char *text, size_t ntext,
                     sd_prompt_lora *loras, int max, char *err);
 
+/* Several prompts in one string: buf is cut in place at every character of
+ * seps ("|", or "|\n" for a prompts file) and out[] receives the non-empty
+ * parts, at most max. Returns how many. */
+int sd_split_prompts(char *buf, const char *seps, char **out, int max);
+
 #endif

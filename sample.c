@@ -287,19 +287,12 @@ static void report(const sample_run *r, const sample_args *a) {
 /* the progress line after each sampler step: its seconds, the mean, the time left */
 typedef struct { double t_start, t_prev; int tty; } progress;
 
-static void fmt_time(char *b, size_t n, double s) {
-    int si = (int)(s + 0.5);
-    if (!(s >= 0) || s > 359999) snprintf(b, n, "--:--");
-    else if (si >= 3600) snprintf(b, n, "%d:%02d:%02d", si / 3600, si / 60 % 60, si % 60);
-    else snprintf(b, n, "%d:%02d", si / 60, si % 60);
-}
-
 static void on_step(void *ctx, int step, int steps) {
     progress *pr = ctx;
     double t = now(), el = t - pr->t_start, mean = el / step;
     char ela[32], eta[32];
-    fmt_time(ela, sizeof ela, el);
-    fmt_time(eta, sizeof eta, mean * (steps - step));
+    cli_fmt_duration(ela, sizeof ela, el);
+    cli_fmt_duration(eta, sizeof eta, mean * (steps - step));
     fprintf(stderr, "%sstep %d/%d  %.3f s/step (mean %.3f)  %s < %s%s", pr->tty ? "\r" : "", step, steps,
             t - pr->t_prev, mean, ela, eta, pr->tty && step < steps ? "   " : "\n");
     pr->t_prev = t;
@@ -311,13 +304,11 @@ static void on_step(void *ctx, int step, int steps) {
  * weight, so each cell is exactly the image ./sample draws alone. */
 static int run_grid(sample_run *r, const sample_args *a) {
     char *prompts_buf = strdup(r->text), *prompts[16];
-    int np = 0;
-    for (char *p = prompts_buf; p && np < 16; ) {
-        char *bar = strchr(p, '|');
-        if (bar) *bar = 0;
-        while (*p == ' ') p++;
-        if (*p) prompts[np++] = p;
-        p = bar ? bar + 1 : NULL;
+    if (!prompts_buf) { fprintf(stderr, "error: out of memory\n"); return 1; }
+    int np = 0, nparts = sd_split_prompts(prompts_buf, "|", prompts, 16);
+    for (int i = 0; i < nparts; i++) {          /* "a|  b": the space is not part of b */
+        while (*prompts[i] == ' ') prompts[i]++;
+        if (*prompts[i]) prompts[np++] = prompts[i];
     }
     int nrows = r->grid_lora >= 0 ? r->ngrid_w : 1, rc = 0;
     uint8_t *cells[16 * 16] = {0};

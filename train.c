@@ -351,7 +351,7 @@ static void column_label(char *b, size_t n, const char *prompt, uint64_t seed) {
 
 /* Draw prompts[i] with seed + i into cells[row * np + i] (side x side RGB);
  * the generation settings of every grid the run writes */
-static int draw_row(sd_model *m, const train_args *a, const char *const *prompts, int np, uint8_t **cells,
+static int draw_row(sd_model *m, const train_args *a, char *const *prompts, int np, uint8_t **cells,
                     int row, char *err) {
     int side = a->res;
     for (int i = 0; i < np; i++) {
@@ -365,7 +365,7 @@ static int draw_row(sd_model *m, const train_args *a, const char *const *prompts
 
 /* rows x np cells of side x side, labelled, into path (grid.c) */
 static int save_grid(const char *path, uint8_t **cells, int rows, int np, const train_args *a,
-                     const char *const *prompts, const char *const *row_labels, const char *desc, char *err) {
+                     char *const *prompts, const char *const *row_labels, const char *desc, char *err) {
     char heads[16][600];
     const char *hp[16];
     for (int i = 0; i < np && i < 16; i++) {
@@ -403,13 +403,8 @@ static void free_cells(uint8_t **c, int n) {
 static int save_sample_grid(const char *path, sd_model *m, const train_args *a, long step, char *err) {
     char buf[2048];
     snprintf(buf, sizeof buf, "%s", a->sample_prompt);
-    const char *prompts[16]; int np = 0;
-    for (char *s = buf; s && np < 16; ) {
-        char *bar = strchr(s, '|');
-        if (bar) *bar = 0;
-        if (*s) prompts[np++] = s;
-        s = bar ? bar + 1 : NULL;
-    }
+    char *prompts[16];
+    int np = sd_split_prompts(buf, "|", prompts, 16);
     if (np == 0) return 0;
     uint8_t **cells = alloc_cells(np, a->res);
     if (!cells) { snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
@@ -459,13 +454,8 @@ static int save_before_after(const char *path, sd_model *m, const train_args *a,
                 k++;
             }
     }
-    const char *prompts[8]; int np = 0;
-    for (char *s = buf; s && *s && np < 8; ) {
-        char *e = s + strcspn(s, "|\n");
-        char c = *e; *e = 0;
-        if (*s) prompts[np++] = s;
-        s = c ? e + 1 : NULL;
-    }
+    char *prompts[8];
+    int np = sd_split_prompts(buf, "|\n", prompts, 8);
     if (np == 0) return 0;
     uint8_t **cells = alloc_cells(2 * np, a->res);
     float *saved = malloc(sizeof(float) * (size_t)(m->unet.nloras + m->clip.nadapters + 1));
@@ -488,13 +478,6 @@ static int save_before_after(const char *path, sd_model *m, const train_args *a,
 }
 
 /* -------------------------------------------------------------- training */
-static void fmt_time(char *b, size_t n, double s) {
-    if (!(s >= 0) || s > 359999) { snprintf(b, n, "--:--"); return; }
-    int si = (int)(s + 0.5);
-    if (si >= 3600) snprintf(b, n, "%d:%02d:%02d", si / 3600, si / 60 % 60, si % 60);
-    else snprintf(b, n, "%d:%02d", si / 60, si % 60);
-}
-
 /* one micro-batch: B samples of latents x0 (B, C, h, w), their token ids and
  * (without --te) cached contexts, the noise, the noised latents, the UNet's
  * prediction and its target, and the loss's gradient */
@@ -869,8 +852,8 @@ static int log_step(trainer *t, char *err) {
     }
     double el = now_s() - t->t_start, ips = done / (el > 0 ? el : 1e-9);
     char eta[32], ela[32];
-    fmt_time(eta, sizeof eta, (total - step) / (ips > 0 ? ips : 1e-9));
-    fmt_time(ela, sizeof ela, el);
+    cli_fmt_duration(eta, sizeof eta, (total - step) / (ips > 0 ? ips : 1e-9));
+    cli_fmt_duration(ela, sizeof ela, el);
     if (t->tty || step == total || step % 10 == 0) {
         int bar = (int)(30 * step / total);
         double sps = t->t_steps / done, imgs = (double)done * t->a->batch * t->a->accum / (t->t_steps > 0 ? t->t_steps : 1e-9);
