@@ -36,10 +36,11 @@ void prof_reset(void) {
 }
 
 static int counted(void) {
+    if (!prof_on) return 0;             /* off: one branch per primitive, nothing more */
 #ifdef _OPENMP
     if (omp_in_parallel()) return 0;
 #endif
-    return prof_on;
+    return 1;
 }
 
 double prof_begin(void) { return counted() ? now() : 0.0; }

@@ -969,7 +969,7 @@ static int train(train_args *a, char *err) {
     print_run(&t);
     if (build_caches(&t, err) || alloc_buffers(&t, err) || open_loss_log(&t, err)) goto out;
     install_stop_hooks(&t);
-    prof_init();                         /* SDLORA_PROFILE=1: the training steps only */
+    int profiling = prof_init();         /* SDLORA_PROFILE=1: the training steps only */
     prof_reset();
     t.tty = isatty(2);
     t.step0 = t.st.step;
@@ -982,7 +982,7 @@ static int train(train_args *a, char *err) {
         if (log_step(&t, err)) goto out;
         if (checkpoint_due(&t) && save_checkpoint(&t, err)) goto out;
         if (sample_due(&t) && sample_grid_step(&t, err)) goto out;
-        prof_init();
+        prof_enable(profiling);
     }
     prof_print(stderr, "training steps (per kind of operation)", t.t_steps);
     ret = finish(&t, now_s() - t.t_start, err);
