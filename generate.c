@@ -204,11 +204,16 @@ typedef struct {
     char module[UNET_NAME_LEN + 16];
 } lora_target;
 
-/* W0 (out, in) or (out, in, 1, 1) with the entry's sizes? 3x3 convolutions
- * (LyCORIS "LoCon") have no place in this code. */
+/* W0 (out, in), (out, in, 1, 1), or (out, in, k, k) for a conv LoRA
+ * (LoCon) whose lora_down is k x k, with the entry's sizes? */
 static int shape_ok(const int *shape, int ndim, const lora_entry *e, char *why, size_t nwhy) {
-    if (ndim == 4 && (shape[2] != 1 || shape[3] != 1)) {
-        snprintf(why, nwhy, "the weight is a %dx%d convolution (only linear and 1x1-conv LoRAs are supported)", shape[2], shape[3]);
+    int k = e->k > 1 ? e->k : 1;
+    if (ndim == 4 && (shape[2] != k || shape[3] != k)) {
+        snprintf(why, nwhy, "the weight is a %dx%d convolution but the LoRA's lora_down is %dx%d", shape[2], shape[3], k, k);
+        return 0;
+    }
+    if (ndim != 4 && k != 1) {
+        snprintf(why, nwhy, "the LoRA is a %dx%d conv LoRA but the model's weight is not a convolution", k, k);
         return 0;
     }
     if ((ndim != 2 && ndim != 4) || shape[0] != e->out || shape[1] != e->in) {
@@ -273,7 +278,7 @@ static int find_target(sd_model *m, const lora_entry *e, lora_target *t, char *e
 /* the entry as a lora_t over its own A and B */
 static void entry_layer(lora_t *L, const lora_entry *e) {
     memset(L, 0, sizeof *L);
-    L->in = e->in; L->out = e->out; L->r = e->r;
+    L->in = e->in; L->out = e->out; L->r = e->r; L->k = e->k;
     L->alpha = e->alpha;
     L->scale = e->alpha / (float)e->r;
     L->A = e->A; L->B = e->B;
@@ -294,7 +299,7 @@ int sd_apply_lora(sd_model *m, const lora_file *lf, float w, int merge, char *er
             int in, out, conv;
             if (!unet_lora_site(&m->unet, t[i].module, &in, &out, &conv)) {
                 snprintf(err, SD_ERR_LEN, "LoRA entry %s: module %s cannot carry an adapter "
-                         "(only the transformer projections can; use --merge)", lf->e[i].name, t[i].module);
+                         "(only the transformer projections and the resnet / sampler convolutions can; use --merge)", lf->e[i].name, t[i].module);
                 free(t);
                 return -1;
             }

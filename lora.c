@@ -30,6 +30,7 @@ void lora_init(lora_t *L, int in, int out, int r, float alpha, float dropout,
     L->dropout = dropout;
     L->A = A; L->B = B;
     L->dA = NULL; L->dB = NULL;
+    L->k = 0;
     /* Kaiming-uniform with a = sqrt(5) (torch's default for nn.Linear, used
      * by peft and kohya for lora_down):
      *   gain = sqrt(2 / (1 + a^2)) = sqrt(1/3),  bound = gain * sqrt(3 / fan_in) = 1 / sqrt(in)
@@ -44,7 +45,16 @@ void lora_init(lora_t *L, int in, int out, int r, float alpha, float dropout,
 size_t lora_num_params(const lora_t *L) {
     /* A is r x in, B is out x r (article 2.2 counts this as 2rdk, which is
      * wrong: it is r(d + k); see NOTES.md) */
-    return (size_t)L->r * ((size_t)L->in + (size_t)L->out);
+    return (size_t)L->r * (lora_fan_in(L) + (size_t)L->out);
+}
+
+void lora_conv_init(lora_t *L, int in, int out, int k, int r, float alpha, float dropout,
+                    float *A, float *B, rng_t *rng) {
+    /* A viewed as r x (in k k): the Kaiming bound 1 / sqrt(in k k) is torch's
+     * for a conv weight (fan_in = in * kh * kw), which kohya's lora_down uses */
+    lora_init(L, in * k * k, out, r, alpha, dropout, A, B, 0, rng);
+    L->in = in;
+    L->k = k > 1 ? k : 0;
 }
 
 /* x_d = dropout(x): peft applies dropout to the input of the LoRA branch only;
@@ -135,12 +145,94 @@ void lora_backward(float *dinp, const float *dout, const float *inp, const float
                                                 (dinp != NULL) * in));
 }
 
+/* ------------------------------------------------------------- conv LoRA */
+/* LoCon (kohya's conv_dim): the adapter of a k x k convolution W0 is itself
+ * a k x k convolution down to r channels followed by a 1x1 one back up:
+ *
+ *     y = conv(x, W0) + b + (alpha/r) * conv1x1(conv(dropout(x), A), B)
+ *
+ *   A (r, in, k, k): "lora_down", with W0's stride and padding
+ *   B (out, r, 1, 1): "lora_up", zero at the start
+ * Because B is pointwise this is the convolution with kernel W0 + s B A
+ * (lora_merge), and on 1x1 pixels with k = 1 it is the linear LoRA. */
+static int conv_k(const lora_t *L) { return L->k > 1 ? L->k : 1; }
+
+size_t lora_conv_scratch_floats(const lora_t *L, int Bn, int H, int W, int stride, int pad, int backward) {
+    if (!L) return 0;
+    int k = conv_k(L), Ho = (H + 2 * pad - k) / stride + 1, Wo = (W + 2 * pad - k) / stride + 1;
+    size_t nx = L->dropout > 0.0f ? (size_t)Bn * L->in * H * W : 0;
+    /* forward: x_d; backward: g (Bn, r, Ho, Wo) and x_d */
+    return nx + (backward ? (size_t)Bn * L->r * Ho * Wo : 0);
+}
+
+void lora_conv_forward(float *out, float *ax, uint8_t *mask, float *scratch, const float *inp,
+                       const lora_t *L, int Bn, int H, int W, int stride, int pad, rng_t *rng) {
+    if (!L) return;
+    if (L->dropout > 0.0f) need_scratch(scratch, "lora_conv_forward");
+    double t0 = prof_begin();
+    int k = conv_k(L), r = L->r, Ho = (H + 2 * pad - k) / stride + 1, Wo = (W + 2 * pad - k) / stride + 1;
+    int P = Ho * Wo;
+    const float *x = branch_input(scratch, mask, inp, (size_t)Bn * L->in * H * W, L, rng);
+    /* ax (Bn, r, Ho, Wo) = conv(x_d, A)          (down, with W0's stride / padding) */
+    conv2d_forward(ax, x, L->A, NULL, Bn, L->in, H, W, r, k, k, stride, pad);
+    /* out_b (out x P) += s * B (out x r) ax_b (r x P)   (1x1 up, scaled) */
+    for (int b = 0; b < Bn; b++)
+        gemm(0, 0, L->out, P, r, L->scale, L->B, r, ax + (size_t)b * r * P, P, 1.0f,
+             out + (size_t)b * L->out * P, P);
+    prof_end(PROF_LORA, 0, t0, 2.0 * Bn * P * r * ((double)lora_fan_in(L) + L->out));
+}
+
+void lora_conv_backward(float *dinp, const float *dout, const float *inp, const float *ax,
+                        const uint8_t *mask, float *scratch, lora_t *L,
+                        int Bn, int H, int W, int stride, int pad) {
+    if (!L) return;
+    need_scratch(scratch, "lora_conv_backward");
+    double t0 = prof_begin();
+    int k = conv_k(L), r = L->r, Ho = (H + 2 * pad - k) / stride + 1, Wo = (W + 2 * pad - k) / stride + 1;
+    int P = Ho * Wo, in = L->in, outc = L->out;
+    size_t nx = (size_t)Bn * in * H * W;
+    float s = L->scale;
+    float *g = scratch;                          /* (Bn, r, Ho, Wo) */
+    float *xd = scratch + (size_t)Bn * r * P;    /* (Bn, in, H, W), with dropout */
+    for (int b = 0; b < Bn; b++) {
+        const float *db = dout + (size_t)b * outc * P;
+        /* g_b (r x P) = s * B^T dout_b: the gradient of ax, scale included */
+        gemm(1, 0, r, P, outc, s, L->B, r, db, P, 0.0f, g + (size_t)b * r * P, P);
+        /* dB (out x r) += s * dout_b (out x P) ax_b^T (P x r) */
+        if (L->dB) gemm(0, 1, outc, r, P, s, db, P, ax + (size_t)b * r * P, P, 1.0f, L->dB, r);
+    }
+    const float *x = inp;
+    if (L->dropout > 0.0f && (L->dA || dinp)) {
+        /* x_d = x * mask / (1 - p), rebuilt from the saved mask */
+        float keep = 1.0f / (1.0f - L->dropout);
+        for (size_t i = 0; i < nx; i++) xd[i] = mask[i] ? inp[i] * keep : 0.0f;
+        x = xd;
+    }
+    /* dA += conv_dW(g, x_d): the down conv's weight gradient */
+    if (L->dA) conv2d_backward(NULL, L->dA, NULL, g, x, L->A, Bn, in, H, W, r, k, k, stride, pad);
+    /* dx += conv_dX(g, A), through the mask (d x_d / dx = mask / (1-p)) */
+    if (dinp) {
+        if (L->dropout > 0.0f) {
+            memset(xd, 0, sizeof(float) * nx);
+            conv2d_backward(xd, NULL, NULL, g, xd, L->A, Bn, in, H, W, r, k, k, stride, pad);
+            dropout_backward(dinp, xd, mask, nx, L->dropout);
+        } else {
+            conv2d_backward(dinp, NULL, NULL, g, inp, L->A, Bn, in, H, W, r, k, k, stride, pad);
+        }
+    }
+    prof_end(PROF_LORA, 1, t0, 2.0 * Bn * P * r * (2.0 * outc + (L->dA != NULL) * (double)lora_fan_in(L) +
+                                                 (dinp != NULL) * (double)lora_fan_in(L)));
+}
+
 /* Merge (article 2.2, "no inference latency"): W0 <- W0 + w * (alpha/r) B A.
  * Unmerge subtracts the same product; in float32 the round trip is exact to
  * rounding (one add and one subtract of the same numbers). */
 void lora_merge(float *w0, const lora_t *L, float weight) {
     /* ASSIGNMENT 02 BEGIN: W0 += weight * (alpha/r) B A, in place (W0: out x in) */
-    gemm(0, 0, L->out, L->in, L->r, weight * L->scale, L->B, L->r, L->A, L->in, 1.0f, w0, L->in);
+    /* a k x k conv LoRA merges the same way: up is 1x1, so the merged kernel is
+     * W0[o, c, i, j] += s sum_q B[o, q] A[q, c, i, j], the product over in k k columns */
+    int K = (int)lora_fan_in(L);
+    gemm(0, 0, L->out, K, L->r, weight * L->scale, L->B, L->r, L->A, K, 1.0f, w0, K);
     /* ASSIGNMENT 02 END */
 }
 
@@ -168,7 +260,9 @@ int lora_save_kohya(const char *path, const lora_ref *refs, int n, st_dtype dt,
     for (int i = 0; i < n && rc == 0; i++) {
         const lora_t *L = refs[i].L;
         /* kohya stores a 1x1-conv adapter as 1x1 convolutions: 4-D shapes */
-        int64_t sa[4] = {L->r, L->in, 1, 1}, sb[4] = {L->out, L->r, 1, 1};
+        /* and a k x k conv LoRA (LoCon) as a k x k lora_down */
+        int kk = L->k > 1 ? L->k : 1;
+        int64_t sa[4] = {L->r, L->in, kk, kk}, sb[4] = {L->out, L->r, 1, 1};
         int nd = refs[i].conv ? 4 : 2;
         snprintf(key, sizeof key, "%s.lora_down.weight", refs[i].name);
         rc |= st_writer_add_f32(w, key, dt, nd, sa, L->A);
@@ -374,14 +468,17 @@ int lora_file_load(const char *path, lora_file *lf, char *err) {
             goto fail_lf;
         }
         int conv = d->ndim == 4;
+        /* LoCon: lora_down a square k x k conv, lora_up always 1x1 */
         if ((d->ndim != 2 && d->ndim != 4) || u->ndim != d->ndim ||
-            (conv && (d->shape[2] != 1 || d->shape[3] != 1 || u->shape[2] != 1 || u->shape[3] != 1)) ||
+            (conv && (d->shape[2] != d->shape[3] || d->shape[2] < 1 || d->shape[2] > 15 ||
+                      u->shape[2] != 1 || u->shape[3] != 1)) ||
             u->shape[1] != d->shape[0] || d->shape[0] < 1 || d->shape[1] < 1 || u->shape[0] < 1) {
-            snprintf(err, ST_ERR_LEN, "%s: adapter '%s': down %s and up %s shapes do not fit a LoRA pair (expected (r, in) and (out, r); only linear and 1x1-conv LoRA are supported)",
+            snprintf(err, ST_ERR_LEN, "%s: adapter '%s': down %s and up %s shapes do not fit a LoRA pair (expected (r, in) and (out, r), or (r, in, k, k) and (out, r, 1, 1) for a conv LoRA)",
                      path, en->name, d->name, u->name);
             goto fail_lf;
         }
         en->conv = conv;
+        en->k = conv && d->shape[2] > 1 ? (int)d->shape[2] : 0;
         en->r = (int)d->shape[0]; en->in = (int)d->shape[1]; en->out = (int)u->shape[0];
         en->A = malloc(sizeof(float) * d->numel);
         en->B = malloc(sizeof(float) * u->numel);

@@ -40,7 +40,8 @@ typedef struct {
     const char *data, *model, *out, *name, *targets, *sched, *resume, *sample_prompt, *tokenizer, *precision,
                *weight_dtype;
     int rank, res, batch, accum, steps, epochs, warmup, save_every, sample_every, te, flip,
-        random_crop, grad_ckpt, threads, clip_skip, full, no_grid;
+        random_crop, grad_ckpt, threads, clip_skip, full, no_grid, conv_rank;
+    float conv_alpha;      /* 0: the conv rank (scale 1) */
     float alpha, dropout, lr, te_lr, beta1, beta2, adam_eps, wd, clip, min_snr, noise_offset;
     uint64_t seed;
 } train_args;
@@ -181,6 +182,9 @@ static void run_signature(char *b, size_t n, const train_args *a, const char *mo
              a->lr, a->te_lr, a->sched, a->warmup, a->steps, a->epochs, (unsigned long long)a->seed,
              a->flip, a->random_crop, a->min_snr, a->noise_offset, a->clip, a->wd, a->beta1, a->beta2,
              a->adam_eps, a->clip_skip);
+    size_t k = strlen(b);
+    if (a->conv_rank > 0 && k < n)
+        snprintf(b + k, n - k, " conv_rank=%d conv_alpha=%g", a->conv_rank, a->conv_alpha);
 }
 
 static int save_state(const char *path, const train_state *s, sd_model *m, const train_args *a, char *err) {
@@ -319,8 +323,15 @@ static int save_lora(const char *path, sd_model *m, const train_args *a, long st
     const char *mv[] = {"networks.lora", v[0], v[1], v[2], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9],
                         v[10], v[11], v[12], v[13], v[14], v[15], v[16], a->sched, "sd_v1", "False",
                         m->name, a->name, a->te ? "False" : "True", "trained with sdlora", a->targets};
+    /* --conv-rank: kohya's ss_network_args, as its conv_dim / conv_alpha write it */
+    char nargs[128];
+    snprintf(nargs, sizeof nargs, "{\"conv_dim\": \"%d\", \"conv_alpha\": \"%g\"}", a->conv_rank, a->conv_alpha);
+    const char *mk2[sizeof mk / sizeof mk[0] + 1], *mv2[sizeof mk / sizeof mk[0] + 1];
+    int nm = (int)(sizeof mk / sizeof mk[0]);
+    for (int i = 0; i < nm; i++) { mk2[i] = mk[i]; mv2[i] = mv[i]; }
+    if (a->conv_rank > 0) { mk2[nm] = "ss_network_args"; mv2[nm] = nargs; nm++; }
     int rc = lora_save_kohya(path, refs, nu + nt, strcmp(a->precision, "fp16") == 0 ? ST_F16 : ST_F32,
-                             mk, mv, (int)(sizeof mk / sizeof mk[0]), err);
+                             mk2, mv2, nm, err);
     free(refs); free(names);
     return rc;
 }
@@ -558,7 +569,8 @@ static int setup_trainables(trainer *t, char *err) {
         t->P1 = m->unet.params; t->G1 = m->unet.grads; t->n1 = m->unet.nparams;
         if (a->te) { t->P2 = m->clip.params; t->G2 = m->clip.grads; t->n2 = m->clip.num_params; }
     } else {
-        if (unet_add_lora(&m->unet, a->targets, a->rank, a->alpha, a->dropout, a->seed)) {
+        if (unet_add_lora_conv(&m->unet, a->targets, a->rank, a->alpha, a->conv_rank, a->conv_alpha, a->dropout,
+                               a->seed)) {
             snprintf(err, SD_ERR_LEN, "UNet LoRA: %s", m->unet.err); return -1;
         }
         char e[ST_ERR_LEN];
@@ -1075,6 +1087,8 @@ static int parse_args(train_args *a, int argc, char **argv) {
         {"--full", OPT_FLAG, &a->full, 0, 0, NULL, "full fine-tuning of every UNet weight instead of LoRA (the baseline)"},
         {"--rank", OPT_INT, &a->rank, 1, 1024, NULL, "LoRA rank r"},
         {"--alpha", OPT_FLOAT, &a->alpha, 1e-6, 1e6, NULL, "LoRA alpha (scale = alpha / rank)"},
+        {"--conv-rank", OPT_INT, &a->conv_rank, 0, 1024, NULL, "conv LoRA (LoCon, kohya's conv_dim): rank on the ResNet and sampler 3x3 convs (their time_emb_proj and conv_shortcut get --rank); 0: none"},
+        {"--conv-alpha", OPT_FLOAT, &a->conv_alpha, 0, 1e6, NULL, "conv LoRA alpha, scale = alpha / conv rank (0: the conv rank)"},
         {"--dropout", OPT_FLOAT, &a->dropout, 0, 0.99, NULL, "dropout on the LoRA branch"},
         {"--res", OPT_INT, &a->res, 0, 4096, NULL, "training resolution, multiple of 8 (0: the model's)"},
         {"--flip", OPT_FLAG, &a->flip, 0, 0, NULL, "random horizontal flips"},
@@ -1142,6 +1156,7 @@ int main(int argc, char **argv) {
     };
     int rc = parse_args(&a, argc, argv);
     if (rc >= 0) return rc;
+    if (a.conv_alpha <= 0) a.conv_alpha = (float)a.conv_rank;
 #ifdef _OPENMP
     if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif

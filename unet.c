@@ -88,6 +88,19 @@ typedef struct {
     size_t scratch, dscratch;  /* the adapter's scratch in forward, in backward */
 } lin_t;
 
+/* a convolution's LoRA (LoCon, --conv-rank; kohya's conv_dim): resnet conv1,
+ * conv2 (3x3), conv_shortcut (1x1), time_emb_proj (a linear, run as a 1x1
+ * conv on 1x1 pixels) and the samplers' 3x3 conv. The frozen conv runs as
+ * ever; lora_conv_forward adds the adapter's branch to its output. */
+typedef struct {
+    lora_t *L;                 /* NULL: no adapter */
+    int in, out, k, stride, pad;
+    int H, W;                  /* input size, set by the layout */
+    size_t ax;                 /* (B, r, Ho, Wo) A dropout(x), for backward */
+    size_t mask;               /* (B, in, H, W) bytes: dropout mask, training only */
+    size_t scratch, dscratch;  /* forward's, backward's */
+} clora_t;
+
 typedef struct {
     int cin, cout;
     float *norm1_w, *norm1_b, *conv1_b, *temb_b, *norm2_w, *norm2_b, *conv2_b;
@@ -100,6 +113,9 @@ typedef struct {
     size_t silu, tproj;                             /* forward: conv input, time_emb_proj output */
     size_t g1, g2, silu1, dtproj;                   /* backward: two gradient buffers; full
                                                        grads: silu(n1) again, d tproj */
+    clora_t l1, l2, ls, lt;    /* conv LoRA on conv1, conv2, conv_shortcut, time_emb_proj */
+    size_t lx;                 /* backward, with l1 / l2: silu(n1) or silu(n2) again */
+    rng_t rng;                 /* dropout stream at entry, to recompute the same masks */
 } resnet_t;
 
 typedef struct {
@@ -146,13 +162,17 @@ typedef struct {               /* a down or up block */
     size_t *dcat;              /* up, backward: d cat(h, skip) of each resnet */
     size_t sampler_in, sampler_out;   /* the down/upsampler's input (before the 2x) and output */
     size_t up2x, dup2x;        /* up: upsample(h), the conv's input; its gradient in backward */
+    clora_t ls;                /* conv LoRA on the sampler's conv */
 } block_t;
 
-enum { S_Q = 1, S_K = 2, S_V = 4, S_OUT = 8, S_PROJ = 16, S_FF = 32 };
+/* S_CONV: the 3x3 convs (--conv-rank); S_RESLIN: time_emb_proj and
+ * conv_shortcut, which kohya's conv_dim adds with the linear rank */
+enum { S_Q = 1, S_K = 2, S_V = 4, S_OUT = 8, S_PROJ = 16, S_FF = 32, S_CONV = 64, S_RESLIN = 128 };
 
 typedef struct {               /* where an adapter can go */
     char name[UNET_NAME_LEN];
-    lin_t *lin;
+    lora_t **slot;             /* the module's adapter pointer (lin_t's or clora_t's L) */
+    int in, out, k;            /* k: the kernel of a k x k conv (3), else 0 */
     int kind, is_conv;
 } site_t;
 
@@ -269,6 +289,27 @@ static void lin_backward(unet_t *u, lin_t *l, float *dinp, const float *dout) {
 }
 
 /* ------------------------------------------------------------------------ */
+/* clora: a convolution's LoRA branch, added to the frozen conv's output     */
+
+/* out += the branch on inp (B, in, H, W); nothing without an adapter */
+static void clora_forward(unet_t *u, clora_t *c, float *out, const float *inp) {
+    if (!c->L) return;
+    lora_t Le = *c->L;
+    if (!u->train) Le.dropout = 0.0f;    /* inference: dropout off, as torch's eval() */
+    lora_conv_forward(out, at(u, c->ax), (uint8_t *)at(u, c->mask), at(u, c->scratch), inp, &Le,
+                      u->B, c->H, c->W, c->stride, c->pad, &u->dropout_rng);
+}
+
+/* dA, dB += and dinp += the branch's part (dinp may be NULL) */
+static void clora_backward(unet_t *u, clora_t *c, float *dinp, const float *dout, const float *inp) {
+    if (!c->L) return;
+    lora_conv_backward(dinp, dout, inp, at(u, c->ax), (const uint8_t *)at(u, c->mask), at(u, c->dscratch),
+                       c->L, u->B, c->H, c->W, c->stride, c->pad);
+}
+
+static int resnet_has_lora(const resnet_t *r) { return r->l1.L || r->l2.L || r->ls.L || r->lt.L; }
+
+/* ------------------------------------------------------------------------ */
 /* ResnetBlock2D                                                             */
 /*   h1  = conv1(silu(norm1(x))) + time_emb_proj(silu(temb))[:, :, None, None]
  *   out = conv2(silu(norm2(h1))) + shortcut(x)
@@ -285,12 +326,15 @@ static void resnet_forward(unet_t *u, resnet_t *r) {
     float *out = at(u, r->out), *n1 = at(u, r->n1), *h1 = at(u, r->h1), *n2 = at(u, r->n2);
     float *mean1 = at(u, r->mean1), *rstd1 = at(u, r->rstd1), *mean2 = at(u, r->mean2), *rstd2 = at(u, r->rstd2);
     float *silu_out = at(u, r->silu), *tp = at(u, r->tproj);
+    r->rng = u->dropout_rng;
 
     groupnorm_forward(n1, mean1, rstd1, x, r->norm1_w, r->norm1_b, B, cin, HW, G, eps);
     silu_forward(silu_out, n1, nin);
     conv2d_forward(h1, silu_out, weight_f32(u, r->conv1_w), r->conv1_b, B, cin, H, W, cout, 3, 3, 1, 1);
+    clora_forward(u, &r->l1, h1, silu_out);
     // h1[b, c, :] += (W_t silu(temb[b]) + b_t)[c]
     linear_forward(tp, at(u, u->net->temb), weight_f32(u, r->temb_w), r->temb_b, B, T, cout);
+    clora_forward(u, &r->lt, tp, at(u, u->net->temb));
     for (int b = 0; b < B; b++)
         for (int c = 0; c < cout; c++) {
             float *p = h1 + ((size_t)b * cout + c) * HW;
@@ -300,6 +344,7 @@ static void resnet_forward(unet_t *u, resnet_t *r) {
     groupnorm_forward(n2, mean2, rstd2, h1, r->norm2_w, r->norm2_b, B, cout, HW, G, eps);
     silu_forward(silu_out, n2, nout);
     conv2d_forward(out, silu_out, weight_f32(u, r->conv2_w), r->conv2_b, B, cout, H, W, cout, 3, 3, 1, 1);
+    clora_forward(u, &r->l2, out, silu_out);
     if (r->short_w) {
         // out_b (cout x HW) += W_s (cout x cin) x_b (cin x HW) + b_s
         for (int b = 0; b < B; b++) {
@@ -309,6 +354,7 @@ static void resnet_forward(unet_t *u, resnet_t *r) {
             for (int c = 0; c < cout; c++)
                 for (int i = 0; i < HW; i++) ob[(size_t)c * HW + i] += r->short_b[c];
         }
+        clora_forward(u, &r->ls, out, x);
     } else {
         add_inplace(out, x, nout);
     }
@@ -336,6 +382,7 @@ static void resnet_backward(unet_t *u, resnet_t *r, float *dx, const float *dout
         if (u->grads)
             conv2d_backward(NULL, grad_of_matrix(u, r->short_w), grad_of(u, r->short_b), dout, x,
                             weight_f32(u, r->short_w), B, cin, H, W, cout, 1, 1, 1, 0);
+        clora_backward(u, &r->ls, dx, dout, x);
     } else {
         add_inplace(dx, dout, nout);
     }
@@ -346,12 +393,18 @@ static void resnet_backward(unet_t *u, resnet_t *r, float *dx, const float *dout
     zero(g1, nout);
     conv2d_backward(g1, grad_of_matrix(u, r->conv2_w), grad_of(u, r->conv2_b), dout, u->grads ? g2 : g1,
                     weight_f32(u, r->conv2_w), B, cout, H, W, cout, 3, 3, 1, 1);
+    if (r->l2.L) {
+        /* conv2's adapter: its input silu(n2) again (for dA), its dx into g1 */
+        float *a2 = at(u, r->lx);
+        silu_forward(a2, at(u, r->n2), nout);
+        clora_backward(u, &r->l2, g1, dout, a2);
+    }
     zero(g2, nout);
     silu_backward(g2, g1, at(u, r->n2), nout);
     zero(g1, nout);
     groupnorm_backward(g1, grad_of(u, r->norm2_w), grad_of(u, r->norm2_b), g2, at(u, r->h1), r->norm2_w,
                        at(u, r->mean2), at(u, r->rstd2), B, cout, HW, G);
-    if (u->grads) {
+    if (u->grads || r->lt.L) {
         // h1[b, c, :] += tp[b, c]  =>  dtp[b, c] = sum_i dh1[b, c, i]; tp = W_t silu(temb) + b_t
         for (int b = 0; b < B; b++)
             for (int c = 0; c < cout; c++) {
@@ -360,13 +413,22 @@ static void resnet_backward(unet_t *u, resnet_t *r, float *dx, const float *dout
                 for (int i = 0; i < HW; i++) s += p[i];
                 dtp[(size_t)b * cout + c] = (float)s;
             }
-        linear_backward(at(u, u->net->dtemb), grad_of_matrix(u, r->temb_w), grad_of(u, r->temb_b), dtp,
-                        at(u, u->net->temb), weight_f32(u, r->temb_w), B, T, cout);
-        silu_forward(a1, at(u, r->n1), nin);
+        if (u->grads)
+            linear_backward(at(u, u->net->dtemb), grad_of_matrix(u, r->temb_w), grad_of(u, r->temb_b), dtp,
+                            at(u, u->net->temb), weight_f32(u, r->temb_w), B, T, cout);
+        /* time_emb_proj's adapter (d silu(temb) only with full grads) */
+        clora_backward(u, &r->lt, u->grads ? at(u, u->net->dtemb) : NULL, dtp, at(u, u->net->temb));
+        if (u->grads) silu_forward(a1, at(u, r->n1), nin);
     }
     zero(g2, nin);
     conv2d_backward(g2, grad_of_matrix(u, r->conv1_w), grad_of(u, r->conv1_b), g1, u->grads ? a1 : g2,
                     weight_f32(u, r->conv1_w), B, cin, H, W, cout, 3, 3, 1, 1);
+    if (r->l1.L) {
+        /* conv1's adapter: its input silu(n1) again, its dx into g2 */
+        float *a0 = at(u, r->lx);
+        silu_forward(a0, at(u, r->n1), nin);
+        clora_backward(u, &r->l1, g2, g1, a0);
+    }
     zero(g1, nin);
     silu_backward(g1, g2, at(u, r->n1), nin);
     groupnorm_backward(dx, grad_of(u, r->norm1_w), grad_of(u, r->norm1_b), g1, x, r->norm1_w,
@@ -573,8 +635,27 @@ static void lin_build(unet_t *u, lin_t *l, const char *prefix, const char *name,
         }
         site_t *s = &net->sites[net->nsites++];
         memcpy(s->name, full, sizeof s->name);
-        s->lin = l; s->kind = kind; s->is_conv = conv;
+        s->slot = &l->L; s->in = in; s->out = out; s->k = 0;
+        s->kind = kind; s->is_conv = conv;
     }
+}
+
+/* a conv LoRA site on module prefix.name (its weight already registered) */
+static void clora_build(unet_t *u, clora_t *c, const char *prefix, const char *name,
+                        int in, int out, int k, int stride, int kind, int is_conv) {
+    struct unet_net *net = u->net;
+    c->L = NULL; c->in = in; c->out = out; c->k = k; c->stride = stride; c->pad = k / 2;
+    if (!u->table) return;
+    if (net->nsites == net->sites_cap) {
+        int cap = net->sites_cap ? 2 * net->sites_cap : 64;
+        site_t *s = realloc(net->sites, sizeof(site_t) * (size_t)cap);
+        if (!s) { net->build_err = 1; return; }
+        net->sites = s; net->sites_cap = cap;
+    }
+    site_t *s = &net->sites[net->nsites++];
+    join(u, s->name, prefix, name);
+    s->slot = &c->L; s->in = in; s->out = out; s->k = k > 1 ? k : 0;
+    s->kind = kind; s->is_conv = is_conv;
 }
 
 static void norm_build(unet_t *u, float **w, float **b, const char *prefix, const char *name, int C) {
@@ -597,15 +678,22 @@ static void resnet_build(unet_t *u, resnet_t *r, const char *prefix, int cin, in
     r->cin = cin; r->cout = cout;
     norm_build(u, &r->norm1_w, &r->norm1_b, prefix, "norm1", cin);
     conv_build(u, &r->conv1_w, &r->conv1_b, prefix, "conv1", cout, cin, 3);
+    clora_build(u, &r->l1, prefix, "conv1", cin, cout, 3, 1, S_CONV, 1);
     char full[UNET_NAME_LEN];
     join(u, full, prefix, "time_emb_proj");
     r->temb_w = param(u, full, "weight", 2, cout, T, 0, 0);
     r->temb_b = vec(u, full, "bias", cout);
+    clora_build(u, &r->lt, prefix, "time_emb_proj", T, cout, 1, 1, S_RESLIN, 0);
     norm_build(u, &r->norm2_w, &r->norm2_b, prefix, "norm2", cout);
     conv_build(u, &r->conv2_w, &r->conv2_b, prefix, "conv2", cout, cout, 3);
+    clora_build(u, &r->l2, prefix, "conv2", cout, cout, 3, 1, S_CONV, 1);
     r->short_w = NULL;
     r->short_b = NULL;
-    if (cin != cout) conv_build(u, &r->short_w, &r->short_b, prefix, "conv_shortcut", cout, cin, 1);
+    r->ls.L = NULL;
+    if (cin != cout) {
+        conv_build(u, &r->short_w, &r->short_b, prefix, "conv_shortcut", cout, cin, 1);
+        clora_build(u, &r->ls, prefix, "conv_shortcut", cin, cout, 1, 1, S_RESLIN, 1);
+    }
 }
 
 static void attn_build(unet_t *u, attn_t *a, const char *prefix, int dim, int kvdim, int heads) {
@@ -707,6 +795,7 @@ static int net_build(unet_t *u, char *err) {
         if (i < n - 1) {
             snprintf(p, sizeof p, "down_blocks.%d.downsamplers.0", i);
             conv_build(u, &blk->conv_w, &blk->conv_b, p, "conv", out, out, 3);
+            clora_build(u, &blk->ls, p, "conv", out, out, 3, 2, S_CONV, 1);
             blk->ds_skip = ns;
             net->skip_C[ns] = out; net->skip_lvl[ns] = i + 1; ns++;
         }
@@ -751,6 +840,7 @@ static int net_build(unet_t *u, char *err) {
         if (i < n - 1) {
             snprintf(p, sizeof p, "up_blocks.%d.upsamplers.0", i);
             conv_build(u, &blk->conv_w, &blk->conv_b, p, "conv", out, out, 3);
+            clora_build(u, &blk->ls, p, "conv", out, out, 3, 1, S_CONV, 1);
         }
         prev = out;
     }
@@ -1180,6 +1270,22 @@ int unet_load_diffusers_dtype(unet_t *u, const char *dir, weight_dtype wdtype, c
 
 int unet_add_lora(unet_t *u, const char *targets, int rank, float alpha, float dropout,
                   uint64_t seed) {
+    return unet_add_lora_conv(u, targets, rank, alpha, 0, 0.0f, dropout, seed);
+}
+
+/* the rank and alpha of site s, or rank 0 when it gets no adapter: the
+ * targets' linears; with conv_rank, kohya's conv_dim set as well: the 3x3
+ * convs at conv_rank / conv_alpha, time_emb_proj and conv_shortcut at rank */
+static int site_rank(const site_t *s, int kinds, int rank, float alpha, int conv_rank, float conv_alpha,
+                     float *a) {
+    if (s->kind & kinds) { *a = alpha; return rank; }
+    if (conv_rank > 0 && s->kind == S_RESLIN) { *a = alpha; return rank; }
+    if (conv_rank > 0 && s->kind == S_CONV) { *a = conv_alpha; return conv_rank; }
+    return 0;
+}
+
+int unet_add_lora_conv(unet_t *u, const char *targets, int rank, float alpha, int conv_rank, float conv_alpha,
+                       float dropout, uint64_t seed) {
     struct unet_net *net = u->net;
     int kinds;
     if (!net) {
@@ -1197,17 +1303,21 @@ int unet_add_lora(unet_t *u, const char *targets, int rank, float alpha, float d
         snprintf(u->err, UNET_ERR_LEN, "LoRA: the UNet already has adapters");
         return -1;
     }
-    if (rank < 1 || !(alpha > 0) || !(dropout >= 0 && dropout < 1)) {
-        snprintf(u->err, UNET_ERR_LEN, "LoRA: rank must be >= 1, alpha > 0, dropout in [0, 1)");
+    if (rank < 1 || !(alpha > 0) || !(dropout >= 0 && dropout < 1) || conv_rank < 0 ||
+        (conv_rank > 0 && !(conv_alpha > 0))) {
+        snprintf(u->err, UNET_ERR_LEN, "LoRA: rank must be >= 1, alpha > 0, dropout in [0, 1), conv rank >= 0, conv alpha > 0");
         return -1;
     }
     int count = 0;
     size_t total = 0;
-    for (int i = 0; i < net->nsites; i++)
-        if (net->sites[i].kind & kinds) {
-            count++;
-            total += (size_t)rank * ((size_t)net->sites[i].lin->in + net->sites[i].lin->out);
-        }
+    for (int i = 0; i < net->nsites; i++) {
+        const site_t *st = &net->sites[i];
+        float a;
+        int rk = site_rank(st, kinds, rank, alpha, conv_rank, conv_alpha, &a);
+        if (!rk) continue;
+        count++;
+        total += (size_t)rk * ((size_t)st->in * (st->k ? st->k * st->k : 1) + st->out);
+    }
     u->loras = calloc((size_t)count, sizeof(unet_lora));
     u->lora_params = calloc(total, sizeof(float));
     u->lora_grads = calloc(total, sizeof(float));
@@ -1223,18 +1333,22 @@ int unet_add_lora(unet_t *u, const char *targets, int rank, float alpha, float d
     int k = 0;
     for (int i = 0; i < net->nsites; i++) {
         site_t *s = &net->sites[i];
-        if (!(s->kind & kinds)) continue;
+        float a;
+        int rk = site_rank(s, kinds, rank, alpha, conv_rank, conv_alpha, &a);
+        if (!rk) continue;
         unet_lora *ul = &u->loras[k++];
         lora_t *L = &ul->L;
-        int in = s->lin->in, out = s->lin->out;
+        int in = s->in, out = s->out;
         snprintf(ul->name, sizeof ul->name, "%s", s->name);
         ul->is_conv = s->is_conv;
-        float *A = u->lora_params + off, *Bm = A + (size_t)rank * in;
-        lora_init(L, in, out, rank, alpha, dropout, A, Bm, 0, &rng);
+        size_t fan = (size_t)in * (s->k ? s->k * s->k : 1);
+        float *A = u->lora_params + off, *Bm = A + (size_t)rk * fan;
+        if (s->k) lora_conv_init(L, in, out, s->k, rk, a, dropout, A, Bm, &rng);
+        else lora_init(L, in, out, rk, a, dropout, A, Bm, 0, &rng);
         L->dA = u->lora_grads + off;
-        L->dB = L->dA + (size_t)rank * in;
-        off += (size_t)rank * ((size_t)in + out);
-        s->lin->L = L;
+        L->dB = L->dA + (size_t)rk * fan;
+        off += (size_t)rk * (fan + out);
+        *s->slot = L;
     }
     u->nloras = count;
     u->lora_nparams = total;
@@ -1311,6 +1425,30 @@ static void lin_bwd_scratch(arena_plan *p, lin_t *l) {
     arena_release(p, m);
 }
 
+/* a conv LoRA's kept tensors (its input is H x W), and its scratch */
+static void clora_keep(unet_t *u, arena_plan *p, clora_t *c, int H, int W) {
+    c->H = H; c->W = W;
+    c->ax = c->mask = c->scratch = c->dscratch = NONE;
+    if (!c->L) return;
+    int Ho = (H + 2 * c->pad - c->k) / c->stride + 1, Wo = (W + 2 * c->pad - c->k) / c->stride + 1;
+    c->ax = arena_take(p, (size_t)u->B * c->L->r * Ho * Wo);
+    if (u->train && c->L->dropout > 0.0f) c->mask = arena_take(p, ((size_t)u->B * c->in * H * W + 3) / 4);
+}
+
+static void clora_fwd_scratch(unet_t *u, arena_plan *p, clora_t *c) {
+    if (c->mask == NONE) return;     /* scratch only for the dropped-out input */
+    size_t m = arena_mark(p);
+    c->scratch = arena_take(p, lora_conv_scratch_floats(c->L, u->B, c->H, c->W, c->stride, c->pad, 0));
+    arena_release(p, m);
+}
+
+static void clora_bwd_scratch(unet_t *u, arena_plan *p, clora_t *c) {
+    if (!c->L) return;
+    size_t m = arena_mark(p);
+    c->dscratch = arena_take(p, lora_conv_scratch_floats(c->L, u->B, c->H, c->W, c->stride, c->pad, 1));
+    arena_release(p, m);
+}
+
 static void resnet_keep(unet_t *u, arena_plan *p, resnet_t *r) {
     size_t B = (size_t)u->B, HW = (size_t)r->H * r->W, G = (size_t)u->cfg.groups;
     r->n1 = arena_take(p, B * r->cin * HW);
@@ -1320,12 +1458,20 @@ static void resnet_keep(unet_t *u, arena_plan *p, resnet_t *r) {
     r->n2 = arena_take(p, B * r->cout * HW);
     r->mean2 = arena_take(p, B * G);
     r->rstd2 = arena_take(p, B * G);
+    clora_keep(u, p, &r->l1, r->H, r->W);
+    clora_keep(u, p, &r->lt, 1, 1);
+    clora_keep(u, p, &r->l2, r->H, r->W);
+    clora_keep(u, p, &r->ls, r->H, r->W);
 }
 
 static void resnet_fwd_scratch(unet_t *u, arena_plan *p, resnet_t *r) {
     size_t B = (size_t)u->B, HW = (size_t)r->H * r->W, m = arena_mark(p);
     r->silu = arena_take(p, B * (r->cin > r->cout ? r->cin : r->cout) * HW);
     r->tproj = arena_take(p, B * r->cout);
+    clora_fwd_scratch(u, p, &r->l1);
+    clora_fwd_scratch(u, p, &r->lt);
+    clora_fwd_scratch(u, p, &r->l2);
+    clora_fwd_scratch(u, p, &r->ls);
     arena_release(p, m);
 }
 
@@ -1335,7 +1481,12 @@ static void resnet_bwd_scratch(unet_t *u, arena_plan *p, resnet_t *r) {
     r->g1 = arena_take(p, nmax);
     r->g2 = arena_take(p, nmax);
     r->silu1 = u->grads ? arena_take(p, B * r->cin * HW) : NONE;
-    r->dtproj = u->grads ? arena_take(p, B * r->cout) : NONE;
+    r->dtproj = u->grads || r->lt.L ? arena_take(p, B * r->cout) : NONE;
+    r->lx = r->l1.L || r->l2.L ? arena_take(p, nmax) : NONE;
+    clora_bwd_scratch(u, p, &r->ls);
+    clora_bwd_scratch(u, p, &r->l2);
+    clora_bwd_scratch(u, p, &r->lt);
+    clora_bwd_scratch(u, p, &r->l1);
     arena_release(p, m);
 }
 
@@ -1558,6 +1709,8 @@ static arena_plan unet_layout(unet_t *u, int B, int H, int W, int Tc) {
         if (blk->conv_w) {
             blk->sampler_in = h;
             blk->sampler_out = arena_take(p, (size_t)B * C * (hh / 2) * (ww / 2));
+            clora_keep(u, p, &blk->ls, hh, ww);
+            clora_fwd_scratch(u, p, &blk->ls);
             hh /= 2; ww /= 2;
             h = net->skips[blk->ds_skip] = blk->sampler_out;
         }
@@ -1596,8 +1749,10 @@ static arena_plan unet_layout(unet_t *u, int B, int H, int W, int Tc) {
         if (blk->conv_w) {
             blk->sampler_in = h;
             blk->sampler_out = arena_take(p, (size_t)B * C * 4 * hh * ww);
+            clora_keep(u, p, &blk->ls, 2 * hh, 2 * ww);
             m = arena_mark(p);
             blk->up2x = arena_take(p, (size_t)B * C * 4 * hh * ww);
+            clora_fwd_scratch(u, p, &blk->ls);
             arena_release(p, m);
             hh *= 2; ww *= 2;
             h = blk->sampler_out;
@@ -1638,6 +1793,7 @@ static arena_plan unet_layout(unet_t *u, int B, int H, int W, int Tc) {
         if (blk->conv_w) {
             m = arena_mark(p);
             blk->dup2x = arena_take(p, (size_t)B * c->block_out[l] * 4 * HW);
+            clora_bwd_scratch(u, p, &blk->ls);
             arena_release(p, m);
         }
         for (int j = blk->nres - 1; j >= 0; j--) {
@@ -1657,6 +1813,7 @@ static arena_plan unet_layout(unet_t *u, int B, int H, int W, int Tc) {
     /* down, in reverse */
     for (int i = n - 1; i >= 0; i--) {
         block_t *blk = &net->down[i];
+        if (blk->conv_w) clora_bwd_scratch(u, p, &blk->ls);
         for (int j = blk->nres - 1; j >= 0; j--) {
             if (blk->att) xformer_plan_backward(u, p, &blk->att[j]);
             resnet_plan_backward(u, p, &blk->res[j]);
@@ -1707,8 +1864,11 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
         }
         /* Downsample2D: 3x3 conv, stride 2, padding 1 */
         if (blk->conv_w)
+        {
             conv2d_forward(at(u, blk->sampler_out), at(u, blk->sampler_in), weight_f32(u, blk->conv_w),
                            blk->conv_b, B, C, H >> i, W >> i, C, 3, 3, 2, 1);
+            clora_forward(u, &blk->ls, at(u, blk->sampler_out), at(u, blk->sampler_in));
+        }
     }
 
     /* mid */
@@ -1744,6 +1904,7 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
             upsample2x_forward(up, h, B, C, hh, ww);
             conv2d_forward(at(u, blk->sampler_out), up, weight_f32(u, blk->conv_w), blk->conv_b,
                            B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
+            clora_forward(u, &blk->ls, at(u, blk->sampler_out), up);
             h = at(u, blk->sampler_out);
         }
     }
@@ -1763,7 +1924,12 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
  * activations were not kept: run its forward again first (same input, same
  * dropout stream, so the same numbers, its output rewritten unchanged). */
 static void resnet_bwd(unet_t *u, resnet_t *r, float *dx, const float *dout) {
-    if (u->checkpoint) resnet_forward(u, r);
+    if (u->checkpoint) {
+        rng_t cont = u->dropout_rng;
+        u->dropout_rng = r->rng;
+        resnet_forward(u, r);
+        u->dropout_rng = cont;
+    }
     resnet_backward(u, r, dx, dout);
 }
 
@@ -1825,9 +1991,10 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
             float *dup = at(u, blk->dup2x);
             zero(dup, (size_t)B * C * 4 * HW);
             /* the conv's input, upsample(h), recomputed for its dW */
-            if (u->grads) upsample2x_forward(oth, at(u, blk->sampler_in), B, C, hh, ww);
+            if (u->grads || blk->ls.L) upsample2x_forward(oth, at(u, blk->sampler_in), B, C, hh, ww);
             conv2d_backward(dup, grad_of_matrix(u, blk->conv_w), grad_of(u, blk->conv_b), cur, u->grads ? oth : dup,
                             weight_f32(u, blk->conv_w), B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
+            clora_backward(u, &blk->ls, dup, cur, oth);
             zero(oth, (size_t)B * C * HW);
             upsample2x_backward(oth, dup, B, C, hh, ww);
             SWAP();
@@ -1864,13 +2031,21 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
      * (or, for dctx, the first transformer at all) needs a gradient: stop
      * there and save the resnet and conv_in backward beneath it. Full grads
      * need everything, down to conv_in and the time MLP. */
-    int stop_i = -1, stop_j = -1;
+    /* (conv LoRA: a resnet or downsampler with an adapter also needs its
+     * gradient; stop_res says the stop is after a resnet, stop_j == nres
+     * after the downsampler, else after the transformer) */
+    int stop_i = -1, stop_j = -1, stop_res = 0;
     if (!dx && !u->grads) {
-        for (int i = n - 1; i >= 0; i--)
-            for (int j = net->down[i].nres - 1; j >= 0; j--)
-                if (net->down[i].att && (dctx || xformer_has_lora(&net->down[i].att[j]))) {
-                    stop_i = i; stop_j = j;
+        for (int i = n - 1; i >= 0; i--) {
+            block_t *b = &net->down[i];
+            if (b->conv_w && b->ls.L) { stop_i = i; stop_j = b->nres; stop_res = 0; }
+            for (int j = b->nres - 1; j >= 0; j--) {
+                if (b->att && (dctx || xformer_has_lora(&b->att[j]))) {
+                    stop_i = i; stop_j = j; stop_res = 0;
                 }
+                if (resnet_has_lora(&b->res[j])) { stop_i = i; stop_j = j; stop_res = 1; }
+            }
+        }
     }
     for (int i = n - 1; i >= 0; i--) {
         block_t *blk = &net->down[i];
@@ -1881,15 +2056,18 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
             conv2d_backward(oth, grad_of_matrix(u, blk->conv_w), grad_of(u, blk->conv_b), cur,
                             u->grads ? at(u, blk->sampler_in) : oth, weight_f32(u, blk->conv_w),
                             B, C, hh, ww, C, 3, 3, 2, 1);
+            clora_backward(u, &blk->ls, oth, cur, at(u, blk->sampler_in));
+            if (i == stop_i && stop_j == blk->nres) goto done;
             SWAP();
         }
         for (int j = blk->nres - 1; j >= 0; j--) {
             add_inplace(cur, at(u, net->dskips[blk->skip[j]]), net->skipn[blk->skip[j]]);
             if (blk->att) xformer_bwd(u, &blk->att[j], cur);
-            if (i == stop_i && j == stop_j) goto done;
+            if (i == stop_i && j == stop_j && !stop_res) goto done;
             resnet_t *r = &blk->res[j];
             zero(oth, (size_t)B * r->cin * HW);
             resnet_bwd(u, r, oth, cur);
+            if (i == stop_i && j == stop_j && stop_res) goto done;
             SWAP();
         }
     }
@@ -1987,8 +2165,8 @@ int unet_lora_site(const unet_t *u, const char *module, int *in, int *out, int *
     const struct unet_net *net = u->net;
     for (int i = 0; net && i < net->nsites; i++)
         if (strcmp(net->sites[i].name, module) == 0) {
-            *in = net->sites[i].lin->in;
-            *out = net->sites[i].lin->out;
+            *in = net->sites[i].in;
+            *out = net->sites[i].out;
             *is_conv = net->sites[i].is_conv;
             return 1;
         }
@@ -2008,11 +2186,13 @@ int unet_attach_lora(unet_t *u, const char *module, int r, float scale,
     for (int i = 0; net && i < net->nsites; i++)
         if (strcmp(net->sites[i].name, module) == 0) { site = &net->sites[i]; break; }
     if (!site) {
-        snprintf(u->err, UNET_ERR_LEN, "%s: not a module that can carry an adapter (only the transformer projections can)", module);
+        snprintf(u->err, UNET_ERR_LEN, "%s: not a module that can carry an adapter (only the transformer "
+                 "projections and the resnet / sampler convolutions can)", module);
         return -1;
     }
     if (r < 1) { snprintf(u->err, UNET_ERR_LEN, "%s: LoRA rank %d", module, r); return -1; }
-    int in = site->lin->in, out = site->lin->out;
+    int in = site->in, out = site->out;
+    size_t fan_new = (size_t)in * (site->k ? site->k * site->k : 1);
     int ex = -1;                       /* the adapter already on this module */
     for (int k = 0; k < u->nloras; k++)
         if (strcmp(u->loras[k].name, module) == 0) ex = k;
@@ -2021,7 +2201,7 @@ int unet_attach_lora(unet_t *u, const char *module, int r, float scale,
         return -1;
     }
     int n = u->nloras + (ex < 0);
-    size_t total = u->lora_nparams + (size_t)r * ((size_t)in + out);
+    size_t total = u->lora_nparams + (size_t)r * (fan_new + out);
     unet_lora *L2 = calloc((size_t)n, sizeof *L2);
     float *P2 = calloc(total, sizeof(float)), *G2 = calloc(total, sizeof(float));
     if (!L2 || !P2 || !G2) {
@@ -2036,11 +2216,11 @@ int unet_attach_lora(unet_t *u, const char *module, int r, float scale,
         else {                         /* the new one, at the end */
             snprintf(d->name, sizeof d->name, "%s", module);
             d->is_conv = site->is_conv;
-            d->L.in = in; d->L.out = out; d->L.r = 0;
+            d->L.in = in; d->L.out = out; d->L.r = 0; d->L.k = site->k;
         }
         const lora_t *o = k < u->nloras ? &u->loras[k].L : NULL;
         int ro = o ? o->r : 0, rn = (k == ex || k == u->nloras) ? r : 0;
-        int rt = ro + rn, li = d->L.in, lo = d->L.out;
+        int rt = ro + rn, li = (int)lora_fan_in(&d->L), lo = d->L.out;
         float *An = P2 + off, *Bn = An + (size_t)rt * li;
         /* A: the old rows, then the new ones */
         if (ro) memcpy(An, o->A, sizeof(float) * (size_t)ro * li);
@@ -2070,10 +2250,10 @@ int unet_attach_lora(unet_t *u, const char *module, int r, float scale,
     u->loras = L2; u->lora_params = P2; u->lora_grads = G2;
     u->nloras = n; u->lora_nparams = total;
     /* the sites point at the new copies */
-    for (int i = 0; i < net->nsites; i++) net->sites[i].lin->L = NULL;
+    for (int i = 0; i < net->nsites; i++) *net->sites[i].slot = NULL;
     for (int k = 0; k < n; k++)
         for (int i = 0; i < net->nsites; i++)
-            if (strcmp(net->sites[i].name, L2[k].name) == 0) net->sites[i].lin->L = &L2[k].L;
+            if (strcmp(net->sites[i].name, L2[k].name) == 0) *net->sites[i].slot = &L2[k].L;
     /* the adapters' saved activations change the arena's layout */
     drop_acts(u);
     return 0;

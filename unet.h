@@ -66,7 +66,8 @@ typedef struct {
  * "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q" */
 typedef struct {
     char name[UNET_NAME_LEN];
-    int is_conv;                     /* a 1x1 conv (proj_in / proj_out without linear projection) */
+    int is_conv;                     /* a conv: 1x1 (proj_in / proj_out without linear projection,
+                                        conv_shortcut) or, when L.k = 3, a 3x3 one (LoCon) */
     lora_t L;
 } unet_lora;
 
@@ -158,6 +159,13 @@ int unet_param_index(const unet_t *u, const char *name);
  * after). Returns 0 or -1 (message in u->err). */
 int unet_add_lora(unet_t *u, const char *targets, int rank, float alpha, float dropout,
                   uint64_t seed);
+/* the same, and with conv_rank > 0 LoRA on the ResNet blocks and samplers as
+ * kohya's conv_dim / conv_alpha adds it (LoCon): resnets' conv1 / conv2 and
+ * the down/upsamplers' 3x3 conv at conv_rank, conv_alpha; the resnets'
+ * time_emb_proj and conv_shortcut (a linear, a 1x1 conv) at rank, alpha.
+ * conv_in and conv_out get none, as in kohya. conv_rank 0: unet_add_lora. */
+int unet_add_lora_conv(unet_t *u, const char *targets, int rank, float alpha, int conv_rank, float conv_alpha,
+                       float dropout, uint64_t seed);
 /* the adapter on a diffusers module name, or NULL */
 unet_lora *unet_find_lora(unet_t *u, const char *module_name);
 /* zero every LoRA gradient (backward accumulates into them) */

@@ -434,6 +434,190 @@ START_TEST(test_file_roundtrip) {
 }
 END_TEST
 
+/* ------------------------------------------------------- conv LoRA (LoCon)
+ * lora_conv_forward / lora_conv_backward: the branch of a k x k conv LoRA,
+ *   y += (alpha/r) conv1x1(conv(dropout(x), A, stride, pad), B)          */
+typedef struct {
+    int Bn, in, out, r, k, H, W, stride, pad, Ho, Wo;
+    float *x, *R, *y, *ax, *scratch;
+    uint8_t *mask;
+    lora_t L;
+    uint64_t seed;
+} ccase;
+
+static size_t cc_nx(const ccase *c) { return (size_t)c->Bn * c->in * c->H * c->W; }
+static size_t cc_ny(const ccase *c) { return (size_t)c->Bn * c->out * c->Ho * c->Wo; }
+
+static void cc_forward(ccase *c) {
+    rng_t g; rng_seed(&g, c->seed);    /* the same mask on every call */
+    memset(c->y, 0, sizeof(float) * cc_ny(c));
+    lora_conv_forward(c->y, c->ax, c->mask, c->scratch, c->x, &c->L, c->Bn, c->H, c->W, c->stride, c->pad, &g);
+}
+static double cc_loss(void *ctx) {
+    ccase *c = ctx;
+    cc_forward(c);
+    return dot_d(c->y, c->R, cc_ny(c));
+}
+
+static void cc_setup(ccase *c, int k, int stride, float p) {
+    memset(c, 0, sizeof *c);
+    c->Bn = 2; c->in = 4; c->out = 5; c->r = 3; c->k = k; c->H = 5; c->W = 6;
+    c->stride = stride; c->pad = k / 2; c->seed = 9;
+    c->Ho = (c->H + 2 * c->pad - k) / stride + 1; c->Wo = (c->W + 2 * c->pad - k) / stride + 1;
+    size_t fan = (size_t)c->in * k * k;
+    float *A = malloc(sizeof(float) * c->r * fan), *B = malloc(sizeof(float) * c->out * c->r);
+    rng_t g; rng_seed(&g, 3);
+    lora_conv_init(&c->L, c->in, c->out, k, c->r, 6.0f, p, A, B, &g);
+    ck_assert_int_eq((int)lora_fan_in(&c->L), (int)fan);
+    ck_assert_int_eq((int)lora_num_params(&c->L), (int)(c->r * (fan + c->out)));
+    fill_uniform(B, (size_t)c->out * c->r, -1, 1, 21);
+    c->L.dA = calloc((size_t)c->r * fan, sizeof(float));
+    c->L.dB = calloc((size_t)c->out * c->r, sizeof(float));
+    c->x = malloc(sizeof(float) * cc_nx(c)); fill_uniform(c->x, cc_nx(c), -1, 1, 22);
+    c->R = malloc(sizeof(float) * cc_ny(c)); fill_uniform(c->R, cc_ny(c), -1, 1, 23);
+    c->y = malloc(sizeof(float) * cc_ny(c));
+    c->ax = malloc(sizeof(float) * (size_t)c->Bn * c->r * c->Ho * c->Wo);
+    c->mask = malloc(cc_nx(c));
+    size_t ns = lora_conv_scratch_floats(&c->L, c->Bn, c->H, c->W, stride, c->pad, 1);
+    c->scratch = malloc(sizeof(float) * (ns + 1));
+}
+static void cc_free(ccase *c) {
+    free(c->L.A); free(c->L.B); free(c->L.dA); free(c->L.dB);
+    free(c->x); free(c->R); free(c->y); free(c->ax); free(c->mask); free(c->scratch);
+}
+
+/* finite differences for dx, dA, dB through the conv branch. The branch is
+ * linear in each of x, A and B (the mask fixed by the seed), so a central
+ * difference has no truncation error at any step: eps = 0.1 keeps float
+ * rounding of the loss out of the comparison (at 1e-2 it reaches 1e-3 on
+ * entries with small gradients, e.g. a 3x3 conv's border pixels) */
+static void conv_gradcheck(int k, int stride, float p) {
+    ccase c; cc_setup(&c, k, stride, p);
+    float *dx = calloc(cc_nx(&c), sizeof(float));
+    cc_forward(&c);
+    lora_conv_backward(dx, c.R, c.x, c.ax, c.mask, c.scratch, &c.L, c.Bn, c.H, c.W, c.stride, c.pad);
+    double e;
+    e = grad_check(c.x, dx, cc_nx(&c), cc_loss, &c, 0.1f, 1e-4, 200);
+    ck_assert_msg(e < 1e-3, "dx rel err %g (k=%d stride=%d p=%g)", e, k, stride, p);
+    e = grad_check(c.L.A, c.L.dA, lora_fan_in(&c.L) * c.r, cc_loss, &c, 0.1f, 1e-4, 200);
+    ck_assert_msg(e < 1e-3, "dA rel err %g (k=%d stride=%d p=%g)", e, k, stride, p);
+    e = grad_check(c.L.B, c.L.dB, (size_t)c.out * c.r, cc_loss, &c, 0.1f, 1e-4, 200);
+    ck_assert_msg(e < 1e-3, "dB rel err %g (k=%d stride=%d p=%g)", e, k, stride, p);
+    free(dx);
+    cc_free(&c);
+}
+
+START_TEST(test_gradcheck_conv3x3) { conv_gradcheck(3, 1, 0.0f); }
+END_TEST
+START_TEST(test_gradcheck_conv3x3_stride2) { conv_gradcheck(3, 2, 0.0f); }
+END_TEST
+START_TEST(test_gradcheck_conv3x3_dropout) { conv_gradcheck(3, 1, 0.3f); }
+END_TEST
+/* k = 1: conv_shortcut's adapter; on 1x1 pixels, time_emb_proj's (a linear) */
+START_TEST(test_gradcheck_conv1x1_branch) { conv_gradcheck(1, 1, 0.2f); }
+END_TEST
+
+/* a linear is a 1x1 conv on 1x1 pixels: lora_conv_* with H = W = 1 is the
+ * linear LoRA's branch (lora_forward minus W0 x + b), to rounding */
+START_TEST(test_conv_branch_is_linear) {
+    int N = 3, in = 7, out = 4, r = 2;
+    float A[2 * 7], B[4 * 2], x[3 * 7], w0[4 * 7] = {0}, y1[3 * 4], y2[3 * 4] = {0}, ax[3 * 2];
+    lora_t L; rng_t g; rng_seed(&g, 2);
+    lora_init(&L, in, out, r, 3.0f, 0.0f, A, B, 0, &g);
+    fill_uniform(B, 8, -1, 1, 4); fill_uniform(x, 21, -1, 1, 5);
+    lora_forward(y1, ax, NULL, NULL, x, w0, NULL, &L, N, in, out, NULL);
+    lora_conv_forward(y2, ax, NULL, NULL, x, &L, N, 1, 1, 1, 0, NULL);
+    ck_assert_msg(rel_err(y2, y1, 12) < 1e-6, "rel %g", rel_err(y2, y1, 12));
+}
+END_TEST
+
+/* peft's LoRA Conv2d on a 3x3 conv (tools/make_locon_fixtures.py): output and
+ * autograd gradients, stride 1 and 2 */
+static void locon_case(const char *pre) {
+    st_file f; fx_open(&f, "locon.safetensors");
+    char k[64];
+#define G(name) (snprintf(k, sizeof k, "%s.%s", pre, name), st_find(&f, k))
+#define L(name) (snprintf(k, sizeof k, "%s.%s", pre, name), fx_get(&f, k, 0))
+    const st_tensor *tA = G("A"), *tB = G("B"), *tX = G("x");
+    ck_assert_msg(tA && tB && tX, "%s: fixture tensors missing", pre);
+    int r = (int)tA->shape[0], in = (int)tA->shape[1], kk = (int)tA->shape[2], out = (int)tB->shape[0];
+    int Bn = (int)tX->shape[0], H = (int)tX->shape[2], W = (int)tX->shape[3];
+    ck_assert_int_eq(kk, 3);
+    ck_assert(tB->ndim == 4 && tB->shape[2] == 1 && tB->shape[3] == 1);
+    int stride = (int)fx_scalar(&f, (snprintf(k, sizeof k, "%s.stride", pre), k)), pad = 1;
+    float alpha = fx_scalar(&f, (snprintf(k, sizeof k, "%s.alpha", pre), k));
+    int Ho = (H + 2 * pad - 3) / stride + 1, Wo = (W + 2 * pad - 3) / stride + 1;
+    float *x = L("x"), *w0 = L("w0"), *b0 = L("b0"), *A = L("A"), *B = L("B"), *dout = L("dout");
+    float *yref = L("out"), *dxref = L("dx"), *dAref = L("dA"), *dBref = L("dB");
+    lora_t Lr = { .in = in, .out = out, .r = r, .k = 3, .alpha = alpha, .scale = alpha / (float)r, .A = A, .B = B };
+    size_t nA = (size_t)r * in * 9, nB = (size_t)out * r;
+    Lr.dA = calloc(nA, sizeof(float)); Lr.dB = calloc(nB, sizeof(float));
+    size_t nx = (size_t)Bn * in * H * W, ny = (size_t)Bn * out * Ho * Wo;
+    float *y = malloc(sizeof(float) * ny), *ax = malloc(sizeof(float) * (size_t)Bn * r * Ho * Wo);
+    float *dx = calloc(nx, sizeof(float));
+    float *scratch = malloc(sizeof(float) * (lora_conv_scratch_floats(&Lr, Bn, H, W, stride, pad, 1) + 1));
+    /* the frozen conv, then the branch (as the UNet runs them) */
+    conv2d_forward(y, x, w0, b0, Bn, in, H, W, out, 3, 3, stride, pad);
+    lora_conv_forward(y, ax, NULL, NULL, x, &Lr, Bn, H, W, stride, pad, NULL);
+    conv2d_backward(dx, NULL, NULL, dout, x, w0, Bn, in, H, W, out, 3, 3, stride, pad);
+    lora_conv_backward(dx, dout, x, ax, NULL, scratch, &Lr, Bn, H, W, stride, pad);
+    double ey = rel_err(y, yref, ny), ex = rel_err(dx, dxref, nx);
+    double ea = rel_err(Lr.dA, dAref, nA), eb = rel_err(Lr.dB, dBref, nB);
+    ck_assert_msg(ey <= 1e-5, "%s out rel err %g", pre, ey);
+    ck_assert_msg(ex <= 1e-4, "%s dx rel err %g", pre, ex);
+    ck_assert_msg(ea <= 1e-4, "%s dA rel err %g", pre, ea);
+    ck_assert_msg(eb <= 1e-4, "%s dB rel err %g", pre, eb);
+    printf("peft LoCon %-3s out %.2e  dx %.2e  dA %.2e  dB %.2e\n", pre, ey, ex, ea, eb);
+    /* merged: conv with W0 + s B A (lora_merge over in*9 columns) is the same output */
+    float *wm = malloc(sizeof(float) * (size_t)out * in * 9), *ym = malloc(sizeof(float) * ny);
+    memcpy(wm, w0, sizeof(float) * (size_t)out * in * 9);
+    lora_merge(wm, &Lr, 1.0f);
+    conv2d_forward(ym, x, wm, b0, Bn, in, H, W, out, 3, 3, stride, pad);
+    ck_assert_msg(rel_err(ym, yref, ny) <= 1e-5, "%s merged rel err %g", pre, rel_err(ym, yref, ny));
+    free(wm); free(ym);
+    free(x); free(w0); free(b0); free(A); free(B); free(dout); free(yref); free(dxref); free(dAref); free(dBref);
+    free(Lr.dA); free(Lr.dB); free(y); free(ax); free(dx); free(scratch);
+    st_close(&f);
+#undef G
+#undef L
+}
+START_TEST(test_peft_locon_s1) { locon_case("s1"); }
+END_TEST
+START_TEST(test_peft_locon_s2) { locon_case("s2"); }
+END_TEST
+
+/* a 3x3 conv LoRA saves as kohya's LoCon: lora_down (r, in, 3, 3),
+ * lora_up (out, r, 1, 1), and loads back with k = 3 */
+START_TEST(test_file_locon_roundtrip) {
+    rng_t g; rng_seed(&g, 8);
+    float A[2 * 4 * 9], B[5 * 2];
+    lora_t L;
+    lora_conv_init(&L, 4, 5, 3, 2, 1.0f, 0, A, B, &g);
+    fill_uniform(B, 10, -1, 1, 3);
+    const char *name = "lora_unet_down_blocks_0_resnets_0_conv1";
+    lora_ref ref = {name, &L, 1};
+    char path[] = "/tmp/sdlora_test_locon_XXXXXX";
+    int fd = mkstemp(path); ck_assert(fd >= 0); close(fd);
+    char err[ST_ERR_LEN];
+    ck_assert_msg(lora_save_kohya(path, &ref, 1, ST_F32, NULL, NULL, 0, err) == 0, "%s", err);
+    st_file f; ck_assert(st_open(&f, path, err) == 0);
+    const st_tensor *d = st_find(&f, "lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight");
+    const st_tensor *u = st_find(&f, "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight");
+    ck_assert(d && u && d->ndim == 4 && u->ndim == 4);
+    ck_assert(d->shape[0] == 2 && d->shape[1] == 4 && d->shape[2] == 3 && d->shape[3] == 3);
+    ck_assert(u->shape[0] == 5 && u->shape[1] == 2 && u->shape[2] == 1 && u->shape[3] == 1);
+    st_close(&f);
+    lora_file lf;
+    ck_assert_msg(lora_file_load(path, &lf, err) == 0, "%s", err);
+    ck_assert_int_eq(lf.n, 1);
+    const lora_entry *e = &lf.e[0];
+    ck_assert(e->conv && e->k == 3 && e->r == 2 && e->in == 4 && e->out == 5 && e->alpha == 1.0f);
+    ck_assert(rel_err(e->A, A, 72) == 0 && rel_err(e->B, B, 10) == 0);
+    lora_file_free(&lf);
+    unlink(path);
+}
+END_TEST
+
 /* broken LoRA files: one-line errors that name the problem, never a crash */
 static void write_bad(const char *path, const char **names, int n, const int64_t shapes[][2], const int *nd) {
     st_writer *w = st_writer_new();
@@ -575,6 +759,11 @@ static Suite *lora_suite(void) {
     tcase_add_test(tc, test_merge_unmerge);
     tcase_add_test(tc, test_num_params_and_init);
     tcase_add_test(tc, test_backward_accumulates);
+    tcase_add_test(tc, test_gradcheck_conv3x3);
+    tcase_add_test(tc, test_gradcheck_conv3x3_stride2);
+    tcase_add_test(tc, test_gradcheck_conv3x3_dropout);
+    tcase_add_test(tc, test_gradcheck_conv1x1_branch);
+    tcase_add_test(tc, test_conv_branch_is_linear);
     suite_add_tcase(s, tc);
     TCase *tp = tcase_create("peft");
     tcase_add_test(tp, test_peft_scale);
@@ -582,6 +771,8 @@ static Suite *lora_suite(void) {
     tcase_add_test(tp, test_peft_rslora);
     tcase_add_test(tp, test_peft_conv1x1);
     tcase_add_test(tp, test_peft_init_bound);
+    tcase_add_test(tp, test_peft_locon_s1);
+    tcase_add_test(tp, test_peft_locon_s2);
     suite_add_tcase(s, tp);
     TCase *tf = tcase_create("files");
     tcase_add_test(tf, test_file_diffusers);
@@ -589,6 +780,7 @@ static Suite *lora_suite(void) {
     tcase_add_test(tf, test_file_roundtrip);
     tcase_add_test(tf, test_file_bad);
     tcase_add_test(tf, test_file_alpha_dtypes);
+    tcase_add_test(tf, test_file_locon_roundtrip);
     suite_add_tcase(s, tf);
     return s;
 }
