@@ -214,6 +214,108 @@ END_TEST
 START_TEST(test_lora_b_transformer) { check_lora("unet_b", "unet_b_io.safetensors", "transformer"); }
 END_TEST
 
+/* ---- conv LoRA (LoCon) against peft --------------------------------------
+ * unet_add_lora_conv("qv", rank 2, conv rank 3): the modules kohya's conv_dim
+ * adds (resnets' conv1 / conv2 / conv_shortcut / time_emb_proj, the samplers'
+ * conv) with peft's A and B (tools/make_locon_unet_fixtures.py). Then: the
+ * adapter gradients without dx / dctx (backward stops early) and with
+ * checkpointing; with dropout, checkpointing recomputes the same masks; and
+ * inference (dropout off) is the training forward without dropout. */
+START_TEST(test_locon_a) {
+    unet_t u;
+    io_t io;
+    char name[320];
+    load(&u, "unet_a");
+    io_open(&io, "unet_a_io.safetensors", &u);
+    st_file fx; fx_open(&fx, "unet_a_locon.safetensors");
+    ck_assert_msg(unet_add_lora_conv(&u, "qv", 2, 4.0f, 3, 6.0f, 0.0f, 7) == 0, "%s", u.err);
+    int nfix = 0, n3 = 0;
+    for (int i = 0; i < fx.ntensors; i++)
+        if (strncmp(fx.tensors[i].name, "locon.A.", 8) == 0) {
+            nfix++;
+            ck_assert_msg(unet_find_lora(&u, fx.tensors[i].name + 8) != NULL, "peft adapter %s has no counterpart",
+                          fx.tensors[i].name + 8);
+        }
+    for (int i = 0; i < u.nloras; i++) n3 += u.loras[i].L.k == 3;
+    printf("unet_a LoCon: %d adapters (%d 3x3; peft %d)\n", u.nloras, n3, nfix);
+    ck_assert_int_eq(u.nloras, nfix);
+    ck_assert_int_eq(n3, 6 * 2 + 2 + 4);   /* 9 resnets' conv1, conv2 (18)... */
+    for (int i = 0; i < u.nloras; i++) {
+        lora_t *L = &u.loras[i].L;
+        size_t na = (size_t)L->r * lora_fan_in(L), nb = (size_t)L->out * L->r;
+        ck_assert_int_eq(L->r, L->k == 3 ? 3 : 2);
+        ck_assert(L->scale == 2.0f);
+        snprintf(name, sizeof name, "locon.A.%s", u.loras[i].name);
+        float *A = fx_get(&fx, name, na);
+        snprintf(name, sizeof name, "locon.B.%s", u.loras[i].name);
+        float *B = fx_get(&fx, name, nb);
+        memcpy(L->A, A, sizeof(float) * na); memcpy(L->B, B, sizeof(float) * nb);
+        free(A); free(B);
+    }
+    size_t no = nout_of(&io, &u), nx = (size_t)io.B * io.C * io.h * io.w, nc = (size_t)io.B * io.Tc * io.cd;
+    float *out = malloc(sizeof(float) * no), *out1 = malloc(sizeof(float) * no);
+    float *dx = malloc(sizeof(float) * nx), *dctx = malloc(sizeof(float) * nc);
+    ck_assert_msg(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 1) == 0, "%s", u.err);
+    ck_assert(unet_forward(&u, out, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0);
+    cmp(&fx, "locon.out", out, no, OUT_TOL);
+    unet_zero_lora_grads(&u);
+    ck_assert(unet_backward(&u, io.dout, dx, dctx) == 0);
+    cmp(&fx, "locon.dx", dx, nx, GRAD_TOL);
+    cmp(&fx, "locon.dctx", dctx, nc, GRAD_TOL);
+    double worst = 0;
+    for (int i = 0; i < u.nloras; i++) {
+        lora_t *L = &u.loras[i].L;
+        for (int which = 0; which < 2; which++) {
+            size_t n = which ? (size_t)L->out * L->r : (size_t)L->r * lora_fan_in(L);
+            snprintf(name, sizeof name, "locon.d%c.%s", which ? 'B' : 'A', u.loras[i].name);
+            float *ref = fx_get(&fx, name, n);
+            double e = rel_err(which ? L->dB : L->dA, ref, n);
+            free(ref);
+            if (e > worst) worst = e;
+            ck_assert_msg(e < GRAD_TOL, "%s: rel_err %g", name, e);
+        }
+    }
+    printf("  all %d dA/dB: worst rel_err %.3g\n", 2 * u.nloras, worst);
+    /* the same adapter gradients without dx / dctx, and with checkpointing */
+    float *g = malloc(sizeof(float) * u.lora_nparams);
+    memcpy(g, u.lora_grads, sizeof(float) * u.lora_nparams);
+    unet_zero_lora_grads(&u);
+    ck_assert(unet_backward(&u, io.dout, NULL, NULL) == 0);
+    ck_assert(memcmp(g, u.lora_grads, sizeof(float) * u.lora_nparams) == 0);
+    ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 2) == 0);
+    ck_assert(unet_forward(&u, out1, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0);
+    ck_assert(memcmp(out, out1, sizeof(float) * no) == 0);
+    unet_zero_lora_grads(&u);
+    ck_assert(unet_backward(&u, io.dout, NULL, NULL) == 0);
+    ck_assert(memcmp(g, u.lora_grads, sizeof(float) * u.lora_nparams) == 0);
+    /* inference: the same output */
+    ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 0) == 0);
+    ck_assert(unet_forward(&u, out1, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0);
+    ck_assert(memcmp(out, out1, sizeof(float) * no) == 0);
+    /* dropout on every adapter: checkpointing recomputes the same masks */
+    for (int i = 0; i < u.nloras; i++) u.loras[i].L.dropout = 0.3f;
+    ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 1) == 0);
+    rng_t start = u.dropout_rng;
+    ck_assert(unet_forward(&u, out1, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0);
+    ck_assert(rel_err(out1, out, no) > 1e-3);
+    unet_zero_lora_grads(&u);
+    ck_assert(unet_backward(&u, io.dout, NULL, NULL) == 0);
+    memcpy(g, u.lora_grads, sizeof(float) * u.lora_nparams);
+    ck_assert(unet_alloc_acts(&u, io.B, io.h, io.w, io.Tc, 2) == 0);
+    u.dropout_rng = start;
+    float *out2 = malloc(sizeof(float) * no);
+    ck_assert(unet_forward(&u, out2, io.x, io.t, io.ctx, io.B, io.h, io.w, io.Tc) == 0);
+    ck_assert(memcmp(out1, out2, sizeof(float) * no) == 0);
+    unet_zero_lora_grads(&u);
+    ck_assert(unet_backward(&u, io.dout, NULL, NULL) == 0);
+    ck_assert(memcmp(g, u.lora_grads, sizeof(float) * u.lora_nparams) == 0);
+    free(g); free(out); free(out1); free(out2); free(dx); free(dctx);
+    st_close(&fx);
+    io_close(&io);
+    unet_free(&u);
+}
+END_TEST
+
 /* ---- finite differences --------------------------------------------------- */
 
 typedef struct {
@@ -743,6 +845,7 @@ static Suite *unet_suite(void) {
     tcase_add_test(tc, test_lora_a_qv);
     tcase_add_test(tc, test_lora_a_transformer);
     tcase_add_test(tc, test_lora_b_transformer);
+    tcase_add_test(tc, test_locon_a);
     tcase_add_test(tc, test_shapes_and_dropout);
     tcase_add_test(tc, test_gradcheck);
     tcase_add_test(tc, test_full_grads_a);
