@@ -239,7 +239,7 @@ START_TEST(test_locon_a) {
     for (int i = 0; i < u.nloras; i++) n3 += u.loras[i].L.k == 3;
     printf("unet_a LoCon: %d adapters (%d 3x3; peft %d)\n", u.nloras, n3, nfix);
     ck_assert_int_eq(u.nloras, nfix);
-    ck_assert_int_eq(n3, 6 * 2 + 2 + 4);   /* 9 resnets' conv1, conv2 (18)... */
+    ck_assert_int_eq(n3, 2 * 8 + 2);       /* conv1, conv2 of 8 resnets; 2 samplers */
     for (int i = 0; i < u.nloras; i++) {
         lora_t *L = &u.loras[i].L;
         size_t na = (size_t)L->r * lora_fan_in(L), nb = (size_t)L->out * L->r;
