@@ -601,10 +601,13 @@ static void print_run(const trainer *t) {
     if (a->full)
         fprintf(stderr, "model %s: full fine-tuning: %zu trainable parameters%s\n", m->name, ntrain,
                 a->te ? " (UNet + text encoder)" : " (UNet)");
-    else
-        fprintf(stderr, "model %s: UNet %zu parameters frozen (all weights: %.0f MiB held as %s); LoRA '%s' rank %d alpha %g: %d adapters, %zu trainable parameters%s\n",
-                m->name, m->unet.nparams, (double)sd_model_weight_bytes(m) / 1048576.0, weight_dtype_name(m->wdtype), a->targets, a->rank, a->alpha,
+    else {
+        char conv[64] = "";
+        if (a->conv_rank > 0) snprintf(conv, sizeof conv, ", conv LoRA rank %d alpha %g", a->conv_rank, a->conv_alpha);
+        fprintf(stderr, "model %s: UNet %zu parameters frozen (all weights: %.0f MiB held as %s); LoRA '%s' rank %d alpha %g%s: %d adapters, %zu trainable parameters%s\n",
+                m->name, m->unet.nparams, (double)sd_model_weight_bytes(m) / 1048576.0, weight_dtype_name(m->wdtype), a->targets, a->rank, a->alpha, conv,
                 m->unet.nloras + (a->te ? clip_num_adapters(&m->clip) : 0), ntrain, a->te ? " (UNet + text encoder)" : "");
+    }
     fprintf(stderr, "data %s: %d images, %d samples per epoch, %ld steps of %d x %d at %dx%d\n",
             a->data, t->ds.n_images, t->ds.n_total_with_repeats, t->total, a->batch, a->accum, a->res, a->res);
 }
