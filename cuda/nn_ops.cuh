@@ -435,4 +435,21 @@ HD float shift_dw_elem(const float *dwp, conv_dims d, size_t idx) {
     return dwp[t * d.O * d.C + oc];
 }
 
+
+/* ---------------------------------------------------------------------------
+ * the small tensor helpers of backend.h (backend.c's loops, element by element)
+ * transpose (B, R, S) -> (B, S, R): element i = (b, s, r) of out is in[b, r, s] */
+HD float transpose_elem(const floatX *in, int R, int S, size_t i) {
+    size_t r = i % (size_t)R, bs = i / (size_t)R, s = bs % (size_t)S, b = bs / (size_t)S;
+    return ldx(in[(b * R + r) * S + s]);
+}
+// y (B, C, HW) += v per channel: element i belongs to channel b C + c = i / HW
+HD float add_chan_elem(float y, const float *v, size_t HW, size_t i) { return y + v[i / HW]; }
+// the sum of channel bc over its HW values, in double and in order (backend.c)
+HD float sum_chan_elem(const floatX *x, size_t HW, size_t bc) {
+    double s = 0;
+    for (size_t i = 0; i < HW; i++) s += ldx(x[bc * HW + i]);
+    return (float)s;
+}
+
 #endif
