@@ -93,3 +93,11 @@ extern "C" const nn_ops *nn_ops_cuda(void) {
     t.name = "cuda";
     return &t;
 }
+
+// bytes of device memory in use now (every process's, and the CUDA
+// context's), from cudaMemGetInfo; 0 when it fails
+extern "C" size_t cuda_mem_used(void) {
+    size_t free_b = 0, total_b = 0;
+    if (!CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b))) return 0;
+    return total_b - free_b;
+}
