@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "backend.h"
+#include "half.h"
 
 static void *cpu_alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
 static void cpu_free(void *p) { free(p); }
@@ -68,6 +69,7 @@ const nn_ops nn_ops_cpu = {
     .transpose = nn_transpose,
     .add_chan = nn_add_chan,
     .sum_chan = nn_sum_chan,
+    .widen_f16 = half_to_float_array,
     .gemm = gemm,
     .linear_forward = linear_forward,
     .linear_backward = linear_backward,

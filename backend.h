@@ -44,6 +44,8 @@ typedef struct nn_ops {
     void (*add_chan)(float *y, const float *v, int B, int C, size_t HW);
     /* out[b * C + c] = sum over HW of x[b, c, :], summed in double */
     void (*sum_chan)(float *out, const float *x, int B, int C, size_t HW);
+    /* dst[i] = src[i] widened from fp16 bits, exactly (fp16-held weights) */
+    void (*widen_f16)(float *dst, const uint16_t *src, size_t n);
 
     /* nn.h, attention, lora.h */
     void (*gemm)(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,

@@ -251,7 +251,15 @@ static float *grad_of_matrix(const unet_t *u, const unet_param *p) {
  * before it asks for the next; asking again for the matrix already there
  * costs nothing (lin_backward reads W0 twice). */
 static const float *weight_f32(unet_t *u, const unet_param *p) {
-    if (u->dparams) return u->dparams + p->offset;   /* on a device: fp32 weights only */
+    if (u->dparams) {
+        /* on a device: its copy, at the same place; fp16 widened there */
+        if (!p->data16) return u->dparams + (p->data - u->params);
+        if (u->dwbuf_of != p->data16) {
+            OPS->widen_f16(u->dwbuf, u->dparams16 + (p->data16 - u->params16), p->numel);
+            u->dwbuf_of = p->data16;
+        }
+        return u->dwbuf;
+    }
     if (p->data) return p->data;
     return half_widen_cached(u->wbuf, &u->wbuf_of, p->data16, p->numel);
 }
@@ -855,6 +863,7 @@ void unet_free(unet_t *u) {
     acts_free(u);
     if (u->ops && u->ops->device) {
         u->ops->free(u->dparams); u->ops->free(u->dlora_params); u->ops->free(u->dlora_grads);
+        u->ops->free(u->dparams16); u->ops->free(u->dwbuf);
         u->ops->free(u->dio);
     }
     memset(u, 0, sizeof *u);
@@ -883,7 +892,11 @@ void unet_param_set(unet_t *u, int i, const float *src) {
     const unet_param *p = &u->table[i];
     half_param_set(p->data, p->data16, src, p->numel);
     u->wbuf_of = NULL;
-    if (u->dparams) u->ops->upload(u->dparams + p->offset, p->data, sizeof(float) * p->numel);
+    if (u->dparams && p->data) u->ops->upload(u->dparams + (p->data - u->params), p->data, sizeof(float) * p->numel);
+    if (u->dparams16 && p->data16) {
+        u->ops->upload(u->dparams16 + (p->data16 - u->params16), p->data16, sizeof(uint16_t) * p->numel);
+        u->dwbuf_of = NULL;
+    }
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1960,27 +1973,37 @@ int unet_to_device(unet_t *u, const nn_ops *ops) {
         snprintf(u->err, UNET_ERR_LEN, "unet: already on %s", u->ops->name);
         return -1;
     }
-    if (u->wdtype != WEIGHT_F32) {
-        snprintf(u->err, UNET_ERR_LEN, "unet: on %s the weights are fp32 only for now "
-                 "(use --weight-dtype fp32 with --device %s)", ops->name, ops->name);
-        return -1;
-    }
     if (u->grads) {
         snprintf(u->err, UNET_ERR_LEN, "unet: full fine-tuning does not run on %s yet "
                  "(train a LoRA there, or use --device cpu)", ops->name);
         return -1;
     }
     drop_acts(u);               /* a host arena, if any: the device gets its own */
-    float *d = ops->alloc(sizeof(float) * (u->nparams ? u->nparams : 1));
-    if (!d || !ops->upload(d, u->params, sizeof(float) * u->nparams)) {
+    /* as on the host: fp32, or the vectors in fp32 and the matrices in fp16
+     * with a buffer for the largest widened */
+    int f16 = u->wdtype == WEIGHT_F16;
+    size_t nvec = f16 ? u->nparams - u->nmat : u->nparams, big = 1;
+    for (int i = 0; f16 && i < u->ntable; i++)
+        if (u->table[i].data16 && u->table[i].numel > big) big = u->table[i].numel;
+    float *d = ops->alloc(sizeof(float) * (nvec ? nvec : 1));
+    uint16_t *d16 = f16 ? ops->alloc(sizeof(uint16_t) * (u->nmat ? u->nmat : 1)) : NULL;
+    float *wb = f16 ? ops->alloc(sizeof(float) * big) : NULL;
+    if (!d || (f16 && (!d16 || !wb)) || !ops->upload(d, u->params, sizeof(float) * nvec) ||
+        (f16 && !ops->upload(d16, u->params16, sizeof(uint16_t) * u->nmat))) {
         const char *e = ops->error();
         snprintf(u->err, UNET_ERR_LEN, "unet: cannot copy %.1f MiB of weights to %s: %s",
-                 (double)u->nparams * 4 / 1048576.0, ops->name, e ? e : "out of memory");
+                 (double)(nvec * 4 + (f16 ? u->nmat * 2 + big * 4 : 0)) / 1048576.0, ops->name,
+                 e ? e : "out of memory");
         if (d) ops->free(d);
+        if (d16) ops->free(d16);
+        if (wb) ops->free(wb);
         return -1;
     }
     u->ops = ops;
     u->dparams = d;
+    u->dparams16 = d16;
+    u->dwbuf = wb;
+    u->dwbuf_of = NULL;
     return 0;
 }
 

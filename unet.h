@@ -113,7 +113,10 @@ typedef struct {
      * unet_forward / unet_backward's inputs and outputs (io: x, t, ctx,
      * eps, deps, dx, dctx of the allocated shape) */
     const nn_ops *ops;
-    float *dparams;
+    float *dparams;                  /* fp16 weights: the vectors only, as params */
+    uint16_t *dparams16;             /* fp16 weights: the matrices, as params16 */
+    float *dwbuf;                    /* ... each widened here before its layer, as wbuf */
+    const uint16_t *dwbuf_of;
     float *dlora_params, *dlora_grads;
     size_t dlora_n;
     float *dio;
@@ -220,8 +223,9 @@ int unet_backward(unet_t *u, const float *deps, float *dx, float *dctx);
  * unet_add_lora does. Returns 0 or -1 (message in u->err). */
 /* ---- running on a device (backend.h) ----------------------------------
  * unet_to_device(u, ops): from now on every layer runs through ops, on its
- * memory. The weights are copied there once (fp32 only: fp16-held weights
- * and full fine-tuning are refused with a message); unet_alloc_acts
+ * memory. The weights are copied there once, held as they are on the host
+ * (fp16-held matrices are widened on the device, one at a time, before
+ * their layer; full fine-tuning is refused with a message); unet_alloc_acts
  * allocates the arena there (same offsets) and copies the LoRA A, B and
  * their gradients there. The host keeps its copy of everything and stays
  * the master of the LoRA parameters: after an optimizer step on the host,

@@ -6,6 +6,7 @@
 #ifndef SDLORA_CUDA_NN_OPS_CUH
 #define SDLORA_CUDA_NN_OPS_CUH
 
+#include <string.h>
 #include "common.cuh"
 
 /* ---------------------------------------------------------------------------
@@ -445,6 +446,19 @@ HD float transpose_elem(const floatX *in, int R, int S, size_t i) {
 }
 // y (B, C, HW) += v per channel: element i belongs to channel b C + c = i / HW
 HD float add_chan_elem(float y, const float *v, size_t HW, size_t i) { return y + v[i / HW]; }
+// an fp16 bit pattern as float, exactly (half.c's half_to_float, branch by
+// branch): inf/NaN keep the payload, subnormals are m 2^-24
+HD float half_bits_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, bits;
+    if (e == 0) {
+        float f = (float)m * 5.9604644775390625e-8f;   // m * 2^-24, exact
+        return sign ? -f : f;
+    }
+    bits = e == 0x1Fu ? (sign | 0x7F800000u | m << 13) : (sign | (e + 112u) << 23 | m << 13);
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
 // the sum of channel bc over its HW values, in double and in order (backend.c)
 HD float sum_chan_elem(const floatX *x, size_t HW, size_t bc) {
     double s = 0;

@@ -48,6 +48,16 @@ static void sum_chan_cuda(float *out, const float *x, int B, int C, size_t HW) {
     KERNEL_CHECK("sum_chan_kernel");
 }
 
+// dst = src widened from fp16, one thread per element (fp16-held weights)
+__global__ static void widen_f16_kernel(float *dst, const uint16_t *src, size_t n) {
+    GRID_STRIDE(i, n) dst[i] = half_bits_to_float(src[i]);
+}
+static void widen_f16_cuda(float *dst, const uint16_t *src, size_t n) {
+    if (n == 0) return;
+    widen_f16_kernel<<<grid_for(n, TPB), TPB>>>(dst, src, n);
+    KERNEL_CHECK("widen_f16_kernel");
+}
+
 static void copy_cuda(float *dst, const float *src, size_t n) {
     if (n) CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice));
 }
@@ -70,6 +80,7 @@ extern "C" const nn_ops *nn_ops_cuda(void) {
     t.transpose = transpose_cuda;
     t.add_chan = add_chan_cuda;
     t.sum_chan = sum_chan_cuda;
+    t.widen_f16 = widen_f16_cuda;
     t.gemm = gemm_cuda;
     t.linear_forward = linear_forward_cuda;
     t.linear_backward = linear_backward_cuda;

@@ -33,6 +33,7 @@ extern "C" {
 #include "../ddpm.h"
 #include "cuda.h"
 #include "../unet.h"
+#include "../half.h"
 }
 
 typedef std::vector<float> vec;
@@ -837,6 +838,9 @@ static void emu_add_chan(float *y, const float *v, int B, int C, size_t HW) {
 static void emu_sum_chan(float *out, const float *x, int B, int C, size_t HW) {
     for (size_t bc = 0; bc < (size_t)B * C; bc++) out[bc] = sum_chan_elem(x, HW, bc);
 }
+static void emu_widen_f16(float *dst, const uint16_t *src, size_t n) {
+    for (size_t i = 0; i < n; i++) dst[i] = half_bits_to_float(src[i]);
+}
 static void emu_gn_bwd(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
                        const float *mean, const float *rstd, int B, int C, int HW, int G) {
     if (!dinp && !dw && !db) return;
@@ -884,6 +888,7 @@ static void emu_init(void) {
     t.error = emu_error; t.set_layer = emu_set_layer;
     t.copy = emu_copy; t.zero = HostBK::zero; t.add = emu_add; t.accumulate = emu_accumulate;
     t.transpose = emu_transpose; t.add_chan = emu_add_chan; t.sum_chan = emu_sum_chan;
+    t.widen_f16 = emu_widen_f16;
     t.gemm = HostBK::gemm;
     t.linear_forward = linear_forward_t<HostBK>;
     t.linear_backward = linear_backward_t<HostBK>;
@@ -904,9 +909,9 @@ static void emu_init(void) {
 }
 
 // one UNet of models/tiny with LoRA ("transformer", rank 4, dropout 0.1), B random
-static int tiny_unet(unet_t *u, const char *dir) {
+static int tiny_unet(unet_t *u, const char *dir, weight_dtype dt) {
     char err[UNET_ERR_LEN];
-    if (unet_load_diffusers(u, dir, err)) { printf("note: %s\n", err); return -1; }
+    if (unet_load_diffusers_dtype(u, dir, dt, err)) { printf("note: %s\n", err); return -1; }
     if (unet_add_lora(u, "transformer", 4, 4.0f, 0.1f, 7)) { printf("note: %s\n", u->err); return -1; }
     rng_t r;
     rng_seed(&r, 5);
@@ -920,14 +925,28 @@ static int tiny_unet(unet_t *u, const char *dir) {
 static void test_unet_emulated(void) {
     const char *dir = "models/tiny/unet";
     emu_init();
-    for (int mode = 1; mode <= 2; mode++) {     // training, and with gradient checkpointing
+    // the device's fp16 widening is half.c's, bit for bit, on all 65536 patterns
+    int same = 1;
+    for (uint32_t h = 0; h < 65536; h++) {
+        float a = half_bits_to_float((uint16_t)h), b = half_to_float((uint16_t)h);
+        same &= memcmp(&a, &b, sizeof a) == 0;
+    }
+    expect_true("half_bits_to_float == half.c's half_to_float on every fp16 bit pattern", same);
+    // training; with gradient checkpointing; fp16-held weights (models/tiny is
+    // stored as fp16, so all three compute the same numbers on the CPU)
+    for (int run = 0; run < 3; run++) {
+        int mode = run == 1 ? 2 : 1;
+        weight_dtype dt = run == 2 ? WEIGHT_F16 : WEIGHT_F32;
         unet_t uc, ue;
-        if (tiny_unet(&uc, dir) || tiny_unet(&ue, dir)) { expect_true("tiny UNet loads (models/tiny/unet)", 0); return; }
+        if (tiny_unet(&uc, dir, dt) || tiny_unet(&ue, dir, dt)) { expect_true("tiny UNet loads (models/tiny/unet)", 0); return; }
         expect_true("unet_to_device(host-emulated device)", unet_to_device(&ue, &nn_ops_emu) == 0);
+        size_t nvec = dt == WEIGHT_F16 ? ue.nparams - ue.nmat : ue.nparams;
         expect_true("the emulated device holds its own copy of the weights",
-                    ue.dparams && ue.dparams != ue.params && memcmp(ue.dparams, ue.params, sizeof(float) * ue.nparams) == 0);
+                    ue.dparams && ue.dparams != ue.params && memcmp(ue.dparams, ue.params, sizeof(float) * nvec) == 0 &&
+                    (dt == WEIGHT_F32 || (ue.dparams16 && memcmp(ue.dparams16, ue.params16, 2 * ue.nmat) == 0)));
         // the host's weights poisoned: a pointer left untranslated reads NaN
-        for (size_t i = 0; i < ue.nparams; i++) ue.params[i] = NAN;
+        for (size_t i = 0; i < nvec; i++) ue.params[i] = NAN;
+        for (size_t i = 0; dt == WEIGHT_F16 && i < ue.nmat; i++) ue.params16[i] = 0x7E00;
         int B = 2, h = 8, w = 8, Tc = 7;
         const unet_config *c = &uc.cfg;
         size_t nx = (size_t)B * c->in_channels * h * w, nc = (size_t)B * Tc * c->cross_dim;
@@ -955,7 +974,7 @@ static void test_unet_emulated(void) {
                  unet_lora_grads_download(&ue) == 0;
             memcpy(ue.lora_params, keep.data(), sizeof(float) * ue.lora_nparams);
             if (!ok) break;
-            const char *mname = mode == 2 ? ", checkpointed" : "";
+            const char *mname = mode == 2 ? ", checkpointed" : dt == WEIGHT_F16 ? ", fp16 weights" : "";
             snprintf(name, sizeof name, "emulated device: UNet eps, step %d%s", step + 1, mname);
             expect_close(name, ee, ec, FWD);
             vec gc(uc.lora_grads, uc.lora_grads + uc.lora_nparams), ge(ue.lora_grads, ue.lora_grads + ue.lora_nparams);
@@ -969,7 +988,7 @@ static void test_unet_emulated(void) {
         }
         expect_true("emulated device: every call succeeded", ok);
         if (!ok) printf("note: %s / %s\n", uc.err, ue.err);
-        if (mode == 1) {
+        if (run == 0) {
             // inference (the sampler's arena) on the same model, after the updates
             ok = unet_alloc_acts(&uc, B, h, w, Tc, 0) == 0 && unet_alloc_acts(&ue, B, h, w, Tc, 0) == 0 &&
                  unet_forward(&uc, ec.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&

@@ -530,8 +530,8 @@ START_TEST(test_settings_sources) {
 }
 END_TEST
 
-/* --device: a bad value is a flag error; cuda with --full or fp16 weights
- * is refused (exit 2); cuda on this build without CUDA=1, or on a CUDA build
+/* --device: a bad value is a flag error; cuda with --full is refused
+ * (exit 2); cuda on this build without CUDA=1, or on a CUDA build
  * on a machine with no driver or no GPU, is one line saying which and what
  * to do, exit 1, before any model is read */
 START_TEST(test_device) {
@@ -541,7 +541,6 @@ START_TEST(test_device) {
     ck_assert_int_eq(run(TRAIN " %s --device tpu", d), 2);       assert_error_line("--device", "cpu|cuda");
     ck_assert_int_eq(run(SAMPLE " --prompt x --device tpu"), 2);  assert_error_line("--device", "cpu|cuda");
     ck_assert_int_eq(run(TRAIN " %s --device cuda --full", d), 2); assert_error_line("--device cuda", "--device cpu");
-    ck_assert_int_eq(run(TRAIN " %s --device cuda --weight-dtype fp16", d), 2); assert_error_line("--device cuda", "fp32");
 #ifndef SDLORA_CUDA
     ck_assert_int_eq(run(TRAIN " %s --device cuda --model /nonexistent", d), 1);
     assert_error_line("--device cuda: this program was built without GPU support", "make CUDA=1");

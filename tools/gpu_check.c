@@ -161,24 +161,30 @@ static const char *SD15 =
 
 /* SD1.5's architecture with random weights: matrices U(-1/sqrt(fan_in),
  * 1/sqrt(fan_in)) (torch's default scale), biases small, norm scales 1 */
-static void build_sd15(unet_t *u) {
+static void build_sd15(unet_t *u, weight_dtype dt) {
     char err[UNET_ERR_LEN], jerr[256];
     json *j = json_parse(SD15, strlen(SD15), jerr, sizeof jerr);
     unet_config c;
     if (!j) die("SD1.5 config", jerr);
     if (unet_config_from_json(&c, j, err)) die("SD1.5 config", err);
     json_free(j);
-    if (unet_build(u, &c, err)) die("SD1.5 UNet", err);
+    if (unet_build_dtype(u, &c, dt, err)) die("SD1.5 UNet", err);
     rng_t r;
     rng_seed(&r, 1234);
+    size_t big = 1;
+    for (int i = 0; i < u->ntable; i++) if (u->table[i].numel > big) big = u->table[i].numel;
+    float *tmp = malloc(sizeof(float) * big);
+    if (!tmp) die("gpu_check", "out of memory");
     for (int i = 0; i < u->ntable; i++) {
         unet_param *p = &u->table[i];
         int is_norm = p->ndim == 1 && strstr(p->name, "norm") && strstr(p->name, ".weight");
         size_t fan_in = p->ndim >= 2 ? p->numel / (size_t)p->shape[0] : 1;
         float a = p->ndim >= 2 ? 1.0f / sqrtf((float)fan_in) : 0.02f;
         for (size_t k = 0; k < p->numel; k++)
-            p->data[k] = is_norm ? 1.0f : a * (2.0f * rng_uniform(&r) - 1.0f);
+            tmp[k] = is_norm ? 1.0f : a * (2.0f * rng_uniform(&r) - 1.0f);
+        unet_param_set(u, i, tmp);                 /* rounded to fp16 when held so */
     }
+    free(tmp);
     if (unet_add_lora(u, "attn", 4, 4.0f, 0.0f, 7)) die("SD1.5 LoRA", u->err);
     randomize_b(u);
 }
@@ -226,8 +232,8 @@ static double time_infer(unet_t *u, int B, int h, int w, int Tc) {
 static void check_sd15(int side, int tside) {
     unet_t cpu, dev;
     double t0 = now();
-    build_sd15(&cpu);
-    build_sd15(&dev);
+    build_sd15(&cpu, WEIGHT_F32);
+    build_sd15(&dev, WEIGHT_F32);
     printf("SD1.5 architecture, random weights: %zu parameters, %d adapters (\"attn\" rank 4), built in %.1f s\n",
            dev.nparams, dev.nloras, now() - t0);
     double m0 = mem_used_mib();
@@ -257,8 +263,16 @@ static void check_sd15(int side, int tside) {
     double ti = time_infer(&dev, 2, h, w, Tc);
     printf("result SD1.5 %dx%d latents, inference forward at batch 2 (one cfg step): %.1f ms, so a 20-step sample's UNet "
            "about %.2f s\n", h, w, ti * 1e3, 20 * ti);
-    printf("result device memory in use at the end (every allocation is made once and kept: the peak, "
-           "with the CUDA context): %.0f MiB\n", mem_used_mib());
+    printf("result device memory in use with fp32 weights (every allocation is made once and kept: the peak, "
+           "with the CUDA context and the layers' scratch): %.0f MiB\n", mem_used_mib());
+    unet_free(&dev);
+    /* the memory goal of issue 15: fp16-held weights with gradient checkpointing */
+    build_sd15(&dev, WEIGHT_F16);
+    if (unet_to_device(&dev, device_ops())) die("SD1.5 UNet", dev.err);
+    if (unet_alloc_acts(&dev, 1, h, w, Tc, 2)) die("SD1.5 UNet", dev.err);
+    ts = time_train_step(&dev, h, w, Tc, &loss);
+    printf("result SD1.5 %dx%d latents, batch 1, LoRA training step, fp16-held weights, gradient checkpointing: "
+           "%.1f ms; device memory in use %.0f MiB (the fp32 run's scratch still held)\n", h, w, ts * 1e3, mem_used_mib());
     unet_free(&dev);
 }
 
