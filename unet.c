@@ -1991,6 +1991,7 @@ int unet_to_device(unet_t *u, const nn_ops *ops) {
     if (!d || (f16 && (!d16 || !wb)) || !ops->upload(d, u->params, sizeof(float) * nvec) ||
         (f16 && !ops->upload(d16, u->params16, sizeof(uint16_t) * u->nmat))) {
         const char *e = ops->error();
+        if (e && strncmp(e, "error: ", 7) == 0) e += 7;
         snprintf(u->err, UNET_ERR_LEN, "unet: cannot copy %.1f MiB of weights to %s: %s",
                  (double)(nvec * 4 + (f16 ? u->nmat * 2 + big * 4 : 0)) / 1048576.0, ops->name,
                  e ? e : "out of memory");

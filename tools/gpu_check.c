@@ -2,8 +2,9 @@
  *
  *   gpu_check tiny DIR          the UNet of DIR (models/tiny/unet) on both: LoRA
  *                               "transformer" rank 4 with dropout, B random; two
- *                               training steps (eps, every dA/dB, dx, dctx) and an
- *                               inference forward, rel err <= 1e-4 each
+ *                               training steps (eps, every dA/dB, dx, dctx), one
+ *                               checkpointed, an inference forward, and a step with
+ *                               the weights held as fp16; rel err <= 1e-4 each
  *   gpu_check sd15 [SIDE [TSIDE]] SD1.5's architecture (859,520,964 parameters) made in
  *                               memory with random weights (no file, no network):
  *                               one training step compared with the CPU at SIDE x SIDE
@@ -130,20 +131,24 @@ static void compare(const char *label, unet_t *cpu, unet_t *dev, int B, int h, i
     free(x); free(ctx); free(deps); free(t); free(ec); free(ed); free(dxc); free(dxd); free(dcc); free(dcd);
 }
 
-static void check_tiny(const char *dir) {
+static void check_tiny(const char *dir, weight_dtype dt) {
     unet_t cpu, dev;
     char err[UNET_ERR_LEN];
-    if (unet_load_diffusers(&cpu, dir, err) || unet_load_diffusers(&dev, dir, err)) die(dir, err);
+    if (unet_load_diffusers_dtype(&cpu, dir, dt, err) || unet_load_diffusers_dtype(&dev, dir, dt, err)) die(dir, err);
     if (unet_add_lora(&cpu, "transformer", 4, 4.0f, 0.1f, 7)) die(dir, cpu.err);
     if (unet_add_lora(&dev, "transformer", 4, 4.0f, 0.1f, 7)) die(dir, dev.err);
     randomize_b(&cpu);
     randomize_b(&dev);
     if (unet_to_device(&dev, device_ops())) die(dir, dev.err);
-    printf("tiny UNet (%s), on %s\n", dir, device_ops()->name);
-    compare("tiny, training step 1", &cpu, &dev, 2, 16, 16, 77, 1, 1e-4);
-    compare("tiny, training step 2", &cpu, &dev, 2, 16, 16, 77, 1, 1e-4);
-    compare("tiny, checkpointed step", &cpu, &dev, 2, 16, 16, 77, 2, 1e-4);
-    compare("tiny, inference", &cpu, &dev, 2, 16, 16, 77, 0, 1e-4);
+    printf("tiny UNet (%s, weights held as %s), on %s\n", dir, weight_dtype_name(dt), device_ops()->name);
+    if (dt == WEIGHT_F16) {
+        compare("tiny fp16, training step", &cpu, &dev, 2, 16, 16, 77, 1, 1e-4);
+    } else {
+        compare("tiny, training step 1", &cpu, &dev, 2, 16, 16, 77, 1, 1e-4);
+        compare("tiny, training step 2", &cpu, &dev, 2, 16, 16, 77, 1, 1e-4);
+        compare("tiny, checkpointed step", &cpu, &dev, 2, 16, 16, 77, 2, 1e-4);
+        compare("tiny, inference", &cpu, &dev, 2, 16, 16, 77, 0, 1e-4);
+    }
     unet_free(&cpu);
     unet_free(&dev);
 }
@@ -305,7 +310,10 @@ static void cmp_lora(const char *a, const char *b, double tol) {
 }
 
 int main(int argc, char **argv) {
-    if (argc >= 3 && strcmp(argv[1], "tiny") == 0) check_tiny(argv[2]);
+    if (argc >= 3 && strcmp(argv[1], "tiny") == 0) {
+        check_tiny(argv[2], WEIGHT_F32);
+        check_tiny(argv[2], WEIGHT_F16);
+    }
     else if (argc >= 2 && strcmp(argv[1], "sd15") == 0) check_sd15(argc >= 3 ? atoi(argv[2]) : 16, argc >= 4 ? atoi(argv[3]) : 64);
     else if (argc >= 5 && strcmp(argv[1], "cmp-lora") == 0) cmp_lora(argv[2], argv[3], atof(argv[4]));
     else {

@@ -10,7 +10,8 @@
 #      host-emulated device, and, with a GPU, every *_cuda function against
 #      the CPU (make CUDA=1 test-cuda)
 #   3. --device errors (tests/test_programs.c:test_device, the CUDA build)
-#   4. models/tiny's UNet, cuda against cpu: eps, LoRA dA/dB, dx, dctx,
+#   4. models/tiny's UNet, cuda against cpu (fp32 and fp16-held weights):
+#      eps, LoRA dA/dB, dx, dctx,
 #      rel err <= 1e-4
 #   5. ./train data/ --steps 20, cpu and cuda: the two LoRAs within 1e-2
 #      (max |a - b| / max |b|; 20 AdamW steps amplify the last bits of the
