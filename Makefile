@@ -12,7 +12,9 @@
 #                   reader's harness FUZZ_SECONDS (default 60) seconds
 #   make CUDA=1     also compile and link cuda/*.cu with nvcc
 #   make CUDA=1 test-cuda   the GPU kernels' arithmetic checked on the host against the
-#                   CPU code (cuda/test_cuda_host.cu; needs nvcc, not a GPU)
+#                   CPU code, and the whole UNet on a host-emulated device
+#                   (cuda/test_cuda_host.cu; needs nvcc, not a GPU)
+#   bash tools/gpu_check.sh   on a machine with an NVIDIA GPU: cuda against cpu, and timings
 #   make clean
 
 CC      ?= cc
@@ -89,6 +91,10 @@ else
 test-cuda:
 	@echo "error: test-cuda: exists only in the CUDA build (run make CUDA=1 test-cuda BUILD=build-cuda)"; exit 1
 endif
+
+# cuda against cpu on models/tiny and a random SD1.5, and timings (tools/gpu_check.sh)
+$(BUILD)/gpu_check: tools/gpu_check.c $(LIBOBJ)
+	$(CC) $(CFLAGS) -I. $< $(LIBOBJ) -o $@ $(LDFLAGS) $(LDLIBS)
 
 # the programs are built in $(BUILD) (so `make asan` has sanitised ones for
 # tests/test_programs.c) and copied to the top for users

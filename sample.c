@@ -28,6 +28,7 @@
 #include <omp.h>
 #endif
 #include "cli.h"
+#include "cuda/cuda.h"
 #include "generate.h"
 #include "image.h"
 #include "grid.h"
@@ -87,7 +88,7 @@ static void out_name(char *buf, size_t n, const char *out, int b) {
 
 /* the flags, and what one run holds */
 typedef struct {
-    const char *model, *prompt, *negative, *out, *sampler, *rng, *lora_dir, *tok_dir, *wdtype_name;
+    const char *model, *prompt, *negative, *out, *sampler, *rng, *lora_dir, *tok_dir, *wdtype_name, *device;
     int steps, width, height, batch, clip_skip, karras, merge, threads, grid;
     float cfg;
     uint64_t seed;
@@ -134,6 +135,7 @@ static int parse_args(sample_args *a, int argc, char **argv) {
         {"--clip-skip", OPT_INT, &a->clip_skip, 1, 12, NULL, "use the output of the N-th last CLIP layer"},
         {"--out", OPT_STR, &a->out, 0, 0, NULL, "output PNG"},
         {"--threads", OPT_INT, &a->threads, 0, 4096, NULL, "CPU threads (0: all)"},
+        {"--device", OPT_CHOICE, &a->device, 0, 0, "cpu|cuda", "where the UNet runs (cuda: a build with make CUDA=1 and an NVIDIA GPU)"},
     };
     const char *pos[1]; int npos;
     int rc = cli_parse(argc, argv, opts, (int)(sizeof opts / sizeof opts[0]), pos, 0, &npos,
@@ -230,6 +232,14 @@ static int load_model_and_loras(sample_run *r, const sample_args *a) {
         snprintf(r->lora_text + k, sizeof r->lora_text - k, "%s<lora:%s:%g>", k ? " " : "", stem, (double)r->weights[i]);
         printf("LoRA %s, weight %g (%d modules%s)\n", r->paths[i], (double)r->weights[i], nmod, a->merge ? ", merged" : "");
     }
+#ifdef SDLORA_CUDA
+    /* --device cuda: the sampler's UNet on the GPU, with the LoRAs as they are
+     * now (merged or side branches); the text encoder and VAE on the CPU */
+    if (strcmp(a->device, "cuda") == 0 && unet_to_device(&r->m.unet, nn_ops_cuda())) {
+        fprintf(stderr, "error: --device cuda: %s\n", r->m.unet.err);
+        return 1;
+    }
+#endif
     return 0;
 }
 
@@ -396,12 +406,15 @@ static int run(sample_run *r, const sample_args *a) {
 int main(int argc, char **argv) {
     sample_args a = {
         .model = NULL, .prompt = NULL, .negative = "", .out = "sample.png", .sampler = "euler_a", .rng = "cpu",
-        .lora_dir = "loras", .tok_dir = NULL, .wdtype_name = "fp32",
+        .lora_dir = "loras", .tok_dir = NULL, .wdtype_name = "fp32", .device = "cpu",
         .steps = 20, .width = 0, .height = 0, .batch = 1, .clip_skip = 1, .karras = 0, .merge = 0, .threads = 0,
         .cfg = 7.0f, .seed = 42, .lora = {{0}, 0},
     };
     int rc = parse_args(&a, argc, argv);
     if (rc >= 0) return rc;
+    char derr[CUDA_ERR_LEN];
+    /* --device cuda without CUDA=1, a driver or a GPU: one line saying which */
+    if (strcmp(a.device, "cuda") == 0 && cuda_device_check(derr) != 0) { fprintf(stderr, "%s\n", derr); return 1; }
 #ifdef _OPENMP
     if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif

@@ -25,6 +25,7 @@
 #include <omp.h>
 #endif
 #include "cli.h"
+#include "cuda/cuda.h"
 #include "dataset.h"
 #include "generate.h"
 #include "image.h"
@@ -38,7 +39,7 @@
 
 typedef struct {
     const char *data, *model, *out, *name, *targets, *sched, *resume, *sample_prompt, *tokenizer, *precision,
-               *weight_dtype;
+               *weight_dtype, *device;
     int rank, res, batch, accum, steps, epochs, warmup, save_every, sample_every, te, flip,
         random_crop, grad_ckpt, threads, clip_skip, full, no_grid, conv_rank;
     float conv_alpha;      /* 0: the conv rank (scale 1) */
@@ -628,6 +629,19 @@ static int build_caches(trainer *t, char *err) {
     return 0;
 }
 
+/* --device cuda: from here on the UNet's forward and backward run on the
+ * GPU (unet_to_device); the latent and text caches, the noise and timestep
+ * draws, the loss and AdamW stay on the CPU, the LoRA's gradients come down
+ * and its A, B go up once per step */
+static int to_device(trainer *t, char *err) {
+    if (strcmp(t->a->device, "cuda") != 0) return 0;
+#ifdef SDLORA_CUDA
+    if (unet_to_device(&t->m.unet, nn_ops_cuda())) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.unet.err); return -1; }
+    fprintf(stderr, "device: cuda: the UNet's forward and backward (VAE, text encoder, noise, loss and AdamW on the CPU)\n");
+#endif
+    return 0;
+}
+
 /* the UNet's activations for a training micro-batch (with --grad-checkpoint
  * only what backward cannot recompute) */
 static int alloc_train_acts(trainer *t, char *err) {
@@ -827,9 +841,11 @@ static int optimizer_step(trainer *t, char *err) {
     t->lr_te = lr_at(t->sched, a->te_lr, t->st.step, a->warmup, t->total);
     memset(t->G1, 0, sizeof(float) * t->n1);
     if (t->n2) memset(t->G2, 0, sizeof(float) * t->n2);
+    if (t->m.unet.dparams) unet_zero_lora_grads(&t->m.unet);   /* --device cuda: its copy too */
     t->step_loss = 0;
     for (int k = 0; k < a->accum; k++)
         if (next_batch(t, err) || micro_step(t, err)) return -1;
+    if (unet_lora_grads_download(&t->m.unet)) { snprintf(err, SD_ERR_LEN, "UNet: %s", t->m.unet.err); return -1; }
     if (t->nan_at > 0 && t->st.step + 1 == t->nan_at) t->step_loss = NAN;
     if (!isfinite(t->step_loss)) {
         if (t->tty) fputc('\n', stderr);
@@ -840,6 +856,7 @@ static int optimizer_step(trainer *t, char *err) {
     clip_gradients(t);
     adamw_step(&t->st.opt_unet, t->P1, t->G1, t->lr);
     if (t->n2) adamw_step(&t->st.opt_te, t->P2, t->G2, t->lr_te);
+    if (unet_lora_upload(&t->m.unet)) { snprintf(err, SD_ERR_LEN, "UNet: %s", t->m.unet.err); return -1; }
     t->st.step++;
     if (t->stop_after > 0 && t->st.step - t->step0 >= t->stop_after) g_stop = 1;
     return 0;
@@ -980,7 +997,7 @@ static int train(train_args *a, char *err) {
     memset(&t, 0, sizeof t);
     t.a = a;
     int ret = 1;
-    if (load_model_and_data(&t, err) || setup_trainables(&t, err)) goto out;
+    if (load_model_and_data(&t, err) || setup_trainables(&t, err) || to_device(&t, err)) goto out;
     print_run(&t);
     if (build_caches(&t, err) || alloc_buffers(&t, err) || open_loss_log(&t, err)) goto out;
     install_stop_hooks(&t);
@@ -1066,6 +1083,10 @@ static int check_args(const train_args *a) {
         fprintf(stderr, "error: --weight-dtype %s: full fine-tuning updates the weights themselves and needs fp32 (drop --full or use --weight-dtype fp32)\n", a->weight_dtype);
         return 2;
     }
+    if (strcmp(a->device, "cuda") == 0 && a->full) {
+        fprintf(stderr, "error: --device cuda: trains a LoRA only for now (drop --full, or use --device cpu)\n");
+        return 2;
+    }
     if (a->full && a->resume) {
         fprintf(stderr, "error: --resume works with LoRA runs only (drop --full or --resume)\n");
         return 2;
@@ -1122,6 +1143,7 @@ static int parse_args(train_args *a, int argc, char **argv) {
         {"--no-grid", OPT_FLAG, &a->no_grid, 0, 0, NULL, "skip the before/after grid at the end"},
         {"--resume", OPT_STR, &a->resume, 0, 0, NULL, "training state to resume from (OUT/state.safetensors)"},
         {"--threads", OPT_INT, &a->threads, 0, 4096, NULL, "CPU threads (0: all)"},
+        {"--device", OPT_CHOICE, &a->device, 0, 0, "cpu|cuda", "where the UNet's step runs (cuda: a build with make CUDA=1 and an NVIDIA GPU)"},
     };
     enum { NOPTS = (int)(sizeof opts / sizeof opts[0]) };
     int ac, npos, nfile, set_at[NOPTS];
@@ -1150,7 +1172,7 @@ static int parse_args(train_args *a, int argc, char **argv) {
 int main(int argc, char **argv) {
     train_args a = {
         .model = NULL, .out = "out", .name = "lora", .targets = "qv", .sched = "constant", .precision = "fp32",
-        .weight_dtype = "fp32",
+        .weight_dtype = "fp32", .device = "cpu",
         .rank = 4, .res = 0, .batch = 1, .accum = 1, .steps = 0, .epochs = 0, .warmup = 0,
         .save_every = 0, .sample_every = 0, .clip_skip = 1,
         .alpha = 4.0f, .dropout = 0.0f, .lr = 1e-4f, .te_lr = 5e-5f,
@@ -1160,10 +1182,12 @@ int main(int argc, char **argv) {
     int rc = parse_args(&a, argc, argv);
     if (rc >= 0) return rc;
     if (a.conv_alpha <= 0) a.conv_alpha = (float)a.conv_rank;
+    char err[SD_ERR_LEN] = "";
+    /* --device cuda without CUDA=1, a driver or a GPU: one line saying which */
+    if (strcmp(a.device, "cuda") == 0 && cuda_device_check(err) != 0) { fprintf(stderr, "%s\n", err); return 1; }
 #ifdef _OPENMP
     if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif
-    char err[SD_ERR_LEN] = "";
     rc = train(&a, err);
     if (rc && rc != 130) fprintf(stderr, "error: %s\n", err);
     return rc;

@@ -213,9 +213,44 @@ static float *at(const unet_t *u, size_t off) {
 
 static void zero(float *p, size_t n) { memset(p, 0, sizeof(float) * n); }
 
+/* the operations table every layer runs through (backend.h): the CPU's, or
+ * a device's after unet_to_device. Every pointer given to it is in its
+ * memory: an activation (the arena's base + an offset) or a parameter,
+ * translated by PV / weight_f32 / lora_of to the device's copy. */
+#define OPS (u->ops ? u->ops : &nn_ops_cpu)
+
+/* a vector parameter (bias, norm scale) in the table's memory: the same
+ * offset in the device's copy of params (NULL stays NULL) */
+static const float *PV(const unet_t *u, const float *p) {
+    return p && u->dparams ? u->dparams + (p - u->params) : p;
+}
+
+/* an adapter with A, B, dA, dB in the table's memory (on the CPU, itself;
+ * on a device, a copy pointing at the same offsets of the device's blocks) */
+static lora_t *lora_of(const unet_t *u, lora_t *L, lora_t *tmp) {
+    if (!L || !u->dlora_params) return L;
+    *tmp = *L;
+    tmp->A = u->dlora_params + (L->A - u->lora_params);
+    tmp->B = u->dlora_params + (L->B - u->lora_params);
+    tmp->dA = L->dA ? u->dlora_grads + (L->dA - u->lora_grads) : NULL;
+    tmp->dB = L->dB ? u->dlora_grads + (L->dB - u->lora_grads) : NULL;
+    return tmp;
+}
+
+/* the arena on the table's memory */
+static void acts_free(unet_t *u) {
+    if (u->ops && u->ops->device) {
+        if (u->acts.base) u->ops->free(u->acts.base);
+        u->acts.base = NULL;
+        u->acts.nfloats = 0;
+    } else {
+        arena_free(&u->acts);
+    }
+}
+
 /* the layout is out of date (adapters or weight gradients change it) */
 static void drop_acts(unet_t *u) {
-    arena_free(&u->acts);
+    acts_free(u);
     u->have_forward = 0;
 }
 
@@ -236,6 +271,15 @@ static float *grad_of_matrix(const unet_t *u, const unet_param *p) {
  * before it asks for the next; asking again for the matrix already there
  * costs nothing (lin_backward reads W0 twice). */
 static const float *weight_f32(unet_t *u, const unet_param *p) {
+    if (u->dparams) {
+        /* on a device: its copy, at the same place; fp16 widened there */
+        if (!p->data16) return u->dparams + (p->data - u->params);
+        if (u->dwbuf_of != p->data16) {
+            OPS->widen_f16(u->dwbuf, u->dparams16 + (p->data16 - u->params16), p->numel);
+            u->dwbuf_of = p->data16;
+        }
+        return u->dwbuf;
+    }
     if (p->data) return p->data;
     return half_widen_cached(u->wbuf, &u->wbuf_of, p->data16, p->numel);
 }
@@ -243,20 +287,7 @@ static const float *weight_f32(unet_t *u, const unet_param *p) {
 /* ------------------------------------------------------------------------ */
 /* small tensor helpers                                                      */
 
-/* out[b][s][r] = in[b][r][s]: (B, R, S) -> (B, S, R). NCHW <-> tokens. */
-static void transpose(float *out, const float *in, int B, int R, int S) {
-    for (int b = 0; b < B; b++) {
-        for (int s = 0; s < S; s++) {
-            const float *ib = in + (size_t)b * R * S;
-            float *o = out + ((size_t)b * S + s) * R;
-            for (int r = 0; r < R; r++) o[r] = ib[(size_t)r * S + s];
-        }
-    }
-}
-
-static void add_inplace(float *y, const float *x, size_t n) {
-    for (size_t i = 0; i < n; i++) y[i] += x[i];
-}
+/* transpose, add, accumulate, per-channel adds and sums: the table's (backend.h) */
 
 /* ------------------------------------------------------------------------ */
 /* lin: linear or 1x1 conv with an optional adapter, on (N, in) tokens       */
@@ -266,13 +297,14 @@ static void lin_forward(unet_t *u, lin_t *l, float *out) {
     float *ax = at(u, l->ax);
     if (l->L && !u->train && l->L->dropout > 0.0f) {
         /* inference: dropout is off, as in torch's eval() */
-        lora_t Le = *l->L;
+        lora_t Lt, Le = *lora_of(u, l->L, &Lt);
         Le.dropout = 0.0f;
-        lora_forward(out, ax, NULL, NULL, inp, weight_f32(u, l->w), l->b, &Le, l->N, l->in, l->out, NULL);
+        OPS->lora_forward(out, ax, NULL, NULL, inp, weight_f32(u, l->w), PV(u, l->b), &Le, l->N, l->in, l->out, NULL);
         return;
     }
-    lora_forward(out, ax, (uint8_t *)at(u, l->mask), at(u, l->scratch), inp, weight_f32(u, l->w), l->b,
-                 l->L, l->N, l->in, l->out, &u->dropout_rng);
+    lora_t Ld;
+    OPS->lora_forward(out, ax, (uint8_t *)at(u, l->mask), at(u, l->scratch), inp, weight_f32(u, l->w), PV(u, l->b),
+                 lora_of(u, l->L, &Ld), l->N, l->in, l->out, &u->dropout_rng);
 }
 
 /* dinp += d/dinp (may be NULL); the adapter's dA, dB +=; with full grads
@@ -281,11 +313,12 @@ static void lin_forward(unet_t *u, lin_t *l, float *out) {
 static void lin_backward(unet_t *u, lin_t *l, float *dinp, const float *dout) {
     const float *inp = at(u, l->inp);
     if (u->grads)
-        linear_backward(NULL, grad_of_matrix(u, l->w), grad_of(u, l->b), dout, inp, weight_f32(u, l->w),
+        OPS->linear_backward(NULL, grad_of_matrix(u, l->w), grad_of(u, l->b), dout, inp, weight_f32(u, l->w),
                         l->N, l->in, l->out);
     if (!dinp && !l->L) return;
-    lora_backward(dinp, dout, inp, at(u, l->ax), (const uint8_t *)at(u, l->mask), at(u, l->dscratch),
-                  weight_f32(u, l->w), l->L, l->N, l->in, l->out);
+    lora_t Ld;
+    OPS->lora_backward(dinp, dout, inp, at(u, l->ax), (const uint8_t *)at(u, l->mask), at(u, l->dscratch),
+                  weight_f32(u, l->w), lora_of(u, l->L, &Ld), l->N, l->in, l->out);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -328,35 +361,29 @@ static void resnet_forward(unet_t *u, resnet_t *r) {
     float *silu_out = at(u, r->silu), *tp = at(u, r->tproj);
     r->rng = u->dropout_rng;
 
-    groupnorm_forward(n1, mean1, rstd1, x, r->norm1_w, r->norm1_b, B, cin, HW, G, eps);
-    silu_forward(silu_out, n1, nin);
-    conv2d_forward(h1, silu_out, weight_f32(u, r->conv1_w), r->conv1_b, B, cin, H, W, cout, 3, 3, 1, 1);
+    OPS->groupnorm_forward(n1, mean1, rstd1, x, PV(u, r->norm1_w), PV(u, r->norm1_b), B, cin, HW, G, eps);
+    OPS->silu_forward(silu_out, n1, nin);
+    OPS->conv2d_forward(h1, silu_out, weight_f32(u, r->conv1_w), PV(u, r->conv1_b), B, cin, H, W, cout, 3, 3, 1, 1);
     clora_forward(u, &r->l1, h1, silu_out);
     // h1[b, c, :] += (W_t silu(temb[b]) + b_t)[c]
-    linear_forward(tp, at(u, u->net->temb), weight_f32(u, r->temb_w), r->temb_b, B, T, cout);
+    OPS->linear_forward(tp, at(u, u->net->temb), weight_f32(u, r->temb_w), PV(u, r->temb_b), B, T, cout);
     clora_forward(u, &r->lt, tp, at(u, u->net->temb));
-    for (int b = 0; b < B; b++)
-        for (int c = 0; c < cout; c++) {
-            float *p = h1 + ((size_t)b * cout + c) * HW;
-            float v = tp[(size_t)b * cout + c];
-            for (int i = 0; i < HW; i++) p[i] += v;
-        }
-    groupnorm_forward(n2, mean2, rstd2, h1, r->norm2_w, r->norm2_b, B, cout, HW, G, eps);
-    silu_forward(silu_out, n2, nout);
-    conv2d_forward(out, silu_out, weight_f32(u, r->conv2_w), r->conv2_b, B, cout, H, W, cout, 3, 3, 1, 1);
+    OPS->add_chan(h1, tp, B, cout, (size_t)HW);
+    OPS->groupnorm_forward(n2, mean2, rstd2, h1, PV(u, r->norm2_w), PV(u, r->norm2_b), B, cout, HW, G, eps);
+    OPS->silu_forward(silu_out, n2, nout);
+    OPS->conv2d_forward(out, silu_out, weight_f32(u, r->conv2_w), PV(u, r->conv2_b), B, cout, H, W, cout, 3, 3, 1, 1);
     clora_forward(u, &r->l2, out, silu_out);
     if (r->short_w) {
         // out_b (cout x HW) += W_s (cout x cin) x_b (cin x HW) + b_s
         for (int b = 0; b < B; b++) {
             float *ob = out + (size_t)b * cout * HW;
-            gemm(0, 0, cout, HW, cin, 1.0f, weight_f32(u, r->short_w), cin, x + (size_t)b * cin * HW, HW,
+            OPS->gemm(0, 0, cout, HW, cin, 1.0f, weight_f32(u, r->short_w), cin, x + (size_t)b * cin * HW, HW,
                  1.0f, ob, HW);
-            for (int c = 0; c < cout; c++)
-                for (int i = 0; i < HW; i++) ob[(size_t)c * HW + i] += r->short_b[c];
+            OPS->add_chan(ob, PV(u, r->short_b), 1, cout, (size_t)HW);
         }
         clora_forward(u, &r->ls, out, x);
     } else {
-        add_inplace(out, x, nout);
+        OPS->accumulate(out, x, nout);
     }
 }
 
@@ -376,62 +403,56 @@ static void resnet_backward(unet_t *u, resnet_t *r, float *dx, const float *dout
     // shortcut: dx += W_s^T dout, or dx += dout
     if (r->short_w) {
         for (int b = 0; b < B; b++)
-            gemm(1, 0, cin, HW, cout, 1.0f, weight_f32(u, r->short_w), cin, dout + (size_t)b * cout * HW, HW,
+            OPS->gemm(1, 0, cin, HW, cout, 1.0f, weight_f32(u, r->short_w), cin, dout + (size_t)b * cout * HW, HW,
                  1.0f, dx + (size_t)b * cin * HW, HW);
         // dW_s += dout_b x_b^T, db_s += sum dout (a 1x1 conv, no input gradient here)
         if (u->grads)
-            conv2d_backward(NULL, grad_of_matrix(u, r->short_w), grad_of(u, r->short_b), dout, x,
+            OPS->conv2d_backward(NULL, grad_of_matrix(u, r->short_w), grad_of(u, r->short_b), dout, x,
                             weight_f32(u, r->short_w), B, cin, H, W, cout, 1, 1, 1, 0);
         clora_backward(u, &r->ls, dx, dout, x);
     } else {
-        add_inplace(dx, dout, nout);
+        OPS->accumulate(dx, dout, nout);
     }
     // conv backward reads its input only for dweight; when that is NULL
     // the gradient buffer of the input has the right shape to stand in
     // for it, else the input silu(n2) is recomputed (forward kept only n2)
-    if (u->grads) silu_forward(g2, at(u, r->n2), nout);
-    zero(g1, nout);
-    conv2d_backward(g1, grad_of_matrix(u, r->conv2_w), grad_of(u, r->conv2_b), dout, u->grads ? g2 : g1,
+    if (u->grads) OPS->silu_forward(g2, at(u, r->n2), nout);
+    OPS->zero(g1, nout);
+    OPS->conv2d_backward(g1, grad_of_matrix(u, r->conv2_w), grad_of(u, r->conv2_b), dout, u->grads ? g2 : g1,
                     weight_f32(u, r->conv2_w), B, cout, H, W, cout, 3, 3, 1, 1);
     if (r->l2.L) {
         /* conv2's adapter: its input silu(n2) again (for dA), its dx into g1 */
         float *a2 = at(u, r->lx);
-        silu_forward(a2, at(u, r->n2), nout);
+        OPS->silu_forward(a2, at(u, r->n2), nout);
         clora_backward(u, &r->l2, g1, dout, a2);
     }
-    zero(g2, nout);
-    silu_backward(g2, g1, at(u, r->n2), nout);
-    zero(g1, nout);
-    groupnorm_backward(g1, grad_of(u, r->norm2_w), grad_of(u, r->norm2_b), g2, at(u, r->h1), r->norm2_w,
+    OPS->zero(g2, nout);
+    OPS->silu_backward(g2, g1, at(u, r->n2), nout);
+    OPS->zero(g1, nout);
+    OPS->groupnorm_backward(g1, grad_of(u, r->norm2_w), grad_of(u, r->norm2_b), g2, at(u, r->h1), PV(u, r->norm2_w),
                        at(u, r->mean2), at(u, r->rstd2), B, cout, HW, G);
     if (u->grads || r->lt.L) {
         // h1[b, c, :] += tp[b, c]  =>  dtp[b, c] = sum_i dh1[b, c, i]; tp = W_t silu(temb) + b_t
-        for (int b = 0; b < B; b++)
-            for (int c = 0; c < cout; c++) {
-                const float *p = g1 + ((size_t)b * cout + c) * HW;
-                double s = 0;
-                for (int i = 0; i < HW; i++) s += p[i];
-                dtp[(size_t)b * cout + c] = (float)s;
-            }
+        OPS->sum_chan(dtp, g1, B, cout, (size_t)HW);
         if (u->grads)
-            linear_backward(at(u, u->net->dtemb), grad_of_matrix(u, r->temb_w), grad_of(u, r->temb_b), dtp,
-                            at(u, u->net->temb), weight_f32(u, r->temb_w), B, T, cout);
+            OPS->linear_backward(at(u, u->net->dtemb), grad_of_matrix(u, r->temb_w), grad_of(u, r->temb_b), dtp,
+                                 at(u, u->net->temb), weight_f32(u, r->temb_w), B, T, cout);
         /* time_emb_proj's adapter (d silu(temb) only with full grads) */
         clora_backward(u, &r->lt, u->grads ? at(u, u->net->dtemb) : NULL, dtp, at(u, u->net->temb));
-        if (u->grads) silu_forward(a1, at(u, r->n1), nin);
+        if (u->grads) OPS->silu_forward(a1, at(u, r->n1), nin);
     }
-    zero(g2, nin);
-    conv2d_backward(g2, grad_of_matrix(u, r->conv1_w), grad_of(u, r->conv1_b), g1, u->grads ? a1 : g2,
+    OPS->zero(g2, nin);
+    OPS->conv2d_backward(g2, grad_of_matrix(u, r->conv1_w), grad_of(u, r->conv1_b), g1, u->grads ? a1 : g2,
                     weight_f32(u, r->conv1_w), B, cin, H, W, cout, 3, 3, 1, 1);
     if (r->l1.L) {
         /* conv1's adapter: its input silu(n1) again, its dx into g2 */
         float *a0 = at(u, r->lx);
-        silu_forward(a0, at(u, r->n1), nin);
+        OPS->silu_forward(a0, at(u, r->n1), nin);
         clora_backward(u, &r->l1, g2, g1, a0);
     }
-    zero(g1, nin);
-    silu_backward(g1, g2, at(u, r->n1), nin);
-    groupnorm_backward(dx, grad_of(u, r->norm1_w), grad_of(u, r->norm1_b), g1, x, r->norm1_w,
+    OPS->zero(g1, nin);
+    OPS->silu_backward(g1, g2, at(u, r->n1), nin);
+    OPS->groupnorm_backward(dx, grad_of(u, r->norm1_w), grad_of(u, r->norm1_b), g1, x, PV(u, r->norm1_w),
                        at(u, r->mean1), at(u, r->rstd1), B, cin, HW, G);
 }
 
@@ -445,7 +466,7 @@ static void attn_forward(unet_t *u, attn_t *a, float *out) {
     lin_forward(u, &a->q, qb);
     lin_forward(u, &a->k, kb);
     lin_forward(u, &a->v, vb);
-    attention_forward(ob, NULL, qb, kb, vb, u->B, a->Tq, a->Tk, a->heads, a->dh, 0);
+    OPS->attention_forward(ob, NULL, qb, kb, vb, u->B, a->Tq, a->Tk, a->heads, a->dh, 0);
     lin_forward(u, &a->o, out);
 }
 
@@ -454,11 +475,11 @@ static void attn_backward(unet_t *u, attn_t *a, float *dx, float *dsrc, const fl
     int B = u->B, C = a->heads * a->dh, Tq = a->Tq, Tk = a->Tk;
     size_t nq = (size_t)B * Tq * C, nk = (size_t)B * Tk * C;
     float *dob = at(u, a->dob), *dq = at(u, a->dq), *dk = at(u, a->dk), *dv = at(u, a->dv);
-    zero(dob, nq); zero(dq, nq); zero(dk, nk); zero(dv, nk);
+    OPS->zero(dob, nq); OPS->zero(dq, nq); OPS->zero(dk, nk); OPS->zero(dv, nk);
     lin_backward(u, &a->o, dob, dout);
     // k and v need a gradient only if it goes somewhere: src or an adapter
     int need_kv = dsrc || a->k.L || a->v.L || u->grads;
-    attention_backward(dq, need_kv ? dk : NULL, need_kv ? dv : NULL, dob,
+    OPS->attention_backward(dq, need_kv ? dk : NULL, need_kv ? dv : NULL, dob,
                        at(u, a->qb), at(u, a->kb), at(u, a->vb), NULL, B, Tq, Tk, a->heads, a->dh, 0);
     lin_backward(u, &a->q, dx, dq);
     if (need_kv) {
@@ -481,19 +502,19 @@ static void tblock_forward(unet_t *u, tblock_t *tb) {
     float *out = at(u, tb->out), *t = at(u, tb->branch);
     float *h1 = at(u, tb->h1), *h2 = at(u, tb->h2);
 
-    layernorm_forward(at(u, tb->n1), at(u, tb->m1), at(u, tb->r1), x, tb->norm1_w, tb->norm1_b, N, D, eps);
+    OPS->layernorm_forward(at(u, tb->n1), at(u, tb->m1), at(u, tb->r1), x, PV(u, tb->norm1_w), PV(u, tb->norm1_b), N, D, eps);
     attn_forward(u, &tb->attn1, t);
-    for (size_t i = 0; i < nd; i++) h1[i] = x[i] + t[i];
+    OPS->add(h1, x, t, nd);
 
-    layernorm_forward(at(u, tb->n2), at(u, tb->m2), at(u, tb->r2), h1, tb->norm2_w, tb->norm2_b, N, D, eps);
+    OPS->layernorm_forward(at(u, tb->n2), at(u, tb->m2), at(u, tb->r2), h1, PV(u, tb->norm2_w), PV(u, tb->norm2_b), N, D, eps);
     attn_forward(u, &tb->attn2, t);
-    for (size_t i = 0; i < nd; i++) h2[i] = h1[i] + t[i];
+    OPS->add(h2, h1, t, nd);
 
-    layernorm_forward(at(u, tb->n3), at(u, tb->m3), at(u, tb->r3), h2, tb->norm3_w, tb->norm3_b, N, D, eps);
+    OPS->layernorm_forward(at(u, tb->n3), at(u, tb->m3), at(u, tb->r3), h2, PV(u, tb->norm3_w), PV(u, tb->norm3_b), N, D, eps);
     lin_forward(u, &tb->ff1, at(u, tb->f1));
-    geglu_forward(at(u, tb->g), at(u, tb->f1), N, 4 * D);
+    OPS->geglu_forward(at(u, tb->g), at(u, tb->f1), N, 4 * D);
     lin_forward(u, &tb->ff2, t);
-    for (size_t i = 0; i < nd; i++) out[i] = h2[i] + t[i];
+    OPS->add(out, h2, t, nd);
 }
 
 /* in place: dh holds d(out) on entry and d(x) on return (every branch is residual) */
@@ -501,22 +522,22 @@ static void tblock_backward(unet_t *u, tblock_t *tb, float *dh) {
     int D = tb->dim, N = u->B * tb->T;
     size_t nd = (size_t)N * D;
     float *dg = at(u, tb->dg), *df1 = at(u, tb->df1), *dn = at(u, tb->dn);
-    zero(dg, (size_t)N * 4 * D); zero(df1, (size_t)N * 8 * D); zero(dn, nd);
+    OPS->zero(dg, (size_t)N * 4 * D); OPS->zero(df1, (size_t)N * 8 * D); OPS->zero(dn, nd);
     // feed-forward branch, then dh += norm3^T dn
     lin_backward(u, &tb->ff2, dg, dh);
-    geglu_backward(df1, dg, at(u, tb->f1), N, 4 * D);
+    OPS->geglu_backward(df1, dg, at(u, tb->f1), N, 4 * D);
     lin_backward(u, &tb->ff1, dn, df1);
-    layernorm_backward(dh, grad_of(u, tb->norm3_w), grad_of(u, tb->norm3_b), dn, at(u, tb->h2), tb->norm3_w,
+    OPS->layernorm_backward(dh, grad_of(u, tb->norm3_w), grad_of(u, tb->norm3_b), dn, at(u, tb->h2), PV(u, tb->norm3_w),
                        at(u, tb->m3), at(u, tb->r3), N, D);
-    zero(dn, nd);
+    OPS->zero(dn, nd);
     // cross-attention: the context's gradient goes to net->dctx (if wanted)
     attn_backward(u, &tb->attn2, dn, u->net->dctx, dh);
-    layernorm_backward(dh, grad_of(u, tb->norm2_w), grad_of(u, tb->norm2_b), dn, at(u, tb->h1), tb->norm2_w,
+    OPS->layernorm_backward(dh, grad_of(u, tb->norm2_w), grad_of(u, tb->norm2_b), dn, at(u, tb->h1), PV(u, tb->norm2_w),
                        at(u, tb->m2), at(u, tb->r2), N, D);
-    zero(dn, nd);
+    OPS->zero(dn, nd);
     // self-attention: q, k and v all come from norm1(x)
     attn_backward(u, &tb->attn1, dn, dn, dh);
-    layernorm_backward(dh, grad_of(u, tb->norm1_w), grad_of(u, tb->norm1_b), dn, at(u, tb->x), tb->norm1_w,
+    OPS->layernorm_backward(dh, grad_of(u, tb->norm1_w), grad_of(u, tb->norm1_b), dn, at(u, tb->x), PV(u, tb->norm1_w),
                        at(u, tb->m1), at(u, tb->r1), N, D);
 }
 
@@ -536,13 +557,13 @@ static void xformer_forward(unet_t *u, xformer_t *xf) {
     const float *x = at(u, xf->x);
     float *out = at(u, xf->out), *gn = at(u, xf->gn);
     xf->rng = u->dropout_rng;
-    groupnorm_forward(gn, at(u, xf->mean), at(u, xf->rstd), x, xf->norm_w, xf->norm_b, B, C, HW, G, 1e-6f);
-    transpose(at(u, xf->gnT), gn, B, C, HW);
+    OPS->groupnorm_forward(gn, at(u, xf->mean), at(u, xf->rstd), x, PV(u, xf->norm_w), PV(u, xf->norm_b), B, C, HW, G, 1e-6f);
+    OPS->transpose(at(u, xf->gnT), gn, B, C, HW);
     lin_forward(u, &xf->proj_in, at(u, xf->t0));
     for (int k = 0; k < xf->nblocks; k++) tblock_forward(u, &xf->blocks[k]);
     lin_forward(u, &xf->proj_out, gn);     /* gn is free again: proj_out's tokens */
-    transpose(out, gn, B, HW, C);
-    add_inplace(out, x, n);
+    OPS->transpose(out, gn, B, HW, C);
+    OPS->accumulate(out, x, n);
 }
 
 /* in place: dh (B, C, H, W) holds d(out) on entry and d(x) on return */
@@ -550,13 +571,13 @@ static void xformer_backward(unet_t *u, xformer_t *xf, float *dh) {
     int B = u->B, C = xf->C, HW = xf->H * xf->W, G = u->cfg.groups;
     size_t n = (size_t)B * C * HW;
     float *dp = at(u, xf->dp), *dt = at(u, xf->dt), *dg = at(u, xf->dg);
-    zero(dt, n); zero(dg, n);
-    transpose(dp, dh, B, C, HW);                 /* d(proj_out output) as tokens */
+    OPS->zero(dt, n); OPS->zero(dg, n);
+    OPS->transpose(dp, dh, B, C, HW);                 /* d(proj_out output) as tokens */
     lin_backward(u, &xf->proj_out, dt, dp);
     for (int k = xf->nblocks - 1; k >= 0; k--) tblock_backward(u, &xf->blocks[k], dt);
     lin_backward(u, &xf->proj_in, dg, dt);       /* d(gnT) */
-    transpose(dp, dg, B, HW, C);                 /* d(gn) as NCHW */
-    groupnorm_backward(dh, grad_of(u, xf->norm_w), grad_of(u, xf->norm_b), dp, at(u, xf->x), xf->norm_w,
+    OPS->transpose(dp, dg, B, HW, C);                 /* d(gn) as NCHW */
+    OPS->groupnorm_backward(dh, grad_of(u, xf->norm_w), grad_of(u, xf->norm_b), dp, at(u, xf->x), PV(u, xf->norm_w),
                        at(u, xf->mean), at(u, xf->rstd), B, C, HW, G);
 }
 
@@ -929,7 +950,12 @@ void unet_free(unet_t *u) {
     if (u->net) { net_free_modules(u->net); free(u->net); }
     free(u->params); free(u->params16); free(u->wbuf); free(u->grads); free(u->table);
     free(u->loras); free(u->lora_params); free(u->lora_grads);
-    arena_free(&u->acts);
+    acts_free(u);
+    if (u->ops && u->ops->device) {
+        u->ops->free(u->dparams); u->ops->free(u->dlora_params); u->ops->free(u->dlora_grads);
+        u->ops->free(u->dparams16); u->ops->free(u->dwbuf);
+        u->ops->free(u->dio);
+    }
     memset(u, 0, sizeof *u);
 }
 
@@ -956,6 +982,11 @@ void unet_param_set(unet_t *u, int i, const float *src) {
     const unet_param *p = &u->table[i];
     half_param_set(p->data, p->data16, src, p->numel);
     u->wbuf_of = NULL;
+    if (u->dparams && p->data) u->ops->upload(u->dparams + (p->data - u->params), p->data, sizeof(float) * p->numel);
+    if (u->dparams16 && p->data16) {
+        u->ops->upload(u->dparams16 + (p->data16 - u->params16), p->data16, sizeof(uint16_t) * p->numel);
+        u->dwbuf_of = NULL;
+    }
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1366,6 +1397,7 @@ unet_lora *unet_find_lora(unet_t *u, const char *module_name) {
 
 void unet_zero_lora_grads(unet_t *u) {
     if (u->lora_grads) zero(u->lora_grads, u->lora_nparams);
+    if (u->dlora_grads) u->ops->zero(u->dlora_grads, u->dlora_n);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1839,19 +1871,19 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
     int B = u->B, H = u->H, W = u->W, n = c->nlevels, C0 = c->block_out[0], T = 4 * C0;
     u->have_forward = 0;
 
-    memcpy(at(u, net->ctx), ctx, sizeof(float) * (size_t)B * u->Tc * c->cross_dim);
+    OPS->copy(at(u, net->ctx), ctx, (size_t)B * u->Tc * c->cross_dim);
 
     /* time: temb = linear_2(silu(linear_1(sinusoid(t)))); the resnets all use silu(temb) */
     float *tsin = at(u, net->tsin), *t1o = at(u, net->t1o), *t1s = at(u, net->t1s), *t2o = at(u, net->t2o);
-    timestep_embedding(tsin, t, B, C0, c->flip_sin_to_cos, c->freq_shift, 10000.0f);
-    linear_forward(t1o, tsin, weight_f32(u, net->t1_w), net->t1_b, B, C0, T);
-    silu_forward(t1s, t1o, (size_t)B * T);
-    linear_forward(t2o, t1s, weight_f32(u, net->t2_w), net->t2_b, B, T, T);
-    silu_forward(at(u, net->temb), t2o, (size_t)B * T);
+    OPS->timestep_embedding(tsin, t, B, C0, c->flip_sin_to_cos, c->freq_shift, 10000.0f);
+    OPS->linear_forward(t1o, tsin, weight_f32(u, net->t1_w), PV(u, net->t1_b), B, C0, T);
+    OPS->silu_forward(t1s, t1o, (size_t)B * T);
+    OPS->linear_forward(t2o, t1s, weight_f32(u, net->t2_w), PV(u, net->t2_b), B, T, T);
+    OPS->silu_forward(at(u, net->temb), t2o, (size_t)B * T);
 
     /* conv_in */
-    if (net->xin != NONE) memcpy(at(u, net->xin), x, sizeof(float) * (size_t)B * c->in_channels * H * W);
-    conv2d_forward(at(u, net->skips[0]), x, weight_f32(u, net->conv_in_w), net->conv_in_b,
+    if (net->xin != NONE) OPS->copy(at(u, net->xin), x, (size_t)B * c->in_channels * H * W);
+    OPS->conv2d_forward(at(u, net->skips[0]), x, weight_f32(u, net->conv_in_w), PV(u, net->conv_in_b),
                    B, c->in_channels, H, W, C0, 3, 3, 1, 1);
 
     /* down */
@@ -1865,8 +1897,8 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
         /* Downsample2D: 3x3 conv, stride 2, padding 1 */
         if (blk->conv_w)
         {
-            conv2d_forward(at(u, blk->sampler_out), at(u, blk->sampler_in), weight_f32(u, blk->conv_w),
-                           blk->conv_b, B, C, H >> i, W >> i, C, 3, 3, 2, 1);
+            OPS->conv2d_forward(at(u, blk->sampler_out), at(u, blk->sampler_in), weight_f32(u, blk->conv_w),
+                                PV(u, blk->conv_b), B, C, H >> i, W >> i, C, 3, 3, 2, 1);
             clora_forward(u, &blk->ls, at(u, blk->sampler_out), at(u, blk->sampler_in));
         }
     }
@@ -1888,8 +1920,8 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
             float *cat = at(u, r->x);
             for (int b = 0; b < B; b++) {
                 float *cb = cat + (size_t)b * r->cin * HW;
-                memcpy(cb, h + (size_t)b * ch * HW, sizeof(float) * ch * HW);
-                memcpy(cb + (size_t)ch * HW, s + (size_t)b * cs * HW, sizeof(float) * cs * HW);
+                OPS->copy(cb, h + (size_t)b * ch * HW, (size_t)ch * HW);
+                OPS->copy(cb + (size_t)ch * HW, s + (size_t)b * cs * HW, (size_t)cs * HW);
             }
             resnet_forward(u, r);
             h = at(u, r->out);
@@ -1901,8 +1933,8 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
         if (blk->conv_w) {
             /* Upsample2D: nearest 2x, then 3x3 conv */
             float *up = at(u, blk->up2x);
-            upsample2x_forward(up, h, B, C, hh, ww);
-            conv2d_forward(at(u, blk->sampler_out), up, weight_f32(u, blk->conv_w), blk->conv_b,
+            OPS->upsample2x_forward(up, h, B, C, hh, ww);
+            OPS->conv2d_forward(at(u, blk->sampler_out), up, weight_f32(u, blk->conv_w), PV(u, blk->conv_b),
                            B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
             clora_forward(u, &blk->ls, at(u, blk->sampler_out), up);
             h = at(u, blk->sampler_out);
@@ -1912,10 +1944,10 @@ static void run_forward(unet_t *u, float *eps_out, const float *x, const float *
     /* out: eps = conv_out(silu(conv_norm_out(h))) */
     size_t nout = (size_t)B * C0 * H * W;
     float *n_out = at(u, net->n_out), *silu_out = at(u, net->out_silu);
-    groupnorm_forward(n_out, at(u, net->mean_out), at(u, net->rstd_out), h, net->norm_out_w, net->norm_out_b,
+    OPS->groupnorm_forward(n_out, at(u, net->mean_out), at(u, net->rstd_out), h, PV(u, net->norm_out_w), PV(u, net->norm_out_b),
                       B, C0, H * W, c->groups, c->eps);
-    silu_forward(silu_out, n_out, nout);
-    conv2d_forward(eps_out, silu_out, weight_f32(u, net->conv_out_w), net->conv_out_b, B, C0, H, W, c->out_channels,
+    OPS->silu_forward(silu_out, n_out, nout);
+    OPS->conv2d_forward(eps_out, silu_out, weight_f32(u, net->conv_out_w), PV(u, net->conv_out_b), B, C0, H, W, c->out_channels,
                    3, 3, 1, 1);
     u->have_forward = u->train;
 }
@@ -1960,11 +1992,11 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
     struct unet_net *net = u->net;
     int B = u->B, H = u->H, W = u->W, n = c->nlevels, C0 = c->block_out[0], G = c->groups;
     net->dctx = dctx;
-    if (dctx) zero(dctx, (size_t)B * u->Tc * c->cross_dim);
+    if (dctx) OPS->zero(dctx, (size_t)B * u->Tc * c->cross_dim);
     /* full grads: every resnet adds its d silu(temb) here */
-    if (u->grads) zero(at(u, net->dtemb), (size_t)B * 4 * C0);
+    if (u->grads) OPS->zero(at(u, net->dtemb), (size_t)B * 4 * C0);
     /* the gradient of every skip: filled on the way up, drained on the way down */
-    for (int k = 0; k < net->nskips; k++) zero(at(u, net->dskips[k]), net->skipn[k]);
+    for (int k = 0; k < net->nskips; k++) OPS->zero(at(u, net->dskips[k]), net->skipn[k]);
     /* the running gradient and a second buffer to swap with */
     float *cur = at(u, net->dcur), *oth = at(u, net->doth), *sw;
 #define SWAP() (sw = cur, cur = oth, oth = sw)
@@ -1972,16 +2004,16 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
     /* out */
     size_t nout = (size_t)B * C0 * H * W;
     float *da = at(u, net->dout_silu), *n_out = at(u, net->n_out);
-    zero(da, nout);
+    OPS->zero(da, nout);
     /* conv_out's input silu(n_out), recomputed for its dW (else da stands in, unread) */
-    if (u->grads) silu_forward(oth, n_out, nout);
-    conv2d_backward(da, grad_of_matrix(u, net->conv_out_w), grad_of(u, net->conv_out_b), deps,
+    if (u->grads) OPS->silu_forward(oth, n_out, nout);
+    OPS->conv2d_backward(da, grad_of_matrix(u, net->conv_out_w), grad_of(u, net->conv_out_b), deps,
                     u->grads ? oth : da, weight_f32(u, net->conv_out_w), B, C0, H, W, c->out_channels, 3, 3, 1, 1);
-    zero(oth, nout);
-    silu_backward(oth, da, n_out, nout);
-    zero(cur, nout);
-    groupnorm_backward(cur, grad_of(u, net->norm_out_w), grad_of(u, net->norm_out_b), oth, at(u, net->h_last),
-                       net->norm_out_w, at(u, net->mean_out), at(u, net->rstd_out), B, C0, H * W, G);
+    OPS->zero(oth, nout);
+    OPS->silu_backward(oth, da, n_out, nout);
+    OPS->zero(cur, nout);
+    OPS->groupnorm_backward(cur, grad_of(u, net->norm_out_w), grad_of(u, net->norm_out_b), oth, at(u, net->h_last),
+                       PV(u, net->norm_out_w), at(u, net->mean_out), at(u, net->rstd_out), B, C0, H * W, G);
 
     /* up, in reverse */
     for (int i = n - 1; i >= 0; i--) {
@@ -1989,14 +2021,14 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
         int l = n - 1 - i, C = c->block_out[l], hh = H >> l, ww = W >> l, HW = hh * ww;
         if (blk->conv_w) {
             float *dup = at(u, blk->dup2x);
-            zero(dup, (size_t)B * C * 4 * HW);
+            OPS->zero(dup, (size_t)B * C * 4 * HW);
             /* the conv's input, upsample(h), recomputed for its dW */
-            if (u->grads || blk->ls.L) upsample2x_forward(oth, at(u, blk->sampler_in), B, C, hh, ww);
-            conv2d_backward(dup, grad_of_matrix(u, blk->conv_w), grad_of(u, blk->conv_b), cur, u->grads ? oth : dup,
-                            weight_f32(u, blk->conv_w), B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
+            if (u->grads || blk->ls.L) OPS->upsample2x_forward(oth, at(u, blk->sampler_in), B, C, hh, ww);
+            OPS->conv2d_backward(dup, grad_of_matrix(u, blk->conv_w), grad_of(u, blk->conv_b), cur, u->grads ? oth : dup,
+                                 weight_f32(u, blk->conv_w), B, C, 2 * hh, 2 * ww, C, 3, 3, 1, 1);
             clora_backward(u, &blk->ls, dup, cur, oth);
-            zero(oth, (size_t)B * C * HW);
-            upsample2x_backward(oth, dup, B, C, hh, ww);
+            OPS->zero(oth, (size_t)B * C * HW);
+            OPS->upsample2x_backward(oth, dup, B, C, hh, ww);
             SWAP();
         }
         for (int j = blk->nres - 1; j >= 0; j--) {
@@ -2004,13 +2036,13 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
             resnet_t *r = &blk->res[j];
             int k = blk->skip[j], cs = net->skip_C[k], ch = r->cin - cs;
             float *dcat = at(u, blk->dcat[j]), *dskip = at(u, net->dskips[k]);
-            zero(dcat, (size_t)B * r->cin * HW);
+            OPS->zero(dcat, (size_t)B * r->cin * HW);
             resnet_bwd(u, r, dcat, cur);
             /* split d(cat) into d(h) and d(skip) */
             for (int b = 0; b < B; b++) {
                 const float *db = dcat + (size_t)b * r->cin * HW;
-                memcpy(oth + (size_t)b * ch * HW, db, sizeof(float) * ch * HW);
-                add_inplace(dskip + (size_t)b * cs * HW, db + (size_t)ch * HW, (size_t)cs * HW);
+                OPS->copy(oth + (size_t)b * ch * HW, db, (size_t)ch * HW);
+                OPS->accumulate(dskip + (size_t)b * cs * HW, db + (size_t)ch * HW, (size_t)cs * HW);
             }
             SWAP();
         }
@@ -2018,11 +2050,11 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
 
     /* mid */
     size_t nm = (size_t)B * c->block_out[n - 1] * (H >> (n - 1)) * (W >> (n - 1));
-    zero(oth, nm);
+    OPS->zero(oth, nm);
     resnet_bwd(u, &net->mid_res[1], oth, cur);
     SWAP();
     xformer_bwd(u, &net->mid_att, cur);
-    zero(oth, nm);
+    OPS->zero(oth, nm);
     resnet_bwd(u, &net->mid_res[0], oth, cur);
     SWAP();
 
@@ -2051,9 +2083,9 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
         block_t *blk = &net->down[i];
         int C = c->block_out[i], hh = H >> i, ww = W >> i, HW = hh * ww;
         if (blk->conv_w) {
-            add_inplace(cur, at(u, net->dskips[blk->ds_skip]), net->skipn[blk->ds_skip]);
-            zero(oth, (size_t)B * C * HW);
-            conv2d_backward(oth, grad_of_matrix(u, blk->conv_w), grad_of(u, blk->conv_b), cur,
+            OPS->accumulate(cur, at(u, net->dskips[blk->ds_skip]), net->skipn[blk->ds_skip]);
+            OPS->zero(oth, (size_t)B * C * HW);
+            OPS->conv2d_backward(oth, grad_of_matrix(u, blk->conv_w), grad_of(u, blk->conv_b), cur,
                             u->grads ? at(u, blk->sampler_in) : oth, weight_f32(u, blk->conv_w),
                             B, C, hh, ww, C, 3, 3, 2, 1);
             clora_backward(u, &blk->ls, oth, cur, at(u, blk->sampler_in));
@@ -2061,21 +2093,21 @@ static void run_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
             SWAP();
         }
         for (int j = blk->nres - 1; j >= 0; j--) {
-            add_inplace(cur, at(u, net->dskips[blk->skip[j]]), net->skipn[blk->skip[j]]);
+            OPS->accumulate(cur, at(u, net->dskips[blk->skip[j]]), net->skipn[blk->skip[j]]);
             if (blk->att) xformer_bwd(u, &blk->att[j], cur);
             if (i == stop_i && j == stop_j && !stop_res) goto done;
             resnet_t *r = &blk->res[j];
-            zero(oth, (size_t)B * r->cin * HW);
+            OPS->zero(oth, (size_t)B * r->cin * HW);
             resnet_bwd(u, r, oth, cur);
             if (i == stop_i && j == stop_j && stop_res) goto done;
             SWAP();
         }
     }
-    add_inplace(cur, at(u, net->dskips[0]), net->skipn[0]);
+    OPS->accumulate(cur, at(u, net->dskips[0]), net->skipn[0]);
 done:
     if (dx || u->grads) {
-        if (dx) zero(dx, (size_t)B * c->in_channels * H * W);
-        conv2d_backward(dx, grad_of_matrix(u, net->conv_in_w), grad_of(u, net->conv_in_b), cur,
+        if (dx) OPS->zero(dx, (size_t)B * c->in_channels * H * W);
+        OPS->conv2d_backward(dx, grad_of_matrix(u, net->conv_in_w), grad_of(u, net->conv_in_b), cur,
                         u->grads ? at(u, net->xin) : dx, weight_f32(u, net->conv_in_w),
                         B, c->in_channels, H, W, C0, 3, 3, 1, 1);
     }
@@ -2087,16 +2119,133 @@ done:
         size_t nt = (size_t)B * T;
         float *dt2o = at(u, net->dt2o), *t1s = at(u, net->t1s_bwd), *dt1s = at(u, net->dt1s);
         float *dt1o = at(u, net->dt1o);
-        zero(dt2o, nt); zero(dt1s, nt); zero(dt1o, nt);
-        silu_forward(t1s, at(u, net->t1o), nt);
-        silu_backward(dt2o, at(u, net->dtemb), at(u, net->t2o), nt);
-        linear_backward(dt1s, grad_of_matrix(u, net->t2_w), grad_of(u, net->t2_b), dt2o, t1s,
+        OPS->zero(dt2o, nt); OPS->zero(dt1s, nt); OPS->zero(dt1o, nt);
+        OPS->silu_forward(t1s, at(u, net->t1o), nt);
+        OPS->silu_backward(dt2o, at(u, net->dtemb), at(u, net->t2o), nt);
+        OPS->linear_backward(dt1s, grad_of_matrix(u, net->t2_w), grad_of(u, net->t2_b), dt2o, t1s,
                         weight_f32(u, net->t2_w), B, T, T);
-        silu_backward(dt1o, dt1s, at(u, net->t1o), nt);
-        linear_backward(NULL, grad_of_matrix(u, net->t1_w), grad_of(u, net->t1_b), dt1o, at(u, net->tsin),
+        OPS->silu_backward(dt1o, dt1s, at(u, net->t1o), nt);
+        OPS->linear_backward(NULL, grad_of_matrix(u, net->t1_w), grad_of(u, net->t1_b), dt1o, at(u, net->tsin),
                         weight_f32(u, net->t1_w), B, C0, T);
     }
 #undef SWAP
+}
+
+/* ------------------------------------------------------------------------ */
+/* on a device (backend.h)                                                  */
+
+/* the device's last error as u->err; -1 when there was one */
+static int device_error(unet_t *u) {
+    const char *e = OPS->error();
+    if (!e) return 0;
+    snprintf(u->err, UNET_ERR_LEN, "%s", strncmp(e, "error: ", 7) == 0 ? e + 7 : e);
+    return -1;
+}
+
+int unet_to_device(unet_t *u, const nn_ops *ops) {
+    if (!ops->device) {
+        snprintf(u->err, UNET_ERR_LEN, "unet: %s is not a device table", ops->name);
+        return -1;
+    }
+    if (u->ops && u->ops->device) {
+        snprintf(u->err, UNET_ERR_LEN, "unet: already on %s", u->ops->name);
+        return -1;
+    }
+    if (u->grads) {
+        snprintf(u->err, UNET_ERR_LEN, "unet: full fine-tuning does not run on %s yet "
+                 "(train a LoRA there, or use --device cpu)", ops->name);
+        return -1;
+    }
+    /* the resnet and sampler adapters (--conv-rank) have no device kernels yet */
+    for (int i = 0; i < u->net->nsites; i++) {
+        const site_t *st = &u->net->sites[i];
+        if (*st->slot && (st->kind & (S_CONV | S_RESLIN))) {
+            snprintf(u->err, UNET_ERR_LEN, "unet: %s: conv LoRA (--conv-rank) does not run on %s yet "
+                     "(drop --conv-rank, or use --device cpu)", st->name, ops->name);
+            return -1;
+        }
+    }
+    drop_acts(u);               /* a host arena, if any: the device gets its own */
+    /* as on the host: fp32, or the vectors in fp32 and the matrices in fp16
+     * with a buffer for the largest widened */
+    int f16 = u->wdtype == WEIGHT_F16;
+    size_t nvec = f16 ? u->nparams - u->nmat : u->nparams, big = 1;
+    for (int i = 0; f16 && i < u->ntable; i++)
+        if (u->table[i].data16 && u->table[i].numel > big) big = u->table[i].numel;
+    float *d = ops->alloc(sizeof(float) * (nvec ? nvec : 1));
+    uint16_t *d16 = f16 ? ops->alloc(sizeof(uint16_t) * (u->nmat ? u->nmat : 1)) : NULL;
+    float *wb = f16 ? ops->alloc(sizeof(float) * big) : NULL;
+    if (!d || (f16 && (!d16 || !wb)) || !ops->upload(d, u->params, sizeof(float) * nvec) ||
+        (f16 && !ops->upload(d16, u->params16, sizeof(uint16_t) * u->nmat))) {
+        const char *e = ops->error();
+        if (e && strncmp(e, "error: ", 7) == 0) e += 7;
+        snprintf(u->err, UNET_ERR_LEN, "unet: cannot copy %.1f MiB of weights to %s: %s",
+                 (double)(nvec * 4 + (f16 ? u->nmat * 2 + big * 4 : 0)) / 1048576.0, ops->name,
+                 e ? e : "out of memory");
+        if (d) ops->free(d);
+        if (d16) ops->free(d16);
+        if (wb) ops->free(wb);
+        return -1;
+    }
+    u->ops = ops;
+    u->dparams = d;
+    u->dparams16 = d16;
+    u->dwbuf = wb;
+    u->dwbuf_of = NULL;
+    return 0;
+}
+
+int unet_lora_upload(unet_t *u) {
+    if (!u->dparams || !u->lora_nparams) return 0;
+    if (u->dlora_n != u->lora_nparams) {        /* adapters added or stacked since */
+        u->ops->free(u->dlora_params); u->ops->free(u->dlora_grads);
+        u->dlora_n = 0;
+        u->dlora_params = u->ops->alloc(sizeof(float) * u->lora_nparams);
+        u->dlora_grads = u->ops->alloc(sizeof(float) * u->lora_nparams);
+        if (!u->dlora_params || !u->dlora_grads) {
+            u->ops->free(u->dlora_params); u->ops->free(u->dlora_grads);
+            u->dlora_params = u->dlora_grads = NULL;
+            device_error(u);
+            snprintf(u->err, UNET_ERR_LEN, "unet: out of %s memory for %zu LoRA parameters", u->ops->name,
+                     u->lora_nparams);
+            return -1;
+        }
+        u->dlora_n = u->lora_nparams;
+        if (!u->ops->upload(u->dlora_grads, u->lora_grads, sizeof(float) * u->lora_nparams)) return device_error(u);
+    }
+    if (!u->ops->upload(u->dlora_params, u->lora_params, sizeof(float) * u->lora_nparams)) return device_error(u);
+    return 0;
+}
+
+int unet_lora_grads_download(unet_t *u) {
+    if (!u->dlora_grads) return 0;
+    if (!u->ops->download(u->lora_grads, u->dlora_grads, sizeof(float) * u->lora_nparams)) return device_error(u);
+    return device_error(u);
+}
+
+/* the staging buffers of unet_forward / unet_backward, for this shape:
+ * x and dx, t, ctx and dctx, eps and deps, one after another */
+typedef struct { float *x, *t, *ctx, *eps, *deps, *dx, *dctx; } unet_io;
+
+static int io_for(unet_t *u, int B, int h, int w, int Tc, unet_io *io) {
+    const unet_config *c = &u->cfg;
+    size_t nx = (size_t)B * c->in_channels * h * w, nc = (size_t)B * Tc * c->cross_dim;
+    size_t ne = (size_t)B * c->out_channels * h * w, nt = (size_t)B;
+    size_t need = 2 * nx + nt + 2 * nc + 2 * ne;
+    if (need > u->dio_n) {
+        u->ops->free(u->dio);
+        u->dio_n = 0;
+        u->dio = u->ops->alloc(sizeof(float) * need);
+        if (!u->dio) {
+            device_error(u);
+            snprintf(u->err, UNET_ERR_LEN, "unet: out of %s memory for the inputs and outputs", u->ops->name);
+            return -1;
+        }
+        u->dio_n = need;
+    }
+    io->x = u->dio; io->dx = io->x + nx; io->t = io->dx + nx; io->ctx = io->t + nt;
+    io->dctx = io->ctx + nc; io->eps = io->dctx + nc; io->deps = io->eps + ne;
+    return 0;
 }
 
 static int check_shape(unet_t *u, int B, int h, int w, int Tc) {
@@ -2115,6 +2264,20 @@ int unet_alloc_acts(unet_t *u, int B, int h, int w, int Tc, int train) {
     u->train = train != 0;
     u->checkpoint = train == 2;
     arena_plan p = unet_layout(u, B, h, w, Tc);
+    if (u->dparams) {
+        /* on a device: the same floats there, and the adapters' current A, B */
+        u->acts.base = u->ops->alloc(sizeof(float) * (p.peak ? p.peak : 1));
+        u->acts.nfloats = u->acts.base ? p.peak : 0;
+        unet_io io;
+        if (!u->acts.base) {
+            device_error(u);
+            snprintf(u->err, UNET_ERR_LEN, "unet: out of %s memory for %.1f MiB of activations "
+                     "(use a smaller batch or resolution, or --grad-checkpoint)", u->ops->name,
+                     (double)p.peak * 4 / 1048576.0);
+            return -1;
+        }
+        return io_for(u, B, h, w, Tc, &io) || unet_lora_upload(u) ? -1 : 0;
+    }
     if (arena_alloc(&u->acts, &p)) {
         snprintf(u->err, UNET_ERR_LEN, "unet: out of memory for %.1f MiB of activations "
                  "(use a smaller batch or resolution)", (double)p.peak * 4 / 1048576.0);
@@ -2144,6 +2307,19 @@ int unet_forward(unet_t *u, float *eps_out, const float *x, const float *t, cons
             return -1;
         }
     }
+    if (u->dparams) {
+        /* on a device: inputs up, eps down */
+        const unet_config *c = &u->cfg;
+        unet_io io;
+        if (io_for(u, B, h, w, Tc, &io)) return -1;
+        if (!OPS->upload(io.x, x, sizeof(float) * B * c->in_channels * h * w) ||
+            !OPS->upload(io.t, t, sizeof(float) * B) ||
+            !OPS->upload(io.ctx, ctx, sizeof(float) * B * Tc * c->cross_dim)) return device_error(u);
+        run_forward(u, io.eps, io.x, io.t, io.ctx);
+        if (!OPS->download(eps_out, io.eps, sizeof(float) * B * c->out_channels * h * w)) return device_error(u);
+        if (device_error(u)) { u->have_forward = 0; return -1; }
+        return 0;
+    }
     run_forward(u, eps_out, x, t, ctx);
     return 0;
 }
@@ -2153,6 +2329,18 @@ int unet_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
         snprintf(u->err, UNET_ERR_LEN, "unet: backward needs a forward just before it, with "
                  "activations allocated for training (unet_alloc_acts(..., train = 1))");
         return -1;
+    }
+    if (u->dparams) {
+        /* on a device: deps up, dx and dctx down */
+        const unet_config *c = &u->cfg;
+        unet_io io;
+        size_t nx = (size_t)u->B * c->in_channels * u->H * u->W, nc = (size_t)u->B * u->Tc * c->cross_dim;
+        if (io_for(u, u->B, u->H, u->W, u->Tc, &io)) return -1;
+        if (!OPS->upload(io.deps, deps, sizeof(float) * u->B * c->out_channels * u->H * u->W)) return device_error(u);
+        run_backward(u, io.deps, dx ? io.dx : NULL, dctx ? io.dctx : NULL);
+        if ((dx && !OPS->download(dx, io.dx, sizeof(float) * nx)) ||
+            (dctx && !OPS->download(dctx, io.dctx, sizeof(float) * nc))) return device_error(u);
+        return device_error(u);
     }
     run_backward(u, deps, dx, dctx);
     return 0;

@@ -28,6 +28,7 @@
 #include "json.h"
 #include "half.h"
 #include "safetensors.h"
+#include "backend.h"
 
 #define UNET_MAX_LEVELS 8
 #define UNET_NAME_LEN 96
@@ -106,6 +107,21 @@ typedef struct {
     int checkpoint;                  /* ... only block outputs; backward recomputes the rest */
     int B, H, W, Tc;                 /* shape of the last forward (and of the allocation) */
     int have_forward;                /* backward needs a forward just before it */
+
+    /* where the layers run (backend.h): NULL or nn_ops_cpu, or a device's
+     * table after unet_to_device, with the device's copies of the weights
+     * (fp32, the layout of params), of the LoRA blocks, and staging for
+     * unet_forward / unet_backward's inputs and outputs (io: x, t, ctx,
+     * eps, deps, dx, dctx of the allocated shape) */
+    const nn_ops *ops;
+    float *dparams;                  /* fp16 weights: the vectors only, as params */
+    uint16_t *dparams16;             /* fp16 weights: the matrices, as params16 */
+    float *dwbuf;                    /* ... each widened here before its layer, as wbuf */
+    const uint16_t *dwbuf_of;
+    float *dlora_params, *dlora_grads;
+    size_t dlora_n;
+    float *dio;
+    size_t dio_n;
 
     char err[UNET_ERR_LEN];          /* why the last call returned -1 */
 } unet_t;
@@ -213,6 +229,24 @@ int unet_backward(unet_t *u, const float *deps, float *dx, float *dctx);
  * weight * alpha / r. A second one on the same module is stacked onto the
  * first (ranks concatenated). Invalidates the activation arena, as
  * unet_add_lora does. Returns 0 or -1 (message in u->err). */
+/* ---- running on a device (backend.h) ----------------------------------
+ * unet_to_device(u, ops): from now on every layer runs through ops, on its
+ * memory. The weights are copied there once, held as they are on the host
+ * (fp16-held matrices are widened on the device, one at a time, before
+ * their layer; full fine-tuning is refused with a message); unet_alloc_acts
+ * allocates the arena there (same offsets) and copies the LoRA A, B and
+ * their gradients there. The host keeps its copy of everything and stays
+ * the master of the LoRA parameters: after an optimizer step on the host,
+ * unet_lora_upload sends A, B up; unet_lora_grads_download brings dA, dB
+ * down into u->lora_grads. unet_param_set also updates the device's copy.
+ * unet_forward / unet_backward keep their host pointers: x, t, ctx and deps
+ * go up, eps, dx and dctx come down (SD1.5 at 512^2, batch 1: 64 KB of
+ * latents and 231 KB of context per call). Each returns 0 or -1 (u->err),
+ * and so do unet_forward / unet_backward when the device reports an error. */
+int unet_to_device(unet_t *u, const nn_ops *ops);
+int unet_lora_upload(unet_t *u);
+int unet_lora_grads_download(unet_t *u);
+
 #define UNET_ATTACH_LORA 1   /* generate.c uses side branches when this is set */
 int unet_lora_site(const unet_t *u, const char *module, int *in, int *out, int *is_conv);
 int unet_attach_lora(unet_t *u, const char *module, int r, float scale,

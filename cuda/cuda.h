@@ -34,6 +34,13 @@ typedef enum {
 #ifdef SDLORA_CUDA
 #include "../lora.h"
 #include "../optim.h"
+#include "../backend.h"
+
+/* ---- ops.cu: the GPU's operations table (backend.h), every entry below
+ * and device memory; what unet_to_device(u, nn_ops_cuda()) runs on */
+const nn_ops *nn_ops_cuda(void);
+/* bytes of device memory in use now (cudaMemGetInfo: total - free), 0 on failure */
+size_t cuda_mem_used(void);
 
 /* CUDA_DEV_OK, or the case with a one-line "error: ..." in err (CUDA_ERR_LEN) */
 int cuda_device_check(char *err);

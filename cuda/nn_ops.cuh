@@ -6,6 +6,7 @@
 #ifndef SDLORA_CUDA_NN_OPS_CUH
 #define SDLORA_CUDA_NN_OPS_CUH
 
+#include <string.h>
 #include "common.cuh"
 
 /* ---------------------------------------------------------------------------
@@ -433,6 +434,36 @@ HD float shift_dx_elem(const float *dxpad, conv_dims d, shift_dims s, size_t idx
 HD float shift_dw_elem(const float *dwp, conv_dims d, size_t idx) {
     size_t t = idx % ((size_t)d.kh * d.kw), oc = idx / ((size_t)d.kh * d.kw);
     return dwp[t * d.O * d.C + oc];
+}
+
+
+/* ---------------------------------------------------------------------------
+ * the small tensor helpers of backend.h (backend.c's loops, element by element)
+ * transpose (B, R, S) -> (B, S, R): element i = (b, s, r) of out is in[b, r, s] */
+HD float transpose_elem(const floatX *in, int R, int S, size_t i) {
+    size_t r = i % (size_t)R, bs = i / (size_t)R, s = bs % (size_t)S, b = bs / (size_t)S;
+    return ldx(in[(b * R + r) * S + s]);
+}
+// y (B, C, HW) += v per channel: element i belongs to channel b C + c = i / HW
+HD float add_chan_elem(float y, const float *v, size_t HW, size_t i) { return y + v[i / HW]; }
+// an fp16 bit pattern as float, exactly (half.c's half_to_float, branch by
+// branch): inf/NaN keep the payload, subnormals are m 2^-24
+HD float half_bits_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu, bits;
+    if (e == 0) {
+        float f = (float)m * 5.9604644775390625e-8f;   // m * 2^-24, exact
+        return sign ? -f : f;
+    }
+    bits = e == 0x1Fu ? (sign | 0x7F800000u | m << 13) : (sign | (e + 112u) << 23 | m << 13);
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+// the sum of channel bc over its HW values, in double and in order (backend.c)
+HD float sum_chan_elem(const floatX *x, size_t HW, size_t bc) {
+    double s = 0;
+    for (size_t i = 0; i < HW; i++) s += ldx(x[bc * HW + i]);
+    return (float)s;
 }
 
 #endif

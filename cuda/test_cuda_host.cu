@@ -32,6 +32,8 @@ extern "C" {
 #include "../optim.h"
 #include "../ddpm.h"
 #include "cuda.h"
+#include "../unet.h"
+#include "../half.h"
 }
 
 typedef std::vector<float> vec;
@@ -802,6 +804,203 @@ static void dev_lora_optim_ddpm(void) {
     dev_done("lora, adamw, ddpm");
 }
 
+/* ---------------------------------------------------------------------------
+ * The whole UNet on a host-emulated device. nn_ops_emu is nn_ops_cuda()
+ * (cuda/ops.cu) with host memory standing in for device memory: the same
+ * table entries, each running its kernels' host twins (HostBK's layers of
+ * cuda/layers.cuh, the *_host reductions, the *_elem functions in loops).
+ * unet_to_device(u, &nn_ops_emu) then runs unet.c's device mode for real:
+ * weights copied to "device" memory and every pointer translated, the arena
+ * allocated there, inputs up and outputs down, LoRA A/B up and dA/dB down.
+ * A wrong offset, a swapped argument, a call to the wrong entry or a
+ * helper left on the host shows up as a difference from the CPU run of the
+ * same model (the bundled tiny model, LoRA on every transformer projection
+ * with dropout, B made non-zero so every gradient is). */
+static void *emu_alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
+static void emu_free(void *p) { free(p); }
+static int emu_move(void *dst, const void *src, size_t bytes) {
+    if (bytes) memcpy(dst, src, bytes);
+    return 1;
+}
+static const char *emu_error(void) { return NULL; }
+static void emu_set_layer(const char *name) { (void)name; }
+static void emu_copy(float *dst, const float *src, size_t n) { if (n) memcpy(dst, src, n * sizeof(float)); }
+static void emu_add(float *out, const float *a, const float *b, size_t n) {   // add_kernel
+    for (size_t i = 0; i < n; i++) out[i] = stx(ldx(a[i]) + ldx(b[i]));
+}
+static void emu_accumulate(float *y, const float *x, size_t n) { if (y) emu_add(y, y, x, n); }
+static void emu_transpose(float *out, const float *in, int B, int R, int S) {
+    for (size_t i = 0; i < (size_t)B * R * S; i++) out[i] = stx(transpose_elem(in, R, S, i));
+}
+static void emu_add_chan(float *y, const float *v, int B, int C, size_t HW) {
+    for (size_t i = 0; i < (size_t)B * C * HW; i++) y[i] = stx(add_chan_elem(ldx(y[i]), v, HW, i));
+}
+static void emu_sum_chan(float *out, const float *x, int B, int C, size_t HW) {
+    for (size_t bc = 0; bc < (size_t)B * C; bc++) out[bc] = sum_chan_elem(x, HW, bc);
+}
+static void emu_widen_f16(float *dst, const uint16_t *src, size_t n) {
+    for (size_t i = 0; i < n; i++) dst[i] = half_bits_to_float(src[i]);
+}
+static void emu_gn_bwd(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
+                       const float *mean, const float *rstd, int B, int C, int HW, int G) {
+    if (!dinp && !dw && !db) return;
+    vec sums((size_t)B * C * 2);
+    groupnorm_backward_host(dinp, dw, db, dout, inp, w, mean, rstd, B, C, HW, G, sums.data());
+    if (dw || db)
+        for (int c = 0; c < C; c++) gn_wb_fold(dw, db, sums.data(), B, C, c);
+}
+static void emu_silu_fwd(float *out, const float *inp, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = stx(silu_fwd(ldx(inp[i])));
+}
+static void emu_silu_bwd(float *dinp, const float *dout, const float *inp, size_t n) {
+    if (!dinp) return;
+    for (size_t i = 0; i < n; i++) dinp[i] = stx(ldx(dinp[i]) + silu_bwd(ldx(dout[i]), ldx(inp[i])));
+}
+static void emu_geglu_fwd(float *out, const float *inp, int N, int D) {
+    for (size_t i = 0; i < (size_t)N * D; i++) out[i] = stx(geglu_fwd_elem(inp, D, i / D, (int)(i % D)));
+}
+static void emu_geglu_bwd(float *dinp, const float *dout, const float *inp, int N, int D) {
+    if (!dinp) return;
+    for (size_t i = 0; i < (size_t)N * D; i++) geglu_bwd_elem(dinp, dout, inp, D, i / D, (int)(i % D));
+}
+static void emu_up_fwd(float *out, const float *inp, int B, int C, int H, int W) {
+    for (size_t i = 0; i < (size_t)B * C * 4 * H * W; i++) out[i] = stx(upsample2x_fwd_elem(inp, H, W, i));
+}
+static void emu_up_bwd(float *dinp, const float *dout, int B, int C, int H, int W) {
+    if (!dinp) return;
+    for (size_t i = 0; i < (size_t)B * C * H * W; i++) dinp[i] = stx(ldx(dinp[i]) + upsample2x_bwd_elem(dout, H, W, i));
+}
+static void emu_timestep(float *out, const float *t, int N, int dim, int flip, float shift, float max_period) {
+    float neg_log = (float)(-log((double)max_period));           // as timestep_embedding_cuda
+    float denom = (float)((double)(dim / 2) - (double)shift);
+    for (size_t i = 0; i < (size_t)N * dim; i++) out[i] = timestep_elem(t, dim, flip, neg_log, denom, i / dim, (int)(i % dim));
+}
+static void emu_ln_bwd(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
+                       const float *mean, const float *rstd, int N, int C) {
+    layernorm_backward_host(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
+}
+static nn_ops nn_ops_emu;
+static void emu_init(void) {
+    nn_ops &t = nn_ops_emu;
+    t.name = "host-emulated device";
+    t.device = 1;
+    t.alloc = emu_alloc; t.free = emu_free; t.upload = emu_move; t.download = emu_move;
+    t.error = emu_error; t.set_layer = emu_set_layer;
+    t.copy = emu_copy; t.zero = HostBK::zero; t.add = emu_add; t.accumulate = emu_accumulate;
+    t.transpose = emu_transpose; t.add_chan = emu_add_chan; t.sum_chan = emu_sum_chan;
+    t.widen_f16 = emu_widen_f16;
+    t.gemm = HostBK::gemm;
+    t.linear_forward = linear_forward_t<HostBK>;
+    t.linear_backward = linear_backward_t<HostBK>;
+    t.conv2d_forward = conv2d_forward_t<HostBK>;
+    t.conv2d_backward = conv2d_backward_t<HostBK>;
+    t.groupnorm_forward = groupnorm_forward_host;
+    t.groupnorm_backward = emu_gn_bwd;
+    t.layernorm_forward = layernorm_forward_host;
+    t.layernorm_backward = emu_ln_bwd;
+    t.silu_forward = emu_silu_fwd; t.silu_backward = emu_silu_bwd;
+    t.geglu_forward = emu_geglu_fwd; t.geglu_backward = emu_geglu_bwd;
+    t.upsample2x_forward = emu_up_fwd; t.upsample2x_backward = emu_up_bwd;
+    t.timestep_embedding = emu_timestep;
+    t.attention_forward = attention_forward_t<HostBK>;
+    t.attention_backward = attention_backward_t<HostBK>;
+    t.lora_forward = lora_forward_t<HostBK>;
+    t.lora_backward = lora_backward_t<HostBK>;
+}
+
+// one UNet of models/tiny with LoRA ("transformer", rank 4, dropout 0.1), B random
+static int tiny_unet(unet_t *u, const char *dir, weight_dtype dt) {
+    char err[UNET_ERR_LEN];
+    if (unet_load_diffusers_dtype(u, dir, dt, err)) { printf("note: %s\n", err); return -1; }
+    if (unet_add_lora(u, "transformer", 4, 4.0f, 0.1f, 7)) { printf("note: %s\n", u->err); return -1; }
+    rng_t r;
+    rng_seed(&r, 5);
+    for (int k = 0; k < u->nloras; k++) {
+        lora_t *L = &u->loras[k].L;
+        for (size_t i = 0; i < (size_t)L->out * L->r; i++) L->B[i] = 0.05f * (rng_uniform(&r) - 0.5f);
+    }
+    return 0;
+}
+
+static void test_unet_emulated(void) {
+    const char *dir = "models/tiny/unet";
+    emu_init();
+    // the device's fp16 widening is half.c's, bit for bit, on all 65536 patterns
+    int same = 1;
+    for (uint32_t h = 0; h < 65536; h++) {
+        float a = half_bits_to_float((uint16_t)h), b = half_to_float((uint16_t)h);
+        same &= memcmp(&a, &b, sizeof a) == 0;
+    }
+    expect_true("half_bits_to_float == half.c's half_to_float on every fp16 bit pattern", same);
+    // training; with gradient checkpointing; fp16-held weights (models/tiny is
+    // stored as fp16, so all three compute the same numbers on the CPU)
+    for (int run = 0; run < 3; run++) {
+        int mode = run == 1 ? 2 : 1;
+        weight_dtype dt = run == 2 ? WEIGHT_F16 : WEIGHT_F32;
+        unet_t uc, ue;
+        if (tiny_unet(&uc, dir, dt) || tiny_unet(&ue, dir, dt)) { expect_true("tiny UNet loads (models/tiny/unet)", 0); return; }
+        expect_true("unet_to_device(host-emulated device)", unet_to_device(&ue, &nn_ops_emu) == 0);
+        size_t nvec = dt == WEIGHT_F16 ? ue.nparams - ue.nmat : ue.nparams;
+        expect_true("the emulated device holds its own copy of the weights",
+                    ue.dparams && ue.dparams != ue.params && memcmp(ue.dparams, ue.params, sizeof(float) * nvec) == 0 &&
+                    (dt == WEIGHT_F32 || (ue.dparams16 && memcmp(ue.dparams16, ue.params16, 2 * ue.nmat) == 0)));
+        // the host's weights poisoned: a pointer left untranslated reads NaN
+        for (size_t i = 0; i < nvec; i++) ue.params[i] = NAN;
+        for (size_t i = 0; dt == WEIGHT_F16 && i < ue.nmat; i++) ue.params16[i] = 0x7E00;
+        int B = 2, h = 8, w = 8, Tc = 7;
+        const unet_config *c = &uc.cfg;
+        size_t nx = (size_t)B * c->in_channels * h * w, nc = (size_t)B * Tc * c->cross_dim;
+        vec x = randv(nx, -1.0f, 1.0f, 201), ctx = randv(nc, -1.0f, 1.0f, 202), t = {37.0f, 911.0f};
+        vec deps = randv(nx, -1.0f, 1.0f, 203);
+        vec ec(nx), ee(nx), dxc(nx), dxe(nx), dcc(nc), dce(nc);
+        int ok = unet_alloc_acts(&uc, B, h, w, Tc, mode) == 0 && unet_alloc_acts(&ue, B, h, w, Tc, mode) == 0;
+        ok = ok && ue.dlora_params && ue.acts.base;
+        // two steps: the second after an AdamW update on the host and unet_lora_upload
+        adamw_t oc, oe;
+        adamw_init(&oc, uc.lora_nparams, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+        adamw_init(&oe, ue.lora_nparams, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+        for (int step = 0; ok && step < 2; step++) {
+            char name[160];
+            unet_zero_lora_grads(&uc);
+            unet_zero_lora_grads(&ue);
+            // the host's LoRA A, B and gradients poisoned while the device
+            // works: only its copies may be read and written
+            vec keep(ue.lora_params, ue.lora_params + ue.lora_nparams);
+            for (size_t i = 0; i < ue.lora_nparams; i++) ue.lora_params[i] = ue.lora_grads[i] = NAN;
+            ok = unet_forward(&uc, ec.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
+                 unet_forward(&ue, ee.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
+                 unet_backward(&uc, deps.data(), dxc.data(), dcc.data()) == 0 &&
+                 unet_backward(&ue, deps.data(), dxe.data(), dce.data()) == 0 &&
+                 unet_lora_grads_download(&ue) == 0;
+            memcpy(ue.lora_params, keep.data(), sizeof(float) * ue.lora_nparams);
+            if (!ok) break;
+            const char *mname = mode == 2 ? ", checkpointed" : dt == WEIGHT_F16 ? ", fp16 weights" : "";
+            snprintf(name, sizeof name, "emulated device: UNet eps, step %d%s", step + 1, mname);
+            expect_close(name, ee, ec, FWD);
+            vec gc(uc.lora_grads, uc.lora_grads + uc.lora_nparams), ge(ue.lora_grads, ue.lora_grads + ue.lora_nparams);
+            snprintf(name, sizeof name, "emulated device: every LoRA dA, dB (%zu), step %d%s", uc.lora_nparams, step + 1, mname);
+            expect_close(name, ge, gc, FWD);
+            snprintf(name, sizeof name, "emulated device: dx, dctx, step %d%s", step + 1, mname);
+            expect(name, fmax(rel_err(dxe.data(), dxc.data(), nx), rel_err(dce.data(), dcc.data(), nc)), FWD);
+            adamw_step(&oc, uc.lora_params, uc.lora_grads, 1e-2f);
+            adamw_step(&oe, ue.lora_params, ue.lora_grads, 1e-2f);
+            ok = unet_lora_upload(&ue) == 0;
+        }
+        expect_true("emulated device: every call succeeded", ok);
+        if (!ok) printf("note: %s / %s\n", uc.err, ue.err);
+        if (run == 0) {
+            // inference (the sampler's arena) on the same model, after the updates
+            ok = unet_alloc_acts(&uc, B, h, w, Tc, 0) == 0 && unet_alloc_acts(&ue, B, h, w, Tc, 0) == 0 &&
+                 unet_forward(&uc, ec.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
+                 unet_forward(&ue, ee.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0;
+            expect_true("emulated device: inference forward runs", ok);
+            if (ok) expect_close("emulated device: UNet eps, inference", ee, ec, FWD);
+        }
+        adamw_free(&oc); adamw_free(&oe);
+        unet_free(&uc); unet_free(&ue);
+    }
+}
+
 /* a build without CUDA=1: cuda.h's fallback check, as a C program sees it
  * (cuda.h read a second time without SDLORA_CUDA, in its own namespace) */
 #undef SDLORA_CUDA_H
@@ -844,6 +1043,7 @@ int main(void) {
     test_lora(11, 33, 17, 3, 0.25f);
     test_adamw();
     test_ddpm();
+    test_unet_emulated();
     test_device_check();
     test_not_built();
     char err[CUDA_ERR_LEN];

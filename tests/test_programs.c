@@ -14,6 +14,7 @@
 #include "grid.h"
 #include "image.h"
 #include "lora.h"
+#include "cuda/cuda.h"
 
 #ifndef SDLORA_BUILD
 #define SDLORA_BUILD "build"
@@ -530,6 +531,33 @@ START_TEST(test_settings_sources) {
 }
 END_TEST
 
+/* --device: a bad value is a flag error; cuda with --full is refused
+ * (exit 2); cuda on this build without CUDA=1, or on a CUDA build
+ * on a machine with no driver or no GPU, is one line saying which and what
+ * to do, exit 1, before any model is read */
+START_TEST(test_device) {
+    char d[128];
+    snprintf(d, sizeof d, "%s/data", tmp);
+    make_images(d, 2, 1);
+    ck_assert_int_eq(run(TRAIN " %s --device tpu", d), 2);       assert_error_line("--device", "cpu|cuda");
+    ck_assert_int_eq(run(SAMPLE " --prompt x --device tpu"), 2);  assert_error_line("--device", "cpu|cuda");
+    ck_assert_int_eq(run(TRAIN " %s --device cuda --full", d), 2); assert_error_line("--device cuda", "--device cpu");
+#ifndef SDLORA_CUDA
+    ck_assert_int_eq(run(TRAIN " %s --device cuda --model /nonexistent", d), 1);
+    assert_error_line("--device cuda: this program was built without GPU support", "make CUDA=1");
+    ck_assert_int_eq(run(SAMPLE " --prompt x --device cuda --model /nonexistent"), 1);
+    assert_error_line("--device cuda: this program was built without GPU support", "make CUDA=1");
+#else
+    if (!cuda_available()) {
+        ck_assert_int_eq(run(TRAIN " %s --device cuda --model /nonexistent", d), 1);
+        assert_error_line("--device cuda: no ", "--device cpu)");
+        ck_assert_int_eq(run(SAMPLE " --prompt x --device cuda --model /nonexistent"), 1);
+        assert_error_line("--device cuda: no ", "--device cpu)");
+    }
+#endif
+}
+END_TEST
+
 /* one case per test, so that CK_RUN_CASE=test_resume_identical runs just that one */
 static void add_case(Suite *s, const char *name, const TTest *t) {
     TCase *tc = tcase_create(name);
@@ -546,6 +574,7 @@ static Suite *programs_suite(void) {
     ADD_CASE(s, test_bad_flags);
     ADD_CASE(s, test_weight_dtype);
     ADD_CASE(s, test_weight_dtype_te);
+    ADD_CASE(s, test_device);
     ADD_CASE(s, test_train_then_sample);
     ADD_CASE(s, test_resume_identical);
     ADD_CASE(s, test_sigint_saves);

@@ -1,0 +1,102 @@
+/* backend.h: the operations table a model runs its layers through.
+ *
+ * unet.c calls every primitive (nn.h, attention, lora.h) and every small
+ * tensor helper (copy, zero, add, transpose, ...) through a table of
+ * function pointers, nn_ops, instead of by name. nn_ops_cpu is nn.h's and
+ * lora.h's functions themselves (the CPU, and every number is what it was
+ * when unet.c called them directly). A second table runs the same calls on
+ * another memory: nn_ops_cuda() (cuda/ops.cu, make CUDA=1) on the GPU, and
+ * the host test's emulated device (cuda/test_cuda_host.cu). Every pointer a
+ * table's function is given lives in that table's memory: the table also
+ * says how to allocate it and move data in and out.
+ *
+ * Semantics are nn.h's: backward accumulates (+=), a NULL gradient skips. */
+#ifndef SDLORA_BACKEND_H
+#define SDLORA_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "nn.h"
+#include "lora.h"
+
+typedef struct nn_ops {
+    const char *name;      /* "cpu", "cuda", "host-emulated device" */
+    int device;            /* 1: its own memory: a model copies its weights there */
+
+    /* memory (device == 0: malloc and memcpy) */
+    void *(*alloc)(size_t bytes);                                   /* NULL when out of memory */
+    void (*free)(void *p);
+    int (*upload)(void *dst, const void *src, size_t bytes);        /* host -> table memory; 1 = ok */
+    int (*download)(void *dst, const void *src, size_t bytes);      /* table memory -> host; 1 = ok */
+    /* the first error since the last call, one line, or NULL (clears it) */
+    const char *(*error)(void);
+    /* the layer errors name from now on (a static string), or NULL */
+    void (*set_layer)(const char *name);
+
+    /* small tensor helpers, on table memory */
+    void (*copy)(float *dst, const float *src, size_t n);
+    void (*zero)(float *p, size_t n);
+    void (*add)(float *out, const float *a, const float *b, size_t n);   /* out = a + b */
+    void (*accumulate)(float *y, const float *x, size_t n);              /* y += x */
+    /* out[b][s][r] = in[b][r][s]: (B, R, S) -> (B, S, R), NCHW <-> tokens */
+    void (*transpose)(float *out, const float *in, int B, int R, int S);
+    /* y (B, C, HW): y[b, c, :] += v[b * C + c] (a per-channel bias: B = 1) */
+    void (*add_chan)(float *y, const float *v, int B, int C, size_t HW);
+    /* out[b * C + c] = sum over HW of x[b, c, :], summed in double */
+    void (*sum_chan)(float *out, const float *x, int B, int C, size_t HW);
+    /* dst[i] = src[i] widened from fp16 bits, exactly (fp16-held weights) */
+    void (*widen_f16)(float *dst, const uint16_t *src, size_t n);
+
+    /* nn.h, attention, lora.h */
+    void (*gemm)(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
+                 const float *B, int ldb, float beta, float *C, int ldc);
+    void (*linear_forward)(float *out, const float *inp, const float *w, const float *b,
+                           int N, int in, int outc);
+    void (*linear_backward)(float *dinp, float *dw, float *db, const float *dout,
+                            const float *inp, const float *w, int N, int in, int outc);
+    void (*conv2d_forward)(float *out, const float *inp, const float *w, const float *b,
+                           int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad);
+    void (*conv2d_backward)(float *dinp, float *dw, float *db, const float *dout,
+                            const float *inp, const float *w,
+                            int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad);
+    void (*groupnorm_forward)(float *out, float *mean, float *rstd, const float *inp,
+                              const float *w, const float *b, int B, int C, int HW, int G, float eps);
+    void (*groupnorm_backward)(float *dinp, float *dw, float *db, const float *dout,
+                               const float *inp, const float *w, const float *mean, const float *rstd,
+                               int B, int C, int HW, int G);
+    void (*layernorm_forward)(float *out, float *mean, float *rstd, const float *inp,
+                              const float *w, const float *b, int N, int C, float eps);
+    void (*layernorm_backward)(float *dinp, float *dw, float *db, const float *dout,
+                               const float *inp, const float *w, const float *mean, const float *rstd,
+                               int N, int C);
+    void (*silu_forward)(float *out, const float *inp, size_t n);
+    void (*silu_backward)(float *dinp, const float *dout, const float *inp, size_t n);
+    void (*geglu_forward)(float *out, const float *inp, int N, int D);
+    void (*geglu_backward)(float *dinp, const float *dout, const float *inp, int N, int D);
+    void (*upsample2x_forward)(float *out, const float *inp, int B, int C, int H, int W);
+    void (*upsample2x_backward)(float *dinp, const float *dout, int B, int C, int H, int W);
+    void (*timestep_embedding)(float *out, const float *t, int N, int dim,
+                               int flip_sin_to_cos, float freq_shift, float max_period);
+    void (*attention_forward)(float *out, float *att, const float *q, const float *k, const float *v,
+                              int B, int Tq, int Tk, int H, int Dh, int causal);
+    void (*attention_backward)(float *dq, float *dk, float *dv, const float *dout,
+                               const float *q, const float *k, const float *v, const float *att,
+                               int B, int Tq, int Tk, int H, int Dh, int causal);
+    /* L's A, B, dA, dB in table memory too */
+    void (*lora_forward)(float *out, float *ax, uint8_t *mask, float *scratch, const float *inp,
+                         const float *w0, const float *b0, const lora_t *L,
+                         int N, int in, int outc, rng_t *rng);
+    void (*lora_backward)(float *dinp, const float *dout, const float *inp, const float *ax,
+                          const uint8_t *mask, float *scratch, const float *w0, lora_t *L,
+                          int N, int in, int outc);
+} nn_ops;
+
+/* the CPU: nn.h's and lora.h's functions */
+extern const nn_ops nn_ops_cpu;
+
+/* the CPU helpers, for other tables that share them (the host emulation) */
+void nn_transpose(float *out, const float *in, int B, int R, int S);
+void nn_add_chan(float *y, const float *v, int B, int C, size_t HW);
+void nn_sum_chan(float *out, const float *x, int B, int C, size_t HW);
+
+#endif

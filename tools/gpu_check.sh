@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# tools/gpu_check.sh: the GPU path, checked and timed on a machine with an
+# NVIDIA GPU (README "GPU"). Needs nvcc, the driver and nothing from the
+# network (no Python: the SD1.5-architecture model is made in memory by
+# tools/gpu_check.c). About 5 minutes on an H100/H200-class machine; each
+# part has its own time limit, and the whole is meant to stay under 8.
+#
+#   1. build with CUDA=1 into build-cuda/ (native code for the GPU at hand)
+#   2. test_cuda_host: the kernels' arithmetic on the host, the whole UNet on a
+#      host-emulated device, and, with a GPU, every *_cuda function against
+#      the CPU (make CUDA=1 test-cuda)
+#   3. --device errors (tests/test_programs.c:test_device, the CUDA build)
+#   4. models/tiny's UNet, cuda against cpu (fp32 and fp16-held weights):
+#      eps, LoRA dA/dB, dx, dctx,
+#      rel err <= 1e-4
+#   5. ./train data/ --steps 20, cpu and cuda: the two LoRAs within 1e-2
+#      (max |a - b| / max |b|; 20 AdamW steps amplify the last bits of the
+#      gradients, so this is looser than one step's 1e-4), and the times
+#   6. ./sample on models/tiny, cpu and cuda: the times, and whether the
+#      images are the same bytes (not required: the GPU sums in another order)
+#   7. SD1.5's architecture with random weights: one training step at 16x16
+#      latents against the CPU (1e-4), then at 64x64 (512^2) on the GPU: a
+#      LoRA training step, the same with gradient checkpointing, a batch-2
+#      inference forward (one cfg step), and the device memory in use
+#
+# Usage: bash tools/gpu_check.sh [OUT.txt]   (the report also goes to OUT.txt,
+# default build-cuda/gpu_check.txt). Exit status 1 when a part failed.
+set -u
+cd "$(dirname "$0")/.." || exit 1
+B=build-cuda
+mkdir -p "$B"
+REPORT=${1:-$B/gpu_check.txt}
+T=$(mktemp -d /tmp/gpu_check.XXXXXX)
+t_start=$(date +%s)
+fails=0
+exec > >(tee "$REPORT") 2>&1
+
+part() { echo; echo "== $* ($(( $(date +%s) - t_start )) s)"; }
+# run LIMIT_S LOG CMD...: CMD under a time limit, its output to LOG (- : here),
+# then its time, and a FAILED line when it fails (counted in fails)
+run() {
+    local limit=$1 log=$2 t0 rc ms
+    shift 2
+    t0=$(date +%s%N)
+    if [ "$log" = - ]; then timeout "$limit" "$@"; else timeout "$limit" "$@" > "$log" 2>&1; fi
+    rc=$?
+    ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+    echo "   ($1: $((ms / 1000)).$(printf '%03d' $((ms % 1000))) s, exit $rc)"
+    if [ "$rc" -ne 0 ]; then
+        [ "$rc" -eq 124 ] && echo "FAILED: $* (over its limit of $limit s)" || echo "FAILED: $* (exit $rc)"
+        [ "$log" != - ] && tail -n 5 "$log"
+        fails=$((fails + 1))
+    fi
+    return "$rc"
+}
+
+part "machine"
+date -u '+%Y-%m-%d %H:%M UTC'
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: not found"
+nvcc --version | tail -n 2
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (with local changes)')"
+
+part "1. build (make CUDA=1 BUILD=$B, native code)"
+run 300 - make -s -j"$(nproc)" CUDA=1 BUILD="$B" CUDA_ARCH="-arch=native" \
+    "$B/train" "$B/sample" "$B/test_cuda_host" "$B/gpu_check" "$B/test_programs" || {
+    echo "gpu_check: the build failed; nothing else can run"; exit 1; }
+
+part "2. test_cuda_host (kernels on the host, the UNet on an emulated device, the *_cuda functions on the GPU)"
+run 120 "$T/test_cuda_host.log" "./$B/test_cuda_host"
+grep -v '^ok  ' "$T/test_cuda_host.log"
+
+part "3. --device errors (test_programs, test_device)"
+CK_RUN_CASE=test_device run 60 - "./$B/test_programs"
+
+part "4. models/tiny UNet, cuda against cpu"
+run 120 - "./$B/gpu_check" tiny models/tiny/unet
+
+part "5. ./train data/ --steps 20: cpu, then cuda"
+for dev in cpu cuda; do
+    run 240 "$T/train-$dev.log" "./$B/train" data/ --steps 20 --no-grid --device "$dev" --out "$T/train-$dev"
+    grep -E '^(device|summary|error)' "$T/train-$dev.log"
+done
+run 30 - "./$B/gpu_check" cmp-lora "$T/train-cuda/lora.safetensors" "$T/train-cpu/lora.safetensors" 1e-2
+
+part "6. ./sample on models/tiny: cpu, then cuda"
+for dev in cpu cuda; do
+    run 120 "$T/sample-$dev.log" "./$B/sample" --model models/tiny --prompt "a red circle" --steps 20 --seed 3 \
+        --device "$dev" --out "$T/sample-$dev.png"
+    tail -n 2 "$T/sample-$dev.log"
+done
+if cmp -s "$T/sample-cpu.png" "$T/sample-cuda.png"; then echo "   the two images: the same bytes"
+else echo "   the two images differ (in $T/sample-cpu.png, $T/sample-cuda.png)"; fi
+
+part "7. SD1.5 architecture, random weights: 16x16 against the CPU, then 512^2 on the GPU"
+run 240 - "./$B/gpu_check" sd15 16
+
+part "done"
+echo "total $(( $(date +%s) - t_start )) s; $fails part(s) failed; report in $REPORT; outputs in $T"
+[ "$fails" -eq 0 ]
