@@ -1,0 +1,248 @@
+/* test_sd2.c: SD2.x models. tests/fixtures/sd2_tiny.safetensors is a tiny
+ * random SD2-architecture model in the LDM single-file layout (OpenCLIP text
+ * tower with fused q/k/v and one resblock past the penultimate layer, UNet
+ * with linear proj_in / proj_out and 64-wide heads), written and checked
+ * against diffusers' own converters by tools/make_sd2_fixtures.py, which
+ * also computed with diffusers what the model gives: the SD2 pipeline's
+ * prompt embeddings, a UNet output and a v-prediction training loss. Here
+ * the file is loaded as ./train and ./sample load it, must give the same
+ * numbers, and both programs run on it end to end. */
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include "testutil.h"
+#include "checkpoint.h"
+#include "image.h"
+#include "model.h"
+
+#ifndef SDLORA_BUILD
+#define SDLORA_BUILD "build"
+#endif
+#define SD2 FIXTURE_DIR "sd2_tiny.safetensors"
+#define SD2_TOK FIXTURE_DIR "gen_tiny/tokenizer"
+
+static void load(sd_model *m, const char *path, weight_dtype wd) {
+    char err[SD_ERR_LEN];
+    ck_assert_msg(sd_model_load_dtype(m, path, SD2_TOK, wd, err) == 0, "%s", err);
+}
+
+/* what the file is, read from its tensors alone */
+START_TEST(test_sd2_arch) {
+    st_file f; char err[ST_ERR_LEN];
+    ck_assert_msg(st_open(&f, SD2, err) == 0, "%s", err);
+    ck_assert_str_eq(ldm_detect(&f, err), "sd2");
+    ldm_arch a;
+    ck_assert_msg(ldm_infer_file(&f, &a, err) == 0, "%s", err);
+    ck_assert(a.sd2 && a.clip.layout.openclip && a.clip.gelu);
+    ck_assert_int_eq(a.clip.num_layers, 2);          /* 3 resblocks in the file: the penultimate rule */
+    ck_assert_int_eq(a.clip.hidden_size, 32);
+    ck_assert_int_eq(a.clip.intermediate_size, 64);
+    ck_assert_int_eq(a.clip.vocab_size, 534);
+    ck_assert_int_eq(a.clip.num_heads, 1);
+    ck_assert_int_eq(a.unet.linear_proj, 1);
+    ck_assert_int_eq(a.unet.cross_dim, 32);
+    ck_assert_int_eq(a.unet.heads[0], 1);
+    ck_assert_int_eq(a.unet.sample_size, 96);
+    /* the names: q/k/v are row blocks of one fused tensor */
+    char nm[LDM_NAME_LEN];
+    ck_assert_int_eq(ldm_clip_name("text_model.encoder.layers.1.self_attn.k_proj.bias", &a.clip.layout, nm, sizeof nm),
+                     LDM_SPLIT_K);
+    ck_assert_str_eq(nm, "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_bias");
+    ck_assert_int_eq(ldm_clip_name("encoder.layers.0.mlp.fc2.weight", &a.clip.layout, nm, sizeof nm), 0);
+    ck_assert_str_eq(nm, "cond_stage_model.model.transformer.resblocks.0.mlp.c_proj.weight");
+    ck_assert_int_eq(ldm_clip_name("text_model.embeddings.position_embedding.weight", &a.clip.layout, nm, sizeof nm), 0);
+    ck_assert_str_eq(nm, "cond_stage_model.model.positional_embedding");
+    /* the last resblock is not part of the model */
+    ck_assert_int_eq(ldm_clip_name("encoder.layers.2.mlp.fc1.weight", &a.clip.layout, nm, sizeof nm), -1);
+    ck_assert(ldm_ignorable("cond_stage_model.model.text_projection"));
+    ck_assert(ldm_ignorable("cond_stage_model.model.logit_scale"));
+    ck_assert(!ldm_ignorable("cond_stage_model.model.ln_final.weight"));
+    st_close(&f);
+}
+END_TEST
+
+/* prompt embeddings, a UNet output and a v-prediction loss, as diffusers */
+static void check_numbers(sd_model *m) {
+    st_file r; fx_open(&r, "sd2_tiny_ref.safetensors");
+    const int B = 2, T = TOK_CTX, d = 32, n = 4 * 8 * 8;
+    float *ids_f = fx_get(&r, "ids", (size_t)B * T), *ctx_ref = fx_get(&r, "ctx", (size_t)B * T * d);
+    /* the tokenizer pads with "!" as SD2's does */
+    const char *prompts[2] = {"a red cat", "a small blue house by the sea"};
+    for (int b = 0; b < B; b++) {
+        int ids[TOK_CTX];
+        ck_assert(tok_encode_sd(m->tok, prompts[b], ids) >= 0);
+        for (int i = 0; i < T; i++) ck_assert_int_eq(ids[i], (int)ids_f[b * T + i]);
+    }
+    ck_assert_int_eq(m->tok->pad_id, 0);
+    float *ctx = malloc(sizeof(float) * B * T * d);
+    char err[SD_ERR_LEN];
+    ck_assert_msg(sd_encode_prompts(m, prompts, B, 1, ctx, err) == 0, "%s", err);
+    double e = rel_err(ctx, ctx_ref, (size_t)B * T * d);
+    printf("sd2 encode_prompt rel_err %.3g\n", e);
+    ck_assert_msg(e < 1e-5, "prompt embeddings rel_err %g", e);
+
+    float *x = fx_get(&r, "x", (size_t)B * n), *t = fx_get(&r, "t", B), *ref = fx_get(&r, "unet_out", (size_t)B * n);
+    float *out = malloc(sizeof(float) * B * n);
+    ck_assert(unet_alloc_acts(&m->unet, B, 8, 8, T, 0) == 0);
+    ck_assert_msg(unet_forward(&m->unet, out, x, t, ctx_ref, B, 8, 8, T) == 0, "%s", m->unet.err);
+    e = rel_err(out, ref, (size_t)B * n);
+    printf("sd2 unet rel_err %.3g\n", e);
+    ck_assert_msg(e < 1e-5, "UNet rel_err %g", e);
+
+    /* the training loss: v = sqrt(abar) eps - sqrt(1 - abar) x0 is the target */
+    ck_assert_int_eq(m->prediction, DDPM_V_PREDICTION);
+    float *x0 = fx_get(&r, "x0", (size_t)B * n), *eps = fx_get(&r, "eps", (size_t)B * n);
+    float *tl = fx_get(&r, "t_loss", B), loss_ref = fx_scalar(&r, "loss_v");
+    int ti[2] = {(int)tl[0], (int)tl[1]};
+    float *xt = malloc(sizeof(float) * B * n), *target = malloc(sizeof(float) * B * n);
+    ddpm_add_noise(xt, x0, eps, ti, B, (size_t)n, &m->sched);
+    ddpm_target(target, x0, eps, ti, B, (size_t)n, m->prediction, &m->sched);
+    ck_assert_msg(unet_forward(&m->unet, out, xt, tl, ctx_ref, B, 8, 8, T) == 0, "%s", m->unet.err);
+    float loss = mse_loss_forward(out, target, NULL, B, (size_t)n);
+    printf("sd2 v-prediction loss %.7g, diffusers %.7g\n", loss, loss_ref);
+    ck_assert_msg(fabsf(loss - loss_ref) <= 1e-5f * loss_ref, "loss %g, diffusers %g", loss, loss_ref);
+    /* and not the epsilon loss */
+    ddpm_target(target, x0, eps, ti, B, (size_t)n, DDPM_EPSILON, &m->sched);
+    ck_assert(fabsf(mse_loss_forward(out, target, NULL, B, (size_t)n) - loss_ref) > 1e-2f * loss_ref);
+
+    free(ids_f); free(ctx_ref); free(ctx); free(x); free(t); free(ref); free(out);
+    free(x0); free(eps); free(tl); free(xt); free(target);
+    st_close(&r);
+}
+
+START_TEST(test_sd2_single_file) {
+    sd_model m;
+    load(&m, SD2, WEIGHT_F32);
+    ck_assert_int_eq(m.clip.config.act, CLIP_ACT_GELU);
+    ck_assert_int_eq(m.clip.config.num_layers, 2);
+    ck_assert_int_eq(m.unet.cfg.linear_proj, 1);
+    check_numbers(&m);
+    sd_model_free(&m);
+}
+END_TEST
+
+/* fp16-held weights: the file is fp16, so the same numbers */
+START_TEST(test_sd2_single_file_fp16) {
+    sd_model m;
+    load(&m, SD2, WEIGHT_F16);
+    check_numbers(&m);
+    sd_model_free(&m);
+}
+END_TEST
+
+/* epsilon or v: A1111's .yaml beside the file decides; without one, v */
+START_TEST(test_sd2_yaml) {
+    char dir[64], path[128], yaml[128], cwd[1024], err[SD_ERR_LEN];
+    snprintf(dir, sizeof dir, "/tmp/sdlora_sd2_XXXXXX");
+    ck_assert(mkdtemp(dir) != NULL);
+    ck_assert(getcwd(cwd, sizeof cwd) != NULL);
+    snprintf(path, sizeof path, "%s/m.safetensors", dir);
+    snprintf(yaml, sizeof yaml, "%s/m.yaml", dir);
+    char target[1200];
+    snprintf(target, sizeof target, "%s/" SD2, cwd);
+    ck_assert(symlink(target, path) == 0);
+    static const struct { const char *text; ddpm_prediction want; } cases[] = {
+        {"model:\n  params:\n    parameterization: \"v\"\n    linear_start: 0.00085\n", DDPM_V_PREDICTION},
+        {"model:\n  params:\n    parameterization: v\n", DDPM_V_PREDICTION},
+        {"model:\n  params:\n    linear_start: 0.00085\n", DDPM_EPSILON},          /* LDM's default: eps */
+        {"model:\n  params:\n    parameterization: \"eps\"\n", DDPM_EPSILON},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        FILE *f = fopen(yaml, "w");
+        ck_assert(f && fputs(cases[i].text, f) >= 0 && fclose(f) == 0);
+        sd_model m;
+        ck_assert_msg(sd_model_load(&m, path, SD2_TOK, err) == 0, "%s", err);
+        ck_assert_msg(m.prediction == cases[i].want, "case %zu", i);
+        sd_model_free(&m);
+    }
+    unlink(yaml); unlink(path); rmdir(dir);
+}
+END_TEST
+
+/* an SD2 file without its last resblock, or with one of its tensors gone,
+ * is refused in one line */
+START_TEST(test_sd2_refusals) {
+    st_file f; char err[ST_ERR_LEN];
+    ck_assert_msg(st_open(&f, SD2, err) == 0, "%s", err);
+    int n = f.ntensors;
+    st_tensor *t = calloc((size_t)n + 1, sizeof *t);
+    memcpy(t, f.tensors, (size_t)n * sizeof *t);
+    ldm_arch a;
+    ck_assert_msg(ldm_infer(t, n, &a, err) == 0, "%s", err);
+    /* both text encoders */
+    t[n] = t[0];
+    t[n].name = "cond_stage_model.transformer.text_model.final_layer_norm.weight";
+    ck_assert_int_eq(ldm_infer(t, n + 1, &a, err), -1);
+    ck_assert_msg(strstr(err, "two text encoders"), "%s", err);
+    /* a resblock's in_proj missing */
+    for (int i = 0; i < n; i++)
+        if (strcmp(t[i].name, "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight") == 0)
+            t[i].name = "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight_x";
+    ck_assert_int_eq(ldm_infer(t, n, &a, err), -1);
+    ck_assert_msg(strstr(err, "resblocks.1 missing"), "%s", err);
+    free(t);
+    st_close(&f);
+}
+END_TEST
+
+/* ---- the programs --------------------------------------------------------- */
+
+static int run(const char *cmd) {
+    int st = system(cmd);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+START_TEST(test_sd2_train_sample) {
+    char dir[64], cmd[2048], p[256], err[256];
+    snprintf(dir, sizeof dir, "/tmp/sdlora_sd2p_XXXXXX");
+    ck_assert(mkdtemp(dir) != NULL);
+    snprintf(p, sizeof p, "%s/data", dir);
+    mkdir(p, 0777);
+    uint8_t px[16 * 16 * 3];
+    for (int i = 0; i < 2; i++) {
+        for (int k = 0; k < 16 * 16 * 3; k++) px[k] = (uint8_t)(k * (7 + i) % 251);
+        snprintf(p, sizeof p, "%s/data/img%d.png", dir, i);
+        ck_assert_msg(image_save_png(p, px, 16, 16, NULL, NULL, 0, err, sizeof err) == 0, "%s", err);
+        snprintf(p, sizeof p, "%s/data/img%d.txt", dir, i);
+        FILE *f = fopen(p, "w"); fprintf(f, "a red cat %d\n", i); fclose(f);
+    }
+    snprintf(cmd, sizeof cmd, SDLORA_BUILD "/train %s/data --model " SD2 " --tokenizer " SD2_TOK
+             " --res 16 --rank 2 --alpha 2 --batch 2 --steps 3 --seed 3 --no-grid --out %s/out > %s/log 2>&1",
+             dir, dir, dir);
+    int rc = run(cmd);
+    snprintf(p, sizeof p, "cat %s/log", dir);
+    if (rc) ck_assert(system(p) >= 0);
+    ck_assert_int_eq(rc, 0);
+    snprintf(p, sizeof p, "%s/out/lora.safetensors", dir);
+    ck_assert(access(p, F_OK) == 0);
+    snprintf(cmd, sizeof cmd, SDLORA_BUILD "/sample --model " SD2 " --tokenizer " SD2_TOK
+             " --lora %s/out/lora.safetensors --width 16 --height 16 --steps 3 --seed 1 --out %s/s.png"
+             " --prompt \"a red cat\" > %s/log 2>&1", dir, dir, dir);
+    rc = run(cmd);
+    snprintf(p, sizeof p, "cat %s/log", dir);
+    if (rc) ck_assert(system(p) >= 0);
+    ck_assert_int_eq(rc, 0);
+    image_t im; snprintf(p, sizeof p, "%s/s.png", dir);
+    ck_assert_msg(image_load(&im, p, err, sizeof err) == 0, "%s", err);
+    ck_assert_int_eq(im.w, 16);
+    ck_assert_int_eq(im.h, 16);
+    image_free(&im);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    ck_assert(system(cmd) == 0);
+}
+END_TEST
+
+static Suite *sd2_suite(void) {
+    Suite *s = suite_create("sd2");
+    TCase *tc = tcase_create("core");
+    tcase_add_test(tc, test_sd2_arch);
+    tcase_add_test(tc, test_sd2_single_file);
+    tcase_add_test(tc, test_sd2_single_file_fp16);
+    tcase_add_test(tc, test_sd2_yaml);
+    tcase_add_test(tc, test_sd2_refusals);
+    tcase_add_test(tc, test_sd2_train_sample);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+CHECK_MAIN(sd2_suite)
