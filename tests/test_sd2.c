@@ -185,6 +185,110 @@ START_TEST(test_sd2_refusals) {
 }
 END_TEST
 
+
+/* SD2.1's real sizes: SD1.5's LDM names and shapes (ldm_sd15_names.txt),
+ * with what SD2 changes: a 1024-wide context for attn2.to_k / to_v, linear
+ * proj_in / proj_out, and OpenCLIP-H (24 resblocks of 1024, c_fc 4096)
+ * under cond_stage_model.model. in place of the CLIP text model */
+static int add(st_tensor *t, int n, char **names, const char *name, int nd, int64_t d0, int64_t d1) {
+    names[n] = strdup(name);
+    memset(&t[n], 0, sizeof t[n]);
+    t[n].name = names[n]; t[n].dtype = ST_F16; t[n].ndim = nd;
+    t[n].shape[0] = d0; t[n].shape[1] = d1;
+    return n + 1;
+}
+
+START_TEST(test_sd21_sizes) {
+    FILE *f = fopen(FIXTURE_DIR "ldm_sd15_names.txt", "r");
+    ck_assert(f != NULL);
+    const int cap = 2000;
+    st_tensor *t = calloc(cap, sizeof *t);
+    char **names = calloc(cap, sizeof *names), line[1024];
+    int n = 0;
+    while (fgets(line, sizeof line, f)) {
+        char dn[400], ln[400], ls[100];
+        if (sscanf(line, "%399s %399s %99s", dn, ln, ls) != 3) continue;
+        if (strncmp(ln, LDM_CLIP_PREFIX, strlen(LDM_CLIP_PREFIX)) == 0) continue;
+        int64_t sh[4] = {0}; int nd = 0;
+        for (char *c = ls; *c && nd < 4; nd++) { sh[nd] = strtoll(c, &c, 10); if (*c == ',') c++; }
+        int is_kv = strstr(ln, "attn2.to_k.weight") || strstr(ln, "attn2.to_v.weight");
+        int is_proj = strstr(ln, "proj_in.weight") || strstr(ln, "proj_out.weight");
+        if (is_kv) { ck_assert_int_eq(sh[1], 768); sh[1] = 1024; }
+        if (is_proj && strncmp(ln, LDM_UNET_PREFIX, strlen(LDM_UNET_PREFIX)) == 0) { ck_assert_int_eq(nd, 4); nd = 2; }
+        n = add(t, n, names, ln, nd, sh[0], sh[1]);
+        t[n - 1].shape[2] = sh[2]; t[n - 1].shape[3] = sh[3];
+    }
+    fclose(f);
+    const char *P = LDM_OPENCLIP_PREFIX;
+    char nm[LDM_NAME_LEN];
+    snprintf(nm, sizeof nm, "%stoken_embedding.weight", P); n = add(t, n, names, nm, 2, 49408, 1024);
+    snprintf(nm, sizeof nm, "%spositional_embedding", P);   n = add(t, n, names, nm, 2, 77, 1024);
+    snprintf(nm, sizeof nm, "%sln_final.weight", P);        n = add(t, n, names, nm, 1, 1024, 0);
+    snprintf(nm, sizeof nm, "%sln_final.bias", P);          n = add(t, n, names, nm, 1, 1024, 0);
+    snprintf(nm, sizeof nm, "%stext_projection", P);        n = add(t, n, names, nm, 2, 1024, 1024);
+    snprintf(nm, sizeof nm, "%slogit_scale", P);            n = add(t, n, names, nm, 0, 0, 0);
+    static const struct { const char *sub; int nd; int64_t d0, d1; } blk[] = {
+        {"attn.in_proj_weight", 2, 3072, 1024}, {"attn.in_proj_bias", 1, 3072, 0},
+        {"attn.out_proj.weight", 2, 1024, 1024}, {"attn.out_proj.bias", 1, 1024, 0},
+        {"ln_1.weight", 1, 1024, 0}, {"ln_1.bias", 1, 1024, 0}, {"ln_2.weight", 1, 1024, 0}, {"ln_2.bias", 1, 1024, 0},
+        {"mlp.c_fc.weight", 2, 4096, 1024}, {"mlp.c_fc.bias", 1, 4096, 0},
+        {"mlp.c_proj.weight", 2, 1024, 4096}, {"mlp.c_proj.bias", 1, 1024, 0},
+    };
+    for (int l = 0; l < 24; l++)
+        for (size_t k = 0; k < sizeof blk / sizeof blk[0]; k++) {
+            snprintf(nm, sizeof nm, "%stransformer.resblocks.%d.%s", P, l, blk[k].sub);
+            n = add(t, n, names, nm, blk[k].nd, blk[k].d0, blk[k].d1);
+        }
+    ldm_arch a; char err[ST_ERR_LEN];
+    ck_assert_msg(ldm_infer(t, n, &a, err) == 0, "%s", err);
+    /* stabilityai/stable-diffusion-2-1's unet/ and text_encoder/ config.json */
+    const int heads[4] = {5, 10, 20, 20};
+    ck_assert(a.sd2);
+    for (int b = 0; b < 4; b++) ck_assert_int_eq(a.unet.heads[b], heads[b]);
+    ck_assert_int_eq(a.unet.cross_dim, 1024);
+    ck_assert_int_eq(a.unet.linear_proj, 1);
+    ck_assert_int_eq(a.unet.sample_size, 96);
+    ck_assert_int_eq(a.clip.num_layers, 23);
+    ck_assert_int_eq(a.clip.hidden_size, 1024);
+    ck_assert_int_eq(a.clip.intermediate_size, 4096);
+    ck_assert_int_eq(a.clip.num_heads, 16);
+    ck_assert_int_eq(a.clip.vocab_size, 49408);
+    ck_assert_int_eq(a.clip.max_pos, 77);
+    ck_assert(a.clip.gelu);
+    /* the UNet this gives has SD2.1's 865,910,724 parameters (diffusers, meta device) */
+    unet_config c;
+    memset(&c, 0, sizeof c);
+    c.in_channels = a.unet.in_channels; c.out_channels = a.unet.out_channels; c.nlevels = a.unet.nlevels;
+    for (int b = 0; b < c.nlevels; b++) {
+        c.block_out[b] = a.unet.block_out[b]; c.layers[b] = a.unet.layout.layers[b];
+        c.down_attn[b] = a.unet.layout.down_attn[b]; c.up_attn[b] = a.unet.layout.up_attn[b];
+        c.heads[b] = a.unet.heads[b]; c.tlayers[b] = a.unet.tlayers[b];
+    }
+    c.cross_dim = a.unet.cross_dim; c.groups = a.unet.groups; c.eps = a.unet.eps;
+    c.linear_proj = a.unet.linear_proj; c.flip_sin_to_cos = 1;
+    size_t np; int nt;
+    ck_assert_msg(unet_count_params(&c, &np, &nt, err) == 0, "%s", err);
+    ck_assert_uint_eq(np, 865910724u);
+    ck_assert_int_eq(nt, 686);
+    /* every text-model name of the 23 layers maps onto a tensor of the list */
+    static const char *sub[] = {"self_attn.q_proj.weight", "self_attn.v_proj.bias", "self_attn.out_proj.weight",
+                                "layer_norm1.bias", "layer_norm2.weight", "mlp.fc1.weight", "mlp.fc2.bias"};
+    for (int l = 0; l < 24; l++)
+        for (size_t k = 0; k < sizeof sub / sizeof sub[0]; k++) {
+            char dn[128];
+            snprintf(dn, sizeof dn, "text_model.encoder.layers.%d.%s", l, sub[k]);
+            int rc = ldm_clip_name(dn, &a.clip.layout, nm, sizeof nm);
+            if (l == 23) { ck_assert_int_eq(rc, -1); continue; }
+            ck_assert_msg(rc >= 0, "%s", dn);
+            int found = 0;
+            for (int i = 0; i < n && !found; i++) found = strcmp(t[i].name, nm) == 0;
+            ck_assert_msg(found, "%s -> %s: not in the file", dn, nm);
+        }
+    for (int i = 0; i < n; i++) free(names[i]);
+    free(names); free(t);
+}
+END_TEST
+
 /* ---- the programs --------------------------------------------------------- */
 
 static int run(const char *cmd) {
@@ -240,6 +344,7 @@ static Suite *sd2_suite(void) {
     tcase_add_test(tc, test_sd2_single_file_fp16);
     tcase_add_test(tc, test_sd2_yaml);
     tcase_add_test(tc, test_sd2_refusals);
+    tcase_add_test(tc, test_sd21_sizes);
     tcase_add_test(tc, test_sd2_train_sample);
     suite_add_tcase(s, tc);
     return s;
