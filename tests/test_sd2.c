@@ -130,6 +130,73 @@ START_TEST(test_sd2_single_file_fp16) {
 }
 END_TEST
 
+
+/* The same model as a diffusers folder: tests/fixtures/sd2_tiny_folder has
+ * the configs diffusers wrote (linear projection, per-block head list,
+ * upcast_attention, gelu, v_prediction, pad "!"); the weights are written
+ * here, under their diffusers names, from what the single file gave. */
+static void write_part(const char *path, int n, const char *(*name)(const void *, int),
+                       const float *(*data)(const void *, int), int (*shape)(const void *, int, int64_t *),
+                       const void *obj) {
+    st_writer *w = st_writer_new();
+    char err[ST_ERR_LEN];
+    for (int i = 0; i < n; i++) {
+        int64_t sh[4]; int nd = shape(obj, i, sh);
+        ck_assert(st_writer_add_f32(w, name(obj, i), ST_F32, nd, sh, data(obj, i)) == 0);
+    }
+    ck_assert_msg(st_writer_save(w, path, err) == 0, "%s", err);
+    st_writer_free(w);
+}
+static const char *u_name(const void *o, int i) { return ((const unet_t *)o)->table[i].name; }
+static const float *u_data(const void *o, int i) { return ((const unet_t *)o)->table[i].data; }
+static int u_shape(const void *o, int i, int64_t *sh) {
+    const unet_param *p = &((const unet_t *)o)->table[i];
+    for (int d = 0; d < p->ndim; d++) sh[d] = p->shape[d];
+    return p->ndim;
+}
+static const char *v_name(const void *o, int i) { return ((const vae_t *)o)->table[i].name; }
+static const float *v_data(const void *o, int i) { return ((const vae_t *)o)->table[i].data; }
+static int v_shape(const void *o, int i, int64_t *sh) {
+    const vae_param *p = &((const vae_t *)o)->table[i];
+    for (int d = 0; d < p->ndim; d++) sh[d] = p->shape[d];
+    return p->ndim;
+}
+static const char *c_name(const void *o, int i) { return ((const clip_t *)o)->table[i].name; }
+static const float *c_data(const void *o, int i) { return ((const clip_t *)o)->table[i].data; }
+static int c_shape(const void *o, int i, int64_t *sh) {
+    const clip_param *p = &((const clip_t *)o)->table[i];
+    for (int d = 0; d < p->ndim; d++) sh[d] = p->shape[d];
+    return p->ndim;
+}
+
+START_TEST(test_sd2_diffusers_folder) {
+    char dir[64], cmd[512], p[256];
+    snprintf(dir, sizeof dir, "/tmp/sdlora_sd2f_XXXXXX");
+    ck_assert(mkdtemp(dir) != NULL);
+    snprintf(cmd, sizeof cmd, "cp -r " FIXTURE_DIR "sd2_tiny_folder/. %s/", dir);
+    ck_assert(system(cmd) == 0);
+    sd_model m;
+    load(&m, SD2, WEIGHT_F32);
+    snprintf(p, sizeof p, "%s/unet/diffusion_pytorch_model.safetensors", dir);
+    write_part(p, m.unet.ntable, u_name, u_data, u_shape, &m.unet);
+    snprintf(p, sizeof p, "%s/vae/diffusion_pytorch_model.safetensors", dir);
+    write_part(p, m.vae.ntable, v_name, v_data, v_shape, &m.vae);
+    snprintf(p, sizeof p, "%s/text_encoder/model.safetensors", dir);
+    write_part(p, m.clip.ntable, c_name, c_data, c_shape, &m.clip);
+    sd_model_free(&m);
+
+    char err[SD_ERR_LEN];
+    ck_assert_msg(sd_model_load(&m, dir, NULL, err) == 0, "%s", err);
+    ck_assert(!m.single_file);
+    ck_assert_int_eq(m.clip.config.act, CLIP_ACT_GELU);
+    ck_assert_int_eq(m.unet.cfg.linear_proj, 1);
+    check_numbers(&m);            /* pad "!" and v_prediction from the folder's files */
+    sd_model_free(&m);
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    ck_assert(system(cmd) == 0);
+}
+END_TEST
+
 /* epsilon or v: A1111's .yaml beside the file decides; without one, v */
 START_TEST(test_sd2_yaml) {
     char dir[64], path[128], yaml[128], cwd[1024], err[SD_ERR_LEN];
@@ -342,6 +409,7 @@ static Suite *sd2_suite(void) {
     tcase_add_test(tc, test_sd2_arch);
     tcase_add_test(tc, test_sd2_single_file);
     tcase_add_test(tc, test_sd2_single_file_fp16);
+    tcase_add_test(tc, test_sd2_diffusers_folder);
     tcase_add_test(tc, test_sd2_yaml);
     tcase_add_test(tc, test_sd2_refusals);
     tcase_add_test(tc, test_sd21_sizes);

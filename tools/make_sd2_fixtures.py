@@ -34,7 +34,13 @@ convert_ldm_vae_checkpoint, convert_open_clip_checkpoint), every tensor must
 come back bit-identical, and the references are computed with the models
 built from what diffusers read, so they are "the diffusers model of this file".
 The tokenizer is tests/fixtures/gen_tiny/tokenizer (a tiny CLIP BPE, "!" = 0).
+  tests/fixtures/sd2_tiny_folder/   the same model's diffusers folder without
+      weights: unet/, vae/, text_encoder/ config.json (use_linear_projection,
+      attention_head_dim list, upcast_attention; gelu), scheduler/ with
+      prediction_type v_prediction, tokenizer/ padding with "!"; test_sd2
+      writes the weights into a copy from what it read from the single file
 """
+import json
 import os
 import sys
 
@@ -188,6 +194,24 @@ def main():
                "t": t.float(), "unet_out": out.contiguous(),
                "x0": x0, "eps": eps, "t_loss": tl.float(), "loss_v": loss_v.reshape(1)},
               os.path.join(OUT, "sd2_tiny_ref.safetensors"))
+    # the same model as a diffusers folder, without its weights (test_sd2 writes
+    # them from the single file): configs, the SD2-style tokenizer, the scheduler
+    F = os.path.join(OUT, "sd2_tiny_folder")
+    unet2.save_config(os.path.join(F, "unet"))
+    vae2.save_config(os.path.join(F, "vae"))
+    clip2.config.save_pretrained(os.path.join(F, "text_encoder"))
+    sched.save_config(os.path.join(F, "scheduler"))
+    os.makedirs(os.path.join(F, "tokenizer"), exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        with open(os.path.join(TOK, name), "rb") as src, open(os.path.join(F, "tokenizer", name), "wb") as dst:
+            dst.write(src.read())
+    with open(os.path.join(F, "tokenizer", "special_tokens_map.json"), "w") as fh:
+        json.dump({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "!",
+                   "unk_token": "<|endoftext|>"}, fh)
+    with open(os.path.join(F, "model_index.json"), "w") as fh:
+        json.dump({"_class_name": "StableDiffusionPipeline", "scheduler": ["diffusers", "DDIMScheduler"],
+                   "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                   "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}, fh, indent=1)
     n = sum(v.numel() for v in ckpt.values())
     print(f"sd2_tiny: {n} numbers, |ctx| max {ctx.abs().max():.3g}, |unet_out| max {out.abs().max():.3g}")
 
