@@ -185,7 +185,8 @@ int ldm_ignorable(const char *ldm_name);
  * is read as SD1.x's layout with: the OpenCLIP names, linear proj_in /
  * proj_out (from their shape), heads 64 wide (SD2's num_head_channels: 64,
  * so 5, 10, 20, 20 heads; one head on a level narrower than 64) and
- * sample_size 96 (diffusers' default for an SD2 single file, SD2.1-768). */
+ * sample_size 96 (diffusers' default for an SD2 single file, SD2.1-768;
+ * model.c makes it 64 when a .yaml beside the file says epsilon). */
 int ldm_infer(const st_tensor *t, int n, ldm_arch *a, char *err);
 /* the same on an open file; the message starts with the file's path */
 int ldm_infer_file(const st_file *f, ldm_arch *a, char *err);

@@ -302,7 +302,11 @@ static int sd_model_load_single_file(sd_model *m, const char *path, const char *
         goto done;
     }
     rc = load_scheduler(m, NULL, err);
-    if (rc == 0 && a.sd2) rc = sd2_prediction(m, path, err);
+    if (rc == 0 && a.sd2) {
+        rc = sd2_prediction(m, path, err);
+        /* the v models are the 768 ones, the epsilon ones (2.0 / 2.1 base) 512 */
+        m->unet.cfg.sample_size = m->prediction == DDPM_V_PREDICTION ? 96 : 64;
+    }
 done:
     st_close(&f);
     return rc;

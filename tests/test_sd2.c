@@ -220,6 +220,8 @@ START_TEST(test_sd2_yaml) {
         sd_model m;
         ck_assert_msg(sd_model_load(&m, path, SD2_TOK, err) == 0, "%s", err);
         ck_assert_msg(m.prediction == cases[i].want, "case %zu", i);
+        /* v: a 768 model (sample_size 96), epsilon: a 512 base model (64); one VAE level here */
+        ck_assert_int_eq(sd_default_image_side(&m), cases[i].want == DDPM_V_PREDICTION ? 96 : 64);
         sd_model_free(&m);
     }
     unlink(yaml); unlink(path); rmdir(dir);
