@@ -649,8 +649,13 @@ static int openclip_arch(const oscan *s, ldm_clip_arch *a, char *err) {
     if (s->nres < 2)
         return fail(err, "%s* has %d resblock(s): SD2.x reads the penultimate one, so it needs 2 or more "
                     "(a damaged checkpoint)", C, s->nres);
-    /* the penultimate layer: the last resblock is not part of the model */
-    a->layout.num_layers = a->num_layers = s->nres - 1;
+    /* the penultimate layer: the last resblock is not part of the model.
+     * A file that diffusers' convert_diffusers_to_original_stable_diffusion
+     * wrote from a diffusers SD2 folder holds only the 23 resblocks of
+     * OpenCLIP-H that run: all of them are the model then (SD2's 23 for its
+     * 1024-wide tower, as diffusers and A1111 read such a file) */
+    a->resblocks = s->nres;
+    a->layout.num_layers = a->num_layers = (s->d == 1024 && s->nres == 23) ? 23 : s->nres - 1;
     a->layout.openclip = 1;
     a->vocab_size = s->vocab;
     a->hidden_size = s->d;

@@ -125,7 +125,8 @@ typedef struct {
  * CLIPTextModel with one layer fewer (23 of OpenCLIP-H's 24), whose
  * last_hidden_state, final_layer_norm included, is that output. So the
  * model built here has num_layers = resblocks - 1 and the last resblock of
- * the file is read by nobody. */
+ * the file is read by nobody (but for a 1024-wide file with 23 resblocks,
+ * converted from diffusers: those are the 23 layers). */
 typedef struct {
     int num_layers;                    /* layers of the text model built (OpenCLIP: resblocks - 1) */
     int text_model_level;              /* 1: ...transformer.text_model.encoder..., 0: ...transformer.encoder... */
@@ -141,6 +142,8 @@ typedef struct {
     int num_heads;                     /* hidden / 64 = 12 (CLIP's head width; 1 if hidden is not a multiple of 64) */
     int max_pos;                       /* 77 */
     int gelu;                          /* hidden_act: 0 quick_gelu (openai CLIP), 1 gelu (OpenCLIP) */
+    int resblocks;                     /* OpenCLIP: resblocks in the file (num_layers + 1, or 23 = num_layers
+                                          for an OpenCLIP-H file holding only the layers SD2 runs) */
     /* layer_norm_eps 1e-5: ASSUMED (both text towers) */
 } ldm_clip_arch;
 

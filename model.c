@@ -281,11 +281,12 @@ static int sd_model_load_single_file(sd_model *m, const char *path, const char *
         } else if (clip_read_param(&m->clip, i, &f, nm, sq, e)) { snprintf(err, SD_ERR_LEN, "%s", e); goto done; }
     }
     /* every text-encoder tensor is used, but for SD2.x's last resblock (12
-     * tensors: ln_1, in_proj, out_proj, ln_2, c_fc, c_proj, weight and bias),
-     * which the penultimate-layer conditioning never runs; q/k/v are 3 table
-     * entries from 2 fused tensors per layer */
+     * tensors: ln_1, in_proj, out_proj, ln_2, c_fc, c_proj, weight and bias)
+     * when the file has it, which the penultimate-layer conditioning never
+     * runs; q/k/v are 3 table entries from 2 fused tensors per layer */
     const char *cpre = a.sd2 ? LDM_OPENCLIP_PREFIX : LDM_CLIP_PREFIX;
-    int want = a.sd2 ? m->clip.ntable - 4 * cc.num_layers + 12 : m->clip.ntable;
+    int want = a.sd2 ? m->clip.ntable - 4 * cc.num_layers + 12 * (a.clip.resblocks - cc.num_layers)
+                     : m->clip.ntable;
     if (count_prefixed(&f, cpre) != want) {
         snprintf(err, SD_ERR_LEN, "%s: holds %d text-encoder tensors, expected %d (not an SD%s checkpoint, or a modified one)",
                  path, count_prefixed(&f, cpre), want, a.sd2 ? "2.x" : "1.x");

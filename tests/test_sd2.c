@@ -353,6 +353,16 @@ START_TEST(test_sd21_sizes) {
             for (int i = 0; i < n && !found; i++) found = strcmp(t[i].name, nm) == 0;
             ck_assert_msg(found, "%s -> %s: not in the file", dn, nm);
         }
+    /* a file converted back from a diffusers folder has only the 23 layers
+     * SD2 runs (diffusers' convert_diffusers_to_original_stable_diffusion):
+     * still 23, not 22 */
+    int k = 0;
+    for (int i = 0; i < n; i++)
+        if (!strstr(t[i].name, "resblocks.23.")) t[k++] = t[i];
+    ck_assert_int_eq(k, n - 12);
+    ck_assert_msg(ldm_infer(t, k, &a, err) == 0, "%s", err);
+    ck_assert_int_eq(a.clip.num_layers, 23);
+    ck_assert_int_eq(a.clip.resblocks, 23);
     for (int i = 0; i < n; i++) free(names[i]);
     free(names); free(t);
 }
