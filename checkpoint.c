@@ -243,6 +243,35 @@ int ldm_vae_name(const char *dn, const ldm_vae_layout *lay, char *out, size_t n)
 
 /* ---- CLIP names ------------------------------------------------------------ */
 
+/* OpenCLIP's names for a layer's parts: transformers' sub-module -> open_clip's */
+static const char *const openclip_sub[][2] = {
+    {"self_attn.out_proj.", "attn.out_proj."}, {"layer_norm1.", "ln_1."}, {"layer_norm2.", "ln_2."},
+    {"mlp.fc1.", "mlp.c_fc."}, {"mlp.fc2.", "mlp.c_proj."},
+};
+
+/* p: a transformers name without "text_model."; layer l's sub-name is q */
+static int openclip_name(const char *p, const ldm_clip_layout *lay, char *out, size_t n) {
+    static const char *const qkv[3] = {"self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj."};
+    const char *q, *leaf;
+    if (strcmp(p, "embeddings.token_embedding.weight") == 0)
+        return put(out, n, LDM_OPENCLIP_PREFIX "token_embedding.weight");
+    if (strcmp(p, "embeddings.position_embedding.weight") == 0)
+        return put(out, n, LDM_OPENCLIP_PREFIX "positional_embedding");   /* a bare parameter */
+    if (is_leaf(q = skip(p, "final_layer_norm.")))
+        return put(out, n, LDM_OPENCLIP_PREFIX "ln_final.%s", q);
+    if (!(q = skip(p, "encoder.layers."))) return -1;
+    int l = num(&q);
+    if (l < 0 || l >= lay->num_layers) return -1;
+    /* q, k, v are one fused projection in open_clip (nn.MultiheadAttention):
+     * in_proj_weight = [W_q; W_k; W_v] (3d, d), in_proj_bias = [b_q; b_k; b_v] */
+    for (int k = 0; k < 3; k++)
+        if (is_leaf(leaf = skip(q, qkv[k])))
+            return put(out, n, LDM_OPENCLIP_PREFIX "transformer.resblocks.%d.attn.in_proj_%s", l, leaf)
+                   ? -1 : LDM_SPLIT_Q + k;
+    const char *sub = map_sub(q, openclip_sub, 5, &leaf);
+    return sub ? put(out, n, LDM_OPENCLIP_PREFIX "transformer.resblocks.%d.%s%s", l, sub, leaf) : -1;
+}
+
 int ldm_clip_name(const char *dn, const ldm_clip_layout *lay, char *out, size_t n) {
     static const char *const sub[] = {
         "self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.", "self_attn.out_proj.",
@@ -250,6 +279,7 @@ int ldm_clip_name(const char *dn, const ldm_clip_layout *lay, char *out, size_t 
     };
     if (!dn || !out || !lay || lay->num_layers < 0) return -1;
     const char *p = skip(dn, "text_model.") ? dn + strlen("text_model.") : dn, *q;
+    if (lay->openclip) return openclip_name(p, lay, out, n);
     int ok = strcmp(p, "embeddings.token_embedding.weight") == 0 ||
              strcmp(p, "embeddings.position_embedding.weight") == 0 ||
              is_leaf(skip(p, "final_layer_norm."));
@@ -277,7 +307,10 @@ int ldm_ignorable(const char *name) {
     for (size_t i = 0; i < sizeof sched / sizeof sched[0]; i++)
         if (strcmp(name, sched[i]) == 0) return 1;
     if (skip(name, "model_ema.")) return 1;
-    const char *p = skip(name, LDM_CLIP_PREFIX);
+    const char *p = skip(name, LDM_OPENCLIP_PREFIX);
+    if (p && (strcmp(p, "text_projection") == 0 || strcmp(p, "logit_scale") == 0 || strcmp(p, "attn_mask") == 0))
+        return 1;
+    p = skip(name, LDM_CLIP_PREFIX);
     if (p) {
         if (skip(p, "text_model.")) p += strlen("text_model.");
         if (strcmp(p, "embeddings.position_ids") == 0) return 1;
@@ -366,7 +399,7 @@ static void unet_scan(uscan *s, const char *r, const st_tensor *t) {
     }
 }
 
-static int unet_arch(uscan *s, ldm_unet_arch *a, char *err) {
+static int unet_arch(uscan *s, ldm_unet_arch *a, int sd2, char *err) {
     const char *U = LDM_UNET_PREFIX;
     memset(a, 0, sizeof *a);
     if (s->bad) return fail(err, "%s%s: more UNet blocks than any SD1.x model has (not an SD1.x checkpoint)", U, s->bad);
@@ -388,11 +421,9 @@ static int unet_arch(uscan *s, ldm_unet_arch *a, char *err) {
                     a->in_channels);
     if (s->cross_bad || s->cross <= 0)
         return fail(err, "%s*.attn2.to_k.weight missing or of mixed widths (damaged or not an SD1.x checkpoint)", U);
-    if (s->cross == 1024)
-        return fail(err, "the UNet's text context is 1024 wide: this is an SD2.x checkpoint; sdlora supports SD1.x (768)");
-    if (s->cross == 2048 || s->cross == 1280)
-        return fail(err, "the UNet's text context is %d wide: this is an SDXL checkpoint; sdlora supports SD1.x (768)",
-                    s->cross);
+    if (s->cross == 2048 || s->cross == 1280 || (s->cross == 1024 && !sd2))
+        return fail(err, "the UNet's text context is %d wide without an SD2.x text encoder: this is an SDXL "
+                    "checkpoint, or a damaged one; sdlora supports SD1.x and SD2.x", s->cross);
     a->cross_dim = s->cross;
     a->linear_proj = s->proj_dim == 2;
     if (!s->mid[0] || !s->mid[1] || !s->mid[2])
@@ -456,12 +487,15 @@ static int unet_arch(uscan *s, ldm_unet_arch *a, char *err) {
     a->time_embed_dim = s->temb;
     if (a->out_channels <= 0 || a->time_embed_dim <= 0)
         return fail(err, "%sout.2 or time_embed.0 missing (a damaged checkpoint)", U);
-    for (int b = 0; b < nl; b++) a->heads[b] = 8;   /* SD1.x: 8 heads everywhere; not in any shape */
+    /* heads are in no shape: SD1.x's v1-inference.yaml has num_heads 8 on
+     * every level; SD2.x's v2-inference.yaml num_head_channels 64, i.e.
+     * heads = channels / 64 (5, 10, 20, 20), one for a level under 64 wide */
+    for (int b = 0; b < nl; b++) a->heads[b] = sd2 ? (a->block_out[b] >= 64 ? a->block_out[b] / 64 : 1) : 8;
     a->groups = 32;
     a->eps = 1e-5f;
     a->flip_sin_to_cos = 1;
     a->freq_shift = 0;
-    a->sample_size = 64;
+    a->sample_size = sd2 ? 96 : 64;
     return 0;
 }
 
@@ -582,6 +616,56 @@ static int clip_arch(const cscan *s, ldm_clip_arch *a, char *err) {
     return 0;
 }
 
+/* OpenCLIP (SD2.x): what cond_stage_model.model.* holds */
+typedef struct {
+    int vocab, d, max_pos, inter, final_ln, bad, any;
+    int nres;                          /* 1 + the largest resblock index */
+    unsigned char seen[LDM_MAX_CLIP_LAYERS];
+} oscan;
+
+static void openclip_scan(oscan *s, const char *r, const st_tensor *t) {
+    const char *p;
+    s->any = 1;
+    if (strcmp(r, "token_embedding.weight") == 0) { s->vocab = ishape(t, 0); s->d = ishape(t, 1); }
+    else if (strcmp(r, "positional_embedding") == 0) s->max_pos = ishape(t, 0);
+    else if (strcmp(r, "ln_final.weight") == 0) s->final_ln = 1;
+    else if ((p = skip(r, "transformer.resblocks."))) {
+        int l = num(&p);
+        if (l < 0) return;
+        if (l >= LDM_MAX_CLIP_LAYERS) { s->bad = 1; return; }
+        if (l + 1 > s->nres) s->nres = l + 1;
+        if (strcmp(p, "attn.in_proj_weight") == 0) s->seen[l] = 1;
+        if (!s->inter && strcmp(p, "mlp.c_fc.weight") == 0) s->inter = ishape(t, 0);
+    }
+}
+
+static int openclip_arch(const oscan *s, ldm_clip_arch *a, char *err) {
+    const char *C = LDM_OPENCLIP_PREFIX;
+    memset(a, 0, sizeof *a);
+    if (s->bad || !s->vocab || !s->d || !s->max_pos || !s->inter || !s->final_ln)
+        return fail(err, "%s* is not a complete OpenCLIP text model (a damaged SD2.x checkpoint)", C);
+    for (int l = 0; l < s->nres; l++)
+        if (!s->seen[l]) return fail(err, "%stransformer.resblocks.%d missing (a damaged checkpoint)", C, l);
+    if (s->nres < 2)
+        return fail(err, "%s* has %d resblock(s): SD2.x reads the penultimate one, so it needs 2 or more "
+                    "(a damaged checkpoint)", C, s->nres);
+    /* the penultimate layer: the last resblock is not part of the model.
+     * A file that diffusers' convert_diffusers_to_original_stable_diffusion
+     * wrote from a diffusers SD2 folder holds only the 23 resblocks of
+     * OpenCLIP-H that run: all of them are the model then (SD2's 23 for its
+     * 1024-wide tower, as diffusers and A1111 read such a file) */
+    a->resblocks = s->nres;
+    a->layout.num_layers = a->num_layers = (s->d == 1024 && s->nres == 23) ? 23 : s->nres - 1;
+    a->layout.openclip = 1;
+    a->vocab_size = s->vocab;
+    a->hidden_size = s->d;
+    a->intermediate_size = s->inter;
+    a->max_pos = s->max_pos;
+    a->num_heads = s->d % 64 == 0 ? s->d / 64 : 1;   /* OpenCLIP-H: 16 heads of 64 */
+    a->gelu = 1;
+    return 0;
+}
+
 /* the first name that marks a LoRA / LyCORIS file, or NULL */
 static const char *lora_key(const st_tensor *t, int n) {
     static const char *const marks[] = {".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1_a",
@@ -605,8 +689,6 @@ int ldm_infer(const st_tensor *t, int n, ldm_arch *a, char *err) {
         const char *s = t[i].name;
         if (skip(s, "conditioner.embedders."))
             return fail(err, "this is an SDXL checkpoint ('%s'); sdlora supports SD1.x", s);
-        if (skip(s, "cond_stage_model.model."))
-            return fail(err, "this is an SD2.x checkpoint (OpenCLIP text encoder '%s'); sdlora supports SD1.x", s);
         if (skip(s, LDM_UNET_PREFIX)) nunet++;
         diffusers_unet |= skip(s, "down_blocks.") || skip(s, "mid_block.") || skip(s, "time_embedding.");
         vae_only |= skip(s, "encoder.down.") || skip(s, "decoder.up.") || skip(s, "encoder.down_blocks.");
@@ -630,17 +712,26 @@ int ldm_infer(const st_tensor *t, int n, ldm_arch *a, char *err) {
     uscan *us = calloc(1, sizeof *us);
     vscan *vs = calloc(1, sizeof *vs);
     cscan *cs = calloc(1, sizeof *cs);
-    int rc = -1;
-    if (!us || !vs || !cs) { fail(err, "out of memory reading the checkpoint's layout"); goto done; }
+    oscan *os = calloc(1, sizeof *os);
+    int rc = -1, ncs = 0;
+    if (!us || !vs || !cs || !os) { fail(err, "out of memory reading the checkpoint's layout"); goto done; }
     for (int i = 0; i < n; i++) {
         const char *s = t[i].name, *r;
         if ((r = skip(s, LDM_UNET_PREFIX))) unet_scan(us, r, &t[i]);
         else if ((r = skip(s, LDM_VAE_PREFIX))) vae_scan(vs, r, &t[i]);
-        else if ((r = skip(s, LDM_CLIP_PREFIX))) clip_scan(cs, r, &t[i]);
+        else if ((r = skip(s, LDM_CLIP_PREFIX))) { clip_scan(cs, r, &t[i]); ncs++; }
+        else if ((r = skip(s, LDM_OPENCLIP_PREFIX)) && !ldm_ignorable(s)) openclip_scan(os, r, &t[i]);
     }
     ldm_arch tmp;
     if (!a) a = &tmp;
-    if (unet_arch(us, &a->unet, err) || vae_arch(vs, &a->vae, err) || clip_arch(cs, &a->clip, err)) goto done;
+    if (os->any && ncs) {
+        fail(err, "the file holds two text encoders, %s* and %s* (SD1.x's and SD2.x's): a damaged or "
+             "mixed checkpoint", LDM_CLIP_PREFIX, LDM_OPENCLIP_PREFIX);
+        goto done;
+    }
+    a->sd2 = os->any;
+    if (unet_arch(us, &a->unet, a->sd2, err) || vae_arch(vs, &a->vae, err) ||
+        (a->sd2 ? openclip_arch(os, &a->clip, err) : clip_arch(cs, &a->clip, err))) goto done;
     if (a->clip.hidden_size != a->unet.cross_dim) {
         fail(err, "the text encoder is %d wide but the UNet attends to %d-wide context "
              "(the checkpoint's parts do not belong together)", a->clip.hidden_size, a->unet.cross_dim);
@@ -648,7 +739,7 @@ int ldm_infer(const st_tensor *t, int n, ldm_arch *a, char *err) {
     }
     rc = 0;
 done:
-    free(us); free(vs); free(cs);
+    free(us); free(vs); free(cs); free(os);
     return rc;
 }
 
@@ -661,7 +752,8 @@ int ldm_infer_file(const st_file *f, ldm_arch *a, char *err) {
 
 const char *ldm_detect(const st_file *f, char *err) {
     ldm_arch a;
-    return ldm_infer_file(f, &a, err) == 0 ? "sd1" : NULL;
+    if (ldm_infer_file(f, &a, err)) return NULL;
+    return a.sd2 ? "sd2" : "sd1";
 }
 
 /* ---- reading --------------------------------------------------------------- */
@@ -676,4 +768,20 @@ int ldm_read_f32(const st_file *f, const char *ldm_name, int squeeze, int ndim,
         if (same) return st_read_f32(f, ldm_name, t->ndim, t->shape, dst, err);
     }
     return st_read_f32(f, ldm_name, ndim, shape, dst, err);
+}
+
+int ldm_read_split(const st_file *f, const char *ldm_name, int split, int ndim,
+                   const int64_t *shape, float *dst, char *err) {
+    if (split < LDM_SPLIT_Q || split > LDM_SPLIT_V) return ldm_read_f32(f, ldm_name, split, ndim, shape, dst, err);
+    if (!shape || ndim < 1 || ndim > 2) return fail(err, "%s: bad shape for a split read", ldm_name);
+    /* the fused tensor: (3 rows, cols); block k is rows [k rows, (k+1) rows),
+     * contiguous in row-major order */
+    int64_t fused[2] = {3 * shape[0], ndim == 2 ? shape[1] : 1};
+    size_t block = (size_t)shape[0] * (size_t)fused[1];
+    float *all = malloc(3 * block * sizeof *all);
+    if (!all) return fail(err, "%s: out of memory", ldm_name);
+    int rc = st_read_f32(f, ldm_name, ndim, fused, all, err);
+    if (rc == 0) memcpy(dst, all + (size_t)(split - LDM_SPLIT_Q) * block, block * sizeof *dst);
+    free(all);
+    return rc;
 }

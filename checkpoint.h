@@ -36,6 +36,8 @@
 #define LDM_UNET_PREFIX "model.diffusion_model."
 #define LDM_VAE_PREFIX  "first_stage_model."
 #define LDM_CLIP_PREFIX "cond_stage_model.transformer."
+/* SD2.x: the OpenCLIP ViT-H/14 text tower (open_clip's own names) */
+#define LDM_OPENCLIP_PREFIX "cond_stage_model.model."
 
 /* What the ldm_*_name functions return besides -1 (unknown name, index out of
  * range for the layout, or out too small) and 0 (same shape in both):
@@ -43,6 +45,12 @@
  * diffusers has a linear (C, C): the same numbers in the same order, so a
  * loader accepts either shape (ldm_read_f32 does). */
 #define LDM_SQUEEZE 1
+/* LDM_SPLIT_Q, _K, _V (OpenCLIP, SD2.x): the LDM tensor is attention's fused
+ * in_proj, (3d, d) or (3d): q, k and v stacked by rows, and the diffusers
+ * tensor is row block 0, 1 or 2 of it (ldm_read_split reads one block) */
+#define LDM_SPLIT_Q 2
+#define LDM_SPLIT_K 3
+#define LDM_SPLIT_V 4
 
 /* ---- UNet ------------------------------------------------------------------
  * LDM numbers the down path as one list, input_blocks: [0] is conv_in, then
@@ -106,12 +114,23 @@ typedef struct {
 } ldm_vae_arch;
 
 /* ---- CLIP text model -------------------------------------------------------
- * LDM keeps transformers' names under cond_stage_model.transformer.; some
- * old files (written with early transformers versions) lack the
- * "text_model." level, which the layout records. */
+ * SD1.x: LDM keeps transformers' names under cond_stage_model.transformer.;
+ * some old files (written with early transformers versions) lack the
+ * "text_model." level, which the layout records.
+ * SD2.x: OpenCLIP's names under cond_stage_model.model. (token_embedding,
+ * positional_embedding, transformer.resblocks.N.{ln_1, attn.in_proj_*,
+ * attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj}, ln_final). SD2 conditions on
+ * the penultimate layer (LDM's FrozenOpenCLIPEmbedder, layer="penultimate"):
+ * the last resblock never runs, and diffusers' text_encoder for SD2 is a
+ * CLIPTextModel with one layer fewer (23 of OpenCLIP-H's 24), whose
+ * last_hidden_state, final_layer_norm included, is that output. So the
+ * model built here has num_layers = resblocks - 1 and the last resblock of
+ * the file is read by nobody (but for a 1024-wide file with 23 resblocks,
+ * converted from diffusers: those are the 23 layers). */
 typedef struct {
-    int num_layers;
+    int num_layers;                    /* layers of the text model built (OpenCLIP: resblocks - 1) */
     int text_model_level;              /* 1: ...transformer.text_model.encoder..., 0: ...transformer.encoder... */
+    int openclip;                      /* 1: SD2.x OpenCLIP names under LDM_OPENCLIP_PREFIX */
 } ldm_clip_layout;
 
 typedef struct {
@@ -122,13 +141,17 @@ typedef struct {
     int num_layers;                    /* 12 */
     int num_heads;                     /* hidden / 64 = 12 (CLIP's head width; 1 if hidden is not a multiple of 64) */
     int max_pos;                       /* 77 */
-    /* hidden_act quick_gelu and layer_norm_eps 1e-5: ASSUMED (openai/clip-vit-large-patch14) */
+    int gelu;                          /* hidden_act: 0 quick_gelu (openai CLIP), 1 gelu (OpenCLIP) */
+    int resblocks;                     /* OpenCLIP: resblocks in the file (num_layers + 1, or 23 = num_layers
+                                          for an OpenCLIP-H file holding only the layers SD2 runs) */
+    /* layer_norm_eps 1e-5: ASSUMED (both text towers) */
 } ldm_clip_arch;
 
 typedef struct {
     ldm_unet_arch unet;
     ldm_vae_arch vae;
     ldm_clip_arch clip;
+    int sd2;                           /* 1: SD2.x (OpenCLIP text encoder, heads 64 wide) */
 } ldm_arch;
 
 /* ---- names: diffusers -> LDM ------------------------------------------------
@@ -141,29 +164,37 @@ typedef struct {
  *      -> "first_stage_model.encoder.mid.attn_1.q.weight"     (LDM_SQUEEZE)
  *   clip: "text_model.encoder.layers.0.self_attn.q_proj.weight" or the same
  *         without "text_model." (transformers >= 5.6 state dicts)
- *      -> "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" */
+ *      -> "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
+ *         SD2.x: "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" (LDM_SPLIT_Q) */
 int ldm_unet_name(const char *diffusers_name, const ldm_unet_layout *lay, char *out, size_t n);
 int ldm_vae_name(const char *diffusers_name, const ldm_vae_layout *lay, char *out, size_t n);
 int ldm_clip_name(const char *diffusers_name, const ldm_clip_layout *lay, char *out, size_t n);
 
-/* 1 for the tensors an SD1.x single file carries that are not weights of the
- * three models: the DDPM schedule buffers (betas, alphas_cumprod, ...),
- * model_ema.* (EMA bookkeeping and, in non-pruned files, the EMA copy),
- * CLIP's position_ids buffer. A loader skips these. */
+/* 1 for the tensors an SD1.x / SD2.x single file carries that are not
+ * weights of the three models: the DDPM schedule buffers (betas,
+ * alphas_cumprod, ...), model_ema.* (EMA bookkeeping and, in non-pruned
+ * files, the EMA copy), CLIP's position_ids buffer, OpenCLIP's
+ * text_projection, logit_scale and attn_mask (SD conditions on hidden
+ * states, not on the projected embedding). A loader skips these. */
 int ldm_ignorable(const char *ldm_name);
 
 /* ---- architecture ----------------------------------------------------------
  * From the names and shapes of n tensors (t[i].data is not read, the order
  * does not matter). Returns 0, or -1 with one line "<why> (<what to do>)" in
- * err (ST_ERR_LEN), for: an empty file, a LoRA file, SDXL, SD2.x (1024-wide
- * text context or an OpenCLIP text encoder), an inpainting / pix2pix UNet
+ * err (ST_ERR_LEN), for: an empty file, a LoRA file, SDXL, an inpainting / pix2pix UNet
  * (9 / 8 input channels), a diffusers-format or VAE-only file, a file without
  * model.diffusion_model.* tensors, a missing component, and any layout an
- * SD1.x UNet / VAE / CLIP cannot have. */
+ * SD1.x UNet / VAE / CLIP cannot have. An SD2.x file (OpenCLIP text encoder)
+ * is read as SD1.x's layout with: the OpenCLIP names, linear proj_in /
+ * proj_out (from their shape), heads 64 wide (SD2's num_head_channels: 64,
+ * so 5, 10, 20, 20 heads; one head on a level narrower than 64) and
+ * sample_size 96 (diffusers' default for an SD2 single file, SD2.1-768;
+ * model.c makes it 64 when a .yaml beside the file says epsilon). */
 int ldm_infer(const st_tensor *t, int n, ldm_arch *a, char *err);
 /* the same on an open file; the message starts with the file's path */
 int ldm_infer_file(const st_file *f, ldm_arch *a, char *err);
-/* "sd1" when f is an SD1.x single-file checkpoint, else NULL and the reason in err */
+/* "sd1" / "sd2" when f is an SD1.x / SD2.x single-file checkpoint, else NULL
+ * and the reason in err */
 const char *ldm_detect(const st_file *f, char *err);
 
 /* Read LDM tensor ldm_name as float32 into dst, checking it has the diffusers
@@ -171,5 +202,11 @@ const char *ldm_detect(const st_file *f, char *err);
  * LDM_SQUEEZE), that shape followed by dimensions of size 1. */
 int ldm_read_f32(const st_file *f, const char *ldm_name, int squeeze, int ndim,
                  const int64_t *shape, float *dst, char *err);
+/* For a name ldm_clip_name returned with LDM_SPLIT_Q/K/V (split): read row
+ * block split - LDM_SPLIT_Q of the fused tensor, which must have shape
+ * (3 shape[0], shape[1..]), as float32 into dst (the diffusers shape). For
+ * split 0 or LDM_SQUEEZE it is ldm_read_f32. Returns 0 or -1 (err). */
+int ldm_read_split(const st_file *f, const char *ldm_name, int split, int ndim,
+                   const int64_t *shape, float *dst, char *err);
 
 #endif

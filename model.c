@@ -1,4 +1,4 @@
-/* model.c: load a whole SD1.x model. */
+/* model.c: load a whole SD1.x or SD2.x model. */
 #include <errno.h>
 #include <math.h>
 #include <stdio.h>
@@ -142,7 +142,9 @@ static int find_tokenizer(char *out, size_t n, const char *file, const char *tok
     else if ((e = getenv("HOME")) && *e) snprintf(hub, sizeof hub, "%s/.cache/huggingface/hub", e);
     else return 0;
     static const char *repos[] = {"models--openai--clip-vit-large-patch14", "models--runwayml--stable-diffusion-v1-5",
-                                  "models--stable-diffusion-v1-5--stable-diffusion-v1-5"};
+                                  "models--stable-diffusion-v1-5--stable-diffusion-v1-5",
+                                  /* SD2.x: the same vocabulary (its pad token is set after loading) */
+                                  "models--stabilityai--stable-diffusion-2-1", "models--stabilityai--stable-diffusion-2-1-base"};
     for (size_t r = 0; r < sizeof repos / sizeof repos[0]; r++) {
         char snaps[1200];
         snprintf(snaps, sizeof snaps, "%s/%s/snapshots", hub, repos[r]);
@@ -172,6 +174,35 @@ static int count_prefixed(const st_file *f, const char *prefix) {
     for (int i = 0; i < f->ntensors; i++)
         if (strncmp(f->tensors[i].name, prefix, k) == 0 && !ldm_ignorable(f->tensors[i].name)) n++;
     return n;
+}
+
+/* An SD2.x single file does not say whether it predicts epsilon (SD2.0 /
+ * 2.1 base, 512) or v (the 768 models). AUTOMATIC1111 reads a .yaml of the
+ * same name beside it, whose model.params.parameterization is "v" for the
+ * v models; so do we. Without one we take diffusers' answer for a file
+ * without a global step: v_prediction. */
+static int sd2_prediction(sd_model *m, const char *path, char *err) {
+    char yaml[1100];
+    snprintf(yaml, sizeof yaml, "%.1000s", path);
+    char *dot = strrchr(yaml, '.'), *slash = strrchr(yaml, '/');
+    if (dot && (!slash || dot > slash)) *dot = 0;
+    strcat(yaml, ".yaml");
+    m->prediction = DDPM_V_PREDICTION;
+    if (!is_file(yaml)) return 0;
+    size_t n;
+    char *txt = read_text(yaml, &n);
+    if (!txt) { snprintf(err, SD_ERR_LEN, "%.600s: %s (fix its permissions or remove it)", yaml, strerror(errno)); return -1; }
+    /* "parameterization: "v"" (quoted or not); absent means LDM's default, eps */
+    m->prediction = DDPM_EPSILON;
+    const char *k = strstr(txt, "parameterization:");
+    if (k) {
+        k += strlen("parameterization:");
+        while (*k == ' ' || *k == '\t' || *k == '"' || *k == '\'') k++;
+        if (*k == 'v' && (k[1] == '"' || k[1] == '\'' || k[1] == '\n' || k[1] == '\r' || k[1] == ' ' || k[1] == 0))
+            m->prediction = DDPM_V_PREDICTION;
+    }
+    free(txt);
+    return 0;
 }
 
 static int sd_model_load_single_file(sd_model *m, const char *path, const char *tokenizer_dir, char *err) {
@@ -227,31 +258,56 @@ static int sd_model_load_single_file(sd_model *m, const char *path, const char *
     if (vae_build_dtype(&m->vae, &vc, m->wdtype, e) || vae_load_st(&m->vae, &f, vae_ldm_map, &a.vae.layout, LDM_VAE_PREFIX, e)) {
         snprintf(err, SD_ERR_LEN, "%s", e); goto done;
     }
-    /* CLIP text model */
+    /* CLIP text model (SD2.x: OpenCLIP's names, fused q/k/v, gelu) */
     clip_config cc;
     clip_config_default(&cc);
     cc.vocab_size = a.clip.vocab_size; cc.hidden_size = a.clip.hidden_size;
     cc.intermediate_size = a.clip.intermediate_size; cc.num_layers = a.clip.num_layers;
     cc.num_heads = a.clip.num_heads; cc.max_pos = a.clip.max_pos;
+    cc.act = a.clip.gelu ? CLIP_ACT_GELU : CLIP_ACT_QUICKGELU;
     if (clip_init_dtype(&m->clip, &cc, m->wdtype, e)) { snprintf(err, SD_ERR_LEN, "%s: %s", path, e); goto done; }
     for (int i = 0; i < m->clip.ntable; i++) {
         const clip_param *p = &m->clip.table[i];
         int sq = ldm_clip_name(p->name, &a.clip.layout, nm, sizeof nm);
         if (sq < 0) { snprintf(err, SD_ERR_LEN, "%s: text encoder tensor for '%s' has no LDM name", path, p->name); goto done; }
-        if (clip_read_param(&m->clip, i, &f, nm, sq, e)) { snprintf(err, SD_ERR_LEN, "%s", e); goto done; }
+        if (sq >= LDM_SPLIT_Q) {
+            /* one third of a fused in_proj: through fp32, then held as the table says */
+            float *buf = malloc(p->numel * sizeof *buf);
+            if (!buf) { snprintf(err, SD_ERR_LEN, "%s: out of memory", path); goto done; }
+            int r = ldm_read_split(&f, nm, sq, p->ndim, p->shape, buf, e);
+            if (r == 0) clip_param_set(&m->clip, i, buf);
+            free(buf);
+            if (r) { snprintf(err, SD_ERR_LEN, "%s", e); goto done; }
+        } else if (clip_read_param(&m->clip, i, &f, nm, sq, e)) { snprintf(err, SD_ERR_LEN, "%s", e); goto done; }
     }
-    if (count_prefixed(&f, LDM_CLIP_PREFIX) != m->clip.ntable) {
-        snprintf(err, SD_ERR_LEN, "%s: holds %d text-encoder tensors, expected %d (not an SD1.x checkpoint, or a modified one)",
-                 path, count_prefixed(&f, LDM_CLIP_PREFIX), m->clip.ntable);
+    /* every text-encoder tensor is used, but for SD2.x's last resblock (12
+     * tensors: ln_1, in_proj, out_proj, ln_2, c_fc, c_proj, weight and bias)
+     * when the file has it, which the penultimate-layer conditioning never
+     * runs; q/k/v are 3 table entries from 2 fused tensors per layer */
+    const char *cpre = a.sd2 ? LDM_OPENCLIP_PREFIX : LDM_CLIP_PREFIX;
+    int want = a.sd2 ? m->clip.ntable - 4 * cc.num_layers + 12 * (a.clip.resblocks - cc.num_layers)
+                     : m->clip.ntable;
+    if (count_prefixed(&f, cpre) != want) {
+        snprintf(err, SD_ERR_LEN, "%s: holds %d text-encoder tensors, expected %d (not an SD%s checkpoint, or a modified one)",
+                 path, count_prefixed(&f, cpre), want, a.sd2 ? "2.x" : "1.x");
         goto done;
     }
     m->tok = tok_load(tokdir, e, sizeof e);
     if (!m->tok) { snprintf(err, SD_ERR_LEN, "%s", e); goto done; }
+    /* SD2.x pads after the end-of-text token with "!" (id 0 in the CLIP
+     * vocabulary), as open_clip's tokenizer and stabilityai's tokenizer/
+     * special_tokens_map.json do, whatever tokenizer folder was found */
+    if (a.sd2 && tok_id(m->tok, "!") >= 0) m->tok->pad_id = tok_id(m->tok, "!");
     if (m->tok->n_vocab != cc.vocab_size) {
         snprintf(err, SD_ERR_LEN, "%.600s: the tokenizer has %d tokens but the text encoder %d (give --tokenizer the matching vocabulary)", tokdir, m->tok->n_vocab, cc.vocab_size);
         goto done;
     }
     rc = load_scheduler(m, NULL, err);
+    if (rc == 0 && a.sd2) {
+        rc = sd2_prediction(m, path, err);
+        /* the v models are the 768 ones, the epsilon ones (2.0 / 2.1 base) 512 */
+        m->unet.cfg.sample_size = m->prediction == DDPM_V_PREDICTION ? 96 : 64;
+    }
 done:
     st_close(&f);
     return rc;

@@ -1,6 +1,11 @@
-/* model.h: a whole Stable Diffusion 1.x model — tokenizer, CLIP text
+/* model.h: a whole Stable Diffusion 1.x or 2.x model — tokenizer, CLIP text
  * encoder, UNet, VAE and the noise schedule — loaded from a diffusers folder
- * or an SD1.x single-file checkpoint. Both programs start here. */
+ * or an SD1.x / SD2.x single-file checkpoint. Both programs start here.
+ * SD2.x: the text encoder is OpenCLIP-H as a CLIPTextModel (gelu) whose
+ * last layer is OpenCLIP's penultimate one, the UNet has linear projections
+ * and per-level heads, and prediction is epsilon or v (the folder's
+ * scheduler config; for a single file, an AUTOMATIC1111 .yaml beside it,
+ * else v, as diffusers decides). */
 #ifndef SDLORA_MODEL_H
 #define SDLORA_MODEL_H
 
@@ -19,7 +24,7 @@ typedef struct {
     unet_t unet;
     vae_t vae;
     ddpm_schedule sched;
-    ddpm_prediction prediction;
+    ddpm_prediction prediction;  /* what the UNet outputs: the loss target and how samplers read it */
     int steps_offset;            /* scheduler config (1 for SD1.x) */
     char timestep_spacing[16];   /* scheduler config "timestep_spacing", "" when absent
                                     (then each sampler takes diffusers' class default) */
@@ -30,7 +35,7 @@ typedef struct {
 } sd_model;
 
 /* path: a diffusers folder (model_index.json / unet/ text_encoder/ vae/
- * tokenizer/) or an SD1.x .safetensors single file; NULL = SD_DEFAULT_MODEL.
+ * tokenizer/) or an SD1.x / SD2.x .safetensors single file; NULL = SD_DEFAULT_MODEL.
  * tokenizer_dir: where vocab.json + merges.txt are for a single file (NULL:
  * beside the file, then the Hugging Face cache). Returns 0 or -1 with a
  * one-line message in err (SD_ERR_LEN). */

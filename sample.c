@@ -114,7 +114,7 @@ typedef struct {
 /* the table of flags into a; -1 to go on, else the exit status */
 static int parse_args(sample_args *a, int argc, char **argv) {
     const cli_opt opts[] = {
-        {"--model", OPT_STR, &a->model, 0, 0, NULL, "base model: SD1.x .safetensors or diffusers folder (default: models/tiny)"},
+        {"--model", OPT_STR, &a->model, 0, 0, NULL, "base model: SD1.x/SD2.x .safetensors or diffusers folder (default: models/tiny)"},
         {"--tokenizer", OPT_STR, &a->tok_dir, 0, 0, NULL, "folder with vocab.json + merges.txt (single-file checkpoints)"},
         {"--weight-dtype", OPT_CHOICE, &a->wdtype_name, 0, 0, "fp32|fp16", "fp16: hold the model's frozen weights as fp16 (half the RAM, fp32 math; --merge rounds to fp16)"},
         {"--prompt", OPT_STR, &a->prompt, 0, 0, NULL, "what to draw (may hold <lora:name:weight>)"},
@@ -140,7 +140,7 @@ static int parse_args(sample_args *a, int argc, char **argv) {
     const char *pos[1]; int npos;
     int rc = cli_parse(argc, argv, opts, (int)(sizeof opts / sizeof opts[0]), pos, 0, &npos,
                        "usage: ./sample --prompt TEXT [options]\n"
-                       "Draws images with a Stable Diffusion 1.x model and optional LoRAs.");
+                       "Draws images with a Stable Diffusion 1.x or 2.x model and optional LoRAs.");
     if (rc == 1) return 0;
     if (rc) return rc;
     if (!a->prompt) {

@@ -1102,7 +1102,7 @@ static int check_args(const train_args *a) {
  * the exit status (0 after --help, 2 for a bad flag) */
 static int parse_args(train_args *a, int argc, char **argv) {
     const cli_opt opts[] = {
-        {"--model", OPT_STR, &a->model, 0, 0, NULL, "base model: SD1.x .safetensors or diffusers folder (default: " SD_DEFAULT_MODEL ")"},
+        {"--model", OPT_STR, &a->model, 0, 0, NULL, "base model: SD1.x/SD2.x .safetensors or diffusers folder (default: " SD_DEFAULT_MODEL ")"},
         {"--tokenizer", OPT_STR, &a->tokenizer, 0, 0, NULL, "folder with vocab.json + merges.txt (single-file checkpoints)"},
         {"--out", OPT_STR, &a->out, 0, 0, NULL, "output folder for the LoRA, loss.csv, loss.png, state"},
         {"--name", OPT_STR, &a->name, 0, 0, NULL, "file name of the LoRA (NAME.safetensors)"},
@@ -1154,7 +1154,7 @@ static int parse_args(train_args *a, int argc, char **argv) {
     const char *pos[1];
     int rc = cli_parse_at(ac, av, opts, NOPTS, pos, 1, &npos,
                           "usage: ./train DIR [options]\n"
-                          "Trains a LoRA for a Stable Diffusion 1.x model on the captioned images in DIR\n"
+                          "Trains a LoRA for a Stable Diffusion 1.x or 2.x model on the captioned images in DIR\n"
                           "(PNG/JPEG with same-name .txt captions, or a captions.csv; N_name folders repeat N times).",
                           set_at);
     if (rc == 0 && npos != 1) {

@@ -400,7 +400,7 @@ START_TEST(test_refusals_in_memory) {
     /* an extra key of another model family */
     t[ntiny] = t[0];
     t[ntiny].name = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight";
-    expect_refusal(t, ntiny + 1, "SD2.x");
+    expect_refusal(t, ntiny + 1, "two text encoders");   /* SD1.x CLIP and SD2.x OpenCLIP */
     t[ntiny].name = LDM_UNET_PREFIX "label_emb.0.0.weight";
     expect_refusal(t, ntiny + 1, "label_emb");
     t[ntiny].name = "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha";
@@ -542,7 +542,7 @@ static void m_drop_all(char *name, int *nd, int64_t *sh, int *keep) { (void)name
 START_TEST(test_refusals_files) {
     const char *path = "/tmp/sdlora_test_checkpoint.safetensors";
     write_and_detect(path, m_none, NULL, NULL);                 /* control: the tiny model passes */
-    write_and_detect(path, m_ctx1024, NULL, "SD2.x checkpoint; sdlora supports SD1.x");
+    write_and_detect(path, m_ctx1024, NULL, "1024 wide without an SD2.x text encoder");
     write_and_detect(path, m_inpaint, NULL, "inpainting");
     write_and_detect(path, m_sdxl, NULL, "SDXL");
     write_and_detect(path, m_lora, NULL, "LoRA file");
