@@ -165,7 +165,10 @@ int caption_json_string(char **buf, size_t *len, size_t *cap, const char *s) {
         else if (c == '\t') puts_(&b, "\\t");
         else if (c == '\b') puts_(&b, "\\b");
         else if (c == '\f') puts_(&b, "\\f");
-        else if (c < 0x20 || (c >= 0x80 && c < 0x10000)) { snprintf(e, sizeof e, "\\u%04x", (unsigned)c); puts_(&b, e); }
+        else if (c < 0x20 || (c >= 0x7F && c < 0x10000)) {   /* Python escapes all but ' ' .. '~' */
+            snprintf(e, sizeof e, "\\u%04x", (unsigned)c);
+            puts_(&b, e);
+        }
         else if (c >= 0x10000) {   /* a UTF-16 surrogate pair, as Python writes it */
             uint32_t v = c - 0x10000;
             snprintf(e, sizeof e, "\\u%04x\\u%04x", (unsigned)(0xD800 + (v >> 10)), (unsigned)(0xDC00 + (v & 0x3FF)));
