@@ -895,7 +895,7 @@ int dataset_scan(dataset_t *ds, const char *dir, char *err, size_t errlen) {
             warn_list(&w, head, &unc, tail);
             for (int k = 0; k < 2; k++)
                 if (other_ext[k])
-                    sb_printf(&w, "warning: %d of them ha%s a %s caption, which --caption-ext %s does not read "
+                    sb_printf(&w, "warning: %d of them ha%s a %s file beside it, which --caption-ext %s does not read "
                               "(use --caption-ext %s)\n", other_ext[k], other_ext[k] == 1 ? "s" : "ve",
                               k ? ".caption" : ".txt", only_ext, k ? ".caption" : ".txt");
         }

@@ -715,7 +715,7 @@ START_TEST(test_caption_options) {
     ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 1 --caption-ext .tags --out %s", d, c) == 0, "%s", log_text());
     s = log_text();
     ck_assert_msg(strstr(s, "4 images have no caption (no .tags or captions.csv row)") &&
-                  strstr(s, "4 of them have a .txt caption, which --caption-ext .tags does not read (use --caption-ext .txt)"), "%s", s);
+                  strstr(s, "4 of them have a .txt file beside it, which --caption-ext .tags does not read (use --caption-ext .txt)"), "%s", s);
     free(s);
     ck_assert_int_eq(run(TRAIN " %s " FLAGS " --caption-ext a/b --out %s", d, c), 2);
     assert_error_line("--caption-ext a/b", "not a file extension");
