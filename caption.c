@@ -104,6 +104,17 @@ static uint64_t below(rng_t *r, uint64_t n) {
     }
 }
 
+/* the tags of s[0..len): split at ',', each stripped; empty ones dropped
+ * when drop_empty. Appended to tag/tlen from *n on (room for every comma + 1). */
+static void split_tags(const char *s, size_t len, int drop_empty, const char **tag, size_t *tlen, int *n) {
+    for (size_t i = 0, start = 0; i <= len; i++)
+        if (i == len || s[i] == ',') {
+            tag[*n] = caption_strip(s + start, i - start, &tlen[*n]);
+            if (tlen[*n] || !drop_empty) (*n)++;
+            start = i + 1;
+        }
+}
+
 char *caption_process(const char *caption, const caption_opts *o, uint64_t seed, uint64_t sample) {
     /* one stream per (seed, sample), mixed through a splitmix64 draw */
     rng_t r;
@@ -115,27 +126,36 @@ char *caption_process(const char *caption, const caption_opts *o, uint64_t seed,
     }
     if (!o->shuffle) return strdup(caption);
 
-    /* tags = [t.strip() for t in caption.strip().split(",")] */
-    size_t len;
-    const char *s = caption_strip(caption, strlen(caption), &len);
-    int n = 1;
-    for (size_t i = 0; i < len; i++) n += s[i] == ',';
-    const char **tag = malloc(sizeof *tag * (size_t)n);
-    size_t *tlen = malloc(sizeof *tlen * (size_t)n);
-    int *idx = malloc(sizeof *idx * (size_t)n);
+    size_t len = strlen(caption);
+    int most = 1;
+    for (size_t i = 0; i < len; i++) most += caption[i] == ',';
+    const char **tag = malloc(sizeof *tag * (size_t)(most + 2));
+    size_t *tlen = malloc(sizeof *tlen * (size_t)(most + 2));
+    int *idx = malloc(sizeof *idx * (size_t)(most + 2));
     if (!tag || !tlen || !idx) { free(tag); free(tlen); free(idx); return NULL; }
-    for (int k = 0, start = 0, i = 0; k < n; i++)
-        if ((size_t)i == len || s[i] == ',') {
-            tag[k] = caption_strip(s + start, (size_t)(i - start), &tlen[k]);
-            idx[k] = k;
-            k++;
-            start = i + 1;
-        }
-    /* the first keep_tokens stay; Fisher-Yates on the rest:
-     * for i = n-1 .. keep+1, swap idx[i] with idx[j], j ~ U{keep..i} */
-    int keep = o->keep_tokens < n ? (o->keep_tokens > 0 ? o->keep_tokens : 0) : n;
-    for (int i = n - 1; i > keep; i--) {
-        int j = keep + (int)below(&r, (uint64_t)(i - keep) + 1);
+    int n = 0, lo, hi;   /* tags [lo, hi) are shuffled */
+    const char *sep = o->keep_sep && o->keep_sep[0] ? strstr(caption, o->keep_sep) : NULL;
+    if (sep) {
+        /* "fixed SEP flex [SEP suffix]": only flex moves; empty tags dropped */
+        size_t sl = strlen(o->keep_sep);
+        const char *flex = sep + sl, *sep2 = strstr(flex, o->keep_sep);
+        split_tags(caption, (size_t)(sep - caption), 1, tag, tlen, &n);
+        lo = n;
+        split_tags(flex, sep2 ? (size_t)(sep2 - flex) : strlen(flex), 1, tag, tlen, &n);
+        hi = n;
+        if (sep2) split_tags(sep2 + sl, strlen(sep2 + sl), 1, tag, tlen, &n);
+    } else {
+        /* tags = [t.strip() for t in caption.strip().split(",")]; the first keep_tokens stay */
+        size_t sl;
+        const char *s = caption_strip(caption, len, &sl);
+        split_tags(s, sl, 0, tag, tlen, &n);
+        lo = o->keep_tokens < n ? (o->keep_tokens > 0 ? o->keep_tokens : 0) : n;
+        hi = n;
+    }
+    /* Fisher-Yates on [lo, hi): for i = hi-1 .. lo+1, swap idx[i] with idx[j], j ~ U{lo..i} */
+    for (int i = 0; i < n; i++) idx[i] = i;
+    for (int i = hi - 1; i > lo; i--) {
+        int j = lo + (int)below(&r, (uint64_t)(i - lo) + 1);
         int t = idx[i]; idx[i] = idx[j]; idx[j] = t;
     }
     str_t b = {0};

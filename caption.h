@@ -14,7 +14,12 @@
  *      --keep-tokens N tags stay in place, the rest are shuffled, and the
  *      tags are joined again with ", ". A caption without a comma is one tag
  *      and comes back stripped.
- *   --keep-tokens without --shuffle-caption changes nothing (as in kohya).
+ *      --keep-tokens-separator S (kohya's keep_tokens_separator), when the
+ *      caption holds S: "fixed tags S shuffled tags [S fixed tags]"; the
+ *      parts around S stay in place and --keep-tokens is not used; here
+ *      empty tags are dropped, as kohya drops them in this form.
+ *   --keep-tokens (and S) without --shuffle-caption change nothing (as in
+ *   kohya, which then trains the caption with S in it).
  * The draws come from a splitmix64 stream seeded by (seed, sample index):
  * the same --seed gives the same captions at every step, and a resumed run
  * draws what the uninterrupted one drew. Python's random is not reproduced:
@@ -30,6 +35,7 @@ typedef struct {
     int shuffle;        /* --shuffle-caption */
     int keep_tokens;    /* --keep-tokens N: tags kept in front */
     float dropout;      /* --caption-dropout P in [0, 1] */
+    const char *keep_sep;   /* --keep-tokens-separator S, or NULL */
 } caption_opts;
 
 /* 1 when the options can change a caption (so the text cache is not enough) */

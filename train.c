@@ -202,8 +202,8 @@ static void run_signature(char *b, size_t n, const train_args *a, const char *mo
     size_t l = strlen(b);
     if (a->caption_ext) snprintf(b + l, n - l, " caption_ext=%s", a->caption_ext), l = strlen(b);
     if (caption_opts_active(&a->cap))
-        snprintf(b + l, n - l, " shuffle_caption=%d keep_tokens=%d caption_dropout=%g", a->cap.shuffle,
-                 a->cap.keep_tokens, a->cap.dropout);
+        snprintf(b + l, n - l, " shuffle_caption=%d keep_tokens=%d caption_dropout=%g keep_sep=%.32s", a->cap.shuffle,
+                 a->cap.keep_tokens, a->cap.dropout, a->cap.keep_sep ? a->cap.keep_sep : "");
 }
 
 static int save_state(const char *path, const train_state *s, sd_model *m, const train_args *a, char *err) {
@@ -386,7 +386,8 @@ static int save_lora(const char *path, sd_model *m, const train_args *a, long st
         refs[nu + i] = (lora_ref){names[nu + i], &ad->L, 0};
     }
     /* kohya's ss_* metadata, which AUTOMATIC1111's and kohya's tools show.
-     * No wall-clock times: a resumed run must write the same bytes. */
+     * The only clock time is the run's start, kept in the state: a resumed run
+     * must write the same bytes. */
     char v[24][64];
     snprintf(v[0], 64, "%d", a->rank);
     snprintf(v[1], 64, "%g", a->alpha);
@@ -1239,6 +1240,9 @@ static int check_args(train_args *a) {
     }
     if (a->cap.keep_tokens > 0 && !a->cap.shuffle)
         fprintf(stderr, "warning: --keep-tokens %d does nothing without --shuffle-caption (as in kohya)\n", a->cap.keep_tokens);
+    if (a->cap.keep_sep && !a->cap.shuffle)
+        fprintf(stderr, "warning: --keep-tokens-separator does nothing without --shuffle-caption: captions are "
+                "trained with the separator in them (as in kohya)\n");
     if (stat(a->data, &sb) != 0 || !S_ISDIR(sb.st_mode)) {
         fprintf(stderr, "error: %s: not a folder (give the folder that holds your images and captions)\n", a->data);
         return 2;
@@ -1280,6 +1284,7 @@ static int parse_args(train_args *a, int argc, char **argv) {
         {"--caption-ext", OPT_STR, &a->caption_ext, 0, 0, NULL, "read only NAME + this extension as caption, e.g. .caption (default: NAME.txt, else NAME.caption)"},
         {"--shuffle-caption", OPT_FLAG, &a->cap.shuffle, 0, 0, NULL, "shuffle the comma-separated tags of each caption at every step (kohya)"},
         {"--keep-tokens", OPT_INT, &a->cap.keep_tokens, 0, 1000000, NULL, "with --shuffle-caption: the first N tags stay in front"},
+        {"--keep-tokens-separator", OPT_STR, &a->cap.keep_sep, 0, 0, NULL, "with --shuffle-caption: in \"a, b S c, d S e\" only c, d move (kohya; e.g. \"|||\")"},
         {"--caption-dropout", OPT_FLOAT, &a->cap.dropout, 0, 1, NULL, "probability of training a sample with the empty caption"},
         {"--flip", OPT_FLAG, &a->flip, 0, 0, NULL, "random horizontal flips"},
         {"--random-crop", OPT_FLAG, &a->random_crop, 0, 0, NULL, "random instead of centre crop (no latent cache: slower)"},

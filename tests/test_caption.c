@@ -132,7 +132,7 @@ static void assert_shuffle_of(const char *out, const char *const *tags, int n, i
 }
 
 START_TEST(test_shuffle_rules) {
-    caption_opts o = {1, 1, 0};
+    caption_opts o = {1, 1, 0, NULL};
     const char *t5[] = {"sdlstyle", "a red circle", "white background", "small", "left"};
     for (uint64_t s = 0; s < 50; s++) {
         char *c = caption_process("sdlstyle, a red circle,white background ,  small,left", &o, 42, s);
@@ -178,9 +178,40 @@ START_TEST(test_shuffle_rules) {
 }
 END_TEST
 
+/* kohya's keep_tokens_separator: "fixed ||| shuffled ||| fixed suffix" */
+START_TEST(test_keep_tokens_separator) {
+    caption_opts o = {1, 5, 0, "|||"};   /* keep_tokens is not used in this form */
+    const char *t[] = {"trig", "style", "a", "b", "c", "end"};
+    int moved = 0;
+    for (uint64_t s = 0; s < 60; s++) {
+        char *c = caption_process(" trig, style |||a, ,b, c|||  end, ", &o, 4, s);
+        assert_shuffle_of(c, t, 6, 2);                     /* empty tags dropped */
+        ck_assert_msg(strncmp(c + strlen(c) - 5, ", end", 5) == 0, "%s", c);
+        moved += strcmp(c, "trig, style, a, b, c, end") != 0;
+        free(c);
+    }
+    ck_assert_msg(moved > 30, "the middle part was shuffled in only %d of 60", moved);
+    /* one separator: fixed part, then the rest shuffled */
+    const char *t2[] = {"x", "a", "b"};
+    char *c = caption_process("x ||| a, b", &o, 4, 1);
+    assert_shuffle_of(c, t2, 3, 1);
+    free(c);
+    /* no separator in the caption: --keep-tokens as usual (5 >= 3 tags: the order stays) */
+    c = caption_process("p ,q, r", &o, 4, 1);
+    ck_assert_str_eq(c, "p, q, r");
+    free(c);
+    /* without --shuffle-caption the caption is used as it is, separator and all (kohya) */
+    o.shuffle = 0;
+    ck_assert(!caption_opts_active(&o));
+    c = caption_process("x ||| a, b", &o, 4, 1);
+    ck_assert_str_eq(c, "x ||| a, b");
+    free(c);
+}
+END_TEST
+
 /* every order of the shuffled tags comes out, about equally often */
 START_TEST(test_shuffle_uniform) {
-    caption_opts o = {1, 1, 0};
+    caption_opts o = {1, 1, 0, NULL};
     const char *perm[6] = {"k, a, b, c", "k, a, c, b", "k, b, a, c", "k, b, c, a", "k, c, a, b", "k, c, b, a"};
     int count[6] = {0};
     int N = 6000;
@@ -199,7 +230,7 @@ END_TEST
 
 /* the same (seed, sample) gives the same caption; other samples, others */
 START_TEST(test_caption_deterministic) {
-    caption_opts o = {1, 0, 0.3f};
+    caption_opts o = {1, 0, 0.3f, NULL};
     const char *cap = "a, b, c, d, e, f";
     int differ = 0;
     for (uint64_t s = 0; s < 64; s++) {
@@ -214,7 +245,7 @@ START_TEST(test_caption_deterministic) {
 END_TEST
 
 START_TEST(test_caption_dropout) {
-    caption_opts o = {0, 0, 0};
+    caption_opts o = {0, 0, 0, NULL};
     ck_assert(!caption_opts_active(&o));
     o.keep_tokens = 3;                       /* --keep-tokens alone changes nothing (kohya) */
     ck_assert(!caption_opts_active(&o));
@@ -305,6 +336,7 @@ static Suite *caption_suite(void) {
     tcase_add_test(tc, test_kohya_hashes_fixture);
     tcase_add_test(tc, test_shuffle_rules);
     tcase_add_test(tc, test_shuffle_uniform);
+    tcase_add_test(tc, test_keep_tokens_separator);
     tcase_add_test(tc, test_caption_deterministic);
     tcase_add_test(tc, test_caption_dropout);
     tcase_add_test(tc, test_json_string);
