@@ -1066,7 +1066,7 @@ static int save_checkpoint(trainer *t, char *err) {
     if (a->full) {
         snprintf(t->lora_path, sizeof t->lora_path, "%s/%s-unet.safetensors", a->out, a->name);
         if (save_full_unet(t->lora_path, &t->m, err)) return -1;
-    } else if (save_lora(t->lora_path, &t->m, a, step, t->total, t->ds.n_images,
+    } else if (save_lora(t->lora_path, &t->m, a, step, t->total, t->ds.n_total_with_repeats,   /* kohya counts repeats */
                          &(run_info){&t->ds, t->st.sample_pos, t->st.started}, err) ||
                save_state(t->state_path, &t->st, &t->m, a, err)) return -1;
     snprintf(path, sizeof path, "%s/loss.png", a->out);

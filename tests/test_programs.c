@@ -552,6 +552,7 @@ START_TEST(test_lora_metadata) {
     st_file f;
     ck_assert_msg(st_open(&f, p, err) == 0, "%s", err);
     assert_meta(&f, "ss_epoch", "2");
+    assert_meta(&f, "ss_num_train_images", "11");   /* kohya: images x repeats */
     assert_meta(&f, "ss_steps", "7");
     assert_meta(&f, "ss_optimizer", "torch.optim.adamw.AdamW(weight_decay=0.05,betas=(0.9, 0.99))");
     assert_meta(&f, "ss_mixed_precision", "no");
