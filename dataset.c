@@ -668,8 +668,10 @@ void dataset_free(dataset_t *ds) {
     }
     free(ds->path); free(ds->caption); free(ds->repeats); free(ds->warnings);
     int policy = ds->uncaptioned;
+    const char *ext = ds->caption_ext;
     memset(ds, 0, sizeof *ds);
     ds->uncaptioned = policy;
+    ds->caption_ext = ext;
 }
 
 /* rel with its extension replaced */
@@ -684,8 +686,10 @@ static char *sibling(const scan_ctx *c, const char *rel, const char *ext) {
 
 int dataset_scan(dataset_t *ds, const char *dir, char *err, size_t errlen) {
     int policy = ds->uncaptioned;
+    const char *only_ext = ds->caption_ext;
     memset(ds, 0, sizeof *ds);
     ds->uncaptioned = policy;
+    ds->caption_ext = only_ext;
     if (err && errlen) err[0] = 0;
     char dummy[8];
     if (!err || !errlen) { err = dummy; errlen = sizeof dummy; }
@@ -719,6 +723,7 @@ int dataset_scan(dataset_t *ds, const char *dir, char *err, size_t errlen) {
     strlist unc = {0}, empty = {0}, multi = {0}, both = {0}, missing = {0}, dups = {0};
     sbuf w = {0};
     char **cap_of = NULL;           /* caption per walked image, NULL = none */
+    int other_ext[2] = {0, 0};      /* uncaptioned images with a .txt / .caption beside them */
     int rc = walk(&c, "", 0, 1, NULL);
 
     /* pass 2 */
@@ -750,8 +755,10 @@ int dataset_scan(dataset_t *ds, const char *dir, char *err, size_t errlen) {
         const char *rel = c.img[i].rel;
         char *cap = NULL;
         int more = 0, got = 1, from_file = 0;
-        static const char *exts[2] = { ".txt", ".caption" };
-        for (int k = 0; k < 2 && got == 1; k++) {
+        static const char *both_exts[2] = { ".txt", ".caption" };
+        const char *const *exts = only_ext ? &only_ext : both_exts;
+        int next = only_ext ? 1 : 2;
+        for (int k = 0; k < next && got == 1; k++) {
             char *p = sibling(&c, rel, exts[k]);
             if (!p) { rc = oom(&c); break; }
             got = read_caption_file(&c, p, &cap, &more);
@@ -790,6 +797,16 @@ int dataset_scan(dataset_t *ds, const char *dir, char *err, size_t errlen) {
             nkeep++;
         } else {
             if (sl_push(&unc, dup_printf("%s", rel))) { rc = oom(&c); break; }
+            /* --caption-ext: does it have a caption file of the other usual kind? */
+            for (int k = 0; only_ext && k < 2; k++) {
+                if (strcmp(both_exts[k], only_ext) == 0) continue;
+                char *p = sibling(&c, rel, both_exts[k]);
+                struct stat sb;
+                if (!p) { rc = oom(&c); break; }
+                if (stat(p, &sb) == 0 && S_ISREG(sb.st_mode)) other_ext[k]++;
+                free(p);
+            }
+            if (rc) break;
             if (policy != DATASET_UNCAPTIONED_DROP) {
                 const char *k = policy == DATASET_UNCAPTIONED_KOHYA && c.img[i].cls ? c.img[i].cls : "";
                 cap_of[i] = dup_printf("%s", k);
@@ -868,14 +885,19 @@ int dataset_scan(dataset_t *ds, const char *dir, char *err, size_t errlen) {
         if (c.warn.s) sb_printf(&w, "%s", c.warn.s);
         if (unc.n) {
             char head[160];
-            snprintf(head, sizeof head, "%d image%s no caption (no .txt, .caption or captions.csv row):",
-                     unc.n, unc.n == 1 ? " has" : "s have");
+            snprintf(head, sizeof head, "%d image%s no caption (no %s or captions.csv row):",
+                     unc.n, unc.n == 1 ? " has" : "s have", only_ext ? only_ext : ".txt, .caption");
             const char *tail =
                 policy == DATASET_UNCAPTIONED_DROP ? "; they are left out (add a .txt caption beside each)" :
                 policy == DATASET_UNCAPTIONED_EMPTY ? "; they are trained with an empty caption (add a .txt caption beside each)" :
                 "; they are trained with their N_name folder's name as caption, or an empty one, "
                 "as kohya does (add a .txt caption beside each)";
             warn_list(&w, head, &unc, tail);
+            for (int k = 0; k < 2; k++)
+                if (other_ext[k])
+                    sb_printf(&w, "warning: %d of them ha%s a %s file beside it, which --caption-ext %s does not read "
+                              "(use --caption-ext %s)\n", other_ext[k], other_ext[k] == 1 ? "s" : "ve",
+                              k ? ".caption" : ".txt", only_ext, k ? ".caption" : ".txt");
         }
         if (empty.n) {
             char head[96];

@@ -82,6 +82,11 @@ enum {
 
 typedef struct {
     int uncaptioned;        /* INPUT, set before dataset_scan: DATASET_UNCAPTIONED_* */
+    const char *caption_ext; /* INPUT: NULL: NAME.txt, else NAME.caption (rules 1, 2
+                              * below); ".xyz": only NAME.xyz, as kohya's
+                              * --caption_extension reads only that one (images
+                              * with another caption file are uncaptioned, and the
+                              * warning says which extension they have) */
 
     int n_images;           /* entries in path / caption / repeats */
     char **path;            /* DIR "/" relative path, ready for fopen */

@@ -272,6 +272,12 @@ int lora_save_kohya(const char *path, const lora_ref *refs, int n, st_dtype dt,
         rc |= st_writer_add_f32(w, key, dt, 0, NULL, &L->alpha);
     }
     for (int i = 0; i < nmeta && rc == 0; i++) rc |= st_writer_meta(w, meta_keys[i], meta_vals[i]);
+    /* kohya's save_weights adds the two hashes AUTOMATIC1111's LoRA card
+     * shows (sd-webui-additional-networks' model hash and legacy hash),
+     * computed over the file with only the ss_* metadata */
+    char mh[65], lh[9];
+    if (rc == 0) rc = st_writer_kohya_hashes(w, mh, lh);
+    if (rc == 0) rc = st_writer_meta(w, "sshs_model_hash", mh) | st_writer_meta(w, "sshs_legacy_hash", lh);
     if (rc) { snprintf(err, ST_ERR_LEN, "%s: out of memory while collecting tensors", path); st_writer_free(w); return -1; }
     rc = st_writer_save(w, path, err);
     st_writer_free(w);

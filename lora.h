@@ -121,7 +121,8 @@ void lora_kohya_name(char *out, size_t n, const char *prefix, const char *module
 typedef struct { const char *name; const lora_t *L; int conv; } lora_ref;
 
 /* Save in kohya's format (dt: ST_F32, ST_F16 or ST_BF16), with the given
- * metadata (ss_* keys), to path via a temporary file and rename. */
+ * metadata (ss_* keys) and kohya's sshs_model_hash / sshs_legacy_hash of them
+ * (st_writer_kohya_hashes), to path via a temporary file and rename. */
 int lora_save_kohya(const char *path, const lora_ref *refs, int n, st_dtype dt,
                     const char **meta_keys, const char **meta_vals, int nmeta, char *err);
 /* Load a kohya or diffusers/peft LoRA file. Any key that is not part of a

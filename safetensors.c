@@ -15,6 +15,7 @@
 #include "safetensors.h"
 #include "half.h"
 #include "json.h"
+#include "sha256.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -686,48 +687,104 @@ static int cmp_entry(const void *a, const void *b) {
 
 static int write_all(FILE *fp, const void *p, size_t n) { return n == 0 || fwrite(p, 1, n, fp) == n ? 0 : -1; }
 
+/* The header of w's file: {"__metadata__":{...},"name":{"dtype":..,
+ * "shape":[..],"data_offsets":[b,e]},...}, padded with spaces to a multiple
+ * of 8 as the Python library pads it. Only the metadata keys starting with
+ * prefix go in (NULL: all). order: the entries sorted by cmp_entry. */
+static int build_header(sbuf *h, const st_writer *w, st_entry *const *order, const char *prefix) {
+    char num[64];
+    size_t pl = prefix ? strlen(prefix) : 0;
+    int nm = 0;
+    sb_str(h, "{");
+    for (int i = 0; i < w->nmeta; i++) {
+        if (prefix && strncmp(w->mkeys[i], prefix, pl) != 0) continue;
+        sb_str(h, nm++ ? "," : "\"__metadata__\":{");
+        sb_json_string(h, w->mkeys[i]);
+        sb_str(h, ":");
+        sb_json_string(h, w->mvals[i]);
+    }
+    if (nm) sb_str(h, "}");
+    size_t off = 0;
+    for (int i = 0; i < w->n; i++) {
+        const st_entry *e = order[i];
+        if (i || nm) sb_str(h, ",");
+        sb_json_string(h, e->name);
+        sb_str(h, ":{\"dtype\":\"");
+        sb_str(h, dtype_names[e->dtype]);
+        sb_str(h, "\",\"shape\":[");
+        for (int d = 0; d < e->ndim; d++) {
+            snprintf(num, sizeof num, "%s%lld", d ? "," : "", (long long)e->shape[d]);
+            sb_str(h, num);
+        }
+        snprintf(num, sizeof num, "],\"data_offsets\":[%zu,%zu]}", off, off + e->nbytes);
+        sb_str(h, num);
+        off += e->nbytes;
+    }
+    sb_str(h, "}");
+    while (!h->oom && h->n % 8) sb_str(h, " ");   /* so the tensor bytes start 8-aligned */
+    return h->oom ? -1 : 0;
+}
+
+static st_entry **sorted_entries(const st_writer *w) {
+    st_entry **order = malloc(((size_t)w->n + 1) * sizeof *order);
+    if (!order) return NULL;
+    for (int i = 0; i < w->n; i++) order[i] = &w->e[i];
+    qsort(order, (size_t)w->n, sizeof *order, cmp_entry);
+    return order;
+}
+
+/* kohya's precalculate_safetensors_hashes (sd-scripts library/train_util.py):
+ * the file Python's safetensors would write for these tensors with only the
+ * "ss_" metadata, hashed two ways (sd-webui-additional-networks' hashes):
+ *   model:  sha256 of everything after the header (the tensor bytes)
+ *   legacy: the first 8 hex digits of sha256 of the 64 KiB at offset 1 MiB
+ *           of that file (fewer bytes, or none, when the file is shorter)
+ * The tensor bytes do not depend on the metadata, but the legacy window
+ * does, through the header's length: hence the header rebuilt here. */
+int st_writer_kohya_hashes(const st_writer *w, char model_hash[65], char legacy_hash[9]) {
+    if (!w) return -1;
+    st_entry **order = sorted_entries(w);
+    if (!order) return -1;
+    sbuf h = { 0 };
+    if (build_header(&h, w, order, "ss_")) { free(h.s); free(order); return -1; }
+    sha256_ctx all, win;
+    sha256_init(&all);
+    sha256_init(&win);
+    const uint64_t w0 = 0x100000, w1 = 0x110000;   /* the legacy window [1 MiB, 1 MiB + 64 KiB) */
+    uint64_t pos = 8 + h.n;                          /* file offset of the next tensor byte */
+    if (pos > w0) {                                  /* a header over 1 MiB: the window starts inside it */
+        size_t from = (size_t)(w0 - 8), to = (size_t)(pos < w1 ? pos : w1) - 8;
+        sha256_update(&win, h.s + from, to - from);
+    }
+    for (int i = 0; i < w->n; i++) {
+        const st_entry *e = order[i];
+        sha256_update(&all, e->data, e->nbytes);
+        uint64_t a = pos > w0 ? pos : w0, b = pos + e->nbytes < w1 ? pos + e->nbytes : w1;
+        if (a < b) sha256_update(&win, e->data + (a - pos), (size_t)(b - a));
+        pos += e->nbytes;
+    }
+    uint8_t d[32];
+    char hex[65];
+    sha256_final(&all, d);
+    sha256_hex(d, model_hash);
+    sha256_final(&win, d);
+    sha256_hex(d, hex);
+    memcpy(legacy_hash, hex, 8);
+    legacy_hash[8] = 0;
+    free(h.s);
+    free(order);
+    return 0;
+}
+
 int st_writer_save(st_writer *w, const char *path, char *err) {
     const char *fix_dir = "check that the directory exists, is writable and has free space";
     if (err) err[0] = '\0';
     if (!w) return st_fail(err, path, "create a writer first", "no writer");
-    st_entry **order = malloc(((size_t)w->n + 1) * sizeof *order);
+    st_entry **order = sorted_entries(w);
     if (!order) return st_fail(err, path, "free some memory", "out of memory");
-    for (int i = 0; i < w->n; i++) order[i] = &w->e[i];
-    qsort(order, (size_t)w->n, sizeof *order, cmp_entry);
 
-    /* header: {"__metadata__":{...},"name":{"dtype":..,"shape":[..],"data_offsets":[b,e]},...} */
     sbuf h = { 0 };
-    char num[64];
-    sb_str(&h, "{");
-    if (w->nmeta > 0) {
-        sb_str(&h, "\"__metadata__\":{");
-        for (int i = 0; i < w->nmeta; i++) {
-            if (i) sb_str(&h, ",");
-            sb_json_string(&h, w->mkeys[i]);
-            sb_str(&h, ":");
-            sb_json_string(&h, w->mvals[i]);
-        }
-        sb_str(&h, "}");
-    }
-    size_t off = 0;
-    for (int i = 0; i < w->n; i++) {
-        const st_entry *e = order[i];
-        if (i || w->nmeta > 0) sb_str(&h, ",");
-        sb_json_string(&h, e->name);
-        sb_str(&h, ":{\"dtype\":\"");
-        sb_str(&h, dtype_names[e->dtype]);
-        sb_str(&h, "\",\"shape\":[");
-        for (int d = 0; d < e->ndim; d++) {
-            snprintf(num, sizeof num, "%s%lld", d ? "," : "", (long long)e->shape[d]);
-            sb_str(&h, num);
-        }
-        snprintf(num, sizeof num, "],\"data_offsets\":[%zu,%zu]}", off, off + e->nbytes);
-        sb_str(&h, num);
-        off += e->nbytes;
-    }
-    sb_str(&h, "}");
-    while (!h.oom && h.n % 8) sb_str(&h, " ");   /* so the tensor bytes start 8-aligned */
-    if (h.oom) { free(h.s); free(order); return st_fail(err, path, "free some memory", "out of memory"); }
+    if (build_header(&h, w, order, NULL)) { free(h.s); free(order); return st_fail(err, path, "free some memory", "out of memory"); }
 
     size_t plen = strlen(path);
     char *tmp = malloc(plen + 5);

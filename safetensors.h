@@ -84,6 +84,11 @@ int st_writer_add_f32(st_writer *w, const char *name, st_dtype dt, int ndim, con
                       const float *data);
 int st_writer_meta(st_writer *w, const char *key, const char *val);
 int st_writer_save(st_writer *w, const char *path, char *err);
+/* kohya's sshs_model_hash (64 hex digits) and sshs_legacy_hash (8) of what
+ * w holds, as sd-scripts' precalculate_safetensors_hashes computes them: over
+ * the file Python's safetensors writes with only the "ss_*" metadata. 0, or
+ * -1 when out of memory. */
+int st_writer_kohya_hashes(const st_writer *w, char model_hash[65], char legacy_hash[9]);
 void st_writer_free(st_writer *w);
 
 #endif

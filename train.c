@@ -24,6 +24,7 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#include "caption.h"
 #include "cli.h"
 #include "cuda/cuda.h"
 #include "dataset.h"
@@ -45,6 +46,9 @@ typedef struct {
     float conv_alpha;      /* 0: the conv rank (scale 1) */
     float alpha, dropout, lr, te_lr, beta1, beta2, adam_eps, wd, clip, min_snr, noise_offset;
     uint64_t seed;
+    /* captions (caption.h): which files, and what each step does to them */
+    const char *caption_ext;
+    caption_opts cap;
 } train_args;
 
 /* ---------------------------------------------------------------- signals */
@@ -83,6 +87,7 @@ typedef struct {
     int d;             /* context width */
     float *ctx;        /* (n, 77, d): cached contexts (NULL with --te) */
     int *ids;          /* (n, 77) token ids */
+    float *ctx_empty;  /* (77, d): the empty caption's context, for --caption-dropout without --te */
 } train_data;
 
 /* decode, resize the short side to res, crop (centre, or at a seeded random
@@ -155,6 +160,17 @@ static int cache_text(train_data *td, sd_model *m, const dataset_t *ds, const tr
             snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err);
             return -1;
         }
+    /* a dropped caption is "": its context is cached once as well */
+    if (a->cap.dropout > 0) {
+        int ids[TOK_CTX];
+        tok_encode_sd(m->tok, "", ids);
+        td->ctx_empty = malloc(sizeof(float) * TOK_CTX * (size_t)td->d);
+        if (!td->ctx_empty) { snprintf(err, SD_ERR_LEN, "out of memory for the text cache"); return -1; }
+        if (clip_forward(&m->clip, td->ctx_empty, ids, 1, TOK_CTX, a->clip_skip)) {
+            snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err);
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -170,6 +186,7 @@ typedef struct {
     adamw_t opt_unet, opt_te;
     double *loss;          /* (total) the loss of each step done */
     long nloss;            /* how many of them are known (step, or fewer from an old state) */
+    long long started;     /* when the run began (Unix seconds): the LoRA's modelspec.date */
 } train_state;
 
 static void fmt_u64(char *b, size_t n, uint64_t v) { snprintf(b, n, "%llu", (unsigned long long)v); }
@@ -183,9 +200,15 @@ static void run_signature(char *b, size_t n, const train_args *a, const char *mo
              a->lr, a->te_lr, a->sched, a->warmup, a->steps, a->epochs, (unsigned long long)a->seed,
              a->flip, a->random_crop, a->min_snr, a->noise_offset, a->clip, a->wd, a->beta1, a->beta2,
              a->adam_eps, a->clip_skip);
-    size_t k = strlen(b);
-    if (a->conv_rank > 0 && k < n)
-        snprintf(b + k, n - k, " conv_rank=%d conv_alpha=%g", a->conv_rank, a->conv_alpha);
+    /* caption options only when set: a state from before they existed still resumes */
+    size_t l = strlen(b);
+    if (a->caption_ext) snprintf(b + l, n - l, " caption_ext=%s", a->caption_ext), l = strlen(b);
+    if (caption_opts_active(&a->cap))
+        snprintf(b + l, n - l, " shuffle_caption=%d keep_tokens=%d caption_dropout=%g keep_sep=%.32s", a->cap.shuffle,
+                 a->cap.keep_tokens, a->cap.dropout, a->cap.keep_sep ? a->cap.keep_sep : "");
+    l = strlen(b);
+    if (a->conv_rank > 0 && l < n)
+        snprintf(b + l, n - l, " conv_rank=%d conv_alpha=%g", a->conv_rank, a->conv_alpha);
 }
 
 static int save_state(const char *path, const train_state *s, sd_model *m, const train_args *a, char *err) {
@@ -209,6 +232,7 @@ static int save_state(const char *path, const train_state *s, sd_model *m, const
     fmt_u64(b[2], 32, s->rng.state);
     fmt_u64(b[3], 32, m->unet.dropout_rng.state);
     char b4[32]; fmt_u64(b4, 32, m->clip.rng.state);
+    char b5[32]; snprintf(b5, 32, "%lld", s->started);
     run_signature(sig, sizeof sig, a, m->name);
     rc |= st_writer_meta(w, "sdlora_state", "1");
     rc |= st_writer_meta(w, "step", b[0]);
@@ -216,6 +240,7 @@ static int save_state(const char *path, const train_state *s, sd_model *m, const
     rc |= st_writer_meta(w, "rng", b[2]);
     rc |= st_writer_meta(w, "unet_dropout_rng", b[3]);
     rc |= st_writer_meta(w, "te_dropout_rng", b4);
+    rc |= st_writer_meta(w, "started", b5);
     rc |= st_writer_meta(w, "run", sig);
     if (rc) { st_writer_free(w); snprintf(err, SD_ERR_LEN, "%.600s: out of memory", path); return -1; }
     rc = st_writer_save(w, path, err);
@@ -272,6 +297,10 @@ static int load_state(const char *path, train_state *s, sd_model *m, const train
     s->step = (long)step; s->sample_pos = (long)pos;
     s->opt_unet.step = s->opt_te.step = (long)step;
     s->rng.state = r0; m->unet.dropout_rng.state = r1; m->clip.rng.state = r2;
+    /* the start of the run it continues (a state from before this was kept: now) */
+    uint64_t started;
+    if (st_meta(&f, "started") && meta_u64(&f, "started", &started, path, err) == 0) s->started = (long long)started;
+    err[0] = 0;
     rc = 0;
 done:
     st_close(&f);
@@ -279,8 +308,75 @@ done:
 }
 
 /* ------------------------------------------------------------ the LoRA file */
+/* x as Python's str(float) writes it (kohya's metadata holds str() of its
+ * float arguments): the shortest digits that give x back, ".0" on whole
+ * numbers, an exponent below 1e-4 and from 1e16 on */
+static void py_float(char *b, size_t n, float x) {
+    if (!isfinite(x)) { snprintf(b, n, "%s", isnan(x) ? "nan" : x > 0 ? "inf" : "-inf"); return; }
+    if (x == 0) { snprintf(b, n, "%s0.0", signbit(x) ? "-" : ""); return; }
+    char t[48], dig[16], o[64];
+    int p = 1;
+    while (p < 9 && (snprintf(t, sizeof t, "%.*e", p - 1, x), strtof(t, NULL) != x)) p++;
+    snprintf(t, sizeof t, "%.*e", p - 1, x);          /* [-]d.ddde[+-]XX */
+    char *e = strchr(t, 'e');
+    int ex = atoi(e + 1), neg = t[0] == '-', nd = 0, k = 0;
+    for (char *q = t + neg; q < e; q++) if (*q != '.') dig[nd++] = *q;
+    while (nd > 1 && dig[nd - 1] == '0') nd--;
+    if (neg) o[k++] = '-';
+    if (ex < -4 || ex >= 16) {                        /* 1e-05, 1.5e+16 */
+        o[k++] = dig[0];
+        if (nd > 1) { o[k++] = '.'; for (int i = 1; i < nd; i++) o[k++] = dig[i]; }
+        k += snprintf(o + k, sizeof o - (size_t)k, "e%c%02d", ex < 0 ? '-' : '+', ex < 0 ? -ex : ex);
+    } else if (ex < 0) {                              /* 0.05 */
+        o[k++] = '0'; o[k++] = '.';
+        for (int i = 0; i < -ex - 1; i++) o[k++] = '0';
+        for (int i = 0; i < nd; i++) o[k++] = dig[i];
+    } else {                                          /* 12.5, 100.0 */
+        int whole = ex + 1;
+        for (int i = 0; i < whole; i++) o[k++] = i < nd ? dig[i] : '0';
+        o[k++] = '.';
+        if (nd <= whole) o[k++] = '0';
+        for (int i = whole; i < nd; i++) o[k++] = dig[i];
+    }
+    o[k] = 0;
+    snprintf(b, n, "%s", o);
+}
+
+/* kohya's ss_optimizer for AdamW: torch's class name, and (as kohya writes
+ * its --optimizer_args) the settings that differ from torch's defaults */
+static void optimizer_desc(char *b, size_t n, const train_args *a) {
+    char v1[32], v2[32], v3[32];
+    int l = snprintf(b, n, "torch.optim.adamw.AdamW"), k = 0;
+    char args[160] = "";
+    if (a->wd != 1e-2f) { py_float(v1, sizeof v1, a->wd); k += snprintf(args + k, sizeof args - k, "%sweight_decay=%s", k ? "," : "", v1); }
+    if (a->beta1 != 0.9f || a->beta2 != 0.999f) {
+        py_float(v1, sizeof v1, a->beta1); py_float(v2, sizeof v2, a->beta2);
+        k += snprintf(args + k, sizeof args - k, "%sbetas=(%s, %s)", k ? "," : "", v1, v2);
+    }
+    if (a->adam_eps != 1e-8f) { py_float(v3, sizeof v3, a->adam_eps); k += snprintf(args + k, sizeof args - k, "%seps=%s", k ? "," : "", v3); }
+    if (k) snprintf(b + l, n - l, "(%s)", args);
+}
+
+/* what the LoRA file says beyond the flags: the data, how far the run is, when it began */
+typedef struct {
+    const dataset_t *ds;
+    long sample_pos;      /* samples consumed so far */
+    long long started;    /* Unix seconds */
+} run_info;
+
+/* kohya's modelspec.date: ISO 8601 without a zone, as Python's
+ * datetime.fromtimestamp(t).isoformat() (local time); in UTC when the time
+ * came from SOURCE_DATE_EPOCH (reproducible builds' convention) */
+static void iso_date(char *b, size_t n, long long t) {
+    time_t tt = (time_t)t;
+    struct tm tmv;
+    if (getenv("SOURCE_DATE_EPOCH")) gmtime_r(&tt, &tmv);
+    else localtime_r(&tt, &tmv);
+    strftime(b, n, "%Y-%m-%dT%H:%M:%S", &tmv);
+}
+
 static int save_lora(const char *path, sd_model *m, const train_args *a, long step, long total,
-                     int n_images, char *err) {
+                     int n_images, const run_info *ri, char *err) {
     int nu = m->unet.nloras, nt = a->te ? clip_num_adapters(&m->clip) : 0;
     lora_ref *refs = malloc(sizeof(lora_ref) * (size_t)(nu + nt + 1));
     char (*names)[256] = malloc(256 * (size_t)(nu + nt + 1));
@@ -295,7 +391,8 @@ static int save_lora(const char *path, sd_model *m, const train_args *a, long st
         refs[nu + i] = (lora_ref){names[nu + i], &ad->L, 0};
     }
     /* kohya's ss_* metadata, which AUTOMATIC1111's and kohya's tools show.
-     * No wall-clock times: a resumed run must write the same bytes. */
+     * The only clock time is the run's start, kept in the state: a resumed run
+     * must write the same bytes. */
     char v[24][64];
     snprintf(v[0], 64, "%d", a->rank);
     snprintf(v[1], 64, "%g", a->alpha);
@@ -314,6 +411,10 @@ static int save_lora(const char *path, sd_model *m, const train_args *a, long st
     snprintf(v[14], 64, "%d", a->clip_skip);
     snprintf(v[15], 64, "%d", a->warmup);
     snprintf(v[16], 64, "%g", a->clip);
+    /* kohya's get_model_version_str_for_sd1_sd2: sd_v1 / sd_v2, "_v" for v-prediction */
+    int is_v2 = m->unet.cfg.cross_dim == 1024, is_vpred = m->prediction == DDPM_V_PREDICTION;
+    char base_version[16];
+    snprintf(base_version, sizeof base_version, "sd_v%d%s", is_v2 ? 2 : 1, is_vpred ? "_v" : "");
     const char *mk[] = {"ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_learning_rate",
                         "ss_unet_lr", "ss_text_encoder_lr", "ss_steps", "ss_max_train_steps", "ss_resolution",
                         "ss_seed", "ss_num_train_images", "ss_batch_size_per_device",
@@ -322,17 +423,59 @@ static int save_lora(const char *path, sd_model *m, const train_args *a, long st
                         "ss_lr_scheduler", "ss_base_model_version", "ss_v2", "ss_sd_model_name",
                         "ss_output_name", "ss_network_train_unet_only", "ss_training_comment", "sdlora_targets"};
     const char *mv[] = {"networks.lora", v[0], v[1], v[2], v[2], v[3], v[4], v[5], v[6], v[7], v[8], v[9],
-                        v[10], v[11], v[12], v[13], v[14], v[15], v[16], a->sched, "sd_v1", "False",
+                        v[10], v[11], v[12], v[13], v[14], v[15], v[16], a->sched, base_version, is_v2 ? "True" : "False",
                         m->name, a->name, a->te ? "False" : "True", "trained with sdlora", a->targets};
+    enum { NBASE = (int)(sizeof mk / sizeof mk[0]), NMORE = 20 };
+    /* what kohya adds (train_network.py) and AUTOMATIC1111's LoRA card
+     * shows: the data set's folders and tags, the epoch, the optimizer, and
+     * the sai_model_spec keys (sd-scripts library/sai_model_spec.py) */
+    const char *keys[NBASE + NMORE], *vals[NBASE + NMORE];
+    memcpy(keys, mk, sizeof mk);
+    memcpy(vals, mv, sizeof mv);
+    int nk = NBASE;
+    char *tags = caption_tag_frequency_json(ri->ds, a->data), *dirs = caption_dataset_dirs_json(ri->ds, a->data);
+    char ep[32], opt[256], started[32], keep[16], cdrop[32], res[40], date[40], layer[16];
+    long per_epoch = ri->ds->n_total_with_repeats;
+    snprintf(ep, sizeof ep, "%ld", ri->sample_pos > 0 ? (ri->sample_pos - 1) / per_epoch + 1 : 0);
+    optimizer_desc(opt, sizeof opt, a);
+    snprintf(started, sizeof started, "%lld", ri->started);
+    snprintf(keep, sizeof keep, "%d", a->cap.keep_tokens);
+    py_float(cdrop, sizeof cdrop, a->cap.dropout);
+    snprintf(res, sizeof res, "%dx%d", a->res, a->res);
+    iso_date(date, sizeof date, ri->started);
+    snprintf(layer, sizeof layer, "%d", a->clip_skip);
+    int v2 = is_v2, vpred = is_vpred;
+    const char *more[][2] = {
+        {"ss_epoch", ep},
+        {"ss_optimizer", opt},
+        {"ss_mixed_precision", "no"},          /* the math is float32 throughout */
+        {"ss_training_started_at", started},
+        {"ss_dataset_dirs", dirs},
+        {"ss_tag_frequency", tags},
+        {"ss_shuffle_caption", a->cap.shuffle ? "True" : "False"},
+        {"ss_keep_tokens", keep},
+        {"ss_caption_dropout_rate", cdrop},
+        {"modelspec.sai_model_spec", "1.0.1"},
+        {"modelspec.architecture", !v2 ? "stable-diffusion-v1/lora" : vpred ? "stable-diffusion-v2-768-v/lora"
+                                                                          : "stable-diffusion-v2-512/lora"},
+        {"modelspec.implementation", "diffusers"},
+        {"modelspec.title", a->name},
+        {"modelspec.resolution", res},
+        {"modelspec.date", date},
+        {"modelspec.prediction_type", vpred ? "v" : "epsilon"},
+        {"modelspec.encoder_layer", a->clip_skip > 1 ? layer : NULL},   /* kohya: only with --clip_skip */
+    };
+    for (size_t i = 0; i < sizeof more / sizeof more[0]; i++)
+        if (more[i][1]) { keys[nk] = more[i][0]; vals[nk] = more[i][1]; nk++; }
     /* --conv-rank: kohya's ss_network_args, as its conv_dim / conv_alpha write it */
     char nargs[128];
     snprintf(nargs, sizeof nargs, "{\"conv_dim\": \"%d\", \"conv_alpha\": \"%g\"}", a->conv_rank, a->conv_alpha);
-    const char *mk2[sizeof mk / sizeof mk[0] + 1], *mv2[sizeof mk / sizeof mk[0] + 1];
-    int nm = (int)(sizeof mk / sizeof mk[0]);
-    for (int i = 0; i < nm; i++) { mk2[i] = mk[i]; mv2[i] = mv[i]; }
-    if (a->conv_rank > 0) { mk2[nm] = "ss_network_args"; mv2[nm] = nargs; nm++; }
-    int rc = lora_save_kohya(path, refs, nu + nt, strcmp(a->precision, "fp16") == 0 ? ST_F16 : ST_F32,
-                             mk2, mv2, nm, err);
+    if (a->conv_rank > 0) { keys[nk] = "ss_network_args"; vals[nk] = nargs; nk++; }
+    int rc = -1;
+    if (!tags || !dirs) snprintf(err, SD_ERR_LEN, "out of memory");
+    else rc = lora_save_kohya(path, refs, nu + nt, strcmp(a->precision, "fp16") == 0 ? ST_F16 : ST_F32,
+                              keys, vals, nk, err);
+    free(tags); free(dirs);
     free(refs); free(names);
     return rc;
 }
@@ -536,6 +679,7 @@ static int load_model_and_data(trainer *t, char *err) {
     weight_dtype_parse(a->weight_dtype, &wdtype);   /* cli_parse checked it is fp32 or fp16 */
     if (sd_model_load_dtype(&t->m, a->model, a->tokenizer, wdtype, err)) return -1;
     t->model_loaded = 1;
+    t->ds.caption_ext = a->caption_ext;
     if (dataset_scan(&t->ds, a->data, err, SD_ERR_LEN)) return -1;
     fputs(t->ds.warnings, stderr);
     t->td.n = t->ds.n_images;
@@ -588,9 +732,22 @@ static int setup_trainables(trainer *t, char *err) {
     rng_seed(&t->st.rng, a->seed);
     t->st.loss = malloc(sizeof(double) * (size_t)(t->total + 1));
     if (!t->st.loss) { snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
+    t->st.started = (long long)time(NULL);
     if (a->resume) {
         if (load_state(a->resume, &t->st, m, a, t->total, err)) return -1;
         fprintf(stderr, "resuming from %s at step %ld\n", a->resume, t->st.step);
+    }
+    /* SOURCE_DATE_EPOCH (reproducible builds): a fixed date for the metadata */
+    const char *sde = getenv("SOURCE_DATE_EPOCH");
+    if (sde && *sde) {
+        char *end;
+        errno = 0;
+        long long v = strtoll(sde, &end, 10);
+        if (*end || errno || v < 0) {
+            snprintf(err, SD_ERR_LEN, "SOURCE_DATE_EPOCH=%.40s: not a number of seconds (unset it, or give e.g. 1700000000)", sde);
+            return -1;
+        }
+        t->st.started = v;
     }
     return 0;
 }
@@ -761,6 +918,32 @@ static void install_stop_hooks(trainer *t) {
     t->nan_at = nan_env ? atol(nan_env) : 0;
 }
 
+/* --shuffle-caption / --caption-dropout: the caption sample number pos sees
+ * (caption.c), as token ids and (without --te) its context. The caches serve
+ * what they hold: a caption that came out unchanged, and the empty one; any
+ * other goes through the text encoder here, once per sample. */
+static int sample_caption(trainer *t, int i, long pos, int *ids, float *ctx, char *err) {
+    const train_args *a = t->a;
+    const train_data *td = &t->td;
+    size_t nctx = (size_t)TOK_CTX * td->d;
+    char *cap = caption_process(t->ds.caption[i], &a->cap, a->seed, (uint64_t)pos);
+    if (!cap) { snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
+    int same = strcmp(cap, t->ds.caption[i]) == 0;
+    if (same) memcpy(ids, td->ids + (size_t)i * TOK_CTX, sizeof(int) * TOK_CTX);
+    else tok_encode_sd(t->m.tok, cap, ids);
+    int rc = 0;
+    if (!a->te) {
+        if (same) memcpy(ctx, td->ctx + (size_t)i * nctx, sizeof(float) * nctx);
+        else if (!cap[0] && td->ctx_empty) memcpy(ctx, td->ctx_empty, sizeof(float) * nctx);
+        else if (clip_forward(&t->m.clip, ctx, ids, 1, TOK_CTX, a->clip_skip)) {
+            snprintf(err, SD_ERR_LEN, "text encoder: %s", t->m.clip.err);
+            rc = -1;
+        }
+    }
+    free(cap);
+    return rc;
+}
+
 /* the batch: the next B samples of the epoch's shuffled order, as latents
  * (from the cache, or a fresh random crop through the VAE), token ids and
  * cached contexts */
@@ -783,6 +966,10 @@ static int next_batch(trainer *t, char *err) {
             }
         } else {
             memcpy(mb->x0 + b * per, td->latents + ((size_t)i * td->variants + v) * per, sizeof(float) * per);
+        }
+        if (caption_opts_active(&a->cap)) {
+            if (sample_caption(t, i, pos, mb->ids + b * TOK_CTX, mb->ctx + b * nctx, err)) return -1;
+            continue;
         }
         memcpy(mb->ids + b * TOK_CTX, td->ids + (size_t)i * TOK_CTX, sizeof(int) * TOK_CTX);
         if (!a->te) memcpy(mb->ctx + b * nctx, td->ctx + (size_t)i * nctx, sizeof(float) * nctx);
@@ -912,7 +1099,8 @@ static int save_checkpoint(trainer *t, char *err) {
     if (a->full) {
         snprintf(t->lora_path, sizeof t->lora_path, "%s/%s-unet.safetensors", a->out, a->name);
         if (save_full_unet(t->lora_path, &t->m, err)) return -1;
-    } else if (save_lora(t->lora_path, &t->m, a, step, t->total, t->ds.n_images, err) ||
+    } else if (save_lora(t->lora_path, &t->m, a, step, t->total, t->ds.n_total_with_repeats,   /* kohya counts repeats */
+                         &(run_info){&t->ds, t->st.sample_pos, t->st.started}, err) ||
                save_state(t->state_path, &t->st, &t->m, a, err)) return -1;
     snprintf(path, sizeof path, "%s/loss.png", a->out);
     if (save_loss_plot(path, t, step, err)) return -1;
@@ -984,7 +1172,7 @@ static void trainer_free(trainer *t) {
     if (t->csv) fclose(t->csv);
     if (t->csv && !t->csv_in_place) remove(t->csv_tmp);   /* nothing of this run to show */
     free(t->loss_hist);
-    free(t->td.latents); free(t->td.ctx); free(t->td.ids);
+    free(t->td.latents); free(t->td.ctx); free(t->td.ids); free(t->td.ctx_empty);
     adamw_free(&t->st.opt_unet); adamw_free(&t->st.opt_te);
     free(t->st.loss);
     dataset_free(&t->ds);
@@ -1069,8 +1257,25 @@ static char **with_args_file(int argc, char **argv, const cli_opt *opts, int nop
 }
 
 /* the combinations the table's ranges cannot check; 0 or 2 */
-static int check_args(const train_args *a) {
+static int check_args(train_args *a) {
     struct stat sb;
+    if (a->caption_ext) {
+        /* ".caption" or "caption": kohya's --caption_extension is written both ways */
+        static char ext[40];
+        const char *e = a->caption_ext;
+        size_t l = strlen(e);
+        if (l == 0 || l > 32 || strchr(e, '/') || strcmp(e, ".") == 0) {
+            fprintf(stderr, "error: --caption-ext %s: not a file extension (use e.g. --caption-ext .caption or --caption-ext .txt)\n", e);
+            return 2;
+        }
+        snprintf(ext, sizeof ext, "%s%s", e[0] == '.' ? "" : ".", e);
+        a->caption_ext = ext;
+    }
+    if (a->cap.keep_tokens > 0 && !a->cap.shuffle)
+        fprintf(stderr, "warning: --keep-tokens %d does nothing without --shuffle-caption (as in kohya)\n", a->cap.keep_tokens);
+    if (a->cap.keep_sep && !a->cap.shuffle)
+        fprintf(stderr, "warning: --keep-tokens-separator does nothing without --shuffle-caption: captions are "
+                "trained with the separator in them (as in kohya)\n");
     if (stat(a->data, &sb) != 0 || !S_ISDIR(sb.st_mode)) {
         fprintf(stderr, "error: %s: not a folder (give the folder that holds your images and captions)\n", a->data);
         return 2;
@@ -1115,6 +1320,11 @@ static int parse_args(train_args *a, int argc, char **argv) {
         {"--conv-alpha", OPT_FLOAT, &a->conv_alpha, 0, 1e6, NULL, "conv LoRA alpha, scale = alpha / conv rank (0: the conv rank)"},
         {"--dropout", OPT_FLOAT, &a->dropout, 0, 0.99, NULL, "dropout on the LoRA branch"},
         {"--res", OPT_INT, &a->res, 0, 4096, NULL, "training resolution, multiple of 8 (0: the model's)"},
+        {"--caption-ext", OPT_STR, &a->caption_ext, 0, 0, NULL, "read only NAME + this extension as caption, e.g. .caption (default: NAME.txt, else NAME.caption)"},
+        {"--shuffle-caption", OPT_FLAG, &a->cap.shuffle, 0, 0, NULL, "shuffle the comma-separated tags of each caption at every step (kohya)"},
+        {"--keep-tokens", OPT_INT, &a->cap.keep_tokens, 0, 1000000, NULL, "with --shuffle-caption: the first N tags stay in front"},
+        {"--keep-tokens-separator", OPT_STR, &a->cap.keep_sep, 0, 0, NULL, "with --shuffle-caption: in \"a, b S c, d S e\" only c, d move (kohya; e.g. \"|||\")"},
+        {"--caption-dropout", OPT_FLOAT, &a->cap.dropout, 0, 1, NULL, "probability of training a sample with the empty caption"},
         {"--flip", OPT_FLAG, &a->flip, 0, 0, NULL, "random horizontal flips"},
         {"--random-crop", OPT_FLAG, &a->random_crop, 0, 0, NULL, "random instead of centre crop (no latent cache: slower)"},
         {"--batch", OPT_INT, &a->batch, 1, 1024, NULL, "images per micro-batch"},

@@ -140,6 +140,52 @@ START_TEST(caption_ext_and_first_line) {
 }
 END_TEST
 
+/* caption_ext (--caption-ext): only NAME + that extension, as kohya's
+ * --caption_extension; an image with only the other kind is uncaptioned and
+ * the warning names the flag that would read it */
+START_TEST(caption_ext_only) {
+    char root[64]; make_tmp(root, sizeof root);
+    put(root, "a.png", "img", -1);
+    put(root, "a.caption", "a from caption\n", -1);
+    put(root, "b.png", "img", -1);
+    put(root, "b.txt", "b from txt", -1);
+    put(root, "b.caption", "b from caption", -1);
+    put(root, "c.png", "img", -1);
+    put(root, "c.txt", "c from txt", -1);
+    put(root, "d.png", "img", -1);
+    put(root, "d.tags", "d from tags", -1);
+    dataset_t ds = {0};
+    ds.caption_ext = ".caption";
+    scan_ok(&ds, root);
+    ck_assert_int_eq(ds.n_images, 4);
+    ck_assert_int_eq(ds.n_uncaptioned, 2);
+    expect_caption(&ds, root, "a.png", "a from caption");
+    expect_caption(&ds, root, "b.png", "b from caption");
+    expect_caption(&ds, root, "c.png", "");
+    expect_caption(&ds, root, "d.png", "");
+    ck_assert_msg(has(ds.warnings, "2 images have no caption (no .caption or captions.csv row)"), "%s", ds.warnings);
+    ck_assert_msg(has(ds.warnings, "1 of them has a .txt file beside it, which --caption-ext .caption does not read (use --caption-ext .txt)"),
+                  "%s", ds.warnings);
+    dataset_free(&ds);
+    ck_assert_str_eq(ds.caption_ext, ".caption");   /* an input: kept by dataset_free */
+    ds.caption_ext = ".txt";
+    scan_ok(&ds, root);
+    expect_caption(&ds, root, "a.png", "");
+    expect_caption(&ds, root, "b.png", "b from txt");
+    expect_caption(&ds, root, "c.png", "c from txt");
+    ck_assert_msg(has(ds.warnings, "1 of them has a .caption file beside it, which --caption-ext .txt does not read (use --caption-ext .caption)"),
+                  "%s", ds.warnings);
+    dataset_free(&ds);
+    ds.caption_ext = ".tags";
+    scan_ok(&ds, root);
+    ck_assert_int_eq(ds.n_uncaptioned, 3);
+    expect_caption(&ds, root, "d.png", "d from tags");
+    ck_assert_msg(has(ds.warnings, "2 of them have a .txt file beside it") && has(ds.warnings, "2 of them have a .caption file beside it"), "%s", ds.warnings);
+    dataset_free(&ds);
+    rm_rf(root);
+}
+END_TEST
+
 START_TEST(csv_with_header_quotes_crlf_bom) {
     char root[64]; make_tmp(root, sizeof root);
     put(root, "a.png", "img", -1);
@@ -604,6 +650,7 @@ static Suite *dataset_suite(void) {
     TCase *tc = tcase_create("scan");
     tcase_add_test(tc, flat_txt);
     tcase_add_test(tc, caption_ext_and_first_line);
+    tcase_add_test(tc, caption_ext_only);
     tcase_add_test(tc, csv_with_header_quotes_crlf_bom);
     tcase_add_test(tc, csv_without_header_and_other_header_names);
     tcase_add_test(tc, csv_precedence);

@@ -15,6 +15,7 @@
 #include "image.h"
 #include "lora.h"
 #include "cuda/cuda.h"
+#include "sha256.h"
 
 #ifndef SDLORA_BUILD
 #define SDLORA_BUILD "build"
@@ -28,6 +29,9 @@ static char tmp[64];
 static void setup(void) {
     snprintf(tmp, sizeof tmp, "/tmp/sdlora_prog_XXXXXX");
     ck_assert(mkdtemp(tmp) != NULL);
+    /* the LoRA's modelspec.date is when the run began: fixed here, so that
+     * two runs compared byte for byte began at the same time */
+    setenv("SOURCE_DATE_EPOCH", "1700000000", 1);
 }
 static void teardown(void) {
     char cmd[128];
@@ -558,6 +562,198 @@ START_TEST(test_device) {
 }
 END_TEST
 
+/* the metadata kohya writes and AUTOMATIC1111's LoRA card reads, for a
+ * known run: 3 images in 3_thing (3 repeats) and 2 in DIR, 11 samples an
+ * epoch, 7 steps of 2 = 14 samples: the second epoch */
+static void assert_meta(const st_file *f, const char *key, const char *want) {
+    const char *got = st_meta(f, key);
+    ck_assert_msg(got && strcmp(got, want) == 0, "%s: '%s', expected '%s'", key, got ? got : "(absent)", want);
+}
+
+START_TEST(test_lora_metadata) {
+    char d[128], sub[160], o[128], p[256], err[ST_ERR_LEN];
+    snprintf(d, sizeof d, "%s/data", tmp); snprintf(sub, sizeof sub, "%s/3_thing", d); snprintf(o, sizeof o, "%s/out", tmp);
+    make_images(d, 2, 1);
+    make_images(sub, 3, 1);
+    ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 7 --weight-decay 0.05 --beta2 0.99 --clip-skip 2 --name myface --out %s",
+                      d, o) == 0, "%s", log_text());
+    snprintf(p, sizeof p, "%s/myface.safetensors", o);
+    st_file f;
+    ck_assert_msg(st_open(&f, p, err) == 0, "%s", err);
+    assert_meta(&f, "ss_epoch", "2");
+    assert_meta(&f, "ss_num_train_images", "11");   /* kohya: images x repeats */
+    assert_meta(&f, "ss_steps", "7");
+    assert_meta(&f, "ss_optimizer", "torch.optim.adamw.AdamW(weight_decay=0.05,betas=(0.9, 0.99))");
+    assert_meta(&f, "ss_mixed_precision", "no");
+    assert_meta(&f, "ss_dataset_dirs", "{\"3_thing\": {\"n_repeats\": 3, \"img_count\": 3}, "
+                                       "\"data\": {\"n_repeats\": 1, \"img_count\": 2}}");
+    assert_meta(&f, "ss_tag_frequency", "{\"3_thing\": {\"a red square number 0\": 1, \"a red square number 1\": 1, "
+                                        "\"a red square number 2\": 1}, \"data\": {\"a red square number 0\": 1, "
+                                        "\"a red square number 1\": 1}}");
+    assert_meta(&f, "ss_shuffle_caption", "False");
+    assert_meta(&f, "ss_keep_tokens", "0");
+    assert_meta(&f, "ss_caption_dropout_rate", "0.0");
+    assert_meta(&f, "ss_training_started_at", "1700000000");
+    assert_meta(&f, "modelspec.sai_model_spec", "1.0.1");
+    assert_meta(&f, "modelspec.architecture", "stable-diffusion-v1/lora");
+    assert_meta(&f, "modelspec.implementation", "diffusers");
+    assert_meta(&f, "modelspec.title", "myface");
+    assert_meta(&f, "modelspec.resolution", "64x64");
+    assert_meta(&f, "modelspec.date", "2023-11-14T22:13:20");   /* SOURCE_DATE_EPOCH 1700000000, UTC */
+    assert_meta(&f, "modelspec.prediction_type", "epsilon");
+    assert_meta(&f, "modelspec.encoder_layer", "2");
+    /* sshs_model_hash: sha256 of the tensor bytes, everything after the header */
+    uint64_t hl = 0;
+    const uint8_t *raw = f.map;
+    for (int i = 0; i < 8; i++) hl |= (uint64_t)raw[i] << (8 * i);
+    sha256_ctx c; uint8_t dg[32]; char hex[65];
+    sha256_init(&c); sha256_update(&c, raw + 8 + hl, f.size - 8 - hl); sha256_final(&c, dg); sha256_hex(dg, hex);
+    assert_meta(&f, "sshs_model_hash", hex);
+    /* sshs_legacy_hash: the file's tensors and ss_* keys hashed anew (the
+     * hashing itself is checked against Python in test_caption) */
+    st_writer *w = st_writer_new();
+    for (int i = 0; i < f.ntensors; i++) {
+        const st_tensor *t = &f.tensors[i];
+        ck_assert(st_writer_add(w, t->name, t->dtype, t->ndim, t->shape, t->data) == 0);
+    }
+    for (int i = 0; i < f.nmeta; i++) ck_assert(st_writer_meta(w, f.meta_keys[i], f.meta_vals[i]) == 0);
+    char mh[65], lh[9];
+    ck_assert(st_writer_kohya_hashes(w, mh, lh) == 0);
+    assert_meta(&f, "sshs_model_hash", mh);
+    assert_meta(&f, "sshs_legacy_hash", lh);
+    st_writer_free(w);
+    st_close(&f);
+
+    /* without SOURCE_DATE_EPOCH the date is the clock's when the run began,
+     * and a resumed run keeps the date of the run it continues */
+    char b[160], p2[256];
+    snprintf(b, sizeof b, "%s/b", tmp);
+    ck_assert_int_eq(run("env -u SOURCE_DATE_EPOCH SDLORA_STOP_AFTER=2 " TRAIN " %s " FLAGS " --steps 4 --out %s", d, b), 130);
+    sleep_ms(1100);
+    ck_assert_msg(run("env -u SOURCE_DATE_EPOCH " TRAIN " %s " FLAGS " --steps 4 --out %s --resume %s/state.safetensors", d, b, b) == 0,
+                  "%s", log_text());
+    snprintf(p, sizeof p, "%s/lora-step000002.safetensors", b); snprintf(p2, sizeof p2, "%s/lora.safetensors", b);
+    st_file f1, f2;
+    ck_assert_msg(st_open(&f1, p, err) == 0 && st_open(&f2, p2, err) == 0, "%s", err);
+    const char *t1 = st_meta(&f1, "ss_training_started_at"), *t2 = st_meta(&f2, "ss_training_started_at");
+    long long now = (long long)time(NULL), t0 = t1 ? atoll(t1) : 0;
+    ck_assert_msg(t1 && t2 && strcmp(t1, t2) == 0, "resumed run began at %s, the first part at %s", t2, t1);
+    ck_assert_msg(t0 > now - 600 && t0 <= now, "started at %lld, now is %lld", t0, now);
+    ck_assert_str_eq(st_meta(&f1, "modelspec.date"), st_meta(&f2, "modelspec.date"));
+    st_close(&f1); st_close(&f2);
+}
+END_TEST
+
+/* --shuffle-caption, --keep-tokens, --caption-dropout: the same seed gives
+ * the same bytes, a stopped and resumed run too; the options change what is
+ * trained; --caption-ext reads the files it names */
+START_TEST(test_caption_options) {
+    char d[128], a[128], b[160], c[160], p1[256], p2[256], err[ST_ERR_LEN];
+    snprintf(d, sizeof d, "%s/data", tmp);
+    make_images(d, 4, 0);
+    for (int i = 0; i < 4; i++) {      /* tagged captions, as a tagger writes them */
+        snprintf(p1, sizeof p1, "%s/img%02d.txt", d, i);
+        FILE *fp = fopen(p1, "w"); fprintf(fp, "sks, red square, number %d, blue background, solo\n", i); fclose(fp);
+    }
+    const char *opt = " --steps 6 --shuffle-caption --keep-tokens 1 --caption-dropout 0.2";
+    snprintf(a, sizeof a, "%s/a", tmp); snprintf(b, sizeof b, "%s/b", tmp); snprintf(c, sizeof c, "%s/c", tmp);
+    ck_assert_msg(run(TRAIN " %s " FLAGS "%s --out %s", d, opt, a) == 0, "%s", log_text());
+    ck_assert_msg(run(TRAIN " %s " FLAGS "%s --out %s", d, opt, b) == 0, "%s", log_text());
+    snprintf(p1, sizeof p1, "%s/lora.safetensors", a); snprintf(p2, sizeof p2, "%s/lora.safetensors", b);
+    ck_assert_msg(same_file(p1, p2), "two runs with the same seed wrote different LoRAs");
+    /* stopped after 2 of 6 and resumed: the same bytes */
+    ck_assert_int_eq(run("SDLORA_STOP_AFTER=2 " TRAIN " %s " FLAGS "%s --out %s", d, opt, c), 130);
+    ck_assert_msg(run(TRAIN " %s " FLAGS "%s --out %s --resume %s/state.safetensors", d, opt, c, c) == 0, "%s", log_text());
+    snprintf(p2, sizeof p2, "%s/lora.safetensors", c);
+    ck_assert_msg(same_file(p1, p2), "stopped and resumed with --shuffle-caption: another LoRA");
+    snprintf(p1, sizeof p1, "%s/loss.csv", a); snprintf(p2, sizeof p2, "%s/loss.csv", c);
+    ck_assert_msg(same_file(p1, p2), "stopped and resumed with --shuffle-caption: another loss.csv");
+    /* the options change the training: other losses than the plain run's */
+    ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 6 --out %s", d, b) == 0, "%s", log_text());
+    snprintf(p1, sizeof p1, "%s/loss.csv", a); snprintf(p2, sizeof p2, "%s/loss.csv", b);
+    ck_assert_msg(!same_file(p1, p2), "--shuffle-caption --caption-dropout changed nothing");
+    /* each option on its own changes it too, and with --te as well */
+    const char *each[] = {" --shuffle-caption", " --caption-dropout 0.5", " --shuffle-caption --caption-dropout 0.3 --te"};
+    for (int k = 0; k < 3; k++) {
+        ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 6%s --out %s", d, each[k], c) == 0, "%s", log_text());
+        if (k == 2) ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 6 --te --out %s", d, b) == 0, "%s", log_text());
+        snprintf(p1, sizeof p1, "%s/loss.csv", c);
+        ck_assert_msg(!same_file(p1, p2), "%s changed nothing", each[k]);
+    }
+    /* the per-sample paths give what the text cache gives for the same text:
+     * --caption-dropout 1 trains as empty captions do (the cached empty
+     * context; with --te the empty caption's tokens); and "x,y" shuffled with
+     * every tag kept comes out as "x, y", encoded per step, the same tokens as
+     * the cached "x, y" */
+    char e[160], e2[160];
+    snprintf(e, sizeof e, "%s/empty", tmp); snprintf(e2, sizeof e2, "%s/nospace", tmp);
+    make_images(e, 4, 0);
+    make_images(e2, 4, 0);
+    for (int i = 0; i < 4; i++) {
+        snprintf(p1, sizeof p1, "%s/img%02d.txt", e, i);
+        FILE *fp = fopen(p1, "w"); fclose(fp);
+        snprintf(p1, sizeof p1, "%s/img%02d.txt", e2, i);
+        fp = fopen(p1, "w"); fprintf(fp, "sks,red square,number %d,blue background,solo\n", i); fclose(fp);
+    }
+    const char *pairs[][4] = {
+        {d, " --caption-dropout 1", e, ""},
+        {d, " --caption-dropout 1 --te", e, " --te"},
+        {e2, " --shuffle-caption --keep-tokens 5", d, ""},
+        {e2, " --shuffle-caption --keep-tokens 5 --te", d, " --te"},
+    };
+    for (int k = 0; k < 4; k++) {
+        ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 4%s --out %s", pairs[k][0], pairs[k][1], c) == 0, "%s", log_text());
+        ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 4%s --out %s", pairs[k][2], pairs[k][3], b) == 0, "%s", log_text());
+        snprintf(p1, sizeof p1, "%s/loss.csv", c); snprintf(p2, sizeof p2, "%s/loss.csv", b);
+        ck_assert_msg(same_file(p1, p2), "%s on %s trained otherwise than %s on %s", pairs[k][1], pairs[k][0], pairs[k][3], pairs[k][2]);
+    }
+    /* the metadata says what ran */
+    snprintf(p1, sizeof p1, "%s/lora.safetensors", a);
+    st_file f;
+    ck_assert_msg(st_open(&f, p1, err) == 0, "%s", err);
+    assert_meta(&f, "ss_shuffle_caption", "True");
+    assert_meta(&f, "ss_keep_tokens", "1");
+    assert_meta(&f, "ss_caption_dropout_rate", "0.2");
+    st_close(&f);
+    /* --keep-tokens alone: a warning, and the plain run's bytes */
+    ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 6 --keep-tokens 2 --out %s", d, c) == 0, "%s", log_text());
+    char *s = log_text();
+    ck_assert_msg(strstr(s, "warning: --keep-tokens 2 does nothing without --shuffle-caption"), "%s", s);
+    free(s);
+    ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 6 --out %s", d, b) == 0, "%s", log_text());
+    const char *files[] = {"state.safetensors", "loss.csv"};   /* (the LoRA says ss_keep_tokens 2, as kohya writes it) */
+    for (int k = 0; k < 2; k++) {
+        snprintf(p1, sizeof p1, "%s/%s", c, files[k]); snprintf(p2, sizeof p2, "%s/%s", b, files[k]);
+        ck_assert_msg(same_file(p1, p2), "--keep-tokens alone changed %s", files[k]);
+    }
+    /* --caption-ext .caption: the .caption files are read, the .txt ones not */
+    for (int i = 0; i < 4; i++) {
+        snprintf(p1, sizeof p1, "%s/img%02d.caption", d, i);
+        FILE *fp = fopen(p1, "w"); fprintf(fp, "Other, TAGS\n"); fclose(fp);
+    }
+    ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 1 --caption-ext caption --out %s", d, c) == 0, "%s", log_text());
+    snprintf(p1, sizeof p1, "%s/lora.safetensors", c);
+    ck_assert_msg(st_open(&f, p1, err) == 0, "%s", err);
+    assert_meta(&f, "ss_tag_frequency", "{\"data\": {\"other\": 4, \"tags\": 4}}");
+    st_close(&f);
+    /* without the flag, .txt wins as before */
+    ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 1 --out %s", d, c) == 0, "%s", log_text());
+    ck_assert_msg(st_open(&f, p1, err) == 0, "%s", err);
+    ck_assert_msg(strstr(st_meta(&f, "ss_tag_frequency"), "\"sks\": 4"), "%s", st_meta(&f, "ss_tag_frequency"));
+    st_close(&f);
+    /* an extension that has no files: every image uncaptioned, and the warning says which flag reads them */
+    ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 1 --caption-ext .tags --out %s", d, c) == 0, "%s", log_text());
+    s = log_text();
+    ck_assert_msg(strstr(s, "4 images have no caption (no .tags or captions.csv row)") &&
+                  strstr(s, "4 of them have a .txt file beside it, which --caption-ext .tags does not read (use --caption-ext .txt)"), "%s", s);
+    free(s);
+    ck_assert_int_eq(run(TRAIN " %s " FLAGS " --caption-ext a/b --out %s", d, c), 2);
+    assert_error_line("--caption-ext a/b", "not a file extension");
+    ck_assert_int_eq(run(TRAIN " %s " FLAGS " --caption-dropout 1.5 --out %s", d, c), 2);
+    assert_error_line("--caption-dropout", NULL);
+}
+END_TEST
+
 /* one case per test, so that CK_RUN_CASE=test_resume_identical runs just that one */
 static void add_case(Suite *s, const char *name, const TTest *t) {
     TCase *tc = tcase_create(name);
@@ -584,6 +780,8 @@ static Suite *programs_suite(void) {
     ADD_CASE(s, test_nan_stops);
     ADD_CASE(s, test_settings_sources);
     ADD_CASE(s, test_failed_run_keeps_out);
+    ADD_CASE(s, test_lora_metadata);
+    ADD_CASE(s, test_caption_options);
     return s;
 }
 
