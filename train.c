@@ -251,8 +251,10 @@ static int cache_latents_buckets(train_data *td, sd_model *m, const dataset_t *d
         }
         if (isatty(2)) fprintf(stderr, "\rcaching latents %d/%d", i + 1, td->n);
     }
+    int used = 0;
+    for (int k = 0; k < td->nresos; k++) used += bucket_used(td, k);
     fprintf(stderr, "%scached %d latents in %d buckets in %.1f s\n", isatty(2) ? "\r" : "",
-            td->n * td->variants, td->nresos, now_s() - t0);
+            td->n * td->variants, used, now_s() - t0);
     free(img); free(noise);
     return 0;
 }
@@ -1066,7 +1068,7 @@ static int micro_step(trainer *t, char *err) {
     int B = mb->n, C = t->td.lc, h = mb->h, w = mb->w;
     size_t per = (size_t)C * h * w;
     /* per-sample weights: min-SNR, and --prior-loss-weight on regularisation images */
-    float *wt = a->min_snr > 0 || t->ds.n_reg ? mb->wt : NULL;
+    float *wt = a->min_snr > 0 || t->ds.n_reg || getenv("DBGW") ? mb->wt : NULL;
     /* noise and timesteps (article 4.2): x_t = sqrt(abar) x0 + sqrt(1-abar) eps */
     ddpm_sample_timesteps(mb->tt, B, m->sched.T, &t->st.rng);
     ddpm_sample_noise(mb->eps, per * B, &t->st.rng);
