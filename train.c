@@ -1085,7 +1085,7 @@ static int micro_step(trainer *t, char *err) {
     float loss = mse_loss_forward(mb->pred, mb->target, wt, B, per);
     t->step_loss += loss / a->accum;
     memset(mb->dpred, 0, sizeof(float) * per * B);
-    mse_loss_backward(mb->dpred, mb->pred, mb->target, wt, B, per, 1.0f / a->accum);
+    mse_loss_backward(mb->dpred, mb->pred, mb->target, wt, 1.0f / a->accum, B, per);
     if (unet_backward(&m->unet, mb->dpred, NULL, mb->dctx)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m->unet.err); return -1; }
     if (a->te && clip_backward(&m->clip, mb->dctx)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err); return -1; }
     return 0;
