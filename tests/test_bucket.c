@@ -6,8 +6,13 @@
  * tools/kohya_buckets.py writes it again in Python, never this program's
  * output; the balancing counts are worked by hand from kohya's loop in
  * DreamBoothDataset.__init__. */
+#include <stdarg.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include "testutil.h"
 #include "bucket.h"
+#include "image.h"
 #include "dataset.h"
 #include "ddpm.h"
 
@@ -332,6 +337,147 @@ START_TEST(prior_loss_weight) {
 }
 END_TEST
 
+/* ---- ./train --buckets --reg, as a user runs it -------------------------- */
+
+#ifndef SDLORA_BUILD
+#define SDLORA_BUILD "build"
+#endif
+#define TRAIN SDLORA_BUILD "/train"
+/* gen_tiny: --res 64, sides must be multiples of 16 */
+#define TFLAGS "--model " FIXTURE_DIR "gen_tiny --rank 2 --alpha 2 --seed 7 --lr 1e-3 --no-grid"
+#define BFLAGS " --buckets --min-bucket 32 --max-bucket 128 --bucket-step 16"
+
+static char tmp[64];
+
+static int run(const char *fmt, ...) {
+    char cmd[4096], full[4400];
+    va_list ap; va_start(ap, fmt); vsnprintf(cmd, sizeof cmd, fmt, ap); va_end(ap);
+    snprintf(full, sizeof full, "%s > %s/log 2>&1", cmd, tmp);
+    int st = system(full);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+}
+
+static char *slurp(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return calloc(1, 1);
+    fseek(f, 0, SEEK_END); long len = ftell(f); fseek(f, 0, SEEK_SET);
+    char *b = calloc((size_t)len + 1, 1);
+    if (fread(b, 1, (size_t)len, f) != (size_t)len) b[0] = 0;
+    fclose(f);
+    return b;
+}
+
+static char *log_text(void) { char p[128]; snprintf(p, sizeof p, "%s/log", tmp); return slurp(p); }
+
+/* a w x h picture of a red disc on a coloured ground, with a caption */
+static void put_image(const char *dir, const char *name, int w, int h, int caption) {
+    char p[512], err[256];
+    mkdir(dir, 0777);
+    uint8_t *px = malloc((size_t)w * h * 3);
+    for (int y = 0; y < h; y++)
+        for (int x = 0; x < w; x++) {
+            double dx = (x - w / 2.0) / w, dy = (y - h / 2.0) / h;
+            int in = dx * dx + dy * dy < 0.06;
+            uint8_t *q = px + ((size_t)y * w + x) * 3;
+            q[0] = in ? 220 : (uint8_t)(w & 255); q[1] = in ? 30 : 90; q[2] = in ? 40 : (uint8_t)(h & 255);
+        }
+    snprintf(p, sizeof p, "%s/%s.png", dir, name);
+    ck_assert_msg(image_save_png(p, px, w, h, NULL, NULL, 0, err, sizeof err) == 0, "%s", err);
+    free(px);
+    if (caption) {
+        snprintf(p, sizeof p, "%s/%s.txt", dir, name);
+        FILE *f = fopen(p, "w"); fprintf(f, "a red disc\n"); fclose(f);
+    }
+}
+
+/* the loss column of loss.csv: how many of the first n steps are exactly 0 */
+static int zero_losses(const char *out, int n) {
+    char p[256]; snprintf(p, sizeof p, "%s/loss.csv", out);
+    char *s = slurp(p), *line = strchr(s, '\n');
+    int zeros = 0, rows = 0;
+    while (line && rows < n) {
+        long step; double loss;
+        if (sscanf(line + 1, "%ld,%lf", &step, &loss) == 2) { rows++; zeros += loss == 0.0; }
+        line = strchr(line + 1, '\n');
+    }
+    free(s);
+    ck_assert_int_eq(rows, n);
+    return zeros;
+}
+
+static int same_file(const char *a, const char *b) {
+    char *x = slurp(a), *y = slurp(b);
+    int same = strlen(x) > 0 && strcmp(x, y) == 0;   /* the CSVs compared here are text */
+    free(x); free(y);
+    return same;
+}
+
+START_TEST(train_buckets_and_reg) {
+    snprintf(tmp, sizeof tmp, "/tmp/sdlora_bucket_XXXXXX");
+    ck_assert(mkdtemp(tmp) != NULL);
+    char d[128], r[160], o[160];
+    snprintf(d, sizeof d, "%s/data", tmp);
+    snprintf(r, sizeof r, "%s/reg/1_disc", tmp);
+    mkdir(d, 0777);
+    snprintf(o, sizeof o, "%s/reg", tmp); mkdir(o, 0777);
+    /* the buckets of tools/kohya_buckets.py at res 64, 32..128, step 16:
+     * 64x64 -> 64x64, 96x48 (2:1) -> 80x48, 48x96 -> 48x80, 128x40 (3.2:1) -> 96x32 */
+    put_image(d, "a", 64, 64, 1);
+    put_image(d, "b", 64, 64, 1);
+    put_image(d, "c", 96, 48, 1);
+    put_image(d, "d", 48, 96, 1);
+    put_image(d, "e", 128, 40, 1);
+    put_image(r, "r0", 64, 64, 0);       /* uncaptioned: the class name "disc" */
+    put_image(r, "r1", 64, 64, 0);
+    /* 5 training samples; the 2 reg images balanced to 5: repeats 3 and 2 */
+    snprintf(o, sizeof o, "%s/a", tmp);
+    ck_assert_msg(run(TRAIN " %s " TFLAGS BFLAGS " --batch 2 --flip --steps 8 --reg %s/reg --out %s", d, tmp, o) == 0, "%s", log_text());
+    char *s = log_text();
+    ck_assert_msg(strstr(s, "buckets (WxH: samples per epoch): 48x80: 1 64x64: 7 80x48: 1 96x32: 1\n"), "%s", s);
+    ck_assert_msg(strstr(s, "2 of them used, 5 samples per epoch beside the 5 training samples"), "%s", s);
+    ck_assert_msg(strstr(s, "5 images, 10 samples per epoch"), "%s", s);
+    free(s);
+    /* stopped and resumed: the same files as the uninterrupted run */
+    char b[160], p1[256], p2[256];
+    snprintf(b, sizeof b, "%s/b", tmp);
+    ck_assert_int_eq(run("SDLORA_STOP_AFTER=3 " TRAIN " %s " TFLAGS BFLAGS " --batch 2 --flip --steps 8 --reg %s/reg --out %s", d, tmp, b), 130);
+    ck_assert_msg(run(TRAIN " %s " TFLAGS BFLAGS " --batch 2 --flip --steps 8 --reg %s/reg --out %s --resume %s/state.safetensors",
+                      d, tmp, b, b) == 0, "%s", log_text());
+    snprintf(p1, sizeof p1, "%s/loss.csv", o); snprintf(p2, sizeof p2, "%s/loss.csv", b);
+    ck_assert_msg(same_file(p1, p2), "resumed bucket run: loss.csv differs");
+    /* --prior-loss-weight 0, batch 1: one epoch is 10 steps, and the 5 that
+     * drew a regularisation image have a loss of exactly 0; with weight 1
+     * none has. With and without buckets. */
+    const char *modes[2] = {BFLAGS, ""};
+    for (int m = 0; m < 2; m++) {
+        snprintf(o, sizeof o, "%s/w0_%d", tmp, m);
+        ck_assert_msg(run(TRAIN " %s " TFLAGS "%s --batch 1 --steps 10 --reg %s/reg --prior-loss-weight 0 --out %s",
+                          d, modes[m], tmp, o) == 0, "%s", log_text());
+        ck_assert_int_eq(zero_losses(o, 10), 5);
+        snprintf(o, sizeof o, "%s/w1_%d", tmp, m);
+        ck_assert_msg(run(TRAIN " %s " TFLAGS "%s --batch 1 --steps 10 --reg %s/reg --out %s", d, modes[m], tmp, o) == 0, "%s", log_text());
+        ck_assert_int_eq(zero_losses(o, 10), 0);
+    }
+    /* a 150x50 (3:1) picture at --res 64 with buckets up to 64: the widest is
+     * 64x32 (2:1): scaled to 96x32, cropped 32 px > one step: named */
+    put_image(d, "f", 150, 50, 1);
+    snprintf(o, sizeof o, "%s/c", tmp);
+    ck_assert_msg(run(TRAIN " %s " TFLAGS " --buckets --min-bucket 32 --max-bucket 64 --bucket-step 16 --steps 1 --out %s", d, o) == 0, "%s", log_text());
+    s = log_text();
+    ck_assert_msg(strstr(s, "cropped by more than one bucket step") && strstr(s, "f.png (150x50, 32 px)"), "%s", s);
+    free(s);
+    /* kohya's rule: --max-bucket below --res is an error, one line */
+    ck_assert_int_eq(run(TRAIN " %s " TFLAGS " --buckets --max-bucket 48 --steps 1 --out %s", d, o), 1);
+    s = log_text();
+    ck_assert_msg(strstr(s, "error: --min-bucket") && strstr(s, "min <= res <= max"), "%s", s);
+    free(s);
+    ck_assert_int_eq(run(TRAIN " %s " TFLAGS " --reg %s/nothere --steps 1 --out %s", d, tmp, o), 2);
+    s = log_text(); ck_assert_msg(strstr(s, "error: --reg"), "%s", s); free(s);
+    char cmd[128]; snprintf(cmd, sizeof cmd, "rm -rf %s", tmp);
+    ck_assert(system(cmd) == 0);
+}
+END_TEST
+
 static Suite *bucket_suite(void) {
     Suite *s = suite_create("bucket");
     TCase *tc = tcase_create("bucket");
@@ -342,6 +488,10 @@ static Suite *bucket_suite(void) {
     tcase_add_test(tc, reg_balancing);
     tcase_add_test(tc, prior_loss_weight);
     suite_add_tcase(s, tc);
+    TCase *tp = tcase_create("train");
+    tcase_set_timeout(tp, 900);          /* whole (tiny) training runs; slow under ASan */
+    tcase_add_test(tp, train_buckets_and_reg);
+    suite_add_tcase(s, tp);
     return s;
 }
 
