@@ -253,8 +253,8 @@ static int cache_latents_buckets(train_data *td, sd_model *m, const dataset_t *d
     }
     int used = 0;
     for (int k = 0; k < td->nresos; k++) used += bucket_used(td, k);
-    fprintf(stderr, "%scached %d latents in %d buckets in %.1f s\n", isatty(2) ? "\r" : "",
-            td->n * td->variants, used, now_s() - t0);
+    fprintf(stderr, "%scached %d latents in %d bucket%s in %.1f s\n", isatty(2) ? "\r" : "",
+            td->n * td->variants, used, used == 1 ? "" : "s", now_s() - t0);
     free(img); free(noise);
     return 0;
 }
