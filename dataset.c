@@ -976,3 +976,53 @@ void dataset_epoch_order(const dataset_t *ds, uint64_t seed, int epoch, int *ord
         int t = order[i]; order[i] = order[j]; order[j] = t;
     }
 }
+
+/* ---- regularisation images --------------------------------------------------- */
+
+int dataset_balance_reg(dataset_t *reg, long n_train) {
+    long n = 0;
+    int used = 0;
+    /* first pass: whole images with their own repeats, until n_train is reached */
+    while (used < reg->n_images && n < n_train) n += reg->repeats[used++];
+    for (int i = used; i < reg->n_images; i++) { free(reg->path[i]); free(reg->caption[i]); }
+    reg->n_images = used;
+    /* later passes: one more repeat each, in turn, until n_train */
+    for (int i = 0; n < n_train && used > 0; i = (i + 1) % used, n++) reg->repeats[i]++;
+    reg->n_total_with_repeats = (int)n;
+    return used;
+}
+
+int dataset_add_reg(dataset_t *ds, dataset_t *reg, char *err, size_t errlen) {
+    int n = ds->n_images + reg->n_images;
+    if ((long long)ds->n_total_with_repeats + reg->n_total_with_repeats > INT_MAX) {
+        snprintf(err, errlen, "regularisation images: more than %d samples per epoch (use fewer repeats)", INT_MAX);
+        return -1;
+    }
+    char **p = realloc(ds->path, sizeof(char *) * (size_t)n);
+    if (p) ds->path = p;
+    char **c = realloc(ds->caption, sizeof(char *) * (size_t)n);
+    if (c) ds->caption = c;
+    int *r = realloc(ds->repeats, sizeof(int) * (size_t)n);
+    if (r) ds->repeats = r;
+    size_t wl = strlen(ds->warnings), rl = strlen(reg->warnings);
+    char *w = realloc(ds->warnings, wl + rl + 1);
+    if (w) ds->warnings = w;
+    if (!p || !c || !r || !w) { snprintf(err, errlen, "out of memory for the regularisation images"); return -1; }
+    memcpy(ds->warnings + wl, reg->warnings, rl + 1);
+    for (int i = 0; i < reg->n_images; i++) {
+        ds->path[ds->n_images + i] = reg->path[i];
+        ds->caption[ds->n_images + i] = reg->caption[i];
+        ds->repeats[ds->n_images + i] = reg->repeats[i];
+    }
+    ds->n_images = n;
+    ds->n_reg += reg->n_images;
+    ds->n_total_with_repeats += reg->n_total_with_repeats;
+    reg->n_images = 0;                       /* the strings now belong to ds */
+    dataset_free(reg);
+    return 0;
+}
+
+void dataset_loss_weights(const dataset_t *ds, const int *items, int n, float prior, float *w) {
+    for (int k = 0; k < n; k++)
+        if (items[k] >= ds->n_images - ds->n_reg) w[k] *= prior;
+}

@@ -96,6 +96,7 @@ typedef struct {
     int n_empty_caption;    /* images whose caption file / CSV row was empty */
     int n_total_with_repeats; /* sum of repeats: samples in one epoch */
     char *warnings;         /* "" or lines "warning: ...\n" for the caller to print */
+    int n_reg;              /* the last n_reg images are regularisation images (dataset_add_reg) */
 } dataset_t;
 
 /* Scan DIR into ds (all fields but ds->uncaptioned are overwritten). Returns 0,
@@ -108,5 +109,30 @@ void dataset_free(dataset_t *ds);
  * seeded from (seed, epoch) only, so resuming at (epoch, position) gives the
  * same order. order has room for ds->n_total_with_repeats ints. */
 void dataset_epoch_order(const dataset_t *ds, uint64_t seed, int epoch, int *order);
+
+/* Regularisation (class) images, kohya's reg_data_dir: a second folder,
+ * scanned with dataset_scan (N_class folders repeat, uncaptioned images
+ * take the class name), balanced against the training samples and trained
+ * alongside them with their loss times --prior-loss-weight.
+ *
+ * dataset_balance_reg: kohya's balancing. n_train is the training samples
+ * of an epoch (with repeats). One pass over reg's images in order takes
+ * each with its folder's repeats until the total reaches n_train (images
+ * after that point are not used: dropped from reg); while the total is
+ * still short, further passes give one more repeat to each image in turn,
+ * stopping as soon as it reaches n_train. So the total is n_train, or more
+ * only when the first pass overshoots by part of one image's repeats.
+ * Returns the number of images kept. */
+int dataset_balance_reg(dataset_t *reg, long n_train);
+
+/* Append reg's images to ds as its last ds->n_reg images (repeats and
+ * n_total_with_repeats included) and its warnings; reg is left empty.
+ * Returns 0, or -1 with a message in err (out of memory, too many samples). */
+int dataset_add_reg(dataset_t *ds, dataset_t *reg, char *err, size_t errlen);
+
+/* w[k] *= 1 for a training image, prior for a regularisation image, for the
+ * n images items[k] of a batch: the per-sample loss weights of kohya's
+ * prior preservation (loss_b * weight_b, then the mean over the batch). */
+void dataset_loss_weights(const dataset_t *ds, const int *items, int n, float prior, float *w);
 
 #endif

@@ -27,6 +27,7 @@
 #include "caption.h"
 #include "cli.h"
 #include "cuda/cuda.h"
+#include "bucket.h"
 #include "dataset.h"
 #include "generate.h"
 #include "image.h"
@@ -40,7 +41,9 @@
 
 typedef struct {
     const char *data, *model, *out, *name, *targets, *sched, *resume, *sample_prompt, *tokenizer, *precision,
-               *weight_dtype, *device;
+               *weight_dtype, *device, *reg;
+    int buckets, bucket_step, min_bucket, max_bucket;
+    float prior_loss_weight;
     int rank, res, batch, accum, steps, epochs, warmup, save_every, sample_every, te, flip,
         random_crop, grad_ckpt, threads, clip_skip, full, no_grid, conv_rank;
     float conv_alpha;      /* 0: the conv rank (scale 1) */
@@ -88,6 +91,16 @@ typedef struct {
     float *ctx;        /* (n, 77, d): cached contexts (NULL with --te) */
     int *ids;          /* (n, 77) token ids */
     float *ctx_empty;  /* (77, d): the empty caption's context, for --caption-dropout without --te */
+    /* --buckets (bucket.h): the resolutions, each image's bucket and the
+     * size it is scaled to before the crop, where its latents start in
+     * `latents`, and the current epoch's batches */
+    bucket_reso *resos;
+    int nresos;
+    int *bucket_of, *rw, *rh;
+    size_t *lat_off;
+    long nbatches;     /* per epoch */
+    long *bstart;
+    int *blen;
 } train_data;
 
 /* decode, resize the short side to res, crop (centre, or at a seeded random
@@ -143,6 +156,112 @@ static int cache_latents(train_data *td, sd_model *m, const dataset_t *ds, const
     }
     fprintf(stderr, "%scached %d latents (%dx%d) in %.1f s\n", isatty(2) ? "\r" : "",
             td->n * td->variants, td->lh, td->lw, now_s() - t0);
+    free(img); free(noise);
+    return 0;
+}
+
+/* --buckets: decode, scale to rw x rh (covering the bucket bw x bh, one
+ * side exactly), crop the other side at its centre (kohya: floor of half
+ * the excess) or at a seeded random offset in [0, excess], optionally
+ * mirror; -> CHW floats in [-1, 1] */
+static int load_bucket_chw(float *chw, const char *path, int bw, int bh, int rw, int rh, int random_crop,
+                           int flip, rng_t *rng, char *err) {
+    image_t im;
+    if (image_load(&im, path, err, SD_ERR_LEN)) return -1;
+    uint8_t *sc = malloc((size_t)rw * rh * 3), *cr = malloc((size_t)bw * bh * 3);
+    int rc = !sc || !cr || image_resize(sc, rw, rh, im.rgb, im.w, im.h, IMAGE_LANCZOS);
+    image_free(&im);
+    if (rc) { free(sc); free(cr); snprintf(err, SD_ERR_LEN, "%.600s: out of memory resizing it", path); return -1; }
+    int x0 = (rw - bw) / 2, y0 = (rh - bh) / 2;
+    if (random_crop) {
+        x0 = (int)(rng_u64(rng) % (uint64_t)(rw - bw + 1));
+        y0 = (int)(rng_u64(rng) % (uint64_t)(rh - bh + 1));
+    }
+    for (int y = 0; y < bh; y++)
+        memcpy(cr + (size_t)y * bw * 3, sc + ((size_t)(y0 + y) * rw + x0) * 3, (size_t)bw * 3);
+    if (flip) image_flip_h(cr, bw, bh);
+    image_to_chw(chw, cr, bw, bh);
+    free(sc); free(cr);
+    return 0;
+}
+
+/* is bucket k trained (has an image)? */
+static int bucket_used(const train_data *td, int k) {
+    for (int i = 0; i < td->n; i++)
+        if (td->bucket_of[i] == k) return 1;
+    return 0;
+}
+
+/* the VAE's activations for the largest bucket in use: any smaller shape
+ * then fits (vae.h); with buckets, as big as one --res x --res image at most */
+static int vae_alloc_buckets(train_data *td, sd_model *m, char *err) {
+    int best = -1;
+    size_t most = 0;
+    for (int k = 0; k < td->nresos; k++) {
+        if (!bucket_used(td, k)) continue;
+        if (vae_alloc_acts(&m->vae, 1, td->resos[k].h, td->resos[k].w, 0)) { snprintf(err, SD_ERR_LEN, "VAE: %s", m->vae.err); return -1; }
+        if (vae_acts_floats(&m->vae) > most) { most = vae_acts_floats(&m->vae); best = k; }
+    }
+    if (best >= 0 && vae_alloc_acts(&m->vae, 1, td->resos[best].h, td->resos[best].w, 0)) {
+        snprintf(err, SD_ERR_LEN, "VAE: %s", m->vae.err); return -1;
+    }
+    return 0;
+}
+
+/* image i's latent shape with --buckets */
+static void bucket_latent(const train_data *td, const sd_model *m, int i, int *lh, int *lw) {
+    const bucket_reso *r = &td->resos[td->bucket_of[i]];
+    *lh = sd_latent_side(m, r->h);
+    *lw = sd_latent_side(m, r->w);
+}
+
+/* --buckets: the latents of every image at its bucket's shape (and its
+ * mirror with --flip), one after the other from lat_off[i]; encoded once,
+ * with seeded posterior noise, as cache_latents does */
+static int cache_latents_buckets(train_data *td, sd_model *m, const dataset_t *ds, const train_args *a, char *err) {
+    td->lc = m->vae.cfg.latent_channels;
+    td->lh = td->lw = sd_latent_side(m, a->res);      /* the sample grids' shape */
+    td->variants = a->flip ? 2 : 1;
+    td->lat_off = malloc(sizeof(size_t) * (size_t)td->n);
+    if (!td->lat_off) { snprintf(err, SD_ERR_LEN, "out of memory for the latent cache"); return -1; }
+    size_t total = 0, most = 0;
+    for (int i = 0; i < td->n; i++) {
+        int lh, lw;
+        bucket_latent(td, m, i, &lh, &lw);
+        size_t per = (size_t)td->lc * lh * lw;
+        td->lat_off[i] = total;
+        total += per * td->variants;
+        if (per > most) most = per;
+    }
+    size_t img_floats = 0;
+    for (int k = 0; k < td->nresos; k++)
+        if ((size_t)td->resos[k].w * td->resos[k].h > img_floats) img_floats = (size_t)td->resos[k].w * td->resos[k].h;
+    td->latents = malloc(sizeof(float) * (total ? total : 1));
+    float *img = malloc(sizeof(float) * 3 * img_floats);
+    float *noise = malloc(sizeof(float) * (most ? most : 1));
+    if (!td->latents || !img || !noise) { snprintf(err, SD_ERR_LEN, "out of memory for the latent cache"); free(img); free(noise); return -1; }
+    if (vae_alloc_buckets(td, m, err)) { free(img); free(noise); return -1; }
+    rng_t rng; rng_seed(&rng, a->seed ^ 0x6c6174656e7473ULL);   /* "latents" */
+    double t0 = now_s();
+    for (int i = 0; i < td->n; i++) {
+        const bucket_reso *r = &td->resos[td->bucket_of[i]];
+        int lh, lw;
+        bucket_latent(td, m, i, &lh, &lw);
+        size_t per = (size_t)td->lc * lh * lw;
+        for (int v = 0; v < td->variants; v++) {
+            if (load_bucket_chw(img, ds->path[i], r->w, r->h, td->rw[i], td->rh[i], 0, v, &rng, err)) { free(img); free(noise); return -1; }
+            for (size_t k = 0; k < per; k++) noise[k] = rng_normal(&rng);
+            if (vae_encode_latents(&m->vae, td->latents + td->lat_off[i] + v * per, img, noise, 1, r->h, r->w)) {
+                snprintf(err, SD_ERR_LEN, "%s: VAE: %s", ds->path[i], m->vae.err);
+                free(img); free(noise); return -1;
+            }
+        }
+        if (isatty(2)) fprintf(stderr, "\rcaching latents %d/%d", i + 1, td->n);
+    }
+    int used = 0;
+    for (int k = 0; k < td->nresos; k++) used += bucket_used(td, k);
+    fprintf(stderr, "%scached %d latents in %d bucket%s in %.1f s\n", isatty(2) ? "\r" : "",
+            td->n * td->variants, used, used == 1 ? "" : "s", now_s() - t0);
     free(img); free(noise);
     return 0;
 }
@@ -209,6 +328,12 @@ static void run_signature(char *b, size_t n, const train_args *a, const char *mo
     l = strlen(b);
     if (a->conv_rank > 0 && l < n)
         snprintf(b + l, n - l, " conv_rank=%d conv_alpha=%g", a->conv_rank, a->conv_alpha);
+    /* appended only when used, so the states of runs without them stay as they were */
+    l = strlen(b);
+    if (a->buckets && l < n)
+        l += (size_t)snprintf(b + l, n - l, " buckets=%d,%d,%d,%d", a->bucket_step, a->min_bucket, a->max_bucket, a->res);
+    if (a->reg && l < n)
+        snprintf(b + l, n - l, " reg=%s prior=%g", a->reg, a->prior_loss_weight);
 }
 
 static int save_state(const char *path, const train_state *s, sd_model *m, const train_args *a, char *err) {
@@ -642,6 +767,8 @@ typedef struct {
     float *tf, *wt;                                 /* timesteps as floats, min-SNR weights: (B) */
     int *tt, *ids;                                  /* timesteps (B), token ids (B, 77) */
     float *img;                                     /* (3, res, res): --random-crop decodes here */
+    int n, h, w;                                    /* this batch: samples (<= B), latent shape */
+    int *items;                                     /* (B) the image index of each sample */
 } micro_batch;
 
 /* everything one run holds */
@@ -672,6 +799,98 @@ typedef struct {
     char lora_path[1200], state_path[1200];
 } trainer;
 
+/* --reg DIR: the regularisation images, balanced as kohya balances them
+ * (dataset_balance_reg) and appended to the data set as its last images */
+static int add_reg_images(trainer *t, char *err) {
+    const train_args *a = t->a;
+    dataset_t reg;
+    memset(&reg, 0, sizeof reg);
+    reg.uncaptioned = t->ds.uncaptioned;
+    if (dataset_scan(&reg, a->reg, err, SD_ERR_LEN)) return -1;
+    fputs(reg.warnings, stderr);
+    reg.warnings[0] = 0;
+    int found = reg.n_images;
+    long with = reg.n_total_with_repeats, n_train = t->ds.n_total_with_repeats;
+    int used = dataset_balance_reg(&reg, n_train);
+    fprintf(stderr, "regularisation images %s: %d (%ld samples with repeats); %d of them used, %d samples per epoch "
+            "beside the %ld training samples, loss weight %g\n", a->reg, found, with, used, reg.n_total_with_repeats,
+            n_train, a->prior_loss_weight);
+    if (with > n_train)
+        fprintf(stderr, "warning: %s: more regularisation samples than training samples; %d image%s not used, as kohya does\n",
+                a->reg, found - used, found - used == 1 ? " is" : "s are");
+    if (dataset_add_reg(&t->ds, &reg, err, SD_ERR_LEN)) { dataset_free(&reg); return -1; }
+    return 0;
+}
+
+/* --buckets: kohya's buckets for --res (bucket.h), each image's bucket from
+ * its size (decoded once here, again when its latent is cached), the
+ * samples per bucket, and the images the nearest ratio crops by more than
+ * a step */
+static int assign_buckets(trainer *t, char *err) {
+    const train_args *a = t->a;
+    train_data *td = &t->td;
+    const dataset_t *ds = &t->ds;
+    if (a->min_bucket > a->max_bucket || a->max_bucket < a->res) {
+        snprintf(err, SD_ERR_LEN, "--min-bucket %d, --max-bucket %d, --res %d: need min <= res <= max "
+                 "(kohya's rule; e.g. --max-bucket %d)", a->min_bucket, a->max_bucket, a->res,
+                 a->res > a->min_bucket ? a->res : a->min_bucket);
+        return -1;
+    }
+    int cap = bucket_max_count(a->min_bucket, a->max_bucket, a->bucket_step);
+    td->resos = malloc(sizeof(bucket_reso) * (size_t)cap);
+    td->bucket_of = malloc(sizeof(int) * (size_t)td->n);
+    td->rw = malloc(sizeof(int) * (size_t)td->n);
+    td->rh = malloc(sizeof(int) * (size_t)td->n);
+    long *count = calloc((size_t)cap, sizeof *count);
+    if (!td->resos || !td->bucket_of || !td->rw || !td->rh || !count) { free(count); snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
+    td->nresos = bucket_resolutions(td->resos, cap, a->res, a->res, a->min_bucket, a->max_bucket, a->bucket_step);
+    int need = 1 << (t->m.unet.cfg.nlevels - 1), f = a->res / sd_latent_side(&t->m, a->res);
+    for (int k = 0; k < td->nresos; k++) {
+        int s2[2] = {td->resos[k].w, td->resos[k].h};
+        for (int j = 0; j < 2; j++) {
+            int ls = sd_latent_side(&t->m, s2[j]);
+            if (s2[j] < 1 || s2[j] % f || ls <= 0 || ls % need) {
+                snprintf(err, SD_ERR_LEN, "--bucket-step %d: bucket %dx%d has a side this model cannot take "
+                         "(sides must be multiples of %d: use a --bucket-step, --min-bucket and --res that are)",
+                         a->bucket_step, td->resos[k].w, td->resos[k].h, f * need);
+                free(count);
+                return -1;
+            }
+        }
+    }
+    char over[600] = "";
+    int nover = 0;
+    for (int i = 0; i < td->n; i++) {
+        image_t im;
+        if (image_load(&im, ds->path[i], err, SD_ERR_LEN)) { free(count); return -1; }
+        int k = bucket_select(td->resos, td->nresos, im.w, im.h, &td->rw[i], &td->rh[i]);
+        td->bucket_of[i] = k;
+        count[k] += ds->repeats[i];
+        int crop = td->rw[i] - td->resos[k].w + td->rh[i] - td->resos[k].h;
+        if (crop > a->bucket_step) {
+            size_t l = strlen(over);
+            if (nover < 5) snprintf(over + l, sizeof over - l, "%s%s (%dx%d, %d px)", nover ? ", " : "",
+                                    ds->path[i], im.w, im.h, crop);
+            nover++;
+        }
+        image_free(&im);
+    }
+    fprintf(stderr, "buckets (WxH: samples per epoch):");
+    for (int k = 0; k < td->nresos; k++)
+        if (count[k]) fprintf(stderr, " %dx%d: %ld", td->resos[k].w, td->resos[k].h, count[k]);
+    fputc('\n', stderr);
+    if (nover)
+        fprintf(stderr, "warning: %d image%s cropped by more than one bucket step (%d px), their aspect ratio lying "
+                "between two buckets': %s%s (crop them yourself to keep what matters)\n", nover,
+                nover == 1 ? " is" : "s are", a->bucket_step, over, nover > 5 ? ", ..." : "");
+    free(count);
+    td->nbatches = bucket_count_batches(td->n, ds->repeats, td->bucket_of, td->nresos, a->batch);
+    td->bstart = malloc(sizeof(long) * (size_t)(td->nbatches + 1));
+    td->blen = malloc(sizeof(int) * (size_t)(td->nbatches + 1));
+    if (td->nbatches < 0 || !td->bstart || !td->blen) { snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
+    return 0;
+}
+
 /* the model, the data set, the resolution, the length of the run, OUT */
 static int load_model_and_data(trainer *t, char *err) {
     train_args *a = t->a;
@@ -682,6 +901,7 @@ static int load_model_and_data(trainer *t, char *err) {
     t->ds.caption_ext = a->caption_ext;
     if (dataset_scan(&t->ds, a->data, err, SD_ERR_LEN)) return -1;
     fputs(t->ds.warnings, stderr);
+    if (a->reg && add_reg_images(t, err)) return -1;
     t->td.n = t->ds.n_images;
 
     /* resolution: the model's own unless --res; it must survive the UNet's downsamples */
@@ -694,6 +914,10 @@ static int load_model_and_data(trainer *t, char *err) {
         return -1;
     }
     long per_epoch = (t->ds.n_total_with_repeats + (long)a->batch * a->accum - 1) / ((long)a->batch * a->accum);
+    if (a->buckets) {
+        if (assign_buckets(t, err)) return -1;
+        per_epoch = (t->td.nbatches + a->accum - 1) / a->accum;   /* batches never mix buckets */
+    }
     t->total = a->steps > 0 ? a->steps : (long)(a->epochs > 0 ? a->epochs : 10) * per_epoch;
     snprintf(t->state_path, sizeof t->state_path, "%s/state.safetensors", a->out);
     return mkdir_p(a->out, err);
@@ -766,16 +990,25 @@ static void print_run(const trainer *t) {
                 m->name, m->unet.nparams, (double)sd_model_weight_bytes(m) / 1048576.0, weight_dtype_name(m->wdtype), a->targets, a->rank, a->alpha, conv,
                 m->unet.nloras + (a->te ? clip_num_adapters(&m->clip) : 0), ntrain, a->te ? " (UNet + text encoder)" : "");
     }
-    fprintf(stderr, "data %s: %d images, %d samples per epoch, %ld steps of %d x %d at %dx%d\n",
-            a->data, t->ds.n_images, t->ds.n_total_with_repeats, t->total, a->batch, a->accum, a->res, a->res);
+    fprintf(stderr, "data %s: %d images, %d samples per epoch, %ld steps of %d x %d at %dx%d%s\n",
+            a->data, t->ds.n_images - t->ds.n_reg, t->ds.n_total_with_repeats, t->total, a->batch, a->accum, a->res, a->res,
+            a->buckets ? " (area; buckets)" : "");
 }
 
 /* the frozen parts run once: latents (unless --random-crop, which encodes
  * each crop as it comes) and, without --te, the contexts */
 static int build_caches(trainer *t, char *err) {
     train_args *a = t->a;
-    if (!a->random_crop && cache_latents(&t->td, &t->m, &t->ds, a, err)) return -1;
-    if (a->random_crop) {
+    if (a->buckets) {
+        if (!a->random_crop && cache_latents_buckets(&t->td, &t->m, &t->ds, a, err)) return -1;
+        if (a->random_crop) {
+            t->td.lc = t->m.vae.cfg.latent_channels;
+            t->td.lh = t->td.lw = sd_latent_side(&t->m, a->res);
+            t->td.variants = 1;
+            if (vae_alloc_buckets(&t->td, &t->m, err)) return -1;
+        }
+    } else if (!a->random_crop && cache_latents(&t->td, &t->m, &t->ds, a, err)) return -1;
+    if (a->random_crop && !a->buckets) {
         t->td.lc = t->m.vae.cfg.latent_channels;
         t->td.lh = t->td.lw = sd_latent_side(&t->m, a->res);
         t->td.variants = 1;
@@ -802,6 +1035,25 @@ static int to_device(trainer *t, char *err) {
 /* the UNet's activations for a training micro-batch (with --grad-checkpoint
  * only what backward cannot recompute) */
 static int alloc_train_acts(trainer *t, char *err) {
+    if (t->a->buckets) {
+        /* the bucket whose layout is largest: every other one fits in it */
+        int bh = t->td.lh, bw = t->td.lw;
+        size_t most = 0;
+        for (int k = 0; k < t->td.nresos; k++) {
+            if (!bucket_used(&t->td, k)) continue;
+            int lh = sd_latent_side(&t->m, t->td.resos[k].h), lw = sd_latent_side(&t->m, t->td.resos[k].w);
+            if (unet_alloc_acts(&t->m.unet, t->a->batch, lh, lw, TOK_CTX, t->a->grad_ckpt ? 2 : 1)) {
+                snprintf(err, SD_ERR_LEN, "UNet: %s", t->m.unet.err);
+                return -1;
+            }
+            if (unet_acts_floats(&t->m.unet) > most) { most = unet_acts_floats(&t->m.unet); bh = lh; bw = lw; }
+        }
+        if (unet_alloc_acts(&t->m.unet, t->a->batch, bh, bw, TOK_CTX, t->a->grad_ckpt ? 2 : 1)) {
+            snprintf(err, SD_ERR_LEN, "UNet: %s", t->m.unet.err);
+            return -1;
+        }
+        return 0;
+    }
     if (unet_alloc_acts(&t->m.unet, t->a->batch, t->td.lh, t->td.lw, TOK_CTX, t->a->grad_ckpt ? 2 : 1)) {
         snprintf(err, SD_ERR_LEN, "UNet: %s", t->m.unet.err);
         return -1;
@@ -820,11 +1072,12 @@ static int alloc_buffers(trainer *t, char *err) {
     b->ctx = malloc(text); b->dctx = a->te ? malloc(text) : NULL;
     b->tf = malloc(sizeof(float) * B); b->wt = malloc(sizeof(float) * B);
     b->tt = malloc(sizeof(int) * B); b->ids = malloc(sizeof(int) * B * TOK_CTX);
+    b->items = malloc(sizeof(int) * B);
     b->img = a->random_crop ? malloc(sizeof(float) * 3 * (size_t)a->res * a->res) : NULL;
     t->order = malloc(sizeof(int) * (size_t)t->ds.n_total_with_repeats);
     t->loss_hist = malloc(sizeof(float) * (size_t)(t->total + 1));
     if (!b->x0 || !b->eps || !b->xt || !b->pred || !b->target || !b->dpred || !b->ctx || (a->te && !b->dctx) ||
-        !b->tf || !b->wt || !b->tt || !b->ids || !t->order || !t->loss_hist || (a->random_crop && !b->img)) {
+        !b->tf || !b->wt || !b->tt || !b->ids || !b->items || !t->order || !t->loss_hist || (a->random_crop && !b->img)) {
         snprintf(err, SD_ERR_LEN, "out of memory for the training buffers");
         return -1;
     }
@@ -947,16 +1200,21 @@ static int sample_caption(trainer *t, int i, long pos, int *ids, float *ctx, cha
 /* the batch: the next B samples of the epoch's shuffled order, as latents
  * (from the cache, or a fresh random crop through the VAE), token ids and
  * cached contexts */
+static int next_batch_buckets(trainer *t, char *err);
+
 static int next_batch(trainer *t, char *err) {
     const train_args *a = t->a;
     micro_batch *mb = &t->mb;
     const train_data *td = &t->td;
+    if (a->buckets) return next_batch_buckets(t, err);
     size_t per = (size_t)td->lc * td->lh * td->lw, nctx = (size_t)TOK_CTX * td->d;
+    mb->n = a->batch; mb->h = td->lh; mb->w = td->lw;
     for (int b = 0; b < a->batch; b++) {
         long pos = t->st.sample_pos++;
         int epoch = (int)(pos / t->ds.n_total_with_repeats);
         if (epoch != t->cur_epoch) { dataset_epoch_order(&t->ds, a->seed, epoch, t->order); t->cur_epoch = epoch; }
         int i = t->order[pos % t->ds.n_total_with_repeats];
+        mb->items[b] = i;
         int v = a->flip ? (int)(rng_u64(&t->st.rng) & 1) : 0;
         if (a->random_crop) {
             if (load_image_chw(mb->img, t->ds.path[i], a->res, 1, v, &t->st.rng, err)) return -1;
@@ -977,15 +1235,61 @@ static int next_batch(trainer *t, char *err) {
     return 0;
 }
 
+/* --buckets: the next batch of the epoch's bucket batches (sample_pos
+ * counts batches here): up to B samples of one bucket, so one shape */
+static int next_batch_buckets(trainer *t, char *err) {
+    const train_args *a = t->a;
+    micro_batch *mb = &t->mb;
+    train_data *td = &t->td;
+    long pos = t->st.sample_pos++;
+    int epoch = (int)(pos / td->nbatches);
+    if (epoch != t->cur_epoch) {
+        if (bucket_epoch_batches(td->n, t->ds.repeats, td->bucket_of, td->nresos, a->batch, a->seed, epoch,
+                                 t->order, td->bstart, td->blen) < 0) {
+            snprintf(err, SD_ERR_LEN, "out of memory"); return -1;
+        }
+        t->cur_epoch = epoch;
+    }
+    long k = pos % td->nbatches;
+    const int *items = t->order + td->bstart[k];
+    mb->n = td->blen[k];
+    bucket_latent(td, &t->m, items[0], &mb->h, &mb->w);
+    const bucket_reso *r = &td->resos[td->bucket_of[items[0]]];
+    size_t per = (size_t)td->lc * mb->h * mb->w, nctx = (size_t)TOK_CTX * td->d;
+    for (int b = 0; b < mb->n; b++) {
+        int i = items[b];
+        mb->items[b] = i;
+        int v = a->flip ? (int)(rng_u64(&t->st.rng) & 1) : 0;
+        if (a->random_crop) {
+            if (load_bucket_chw(mb->img, t->ds.path[i], r->w, r->h, td->rw[i], td->rh[i], 1, v, &t->st.rng, err)) return -1;
+            for (size_t q = 0; q < per; q++) mb->eps[q] = rng_normal(&t->st.rng);   /* posterior noise */
+            if (vae_encode_latents(&t->m.vae, mb->x0 + b * per, mb->img, mb->eps, 1, r->h, r->w)) {
+                snprintf(err, SD_ERR_LEN, "VAE: %s", t->m.vae.err); return -1;
+            }
+        } else {
+            memcpy(mb->x0 + b * per, td->latents + td->lat_off[i] + v * per, sizeof(float) * per);
+        }
+        if (caption_opts_active(&a->cap)) {
+            /* pos counts batches here: one caption draw per sample of it */
+            if (sample_caption(t, i, pos * a->batch + b, mb->ids + b * TOK_CTX, mb->ctx + b * nctx, err)) return -1;
+            continue;
+        }
+        memcpy(mb->ids + b * TOK_CTX, td->ids + (size_t)i * TOK_CTX, sizeof(int) * TOK_CTX);
+        if (!a->te) memcpy(mb->ctx + b * nctx, td->ctx + (size_t)i * nctx, sizeof(float) * nctx);
+    }
+    return 0;
+}
+
 /* one micro-batch forward and backward; adds its share of the step's loss.
  * Gradients accumulate into G1, G2 (scaled by 1/accum). */
 static int micro_step(trainer *t, char *err) {
     const train_args *a = t->a;
     sd_model *m = &t->m;
     micro_batch *mb = &t->mb;
-    int B = a->batch, C = t->td.lc, h = t->td.lh, w = t->td.lw;
+    int B = mb->n, C = t->td.lc, h = mb->h, w = mb->w;
     size_t per = (size_t)C * h * w;
-    float *wt = a->min_snr > 0 ? mb->wt : NULL;
+    /* per-sample weights: min-SNR, and --prior-loss-weight on regularisation images */
+    float *wt = a->min_snr > 0 || t->ds.n_reg ? mb->wt : NULL;
     /* noise and timesteps (article 4.2): x_t = sqrt(abar) x0 + sqrt(1-abar) eps */
     ddpm_sample_timesteps(mb->tt, B, m->sched.T, &t->st.rng);
     ddpm_sample_noise(mb->eps, per * B, &t->st.rng);
@@ -996,11 +1300,15 @@ static int micro_step(trainer *t, char *err) {
     if (a->te && clip_forward(&m->clip, mb->ctx, mb->ids, B, TOK_CTX, a->clip_skip)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err); return -1; }
     if (unet_forward(&m->unet, mb->pred, mb->xt, mb->tf, mb->ctx, B, h, w, TOK_CTX)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m->unet.err); return -1; }
     /* loss = mean((eps_hat - eps)^2), optionally min-SNR weighted */
-    if (wt) ddpm_min_snr_weights(wt, mb->tt, B, a->min_snr, m->prediction, &m->sched);
+    if (a->min_snr > 0) ddpm_min_snr_weights(wt, mb->tt, B, a->min_snr, m->prediction, &m->sched);
+    else if (wt) for (int b = 0; b < B; b++) wt[b] = 1.0f;
+    if (t->ds.n_reg) dataset_loss_weights(&t->ds, mb->items, B, a->prior_loss_weight, wt);
     float loss = mse_loss_forward(mb->pred, mb->target, wt, B, per);
     t->step_loss += loss / a->accum;
     memset(mb->dpred, 0, sizeof(float) * per * B);
-    mse_loss_backward(mb->dpred, mb->pred, mb->target, wt, B, per, 1.0f / a->accum);
+    /* dL/dpred for every sample of the micro-batch, scaled by 1/accum (the
+     * step's loss is the mean over its micro-batches) */
+    mse_loss_backward(mb->dpred, mb->pred, mb->target, wt, 1.0f / a->accum, B, per);
     if (unet_backward(&m->unet, mb->dpred, NULL, mb->dctx)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m->unet.err); return -1; }
     if (a->te && clip_backward(&m->clip, mb->dctx)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err); return -1; }
     return 0;
@@ -1167,7 +1475,9 @@ static int finish(trainer *t, double t_loop, char *err) {
 static void trainer_free(trainer *t) {
     micro_batch *b = &t->mb;
     free(b->x0); free(b->eps); free(b->xt); free(b->pred); free(b->target); free(b->dpred);
-    free(b->ctx); free(b->dctx); free(b->tf); free(b->wt); free(b->tt); free(b->ids); free(b->img);
+    free(b->ctx); free(b->dctx); free(b->tf); free(b->wt); free(b->tt); free(b->ids); free(b->img); free(b->items);
+    free(t->td.resos); free(t->td.bucket_of); free(t->td.rw); free(t->td.rh); free(t->td.lat_off);
+    free(t->td.bstart); free(t->td.blen);
     free(t->order);
     if (t->csv) fclose(t->csv);
     if (t->csv && !t->csv_in_place) remove(t->csv_tmp);   /* nothing of this run to show */
@@ -1296,6 +1606,10 @@ static int check_args(train_args *a) {
         fprintf(stderr, "error: --resume works with LoRA runs only (drop --full or --resume)\n");
         return 2;
     }
+    if (a->reg && (stat(a->reg, &sb) != 0 || !S_ISDIR(sb.st_mode))) {
+        fprintf(stderr, "error: --reg %s: not a folder (give the folder of regularisation images, e.g. reg/ with 1_person/ in it)\n", a->reg);
+        return 2;
+    }
     if (strchr(a->name, '/')) {
         fprintf(stderr, "error: --name %s: must be a file name, not a path (use --out for the folder)\n", a->name);
         return 2;
@@ -1327,6 +1641,12 @@ static int parse_args(train_args *a, int argc, char **argv) {
         {"--caption-dropout", OPT_FLOAT, &a->cap.dropout, 0, 1, NULL, "probability of training a sample with the empty caption"},
         {"--flip", OPT_FLAG, &a->flip, 0, 0, NULL, "random horizontal flips"},
         {"--random-crop", OPT_FLAG, &a->random_crop, 0, 0, NULL, "random instead of centre crop (no latent cache: slower)"},
+        {"--buckets", OPT_FLAG, &a->buckets, 0, 0, NULL, "aspect-ratio buckets (kohya enable_bucket): each image at the bucket nearest its shape, area <= res^2"},
+        {"--bucket-step", OPT_INT, &a->bucket_step, 8, 4096, NULL, "bucket sides are multiples of this (with --buckets)"},
+        {"--min-bucket", OPT_INT, &a->min_bucket, 8, 16384, NULL, "smallest bucket side (with --buckets)"},
+        {"--max-bucket", OPT_INT, &a->max_bucket, 8, 16384, NULL, "largest bucket side, >= --res (with --buckets)"},
+        {"--reg", OPT_STR, &a->reg, 0, 0, NULL, "regularisation (class) images, kohya reg_data_dir: N_class folders, balanced to the training samples"},
+        {"--prior-loss-weight", OPT_FLOAT, &a->prior_loss_weight, 0, 1e6, NULL, "loss weight of the regularisation images (DreamBooth prior preservation)"},
         {"--batch", OPT_INT, &a->batch, 1, 1024, NULL, "images per micro-batch"},
         {"--accum", OPT_INT, &a->accum, 1, 1024, NULL, "gradient accumulation: micro-batches per step"},
         {"--steps", OPT_INT, &a->steps, 0, 100000000, NULL, "optimizer steps (0: from --epochs)"},
@@ -1383,6 +1703,7 @@ int main(int argc, char **argv) {
     train_args a = {
         .model = NULL, .out = "out", .name = "lora", .targets = "qv", .sched = "constant", .precision = "fp32",
         .weight_dtype = "fp32", .device = "cpu",
+        .bucket_step = 64, .min_bucket = 256, .max_bucket = 1024, .prior_loss_weight = 1.0f,
         .rank = 4, .res = 0, .batch = 1, .accum = 1, .steps = 0, .epochs = 0, .warmup = 0,
         .save_every = 0, .sample_every = 0, .clip_skip = 1,
         .alpha = 4.0f, .dropout = 0.0f, .lr = 1e-4f, .te_lr = 5e-5f,

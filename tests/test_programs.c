@@ -754,6 +754,68 @@ START_TEST(test_caption_options) {
 }
 END_TEST
 
+/* the loss gradient reaches every sample of a batch and every micro-batch
+ * of an accumulated step (once it reached only a batch's first sample, and
+ * with --accum > 1 none: the loss backward took its arguments in the wrong
+ * order). One step at batch 2 on two images: changing EITHER image changes
+ * the LoRA. One step of batch 1 x accum 2: lora_up, zero at the start, moves.
+ * min-SNR weights at batch 2: a finite LoRA. */
+static void lora_up_stats(const char *path, int *nonzero, int *nonfinite) {
+    st_file f; char err[ST_ERR_LEN];
+    ck_assert_msg(st_open(&f, path, err) == 0, "%s", err);
+    *nonzero = *nonfinite = 0;
+    for (int i = 0; i < f.ntensors; i++) {
+        const st_tensor *t = &f.tensors[i];
+        if (!strstr(t->name, "lora_up") || t->dtype != ST_F32) continue;
+        for (size_t k = 0; k < t->numel; k++) {
+            float v; memcpy(&v, t->data + 4 * k, 4);
+            if (v != 0.0f) (*nonzero)++;
+            if (!isfinite(v)) (*nonfinite)++;
+        }
+    }
+    st_close(&f);
+}
+
+/* the two files hold the same tensors, bit for bit (metadata aside) */
+static int same_tensors(const char *p1, const char *p2) {
+    st_file f, g; char err[ST_ERR_LEN];
+    ck_assert_msg(st_open(&f, p1, err) == 0 && st_open(&g, p2, err) == 0, "%s", err);
+    int same = f.ntensors == g.ntensors;
+    for (int i = 0; same && i < f.ntensors; i++)
+        same = strcmp(f.tensors[i].name, g.tensors[i].name) == 0 && f.tensors[i].nbytes == g.tensors[i].nbytes &&
+               memcmp(f.tensors[i].data, g.tensors[i].data, f.tensors[i].nbytes) == 0;
+    st_close(&f); st_close(&g);
+    return same;
+}
+
+START_TEST(test_every_sample_trains) {
+    char d[3][128], o[3][160], p[3][512], q[1024];
+    for (int k = 0; k < 3; k++) {
+        snprintf(d[k], sizeof d[k], "%s/d%d", tmp, k);
+        make_images(d[k], 2, 1);
+        snprintf(o[k], sizeof o[k], "%s/o%d", tmp, k);
+        snprintf(p[k], sizeof p[k], "%s/lora.safetensors", o[k]);
+    }
+    /* d1: img00 another picture; d2: img01 another picture (img02's) */
+    char e[160]; snprintf(e, sizeof e, "%s/e", tmp); make_images(e, 3, 0);
+    snprintf(q, sizeof q, "cp %s/img02.png %s/d1/img00.png && cp %s/img02.png %s/d2/img01.png", e, tmp, e, tmp);
+    ck_assert(system(q) == 0);
+    for (int k = 0; k < 3; k++)
+        ck_assert_msg(run(TRAIN " %s " FLAGS " --steps 1 --precision fp32 --out %s", d[k], o[k]) == 0, "%s", log_text());
+    ck_assert_msg(!same_tensors(p[0], p[1]), "changing the batch's image img00 did not change the LoRA");
+    ck_assert_msg(!same_tensors(p[0], p[2]), "changing the batch's image img01 did not change the LoRA");
+    int nz, nf;
+    ck_assert_msg(run(TRAIN " %s " FLAGS " --batch 1 --accum 2 --steps 1 --precision fp32 --out %s/acc", d[0], tmp) == 0, "%s", log_text());
+    snprintf(q, sizeof q, "%s/acc/lora.safetensors", tmp);
+    lora_up_stats(q, &nz, &nf);
+    ck_assert_msg(nz > 0 && nf == 0, "--accum 2: %d lora_up values moved, %d not finite", nz, nf);
+    ck_assert_msg(run(TRAIN " %s " FLAGS " --min-snr-gamma 5 --steps 2 --precision fp32 --out %s/snr", d[0], tmp) == 0, "%s", log_text());
+    snprintf(q, sizeof q, "%s/snr/lora.safetensors", tmp);
+    lora_up_stats(q, &nz, &nf);
+    ck_assert_msg(nz > 0 && nf == 0, "--min-snr-gamma at batch 2: %d lora_up values moved, %d not finite", nz, nf);
+}
+END_TEST
+
 /* one case per test, so that CK_RUN_CASE=test_resume_identical runs just that one */
 static void add_case(Suite *s, const char *name, const TTest *t) {
     TCase *tc = tcase_create(name);
@@ -771,6 +833,7 @@ static Suite *programs_suite(void) {
     ADD_CASE(s, test_weight_dtype);
     ADD_CASE(s, test_weight_dtype_te);
     ADD_CASE(s, test_device);
+    ADD_CASE(s, test_every_sample_trains);
     ADD_CASE(s, test_train_then_sample);
     ADD_CASE(s, test_resume_identical);
     ADD_CASE(s, test_sigint_saves);
