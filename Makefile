@@ -11,6 +11,9 @@
 #   make fuzz       build tests/fuzz/ with clang (libFuzzer + ASan + UBSan) and run each
 #                   reader's harness FUZZ_SECONDS (default 60) seconds
 #   make CUDA=1     also compile and link cuda/*.cu with nvcc
+#   make MPI=1      ./train for mpirun -np N (data parallel, dist.c; built in build-mpi/)
+#   make test-mpi   the 2-rank tests (tests/test_mpi.sh: byte identity with one process,
+#                   a killed rank, a hung rank, Ctrl-C, resume into 1 rank); needs Open MPI
 #   make CUDA=1 test-cuda   the GPU kernels' arithmetic checked on the host against the
 #                   CPU code, and the whole UNet on a host-emulated device
 #                   (cuda/test_cuda_host.cu; needs nvcc, not a GPU)
@@ -18,10 +21,20 @@
 #   make clean
 
 CC      ?= cc
+MPI     ?= 0
+# make MPI=1: ./train for mpirun -np N (dist.c), compiled by mpicc in its own folder
+ifeq ($(MPI),1)
+  MPICC ?= mpicc
+  CC    := $(MPICC)
+  BUILD ?= build-mpi
+endif
 OPT     ?= -O3 -march=native
 CFLAGS  ?= $(OPT)
 CFLAGS  += -std=c99 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Wshadow -Wno-unused-parameter -fno-math-errno
 LDLIBS  += -lm
+ifeq ($(MPI),1)
+  CFLAGS += -DSDLORA_MPI=1
+endif
 OMP     ?= 1
 CUDA    ?= 0
 BUILD   ?= build
@@ -54,6 +67,11 @@ ifeq ($(CUDA),1)
   CUDA_HOME ?= $(or $(patsubst %/bin/nvcc,%,$(shell command -v $(NVCC))),/usr/local/cuda)
   LDLIBS    += -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/targets/x86_64-linux/lib -lcudart -lcublas -lstdc++
 endif
+# CUDA=1 MPI=1: the gradient sum over NCCL (cuda/dist_nccl.cu; NCCL ships with the toolkit here)
+ifeq ($(CUDA)$(MPI),11)
+  NVFLAGS   += -DSDLORA_MPI=1
+  LDLIBS    += -lnccl
+endif
 
 # Check, for the tests
 CHECK_CFLAGS := $(shell pkg-config --cflags check 2>/dev/null)
@@ -62,7 +80,7 @@ CHECK_LIBS   := $(shell pkg-config --libs check 2>/dev/null || echo -lcheck -lsu
 TESTSRC := $(wildcard tests/test_*.c)
 TESTBIN := $(TESTSRC:tests/%.c=$(BUILD)/%)
 
-.PHONY: all test asan bench clean
+.PHONY: all test asan bench clean test-mpi
 all: $(PROGS)
 
 $(BUILD):
@@ -120,6 +138,12 @@ test: $(TESTBIN) $(PROGS:%=$(BUILD)/%)
 	@fail=0; for t in $(TESTBIN); do echo "== $$t"; ./$$t || fail=1; done; \
 	if [ $$fail -ne 0 ]; then echo "some tests FAILED"; exit 1; fi
 
+# MPI: the data-parallel trainer against the single-process one (tests/test_mpi.sh)
+test-mpi:
+	$(MAKE) --no-print-directory MPI=1 BUILD=build-mpi build-mpi/train
+	$(MAKE) --no-print-directory MPI=0 BUILD=build build/train
+	bash tests/test_mpi.sh build-mpi/train build/train
+
 # the same tests, sanitised, in their own build folder
 asan:
 	$(MAKE) test BUILD=build-asan OMP=0 OPT="-O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all" \
@@ -168,7 +192,7 @@ compare: $(PROGS)
 	bash tools/compare.sh
 
 clean:
-	rm -rf build build-asan build-cuda build-fuzz $(PROGS)
+	rm -rf build build-asan build-cuda build-mpi build-cuda-mpi build-fuzz $(PROGS)
 
 # the bundled tiny model (models/tiny/), pre-trained from scratch by
 # tools/tiny_base.c: tokenizer, VAE, then text encoder + UNet. The VAE also

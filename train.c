@@ -29,6 +29,7 @@
 #include "cuda/cuda.h"
 #include "bucket.h"
 #include "dataset.h"
+#include "dist.h"
 #include "generate.h"
 #include "image.h"
 #include "profile.h"
@@ -143,8 +144,11 @@ static int cache_latents(train_data *td, sd_model *m, const dataset_t *ds, const
     if (vae_alloc_acts(&m->vae, 1, res, res, 0)) { snprintf(err, SD_ERR_LEN, "VAE: %s", m->vae.err); free(img); free(noise); return -1; }
     rng_t rng; rng_seed(&rng, a->seed ^ 0x6c6174656e7473ULL);   /* "latents" */
     double t0 = now_s();
+    int lo, hi;                    /* under MPI this rank's share; the rest only draws its noise */
+    dist_share(td->n, &lo, &hi);
     for (int i = 0; i < td->n; i++) {
         for (int v = 0; v < td->variants; v++) {
+            if (i < lo || i >= hi) { for (size_t k = 0; k < per; k++) (void)rng_normal(&rng); continue; }
             if (load_image_chw(img, ds->path[i], res, 0, v, &rng, err)) { free(img); free(noise); return -1; }
             for (size_t k = 0; k < per; k++) noise[k] = rng_normal(&rng);
             if (vae_encode_latents(&m->vae, td->latents + ((size_t)i * td->variants + v) * per, img, noise, 1, res, res)) {
@@ -152,8 +156,9 @@ static int cache_latents(train_data *td, sd_model *m, const dataset_t *ds, const
                 free(img); free(noise); return -1;
             }
         }
-        if (isatty(2)) fprintf(stderr, "\rcaching latents %d/%d", i + 1, td->n);
+        if (isatty(2) && i >= lo && i < hi) fprintf(stderr, "\rcaching latents %d/%d", i + 1, td->n);
     }
+    if (dist_allgather_rows(td->latents, per * td->variants, td->n, err)) { free(img); free(noise); return -1; }
     fprintf(stderr, "%scached %d latents (%dx%d) in %.1f s\n", isatty(2) ? "\r" : "",
             td->n * td->variants, td->lh, td->lw, now_s() - t0);
     free(img); free(noise);
@@ -274,7 +279,9 @@ static int cache_text(train_data *td, sd_model *m, const dataset_t *ds, const tr
     if (a->te) return 0;                      /* the text encoder trains: no cache */
     td->ctx = malloc(sizeof(float) * TOK_CTX * (size_t)td->d * td->n);
     if (!td->ctx) { snprintf(err, SD_ERR_LEN, "out of memory for the text cache"); return -1; }
-    for (int i = 0; i < td->n; i++)
+    int lo, hi;                    /* under MPI each rank encodes its share */
+    dist_share(td->n, &lo, &hi);
+    for (int i = lo; i < hi; i++)
         if (clip_forward(&m->clip, td->ctx + (size_t)i * TOK_CTX * td->d, td->ids + (size_t)i * TOK_CTX, 1, TOK_CTX, a->clip_skip)) {
             snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err);
             return -1;
@@ -290,7 +297,7 @@ static int cache_text(train_data *td, sd_model *m, const dataset_t *ds, const tr
             return -1;
         }
     }
-    return 0;
+    return dist_allgather_rows(td->ctx, (size_t)TOK_CTX * td->d, td->n, err);
 }
 
 /* ------------------------------------------------------------ the state
@@ -646,6 +653,7 @@ static int draw_row(sd_model *m, const train_args *a, char *const *prompts, int 
 /* rows x np cells of side x side, labelled, into path (grid.c) */
 static int save_grid(const char *path, uint8_t **cells, int rows, int np, const train_args *a,
                      char *const *prompts, const char *const *row_labels, const char *desc, char *err) {
+    if (!dist_is_root()) return 0;     /* MPI: every rank drew the cells, rank 0 writes */
     char heads[16][600];
     const char *hp[16];
     for (int i = 0; i < np && i < 16; i++) {
@@ -797,6 +805,9 @@ typedef struct {
     double t_steps;             /* seconds in optimizer steps only (no checkpoints, no grids) */
     int tty;
     char lora_path[1200], state_path[1200];
+    float *gsum;                /* G1 then G2 in one block, for dist.c's sum (NULL: G1 alone) */
+    uint64_t drop_step[2];      /* MPI: how far one micro-batch moves the UNet's, CLIP's dropout RNG */
+    int drop_probed;
 } trainer;
 
 /* --reg DIR: the regularisation images, balanced as kohya balances them
@@ -1081,6 +1092,10 @@ static int alloc_buffers(trainer *t, char *err) {
         snprintf(err, SD_ERR_LEN, "out of memory for the training buffers");
         return -1;
     }
+    if (t->n2 && !(t->gsum = malloc(sizeof(float) * (t->n1 + t->n2)))) {
+        snprintf(err, SD_ERR_LEN, "out of memory for the training buffers");
+        return -1;
+    }
     lr_schedule_from_name(a->sched, &t->sched);
     t->cur_epoch = -1;
     return 0;
@@ -1145,14 +1160,16 @@ static int open_loss_log(trainer *t, char *err) {
     snprintf(t->csv_path, sizeof t->csv_path, "%s/loss.csv", a->out);
     snprintf(t->csv_tmp, sizeof t->csv_tmp, "%s/loss.csv.tmp", a->out);
     if (done > 0 && t->st.nloss == 0) losses_from_csv(t);
-    t->csv = fopen(t->csv_tmp, "w");
-    if (!t->csv) { snprintf(err, SD_ERR_LEN, "%.600s: %s (check that --out is writable)", t->csv_tmp, strerror(errno)); return -1; }
-    fprintf(t->csv, "step,loss,smoothed,lr\n");
+    if (dist_is_root()) {           /* MPI: the other ranks keep the losses, not the file */
+        t->csv = fopen(t->csv_tmp, "w");
+        if (!t->csv) { snprintf(err, SD_ERR_LEN, "%.600s: %s (check that --out is writable)", t->csv_tmp, strerror(errno)); return -1; }
+        fprintf(t->csv, "step,loss,smoothed,lr\n");
+    }
     float smooth = 0;
     for (long i = 0; i < t->st.nloss; i++) {
         smooth = smoothed(smooth, t->st.loss[i], i);
         t->loss_hist[i] = smooth;
-        fprintf(t->csv, "%ld,%.6f,%.6f,%.6g\n", i + 1, t->st.loss[i], smooth, lr_at(t->sched, a->lr, i, a->warmup, t->total));
+        if (t->csv) fprintf(t->csv, "%ld,%.6f,%.6f,%.6g\n", i + 1, t->st.loss[i], smooth, lr_at(t->sched, a->lr, i, a->warmup, t->total));
     }
     /* steps whose loss is unknown (an old state without loss.csv) repeat the last */
     for (long k = t->st.nloss; k < done; k++) t->loss_hist[k] = t->st.nloss ? t->loss_hist[t->st.nloss - 1] : 0;
@@ -1164,8 +1181,9 @@ static int open_loss_log(trainer *t, char *err) {
  * exactly as Ctrl-C would (SDLORA_STOP_AFTER=N), or make step N's loss NaN
  * to check what a diverged run does (SDLORA_NAN_AT=N) */
 static void install_stop_hooks(trainer *t) {
-    signal(SIGINT, on_signal);
-    signal(SIGTERM, on_signal);
+    /* MPI: a signal is passed on with the next gradient sum, so every rank stops after the same step */
+    signal(SIGINT, dist_size() > 1 ? dist_on_signal : on_signal);
+    signal(SIGTERM, dist_size() > 1 ? dist_on_signal : on_signal);
     const char *stop_env = getenv("SDLORA_STOP_AFTER"), *nan_env = getenv("SDLORA_NAN_AT");
     t->stop_after = stop_env ? atol(stop_env) : 0;
     t->nan_at = nan_env ? atol(nan_env) : 0;
@@ -1199,14 +1217,15 @@ static int sample_caption(trainer *t, int i, long pos, int *ids, float *ctx, cha
 
 /* the batch: the next B samples of the epoch's shuffled order, as latents
  * (from the cache, or a fresh random crop through the VAE), token ids and
- * cached contexts */
-static int next_batch_buckets(trainer *t, char *err);
+ * cached contexts. skip (MPI: another rank's micro-batch): only its random
+ * draws, so this rank's stream stays where a single process's would be. */
+static int next_batch_buckets(trainer *t, int skip, char *err);
 
-static int next_batch(trainer *t, char *err) {
+static int next_batch(trainer *t, int skip, char *err) {
     const train_args *a = t->a;
     micro_batch *mb = &t->mb;
     const train_data *td = &t->td;
-    if (a->buckets) return next_batch_buckets(t, err);
+    if (a->buckets) return next_batch_buckets(t, skip, err);
     size_t per = (size_t)td->lc * td->lh * td->lw, nctx = (size_t)TOK_CTX * td->d;
     mb->n = a->batch; mb->h = td->lh; mb->w = td->lw;
     for (int b = 0; b < a->batch; b++) {
@@ -1219,14 +1238,14 @@ static int next_batch(trainer *t, char *err) {
         if (a->random_crop) {
             if (load_image_chw(mb->img, t->ds.path[i], a->res, 1, v, &t->st.rng, err)) return -1;
             for (size_t q = 0; q < per; q++) mb->eps[q] = rng_normal(&t->st.rng);   /* posterior noise */
-            if (vae_encode_latents(&t->m.vae, mb->x0 + b * per, mb->img, mb->eps, 1, a->res, a->res)) {
+            if (!skip && vae_encode_latents(&t->m.vae, mb->x0 + b * per, mb->img, mb->eps, 1, a->res, a->res)) {
                 snprintf(err, SD_ERR_LEN, "VAE: %s", t->m.vae.err); return -1;
             }
         } else {
             memcpy(mb->x0 + b * per, td->latents + ((size_t)i * td->variants + v) * per, sizeof(float) * per);
         }
-        if (caption_opts_active(&a->cap)) {
-            if (sample_caption(t, i, pos, mb->ids + b * TOK_CTX, mb->ctx + b * nctx, err)) return -1;
+        if (caption_opts_active(&a->cap)) {   /* draws nothing from st.rng: skipped when not ours */
+            if (!skip && sample_caption(t, i, pos, mb->ids + b * TOK_CTX, mb->ctx + b * nctx, err)) return -1;
             continue;
         }
         memcpy(mb->ids + b * TOK_CTX, td->ids + (size_t)i * TOK_CTX, sizeof(int) * TOK_CTX);
@@ -1237,7 +1256,7 @@ static int next_batch(trainer *t, char *err) {
 
 /* --buckets: the next batch of the epoch's bucket batches (sample_pos
  * counts batches here): up to B samples of one bucket, so one shape */
-static int next_batch_buckets(trainer *t, char *err) {
+static int next_batch_buckets(trainer *t, int skip, char *err) {
     const train_args *a = t->a;
     micro_batch *mb = &t->mb;
     train_data *td = &t->td;
@@ -1263,7 +1282,7 @@ static int next_batch_buckets(trainer *t, char *err) {
         if (a->random_crop) {
             if (load_bucket_chw(mb->img, t->ds.path[i], r->w, r->h, td->rw[i], td->rh[i], 1, v, &t->st.rng, err)) return -1;
             for (size_t q = 0; q < per; q++) mb->eps[q] = rng_normal(&t->st.rng);   /* posterior noise */
-            if (vae_encode_latents(&t->m.vae, mb->x0 + b * per, mb->img, mb->eps, 1, r->h, r->w)) {
+            if (!skip && vae_encode_latents(&t->m.vae, mb->x0 + b * per, mb->img, mb->eps, 1, r->h, r->w)) {
                 snprintf(err, SD_ERR_LEN, "VAE: %s", t->m.vae.err); return -1;
             }
         } else {
@@ -1271,7 +1290,7 @@ static int next_batch_buckets(trainer *t, char *err) {
         }
         if (caption_opts_active(&a->cap)) {
             /* pos counts batches here: one caption draw per sample of it */
-            if (sample_caption(t, i, pos * a->batch + b, mb->ids + b * TOK_CTX, mb->ctx + b * nctx, err)) return -1;
+            if (!skip && sample_caption(t, i, pos * a->batch + b, mb->ids + b * TOK_CTX, mb->ctx + b * nctx, err)) return -1;
             continue;
         }
         memcpy(mb->ids + b * TOK_CTX, td->ids + (size_t)i * TOK_CTX, sizeof(int) * TOK_CTX);
@@ -1280,9 +1299,25 @@ static int next_batch_buckets(trainer *t, char *err) {
     return 0;
 }
 
-/* one micro-batch forward and backward; adds its share of the step's loss.
- * Gradients accumulate into G1, G2 (scaled by 1/accum). */
-static int micro_step(trainer *t, char *err) {
+/* one micro-batch's noise and timesteps (article 4.2):
+ * x_t = sqrt(abar) x0 + sqrt(1-abar) eps */
+static void micro_noise(trainer *t) {
+    const train_args *a = t->a;
+    sd_model *m = &t->m;
+    micro_batch *mb = &t->mb;
+    int B = mb->n, C = t->td.lc, h = mb->h, w = mb->w;
+    size_t per = (size_t)C * h * w;
+    ddpm_sample_timesteps(mb->tt, B, m->sched.T, &t->st.rng);
+    ddpm_sample_noise(mb->eps, per * B, &t->st.rng);
+    ddpm_noise_offset(mb->eps, B, C, (size_t)h * w, a->noise_offset, &t->st.rng);
+    ddpm_add_noise(mb->xt, mb->x0, mb->eps, mb->tt, B, per, &m->sched);
+    ddpm_target(mb->target, mb->x0, mb->eps, mb->tt, B, per, m->prediction, &m->sched);
+    for (int b = 0; b < B; b++) mb->tf[b] = (float)mb->tt[b];
+}
+
+/* one micro-batch forward and backward; *lpart = its share of the step's
+ * loss. Gradients accumulate into G1, G2 (scaled by 1/accum). */
+static int micro_step(trainer *t, float *lpart, char *err) {
     const train_args *a = t->a;
     sd_model *m = &t->m;
     micro_batch *mb = &t->mb;
@@ -1290,13 +1325,6 @@ static int micro_step(trainer *t, char *err) {
     size_t per = (size_t)C * h * w;
     /* per-sample weights: min-SNR, and --prior-loss-weight on regularisation images */
     float *wt = a->min_snr > 0 || t->ds.n_reg ? mb->wt : NULL;
-    /* noise and timesteps (article 4.2): x_t = sqrt(abar) x0 + sqrt(1-abar) eps */
-    ddpm_sample_timesteps(mb->tt, B, m->sched.T, &t->st.rng);
-    ddpm_sample_noise(mb->eps, per * B, &t->st.rng);
-    ddpm_noise_offset(mb->eps, B, C, (size_t)h * w, a->noise_offset, &t->st.rng);
-    ddpm_add_noise(mb->xt, mb->x0, mb->eps, mb->tt, B, per, &m->sched);
-    ddpm_target(mb->target, mb->x0, mb->eps, mb->tt, B, per, m->prediction, &m->sched);
-    for (int b = 0; b < B; b++) mb->tf[b] = (float)mb->tt[b];
     if (a->te && clip_forward(&m->clip, mb->ctx, mb->ids, B, TOK_CTX, a->clip_skip)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err); return -1; }
     if (unet_forward(&m->unet, mb->pred, mb->xt, mb->tf, mb->ctx, B, h, w, TOK_CTX)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m->unet.err); return -1; }
     /* loss = mean((eps_hat - eps)^2), optionally min-SNR weighted */
@@ -1304,7 +1332,7 @@ static int micro_step(trainer *t, char *err) {
     else if (wt) for (int b = 0; b < B; b++) wt[b] = 1.0f;
     if (t->ds.n_reg) dataset_loss_weights(&t->ds, mb->items, B, a->prior_loss_weight, wt);
     float loss = mse_loss_forward(mb->pred, mb->target, wt, B, per);
-    t->step_loss += loss / a->accum;
+    *lpart = loss / a->accum;
     memset(mb->dpred, 0, sizeof(float) * per * B);
     /* dL/dpred for every sample of the micro-batch, scaled by 1/accum (the
      * step's loss is the mean over its micro-batches) */
@@ -1328,19 +1356,79 @@ static void clip_gradients(trainer *t) {
     }
 }
 
+/* MPI with LoRA dropout: a micro-batch's masks come from the dropout RNGs
+ * (splitmix64: drawing n numbers adds n * gamma to the state), so rank r
+ * starts micro-batch k where a single process would: at the step's state
+ * plus k times what one micro-batch draws. That amount is measured once,
+ * by running this rank's first micro-batch and putting everything back. */
+static int probe_dropout(trainer *t, char *err) {
+    uint64_t s0 = t->m.unet.dropout_rng.state, s1 = t->m.clip.rng.state;
+    float lpart;
+    if (micro_step(t, &lpart, err)) return -1;
+    t->drop_step[0] = t->m.unet.dropout_rng.state - s0;
+    t->drop_step[1] = t->m.clip.rng.state - s1;
+    t->m.unet.dropout_rng.state = s0;
+    t->m.clip.rng.state = s1;
+    t->drop_probed = 1;
+    return 0;
+}
+
+/* The step's gradient over its --accum micro-batches (with MPI: over all
+ * ranks' micro-batches, k % N on rank k), summed in micro-batch order by
+ * dist.c: G = ((g_0 + g_1) + g_2) + ..., each g_k from zero. Every rank
+ * walks every micro-batch's random draws, computes its own. */
+static int accumulate(trainer *t, char *err) {
+    const train_args *a = t->a;
+    int N = dist_size(), K = a->accum, stop = 0, s;
+    uint64_t d0 = t->m.unet.dropout_rng.state, d1 = t->m.clip.rng.state;
+    int dropout = N > 1 && a->dropout > 0;
+    size_t n = t->n1 + t->n2;
+    float *g = t->gsum ? t->gsum : t->G1;
+    if (dist_begin(n, err)) return -1;
+    for (int k = 0; k < K; k++) {
+        int mine = k % N == dist_rank();
+        if (next_batch(t, !mine, err)) return -1;
+        micro_noise(t);
+        if (!mine) continue;
+        if (dropout && !t->drop_probed && probe_dropout(t, err)) return -1;
+        if (dropout) {
+            t->m.unet.dropout_rng.state = d0 + (uint64_t)k * t->drop_step[0];
+            t->m.clip.rng.state = d1 + (uint64_t)k * t->drop_step[1];
+        }
+        memset(t->G1, 0, sizeof(float) * t->n1);
+        if (t->n2) memset(t->G2, 0, sizeof(float) * t->n2);
+        if (t->m.unet.dparams) unet_zero_lora_grads(&t->m.unet);   /* --device cuda: its copy too */
+        float lpart;
+        if (micro_step(t, &lpart, err)) return -1;
+        if (unet_lora_grads_download(&t->m.unet)) { snprintf(err, SD_ERR_LEN, "UNet: %s", t->m.unet.err); return -1; }
+        if (t->gsum) {
+            memcpy(t->gsum, t->G1, sizeof(float) * t->n1);
+            memcpy(t->gsum + t->n1, t->G2, sizeof(float) * t->n2);
+        }
+        if (dist_round(g, lpart, &t->step_loss, &s, err)) return -1;
+        stop |= s;
+    }
+    if (dropout) {
+        t->m.unet.dropout_rng.state = d0 + (uint64_t)K * t->drop_step[0];
+        t->m.clip.rng.state = d1 + (uint64_t)K * t->drop_step[1];
+    }
+    if (dist_end(g, err)) return -1;
+    if (t->gsum) {
+        memcpy(t->G1, t->gsum, sizeof(float) * t->n1);
+        memcpy(t->G2, t->gsum + t->n1, sizeof(float) * t->n2);
+    }
+    if (stop) g_stop = 1;          /* a rank got Ctrl-C: all stop after this step */
+    return 0;
+}
+
 /* one optimizer step: --accum micro-batches of gradient, a check that the
  * loss is finite, clipping, AdamW */
 static int optimizer_step(trainer *t, char *err) {
     const train_args *a = t->a;
     t->lr = lr_at(t->sched, a->lr, t->st.step, a->warmup, t->total);
     t->lr_te = lr_at(t->sched, a->te_lr, t->st.step, a->warmup, t->total);
-    memset(t->G1, 0, sizeof(float) * t->n1);
-    if (t->n2) memset(t->G2, 0, sizeof(float) * t->n2);
-    if (t->m.unet.dparams) unet_zero_lora_grads(&t->m.unet);   /* --device cuda: its copy too */
     t->step_loss = 0;
-    for (int k = 0; k < a->accum; k++)
-        if (next_batch(t, err) || micro_step(t, err)) return -1;
-    if (unet_lora_grads_download(&t->m.unet)) { snprintf(err, SD_ERR_LEN, "UNet: %s", t->m.unet.err); return -1; }
+    if (accumulate(t, err)) return -1;
     if (t->nan_at > 0 && t->st.step + 1 == t->nan_at) t->step_loss = NAN;
     if (!isfinite(t->step_loss)) {
         if (t->tty) fputc('\n', stderr);
@@ -1365,6 +1453,7 @@ static int log_step(trainer *t, char *err) {
     t->st.nloss = step;
     t->smooth = smoothed(t->smooth, t->step_loss, step - 1);
     t->loss_hist[step - 1] = t->smooth;
+    if (!dist_is_root()) return 0;     /* MPI: rank 0 logs */
     fprintf(t->csv, "%ld,%.6f,%.6f,%.6g\n", step, t->step_loss, t->smooth, t->lr);
     if (fflush(t->csv) != 0) {
         snprintf(err, SD_ERR_LEN, "%.600s: %s (check that --out has space)", t->csv_tmp, strerror(errno));
@@ -1478,7 +1567,7 @@ static void trainer_free(trainer *t) {
     free(b->ctx); free(b->dctx); free(b->tf); free(b->wt); free(b->tt); free(b->ids); free(b->img); free(b->items);
     free(t->td.resos); free(t->td.bucket_of); free(t->td.rw); free(t->td.rh); free(t->td.lat_off);
     free(t->td.bstart); free(t->td.blen);
-    free(t->order);
+    free(t->order); free(t->gsum);
     if (t->csv) fclose(t->csv);
     if (t->csv && !t->csv_in_place) remove(t->csv_tmp);   /* nothing of this run to show */
     free(t->loss_hist);
@@ -1510,7 +1599,7 @@ static int train(train_args *a, char *err) {
         t.t_steps += now_s() - t0;
         prof_enable(0);                  /* checkpoints and grids are not steps */
         if (log_step(&t, err)) goto out;
-        if (checkpoint_due(&t) && save_checkpoint(&t, err)) goto out;
+        if (checkpoint_due(&t) && dist_is_root() && save_checkpoint(&t, err)) goto out;
         if (sample_due(&t) && sample_grid_step(&t, err)) goto out;
         prof_enable(profiling);
     }
@@ -1685,7 +1774,9 @@ static int parse_args(train_args *a, int argc, char **argv) {
     int rc = cli_parse_at(ac, av, opts, NOPTS, pos, 1, &npos,
                           "usage: ./train DIR [options]\n"
                           "Trains a LoRA for a Stable Diffusion 1.x or 2.x model on the captioned images in DIR\n"
-                          "(PNG/JPEG with same-name .txt captions, or a captions.csv; N_name folders repeat N times).",
+                          "(PNG/JPEG with same-name .txt captions, or a captions.csv; N_name folders repeat N times).\n"
+                          "Data parallel: make MPI=1, then mpirun -np N ./train DIR: each rank --batch b x --accum a,\n"
+                          "the same LoRA bytes as one process with --accum N*a (SDLORA_DIST_TIMEOUT: seconds, default 60).",
                           set_at);
     if (rc == 0 && npos != 1) {
         fprintf(stderr, "error: no data folder given (run ./train DIR, e.g. ./train data/; see ./train --help)\n");
@@ -1710,16 +1801,27 @@ int main(int argc, char **argv) {
         .beta1 = 0.9f, .beta2 = 0.999f, .adam_eps = 1e-8f, .wd = 1e-2f, .clip = 1.0f,
         .min_snr = 0.0f, .noise_offset = 0.0f, .seed = 42,
     };
+    if (dist_init(&argc, &argv)) return 1;
     int rc = parse_args(&a, argc, argv);
-    if (rc >= 0) return rc;
+    if (rc >= 0) { dist_finish(0, rc); return rc; }
     if (a.conv_alpha <= 0) a.conv_alpha = (float)a.conv_rank;
     char err[SD_ERR_LEN] = "";
     /* --device cuda without CUDA=1, a driver or a GPU: one line saying which */
-    if (strcmp(a.device, "cuda") == 0 && cuda_device_check(err) != 0) { fprintf(stderr, "%s\n", err); return 1; }
+    if (strcmp(a.device, "cuda") == 0 && cuda_device_check(err) != 0) { fprintf(stderr, "%s\n", err); dist_finish(1, 1); return 1; }
+    /* mpirun -np N: --accum counts each rank's micro-batches, the run has
+     * N times as many per step (what a single process with that --accum does) */
+    a.accum *= dist_size();
+    if (dist_size() > 1)
+        fprintf(stderr, "data parallel: %d ranks x --batch %d x %d micro-batches per step: the run of one process with --batch %d --accum %d\n",
+                dist_size(), a.batch, a.accum / dist_size(), a.batch, a.accum);
 #ifdef _OPENMP
     if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif
     rc = train(&a, err);
-    if (rc && rc != 130) fprintf(stderr, "error: %s\n", err);
+    if (rc && rc != 130) {
+        if (dist_size() > 1) fprintf(dist_stderr(), "error: rank %d of %d: %s\n", dist_rank(), dist_size(), err);
+        else fprintf(stderr, "error: %s\n", err);
+    }
+    dist_finish(rc && rc != 130, rc);
     return rc;
 }
