@@ -74,6 +74,61 @@ static int thread_id(void) {
 #endif
 }
 
+/* The softmax's row loops, vectorised. A float reduction (max, sum) is a
+ * chain the compiler may not reorder, so each keeps LANES independent
+ * partial results, one per position j mod LANES, combined in a fixed order
+ * at the end: the loops over l then vectorise at any width (16 lanes are one
+ * AVX-512 register or two AVX2 ones), and the result depends on n alone,
+ * never on the thread count. */
+#define LANES 16
+
+/* combine LANES partials pairwise: (0+8, 1+9, ..), then (0+4, ..), .. */
+static float lanes_sum(float *s) {
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) s[l] += s[l + w];
+    return s[0];
+}
+
+static float row_max(const float *x, int n) {
+    float m[LANES];
+    for (int l = 0; l < LANES; l++) m[l] = -INFINITY;
+    int j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
+    for (int l = 0; j + l < n; l++) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
+    float r = m[0];
+    for (int l = 1; l < LANES; l++) r = m[l] > r ? m[l] : r;
+    return r;
+}
+
+/* x[j] = exp(x[j] - m) for j < n; returns their sum */
+static float row_exp_sum(float *x, int n, float m) {
+    float s[LANES] = {0};
+    int j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) {
+            float e = nn_expf(x[j + l] - m);
+            x[j + l] = e;
+            s[l] += e;
+        }
+    for (int l = 0; j + l < n; l++) {
+        float e = nn_expf(x[j + l] - m);
+        x[j + l] = e;
+        s[l] += e;
+    }
+    return lanes_sum(s);
+}
+
+/* sum_j a[j] b[j] */
+static float row_dot(const float *a, const float *b, int n) {
+    float s[LANES] = {0};
+    int j = 0;
+    for (; j + LANES <= n; j += LANES)
+        for (int l = 0; l < LANES; l++) s[l] += a[j + l] * b[j + l];
+    for (int l = 0; j + l < n; l++) s[l] += a[j + l] * b[j + l];
+    return lanes_sum(s);
+}
+
 /* P (rows x Tk, row stride Tk) = softmax(Q K^T * scale) for query rows
  * i0 .. i0+rows-1 of one head. qh, kh point at the head's first column of
  * row 0; their row stride is C. */
@@ -89,15 +144,8 @@ static void attention_probs(float *P, const float *qh, const float *kh, int i0, 
         int i = i0 + r;
         float *row = P + (size_t)r * Tk;
         int n = causal ? (i + 1 < Tk ? i + 1 : Tk) : Tk;   // keys this query sees
-        float maxval = -INFINITY;
-        for (int j = 0; j < n; j++) {
-            if (row[j] > maxval) maxval = row[j];
-        }
-        float sum = 0.0f;
-        for (int j = 0; j < n; j++) {
-            row[j] = expf(row[j] - maxval);
-            sum += row[j];
-        }
+        float maxval = row_max(row, n);
+        float sum = row_exp_sum(row, n, maxval);
         float inv = 1.0f / sum;   // sum >= 1: the max entry contributes exp(0)
         for (int j = 0; j < n; j++) row[j] *= inv;
         for (int j = n; j < Tk; j++) row[j] = 0.0f;
@@ -197,8 +245,7 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout,
             for (int i = 0; i < nr; i++) {
                 const float *prow = P + (size_t)i * Tk;
                 float *drow = dS + (size_t)i * Tk;
-                float dot = 0.0f;
-                for (int j = 0; j < Tk; j++) dot += drow[j] * prow[j];
+                float dot = row_dot(drow, prow, Tk);
                 for (int j = 0; j < Tk; j++) drow[j] = prow[j] * (drow[j] - dot);
             }
 

@@ -119,6 +119,19 @@ static int conv_is_pointwise(int kh, int kw, int stride, int pad) {
     return kh == 1 && kw == 1 && stride == 1 && pad == 0;
 }
 
+/* the output columns [lo, hi) whose kernel tap j reads inside the image:
+ * 0 <= ox*stride - pad + j < W. Outside it the tap sees padding, so both
+ * loops below run branch-free over [lo, hi) (a contiguous copy or add when
+ * stride is 1) instead of testing every pixel. */
+static void valid_range(int j, int W, int Wo, int stride, int pad, int *lo, int *hi) {
+    int a = pad - j, b = W + pad - j;               /* need a <= ox*stride < b */
+    int l = a <= 0 ? 0 : (a + stride - 1) / stride;
+    int h = b <= 0 ? 0 : (b + stride - 1) / stride;
+    *lo = l < Wo ? l : Wo;
+    *hi = h < Wo ? h : Wo;
+    if (*hi < *lo) *hi = *lo;
+}
+
 /* output rows [oy0, oy1) only: cols is then (C*kh*kw, (oy1-oy0)*Wo) */
 static void im2col(float *cols, const float *img, int C, int H, int W,
                    int kh, int kw, int stride, int pad, int oy0, int oy1, int Wo) {
@@ -128,14 +141,23 @@ static void im2col(float *cols, const float *img, int C, int H, int W,
         int c = r / (kh * kw), i = (r / kw) % kh, j = r % kw;
         const float *src = img + (size_t)c * H * W;
         float *dst = cols + (size_t)r * nrow * Wo;
+        int lo, hi;
+        valid_range(j, W, Wo, stride, pad, &lo, &hi);
         for (int oy = oy0; oy < oy1; oy++) {
             int y = oy * stride - pad + i;
             float *d = dst + (size_t)(oy - oy0) * Wo;
             if (y < 0 || y >= H) { memset(d, 0, (size_t)Wo * sizeof(float)); continue; }
-            for (int ox = 0; ox < Wo; ox++) {
-                int x = ox * stride - pad + j;
-                d[ox] = (x >= 0 && x < W) ? src[(size_t)y * W + x] : 0.0f;
+            /* s[t * stride] is pixel x = (lo + t)*stride - pad + j of row y */
+            const float *s = src + (size_t)y * W + (lo * stride - pad + j);
+            int ox = 0;
+            for (; ox < lo; ox++) d[ox] = 0.0f;
+            if (stride == 1) {
+                memcpy(d + lo, s, (size_t)(hi - lo) * sizeof(float));
+                ox = hi;
+            } else {
+                for (; ox < hi; ox++) d[ox] = s[(size_t)(ox - lo) * stride];
             }
+            for (; ox < Wo; ox++) d[ox] = 0.0f;
         }
     }
 }
@@ -152,12 +174,18 @@ static void col2im_add(float *img, const float *dcols, int C, int H, int W,
         for (int i = 0; i < kh; i++)
             for (int j = 0; j < kw; j++) {
                 const float *src = dcols + ((size_t)(c * kh + i) * kw + j) * nrow * Wo;
+                int lo, hi;
+                valid_range(j, W, Wo, stride, pad, &lo, &hi);
                 for (int oy = oy0; oy < oy1; oy++) {
                     int y = oy * stride - pad + i;
                     if (y < 0 || y >= H) continue;
-                    for (int ox = 0; ox < Wo; ox++) {
-                        int x = ox * stride - pad + j;
-                        if (x >= 0 && x < W) dst[(size_t)y * W + x] += src[(size_t)(oy - oy0) * Wo + ox];
+                    /* d[t * stride] is pixel x = (lo + t)*stride - pad + j of row y */
+                    float *d = dst + (size_t)y * W + (lo * stride - pad + j);
+                    const float *sr = src + (size_t)(oy - oy0) * Wo + lo;
+                    if (stride == 1) {
+                        for (int t = 0; t < hi - lo; t++) d[t] += sr[t];
+                    } else {
+                        for (int t = 0; t < hi - lo; t++) d[(size_t)t * stride] += sr[t];
                     }
                 }
             }
@@ -434,13 +462,14 @@ void layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
  * pointwise activations */
 
 // silu(x) = x * s,  s = sigmoid(x) = 1 / (1 + exp(-x))
+// (nn_expf, not expf: the loops then vectorise)
 // silu'(x) = s + x s (1 - s) = s (1 + x (1 - s))
 void silu_forward(float *out, const float *inp, size_t n) {
     double t0 = prof_begin();
     #pragma omp parallel for if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
-        out[i] = x / (1.0f + expf(-x));
+        out[i] = x / (1.0f + nn_expf(-x));
     }
     prof_end(PROF_ELEM, 0, t0, 0);
 }
@@ -450,7 +479,7 @@ void silu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
     double t0 = prof_begin();
     #pragma omp parallel for if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) {
-        float x = inp[i], s = 1.0f / (1.0f + expf(-x));
+        float x = inp[i], s = 1.0f / (1.0f + nn_expf(-x));
         dinp[i] += dout[i] * s * (1.0f + x * (1.0f - s));
     }
     prof_end(PROF_ELEM, 1, t0, 0);
@@ -488,7 +517,7 @@ void quickgelu_forward(float *out, const float *inp, size_t n) {
     #pragma omp parallel for if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
-        out[i] = x / (1.0f + expf(-1.702f * x));
+        out[i] = x / (1.0f + nn_expf(-1.702f * x));
     }
     prof_end(PROF_ELEM, 0, t0, 0);
 }
@@ -498,7 +527,7 @@ void quickgelu_backward(float *dinp, const float *dout, const float *inp, size_t
     double t0 = prof_begin();
     #pragma omp parallel for if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) {
-        float x = inp[i], s = 1.0f / (1.0f + expf(-1.702f * x));
+        float x = inp[i], s = 1.0f / (1.0f + nn_expf(-1.702f * x));
         dinp[i] += dout[i] * (s + 1.702f * x * s * (1.0f - s));
     }
     prof_end(PROF_ELEM, 1, t0, 0);

@@ -16,6 +16,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 /* ---- matmul.c -------------------------------------------------------------
  * Row-major GEMM, BLAS semantics:
@@ -38,6 +39,40 @@ gemm_packed_b *gemm_pack_b(int transB, int K, int N, const float *B, int ldb);
 void gemm_packed(int transA, int M, float alpha, const float *A, int lda,
                  const gemm_packed_b *B, float beta, float *C, int ldc);
 void gemm_packed_b_free(gemm_packed_b *pb);
+
+/* ---- exp for vectorised loops ----------------------------------------------
+ * libm's expf is a function call, so a loop that calls it stays scalar; this
+ * one is inline and branch-free, and gcc/clang vectorise a loop over it at
+ * whatever width the target has (AVX-512, AVX2, NEON).
+ *   exp(x) = 2^n exp(r),  n = round(x / ln 2),  r = x - n ln 2,  |r| <= ln2 / 2
+ * n ln 2 is subtracted in two parts (ln2_hi has 9 significant bits, so n *
+ * ln2_hi is exact for |n| < 2^15) and exp(r) is Cephes' degree-7 polynomial
+ * (Moshier, "Methods and programs for mathematical functions"): within 2 ulp
+ * of the exact value over the clamped range (tests/test_nn.c measures it
+ * against expf). x is clamped to [-87.33, 88]: below, the result is
+ * FLT_MIN, not 0 or a denormal; above, 1.65e38, not inf. Callers
+ * (softmax, sigmoid) need neither end exactly. 2^n is built in the
+ * exponent bits. */
+static inline float nn_expf(float x) {
+    x = x < -87.3365f ? -87.3365f : x;
+    x = x > 88.0f ? 88.0f : x;
+    /* adding 1.5 * 2^23 rounds to an integer (round to nearest) */
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float z = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float s;
+    memcpy(&s, &e, sizeof s);
+    return p * s;
+}
 
 /* ---- scratch ---------------------------------------------------------------
  * One grow-only work buffer (im2col columns, attention scores) reused by
