@@ -490,9 +490,10 @@ void silu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
 #define INV_SQRT2 0.70710678118654752440f
 #define INV_SQRT_2PI 0.39894228040143267794f
 
-static inline float gelu_f(float x) { return 0.5f * x * (1.0f + erff(x * INV_SQRT2)); }
+// (nn_erff and nn_expf, inline, so that the loops below vectorise)
+static inline float gelu_f(float x) { return 0.5f * x * (1.0f + nn_erff(x * INV_SQRT2)); }
 static inline float gelu_grad(float x) {
-    return 0.5f * (1.0f + erff(x * INV_SQRT2)) + x * expf(-0.5f * x * x) * INV_SQRT_2PI;
+    return 0.5f * (1.0f + nn_erff(x * INV_SQRT2)) + x * nn_expf(-0.5f * x * x) * INV_SQRT_2PI;
 }
 
 void gelu_forward(float *out, const float *inp, size_t n) {

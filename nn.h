@@ -74,6 +74,47 @@ static inline float nn_expf(float x) {
     return p * s;
 }
 
+/* erf(x), inline and branch-free like nn_expf (for GELU's loops): both
+ * pieces are computed and one is kept,
+ *   |x| < 1:  erf(x) = x P(x^2)
+ *   |x| >= 1: erf(x) = 1 - exp(-x^2) Q(|x| - 2.5),  |x| clamped to 4 (erf is
+ *             1.0f from 3.92 on)
+ * P (degree 6) and Q (degree 12) are least-squares fits on Chebyshev nodes
+ * of erf(x)/x and erfc(x) exp(x^2), made for this file (tools/ has no
+ * script: numpy.polyfit against mpmath, 3000-4000 nodes); fit error below
+ * 1e-8 relative, so float rounding dominates: measured within 7.6e-8 of
+ * erf() in double over [-6, 6] (libm's erff: 5.4e-8); tests/test_nn.c
+ * holds it to 1e-7. */
+static inline float nn_erff(float x) {
+    float a = x < 0.0f ? -x : x;
+    float u = a < 1.0f ? a : 1.0f, z = u * u;
+    float p = 7.932738532e-05f;
+    p = p * z - 8.034609958e-04f;
+    p = p * z + 5.191189981e-03f;
+    p = p * z - 2.685538321e-02f;
+    p = p * z + 1.128362528e-01f;
+    p = p * z - 3.761262983e-01f;
+    p = p * z + 1.28379167e-01f;    /* P - 1: x + x (P - 1) rounds better than x P */
+    float small = u + u * p;
+    float v = a < 1.0f ? 1.0f : a > 4.0f ? 4.0f : a, t = v - 2.5f;
+    float q = 1.065103051e-07f;
+    q = q * t - 4.269412360e-07f;
+    q = q * t + 9.528582362e-07f;
+    q = q * t - 3.744391040e-06f;
+    q = q * t + 1.617348587e-05f;
+    q = q * t - 5.952961253e-05f;
+    q = q * t + 2.108489560e-04f;
+    q = q * t - 7.331466456e-04f;
+    q = q * t + 2.467101972e-03f;
+    q = q * t - 8.001696409e-03f;
+    q = q * t + 2.493798781e-02f;
+    q = q * t - 7.434733646e-02f;
+    q = q * t + 2.108063643e-01f;
+    float big = 1.0f - nn_expf(-v * v) * q;
+    float r = a < 1.0f ? small : big;
+    return x < 0.0f ? -r : r;
+}
+
 /* ---- scratch ---------------------------------------------------------------
  * One grow-only work buffer (im2col columns, attention scores) reused by
  * every layer, so the hot path does not malloc. Not re-entrant: a layer asks
