@@ -299,20 +299,60 @@ void conv2d_backward(float *dinp, float *dw, float *db, const float *dout,
  * The statistics are summed in double: a group of SD1.5 holds up to 40960
  * values (10 channels of 64x64), enough for float sums to drift. */
 
-/* mean and 1/sqrt(var + eps) of n floats, two passes in double */
-static void moments(const float *x, size_t n, float eps, float *mean, float *rstd) {
-    double s = 0;
-    for (size_t i = 0; i < n; i++) s += x[i];
-    double m = s / (double)n, v = 0;
-    for (size_t i = 0; i < n; i++) { double d = x[i] - m; v += d * d; }
-    v /= (double)n;
-    *mean = (float)m;
-    *rstd = (float)(1.0 / sqrt(v + (double)eps));
+/* Sums in double, vectorised: a double add chain may not be reordered, so
+ * each sum keeps NL partial sums, one per index mod NL, added pairwise at the
+ * end (8 doubles: one AVX-512 register, two AVX2 ones). The order depends on
+ * n alone, never on the thread count. */
+#define NL 8
+
+static double lanes_total(double *s) {
+    for (int w = NL / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) s[l] += s[l + w];
+    return s[0];
 }
 
-void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
-                       const float *w, const float *b, int B, int C, int HW, int G, float eps) {
-    double t0 = prof_begin();
+/* mean and 1/sqrt(var + eps) of n floats, two passes in double */
+static void moments(const float *x, size_t n, float eps, float *mean, float *rstd) {
+    double s[NL] = {0}, v[NL] = {0};
+    size_t i = 0;
+    for (; i + NL <= n; i += NL)
+        for (int l = 0; l < NL; l++) s[l] += x[i + l];
+    for (int l = 0; i + l < n; l++) s[l] += x[i + l];
+    double m = lanes_total(s) / (double)n;
+    for (i = 0; i + NL <= n; i += NL)
+        for (int l = 0; l < NL; l++) { double d = x[i + l] - m; v[l] += d * d; }
+    for (int l = 0; i + l < n; l++) { double d = x[i + l] - m; v[l] += d * d; }
+    double var = lanes_total(v) / (double)n;
+    *mean = (float)m;
+    *rstd = (float)(1.0 / sqrt(var + (double)eps));
+}
+
+/* *sdy += sum dy,  *sdyx += sum dy * (x - m) * rs  over n values, in double */
+static void dy_sums(const float *x, const float *dy, size_t n, float m, float rs,
+                    double *sdy, double *sdyx) {
+    double a[NL] = {0}, c[NL] = {0};
+    size_t i = 0;
+    for (; i + NL <= n; i += NL)
+        for (int l = 0; l < NL; l++) {
+            float xh = (x[i + l] - m) * rs;
+            a[l] += dy[i + l];
+            c[l] += (double)dy[i + l] * xh;
+        }
+    for (int l = 0; i + l < n; l++) {
+        float xh = (x[i + l] - m) * rs;
+        a[l] += dy[i + l];
+        c[l] += (double)dy[i + l] * xh;
+    }
+    *sdy = lanes_total(a);
+    *sdyx = lanes_total(c);
+}
+
+/* group norm into out and, when act is not NULL, silu(out) into act in the
+ * same pass (ResNet blocks apply the two back to back and keep both: the
+ * norm's output is what silu_backward reads). The same float operations as
+ * groupnorm_forward then silu_forward, so the same bits. */
+static void groupnorm_act(float *out, float *act, float *mean, float *rstd, const float *inp,
+                          const float *w, const float *b, int B, int C, int HW, int G, float eps) {
     int Cg = C / G;
     size_t n = (size_t)Cg * HW;
     #pragma omp parallel for if ((size_t)B * C * HW >= PAR_MIN)
@@ -327,9 +367,31 @@ void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
             float wc = w ? w[c0 + cc] : 1.0f, bc = b ? b[c0 + cc] : 0.0f;
             const float *xc = x + (size_t)cc * HW;
             float *yc = y + (size_t)cc * HW;
-            for (int i = 0; i < HW; i++) yc[i] = (xc[i] - m) * rs * wc + bc;
+            if (act) {
+                float *ac = act + (size_t)bg * n + (size_t)cc * HW;
+                for (int i = 0; i < HW; i++) {
+                    float v = (xc[i] - m) * rs * wc + bc;
+                    yc[i] = v;
+                    ac[i] = v / (1.0f + nn_expf(-v));
+                }
+            } else {
+                for (int i = 0; i < HW; i++) yc[i] = (xc[i] - m) * rs * wc + bc;
+            }
         }
     }
+}
+
+void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                       const float *w, const float *b, int B, int C, int HW, int G, float eps) {
+    double t0 = prof_begin();
+    groupnorm_act(out, NULL, mean, rstd, inp, w, b, B, C, HW, G, eps);
+    prof_end(PROF_NORM, 0, t0, 0);
+}
+
+void groupnorm_silu_forward(float *out, float *act, float *mean, float *rstd, const float *inp,
+                            const float *w, const float *b, int B, int C, int HW, int G, float eps) {
+    double t0 = prof_begin();
+    groupnorm_act(out, act, mean, rstd, inp, w, b, B, C, HW, G, eps);
     prof_end(PROF_NORM, 0, t0, 0);
 }
 
@@ -354,12 +416,8 @@ void groupnorm_backward(float *dinp, float *dw, float *db, const float *dout,
             for (int cc = 0; cc < Cg; cc++) {
                 float wc = w ? w[c0 + cc] : 1.0f;
                 const float *xc = x + (size_t)cc * HW, *dyc = dy + (size_t)cc * HW;
-                double sdy = 0, sdy_xh = 0;
-                for (int i = 0; i < HW; i++) {
-                    float xh = (xc[i] - m) * rs;
-                    sdy += dyc[i];
-                    sdy_xh += (double)dyc[i] * xh;
-                }
+                double sdy, sdy_xh;
+                dy_sums(xc, dyc, (size_t)HW, m, rs, &sdy, &sdy_xh);
                 sum_dxh += wc * sdy;
                 sum_dxh_xh += wc * sdy_xh;
                 if (dw) dw[c0 + cc] += (float)sdy_xh;
@@ -416,13 +474,22 @@ void layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
             const float *x = inp + (size_t)r * C, *dy = dout + (size_t)r * C;
             float *dx = dinp + (size_t)r * C;
             float m = mean[r], rs = rstd[r];
-            double s1 = 0, s2 = 0;
-            for (int c = 0; c < C; c++) {
-                float xh = (x[c] - m) * rs;
-                float dxh = dy[c] * (w ? w[c] : 1.0f);
-                s1 += dxh;
-                s2 += (double)dxh * xh;
+            double a1[NL] = {0}, a2[NL] = {0};
+            int c0 = 0;
+            for (; c0 + NL <= C; c0 += NL)
+                for (int l = 0; l < NL; l++) {
+                    float xh = (x[c0 + l] - m) * rs;
+                    float dxh = dy[c0 + l] * (w ? w[c0 + l] : 1.0f);
+                    a1[l] += dxh;
+                    a2[l] += (double)dxh * xh;
+                }
+            for (int l = 0; c0 + l < C; l++) {
+                float xh = (x[c0 + l] - m) * rs;
+                float dxh = dy[c0 + l] * (w ? w[c0 + l] : 1.0f);
+                a1[l] += dxh;
+                a2[l] += (double)dxh * xh;
             }
+            double s1 = lanes_total(a1), s2 = lanes_total(a2);
             float m1 = (float)(s1 / C), m2 = (float)(s2 / C);
             for (int c = 0; c < C; c++) {
                 float xh = (x[c] - m) * rs;

@@ -147,6 +147,14 @@ void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
 void groupnorm_backward(float *dinp, float *dw, float *db, const float *dout,
                         const float *inp, const float *w, const float *mean, const float *rstd,
                         int B, int C, int HW, int G);
+/* group norm then SiLU in one pass: out as groupnorm_forward (the tensor
+ * groupnorm_backward's caller keeps for silu_backward), act = silu(out);
+ * bit-identical to groupnorm_forward + silu_forward(act, out, B*C*HW), one
+ * read of inp and of out fewer. Backward: silu_backward, then groupnorm_backward.
+ * (Not yet called: unet.c's resnet_forward norm1/norm2 and norm_out, and
+ * vae.c's resnet, are the places it replaces the pair.) */
+void groupnorm_silu_forward(float *out, float *act, float *mean, float *rstd, const float *inp,
+                            const float *w, const float *b, int B, int C, int HW, int G, float eps);
 
 /* ---- layer norm over the last dim: inp (N, C); w, b (C); mean, rstd (N) */
 void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
