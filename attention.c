@@ -89,15 +89,16 @@ static float lanes_sum(float *s) {
     return s[0];
 }
 
+/* The max is exact in any order, so no lanes are needed, only leave to
+ * reorder: gcc turns `a > b ? a : b` into a vector max only under
+ * -ffinite-math-only, or in an `omp simd reduction(max)` loop (without
+ * OpenMP the pragma is ignored and the loop stays scalar, same result). */
 static float row_max(const float *x, int n) {
-    float m[LANES];
-    for (int l = 0; l < LANES; l++) m[l] = -INFINITY;
-    int j = 0;
-    for (; j + LANES <= n; j += LANES)
-        for (int l = 0; l < LANES; l++) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
-    for (int l = 0; j + l < n; l++) m[l] = x[j + l] > m[l] ? x[j + l] : m[l];
-    float r = m[0];
-    for (int l = 1; l < LANES; l++) r = m[l] > r ? m[l] : r;
+    float r = -INFINITY;
+#ifdef _OPENMP
+    #pragma omp simd reduction(max:r)
+#endif
+    for (int j = 0; j < n; j++) r = x[j] > r ? x[j] : r;
     return r;
 }
 
