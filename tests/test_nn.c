@@ -298,6 +298,7 @@ START_TEST(test_conv2d) {
     conv_case(2, 2, 5, 4, 3, 3, 1, 1, 0, 24, "conv 3x1 s1 p0");
     conv_case(2, 3, 5, 5, 2, 1, 1, 2, 0, 25, "conv 1x1 s2 (im2col)");
     conv_case(1, 2, 4, 4, 3, 3, 3, 1, 2, 26, "conv 3x3 p2 (wide pad)");
+    conv_case(2, 3, 5, 6, 2, 3, 3, 1, 0, 28, "conv 3x3 s1 p0");
     conv_case(2, 2, 3, 1, 2, 3, 3, 2, 1, 27, "conv 3x3 s2 p1, 1 column wide (a tap with no column)");
 }
 END_TEST
