@@ -133,10 +133,12 @@ static float row_dot(const float *a, const float *b, int n) {
 /* P (rows x Tk, row stride Tk) = softmax(Q K^T * scale) for query rows
  * i0 .. i0+rows-1 of one head. qh, kh point at the head's first column of
  * row 0; their row stride is C. */
-static void attention_probs(float *P, const float *qh, const float *kh, int i0, int rows,
-                            int Tk, int Dh, int C, float scale, int causal) {
-    // S = scale * Q_t K^T   (Q_t: rows x Dh, K: Tk x Dh, both with row stride C)
-    gemm(0, 1, rows, Tk, Dh, scale, qh + (size_t)i0 * C, C, kh, C, 0.0f, P, Tk);
+static void attention_probs(float *P, const float *qh, const float *kh, const gemm_packed_b *kp,
+                            int i0, int rows, int Tk, int Dh, int C, float scale, int causal) {
+    // S = scale * Q_t K^T   (Q_t: rows x Dh, K: Tk x Dh, both with row stride C);
+    // kp, when not NULL, is K^T already packed (the same bits)
+    if (kp) gemm_packed(0, rows, scale, qh + (size_t)i0 * C, C, kp, 0.0f, P, Tk);
+    else gemm(0, 1, rows, Tk, Dh, scale, qh + (size_t)i0 * C, C, kh, C, 0.0f, P, Tk);
 
     // P[i][j] = exp(S[i][j] - m_i) / sum_j' exp(S[i][j'] - m_i),  m_i = max_j S[i][j]
     // over the unmasked j (j <= i when causal); masked entries are exactly 0.
@@ -153,6 +155,13 @@ static void attention_probs(float *P, const float *qh, const float *kh, int i0, 
     }
 }
 
+/* frees n packs (NULLs allowed) and the array */
+static void free_packs(gemm_packed_b **pk, int n) {
+    if (!pk) return;
+    for (int i = 0; i < n; i++) gemm_packed_b_free(pk[i]);
+    free(pk);
+}
+
 void attention_forward(float *out, float *att, const float *q, const float *k, const float *v,
                        int B, int Tq, int Tk, int H, int Dh, int causal) {
     double t0 = prof_begin();
@@ -164,6 +173,31 @@ void attention_forward(float *out, float *att, const float *q, const float *k, c
     if (nth > nwork) nth = (int)nwork;
     // without att, each thread keeps one tile of P in the scratch buffer
     float *Pbuf = att ? NULL : attention_scratch((size_t)nth * rows * Tk);
+
+    // Every tile of a head multiplies by the same K^T and V, and gemm would
+    // pack them again for each tile (SD1.5's 4096 queries: 128 times, half
+    // as much work as the products themselves). With more than one tile per
+    // head, all heads' K^T and V are packed once, here, into gemm's panel
+    // layout (the size of k and v); NULL when there is one tile or no memory.
+    int nheads = B * H;
+    gemm_packed_b **pk = NULL;
+    if (ntiles > 1) {
+        pk = calloc((size_t)2 * nheads, sizeof *pk);
+        int npk = max_threads() < nheads ? max_threads() : nheads, ok = pk != NULL;
+        if (pk) {
+#ifdef _OPENMP
+            #pragma omp parallel for schedule(dynamic) num_threads(npk) if (npk > 1)
+#endif
+            for (int bh = 0; bh < nheads; bh++) {
+                size_t off = (size_t)(bh / H) * Tk * C + (size_t)(bh % H) * Dh;
+                pk[bh] = gemm_pack_b(1, Dh, Tk, k + off, C);            // K^T: Dh x Tk
+                pk[nheads + bh] = gemm_pack_b(0, Tk, Dh, v + off, C);   // V:   Tk x Dh
+            }
+            for (int i = 0; i < 2 * nheads; i++) ok &= pk[i] != NULL;
+        }
+        (void)npk;
+        if (!ok) { free_packs(pk, 2 * nheads); pk = NULL; }
+    }
 
 #ifdef _OPENMP
     #pragma omp parallel for schedule(dynamic) num_threads(nth) if (nth > 1)
@@ -178,12 +212,16 @@ void attention_forward(float *out, float *att, const float *q, const float *k, c
         float *P = att ? att + ((size_t)b * H + h) * Tq * Tk + (size_t)i0 * Tk
                        : Pbuf + (size_t)thread_id() * rows * Tk;
 
+        const gemm_packed_b *kp = pk ? pk[w / ntiles] : NULL, *vp = pk ? pk[nheads + w / ntiles] : NULL;
+
         // P_t = softmax(Q_t K^T * scale), masked when causal
-        attention_probs(P, qh, kh, i0, nr, Tk, Dh, C, scale, causal);
+        attention_probs(P, qh, kh, kp, i0, nr, Tk, Dh, C, scale, causal);
 
         // O_t = P_t V   (rows x Tk times Tk x Dh), written at the head's columns
-        gemm(0, 0, nr, Dh, Tk, 1.0f, P, Tk, vh, C, 0.0f, oh + (size_t)i0 * C, C);
+        if (vp) gemm_packed(0, nr, 1.0f, P, Tk, vp, 0.0f, oh + (size_t)i0 * C, C);
+        else gemm(0, 0, nr, Dh, Tk, 1.0f, P, Tk, vh, C, 0.0f, oh + (size_t)i0 * C, C);
     }
+    free_packs(pk, 2 * nheads);
     prof_end(PROF_ATTN, 0, t0, 4.0 * B * H * Tq * Tk * Dh);
 }
 
@@ -224,7 +262,7 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout,
                 P = att + ((size_t)b * H + h) * Tq * Tk + (size_t)i0 * Tk;
             } else {
                 // recompute P_t = softmax(Q_t K^T * scale) exactly as the forward did
-                attention_probs(Pbuf, q + (size_t)b * Tq * C + (size_t)h * Dh, kh, i0, nr,
+                attention_probs(Pbuf, q + (size_t)b * Tq * C + (size_t)h * Dh, kh, NULL, i0, nr,
                                 Tk, Dh, C, scale, causal);
                 P = Pbuf;
             }
