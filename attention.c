@@ -252,6 +252,15 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout,
         float *Pbuf = att ? NULL : mine + (need_ds ? tile : 0);
         size_t koff = (size_t)b * Tk * C + (size_t)h * Dh;
         const float *kh = k + koff, *vh = v + koff;
+        // as in the forward: with several tiles, the operands every tile
+        // shares (K^T for the recomputed scores, V^T for dP, K for dQ) are
+        // packed once per head (NULL: gemm packs them itself, same bits)
+        gemm_packed_b *kT = NULL, *vT = NULL, *kN = NULL;
+        if (Tq > rows) {
+            if (!att) kT = gemm_pack_b(1, Dh, Tk, kh, C);
+            if (need_ds) vT = gemm_pack_b(1, Dh, Tk, vh, C);
+            if (dq) kN = gemm_pack_b(0, Tk, Dh, kh, C);
+        }
         for (int i0 = 0; i0 < Tq; i0 += rows) {
             int nr = i0 + rows <= Tq ? rows : Tq - i0;
             size_t qoff = ((size_t)b * Tq + i0) * C + (size_t)h * Dh;   // row i0 of the head
@@ -262,7 +271,7 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout,
                 P = att + ((size_t)b * H + h) * Tq * Tk + (size_t)i0 * Tk;
             } else {
                 // recompute P_t = softmax(Q_t K^T * scale) exactly as the forward did
-                attention_probs(Pbuf, q + (size_t)b * Tq * C + (size_t)h * Dh, kh, NULL, i0, nr,
+                attention_probs(Pbuf, q + (size_t)b * Tq * C + (size_t)h * Dh, kh, kT, i0, nr,
                                 Tk, Dh, C, scale, causal);
                 P = Pbuf;
             }
@@ -275,7 +284,8 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout,
             if (!need_ds) continue;
 
             // dP_t = dO_t V^T   (rows x Dh times Dh x Tk)
-            gemm(0, 1, nr, Tk, Dh, 1.0f, doh, C, vh, C, 0.0f, dS, Tk);
+            if (vT) gemm_packed(0, nr, 1.0f, doh, C, vT, 0.0f, dS, Tk);
+            else gemm(0, 1, nr, Tk, Dh, 1.0f, doh, C, vh, C, 0.0f, dS, Tk);
 
             // softmax backward, row by row, in place over dP:
             //   dS[i][j] = P[i][j] * (dP[i][j] - sum_j' dP[i][j'] P[i][j'])
@@ -291,10 +301,14 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout,
             // S = scale * Q K^T, so
             //   dQ_t += scale * dS_t K     (rows x Tk times Tk x Dh)
             //   dK   += scale * dS_t^T Q_t (Tk x rows times rows x Dh)
-            if (dq) gemm(0, 0, nr, Dh, Tk, scale, dS, Tk, kh, C, 1.0f, dq + qoff, C);
+            if (dq && kN) gemm_packed(0, nr, scale, dS, Tk, kN, 1.0f, dq + qoff, C);
+            else if (dq) gemm(0, 0, nr, Dh, Tk, scale, dS, Tk, kh, C, 1.0f, dq + qoff, C);
             if (dk) gemm(1, 0, Tk, Dh, nr, scale, dS, Tk, qh, C, 1.0f, dk + koff, C);
             /* ASSIGNMENT 04 END */
         }
+        gemm_packed_b_free(kT);
+        gemm_packed_b_free(vT);
+        gemm_packed_b_free(kN);
     }
     prof_end(PROF_ATTN, 1, t0, 2.0 * B * H * Tq * Tk * Dh * ((att == NULL) + (dv != NULL) + 2 * need_ds + (dq != NULL) + (dk != NULL)));
 }
