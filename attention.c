@@ -23,6 +23,11 @@
  * backward recomputes each tile's P from Q and K, one extra Q K^T per head
  * for B*H*Tq*Tk floats of activation memory.
  *
+ * Packing. Every tile of a head multiplies by the same K and V; when a head
+ * has more than one tile they are packed into gemm's panel layout once per
+ * head (gemm_pack_b), not once per tile by gemm itself. gemm_packed gives
+ * gemm's bits, so this changes speed only.
+ *
  * Threading: forward tiles are independent, so threads take whole tiles
  * (gemm runs single-threaded inside a parallel region). Backward sums dK and
  * dV over all the query tiles of a head, so threads take whole heads and walk
