@@ -125,8 +125,8 @@ static float row_exp_sum(float *x, int n, float m) {
     return lanes_sum(s);
 }
 
-/* sum_j a[j] b[j] */
-static float row_dot(const float *a, const float *b, int n) {
+/* sum_j a[j] b[j] (inline: the stubbed assignment 04 leaves it unused) */
+static inline float row_dot(const float *a, const float *b, int n) {
     float s[LANES] = {0};
     int j = 0;
     for (; j + LANES <= n; j += LANES)
