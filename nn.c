@@ -119,6 +119,19 @@ static int conv_is_pointwise(int kh, int kw, int stride, int pad) {
     return kh == 1 && kw == 1 && stride == 1 && pad == 0;
 }
 
+/* the output columns [lo, hi) whose kernel tap j reads inside the image:
+ * 0 <= ox*stride - pad + j < W. Outside it the tap sees padding, so both
+ * loops below run branch-free over [lo, hi) (a contiguous copy or add when
+ * stride is 1) instead of testing every pixel. */
+static void valid_range(int j, int W, int Wo, int stride, int pad, int *lo, int *hi) {
+    int a = pad - j, b = W + pad - j;               /* need a <= ox*stride < b */
+    int l = a <= 0 ? 0 : (a + stride - 1) / stride;
+    int h = b <= 0 ? 0 : (b + stride - 1) / stride;
+    *lo = l < Wo ? l : Wo;
+    *hi = h < Wo ? h : Wo;
+    if (*hi < *lo) *hi = *lo;
+}
+
 /* output rows [oy0, oy1) only: cols is then (C*kh*kw, (oy1-oy0)*Wo) */
 static void im2col(float *cols, const float *img, int C, int H, int W,
                    int kh, int kw, int stride, int pad, int oy0, int oy1, int Wo) {
@@ -128,14 +141,23 @@ static void im2col(float *cols, const float *img, int C, int H, int W,
         int c = r / (kh * kw), i = (r / kw) % kh, j = r % kw;
         const float *src = img + (size_t)c * H * W;
         float *dst = cols + (size_t)r * nrow * Wo;
+        int lo, hi;
+        valid_range(j, W, Wo, stride, pad, &lo, &hi);
         for (int oy = oy0; oy < oy1; oy++) {
             int y = oy * stride - pad + i;
             float *d = dst + (size_t)(oy - oy0) * Wo;
             if (y < 0 || y >= H) { memset(d, 0, (size_t)Wo * sizeof(float)); continue; }
-            for (int ox = 0; ox < Wo; ox++) {
-                int x = ox * stride - pad + j;
-                d[ox] = (x >= 0 && x < W) ? src[(size_t)y * W + x] : 0.0f;
+            /* s[t * stride] is pixel x = (lo + t)*stride - pad + j of row y */
+            const float *s = src + (size_t)y * W + (lo * stride - pad + j);
+            int ox = 0;
+            for (; ox < lo; ox++) d[ox] = 0.0f;
+            if (stride == 1) {
+                memcpy(d + lo, s, (size_t)(hi - lo) * sizeof(float));
+                ox = hi;
+            } else {
+                for (; ox < hi; ox++) d[ox] = s[(size_t)(ox - lo) * stride];
             }
+            for (; ox < Wo; ox++) d[ox] = 0.0f;
         }
     }
 }
@@ -152,12 +174,18 @@ static void col2im_add(float *img, const float *dcols, int C, int H, int W,
         for (int i = 0; i < kh; i++)
             for (int j = 0; j < kw; j++) {
                 const float *src = dcols + ((size_t)(c * kh + i) * kw + j) * nrow * Wo;
+                int lo, hi;
+                valid_range(j, W, Wo, stride, pad, &lo, &hi);
                 for (int oy = oy0; oy < oy1; oy++) {
                     int y = oy * stride - pad + i;
                     if (y < 0 || y >= H) continue;
-                    for (int ox = 0; ox < Wo; ox++) {
-                        int x = ox * stride - pad + j;
-                        if (x >= 0 && x < W) dst[(size_t)y * W + x] += src[(size_t)(oy - oy0) * Wo + ox];
+                    /* d[t * stride] is pixel x = (lo + t)*stride - pad + j of row y */
+                    float *d = dst + (size_t)y * W + (lo * stride - pad + j);
+                    const float *sr = src + (size_t)(oy - oy0) * Wo + lo;
+                    if (stride == 1) {
+                        for (int t = 0; t < hi - lo; t++) d[t] += sr[t];
+                    } else {
+                        for (int t = 0; t < hi - lo; t++) d[(size_t)t * stride] += sr[t];
                     }
                 }
             }
@@ -271,20 +299,60 @@ void conv2d_backward(float *dinp, float *dw, float *db, const float *dout,
  * The statistics are summed in double: a group of SD1.5 holds up to 40960
  * values (10 channels of 64x64), enough for float sums to drift. */
 
-/* mean and 1/sqrt(var + eps) of n floats, two passes in double */
-static void moments(const float *x, size_t n, float eps, float *mean, float *rstd) {
-    double s = 0;
-    for (size_t i = 0; i < n; i++) s += x[i];
-    double m = s / (double)n, v = 0;
-    for (size_t i = 0; i < n; i++) { double d = x[i] - m; v += d * d; }
-    v /= (double)n;
-    *mean = (float)m;
-    *rstd = (float)(1.0 / sqrt(v + (double)eps));
+/* Sums in double, vectorised: a double add chain may not be reordered, so
+ * each sum keeps NL partial sums, one per index mod NL, added pairwise at the
+ * end (8 doubles: one AVX-512 register, two AVX2 ones). The order depends on
+ * n alone, never on the thread count. */
+#define NL 8
+
+static double lanes_total(double *s) {
+    for (int w = NL / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) s[l] += s[l + w];
+    return s[0];
 }
 
-void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
-                       const float *w, const float *b, int B, int C, int HW, int G, float eps) {
-    double t0 = prof_begin();
+/* mean and 1/sqrt(var + eps) of n floats, two passes in double */
+static void moments(const float *x, size_t n, float eps, float *mean, float *rstd) {
+    double s[NL] = {0}, v[NL] = {0};
+    size_t i = 0;
+    for (; i + NL <= n; i += NL)
+        for (int l = 0; l < NL; l++) s[l] += x[i + l];
+    for (int l = 0; i + l < n; l++) s[l] += x[i + l];
+    double m = lanes_total(s) / (double)n;
+    for (i = 0; i + NL <= n; i += NL)
+        for (int l = 0; l < NL; l++) { double d = x[i + l] - m; v[l] += d * d; }
+    for (int l = 0; i + l < n; l++) { double d = x[i + l] - m; v[l] += d * d; }
+    double var = lanes_total(v) / (double)n;
+    *mean = (float)m;
+    *rstd = (float)(1.0 / sqrt(var + (double)eps));
+}
+
+/* *sdy += sum dy,  *sdyx += sum dy * (x - m) * rs  over n values, in double */
+static void dy_sums(const float *x, const float *dy, size_t n, float m, float rs,
+                    double *sdy, double *sdyx) {
+    double a[NL] = {0}, c[NL] = {0};
+    size_t i = 0;
+    for (; i + NL <= n; i += NL)
+        for (int l = 0; l < NL; l++) {
+            float xh = (x[i + l] - m) * rs;
+            a[l] += dy[i + l];
+            c[l] += (double)dy[i + l] * xh;
+        }
+    for (int l = 0; i + l < n; l++) {
+        float xh = (x[i + l] - m) * rs;
+        a[l] += dy[i + l];
+        c[l] += (double)dy[i + l] * xh;
+    }
+    *sdy = lanes_total(a);
+    *sdyx = lanes_total(c);
+}
+
+/* group norm into out and, when act is not NULL, silu(out) into act in the
+ * same pass (ResNet blocks apply the two back to back and keep both: the
+ * norm's output is what silu_backward reads). The same float operations as
+ * groupnorm_forward then silu_forward, so the same bits. */
+static void groupnorm_act(float *out, float *act, float *mean, float *rstd, const float *inp,
+                          const float *w, const float *b, int B, int C, int HW, int G, float eps) {
     int Cg = C / G;
     size_t n = (size_t)Cg * HW;
     #pragma omp parallel for if ((size_t)B * C * HW >= PAR_MIN)
@@ -299,9 +367,31 @@ void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
             float wc = w ? w[c0 + cc] : 1.0f, bc = b ? b[c0 + cc] : 0.0f;
             const float *xc = x + (size_t)cc * HW;
             float *yc = y + (size_t)cc * HW;
-            for (int i = 0; i < HW; i++) yc[i] = (xc[i] - m) * rs * wc + bc;
+            if (act) {
+                float *ac = act + (size_t)bg * n + (size_t)cc * HW;
+                for (int i = 0; i < HW; i++) {
+                    float v = (xc[i] - m) * rs * wc + bc;
+                    yc[i] = v;
+                    ac[i] = v / (1.0f + nn_expf(-v));
+                }
+            } else {
+                for (int i = 0; i < HW; i++) yc[i] = (xc[i] - m) * rs * wc + bc;
+            }
         }
     }
+}
+
+void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                       const float *w, const float *b, int B, int C, int HW, int G, float eps) {
+    double t0 = prof_begin();
+    groupnorm_act(out, NULL, mean, rstd, inp, w, b, B, C, HW, G, eps);
+    prof_end(PROF_NORM, 0, t0, 0);
+}
+
+void groupnorm_silu_forward(float *out, float *act, float *mean, float *rstd, const float *inp,
+                            const float *w, const float *b, int B, int C, int HW, int G, float eps) {
+    double t0 = prof_begin();
+    groupnorm_act(out, act, mean, rstd, inp, w, b, B, C, HW, G, eps);
     prof_end(PROF_NORM, 0, t0, 0);
 }
 
@@ -326,12 +416,8 @@ void groupnorm_backward(float *dinp, float *dw, float *db, const float *dout,
             for (int cc = 0; cc < Cg; cc++) {
                 float wc = w ? w[c0 + cc] : 1.0f;
                 const float *xc = x + (size_t)cc * HW, *dyc = dy + (size_t)cc * HW;
-                double sdy = 0, sdy_xh = 0;
-                for (int i = 0; i < HW; i++) {
-                    float xh = (xc[i] - m) * rs;
-                    sdy += dyc[i];
-                    sdy_xh += (double)dyc[i] * xh;
-                }
+                double sdy, sdy_xh;
+                dy_sums(xc, dyc, (size_t)HW, m, rs, &sdy, &sdy_xh);
                 sum_dxh += wc * sdy;
                 sum_dxh_xh += wc * sdy_xh;
                 if (dw) dw[c0 + cc] += (float)sdy_xh;
@@ -388,13 +474,22 @@ void layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
             const float *x = inp + (size_t)r * C, *dy = dout + (size_t)r * C;
             float *dx = dinp + (size_t)r * C;
             float m = mean[r], rs = rstd[r];
-            double s1 = 0, s2 = 0;
-            for (int c = 0; c < C; c++) {
-                float xh = (x[c] - m) * rs;
-                float dxh = dy[c] * (w ? w[c] : 1.0f);
-                s1 += dxh;
-                s2 += (double)dxh * xh;
+            double a1[NL] = {0}, a2[NL] = {0};
+            int c0 = 0;
+            for (; c0 + NL <= C; c0 += NL)
+                for (int l = 0; l < NL; l++) {
+                    float xh = (x[c0 + l] - m) * rs;
+                    float dxh = dy[c0 + l] * (w ? w[c0 + l] : 1.0f);
+                    a1[l] += dxh;
+                    a2[l] += (double)dxh * xh;
+                }
+            for (int l = 0; c0 + l < C; l++) {
+                float xh = (x[c0 + l] - m) * rs;
+                float dxh = dy[c0 + l] * (w ? w[c0 + l] : 1.0f);
+                a1[l] += dxh;
+                a2[l] += (double)dxh * xh;
             }
+            double s1 = lanes_total(a1), s2 = lanes_total(a2);
             float m1 = (float)(s1 / C), m2 = (float)(s2 / C);
             for (int c = 0; c < C; c++) {
                 float xh = (x[c] - m) * rs;
@@ -434,13 +529,14 @@ void layernorm_backward(float *dinp, float *dw, float *db, const float *dout,
  * pointwise activations */
 
 // silu(x) = x * s,  s = sigmoid(x) = 1 / (1 + exp(-x))
+// (nn_expf, not expf: the loops then vectorise)
 // silu'(x) = s + x s (1 - s) = s (1 + x (1 - s))
 void silu_forward(float *out, const float *inp, size_t n) {
     double t0 = prof_begin();
     #pragma omp parallel for if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
-        out[i] = x / (1.0f + expf(-x));
+        out[i] = x / (1.0f + nn_expf(-x));
     }
     prof_end(PROF_ELEM, 0, t0, 0);
 }
@@ -450,7 +546,7 @@ void silu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
     double t0 = prof_begin();
     #pragma omp parallel for if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) {
-        float x = inp[i], s = 1.0f / (1.0f + expf(-x));
+        float x = inp[i], s = 1.0f / (1.0f + nn_expf(-x));
         dinp[i] += dout[i] * s * (1.0f + x * (1.0f - s));
     }
     prof_end(PROF_ELEM, 1, t0, 0);
@@ -461,9 +557,10 @@ void silu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
 #define INV_SQRT2 0.70710678118654752440f
 #define INV_SQRT_2PI 0.39894228040143267794f
 
-static inline float gelu_f(float x) { return 0.5f * x * (1.0f + erff(x * INV_SQRT2)); }
+// (nn_erff and nn_expf, inline, so that the loops below vectorise)
+static inline float gelu_f(float x) { return 0.5f * x * (1.0f + nn_erff(x * INV_SQRT2)); }
 static inline float gelu_grad(float x) {
-    return 0.5f * (1.0f + erff(x * INV_SQRT2)) + x * expf(-0.5f * x * x) * INV_SQRT_2PI;
+    return 0.5f * (1.0f + nn_erff(x * INV_SQRT2)) + x * nn_expf(-0.5f * x * x) * INV_SQRT_2PI;
 }
 
 void gelu_forward(float *out, const float *inp, size_t n) {
@@ -488,7 +585,7 @@ void quickgelu_forward(float *out, const float *inp, size_t n) {
     #pragma omp parallel for if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) {
         float x = inp[i];
-        out[i] = x / (1.0f + expf(-1.702f * x));
+        out[i] = x / (1.0f + nn_expf(-1.702f * x));
     }
     prof_end(PROF_ELEM, 0, t0, 0);
 }
@@ -498,7 +595,7 @@ void quickgelu_backward(float *dinp, const float *dout, const float *inp, size_t
     double t0 = prof_begin();
     #pragma omp parallel for if (n >= PAR_MIN)
     for (size_t i = 0; i < n; i++) {
-        float x = inp[i], s = 1.0f / (1.0f + expf(-1.702f * x));
+        float x = inp[i], s = 1.0f / (1.0f + nn_expf(-1.702f * x));
         dinp[i] += dout[i] * (s + 1.702f * x * s * (1.0f - s));
     }
     prof_end(PROF_ELEM, 1, t0, 0);

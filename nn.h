@@ -16,6 +16,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 /* ---- matmul.c -------------------------------------------------------------
  * Row-major GEMM, BLAS semantics:
@@ -38,6 +39,81 @@ gemm_packed_b *gemm_pack_b(int transB, int K, int N, const float *B, int ldb);
 void gemm_packed(int transA, int M, float alpha, const float *A, int lda,
                  const gemm_packed_b *B, float beta, float *C, int ldc);
 void gemm_packed_b_free(gemm_packed_b *pb);
+
+/* ---- exp for vectorised loops ----------------------------------------------
+ * libm's expf is a function call, so a loop that calls it stays scalar; this
+ * one is inline and branch-free, and gcc/clang vectorise a loop over it at
+ * whatever width the target has (AVX-512, AVX2, NEON).
+ *   exp(x) = 2^n exp(r),  n = round(x / ln 2),  r = x - n ln 2,  |r| <= ln2 / 2
+ * n ln 2 is subtracted in two parts (ln2_hi has 9 significant bits, so n *
+ * ln2_hi is exact for |n| < 2^15) and exp(r) is Cephes' degree-7 polynomial
+ * (Moshier, "Methods and programs for mathematical functions"): within 2 ulp
+ * of the exact value over the clamped range (tests/test_nn.c measures it
+ * against expf). x is clamped to [-87.33, 88]: below, the result is
+ * FLT_MIN, not 0 or a denormal; above, 1.65e38, not inf. Callers
+ * (softmax, sigmoid) need neither end exactly. 2^n is built in the
+ * exponent bits. */
+static inline float nn_expf(float x) {
+    x = x < -87.3365f ? -87.3365f : x;
+    x = x > 88.0f ? 88.0f : x;
+    /* adding 1.5 * 2^23 rounds to an integer (round to nearest) */
+    float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float z = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * z + r + 1.0f;
+    int32_t e = ((int32_t)n + 127) << 23;
+    float s;
+    memcpy(&s, &e, sizeof s);
+    return p * s;
+}
+
+/* erf(x), inline and branch-free like nn_expf (for GELU's loops): both
+ * pieces are computed and one is kept,
+ *   |x| < 1:  erf(x) = x P(x^2)
+ *   |x| >= 1: erf(x) = 1 - exp(-x^2) Q(|x| - 2.5),  |x| clamped to 4 (erf is
+ *             1.0f from 3.92 on)
+ * P (degree 6) and Q (degree 12) are least-squares fits on Chebyshev nodes
+ * of erf(x)/x and erfc(x) exp(x^2), made for this file (tools/ has no
+ * script: numpy.polyfit against mpmath, 3000-4000 nodes); fit error below
+ * 1e-8 relative, so float rounding dominates: measured within 7.6e-8 of
+ * erf() in double over [-6, 6] (libm's erff: 5.4e-8); tests/test_nn.c
+ * holds it to 1e-7. */
+static inline float nn_erff(float x) {
+    float a = x < 0.0f ? -x : x;
+    float u = a < 1.0f ? a : 1.0f, z = u * u;
+    float p = 7.932738532e-05f;
+    p = p * z - 8.034609958e-04f;
+    p = p * z + 5.191189981e-03f;
+    p = p * z - 2.685538321e-02f;
+    p = p * z + 1.128362528e-01f;
+    p = p * z - 3.761262983e-01f;
+    p = p * z + 1.28379167e-01f;    /* P - 1: x + x (P - 1) rounds better than x P */
+    float small = u + u * p;
+    float v = a < 1.0f ? 1.0f : a > 4.0f ? 4.0f : a, t = v - 2.5f;
+    float q = 1.065103051e-07f;
+    q = q * t - 4.269412360e-07f;
+    q = q * t + 9.528582362e-07f;
+    q = q * t - 3.744391040e-06f;
+    q = q * t + 1.617348587e-05f;
+    q = q * t - 5.952961253e-05f;
+    q = q * t + 2.108489560e-04f;
+    q = q * t - 7.331466456e-04f;
+    q = q * t + 2.467101972e-03f;
+    q = q * t - 8.001696409e-03f;
+    q = q * t + 2.493798781e-02f;
+    q = q * t - 7.434733646e-02f;
+    q = q * t + 2.108063643e-01f;
+    float big = 1.0f - nn_expf(-v * v) * q;
+    float r = a < 1.0f ? small : big;
+    return x < 0.0f ? -r : r;
+}
 
 /* ---- scratch ---------------------------------------------------------------
  * One grow-only work buffer (im2col columns, attention scores) reused by
@@ -71,6 +147,14 @@ void groupnorm_forward(float *out, float *mean, float *rstd, const float *inp,
 void groupnorm_backward(float *dinp, float *dw, float *db, const float *dout,
                         const float *inp, const float *w, const float *mean, const float *rstd,
                         int B, int C, int HW, int G);
+/* group norm then SiLU in one pass: out as groupnorm_forward (the tensor
+ * groupnorm_backward's caller keeps for silu_backward), act = silu(out);
+ * bit-identical to groupnorm_forward + silu_forward(act, out, B*C*HW), one
+ * read of inp and of out fewer. Backward: silu_backward, then groupnorm_backward.
+ * (Not yet called: unet.c's resnet_forward norm1/norm2 and norm_out, and
+ * vae.c's resnet, are the places it replaces the pair.) */
+void groupnorm_silu_forward(float *out, float *act, float *mean, float *rstd, const float *inp,
+                            const float *w, const float *b, int B, int C, int HW, int G, float eps);
 
 /* ---- layer norm over the last dim: inp (N, C); w, b (C); mean, rstd (N) */
 void layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
