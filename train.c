@@ -642,6 +642,11 @@ static int device_failed(trainer *t, const char *what, char *err) {
     snprintf(err, SD_ERR_LEN, "--device %s: %s: %s", t->dev->name, what, strncmp(e, "error: ", 7) == 0 ? e + 7 : e);
     return -1;
 }
+/* a failed copy or allocation: -1, with the device's message or a plain one */
+static int device_fail(trainer *t, const char *what, char *err) {
+    if (!device_failed(t, what, err)) snprintf(err, SD_ERR_LEN, "--device %s: %s: a copy failed", t->dev->name, what);
+    return -1;
+}
 
 /* --device cuda: from here on the UNet's forward and backward, the loss and
  * its gradient, --clip and the UNet LoRA's AdamW run on the GPU
@@ -665,7 +670,7 @@ static int to_device(trainer *t, char *err) {
         return -1;
     }
     if (t->n1 && (!t->dev->upload(t->dopt.m, t->st.opt_unet.m, nb) || !t->dev->upload(t->dopt.v, t->st.opt_unet.v, nb)))
-        return device_failed(t, "AdamW state", err);
+        return device_fail(t, "AdamW state", err);
     fprintf(stderr, "device: cuda: the UNet's forward and backward, the loss, --clip and the LoRA's AdamW "
                     "(VAE, text encoder, noise on the CPU)\n");
 #endif
@@ -693,7 +698,7 @@ static int device_to_host(trainer *t, char *err) {
     if (!t->dev || !t->n1) return 0;
     if (!t->dev->download(u->lora_params, u->dlora_params, nb) ||
         !t->dev->download(t->st.opt_unet.m, t->dopt.m, nb) || !t->dev->download(t->st.opt_unet.v, t->dopt.v, nb))
-        return device_failed(t, "LoRA and AdamW state", err);
+        return device_fail(t, "LoRA and AdamW state", err);
     return 0;
 }
 
@@ -867,7 +872,7 @@ static int device_loss_step(trainer *t, float *wt, char *err) {
     ops->set_layer("loss");
     if (wt) ddpm_min_snr_weights(wt, mb->tt, B, a->min_snr, m->prediction, &m->sched);
     if (!ops->upload(t->dtarget, mb->target, sizeof(float) * per * B) ||
-        (wt && !ops->upload(t->dwt, wt, sizeof(float) * B))) return device_failed(t, "loss", err);
+        (wt && !ops->upload(t->dwt, wt, sizeof(float) * B))) return device_fail(t, "loss", err);
     const float *dw = wt ? t->dwt : NULL;
     float loss = ops->mse_loss_forward(pred, t->dtarget, dw, B, per);
     t->step_loss += loss / a->accum;

@@ -2337,6 +2337,7 @@ int unet_forward(unet_t *u, float *eps_out, const float *x, const float *t, cons
         if (device_error(u)) { u->have_forward = 0; return -1; }
         return 0;
     }
+    if (!eps_out) { snprintf(u->err, UNET_ERR_LEN, "unet: eps_out NULL is for a model on a device"); return -1; }
     run_forward(u, eps_out, x, t, ctx);
     return 0;
 }
@@ -2360,6 +2361,7 @@ int unet_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
             (dctx && !OPS->download(dctx, io.dctx, sizeof(float) * nc))) return device_error(u);
         return device_error(u);
     }
+    if (!deps) { snprintf(u->err, UNET_ERR_LEN, "unet: deps NULL is for a model on a device"); return -1; }
     run_backward(u, deps, dx, dctx);
     return 0;
 }
