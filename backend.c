@@ -5,6 +5,8 @@
 #include <string.h>
 #include "backend.h"
 #include "half.h"
+#include "ddpm.h"
+#include <math.h>
 
 static void *cpu_alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
 static void cpu_free(void *p) { free(p); }
@@ -53,6 +55,29 @@ void nn_sum_chan(float *out, const float *x, int B, int C, size_t HW) {
         }
 }
 
+/* sum of g^2 in index order, in double (train.c's --clip sum) */
+static double cpu_grad_sumsq(const float *g, size_t n) {
+    double s = 0;
+    for (size_t i = 0; i < n; i++) s += (double)g[i] * g[i];
+    return s;
+}
+static void cpu_scale(float *g, float k, size_t n) {
+    for (size_t i = 0; i < n; i++) g[i] *= k;
+}
+
+float nn_clip_grad_norm(const nn_ops *ops, float *g1, size_t n1, float *g2, size_t n2, float max_norm) {
+    if (max_norm <= 0) return 0;
+    double s2 = n1 ? ops->grad_sumsq(g1, n1) : 0;
+    for (size_t i = 0; i < n2; i++) s2 += (double)g2[i] * g2[i];
+    /* coef = max_norm / (norm + 1e-6), applied when < 1 (torch, and train.c) */
+    float norm = (float)sqrt(s2), coef = max_norm / (norm + 1e-6f);
+    if (coef < 1.0f) {
+        if (n1) ops->scale(g1, coef, n1);
+        for (size_t i = 0; i < n2; i++) g2[i] *= coef;
+    }
+    return norm;
+}
+
 const nn_ops nn_ops_cpu = {
     .name = "cpu",
     .device = 0,
@@ -90,4 +115,9 @@ const nn_ops nn_ops_cpu = {
     .attention_backward = attention_backward,
     .lora_forward = lora_forward,
     .lora_backward = lora_backward,
+    .adamw_step = adamw_step,
+    .grad_sumsq = cpu_grad_sumsq,
+    .scale = cpu_scale,
+    .mse_loss_forward = mse_loss_forward,
+    .mse_loss_backward = mse_loss_backward,
 };

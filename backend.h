@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include "nn.h"
 #include "lora.h"
+#include "optim.h"
 
 typedef struct nn_ops {
     const char *name;      /* "cpu", "cuda", "host-emulated device" */
@@ -89,7 +90,33 @@ typedef struct nn_ops {
     void (*lora_backward)(float *dinp, const float *dout, const float *inp, const float *ax,
                           const uint8_t *mask, float *scratch, const float *w0, lora_t *L,
                           int N, int in, int outc);
+
+    /* the optimizer step and the loss (optim.h, ddpm.h), so that with
+     * --device cuda a step brings down only its loss value */
+    /* optim.h's adamw_step with o->m, o->v, params, grads in table memory (o->step on the host) */
+    void (*adamw_step)(adamw_t *o, float *params, const float *grads, float lr);
+    /* sum of g[i]^2 in double, for --clip. The CPU adds in index order; a
+     * device adds each run of NN_SUMSQ_CHUNK elements in order, then the
+     * runs' sums in order (cuda/optim_ops.cuh): the same result for any
+     * launch shape, within about 1e-15 relative of the CPU's */
+    double (*grad_sumsq)(const float *g, size_t n);
+    void (*scale)(float *g, float k, size_t n);                            /* g *= k */
+    /* ddpm.h's mse_loss_forward / mse_loss_backward (weight: B floats or NULL) */
+    float (*mse_loss_forward)(const float *pred, const float *target, const float *weight,
+                              int B, size_t n_per_item);
+    void (*mse_loss_backward)(float *dpred, const float *pred, const float *target,
+                              const float *weight, float dloss, int B, size_t n_per_item);
 } nn_ops;
+
+#define NN_SUMSQ_CHUNK 1024
+
+/* --clip on a table's memory (torch's clip_grad_norm_ over g1 and g2
+ * together): norm = sqrt(sumsq(g1) + sum of g2^2), and when
+ * coef = max_norm / (norm + 1e-6) < 1, g1 *= coef on the table and g2 *= coef
+ * on the host. g1 (n1) in ops' memory, g2 (n2, may be 0) on the host (the
+ * text encoder's LoRA, which runs on the CPU). Returns the norm; one double
+ * comes down. max_norm <= 0: nothing (returns 0). */
+float nn_clip_grad_norm(const nn_ops *ops, float *g1, size_t n1, float *g2, size_t n2, float max_norm);
 
 /* the CPU: nn.h's and lora.h's functions */
 extern const nn_ops nn_ops_cpu;

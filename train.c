@@ -808,6 +808,12 @@ typedef struct {
     float *gsum;                /* G1 then G2 in one block, for dist.c's sum (NULL: G1 alone) */
     uint64_t drop_step[2];      /* MPI: how far one micro-batch moves the UNet's, CLIP's dropout RNG */
     int drop_probed;
+    /* --device cuda: the table the step runs on (NULL: the CPU), the loss's
+     * inputs there, and the UNet LoRA's AdamW moments there (dopt.m, dopt.v
+     * in device memory; st.opt_unet's come up on --resume and down on save) */
+    const nn_ops *dev;
+    float *dtarget, *dwt;       /* (B, C, h, w) target, (B) min-SNR weights */
+    adamw_t dopt;
 } trainer;
 
 /* --reg DIR: the regularisation images, balanced as kohya balances them
@@ -1030,17 +1036,77 @@ static int build_caches(trainer *t, char *err) {
     return 0;
 }
 
-/* --device cuda: from here on the UNet's forward and backward run on the
- * GPU (unet_to_device); the latent and text caches, the noise and timestep
- * draws, the loss and AdamW stay on the CPU, the LoRA's gradients come down
- * and its A, B go up once per step */
+/* the first error the device table recorded, as err; -1 when there was one */
+static int device_failed(trainer *t, const char *what, char *err) {
+    const char *e = t->dev->error();
+    if (!e) return 0;
+    snprintf(err, SD_ERR_LEN, "--device %s: %s: %s", t->dev->name, what, strncmp(e, "error: ", 7) == 0 ? e + 7 : e);
+    return -1;
+}
+/* a failed copy or allocation: -1, with the device's message or a plain one */
+static int device_fail(trainer *t, const char *what, char *err) {
+    if (!device_failed(t, what, err)) snprintf(err, SD_ERR_LEN, "--device %s: %s: a copy failed", t->dev->name, what);
+    return -1;
+}
+
+/* --device cuda: from here on the UNet's forward and backward, the loss and
+ * its gradient, --clip and the UNet LoRA's AdamW run on the GPU
+ * (unet_to_device); the latent and text caches, the noise and timestep
+ * draws, and the text encoder (--te: its LoRA's AdamW too) stay on the CPU.
+ * A step brings down the loss (and with --clip the sum of squares, one
+ * double); A, B and the moments come down only to be saved or sampled
+ * with (device_to_host). */
 static int to_device(trainer *t, char *err) {
     if (strcmp(t->a->device, "cuda") != 0) return 0;
 #ifdef SDLORA_CUDA
     if (unet_to_device(&t->m.unet, nn_ops_cuda())) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.unet.err); return -1; }
-    fprintf(stderr, "device: cuda: the UNet's forward and backward (VAE, text encoder, noise, loss and AdamW on the CPU)\n");
+    t->dev = nn_ops_cuda();
+    /* the moments up (zero, or --resume's), the step count with them */
+    size_t nb = sizeof(float) * (t->n1 ? t->n1 : 1);
+    t->dopt = t->st.opt_unet;
+    t->dopt.m = t->dev->alloc(nb);
+    t->dopt.v = t->dev->alloc(nb);
+    if (!t->dopt.m || !t->dopt.v) {
+        if (!device_failed(t, "AdamW state", err)) snprintf(err, SD_ERR_LEN, "--device cuda: out of device memory for the AdamW state");
+        return -1;
+    }
+    if (t->n1 && (!t->dev->upload(t->dopt.m, t->st.opt_unet.m, nb) || !t->dev->upload(t->dopt.v, t->st.opt_unet.v, nb)))
+        return device_fail(t, "AdamW state", err);
+    fprintf(stderr, "device: cuda: the UNet's forward and backward, the loss, --clip and the LoRA's AdamW "
+                    "(VAE, text encoder, noise on the CPU)\n");
 #endif
     return 0;
+}
+
+/* --device cuda: the loss's target and min-SNR weights on the device */
+static int alloc_device_buffers(trainer *t, char *err) {
+    size_t lat = sizeof(float) * (size_t)t->td.lc * t->td.lh * t->td.lw * t->a->batch;
+    t->dtarget = t->dev->alloc(lat);
+    t->dwt = t->dev->alloc(sizeof(float) * t->a->batch);
+    if (!t->dtarget || !t->dwt) {
+        if (!device_failed(t, "loss buffers", err)) snprintf(err, SD_ERR_LEN, "--device %s: out of device memory for the loss buffers", t->dev->name);
+        return -1;
+    }
+    return 0;
+}
+
+/* --device cuda: the UNet LoRA's A, B and its AdamW moments down into the
+ * host's copies, before they are saved or the sampler re-allocates the
+ * UNet's activations (which uploads the host's A, B) */
+static int device_to_host(trainer *t, char *err) {
+    unet_t *u = &t->m.unet;
+    size_t nb = sizeof(float) * t->n1;
+    if (!t->dev || !t->n1) return 0;
+    if (!t->dev->download(u->lora_params, u->dlora_params, nb) ||
+        !t->dev->download(t->st.opt_unet.m, t->dopt.m, nb) || !t->dev->download(t->st.opt_unet.v, t->dopt.v, nb))
+        return device_fail(t, "LoRA and AdamW state", err);
+    return 0;
+}
+
+static void device_free(trainer *t) {
+    if (!t->dev) return;
+    t->dev->free(t->dtarget); t->dev->free(t->dwt);
+    t->dev->free(t->dopt.m); t->dev->free(t->dopt.v);
 }
 
 /* the UNet's activations for a training micro-batch (with --grad-checkpoint
@@ -1077,7 +1143,7 @@ static int alloc_buffers(trainer *t, char *err) {
     micro_batch *b = &t->mb;
     int B = a->batch, d = t->td.d;
     size_t lat = sizeof(float) * (size_t)t->td.lc * t->td.lh * t->td.lw * B, text = sizeof(float) * (size_t)B * TOK_CTX * d;
-    if (alloc_train_acts(t, err)) return -1;
+    if (alloc_train_acts(t, err) || (t->dev && alloc_device_buffers(t, err))) return -1;
     b->x0 = malloc(lat); b->eps = malloc(lat); b->xt = malloc(lat);
     b->pred = malloc(lat); b->target = malloc(lat); b->dpred = malloc(lat);
     b->ctx = malloc(text); b->dctx = a->te ? malloc(text) : NULL;
@@ -1315,6 +1381,33 @@ static void micro_noise(trainer *t) {
     for (int b = 0; b < B; b++) mb->tf[b] = (float)mb->tt[b];
 }
 
+/* --device cuda: micro_step from the UNet on. xt, t, ctx and the target
+ * go up; eps stays on the device, the loss and its gradient run there and
+ * only the loss comes down; dctx comes down for --te's backward. */
+static int device_loss_step(trainer *t, const float *wt, float *lpart, char *err) {
+    const train_args *a = t->a;
+    sd_model *m = &t->m;
+    micro_batch *mb = &t->mb;
+    const nn_ops *ops = t->dev;
+    int B = mb->n;
+    size_t per = (size_t)t->td.lc * mb->h * mb->w;
+    float *pred, *deps;
+    if (unet_forward(&m->unet, NULL, mb->xt, mb->tf, mb->ctx, B, mb->h, mb->w, TOK_CTX) ||
+        unet_device_io(&m->unet, &pred, &deps)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m->unet.err); return -1; }
+    ops->set_layer("loss");
+    if (!ops->upload(t->dtarget, mb->target, sizeof(float) * per * B) ||
+        (wt && !ops->upload(t->dwt, wt, sizeof(float) * B))) return device_fail(t, "loss", err);
+    const float *dw = wt ? t->dwt : NULL;
+    float loss = ops->mse_loss_forward(pred, t->dtarget, dw, B, per);
+    *lpart = loss / a->accum;
+    ops->zero(deps, per * B);
+    ops->mse_loss_backward(deps, pred, t->dtarget, dw, 1.0f / a->accum, B, per);
+    if (device_failed(t, "loss", err)) return -1;
+    if (unet_backward(&m->unet, NULL, NULL, mb->dctx)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m->unet.err); return -1; }
+    if (a->te && clip_backward(&m->clip, mb->dctx)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err); return -1; }
+    return 0;
+}
+
 /* one micro-batch forward and backward; *lpart = its share of the step's
  * loss. Gradients accumulate into G1, G2 (scaled by 1/accum). */
 static int micro_step(trainer *t, float *lpart, char *err) {
@@ -1325,12 +1418,13 @@ static int micro_step(trainer *t, float *lpart, char *err) {
     size_t per = (size_t)C * h * w;
     /* per-sample weights: min-SNR, and --prior-loss-weight on regularisation images */
     float *wt = a->min_snr > 0 || t->ds.n_reg ? mb->wt : NULL;
-    if (a->te && clip_forward(&m->clip, mb->ctx, mb->ids, B, TOK_CTX, a->clip_skip)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err); return -1; }
-    if (unet_forward(&m->unet, mb->pred, mb->xt, mb->tf, mb->ctx, B, h, w, TOK_CTX)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m->unet.err); return -1; }
-    /* loss = mean((eps_hat - eps)^2), optionally min-SNR weighted */
     if (a->min_snr > 0) ddpm_min_snr_weights(wt, mb->tt, B, a->min_snr, m->prediction, &m->sched);
     else if (wt) for (int b = 0; b < B; b++) wt[b] = 1.0f;
     if (t->ds.n_reg) dataset_loss_weights(&t->ds, mb->items, B, a->prior_loss_weight, wt);
+    if (a->te && clip_forward(&m->clip, mb->ctx, mb->ids, B, TOK_CTX, a->clip_skip)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err); return -1; }
+    if (t->dev) return device_loss_step(t, wt, lpart, err);
+    if (unet_forward(&m->unet, mb->pred, mb->xt, mb->tf, mb->ctx, B, h, w, TOK_CTX)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m->unet.err); return -1; }
+    /* loss = mean((eps_hat - eps)^2), optionally min-SNR and prior-loss weighted */
     float loss = mse_loss_forward(mb->pred, mb->target, wt, B, per);
     *lpart = loss / a->accum;
     memset(mb->dpred, 0, sizeof(float) * per * B);
@@ -1379,6 +1473,18 @@ static int probe_dropout(trainer *t, char *err) {
  * walks every micro-batch's random draws, computes its own. */
 static int accumulate(trainer *t, char *err) {
     const train_args *a = t->a;
+    if (t->dev) {   /* --device cuda (one process): the UNet's LoRA gradients add up on the device */
+        if (t->n2) memset(t->G2, 0, sizeof(float) * t->n2);
+        unet_zero_lora_grads(&t->m.unet);
+        for (int k = 0; k < a->accum; k++) {
+            float lpart;
+            if (next_batch(t, 0, err)) return -1;
+            micro_noise(t);
+            if (micro_step(t, &lpart, err)) return -1;
+            t->step_loss += lpart;
+        }
+        return 0;
+    }
     int N = dist_size(), K = a->accum, stop = 0, s;
     uint64_t d0 = t->m.unet.dropout_rng.state, d1 = t->m.clip.rng.state;
     int dropout = N > 1 && a->dropout > 0;
@@ -1397,10 +1503,8 @@ static int accumulate(trainer *t, char *err) {
         }
         memset(t->G1, 0, sizeof(float) * t->n1);
         if (t->n2) memset(t->G2, 0, sizeof(float) * t->n2);
-        if (t->m.unet.dparams) unet_zero_lora_grads(&t->m.unet);   /* --device cuda: its copy too */
         float lpart;
         if (micro_step(t, &lpart, err)) return -1;
-        if (unet_lora_grads_download(&t->m.unet)) { snprintf(err, SD_ERR_LEN, "UNet: %s", t->m.unet.err); return -1; }
         if (t->gsum) {
             memcpy(t->gsum, t->G1, sizeof(float) * t->n1);
             memcpy(t->gsum + t->n1, t->G2, sizeof(float) * t->n2);
@@ -1436,10 +1540,21 @@ static int optimizer_step(trainer *t, char *err) {
                  t->st.step + 1, isnan(t->step_loss) ? "NaN" : "infinite", a->lr / 4, a->out);
         return -1;
     }
-    clip_gradients(t);
-    adamw_step(&t->st.opt_unet, t->P1, t->G1, t->lr);
-    if (t->n2) adamw_step(&t->st.opt_te, t->P2, t->G2, t->lr_te);
-    if (unet_lora_upload(&t->m.unet)) { snprintf(err, SD_ERR_LEN, "UNet: %s", t->m.unet.err); return -1; }
+    if (t->dev) {
+        /* on the device: clip (the text encoder's gradients on the host join
+         * the norm), AdamW on A, B there; the text encoder's AdamW here */
+        unet_t *u = &t->m.unet;
+        t->dev->set_layer("optimizer");
+        nn_clip_grad_norm(t->dev, u->dlora_grads, t->n1, t->G2, t->n2, a->clip);
+        if (t->n1) t->dev->adamw_step(&t->dopt, u->dlora_params, u->dlora_grads, t->lr);
+        t->st.opt_unet.step = t->dopt.step;
+        if (t->n2) adamw_step(&t->st.opt_te, t->P2, t->G2, t->lr_te);
+        if (device_failed(t, "optimizer step", err)) return -1;
+    } else {
+        clip_gradients(t);
+        adamw_step(&t->st.opt_unet, t->P1, t->G1, t->lr);
+        if (t->n2) adamw_step(&t->st.opt_te, t->P2, t->G2, t->lr_te);
+    }
     t->st.step++;
     if (t->stop_after > 0 && t->st.step - t->step0 >= t->stop_after) g_stop = 1;
     return 0;
@@ -1573,6 +1688,7 @@ static void trainer_free(trainer *t) {
     free(t->loss_hist);
     free(t->td.latents); free(t->td.ctx); free(t->td.ids); free(t->td.ctx_empty);
     adamw_free(&t->st.opt_unet); adamw_free(&t->st.opt_te);
+    device_free(t);
     free(t->st.loss);
     dataset_free(&t->ds);
     if (t->model_loaded) sd_model_free(&t->m);
@@ -1599,11 +1715,13 @@ static int train(train_args *a, char *err) {
         t.t_steps += now_s() - t0;
         prof_enable(0);                  /* checkpoints and grids are not steps */
         if (log_step(&t, err)) goto out;
+        if ((checkpoint_due(&t) || sample_due(&t)) && device_to_host(&t, err)) goto out;   /* --device cuda */
         if (checkpoint_due(&t) && dist_is_root() && save_checkpoint(&t, err)) goto out;
         if (sample_due(&t) && sample_grid_step(&t, err)) goto out;
         prof_enable(profiling);
     }
     prof_print(stderr, "training steps (per kind of operation)", t.t_steps);
+    if (device_to_host(&t, err)) goto out;
     ret = finish(&t, now_s() - t.t_start, err);
 out:
     trainer_free(&t);
@@ -1808,6 +1926,11 @@ int main(int argc, char **argv) {
     char err[SD_ERR_LEN] = "";
     /* --device cuda without CUDA=1, a driver or a GPU: one line saying which */
     if (strcmp(a.device, "cuda") == 0 && cuda_device_check(err) != 0) { fprintf(stderr, "%s\n", err); dist_finish(1, 1); return 1; }
+    if (strcmp(a.device, "cuda") == 0 && dist_size() > 1) {
+        fprintf(stderr, "error: --device cuda under mpirun: not supported yet (one process per GPU, or --device cpu)\n");
+        dist_finish(1, 1);
+        return 1;
+    }
     /* mpirun -np N: --accum counts each rank's micro-batches, the run has
      * N times as many per step (what a single process with that --accum does) */
     a.accum *= dist_size();

@@ -351,6 +351,7 @@ static int resnet_has_lora(const resnet_t *r) { return r->l1.L || r->l2.L || r->
  * output_scale_factor is 1. */
 
 static void resnet_forward(unet_t *u, resnet_t *r) {
+    OPS->set_layer(r->conv1_w->name);   /* a device error names the block (its conv1 weight) */
     int B = u->B, H = r->H, W = r->W, HW = H * W, G = u->cfg.groups, cin = r->cin, cout = r->cout;
     int T = 4 * u->cfg.block_out[0];
     float eps = u->cfg.eps;
@@ -392,6 +393,7 @@ static void resnet_forward(unet_t *u, resnet_t *r) {
  * frozen); with them, d silu(temb) is added to net->dtemb and every weight of
  * the block gets its gradient. */
 static void resnet_backward(unet_t *u, resnet_t *r, float *dx, const float *dout) {
+    OPS->set_layer(r->conv1_w->name);
     int B = u->B, H = r->H, W = r->W, HW = H * W, G = u->cfg.groups, cin = r->cin, cout = r->cout;
     int T = 4 * u->cfg.block_out[0];
     size_t nin = (size_t)B * cin * HW, nout = (size_t)B * cout * HW;
@@ -552,6 +554,7 @@ static void tblock_backward(unet_t *u, tblock_t *tb, float *dh) {
 /* product and share one path here: permute, then project.                  */
 
 static void xformer_forward(unet_t *u, xformer_t *xf) {
+    OPS->set_layer(xf->proj_in.w->name);   /* the transformer, by its proj_in weight */
     int B = u->B, C = xf->C, HW = xf->H * xf->W, G = u->cfg.groups;
     size_t n = (size_t)B * C * HW;
     const float *x = at(u, xf->x);
@@ -568,6 +571,7 @@ static void xformer_forward(unet_t *u, xformer_t *xf) {
 
 /* in place: dh (B, C, H, W) holds d(out) on entry and d(x) on return */
 static void xformer_backward(unet_t *u, xformer_t *xf, float *dh) {
+    OPS->set_layer(xf->proj_in.w->name);
     int B = u->B, C = xf->C, HW = xf->H * xf->W, G = u->cfg.groups;
     size_t n = (size_t)B * C * HW;
     float *dp = at(u, xf->dp), *dt = at(u, xf->dt), *dg = at(u, xf->dg);
@@ -2248,6 +2252,18 @@ static int io_for(unet_t *u, int B, int h, int w, int Tc, unet_io *io) {
     return 0;
 }
 
+int unet_device_io(unet_t *u, float **eps, float **deps) {
+    unet_io io;
+    if (!u->dparams || !u->acts.base) {
+        snprintf(u->err, UNET_ERR_LEN, "unet: unet_device_io: not on a device with activations allocated");
+        return -1;
+    }
+    if (io_for(u, u->B, u->H, u->W, u->Tc, &io)) return -1;
+    *eps = io.eps;
+    *deps = io.deps;
+    return 0;
+}
+
 static int check_shape(unet_t *u, int B, int h, int w, int Tc) {
     int f = 1 << (u->cfg.nlevels - 1);
     if (B < 1 || Tc < 1 || h < f || w < f || h % f || w % f) {
@@ -2316,10 +2332,12 @@ int unet_forward(unet_t *u, float *eps_out, const float *x, const float *t, cons
             !OPS->upload(io.t, t, sizeof(float) * B) ||
             !OPS->upload(io.ctx, ctx, sizeof(float) * B * Tc * c->cross_dim)) return device_error(u);
         run_forward(u, io.eps, io.x, io.t, io.ctx);
-        if (!OPS->download(eps_out, io.eps, sizeof(float) * B * c->out_channels * h * w)) return device_error(u);
+        /* eps_out NULL: eps stays on the device (unet_device_io), for a loss there */
+        if (eps_out && !OPS->download(eps_out, io.eps, sizeof(float) * B * c->out_channels * h * w)) return device_error(u);
         if (device_error(u)) { u->have_forward = 0; return -1; }
         return 0;
     }
+    if (!eps_out) { snprintf(u->err, UNET_ERR_LEN, "unet: eps_out NULL is for a model on a device"); return -1; }
     run_forward(u, eps_out, x, t, ctx);
     return 0;
 }
@@ -2336,12 +2354,14 @@ int unet_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
         unet_io io;
         size_t nx = (size_t)u->B * c->in_channels * u->H * u->W, nc = (size_t)u->B * u->Tc * c->cross_dim;
         if (io_for(u, u->B, u->H, u->W, u->Tc, &io)) return -1;
-        if (!OPS->upload(io.deps, deps, sizeof(float) * u->B * c->out_channels * u->H * u->W)) return device_error(u);
+        /* deps NULL: already written on the device (unet_device_io) */
+        if (deps && !OPS->upload(io.deps, deps, sizeof(float) * u->B * c->out_channels * u->H * u->W)) return device_error(u);
         run_backward(u, io.deps, dx ? io.dx : NULL, dctx ? io.dctx : NULL);
         if ((dx && !OPS->download(dx, io.dx, sizeof(float) * nx)) ||
             (dctx && !OPS->download(dctx, io.dctx, sizeof(float) * nc))) return device_error(u);
         return device_error(u);
     }
+    if (!deps) { snprintf(u->err, UNET_ERR_LEN, "unet: deps NULL is for a model on a device"); return -1; }
     run_backward(u, deps, dx, dctx);
     return 0;
 }

@@ -246,6 +246,10 @@ int unet_backward(unet_t *u, const float *deps, float *dx, float *dctx);
 int unet_to_device(unet_t *u, const nn_ops *ops);
 int unet_lora_upload(unet_t *u);
 int unet_lora_grads_download(unet_t *u);
+/* on a device: where unet_forward leaves eps when given eps_out = NULL, and
+ * where unet_backward reads deps when given deps = NULL (device memory, for
+ * the current shape), so the loss and its gradient can run there too */
+int unet_device_io(unet_t *u, float **eps, float **deps);
 
 #define UNET_ATTACH_LORA 1   /* generate.c uses side branches when this is set */
 int unet_lora_site(const unet_t *u, const char *module, int *in, int *out, int *is_conv);

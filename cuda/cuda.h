@@ -129,6 +129,10 @@ void lora_backward_cuda(float *dinp, const float *dout, const float *inp, const 
 
 /* ---- optim.cu: o->m, o->v, params, grads on the device; o->step on the host */
 void adamw_step_cuda(adamw_t *o, float *params, const float *grads, float lr);
+/* sum of g^2 in double for --clip, in backend.h's fixed run order (comes
+ * down; NaN when a call failed), and g *= k */
+double grad_sumsq_cuda(const float *g, size_t n);
+void scale_cuda(float *g, float k, size_t n);
 
 /* ---- ddpm.cu: t (B ints), sqrt_abar and sqrt_1m_abar (the schedule's T
  * floats), weight (B floats or NULL) on the device */

@@ -101,6 +101,11 @@ extern "C" const nn_ops *nn_ops_cuda(void) {
     t.attention_backward = attention_backward_cuda;
     t.lora_forward = lora_forward_cuda;
     t.lora_backward = lora_backward_cuda;
+    t.adamw_step = adamw_step_cuda;
+    t.grad_sumsq = grad_sumsq_cuda;
+    t.scale = scale_cuda;
+    t.mse_loss_forward = mse_loss_forward_cuda;
+    t.mse_loss_backward = mse_loss_backward_cuda;
     t.name = "cuda";
     return &t;
 }

@@ -5,6 +5,9 @@
 #define SDLORA_CUDA_OPTIM_OPS_CUH
 
 #include "common.cuh"
+extern "C" {
+#include "../backend.h"
+}
 
 /* the per-step scalars, computed once on the host as optim.c does:
  *   bc1 = 1 - b1^t, bc2 = 1 - b2^t (double), step_size = lr / bc1,
@@ -24,5 +27,26 @@ HD void adamw_elem(float *p, float *m, float *v, const float *g, adamw_coef k, s
     float denom = sqrtf(vi) / k.bc2_sqrt + k.eps;
     p[i] = pi - k.step_size * (mi / denom);
 }
+
+/* --clip's sum of squares, in a fixed order whatever the launch shape:
+ * run c is elements c*CHUNK .. (c+1)*CHUNK - 1 (NN_SUMSQ_CHUNK, backend.h),
+ * squared and added in index order in double by one thread; the runs' sums
+ * are then added in order by one thread (sumsq_total). The CPU adds all n in
+ * one chain; the two differ by a few ulps of a double (the norm, a float,
+ * is almost always the same). */
+HD double sumsq_run(const float *g, size_t n, size_t c) {
+    size_t lo = c * NN_SUMSQ_CHUNK, hi = lo + NN_SUMSQ_CHUNK < n ? lo + NN_SUMSQ_CHUNK : n;
+    double s = 0.0;
+    for (size_t i = lo; i < hi; i++) s += (double)g[i] * (double)g[i];
+    return s;
+}
+HD size_t sumsq_nruns(size_t n) { return (n + NN_SUMSQ_CHUNK - 1) / NN_SUMSQ_CHUNK; }
+HD double sumsq_total(const double *runs, size_t nruns) {
+    double s = 0.0;
+    for (size_t c = 0; c < nruns; c++) s += runs[c];
+    return s;
+}
+// g *= k
+HD float scale_elem(const float *g, float k, size_t i) { return g[i] * k; }
 
 #endif

@@ -775,6 +775,18 @@ static void dev_lora_optim_ddpm(void) {
     }
     expect_close("device adamw 3 steps (exact)", down(pp, n), p, 0.0);
     free(o.m); free(o.v);
+    // --clip's sum of squares and scale: the host twins' order exactly
+    {
+        vec g = randv(3 * NN_SUMSQ_CHUNK + 5, -1.0f, 1.0f, 95), gs = g;
+        float *pg = up(g);
+        std::vector<double> runs(sumsq_nruns(g.size()));
+        for (size_t c = 0; c < runs.size(); c++) runs[c] = sumsq_run(g.data(), g.size(), c);
+        double sh = sumsq_total(runs.data(), runs.size()), sd = grad_sumsq_cuda(pg, g.size());
+        expect_true("device grad_sumsq == its host twin (exact)", sd == sh);
+        scale_cuda(pg, 0.37f, g.size());
+        for (size_t i = 0; i < gs.size(); i++) gs[i] = scale_elem(gs.data(), 0.37f, i);
+        expect_close("device scale (exact)", down(pg, g.size()), gs, 0.0);
+    }
     // DDPM noising and the loss
     ddpm_schedule sc;
     char err[DDPM_ERR_LEN];
@@ -879,6 +891,30 @@ static void emu_ln_bwd(float *dinp, float *dw, float *db, const float *dout, con
                        const float *mean, const float *rstd, int N, int C) {
     layernorm_backward_host(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
 }
+// the optimizer and the loss: optim.cu's and ddpm.cu's kernels' host twins
+static void emu_adamw(adamw_t *o, float *p, const float *g, float lr) {   // adamw_step_cuda
+    o->step++;
+    double bc1 = 1.0 - pow(o->beta1, (double)o->step), bc2 = 1.0 - pow(o->beta2, (double)o->step);
+    adamw_coef k = {o->beta1, o->beta2, o->eps, (float)(lr / bc1), (float)sqrt(bc2),
+                    (float)(1.0 - (double)lr * o->weight_decay)};
+    for (size_t i = 0; i < o->n; i++) adamw_elem(p, o->m, o->v, g, k, i);
+}
+static double emu_grad_sumsq(const float *g, size_t n) {                  // grad_sumsq_cuda
+    std::vector<double> runs(sumsq_nruns(n));
+    for (size_t c = 0; c < runs.size(); c++) runs[c] = sumsq_run(g, n, c);
+    return sumsq_total(runs.data(), runs.size());
+}
+static void emu_scale(float *g, float k, size_t n) {
+    for (size_t i = 0; i < n; i++) g[i] = scale_elem(g, k, i);
+}
+static float emu_mse_fwd(const float *pred, const float *target, const float *w, int B, size_t n) {
+    return mse_loss_host(pred, target, w, B, n);
+}
+static void emu_mse_bwd(float *dpred, const float *pred, const float *target, const float *w, float dloss,
+                        int B, size_t n) {
+    for (size_t i = 0; i < (size_t)B * n; i++)
+        dpred[i] = stx(ldx(dpred[i]) + mse_bwd_elem(pred, target, mse_grad_coef(dloss, w, B, n, (int)(i / n)), i));
+}
 static nn_ops nn_ops_emu;
 static void emu_init(void) {
     nn_ops &t = nn_ops_emu;
@@ -906,6 +942,11 @@ static void emu_init(void) {
     t.attention_backward = attention_backward_t<HostBK>;
     t.lora_forward = lora_forward_t<HostBK>;
     t.lora_backward = lora_backward_t<HostBK>;
+    t.adamw_step = emu_adamw;
+    t.grad_sumsq = emu_grad_sumsq;
+    t.scale = emu_scale;
+    t.mse_loss_forward = emu_mse_fwd;
+    t.mse_loss_backward = emu_mse_bwd;
 }
 
 // one UNet of models/tiny with LoRA ("transformer", rank 4, dropout 0.1), B random
@@ -1001,6 +1042,98 @@ static void test_unet_emulated(void) {
     }
 }
 
+/* Training steps as train.c's --device cuda runs them (device_loss_step,
+ * optimizer_step), on the emulated device, against the CPU's: the loss and
+ * its gradient, --clip and AdamW on the device, eps left there by
+ * unet_forward(NULL) and deps read there by unet_backward(NULL); only the
+ * loss and the norm's sum come down. The CPU side is ddpm.c's loss, optim.c's
+ * clip_grad_norm and adamw_step on the host. Min-SNR-like weights, batch 2,
+ * --clip small enough that every step clips. */
+static void test_train_emulated(void) {
+    const char *dir = "models/tiny/unet";
+    // the fixed-order sum of squares against the CPU's one chain
+    vec g = randv(5 * NN_SUMSQ_CHUNK + 37, -1.0f, 1.0f, 301);
+    double sc = 0;
+    for (float x : g) sc += (double)x * x;
+    expect("grad_sumsq: runs of NN_SUMSQ_CHUNK in order vs one chain", fabs(emu_grad_sumsq(g.data(), g.size()) - sc) / sc, 1e-14);
+    unet_t uc, ue;
+    if (tiny_unet(&uc, dir, WEIGHT_F32) || tiny_unet(&ue, dir, WEIGHT_F32)) { expect_true("tiny UNet loads (models/tiny/unet)", 0); return; }
+    const nn_ops *E = &nn_ops_emu;
+    int B = 2, h = 8, w = 8, Tc = 7, nsteps = 4;
+    const unet_config *c = &uc.cfg;
+    size_t n = uc.lora_nparams, per = (size_t)c->out_channels * h * w, nx = (size_t)B * c->in_channels * h * w;
+    size_t nc = (size_t)B * Tc * c->cross_dim;
+    int ok = unet_to_device(&ue, E) == 0 && unet_alloc_acts(&uc, B, h, w, Tc, 1) == 0 &&
+             unet_alloc_acts(&ue, B, h, w, Tc, 1) == 0;
+    adamw_t oc, oh, od;     // the CPU's; the host copy of the device's (zero moments), its device twin
+    adamw_init(&oc, n, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+    adamw_init(&oh, n, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+    od = oh;
+    od.m = (float *)E->alloc(sizeof(float) * n);
+    od.v = (float *)E->alloc(sizeof(float) * n);
+    ok = ok && E->upload(od.m, oh.m, sizeof(float) * n) && E->upload(od.v, oh.v, sizeof(float) * n);
+    float *dtarget = (float *)E->alloc(sizeof(float) * B * per), *dwt = (float *)E->alloc(sizeof(float) * B);
+    // the host's A, B and gradients poisoned: the device's copies must be the only ones used
+    for (size_t i = 0; i < n; i++) ue.lora_params[i] = ue.lora_grads[i] = NAN;
+    vec ctx = randv(nc, -1.0f, 1.0f, 302), wt = {0.8f, 0.3f};
+    const float clip = 1e-3f;
+    vec pc(B * per), dpc(B * per);
+    int clipped = 1;
+    for (int step = 0; ok && step < nsteps; step++) {
+        char name[160];
+        vec x = randv(nx, -1.0f, 1.0f, 310 + step), target = randv(B * per, -1.0f, 1.0f, 320 + step);
+        vec t = {(float)(50 + 200 * step), (float)(900 - 100 * step)};
+        float lr = 1e-2f * (step + 1) / nsteps;
+        // CPU
+        unet_zero_lora_grads(&uc);
+        ok = unet_forward(&uc, pc.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0;
+        float Lc = mse_loss_forward(pc.data(), target.data(), wt.data(), B, per);
+        std::fill(dpc.begin(), dpc.end(), 0.0f);
+        mse_loss_backward(dpc.data(), pc.data(), target.data(), wt.data(), 1.0f, B, per);
+        ok = ok && unet_backward(&uc, dpc.data(), NULL, NULL) == 0;
+        float normc = clip_grad_norm(uc.lora_grads, n, clip);
+        adamw_step(&oc, uc.lora_params, uc.lora_grads, lr);
+        // the emulated device, as train.c's device path
+        float *pred = NULL, *deps = NULL;
+        unet_zero_lora_grads(&ue);
+        ok = ok && unet_forward(&ue, NULL, x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
+             unet_device_io(&ue, &pred, &deps) == 0 && E->upload(dtarget, target.data(), sizeof(float) * B * per) &&
+             E->upload(dwt, wt.data(), sizeof(float) * B);
+        if (!ok) break;
+        float Le = E->mse_loss_forward(pred, dtarget, dwt, B, per);
+        E->zero(deps, B * per);
+        E->mse_loss_backward(deps, pred, dtarget, dwt, 1.0f, B, per);
+        ok = unet_backward(&ue, NULL, NULL, NULL) == 0;
+        float norme = nn_clip_grad_norm(E, ue.dlora_grads, n, NULL, 0, clip);
+        E->adamw_step(&od, ue.dlora_params, ue.dlora_grads, lr);
+        clipped &= normc > clip && norme > clip;
+        snprintf(name, sizeof name, "emulated training: loss, step %d", step + 1);
+        expect(name, fabs((double)Le - Lc) / fabs((double)Lc), 1e-5);
+        snprintf(name, sizeof name, "emulated training: gradient norm, step %d", step + 1);
+        expect(name, fabs((double)norme - normc) / normc, 1e-5);
+    }
+    expect_true("emulated training: every call succeeded", ok);
+    expect_true("emulated training: --clip clipped every step", clipped);
+    // A, B and the moments come down only now
+    vec pe(n), me(n), ve(n);
+    ok = ok && E->download(pe.data(), ue.dlora_params, sizeof(float) * n) && E->download(me.data(), od.m, sizeof(float) * n) &&
+         E->download(ve.data(), od.v, sizeof(float) * n);
+    if (ok) {
+        char name[160];
+        snprintf(name, sizeof name, "emulated training: LoRA A, B (%zu) after %d steps", n, nsteps);
+        expect_close(name, pe, vec(uc.lora_params, uc.lora_params + n), 1e-5);
+        expect_close("emulated training: AdamW m after 4 steps", me, vec(oc.m, oc.m + n), 1e-5);
+        expect_close("emulated training: AdamW v after 4 steps", ve, vec(oc.v, oc.v + n), 1e-5);
+        expect_true("emulated training: AdamW step count", od.step == nsteps && oc.step == nsteps);
+        int host_untouched = 1;
+        for (size_t i = 0; i < n; i++) host_untouched &= isnan(ue.lora_params[i]) != 0;
+        expect_true("emulated training: the host's A, B never written during the steps", host_untouched);
+    }
+    E->free(od.m); E->free(od.v); E->free(dtarget); E->free(dwt);
+    adamw_free(&oc); adamw_free(&oh);
+    unet_free(&uc); unet_free(&ue);
+}
+
 /* a build without CUDA=1: cuda.h's fallback check, as a C program sees it
  * (cuda.h read a second time without SDLORA_CUDA, in its own namespace) */
 #undef SDLORA_CUDA_H
@@ -1044,6 +1177,7 @@ int main(void) {
     test_adamw();
     test_ddpm();
     test_unet_emulated();
+    test_train_emulated();
     test_device_check();
     test_not_built();
     char err[CUDA_ERR_LEN];
