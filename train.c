@@ -630,14 +630,19 @@ static int build_caches(trainer *t, char *err) {
 }
 
 /* --device cuda: from here on the UNet's forward and backward run on the
- * GPU (unet_to_device); the latent and text caches, the noise and timestep
+ * GPU (unet_to_device), and the VAE encode and text encoder forward that
+ * build the caches (vae_to_device, clip_to_device); the noise and timestep
  * draws, the loss and AdamW stay on the CPU, the LoRA's gradients come down
  * and its A, B go up once per step */
 static int to_device(trainer *t, char *err) {
     if (strcmp(t->a->device, "cuda") != 0) return 0;
 #ifdef SDLORA_CUDA
     if (unet_to_device(&t->m.unet, nn_ops_cuda())) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.unet.err); return -1; }
-    fprintf(stderr, "device: cuda: the UNet's forward and backward (VAE, text encoder, noise, loss and AdamW on the CPU)\n");
+    /* the VAE's encode (latent cache) and, unless it trains (--te), the text encoder's forward too */
+    if (vae_to_device(&t->m.vae, nn_ops_cuda())) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.vae.err); return -1; }
+    if (!t->a->te && clip_to_device(&t->m.clip, nn_ops_cuda())) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.clip.err); return -1; }
+    fprintf(stderr, "device: cuda: the UNet's forward and backward, the VAE encode%s (noise, loss and AdamW on the CPU)\n",
+            t->a->te ? " (the text encoder trains on the CPU)" : ", the text encoder");
 #endif
     return 0;
 }
@@ -1143,7 +1148,7 @@ static int parse_args(train_args *a, int argc, char **argv) {
         {"--no-grid", OPT_FLAG, &a->no_grid, 0, 0, NULL, "skip the before/after grid at the end"},
         {"--resume", OPT_STR, &a->resume, 0, 0, NULL, "training state to resume from (OUT/state.safetensors)"},
         {"--threads", OPT_INT, &a->threads, 0, 4096, NULL, "CPU threads (0: all)"},
-        {"--device", OPT_CHOICE, &a->device, 0, 0, "cpu|cuda", "where the UNet's step runs (cuda: a build with make CUDA=1 and an NVIDIA GPU)"},
+        {"--device", OPT_CHOICE, &a->device, 0, 0, "cpu|cuda", "where the UNet's step, the VAE encode and the text encoder run (cuda: a build with make CUDA=1 and an NVIDIA GPU)"},
     };
     enum { NOPTS = (int)(sizeof opts / sizeof opts[0]) };
     int ac, npos, nfile, set_at[NOPTS];
