@@ -78,6 +78,22 @@ float nn_clip_grad_norm(const nn_ops *ops, float *g1, size_t n1, float *g2, size
     return norm;
 }
 
+static void cpu_memmove(float *dst, const float *src, size_t n) { if (n) memmove(dst, src, sizeof(float) * n); }
+
+/* the loop vae.c's down_forward ran inline: each row copied, then a zero */
+void nn_pad_br(float *out, const float *in, int BC, int H, int W) {
+    size_t Wp = (size_t)W + 1;
+    for (int bc = 0; bc < BC; bc++) {
+        const float *s = in + (size_t)bc * H * W;
+        float *d = out + (size_t)bc * (H + 1) * Wp;
+        for (int i = 0; i < H; i++) {
+            memcpy(d + (size_t)i * Wp, s + (size_t)i * W, (size_t)W * sizeof(float));
+            d[(size_t)i * Wp + W] = 0.0f;
+        }
+        memset(d + (size_t)H * Wp, 0, Wp * sizeof(float));
+    }
+}
+
 const nn_ops nn_ops_cpu = {
     .name = "cpu",
     .device = 0,
@@ -95,6 +111,8 @@ const nn_ops nn_ops_cpu = {
     .add_chan = nn_add_chan,
     .sum_chan = nn_sum_chan,
     .widen_f16 = half_to_float_array,
+    .move = cpu_memmove,
+    .pad_br = nn_pad_br,
     .gemm = gemm,
     .linear_forward = linear_forward,
     .linear_backward = linear_backward,
@@ -106,6 +124,8 @@ const nn_ops nn_ops_cpu = {
     .layernorm_backward = layernorm_backward,
     .silu_forward = silu_forward,
     .silu_backward = silu_backward,
+    .gelu_forward = gelu_forward,
+    .quickgelu_forward = quickgelu_forward,
     .geglu_forward = geglu_forward,
     .geglu_backward = geglu_backward,
     .upsample2x_forward = upsample2x_forward,

@@ -1,6 +1,6 @@
 /* backend.h: the operations table a model runs its layers through.
  *
- * unet.c calls every primitive (nn.h, attention, lora.h) and every small
+ * unet.c, vae.c and clip.c call every primitive (nn.h, attention, lora.h) and every small
  * tensor helper (copy, zero, add, transpose, ...) through a table of
  * function pointers, nn_ops, instead of by name. nn_ops_cpu is nn.h's and
  * lora.h's functions themselves (the CPU, and every number is what it was
@@ -47,6 +47,12 @@ typedef struct nn_ops {
     void (*sum_chan)(float *out, const float *x, int B, int C, size_t HW);
     /* dst[i] = src[i] widened from fp16 bits, exactly (fp16-held weights) */
     void (*widen_f16)(float *dst, const uint16_t *src, size_t n);
+    /* memmove: dst and src may overlap (the VAE moves a layer's output down
+     * onto its dead input) */
+    void (*move)(float *dst, const float *src, size_t n);
+    /* out (BC, H+1, W+1) = in (BC, H, W) with one zero row at the bottom and
+     * one zero column at the right (the VAE's Downsample2D, F.pad(x, (0,1,0,1))) */
+    void (*pad_br)(float *out, const float *in, int BC, int H, int W);
 
     /* nn.h, attention, lora.h */
     void (*gemm)(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
@@ -72,6 +78,8 @@ typedef struct nn_ops {
                                int N, int C);
     void (*silu_forward)(float *out, const float *inp, size_t n);
     void (*silu_backward)(float *dinp, const float *dout, const float *inp, size_t n);
+    void (*gelu_forward)(float *out, const float *inp, size_t n);        /* CLIP's hidden_act */
+    void (*quickgelu_forward)(float *out, const float *inp, size_t n);
     void (*geglu_forward)(float *out, const float *inp, int N, int D);
     void (*geglu_backward)(float *dinp, const float *dout, const float *inp, int N, int D);
     void (*upsample2x_forward)(float *out, const float *inp, int B, int C, int H, int W);
@@ -125,5 +133,6 @@ extern const nn_ops nn_ops_cpu;
 void nn_transpose(float *out, const float *in, int B, int R, int S);
 void nn_add_chan(float *y, const float *v, int B, int C, size_t HW);
 void nn_sum_chan(float *out, const float *x, int B, int C, size_t HW);
+void nn_pad_br(float *out, const float *in, int BC, int H, int W);
 
 #endif

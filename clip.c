@@ -41,6 +41,12 @@
 #include "clip.h"
 #include "json.h"
 #include "half.h"
+#include "backend.h"
+
+/* the operations table every layer runs through (backend.h): the CPU's, or
+ * a device's after clip_to_device, where every pointer is in its memory */
+#define OPS (m->ops ? m->ops : &nn_ops_cpu)
+#define ON_DEVICE(m) ((m)->dparams != NULL)
 
 /* where the activations live: offsets into m->acts, set by clip_layout */
 typedef struct {
@@ -59,6 +65,7 @@ typedef struct {
 struct clip_layout {
     size_t ids;                        /* (B, T) ints: the last forward's ids (the token embedding's gradient) */
     size_t x_final;                    /* (N, C) the last run layer's output */
+    size_t out;                        /* (N, C) on a device: the output before it comes down */
     size_t lnf_mean, lnf_rstd;         /* (N) final_layer_norm statistics */
     size_t lora_scratch;               /* lora_scratch_floats of the widest adapter */
     int backward;                      /* whether the workspace below is laid out */
@@ -301,7 +308,15 @@ void clip_free(clip_t *m) {
     free(m->params); free(m->params16); free(m->wbuf); free(m->table); free(m->layers);
     free(m->adapters); free(m->lora_params); free(m->lora_grads);
     free(m->grads); free(m->layout);
-    arena_free(&m->acts);
+    if (m->ops) {
+        if (m->acts.base) m->ops->free(m->acts.base);
+        if (m->dparams) m->ops->free(m->dparams);
+        if (m->dparams16) m->ops->free(m->dparams16);
+        if (m->dwbuf) m->ops->free(m->dwbuf);
+        if (m->dlora_params) m->ops->free(m->dlora_params);
+    } else {
+        arena_free(&m->acts);
+    }
     memset(m, 0, sizeof *m);
 }
 
@@ -437,6 +452,10 @@ void clip_zero_grad(clip_t *m) {
 
 int clip_alloc_grads(clip_t *m) {
     if (m->grads) return 0;
+    if (ON_DEVICE(m)) {
+        snprintf(m->err, sizeof m->err, "clip: full fine-tuning does not run on %s (use --device cpu)", m->ops->name);
+        return -1;
+    }
     if (m->wdtype != WEIGHT_F32) {
         /* the gradient updates the weights themselves, which fp16 cannot hold
          * to the precision small updates need */
@@ -458,6 +477,12 @@ void clip_zero_grads(clip_t *m) {
 
 /* the gradient of vector p (same offset in grads), or NULL: frozen. Grads
  * exist only with fp32 weights, where params is the whole fp32 layout. */
+
+/* a vector parameter in the table's memory: on a device, its copy */
+static const float *PV(const clip_t *m, const float *p) {
+    return ON_DEVICE(m) ? m->dparams + (p - m->params) : p;
+}
+
 static float *grad_of(const clip_t *m, const float *p) {
     return m->grads ? m->grads + (p - m->params) : NULL;
 }
@@ -471,6 +496,15 @@ static float *grad_of_param(const clip_t *m, const clip_param *p) {
  * themselves, or (held as fp16) widened exactly into m->wbuf, one matrix at
  * a time; asking again for the matrix already there costs nothing. */
 static const float *weight_f32(clip_t *m, const clip_param *p) {
+    if (ON_DEVICE(m)) {
+        if (p->data) return m->dparams + (p->data - m->params);
+        const uint16_t *d16 = m->dparams16 + (p->data16 - m->params16);
+        if (m->dwbuf_of != d16) {
+            OPS->widen_f16(m->dwbuf, d16, p->numel);
+            m->dwbuf_of = d16;
+        }
+        return m->dwbuf;
+    }
     if (p->data) return p->data;
     return half_widen_cached(m->wbuf, &m->wbuf_of, p->data16, p->numel);
 }
@@ -510,6 +544,12 @@ static void layer_adapters(const clip_t *m, int l, lora_t run[CLIP_NPROJ], lora_
         if (!m->adapters) continue;
         run[p] = m->adapters[l * CLIP_NPROJ + p].L;
         if (!m->dropout_on) run[p].dropout = 0.0f;
+        if (ON_DEVICE(m)) {
+            /* A and B: the device's copies, at the same offsets */
+            run[p].A = m->dlora_params + (run[p].A - m->lora_params);
+            run[p].B = m->dlora_params + (run[p].B - m->lora_params);
+            run[p].dA = run[p].dB = NULL;
+        }
         ad[p] = &run[p];
     }
 }
@@ -561,6 +601,7 @@ static void clip_layout(clip_t *m, int B, int T, int nrun, arena_plan *p) {
         }
     }
     o->x_final = arena_take(p, N * C);
+    o->out = ON_DEVICE(m) ? arena_take(p, N * C) : 0;   /* a device's: out before it comes down */
     o->lnf_mean = arena_take(p, 2 * N); o->lnf_rstd = o->lnf_mean + N;
     /* the adapters' scratch, forward and backward: N r, and N in with dropout */
     size_t scratch = 0;
@@ -588,6 +629,58 @@ static void clip_layout(clip_t *m, int B, int T, int nrun, arena_plan *p) {
 }
 
 /* ---------------------------------------------------------------------------
+ * the device (backend.h) */
+
+/* the table's first error (a failed copy, or one a kernel left) as m->err */
+static int device_error(clip_t *m) {
+    const char *e = m->ops->error();
+    if (e && strncmp(e, "error: ", 7) == 0) e += 7;
+    snprintf(m->err, sizeof m->err, "clip: %s: %s", m->ops->name, e ? e : "a copy failed");
+    return -1;
+}
+
+int clip_to_device(clip_t *m, const nn_ops *ops) {
+    if (!ops->device) { snprintf(m->err, sizeof m->err, "clip: %s is not a device table", ops->name); return -1; }
+    if (m->ops) { snprintf(m->err, sizeof m->err, "clip: already on %s", m->ops->name); return -1; }
+    if (m->grads) {
+        snprintf(m->err, sizeof m->err, "clip: full fine-tuning does not run on %s (use --device cpu)", ops->name);
+        return -1;
+    }
+    int f16 = m->params16 != NULL;
+    size_t nvec = f16 ? m->num_params - m->nmat : m->num_params, big = 1;
+    for (int i = 0; f16 && i < m->ntable; i++)
+        if (m->table[i].data16 && m->table[i].numel > big) big = m->table[i].numel;
+    size_t nl = m->num_lora_params;
+    float *d = ops->alloc(sizeof(float) * (nvec ? nvec : 1));
+    uint16_t *d16 = f16 ? ops->alloc(sizeof(uint16_t) * (m->nmat ? m->nmat : 1)) : NULL;
+    float *wb = f16 ? ops->alloc(sizeof(float) * big) : NULL;
+    float *dl = nl ? ops->alloc(sizeof(float) * nl) : NULL;
+    if (!d || (f16 && (!d16 || !wb)) || (nl && !dl) || !ops->upload(d, m->params, sizeof(float) * nvec) ||
+        (f16 && !ops->upload(d16, m->params16, sizeof(uint16_t) * m->nmat)) ||
+        (nl && !ops->upload(dl, m->lora_params, sizeof(float) * nl))) {
+        const char *e = ops->error();
+        if (e && strncmp(e, "error: ", 7) == 0) e += 7;
+        snprintf(m->err, sizeof m->err, "clip: cannot copy %.1f MiB of weights to %s: %s",
+                 (double)(nvec * 4 + nl * 4 + (f16 ? m->nmat * 2 + big * 4 : 0)) / 1048576.0, ops->name,
+                 e ? e : "out of memory");
+        if (d) ops->free(d);
+        if (d16) ops->free(d16);
+        if (wb) ops->free(wb);
+        if (dl) ops->free(dl);
+        return -1;
+    }
+    arena_free(&m->acts);       /* a host block, if any: the device gets its own */
+    m->nrun = 0;
+    m->ops = ops;
+    m->dparams = d;
+    m->dparams16 = d16;
+    m->dwbuf = wb;
+    m->dwbuf_of = NULL;
+    m->dlora_params = dl;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------
  * forward */
 
 int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_skip) {
@@ -611,25 +704,57 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
         }
     }
     int nrun = c->num_layers - clip_skip + 1;
+    int dev = ON_DEVICE(m);
+    if (dev && m->training && m->adapters) {
+        snprintf(m->err, sizeof m->err, "clip: training the text encoder does not run on %s yet "
+                 "(drop --te, or use --device cpu)", m->ops->name);
+        return -1;
+    }
     m->dropout_on = m->training && m->adapters && m->adapters[0].L.dropout > 0.0f;
     arena_plan plan = { 0, 0 };
     clip_layout(m, B, T, nrun, &plan);
-    if (plan.peak > m->acts.nfloats && arena_alloc(&m->acts, &plan)) {
-        snprintf(m->err, sizeof m->err, "clip: out of memory for activations (B=%d, T=%d)", B, T);
-        return -1;
+    if (plan.peak > m->acts.nfloats) {
+        int fail;
+        if (dev) {
+            /* the same plan, one allocation in the device's memory */
+            if (m->acts.base) m->ops->free(m->acts.base);
+            m->acts.base = m->ops->alloc(sizeof(float) * plan.peak);
+            m->acts.nfloats = m->acts.base ? plan.peak : 0;
+            fail = m->acts.base == NULL;
+        } else {
+            fail = arena_alloc(&m->acts, &plan) != 0;
+        }
+        if (fail) {
+            snprintf(m->err, sizeof m->err, "clip: out of %s memory for activations (B=%d, T=%d)",
+                     dev ? m->ops->name : "host", B, T);
+            return -1;
+        }
     }
     const struct clip_layout *o = m->layout;
     size_t N = (size_t)B * T;
-    memcpy(at(m, o->ids), ids, sizeof(int) * N);
+    float *x0h = NULL;                 /* on a device: the embedded tokens, made here */
+    if (dev) {
+        x0h = malloc(sizeof(float) * N * C);
+        if (!x0h) { snprintf(m->err, sizeof m->err, "clip: out of memory"); return -1; }
+        if (!m->ops->upload(at(m, o->ids), ids, sizeof(int) * N)) { free(x0h); return device_error(m); }
+    } else {
+        memcpy(at(m, o->ids), ids, sizeof(int) * N);
+    }
     m->B = B; m->T = T;
     float *lora_scratch = at(m, o->lora_scratch);
 
     /* x_0[b, t] = token_embedding[ids[b, t]] + position_embedding[t] */
     const layer_offsets *a0 = &o->layer[0];
-    float *x0 = at(m, a0->res);
+    float *x0 = dev ? x0h : at(m, a0->res);
     /* fp16 weights: the two rows are widened into layer 0's q and k buffers
-     * (each N x C, written only later) */
+     * (each N x C, written only later; on a device, two rows of the host's) */
+    float rows[2 * 1024], *big = NULL;
     float *tok_row = at(m, a0->q), *pos_row = at(m, a0->k);
+    if (dev) {
+        big = (size_t)C > 1024 ? malloc(sizeof(float) * 2 * C) : NULL;
+        tok_row = big ? big : rows;
+        pos_row = tok_row + C;
+    }
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
             const float *te = emb_row(m->tok_emb, (size_t)ids[b * T + t], tok_row);
@@ -637,6 +762,12 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
             float *x = x0 + ((size_t)b * T + t) * C;
             for (int i = 0; i < C; i++) x[i] = te[i] + pe[i];
         }
+    if (dev) {
+        /* the gather ran on the host's tables; the sum goes up */
+        int ok = m->ops->upload(at(m, a0->res), x0h, sizeof(float) * N * C);
+        free(x0h); free(big);
+        if (!ok) return device_error(m);
+    }
 
     for (int l = 0; l < nrun; l++) {
         const clip_layer *P = &m->layers[l];
@@ -650,25 +781,27 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
         uint8_t *mask[CLIP_NPROJ];
         for (int i = 0; i < CLIP_NPROJ; i++) mask[i] = m->dropout_on ? (uint8_t *)at(m, a->mask[i]) : NULL;
         /* attention branch: x' = x + out_proj(attn(q, k, v)),  q = q_proj(ln1(x)) etc. */
-        layernorm_forward(ln1, at(m, a->ln1_mean), at(m, a->ln1_rstd), x, P->ln1_w, P->ln1_b, (int)N, C, c->layer_norm_eps);
-        lora_forward(q, at(m, a->ax[CLIP_Q]), mask[CLIP_Q], lora_scratch, ln1, weight_f32(m, P->q_w), P->q_b, ad[CLIP_Q], (int)N, C, C, &m->rng);
-        lora_forward(k, at(m, a->ax[CLIP_K]), mask[CLIP_K], lora_scratch, ln1, weight_f32(m, P->k_w), P->k_b, ad[CLIP_K], (int)N, C, C, &m->rng);
-        lora_forward(v, at(m, a->ax[CLIP_V]), mask[CLIP_V], lora_scratch, ln1, weight_f32(m, P->v_w), P->v_b, ad[CLIP_V], (int)N, C, C, &m->rng);
+        OPS->layernorm_forward(ln1, at(m, a->ln1_mean), at(m, a->ln1_rstd), x, PV(m, P->ln1_w), PV(m, P->ln1_b), (int)N, C, c->layer_norm_eps);
+        OPS->lora_forward(q, at(m, a->ax[CLIP_Q]), mask[CLIP_Q], lora_scratch, ln1, weight_f32(m, P->q_w), PV(m, P->q_b), ad[CLIP_Q], (int)N, C, C, &m->rng);
+        OPS->lora_forward(k, at(m, a->ax[CLIP_K]), mask[CLIP_K], lora_scratch, ln1, weight_f32(m, P->k_w), PV(m, P->k_b), ad[CLIP_K], (int)N, C, C, &m->rng);
+        OPS->lora_forward(v, at(m, a->ax[CLIP_V]), mask[CLIP_V], lora_scratch, ln1, weight_f32(m, P->v_w), PV(m, P->v_b), ad[CLIP_V], (int)N, C, C, &m->rng);
         /* causal: token t sees tokens 0..t only (CLIP was trained left to right) */
-        attention_forward(atty, at(m, a->att), q, k, v, B, T, T, H, Dh, 1);
-        lora_forward(res2, at(m, a->ax[CLIP_O]), mask[CLIP_O], lora_scratch, atty, weight_f32(m, P->o_w), P->o_b, ad[CLIP_O], (int)N, C, C, &m->rng);
-        for (size_t i = 0; i < N * C; i++) res2[i] += x[i];
+        OPS->attention_forward(atty, at(m, a->att), q, k, v, B, T, T, H, Dh, 1);
+        OPS->lora_forward(res2, at(m, a->ax[CLIP_O]), mask[CLIP_O], lora_scratch, atty, weight_f32(m, P->o_w), PV(m, P->o_b), ad[CLIP_O], (int)N, C, C, &m->rng);
+        OPS->accumulate(res2, x, N * C);
         /* MLP branch: x_{l+1} = x' + fc2(act(fc1(ln2(x')))) */
-        layernorm_forward(ln2, at(m, a->ln2_mean), at(m, a->ln2_rstd), res2, P->ln2_w, P->ln2_b, (int)N, C, c->layer_norm_eps);
-        lora_forward(h, at(m, a->ax[CLIP_FC1]), mask[CLIP_FC1], lora_scratch, ln2, weight_f32(m, P->fc1_w), P->fc1_b, ad[CLIP_FC1], (int)N, C, F, &m->rng);
-        if (c->act == CLIP_ACT_GELU) gelu_forward(ha, h, N * F);
-        else quickgelu_forward(ha, h, N * F);
-        lora_forward(xnext, at(m, a->ax[CLIP_FC2]), mask[CLIP_FC2], lora_scratch, ha, weight_f32(m, P->fc2_w), P->fc2_b, ad[CLIP_FC2], (int)N, F, C, &m->rng);
-        for (size_t i = 0; i < N * C; i++) xnext[i] += res2[i];
+        OPS->layernorm_forward(ln2, at(m, a->ln2_mean), at(m, a->ln2_rstd), res2, PV(m, P->ln2_w), PV(m, P->ln2_b), (int)N, C, c->layer_norm_eps);
+        OPS->lora_forward(h, at(m, a->ax[CLIP_FC1]), mask[CLIP_FC1], lora_scratch, ln2, weight_f32(m, P->fc1_w), PV(m, P->fc1_b), ad[CLIP_FC1], (int)N, C, F, &m->rng);
+        if (c->act == CLIP_ACT_GELU) OPS->gelu_forward(ha, h, N * F);
+        else OPS->quickgelu_forward(ha, h, N * F);
+        OPS->lora_forward(xnext, at(m, a->ax[CLIP_FC2]), mask[CLIP_FC2], lora_scratch, ha, weight_f32(m, P->fc2_w), PV(m, P->fc2_b), ad[CLIP_FC2], (int)N, F, C, &m->rng);
+        OPS->accumulate(xnext, res2, N * C);
     }
     /* A1111 and diffusers apply the final layer norm to the skipped-to layer too */
-    layernorm_forward(out, at(m, o->lnf_mean), at(m, o->lnf_rstd), at(m, o->x_final), m->lnf_w, m->lnf_b,
-                      (int)N, C, c->layer_norm_eps);
+    OPS->layernorm_forward(dev ? at(m, o->out) : out, at(m, o->lnf_mean), at(m, o->lnf_rstd), at(m, o->x_final),
+                           PV(m, m->lnf_w), PV(m, m->lnf_b),
+                           (int)N, C, c->layer_norm_eps);
+    if (dev && !m->ops->download(out, at(m, o->out), sizeof(float) * N * C)) return device_error(m);
     m->nrun = nrun;
     return 0;
 }
@@ -677,6 +810,10 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
  * backward: LoRA gradients, and every weight's with full grads */
 
 int clip_backward(clip_t *m, const float *dout) {
+    if (ON_DEVICE(m)) {
+        snprintf(m->err, sizeof m->err, "clip: backward does not run on %s yet (use --device cpu)", m->ops->name);
+        return -1;
+    }
     const clip_config *c = &m->config;
     int C = c->hidden_size, F = c->intermediate_size, H = c->num_heads, Dh = C / H;
     int B = m->B, T = m->T;

@@ -111,6 +111,13 @@ typedef struct {
     arena_t acts;
     struct clip_layout *layout;
     int B, T, nrun, dropout_on;        /* shape, layers run, dropout used by the last forward */
+    /* the operations table (backend.h): NULL = the CPU's; after clip_to_device
+     * a device's, with its copies of params / params16 / lora_params, a
+     * widening buffer, and acts.base in its memory */
+    const struct nn_ops *ops;
+    float *dparams, *dlora_params, *dwbuf;
+    uint16_t *dparams16;
+    const uint16_t *dwbuf_of;
     char err[ST_ERR_LEN];              /* why the last clip_forward/clip_backward failed */
 } clip_t;
 
@@ -178,5 +185,13 @@ void clip_zero_grad(clip_t *m);
 int clip_num_adapters(const clip_t *m);
 /* adapter i (0 <= i < clip_num_adapters), NULL when out of range */
 clip_adapter *clip_adapter_at(clip_t *m, int i);
+
+/* Run clip_forward on ops's device from now on (inference: a training
+ * forward, clip_backward and clip_alloc_grads then refuse): the weights and
+ * the LoRA A, B (unmerged adapters, as they are now) are copied there once,
+ * the activations live there; ids and the embedded tokens (gathered on the
+ * host) go up, out comes down. Returns 0 or -1 (m->err). */
+struct nn_ops;
+int clip_to_device(clip_t *m, const struct nn_ops *ops);
 
 #endif

@@ -135,7 +135,7 @@ static int parse_args(sample_args *a, int argc, char **argv) {
         {"--clip-skip", OPT_INT, &a->clip_skip, 1, 12, NULL, "use the output of the N-th last CLIP layer"},
         {"--out", OPT_STR, &a->out, 0, 0, NULL, "output PNG"},
         {"--threads", OPT_INT, &a->threads, 0, 4096, NULL, "CPU threads (0: all)"},
-        {"--device", OPT_CHOICE, &a->device, 0, 0, "cpu|cuda", "where the UNet runs (cuda: a build with make CUDA=1 and an NVIDIA GPU)"},
+        {"--device", OPT_CHOICE, &a->device, 0, 0, "cpu|cuda", "where the UNet, text encoder and VAE run (cuda: a build with make CUDA=1 and an NVIDIA GPU)"},
     };
     const char *pos[1]; int npos;
     int rc = cli_parse(argc, argv, opts, (int)(sizeof opts / sizeof opts[0]), pos, 0, &npos,
@@ -233,11 +233,14 @@ static int load_model_and_loras(sample_run *r, const sample_args *a) {
         printf("LoRA %s, weight %g (%d modules%s)\n", r->paths[i], (double)r->weights[i], nmod, a->merge ? ", merged" : "");
     }
 #ifdef SDLORA_CUDA
-    /* --device cuda: the sampler's UNet on the GPU, with the LoRAs as they are
-     * now (merged or side branches); the text encoder and VAE on the CPU */
-    if (strcmp(a->device, "cuda") == 0 && unet_to_device(&r->m.unet, nn_ops_cuda())) {
-        fprintf(stderr, "error: --device cuda: %s\n", r->m.unet.err);
-        return 1;
+    /* --device cuda: the sampler's UNet, text encoder and VAE decode on the
+     * GPU, with the LoRAs as they are now (merged or side branches) */
+    if (strcmp(a->device, "cuda") == 0) {
+        const nn_ops *ops = nn_ops_cuda();
+        const char *e = unet_to_device(&r->m.unet, ops) ? r->m.unet.err :
+                        clip_to_device(&r->m.clip, ops) ? r->m.clip.err :
+                        vae_to_device(&r->m.vae, ops) ? r->m.vae.err : NULL;
+        if (e) { fprintf(stderr, "error: --device cuda: %s\n", e); return 1; }
     }
 #endif
     return 0;

@@ -1051,10 +1051,11 @@ static int device_fail(trainer *t, const char *what, char *err) {
 
 /* --device cuda: from here on the UNet's forward and backward, the loss and
  * its gradient, --clip and the UNet LoRA's AdamW run on the GPU
- * (unet_to_device); the latent and text caches, the noise and timestep
- * draws, and the text encoder (--te: its LoRA's AdamW too) stay on the CPU.
- * A step brings down the loss (and with --clip the sum of squares, one
- * double); A, B and the moments come down only to be saved or sampled
+ * (unet_to_device), and the VAE encode and text encoder forward that build
+ * the caches (vae_to_device, clip_to_device); the noise and timestep draws
+ * and the text encoder when it trains (--te: its LoRA's AdamW too) stay on
+ * the CPU. A step brings down the loss (and with --clip the sum of squares,
+ * one double); A, B and the moments come down only to be saved or sampled
  * with (device_to_host). */
 static int to_device(trainer *t, char *err) {
     if (strcmp(t->a->device, "cuda") != 0) return 0;
@@ -1072,8 +1073,11 @@ static int to_device(trainer *t, char *err) {
     }
     if (t->n1 && (!t->dev->upload(t->dopt.m, t->st.opt_unet.m, nb) || !t->dev->upload(t->dopt.v, t->st.opt_unet.v, nb)))
         return device_fail(t, "AdamW state", err);
-    fprintf(stderr, "device: cuda: the UNet's forward and backward, the loss, --clip and the LoRA's AdamW "
-                    "(VAE, text encoder, noise on the CPU)\n");
+    /* the VAE's encode (latent cache) and, unless it trains (--te), the text encoder's forward too */
+    if (vae_to_device(&t->m.vae, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.vae.err); return -1; }
+    if (!t->a->te && clip_to_device(&t->m.clip, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.clip.err); return -1; }
+    fprintf(stderr, "device: cuda: the UNet's forward and backward, the loss, --clip and the LoRA's AdamW, the VAE encode%s "
+                    "(noise draws on the CPU)\n", t->a->te ? " (the text encoder trains on the CPU)" : ", the text encoder");
 #endif
     return 0;
 }
@@ -1880,7 +1884,7 @@ static int parse_args(train_args *a, int argc, char **argv) {
         {"--no-grid", OPT_FLAG, &a->no_grid, 0, 0, NULL, "skip the before/after grid at the end"},
         {"--resume", OPT_STR, &a->resume, 0, 0, NULL, "training state to resume from (OUT/state.safetensors)"},
         {"--threads", OPT_INT, &a->threads, 0, 4096, NULL, "CPU threads (0: all)"},
-        {"--device", OPT_CHOICE, &a->device, 0, 0, "cpu|cuda", "where the UNet's step runs (cuda: a build with make CUDA=1 and an NVIDIA GPU)"},
+        {"--device", OPT_CHOICE, &a->device, 0, 0, "cpu|cuda", "where the UNet's step, the VAE encode and the text encoder run (cuda: a build with make CUDA=1 and an NVIDIA GPU)"},
     };
     enum { NOPTS = (int)(sizeof opts / sizeof opts[0]) };
     int ac, npos, nfile, set_at[NOPTS];

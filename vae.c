@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "vae.h"
+#include "backend.h"
 
 #define VAE_EPS 1e-6f
 #define LOGVAR_MIN -30.0f
@@ -95,7 +96,13 @@ struct vae_net {
     half_net enc, dec;
 };
 
-static inline float *param(const vae_t *v, size_t off) { return v->params + off; }
+/* the operations table every layer runs through (backend.h): the CPU's, or
+ * a device's after vae_to_device, where every pointer is in its memory */
+#define OPS (v->ops ? v->ops : &nn_ops_cpu)
+#define ON_DEVICE(v) ((v)->dparams != NULL)
+
+/* a vector parameter: on a device, its copy at the same offset */
+static inline float *param(const vae_t *v, size_t off) { return (v->dparams ? v->dparams : v->params) + off; }
 static inline float *grad_of(const vae_t *v, size_t off) { return v->grads ? v->grads + off : NULL; }
 /* the activation at offset off */
 static inline float *at(const vae_t *v, size_t off) { return arena_at(&v->acts, off); }
@@ -103,6 +110,15 @@ static inline float *at(const vae_t *v, size_t off) { return arena_at(&v->acts, 
 /* a conv / linear weight of n floats as fp32: the weights themselves, or
  * (held as fp16) widened exactly into wbuf, which then holds that one */
 static const float *weight_f32(vae_t *v, size_t off, size_t n) {
+    if (ON_DEVICE(v)) {
+        /* the device's copy; fp16 widened there into its buffer */
+        if (!v->dparams16) return v->dparams + off;
+        if (v->dwbuf_of != v->dparams16 + off) {
+            OPS->widen_f16(v->dwbuf, v->dparams16 + off, n);
+            v->dwbuf_of = v->dparams16 + off;
+        }
+        return v->dwbuf;
+    }
     if (!v->params16) return v->params + off;
     return half_widen_cached(v->wbuf, &v->wbuf_of, v->params16 + off, n);
 }
@@ -248,62 +264,47 @@ static void vae_layout(vae_t *v, int dec, int B, int H, int W, arena_plan *p) {
 
 static void conv_fwd(vae_t *v, const conv_p *c, float *out, const float *in,
                      int B, int H, int W, int stride, int pad) {
-    conv2d_forward(out, in, weight_f32(v, c->w, conv_numel(c)), param(v, c->b),
+    OPS->conv2d_forward(out, in, weight_f32(v, c->w, conv_numel(c)), param(v, c->b),
                    B, c->cin, H, W, c->cout, c->k, c->k, stride, pad);
 }
 
 static void conv_bwd(vae_t *v, const conv_p *c, float *din, const float *dout, const float *in,
                      int B, int H, int W, int stride, int pad) {
-    conv2d_backward(din, grad_of(v, c->w), grad_of(v, c->b), dout, in, weight_f32(v, c->w, conv_numel(c)),
+    OPS->conv2d_backward(din, grad_of(v, c->w), grad_of(v, c->b), dout, in, weight_f32(v, c->w, conv_numel(c)),
                     B, c->cin, H, W, c->cout, c->k, c->k, stride, pad);
 }
 
 static void gn_fwd(vae_t *v, const norm_p *n, float *out, float *mean, float *rstd,
                    const float *in, int B, int HW) {
-    groupnorm_forward(out, mean, rstd, in, param(v, n->w), param(v, n->b), B, n->C, HW, v->cfg.groups, VAE_EPS);
+    OPS->groupnorm_forward(out, mean, rstd, in, param(v, n->w), param(v, n->b), B, n->C, HW, v->cfg.groups, VAE_EPS);
 }
 
 static void gn_bwd(vae_t *v, const norm_p *n, float *din, const float *dout, const float *in,
                    const float *mean, const float *rstd, int B, int HW) {
-    groupnorm_backward(din, grad_of(v, n->w), grad_of(v, n->b), dout, in, param(v, n->w), mean, rstd,
+    OPS->groupnorm_backward(din, grad_of(v, n->w), grad_of(v, n->b), dout, in, param(v, n->w), mean, rstd,
                        B, n->C, HW, v->cfg.groups);
 }
 
 static void lin_fwd(vae_t *v, const lin_p *l, float *out, const float *in, int N) {
-    linear_forward(out, in, weight_f32(v, l->w, lin_numel(l)), param(v, l->b), N, l->in, l->out);
+    OPS->linear_forward(out, in, weight_f32(v, l->w, lin_numel(l)), param(v, l->b), N, l->in, l->out);
 }
 
 static void lin_bwd(vae_t *v, const lin_p *l, float *din, const float *dout, const float *in, int N) {
-    linear_backward(din, grad_of(v, l->w), grad_of(v, l->b), dout, in, weight_f32(v, l->w, lin_numel(l)),
+    OPS->linear_backward(din, grad_of(v, l->w), grad_of(v, l->b), dout, in, weight_f32(v, l->w, lin_numel(l)),
                     N, l->in, l->out);
 }
 
-/* y += x */
-static void add_to(float *y, const float *x, size_t n) {
-#ifdef _OPENMP
-    #pragma omp parallel for if (n >= 16384)
-#endif
-    for (size_t i = 0; i < n; i++) y[i] += x[i];
-}
+/* y += x (the table's accumulate) */
+#define add_to(y, x, n) OPS->accumulate(y, x, n)
 
 /* out[b][j][i] = in[b][i][j]: (B, R, S) -> (B, S, R). Images (B, C, HW) and
  * token sequences (B, HW, C) are the same numbers in the two orders. */
-static void transpose(float *out, const float *in, int B, int R, int S) {
-    for (int b = 0; b < B; b++) {
-        const float *x = in + (size_t)b * R * S;
-        float *y = out + (size_t)b * R * S;
-#ifdef _OPENMP
-        #pragma omp parallel for if ((size_t)R * S >= 16384)
-#endif
-        for (int j = 0; j < S; j++)
-            for (int i = 0; i < R; i++) y[(size_t)j * R + i] = x[(size_t)i * S + j];
-    }
-}
+#define transpose(out, in, B, R, S) OPS->transpose(out, in, B, R, S)
 
 /* a buffer the backward accumulates into (+=) starts at zero */
 static float *zeroed(vae_t *v, size_t off, size_t n) {
     float *p = at(v, off);
-    memset(p, 0, n * sizeof(float));
+    OPS->zero(p, n);
     return p;
 }
 
@@ -322,10 +323,10 @@ static void resnet_forward(vae_t *v, const layer *L) {
     float *n1 = at(v, L->n1), *a1 = at(v, L->a1), *h1 = at(v, L->h1);
     float *n2 = at(v, L->n2), *a2 = at(v, L->a2), *out = at(v, L->out);
     gn_fwd(v, &L->norm1, n1, at(v, L->mean1), at(v, L->rstd1), x, B, HW);
-    silu_forward(a1, n1, ni);
+    OPS->silu_forward(a1, n1, ni);
     conv_fwd(v, &L->conv1, h1, a1, B, H, W, 1, 1);
     gn_fwd(v, &L->norm2, n2, at(v, L->mean2), at(v, L->rstd2), h1, B, HW);
-    silu_forward(a2, n2, no);
+    OPS->silu_forward(a2, n2, no);
     conv_fwd(v, &L->conv2, out, a2, B, H, W, 1, 1);
     if (L->shortcut.cin) {
         float *s = at(v, L->shortcut_out);
@@ -349,12 +350,12 @@ static void resnet_backward(vae_t *v, const layer *L) {
     float *d_n2_a1 = zeroed(v, L->d_n2_a1, ni > no ? ni : no);
     float *d_n1 = zeroed(v, L->d_n1, ni);
     conv_bwd(v, &L->conv2, d_a2_h1, dy, at(v, L->a2), B, H, W, 1, 1);       /* dL/da2 */
-    silu_backward(d_n2_a1, d_a2_h1, at(v, L->n2), no);                      /* dL/dn2 */
-    memset(d_a2_h1, 0, no * sizeof(float));
+    OPS->silu_backward(d_n2_a1, d_a2_h1, at(v, L->n2), no);                      /* dL/dn2 */
+    OPS->zero(d_a2_h1, no);
     gn_bwd(v, &L->norm2, d_a2_h1, d_n2_a1, at(v, L->h1), at(v, L->mean2), at(v, L->rstd2), B, HW);  /* dL/dh1 */
-    memset(d_n2_a1, 0, ni * sizeof(float));
+    OPS->zero(d_n2_a1, ni);
     conv_bwd(v, &L->conv1, d_n2_a1, d_a2_h1, at(v, L->a1), B, H, W, 1, 1);  /* dL/da1 (cin channels) */
-    silu_backward(d_n1, d_n2_a1, at(v, L->n1), ni);                         /* dL/dn1 */
+    OPS->silu_backward(d_n1, d_n2_a1, at(v, L->n1), ni);                         /* dL/dn1 */
     gn_bwd(v, &L->norm1, dx, d_n1, x, at(v, L->mean1), at(v, L->rstd1), B, HW);
     if (L->shortcut.cin) conv_bwd(v, &L->shortcut, dx, dy, x, B, H, W, 1, 0);
     else add_to(dx, dy, no);
@@ -378,7 +379,7 @@ static void attn_forward(vae_t *v, const layer *L) {
     lin_fwd(v, &L->q, q, t, B * T);
     lin_fwd(v, &L->k, k, t, B * T);
     lin_fwd(v, &L->v, vv, t, B * T);
-    attention_forward(o, v->train ? at(v, L->probs) : NULL, q, k, vv, B, T, T, 1, C, 0);
+    OPS->attention_forward(o, v->train ? at(v, L->probs) : NULL, q, k, vv, B, T, T, 1, C, 0);
     lin_fwd(v, &L->o, p, o, B * T);
     transpose(out, p, B, T, C);
     add_to(out, x, n);
@@ -395,7 +396,7 @@ static void attn_backward(vae_t *v, const layer *L) {
     float *d_attn = zeroed(v, L->d_attn, n);
     lin_bwd(v, &L->o, d_attn, d_proj, at(v, L->attn_out), B * T);
     float *dq = zeroed(v, L->dq, n), *dk = zeroed(v, L->dk, n), *dv = zeroed(v, L->dv, n);
-    attention_backward(dq, dk, dv, d_attn, at(v, L->q_out), at(v, L->k_out), at(v, L->v_out),
+    OPS->attention_backward(dq, dk, dv, d_attn, at(v, L->q_out), at(v, L->k_out), at(v, L->v_out),
                        at(v, L->probs), B, T, T, 1, C, 0);
     float *d_tokens = zeroed(v, L->d_tokens, n);                /* q, k, v all read t */
     lin_bwd(v, &L->q, d_tokens, dq, t, B * T);
@@ -413,17 +414,9 @@ static void attn_backward(vae_t *v, const layer *L) {
  * output pixel's window, so SD checkpoints only match with this one. */
 static void down_forward(vae_t *v, const layer *L) {
     int B = L->B, C = L->cin, H = L->H, W = L->W, Hp = H + 1, Wp = W + 1;
-    const float *x = at(v, L->x);
+    /* xp = F.pad(x, (0, 1, 0, 1)) */
     float *xp = at(v, L->xp);
-    for (int bc = 0; bc < B * C; bc++) {
-        const float *s = x + (size_t)bc * H * W;
-        float *d = xp + (size_t)bc * Hp * Wp;
-        for (int i = 0; i < H; i++) {
-            memcpy(d + (size_t)i * Wp, s + (size_t)i * W, (size_t)W * sizeof(float));
-            d[(size_t)i * Wp + W] = 0.0f;
-        }
-        memset(d + (size_t)H * Wp, 0, (size_t)Wp * sizeof(float));
-    }
+    OPS->pad_br(xp, at(v, L->x), B * C, H, W);
     conv_fwd(v, &L->conv, at(v, L->out), xp, B, Hp, Wp, 2, 0);
 }
 
@@ -433,15 +426,14 @@ static void down_backward(vae_t *v, const layer *L) {
     conv_bwd(v, &L->conv, d_xp, at(v, L->dy), at(v, L->xp), B, Hp, Wp, 2, 0);
     for (int bc = 0; bc < B * C; bc++)          /* the padding's gradient goes nowhere */
         for (int i = 0; i < H; i++)
-            memcpy(dx + ((size_t)bc * H + i) * W, d_xp + ((size_t)bc * Hp + i) * Wp,
-                   (size_t)W * sizeof(float));
+            OPS->copy(dx + ((size_t)bc * H + i) * W, d_xp + ((size_t)bc * Hp + i) * Wp, (size_t)W);
 }
 
 /* Upsample2D: nearest 2x, then a 3x3 conv (pad 1) */
 static void up_forward(vae_t *v, const layer *L) {
     int B = L->B, C = L->cin, H = L->H, W = L->W;
     float *u = at(v, L->xp);
-    upsample2x_forward(u, at(v, L->x), B, C, H, W);
+    OPS->upsample2x_forward(u, at(v, L->x), B, C, H, W);
     conv_fwd(v, &L->conv, at(v, L->out), u, B, 2 * H, 2 * W, 1, 1);
 }
 
@@ -449,7 +441,7 @@ static void up_backward(vae_t *v, const layer *L) {
     int B = L->B, C = L->cin, H = L->H, W = L->W;
     float *du = zeroed(v, L->d_xp, (size_t)B * C * 4 * H * W);
     conv_bwd(v, &L->conv, du, at(v, L->dy), at(v, L->xp), B, 2 * H, 2 * W, 1, 1);
-    upsample2x_backward(zeroed(v, L->dx, in_floats(L)), du, B, C, H, W);
+    OPS->upsample2x_backward(zeroed(v, L->dx, in_floats(L)), du, B, C, H, W);
 }
 
 /* conv_norm_out then conv_act: out = silu(norm(x)) */
@@ -457,13 +449,13 @@ static void normact_forward(vae_t *v, const layer *L) {
     int HW = L->H * L->W;
     float *nx = at(v, L->n1);
     gn_fwd(v, &L->norm1, nx, at(v, L->mean1), at(v, L->rstd1), at(v, L->x), L->B, HW);
-    silu_forward(at(v, L->out), nx, in_floats(L));
+    OPS->silu_forward(at(v, L->out), nx, in_floats(L));
 }
 
 static void normact_backward(vae_t *v, const layer *L) {
     size_t n = in_floats(L);
     float *d_norm = zeroed(v, L->d_norm, n);
-    silu_backward(d_norm, at(v, L->dy), at(v, L->n1), n);
+    OPS->silu_backward(d_norm, at(v, L->dy), at(v, L->n1), n);
     gn_bwd(v, &L->norm1, zeroed(v, L->dx, n), d_norm, at(v, L->x), at(v, L->mean1), at(v, L->rstd1),
            L->B, L->H * L->W);
 }
@@ -495,7 +487,7 @@ static void run_forward(vae_t *v, const half_net *h) {
         case L_NORMACT: normact_forward(v, L); break;
         }
         /* inference: the output moves down onto the dead input */
-        if (L->y != L->out) memmove(at(v, L->y), at(v, L->out), out_floats(L) * sizeof(float));
+        if (L->y != L->out) OPS->move(at(v, L->y), at(v, L->out), out_floats(L));
     }
 }
 
@@ -515,7 +507,7 @@ static void run_backward(vae_t *v, const half_net *h, int need_dx) {
         }
         if (!want) return;
         /* dL/d(input) moves down onto the dead dL/d(output): the layer below's dy */
-        memmove(at(v, L->dy), at(v, L->dx), in_floats(L) * sizeof(float));
+        OPS->move(at(v, L->dy), at(v, L->dx), in_floats(L));
     }
 }
 
@@ -891,7 +883,14 @@ int vae_build_dtype(vae_t *v, const vae_config *c, weight_dtype wdtype, char *er
 void vae_free(vae_t *v) {
     if (v->net) { free(v->net->enc.L); free(v->net->dec.L); free(v->net); }
     free(v->params); free(v->params16); free(v->wbuf); free(v->grads); free(v->table);
-    arena_free(&v->acts);
+    if (v->ops) {
+        if (v->acts.base) v->ops->free(v->acts.base);
+        if (v->dparams) v->ops->free(v->dparams);
+        if (v->dparams16) v->ops->free(v->dparams16);
+        if (v->dwbuf) v->ops->free(v->dwbuf);
+    } else {
+        arena_free(&v->acts);
+    }
     memset(v, 0, sizeof *v);
 }
 
@@ -902,6 +901,10 @@ int vae_param_index(const vae_t *v, const char *name) {
 }
 
 int vae_alloc_grads(vae_t *v) {
+    if (ON_DEVICE(v)) {
+        seterr(v->err, "vae: training the VAE does not run on %s (use --device cpu)", v->ops->name);
+        return -1;
+    }
     if (v->params16) {
         seterr(v->err, "vae: training the VAE needs fp32 weights (load with --weight-dtype fp32)");
         return -1;
@@ -1064,6 +1067,56 @@ int vae_load_diffusers_dtype(vae_t *v, const char *dir, weight_dtype wdtype, cha
 }
 
 /* ---------------------------------------------------------------------------
+ * the device (backend.h) */
+
+/* the table's first error (a failed copy, or one a kernel left) as v->err */
+static int device_error(vae_t *v) {
+    const char *e = v->ops->error();
+    if (e && strncmp(e, "error: ", 7) == 0) e += 7;
+    seterr(v->err, "vae: %s: %s", v->ops->name, e ? e : "a copy failed");
+    return -1;
+}
+
+int vae_to_device(vae_t *v, const nn_ops *ops) {
+    if (!ops->device) { seterr(v->err, "vae: %s is not a device table", ops->name); return -1; }
+    if (v->ops) { seterr(v->err, "vae: already on %s", v->ops->name); return -1; }
+    if (v->grads) {
+        seterr(v->err, "vae: training the VAE does not run on %s (use --device cpu)", ops->name);
+        return -1;
+    }
+    /* as on the host: fp32, or the vectors in fp32 and the matrices in fp16
+     * with a buffer for the largest widened */
+    int f16 = v->params16 != NULL;
+    size_t nvec = f16 ? v->nparams - v->nmat : v->nparams, big = 1;
+    for (int i = 0; f16 && i < v->ntable; i++)
+        if (v->table[i].data16 && v->table[i].numel > big) big = v->table[i].numel;
+    float *d = ops->alloc(sizeof(float) * (nvec ? nvec : 1));
+    uint16_t *d16 = f16 ? ops->alloc(sizeof(uint16_t) * (v->nmat ? v->nmat : 1)) : NULL;
+    float *wb = f16 ? ops->alloc(sizeof(float) * big) : NULL;
+    if (!d || (f16 && (!d16 || !wb)) || !ops->upload(d, v->params, sizeof(float) * nvec) ||
+        (f16 && !ops->upload(d16, v->params16, sizeof(uint16_t) * v->nmat))) {
+        const char *e = ops->error();
+        if (e && strncmp(e, "error: ", 7) == 0) e += 7;
+        seterr(v->err, "vae: cannot copy %.1f MiB of weights to %s: %s",
+               (double)(nvec * 4 + (f16 ? v->nmat * 2 + big * 4 : 0)) / 1048576.0, ops->name,
+               e ? e : "out of memory");
+        if (d) ops->free(d);
+        if (d16) ops->free(d16);
+        if (wb) ops->free(wb);
+        return -1;
+    }
+    arena_free(&v->acts);       /* a host block, if any: the device gets its own */
+    v->enc_floats = 0;
+    v->enc_B = v->dec_B = 0;
+    v->ops = ops;
+    v->dparams = d;
+    v->dparams16 = d16;
+    v->dwbuf = wb;
+    v->dwbuf_of = NULL;
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------
  * running */
 
 int vae_latent_side(const vae_config *c, int side) {
@@ -1096,9 +1149,21 @@ int vae_alloc_acts(vae_t *v, int B, int H, int W, int train) {
     v->enc_floats = p.peak;
     p = half_plan(v, 1);
     vae_layout(v, 1, B, h, w, &p);
-    if (arena_alloc(&v->acts, &p)) {
+    int fail;
+    if (ON_DEVICE(v)) {
+        /* the same plan, one allocation in the device's memory */
+        if (v->acts.base) v->ops->free(v->acts.base);
+        v->acts.nfloats = 0;
+        v->acts.base = v->ops->alloc(sizeof(float) * (p.peak ? p.peak : 1));
+        fail = v->acts.base == NULL;
+        if (!fail) v->acts.nfloats = p.peak;
+        else v->ops->error();                /* the message is ours below */
+    } else {
+        fail = arena_alloc(&v->acts, &p) != 0;
+    }
+    if (fail) {
         v->enc_floats = 0;
-        seterr(v->err, "vae: out of memory for %zu activation floats", p.peak);
+        seterr(v->err, "vae: out of %s memory for %zu activation floats", ON_DEVICE(v) ? v->ops->name : "host", p.peak);
         return -1;
     }
     v->B = B; v->H = H; v->W = W;
@@ -1133,7 +1198,12 @@ static int encode_moments(vae_t *v, const float *img, int B, int H, int W) {
     }
     if (layout_for_call(v, 0, B, H, W)) return -1;
     const half_net *enc = &v->net->enc;
-    memcpy(at(v, enc->in), img, (size_t)B * v->cfg.in_channels * H * W * sizeof(float));
+    size_t nin = (size_t)B * v->cfg.in_channels * H * W;
+    if (ON_DEVICE(v)) {
+        if (!v->ops->upload(at(v, enc->in), img, nin * sizeof(float))) return device_error(v);
+    } else {
+        memcpy(at(v, enc->in), img, nin * sizeof(float));
+    }
     run_forward(v, enc);
     if (v->train) { v->enc_B = B; v->enc_H = H; v->enc_W = W; }
     return 0;
@@ -1146,6 +1216,14 @@ int vae_encode(vae_t *v, float *mean, float *logvar, const float *img, int B, in
     /* moments = [mean | logvar] along channels; logvar = clamp(logvar, -30, 20) */
     int Lc = v->cfg.latent_channels;
     size_t hw = (size_t)h * w, per = (size_t)Lc * hw;
+    float *host = NULL;
+    if (ON_DEVICE(v)) {
+        /* the moments come down; the split and clamp run here */
+        host = malloc(sizeof(float) * 2 * per * B);
+        if (!host) { seterr(v->err, "vae: out of memory"); return -1; }
+        if (!v->ops->download(host, m, sizeof(float) * 2 * per * B)) { free(host); return device_error(v); }
+        m = host;
+    }
     for (int b = 0; b < B; b++) {
         const float *mb = m + (size_t)b * 2 * per;
         memcpy(mean + b * per, mb, per * sizeof(float));
@@ -1154,6 +1232,7 @@ int vae_encode(vae_t *v, float *mean, float *logvar, const float *img, int B, in
             logvar[b * per + i] = lv < LOGVAR_MIN ? LOGVAR_MIN : lv > LOGVAR_MAX ? LOGVAR_MAX : lv;
         }
     }
+    free(host);
     return 0;
 }
 
@@ -1192,6 +1271,10 @@ int vae_encode_latents(vae_t *v, float *latents, const float *img, const float *
 /* backward reads the weights as the forward did, but it exists to train the
  * VAE (tools/tiny_base.c), and that needs fp32 weights */
 static int refuse_f16(vae_t *v) {
+    if (ON_DEVICE(v)) {
+        seterr(v->err, "vae: backward does not run on %s (use --device cpu)", v->ops->name);
+        return -1;
+    }
     if (!v->params16) return 0;
     seterr(v->err, "vae: backward needs fp32 weights (load with --weight-dtype fp32)");
     return -1;
@@ -1233,11 +1316,23 @@ static int decode(vae_t *v, float *img, const float *z, int B, int h, int w, flo
     if (layout_for_call(v, 1, B, h, w)) return -1;
     const half_net *dec = &v->net->dec;
     size_t n = (size_t)B * v->cfg.latent_channels * h * w;
-    float *x = at(v, dec->in);
+    float *x = ON_DEVICE(v) ? malloc(sizeof(float) * n) : at(v, dec->in);
+    if (!x) { seterr(v->err, "vae: out of memory"); return -1; }
     for (size_t i = 0; i < n; i++) x[i] = z[i] * in_scale + in_shift;
+    if (ON_DEVICE(v)) {
+        /* scaled here, then up */
+        int ok = v->ops->upload(at(v, dec->in), x, sizeof(float) * n);
+        free(x);
+        if (!ok) return device_error(v);
+    }
     run_forward(v, dec);
     int f = 1 << (v->cfg.nlevels - 1);
-    memcpy(img, at(v, dec->out), (size_t)B * v->cfg.out_channels * h * f * w * f * sizeof(float));
+    size_t nimg = (size_t)B * v->cfg.out_channels * h * f * w * f;
+    if (ON_DEVICE(v)) {
+        if (!v->ops->download(img, at(v, dec->out), sizeof(float) * nimg)) return device_error(v);
+    } else {
+        memcpy(img, at(v, dec->out), nimg * sizeof(float));
+    }
     if (v->train) { v->dec_B = B; v->dec_h = h; v->dec_w = w; v->dec_in_scale = in_scale; }
     return 0;
 }

@@ -68,6 +68,7 @@ typedef struct {
 } vae_param;
 
 struct vae_net;                      /* the module tree, private to vae.c */
+struct nn_ops;                       /* backend.h */
 
 typedef struct {
     vae_config cfg;
@@ -95,6 +96,15 @@ typedef struct {
     int enc_B, enc_H, enc_W;         /* last training-mode encoder forward (0: none) */
     int dec_B, dec_h, dec_w;         /* last training-mode decoder forward (0: none) */
     float dec_in_scale;              /* d(decoder input)/d(caller's input): 1 or 1/scaling */
+
+    /* the operations table the layers run through (backend.h): NULL = the
+     * CPU's; after vae_to_device a device's, with its copies of params /
+     * params16, a widening buffer, and acts.base in its memory */
+    const struct nn_ops *ops;
+    float *dparams;
+    uint16_t *dparams16;
+    float *dwbuf;
+    const uint16_t *dwbuf_of;
 
     char err[VAE_ERR_LEN];           /* why the last call returned -1 */
 } vae_t;
@@ -190,5 +200,12 @@ int vae_decode_latents(vae_t *v, float *img, const float *latents, int B, int h,
  *   grads += dL/dweights                                       when allocated
  * Returns 0 or -1. */
 int vae_decoder_backward(vae_t *v, const float *dimg, float *dlatent);
+
+/* Run the forward (encode, decode) on ops's device from now on: the weights
+ * are copied there once, vae_alloc_acts allocates the activations there (the
+ * same offsets), and each call uploads its input and downloads its output
+ * (the API stays host arrays). Backward and vae_alloc_grads then refuse.
+ * Call before vae_alloc_acts. Returns 0 or -1 (v->err). */
+int vae_to_device(vae_t *v, const struct nn_ops *ops);
 
 #endif

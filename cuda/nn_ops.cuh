@@ -444,6 +444,13 @@ HD float transpose_elem(const floatX *in, int R, int S, size_t i) {
     size_t r = i % (size_t)R, bs = i / (size_t)R, s = bs % (size_t)S, b = bs / (size_t)S;
     return ldx(in[(b * R + r) * S + s]);
 }
+// out (BC, H+1, W+1) from in (BC, H, W) padded with a zero row at the bottom
+// and a zero column at the right: element i = (bc, y, x) of out is
+// in[bc, y, x] inside, 0 on the pad
+HD float pad_br_elem(const floatX *in, int H, int W, size_t i) {
+    size_t Wp = (size_t)W + 1, x = i % Wp, yb = i / Wp, y = yb % ((size_t)H + 1), bc = yb / ((size_t)H + 1);
+    return y < (size_t)H && x < (size_t)W ? ldx(in[(bc * H + y) * W + x]) : 0.0f;
+}
 // y (B, C, HW) += v per channel: element i belongs to channel b C + c = i / HW
 HD float add_chan_elem(float y, const float *v, size_t HW, size_t i) { return y + v[i / HW]; }
 // an fp16 bit pattern as float, exactly (half.c's half_to_float, branch by

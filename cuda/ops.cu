@@ -58,6 +58,36 @@ static void widen_f16_cuda(float *dst, const uint16_t *src, size_t n) {
     KERNEL_CHECK("widen_f16_kernel");
 }
 
+// out (BC, H+1, W+1) = in zero-padded at the bottom and right, one thread per
+// output element (the VAE encoder's downsamplers)
+__global__ static void pad_br_kernel(floatX *out, const floatX *in, int H, int W, size_t n) {
+    GRID_STRIDE(i, n) out[i] = stx(pad_br_elem(in, H, W, i));
+}
+static void pad_br_cuda(float *out, const float *in, int BC, int H, int W) {
+    size_t n = (size_t)BC * (H + 1) * (W + 1);
+    if (n == 0) return;
+    pad_br_kernel<<<grid_for(n, TPB), TPB>>>(out, in, H, W, n);
+    KERNEL_CHECK("pad_br_kernel");
+}
+
+// memmove on the device: cudaMemcpy's ranges must not overlap, so an
+// overlapping move goes through a temporary (the VAE's inference layout moves
+// a layer's output down onto its input, once per layer)
+static void move_cuda(float *dst, const float *src, size_t n) {
+    if (n == 0 || dst == src) return;
+    size_t bytes = n * sizeof(float);
+    const char *d = (const char *)dst, *s = (const char *)src;
+    if (d + bytes <= s || s + bytes <= d) {
+        CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
+        return;
+    }
+    float *tmp = (float *)cuda_alloc(bytes);
+    if (!tmp) return;
+    CUDA_CHECK(cudaMemcpy(tmp, src, bytes, cudaMemcpyDeviceToDevice));
+    CUDA_CHECK(cudaMemcpy(dst, tmp, bytes, cudaMemcpyDeviceToDevice));
+    cuda_free(tmp);
+}
+
 static void copy_cuda(float *dst, const float *src, size_t n) {
     if (n) CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice));
 }
@@ -81,6 +111,8 @@ extern "C" const nn_ops *nn_ops_cuda(void) {
     t.add_chan = add_chan_cuda;
     t.sum_chan = sum_chan_cuda;
     t.widen_f16 = widen_f16_cuda;
+    t.move = move_cuda;
+    t.pad_br = pad_br_cuda;
     t.gemm = gemm_cuda;
     t.linear_forward = linear_forward_cuda;
     t.linear_backward = linear_backward_cuda;
@@ -92,6 +124,8 @@ extern "C" const nn_ops *nn_ops_cuda(void) {
     t.layernorm_backward = layernorm_backward_cuda;
     t.silu_forward = silu_forward_cuda;
     t.silu_backward = silu_backward_cuda;
+    t.gelu_forward = gelu_forward_cuda;
+    t.quickgelu_forward = quickgelu_forward_cuda;
     t.geglu_forward = geglu_forward_cuda;
     t.geglu_backward = geglu_backward_cuda;
     t.upsample2x_forward = upsample2x_forward_cuda;

@@ -33,6 +33,8 @@ extern "C" {
 #include "../ddpm.h"
 #include "cuda.h"
 #include "../unet.h"
+#include "../vae.h"
+#include "../clip.h"
 #include "../half.h"
 }
 
@@ -853,6 +855,16 @@ static void emu_sum_chan(float *out, const float *x, int B, int C, size_t HW) {
 static void emu_widen_f16(float *dst, const uint16_t *src, size_t n) {
     for (size_t i = 0; i < n; i++) dst[i] = half_bits_to_float(src[i]);
 }
+static void emu_move(float *dst, const float *src, size_t n) { if (n) memmove(dst, src, n * sizeof(float)); }
+static void emu_pad_br(float *out, const float *in, int BC, int H, int W) {   // pad_br_kernel
+    for (size_t i = 0; i < (size_t)BC * (H + 1) * (W + 1); i++) out[i] = stx(pad_br_elem(in, H, W, i));
+}
+static void emu_gelu_fwd(float *out, const float *inp, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = stx(gelu_fwd(ldx(inp[i])));
+}
+static void emu_quickgelu_fwd(float *out, const float *inp, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = stx(quickgelu_fwd(ldx(inp[i])));
+}
 static void emu_gn_bwd(float *dinp, float *dw, float *db, const float *dout, const float *inp, const float *w,
                        const float *mean, const float *rstd, int B, int C, int HW, int G) {
     if (!dinp && !dw && !db) return;
@@ -925,6 +937,8 @@ static void emu_init(void) {
     t.copy = emu_copy; t.zero = HostBK::zero; t.add = emu_add; t.accumulate = emu_accumulate;
     t.transpose = emu_transpose; t.add_chan = emu_add_chan; t.sum_chan = emu_sum_chan;
     t.widen_f16 = emu_widen_f16;
+    t.move = emu_move; t.pad_br = emu_pad_br;
+    t.gelu_forward = emu_gelu_fwd; t.quickgelu_forward = emu_quickgelu_fwd;
     t.gemm = HostBK::gemm;
     t.linear_forward = linear_forward_t<HostBK>;
     t.linear_backward = linear_backward_t<HostBK>;
@@ -1132,6 +1146,117 @@ static void test_train_emulated(void) {
     E->free(od.m); E->free(od.v); E->free(dtarget); E->free(dwt);
     adamw_free(&oc); adamw_free(&oh);
     unet_free(&uc); unet_free(&ue);
+/* The VAE (models/tiny/vae: three levels, mid attention) through
+ * vae_to_device on the emulated device against the CPU: the latent cache's
+ * encode (mean, logvar, and the scaled posterior sample) and the sampler's
+ * decode, with fp32- and fp16-held weights, the host's copies of the weights
+ * poisoned after the upload (a pointer left untranslated reads NaN). */
+static void test_vae_emulated(void) {
+    emu_init();
+    for (int run = 0; run < 2; run++) {
+        weight_dtype dt = run ? WEIGHT_F16 : WEIGHT_F32;
+        const char *wn = run ? ", fp16 weights" : "";
+        char err[VAE_ERR_LEN], name[160];
+        vae_t vc, ve;
+        if (vae_load_diffusers_dtype(&vc, "models/tiny/vae", dt, err) ||
+            vae_load_diffusers_dtype(&ve, "models/tiny/vae", dt, err)) {
+            printf("note: %s\n", err);
+            expect_true("tiny VAE loads (models/tiny/vae)", 0);
+            return;
+        }
+        expect_true("vae_to_device(host-emulated device)", vae_to_device(&ve, &nn_ops_emu) == 0);
+        size_t nvec = ve.params16 ? ve.nparams - ve.nmat : ve.nparams;
+        expect_true("the emulated device holds its own copy of the VAE's weights",
+                    ve.dparams && ve.dparams != ve.params && memcmp(ve.dparams, ve.params, sizeof(float) * nvec) == 0);
+        for (size_t i = 0; i < nvec; i++) ve.params[i] = NAN;
+        for (size_t i = 0; ve.params16 && i < ve.nmat; i++) ve.params16[i] = 0x7E00;
+        int B = 2, H = 20, W = 24, h = vae_latent_side(&vc.cfg, H), w = vae_latent_side(&vc.cfg, W);
+        size_t nimg = (size_t)B * 3 * H * W, nlat = (size_t)B * vc.cfg.latent_channels * h * w;
+        vec img = randv(nimg, -1.0f, 1.0f, 301), noise = randv(nlat, -1.0f, 1.0f, 302);
+        vec mc(nlat), me(nlat), lc(nlat), le(nlat), zc(nlat), ze(nlat);
+        int ok = vae_alloc_acts(&vc, B, H, W, 0) == 0 && vae_alloc_acts(&ve, B, H, W, 0) == 0 &&
+                 vae_encode(&vc, mc.data(), lc.data(), img.data(), B, H, W) == 0 &&
+                 vae_encode(&ve, me.data(), le.data(), img.data(), B, H, W) == 0 &&
+                 vae_encode_latents(&vc, zc.data(), img.data(), noise.data(), B, H, W) == 0 &&
+                 vae_encode_latents(&ve, ze.data(), img.data(), noise.data(), B, H, W) == 0;
+        expect_true("emulated device: VAE encode runs", ok);
+        if (!ok) printf("note: %s / %s\n", vc.err, ve.err);
+        if (ok) {
+            snprintf(name, sizeof name, "emulated device: VAE encode mean, logvar%s", wn);
+            expect(name, fmax(rel_err(me.data(), mc.data(), nlat), rel_err(le.data(), lc.data(), nlat)), FWD);
+            snprintf(name, sizeof name, "emulated device: VAE latents (posterior sample, scaled)%s", wn);
+            expect_close(name, ze, zc, FWD);
+        }
+        // decode the CPU's latents on both (B = 1 and 2: a smaller call than the block)
+        vec oc(nimg), oe(nimg);
+        for (int b = 1; ok && b <= 2; b++) {
+            ok = vae_decode_latents(&vc, oc.data(), zc.data(), b, h, w) == 0 &&
+                 vae_decode_latents(&ve, oe.data(), zc.data(), b, h, w) == 0;
+            expect_true("emulated device: VAE decode runs", ok);
+            if (!ok) { printf("note: %s / %s\n", vc.err, ve.err); break; }
+            snprintf(name, sizeof name, "emulated device: VAE decode, batch %d%s", b, wn);
+            size_t n = nimg / 2 * b;
+            expect(name, rel_err(oe.data(), oc.data(), n), FWD);
+        }
+        expect_true("emulated device: VAE backward refuses, one line",
+                    vae_decoder_backward(&ve, oc.data(), NULL) == -1 && strstr(ve.err, "does not run on") &&
+                    vae_alloc_grads(&ve) == -1);
+        vae_free(&vc); vae_free(&ve);
+    }
+}
+
+/* CLIP (models/tiny/text_encoder) through clip_to_device against the CPU:
+ * the forward at clip_skip 1 and 2, with unmerged LoRA adapters (B made
+ * non-zero), fp32- and fp16-held weights; the host's weights (all but the
+ * embeddings, which the host gathers) and LoRA A, B poisoned after the upload. */
+static void test_clip_emulated(void) {
+    emu_init();
+    for (int run = 0; run < 2; run++) {
+        weight_dtype dt = run ? WEIGHT_F16 : WEIGHT_F32;
+        const char *wn = run ? ", fp16 weights" : "";
+        char err[ST_ERR_LEN], name[160];
+        clip_t cc, ce;
+        if (clip_load_hf_dtype(&cc, "models/tiny/text_encoder", dt, err) ||
+            clip_load_hf_dtype(&ce, "models/tiny/text_encoder", dt, err)) {
+            printf("note: %s\n", err);
+            expect_true("tiny CLIP loads (models/tiny/text_encoder)", 0);
+            return;
+        }
+        int ok = clip_add_lora(&cc, 4, 4.0f, 0.0f, 11, err) == 0 && clip_add_lora(&ce, 4, 4.0f, 0.0f, 11, err) == 0;
+        expect_true("tiny CLIP takes LoRA", ok);
+        if (!ok) { clip_free(&cc); clip_free(&ce); return; }
+        rng_t r;
+        rng_seed(&r, 9);
+        for (size_t i = 0; i < cc.num_lora_params; i++) cc.lora_params[i] = ce.lora_params[i] = 0.1f * (rng_uniform(&r) - 0.5f);
+        expect_true("clip_to_device(host-emulated device)", clip_to_device(&ce, &nn_ops_emu) == 0);
+        for (int i = 0; i < ce.ntable; i++) {
+            clip_param *p = &ce.table[i];
+            if (p == ce.tok_emb || p == ce.pos_emb) continue;
+            for (size_t k = 0; k < p->numel; k++) {
+                if (p->data) p->data[k] = NAN;
+                else p->data16[k] = 0x7E00;
+            }
+        }
+        for (size_t i = 0; i < ce.num_lora_params; i++) ce.lora_params[i] = NAN;
+        int B = 2, T = cc.config.max_pos, C = cc.config.hidden_size;
+        std::vector<int> ids((size_t)B * T);
+        for (size_t i = 0; i < ids.size(); i++) ids[i] = (int)(rng_u64(&r) % (uint64_t)cc.config.vocab_size);
+        size_t n = (size_t)B * T * C;
+        vec oc(n), oe(n);
+        for (int skip = 1; skip <= 2; skip++) {
+            ok = clip_forward(&cc, oc.data(), ids.data(), B, T, skip) == 0 &&
+                 clip_forward(&ce, oe.data(), ids.data(), B, T, skip) == 0;
+            expect_true("emulated device: CLIP forward runs", ok);
+            if (!ok) { printf("note: %s / %s\n", cc.err, ce.err); break; }
+            snprintf(name, sizeof name, "emulated device: CLIP forward with LoRA, clip_skip %d%s", skip, wn);
+            expect_close(name, oe, oc, FWD);
+        }
+        ce.training = 1;
+        expect_true("emulated device: a training CLIP forward and backward refuse, one line",
+                    clip_forward(&ce, oe.data(), ids.data(), B, T, 1) == -1 && strstr(ce.err, "does not run on") &&
+                    clip_backward(&ce, oe.data()) == -1);
+        clip_free(&cc); clip_free(&ce);
+    }
 }
 
 /* a build without CUDA=1: cuda.h's fallback check, as a C program sees it
@@ -1178,6 +1303,8 @@ int main(void) {
     test_ddpm();
     test_unet_emulated();
     test_train_emulated();
+    test_vae_emulated();
+    test_clip_emulated();
     test_device_check();
     test_not_built();
     char err[CUDA_ERR_LEN];

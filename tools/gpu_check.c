@@ -5,6 +5,10 @@
  *                               training steps (eps, every dA/dB, dx, dctx), one
  *                               checkpointed, an inference forward, and a step with
  *                               the weights held as fp16; rel err <= 1e-4 each
+ *   gpu_check tiny-vae-clip DIR the VAE and text encoder of DIR (models/tiny) on both:
+ *                               encode (mean, logvar) and decode of a batch of 2, and
+ *                               the text encoder's forward with LoRA (B random),
+ *                               fp32 and fp16-held weights; rel err <= 1e-4 each
  *   gpu_check sd15 [SIDE [TSIDE]] SD1.5's architecture (859,520,964 parameters) made in
  *                               memory with random weights (no file, no network):
  *                               one training step compared with the CPU at SIDE x SIDE
@@ -28,6 +32,8 @@
 #include <time.h>
 #include "unet.h"
 #include "backend.h"
+#include "vae.h"
+#include "clip.h"
 #include "ddpm.h"
 #include "cuda/cuda.h"
 
@@ -151,6 +157,47 @@ static void check_tiny(const char *dir, weight_dtype dt) {
     }
     unet_free(&cpu);
     unet_free(&dev);
+}
+
+/* models/tiny's VAE (encode, decode) and text encoder (forward with LoRA) */
+static void check_tiny_vae_clip(const char *dir, weight_dtype dt) {
+    char path[1024], err[VAE_ERR_LEN > ST_ERR_LEN ? VAE_ERR_LEN : ST_ERR_LEN];
+    const char *wn = weight_dtype_name(dt);
+    vae_t vc, vd;
+    snprintf(path, sizeof path, "%s/vae", dir);
+    if (vae_load_diffusers_dtype(&vc, path, dt, err) || vae_load_diffusers_dtype(&vd, path, dt, err)) die(path, err);
+    if (vae_to_device(&vd, device_ops())) die(path, vd.err);
+    int B = 2, H = 64, W = 48, h = vae_latent_side(&vc.cfg, H), w = vae_latent_side(&vc.cfg, W);
+    size_t ni = (size_t)B * 3 * H * W, nl = (size_t)B * vc.cfg.latent_channels * h * w;
+    float *img = randv(ni, -1, 1, 301), *mc = malloc(4 * nl), *md = malloc(4 * nl), *lc = malloc(4 * nl), *ld = malloc(4 * nl);
+    float *oc = malloc(4 * ni), *od = malloc(4 * ni);
+    if (vae_alloc_acts(&vc, B, H, W, 0) || vae_alloc_acts(&vd, B, H, W, 0)) die(path, vc.err[0] ? vc.err : vd.err);
+    if (vae_encode(&vc, mc, lc, img, B, H, W) || vae_encode(&vd, md, ld, img, B, H, W)) die(path, vc.err[0] ? vc.err : vd.err);
+    char label[128];
+    snprintf(label, sizeof label, "tiny VAE (%s), encode mean", wn); expect(label, rel_err(md, mc, nl), 1e-4);
+    snprintf(label, sizeof label, "tiny VAE (%s), encode logvar", wn); expect(label, rel_err(ld, lc, nl), 1e-4);
+    if (vae_decode_latents(&vc, oc, mc, B, h, w) || vae_decode_latents(&vd, od, mc, B, h, w)) die(path, vc.err[0] ? vc.err : vd.err);
+    snprintf(label, sizeof label, "tiny VAE (%s), decode", wn); expect(label, rel_err(od, oc, ni), 1e-4);
+    free(img); free(mc); free(md); free(lc); free(ld); free(oc); free(od);
+    vae_free(&vc); vae_free(&vd);
+
+    clip_t cc, cd;
+    snprintf(path, sizeof path, "%s/text_encoder", dir);
+    if (clip_load_hf_dtype(&cc, path, dt, err) || clip_load_hf_dtype(&cd, path, dt, err)) die(path, err);
+    if (clip_add_lora(&cc, 4, 4.0f, 0.0f, 11, err) || clip_add_lora(&cd, 4, 4.0f, 0.0f, 11, err)) die(path, err);
+    rng_t r;
+    rng_seed(&r, 9);
+    for (size_t i = 0; i < cc.num_lora_params; i++) cc.lora_params[i] = cd.lora_params[i] = 0.1f * (rng_uniform(&r) - 0.5f);
+    if (clip_to_device(&cd, device_ops())) die(path, cd.err);
+    int T = cc.config.max_pos;
+    size_t n = (size_t)B * T * cc.config.hidden_size;
+    int *ids = malloc(sizeof(int) * B * T);
+    for (int i = 0; i < B * T; i++) ids[i] = (int)(rng_u64(&r) % (uint64_t)cc.config.vocab_size);
+    float *xc = malloc(4 * n), *xd = malloc(4 * n);
+    if (clip_forward(&cc, xc, ids, B, T, 1) || clip_forward(&cd, xd, ids, B, T, 1)) die(path, cc.err[0] ? cc.err : cd.err);
+    snprintf(label, sizeof label, "tiny text encoder (%s), forward with LoRA", wn); expect(label, rel_err(xd, xc, n), 1e-4);
+    free(ids); free(xc); free(xd);
+    clip_free(&cc); clip_free(&cd);
 }
 
 /* SD1.5's unet/config.json (the keys that matter) */
@@ -314,10 +361,15 @@ int main(int argc, char **argv) {
         check_tiny(argv[2], WEIGHT_F32);
         check_tiny(argv[2], WEIGHT_F16);
     }
+    else if (argc >= 3 && strcmp(argv[1], "tiny-vae-clip") == 0) {
+        printf("tiny VAE and text encoder (%s), on %s\n", argv[2], device_ops()->name);
+        check_tiny_vae_clip(argv[2], WEIGHT_F32);
+        check_tiny_vae_clip(argv[2], WEIGHT_F16);
+    }
     else if (argc >= 2 && strcmp(argv[1], "sd15") == 0) check_sd15(argc >= 3 ? atoi(argv[2]) : 16, argc >= 4 ? atoi(argv[3]) : 64);
     else if (argc >= 5 && strcmp(argv[1], "cmp-lora") == 0) cmp_lora(argv[2], argv[3], atof(argv[4]));
     else {
-        fprintf(stderr, "usage: gpu_check tiny DIR | sd15 [SIDE [TSIDE]] | cmp-lora A B TOL\n");
+        fprintf(stderr, "usage: gpu_check tiny DIR | tiny-vae-clip DIR | sd15 [SIDE [TSIDE]] | cmp-lora A B TOL\n");
         return 2;
     }
     if (g_fail) printf("%d comparison(s) FAILED\n", g_fail);

@@ -10,8 +10,8 @@
 #      host-emulated device, and, with a GPU, every *_cuda function against
 #      the CPU (make CUDA=1 test-cuda)
 #   3. --device errors (tests/test_programs.c:test_device, the CUDA build)
-#   4. models/tiny's UNet, cuda against cpu (fp32 and fp16-held weights):
-#      eps, LoRA dA/dB, dx, dctx,
+#   4. models/tiny's UNet, VAE and text encoder, cuda against cpu (fp32 and fp16-held weights):
+#      eps, LoRA dA/dB, dx, dctx; VAE mean, logvar, decoded image; CLIP context,
 #      rel err <= 1e-4
 #   5. ./train data/ --steps 20 --batch 1 --clip-grad 1, cpu and cuda: the two LoRAs within 1e-2
 #      (batch 1: the CPU trainer's mse_loss_backward call is wrong above
@@ -74,8 +74,9 @@ grep -v '^ok  ' "$T/test_cuda_host.log"
 part "3. --device errors (test_programs, test_device)"
 CK_RUN_CASE=test_device run 60 - "./$B/test_programs"
 
-part "4. models/tiny UNet, cuda against cpu"
+part "4. models/tiny UNet, VAE and text encoder, cuda against cpu"
 run 120 - "./$B/gpu_check" tiny models/tiny/unet
+run 60 - "./$B/gpu_check" tiny-vae-clip models/tiny
 
 part "5. ./train data/ --steps 20 --batch 1 --clip-grad 1: cpu, then cuda"
 for dev in cpu cuda; do
