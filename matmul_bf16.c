@@ -63,8 +63,12 @@
 
 #define MR 12
 #define NR 32
-#define KC 512          /* even: K is cut into pairs; B strip KC/2 x NR words = 32 KB */
-#define MC_MAX 192      /* A block 192 x 256 words = 192 KB (L2) */
+#ifndef KC
+#define KC 512
+#endif          /* even: K is cut into pairs; B strip KC/2 x NR words = 32 KB */
+#ifndef MC_MAX
+#define MC_MAX 192
+#endif      /* A block 192 x 256 words = 192 KB (L2) */
 #define NC_MAX 1024     /* B panel 256 x 1024 words = 1 MB */
 #define KQ (KC / 2)     /* pairs per K block */
 
@@ -229,27 +233,48 @@ static void micro_kernel(int kq, const uint32_t *a, const uint32_t *b, float *C,
 static void pack_a(uint32_t *restrict dst, const float *restrict A, int lda, int transA,
                    int i0, int mrows, int p0, int kc) {
     int kq = (kc + 1) / 2, nstrips = (mrows + MR - 1) / MR;
-    for (int s = 0; s < nstrips; s++) {
-        uint32_t *d = dst + (size_t)s * KQ * MR;
-        int mr = mrows - s * MR < MR ? mrows - s * MR : MR;
-        if (mr < MR || (kc & 1)) memset(d, 0, (size_t)kq * MR * sizeof *d);
-        if (!transA) {
-            /* A stored M x K: each row contiguous along p */
-            for (int i = 0; i < mr; i++) {
-                const float *r = A + (size_t)(i0 + s * MR + i) * lda + p0;
-                for (int q = 0; q < kc / 2; q++) d[q * MR + i] = pair(r[2 * q], r[2 * q + 1]);
-                if (kc & 1) d[(kc / 2) * MR + i] = pair(r[kc - 1], 0.0f);
+    int last = mrows - (nstrips - 1) * MR;          /* rows in the last strip */
+    if (last < MR || (kc & 1))
+        for (int s = 0; s < nstrips; s++) memset(dst + (size_t)s * KQ * MR, 0, (size_t)kq * MR * sizeof *dst);
+    if (!transA) {
+        /* A stored M x K: each row contiguous along p; 16 pairs of a row
+         * at a time into a small block (vectorised), then that block's
+         * columns into the strip */
+        for (int s = 0; s < nstrips; s++) {
+            uint32_t *d = dst + (size_t)s * KQ * MR;
+            int mr = s == nstrips - 1 ? last : MR;
+            const float *r[MR];
+            for (int i = 0; i < mr; i++) r[i] = A + (size_t)(i0 + s * MR + i) * lda + p0;
+            int q = 0;
+            for (; q + 16 <= kc / 2; q += 16) {
+                uint32_t t[MR][16];
+                for (int i = 0; i < mr; i++)
+                    for (int k = 0; k < 16; k++) t[i][k] = pair(r[i][2 * (q + k)], r[i][2 * (q + k) + 1]);
+                for (int k = 0; k < 16; k++)
+                    for (int i = 0; i < mr; i++) d[(q + k) * MR + i] = t[i][k];
             }
-        } else {
-            /* A stored K x M: rows p, p+1 both contiguous along i */
-            for (int q = 0; q < kq; q++) {
-                const float *r0 = A + (size_t)(p0 + 2 * q) * lda + i0 + s * MR;
-                const float *r1 = r0 + lda;
-                uint32_t *dq = d + q * MR;
-                if (2 * q + 1 < kc) {
-                    for (int i = 0; i < mr; i++) dq[i] = pair(r0[i], r1[i]);
+            for (int i = 0; i < mr; i++) {
+                for (int qq = q; qq < kc / 2; qq++) d[qq * MR + i] = pair(r[i][2 * qq], r[i][2 * qq + 1]);
+                if (kc & 1) d[(kc / 2) * MR + i] = pair(r[i][kc - 1], 0.0f);
+            }
+        }
+    } else {
+        /* A stored K x M: rows p, p+1 walked whole, across all the strips */
+        for (int q = 0; q < kq; q++) {
+            const float *r0 = A + (size_t)(p0 + 2 * q) * lda + i0;
+            const float *r1 = 2 * q + 1 < kc ? r0 + lda : NULL;
+            for (int s = 0; s < nstrips; s++) {
+                uint32_t *dq = dst + (size_t)s * KQ * MR + (size_t)q * MR;
+                const float *a0 = r0 + s * MR;
+                int mr = s == nstrips - 1 ? last : MR;
+                if (r1 && mr == MR) {
+                    const float *a1 = r1 + s * MR;
+                    for (int i = 0; i < MR; i++) dq[i] = pair(a0[i], a1[i]);
+                } else if (r1) {
+                    const float *a1 = r1 + s * MR;
+                    for (int i = 0; i < mr; i++) dq[i] = pair(a0[i], a1[i]);
                 } else {
-                    for (int i = 0; i < mr; i++) dq[i] = pair(r0[i], 0.0f);
+                    for (int i = 0; i < mr; i++) dq[i] = pair(a0[i], 0.0f);
                 }
             }
         }
@@ -260,24 +285,35 @@ static void pack_a(uint32_t *restrict dst, const float *restrict A, int lda, int
 static void pack_b(uint32_t *restrict dst, size_t sstride, const float *restrict B, int ldb,
                    int transB, int p0, int kc, int j0, int ncols) {
     int kq = (kc + 1) / 2, nstrips = (ncols + NR - 1) / NR;
-    for (int s = 0; s < nstrips; s++) {
-        uint32_t *d = dst + (size_t)s * sstride;
-        int nr = ncols - s * NR < NR ? ncols - s * NR : NR;
-        if (nr < NR || (kc & 1)) memset(d, 0, (size_t)kq * NR * sizeof *d);
-        if (!transB) {
-            /* B stored K x N: rows p, p+1 both contiguous along j */
-            for (int q = 0; q < kq; q++) {
-                const float *r0 = B + (size_t)(p0 + 2 * q) * ldb + j0 + s * NR;
-                const float *r1 = r0 + ldb;
-                uint32_t *dq = d + q * NR;
-                if (2 * q + 1 < kc) {
-                    for (int j = 0; j < nr; j++) dq[j] = pair(r0[j], r1[j]);
+    int last = ncols - (nstrips - 1) * NR;          /* columns in the last strip */
+    if (last < NR || (kc & 1))
+        for (int s = 0; s < nstrips; s++) memset(dst + (size_t)s * sstride, 0, (size_t)kq * NR * sizeof *dst);
+    if (!transB) {
+        /* B stored K x N: rows p, p+1 walked whole, across all the strips,
+         * in memory order */
+        for (int q = 0; q < kq; q++) {
+            const float *r0 = B + (size_t)(p0 + 2 * q) * ldb + j0;
+            const float *r1 = 2 * q + 1 < kc ? r0 + ldb : NULL;
+            for (int s = 0; s < nstrips; s++) {
+                uint32_t *dq = dst + (size_t)s * sstride + (size_t)q * NR;
+                const float *a0 = r0 + s * NR;
+                int nr = s == nstrips - 1 ? last : NR;
+                if (r1 && nr == NR) {
+                    const float *a1 = r1 + s * NR;
+                    for (int j = 0; j < NR; j++) dq[j] = pair(a0[j], a1[j]);
+                } else if (r1) {
+                    const float *a1 = r1 + s * NR;
+                    for (int j = 0; j < nr; j++) dq[j] = pair(a0[j], a1[j]);
                 } else {
-                    for (int j = 0; j < nr; j++) dq[j] = pair(r0[j], 0.0f);
+                    for (int j = 0; j < nr; j++) dq[j] = pair(a0[j], 0.0f);
                 }
             }
-        } else {
-            /* B stored N x K (a weight, out x in): each row contiguous along p */
+        }
+    } else {
+        /* B stored N x K (a weight, out x in): each row contiguous along p */
+        for (int s = 0; s < nstrips; s++) {
+            uint32_t *d = dst + (size_t)s * sstride;
+            int nr = s == nstrips - 1 ? last : NR;
             for (int j = 0; j < nr; j++) {
                 const float *r = B + (size_t)(j0 + s * NR + j) * ldb + p0;
                 for (int q = 0; q < kc / 2; q++) d[q * NR + j] = pair(r[2 * q], r[2 * q + 1]);
