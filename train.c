@@ -38,7 +38,7 @@
 
 typedef struct {
     const char *data, *model, *out, *name, *targets, *sched, *resume, *sample_prompt, *tokenizer, *precision,
-               *weight_dtype;
+               *weight_dtype, *compute;
     int rank, res, batch, accum, steps, epochs, warmup, save_every, sample_every, te, flip,
         random_crop, grad_ckpt, threads, clip_skip, full, no_grid;
     float alpha, dropout, lr, te_lr, beta1, beta2, adam_eps, wd, clip, min_snr, noise_offset;
@@ -1105,6 +1105,7 @@ static int parse_args(train_args *a, int argc, char **argv) {
         {"--no-grid", OPT_FLAG, &a->no_grid, 0, 0, NULL, "skip the before/after grid at the end"},
         {"--resume", OPT_STR, &a->resume, 0, 0, NULL, "training state to resume from (OUT/state.safetensors)"},
         {"--threads", OPT_INT, &a->threads, 0, 4096, NULL, "CPU threads (0: all)"},
+        {"--compute", OPT_CHOICE, &a->compute, 0, 0, "fp32|bf16", "bf16: every matrix product on bf16-rounded operands, fp32 sums (LoRA weights, optimizer, loss stay fp32)"},
     };
     enum { NOPTS = (int)(sizeof opts / sizeof opts[0]) };
     int ac, npos, nfile, set_at[NOPTS];
@@ -1133,7 +1134,7 @@ static int parse_args(train_args *a, int argc, char **argv) {
 int main(int argc, char **argv) {
     train_args a = {
         .model = NULL, .out = "out", .name = "lora", .targets = "qv", .sched = "constant", .precision = "fp32",
-        .weight_dtype = "fp32",
+        .weight_dtype = "fp32", .compute = "fp32",
         .rank = 4, .res = 0, .batch = 1, .accum = 1, .steps = 0, .epochs = 0, .warmup = 0,
         .save_every = 0, .sample_every = 0, .clip_skip = 1,
         .alpha = 4.0f, .dropout = 0.0f, .lr = 1e-4f, .te_lr = 5e-5f,
@@ -1145,6 +1146,7 @@ int main(int argc, char **argv) {
 #ifdef _OPENMP
     if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif
+    gemm_set_compute(gemm_parse_compute(a.compute));   /* cli_parse checked it is fp32 or bf16 */
     char err[SD_ERR_LEN] = "";
     rc = train(&a, err);
     if (rc && rc != 130) fprintf(stderr, "error: %s\n", err);
