@@ -70,7 +70,9 @@
 #define MC_MAX 192
 #endif      /* A block 192 x 256 words = 192 KB (L2) */
 #define NC_MAX 1024     /* B panel 256 x 1024 words = 1 MB */
-#define KQ (KC / 2)     /* pairs per K block */
+
+/* below this many multiply-adds, element by element (no packing, no threads) */
+#define SMALL_WORK 32768.0
 
 /* ---- the mode ------------------------------------------------------------ */
 static int g_compute = GEMM_F32;
@@ -229,19 +231,19 @@ static void micro_kernel(int kq, const uint32_t *a, const uint32_t *b, float *C,
  * Each loop walks its source in memory order. Rows past the edge and the
  * pad element of an odd kc are zero. */
 
-/* op(A)[i0 .. i0+mrows, p0 .. p0+kc] -> strips of MR rows, KQ*MR words apart */
-static void pack_a(uint32_t *restrict dst, const float *restrict A, int lda, int transA,
+/* op(A)[i0 .. i0+mrows, p0 .. p0+kc] -> strips of MR rows, kqs*MR words apart */
+static void pack_a(uint32_t *restrict dst, int kqs, const float *restrict A, int lda, int transA,
                    int i0, int mrows, int p0, int kc) {
     int kq = (kc + 1) / 2, nstrips = (mrows + MR - 1) / MR;
     int last = mrows - (nstrips - 1) * MR;          /* rows in the last strip */
     if (last < MR || (kc & 1))
-        for (int s = 0; s < nstrips; s++) memset(dst + (size_t)s * KQ * MR, 0, (size_t)kq * MR * sizeof *dst);
+        for (int s = 0; s < nstrips; s++) memset(dst + (size_t)s * kqs * MR, 0, (size_t)kq * MR * sizeof *dst);
     if (!transA) {
         /* A stored M x K: each row contiguous along p; 16 pairs of a row
          * at a time into a small block (vectorised), then that block's
          * columns into the strip */
         for (int s = 0; s < nstrips; s++) {
-            uint32_t *d = dst + (size_t)s * KQ * MR;
+            uint32_t *d = dst + (size_t)s * kqs * MR;
             int mr = s == nstrips - 1 ? last : MR;
             const float *r[MR];
             for (int i = 0; i < mr; i++) r[i] = A + (size_t)(i0 + s * MR + i) * lda + p0;
@@ -264,7 +266,7 @@ static void pack_a(uint32_t *restrict dst, const float *restrict A, int lda, int
             const float *r0 = A + (size_t)(p0 + 2 * q) * lda + i0;
             const float *r1 = 2 * q + 1 < kc ? r0 + lda : NULL;
             for (int s = 0; s < nstrips; s++) {
-                uint32_t *dq = dst + (size_t)s * KQ * MR + (size_t)q * MR;
+                uint32_t *dq = dst + (size_t)s * kqs * MR + (size_t)q * MR;
                 const float *a0 = r0 + s * MR;
                 int mr = s == nstrips - 1 ? last : MR;
                 if (r1 && mr == MR) {
@@ -324,7 +326,11 @@ static void pack_b(uint32_t *restrict dst, size_t sstride, const float *restrict
 }
 
 /* ---- the blocked loops --------------------------------------------------- */
-#define BUF_WORDS ((size_t)KQ * NC_MAX + (size_t)MC_MAX * KQ)
+/* the K blocking (of an even length kb, K alone decides it) */
+static int k_block(int K) {
+    int nkb = (K + KC - 1) / KC;
+    return ((K + nkb - 1) / nkb + 1) / 2 * 2;
+}
 
 static int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
@@ -333,8 +339,9 @@ static void gemm_serial(int transA, int transB, int M, int N, int K,
                         float alpha, const float *A, int lda, const float *B, int ldb,
                         float beta, float *C, int ldc, uint32_t *bp, uint32_t *ap) {
     /* K blocks of equal, even length (K alone decides them: the summation
-     * order of each C element does not depend on the rectangle) */
-    int nkb = (K + KC - 1) / KC, kb = round_up((K + nkb - 1) / nkb, 2);
+     * order of each C element does not depend on the rectangle); packed
+     * strips are kqs pairs long */
+    int kb = k_block(K), kqs = kb / 2;
     int nnb = (N + NC_MAX - 1) / NC_MAX, nb = round_up((N + nnb - 1) / nnb, NR);
     int nmb = (M + MC_MAX - 1) / MC_MAX, mb = round_up((M + nmb - 1) / nmb, MR);
     for (int jc = 0; jc < N; jc += nb) {
@@ -342,16 +349,16 @@ static void gemm_serial(int transA, int transB, int M, int N, int K,
         for (int pc = 0; pc < K; pc += kb) {
             int kc = K - pc < kb ? K - pc : kb, kq = (kc + 1) / 2;
             float bet = pc == 0 ? beta : 1.0f;          /* beta applies once */
-            pack_b(bp, (size_t)KQ * NR, B, ldb, transB, pc, kc, jc, nc);
+            pack_b(bp, (size_t)kqs * NR, B, ldb, transB, pc, kc, jc, nc);
             for (int ic = 0; ic < M; ic += mb) {
                 int mc = M - ic < mb ? M - ic : mb;
-                pack_a(ap, A, lda, transA, ic, mc, pc, kc);
+                pack_a(ap, kqs, A, lda, transA, ic, mc, pc, kc);
                 for (int jr = 0; jr < nc; jr += NR) {
                     int nr = nc - jr < NR ? nc - jr : NR;
-                    const uint32_t *bs = bp + (size_t)(jr / NR) * KQ * NR;
+                    const uint32_t *bs = bp + (size_t)(jr / NR) * kqs * NR;
                     for (int ir = 0; ir < mc; ir += MR) {
                         int mr = mc - ir < MR ? mc - ir : MR;
-                        micro_kernel(kq, ap + (size_t)(ir / MR) * KQ * MR, bs,
+                        micro_kernel(kq, ap + (size_t)(ir / MR) * kqs * MR, bs,
                                      C + (size_t)(ic + ir) * ldc + jc + jr, ldc, mr, nr, alpha, bet);
                     }
                 }
@@ -391,7 +398,7 @@ static void choose_grid(int M, int N, int nthreads, int *gm, int *gn) {
 static void gemm_bf16_unblocked(int transA, int transB, int M, int N, int K,
                                 float alpha, const float *A, int lda, const float *B, int ldb,
                                 float beta, float *C, int ldc) {
-    int nkb = (K + KC - 1) / KC, kb = round_up((K + nkb - 1) / nkb, 2);
+    int kb = k_block(K);
     for (int i = 0; i < M; i++)
         for (int j = 0; j < N; j++) {
             float *c = &C[(size_t)i * ldc + j];
@@ -428,13 +435,23 @@ void gemm_bf16(int transA, int transB, int M, int N, int K,
         return;
     }
     if (g_kernel < 0) gemm_bf16_set_kernel(GEMM_BF16_AUTO);
+    /* small problems (the tiny model, LoRA's rank-r products inside
+     * attention's threads): packing costs more than it saves */
+    if ((double)M * N * K < SMALL_WORK) {
+        gemm_bf16_unblocked(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
     int nested = 0, nthreads = 1;
 #ifdef _OPENMP
     nested = omp_in_parallel();
     nthreads = nested ? 1 : omp_get_max_threads();
     while (nthreads > 1 && (double)M * N * K / nthreads < 1e6) nthreads--;
 #endif
-    size_t need = (size_t)nthreads * BUF_WORDS;
+    /* per thread: a B panel and an A block, as large as this problem needs */
+    size_t kqs = (size_t)k_block(K) / 2;
+    int nbmax = round_up(N, NR) < NC_MAX ? round_up(N, NR) : NC_MAX;
+    int mbmax = round_up(M, MR) < MC_MAX ? round_up(M, MR) : MC_MAX;
+    size_t per = kqs * ((size_t)nbmax + mbmax), need = (size_t)nthreads * per;
     uint32_t *buf;
     if (nested) {
         buf = alloc_words(need);
@@ -448,6 +465,7 @@ void gemm_bf16(int transA, int transB, int M, int N, int K,
     }
     if (!buf || g_kernel == K_SCALAR) {
         /* no memory for the packing buffers: still the same bits */
+        free(nested ? buf : NULL);
         gemm_bf16_unblocked(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
@@ -468,9 +486,9 @@ void gemm_bf16(int transA, int transB, int M, int N, int K,
             if (i0 >= i1 || j0 >= j1) continue;
             const float *a = transA ? A + i0 : A + (size_t)i0 * lda;
             const float *b = transB ? B + (size_t)j0 * ldb : B + j0;
-            uint32_t *bp = buf + (size_t)tid * BUF_WORDS;
+            uint32_t *bp = buf + (size_t)tid * per;
             gemm_serial(transA, transB, i1 - i0, j1 - j0, K, alpha, a, lda, b, ldb, beta,
-                        C + (size_t)i0 * ldc + j0, ldc, bp, bp + (size_t)KQ * NC_MAX);
+                        C + (size_t)i0 * ldc + j0, ldc, bp, bp + kqs * nbmax);
         }
     if (nested) free(buf);
 }

@@ -159,10 +159,11 @@ static void check_case(int M, int N, int K, float alpha, float beta, int nan_c) 
 
 START_TEST(test_kernels_vs_reference) {
     fprintf(stderr, "bf16 kernel chosen here: %s\n", gemm_bf16_kernel_name());
-    check_case(1, 1, 1, 1.0f, 0.0f, 0);
+    check_case(1, 1, 1, 1.0f, 0.0f, 0);         /* under 32768 multiply-adds: element by element */
     check_case(5, 7, 3, 0.5f, 0.0f, 0);
-    check_case(13, 33, 17, 1.0f, 1.0f, 0);      /* ragged MR and NR edges, odd K */
-    check_case(12, 32, 64, -2.0f, 0.75f, 0);    /* exactly one tile */
+    check_case(13, 33, 17, 1.0f, 1.0f, 0);
+    check_case(13, 33, 81, 1.0f, 1.0f, 0);      /* packed: ragged MR and NR edges, odd K */
+    check_case(12, 32, 96, -2.0f, 0.75f, 0);    /* exactly one tile */
     check_case(37, 65, 1031, 1.0f, 0.0f, 1);    /* three K blocks, odd, NaN C with beta 0 */
     check_case(200, 70, 600, 0.25f, 1.0f, 0);   /* two M blocks, two K blocks */
     check_case(3, 1100, 40, 1.0f, 0.0f, 0);     /* two N panels, attention's short K */
