@@ -376,20 +376,32 @@ static uint32_t *alloc_words(size_t n) {
 static uint32_t *g_buf;
 static size_t g_buf_n;
 
-/* C cut into a gm x gn grid of rectangles, about 4 per thread (load
- * balance on a shared machine), the cut that packs least: a rectangle
- * repacks its rows of A and its columns of B, K (gn M + gm N) words in all */
-static void choose_grid(int M, int N, int nthreads, int *gm, int *gn) {
+/* C cut into a gm x gn grid of rectangles for `tasks` workers, the cut
+ * that packs least: a rectangle repacks its rows of A and its columns of
+ * B, K (gn M + gm N) words in all */
+static void choose_grid(int M, int N, int tasks, int *gm, int *gn) {
     int mstrips = (M + MR - 1) / MR, nstrips = (N + NR - 1) / NR;
-    int tasks = nthreads > 1 ? 4 * nthreads : 1;
     double best = 1e300;
     *gm = *gn = 1;
     for (int m = 1; m <= tasks && m <= mstrips; m++) {
         int n = (tasks + m - 1) / m;
-        if (n > nstrips) n = nstrips;
-        if ((long)m * n < (nthreads < mstrips * nstrips ? nthreads : 1)) continue;
+        if (n > nstrips) continue;
         double cost = (double)n * M + (double)m * N;
         if (cost <= best) { best = cost; *gm = m; *gn = n; }
+    }
+}
+
+/* up to 4 rectangles per thread (load balance on a shared machine), as
+ * long as the extra packing stays under 2% of the work: packing a word
+ * costs about what 32 bf16 multiply-adds do (a 32-lane pair of dot
+ * products per cycle against about one word packed) */
+static void choose_tasks(int M, int N, int nthreads, int *gm, int *gn) {
+    *gm = *gn = 1;
+    if (nthreads <= 1) return;
+    double base = 32.0 * (1.0 / N + 1.0 / M);
+    for (int f = 4; f >= 1; f /= 2) {
+        choose_grid(M, N, f * nthreads, gm, gn);
+        if (32.0 * ((double)*gn / N + (double)*gm / M) - base < 0.02) break;
     }
 }
 
@@ -470,7 +482,7 @@ void gemm_bf16(int transA, int transB, int M, int N, int K,
         return;
     }
     int gm, gn;
-    choose_grid(M, N, nthreads, &gm, &gn);
+    choose_tasks(M, N, nthreads, &gm, &gn);
     int mstrips = (M + MR - 1) / MR, nstrips = (N + NR - 1) / NR;
     OMP(omp parallel for collapse(2) schedule(dynamic) num_threads(nthreads))
     for (int tm = 0; tm < gm; tm++)
