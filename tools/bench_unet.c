@@ -28,7 +28,8 @@
  * One measurement per process, so the peak RSS (getrusage ru_maxrss) printed
  * at the end is that measurement's own; loading usually sets it (the fp32
  * weights and the mapped file together), so the peak of the steps alone is
- * printed too, measured after resetting the kernel's high-water mark. Threads: OpenMP's default, every core
+ * printed too, measured after resetting the kernel's high-water mark. SDLORA_PROFILE=1: the
+ * per-kind profile of the last timed step (of each compute mode). Threads: OpenMP's default, every core
  * (OMP_NUM_THREADS overrides). Lines starting "result " are for the script. */
 #include <math.h>
 #include <stdio.h>
@@ -37,6 +38,7 @@
 #include <time.h>
 #include <sys/resource.h>
 #include "model.h"
+#include "profile.h"
 #include "safetensors.h"
 #ifdef _OPENMP
 #include <omp.h>
@@ -45,6 +47,16 @@
 static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+/* CPU seconds of the whole process (every thread): on a shared machine the
+ * time a step's threads actually ran, which other processes do not inflate
+ * the way they inflate the wall time (OMP_WAIT_POLICY=passive, so idle
+ * threads do not count) */
+static double cpu_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
     return ts.tv_sec + 1e-9 * ts.tv_nsec;
 }
 
@@ -104,6 +116,7 @@ int main(int argc, char **argv) {
     int bf16 = argc > 7 && strcmp(argv[7], "bf16") == 0;
     if (argc > 7 && !bf16 && strcmp(argv[7], "fp32")) die(argv[7], "compute: use fp32 or bf16");
     int train = strcmp(mode, "infer") == 0 ? 0 : strcmp(mode, "train") == 0 ? 1 : 2;
+    prof_init();
     int threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
@@ -161,7 +174,7 @@ int main(int argc, char **argv) {
     double best = 1e30, best_f = 1e30, best_b = 1e30, loss = 0;
     /* bf16: each rep runs the fp32 step (kept in eps32 / g32), then the
      * bf16 one */
-    double best32 = 1e30, best32_f = 1e30, best32_b = 1e30;
+    double best32 = 1e30, best32_f = 1e30, best32_b = 1e30, cpu = 1e30, cpu32 = 1e30;
     float *eps32 = NULL, *g32 = NULL;
     size_t ng = 0;
     for (int i = 0; i < u->nloras; i++) ng += (size_t)u->loras[i].L.r * (u->loras[i].L.in + u->loras[i].L.out);
@@ -174,7 +187,8 @@ int main(int argc, char **argv) {
     for (int it = 0; it < (reps + 1) * npass; it++) {
         int rep = it / npass, pass = bf16 && it % 2 == 0;    /* rep 0 warms up; pass 1: fp32 */
         if (bf16) gemm_set_compute(pass ? GEMM_F32 : GEMM_BF16);
-        double a = now();
+        prof_reset();
+        double a = now(), ca = cpu_now();
         if (unet_forward(u, eps, x, t, ctx, B, h, w, Tc)) die("forward", u->err);
         double b = now();
         if (train) {
@@ -189,13 +203,19 @@ int main(int argc, char **argv) {
             unet_zero_lora_grads(u);
             if (unet_backward(u, deps, NULL, NULL)) die("backward", u->err);
         }
-        double c = now();
-        printf("  %s %d%s: %.3f s%s", rep ? "run" : "warm-up", rep, !bf16 ? "" : pass ? " fp32" : " bf16",
-               c - a, train ? "" : "\n");
+        double c = now(), cc = cpu_now() - ca;
+        printf("  %s %d%s: %.3f s (CPU %.3f s)%s", rep ? "run" : "warm-up", rep, !bf16 ? "" : pass ? " fp32" : " bf16",
+               c - a, cc, train ? "" : "\n");
         if (train) printf(" (forward %.3f s, backward %.3f s, loss %.6f)\n", b - a, c - b, loss);
         fflush(stdout);
+        if (prof_on && rep == reps) {
+            char title[64];
+            snprintf(title, sizeof title, "%s step, %s", mode, pass || !bf16 ? "fp32" : "--compute bf16");
+            prof_print(stdout, title, c - a);
+        }
         if (bf16 && pass) {
             if (rep && c - a < best32) { best32 = c - a; best32_f = b - a; best32_b = c - b; }
+            if (rep && cc < cpu32) cpu32 = cc;
             memcpy(eps32, eps, sizeof(float) * neps);
             for (int i = 0, o = 0; train && i < u->nloras; i++) {
                 lora_t *L = &u->loras[i].L;
@@ -207,6 +227,7 @@ int main(int argc, char **argv) {
             continue;
         }
         if (rep && c - a < best) { best = c - a; best_f = b - a; best_b = c - b; }
+        if (rep && cc < cpu) cpu = cc;
     }
     /* the bf16 step against the fp32 one: relative L2, eps and the LoRA
      * gradients (all together, and the worst single tensor) */
@@ -269,9 +290,9 @@ int main(int argc, char **argv) {
            bf16 ? "sdlora-bf16" : wdt == WEIGHT_F16 ? "sdlora-fp16" : "sdlora", mode, best,
            train ? best_f : best, train ? best_b : 0.0, peak, load_rss, step_peak, load_peak, threads, load_s);
     if (bf16)
-        printf(" f32_time_s=%.4f f32_fwd_s=%.4f f32_bwd_s=%.4f eps_rel_l2=%.3e grad_rel_l2=%.3e "
-               "grad_worst_rel_l2=%.3e grad_worst=%s kernel=%s",
-               best32, train ? best32_f : best32, train ? best32_b : 0.0, eps_l2, grad_l2, grad_worst,
+        printf(" f32_time_s=%.4f f32_fwd_s=%.4f f32_bwd_s=%.4f cpu_s=%.3f f32_cpu_s=%.3f eps_rel_l2=%.3e "
+               "grad_rel_l2=%.3e grad_worst_rel_l2=%.3e grad_worst=%s kernel=%s",
+               best32, train ? best32_f : best32, train ? best32_b : 0.0, cpu, cpu32, eps_l2, grad_l2, grad_worst,
                worst_name[0] ? worst_name : "-", gemm_bf16_kernel_name());
     printf("\n");
 

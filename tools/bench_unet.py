@@ -285,6 +285,9 @@ def report(logs):
             line += (f" [forward {float(h['fwd_s']):.2f} + backward {float(h['bwd_s']):.2f} s vs "
                      f"{float(h['f32_fwd_s']):.2f} + {float(h['f32_bwd_s']):.2f} s]")
         print(line)
+        if "cpu_s" in h:
+            print(f"    CPU seconds (both threads; what a busy machine does not inflate): "
+                  f"{float(h['cpu_s']):.2f} vs {float(h['f32_cpu_s']):.2f}: {float(h['f32_cpu_s']) / float(h['cpu_s']):.2f}x")
         if pb:
             print(f"    PyTorch bf16 autocast {float(pb['time_s']):.2f} s"
                   + (f" (its fp32 {float(pf['time_s']):.2f} s)" if pf else "")
