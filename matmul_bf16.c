@@ -375,6 +375,12 @@ static uint32_t *alloc_words(size_t n) {
 
 static uint32_t *g_buf;
 static size_t g_buf_n;
+/* a call from inside a parallel region (attention's per-head products)
+ * packs into its own thread's grow-only buffer, kept between calls: no
+ * malloc and no fresh pages per call */
+static uint32_t *t_buf;
+static size_t t_buf_n;
+OMP(omp threadprivate(t_buf, t_buf_n))
 
 /* C cut into a gm x gn grid of rectangles for `tasks` workers, the cut
  * that packs least: a rectangle repacks its rows of A and its columns of
@@ -466,7 +472,12 @@ void gemm_bf16(int transA, int transB, int M, int N, int K,
     size_t per = kqs * ((size_t)nbmax + mbmax), need = (size_t)nthreads * per;
     uint32_t *buf;
     if (nested) {
-        buf = alloc_words(need);
+        if (t_buf_n < need) {
+            free(t_buf);
+            t_buf = alloc_words(need);
+            t_buf_n = t_buf ? need : 0;
+        }
+        buf = t_buf;
     } else {
         if (g_buf_n < need) {
             free(g_buf);
@@ -477,7 +488,6 @@ void gemm_bf16(int transA, int transB, int M, int N, int K,
     }
     if (!buf || g_kernel == K_SCALAR) {
         /* no memory for the packing buffers: still the same bits */
-        free(nested ? buf : NULL);
         gemm_bf16_unblocked(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
@@ -502,5 +512,4 @@ void gemm_bf16(int transA, int transB, int M, int N, int K,
             gemm_serial(transA, transB, i1 - i0, j1 - j0, K, alpha, a, lda, b, ldb, beta,
                         C + (size_t)i0 * ldc + j0, ldc, bp, bp + kqs * nbmax);
         }
-    if (nested) free(buf);
 }

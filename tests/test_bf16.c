@@ -205,6 +205,35 @@ START_TEST(test_thread_invariant) {
 }
 END_TEST
 
+/* calls from inside a parallel region (as attention makes them: one
+ * product per thread, each packing into its own thread's buffer, of
+ * growing sizes) give the bits of the same calls made outside one */
+START_TEST(test_nested_calls) {
+    enum { NP = 8 };
+    int M = 64, K = 300;
+    float *A = rand_buf((size_t)M * K, 41), *B = rand_buf((size_t)K * 512, 42);
+    float *want = malloc(sizeof(float) * NP * M * 512), *got = malloc(sizeof(float) * NP * M * 512);
+    ck_assert(want && got);
+    for (int k = 0; k < NKERNELS - 1; k++) {
+        if (!gemm_bf16_set_kernel(kernels[k])) continue;
+        for (int t = 0; t < NP; t++)   /* N grows with t: the buffers must grow */
+            gemm_bf16(0, 0, M, 64 * (t + 1), K, 1.0f, A, K, B, 512, 0.0f, want + (size_t)t * M * 512, 512);
+        int i;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic) num_threads(4)
+#endif
+        for (i = 0; i < NP; i++)
+            gemm_bf16(0, 0, M, 64 * (i + 1), K, 1.0f, A, K, B, 512, 0.0f, got + (size_t)i * M * 512, 512);
+        for (int t = 0; t < NP; t++)
+            for (int r = 0; r < M; r++)
+                ck_assert_msg(memcmp(want + (size_t)t * M * 512 + (size_t)r * 512, got + (size_t)t * M * 512 + (size_t)r * 512,
+                                     sizeof(float) * 64 * (t + 1)) == 0, "%s: nested call %d differs", knames[k], t);
+    }
+    gemm_bf16_set_kernel(GEMM_BF16_AUTO);
+    free(A); free(B); free(want); free(got);
+}
+END_TEST
+
 /* gemm and gemm_packed in GEMM_BF16 mode are gemm_bf16; back in GEMM_F32
  * they are fp32 again */
 START_TEST(test_mode_routes_gemm) {
@@ -246,6 +275,7 @@ static Suite *bf16_suite(void) {
     tcase_add_test(tc, test_kernels_vs_reference);
     tcase_add_test(tc, test_rounding_applied);
     tcase_add_test(tc, test_thread_invariant);
+    tcase_add_test(tc, test_nested_calls);
     tcase_add_test(tc, test_mode_routes_gemm);
     suite_add_tcase(s, tc);
     return s;

@@ -139,9 +139,9 @@ def step(folder, inputs, out, train, bf16=False):
 
     load_rss, load_peak = rss_mb(), peak_rss_mb()
     step_known = reset_peak_rss()
-    best = best_f = best_b = math.inf
+    best = best_f = best_b = best_cpu = math.inf
     for rep in range(reps + 1):          # rep 0 warms up
-        a = time.perf_counter()
+        a, ca = time.perf_counter(), time.process_time()
         if train:
             unet.zero_grad(set_to_none=True)
             with amp:
@@ -153,9 +153,11 @@ def step(folder, inputs, out, train, bf16=False):
             with torch.no_grad(), amp:
                 eps = unet(x, t, ctx).sample
             b = time.perf_counter()
-        c = time.perf_counter()
+        c, cc = time.perf_counter(), time.process_time() - ca
+        if rep:
+            best_cpu = min(best_cpu, cc)
         extra = f" (forward {b - a:.3f} s, backward {c - b:.3f} s, loss {loss.item():.6f})" if train else ""
-        print(f"  {'run' if rep else 'warm-up'} {rep}: {c - a:.3f} s{extra}", flush=True)
+        print(f"  {'run' if rep else 'warm-up'} {rep}: {c - a:.3f} s (CPU {cc:.3f} s){extra}", flush=True)
         if rep and c - a < best:
             best, best_f, best_b = c - a, b - a, c - b
 
@@ -173,7 +175,7 @@ def step(folder, inputs, out, train, bf16=False):
           f"peak during the steps {step_peak:.0f} MB)")
     print(f"result pytorch{'-bf16' if bf16 else ''} {mode} time_s={best:.4f} fwd_s={best_f:.4f} bwd_s={best_b if train else 0:.4f} "
           f"peak_rss_mb={peak:.0f} load_rss_mb={load_rss:.0f} step_peak_rss_mb={step_peak:.0f} "
-          f"threads={torch.get_num_threads()} load_s={load_s:.1f}")
+          f"threads={torch.get_num_threads()} load_s={load_s:.1f} cpu_s={best_cpu:.3f}")
 
 
 def relerr(a, b):
@@ -288,6 +290,10 @@ def report(logs):
         if "cpu_s" in h:
             print(f"    CPU seconds (both threads; what a busy machine does not inflate): "
                   f"{float(h['cpu_s']):.2f} vs {float(h['f32_cpu_s']):.2f}: {float(h['f32_cpu_s']) / float(h['cpu_s']):.2f}x")
+        if pb and "cpu_s" in pb and "cpu_s" in h:
+            print(f"    PyTorch bf16 autocast CPU seconds {float(pb['cpu_s']):.2f}"
+                  + (f" (its fp32 {float(pf['cpu_s']):.2f})" if pf and "cpu_s" in pf else "")
+                  + f": sdlora bf16 / PyTorch bf16 = {float(h['cpu_s']) / float(pb['cpu_s']):.2f}x (CPU time)")
         if pb:
             print(f"    PyTorch bf16 autocast {float(pb['time_s']):.2f} s"
                   + (f" (its fp32 {float(pf['time_s']):.2f} s)" if pf else "")
