@@ -31,11 +31,13 @@
  * exception: vdpbf16ps treats bf16 denormal inputs as zero and flushes
  * denormal results (|x| < 2^-126) to zero, the portable path does not, so
  * the two differ by at most 2^-126 per product-add, only where a product or
- * a partial sum falls below 2^-126 (never in a model's activations).
- * tests/test_bf16.c checks the identity on the kernels this CPU has.
+ * a partial sum falls below 2^-126 (far below a model's values).
+ * tests/test_bf16.c checks the identity on the kernels this CPU has (on
+ * AMD Zen 4 the instruction matches the pseudo-code bit for bit; summing
+ * the even element first fails that test).
  *
- * An odd K block is padded with a zero pair element; since x + 0*0 == x
- * (for x != -0), that pad changes nothing.
+ * An odd K block is padded with a zero pair element; x + 0*0 == x (a -0
+ * sum becomes +0), the same on every path.
  *
  * Determinism: as in matmul.c, threads split only C's tiles; the K blocks
  * (of an even length that depends on K alone) are summed in sequence, so
