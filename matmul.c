@@ -643,6 +643,23 @@ static void gemm_run(int transA, int transB, int M, int N, int K,
                      float alpha, const float *A, int lda, const float *B, int ldb,
                      const gemm_packed_b *pb, float beta, float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
+    if (gemm_compute() == GEMM_BF16 && K > 0 && alpha != 0.0f) {
+        if (!pb) {
+            gemm_bf16(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+            return;
+        }
+        /* a B packed for the fp32 kernel: unpack it (nothing packs B ahead
+         * in the bf16 mode's hot paths; this keeps gemm_packed correct) */
+        float *b = malloc((size_t)K * N * sizeof(float));
+        if (b) {
+            for (int p = 0; p < K; p++)
+                for (int j = 0; j < N; j++) b[(size_t)p * N + j] = packed_at(pb, p, j);
+            gemm_bf16(transA, 0, M, N, K, alpha, A, lda, b, N, beta, C, ldc);
+            free(b);
+            return;
+        }
+        /* out of memory for that copy: the fp32 sums below */
+    }
     if (K <= 0 || alpha == 0.0f) {
         /* C = beta * C: nothing to multiply */
         for (int i = 0; i < M; i++)

@@ -114,6 +114,30 @@ static inline float nn_erff(float x) {
     float r = a < 1.0f ? small : big;
     return x < 0.0f ? -r : r;
 }
+/* ---- compute mode (matmul_bf16.c) -----------------------------------------
+ * Process-wide; gemm and gemm_packed follow it. GEMM_F32 (the default):
+ * fp32 throughout. GEMM_BF16 (--compute bf16): A and B rounded to bf16
+ * (nearest, ties to even) as they are packed, products summed in fp32, C
+ * fp32. Set it once, before the work starts (not while a gemm runs).
+ * gemm_parse_compute("fp32" | "bf16") gives the mode, -1 for anything else. */
+enum { GEMM_F32 = 0, GEMM_BF16 = 1 };
+void gemm_set_compute(int mode);
+int gemm_compute(void);
+int gemm_parse_compute(const char *s);
+/* gemm in bf16 whatever the mode */
+void gemm_bf16(int transA, int transB, int M, int N, int K,
+               float alpha, const float *A, int lda, const float *B, int ldb,
+               float beta, float *C, int ldc);
+/* fp32 -> bf16 bits (torch's rounding; NaN -> 0x7fc0) and back */
+uint16_t gemm_bf16_round(float x);
+float gemm_bf16_to_float(uint16_t h);
+/* the bf16 kernel, chosen from the CPU on first use (AUTO); set_kernel
+ * returns 0 (and changes nothing) when this CPU or build lacks the one asked
+ * for. SCALAR is the element-by-element fallback (the same bits as
+ * PORTABLE), for tests. */
+enum { GEMM_BF16_AUTO = 0, GEMM_BF16_PORTABLE = 1, GEMM_BF16_AVX512 = 2, GEMM_BF16_SCALAR = 3 };
+int gemm_bf16_set_kernel(int k);
+const char *gemm_bf16_kernel_name(void);
 
 /* ---- scratch ---------------------------------------------------------------
  * One grow-only work buffer (im2col columns, attention scores) reused by

@@ -42,7 +42,7 @@
 
 typedef struct {
     const char *data, *model, *out, *name, *targets, *sched, *resume, *sample_prompt, *tokenizer, *precision,
-               *weight_dtype, *device, *reg;
+               *weight_dtype, *device, *reg, *compute;
     int buckets, bucket_step, min_bucket, max_bucket;
     float prior_loss_weight;
     int rank, res, batch, accum, steps, epochs, warmup, save_every, sample_every, te, flip,
@@ -1885,6 +1885,7 @@ static int parse_args(train_args *a, int argc, char **argv) {
         {"--resume", OPT_STR, &a->resume, 0, 0, NULL, "training state to resume from (OUT/state.safetensors)"},
         {"--threads", OPT_INT, &a->threads, 0, 4096, NULL, "CPU threads (0: all)"},
         {"--device", OPT_CHOICE, &a->device, 0, 0, "cpu|cuda", "where the UNet's step, the VAE encode and the text encoder run (cuda: a build with make CUDA=1 and an NVIDIA GPU)"},
+        {"--compute", OPT_CHOICE, &a->compute, 0, 0, "fp32|bf16", "bf16: every matrix product on bf16-rounded operands, fp32 sums (LoRA weights, optimizer, loss stay fp32)"},
     };
     enum { NOPTS = (int)(sizeof opts / sizeof opts[0]) };
     int ac, npos, nfile, set_at[NOPTS];
@@ -1915,7 +1916,7 @@ static int parse_args(train_args *a, int argc, char **argv) {
 int main(int argc, char **argv) {
     train_args a = {
         .model = NULL, .out = "out", .name = "lora", .targets = "qv", .sched = "constant", .precision = "fp32",
-        .weight_dtype = "fp32", .device = "cpu",
+        .weight_dtype = "fp32", .device = "cpu", .compute = "fp32",
         .bucket_step = 64, .min_bucket = 256, .max_bucket = 1024, .prior_loss_weight = 1.0f,
         .rank = 4, .res = 0, .batch = 1, .accum = 1, .steps = 0, .epochs = 0, .warmup = 0,
         .save_every = 0, .sample_every = 0, .clip_skip = 1,
@@ -1927,6 +1928,11 @@ int main(int argc, char **argv) {
     int rc = parse_args(&a, argc, argv);
     if (rc >= 0) { dist_finish(0, rc); return rc; }
     if (a.conv_alpha <= 0) a.conv_alpha = (float)a.conv_rank;
+    if (strcmp(a.device, "cuda") == 0 && strcmp(a.compute, "fp32") != 0) {
+        fprintf(stderr, "error: --compute %s --device cuda: bf16 runs on the CPU only so far (use --compute fp32 with --device cuda)\n", a.compute);
+        dist_finish(0, 2);
+        return 2;
+    }
     char err[SD_ERR_LEN] = "";
     /* --device cuda without CUDA=1, a driver or a GPU: one line saying which */
     if (strcmp(a.device, "cuda") == 0 && cuda_device_check(err) != 0) { fprintf(stderr, "%s\n", err); dist_finish(1, 1); return 1; }
@@ -1944,6 +1950,7 @@ int main(int argc, char **argv) {
 #ifdef _OPENMP
     if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif
+    gemm_set_compute(gemm_parse_compute(a.compute));   /* cli_parse checked it is fp32 or bf16 */
     rc = train(&a, err);
     if (rc && rc != 130) {
         if (dist_size() > 1) fprintf(dist_stderr(), "error: rank %d of %d: %s\n", dist_rank(), dist_size(), err);

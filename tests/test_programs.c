@@ -546,6 +546,9 @@ START_TEST(test_device) {
     ck_assert_int_eq(run(TRAIN " %s --device tpu", d), 2);       assert_error_line("--device", "cpu|cuda");
     ck_assert_int_eq(run(SAMPLE " --prompt x --device tpu"), 2);  assert_error_line("--device", "cpu|cuda");
     ck_assert_int_eq(run(TRAIN " %s --device cuda --full", d), 2); assert_error_line("--device cuda", "--device cpu");
+    /* bf16 is a CPU mode so far: with --device cuda, a flag error */
+    ck_assert_int_eq(run(TRAIN " %s --device cuda --compute bf16", d), 2); assert_error_line("--compute bf16 --device cuda", "--compute fp32");
+    ck_assert_int_eq(run(SAMPLE " --prompt x --device cuda --compute bf16"), 2); assert_error_line("--compute bf16 --device cuda", "--compute fp32");
 #ifndef SDLORA_CUDA
     ck_assert_int_eq(run(TRAIN " %s --device cuda --model /nonexistent", d), 1);
     assert_error_line("--device cuda: this program was built without GPU support", "make CUDA=1");

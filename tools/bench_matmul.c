@@ -6,7 +6,10 @@
  * average printed first says how busy the machine was.
  *
  * GFLOP/s = 2 M N K / seconds / 1e9. The last line is the geometric mean of
- * ours / OpenBLAS over the shapes run.
+ * ours / OpenBLAS over the shapes run. The bf16 columns are our gemm in the
+ * bf16 compute mode (gemm_bf16: operands rounded to bf16, fp32 sums), its
+ * speed-up over our fp32 gemm, and its relative error against OpenBLAS's
+ * fp32 result (max |diff| / max |C|).
  *
  *   bench_matmul [INDEX...]    only the shapes at these 0-based indices
  *   OMP_NUM_THREADS            threads for both libraries (default: all)
@@ -77,7 +80,9 @@ static void pause_ms(int ms) {
 
 static void run(int lib, const shape_t *s, const float *A, const float *B, float *C) {
     int lda = s->ta ? s->M : s->K, ldb = s->tb ? s->K : s->N;
-    if (lib == 0)
+    if (lib == 2)
+        gemm_bf16(s->ta, s->tb, s->M, s->N, s->K, 1.0f, A, lda, B, ldb, 0.0f, C, s->N);
+    else if (lib == 0)
         gemm(s->ta, s->tb, s->M, s->N, s->K, 1.0f, A, lda, B, ldb, 0.0f, C, s->N);
     else
         cblas_sgemm(CblasRowMajor, s->ta ? CblasTrans : CblasNoTrans, s->tb ? CblasTrans : CblasNoTrans,
@@ -110,6 +115,7 @@ int main(int argc, char **argv) {
     printf("threads %d (ours and OpenBLAS); OpenBLAS core %s; OPENBLAS_CORETYPE=%s\n",
            nthreads, openblas_get_corename(), ct ? ct : "(unset)");
     printf("config: %s\n", openblas_get_config());
+    printf("bf16 kernel: %s\n", gemm_bf16_kernel_name());
     printf("clock: %s\n", use_cpu_clock ? "process CPU time / threads (SDLORA_BENCH_CLOCK=cpu)" : "wall");
     FILE *ci = fopen("/proc/cpuinfo", "r");
     char cbuf[256];
@@ -121,11 +127,11 @@ int main(int argc, char **argv) {
     if (la && fgets(lbuf, sizeof lbuf, la)) printf("load average: %s", lbuf);
     if (la) fclose(la);
     printf("\n");
-    printf("%-38s %2s %2s %5s %5s %5s %9s %9s %6s %8s\n", "shape", "tA", "tB", "M", "N", "K",
-           "ours", "OpenBLAS", "ratio", "maxdiff");
-    printf("%-38s %29s %9s %9s\n", "", "", "GFLOP/s", "GFLOP/s");
+    printf("%-38s %2s %2s %5s %5s %5s %9s %9s %6s %8s %9s %6s %8s\n", "shape", "tA", "tB", "M", "N", "K",
+           "ours", "OpenBLAS", "ratio", "maxdiff", "ours bf16", "x fp32", "bf16 err");
+    printf("%-38s %29s %9s %9s %15s %9s\n", "", "", "GFLOP/s", "GFLOP/s", "", "GFLOP/s");
 
-    double log_sum = 0;
+    double log_sum = 0, log_bf16 = 0;
     int nshapes = (int)(sizeof shapes / sizeof shapes[0]), nrun = 0;
     for (int i = 0; i < nshapes; i++) {
         const shape_t *s = &shapes[i];
@@ -136,14 +142,15 @@ int main(int argc, char **argv) {
         size_t na = (size_t)s->M * s->K, nb = (size_t)s->K * s->N, nc = (size_t)s->M * s->N;
         float *A = malloc(na * sizeof(float)), *B = malloc(nb * sizeof(float));
         float *C0 = malloc(nc * sizeof(float)), *C1 = malloc(nc * sizeof(float));
-        if (!A || !B || !C0 || !C1) { fprintf(stderr, "error: out of memory\n"); return 1; }
+        float *C2 = malloc(nc * sizeof(float));
+        if (!A || !B || !C0 || !C1 || !C2) { fprintf(stderr, "error: out of memory\n"); return 1; }
         uint64_t st = 42 + (uint64_t)i;
         for (size_t j = 0; j < na; j++) { st = st * 6364136223846793005ULL + 1; A[j] = (float)(st >> 40) / 16777216.0f - 0.5f; }
         for (size_t j = 0; j < nb; j++) { st = st * 6364136223846793005ULL + 1; B[j] = (float)(st >> 40) / 16777216.0f - 0.5f; }
 
         /* rounds alternate the two libraries, so a busy spell on a shared
          * machine does not land on one of them only */
-        double t_ours = 1e30, t_blas = 1e30;
+        double t_ours = 1e30, t_blas = 1e30, t_bf16 = 1e30;
         for (int round = 0; round < 3; round++) {
             pause_ms(100);
             double t = best_time(0, s, A, B, C0, 0.12);
@@ -151,23 +158,31 @@ int main(int argc, char **argv) {
             pause_ms(100);
             t = best_time(1, s, A, B, C1, 0.12);
             if (t < t_blas) t_blas = t;
+            pause_ms(100);
+            t = best_time(2, s, A, B, C2, 0.12);
+            if (t < t_bf16) t_bf16 = t;
         }
 
         /* the two results must agree, or the figures mean nothing */
-        double maxd = 0, maxc = 0;
+        double maxd = 0, maxc = 0, maxd2 = 0;
         for (size_t j = 0; j < nc; j++) {
-            double d = fabs((double)C0[j] - C1[j]);
+            double d = fabs((double)C0[j] - C1[j]), d2 = fabs((double)C2[j] - C1[j]);
             if (!(d <= maxd)) maxd = d;
+            if (!(d2 <= maxd2)) maxd2 = d2;
             if (fabs(C1[j]) > maxc) maxc = fabs(C1[j]);
         }
         double flop = 2.0 * s->M * s->N * s->K;
         double g_ours = flop / t_ours * 1e-9, g_blas = flop / t_blas * 1e-9;
         log_sum += log(g_ours / g_blas);
-        printf("%-38s %2d %2d %5d %5d %5d %9.1f %9.1f %6.2f %8.1e\n", s->what, s->ta, s->tb,
-               s->M, s->N, s->K, g_ours, g_blas, g_ours / g_blas, maxc > 0 ? maxd / maxc : maxd);
+        double g_bf16 = flop / t_bf16 * 1e-9;
+        log_bf16 += log(g_bf16 / g_ours);
+        printf("%-38s %2d %2d %5d %5d %5d %9.1f %9.1f %6.2f %8.1e %9.1f %6.2f %8.1e\n", s->what, s->ta, s->tb,
+               s->M, s->N, s->K, g_ours, g_blas, g_ours / g_blas, maxc > 0 ? maxd / maxc : maxd,
+               g_bf16, g_bf16 / g_ours, maxc > 0 ? maxd2 / maxc : maxd2);
         fflush(stdout);
-        free(A); free(B); free(C0); free(C1);
+        free(A); free(B); free(C0); free(C1); free(C2);
     }
     if (nrun) printf("\ngeometric mean ours / OpenBLAS over %d shapes: %.2f\n", nrun, exp(log_sum / nrun));
+    if (nrun) printf("geometric mean ours bf16 / ours fp32 over %d shapes: %.2f\n", nrun, exp(log_bf16 / nrun));
     return 0;
 }

@@ -2,8 +2,11 @@
 """The PyTorch side of the UNet-step benchmark (tools/bench_unet.sh runs it).
 
     bench_unet.py prepare DIR INPUTS [SIDE]     fixed inputs for both sides
-    bench_unet.py infer   DIR INPUTS OUT        one UNet forward, torch.no_grad()
-    bench_unet.py train   DIR INPUTS OUT        LoRA (peft) forward + backward
+    bench_unet.py infer   DIR INPUTS OUT [bf16] one UNet forward, torch.no_grad()
+    bench_unet.py train   DIR INPUTS OUT [bf16] LoRA (peft) forward + backward
+                          bf16: under torch.autocast("cpu", torch.bfloat16), as
+                          kohya's --mixed_precision bf16 (weights stay fp32)
+    bench_unet.py l2      FP32_OUT BF16_OUT     relative L2 of a bf16 step against fp32
     bench_unet.py compare INPUTS C_OUT PY_OUT   max|a-b| / max|b| of eps (and gradients)
     bench_unet.py same    C_OUT C16_OUT         max|a-b| of the fp32-held and fp16-held sdlora runs
     bench_unet.py report  LOG...                the table, from the "result" lines
@@ -101,7 +104,7 @@ def load(folder):
     return unet, vae, te
 
 
-def step(folder, inputs, out, train):
+def step(folder, inputs, out, train, bf16=False):
     from safetensors.torch import load_file, save_file
     torch.set_num_threads(threads())
     reps = int(os.environ.get("SDLORA_BENCH_REPS", "3"))
@@ -112,6 +115,8 @@ def step(folder, inputs, out, train):
     inp = load_file(inputs)
     x, t, ctx = inp["x"], inp["t"], inp["ctx"]
     mode = "train" if train else "infer"
+    import contextlib
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     if train:
         from peft import LoraConfig
         unet.requires_grad_(False)
@@ -134,40 +139,43 @@ def step(folder, inputs, out, train):
 
     load_rss, load_peak = rss_mb(), peak_rss_mb()
     step_known = reset_peak_rss()
-    best = best_f = best_b = math.inf
+    best = best_f = best_b = best_cpu = math.inf
     for rep in range(reps + 1):          # rep 0 warms up
-        a = time.perf_counter()
+        a, ca = time.perf_counter(), time.process_time()
         if train:
             unet.zero_grad(set_to_none=True)
-            eps = unet(x, t, ctx).sample
-            b = time.perf_counter()
-            loss = torch.nn.functional.mse_loss(eps, inp["target"])
-            loss.backward()
-        else:
-            with torch.no_grad():
+            with amp:
                 eps = unet(x, t, ctx).sample
             b = time.perf_counter()
-        c = time.perf_counter()
+            loss = torch.nn.functional.mse_loss(eps.float(), inp["target"])
+            loss.backward()
+        else:
+            with torch.no_grad(), amp:
+                eps = unet(x, t, ctx).sample
+            b = time.perf_counter()
+        c, cc = time.perf_counter(), time.process_time() - ca
+        if rep:
+            best_cpu = min(best_cpu, cc)
         extra = f" (forward {b - a:.3f} s, backward {c - b:.3f} s, loss {loss.item():.6f})" if train else ""
-        print(f"  {'run' if rep else 'warm-up'} {rep}: {c - a:.3f} s{extra}", flush=True)
+        print(f"  {'run' if rep else 'warm-up'} {rep}: {c - a:.3f} s (CPU {cc:.3f} s){extra}", flush=True)
         if rep and c - a < best:
             best, best_f, best_b = c - a, b - a, c - b
 
-    res = {"eps": eps.detach().contiguous()}
+    res = {"eps": eps.detach().float().contiguous()}
     if train:
         for name, m in unet.named_modules():
             if hasattr(m, "lora_A") and len(m.lora_A):
                 k = next(iter(m.lora_A.keys()))
-                res[f"grad.{name}.A"] = m.lora_A[k].weight.grad.contiguous()
-                res[f"grad.{name}.B"] = m.lora_B[k].weight.grad.contiguous()
+                res[f"grad.{name}.A"] = m.lora_A[k].weight.grad.float().contiguous()
+                res[f"grad.{name}.B"] = m.lora_B[k].weight.grad.float().contiguous()
     save_file(res, out)
     step_peak = peak_rss_mb() if step_known else -1
     peak = max(step_peak, load_peak)
     print(f"best of {reps}: {best:.3f} s, peak RSS {peak:.0f} MB (after loading {load_rss:.0f} MB, "
           f"peak during the steps {step_peak:.0f} MB)")
-    print(f"result pytorch {mode} time_s={best:.4f} fwd_s={best_f:.4f} bwd_s={best_b if train else 0:.4f} "
+    print(f"result pytorch{'-bf16' if bf16 else ''} {mode} time_s={best:.4f} fwd_s={best_f:.4f} bwd_s={best_b if train else 0:.4f} "
           f"peak_rss_mb={peak:.0f} load_rss_mb={load_rss:.0f} step_peak_rss_mb={step_peak:.0f} "
-          f"threads={torch.get_num_threads()} load_s={load_s:.1f}")
+          f"threads={torch.get_num_threads()} load_s={load_s:.1f} cpu_s={best_cpu:.3f}")
 
 
 def relerr(a, b):
@@ -196,6 +204,24 @@ def compare(c_path, py_path, tol=1e-3):
         line += f" grad_rel={worst:.3e} grad_worst={wk} ngrads={len(grads)}"
     print(line + f" tol={tol:g} status={'ok' if ok else 'FAIL'}")
     return 0 if ok else 1
+
+
+def l2(f32_path, bf16_path):
+    """||bf16 - fp32|| / ||fp32|| of eps and of all LoRA gradients together:
+    what a bf16 step changes against the fp32 step of the same program."""
+    from safetensors.torch import load_file
+    a, b = load_file(f32_path), load_file(bf16_path)
+    def rel(keys):
+        d = sum(((b[k].double() - a[k].double()) ** 2).sum().item() for k in keys)
+        n = sum((a[k].double() ** 2).sum().item() for k in keys)
+        return math.sqrt(d / n) if n > 0 else math.sqrt(d)
+    grads = [k for k in a if k.startswith("grad.")]
+    mode = "train" if grads else "infer"
+    line = f"result l2 {mode} eps_rel_l2={rel(['eps']):.3e}"
+    if grads:
+        line += f" grad_rel_l2={rel(grads):.3e}"
+    print(line)
+    return 0
 
 
 def same(a_path, b_path):
@@ -249,6 +275,38 @@ def report(logs):
                   f"peak RSS {h['peak_rss_mb']} vs {c['peak_rss_mb']} MB (loading {h.get('load_peak_rss_mb', '?')} vs "
                   f"{c.get('load_peak_rss_mb', '?')} MB, steps {h['step_peak_rss_mb']} vs {c['step_peak_rss_mb']} MB)"
                   + (f"; max|fp16-held - fp32-held| {float(d['max_abs']):.1e} (eps {float(d['eps_max_abs']):.1e})" if d else ""))
+    for mode in ("infer", tmode):
+        c, h = r.get(("sdlora", mode)), r.get(("sdlora-bf16", mode))
+        pb, pf = r.get(("pytorch-bf16", "infer" if mode == "infer" else "train")), r.get(("pytorch", "infer" if mode == "infer" else "train"))
+        if not h:
+            continue
+        tb, t32 = float(h["time_s"]), float(h["f32_time_s"])
+        line = (f"--compute bf16, {mode} ({h['kernel']}): sdlora bf16 {tb:.2f} s vs sdlora fp32 {t32:.2f} s "
+                f"(same process, alternating): {t32 / tb:.2f}x faster")
+        if mode != "infer":
+            line += (f" [forward {float(h['fwd_s']):.2f} + backward {float(h['bwd_s']):.2f} s vs "
+                     f"{float(h['f32_fwd_s']):.2f} + {float(h['f32_bwd_s']):.2f} s]")
+        print(line)
+        if "cpu_s" in h:
+            print(f"    CPU seconds (both threads; what a busy machine does not inflate): "
+                  f"{float(h['cpu_s']):.2f} vs {float(h['f32_cpu_s']):.2f}: {float(h['f32_cpu_s']) / float(h['cpu_s']):.2f}x")
+        if pb and "cpu_s" in pb and "cpu_s" in h:
+            print(f"    PyTorch bf16 autocast CPU seconds {float(pb['cpu_s']):.2f}"
+                  + (f" (its fp32 {float(pf['cpu_s']):.2f})" if pf and "cpu_s" in pf else "")
+                  + f": sdlora bf16 / PyTorch bf16 = {float(h['cpu_s']) / float(pb['cpu_s']):.2f}x (CPU time)")
+        if pb:
+            print(f"    PyTorch bf16 autocast {float(pb['time_s']):.2f} s"
+                  + (f" (its fp32 {float(pf['time_s']):.2f} s)" if pf else "")
+                  + f": sdlora bf16 / PyTorch bf16 = {tb / float(pb['time_s']):.2f}x; peak RSS {h['peak_rss_mb']} vs {pb['peak_rss_mb']} MB")
+        pl = r.get(("l2", "infer" if mode == "infer" else "train"))
+        err = f"    error of the bf16 step against fp32 (relative L2): sdlora eps {float(h['eps_rel_l2']):.2e}"
+        if mode != "infer":
+            err += f", LoRA gradients {float(h['grad_rel_l2']):.2e} (worst single {float(h['grad_worst_rel_l2']):.2e})"
+        if pl:
+            err += f"; PyTorch autocast eps {float(pl['eps_rel_l2']):.2e}"
+            if "grad_rel_l2" in pl:
+                err += f", gradients {float(pl['grad_rel_l2']):.2e}"
+        print(err)
     for mode in ("infer", "train"):
         p = r.get(("parity", mode))
         if p:
@@ -262,8 +320,10 @@ def main():
     a = sys.argv[2:]
     if cmd == "prepare" and len(a) in (2, 3):
         prepare(a[0], a[1], int(a[2]) if len(a) == 3 else 64)
-    elif cmd in ("infer", "train") and len(a) == 3:
-        step(a[0], a[1], a[2], cmd == "train")
+    elif cmd in ("infer", "train") and (len(a) == 3 or (len(a) == 4 and a[3] == "bf16")):
+        step(a[0], a[1], a[2], cmd == "train", len(a) == 4)
+    elif cmd == "l2" and len(a) == 2:
+        return l2(a[0], a[1])
     elif cmd == "compare" and len(a) == 2:
         return compare(a[0], a[1])
     elif cmd == "same" and len(a) == 2:

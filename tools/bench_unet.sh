@@ -15,6 +15,9 @@
 #   SDLORA_BENCH_TRAIN train (default) or train-ckpt (gradient checkpointing)
 #   SDLORA_BENCH_FP16  1 (default): also both steps with the UNet's weights
 #                      held as fp16 (--weight-dtype fp16), beside the fp32 ones
+#   SDLORA_BENCH_BF16  1 (default): also both steps with --compute bf16 (sdlora
+#                      bf16 and fp32 alternating in one process) and PyTorch's
+#                      CPU bf16 autocast, with each one's error against its fp32
 #   OMP_NUM_THREADS    threads for both sides (default: every core)
 #
 # Each measurement runs in its own process, so each peak RSS is its own.
@@ -83,6 +86,21 @@ run_py() {  # mode
     grep -v -e 'it/s\]' -e '^$' "$LOG/py_$1.log"
     return $rc
 }
+run_cbf16() {  # mode: --compute bf16 and fp32, alternating in one process
+    echo "-- sdlora $1, --compute bf16 beside fp32 ($MODEL)"
+    "$BIN" "$MODEL" "$IN" "$LOG/cbf16_$1.safetensors" "$1" "$SDLORA_BENCH_REPS" fp32 bf16 >"$LOG/cbf16_$1.log" 2>&1
+    rc=$?
+    cat "$LOG/cbf16_$1.log"
+    return $rc
+}
+run_pybf16() {  # mode: PyTorch under CPU bf16 autocast, and its error against its fp32 run
+    echo "-- PyTorch $1, bf16 autocast"
+    "$PY" tools/bench_unet.py "$1" "$DIR/diffusers" "$IN" "$LOG/pybf16_$1.safetensors" bf16 >"$LOG/pybf16_$1.log" 2>&1
+    rc=$?
+    grep -v -e 'it/s\]' -e '^$' "$LOG/pybf16_$1.log"
+    [ -f "$LOG/py_$1.safetensors" ] && "$PY" tools/bench_unet.py l2 "$LOG/py_$1.safetensors" "$LOG/pybf16_$1.safetensors" >"$LOG/l2_$1.log" 2>&1
+    return $rc
+}
 
 run_c infer
 run_py infer
@@ -93,6 +111,12 @@ run_py train
 if [ "${SDLORA_BENCH_FP16:-1}" = 1 ]; then
     run_c16 infer
     run_c16 "$TRAIN"
+fi
+if [ "${SDLORA_BENCH_BF16:-1}" = 1 ]; then
+    run_cbf16 infer
+    run_pybf16 infer
+    run_cbf16 "$TRAIN"
+    run_pybf16 train
 fi
 load1=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)
 

@@ -1,0 +1,517 @@
+/* matmul_bf16.c: gemm's bf16 compute mode (--compute bf16).
+ *
+ *   C[M x N] = alpha * bf16(op(A)) * bf16(op(B)) + beta * C        (row-major)
+ *
+ * Both operands are rounded to bf16 (round to nearest, ties to even, as
+ * torch rounds) while they are packed; products are summed in fp32 and C
+ * stays fp32. This is what PyTorch's CPU autocast does to a matmul, except
+ * that C is not rounded to bf16 afterwards. gemm() and gemm_packed()
+ * (matmul.c) come here when gemm_set_compute(GEMM_BF16) is in force, so
+ * every model GEMM follows the mode with no change where it is called.
+ *
+ * Blocking is Goto's, as in matmul.c (read its header first): K blocks of
+ * at most KC, B panels of NC columns, A blocks of MC rows, an MR x NR tile
+ * of C in registers. What differs is the packed layout: K is walked in
+ * pairs, and each packed element is a 32-bit word holding two bf16,
+ * op(X)[.][2q] in its low half and op(X)[.][2q+1] in its high half:
+ *
+ *   A strip: a[q * MR + i] = (A[i][2q], A[i][2q+1])      i < MR
+ *   B strip: b[q * NR + j] = (B[2q][j], B[2q+1][j])      j < NR
+ *
+ * which is the operand layout of AVX512-BF16's vdpbf16ps: for each of the
+ * 16 fp32 lanes j,
+ *
+ *   acc[j] += a.hi * b[j].hi;  acc[j] += a.lo * b[j].lo     (two roundings)
+ *
+ * (Intel's pseudo-code for VDPBF16PS: the odd element first, each add
+ * rounded to fp32). The product of two bf16 (8-bit significands) is exact
+ * in fp32, so each step is one fp32 add of an exact product: the portable
+ * kernel does exactly that with plain float multiply and add, no FMA
+ * needed, and gives the same bits as the AVX512-BF16 kernel, with one
+ * exception: vdpbf16ps treats bf16 denormal inputs as zero and flushes
+ * denormal results (|x| < 2^-126) to zero, the portable path does not, so
+ * the two differ by at most 2^-126 per product-add, only where a product or
+ * a partial sum falls below 2^-126 (far below a model's values).
+ * tests/test_bf16.c checks the identity on the kernels this CPU has (on
+ * AMD Zen 4 the instruction matches the pseudo-code bit for bit; summing
+ * the even element first fails that test).
+ *
+ * An odd K block is padded with a zero pair element; x + 0*0 == x (a -0
+ * sum becomes +0), the same on every path.
+ *
+ * Determinism: as in matmul.c, threads split only C's tiles; the K blocks
+ * (of an even length that depends on K alone) are summed in sequence, so
+ * the bits do not depend on the thread count.
+ *
+ * AMX (Intel Sapphire Rapids and later, _tile_dpbf16ps) is not written:
+ * it could not be run on the machine this was developed on (AMD Zen 4,
+ * which has AVX512-BF16 but no AMX). A CPU with AMX runs the AVX512-BF16
+ * kernel (every AMX CPU has it). */
+#include <stdlib.h>
+#include <string.h>
+#include "nn.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#define OMP(x) _Pragma(#x)
+#else
+#define OMP(x)
+#endif
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define HAVE_X86_BF16 1
+#endif
+
+#define MR 12
+#define NR 32
+#ifndef KC
+#define KC 512
+#endif          /* even: K is cut into pairs; B strip KC/2 x NR words = 32 KB */
+#ifndef MC_MAX
+#define MC_MAX 192
+#endif      /* A block 192 x 256 words = 192 KB (L2) */
+#define NC_MAX 1024     /* B panel 256 x 1024 words = 1 MB */
+
+/* below this many multiply-adds, element by element (no packing, no threads) */
+#define SMALL_WORK 32768.0
+
+/* ---- the mode ------------------------------------------------------------ */
+static int g_compute = GEMM_F32;
+
+void gemm_set_compute(int mode) { g_compute = mode == GEMM_BF16 ? GEMM_BF16 : GEMM_F32; }
+int gemm_compute(void) { return g_compute; }
+
+int gemm_parse_compute(const char *s) {
+    if (!s) return -1;
+    if (strcmp(s, "fp32") == 0) return GEMM_F32;
+    if (strcmp(s, "bf16") == 0) return GEMM_BF16;
+    return -1;
+}
+
+/* ---- rounding ------------------------------------------------------------
+ * bf16 is the top half of an fp32. Round to nearest even: add 0x7fff plus
+ * the lowest kept bit, then truncate; a carry out of the significand
+ * bumps the exponent, and the largest finite values round to inf, as they
+ * should. NaN would be turned into inf or a different NaN by that, so it
+ * becomes the canonical quiet NaN 0x7fc0 (torch does the same). */
+uint16_t gemm_bf16_round(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+float gemm_bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float x;
+    memcpy(&x, &u, 4);
+    return x;
+}
+
+/* the same as gemm_bf16_round, written so that the packing loops vectorise
+ * (branch-free select on the NaN test) */
+static inline uint32_t rnd(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    return (u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : r;
+}
+static inline uint32_t pair(float lo, float hi) { return rnd(lo) | rnd(hi) << 16; }
+
+/* ---- kernels ------------------------------------------------------------- */
+enum { K_PORTABLE = 0, K_AVX512BF16 = 1, K_SCALAR = 2 };
+static int g_kernel = -1;          /* -1: not chosen yet */
+
+static int cpu_has_avx512bf16(void) {
+#ifdef HAVE_X86_BF16
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+#else
+    return 0;
+#endif
+}
+
+int gemm_bf16_set_kernel(int k) {
+    if (k == GEMM_BF16_AUTO) k = cpu_has_avx512bf16() ? GEMM_BF16_AVX512 : GEMM_BF16_PORTABLE;
+    if (k == GEMM_BF16_AVX512 && !cpu_has_avx512bf16()) return 0;
+    if (k != GEMM_BF16_PORTABLE && k != GEMM_BF16_AVX512 && k != GEMM_BF16_SCALAR) return 0;
+    g_kernel = k == GEMM_BF16_AVX512 ? K_AVX512BF16 : k == GEMM_BF16_SCALAR ? K_SCALAR : K_PORTABLE;
+    return 1;
+}
+
+const char *gemm_bf16_kernel_name(void) {
+    if (g_kernel < 0) gemm_bf16_set_kernel(GEMM_BF16_AUTO);
+    return g_kernel == K_AVX512BF16 ? "avx512bf16" : g_kernel == K_SCALAR ? "scalar" : "portable";
+}
+
+/* C tile = alpha * acc + beta * C (beta == 0: C not read), only the mr x nr
+ * corner; the same operations (no FMA) as the vector store below */
+static void store_tile(const float *restrict acc, float *restrict C, int ldc, int mr, int nr,
+                       float alpha, float beta) {
+    for (int i = 0; i < mr; i++)
+        for (int j = 0; j < nr; j++) {
+            float *c = C + (size_t)i * ldc + j;
+            float v = alpha * acc[i * NR + j];
+            *c = beta == 0.0f ? v : v + beta * *c;
+        }
+}
+
+/* plain C: acc[i][j] += a.hi b.hi, then += a.lo b.lo, per pair q (the
+ * product is exact, so a separate multiply and add round once, as the
+ * hardware does) */
+static void kernel_portable(int kq, const uint32_t *restrict a, const uint32_t *restrict b,
+                            float *restrict C, int ldc, int mr, int nr, float alpha, float beta) {
+    float acc[MR * NR];
+    for (int i = 0; i < MR * NR; i++) acc[i] = 0.0f;
+    for (int q = 0; q < kq; q++) {
+        float blo[NR], bhi[NR];
+        for (int j = 0; j < NR; j++) {
+            blo[j] = gemm_bf16_to_float((uint16_t)b[q * NR + j]);
+            bhi[j] = gemm_bf16_to_float((uint16_t)(b[q * NR + j] >> 16));
+        }
+        for (int i = 0; i < MR; i++) {
+            float alo = gemm_bf16_to_float((uint16_t)a[q * MR + i]);
+            float ahi = gemm_bf16_to_float((uint16_t)(a[q * MR + i] >> 16));
+            float *ac = acc + i * NR;
+            for (int j = 0; j < NR; j++) {
+                float t = ac[j] + ahi * bhi[j];
+                ac[j] = t + alo * blo[j];
+            }
+        }
+    }
+    store_tile(acc, C, ldc, mr, nr, alpha, beta);
+}
+
+#ifdef HAVE_X86_BF16
+/* 12 x 32 tile: 24 zmm accumulators, 2 B vectors, 1 broadcast A pair */
+#define ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define K_DECL(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = _mm512_setzero_ps();
+#define K_DP(i) { __m512bh ai = (__m512bh)_mm512_set1_epi32((int)ap[i]);    \
+                  c##i##0 = _mm512_dpbf16_ps(c##i##0, ai, b0);              \
+                  c##i##1 = _mm512_dpbf16_ps(c##i##1, ai, b1); }
+#define K_ST(i) if (i < mr) {                                               \
+        float *ci = C + (size_t)(i) * ldc;                                  \
+        __m512 v0 = _mm512_mul_ps(va, c##i##0), v1 = _mm512_mul_ps(va, c##i##1); \
+        if (beta != 0.0f) {                                                 \
+            v0 = _mm512_add_ps(v0, _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(m0, ci)));  \
+            v1 = _mm512_add_ps(v1, _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(m1, ci + 16))); \
+        }                                                                   \
+        _mm512_mask_storeu_ps(ci, m0, v0);                                  \
+        _mm512_mask_storeu_ps(ci + 16, m1, v1); }
+
+__attribute__((target("avx512f,avx512bf16")))
+static void kernel_avx512bf16(int kq, const uint32_t *restrict a, const uint32_t *restrict b,
+                              float *restrict C, int ldc, int mr, int nr, float alpha, float beta) {
+    for (int i = 0; i < mr; i++) __builtin_prefetch(C + (size_t)i * ldc, 1, 3);
+    ROWS(K_DECL)
+    for (int q = 0; q < kq; q++) {
+        __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + (size_t)q * NR);
+        __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + (size_t)q * NR + 16);
+        const uint32_t *ap = a + (size_t)q * MR;
+        ROWS(K_DP)
+    }
+    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    __mmask16 m0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
+    __mmask16 m1 = nr >= 32 ? 0xffff : nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1);
+    ROWS(K_ST)
+}
+#endif
+
+static void micro_kernel(int kq, const uint32_t *a, const uint32_t *b, float *C, int ldc,
+                         int mr, int nr, float alpha, float beta) {
+#ifdef HAVE_X86_BF16
+    if (g_kernel == K_AVX512BF16) {
+        kernel_avx512bf16(kq, a, b, C, ldc, mr, nr, alpha, beta);
+        return;
+    }
+#endif
+    kernel_portable(kq, a, b, C, ldc, mr, nr, alpha, beta);
+}
+
+/* ---- packing (rounds to bf16) -------------------------------------------
+ * Each loop walks its source in memory order. Rows past the edge and the
+ * pad element of an odd kc are zero. */
+
+/* op(A)[i0 .. i0+mrows, p0 .. p0+kc] -> strips of MR rows, kqs*MR words apart */
+static void pack_a(uint32_t *restrict dst, int kqs, const float *restrict A, int lda, int transA,
+                   int i0, int mrows, int p0, int kc) {
+    int kq = (kc + 1) / 2, nstrips = (mrows + MR - 1) / MR;
+    int last = mrows - (nstrips - 1) * MR;          /* rows in the last strip */
+    if (last < MR || (kc & 1))
+        for (int s = 0; s < nstrips; s++) memset(dst + (size_t)s * kqs * MR, 0, (size_t)kq * MR * sizeof *dst);
+    if (!transA) {
+        /* A stored M x K: each row contiguous along p; 16 pairs of a row
+         * at a time into a small block (vectorised), then that block's
+         * columns into the strip */
+        for (int s = 0; s < nstrips; s++) {
+            uint32_t *d = dst + (size_t)s * kqs * MR;
+            int mr = s == nstrips - 1 ? last : MR;
+            const float *r[MR];
+            for (int i = 0; i < mr; i++) r[i] = A + (size_t)(i0 + s * MR + i) * lda + p0;
+            int q = 0;
+            for (; q + 16 <= kc / 2; q += 16) {
+                uint32_t t[MR][16];
+                for (int i = 0; i < mr; i++)
+                    for (int k = 0; k < 16; k++) t[i][k] = pair(r[i][2 * (q + k)], r[i][2 * (q + k) + 1]);
+                for (int k = 0; k < 16; k++)
+                    for (int i = 0; i < mr; i++) d[(q + k) * MR + i] = t[i][k];
+            }
+            for (int i = 0; i < mr; i++) {
+                for (int qq = q; qq < kc / 2; qq++) d[qq * MR + i] = pair(r[i][2 * qq], r[i][2 * qq + 1]);
+                if (kc & 1) d[(kc / 2) * MR + i] = pair(r[i][kc - 1], 0.0f);
+            }
+        }
+    } else {
+        /* A stored K x M: rows p, p+1 walked whole, across all the strips */
+        for (int q = 0; q < kq; q++) {
+            const float *r0 = A + (size_t)(p0 + 2 * q) * lda + i0;
+            const float *r1 = 2 * q + 1 < kc ? r0 + lda : NULL;
+            for (int s = 0; s < nstrips; s++) {
+                uint32_t *dq = dst + (size_t)s * kqs * MR + (size_t)q * MR;
+                const float *a0 = r0 + s * MR;
+                int mr = s == nstrips - 1 ? last : MR;
+                if (r1 && mr == MR) {
+                    const float *a1 = r1 + s * MR;
+                    for (int i = 0; i < MR; i++) dq[i] = pair(a0[i], a1[i]);
+                } else if (r1) {
+                    const float *a1 = r1 + s * MR;
+                    for (int i = 0; i < mr; i++) dq[i] = pair(a0[i], a1[i]);
+                } else {
+                    for (int i = 0; i < mr; i++) dq[i] = pair(a0[i], 0.0f);
+                }
+            }
+        }
+    }
+}
+
+/* op(B)[p0 .. p0+kc, j0 .. j0+ncols] -> strips of NR columns, sstride words apart */
+static void pack_b(uint32_t *restrict dst, size_t sstride, const float *restrict B, int ldb,
+                   int transB, int p0, int kc, int j0, int ncols) {
+    int kq = (kc + 1) / 2, nstrips = (ncols + NR - 1) / NR;
+    int last = ncols - (nstrips - 1) * NR;          /* columns in the last strip */
+    if (last < NR || (kc & 1))
+        for (int s = 0; s < nstrips; s++) memset(dst + (size_t)s * sstride, 0, (size_t)kq * NR * sizeof *dst);
+    if (!transB) {
+        /* B stored K x N: rows p, p+1 walked whole, across all the strips,
+         * in memory order */
+        for (int q = 0; q < kq; q++) {
+            const float *r0 = B + (size_t)(p0 + 2 * q) * ldb + j0;
+            const float *r1 = 2 * q + 1 < kc ? r0 + ldb : NULL;
+            for (int s = 0; s < nstrips; s++) {
+                uint32_t *dq = dst + (size_t)s * sstride + (size_t)q * NR;
+                const float *a0 = r0 + s * NR;
+                int nr = s == nstrips - 1 ? last : NR;
+                if (r1 && nr == NR) {
+                    const float *a1 = r1 + s * NR;
+                    for (int j = 0; j < NR; j++) dq[j] = pair(a0[j], a1[j]);
+                } else if (r1) {
+                    const float *a1 = r1 + s * NR;
+                    for (int j = 0; j < nr; j++) dq[j] = pair(a0[j], a1[j]);
+                } else {
+                    for (int j = 0; j < nr; j++) dq[j] = pair(a0[j], 0.0f);
+                }
+            }
+        }
+    } else {
+        /* B stored N x K (a weight, out x in): each row contiguous along p */
+        for (int s = 0; s < nstrips; s++) {
+            uint32_t *d = dst + (size_t)s * sstride;
+            int nr = s == nstrips - 1 ? last : NR;
+            for (int j = 0; j < nr; j++) {
+                const float *r = B + (size_t)(j0 + s * NR + j) * ldb + p0;
+                for (int q = 0; q < kc / 2; q++) d[q * NR + j] = pair(r[2 * q], r[2 * q + 1]);
+                if (kc & 1) d[(kc / 2) * NR + j] = pair(r[kc - 1], 0.0f);
+            }
+        }
+    }
+}
+
+/* ---- the blocked loops --------------------------------------------------- */
+/* the K blocking (of an even length kb, K alone decides it) */
+static int k_block(int K) {
+    int nkb = (K + KC - 1) / KC;
+    return ((K + nkb - 1) / nkb + 1) / 2 * 2;
+}
+
+static int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+/* one thread's rectangle of C; bp, ap its packing buffers */
+static void gemm_serial(int transA, int transB, int M, int N, int K,
+                        float alpha, const float *A, int lda, const float *B, int ldb,
+                        float beta, float *C, int ldc, uint32_t *bp, uint32_t *ap) {
+    /* K blocks of equal, even length (K alone decides them: the summation
+     * order of each C element does not depend on the rectangle); packed
+     * strips are kqs pairs long */
+    int kb = k_block(K), kqs = kb / 2;
+    int nnb = (N + NC_MAX - 1) / NC_MAX, nb = round_up((N + nnb - 1) / nnb, NR);
+    int nmb = (M + MC_MAX - 1) / MC_MAX, mb = round_up((M + nmb - 1) / nmb, MR);
+    for (int jc = 0; jc < N; jc += nb) {
+        int nc = N - jc < nb ? N - jc : nb;
+        for (int pc = 0; pc < K; pc += kb) {
+            int kc = K - pc < kb ? K - pc : kb, kq = (kc + 1) / 2;
+            float bet = pc == 0 ? beta : 1.0f;          /* beta applies once */
+            pack_b(bp, (size_t)kqs * NR, B, ldb, transB, pc, kc, jc, nc);
+            for (int ic = 0; ic < M; ic += mb) {
+                int mc = M - ic < mb ? M - ic : mb;
+                pack_a(ap, kqs, A, lda, transA, ic, mc, pc, kc);
+                for (int jr = 0; jr < nc; jr += NR) {
+                    int nr = nc - jr < NR ? nc - jr : NR;
+                    const uint32_t *bs = bp + (size_t)(jr / NR) * kqs * NR;
+                    for (int ir = 0; ir < mc; ir += MR) {
+                        int mr = mc - ir < MR ? mc - ir : MR;
+                        micro_kernel(kq, ap + (size_t)(ir / MR) * kqs * MR, bs,
+                                     C + (size_t)(ic + ir) * ldc + jc + jr, ldc, mr, nr, alpha, bet);
+                    }
+                }
+            }
+        }
+    }
+}
+
+static uint32_t *alloc_words(size_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, n * sizeof(uint32_t)) != 0) return NULL;
+    return p;
+}
+
+static uint32_t *g_buf;
+static size_t g_buf_n;
+/* a call from inside a parallel region (attention's per-head products)
+ * packs into its own thread's grow-only buffer, kept between calls: no
+ * malloc and no fresh pages per call */
+static uint32_t *t_buf;
+static size_t t_buf_n;
+OMP(omp threadprivate(t_buf, t_buf_n))
+
+/* C cut into a gm x gn grid of rectangles for `tasks` workers, the cut
+ * that packs least: a rectangle repacks its rows of A and its columns of
+ * B, K (gn M + gm N) words in all */
+static void choose_grid(int M, int N, int tasks, int *gm, int *gn) {
+    int mstrips = (M + MR - 1) / MR, nstrips = (N + NR - 1) / NR;
+    double best = 1e300;
+    *gm = *gn = 1;
+    for (int m = 1; m <= tasks && m <= mstrips; m++) {
+        int n = (tasks + m - 1) / m;
+        if (n > nstrips) continue;
+        double cost = (double)n * M + (double)m * N;
+        if (cost <= best) { best = cost; *gm = m; *gn = n; }
+    }
+}
+
+/* up to 4 rectangles per thread (load balance on a shared machine), as
+ * long as the extra packing stays under 2% of the work: packing a word
+ * costs about what 32 bf16 multiply-adds do (a 32-lane pair of dot
+ * products per cycle against about one word packed) */
+static void choose_tasks(int M, int N, int nthreads, int *gm, int *gn) {
+    *gm = *gn = 1;
+    if (nthreads <= 1) return;
+    double base = 32.0 * (1.0 / N + 1.0 / M);
+    for (int f = 4; f >= 1; f /= 2) {
+        choose_grid(M, N, f * nthreads, gm, gn);
+        if (32.0 * ((double)*gn / N + (double)*gm / M) - base < 0.02) break;
+    }
+}
+
+/* the blocked path's sums, element by element (same K blocks, same pairs,
+ * same order as kernel_portable), for when its buffers cannot be had */
+static void gemm_bf16_unblocked(int transA, int transB, int M, int N, int K,
+                                float alpha, const float *A, int lda, const float *B, int ldb,
+                                float beta, float *C, int ldc) {
+    int kb = k_block(K);
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            float *c = &C[(size_t)i * ldc + j];
+            for (int pc = 0; pc < K; pc += kb) {
+                int pe = K - pc < kb ? K : pc + kb;
+                float acc = 0.0f;
+                for (int p = pc; p < pe; p += 2) {
+                    float a0 = transA ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
+                    float b0 = transB ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j];
+                    float a1 = 0.0f, b1 = 0.0f;
+                    if (p + 1 < pe) {
+                        a1 = transA ? A[(size_t)(p + 1) * lda + i] : A[(size_t)i * lda + p + 1];
+                        b1 = transB ? B[(size_t)j * ldb + p + 1] : B[(size_t)(p + 1) * ldb + j];
+                    }
+                    acc = acc + gemm_bf16_to_float((uint16_t)rnd(a1)) * gemm_bf16_to_float((uint16_t)rnd(b1));
+                    acc = acc + gemm_bf16_to_float((uint16_t)rnd(a0)) * gemm_bf16_to_float((uint16_t)rnd(b0));
+                }
+                float v = alpha * acc;
+                *c = (pc == 0 ? beta : 1.0f) == 0.0f ? v : v + (pc == 0 ? beta : 1.0f) * *c;
+            }
+        }
+}
+
+void gemm_bf16(int transA, int transB, int M, int N, int K,
+               float alpha, const float *A, int lda, const float *B, int ldb,
+               float beta, float *C, int ldc) {
+    if (M <= 0 || N <= 0) return;
+    if (K <= 0 || alpha == 0.0f) {
+        for (int i = 0; i < M; i++)
+            for (int j = 0; j < N; j++) {
+                float *c = &C[(size_t)i * ldc + j];
+                *c = beta == 0.0f ? 0.0f : beta * *c;
+            }
+        return;
+    }
+    if (g_kernel < 0) gemm_bf16_set_kernel(GEMM_BF16_AUTO);
+    /* small problems (the tiny model, LoRA's rank-r products inside
+     * attention's threads): packing costs more than it saves */
+    if ((double)M * N * K < SMALL_WORK) {
+        gemm_bf16_unblocked(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    int nested = 0, nthreads = 1;
+#ifdef _OPENMP
+    nested = omp_in_parallel();
+    nthreads = nested ? 1 : omp_get_max_threads();
+    while (nthreads > 1 && (double)M * N * K / nthreads < 1e6) nthreads--;
+#endif
+    /* per thread: a B panel and an A block, as large as this problem needs */
+    size_t kqs = (size_t)k_block(K) / 2;
+    int nbmax = round_up(N, NR) < NC_MAX ? round_up(N, NR) : NC_MAX;
+    int mbmax = round_up(M, MR) < MC_MAX ? round_up(M, MR) : MC_MAX;
+    size_t per = kqs * ((size_t)nbmax + mbmax), need = (size_t)nthreads * per;
+    uint32_t *buf;
+    if (nested) {
+        if (t_buf_n < need) {
+            free(t_buf);
+            t_buf = alloc_words(need);
+            t_buf_n = t_buf ? need : 0;
+        }
+        buf = t_buf;
+    } else {
+        if (g_buf_n < need) {
+            free(g_buf);
+            g_buf = alloc_words(need);
+            g_buf_n = g_buf ? need : 0;
+        }
+        buf = g_buf;
+    }
+    if (!buf || g_kernel == K_SCALAR) {
+        /* no memory for the packing buffers: still the same bits */
+        gemm_bf16_unblocked(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    int gm, gn;
+    choose_tasks(M, N, nthreads, &gm, &gn);
+    int mstrips = (M + MR - 1) / MR, nstrips = (N + NR - 1) / NR;
+    OMP(omp parallel for collapse(2) schedule(dynamic) num_threads(nthreads))
+    for (int tm = 0; tm < gm; tm++)
+        for (int tn = 0; tn < gn; tn++) {
+            int tid = 0;
+#ifdef _OPENMP
+            tid = omp_get_thread_num();
+#endif
+            int i0 = (int)((long)mstrips * tm / gm) * MR, i1 = (int)((long)mstrips * (tm + 1) / gm) * MR;
+            int j0 = (int)((long)nstrips * tn / gn) * NR, j1 = (int)((long)nstrips * (tn + 1) / gn) * NR;
+            if (i1 > M) i1 = M;
+            if (j1 > N) j1 = N;
+            if (i0 >= i1 || j0 >= j1) continue;
+            const float *a = transA ? A + i0 : A + (size_t)i0 * lda;
+            const float *b = transB ? B + (size_t)j0 * ldb : B + j0;
+            uint32_t *bp = buf + (size_t)tid * per;
+            gemm_serial(transA, transB, i1 - i0, j1 - j0, K, alpha, a, lda, b, ldb, beta,
+                        C + (size_t)i0 * ldc + j0, ldc, bp, bp + kqs * nbmax);
+        }
+}

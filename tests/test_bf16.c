@@ -1,0 +1,284 @@
+/* test_bf16.c: the bf16 compute mode (matmul_bf16.c).
+ *
+ *  - gemm_bf16_round against hand-worked bit patterns: ties to even, carries
+ *    into the exponent, overflow to inf, inf, NaN, signed zero, denormals.
+ *  - each bf16 kernel this CPU and build have (portable, AVX512-BF16, the
+ *    element-by-element fallback) against a reference summed in double from
+ *    the bf16-rounded operands, all four transposes, operands inside wider
+ *    buffers, ragged edges, odd K, several K blocks, beta 0 / 1 / other,
+ *    beta 0 over a NaN C. Tolerance, per element, from the fp32
+ *    accumulation bound: each of the K products is exact in fp32 and is
+ *    added with one rounding (relative 2^-24), and each K block adds the
+ *    alpha, beta and block-sum roundings, so
+ *        |got - ref| <= (K + 3 nblocks + 2) 2^-24 (|alpha| sum_p |a_p b_p| + |beta c|).
+ *  - the kernels give the same bits as each other, and for 1 and N threads.
+ *  - gemm() and gemm_packed() follow gemm_set_compute. */
+#include "testutil.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static uint64_t lcg_state;
+static float lcg_uniform(void) {   /* [-1, 1) */
+    lcg_state = lcg_state * 6364136223846793005ULL + 1442695040888963407ULL;
+    return (float)((lcg_state >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
+}
+static float *rand_buf(size_t n, uint64_t seed) {
+    float *x = malloc((n ? n : 1) * sizeof(float));
+    ck_assert_ptr_nonnull(x);
+    lcg_state = seed;
+    for (size_t i = 0; i < n; i++) x[i] = lcg_uniform();
+    return x;
+}
+static float f_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static double bf(float x) { return gemm_bf16_to_float(gemm_bf16_round(x)); }
+
+START_TEST(test_round_bits) {
+    static const struct { uint32_t in; uint16_t out; } cases[] = {
+        {0x3f800000u, 0x3f80},  /* 1.0 exact */
+        {0x3f807fffu, 0x3f80},  /* just under half an ulp: down */
+        {0x3f808000u, 0x3f80},  /* a tie, kept bit even: down */
+        {0x3f808001u, 0x3f81},  /* just over half: up */
+        {0x3f818000u, 0x3f82},  /* a tie, kept bit odd: up to even */
+        {0xbf818000u, 0xbf82},  /* the same, negative */
+        {0x3fffffffu, 0x4000},  /* carry into the exponent: 2.0 */
+        {0x7f7fffffu, 0x7f80},  /* FLT_MAX rounds to inf */
+        {0x7f7f7fffu, 0x7f7f},  /* the largest that stays finite */
+        {0x7f800000u, 0x7f80},  /* inf */
+        {0xff800000u, 0xff80},  /* -inf */
+        {0x7fc00000u, 0x7fc0},  /* quiet NaN */
+        {0x7f800001u, 0x7fc0},  /* signalling NaN, payload only in the low half */
+        {0xffffffffu, 0x7fc0},  /* negative NaN: canonical, as torch */
+        {0x00000000u, 0x0000},  /* +0 */
+        {0x80000000u, 0x8000},  /* -0 */
+        {0x00008000u, 0x0000},  /* denormal tie, even: down to 0 */
+        {0x00018000u, 0x0002},  /* denormal tie, odd: up */
+        {0x007fffffu, 0x0080},  /* largest denormal rounds to the smallest normal */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        uint16_t got = gemm_bf16_round(f_of(cases[i].in));
+        ck_assert_msg(got == cases[i].out, "round(0x%08x) = 0x%04x, want 0x%04x",
+                      (unsigned)cases[i].in, (unsigned)got, (unsigned)cases[i].out);
+    }
+    ck_assert(gemm_bf16_to_float(0x3f80) == 1.0f);
+    ck_assert(gemm_bf16_to_float(0xc040) == -3.0f);
+    ck_assert(isinf(gemm_bf16_to_float(0x7f80)));
+    ck_assert(isnan(gemm_bf16_to_float(0x7fc0)));
+}
+END_TEST
+
+START_TEST(test_parse_compute) {
+    ck_assert_int_eq(gemm_parse_compute("fp32"), GEMM_F32);
+    ck_assert_int_eq(gemm_parse_compute("bf16"), GEMM_BF16);
+    ck_assert_int_eq(gemm_parse_compute("fp16"), -1);
+    ck_assert_int_eq(gemm_parse_compute("BF16"), -1);
+    ck_assert_int_eq(gemm_parse_compute(""), -1);
+    ck_assert_int_eq(gemm_parse_compute(NULL), -1);
+}
+END_TEST
+
+/* reference: rounded operands, double sums; returns the failing count */
+static int check_against_ref(int ta, int tb, int M, int N, int K, float alpha,
+                             const float *A, int lda, const float *B, int ldb,
+                             float beta, const float *C0, const float *C, int ldc) {
+    int nkb = (K + 511) / 512, bad = 0;
+    double u = 1.0 / 16777216.0;
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double s = 0, sa = 0;
+            for (int p = 0; p < K; p++) {
+                double a = bf(ta ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p]);
+                double b = bf(tb ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j]);
+                s += a * b;
+                sa += fabs(a * b);
+            }
+            double c = beta == 0.0f ? 0.0 : (double)beta * C0[(size_t)i * ldc + j];
+            double want = alpha * s + c;
+            double tol = (K + 3.0 * nkb + 2.0) * u * (fabs(alpha) * sa + fabs(c)) + 1e-30;
+            double got = C[(size_t)i * ldc + j];
+            if (!(fabs(got - want) <= tol)) {
+                if (bad < 3)
+                    fprintf(stderr, "M=%d N=%d K=%d ta=%d tb=%d [%d,%d] got %.9g want %.9g tol %.3g\n",
+                            M, N, K, ta, tb, i, j, got, want, tol);
+                bad++;
+            }
+        }
+    return bad;
+}
+
+static const int kernels[] = {GEMM_BF16_PORTABLE, GEMM_BF16_AVX512, GEMM_BF16_SCALAR};
+static const char *knames[] = {"portable", "avx512bf16", "scalar"};
+#define NKERNELS 3
+#define PAD 3
+
+/* one problem, all transposes, every kernel the CPU has: each within the
+ * bound of the reference, and all of them the same bits */
+static void check_case(int M, int N, int K, float alpha, float beta, int nan_c) {
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) {
+            int arows = ta ? K : M, acols = ta ? M : K;
+            int brows = tb ? N : K, bcols = tb ? K : N;
+            int lda = acols + PAD, ldb = bcols + PAD, ldc = N + PAD;
+            size_t nc = (size_t)M * ldc;
+            float *A = rand_buf((size_t)arows * lda, 11 + M + 7 * K + ta);
+            float *B = rand_buf((size_t)brows * ldb, 12 + N + 5 * K + tb);
+            float *C0 = rand_buf(nc, 13 + M * N);
+            if (nan_c)
+                for (size_t i = 0; i < nc; i++) C0[i] = NAN;
+            float *first = NULL;
+            for (int k = 0; k < NKERNELS; k++) {
+                if (!gemm_bf16_set_kernel(kernels[k])) continue;
+                float *C = malloc(nc * sizeof(float));
+                ck_assert_ptr_nonnull(C);
+                memcpy(C, C0, nc * sizeof(float));
+                gemm_bf16(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+                int bad = check_against_ref(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C0, C, ldc);
+                ck_assert_msg(bad == 0, "%s: %d elements outside the bound (M=%d N=%d K=%d ta=%d tb=%d)",
+                              knames[k], bad, M, N, K, ta, tb);
+                for (int i = 0; i < M; i++)   /* padding untouched */
+                    ck_assert(memcmp(C + (size_t)i * ldc + N, C0 + (size_t)i * ldc + N,
+                                     PAD * sizeof(float)) == 0 || nan_c);
+                if (!first) {
+                    first = C;
+                } else {
+                    for (int i = 0; i < M; i++)
+                        ck_assert_msg(memcmp(C + (size_t)i * ldc, first + (size_t)i * ldc,
+                                             N * sizeof(float)) == 0,
+                                      "%s differs from the portable kernel (M=%d N=%d K=%d ta=%d tb=%d)",
+                                      knames[k], M, N, K, ta, tb);
+                    free(C);
+                }
+            }
+            free(first);
+            free(A);
+            free(B);
+            free(C0);
+        }
+    gemm_bf16_set_kernel(GEMM_BF16_AUTO);
+}
+
+START_TEST(test_kernels_vs_reference) {
+    fprintf(stderr, "bf16 kernel chosen here: %s\n", gemm_bf16_kernel_name());
+    check_case(1, 1, 1, 1.0f, 0.0f, 0);         /* under 32768 multiply-adds: element by element */
+    check_case(5, 7, 3, 0.5f, 0.0f, 0);
+    check_case(13, 33, 17, 1.0f, 1.0f, 0);
+    check_case(13, 33, 81, 1.0f, 1.0f, 0);      /* packed: ragged MR and NR edges, odd K */
+    check_case(12, 32, 96, -2.0f, 0.75f, 0);    /* exactly one tile */
+    check_case(37, 65, 1031, 1.0f, 0.0f, 1);    /* three K blocks, odd, NaN C with beta 0 */
+    check_case(200, 70, 600, 0.25f, 1.0f, 0);   /* two M blocks, two K blocks */
+    check_case(3, 1100, 40, 1.0f, 0.0f, 0);     /* two N panels, attention's short K */
+    check_case(250, 2, 513, 1.0f, -1.0f, 0);    /* tall and thin (LoRA's rank) */
+}
+END_TEST
+
+/* the value the mode is for: a product whose operands bf16 changes */
+START_TEST(test_rounding_applied) {
+    float a[2] = {1.0f + 1.0f / 512, 1.0f}, b[2] = {1.0f, 1.0f / 4096}, c;
+    /* bf16(1 + 2^-9) = 1 (under half a bf16 ulp, 2^-8); 1 * 1 + 1 * 2^-12 in fp32 */
+    gemm_bf16(0, 0, 1, 1, 2, 1.0f, a, 2, b, 1, 0.0f, &c, 1);
+    ck_assert(c == 1.0f + 1.0f / 4096);
+    gemm(0, 0, 1, 1, 2, 1.0f, a, 2, b, 1, 0.0f, &c, 1);
+    ck_assert(c == 1.0f + 1.0f / 512 + 1.0f / 4096);
+}
+END_TEST
+
+START_TEST(test_thread_invariant) {
+#ifdef _OPENMP
+    int M = 300, N = 260, K = 1100, saved = omp_get_max_threads();
+    float *A = rand_buf((size_t)M * K, 21), *B = rand_buf((size_t)N * K, 22);
+    float *C1 = rand_buf((size_t)M * N, 23), *C4 = malloc((size_t)M * N * sizeof(float));
+    ck_assert_ptr_nonnull(C4);
+    memcpy(C4, C1, (size_t)M * N * sizeof(float));
+    for (int k = 0; k < NKERNELS - 1; k++) {
+        if (!gemm_bf16_set_kernel(kernels[k])) continue;
+        omp_set_num_threads(1);
+        gemm_bf16(0, 1, M, N, K, 1.0f, A, K, B, K, 0.5f, C1, N);
+        omp_set_num_threads(4);
+        gemm_bf16(0, 1, M, N, K, 1.0f, A, K, B, K, 0.5f, C4, N);
+        ck_assert_msg(memcmp(C1, C4, (size_t)M * N * sizeof(float)) == 0,
+                      "%s: 1 and 4 threads differ", knames[k]);
+    }
+    omp_set_num_threads(saved);
+    gemm_bf16_set_kernel(GEMM_BF16_AUTO);
+    free(A); free(B); free(C1); free(C4);
+#endif
+}
+END_TEST
+
+/* calls from inside a parallel region (as attention makes them: one
+ * product per thread, each packing into its own thread's buffer, of
+ * growing sizes) give the bits of the same calls made outside one */
+START_TEST(test_nested_calls) {
+    enum { NP = 8 };
+    int M = 64, K = 300;
+    float *A = rand_buf((size_t)M * K, 41), *B = rand_buf((size_t)K * 512, 42);
+    float *want = malloc(sizeof(float) * NP * M * 512), *got = malloc(sizeof(float) * NP * M * 512);
+    ck_assert(want && got);
+    for (int k = 0; k < NKERNELS - 1; k++) {
+        if (!gemm_bf16_set_kernel(kernels[k])) continue;
+        for (int t = 0; t < NP; t++)   /* N grows with t: the buffers must grow */
+            gemm_bf16(0, 0, M, 64 * (t + 1), K, 1.0f, A, K, B, 512, 0.0f, want + (size_t)t * M * 512, 512);
+        int i;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic) num_threads(4)
+#endif
+        for (i = 0; i < NP; i++)
+            gemm_bf16(0, 0, M, 64 * (i + 1), K, 1.0f, A, K, B, 512, 0.0f, got + (size_t)i * M * 512, 512);
+        for (int t = 0; t < NP; t++)
+            for (int r = 0; r < M; r++)
+                ck_assert_msg(memcmp(want + (size_t)t * M * 512 + (size_t)r * 512, got + (size_t)t * M * 512 + (size_t)r * 512,
+                                     sizeof(float) * 64 * (t + 1)) == 0, "%s: nested call %d differs", knames[k], t);
+    }
+    gemm_bf16_set_kernel(GEMM_BF16_AUTO);
+    free(A); free(B); free(want); free(got);
+}
+END_TEST
+
+/* gemm and gemm_packed in GEMM_BF16 mode are gemm_bf16; back in GEMM_F32
+ * they are fp32 again */
+START_TEST(test_mode_routes_gemm) {
+    int M = 70, N = 90, K = 130;
+    float *A = rand_buf((size_t)M * K, 31), *B = rand_buf((size_t)N * K, 32);
+    float *want = malloc((size_t)M * N * sizeof(float)), *got = malloc((size_t)M * N * sizeof(float));
+    float *f32 = malloc((size_t)M * N * sizeof(float));
+    ck_assert(want && got && f32);
+    ck_assert_int_eq(gemm_compute(), GEMM_F32);
+    gemm(0, 1, M, N, K, 1.0f, A, K, B, K, 0.0f, f32, N);
+    gemm_bf16(0, 1, M, N, K, 1.0f, A, K, B, K, 0.0f, want, N);
+    ck_assert(memcmp(want, f32, (size_t)M * N * sizeof(float)) != 0);
+
+    gemm_set_compute(GEMM_BF16);
+    ck_assert_int_eq(gemm_compute(), GEMM_BF16);
+    gemm(0, 1, M, N, K, 1.0f, A, K, B, K, 0.0f, got, N);
+    ck_assert(memcmp(want, got, (size_t)M * N * sizeof(float)) == 0);
+    gemm_packed_b *pb = gemm_pack_b(1, K, N, B, K);
+    ck_assert_ptr_nonnull(pb);
+    memset(got, 0, (size_t)M * N * sizeof(float));
+    gemm_packed(0, M, 1.0f, A, K, pb, 0.0f, got, N);
+    ck_assert(memcmp(want, got, (size_t)M * N * sizeof(float)) == 0);
+
+    gemm_set_compute(GEMM_F32);
+    gemm(0, 1, M, N, K, 1.0f, A, K, B, K, 0.0f, got, N);
+    ck_assert(memcmp(f32, got, (size_t)M * N * sizeof(float)) == 0);
+    gemm_packed(0, M, 1.0f, A, K, pb, 0.0f, got, N);
+    ck_assert(memcmp(f32, got, (size_t)M * N * sizeof(float)) == 0);
+    gemm_packed_b_free(pb);
+    free(A); free(B); free(want); free(got); free(f32);
+}
+END_TEST
+
+static Suite *bf16_suite(void) {
+    Suite *s = suite_create("bf16");
+    TCase *tc = tcase_create("core");
+    tcase_add_test(tc, test_round_bits);
+    tcase_add_test(tc, test_parse_compute);
+    tcase_add_test(tc, test_kernels_vs_reference);
+    tcase_add_test(tc, test_rounding_applied);
+    tcase_add_test(tc, test_thread_invariant);
+    tcase_add_test(tc, test_nested_calls);
+    tcase_add_test(tc, test_mode_routes_gemm);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+CHECK_MAIN(bf16_suite)
