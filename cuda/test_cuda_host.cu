@@ -1146,6 +1146,8 @@ static void test_train_emulated(void) {
     E->free(od.m); E->free(od.v); E->free(dtarget); E->free(dwt);
     adamw_free(&oc); adamw_free(&oh);
     unet_free(&uc); unet_free(&ue);
+}
+
 /* The VAE (models/tiny/vae: three levels, mid attention) through
  * vae_to_device on the emulated device against the CPU: the latent cache's
  * encode (mean, logvar, and the scaled posterior sample) and the sampler's
