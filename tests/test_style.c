@@ -10,12 +10,14 @@
  * The before/after grid ./train writes has the same prompts and seeds
  * without (top row) and with (bottom row) the LoRA, on prompts that include
  * content the style set never shows (data/sample_prompts.txt). The LoRA's
- * row must be less saturated and paler by a clear margin.
+ * row must be closer to the style set in chroma and paper (its distance to
+ * them at least 40% shorter) and more hatched.
  *
- * Measured with models/tiny and data/sdlora_args.txt (1200 steps): chroma
- * 106.2 -> 77.3 (lower on all 4 prompts), paper 132.3 -> 154.2, hatch
- * -0.27 -> 0.26 (hatching shows on one shape only, so it is printed, not
- * asserted).
+ * Measured with models/tiny and data/sdlora_args.txt (1200 steps, batch 4):
+ * chroma 106.2 -> 98.0, paper 132.3 -> 125.3, hatch -0.27 -> 0.82. (Before
+ * train.c's loss backward was fixed only a batch's first sample trained, at
+ * B^2 the gradient; that run overshot to chroma 77.3, paper 154.2, and the
+ * old thresholds, "15 less chroma, 10 more paper", were set from it.)
  *
  * This is a 1200-step training run (about 3.5 min at -O3 on 2 cores), so it
  * is skipped in the sanitiser build, where it would take many minutes. */
@@ -24,6 +26,11 @@
 #include "grid.h"
 #include "image.h"
 #include "tools/style_stats.h"
+#include <math.h>
+
+/* the style set's statistics (make_data --stat) */
+#define STYLE_CHROMA 99.1
+#define STYLE_PAPER 121.4
 
 #ifndef SDLORA_BUILD
 #define SDLORA_BUILD "build"
@@ -80,8 +87,18 @@ START_TEST(test_default_run_shows_style) {
     printf("mean chroma: %.1f -> %.1f (style set 99.1, base set 122.1)\n", cb, ca);
     printf("mean paper:  %.1f -> %.1f (style set 121.4, base set 71.3)\n", pb, pa);
     printf("mean hatch:  %.2f -> %.2f (style set 6.22, base set 0.01)\n", hb, ha);
-    ck_assert_msg(ca < cb - 15, "the LoRA did not move the samples toward the style's pastel palette: chroma %.1f -> %.1f", cb, ca);
-    ck_assert_msg(pa > pb + 10, "the LoRA did not move the samples toward the style's pale paper: %.1f -> %.1f", pb, pa);
+    fflush(stdout);   /* printed even when an assertion below ends the test */
+    /* each statistic moves toward the style set's: its distance to it at
+     * least 40% shorter with the LoRA than without (chroma, paper), and the
+     * hatching up. Overshooting counts against: a run that pushes chroma far
+     * below the style set's is not closer to it. */
+    double dc0 = fabs(cb - STYLE_CHROMA), dc1 = fabs(ca - STYLE_CHROMA);
+    double dp0 = fabs(pb - STYLE_PAPER), dp1 = fabs(pa - STYLE_PAPER);
+    ck_assert_msg(dc1 < 0.6 * dc0, "the LoRA did not move the samples' chroma toward the style set's %.1f: %.1f -> %.1f",
+                  STYLE_CHROMA, cb, ca);
+    ck_assert_msg(dp1 < 0.6 * dp0, "the LoRA did not move the samples' paper toward the style set's %.1f: %.1f -> %.1f",
+                  STYLE_PAPER, pb, pa);
+    ck_assert_msg(ha > hb, "the LoRA did not add hatching: %.2f -> %.2f", hb, ha);
     image_free(&im);
     free(cell[0]); free(cell[1]);
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
