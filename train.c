@@ -580,7 +580,7 @@ static int save_lora(const char *path, sd_model *m, const train_args *a, long st
     const char *more[][2] = {
         {"ss_epoch", ep},
         {"ss_optimizer", opt},
-        {"ss_mixed_precision", "no"},          /* the math is float32 throughout */
+        {"ss_mixed_precision", strcmp(a->compute, "bf16") == 0 ? "bf16" : "no"},   /* kohya: no / fp16 / bf16 */
         {"ss_training_started_at", started},
         {"ss_dataset_dirs", dirs},
         {"ss_tag_frequency", tags},
