@@ -97,6 +97,9 @@ else echo "   the two images differ (in $T/sample-cpu.png, $T/sample-cuda.png)";
 part "7. SD1.5 architecture, random weights: 16x16 against the CPU, then 512^2 on the GPU"
 run 240 - "./$B/gpu_check" sd15 16
 
+part "8. CUDA + MPI: 2 ranks summing over NCCL (skips with fewer than 2 GPUs or no mpirun)"
+run 300 - bash tools/gpu_check_mpi.sh
+
 part "done"
 echo "total $(( $(date +%s) - t_start )) s; $fails part(s) failed; report in $REPORT; outputs in $T"
 [ "$fails" -eq 0 ]

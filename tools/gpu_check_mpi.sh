@@ -6,6 +6,8 @@
 # NCCL refuses two ranks on one GPU.
 set -u
 cd "$(dirname "$0")/.."
+# the LoRA metadata records when a run began: fixed, so the files compare byte for byte
+export SOURCE_DATE_EPOCH=1700000000
 n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 if [ "$n" -lt 2 ]; then echo "gpu_check_mpi: skipped: $n GPU(s) here, NCCL needs one per rank (2 or more)"; exit 0; fi
 command -v mpirun >/dev/null || { echo "gpu_check_mpi: skipped: no mpirun (install openmpi-bin libopenmpi-dev)"; exit 0; }
