@@ -648,8 +648,9 @@ static void gemm_run(int transA, int transB, int M, int N, int K,
             gemm_bf16(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
             return;
         }
-        /* a B packed for the fp32 kernel: unpack it (nothing packs B ahead
-         * in the bf16 mode's hot paths; this keeps gemm_packed correct) */
+        /* a B packed for the fp32 kernel: unpack it. Correct but slow (a
+         * copy per call): callers pack ahead only in the fp32 mode
+         * (attention.c checks gemm_compute() before gemm_pack_b) */
         float *b = malloc((size_t)K * N * sizeof(float));
         if (b) {
             for (int p = 0; p < K; p++)
