@@ -78,6 +78,33 @@ float nn_clip_grad_norm(const nn_ops *ops, float *g1, size_t n1, float *g2, size
     return norm;
 }
 
+float nn_clip_grad_norm2(const nn_ops *ops, float *g1, size_t n1, float *g2, size_t n2, float max_norm) {
+    if (max_norm <= 0) return 0;
+    double s2 = (n1 ? ops->grad_sumsq(g1, n1) : 0) + (n2 ? ops->grad_sumsq(g2, n2) : 0);
+    float norm = (float)sqrt(s2), coef = max_norm / (norm + 1e-6f);
+    if (coef < 1.0f) {
+        if (n1) ops->scale(g1, coef, n1);
+        if (n2) ops->scale(g2, coef, n2);
+    }
+    return norm;
+}
+
+/* x_0[b, t] = tok[ids[b, t]] + pos[t], each row widened from fp16 when the
+ * table is held so (exact), then one float add: clip.c's loop */
+void nn_embedding_forward(float *out, const int *ids, const float *tok, const uint16_t *tok16,
+                          const float *pos, const uint16_t *pos16, int B, int T, int C) {
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++) {
+            size_t r = (size_t)ids[b * T + t];
+            float *x = out + ((size_t)b * T + t) * C;
+            for (int i = 0; i < C; i++) {
+                float te = tok ? tok[r * C + i] : half_to_float(tok16[r * C + i]);
+                float pe = pos ? pos[(size_t)t * C + i] : half_to_float(pos16[(size_t)t * C + i]);
+                x[i] = te + pe;
+            }
+        }
+}
+
 static void cpu_memmove(float *dst, const float *src, size_t n) { if (n) memmove(dst, src, sizeof(float) * n); }
 
 /* the loop vae.c's down_forward ran inline: each row copied, then a zero */
@@ -140,4 +167,9 @@ const nn_ops nn_ops_cpu = {
     .scale = cpu_scale,
     .mse_loss_forward = mse_loss_forward,
     .mse_loss_backward = mse_loss_backward,
+    .gelu_backward = gelu_backward,
+    .quickgelu_backward = quickgelu_backward,
+    .embedding_forward = nn_embedding_forward,
+    .lora_conv_forward = lora_conv_forward,
+    .lora_conv_backward = lora_conv_backward,
 };

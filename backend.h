@@ -114,6 +114,22 @@ typedef struct nn_ops {
                               int B, size_t n_per_item);
     void (*mse_loss_backward)(float *dpred, const float *pred, const float *target,
                               const float *weight, float dloss, int B, size_t n_per_item);
+
+    /* the text encoder's training step and conv LoRA (appended) */
+    void (*gelu_backward)(float *dinp, const float *dout, const float *inp, size_t n);
+    void (*quickgelu_backward)(float *dinp, const float *dout, const float *inp, size_t n);
+    /* CLIP's input: out (B T, C), out[b, t, :] = tok[ids[b T + t], :] + pos[t, :].
+     * Each table is fp32 (tok, pos) or fp16 bits widened exactly (tok16,
+     * pos16; the other NULL); ids: B T ints in table memory, in range */
+    void (*embedding_forward)(float *out, const int *ids, const float *tok, const uint16_t *tok16,
+                              const float *pos, const uint16_t *pos16, int B, int T, int C);
+    /* lora.h's lora_conv_forward / lora_conv_backward (L's A, B, dA, dB, and
+     * ax, mask, scratch in table memory; rng on the host, as lora_forward) */
+    void (*lora_conv_forward)(float *out, float *ax, uint8_t *mask, float *scratch, const float *inp,
+                              const lora_t *L, int Bn, int H, int W, int stride, int pad, rng_t *rng);
+    void (*lora_conv_backward)(float *dinp, const float *dout, const float *inp, const float *ax,
+                               const uint8_t *mask, float *scratch, lora_t *L,
+                               int Bn, int H, int W, int stride, int pad);
 } nn_ops;
 
 #define NN_SUMSQ_CHUNK 1024
@@ -125,6 +141,16 @@ typedef struct nn_ops {
  * text encoder's LoRA, which runs on the CPU). Returns the norm; one double
  * comes down. max_norm <= 0: nothing (returns 0). */
 float nn_clip_grad_norm(const nn_ops *ops, float *g1, size_t n1, float *g2, size_t n2, float max_norm);
+
+/* --clip with both gradient sets in ops' memory (--device cuda with --te):
+ * norm = sqrt(sumsq(g1) + sumsq(g2)), each sum a grad_sumsq, and when
+ * coef < 1 both scaled there; one double per set comes down. n1 or n2 may
+ * be 0. Returns the norm; max_norm <= 0: nothing. */
+float nn_clip_grad_norm2(const nn_ops *ops, float *g1, size_t n1, float *g2, size_t n2, float max_norm);
+
+/* embedding_forward on the CPU (clip.c's gather, any table pair) */
+void nn_embedding_forward(float *out, const int *ids, const float *tok, const uint16_t *tok16,
+                          const float *pos, const uint16_t *pos16, int B, int T, int C);
 
 /* the CPU: nn.h's and lora.h's functions */
 extern const nn_ops nn_ops_cpu;

@@ -314,6 +314,7 @@ void clip_free(clip_t *m) {
         if (m->dparams16) m->ops->free(m->dparams16);
         if (m->dwbuf) m->ops->free(m->dwbuf);
         if (m->dlora_params) m->ops->free(m->dlora_params);
+        if (m->dlora_grads) m->ops->free(m->dlora_grads);
     } else {
         arena_free(&m->acts);
     }
@@ -444,7 +445,8 @@ int clip_add_lora(clip_t *m, int rank, float alpha, float dropout, uint64_t seed
 }
 
 void clip_zero_grad(clip_t *m) {
-    if (m->lora_grads) memset(m->lora_grads, 0, sizeof(float) * m->num_lora_params);
+    if (m->dlora_grads) m->ops->zero(m->dlora_grads, m->num_lora_params);   /* on a device: its copy, the one used */
+    else if (m->lora_grads) memset(m->lora_grads, 0, sizeof(float) * m->num_lora_params);
 }
 
 /* ---------------------------------------------------------------------------
@@ -509,13 +511,13 @@ static const float *weight_f32(clip_t *m, const clip_param *p) {
     return half_widen_cached(m->wbuf, &m->wbuf_of, p->data16, p->numel);
 }
 
-/* row r of an embedding table as fp32 (d floats), into out: widening only
- * the rows that are used, not the 49408 x 768 table */
-static const float *emb_row(const clip_param *p, size_t r, float *out) {
-    size_t d = (size_t)p->shape[1];
-    if (p->data) return p->data + r * d;
-    for (size_t i = 0; i < d; i++) out[i] = half_to_float(p->data16[r * d + i]);
-    return out;
+/* an embedding table in the table's memory, as embedding_forward takes it:
+ * fp32 (*f) or fp16 (*h), the other NULL. The gather widens only the rows
+ * it reads, not the 49408 x 768 table. */
+static void emb_table(const clip_t *m, const clip_param *p, const float **f, const uint16_t **h) {
+    *f = NULL; *h = NULL;
+    if (p->data) *f = ON_DEVICE(m) ? m->dparams + (p->data - m->params) : p->data;
+    else *h = ON_DEVICE(m) ? m->dparams16 + (p->data16 - m->params16) : p->data16;
 }
 
 /* backward of one projection: dinp += (may be NULL), the adapter's dA, dB +=,
@@ -525,8 +527,8 @@ static void proj_backward(clip_t *m, float *dinp, const float *dout, const float
                           const uint8_t *mask, float *scratch, const clip_param *w, const float *b, lora_t *L,
                           int N, int in, int out) {
     const float *w32 = weight_f32(m, w);
-    if (m->grads) linear_backward(NULL, grad_of_param(m, w), grad_of(m, b), dout, inp, w32, N, in, out);
-    lora_backward(dinp, dout, inp, ax, mask, scratch, w32, L, N, in, out);
+    if (m->grads) OPS->linear_backward(NULL, grad_of_param(m, w), grad_of(m, b), dout, inp, w32, N, in, out);
+    OPS->lora_backward(dinp, dout, inp, ax, mask, scratch, w32, L, N, in, out);
 }
 
 int clip_num_adapters(const clip_t *m) { return m->nadapters; }
@@ -548,7 +550,8 @@ static void layer_adapters(const clip_t *m, int l, lora_t run[CLIP_NPROJ], lora_
             /* A and B: the device's copies, at the same offsets */
             run[p].A = m->dlora_params + (run[p].A - m->lora_params);
             run[p].B = m->dlora_params + (run[p].B - m->lora_params);
-            run[p].dA = run[p].dB = NULL;
+            run[p].dA = run[p].dA ? m->dlora_grads + (run[p].dA - m->lora_grads) : NULL;
+            run[p].dB = run[p].dB ? m->dlora_grads + (run[p].dB - m->lora_grads) : NULL;
         }
         ad[p] = &run[p];
     }
@@ -638,6 +641,18 @@ static int device_error(clip_t *m) {
     snprintf(m->err, sizeof m->err, "clip: %s: %s", m->ops->name, e ? e : "a copy failed");
     return -1;
 }
+/* the same only when a kernel left an error: -1, else 0 */
+static int device_failed(clip_t *m) {
+    const char *e = m->ops->error();
+    if (!e) return 0;
+    if (strncmp(e, "error: ", 7) == 0) e += 7;
+    snprintf(m->err, sizeof m->err, "clip: %s: %s", m->ops->name, e);
+    return -1;
+}
+
+float *clip_device_out(clip_t *m) {
+    return ON_DEVICE(m) && m->nrun ? at(m, m->layout->out) : NULL;
+}
 
 int clip_to_device(clip_t *m, const nn_ops *ops) {
     if (!ops->device) { snprintf(m->err, sizeof m->err, "clip: %s is not a device table", ops->name); return -1; }
@@ -655,18 +670,21 @@ int clip_to_device(clip_t *m, const nn_ops *ops) {
     uint16_t *d16 = f16 ? ops->alloc(sizeof(uint16_t) * (m->nmat ? m->nmat : 1)) : NULL;
     float *wb = f16 ? ops->alloc(sizeof(float) * big) : NULL;
     float *dl = nl ? ops->alloc(sizeof(float) * nl) : NULL;
-    if (!d || (f16 && (!d16 || !wb)) || (nl && !dl) || !ops->upload(d, m->params, sizeof(float) * nvec) ||
+    float *dg = nl ? ops->alloc(sizeof(float) * nl) : NULL;   /* dA, dB: --te trains there */
+    if (!d || (f16 && (!d16 || !wb)) || (nl && (!dl || !dg)) || !ops->upload(d, m->params, sizeof(float) * nvec) ||
         (f16 && !ops->upload(d16, m->params16, sizeof(uint16_t) * m->nmat)) ||
-        (nl && !ops->upload(dl, m->lora_params, sizeof(float) * nl))) {
+        (nl && (!ops->upload(dl, m->lora_params, sizeof(float) * nl) ||
+                !ops->upload(dg, m->lora_grads, sizeof(float) * nl)))) {
         const char *e = ops->error();
         if (e && strncmp(e, "error: ", 7) == 0) e += 7;
         snprintf(m->err, sizeof m->err, "clip: cannot copy %.1f MiB of weights to %s: %s",
-                 (double)(nvec * 4 + nl * 4 + (f16 ? m->nmat * 2 + big * 4 : 0)) / 1048576.0, ops->name,
+                 (double)(nvec * 4 + nl * 8 + (f16 ? m->nmat * 2 + big * 4 : 0)) / 1048576.0, ops->name,
                  e ? e : "out of memory");
         if (d) ops->free(d);
         if (d16) ops->free(d16);
         if (wb) ops->free(wb);
         if (dl) ops->free(dl);
+        if (dg) ops->free(dg);
         return -1;
     }
     arena_free(&m->acts);       /* a host block, if any: the device gets its own */
@@ -677,6 +695,7 @@ int clip_to_device(clip_t *m, const nn_ops *ops) {
     m->dwbuf = wb;
     m->dwbuf_of = NULL;
     m->dlora_params = dl;
+    m->dlora_grads = dg;
     return 0;
 }
 
@@ -705,11 +724,7 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
     }
     int nrun = c->num_layers - clip_skip + 1;
     int dev = ON_DEVICE(m);
-    if (dev && m->training && m->adapters) {
-        snprintf(m->err, sizeof m->err, "clip: training the text encoder does not run on %s yet "
-                 "(drop --te, or use --device cpu)", m->ops->name);
-        return -1;
-    }
+    if (!out && !dev) { snprintf(m->err, sizeof m->err, "clip: out NULL is for a model on a device"); return -1; }
     m->dropout_on = m->training && m->adapters && m->adapters[0].L.dropout > 0.0f;
     arena_plan plan = { 0, 0 };
     clip_layout(m, B, T, nrun, &plan);
@@ -732,11 +747,10 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
     }
     const struct clip_layout *o = m->layout;
     size_t N = (size_t)B * T;
-    float *x0h = NULL;                 /* on a device: the embedded tokens, made here */
+    /* the ids into table memory (the gather reads them there; backward's
+     * token-embedding gradient, on the host, reads them too) */
     if (dev) {
-        x0h = malloc(sizeof(float) * N * C);
-        if (!x0h) { snprintf(m->err, sizeof m->err, "clip: out of memory"); return -1; }
-        if (!m->ops->upload(at(m, o->ids), ids, sizeof(int) * N)) { free(x0h); return device_error(m); }
+        if (!m->ops->upload(at(m, o->ids), ids, sizeof(int) * N)) return device_error(m);
     } else {
         memcpy(at(m, o->ids), ids, sizeof(int) * N);
     }
@@ -744,30 +758,11 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
     float *lora_scratch = at(m, o->lora_scratch);
 
     /* x_0[b, t] = token_embedding[ids[b, t]] + position_embedding[t] */
-    const layer_offsets *a0 = &o->layer[0];
-    float *x0 = dev ? x0h : at(m, a0->res);
-    /* fp16 weights: the two rows are widened into layer 0's q and k buffers
-     * (each N x C, written only later; on a device, two rows of the host's) */
-    float rows[2 * 1024], *big = NULL;
-    float *tok_row = at(m, a0->q), *pos_row = at(m, a0->k);
-    if (dev) {
-        big = (size_t)C > 1024 ? malloc(sizeof(float) * 2 * C) : NULL;
-        tok_row = big ? big : rows;
-        pos_row = tok_row + C;
-    }
-    for (int b = 0; b < B; b++)
-        for (int t = 0; t < T; t++) {
-            const float *te = emb_row(m->tok_emb, (size_t)ids[b * T + t], tok_row);
-            const float *pe = emb_row(m->pos_emb, (size_t)t, pos_row);
-            float *x = x0 + ((size_t)b * T + t) * C;
-            for (int i = 0; i < C; i++) x[i] = te[i] + pe[i];
-        }
-    if (dev) {
-        /* the gather ran on the host's tables; the sum goes up */
-        int ok = m->ops->upload(at(m, a0->res), x0h, sizeof(float) * N * C);
-        free(x0h); free(big);
-        if (!ok) return device_error(m);
-    }
+    const float *tok, *pos;
+    const uint16_t *tok16, *pos16;
+    emb_table(m, m->tok_emb, &tok, &tok16);
+    emb_table(m, m->pos_emb, &pos, &pos16);
+    OPS->embedding_forward(at(m, o->layer[0].res), (const int *)at(m, o->ids), tok, tok16, pos, pos16, B, T, C);
 
     for (int l = 0; l < nrun; l++) {
         const clip_layer *P = &m->layers[l];
@@ -801,7 +796,8 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
     OPS->layernorm_forward(dev ? at(m, o->out) : out, at(m, o->lnf_mean), at(m, o->lnf_rstd), at(m, o->x_final),
                            PV(m, m->lnf_w), PV(m, m->lnf_b),
                            (int)N, C, c->layer_norm_eps);
-    if (dev && !m->ops->download(out, at(m, o->out), sizeof(float) * N * C)) return device_error(m);
+    if (dev && out && !m->ops->download(out, at(m, o->out), sizeof(float) * N * C)) return device_error(m);
+    if (dev && device_failed(m)) return -1;
     m->nrun = nrun;
     return 0;
 }
@@ -810,10 +806,6 @@ int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_s
  * backward: LoRA gradients, and every weight's with full grads */
 
 int clip_backward(clip_t *m, const float *dout) {
-    if (ON_DEVICE(m)) {
-        snprintf(m->err, sizeof m->err, "clip: backward does not run on %s yet (use --device cpu)", m->ops->name);
-        return -1;
-    }
     const clip_config *c = &m->config;
     int C = c->hidden_size, F = c->intermediate_size, H = c->num_heads, Dh = C / H;
     int B = m->B, T = m->T;
@@ -832,12 +824,12 @@ int clip_backward(clip_t *m, const float *dout) {
     float *dq = at(m, o->dq), *dk = at(m, o->dk), *dv = at(m, o->dv);
     float *dh = at(m, o->dh), *dha = at(m, o->dha);
     float *lora_scratch = at(m, o->lora_scratch);
-    size_t nC = N * C * sizeof(float), nF = N * F * sizeof(float);
+    size_t nC = N * C, nF = N * F;
 
     /* through final_layer_norm (frozen unless full grads: grad_of gives NULL) */
-    memset(dres, 0, nC);
-    layernorm_backward(dres, grad_of(m, m->lnf_w), grad_of(m, m->lnf_b), dout, at(m, o->x_final), m->lnf_w,
-                       at(m, o->lnf_mean), at(m, o->lnf_rstd), (int)N, C);
+    OPS->zero(dres, nC);
+    OPS->layernorm_backward(dres, grad_of(m, m->lnf_w), grad_of(m, m->lnf_b), dout, at(m, o->x_final),
+                            PV(m, m->lnf_w), at(m, o->lnf_mean), at(m, o->lnf_rstd), (int)N, C);
     for (int l = m->nrun - 1; l >= 0; l--) {
         const clip_layer *P = &m->layers[l];
         const layer_offsets *a = &o->layer[l];
@@ -851,36 +843,36 @@ int clip_backward(clip_t *m, const float *dout) {
         }
         const float *ln1 = at(m, a->ln1);
         /* dres holds dL/dx_{l+1}. MLP branch; the residual passes dres through unchanged */
-        memset(dha, 0, nF);
+        OPS->zero(dha, nF);
         proj_backward(m, dha, dres, at(m, a->ha), ax[CLIP_FC2], mask[CLIP_FC2], lora_scratch, P->fc2_w, P->fc2_b,
                       ad[CLIP_FC2], (int)N, F, C);
-        memset(dh, 0, nF);
-        if (c->act == CLIP_ACT_GELU) gelu_backward(dh, dha, at(m, a->h), N * F);
-        else quickgelu_backward(dh, dha, at(m, a->h), N * F);
-        memset(dln, 0, nC);
+        OPS->zero(dh, nF);
+        if (c->act == CLIP_ACT_GELU) OPS->gelu_backward(dh, dha, at(m, a->h), N * F);
+        else OPS->quickgelu_backward(dh, dha, at(m, a->h), N * F);
+        OPS->zero(dln, nC);
         proj_backward(m, dln, dh, at(m, a->ln2), ax[CLIP_FC1], mask[CLIP_FC1], lora_scratch, P->fc1_w, P->fc1_b,
                       ad[CLIP_FC1], (int)N, C, F);
         /* dL/dx' = dL/dx_{l+1} + ln2 backward */
-        layernorm_backward(dres, grad_of(m, P->ln2_w), grad_of(m, P->ln2_b), dln, at(m, a->res2), P->ln2_w,
-                           at(m, a->ln2_mean), at(m, a->ln2_rstd), (int)N, C);
+        OPS->layernorm_backward(dres, grad_of(m, P->ln2_w), grad_of(m, P->ln2_b), dln, at(m, a->res2),
+                                PV(m, P->ln2_w), at(m, a->ln2_mean), at(m, a->ln2_rstd), (int)N, C);
         /* attention branch */
-        memset(datty, 0, nC);
+        OPS->zero(datty, nC);
         proj_backward(m, datty, dres, at(m, a->atty), ax[CLIP_O], mask[CLIP_O], lora_scratch, P->o_w, P->o_b,
                       ad[CLIP_O], (int)N, C, C);
-        memset(dq, 0, nC); memset(dk, 0, nC); memset(dv, 0, nC);
-        attention_backward(dq, dk, dv, datty, at(m, a->q), at(m, a->k), at(m, a->v), at(m, a->att),
+        OPS->zero(dq, nC); OPS->zero(dk, nC); OPS->zero(dv, nC);
+        OPS->attention_backward(dq, dk, dv, datty, at(m, a->q), at(m, a->k), at(m, a->v), at(m, a->att),
                            B, T, T, H, Dh, 1);
         /* the first layer's input gradient reaches only the embeddings: skip
          * it when they are frozen (lora_backward with dinp NULL still gives dA, dB) */
         float *dx = l > 0 || m->grads ? dln : NULL;
-        if (dx) memset(dln, 0, nC);
+        if (dx) OPS->zero(dln, nC);
         proj_backward(m, dx, dq, ln1, ax[CLIP_Q], mask[CLIP_Q], lora_scratch, P->q_w, P->q_b, ad[CLIP_Q], (int)N, C, C);
         proj_backward(m, dx, dk, ln1, ax[CLIP_K], mask[CLIP_K], lora_scratch, P->k_w, P->k_b, ad[CLIP_K], (int)N, C, C);
         proj_backward(m, dx, dv, ln1, ax[CLIP_V], mask[CLIP_V], lora_scratch, P->v_w, P->v_b, ad[CLIP_V], (int)N, C, C);
         /* dL/dx_l = dL/dx' + ln1 backward */
         if (dx)
-            layernorm_backward(dres, grad_of(m, P->ln1_w), grad_of(m, P->ln1_b), dln, at(m, a->res), P->ln1_w,
-                               at(m, a->ln1_mean), at(m, a->ln1_rstd), (int)N, C);
+            OPS->layernorm_backward(dres, grad_of(m, P->ln1_w), grad_of(m, P->ln1_b), dln, at(m, a->res),
+                                    PV(m, P->ln1_w), at(m, a->ln1_mean), at(m, a->ln1_rstd), (int)N, C);
     }
     if (m->grads) {
         /* x_0[b, t] = tok[ids[b, t]] + pos[t]:
@@ -895,7 +887,7 @@ int clip_backward(clip_t *m, const float *dout) {
                 for (int i = 0; i < C; i++) { dt[i] += d[i]; dp[i] += d[i]; }
             }
     }
-    return 0;
+    return ON_DEVICE(m) ? device_failed(m) : 0;
 }
 
 /* ---------------------------------------------------------------------------

@@ -116,6 +116,7 @@ typedef struct {
      * widening buffer, and acts.base in its memory */
     const struct nn_ops *ops;
     float *dparams, *dlora_params, *dwbuf;
+    float *dlora_grads;                /* on a device with LoRA: the gradients of dlora_params there */
     uint16_t *dparams16;
     const uint16_t *dwbuf_of;
     char err[ST_ERR_LEN];              /* why the last clip_forward/clip_backward failed */
@@ -150,7 +151,8 @@ int clip_read_param(clip_t *m, int i, const st_file *f, const char *name, int sq
 void clip_param_get(const clip_t *m, int i, float *dst);
 void clip_param_set(clip_t *m, int i, const float *src);
 
-/* ids (B, T) -> out (B, T, d). Needs 1 <= T <= max_pos, 0 <= ids < vocab,
+/* ids (B, T) -> out (B, T, d) (out NULL: on a device only, see
+ * clip_to_device). Needs 1 <= T <= max_pos, 0 <= ids < vocab,
  * 1 <= clip_skip <= num_layers. Keeps the activations backward needs.
  * Returns 0, or -1 with the reason in m->err. */
 int clip_forward(clip_t *m, float *out, const int *ids, int B, int T, int clip_skip);
@@ -186,12 +188,20 @@ int clip_num_adapters(const clip_t *m);
 /* adapter i (0 <= i < clip_num_adapters), NULL when out of range */
 clip_adapter *clip_adapter_at(clip_t *m, int i);
 
-/* Run clip_forward on ops's device from now on (inference: a training
- * forward, clip_backward and clip_alloc_grads then refuse): the weights and
- * the LoRA A, B (unmerged adapters, as they are now) are copied there once,
- * the activations live there; ids and the embedded tokens (gathered on the
- * host) go up, out comes down. Returns 0 or -1 (m->err). */
+/* Run clip_forward and clip_backward on ops's device from now on (full
+ * fine-tuning refuses): the weights and the LoRA A, B (unmerged adapters,
+ * as they are now) are copied there once, with room for dA, dB
+ * (dlora_grads, zeroed); the activations live there. The ids go up and the
+ * embedding gather runs there; out comes down, or with out = NULL stays
+ * there (clip_device_out). clip_backward's dout is then device memory (the
+ * UNet's dctx there), and the LoRA gradients accumulate in dlora_grads
+ * (clip_zero_grad zeroes them): train on dlora_params / dlora_grads with
+ * the table's adamw_step, and download dlora_params into lora_params to
+ * save. Returns 0 or -1 (m->err). */
 struct nn_ops;
 int clip_to_device(clip_t *m, const struct nn_ops *ops);
+/* on a device: where the last clip_forward left out (device memory; NULL
+ * before a forward or off a device) */
+float *clip_device_out(clip_t *m);
 
 #endif

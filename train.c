@@ -814,6 +814,10 @@ typedef struct {
     const nn_ops *dev;
     float *dtarget, *dwt;       /* (B, C, h, w) target, (B) min-SNR weights */
     adamw_t dopt;
+    /* --device cuda --te: the text encoder LoRA's AdamW moments there
+     * (st.opt_te's on the host), and dL/dctx there between UNet and CLIP */
+    adamw_t dopt_te;
+    float *ddctx;
 } trainer;
 
 /* --reg DIR: the regularisation images, balanced as kohya balances them
@@ -1052,11 +1056,12 @@ static int device_fail(trainer *t, const char *what, char *err) {
 /* --device cuda: from here on the UNet's forward and backward, the loss and
  * its gradient, --clip and the UNet LoRA's AdamW run on the GPU
  * (unet_to_device), and the VAE encode and text encoder forward that build
- * the caches (vae_to_device, clip_to_device); the noise and timestep draws
- * and the text encoder when it trains (--te: its LoRA's AdamW too) stay on
- * the CPU. A step brings down the loss (and with --clip the sum of squares,
- * one double); A, B and the moments come down only to be saved or sampled
- * with (device_to_host). */
+ * the caches (vae_to_device, clip_to_device); with --te the text encoder's
+ * forward and backward, its LoRA's gradients and AdamW too (the token ids go
+ * up, ctx and dctx stay there); the noise and timestep draws stay on the
+ * CPU. A step brings down the loss (and with --clip the sums of squares, one
+ * double per set); A, B and the moments come down only to be saved or
+ * sampled with (device_to_host). */
 static int to_device(trainer *t, char *err) {
     if (strcmp(t->a->device, "cuda") != 0) return 0;
 #ifdef SDLORA_CUDA
@@ -1075,9 +1080,21 @@ static int to_device(trainer *t, char *err) {
         return device_fail(t, "AdamW state", err);
     /* the VAE's encode (latent cache) and, unless it trains (--te), the text encoder's forward too */
     if (vae_to_device(&t->m.vae, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.vae.err); return -1; }
-    if (!t->a->te && clip_to_device(&t->m.clip, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.clip.err); return -1; }
-    fprintf(stderr, "device: cuda: the UNet's forward and backward, the loss, --clip and the LoRA's AdamW, the VAE encode%s "
-                    "(noise draws on the CPU)\n", t->a->te ? " (the text encoder trains on the CPU)" : ", the text encoder");
+    if (clip_to_device(&t->m.clip, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.clip.err); return -1; }
+    if (t->n2) {   /* --te: its AdamW moments up too */
+        size_t n2b = sizeof(float) * t->n2;
+        t->dopt_te = t->st.opt_te;
+        t->dopt_te.m = t->dev->alloc(n2b);
+        t->dopt_te.v = t->dev->alloc(n2b);
+        if (!t->dopt_te.m || !t->dopt_te.v) {
+            if (!device_failed(t, "text encoder AdamW state", err)) snprintf(err, SD_ERR_LEN, "--device cuda: out of device memory for the text encoder's AdamW state");
+            return -1;
+        }
+        if (!t->dev->upload(t->dopt_te.m, t->st.opt_te.m, n2b) || !t->dev->upload(t->dopt_te.v, t->st.opt_te.v, n2b))
+            return device_fail(t, "text encoder AdamW state", err);
+    }
+    fprintf(stderr, "device: cuda: the UNet's forward and backward, the loss, --clip and the LoRA's AdamW, the VAE encode, "
+                    "the text encoder%s (noise draws on the CPU)\n", t->a->te ? "'s forward, backward and AdamW (--te)" : "");
 #endif
     return 0;
 }
@@ -1087,7 +1104,8 @@ static int alloc_device_buffers(trainer *t, char *err) {
     size_t lat = sizeof(float) * (size_t)t->td.lc * t->td.lh * t->td.lw * t->a->batch;
     t->dtarget = t->dev->alloc(lat);
     t->dwt = t->dev->alloc(sizeof(float) * t->a->batch);
-    if (!t->dtarget || !t->dwt) {
+    if (t->a->te) t->ddctx = t->dev->alloc(sizeof(float) * (size_t)t->a->batch * TOK_CTX * t->m.clip.config.hidden_size);
+    if (!t->dtarget || !t->dwt || (t->a->te && !t->ddctx)) {
         if (!device_failed(t, "loss buffers", err)) snprintf(err, SD_ERR_LEN, "--device %s: out of device memory for the loss buffers", t->dev->name);
         return -1;
     }
@@ -1104,6 +1122,10 @@ static int device_to_host(trainer *t, char *err) {
     if (!t->dev->download(u->lora_params, u->dlora_params, nb) ||
         !t->dev->download(t->st.opt_unet.m, t->dopt.m, nb) || !t->dev->download(t->st.opt_unet.v, t->dopt.v, nb))
         return device_fail(t, "LoRA and AdamW state", err);
+    size_t n2b = sizeof(float) * t->n2;   /* --te: the text encoder's A, B and moments */
+    if (t->n2 && (!t->dev->download(t->m.clip.lora_params, t->m.clip.dlora_params, n2b) ||
+                  !t->dev->download(t->st.opt_te.m, t->dopt_te.m, n2b) || !t->dev->download(t->st.opt_te.v, t->dopt_te.v, n2b)))
+        return device_fail(t, "text encoder LoRA and AdamW state", err);
     return 0;
 }
 
@@ -1111,6 +1133,7 @@ static void device_free(trainer *t) {
     if (!t->dev) return;
     t->dev->free(t->dtarget); t->dev->free(t->dwt);
     t->dev->free(t->dopt.m); t->dev->free(t->dopt.v);
+    t->dev->free(t->dopt_te.m); t->dev->free(t->dopt_te.v); t->dev->free(t->ddctx);
 }
 
 /* the UNet's activations for a training micro-batch (with --grad-checkpoint
@@ -1387,7 +1410,8 @@ static void micro_noise(trainer *t) {
 
 /* --device cuda: micro_step from the UNet on. xt, t, ctx and the target
  * go up; eps stays on the device, the loss and its gradient run there and
- * only the loss comes down; dctx comes down for --te's backward. */
+ * only the loss comes down. --te: ctx is the text encoder's output there
+ * (read in place), dctx is left there for its backward. */
 static int device_loss_step(trainer *t, const float *wt, float *lpart, char *err) {
     const train_args *a = t->a;
     sd_model *m = &t->m;
@@ -1396,7 +1420,9 @@ static int device_loss_step(trainer *t, const float *wt, float *lpart, char *err
     int B = mb->n;
     size_t per = (size_t)t->td.lc * mb->h * mb->w;
     float *pred, *deps;
-    if (unet_forward(&m->unet, NULL, mb->xt, mb->tf, mb->ctx, B, mb->h, mb->w, TOK_CTX) ||
+    m->unet.ctx_on_device = a->te;
+    const float *ctx = a->te ? clip_device_out(&m->clip) : mb->ctx;
+    if (unet_forward(&m->unet, NULL, mb->xt, mb->tf, ctx, B, mb->h, mb->w, TOK_CTX) ||
         unet_device_io(&m->unet, &pred, &deps)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m->unet.err); return -1; }
     ops->set_layer("loss");
     if (!ops->upload(t->dtarget, mb->target, sizeof(float) * per * B) ||
@@ -1407,8 +1433,10 @@ static int device_loss_step(trainer *t, const float *wt, float *lpart, char *err
     ops->zero(deps, per * B);
     ops->mse_loss_backward(deps, pred, t->dtarget, dw, 1.0f / a->accum, B, per);
     if (device_failed(t, "loss", err)) return -1;
-    if (unet_backward(&m->unet, NULL, NULL, mb->dctx)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m->unet.err); return -1; }
-    if (a->te && clip_backward(&m->clip, mb->dctx)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err); return -1; }
+    int rc = unet_backward(&m->unet, NULL, NULL, a->te ? t->ddctx : NULL);
+    m->unet.ctx_on_device = 0;   /* the sampler's calls pass host memory */
+    if (rc) { snprintf(err, SD_ERR_LEN, "UNet: %s", m->unet.err); return -1; }
+    if (a->te && clip_backward(&m->clip, t->ddctx)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err); return -1; }
     return 0;
 }
 
@@ -1425,7 +1453,8 @@ static int micro_step(trainer *t, float *lpart, char *err) {
     if (a->min_snr > 0) ddpm_min_snr_weights(wt, mb->tt, B, a->min_snr, m->prediction, &m->sched);
     else if (wt) for (int b = 0; b < B; b++) wt[b] = 1.0f;
     if (t->ds.n_reg) dataset_loss_weights(&t->ds, mb->items, B, a->prior_loss_weight, wt);
-    if (a->te && clip_forward(&m->clip, mb->ctx, mb->ids, B, TOK_CTX, a->clip_skip)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err); return -1; }
+    /* (--device cuda: out NULL, ctx stays there for the UNet) */
+    if (a->te && clip_forward(&m->clip, t->dev ? NULL : mb->ctx, mb->ids, B, TOK_CTX, a->clip_skip)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err); return -1; }
     if (t->dev) return device_loss_step(t, wt, lpart, err);
     if (unet_forward(&m->unet, mb->pred, mb->xt, mb->tf, mb->ctx, B, h, w, TOK_CTX)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m->unet.err); return -1; }
     /* loss = mean((eps_hat - eps)^2), optionally min-SNR and prior-loss weighted */
@@ -1477,8 +1506,8 @@ static int probe_dropout(trainer *t, char *err) {
  * walks every micro-batch's random draws, computes its own. */
 static int accumulate(trainer *t, char *err) {
     const train_args *a = t->a;
-    if (t->dev) {   /* --device cuda (one process): the UNet's LoRA gradients add up on the device */
-        if (t->n2) memset(t->G2, 0, sizeof(float) * t->n2);
+    if (t->dev) {   /* --device cuda (one process): the LoRA gradients add up on the device */
+        if (t->n2) clip_zero_grad(&t->m.clip);
         unet_zero_lora_grads(&t->m.unet);
         for (int k = 0; k < a->accum; k++) {
             float lpart;
@@ -1545,14 +1574,18 @@ static int optimizer_step(trainer *t, char *err) {
         return -1;
     }
     if (t->dev) {
-        /* on the device: clip (the text encoder's gradients on the host join
-         * the norm), AdamW on A, B there; the text encoder's AdamW here */
+        /* on the device: clip over both gradient sets (--te: the text
+         * encoder's there too), AdamW on each set's A, B there */
         unet_t *u = &t->m.unet;
+        clip_t *ce = &t->m.clip;
         t->dev->set_layer("optimizer");
-        nn_clip_grad_norm(t->dev, u->dlora_grads, t->n1, t->G2, t->n2, a->clip);
+        nn_clip_grad_norm2(t->dev, u->dlora_grads, t->n1, t->n2 ? ce->dlora_grads : NULL, t->n2, a->clip);
         if (t->n1) t->dev->adamw_step(&t->dopt, u->dlora_params, u->dlora_grads, t->lr);
         t->st.opt_unet.step = t->dopt.step;
-        if (t->n2) adamw_step(&t->st.opt_te, t->P2, t->G2, t->lr_te);
+        if (t->n2) {
+            t->dev->adamw_step(&t->dopt_te, ce->dlora_params, ce->dlora_grads, t->lr_te);
+            t->st.opt_te.step = t->dopt_te.step;
+        }
         if (device_failed(t, "optimizer step", err)) return -1;
     } else {
         clip_gradients(t);

@@ -327,17 +327,18 @@ static void lin_backward(unet_t *u, lin_t *l, float *dinp, const float *dout) {
 /* out += the branch on inp (B, in, H, W); nothing without an adapter */
 static void clora_forward(unet_t *u, clora_t *c, float *out, const float *inp) {
     if (!c->L) return;
-    lora_t Le = *c->L;
+    lora_t Lt, Le = *lora_of(u, c->L, &Lt);
     if (!u->train) Le.dropout = 0.0f;    /* inference: dropout off, as torch's eval() */
-    lora_conv_forward(out, at(u, c->ax), (uint8_t *)at(u, c->mask), at(u, c->scratch), inp, &Le,
-                      u->B, c->H, c->W, c->stride, c->pad, &u->dropout_rng);
+    OPS->lora_conv_forward(out, at(u, c->ax), (uint8_t *)at(u, c->mask), at(u, c->scratch), inp, &Le,
+                           u->B, c->H, c->W, c->stride, c->pad, &u->dropout_rng);
 }
 
 /* dA, dB += and dinp += the branch's part (dinp may be NULL) */
 static void clora_backward(unet_t *u, clora_t *c, float *dinp, const float *dout, const float *inp) {
     if (!c->L) return;
-    lora_conv_backward(dinp, dout, inp, at(u, c->ax), (const uint8_t *)at(u, c->mask), at(u, c->dscratch),
-                       c->L, u->B, c->H, c->W, c->stride, c->pad);
+    lora_t Ld;
+    OPS->lora_conv_backward(dinp, dout, inp, at(u, c->ax), (const uint8_t *)at(u, c->mask), at(u, c->dscratch),
+                            lora_of(u, c->L, &Ld), u->B, c->H, c->W, c->stride, c->pad);
 }
 
 static int resnet_has_lora(const resnet_t *r) { return r->l1.L || r->l2.L || r->ls.L || r->lt.L; }
@@ -423,9 +424,13 @@ static void resnet_backward(unet_t *u, resnet_t *r, float *dx, const float *dout
     OPS->conv2d_backward(g1, grad_of_matrix(u, r->conv2_w), grad_of(u, r->conv2_b), dout, u->grads ? g2 : g1,
                     weight_f32(u, r->conv2_w), B, cout, H, W, cout, 3, 3, 1, 1);
     if (r->l2.L) {
-        /* conv2's adapter: its input silu(n2) again (for dA), its dx into g1 */
-        float *a2 = at(u, r->lx);
-        OPS->silu_forward(a2, at(u, r->n2), nout);
+        /* conv2's adapter: its input silu(n2) (for dA; full grads left it in
+         * g2, else made again), its dx into g1 */
+        float *a2 = g2;
+        if (!u->grads) {
+            a2 = at(u, r->lx);
+            OPS->silu_forward(a2, at(u, r->n2), nout);
+        }
         clora_backward(u, &r->l2, g1, dout, a2);
     }
     OPS->zero(g2, nout);
@@ -447,9 +452,13 @@ static void resnet_backward(unet_t *u, resnet_t *r, float *dx, const float *dout
     OPS->conv2d_backward(g2, grad_of_matrix(u, r->conv1_w), grad_of(u, r->conv1_b), g1, u->grads ? a1 : g2,
                     weight_f32(u, r->conv1_w), B, cin, H, W, cout, 3, 3, 1, 1);
     if (r->l1.L) {
-        /* conv1's adapter: its input silu(n1) again, its dx into g2 */
-        float *a0 = at(u, r->lx);
-        OPS->silu_forward(a0, at(u, r->n1), nin);
+        /* conv1's adapter: its input silu(n1) (full grads: in a1 already),
+         * its dx into g2 */
+        float *a0 = a1;
+        if (!u->grads) {
+            a0 = at(u, r->lx);
+            OPS->silu_forward(a0, at(u, r->n1), nin);
+        }
         clora_backward(u, &r->l1, g2, g1, a0);
     }
     OPS->zero(g1, nin);
@@ -2160,15 +2169,6 @@ int unet_to_device(unet_t *u, const nn_ops *ops) {
                  "(train a LoRA there, or use --device cpu)", ops->name);
         return -1;
     }
-    /* the resnet and sampler adapters (--conv-rank) have no device kernels yet */
-    for (int i = 0; i < u->net->nsites; i++) {
-        const site_t *st = &u->net->sites[i];
-        if (*st->slot && (st->kind & (S_CONV | S_RESLIN))) {
-            snprintf(u->err, UNET_ERR_LEN, "unet: %s: conv LoRA (--conv-rank) does not run on %s yet "
-                     "(drop --conv-rank, or use --device cpu)", st->name, ops->name);
-            return -1;
-        }
-    }
     drop_acts(u);               /* a host arena, if any: the device gets its own */
     /* as on the host: fp32, or the vectors in fp32 and the matrices in fp16
      * with a buffer for the largest widened */
@@ -2330,8 +2330,8 @@ int unet_forward(unet_t *u, float *eps_out, const float *x, const float *t, cons
         if (io_for(u, B, h, w, Tc, &io)) return -1;
         if (!OPS->upload(io.x, x, sizeof(float) * B * c->in_channels * h * w) ||
             !OPS->upload(io.t, t, sizeof(float) * B) ||
-            !OPS->upload(io.ctx, ctx, sizeof(float) * B * Tc * c->cross_dim)) return device_error(u);
-        run_forward(u, io.eps, io.x, io.t, io.ctx);
+            (!u->ctx_on_device && !OPS->upload(io.ctx, ctx, sizeof(float) * B * Tc * c->cross_dim))) return device_error(u);
+        run_forward(u, io.eps, io.x, io.t, u->ctx_on_device ? ctx : io.ctx);
         /* eps_out NULL: eps stays on the device (unet_device_io), for a loss there */
         if (eps_out && !OPS->download(eps_out, io.eps, sizeof(float) * B * c->out_channels * h * w)) return device_error(u);
         if (device_error(u)) { u->have_forward = 0; return -1; }
@@ -2356,9 +2356,10 @@ int unet_backward(unet_t *u, const float *deps, float *dx, float *dctx) {
         if (io_for(u, u->B, u->H, u->W, u->Tc, &io)) return -1;
         /* deps NULL: already written on the device (unet_device_io) */
         if (deps && !OPS->upload(io.deps, deps, sizeof(float) * u->B * c->out_channels * u->H * u->W)) return device_error(u);
-        run_backward(u, io.deps, dx ? io.dx : NULL, dctx ? io.dctx : NULL);
+        float *dc = dctx && !u->ctx_on_device ? io.dctx : dctx;   /* ctx_on_device: dctx in place */
+        run_backward(u, io.deps, dx ? io.dx : NULL, dc);
         if ((dx && !OPS->download(dx, io.dx, sizeof(float) * nx)) ||
-            (dctx && !OPS->download(dctx, io.dctx, sizeof(float) * nc))) return device_error(u);
+            (dctx && dc != dctx && !OPS->download(dctx, io.dctx, sizeof(float) * nc))) return device_error(u);
         return device_error(u);
     }
     if (!deps) { snprintf(u->err, UNET_ERR_LEN, "unet: deps NULL is for a model on a device"); return -1; }

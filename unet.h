@@ -122,6 +122,10 @@ typedef struct {
     size_t dlora_n;
     float *dio;
     size_t dio_n;
+    /* on a device: 1 = unet_forward's ctx and unet_backward's dctx are that
+     * device's memory (the text encoder's output there, --te), used in
+     * place; 0 (the default) = host memory, copied up and down */
+    int ctx_on_device;
 
     char err[UNET_ERR_LEN];          /* why the last call returned -1 */
 } unet_t;

@@ -127,6 +127,14 @@ void lora_backward_cuda(float *dinp, const float *dout, const float *inp, const 
                         const uint8_t *mask, float *scratch, const float *w0, lora_t *L,
                         int N, int in, int outc);
 
+/* conv LoRA (lora.h's lora_conv_forward / lora_conv_backward): the down
+ * conv through conv2d's kernels, the 1x1 up through cuBLAS */
+void lora_conv_forward_cuda(float *out, float *ax, uint8_t *mask, float *scratch, const float *inp,
+                            const lora_t *L, int Bn, int H, int W, int stride, int pad, rng_t *rng);
+void lora_conv_backward_cuda(float *dinp, const float *dout, const float *inp, const float *ax,
+                             const uint8_t *mask, float *scratch, lora_t *L,
+                             int Bn, int H, int W, int stride, int pad);
+
 /* ---- optim.cu: o->m, o->v, params, grads on the device; o->step on the host */
 void adamw_step_cuda(adamw_t *o, float *params, const float *grads, float lr);
 /* sum of g^2 in double for --clip, in backend.h's fixed run order (comes

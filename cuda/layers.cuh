@@ -246,4 +246,64 @@ void lora_backward_t(float *dinp, const float *dout, const float *inp, const flo
     }
 }
 
+/* conv LoRA (LoCon, lora.c's lora_conv_forward / lora_conv_backward), made
+ * of the conv2d layers above and GEMMs; s = alpha / r, k x k down conv with
+ * the frozen conv's stride and padding, 1x1 up:
+ *   forward:  ax (Bn, r, Ho, Wo) = conv(dropout(x), A);  out_b += s B ax_b
+ *   backward: g_b = s B^T dout_b;  dB += s dout_b ax_b^T (b in order);
+ *             dA += conv_dW(g, dropout(x));  dx += conv_dX(g, A) masked
+ * scratch: lora_conv_scratch_floats floats (x_d; g then x_d backward), as lora.c */
+template <class BK>
+void lora_conv_forward_t(float *out, float *ax, uint8_t *mask, float *scratch, const float *inp,
+                         const lora_t *L, int Bn, int H, int W, int stride, int pad, rng_t *rng) {
+    if (!L) return;
+    int k = L->k > 1 ? L->k : 1, r = L->r;
+    long long P = (long long)((H + 2 * pad - k) / stride + 1) * ((W + 2 * pad - k) / stride + 1);
+    const float *x = inp;
+    if (L->dropout > 0.0f) {
+        if (!scratch) { BK::fail("lora_conv_forward: no scratch memory (lora_conv_scratch_floats)"); return; }
+        size_t n = (size_t)Bn * L->in * H * W;
+        BK::dropout_fwd(scratch, mask, inp, n, L->dropout, rng->state);
+        rng->state += (uint64_t)n * 0x9E3779B97F4A7C15ULL;
+        x = scratch;
+    }
+    conv2d_forward_t<BK>(ax, x, L->A, NULL, Bn, L->in, H, W, r, k, k, stride, pad);
+    // out_b (out x P) += s B (out x r) ax_b (r x P), one batched product
+    BK::gemm_batched(0, 0, L->out, (int)P, r, L->scale, L->B, r, 0, ax, (int)P, r * P, 1.0f, out, (int)P,
+                     L->out * P, Bn);
+}
+template <class BK>
+void lora_conv_backward_t(float *dinp, const float *dout, const float *inp, const float *ax,
+                          const uint8_t *mask, float *scratch, lora_t *L,
+                          int Bn, int H, int W, int stride, int pad) {
+    if (!L) return;
+    if (!scratch) { BK::fail("lora_conv_backward: no scratch memory (lora_conv_scratch_floats)"); return; }
+    int k = L->k > 1 ? L->k : 1, r = L->r, in = L->in, outc = L->out;
+    long long P = (long long)((H + 2 * pad - k) / stride + 1) * ((W + 2 * pad - k) / stride + 1);
+    size_t nx = (size_t)Bn * in * H * W;
+    float s = L->scale;
+    float *g = scratch, *xd = scratch + (size_t)Bn * r * P;
+    // g_b (r x P) = s B^T (r x out) dout_b (out x P)
+    BK::gemm_batched(1, 0, r, (int)P, outc, s, L->B, r, 0, dout, (int)P, outc * P, 0.0f, g, (int)P, r * P, Bn);
+    // dB (out x r) += s dout_b ax_b^T, image by image (one accumulator)
+    if (L->dB)
+        for (int b = 0; b < Bn; b++)
+            BK::gemm(0, 1, outc, r, (int)P, s, dout + b * outc * P, (int)P, ax + b * r * P, (int)P, 1.0f, L->dB, r);
+    const float *x = inp;
+    if (L->dropout > 0.0f && (L->dA || dinp)) {   // x_d = x mask / (1 - p), from the saved mask
+        BK::dropout_rebuild(xd, inp, mask, nx, L->dropout);
+        x = xd;
+    }
+    if (L->dA) conv2d_backward_t<BK>(NULL, L->dA, NULL, g, x, L->A, Bn, in, H, W, r, k, k, stride, pad);
+    if (dinp) {
+        if (L->dropout > 0.0f) {
+            BK::zero(xd, nx);
+            conv2d_backward_t<BK>(xd, NULL, NULL, g, xd, L->A, Bn, in, H, W, r, k, k, stride, pad);
+            BK::dropout_bwd(dinp, xd, mask, nx, L->dropout);
+        } else {
+            conv2d_backward_t<BK>(dinp, NULL, NULL, g, inp, L->A, Bn, in, H, W, r, k, k, stride, pad);
+        }
+    }
+}
+
 #endif

@@ -22,3 +22,14 @@ extern "C" void lora_backward_cuda(float *dinp, const float *dout, const float *
                                    int N, int in, int outc) {
     lora_backward_t<DevBK>(dinp, dout, inp, ax, mask, scratch, w0, L, N, in, outc);
 }
+
+extern "C" void lora_conv_forward_cuda(float *out, float *ax, uint8_t *mask, float *scratch, const float *inp,
+                                       const lora_t *L, int Bn, int H, int W, int stride, int pad, rng_t *rng) {
+    lora_conv_forward_t<DevBK>(out, ax, mask, scratch, inp, L, Bn, H, W, stride, pad, rng);
+}
+
+extern "C" void lora_conv_backward_cuda(float *dinp, const float *dout, const float *inp, const float *ax,
+                                        const uint8_t *mask, float *scratch, lora_t *L,
+                                        int Bn, int H, int W, int stride, int pad) {
+    lora_conv_backward_t<DevBK>(dinp, dout, inp, ax, mask, scratch, L, Bn, H, W, stride, pad);
+}

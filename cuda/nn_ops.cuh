@@ -472,5 +472,16 @@ HD float sum_chan_elem(const floatX *x, size_t HW, size_t bc) {
     for (size_t i = 0; i < HW; i++) s += ldx(x[bc * HW + i]);
     return (float)s;
 }
+// CLIP's input, element i = (n, c) of out (B T, C), n = b T + t:
+//   out = tok[ids[n], c] + pos[t, c]
+// each table fp32 or fp16 bits (the other pointer NULL), widened exactly, then
+// one float add: backend.c's nn_embedding_forward, bit for bit
+HD float embedding_elem(const int *ids, const float *tok, const uint16_t *tok16, const float *pos,
+                        const uint16_t *pos16, int T, int C, size_t i) {
+    size_t n = i / (size_t)C, c = i % (size_t)C, t = n % (size_t)T, r = (size_t)ids[n];
+    float te = tok ? tok[r * C + c] : half_bits_to_float(tok16[r * C + c]);
+    float pe = pos ? pos[t * C + c] : half_bits_to_float(pos16[t * C + c]);
+    return te + pe;
+}
 
 #endif

@@ -88,6 +88,20 @@ static void move_cuda(float *dst, const float *src, size_t n) {
     cuda_free(tmp);
 }
 
+// out (B T, C) = token rows + position rows, one thread per output element
+// (CLIP's input; the ids went up, the tables stay on the device)
+__global__ static void embedding_kernel(float *out, const int *ids, const float *tok, const uint16_t *tok16,
+                                        const float *pos, const uint16_t *pos16, int T, int C, size_t n) {
+    GRID_STRIDE(i, n) out[i] = embedding_elem(ids, tok, tok16, pos, pos16, T, C, i);
+}
+static void embedding_forward_cuda(float *out, const int *ids, const float *tok, const uint16_t *tok16,
+                                   const float *pos, const uint16_t *pos16, int B, int T, int C) {
+    size_t n = (size_t)B * T * C;
+    if (n == 0) return;
+    embedding_kernel<<<grid_for(n, TPB), TPB>>>(out, ids, tok, tok16, pos, pos16, T, C, n);
+    KERNEL_CHECK("embedding_kernel");
+}
+
 static void copy_cuda(float *dst, const float *src, size_t n) {
     if (n) CUDA_CHECK(cudaMemcpy(dst, src, n * sizeof(float), cudaMemcpyDeviceToDevice));
 }
@@ -140,6 +154,11 @@ extern "C" const nn_ops *nn_ops_cuda(void) {
     t.scale = scale_cuda;
     t.mse_loss_forward = mse_loss_forward_cuda;
     t.mse_loss_backward = mse_loss_backward_cuda;
+    t.gelu_backward = gelu_backward_cuda;
+    t.quickgelu_backward = quickgelu_backward_cuda;
+    t.embedding_forward = embedding_forward_cuda;
+    t.lora_conv_forward = lora_conv_forward_cuda;
+    t.lora_conv_backward = lora_conv_backward_cuda;
     t.name = "cuda";
     return &t;
 }

@@ -927,6 +927,20 @@ static void emu_mse_bwd(float *dpred, const float *pred, const float *target, co
     for (size_t i = 0; i < (size_t)B * n; i++)
         dpred[i] = stx(ldx(dpred[i]) + mse_bwd_elem(pred, target, mse_grad_coef(dloss, w, B, n, (int)(i / n)), i));
 }
+// the text encoder's training step and conv LoRA (devte): nn.cu's activation
+// backward kernels, ops.cu's embedding_kernel, lora.cu's conv LoRA layers
+static void emu_gelu_bwd(float *dinp, const float *dout, const float *inp, size_t n) {
+    if (!dinp) return;
+    for (size_t i = 0; i < n; i++) dinp[i] = stx(ldx(dinp[i]) + gelu_bwd(ldx(dout[i]), ldx(inp[i])));
+}
+static void emu_quickgelu_bwd(float *dinp, const float *dout, const float *inp, size_t n) {
+    if (!dinp) return;
+    for (size_t i = 0; i < n; i++) dinp[i] = stx(ldx(dinp[i]) + quickgelu_bwd(ldx(dout[i]), ldx(inp[i])));
+}
+static void emu_embedding(float *out, const int *ids, const float *tok, const uint16_t *tok16, const float *pos,
+                          const uint16_t *pos16, int B, int T, int C) {
+    for (size_t i = 0; i < (size_t)B * T * C; i++) out[i] = embedding_elem(ids, tok, tok16, pos, pos16, T, C, i);
+}
 static nn_ops nn_ops_emu;
 static void emu_init(void) {
     nn_ops &t = nn_ops_emu;
@@ -961,6 +975,10 @@ static void emu_init(void) {
     t.scale = emu_scale;
     t.mse_loss_forward = emu_mse_fwd;
     t.mse_loss_backward = emu_mse_bwd;
+    t.gelu_backward = emu_gelu_bwd; t.quickgelu_backward = emu_quickgelu_bwd;
+    t.embedding_forward = emu_embedding;
+    t.lora_conv_forward = lora_conv_forward_t<HostBK>;
+    t.lora_conv_backward = lora_conv_backward_t<HostBK>;
 }
 
 // one UNet of models/tiny with LoRA ("transformer", rank 4, dropout 0.1), B random
@@ -1253,11 +1271,365 @@ static void test_clip_emulated(void) {
             snprintf(name, sizeof name, "emulated device: CLIP forward with LoRA, clip_skip %d%s", skip, wn);
             expect_close(name, oe, oc, FWD);
         }
-        ce.training = 1;
-        expect_true("emulated device: a training CLIP forward and backward refuse, one line",
-                    clip_forward(&ce, oe.data(), ids.data(), B, T, 1) == -1 && strstr(ce.err, "does not run on") &&
-                    clip_backward(&ce, oe.data()) == -1);
+        // (training forward and backward on the device: test_te_train_emulated)
         clip_free(&cc); clip_free(&ce);
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * --te and --conv-rank on the device (devte)
+ *
+ * embedding_kernel: the token + position gather, fp32 and fp16-held tables,
+ * bit for bit backend.c's nn_embedding_forward (the CPU's clip.c loop). */
+static void test_embedding(void) {
+    int V = 50, P = 9, B = 2, T = 7, C = 12;
+    vec tok = randv((size_t)V * C, -2.0f, 2.0f, 401), pos = randv((size_t)P * C, -2.0f, 2.0f, 402);
+    std::vector<uint16_t> tok16(tok.size()), pos16(pos.size());
+    float_to_half_array(tok16.data(), tok.data(), tok.size());
+    float_to_half_array(pos16.data(), pos.data(), pos.size());
+    std::vector<int> ids((size_t)B * T);
+    for (size_t i = 0; i < ids.size(); i++) ids[i] = (int)((i * 37 + 11) % V);
+    ids[3] = ids[4] = V - 1;   // repeats and the last row
+    size_t n = (size_t)B * T * C;
+    for (int f16 = 0; f16 < 2; f16++) {
+        vec oe(n, NAN), oc(n, NAN);
+        const float *tk = f16 ? NULL : tok.data(), *ps = f16 ? NULL : pos.data();
+        const uint16_t *tk16 = f16 ? tok16.data() : NULL, *ps16 = f16 ? pos16.data() : NULL;
+        emu_embedding(oe.data(), ids.data(), tk, tk16, ps, ps16, B, T, C);
+        nn_embedding_forward(oc.data(), ids.data(), tk, tk16, ps, ps16, B, T, C);
+        // the CPU's own loop, written out: rows widened, one add
+        int same_loop = 1;
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < T; t++)
+                for (int c = 0; c < C; c++) {
+                    size_t r = (size_t)ids[b * T + t];
+                    float te = f16 ? half_to_float(tok16[r * C + c]) : tok[r * C + c];
+                    float pe = f16 ? half_to_float(pos16[(size_t)t * C + c]) : pos[(size_t)t * C + c];
+                    float x = te + pe, y = oc[((size_t)b * T + t) * C + c];
+                    same_loop &= memcmp(&x, &y, sizeof x) == 0;
+                }
+        expect_true(f16 ? "embedding gather, fp16 tables: nn_embedding_forward is the loop, bit for bit"
+                        : "embedding gather, fp32 tables: nn_embedding_forward is the loop, bit for bit", same_loop);
+        expect_true(f16 ? "embedding_kernel == nn_embedding_forward, bit for bit (fp16 tables)"
+                        : "embedding_kernel == nn_embedding_forward, bit for bit (fp32 tables)",
+                    memcmp(oe.data(), oc.data(), n * sizeof(float)) == 0);
+    }
+}
+
+/* lora.cu's conv LoRA (cuda/layers.cuh lora_conv_*_t on HostBK) against
+ * lora.c's, forward and backward (accumulating, with dropout), at the
+ * shapes unet.c uses: 3x3 pad 1 (conv1, conv2, upsampler), 3x3 stride 2
+ * (downsampler), 1x1 (conv_shortcut), 1x1 on 1x1 pixels (time_emb_proj) */
+static void test_lora_conv(int Bn, int in, int out, int H, int W, int k, int stride, int pad, int r, float dropout) {
+    int kk = k > 1 ? k : 1;
+    int Ho = (H + 2 * pad - kk) / stride + 1, Wo = (W + 2 * pad - kk) / stride + 1;
+    size_t fan = (size_t)in * kk * kk, nx = (size_t)Bn * in * H * W, ny = (size_t)Bn * out * Ho * Wo;
+    vec A0(r * fan), B0((size_t)out * r);
+    lora_t L, Lr;
+    rng_t init;
+    rng_seed(&init, 3);
+    if (k > 1) lora_conv_init(&L, in, out, k, r, 8.0f, dropout, A0.data(), B0.data(), &init);
+    else lora_init(&L, in, out, r, 8.0f, dropout, A0.data(), B0.data(), 0, &init);
+    vec A = randv(r * fan, -0.3f, 0.3f, 411), Bm = randv((size_t)out * r, -0.3f, 0.3f, 412);
+    L.A = A.data(); L.B = Bm.data();
+    Lr = L;
+    vec dA = randv(r * fan, -0.1f, 0.1f, 413), dAr = dA, dB = randv((size_t)out * r, -0.1f, 0.1f, 414), dBr = dB;
+    L.dA = dA.data(); L.dB = dB.data(); Lr.dA = dAr.data(); Lr.dB = dBr.data();
+    size_t nsf = lora_conv_scratch_floats(&L, Bn, H, W, stride, pad, 0), nsb = lora_conv_scratch_floats(&L, Bn, H, W, stride, pad, 1);
+    vec x = randv(nx, -1.0f, 1.0f, 415), y = randv(ny, -1.0f, 1.0f, 416), yr = y;
+    vec ax((size_t)Bn * r * Ho * Wo), axr(ax.size()), s(nsb + 1), sr(nsb + 1);
+    std::vector<uint8_t> m(nx), mr(nx);
+    rng_t g1, g2;
+    rng_seed(&g1, 77); rng_seed(&g2, 77);
+    lora_conv_forward_t<HostBK>(y.data(), ax.data(), m.data(), nsf ? s.data() : NULL, x.data(), &L, Bn, H, W, stride, pad, &g1);
+    lora_conv_forward(yr.data(), axr.data(), mr.data(), nsf ? sr.data() : NULL, x.data(), &Lr, Bn, H, W, stride, pad, &g2);
+    char name[160], tag[96];
+    snprintf(tag, sizeof tag, "B%d %d->%d %dx%d k%d s%d p%d r%d dropout %g", Bn, in, out, H, W, kk, stride, pad, r, dropout);
+    snprintf(name, sizeof name, "conv lora fwd out, ax (%s)", tag);
+    expect(name, fmax(rel_err(y.data(), yr.data(), ny), rel_err(ax.data(), axr.data(), ax.size())), FWD);
+    if (dropout > 0.0f) {
+        snprintf(name, sizeof name, "conv lora fwd dropout mask and rng state exact (%s)", tag);
+        expect_true(name, m == mr && g1.state == g2.state);
+    }
+    vec dy = randv(ny, -1.0f, 1.0f, 417), dx = randv(nx, -0.1f, 0.1f, 418), dxr = dx;
+    lora_conv_backward_t<HostBK>(dx.data(), dy.data(), x.data(), ax.data(), m.data(), s.data(), &L, Bn, H, W, stride, pad);
+    lora_conv_backward(dxr.data(), dy.data(), x.data(), axr.data(), mr.data(), sr.data(), &Lr, Bn, H, W, stride, pad);
+    snprintf(name, sizeof name, "conv lora bwd dx (%s)", tag);
+    expect_close(name, dx, dxr, BWD);
+    snprintf(name, sizeof name, "conv lora bwd dA, dB (%s)", tag);
+    expect(name, fmax(rel_err(dA.data(), dAr.data(), dA.size()), rel_err(dB.data(), dBr.data(), dB.size())), BWD);
+    vec dA2 = dA, dB2 = dB;
+    L.dA = NULL; L.dB = NULL;
+    lora_conv_backward_t<HostBK>(NULL, dy.data(), x.data(), ax.data(), m.data(), s.data(), &L, Bn, H, W, stride, pad);
+    snprintf(name, sizeof name, "conv lora bwd, all gradients NULL, writes nothing (%s)", tag);
+    expect_true(name, dA2 == dA && dB2 == dB);
+}
+
+// models/tiny's UNet with LoRA on the transformers and conv LoRA (--conv-rank 3)
+// on every resnet conv / shortcut / time_emb_proj and sampler conv, dropout
+// 0.1, every B random (so every gradient is non-zero)
+static int tiny_unet_conv(unet_t *u, weight_dtype dt) {
+    char err[UNET_ERR_LEN];
+    if (unet_load_diffusers_dtype(u, "models/tiny/unet", dt, err)) { printf("note: %s\n", err); return -1; }
+    if (unet_add_lora_conv(u, "transformer", 4, 4.0f, 3, 3.0f, 0.1f, 7)) { printf("note: %s\n", u->err); return -1; }
+    rng_t r;
+    rng_seed(&r, 6);
+    for (int k = 0; k < u->nloras; k++) {
+        lora_t *L = &u->loras[k].L;
+        for (size_t i = 0; i < (size_t)L->out * L->r; i++) L->B[i] = 0.05f * (rng_uniform(&r) - 0.5f);
+    }
+    return 0;
+}
+
+/* conv LoRA through unet_to_device (clora_forward / clora_backward on the
+ * table) against the CPU: eps, every dA, dB (conv and transformer), dx,
+ * dctx, two steps with an AdamW update between, plain and checkpointed,
+ * fp32 and fp16-held weights; then inference. The host's weights and LoRA
+ * poisoned while the device works. */
+static void test_conv_lora_unet_emulated(void) {
+    emu_init();
+    for (int run = 0; run < 3; run++) {
+        int mode = run == 1 ? 2 : 1;
+        weight_dtype dt = run == 2 ? WEIGHT_F16 : WEIGHT_F32;
+        unet_t uc, ue;
+        if (tiny_unet_conv(&uc, dt) || tiny_unet_conv(&ue, dt)) { expect_true("tiny UNet with conv LoRA loads", 0); return; }
+        int nconv = 0;
+        for (int k = 0; k < uc.nloras; k++) nconv += uc.loras[k].is_conv;
+        if (run == 0) {
+            char name[160];
+            snprintf(name, sizeof name, "tiny UNet takes conv LoRA (%d adapters, %d on convs)", uc.nloras, nconv);
+            expect_true(name, nconv > 0);
+        }
+        int ok = unet_to_device(&ue, &nn_ops_emu) == 0;
+        expect_true("unet_to_device with conv LoRA (--conv-rank) runs", ok);
+        if (!ok) { printf("note: %s\n", ue.err); unet_free(&uc); unet_free(&ue); return; }
+        size_t nvec = dt == WEIGHT_F16 ? ue.nparams - ue.nmat : ue.nparams;
+        for (size_t i = 0; i < nvec; i++) ue.params[i] = NAN;
+        for (size_t i = 0; dt == WEIGHT_F16 && i < ue.nmat; i++) ue.params16[i] = 0x7E00;
+        int B = 2, h = 8, w = 8, Tc = 7;
+        const unet_config *c = &uc.cfg;
+        size_t nx = (size_t)B * c->in_channels * h * w, nc = (size_t)B * Tc * c->cross_dim;
+        vec x = randv(nx, -1.0f, 1.0f, 421), ctx = randv(nc, -1.0f, 1.0f, 422), t = {113.0f, 640.0f};
+        vec deps = randv(nx, -1.0f, 1.0f, 423);
+        vec ec(nx), ee(nx), dxc(nx), dxe(nx), dcc(nc), dce(nc);
+        ok = unet_alloc_acts(&uc, B, h, w, Tc, mode) == 0 && unet_alloc_acts(&ue, B, h, w, Tc, mode) == 0;
+        adamw_t oc, oe;
+        adamw_init(&oc, uc.lora_nparams, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+        adamw_init(&oe, ue.lora_nparams, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+        const char *mname = mode == 2 ? ", checkpointed" : dt == WEIGHT_F16 ? ", fp16 weights" : "";
+        for (int step = 0; ok && step < 2; step++) {
+            char name[160];
+            unet_zero_lora_grads(&uc);
+            unet_zero_lora_grads(&ue);
+            vec keep(ue.lora_params, ue.lora_params + ue.lora_nparams);
+            for (size_t i = 0; i < ue.lora_nparams; i++) ue.lora_params[i] = ue.lora_grads[i] = NAN;
+            ok = unet_forward(&uc, ec.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
+                 unet_forward(&ue, ee.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
+                 unet_backward(&uc, deps.data(), dxc.data(), dcc.data()) == 0 &&
+                 unet_backward(&ue, deps.data(), dxe.data(), dce.data()) == 0 &&
+                 unet_lora_grads_download(&ue) == 0;
+            memcpy(ue.lora_params, keep.data(), sizeof(float) * ue.lora_nparams);
+            if (!ok) break;
+            snprintf(name, sizeof name, "emulated device, conv LoRA: UNet eps, step %d%s", step + 1, mname);
+            expect_close(name, ee, ec, FWD);
+            // the conv adapters' gradients alone, then all of them
+            vec gcc, gce;
+            for (int k = 0; k < uc.nloras; k++) {
+                if (!uc.loras[k].is_conv) continue;
+                const lora_t *Lc = &uc.loras[k].L, *Le = &ue.loras[k].L;
+                size_t na = (size_t)Lc->r * lora_fan_in(Lc), nb = (size_t)Lc->out * Lc->r;
+                gcc.insert(gcc.end(), Lc->dA, Lc->dA + na); gcc.insert(gcc.end(), Lc->dB, Lc->dB + nb);
+                gce.insert(gce.end(), Le->dA, Le->dA + na); gce.insert(gce.end(), Le->dB, Le->dB + nb);
+            }
+            snprintf(name, sizeof name, "emulated device, conv LoRA: the conv adapters' dA, dB (%zu), step %d%s", gcc.size(), step + 1, mname);
+            expect_close(name, gce, gcc, FWD);
+            vec gc(uc.lora_grads, uc.lora_grads + uc.lora_nparams), ge(ue.lora_grads, ue.lora_grads + ue.lora_nparams);
+            snprintf(name, sizeof name, "emulated device, conv LoRA: every dA, dB (%zu), step %d%s", uc.lora_nparams, step + 1, mname);
+            expect_close(name, ge, gc, FWD);
+            snprintf(name, sizeof name, "emulated device, conv LoRA: dx, dctx, step %d%s", step + 1, mname);
+            expect(name, fmax(rel_err(dxe.data(), dxc.data(), nx), rel_err(dce.data(), dcc.data(), nc)), FWD);
+            expect_true("emulated device, conv LoRA: the dropout stream advances as the CPU's",
+                        uc.dropout_rng.state == ue.dropout_rng.state);
+            adamw_step(&oc, uc.lora_params, uc.lora_grads, 1e-2f);
+            adamw_step(&oe, ue.lora_params, ue.lora_grads, 1e-2f);
+            ok = unet_lora_upload(&ue) == 0;
+        }
+        expect_true("emulated device, conv LoRA: every call succeeded", ok);
+        if (!ok) printf("note: %s / %s\n", uc.err, ue.err);
+        if (ok && run == 0) {
+            ok = unet_alloc_acts(&uc, B, h, w, Tc, 0) == 0 && unet_alloc_acts(&ue, B, h, w, Tc, 0) == 0 &&
+                 unet_forward(&uc, ec.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
+                 unet_forward(&ue, ee.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0;
+            expect_true("emulated device, conv LoRA: inference forward runs", ok);
+            if (ok) expect_close("emulated device, conv LoRA: UNet eps, inference", ee, ec, FWD);
+        }
+        adamw_free(&oc); adamw_free(&oe);
+        unet_free(&uc); unet_free(&ue);
+    }
+}
+
+/* A --te training step as train.c's device path runs it, against the CPU's:
+ * the ids go up and the text encoder's forward leaves ctx on the device
+ * (clip_forward(NULL), clip_device_out), the UNet reads it in place
+ * (ctx_on_device) and writes dctx there, clip_backward reads it there; the
+ * loss, --clip over both gradient sets (nn_clip_grad_norm2) and both
+ * AdamW steps on the device. CLIP and UNet LoRA with dropout 0.1 (the masks
+ * drawn on the device from the same streams), min-SNR-like weights, batch 2,
+ * --clip small enough to clip every step, fp32 and fp16-held weights. The
+ * host's LoRA A, B, gradients poisoned: nothing but the device's copies
+ * may be used until A, B come down at the end, as for a save. */
+static void test_te_train_emulated(void) {
+    emu_init();
+    const nn_ops *E = &nn_ops_emu;
+    for (int run = 0; run < 2; run++) {
+        weight_dtype dt = run ? WEIGHT_F16 : WEIGHT_F32;
+        const char *wn = run ? ", fp16 weights" : "";
+        char err[ST_ERR_LEN], name[200];
+        unet_t uc, ue;
+        clip_t cc, ce;
+        if (tiny_unet(&uc, "models/tiny/unet", dt) || tiny_unet(&ue, "models/tiny/unet", dt)) { expect_true("tiny UNet loads", 0); return; }
+        if (clip_load_hf_dtype(&cc, "models/tiny/text_encoder", dt, err) ||
+            clip_load_hf_dtype(&ce, "models/tiny/text_encoder", dt, err) ||
+            clip_add_lora(&cc, 4, 4.0f, 0.1f, 12, err) || clip_add_lora(&ce, 4, 4.0f, 0.1f, 12, err)) {
+            printf("note: %s\n", err);
+            expect_true("tiny CLIP loads and takes LoRA", 0);
+            return;
+        }
+        rng_t r;
+        rng_seed(&r, 13);
+        for (size_t i = 0; i < cc.num_lora_params; i++) cc.lora_params[i] = ce.lora_params[i] = 0.1f * (rng_uniform(&r) - 0.5f);
+        cc.training = ce.training = 1;
+        int ok = unet_to_device(&ue, E) == 0 && clip_to_device(&ce, E) == 0;
+        expect_true("clip_to_device with trainable LoRA (--te) runs", ok);
+        if (!ok) { printf("note: %s / %s\n", ue.err, ce.err); return; }
+        ue.ctx_on_device = 1;
+        int B = 2, T = cc.config.max_pos, C = cc.config.hidden_size, h = 8, w = 8, nsteps = 3;
+        const unet_config *c = &uc.cfg;
+        size_t n1 = uc.lora_nparams, n2 = cc.num_lora_params, per = (size_t)c->out_channels * h * w;
+        size_t nx = (size_t)B * c->in_channels * h * w, nc = (size_t)B * T * C;
+        ok = unet_alloc_acts(&uc, B, h, w, T, 1) == 0 && unet_alloc_acts(&ue, B, h, w, T, 1) == 0;
+        adamw_t o1c, o2c, o1d, o2d;
+        adamw_init(&o1c, n1, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+        adamw_init(&o2c, n2, 5e-3f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+        adamw_init(&o1d, n1, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+        adamw_init(&o2d, n2, 5e-3f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+        float *hm[4] = {o1d.m, o1d.v, o2d.m, o2d.v};
+        o1d.m = (float *)E->alloc(sizeof(float) * n1); o1d.v = (float *)E->alloc(sizeof(float) * n1);
+        o2d.m = (float *)E->alloc(sizeof(float) * n2); o2d.v = (float *)E->alloc(sizeof(float) * n2);
+        ok = ok && E->upload(o1d.m, hm[0], sizeof(float) * n1) && E->upload(o1d.v, hm[1], sizeof(float) * n1) &&
+             E->upload(o2d.m, hm[2], sizeof(float) * n2) && E->upload(o2d.v, hm[3], sizeof(float) * n2);
+        float *dtarget = (float *)E->alloc(sizeof(float) * B * per), *dwt = (float *)E->alloc(sizeof(float) * B);
+        float *ddctx = (float *)E->alloc(sizeof(float) * nc);
+        for (size_t i = 0; i < n1; i++) ue.lora_params[i] = ue.lora_grads[i] = NAN;
+        for (size_t i = 0; i < n2; i++) ce.lora_params[i] = ce.lora_grads[i] = NAN;
+        std::vector<int> ids((size_t)B * T);
+        vec wt = {0.6f, 1.1f}, ctxc(nc), dctxc(nc), pc(B * per), dpc(B * per);
+        const float clip = 1e-3f;
+        int clipped = 1;
+        for (int step = 0; ok && step < nsteps; step++) {
+            for (size_t i = 0; i < ids.size(); i++) ids[i] = (int)(rng_u64(&r) % (uint64_t)cc.config.vocab_size);
+            vec x = randv(nx, -1.0f, 1.0f, 430 + step), target = randv(B * per, -1.0f, 1.0f, 440 + step);
+            vec t = {(float)(20 + 300 * step), (float)(950 - 200 * step)};
+            float lr1 = 1e-2f, lr2 = 5e-3f;
+            // CPU, as train.c's micro_step and optimizer_step
+            clip_zero_grad(&cc);
+            unet_zero_lora_grads(&uc);
+            ok = clip_forward(&cc, ctxc.data(), ids.data(), B, T, 1) == 0 &&
+                 unet_forward(&uc, pc.data(), x.data(), t.data(), ctxc.data(), B, h, w, T) == 0;
+            if (!ok) break;
+            float Lc = mse_loss_forward(pc.data(), target.data(), wt.data(), B, per);
+            std::fill(dpc.begin(), dpc.end(), 0.0f);
+            mse_loss_backward(dpc.data(), pc.data(), target.data(), wt.data(), 1.0f, B, per);
+            ok = unet_backward(&uc, dpc.data(), NULL, dctxc.data()) == 0 && clip_backward(&cc, dctxc.data()) == 0;
+            if (!ok) break;
+            vec g1c(uc.lora_grads, uc.lora_grads + n1), g2c(cc.lora_grads, cc.lora_grads + n2);
+            double s2 = 0;
+            for (size_t i = 0; i < n1; i++) s2 += (double)uc.lora_grads[i] * uc.lora_grads[i];
+            for (size_t i = 0; i < n2; i++) s2 += (double)cc.lora_grads[i] * cc.lora_grads[i];
+            float normc = (float)sqrt(s2), coef = clip / (normc + 1e-6f);
+            if (coef < 1.0f) {
+                for (size_t i = 0; i < n1; i++) uc.lora_grads[i] *= coef;
+                for (size_t i = 0; i < n2; i++) cc.lora_grads[i] *= coef;
+            }
+            adamw_step(&o1c, uc.lora_params, uc.lora_grads, lr1);
+            adamw_step(&o2c, cc.lora_params, cc.lora_grads, lr2);
+            // the emulated device, as train.c's device path
+            float *pred = NULL, *deps = NULL, *dctx_out = NULL;
+            clip_zero_grad(&ce);
+            unet_zero_lora_grads(&ue);
+            ok = clip_forward(&ce, NULL, ids.data(), B, T, 1) == 0 && (dctx_out = clip_device_out(&ce)) != NULL &&
+                 unet_forward(&ue, NULL, x.data(), t.data(), dctx_out, B, h, w, T) == 0 &&
+                 unet_device_io(&ue, &pred, &deps) == 0 && E->upload(dtarget, target.data(), sizeof(float) * B * per) &&
+                 E->upload(dwt, wt.data(), sizeof(float) * B);
+            if (!ok) break;
+            float Le = E->mse_loss_forward(pred, dtarget, dwt, B, per);
+            E->zero(deps, B * per);
+            E->mse_loss_backward(deps, pred, dtarget, dwt, 1.0f, B, per);
+            ok = unet_backward(&ue, NULL, NULL, ddctx) == 0 && clip_backward(&ce, ddctx) == 0;
+            if (!ok) break;
+            vec g1e(n1), g2e(n2), ctxe(nc), dctxe(nc);
+            ok = E->download(g1e.data(), ue.dlora_grads, sizeof(float) * n1) &&
+                 E->download(g2e.data(), ce.dlora_grads, sizeof(float) * n2) &&
+                 E->download(ctxe.data(), dctx_out, sizeof(float) * nc) && E->download(dctxe.data(), ddctx, sizeof(float) * nc);
+            snprintf(name, sizeof name, "emulated --te step %d: CLIP out (the UNet's ctx) on the device%s", step + 1, wn);
+            expect_close(name, ctxe, ctxc, FWD);
+            snprintf(name, sizeof name, "emulated --te step %d: loss%s", step + 1, wn);
+            expect(name, fabs((double)Le - Lc) / fabs((double)Lc), FWD);
+            snprintf(name, sizeof name, "emulated --te step %d: dctx, left on the device%s", step + 1, wn);
+            expect_close(name, dctxe, dctxc, FWD);
+            snprintf(name, sizeof name, "emulated --te step %d: UNet LoRA dA, dB (%zu)%s", step + 1, n1, wn);
+            expect_close(name, g1e, g1c, FWD);
+            snprintf(name, sizeof name, "emulated --te step %d: text encoder LoRA dA, dB (%zu)%s", step + 1, n2, wn);
+            expect_close(name, g2e, g2c, FWD);
+            snprintf(name, sizeof name, "emulated --te step %d: both dropout streams advance as the CPU's%s", step + 1, wn);
+            expect_true(name, uc.dropout_rng.state == ue.dropout_rng.state && cc.rng.state == ce.rng.state);
+            float norme = nn_clip_grad_norm2(E, ue.dlora_grads, n1, ce.dlora_grads, n2, clip);
+            E->adamw_step(&o1d, ue.dlora_params, ue.dlora_grads, lr1);
+            E->adamw_step(&o2d, ce.dlora_params, ce.dlora_grads, lr2);
+            snprintf(name, sizeof name, "emulated --te step %d: --clip norm over both sets%s", step + 1, wn);
+            expect(name, fabs((double)norme - normc) / normc, FWD);
+            clipped &= normc > clip && norme > clip;
+        }
+        expect_true("emulated --te: every call succeeded", ok);
+        if (!ok) printf("note: %s / %s / %s / %s\n", uc.err, ue.err, cc.err, ce.err);
+        expect_true("emulated --te: --clip clipped every step", clipped);
+        // as device_to_host before a save: A, B and the moments come down only now
+        int untouched = 1;
+        for (size_t i = 0; i < n1; i++) untouched &= isnan(ue.lora_params[i]) != 0;
+        for (size_t i = 0; i < n2; i++) untouched &= isnan(ce.lora_params[i]) && isnan(ce.lora_grads[i]);
+        expect_true("emulated --te: the host's A, B, dA, dB never touched during the steps", untouched);
+        vec p2e(n2), m2e(n2), v2e(n2), p1e(n1);
+        ok = ok && E->download(p1e.data(), ue.dlora_params, sizeof(float) * n1) &&
+             E->download(ce.lora_params, ce.dlora_params, sizeof(float) * n2) &&
+             E->download(m2e.data(), o2d.m, sizeof(float) * n2) && E->download(v2e.data(), o2d.v, sizeof(float) * n2);
+        if (ok) {
+            // the UNet's AdamW state rather than its A, B: Adam divides each
+            // element by its own RMS, so an element whose clipped gradient is
+            // near zero (many, at --clip 1e-3) carries its rounding into the
+            // update at full lr (the parameters themselves: test_train_emulated)
+            vec m1e(n1), v1e(n1);
+            ok = E->download(m1e.data(), o1d.m, sizeof(float) * n1) && E->download(v1e.data(), o1d.v, sizeof(float) * n1);
+            snprintf(name, sizeof name, "emulated --te: UNet AdamW m, v after %d steps%s", nsteps, wn);
+            expect(name, fmax(rel_err(m1e.data(), o1c.m, n1), rel_err(v1e.data(), o1c.v, n1)), FWD);
+            snprintf(name, sizeof name, "emulated --te: text encoder LoRA A, B (downloaded, as saved) after %d steps%s", nsteps, wn);
+            expect_close(name, vec(ce.lora_params, ce.lora_params + n2), vec(cc.lora_params, cc.lora_params + n2), FWD);
+            snprintf(name, sizeof name, "emulated --te: text encoder AdamW m, v after %d steps%s", nsteps, wn);
+            expect(name, fmax(rel_err(m2e.data(), o2c.m, n2), rel_err(v2e.data(), o2c.v, n2)), FWD);
+            expect_true("emulated --te: AdamW step counts", o1d.step == nsteps && o2d.step == nsteps);
+        }
+        // inference after training: the trained adapters on the device, output down
+        cc.training = ce.training = 0;
+        vec oc(nc), oe(nc);
+        ok = clip_forward(&cc, oc.data(), ids.data(), B, T, 2) == 0 && clip_forward(&ce, oe.data(), ids.data(), B, T, 2) == 0;
+        expect_true("emulated --te: an inference forward after training runs", ok);
+        snprintf(name, sizeof name, "emulated --te: inference forward with the trained LoRA, clip_skip 2%s", wn);
+        if (ok) expect_close(name, oe, oc, FWD);
+        E->free(o1d.m); E->free(o1d.v); E->free(o2d.m); E->free(o2d.v);
+        E->free(dtarget); E->free(dwt); E->free(ddctx);
+        o1d.m = hm[0]; o1d.v = hm[1]; o2d.m = hm[2]; o2d.v = hm[3];
+        adamw_free(&o1c); adamw_free(&o2c); adamw_free(&o1d); adamw_free(&o2d);
+        clip_free(&cc); clip_free(&ce);
+        unet_free(&uc); unet_free(&ue);
     }
 }
 
@@ -1307,6 +1679,14 @@ int main(void) {
     test_train_emulated();
     test_vae_emulated();
     test_clip_emulated();
+    test_embedding();
+    test_lora_conv(2, 5, 6, 7, 6, 3, 1, 1, 3, 0.0f);    // resnet conv1 / conv2
+    test_lora_conv(1, 4, 5, 8, 8, 3, 1, 1, 2, 0.2f);    // with dropout
+    test_lora_conv(2, 4, 4, 9, 8, 3, 2, 1, 3, 0.1f);    // downsampler (stride 2, odd side)
+    test_lora_conv(2, 6, 3, 5, 4, 0, 1, 0, 2, 0.1f);    // conv_shortcut (1x1)
+    test_lora_conv(3, 16, 8, 1, 1, 0, 1, 0, 4, 0.0f);   // time_emb_proj (a linear on 1x1 pixels)
+    test_conv_lora_unet_emulated();
+    test_te_train_emulated();
     test_device_check();
     test_not_built();
     char err[CUDA_ERR_LEN];
