@@ -1468,6 +1468,36 @@ static void test_conv_lora_unet_emulated(void) {
     }
 }
 
+/* the review finding in unet.c's resnet backward: with full gradients a
+ * conv adapter takes silu(n1) / silu(n2) from a1 / g2, where the frozen
+ * conv's weight gradient already put them, instead of making them again.
+ * On the CPU: the adapters' dA, dB, dx and dctx with full gradients on are
+ * bit for bit those without. */
+static void test_conv_lora_full_grads(void) {
+    unet_t ug, un;
+    if (tiny_unet_conv(&ug, WEIGHT_F32) || tiny_unet_conv(&un, WEIGHT_F32)) { expect_true("tiny UNet with conv LoRA loads", 0); return; }
+    int ok = unet_alloc_grads(&ug) == 0;
+    int B = 1, h = 8, w = 8, Tc = 5;
+    const unet_config *c = &ug.cfg;
+    size_t nx = (size_t)B * c->in_channels * h * w, nc = (size_t)B * Tc * c->cross_dim;
+    vec x = randv(nx, -1.0f, 1.0f, 451), ctx = randv(nc, -1.0f, 1.0f, 452), t = {301.0f}, deps = randv(nx, -1.0f, 1.0f, 453);
+    vec eg(nx), en(nx), dxg(nx), dxn(nx), dcg(nc), dcn(nc);
+    ok = ok && unet_alloc_acts(&ug, B, h, w, Tc, 1) == 0 && unet_alloc_acts(&un, B, h, w, Tc, 1) == 0 &&
+         unet_forward(&ug, eg.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
+         unet_forward(&un, en.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
+         unet_backward(&ug, deps.data(), dxg.data(), dcg.data()) == 0 &&
+         unet_backward(&un, deps.data(), dxn.data(), dcn.data()) == 0;
+    expect_true("conv LoRA with full gradients runs", ok);
+    if (ok) {
+        double gmax = 0;
+        for (size_t i = 0; i < ug.nparams; i++) gmax = fmax(gmax, fabs(ug.grads[i]));
+        expect_true("conv LoRA with full gradients: dA, dB, dx, dctx bit for bit those without (silu reused, not remade)",
+                    gmax > 0 && memcmp(ug.lora_grads, un.lora_grads, sizeof(float) * ug.lora_nparams) == 0 &&
+                    dxg == dxn && dcg == dcn);
+    }
+    unet_free(&ug); unet_free(&un);
+}
+
 /* A --te training step as train.c's device path runs it, against the CPU's:
  * the ids go up and the text encoder's forward leaves ctx on the device
  * (clip_forward(NULL), clip_device_out), the UNet reads it in place
@@ -1686,6 +1716,7 @@ int main(void) {
     test_lora_conv(2, 6, 3, 5, 4, 0, 1, 0, 2, 0.1f);    // conv_shortcut (1x1)
     test_lora_conv(3, 16, 8, 1, 1, 0, 1, 0, 4, 0.0f);   // time_emb_proj (a linear on 1x1 pixels)
     test_conv_lora_unet_emulated();
+    test_conv_lora_full_grads();
     test_te_train_emulated();
     test_device_check();
     test_not_built();
