@@ -84,6 +84,13 @@ for dev in cpu cuda; do
     grep -E '^(device|summary|error)' "$T/train-$dev.log"
 done
 run 30 - "./$B/gpu_check" cmp-lora "$T/train-cuda/lora.safetensors" "$T/train-cpu/lora.safetensors" 1e-2
+# the text encoder (--te) and conv LoRA (--conv-rank) trained on the device too
+for dev in cpu cuda; do
+    run 240 "$T/train-te-$dev.log" "./$B/train" data/ --steps 10 --batch 1 --clip-grad 1 --te --conv-rank 2 --no-grid \
+        --device "$dev" --out "$T/train-te-$dev"
+    grep -E '^(device|summary|error)' "$T/train-te-$dev.log"
+done
+run 30 - "./$B/gpu_check" cmp-lora "$T/train-te-cuda/lora.safetensors" "$T/train-te-cpu/lora.safetensors" 1e-2
 
 part "6. ./sample on models/tiny: cpu, then cuda"
 for dev in cpu cuda; do
