@@ -1078,7 +1078,7 @@ static int to_device(trainer *t, char *err) {
     }
     if (t->n1 && (!t->dev->upload(t->dopt.m, t->st.opt_unet.m, nb) || !t->dev->upload(t->dopt.v, t->st.opt_unet.v, nb)))
         return device_fail(t, "AdamW state", err);
-    /* the VAE's encode (latent cache) and, unless it trains (--te), the text encoder's forward too */
+    /* the VAE's encode (latent cache) and the text encoder (the text cache, or with --te its training) */
     if (vae_to_device(&t->m.vae, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.vae.err); return -1; }
     if (clip_to_device(&t->m.clip, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.clip.err); return -1; }
     if (t->n2) {   /* --te: its AdamW moments up too */
