@@ -1663,6 +1663,87 @@ static void test_te_train_emulated(void) {
     }
 }
 
+/* On a GPU only (not run yet, as dev_nn): the devte entries of nn_ops_cuda()
+ * themselves against the CPU: conv LoRA forward and backward (3x3 with
+ * dropout, the stride-2 downsampler, 1x1), the embedding gather (exact), and
+ * --clip over two device sets (nn_clip_grad_norm2) against the host's sum. */
+static void dev_devte(void) {
+    const nn_ops *D = nn_ops_cuda();
+    struct { int Bn, in, out, H, W, k, stride, pad, r; float p; } cs[] = {
+        {2, 5, 6, 7, 6, 3, 1, 1, 3, 0.1f}, {2, 4, 4, 9, 8, 3, 2, 1, 3, 0.0f}, {2, 6, 3, 5, 4, 0, 1, 0, 2, 0.1f}};
+    for (auto &q : cs) {
+        int kk = q.k > 1 ? q.k : 1, Ho = (q.H + 2 * q.pad - kk) / q.stride + 1, Wo = (q.W + 2 * q.pad - kk) / q.stride + 1;
+        size_t fan = (size_t)q.in * kk * kk, nx = (size_t)q.Bn * q.in * q.H * q.W, ny = (size_t)q.Bn * q.out * Ho * Wo;
+        vec A0(q.r * fan), B0((size_t)q.out * q.r);
+        lora_t L, Ld;
+        rng_t init;
+        rng_seed(&init, 3);
+        if (q.k > 1) lora_conv_init(&L, q.in, q.out, q.k, q.r, 8.0f, q.p, A0.data(), B0.data(), &init);
+        else lora_init(&L, q.in, q.out, q.r, 8.0f, q.p, A0.data(), B0.data(), 0, &init);
+        vec A = randv(A0.size(), -0.3f, 0.3f, 461), Bm = randv(B0.size(), -0.3f, 0.3f, 462);
+        vec dA = randv(A.size(), -0.1f, 0.1f, 463), dB = randv(Bm.size(), -0.1f, 0.1f, 464);
+        Ld = L;
+        L.A = A.data(); L.B = Bm.data(); L.dA = dA.data(); L.dB = dB.data();
+        Ld.A = up(A); Ld.B = up(Bm); Ld.dA = up(dA); Ld.dB = up(dB);
+        size_t ns = lora_conv_scratch_floats(&L, q.Bn, q.H, q.W, q.stride, q.pad, 1) + 1;
+        vec x = randv(nx, -1.0f, 1.0f, 465), y = randv(ny, -1.0f, 1.0f, 466), ax((size_t)q.Bn * q.r * Ho * Wo), sc(ns);
+        std::vector<uint8_t> m(nx);
+        uint8_t *pm = (uint8_t *)cuda_alloc(nx);
+        g_dev.push_back(pm);
+        float *px = up(x), *py = up(y), *pax = dzeros(ax.size()), *ps = dzeros(ns);
+        rng_t g1, g2;
+        rng_seed(&g1, 77); rng_seed(&g2, 77);
+        lora_conv_forward(y.data(), ax.data(), m.data(), sc.data(), x.data(), &L, q.Bn, q.H, q.W, q.stride, q.pad, &g1);
+        D->lora_conv_forward(py, pax, pm, ps, px, &Ld, q.Bn, q.H, q.W, q.stride, q.pad, &g2);
+        char name[160];
+        snprintf(name, sizeof name, "device conv lora fwd k%d s%d dropout %g", kk, q.stride, q.p);
+        expect(name, fmax(rel_err(down(py, ny).data(), y.data(), ny), rel_err(down(pax, ax.size()).data(), ax.data(), ax.size())), FWD);
+        vec dy = randv(ny, -1.0f, 1.0f, 467), dx = randv(nx, -0.1f, 0.1f, 468);
+        float *pdy = up(dy), *pdx = up(dx);
+        lora_conv_backward(dx.data(), dy.data(), x.data(), ax.data(), m.data(), sc.data(), &L, q.Bn, q.H, q.W, q.stride, q.pad);
+        D->lora_conv_backward(pdx, pdy, px, pax, pm, ps, &Ld, q.Bn, q.H, q.W, q.stride, q.pad);
+        snprintf(name, sizeof name, "device conv lora bwd dx, dA, dB k%d s%d dropout %g", kk, q.stride, q.p);
+        expect(name, fmax(fmax(rel_err(down(pdx, nx).data(), dx.data(), nx),
+                               rel_err(down(Ld.dA, dA.size()).data(), dA.data(), dA.size())),
+                          rel_err(down(Ld.dB, dB.size()).data(), dB.data(), dB.size())), BWD);
+    }
+    // the embedding gather, fp32 and fp16 tables: exact
+    int V = 50, P = 9, B = 2, T = 7, C = 12;
+    vec tok = randv((size_t)V * C, -2.0f, 2.0f, 471), pos = randv((size_t)P * C, -2.0f, 2.0f, 472);
+    std::vector<uint16_t> tok16(tok.size()), pos16(pos.size());
+    float_to_half_array(tok16.data(), tok.data(), tok.size());
+    float_to_half_array(pos16.data(), pos.data(), pos.size());
+    std::vector<int> ids((size_t)B * T);
+    for (size_t i = 0; i < ids.size(); i++) ids[i] = (int)((i * 37 + 11) % V);
+    int *pids = (int *)cuda_alloc(ids.size() * sizeof(int));
+    uint16_t *pt16 = (uint16_t *)cuda_alloc(tok16.size() * 2), *pp16 = (uint16_t *)cuda_alloc(pos16.size() * 2);
+    g_dev.push_back(pids); g_dev.push_back(pt16); g_dev.push_back(pp16);
+    cuda_upload(pids, ids.data(), ids.size() * sizeof(int));
+    cuda_upload(pt16, tok16.data(), tok16.size() * 2);
+    cuda_upload(pp16, pos16.data(), pos16.size() * 2);
+    float *ptok = up(tok), *ppos = up(pos), *pout = dzeros((size_t)B * T * C);
+    for (int f16 = 0; f16 < 2; f16++) {
+        vec oc((size_t)B * T * C);
+        nn_embedding_forward(oc.data(), ids.data(), f16 ? NULL : tok.data(), f16 ? tok16.data() : NULL,
+                             f16 ? NULL : pos.data(), f16 ? pos16.data() : NULL, B, T, C);
+        D->embedding_forward(pout, pids, f16 ? NULL : ptok, f16 ? pt16 : NULL, f16 ? NULL : ppos, f16 ? pp16 : NULL, B, T, C);
+        expect_close(f16 ? "device embedding gather, fp16 tables (exact)" : "device embedding gather, fp32 tables (exact)",
+                     down(pout, oc.size()), oc, 0.0);
+    }
+    // --clip over two device sets against the host's one chain
+    vec g1 = randv(3 * NN_SUMSQ_CHUNK + 5, -1.0f, 1.0f, 481), g2 = randv(NN_SUMSQ_CHUNK + 9, -1.0f, 1.0f, 482);
+    double s2 = 0;
+    for (float v : g1) s2 += (double)v * v;
+    for (float v : g2) s2 += (double)v * v;
+    float *pg1 = up(g1), *pg2 = up(g2);
+    float norm = nn_clip_grad_norm2(D, pg1, g1.size(), pg2, g2.size(), 1.0f);
+    float coef = 1.0f / ((float)sqrt(s2) + 1e-6f);
+    for (float &v : g2) v *= coef;
+    expect("device --clip over two sets: the norm", fabs((double)norm - sqrt(s2)) / sqrt(s2), 1e-6);
+    expect_close("device --clip over two sets: the second set scaled", down(pg2, g2.size()), g2, 1e-6);
+    dev_done("devte entries");
+}
+
 /* a build without CUDA=1: cuda.h's fallback check, as a C program sees it
  * (cuda.h read a second time without SDLORA_CUDA, in its own namespace) */
 #undef SDLORA_CUDA_H
@@ -1725,6 +1806,7 @@ int main(void) {
         dev_nn();
         dev_layers();
         dev_lora_optim_ddpm();
+        dev_devte();
     } else {
         printf("note: no GPU: the device checks (the *_cuda functions against the CPU) are skipped\n");
     }
