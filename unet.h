@@ -244,7 +244,7 @@ int unet_backward(unet_t *u, const float *deps, float *dx, float *dctx);
  * unet_lora_upload sends A, B up; unet_lora_grads_download brings dA, dB
  * down into u->lora_grads. unet_param_set also updates the device's copy.
  * unet_forward / unet_backward keep their host pointers: x, t, ctx and deps
- * go up, eps, dx and dctx come down (SD1.5 at 512^2, batch 1: 64 KB of
+ * go up, eps, dx and dctx come down (ctx and dctx stay there with ctx_on_device) (SD1.5 at 512^2, batch 1: 64 KB of
  * latents and 231 KB of context per call). Each returns 0 or -1 (u->err),
  * and so do unet_forward / unet_backward when the device reports an error. */
 int unet_to_device(unet_t *u, const nn_ops *ops);
