@@ -184,11 +184,10 @@ void attention_forward(float *out, float *att, const float *q, const float *k, c
     // as much work as the products themselves). With more than one tile per
     // head, all heads' K^T and V are packed once, here, into gemm's panel
     // layout (the size of k and v); NULL when there is one tile or no memory.
-    // Only for the fp32 kernel: under --compute bf16 gemm_packed would unpack
-    // an fp32 pack again on every tile, so there gemm packs its own panels.
+    // Under --compute bf16 the packs are bf16 (rounded once, half the size).
     int nheads = B * H;
     gemm_packed_b **pk = NULL;
-    if (ntiles > 1 && gemm_compute() == GEMM_F32) {
+    if (ntiles > 1) {
         pk = calloc((size_t)2 * nheads, sizeof *pk);
         int npk = max_threads() < nheads ? max_threads() : nheads, ok = pk != NULL;
         if (pk) {
@@ -263,7 +262,7 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout,
         // shares (K^T for the recomputed scores, V^T for dP, K for dQ) are
         // packed once per head (NULL: gemm packs them itself, same bits)
         gemm_packed_b *kT = NULL, *vT = NULL, *kN = NULL;
-        if (Tq > rows && gemm_compute() == GEMM_F32) {   // fp32 packs only, as in the forward
+        if (Tq > rows) {
             if (!att) kT = gemm_pack_b(1, Dh, Tk, kh, C);
             if (need_ds) vT = gemm_pack_b(1, Dh, Tk, vh, C);
             if (dq) kN = gemm_pack_b(0, Tk, Dh, kh, C);
