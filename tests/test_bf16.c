@@ -18,18 +18,6 @@
 #include <omp.h>
 #endif
 
-static uint64_t lcg_state;
-static float lcg_uniform(void) {   /* [-1, 1) */
-    lcg_state = lcg_state * 6364136223846793005ULL + 1442695040888963407ULL;
-    return (float)((lcg_state >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
-}
-static float *rand_buf(size_t n, uint64_t seed) {
-    float *x = malloc((n ? n : 1) * sizeof(float));
-    ck_assert_ptr_nonnull(x);
-    lcg_state = seed;
-    for (size_t i = 0; i < n; i++) x[i] = lcg_uniform();
-    return x;
-}
 static float f_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static double bf(float x) { return gemm_bf16_to_float(gemm_bf16_round(x)); }
 
@@ -85,16 +73,10 @@ static int check_against_ref(int ta, int tb, int M, int N, int K, float alpha,
     double u = 1.0 / 16777216.0;
     for (int i = 0; i < M; i++)
         for (int j = 0; j < N; j++) {
-            double s = 0, sa = 0;
-            for (int p = 0; p < K; p++) {
-                double a = bf(ta ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p]);
-                double b = bf(tb ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j]);
-                s += a * b;
-                sa += fabs(a * b);
-            }
-            double c = beta == 0.0f ? 0.0 : (double)beta * C0[(size_t)i * ldc + j];
-            double want = alpha * s + c;
-            double tol = (K + 3.0 * nkb + 2.0) * u * (fabs(alpha) * sa + fabs(c)) + 1e-30;
+            double mag;
+            double want = ref_gemm_at(ta, tb, i, j, K, alpha, A, lda, B, ldb, beta,
+                                      C0[(size_t)i * ldc + j], bf, &mag);
+            double tol = (K + 3.0 * nkb + 2.0) * u * mag + 1e-30;
             double got = C[(size_t)i * ldc + j];
             if (!(fabs(got - want) <= tol)) {
                 if (bad < 3)
