@@ -217,13 +217,42 @@ static void kernel_avx512bf16(int kq, const uint32_t *restrict a, const uint32_t
     __mmask16 m1 = nr >= 32 ? 0xffff : nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1);
     ROWS(K_ST)
 }
+
+/* the same for a strip with at most 16 columns (attention's Dh = 40 is a
+ * strip of 32 and one of 8): half the accumulators, half the work of the
+ * full tile; each column's sums are the full tile's, so the bits too */
+#define K_DECL16(i) __m512 c##i##0 = _mm512_setzero_ps();
+#define K_DP16(i) { __m512bh ai = (__m512bh)_mm512_set1_epi32((int)ap[i]);  \
+                    c##i##0 = _mm512_dpbf16_ps(c##i##0, ai, b0); }
+#define K_ST16(i) if (i < mr) {                                             \
+        float *ci = C + (size_t)(i) * ldc;                                  \
+        __m512 v0 = _mm512_mul_ps(va, c##i##0);                             \
+        if (beta != 0.0f)                                                   \
+            v0 = _mm512_add_ps(v0, _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(m0, ci))); \
+        _mm512_mask_storeu_ps(ci, m0, v0); }
+
+__attribute__((target("avx512f,avx512bf16")))
+static void kernel_avx512bf16_16(int kq, const uint32_t *restrict a, const uint32_t *restrict b,
+                                 float *restrict C, int ldc, int mr, int nr, float alpha, float beta) {
+    for (int i = 0; i < mr; i++) __builtin_prefetch(C + (size_t)i * ldc, 1, 3);
+    ROWS(K_DECL16)
+    for (int q = 0; q < kq; q++) {
+        __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + (size_t)q * NR);
+        const uint32_t *ap = a + (size_t)q * MR;
+        ROWS(K_DP16)
+    }
+    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    __mmask16 m0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
+    ROWS(K_ST16)
+}
 #endif
 
 static void micro_kernel(int kq, const uint32_t *a, const uint32_t *b, float *C, int ldc,
                          int mr, int nr, float alpha, float beta) {
 #ifdef HAVE_X86_BF16
     if (g_kernel == K_AVX512BF16) {
-        kernel_avx512bf16(kq, a, b, C, ldc, mr, nr, alpha, beta);
+        if (nr <= 16) kernel_avx512bf16_16(kq, a, b, C, ldc, mr, nr, alpha, beta);
+        else kernel_avx512bf16(kq, a, b, C, ldc, mr, nr, alpha, beta);
         return;
     }
 #endif
@@ -264,24 +293,22 @@ static void pack_a(uint32_t *restrict dst, int kqs, const float *restrict A, int
             }
         }
     } else {
-        /* A stored K x M: rows p, p+1 walked whole, across all the strips */
+        /* A stored K x M: rows p, p+1 rounded whole into one row of pairs
+         * (a loop over up to MC_MAX elements, vectorised at full width),
+         * then cut into the strips, MR words each (attention's dV and dK
+         * pack a 4096-row P^T this way on every query tile) */
+        uint32_t t[MC_MAX + MR];       /* mrows <= MC_MAX rounded up to MR */
+        for (int i = mrows; i < nstrips * MR; i++) t[i] = 0;
         for (int q = 0; q < kq; q++) {
             const float *r0 = A + (size_t)(p0 + 2 * q) * lda + i0;
-            const float *r1 = 2 * q + 1 < kc ? r0 + lda : NULL;
-            for (int s = 0; s < nstrips; s++) {
-                uint32_t *dq = dst + (size_t)s * kqs * MR + (size_t)q * MR;
-                const float *a0 = r0 + s * MR;
-                int mr = s == nstrips - 1 ? last : MR;
-                if (r1 && mr == MR) {
-                    const float *a1 = r1 + s * MR;
-                    for (int i = 0; i < MR; i++) dq[i] = pair(a0[i], a1[i]);
-                } else if (r1) {
-                    const float *a1 = r1 + s * MR;
-                    for (int i = 0; i < mr; i++) dq[i] = pair(a0[i], a1[i]);
-                } else {
-                    for (int i = 0; i < mr; i++) dq[i] = pair(a0[i], 0.0f);
-                }
+            if (2 * q + 1 < kc) {
+                const float *r1 = r0 + lda;
+                for (int i = 0; i < mrows; i++) t[i] = pair(r0[i], r1[i]);
+            } else {
+                for (int i = 0; i < mrows; i++) t[i] = pair(r0[i], 0.0f);
             }
+            for (int s = 0; s < nstrips; s++)
+                memcpy(dst + (size_t)s * kqs * MR + (size_t)q * MR, t + s * MR, MR * sizeof *t);
         }
     }
 }
