@@ -357,6 +357,31 @@ START_TEST(test_attention_bf16) {
     double d = 0, n = 0;
     for (size_t i = 0; i < nq; i++) { d += (double)(o16[i] - o32[i]) * (o16[i] - o32[i]); n += (double)o32[i] * o32[i]; }
     ck_assert_msg(d > 0 && sqrt(d / n) < 2e-2, "bf16 attention rel L2 %.3g against fp32", sqrt(d / n));
+    /* the backward adds into dq, dk, dv (bf16 sums a head's dK and dV apart
+     * and adds them at the end): from the same nonzero start, each
+     * gradient's change is within bf16's error of the fp32 one */
+    for (int causal = 0; causal < 2; causal++) {
+        float *g[2][3];
+        size_t ng[3] = {nq, nk, nk};
+        for (int m = 0; m < 2; m++) {
+            for (int t = 0; t < 3; t++) g[m][t] = rand_buf(ng[t], 90 + t);
+            gemm_set_compute(m ? GEMM_BF16 : GEMM_F32);
+            attention_backward(g[m][0], g[m][1], g[m][2], dout, q, k, v, NULL, B, Tq, Tk, H, Dh, causal);
+        }
+        gemm_set_compute(GEMM_F32);
+        for (int t = 0; t < 3; t++) {
+            float *g0 = rand_buf(ng[t], 90 + t);
+            double dd = 0, nn = 0;
+            for (size_t i = 0; i < ng[t]; i++) {
+                double e = (double)g[1][t][i] - g[0][t][i], c = (double)g[0][t][i] - g0[i];
+                dd += e * e;
+                nn += c * c;
+            }
+            ck_assert_msg(nn > 0 && dd > 0 && sqrt(dd / nn) < 2e-2, "bf16 attention gradient %d (causal %d): rel L2 %.3g",
+                          t, causal, sqrt(dd / nn));
+            free(g0); free(g[0][t]); free(g[1][t]);
+        }
+    }
 #ifdef _OPENMP
     omp_set_num_threads(saved);
 #endif
