@@ -304,7 +304,7 @@ void attention_backward(float *dq, float *dk, float *dv, const float *dout,
             }
 
             /* ASSIGNMENT 04 BEGIN: dV, then dP = dO V^T, the softmax backward to dS, then dQ and dK */
-            /* ASSIGNMENT 04 STUB: (void)doh; (void)vh; (void)P; (void)dS; (void)qh; */
+            /* ASSIGNMENT 04 STUB: (void)doh; (void)vh; (void)P; (void)dS; (void)qh; (void)dvh; (void)dkh; (void)ldd; */
             // dV += P_t^T dO_t   (Tk x rows times rows x Dh)
             if (dv) gemm(1, 0, Tk, Dh, nr, 1.0f, P, Tk, doh, C, 1.0f, dvh, ldd);
 
