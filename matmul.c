@@ -616,15 +616,15 @@ static void f32_rect(const void *job, int tid, int i0, int i1, int j0, int j1) {
  * Packed for the compute mode in force when gemm_pack_b is called. fp32:
  * the layout gemm_serial reads: K blocks of kb (as gemm_serial cuts them),
  * block by block; in each, the round_up(N, NR) columns as strips of NR, each
- * strip kc x NR, laid out [p][j], zero past N. bf16: matmul_bf16.c's
- * layout (gemm_bf16_pack_b), B rounded once. The pack remembers B itself:
- * a call made under the other mode multiplies by B (which must then still
- * hold the same values), never by a pack in the wrong layout. */
+ * strip kc x NR, laid out [p][j], zero past N. Under GEMM_BF16 also
+ * matmul_bf16.c's layout (gemm_bf16_pack_b), B rounded once, half the
+ * size again: a pack made under either mode serves calls under both
+ * (an fp32-only pack under bf16 is unpacked on every call: correct, slow),
+ * and B itself is never read again. */
 struct gemm_packed_b {
-    int K, N, npad, kb, mode, transB, ldb;
-    float *data;           /* GEMM_F32 */
-    uint32_t *words;       /* GEMM_BF16 */
-    const float *B;
+    int K, N, npad, kb;
+    float *data;           /* always */
+    uint32_t *words;       /* made under GEMM_BF16 */
 };
 
 /* op(B)[p][j] out of the packed layout */
@@ -657,19 +657,14 @@ gemm_packed_b *gemm_pack_b(int transB, int K, int N, const float *B, int ldb) {
     pb->N = N;
     pb->npad = round_up(N, NR);
     pb->kb = (K + nkb - 1) / nkb;
-    pb->mode = gemm_compute();
-    pb->transB = transB;
-    pb->ldb = ldb;
-    pb->B = B;
-    if (pb->mode == GEMM_BF16) {
+    if (gemm_compute() == GEMM_BF16) {
         void *w = NULL;
         if (posix_memalign(&w, 64, gemm_bf16_pack_words(K, N) * sizeof(uint32_t)) != 0) { free(pb); return NULL; }
         pb->words = w;
         gemm_bf16_pack_b(pb->words, transB, K, N, B, ldb);
-        return pb;
     }
     pb->data = alloc_floats((size_t)K * pb->npad);
-    if (!pb->data) { free(pb); return NULL; }
+    if (!pb->data) { free(pb->words); free(pb); return NULL; }
     int nstrips = pb->npad / NR;
     /* one K block at a time, its strips split over the threads */
     for (int pc = 0; pc < K; pc += pb->kb) {
@@ -694,17 +689,26 @@ static void gemm_run(int transA, int transB, int M, int N, int K,
                      float alpha, const float *A, int lda, const float *B, int ldb,
                      const gemm_packed_b *pb, float beta, float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
-    if (pb && pb->mode != gemm_compute()) {
-        /* packed under the other mode: multiply by B itself */
-        transB = pb->transB;
-        B = pb->B;
-        ldb = pb->ldb;
-        pb = NULL;
-    }
     if (gemm_compute() == GEMM_BF16) {
-        if (pb) gemm_bf16_packed(transA, M, N, K, alpha, A, lda, pb->words, beta, C, ldc);
-        else gemm_bf16(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-        return;
+        if (!pb) {
+            gemm_bf16(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+            return;
+        }
+        if (pb->words) {
+            gemm_bf16_packed(transA, M, N, K, alpha, A, lda, pb->words, beta, C, ldc);
+            return;
+        }
+        /* packed under fp32 only: unpack it. Correct but slow (a copy per
+         * call) */
+        float *b = malloc((size_t)K * N * sizeof(float));
+        if (b) {
+            for (int p = 0; p < K; p++)
+                for (int j = 0; j < N; j++) b[(size_t)p * N + j] = packed_at(pb, p, j);
+            gemm_bf16(transA, 0, M, N, K, alpha, A, lda, b, N, beta, C, ldc);
+            free(b);
+            return;
+        }
+        /* out of memory for that copy: the fp32 sums below */
     }
     if (K <= 0 || alpha == 0.0f) {
         /* C = beta * C: nothing to multiply */

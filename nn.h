@@ -30,7 +30,9 @@ void gemm(int transA, int transB, int M, int N, int K,
 /* A B operand packed once into gemm's panel layout, for a matrix that many
  * calls share and that does not change (a frozen weight): gemm_packed then
  * skips packing it. gemm_pack_b(transB, K, N, B, ldb) copies op(B) [K x N]
- * (K x N rounded up to the kernel's strip width; B itself is not kept) and returns NULL when
+ * (K x N rounded up to the kernel's strip width; B itself is not kept; made
+ * under GEMM_BF16, also rounded to bf16 in that kernel's layout, so that
+ * gemm_packed skips the rounding too, in either mode) and returns NULL when
  * K or N <= 0 or memory runs out. gemm_packed(transA, M, alpha, A, lda, pb,
  * beta, C, ldc) is gemm(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta,
  * C, ldc) with N, K from pb, and gives the same bits. */

@@ -252,7 +252,7 @@ END_TEST
 /* B packed once under GEMM_BF16 (gemm_pack_b, as attention packs K and V
  * per head): gemm_packed gives gemm_bf16's bits on every kernel, small
  * products, odd K, several K blocks and ragged N included; a pack made in
- * one mode and used in the other multiplies by B itself */
+ * one mode and used in the other gives that mode's bits, B itself freed */
 START_TEST(test_packed_bf16) {
     static const int shapes[][3] = {{5, 7, 3}, {13, 33, 81}, {37, 65, 1031}, {32, 40, 4096},
                                     {32, 4096, 40}, {200, 70, 600}, {1, 300, 9}};
@@ -279,14 +279,20 @@ START_TEST(test_packed_bf16) {
                     gemm_packed(ta, M, 0.5f, A, lda, pb, 1.0f, got, ldc);
                     ck_assert_msg(memcmp(want, got, nc * sizeof(float)) == 0,
                                   "%s: packed bf16 differs (M=%d N=%d K=%d ta=%d tb=%d)", knames[k], M, N, K, ta, tb);
-                    /* the bf16 pack under fp32: B itself, fp32 sums */
+                    /* the bf16 pack under fp32: fp32 sums, B not read */
                     gemm_set_compute(GEMM_F32);
                     float *f32 = malloc(nc * sizeof(float));
                     ck_assert_ptr_nonnull(f32);
                     memcpy(f32, C0, nc * sizeof(float));
                     gemm(ta, tb, M, N, K, 0.5f, A, lda, B, ldb, 1.0f, f32, ldc);
+                    float *Bkeep = malloc((size_t)(tb ? N : K) * ldb * sizeof(float));
+                    ck_assert_ptr_nonnull(Bkeep);
+                    memcpy(Bkeep, B, (size_t)(tb ? N : K) * ldb * sizeof(float));
+                    for (size_t i = 0; i < (size_t)(tb ? N : K) * ldb; i++) B[i] = NAN;
                     memcpy(got, C0, nc * sizeof(float));
                     gemm_packed(ta, M, 0.5f, A, lda, pb, 1.0f, got, ldc);
+                    memcpy(B, Bkeep, (size_t)(tb ? N : K) * ldb * sizeof(float));
+                    free(Bkeep);
                     ck_assert(memcmp(f32, got, nc * sizeof(float)) == 0);
                     gemm_packed_b_free(pb);
                     /* an fp32 pack under bf16: gemm_bf16's bits */
