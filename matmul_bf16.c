@@ -39,6 +39,14 @@
  * An odd K block is padded with a zero pair element; x + 0*0 == x (a -0
  * sum becomes +0), the same on every path.
  *
+ * A B that many calls share (attention's K and V, per head) can be rounded
+ * and packed once (gemm_pack_b under GEMM_BF16 -> gemm_bf16_pack_b, at the
+ * end); gemm_packed then reads it as gemm_serial would have packed it, so
+ * the bits are gemm_bf16's. A strip of at most 16 columns (Dh = 40 is 32 +
+ * 8) runs a half-width kernel: half the work, the same sums per column.
+ * Threads and packing buffers come from matmul.c (gemm_tiles, gemm_buffer),
+ * as for the fp32 kernel.
+ *
  * Determinism: as in matmul.c, threads split only C's tiles; the K blocks
  * (of an even length that depends on K alone) are summed in sequence, so
  * the bits do not depend on the thread count.
