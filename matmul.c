@@ -19,7 +19,7 @@
  *
  * Each level keeps the operand it reuses in the cache that level fits in, so
  * the FMA units are fed from L1 and L2, not from memory. Threads each run
- * this on their own rectangles of C (gemm_parallel).
+ * this on their own rectangles of C (gemm_tiles).
  *
  * Packing copies op(A) and op(B) into the exact order the micro-kernel reads
  * them, so the four transpose cases differ only in the packing loops, and
@@ -438,18 +438,36 @@ static void gemm_small(int transA, int transB, int M, int N, int K,
 }
 
 /* ---- packing buffers ----------------------------------------------------
- * Grow-only, kept between calls so the hot path does not malloc. A call
- * made from inside an OpenMP parallel region gets private buffers (and runs
- * on its one thread); like nn_scratch, gemm is not for concurrent calls from
- * threads OpenMP does not know about. */
-static float *g_buf;
-static size_t g_buf_n;
+ * Grow-only, kept between calls so the hot path does not malloc: one for
+ * calls made outside any OpenMP parallel region (shared out by thread
+ * number), and one per thread for calls made inside one (attention's
+ * per-head products), which then run on their one thread. Like nn_scratch,
+ * gemm is not for concurrent calls from threads OpenMP does not know about.
+ * matmul_bf16.c packs into the same buffers (gemm_buffer). */
+static void *g_buf, *t_buf;
+static size_t g_buf_n, t_buf_n;
+OMP(omp threadprivate(t_buf, t_buf_n))
 
 static float *alloc_floats(size_t n) {
     void *p = NULL;
     /* 64-byte aligned: whole cache lines, aligned vector loads */
     if (posix_memalign(&p, 64, n * sizeof(float)) != 0) return NULL;
     return p;
+}
+
+void *gemm_buffer(size_t bytes) {
+    int nested = 0;
+#ifdef _OPENMP
+    nested = omp_in_parallel();
+#endif
+    void **buf = nested ? &t_buf : &g_buf;
+    size_t *have = nested ? &t_buf_n : &g_buf_n;
+    if (*have < bytes) {
+        free(*buf);
+        *buf = alloc_floats((bytes + sizeof(float) - 1) / sizeof(float));
+        *have = *buf ? bytes : 0;
+    }
+    return *buf;
 }
 
 /* ---- the blocked path --------------------------------------------------- */
@@ -519,18 +537,19 @@ static void gemm_serial(int transA, int transB, int M, int N, int K,
     }
 }
 
-/* Threads: C is cut into a gm x gn grid of rectangles (rows in MR
- * multiples, columns in NR multiples), each an independent gemm_serial with
+/* Threads: C is cut into a gm x gn grid of rectangles (rows in mr
+ * multiples, columns in nr multiples), each an independent gemm_serial with
  * its own packing, handed out on demand. No barriers inside, so a thread
  * that loses its core to another process holds up only its own rectangle.
  * A rectangle repacks its rows of A and its columns of B: a gm x gn grid
- * packs K (gn M + gm N) floats for M N K multiply-adds. Packing a float costs
- * about what 16 multiply-adds do (one 8-wide FMA pair per cycle against about
- * one float copied), so the packing overhead is ~16 (gn / N + gm / M). More
- * rectangles than threads balance the load (and survive a busy machine), but
- * are only used while they add less than 2% of packing over one rectangle. */
-static void choose_grid(int M, int N, int tasks, int *gm, int *gn) {
-    int mstrips = (M + MR - 1) / MR, nstrips = (N + NR - 1) / NR;
+ * packs K (gn M + gm N) values for M N K multiply-adds. Packing a value
+ * costs about what pack_cost multiply-adds do (fp32: 16, one 8-wide FMA
+ * pair per cycle against about one float copied), so the packing overhead
+ * is ~pack_cost (gn / N + gm / M). More rectangles than threads balance the
+ * load (and survive a busy machine), but are only used while they add less
+ * than 2% of packing over one rectangle. */
+static void choose_grid(int M, int N, int mr, int nr, int tasks, int *gm, int *gn) {
+    int mstrips = (M + mr - 1) / mr, nstrips = (N + nr - 1) / nr;
     double best = 1e300;
     *gm = *gn = 1;
     for (int m = 1; m <= tasks && m <= mstrips; m++) {
@@ -545,47 +564,67 @@ static void choose_grid(int M, int N, int tasks, int *gm, int *gn) {
     }
 }
 
-static void gemm_parallel(int transA, int transB, int M, int N, int K,
-                          float alpha, const float *A, int lda, const float *B, int ldb,
-                          const float *bpre, int bnpad,
-                          float beta, float *C, int ldc, float *buf, int nthreads) {
-    int mstrips = (M + MR - 1) / MR, nstrips = (N + NR - 1) / NR;
+/* the loop both kernels (this file's, matmul_bf16.c's) run their
+ * rectangles under; which thread gets which rectangle changes no bit, as
+ * each C element is summed by one rectangle alone */
+void gemm_tiles(int M, int N, int mr, int nr, int nthreads, double pack_cost,
+                gemm_rect_fn rect, const void *job) {
+    int mstrips = (M + mr - 1) / mr, nstrips = (N + nr - 1) / nr;
     int gm = 1, gn = 1;
     if (nthreads > 1) {
-        double base = 16.0 * (1.0 / N + 1.0 / M);
+        double base = pack_cost * (1.0 / N + 1.0 / M);
         for (int f = 4; f >= 1; f /= 2) {
-            choose_grid(M, N, f * nthreads, &gm, &gn);
-            if (16.0 * ((double)gn / N + (double)gm / M) - base < 0.02) break;
+            choose_grid(M, N, mr, nr, f * nthreads, &gm, &gn);
+            if (pack_cost * ((double)gn / N + (double)gm / M) - base < 0.02) break;
         }
     }
-    OMP(omp parallel for collapse(2) schedule(dynamic) num_threads(nthreads))
+    OMP(omp parallel for collapse(2) schedule(dynamic) num_threads(nthreads) if (nthreads > 1))
     for (int tm = 0; tm < gm; tm++)
         for (int tn = 0; tn < gn; tn++) {
             int tid = 0;
 #ifdef _OPENMP
             tid = omp_get_thread_num();
 #endif
-            int i0 = (int)((long)mstrips * tm / gm) * MR, i1 = (int)((long)mstrips * (tm + 1) / gm) * MR;
-            int j0 = (int)((long)nstrips * tn / gn) * NR, j1 = (int)((long)nstrips * (tn + 1) / gn) * NR;
+            int i0 = (int)((long)mstrips * tm / gm) * mr, i1 = (int)((long)mstrips * (tm + 1) / gm) * mr;
+            int j0 = (int)((long)nstrips * tn / gn) * nr, j1 = (int)((long)nstrips * (tn + 1) / gn) * nr;
             if (i1 > M) i1 = M;
             if (j1 > N) j1 = N;
             if (i0 >= i1 || j0 >= j1) continue;
-            const float *a = transA ? A + i0 : A + (size_t)i0 * lda;
-            const float *b = bpre ? NULL : transB ? B + (size_t)j0 * ldb : B + j0;
-            float *bp = buf + (size_t)tid * BUF_FLOATS;
-            gemm_serial(transA, transB, i1 - i0, j1 - j0, K, alpha, a, lda, b, ldb,
-                        beta, C + (size_t)i0 * ldc + j0, ldc, bp, bp + (size_t)KC * NC_MAX,
-                        bpre, bnpad, j0);
+            rect(job, tid, i0, i1, j0, j1);
         }
 }
 
+/* one fp32 gemm as gemm_tiles sees it */
+typedef struct {
+    int transA, transB, K, lda, ldb, ldc, bnpad;
+    float alpha, beta;
+    const float *A, *B, *bpre;
+    float *C, *buf;
+} f32_job;
+
+static void f32_rect(const void *job, int tid, int i0, int i1, int j0, int j1) {
+    const f32_job *g = job;
+    const float *a = g->transA ? g->A + i0 : g->A + (size_t)i0 * g->lda;
+    const float *b = g->bpre ? NULL : g->transB ? g->B + (size_t)j0 * g->ldb : g->B + j0;
+    float *bp = g->buf + (size_t)tid * BUF_FLOATS;
+    gemm_serial(g->transA, g->transB, i1 - i0, j1 - j0, g->K, g->alpha, a, g->lda, b, g->ldb,
+                g->beta, g->C + (size_t)i0 * g->ldc + j0, g->ldc, bp, bp + (size_t)KC * NC_MAX,
+                g->bpre, g->bnpad, j0);
+}
+
 /* ---- B packed once (gemm_pack_b) ------------------------------------------
- * The layout gemm_serial reads: K blocks of kb (as gemm_serial cuts them),
+ * Packed for the compute mode in force when gemm_pack_b is called. fp32:
+ * the layout gemm_serial reads: K blocks of kb (as gemm_serial cuts them),
  * block by block; in each, the round_up(N, NR) columns as strips of NR, each
- * strip kc x NR, laid out [p][j], zero past N. */
+ * strip kc x NR, laid out [p][j], zero past N. Under GEMM_BF16 also
+ * matmul_bf16.c's layout (gemm_bf16_pack_b), B rounded once, half the
+ * size again: a pack made under either mode serves calls under both
+ * (an fp32-only pack under bf16 is unpacked on every call: correct, slow),
+ * and B itself is never read again. */
 struct gemm_packed_b {
     int K, N, npad, kb;
-    float *data;
+    float *data;           /* always */
+    uint32_t *words;       /* made under GEMM_BF16 */
 };
 
 /* op(B)[p][j] out of the packed layout */
@@ -611,15 +650,21 @@ static void gemm_small_packed(int transA, int M, int N, int K, float alpha, cons
 
 gemm_packed_b *gemm_pack_b(int transB, int K, int N, const float *B, int ldb) {
     if (K <= 0 || N <= 0) return NULL;
-    gemm_packed_b *pb = malloc(sizeof *pb);
+    gemm_packed_b *pb = calloc(1, sizeof *pb);
     if (!pb) return NULL;
     int nkb = (K + KC - 1) / KC;
     pb->K = K;
     pb->N = N;
     pb->npad = round_up(N, NR);
     pb->kb = (K + nkb - 1) / nkb;
+    if (gemm_compute() == GEMM_BF16) {
+        void *w = NULL;
+        if (posix_memalign(&w, 64, gemm_bf16_pack_words(K, N) * sizeof(uint32_t)) != 0) { free(pb); return NULL; }
+        pb->words = w;
+        gemm_bf16_pack_b(pb->words, transB, K, N, B, ldb);
+    }
     pb->data = alloc_floats((size_t)K * pb->npad);
-    if (!pb->data) { free(pb); return NULL; }
+    if (!pb->data) { free(pb->words); free(pb); return NULL; }
     int nstrips = pb->npad / NR;
     /* one K block at a time, its strips split over the threads */
     for (int pc = 0; pc < K; pc += pb->kb) {
@@ -635,6 +680,7 @@ gemm_packed_b *gemm_pack_b(int transB, int K, int N, const float *B, int ldb) {
 void gemm_packed_b_free(gemm_packed_b *pb) {
     if (!pb) return;
     free(pb->data);
+    free(pb->words);
     free(pb);
 }
 
@@ -643,14 +689,17 @@ static void gemm_run(int transA, int transB, int M, int N, int K,
                      float alpha, const float *A, int lda, const float *B, int ldb,
                      const gemm_packed_b *pb, float beta, float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
-    if (gemm_compute() == GEMM_BF16 && K > 0 && alpha != 0.0f) {
+    if (gemm_compute() == GEMM_BF16) {
         if (!pb) {
             gemm_bf16(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
             return;
         }
-        /* a B packed for the fp32 kernel: unpack it. Correct but slow (a
-         * copy per call): callers pack ahead only in the fp32 mode
-         * (attention.c checks gemm_compute() before gemm_pack_b) */
+        if (pb->words) {
+            gemm_bf16_packed(transA, M, N, K, alpha, A, lda, pb->words, beta, C, ldc);
+            return;
+        }
+        /* packed under fp32 only: unpack it. Correct but slow (a copy per
+         * call) */
         float *b = malloc((size_t)K * N * sizeof(float));
         if (b) {
             for (int p = 0; p < K; p++)
@@ -676,35 +725,22 @@ static void gemm_run(int transA, int transB, int M, int N, int K,
         return;
     }
 
-    int nested = 0, nthreads = 1;
+    int nthreads = 1;
 #ifdef _OPENMP
-    nested = omp_in_parallel();
-    nthreads = nested ? 1 : omp_get_max_threads();
+    nthreads = omp_in_parallel() ? 1 : omp_get_max_threads();
     /* a thread needs a few tiles' worth of work to pay for waking it */
     while (nthreads > 1 && (double)M * N * K / nthreads < 1e6) nthreads--;
 #endif
-
-    size_t need = (size_t)nthreads * BUF_FLOATS;
-    float *buf;
-    if (nested) {
-        buf = alloc_floats(need);
-    } else {
-        if (g_buf_n < need) {
-            free(g_buf);
-            g_buf = alloc_floats(need);
-            g_buf_n = g_buf ? need : 0;
-        }
-        buf = g_buf;
-    }
+    float *buf = gemm_buffer((size_t)nthreads * BUF_FLOATS * sizeof(float));
     if (!buf) {
         /* out of memory for the packing buffers: still give the right answer */
         if (pb) gemm_small_packed(transA, M, N, K, alpha, A, lda, pb, beta, C, ldc);
         else gemm_small(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
-    gemm_parallel(transA, transB, M, N, K, alpha, A, lda, B, ldb, pb ? pb->data : NULL,
-                  pb ? pb->npad : 0, beta, C, ldc, buf, nthreads);
-    if (nested) free(buf);
+    f32_job job = {transA, transB, K, lda, ldb, ldc, pb ? pb->npad : 0, alpha, beta,
+                   A, B, pb ? pb->data : NULL, C, buf};
+    gemm_tiles(M, N, MR, NR, nthreads, 16.0, f32_rect, &job);
 }
 
 void gemm(int transA, int transB, int M, int N, int K,

@@ -39,6 +39,14 @@
  * An odd K block is padded with a zero pair element; x + 0*0 == x (a -0
  * sum becomes +0), the same on every path.
  *
+ * A B that many calls share (attention's K and V, per head) can be rounded
+ * and packed once (gemm_pack_b under GEMM_BF16 -> gemm_bf16_pack_b, at the
+ * end); gemm_packed then reads it as gemm_serial would have packed it, so
+ * the bits are gemm_bf16's. A strip of at most 16 columns (Dh = 40 is 32 +
+ * 8) runs a half-width kernel: half the work, the same sums per column.
+ * Threads and packing buffers come from matmul.c (gemm_tiles, gemm_buffer),
+ * as for the fp32 kernel.
+ *
  * Determinism: as in matmul.c, threads split only C's tiles; the K blocks
  * (of an even length that depends on K alone) are summed in sequence, so
  * the bits do not depend on the thread count.
@@ -47,6 +55,7 @@
  * it could not be run on the machine this was developed on (AMD Zen 4,
  * which has AVX512-BF16 but no AMX). A CPU with AMX runs the AVX512-BF16
  * kernel (every AMX CPU has it). */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "nn.h"
@@ -216,13 +225,42 @@ static void kernel_avx512bf16(int kq, const uint32_t *restrict a, const uint32_t
     __mmask16 m1 = nr >= 32 ? 0xffff : nr <= 16 ? 0 : (__mmask16)((1u << (nr - 16)) - 1);
     ROWS(K_ST)
 }
+
+/* the same for a strip with at most 16 columns (attention's Dh = 40 is a
+ * strip of 32 and one of 8): half the accumulators, half the work of the
+ * full tile; each column's sums are the full tile's, so the bits too */
+#define K_DECL16(i) __m512 c##i##0 = _mm512_setzero_ps();
+#define K_DP16(i) { __m512bh ai = (__m512bh)_mm512_set1_epi32((int)ap[i]);  \
+                    c##i##0 = _mm512_dpbf16_ps(c##i##0, ai, b0); }
+#define K_ST16(i) if (i < mr) {                                             \
+        float *ci = C + (size_t)(i) * ldc;                                  \
+        __m512 v0 = _mm512_mul_ps(va, c##i##0);                             \
+        if (beta != 0.0f)                                                   \
+            v0 = _mm512_add_ps(v0, _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(m0, ci))); \
+        _mm512_mask_storeu_ps(ci, m0, v0); }
+
+__attribute__((target("avx512f,avx512bf16")))
+static void kernel_avx512bf16_16(int kq, const uint32_t *restrict a, const uint32_t *restrict b,
+                                 float *restrict C, int ldc, int mr, int nr, float alpha, float beta) {
+    for (int i = 0; i < mr; i++) __builtin_prefetch(C + (size_t)i * ldc, 1, 3);
+    ROWS(K_DECL16)
+    for (int q = 0; q < kq; q++) {
+        __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + (size_t)q * NR);
+        const uint32_t *ap = a + (size_t)q * MR;
+        ROWS(K_DP16)
+    }
+    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
+    __mmask16 m0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
+    ROWS(K_ST16)
+}
 #endif
 
 static void micro_kernel(int kq, const uint32_t *a, const uint32_t *b, float *C, int ldc,
                          int mr, int nr, float alpha, float beta) {
 #ifdef HAVE_X86_BF16
     if (g_kernel == K_AVX512BF16) {
-        kernel_avx512bf16(kq, a, b, C, ldc, mr, nr, alpha, beta);
+        if (nr <= 16) kernel_avx512bf16_16(kq, a, b, C, ldc, mr, nr, alpha, beta);
+        else kernel_avx512bf16(kq, a, b, C, ldc, mr, nr, alpha, beta);
         return;
     }
 #endif
@@ -263,24 +301,22 @@ static void pack_a(uint32_t *restrict dst, int kqs, const float *restrict A, int
             }
         }
     } else {
-        /* A stored K x M: rows p, p+1 walked whole, across all the strips */
+        /* A stored K x M: rows p, p+1 rounded whole into one row of pairs
+         * (a loop over up to MC_MAX elements, vectorised at full width),
+         * then cut into the strips, MR words each (attention's dV and dK
+         * pack a 4096-row P^T this way on every query tile) */
+        uint32_t t[MC_MAX + MR];       /* mrows <= MC_MAX rounded up to MR */
+        for (int i = mrows; i < nstrips * MR; i++) t[i] = 0;
         for (int q = 0; q < kq; q++) {
             const float *r0 = A + (size_t)(p0 + 2 * q) * lda + i0;
-            const float *r1 = 2 * q + 1 < kc ? r0 + lda : NULL;
-            for (int s = 0; s < nstrips; s++) {
-                uint32_t *dq = dst + (size_t)s * kqs * MR + (size_t)q * MR;
-                const float *a0 = r0 + s * MR;
-                int mr = s == nstrips - 1 ? last : MR;
-                if (r1 && mr == MR) {
-                    const float *a1 = r1 + s * MR;
-                    for (int i = 0; i < MR; i++) dq[i] = pair(a0[i], a1[i]);
-                } else if (r1) {
-                    const float *a1 = r1 + s * MR;
-                    for (int i = 0; i < mr; i++) dq[i] = pair(a0[i], a1[i]);
-                } else {
-                    for (int i = 0; i < mr; i++) dq[i] = pair(a0[i], 0.0f);
-                }
+            if (2 * q + 1 < kc) {
+                const float *r1 = r0 + lda;
+                for (int i = 0; i < mrows; i++) t[i] = pair(r0[i], r1[i]);
+            } else {
+                for (int i = 0; i < mrows; i++) t[i] = pair(r0[i], 0.0f);
             }
+            for (int s = 0; s < nstrips; s++)
+                memcpy(dst + (size_t)s * kqs * MR + (size_t)q * MR, t + s * MR, MR * sizeof *t);
         }
     }
 }
@@ -339,7 +375,8 @@ static int round_up(int x, int m) { return (x + m - 1) / m * m; }
 /* one thread's rectangle of C; bp, ap its packing buffers */
 static void gemm_serial(int transA, int transB, int M, int N, int K,
                         float alpha, const float *A, int lda, const float *B, int ldb,
-                        float beta, float *C, int ldc, uint32_t *bp, uint32_t *ap) {
+                        float beta, float *C, int ldc, uint32_t *bp, uint32_t *ap,
+                        const uint32_t *bpre, int bnpad, int j0) {
     /* K blocks of equal, even length (K alone decides them: the summation
      * order of each C element does not depend on the rectangle); packed
      * strips are kqs pairs long */
@@ -351,13 +388,22 @@ static void gemm_serial(int transA, int transB, int M, int N, int K,
         for (int pc = 0; pc < K; pc += kb) {
             int kc = K - pc < kb ? K - pc : kb, kq = (kc + 1) / 2;
             float bet = pc == 0 ? beta : 1.0f;          /* beta applies once */
-            pack_b(bp, (size_t)kqs * NR, B, ldb, transB, pc, kc, jc, nc);
+            /* bpre (gemm_bf16_pack_b's layout, bnpad its padded width, j0
+             * this rectangle's first column): B is packed already */
+            size_t bstride = (size_t)kqs * NR;
+            const uint32_t *bpan = bp;
+            if (bpre) {
+                bstride = (size_t)kq * NR;
+                bpan = bpre + (size_t)(pc / 2) * bnpad + (size_t)((j0 + jc) / NR) * bstride;
+            } else {
+                pack_b(bp, bstride, B, ldb, transB, pc, kc, jc, nc);
+            }
             for (int ic = 0; ic < M; ic += mb) {
                 int mc = M - ic < mb ? M - ic : mb;
                 pack_a(ap, kqs, A, lda, transA, ic, mc, pc, kc);
                 for (int jr = 0; jr < nc; jr += NR) {
                     int nr = nc - jr < NR ? nc - jr : NR;
-                    const uint32_t *bs = bp + (size_t)(jr / NR) * kqs * NR;
+                    const uint32_t *bs = bpan + (size_t)(jr / NR) * bstride;
                     for (int ir = 0; ir < mc; ir += MR) {
                         int mr = mc - ir < MR ? mc - ir : MR;
                         micro_kernel(kq, ap + (size_t)(ir / MR) * kqs * MR, bs,
@@ -366,50 +412,6 @@ static void gemm_serial(int transA, int transB, int M, int N, int K,
                 }
             }
         }
-    }
-}
-
-static uint32_t *alloc_words(size_t n) {
-    void *p = NULL;
-    if (posix_memalign(&p, 64, n * sizeof(uint32_t)) != 0) return NULL;
-    return p;
-}
-
-static uint32_t *g_buf;
-static size_t g_buf_n;
-/* a call from inside a parallel region (attention's per-head products)
- * packs into its own thread's grow-only buffer, kept between calls: no
- * malloc and no fresh pages per call */
-static uint32_t *t_buf;
-static size_t t_buf_n;
-OMP(omp threadprivate(t_buf, t_buf_n))
-
-/* C cut into a gm x gn grid of rectangles for `tasks` workers, the cut
- * that packs least: a rectangle repacks its rows of A and its columns of
- * B, K (gn M + gm N) words in all */
-static void choose_grid(int M, int N, int tasks, int *gm, int *gn) {
-    int mstrips = (M + MR - 1) / MR, nstrips = (N + NR - 1) / NR;
-    double best = 1e300;
-    *gm = *gn = 1;
-    for (int m = 1; m <= tasks && m <= mstrips; m++) {
-        int n = (tasks + m - 1) / m;
-        if (n > nstrips) continue;
-        double cost = (double)n * M + (double)m * N;
-        if (cost <= best) { best = cost; *gm = m; *gn = n; }
-    }
-}
-
-/* up to 4 rectangles per thread (load balance on a shared machine), as
- * long as the extra packing stays under 2% of the work: packing a word
- * costs about what 32 bf16 multiply-adds do (a 32-lane pair of dot
- * products per cycle against about one word packed) */
-static void choose_tasks(int M, int N, int nthreads, int *gm, int *gn) {
-    *gm = *gn = 1;
-    if (nthreads <= 1) return;
-    double base = 32.0 * (1.0 / N + 1.0 / M);
-    for (int f = 4; f >= 1; f /= 2) {
-        choose_grid(M, N, f * nthreads, gm, gn);
-        if (32.0 * ((double)*gn / N + (double)*gm / M) - base < 0.02) break;
     }
 }
 
@@ -442,9 +444,44 @@ static void gemm_bf16_unblocked(int transA, int transB, int M, int N, int K,
         }
 }
 
-void gemm_bf16(int transA, int transB, int M, int N, int K,
-               float alpha, const float *A, int lda, const float *B, int ldb,
-               float beta, float *C, int ldc) {
+/* one gemm as gemm_tiles (matmul.c) sees it */
+typedef struct {
+    int transA, transB, K, lda, ldb, ldc, bnpad;
+    float alpha, beta;
+    const float *A, *B;
+    const uint32_t *bpre;
+    float *C;
+    uint32_t *buf;
+    size_t per, bwords;     /* words per thread; of them, the B panel's */
+} bf16_job;
+
+static void bf16_rect(const void *job, int tid, int i0, int i1, int j0, int j1) {
+    const bf16_job *g = job;
+    const float *a = g->transA ? g->A + i0 : g->A + (size_t)i0 * g->lda;
+    const float *b = g->bpre ? NULL : g->transB ? g->B + (size_t)j0 * g->ldb : g->B + j0;
+    uint32_t *bp = g->buf + (size_t)tid * g->per;
+    gemm_serial(g->transA, g->transB, i1 - i0, j1 - j0, g->K, g->alpha, a, g->lda, b, g->ldb,
+                g->beta, g->C + (size_t)i0 * g->ldc + j0, g->ldc, bp, bp + g->bwords,
+                g->bpre, g->bnpad, j0);
+}
+
+/* op(B) (K x N, row stride N) out of a gemm_bf16_pack_b layout; exact, as
+ * its values are bf16 already */
+static void unpack_b(float *b, const uint32_t *bp, int K, int N) {
+    int npad = round_up(N, NR), kb = k_block(K);
+    for (int p = 0; p < K; p++) {
+        int pc = p / kb * kb, kq = ((K - pc < kb ? K - pc : kb) + 1) / 2, q = (p - pc) / 2;
+        for (int j = 0; j < N; j++) {
+            uint32_t w = bp[(size_t)(pc / 2) * npad + (size_t)(j / NR) * kq * NR + (size_t)q * NR + j % NR];
+            b[(size_t)p * N + j] = gemm_bf16_to_float((uint16_t)((p - pc) & 1 ? w >> 16 : w));
+        }
+    }
+}
+
+/* gemm_bf16 and gemm_bf16_packed: B as given (bpre NULL) or packed */
+static void bf16_run(int transA, int transB, int M, int N, int K,
+                     float alpha, const float *A, int lda, const float *B, int ldb,
+                     const uint32_t *bpre, float beta, float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
     if (K <= 0 || alpha == 0.0f) {
         for (int i = 0; i < M; i++)
@@ -455,63 +492,71 @@ void gemm_bf16(int transA, int transB, int M, int N, int K,
         return;
     }
     if (g_kernel < 0) gemm_bf16_set_kernel(GEMM_BF16_AUTO);
-    /* small problems (the tiny model, LoRA's rank-r products inside
-     * attention's threads): packing costs more than it saves */
-    if ((double)M * N * K < SMALL_WORK) {
-        gemm_bf16_unblocked(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-        return;
-    }
-    int nested = 0, nthreads = 1;
+    int nthreads = 1;
 #ifdef _OPENMP
-    nested = omp_in_parallel();
-    nthreads = nested ? 1 : omp_get_max_threads();
+    nthreads = omp_in_parallel() ? 1 : omp_get_max_threads();
     while (nthreads > 1 && (double)M * N * K / nthreads < 1e6) nthreads--;
 #endif
-    /* per thread: a B panel and an A block, as large as this problem needs */
+    /* per thread: a B panel (none when B is packed) and an A block, as
+     * large as this problem needs */
     size_t kqs = (size_t)k_block(K) / 2;
     int nbmax = round_up(N, NR) < NC_MAX ? round_up(N, NR) : NC_MAX;
     int mbmax = round_up(M, MR) < MC_MAX ? round_up(M, MR) : MC_MAX;
-    size_t per = kqs * ((size_t)nbmax + mbmax), need = (size_t)nthreads * per;
-    uint32_t *buf;
-    if (nested) {
-        if (t_buf_n < need) {
-            free(t_buf);
-            t_buf = alloc_words(need);
-            t_buf_n = t_buf ? need : 0;
+    size_t bwords = bpre ? 0 : kqs * nbmax, per = bwords + kqs * mbmax;
+    /* small problems (the tiny model, LoRA's rank-r products inside
+     * attention's threads): packing costs more than it saves; the same
+     * sums element by element, also when the buffers cannot be had */
+    uint32_t *buf = (double)M * N * K < SMALL_WORK || g_kernel == K_SCALAR ? NULL
+                  : gemm_buffer((size_t)nthreads * per * sizeof(uint32_t));
+    if (!buf) {
+        float *b = NULL;
+        if (bpre) {
+            b = malloc((size_t)K * N * sizeof(float));
+            if (!b) { fprintf(stderr, "gemm_bf16: out of memory\n"); exit(EXIT_FAILURE); }
+            unpack_b(b, bpre, K, N);
+            B = b;
+            ldb = N;
+            transB = 0;
         }
-        buf = t_buf;
-    } else {
-        if (g_buf_n < need) {
-            free(g_buf);
-            g_buf = alloc_words(need);
-            g_buf_n = g_buf ? need : 0;
-        }
-        buf = g_buf;
-    }
-    if (!buf || g_kernel == K_SCALAR) {
-        /* no memory for the packing buffers: still the same bits */
         gemm_bf16_unblocked(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        free(b);
         return;
     }
-    int gm, gn;
-    choose_tasks(M, N, nthreads, &gm, &gn);
-    int mstrips = (M + MR - 1) / MR, nstrips = (N + NR - 1) / NR;
-    OMP(omp parallel for collapse(2) schedule(dynamic) num_threads(nthreads))
-    for (int tm = 0; tm < gm; tm++)
-        for (int tn = 0; tn < gn; tn++) {
-            int tid = 0;
-#ifdef _OPENMP
-            tid = omp_get_thread_num();
-#endif
-            int i0 = (int)((long)mstrips * tm / gm) * MR, i1 = (int)((long)mstrips * (tm + 1) / gm) * MR;
-            int j0 = (int)((long)nstrips * tn / gn) * NR, j1 = (int)((long)nstrips * (tn + 1) / gn) * NR;
-            if (i1 > M) i1 = M;
-            if (j1 > N) j1 = N;
-            if (i0 >= i1 || j0 >= j1) continue;
-            const float *a = transA ? A + i0 : A + (size_t)i0 * lda;
-            const float *b = transB ? B + (size_t)j0 * ldb : B + j0;
-            uint32_t *bp = buf + (size_t)tid * per;
-            gemm_serial(transA, transB, i1 - i0, j1 - j0, K, alpha, a, lda, b, ldb, beta,
-                        C + (size_t)i0 * ldc + j0, ldc, bp, bp + kqs * nbmax);
+    bf16_job job = {transA, transB, K, lda, ldb, ldc, round_up(N, NR), alpha, beta,
+                    A, B, bpre, C, buf, per, bwords};
+    /* packing a word costs about what 32 bf16 multiply-adds do (a 32-lane
+     * pair of dot products per cycle against about one word packed) */
+    gemm_tiles(M, N, MR, NR, nthreads, 32.0, bf16_rect, &job);
+}
+
+void gemm_bf16(int transA, int transB, int M, int N, int K,
+               float alpha, const float *A, int lda, const float *B, int ldb,
+               float beta, float *C, int ldc) {
+    bf16_run(transA, transB, M, N, K, alpha, A, lda, B, ldb, NULL, beta, C, ldc);
+}
+
+/* ---- B packed once --------------------------------------------------------
+ * The layout gemm_serial reads with bpre: K blocks of kb (k_block(K)), block
+ * by block, (pc / 2) * npad words in; in each, round_up(N, NR) columns as
+ * strips of NR, each kq x NR words (kq = the block's pairs), zero past N
+ * and in the pad element of an odd last block. */
+size_t gemm_bf16_pack_words(int K, int N) { return (size_t)(K + 1) / 2 * round_up(N, NR); }
+
+void gemm_bf16_pack_b(uint32_t *dst, int transB, int K, int N, const float *B, int ldb) {
+    int kb = k_block(K), npad = round_up(N, NR), nstrips = npad / NR;
+    for (int pc = 0; pc < K; pc += kb) {
+        int kc = K - pc < kb ? K - pc : kb, kq = (kc + 1) / 2;
+        uint32_t *d = dst + (size_t)(pc / 2) * npad;
+        /* strip by strip, split over the threads when it is worth it */
+        OMP(omp parallel for schedule(static) if (!omp_in_parallel() && (double)K * N > 1e6))
+        for (int s = 0; s < nstrips; s++) {
+            int nc = N - s * NR < NR ? N - s * NR : NR;
+            pack_b(d + (size_t)s * kq * NR, (size_t)kq * NR, B, ldb, transB, pc, kc, s * NR, nc);
         }
+    }
+}
+
+void gemm_bf16_packed(int transA, int M, int N, int K, float alpha, const float *A, int lda,
+                      const uint32_t *bp, float beta, float *C, int ldc) {
+    bf16_run(transA, 0, M, N, K, alpha, A, lda, NULL, 0, bp, beta, C, ldc);
 }

@@ -30,7 +30,9 @@ void gemm(int transA, int transB, int M, int N, int K,
 /* A B operand packed once into gemm's panel layout, for a matrix that many
  * calls share and that does not change (a frozen weight): gemm_packed then
  * skips packing it. gemm_pack_b(transB, K, N, B, ldb) copies op(B) [K x N]
- * (K x N rounded up to the kernel's strip width; B itself is not kept) and returns NULL when
+ * (K x N rounded up to the kernel's strip width; B itself is not kept; made
+ * under GEMM_BF16, also rounded to bf16 in that kernel's layout, so that
+ * gemm_packed skips the rounding too, in either mode) and returns NULL when
  * K or N <= 0 or memory runs out. gemm_packed(transA, M, alpha, A, lda, pb,
  * beta, C, ldc) is gemm(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta,
  * C, ldc) with N, K from pb, and gives the same bits. */
@@ -138,6 +140,21 @@ float gemm_bf16_to_float(uint16_t h);
 enum { GEMM_BF16_AUTO = 0, GEMM_BF16_PORTABLE = 1, GEMM_BF16_AVX512 = 2, GEMM_BF16_SCALAR = 3 };
 int gemm_bf16_set_kernel(int k);
 const char *gemm_bf16_kernel_name(void);
+/* Between matmul.c and matmul_bf16.c only. gemm_pack_b under GEMM_BF16:
+ * op(B) (K x N) rounded and packed once into gemm_bf16_pack_words(K, N)
+ * words at dst; gemm_bf16_packed multiplies by it (the bits of gemm_bf16).
+ * gemm_tiles: the threaded loop over C's rectangles both kernels share
+ * (rect(job, thread, i0, i1, j0, j1) for rows [i0, i1), columns [j0, j1));
+ * gemm_buffer: a grow-only packing buffer of at least `bytes` (the calling
+ * thread's own inside a parallel region), NULL when out of memory. */
+size_t gemm_bf16_pack_words(int K, int N);
+void gemm_bf16_pack_b(uint32_t *dst, int transB, int K, int N, const float *B, int ldb);
+void gemm_bf16_packed(int transA, int M, int N, int K, float alpha, const float *A, int lda,
+                      const uint32_t *bp, float beta, float *C, int ldc);
+typedef void (*gemm_rect_fn)(const void *job, int thread, int i0, int i1, int j0, int j1);
+void gemm_tiles(int M, int N, int mr, int nr, int nthreads, double pack_cost,
+                gemm_rect_fn rect, const void *job);
+void *gemm_buffer(size_t bytes);
 
 /* ---- scratch ---------------------------------------------------------------
  * One grow-only work buffer (im2col columns, attention scores) reused by

@@ -18,18 +18,6 @@
 #include <omp.h>
 #endif
 
-static uint64_t lcg_state;
-static float lcg_uniform(void) {   /* [-1, 1) */
-    lcg_state = lcg_state * 6364136223846793005ULL + 1442695040888963407ULL;
-    return (float)((lcg_state >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
-}
-static float *rand_buf(size_t n, uint64_t seed) {
-    float *x = malloc((n ? n : 1) * sizeof(float));
-    ck_assert_ptr_nonnull(x);
-    lcg_state = seed;
-    for (size_t i = 0; i < n; i++) x[i] = lcg_uniform();
-    return x;
-}
 static float f_of(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static double bf(float x) { return gemm_bf16_to_float(gemm_bf16_round(x)); }
 
@@ -85,16 +73,10 @@ static int check_against_ref(int ta, int tb, int M, int N, int K, float alpha,
     double u = 1.0 / 16777216.0;
     for (int i = 0; i < M; i++)
         for (int j = 0; j < N; j++) {
-            double s = 0, sa = 0;
-            for (int p = 0; p < K; p++) {
-                double a = bf(ta ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p]);
-                double b = bf(tb ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j]);
-                s += a * b;
-                sa += fabs(a * b);
-            }
-            double c = beta == 0.0f ? 0.0 : (double)beta * C0[(size_t)i * ldc + j];
-            double want = alpha * s + c;
-            double tol = (K + 3.0 * nkb + 2.0) * u * (fabs(alpha) * sa + fabs(c)) + 1e-30;
+            double mag;
+            double want = ref_gemm_at(ta, tb, i, j, K, alpha, A, lda, B, ldb, beta,
+                                      C0[(size_t)i * ldc + j], bf, &mag);
+            double tol = (K + 3.0 * nkb + 2.0) * u * mag + 1e-30;
             double got = C[(size_t)i * ldc + j];
             if (!(fabs(got - want) <= tol)) {
                 if (bad < 3)
@@ -267,6 +249,153 @@ START_TEST(test_mode_routes_gemm) {
 }
 END_TEST
 
+/* B packed once under GEMM_BF16 (gemm_pack_b, as attention packs K and V
+ * per head): gemm_packed gives gemm_bf16's bits on every kernel, small
+ * products, odd K, several K blocks and ragged N included; a pack made in
+ * one mode and used in the other gives that mode's bits, B itself freed */
+START_TEST(test_packed_bf16) {
+    static const int shapes[][3] = {{5, 7, 3}, {13, 33, 81}, {37, 65, 1031}, {32, 40, 4096},
+                                    {32, 4096, 40}, {200, 70, 600}, {1, 300, 9}};
+    for (size_t c = 0; c < sizeof shapes / sizeof shapes[0]; c++)
+        for (int tb = 0; tb < 2; tb++)
+            for (int ta = 0; ta < 2; ta++) {
+                int M = shapes[c][0], N = shapes[c][1], K = shapes[c][2];
+                int lda = (ta ? M : K) + PAD, ldb = (tb ? K : N) + PAD, ldc = N + PAD;
+                size_t nc = (size_t)M * ldc;
+                float *A = rand_buf((size_t)(ta ? K : M) * lda, 51 + c + ta);
+                float *B = rand_buf((size_t)(tb ? N : K) * ldb, 61 + c + tb);
+                float *want = rand_buf(nc, 71 + c), *got = malloc(nc * sizeof(float));
+                float *C0 = malloc(nc * sizeof(float));
+                ck_assert(got && C0);
+                memcpy(C0, want, nc * sizeof(float));
+                for (int k = 0; k < NKERNELS; k++) {
+                    if (!gemm_bf16_set_kernel(kernels[k])) continue;
+                    memcpy(want, C0, nc * sizeof(float));
+                    gemm_bf16(ta, tb, M, N, K, 0.5f, A, lda, B, ldb, 1.0f, want, ldc);
+                    gemm_set_compute(GEMM_BF16);
+                    gemm_packed_b *pb = gemm_pack_b(tb, K, N, B, ldb);
+                    ck_assert_ptr_nonnull(pb);
+                    memcpy(got, C0, nc * sizeof(float));
+                    gemm_packed(ta, M, 0.5f, A, lda, pb, 1.0f, got, ldc);
+                    ck_assert_msg(memcmp(want, got, nc * sizeof(float)) == 0,
+                                  "%s: packed bf16 differs (M=%d N=%d K=%d ta=%d tb=%d)", knames[k], M, N, K, ta, tb);
+                    /* the bf16 pack under fp32: fp32 sums, B not read */
+                    gemm_set_compute(GEMM_F32);
+                    float *f32 = malloc(nc * sizeof(float));
+                    ck_assert_ptr_nonnull(f32);
+                    memcpy(f32, C0, nc * sizeof(float));
+                    gemm(ta, tb, M, N, K, 0.5f, A, lda, B, ldb, 1.0f, f32, ldc);
+                    float *Bkeep = malloc((size_t)(tb ? N : K) * ldb * sizeof(float));
+                    ck_assert_ptr_nonnull(Bkeep);
+                    memcpy(Bkeep, B, (size_t)(tb ? N : K) * ldb * sizeof(float));
+                    for (size_t i = 0; i < (size_t)(tb ? N : K) * ldb; i++) B[i] = NAN;
+                    memcpy(got, C0, nc * sizeof(float));
+                    gemm_packed(ta, M, 0.5f, A, lda, pb, 1.0f, got, ldc);
+                    memcpy(B, Bkeep, (size_t)(tb ? N : K) * ldb * sizeof(float));
+                    free(Bkeep);
+                    ck_assert(memcmp(f32, got, nc * sizeof(float)) == 0);
+                    gemm_packed_b_free(pb);
+                    /* an fp32 pack under bf16: gemm_bf16's bits */
+                    pb = gemm_pack_b(tb, K, N, B, ldb);
+                    ck_assert_ptr_nonnull(pb);
+                    gemm_set_compute(GEMM_BF16);
+                    memcpy(got, C0, nc * sizeof(float));
+                    gemm_packed(ta, M, 0.5f, A, lda, pb, 1.0f, got, ldc);
+                    ck_assert(memcmp(want, got, nc * sizeof(float)) == 0);
+                    gemm_set_compute(GEMM_F32);
+                    gemm_packed_b_free(pb);
+                    free(f32);
+                }
+                free(A); free(B); free(want); free(got); free(C0);
+            }
+    gemm_bf16_set_kernel(GEMM_BF16_AUTO);
+}
+END_TEST
+
+/* attention under --compute bf16 (its K and V packed once per head in
+ * bf16): the same bits with 1 and 4 threads and on every kernel, forward
+ * and backward, several query tiles per head, causal and not */
+START_TEST(test_attention_bf16) {
+    int B = 1, Tq = 200, Tk = 1500, H = 3, Dh = 40, C = H * Dh;   /* 87 query rows per tile */
+    size_t nq = (size_t)B * Tq * C, nk = (size_t)B * Tk * C;
+    float *q = rand_buf(nq, 81), *k = rand_buf(nk, 82), *v = rand_buf(nk, 83), *dout = rand_buf(nq, 84);
+    float *res[2 * NKERNELS][4] = {{0}};
+    int nres = 0, saved = 1;
+#ifdef _OPENMP
+    saved = omp_get_max_threads();
+#endif
+    (void)saved;
+    gemm_set_compute(GEMM_BF16);
+    for (int causal = 0; causal < 2; causal++) {
+        nres = 0;
+        for (int kk = 0; kk < NKERNELS - 1; kk++) {
+            if (!gemm_bf16_set_kernel(kernels[kk])) continue;
+            for (int nt = 1; nt <= 4; nt += 3) {
+#ifdef _OPENMP
+                omp_set_num_threads(nt);
+#endif
+                float **r = res[nres++];
+                r[0] = malloc(nq * sizeof(float));
+                r[1] = calloc(nq, sizeof(float));
+                r[2] = calloc(nk, sizeof(float));
+                r[3] = calloc(nk, sizeof(float));
+                ck_assert(r[0] && r[1] && r[2] && r[3]);
+                attention_forward(r[0], NULL, q, k, v, B, Tq, Tk, H, Dh, causal);
+                attention_backward(r[1], r[2], r[3], dout, q, k, v, NULL, B, Tq, Tk, H, Dh, causal);
+            }
+        }
+        ck_assert_int_ge(nres, 2);
+        for (int i = 1; i < nres; i++)
+            for (int t = 0; t < 4; t++)
+                ck_assert_msg(memcmp(res[0][t], res[i][t], (t < 2 ? nq : nk) * sizeof(float)) == 0,
+                              "attention bf16 run %d differs from run 0 in output %d (causal %d)", i, t, causal);
+        for (int i = 0; i < nres; i++)
+            for (int t = 0; t < 4; t++) free(res[i][t]);
+    }
+    /* and it is bf16: not the fp32 result, but close to it */
+    gemm_set_compute(GEMM_F32);
+    float *o32 = malloc(nq * sizeof(float)), *o16 = malloc(nq * sizeof(float));
+    ck_assert(o32 && o16);
+    attention_forward(o32, NULL, q, k, v, B, Tq, Tk, H, Dh, 0);
+    gemm_set_compute(GEMM_BF16);
+    attention_forward(o16, NULL, q, k, v, B, Tq, Tk, H, Dh, 0);
+    gemm_set_compute(GEMM_F32);
+    double d = 0, n = 0;
+    for (size_t i = 0; i < nq; i++) { d += (double)(o16[i] - o32[i]) * (o16[i] - o32[i]); n += (double)o32[i] * o32[i]; }
+    ck_assert_msg(d > 0 && sqrt(d / n) < 2e-2, "bf16 attention rel L2 %.3g against fp32", sqrt(d / n));
+    /* the backward adds into dq, dk, dv (bf16 sums a head's dK and dV apart
+     * and adds them at the end): from the same nonzero start, each
+     * gradient's change is within bf16's error of the fp32 one */
+    for (int causal = 0; causal < 2; causal++) {
+        float *g[2][3];
+        size_t ng[3] = {nq, nk, nk};
+        for (int m = 0; m < 2; m++) {
+            for (int t = 0; t < 3; t++) g[m][t] = rand_buf(ng[t], 90 + t);
+            gemm_set_compute(m ? GEMM_BF16 : GEMM_F32);
+            attention_backward(g[m][0], g[m][1], g[m][2], dout, q, k, v, NULL, B, Tq, Tk, H, Dh, causal);
+        }
+        gemm_set_compute(GEMM_F32);
+        for (int t = 0; t < 3; t++) {
+            float *g0 = rand_buf(ng[t], 90 + t);
+            double dd = 0, nn = 0;
+            for (size_t i = 0; i < ng[t]; i++) {
+                double e = (double)g[1][t][i] - g[0][t][i], c = (double)g[0][t][i] - g0[i];
+                dd += e * e;
+                nn += c * c;
+            }
+            ck_assert_msg(nn > 0 && dd > 0 && sqrt(dd / nn) < 2e-2, "bf16 attention gradient %d (causal %d): rel L2 %.3g",
+                          t, causal, sqrt(dd / nn));
+            free(g0); free(g[0][t]); free(g[1][t]);
+        }
+    }
+#ifdef _OPENMP
+    omp_set_num_threads(saved);
+#endif
+    gemm_bf16_set_kernel(GEMM_BF16_AUTO);
+    free(q); free(k); free(v); free(dout); free(o32); free(o16);
+}
+END_TEST
+
 static Suite *bf16_suite(void) {
     Suite *s = suite_create("bf16");
     TCase *tc = tcase_create("core");
@@ -277,6 +406,8 @@ static Suite *bf16_suite(void) {
     tcase_add_test(tc, test_thread_invariant);
     tcase_add_test(tc, test_nested_calls);
     tcase_add_test(tc, test_mode_routes_gemm);
+    tcase_add_test(tc, test_packed_bf16);
+    tcase_add_test(tc, test_attention_bf16);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -12,34 +12,14 @@
 #include <omp.h>
 #endif
 
-/* own deterministic generator so the test needs nothing but matmul.c */
-static uint64_t lcg_state;
-static float lcg_uniform(void) {   /* [-1, 1) */
-    lcg_state = lcg_state * 6364136223846793005ULL + 1442695040888963407ULL;
-    return (float)((lcg_state >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
-}
-static float *rand_buf(size_t n, uint64_t seed) {
-    float *x = malloc(n * sizeof(float));
-    ck_assert_ptr_nonnull(x);
-    lcg_state = seed;
-    for (size_t i = 0; i < n; i++) x[i] = lcg_uniform();
-    return x;
-}
-
 /* C = alpha op(A) op(B) + beta C, summed in double; beta == 0 ignores C */
 static void ref_gemm(int ta, int tb, int M, int N, int K, float alpha,
                      const float *A, int lda, const float *B, int ldb,
                      float beta, float *C, int ldc) {
     for (int i = 0; i < M; i++)
         for (int j = 0; j < N; j++) {
-            double s = 0;
-            for (int p = 0; p < K; p++) {
-                double a = ta ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
-                double b = tb ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j];
-                s += a * b;
-            }
-            double c = beta == 0.0f ? 0.0 : (double)beta * C[(size_t)i * ldc + j];
-            C[(size_t)i * ldc + j] = (float)(alpha * s + c);
+            float *c = &C[(size_t)i * ldc + j];
+            *c = (float)ref_gemm_at(ta, tb, i, j, K, alpha, A, lda, B, ldb, beta, *c, NULL, NULL);
         }
 }
 

@@ -7,5 +7,7 @@
 #define gemm_pack_b gemm_pack_b_avx2
 #define gemm_packed gemm_packed_avx2
 #define gemm_packed_b_free gemm_packed_b_free_avx2
+#define gemm_tiles gemm_tiles_avx2
+#define gemm_buffer gemm_buffer_avx2
 #include "../matmul.c"
 #include "test_matmul.c"

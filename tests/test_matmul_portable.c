@@ -9,5 +9,7 @@
 #define gemm_pack_b gemm_pack_b_portable
 #define gemm_packed gemm_packed_portable
 #define gemm_packed_b_free gemm_packed_b_free_portable
+#define gemm_tiles gemm_tiles_portable
+#define gemm_buffer gemm_buffer_portable
 #include "../matmul.c"
 #include "test_matmul.c"

@@ -119,4 +119,39 @@ static inline float fx_scalar(const st_file *f, const char *name) {
     float *x = fx_get(f, name, 1); float v = x[0]; free(x); return v;
 }
 
+/* ---- matrices for the gemm tests (test_matmul.c, test_bf16.c) ------------
+ * rand_buf: n values uniform in [-1, 1) from a 64-bit LCG of its own (the
+ * same numbers on every libc), at least one element allocated.
+ * ref_gemm_at: element (i, j) of alpha op(A) op(B) + beta c summed in
+ * double, each operand passed through rnd first (NULL: as it is; test_bf16
+ * passes bf16 rounding); *mag, when not NULL, gets |alpha| sum_p |a b| +
+ * |beta c|, the scale an fp32 accumulation error bound is relative to.
+ * beta == 0 ignores c (it may be NaN). */
+static inline float *rand_buf(size_t n, uint64_t seed) {
+    float *x = malloc((n ? n : 1) * sizeof(float));
+    ck_assert_ptr_nonnull(x);
+    uint64_t s = seed;
+    for (size_t i = 0; i < n; i++) {
+        s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+        x[i] = (float)((s >> 40) * (1.0 / 16777216.0)) * 2.0f - 1.0f;
+    }
+    return x;
+}
+
+static inline double ref_gemm_at(int ta, int tb, int i, int j, int K, float alpha,
+                                 const float *A, int lda, const float *B, int ldb,
+                                 float beta, float c, double (*rnd)(float), double *mag) {
+    double s = 0, sa = 0;
+    for (int p = 0; p < K; p++) {
+        float fa = ta ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
+        float fb = tb ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j];
+        double a = rnd ? rnd(fa) : fa, b = rnd ? rnd(fb) : fb;
+        s += a * b;
+        sa += fabs(a * b);
+    }
+    double cc = beta == 0.0f ? 0.0 : (double)beta * c;
+    if (mag) *mag = fabs(alpha) * sa + fabs(cc);
+    return alpha * s + cc;
+}
+
 #endif

@@ -2,7 +2,7 @@
  * comparison with PyTorch that tools/bench_unet.sh prints (`make bench`).
  *
  *   bench_unet MODEL INPUTS OUT infer [REPS]
- *   bench_unet MODEL INPUTS OUT train|train-ckpt [REPS]
+ *   bench_unet MODEL INPUTS OUT train|train-ckpt|train-tf [REPS]
  *   ... [REPS fp16]: the UNet's weights held as fp16 (--weight-dtype fp16);
  *   its result lines say "sdlora-fp16"
  *   ... [REPS fp32 bf16]: the step in the bf16 compute mode (--compute bf16)
@@ -24,6 +24,9 @@
  * to_v, to_out.0 of every attn1/attn2; alpha 4, no dropout), a training-mode
  * forward, loss = mean((eps - target)^2), backward to the LoRA gradients only.
  * train-ckpt: the same with gradient checkpointing (unet_alloc_acts train=2).
+ * train-tf: LoRA "transformer" rank 16 (alpha 16: the attn targets and
+ * proj_in, proj_out, ff.net.0.proj, ff.net.2 of every transformer), its A and
+ * B from the inputs' "lora16.<module>.A" / ".B"; otherwise as train.
  * Each is run once to warm up, then REPS (3) times; the best time is printed.
  * One measurement per process, so the peak RSS (getrusage ru_maxrss) printed
  * at the end is that measurement's own; loading usually sets it (the fp32
@@ -104,8 +107,9 @@ static float *need(const st_file *f, const char *name, size_t n, const char *pat
 }
 
 int main(int argc, char **argv) {
-    if (argc < 5 || (strcmp(argv[4], "infer") && strcmp(argv[4], "train") && strcmp(argv[4], "train-ckpt"))) {
-        fprintf(stderr, "usage: %s MODEL INPUTS.safetensors OUT.safetensors infer|train|train-ckpt [REPS [fp32|fp16 [fp32|bf16]]]\n", argv[0]);
+    if (argc < 5 || (strcmp(argv[4], "infer") && strcmp(argv[4], "train") && strcmp(argv[4], "train-ckpt") &&
+                     strcmp(argv[4], "train-tf"))) {
+        fprintf(stderr, "usage: %s MODEL INPUTS.safetensors OUT.safetensors infer|train|train-ckpt|train-tf [REPS [fp32|fp16 [fp32|bf16]]]\n", argv[0]);
         return 2;
     }
     const char *model_path = argv[1], *in_path = argv[2], *out_path = argv[3], *mode = argv[4];
@@ -115,7 +119,10 @@ int main(int argc, char **argv) {
     if (argc > 6 && weight_dtype_parse(argv[6], &wdt)) die(argv[6], "weight dtype: use fp32 or fp16");
     int bf16 = argc > 7 && strcmp(argv[7], "bf16") == 0;
     if (argc > 7 && !bf16 && strcmp(argv[7], "fp32")) die(argv[7], "compute: use fp32 or bf16");
-    int train = strcmp(mode, "infer") == 0 ? 0 : strcmp(mode, "train") == 0 ? 1 : 2;
+    int train = strcmp(mode, "infer") == 0 ? 0 : strcmp(mode, "train-ckpt") == 0 ? 2 : 1;
+    int tf = strcmp(mode, "train-tf") == 0;   /* transformer r16, not attn r4 */
+    int rank = tf ? 16 : 4;
+    const char *targets = tf ? "transformer" : "attn", *lprefix = tf ? "lora16" : "lora";
     prof_init();
     int threads = 1;
 #ifdef _OPENMP
@@ -147,14 +154,14 @@ int main(int argc, char **argv) {
     if (!eps) die("eps", "out of memory");
 
     if (train) {
-        if (unet_add_lora(u, "attn", 4, 4.0f, 0.0f, 1234)) die("LoRA", u->err);
+        if (unet_add_lora(u, targets, rank, (float)rank, 0.0f, 1234)) die("LoRA", u->err);
         /* the Python side's A and B, so the gradients can be compared */
         for (int i = 0; i < u->nloras; i++) {
             lora_t *L = &u->loras[i].L;
             char name[160];
-            snprintf(name, sizeof name, "lora.%s.A", u->loras[i].name);
+            snprintf(name, sizeof name, "%s.%s.A", lprefix, u->loras[i].name);
             float *a = need(&inp, name, (size_t)L->r * L->in, in_path);
-            snprintf(name, sizeof name, "lora.%s.B", u->loras[i].name);
+            snprintf(name, sizeof name, "%s.%s.B", lprefix, u->loras[i].name);
             float *b = need(&inp, name, (size_t)L->out * L->r, in_path);
             memcpy(L->A, a, sizeof(float) * L->r * L->in);
             memcpy(L->B, b, sizeof(float) * L->out * L->r);
@@ -163,7 +170,7 @@ int main(int argc, char **argv) {
         target = need(&inp, "target", neps, in_path);
         deps = malloc(sizeof(float) * neps);
         if (!deps) die("deps", "out of memory");
-        printf("LoRA attn rank 4: %d adapters, %zu parameters\n", u->nloras, u->lora_nparams);
+        printf("LoRA %s rank %d: %d adapters, %zu parameters\n", targets, rank, u->nloras, u->lora_nparams);
     }
     double load_rss = rss_mb(), load_peak = peak_rss_mb();
     int step_peak_known = reset_peak_rss() == 0;

@@ -4,10 +4,13 @@
     bench_unet.py prepare DIR INPUTS [SIDE]     fixed inputs for both sides
     bench_unet.py infer   DIR INPUTS OUT [bf16] one UNet forward, torch.no_grad()
     bench_unet.py train   DIR INPUTS OUT [bf16] LoRA (peft) forward + backward
+    bench_unet.py train-tf DIR INPUTS OUT [bf16] the same, LoRA "transformer" r16
                           bf16: under torch.autocast("cpu", torch.bfloat16), as
                           kohya's --mixed_precision bf16 (weights stay fp32)
-    bench_unet.py l2      FP32_OUT BF16_OUT     relative L2 of a bf16 step against fp32
-    bench_unet.py compare INPUTS C_OUT PY_OUT   max|a-b| / max|b| of eps (and gradients)
+    bench_unet.py l2      FP32_OUT BF16_OUT [MODE]   relative L2 of a bf16 step against fp32
+    bench_unet.py compare C_OUT PY_OUT [MODE]   max|a-b| / max|b| of eps (and gradients)
+                          (MODE: the label of the result line, default infer
+                          or train from what the files hold)
     bench_unet.py same    C_OUT C16_OUT         max|a-b| of the fp32-held and fp16-held sdlora runs
     bench_unet.py report  LOG...                the table, from the "result" lines
 
@@ -19,7 +22,10 @@ float32 on the CPU), because the C side's sd_model_load holds all three too.
 infer: unet(x, t=500, ctx) under torch.no_grad(). train: peft LoRA rank 4,
 alpha 4, no dropout, on to_q, to_k, to_v, to_out.0 (every attn1 and attn2),
 base weights frozen, A and B set from INPUTS; loss = mse(eps, target);
-loss.backward(). Both: one warm-up run, then best of REPS (3,
+loss.backward(). train-tf: peft LoRA rank 16, alpha 16, on the attn targets
+and proj_in, proj_out, ff.net.0.proj, ff.net.2 of every transformer (the C
+side's --targets transformer), A and B from INPUTS' "lora16." tensors.
+All: one warm-up run, then best of REPS (3,
 SDLORA_BENCH_REPS) runs. Threads: torch.set_num_threads(OMP_NUM_THREADS or
 every core). One measurement per process, so ru_maxrss is its own peak;
 the peak of the steps alone is measured after resetting the kernel's
@@ -59,13 +65,22 @@ def reset_peak_rss():
         return False
 
 
-def lora_sites(unet):
-    """(diffusers module name, in, out) of every LoRA "attn" target, in
-    module order (the C side's unet_add_lora "attn" covers the same set)."""
+ATTN = r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$"
+# the transformer targets: attn's, and the projections and feed-forwards of
+# every transformer (proj_in/proj_out are 1x1 convolutions in SD1.5)
+TRANSFORMER = r"(\.attn[12]\.(to_q|to_k|to_v|to_out\.0)|\.attentions\.\d+\.(proj_in|proj_out)|\.ff\.net\.(0\.proj|2))$"
+
+
+def lora_sites(unet, pattern=ATTN):
+    """(diffusers module name, in, out) of every LoRA target, in module order
+    (the C side's unet_add_lora "attn" / "transformer" covers the same set)."""
     out = []
     for name, m in unet.named_modules():
-        if re.search(r"\.attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name):
-            out.append((name, m.in_features, m.out_features))
+        if re.search(pattern, name):
+            if isinstance(m, torch.nn.Conv2d):
+                out.append((name, m.in_channels, m.out_channels))
+            else:
+                out.append((name, m.in_features, m.out_features))
     return out
 
 
@@ -90,8 +105,14 @@ def prepare(folder, path, side=64):
     for name, i, o in sites:
         t[f"lora.{name}.A"] = (torch.rand(r, i, generator=g) * 2 - 1) / math.sqrt(i)
         t[f"lora.{name}.B"] = torch.randn(o, r, generator=g) * 0.02
+    # train-tf: rank 16 on the transformer targets, drawn the same way
+    sites16 = lora_sites(unet, TRANSFORMER)
+    for name, i, o in sites16:
+        t[f"lora16.{name}.A"] = (torch.rand(16, i, generator=g) * 2 - 1) / math.sqrt(i)
+        t[f"lora16.{name}.B"] = torch.randn(o, 16, generator=g) * 0.02
     save_file(t, path)
-    print(f"{path}: x {tuple(t['x'].shape)}, t 500, ctx {tuple(t['ctx'].shape)}, {len(sites)} adapters")
+    print(f"{path}: x {tuple(t['x'].shape)}, t 500, ctx {tuple(t['ctx'].shape)}, {len(sites)} adapters "
+          f"(attn r4), {len(sites16)} (transformer r16)")
 
 
 def load(folder):
@@ -104,7 +125,7 @@ def load(folder):
     return unet, vae, te
 
 
-def step(folder, inputs, out, train, bf16=False):
+def step(folder, inputs, out, train, bf16=False, tf=False):
     from safetensors.torch import load_file, save_file
     torch.set_num_threads(threads())
     reps = int(os.environ.get("SDLORA_BENCH_REPS", "3"))
@@ -114,25 +135,29 @@ def step(folder, inputs, out, train, bf16=False):
     print(f"loaded {folder} in {load_s:.1f} s, RSS {rss_mb():.0f} MB, {torch.get_num_threads()} threads")
     inp = load_file(inputs)
     x, t, ctx = inp["x"], inp["t"], inp["ctx"]
-    mode = "train" if train else "infer"
+    mode = ("train-tf" if tf else "train") if train else "infer"
     import contextlib
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     if train:
         from peft import LoraConfig
         unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=4, lora_alpha=4, lora_dropout=0.0, init_lora_weights=True,
-                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        # peft matches a string target as a whole-name regex: ".*" + the pattern less its "$"
+        r, pattern, prefix = (16, TRANSFORMER, "lora16") if tf else (4, ATTN, "lora")
+        unet.add_adapter(LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, init_lora_weights=True,
+                                    target_modules=".*" + pattern[:-1] if tf else ["to_q", "to_k", "to_v", "to_out.0"]))
         n = 0
         with torch.no_grad():
             for name, m in unet.named_modules():
                 if hasattr(m, "lora_A") and len(m.lora_A):
                     k = next(iter(m.lora_A.keys()))
-                    m.lora_A[k].weight.copy_(inp[f"lora.{name}.A"])
-                    m.lora_B[k].weight.copy_(inp[f"lora.{name}.B"])
+                    wa, wb = m.lora_A[k].weight, m.lora_B[k].weight   # (r, in[, 1, 1]), (out, r[, 1, 1])
+                    wa.copy_(inp[f"{prefix}.{name}.A"].reshape(wa.shape))
+                    wb.copy_(inp[f"{prefix}.{name}.B"].reshape(wb.shape))
                     n += 1
-        assert n == len(lora_sites(unet)), (n, len(lora_sites(unet)))
+        sites = lora_sites(unet, pattern)
+        assert n == len(sites), (n, len(sites))
         trainable = sum(p.numel() for p in unet.parameters() if p.requires_grad)
-        print(f"peft LoRA attn rank 4: {n} adapters, {trainable} trainable parameters")
+        print(f"peft LoRA {'transformer' if tf else 'attn'} rank {r}: {n} adapters, {trainable} trainable parameters")
         unet.train()
     else:
         unet.eval()
@@ -166,8 +191,9 @@ def step(folder, inputs, out, train, bf16=False):
         for name, m in unet.named_modules():
             if hasattr(m, "lora_A") and len(m.lora_A):
                 k = next(iter(m.lora_A.keys()))
-                res[f"grad.{name}.A"] = m.lora_A[k].weight.grad.float().contiguous()
-                res[f"grad.{name}.B"] = m.lora_B[k].weight.grad.float().contiguous()
+                ga, gb = m.lora_A[k].weight.grad, m.lora_B[k].weight.grad   # as 2-D (r x in, out x r), as the C side
+                res[f"grad.{name}.A"] = ga.float().reshape(ga.shape[0], -1).contiguous()
+                res[f"grad.{name}.B"] = gb.float().reshape(gb.shape[0], -1).contiguous()
     save_file(res, out)
     step_peak = peak_rss_mb() if step_known else -1
     peak = max(step_peak, load_peak)
@@ -182,7 +208,7 @@ def relerr(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-def compare(c_path, py_path, tol=1e-3):
+def compare(c_path, py_path, label=None, tol=1e-3):
     """max|a - b| / max|b| per tensor (b = PyTorch); eps and, for a training
     step, the worst over all LoRA gradients."""
     from safetensors.torch import load_file
@@ -198,7 +224,7 @@ def compare(c_path, py_path, tol=1e-3):
         if r > worst:
             worst, wk = r, k
     ok = e <= tol and worst <= tol
-    what = "train" if grads else "infer"
+    what = label or ("train" if grads else "infer")
     line = f"result parity {what} eps_rel={e:.3e}"
     if grads:
         line += f" grad_rel={worst:.3e} grad_worst={wk} ngrads={len(grads)}"
@@ -206,7 +232,7 @@ def compare(c_path, py_path, tol=1e-3):
     return 0 if ok else 1
 
 
-def l2(f32_path, bf16_path):
+def l2(f32_path, bf16_path, label=None):
     """||bf16 - fp32|| / ||fp32|| of eps and of all LoRA gradients together:
     what a bf16 step changes against the fp32 step of the same program."""
     from safetensors.torch import load_file
@@ -216,7 +242,7 @@ def l2(f32_path, bf16_path):
         n = sum((a[k].double() ** 2).sum().item() for k in keys)
         return math.sqrt(d / n) if n > 0 else math.sqrt(d)
     grads = [k for k in a if k.startswith("grad.")]
-    mode = "train" if grads else "infer"
+    mode = label or ("train" if grads else "infer")
     line = f"result l2 {mode} eps_rel_l2={rel(['eps']):.3e}"
     if grads:
         line += f" grad_rel_l2={rel(grads):.3e}"
@@ -267,6 +293,9 @@ def report(logs):
     if tmode == "train-ckpt":
         r[("pytorch", "train-ckpt")] = r.get(("pytorch", "train"))
     row("UNet step 64x64 (LoRA attn r4 training)" + (" [sdlora with gradient checkpointing]" if tmode != "train" else ""), tmode)
+    if ("sdlora", "train-tf") in r or ("pytorch", "train-tf") in r:
+        row("UNet step 64x64 (LoRA transformer r16) ", "train-tf")
+    pykey = {"infer": "infer", tmode: "train", "train-tf": "train-tf"}   # PyTorch's label for each sdlora mode
     for mode in ("infer", tmode):
         c, h = r.get(("sdlora", mode)), r.get(("sdlora-fp16", mode))
         if c and h:
@@ -275,9 +304,9 @@ def report(logs):
                   f"peak RSS {h['peak_rss_mb']} vs {c['peak_rss_mb']} MB (loading {h.get('load_peak_rss_mb', '?')} vs "
                   f"{c.get('load_peak_rss_mb', '?')} MB, steps {h['step_peak_rss_mb']} vs {c['step_peak_rss_mb']} MB)"
                   + (f"; max|fp16-held - fp32-held| {float(d['max_abs']):.1e} (eps {float(d['eps_max_abs']):.1e})" if d else ""))
-    for mode in ("infer", tmode):
+    for mode in ("infer", tmode, "train-tf"):
         c, h = r.get(("sdlora", mode)), r.get(("sdlora-bf16", mode))
-        pb, pf = r.get(("pytorch-bf16", "infer" if mode == "infer" else "train")), r.get(("pytorch", "infer" if mode == "infer" else "train"))
+        pb, pf = r.get(("pytorch-bf16", pykey[mode])), r.get(("pytorch", pykey[mode]))
         if not h:
             continue
         tb, t32 = float(h["time_s"]), float(h["f32_time_s"])
@@ -298,7 +327,7 @@ def report(logs):
             print(f"    PyTorch bf16 autocast {float(pb['time_s']):.2f} s"
                   + (f" (its fp32 {float(pf['time_s']):.2f} s)" if pf else "")
                   + f": sdlora bf16 / PyTorch bf16 = {tb / float(pb['time_s']):.2f}x; peak RSS {h['peak_rss_mb']} vs {pb['peak_rss_mb']} MB")
-        pl = r.get(("l2", "infer" if mode == "infer" else "train"))
+        pl = r.get(("l2", pykey[mode]))
         err = f"    error of the bf16 step against fp32 (relative L2): sdlora eps {float(h['eps_rel_l2']):.2e}"
         if mode != "infer":
             err += f", LoRA gradients {float(h['grad_rel_l2']):.2e} (worst single {float(h['grad_worst_rel_l2']):.2e})"
@@ -307,7 +336,7 @@ def report(logs):
             if "grad_rel_l2" in pl:
                 err += f", gradients {float(pl['grad_rel_l2']):.2e}"
         print(err)
-    for mode in ("infer", "train"):
+    for mode in ("infer", "train", "train-tf"):
         p = r.get(("parity", mode))
         if p:
             g = f", LoRA gradients {float(p['grad_rel']):.2e} (worst {p['grad_worst']})" if "grad_rel" in p else ""
@@ -320,12 +349,12 @@ def main():
     a = sys.argv[2:]
     if cmd == "prepare" and len(a) in (2, 3):
         prepare(a[0], a[1], int(a[2]) if len(a) == 3 else 64)
-    elif cmd in ("infer", "train") and (len(a) == 3 or (len(a) == 4 and a[3] == "bf16")):
-        step(a[0], a[1], a[2], cmd == "train", len(a) == 4)
-    elif cmd == "l2" and len(a) == 2:
-        return l2(a[0], a[1])
-    elif cmd == "compare" and len(a) == 2:
-        return compare(a[0], a[1])
+    elif cmd in ("infer", "train", "train-tf") and (len(a) == 3 or (len(a) == 4 and a[3] == "bf16")):
+        step(a[0], a[1], a[2], cmd != "infer", len(a) == 4, cmd == "train-tf")
+    elif cmd == "l2" and len(a) in (2, 3):
+        return l2(*a)
+    elif cmd == "compare" and len(a) in (2, 3):
+        return compare(*a)
     elif cmd == "same" and len(a) == 2:
         return same(a[0], a[1])
     elif cmd == "report" and a:

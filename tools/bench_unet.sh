@@ -13,6 +13,8 @@
 #                      diffusers folder if the single-file loader refuses it)
 #   SDLORA_BENCH_REPS  timed runs after the warm-up (default 3; best is kept)
 #   SDLORA_BENCH_TRAIN train (default) or train-ckpt (gradient checkpointing)
+#   SDLORA_BENCH_TF    1 (default): also the LoRA training step with targets
+#                      "transformer" at rank 16 (train-tf), both sides
 #   SDLORA_BENCH_FP16  1 (default): also both steps with the UNet's weights
 #                      held as fp16 (--weight-dtype fp16), beside the fp32 ones
 #   SDLORA_BENCH_BF16  1 (default): also both steps with --compute bf16 (sdlora
@@ -98,7 +100,7 @@ run_pybf16() {  # mode: PyTorch under CPU bf16 autocast, and its error against i
     "$PY" tools/bench_unet.py "$1" "$DIR/diffusers" "$IN" "$LOG/pybf16_$1.safetensors" bf16 >"$LOG/pybf16_$1.log" 2>&1
     rc=$?
     grep -v -e 'it/s\]' -e '^$' "$LOG/pybf16_$1.log"
-    [ -f "$LOG/py_$1.safetensors" ] && "$PY" tools/bench_unet.py l2 "$LOG/py_$1.safetensors" "$LOG/pybf16_$1.safetensors" >"$LOG/l2_$1.log" 2>&1
+    [ -f "$LOG/py_$1.safetensors" ] && "$PY" tools/bench_unet.py l2 "$LOG/py_$1.safetensors" "$LOG/pybf16_$1.safetensors" "$1" >"$LOG/l2_$1.log" 2>&1
     return $rc
 }
 
@@ -108,6 +110,11 @@ run_py infer
 run_c "$TRAIN"
 run_py train
 "$PY" tools/bench_unet.py compare "$LOG/c_$TRAIN.safetensors" "$LOG/py_train.safetensors" >"$LOG/parity_train.log" 2>&1
+if [ "${SDLORA_BENCH_TF:-1}" = 1 ]; then
+    run_c train-tf
+    run_py train-tf
+    "$PY" tools/bench_unet.py compare "$LOG/c_train-tf.safetensors" "$LOG/py_train-tf.safetensors" train-tf >"$LOG/parity_train-tf.log" 2>&1
+fi
 if [ "${SDLORA_BENCH_FP16:-1}" = 1 ]; then
     run_c16 infer
     run_c16 "$TRAIN"
@@ -117,6 +124,10 @@ if [ "${SDLORA_BENCH_BF16:-1}" = 1 ]; then
     run_pybf16 infer
     run_cbf16 "$TRAIN"
     run_pybf16 train
+    if [ "${SDLORA_BENCH_TF:-1}" = 1 ]; then
+        run_cbf16 train-tf
+        run_pybf16 train-tf
+    fi
 fi
 load1=$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)
 
