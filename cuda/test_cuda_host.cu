@@ -819,6 +819,49 @@ static void dev_lora_optim_ddpm(void) {
     dev_done("lora, adamw, ddpm");
 }
 
+// a micro-batch's draws on the GPU against ddpm.c's loops: integers and
+// the noising exactly; the normals within FWD (CUDA's double log and cos
+// may round the float differently from glibc in the last bit)
+static void dev_ddpm_draws(void) {
+    ddpm_schedule sc;
+    char err[DDPM_ERR_LEN];
+    if (ddpm_schedule_init(&sc, "scaled_linear", DDPM_SD_T, DDPM_SD_BETA_START, DDPM_SD_BETA_END, err) != 0) return;
+    int B = 3, C = 4;
+    size_t HW = 64 * 64, per = (size_t)C * HW, n = per * B;
+    uint64_t s0 = 0x5D1A0C0FFEEull;
+    rng_t r = {s0};
+    std::vector<int> tr(B), th(B);
+    vec er(n), x0 = randv(n, -1.0f, 1.0f, 601), xr(n), vr(n), wr(B);
+    ddpm_sample_timesteps(tr.data(), B, sc.T, &r);
+    ddpm_sample_noise(er.data(), n, &r);
+    int *pt = (int *)cuda_alloc(sizeof(int) * B);
+    g_dev.push_back(pt);
+    float *ptf = dzeros(B), *pe = dzeros(n), *px0 = up(x0), *pxt = dzeros(n), *pv = dzeros(n), *pw = dzeros(B);
+    float *psa = up(vec(sc.sqrt_abar, sc.sqrt_abar + sc.T)), *ps1 = up(vec(sc.sqrt_1m_abar, sc.sqrt_1m_abar + sc.T));
+    ddpm_timesteps_cuda(pt, ptf, B, sc.T, s0);
+    ddpm_normal_cuda(pe, n, ddpm_rng_skip(s0, B));
+    if (pt) cuda_download(th.data(), pt, sizeof(int) * B);
+    expect_true("device timesteps == ddpm_sample_timesteps (exact)", th == tr);
+    vec eh = down(pe, n);
+    expect_close("device normals vs ddpm_sample_noise", eh, er, FWD);
+    // the rest from the device's own eps: no fused multiply-add, so exactly
+    ddpm_noise_offset(er.data(), B, C, HW, 0.1f, &r);
+    ddpm_noise_offset_cuda(pe, B, C, HW, 0.1f, ddpm_rng_skip(s0, B + 2 * n));
+    expect_close("device noise offset vs ddpm_noise_offset", down(pe, n), er, FWD);
+    eh = down(pe, n);
+    ddpm_add_noise(xr.data(), x0.data(), eh.data(), tr.data(), B, per, &sc);
+    ddpm_velocity(vr.data(), x0.data(), eh.data(), tr.data(), B, per, &sc);
+    ddpm_min_snr_weights(wr.data(), tr.data(), B, 5.0f, DDPM_V_PREDICTION, &sc);
+    ddpm_add_noise_cuda(pxt, px0, pe, pt, B, per, psa, ps1);
+    ddpm_target_cuda(pv, px0, pe, pt, B, per, DDPM_V_PREDICTION, psa, ps1);
+    ddpm_loss_weights_cuda(pw, pt, B, 5.0f, DDPM_V_PREDICTION, psa, ps1);
+    expect("device draws: x_t, v target, min-SNR weights from its eps (exact)",
+           fmax(fmax(rel_err(down(pxt, n).data(), xr.data(), n), rel_err(down(pv, n).data(), vr.data(), n)),
+                rel_err(down(pw, B).data(), wr.data(), B)), 0.0);
+    ddpm_free(&sc);
+    dev_done("ddpm draws");
+}
+
 /* ---------------------------------------------------------------------------
  * The whole UNet on a host-emulated device. nn_ops_emu is nn_ops_cuda()
  * (cuda/ops.cu) with host memory standing in for device memory: the same
@@ -1584,6 +1627,7 @@ int main(void) {
         dev_nn();
         dev_layers();
         dev_lora_optim_ddpm();
+        dev_ddpm_draws();
     } else {
         printf("note: no GPU: the device checks (the *_cuda functions against the CPU) are skipped\n");
     }
