@@ -121,6 +121,63 @@ void nn_pad_br(float *out, const float *in, int BC, int H, int W) {
     }
 }
 
+/* the training draws by index (ddpm.h's ddpm_rng_*_at): the numbers of the
+ * CPU loops of ddpm_sample_timesteps / _noise / ddpm_noise_offset */
+static void cpu_ddpm_timesteps(int *t, float *tf, int B, int T, uint64_t s0) {
+    for (int b = 0; b < B; b++) {
+        t[b] = (int)(ddpm_rng_u64_at(s0, (uint64_t)b + 1) % (uint64_t)T);
+        tf[b] = (float)t[b];
+    }
+}
+static void cpu_ddpm_normal(float *eps, size_t n, uint64_t s0) {
+    for (size_t i = 0; i < n; i++) eps[i] = ddpm_rng_normal_at(s0, i);
+}
+static void cpu_ddpm_noise_offset(float *eps, int B, int C, size_t HW, float offset, uint64_t s0) {
+    if (offset == 0.0f) return;
+    for (size_t bc = 0; bc < (size_t)B * C; bc++) {
+        float d = offset * ddpm_rng_normal_at(s0, bc);
+        for (size_t i = 0; i < HW; i++) eps[bc * HW + i] += d;
+    }
+}
+/* ddpm.c's functions read only these two tables of the schedule */
+static ddpm_schedule sched_of(const float *sqrt_abar, const float *sqrt_1m_abar) {
+    ddpm_schedule s;
+    memset(&s, 0, sizeof s);
+    s.sqrt_abar = (float *)sqrt_abar;
+    s.sqrt_1m_abar = (float *)sqrt_1m_abar;
+    return s;
+}
+static void cpu_ddpm_add_noise(float *xt, const float *x0, const float *eps, const int *t, int B, size_t n,
+                               const float *sa, const float *s1a) {
+    ddpm_schedule s = sched_of(sa, s1a);
+    ddpm_add_noise(xt, x0, eps, t, B, n, &s);
+}
+static void cpu_ddpm_target(float *target, const float *x0, const float *eps, const int *t, int B, size_t n,
+                            ddpm_prediction pred, const float *sa, const float *s1a) {
+    ddpm_schedule s = sched_of(sa, s1a);
+    ddpm_target(target, x0, eps, t, B, n, pred, &s);
+}
+static void cpu_ddpm_loss_weights(float *w, const int *t, int B, float gamma, ddpm_prediction pred,
+                                  const float *sa, const float *s1a) {
+    ddpm_schedule s = sched_of(sa, s1a);
+    if (gamma > 0) ddpm_min_snr_weights(w, t, B, gamma, pred, &s);
+    else for (int b = 0; b < B; b++) w[b] = 1.0f;
+}
+
+void nn_ddpm_micro(const nn_ops *ops, const nn_ddpm_cfg *c, rng_t *rng, const float *x0, int B, int C, size_t HW,
+                   int *t, float *tf, float *eps, float *xt, float *target, float *w) {
+    size_t per = (size_t)C * HW, n = per * B;
+    /* micro_noise's order: B timesteps, B C HW normals, then B C offsets */
+    uint64_t s_t = rng->state, s_eps = ddpm_rng_skip(s_t, (uint64_t)B), s_off = ddpm_rng_skip(s_eps, 2 * (uint64_t)n);
+    ops->ddpm_timesteps(t, tf, B, c->T, s_t);
+    ops->ddpm_normal(eps, n, s_eps);
+    ops->ddpm_noise_offset(eps, B, C, HW, c->noise_offset, s_off);
+    rng->state = c->noise_offset != 0.0f ? ddpm_rng_skip(s_off, 2 * (uint64_t)B * C) : s_off;
+    ops->ddpm_add_noise(xt, x0, eps, t, B, per, c->sqrt_abar, c->sqrt_1m_abar);
+    ops->ddpm_target(target, x0, eps, t, B, per, c->pred, c->sqrt_abar, c->sqrt_1m_abar);
+    if (w) ops->ddpm_loss_weights(w, t, B, c->min_snr, c->pred, c->sqrt_abar, c->sqrt_1m_abar);
+}
+
 const nn_ops nn_ops_cpu = {
     .name = "cpu",
     .device = 0,
@@ -172,4 +229,10 @@ const nn_ops nn_ops_cpu = {
     .embedding_forward = nn_embedding_forward,
     .lora_conv_forward = lora_conv_forward,
     .lora_conv_backward = lora_conv_backward,
+    .ddpm_timesteps = cpu_ddpm_timesteps,
+    .ddpm_normal = cpu_ddpm_normal,
+    .ddpm_noise_offset = cpu_ddpm_noise_offset,
+    .ddpm_add_noise = cpu_ddpm_add_noise,
+    .ddpm_target = cpu_ddpm_target,
+    .ddpm_loss_weights = cpu_ddpm_loss_weights,
 };

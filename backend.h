@@ -19,6 +19,7 @@
 #include "nn.h"
 #include "lora.h"
 #include "optim.h"
+#include "ddpm.h"
 
 typedef struct nn_ops {
     const char *name;      /* "cpu", "cuda", "host-emulated device" */
@@ -29,6 +30,9 @@ typedef struct nn_ops {
     void (*free)(void *p);
     int (*upload)(void *dst, const void *src, size_t bytes);        /* host -> table memory; 1 = ok */
     int (*download)(void *dst, const void *src, size_t bytes);      /* table memory -> host; 1 = ok */
+    /* (the host side of upload and download may be table memory too: a copy
+     * within it. train.c hands unet_forward x_t, t and the context it made on
+     * the device, and clip_forward a context to leave there.) */
     /* the first error since the last call, one line, or NULL (clears it) */
     const char *(*error)(void);
     /* the layer errors name from now on (a static string), or NULL */
@@ -130,6 +134,29 @@ typedef struct nn_ops {
     void (*lora_conv_backward)(float *dinp, const float *dout, const float *inp, const float *ax,
                                const uint8_t *mask, float *scratch, lora_t *L,
                                int Bn, int H, int W, int stride, int pad);
+    /* A training micro-batch's random draws and the loss's inputs (ddpm.h),
+     * so that with --device cuda only the latents go up. The RNG stays on the
+     * host: s0 is its state before the draws, element i is the draw a CPU
+     * loop would make there (ddpm_rng_*_at), and the caller moves the state
+     * on by the count (nn_ddpm_micro does both). sqrt_abar, sqrt_1m_abar: the
+     * schedule's T floats, uploaded once; t (B ints) and everything else in
+     * table memory. Equal to the CPU's bit for bit on the host; on a GPU the
+     * double log/cos of the normals may differ from glibc's in the last bit. */
+    /* t[b] = draw b+1 mod T (ddpm_sample_timesteps); tf[b] = (float)t[b] */
+    void (*ddpm_timesteps)(int *t, float *tf, int B, int T, uint64_t s0);
+    /* eps[i] = normal number i after s0 (ddpm_sample_noise) */
+    void (*ddpm_normal)(float *eps, size_t n, uint64_t s0);
+    /* eps[b,c,:] += offset * normal number b C + c after s0 (ddpm_noise_offset) */
+    void (*ddpm_noise_offset)(float *eps, int B, int C, size_t HW, float offset, uint64_t s0);
+    /* ddpm_add_noise: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps */
+    void (*ddpm_add_noise)(float *xt, const float *x0, const float *eps, const int *t, int B, size_t n_per_item,
+                           const float *sqrt_abar, const float *sqrt_1m_abar);
+    /* ddpm_target: eps, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 */
+    void (*ddpm_target)(float *target, const float *x0, const float *eps, const int *t, int B, size_t n_per_item,
+                        ddpm_prediction pred, const float *sqrt_abar, const float *sqrt_1m_abar);
+    /* w[b] = ddpm_min_snr_weight(t[b]) when gamma > 0, else 1 */
+    void (*ddpm_loss_weights)(float *w, const int *t, int B, float gamma, ddpm_prediction pred,
+                              const float *sqrt_abar, const float *sqrt_1m_abar);
 } nn_ops;
 
 #define NN_SUMSQ_CHUNK 1024
@@ -151,6 +178,20 @@ float nn_clip_grad_norm2(const nn_ops *ops, float *g1, size_t n1, float *g2, siz
 /* embedding_forward on the CPU (clip.c's gather, any table pair) */
 void nn_embedding_forward(float *out, const int *ids, const float *tok, const uint16_t *tok16,
                           const float *pos, const uint16_t *pos16, int B, int T, int C);
+/* train.c's micro_noise on a table's memory: t ~ U{0..T-1}, eps ~ N(0, I)
+ * (+ the noise offset), x_t, the target and (w non-NULL) the min-SNR weights
+ * of a micro-batch of B items (C, HW) from x0, with the draws of *rng's
+ * stream that the CPU loops make, in their order; *rng moves on by their
+ * count. Every array in ops' memory: t, tf, w (B), eps, xt, target (B C HW).
+ * The host needs none of the integers: the timesteps stay on the table. */
+typedef struct {
+    int T;                                   /* the schedule's length */
+    const float *sqrt_abar, *sqrt_1m_abar;   /* its tables (T each), in ops' memory */
+    ddpm_prediction pred;
+    float noise_offset, min_snr;             /* 0: none */
+} nn_ddpm_cfg;
+void nn_ddpm_micro(const nn_ops *ops, const nn_ddpm_cfg *c, rng_t *rng, const float *x0, int B, int C, size_t HW,
+                   int *t, float *tf, float *eps, float *xt, float *target, float *w);
 
 /* the CPU: nn.h's and lora.h's functions */
 extern const nn_ops nn_ops_cpu;

@@ -196,6 +196,23 @@ void ddpm_sample_noise(float *eps, size_t n, rng_t *rng) {
     for (size_t i = 0; i < n; i++) eps[i] = rng_normal(rng);
 }
 
+/* nn.c's SPLITMIX_GAMMA, the step of the state per u64 draw (test_ddpm
+ * checks that ddpm_rng_skip agrees with rng_u64) */
+#define DDPM_RNG_GAMMA 0x9E3779B97F4A7C15ULL
+
+uint64_t ddpm_rng_skip(uint64_t s0, uint64_t k) { return s0 + k * DDPM_RNG_GAMMA; }
+
+uint64_t ddpm_rng_u64_at(uint64_t s0, uint64_t k) {
+    rng_t r = { ddpm_rng_skip(s0, k - 1) };
+    return rng_u64(&r);
+}
+
+float ddpm_rng_normal_at(uint64_t s0, uint64_t i) {
+    /* rng_normal itself, started where the loop's i-th call starts */
+    rng_t r = { ddpm_rng_skip(s0, 2 * i) };
+    return rng_normal(&r);
+}
+
 /* ------------------------------------------------------------------------ */
 /* loss */
 

@@ -90,6 +90,21 @@ void ddpm_sample_timesteps(int *t, int B, int T, rng_t *rng);
 /* eps ~ N(0, I), n floats */
 void ddpm_sample_noise(float *eps, size_t n, rng_t *rng);
 
+/* The same draws addressed by index (nn.c's stream is splitmix64: the state
+ * moves by a fixed constant per u64 draw and each draw is a hash of the
+ * state, so draw k after state s0 can be computed directly). A device fills
+ * eps, t or the offsets in parallel with exactly the numbers the loops above
+ * draw, and the host only moves its state on by the count of draws.
+ *   ddpm_rng_u64_at(s0, k)     the k-th rng_u64 after state s0 (k >= 1)
+ *   ddpm_rng_normal_at(s0, i)  the (i+1)-th rng_normal after s0 (i >= 0):
+ *                              u64 draws 2i+1 and 2i+2
+ *   ddpm_rng_skip(s0, k)       the state after k u64 draws
+ * Draw counts: ddpm_sample_timesteps B, ddpm_sample_noise 2n,
+ * ddpm_noise_offset 2BC (0 when offset is 0). */
+uint64_t ddpm_rng_u64_at(uint64_t s0, uint64_t k);
+float ddpm_rng_normal_at(uint64_t s0, uint64_t i);
+uint64_t ddpm_rng_skip(uint64_t s0, uint64_t k);
+
 /* Weighted MSE over B items of n floats (weight NULL = all 1):
  *   L = (1/B) sum_b w_b * (1/n) sum_i (pred_bi - target_bi)^2
  * i.e. diffusers' mse_loss(reduction="none").mean(over item) * w, then mean. */

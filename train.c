@@ -818,6 +818,12 @@ typedef struct {
      * (st.opt_te's on the host), and dL/dctx there between UNet and CLIP */
     adamw_t dopt_te;
     float *ddctx;
+    /* --device cuda: the micro-batch on the device (alloc_device_buffers):
+     * its latents (the one upload a step makes), the draws and x_t made there
+     * (nn_ddpm_micro), its contexts gathered there from the cache's device
+     * copy; the schedule's sqrt tables (2T) */
+    float *dx0, *deps, *dxt, *dtf, *dctx, *dctx_cache, *dctx_empty, *dsched;
+    int *dtt;
 } trainer;
 
 /* --reg DIR: the regularisation images, balanced as kohya balances them
@@ -1058,8 +1064,10 @@ static int device_fail(trainer *t, const char *what, char *err) {
  * (unet_to_device), and the VAE encode and text encoder forward that build
  * the caches (vae_to_device, clip_to_device); with --te the text encoder's
  * forward and backward, its LoRA's gradients and AdamW too (the token ids go
- * up, ctx and dctx stay there); the noise and timestep draws stay on the
- * CPU. A step brings down the loss (and with --clip the sums of squares, one
+ * up, ctx and dctx stay there); the noise and timestep draws, x_t and the
+ * loss's target and weights are made there too (alloc_device_buffers,
+ * micro_noise), so a step sends up its latents (and --te's token ids) and
+ * brings down the loss (and with --clip the sums of squares, one
  * double per set); A, B and the moments come down only to be saved or
  * sampled with (device_to_host). */
 static int to_device(trainer *t, char *err) {
@@ -1094,21 +1102,44 @@ static int to_device(trainer *t, char *err) {
             return device_fail(t, "text encoder AdamW state", err);
     }
     fprintf(stderr, "device: cuda: the UNet's forward and backward, the loss, --clip and the LoRA's AdamW, the VAE encode, "
-                    "the text encoder%s (noise draws on the CPU)\n", t->a->te ? "'s forward, backward and AdamW (--te)" : "");
+                    "the text encoder%s\n", t->a->te ? "'s forward, backward and AdamW (--te)" : "");
 #endif
     return 0;
 }
 
-/* --device cuda: the loss's target and min-SNR weights on the device */
+/* --device cuda: the micro-batch on the device: latents, timesteps, noise,
+ * x_t, the loss's target and weights, the contexts; the schedule's tables
+ * and (without --te) the context cache go up here, once */
 static int alloc_device_buffers(trainer *t, char *err) {
-    size_t lat = sizeof(float) * (size_t)t->td.lc * t->td.lh * t->td.lw * t->a->batch;
-    t->dtarget = t->dev->alloc(lat);
-    t->dwt = t->dev->alloc(sizeof(float) * t->a->batch);
-    if (t->a->te) t->ddctx = t->dev->alloc(sizeof(float) * (size_t)t->a->batch * TOK_CTX * t->m.clip.config.hidden_size);
-    if (!t->dtarget || !t->dwt || (t->a->te && !t->ddctx)) {
-        if (!device_failed(t, "loss buffers", err)) snprintf(err, SD_ERR_LEN, "--device %s: out of device memory for the loss buffers", t->dev->name);
+    const nn_ops *ops = t->dev;
+    const train_data *td = &t->td;
+    int B = t->a->batch, T = t->m.sched.T;
+    size_t lat = sizeof(float) * (size_t)td->lc * td->lh * td->lw * B, nctx = (size_t)TOK_CTX * td->d;
+    int cache = !t->a->te && td->ctx;
+    t->dtarget = ops->alloc(lat); t->dwt = ops->alloc(sizeof(float) * B);
+    t->dx0 = ops->alloc(lat); t->deps = ops->alloc(lat); t->dxt = ops->alloc(lat);
+    t->dtf = ops->alloc(sizeof(float) * B); t->dtt = ops->alloc(sizeof(int) * B);
+    t->dctx = ops->alloc(sizeof(float) * nctx * B);
+    t->dsched = ops->alloc(sizeof(float) * 2 * T);
+    if (t->a->te) t->ddctx = ops->alloc(sizeof(float) * nctx * B);
+    if (cache) t->dctx_cache = ops->alloc(sizeof(float) * nctx * td->n);
+    if (cache && td->ctx_empty) t->dctx_empty = ops->alloc(sizeof(float) * nctx);
+    if (!t->dtarget || !t->dwt || !t->dx0 || !t->deps || !t->dxt || !t->dtf || !t->dtt || !t->dctx || !t->dsched ||
+        (cache && !t->dctx_cache) || (t->a->te && !t->ddctx) || (cache && td->ctx_empty && !t->dctx_empty)) {
+        if (!device_failed(t, "training buffers", err))
+            snprintf(err, SD_ERR_LEN, "--device %s: out of device memory for the training buffers and the context cache "
+                     "(%.1f MiB; use a smaller --batch or fewer images)", ops->name,
+                     (double)(4 * lat + sizeof(float) * nctx * ((size_t)B + (cache ? td->n + 1 : 0))) / 1048576.0);
         return -1;
     }
+    if (!ops->upload(t->dsched, t->m.sched.sqrt_abar, sizeof(float) * T) ||
+        !ops->upload(t->dsched + T, t->m.sched.sqrt_1m_abar, sizeof(float) * T) ||
+        (cache && !ops->upload(t->dctx_cache, td->ctx, sizeof(float) * nctx * td->n)) ||
+        (t->dctx_empty && !ops->upload(t->dctx_empty, td->ctx_empty, sizeof(float) * nctx)))
+        return device_fail(t, "training buffers", err);
+    fprintf(stderr, "device: %s: the timestep and noise draws, x_t and the loss's target and weights too; "
+                    "a step sends up its latents%s\n", ops->name,
+            t->a->te ? " and token ids (the text encoder trains there)" : cache ? " (the context cache is there)" : "");
     return 0;
 }
 
@@ -1132,6 +1163,8 @@ static int device_to_host(trainer *t, char *err) {
 static void device_free(trainer *t) {
     if (!t->dev) return;
     t->dev->free(t->dtarget); t->dev->free(t->dwt);
+    t->dev->free(t->dx0); t->dev->free(t->deps); t->dev->free(t->dxt); t->dev->free(t->dtf); t->dev->free(t->dtt);
+    t->dev->free(t->dctx); t->dev->free(t->dctx_cache); t->dev->free(t->dctx_empty); t->dev->free(t->dsched);
     t->dev->free(t->dopt.m); t->dev->free(t->dopt.v);
     t->dev->free(t->dopt_te.m); t->dev->free(t->dopt_te.v); t->dev->free(t->ddctx);
 }
@@ -1282,6 +1315,24 @@ static void install_stop_hooks(trainer *t) {
     t->nan_at = nan_env ? atol(nan_env) : 0;
 }
 
+/* one context row of the batch: on the device from the cache's copy there
+ * (--device cuda), else from the host's cache */
+static void ctx_put(trainer *t, float *dst, const float *host, const float *dev) {
+    size_t nctx = (size_t)TOK_CTX * t->td.d;
+    if (t->dev) t->dev->copy(dst, dev, nctx);
+    else memcpy(dst, host, sizeof(float) * nctx);
+}
+
+/* --device cuda: the batch's latents up, the one upload of a step (its
+ * contexts are already on the device, or go up in unet_forward with --te) */
+static int batch_up(trainer *t, char *err) {
+    const micro_batch *mb = &t->mb;
+    size_t n = (size_t)t->td.lc * mb->h * mb->w * mb->n;
+    if (!t->dev) return 0;
+    t->dev->set_layer("batch");
+    return t->dev->upload(t->dx0, mb->x0, sizeof(float) * n) ? 0 : device_fail(t, "the batch's latents", err);
+}
+
 /* --shuffle-caption / --caption-dropout: the caption sample number pos sees
  * (caption.c), as token ids and (without --te) its context. The caches serve
  * what they hold: a caption that came out unchanged, and the empty one; any
@@ -1297,8 +1348,10 @@ static int sample_caption(trainer *t, int i, long pos, int *ids, float *ctx, cha
     else tok_encode_sd(t->m.tok, cap, ids);
     int rc = 0;
     if (!a->te) {
-        if (same) memcpy(ctx, td->ctx + (size_t)i * nctx, sizeof(float) * nctx);
-        else if (!cap[0] && td->ctx_empty) memcpy(ctx, td->ctx_empty, sizeof(float) * nctx);
+        /* --device cuda: ctx is on the device; a new caption's context is
+         * left there by the text encoder (its download is a device copy) */
+        if (same) ctx_put(t, ctx, td->ctx + (size_t)i * nctx, t->dctx_cache + (size_t)i * nctx);
+        else if (!cap[0] && td->ctx_empty) ctx_put(t, ctx, td->ctx_empty, t->dctx_empty);
         else if (clip_forward(&t->m.clip, ctx, ids, 1, TOK_CTX, a->clip_skip)) {
             snprintf(err, SD_ERR_LEN, "text encoder: %s", t->m.clip.err);
             rc = -1;
@@ -1320,6 +1373,7 @@ static int next_batch(trainer *t, int skip, char *err) {
     const train_data *td = &t->td;
     if (a->buckets) return next_batch_buckets(t, skip, err);
     size_t per = (size_t)td->lc * td->lh * td->lw, nctx = (size_t)TOK_CTX * td->d;
+    float *ctx = t->dev && !a->te ? t->dctx : mb->ctx;   /* --device cuda: the contexts go to the device */
     mb->n = a->batch; mb->h = td->lh; mb->w = td->lw;
     for (int b = 0; b < a->batch; b++) {
         long pos = t->st.sample_pos++;
@@ -1338,13 +1392,13 @@ static int next_batch(trainer *t, int skip, char *err) {
             memcpy(mb->x0 + b * per, td->latents + ((size_t)i * td->variants + v) * per, sizeof(float) * per);
         }
         if (caption_opts_active(&a->cap)) {   /* draws nothing from st.rng: skipped when not ours */
-            if (!skip && sample_caption(t, i, pos, mb->ids + b * TOK_CTX, mb->ctx + b * nctx, err)) return -1;
+            if (!skip && sample_caption(t, i, pos, mb->ids + b * TOK_CTX, ctx + b * nctx, err)) return -1;
             continue;
         }
         memcpy(mb->ids + b * TOK_CTX, td->ids + (size_t)i * TOK_CTX, sizeof(int) * TOK_CTX);
-        if (!a->te) memcpy(mb->ctx + b * nctx, td->ctx + (size_t)i * nctx, sizeof(float) * nctx);
+        if (!a->te) ctx_put(t, ctx + b * nctx, td->ctx + (size_t)i * nctx, t->dctx_cache + (size_t)i * nctx);
     }
-    return 0;
+    return batch_up(t, err);
 }
 
 /* --buckets: the next batch of the epoch's bucket batches (sample_pos
@@ -1368,6 +1422,7 @@ static int next_batch_buckets(trainer *t, int skip, char *err) {
     bucket_latent(td, &t->m, items[0], &mb->h, &mb->w);
     const bucket_reso *r = &td->resos[td->bucket_of[items[0]]];
     size_t per = (size_t)td->lc * mb->h * mb->w, nctx = (size_t)TOK_CTX * td->d;
+    float *ctx = t->dev && !a->te ? t->dctx : mb->ctx;   /* --device cuda: the contexts go to the device */
     for (int b = 0; b < mb->n; b++) {
         int i = items[b];
         mb->items[b] = i;
@@ -1383,13 +1438,13 @@ static int next_batch_buckets(trainer *t, int skip, char *err) {
         }
         if (caption_opts_active(&a->cap)) {
             /* pos counts batches here: one caption draw per sample of it */
-            if (!skip && sample_caption(t, i, pos * a->batch + b, mb->ids + b * TOK_CTX, mb->ctx + b * nctx, err)) return -1;
+            if (!skip && sample_caption(t, i, pos * a->batch + b, mb->ids + b * TOK_CTX, ctx + b * nctx, err)) return -1;
             continue;
         }
         memcpy(mb->ids + b * TOK_CTX, td->ids + (size_t)i * TOK_CTX, sizeof(int) * TOK_CTX);
-        if (!a->te) memcpy(mb->ctx + b * nctx, td->ctx + (size_t)i * nctx, sizeof(float) * nctx);
+        if (!a->te) ctx_put(t, ctx + b * nctx, td->ctx + (size_t)i * nctx, t->dctx_cache + (size_t)i * nctx);
     }
-    return 0;
+    return batch_up(t, err);
 }
 
 /* one micro-batch's noise and timesteps (article 4.2):
@@ -1400,6 +1455,22 @@ static void micro_noise(trainer *t) {
     micro_batch *mb = &t->mb;
     int B = mb->n, C = t->td.lc, h = mb->h, w = mb->w;
     size_t per = (size_t)C * h * w;
+    if (t->dev) {
+        /* --device cuda: the same draws, made on the device from st.rng's
+         * state, which moves on by their count here (nn_ddpm_micro); the
+         * min-SNR weights there too, and --prior-loss-weight's factors
+         * applied there. The host needs none of the timesteps. */
+        nn_ddpm_cfg c = { m->sched.T, t->dsched, t->dsched + m->sched.T, m->prediction, a->noise_offset, a->min_snr };
+        float *wt = a->min_snr > 0 || t->ds.n_reg ? t->dwt : NULL;
+        nn_ddpm_micro(t->dev, &c, &t->st.rng, t->dx0, B, C, (size_t)h * w, t->dtt, t->dtf, t->deps, t->dxt, t->dtarget, wt);
+        if (t->ds.n_reg) {
+            for (int b = 0; b < B; b++) mb->wt[b] = 1.0f;
+            dataset_loss_weights(&t->ds, mb->items, B, a->prior_loss_weight, mb->wt);
+            for (int b = 0; b < B; b++)
+                if (mb->wt[b] != 1.0f) t->dev->scale(wt + b, mb->wt[b], 1);   /* w_b *= prior, as on the CPU */
+        }
+        return;
+    }
     ddpm_sample_timesteps(mb->tt, B, m->sched.T, &t->st.rng);
     ddpm_sample_noise(mb->eps, per * B, &t->st.rng);
     ddpm_noise_offset(mb->eps, B, C, (size_t)h * w, a->noise_offset, &t->st.rng);
@@ -1408,11 +1479,13 @@ static void micro_noise(trainer *t) {
     for (int b = 0; b < B; b++) mb->tf[b] = (float)mb->tt[b];
 }
 
-/* --device cuda: micro_step from the UNet on. xt, t, ctx and the target
- * go up; eps stays on the device, the loss and its gradient run there and
- * only the loss comes down. --te: ctx is the text encoder's output there
- * (read in place), dctx is left there for its backward. */
-static int device_loss_step(trainer *t, const float *wt, float *lpart, char *err) {
+/* --device cuda: micro_step from the UNet on. x_t, t, the target and the
+ * weights are on the device already (micro_noise), and so are the contexts:
+ * gathered from the cache's device copy (unet_forward's "upload" of them is
+ * a copy on the device), or with --te the text encoder's output there, read
+ * in place; eps stays there, the loss and its gradient run there and only
+ * the loss comes down; --te's dctx is left there for its backward. */
+static int device_loss_step(trainer *t, int weighted, float *lpart, char *err) {
     const train_args *a = t->a;
     sd_model *m = &t->m;
     micro_batch *mb = &t->mb;
@@ -1421,13 +1494,11 @@ static int device_loss_step(trainer *t, const float *wt, float *lpart, char *err
     size_t per = (size_t)t->td.lc * mb->h * mb->w;
     float *pred, *deps;
     m->unet.ctx_on_device = a->te;
-    const float *ctx = a->te ? clip_device_out(&m->clip) : mb->ctx;
-    if (unet_forward(&m->unet, NULL, mb->xt, mb->tf, ctx, B, mb->h, mb->w, TOK_CTX) ||
+    const float *ctx = a->te ? clip_device_out(&m->clip) : t->dctx;
+    if (unet_forward(&m->unet, NULL, t->dxt, t->dtf, ctx, B, mb->h, mb->w, TOK_CTX) ||
         unet_device_io(&m->unet, &pred, &deps)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m->unet.err); return -1; }
     ops->set_layer("loss");
-    if (!ops->upload(t->dtarget, mb->target, sizeof(float) * per * B) ||
-        (wt && !ops->upload(t->dwt, wt, sizeof(float) * B))) return device_fail(t, "loss", err);
-    const float *dw = wt ? t->dwt : NULL;
+    const float *dw = weighted ? t->dwt : NULL;
     float loss = ops->mse_loss_forward(pred, t->dtarget, dw, B, per);
     *lpart = loss / a->accum;
     ops->zero(deps, per * B);
@@ -1450,12 +1521,14 @@ static int micro_step(trainer *t, float *lpart, char *err) {
     size_t per = (size_t)C * h * w;
     /* per-sample weights: min-SNR, and --prior-loss-weight on regularisation images */
     float *wt = a->min_snr > 0 || t->ds.n_reg ? mb->wt : NULL;
-    if (a->min_snr > 0) ddpm_min_snr_weights(wt, mb->tt, B, a->min_snr, m->prediction, &m->sched);
-    else if (wt) for (int b = 0; b < B; b++) wt[b] = 1.0f;
-    if (t->ds.n_reg) dataset_loss_weights(&t->ds, mb->items, B, a->prior_loss_weight, wt);
+    if (wt && !t->dev) {   /* --device cuda: made on the device (micro_noise) */
+        if (a->min_snr > 0) ddpm_min_snr_weights(wt, mb->tt, B, a->min_snr, m->prediction, &m->sched);
+        else for (int b = 0; b < B; b++) wt[b] = 1.0f;
+        if (t->ds.n_reg) dataset_loss_weights(&t->ds, mb->items, B, a->prior_loss_weight, wt);
+    }
     /* (--device cuda: out NULL, ctx stays there for the UNet) */
     if (a->te && clip_forward(&m->clip, t->dev ? NULL : mb->ctx, mb->ids, B, TOK_CTX, a->clip_skip)) { snprintf(err, SD_ERR_LEN, "text encoder: %s", m->clip.err); return -1; }
-    if (t->dev) return device_loss_step(t, wt, lpart, err);
+    if (t->dev) return device_loss_step(t, wt != NULL, lpart, err);
     if (unet_forward(&m->unet, mb->pred, mb->xt, mb->tf, mb->ctx, B, h, w, TOK_CTX)) { snprintf(err, SD_ERR_LEN, "UNet: %s", m->unet.err); return -1; }
     /* loss = mean((eps_hat - eps)^2), optionally min-SNR and prior-loss weighted */
     float loss = mse_loss_forward(mb->pred, mb->target, wt, B, per);

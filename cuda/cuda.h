@@ -154,6 +154,15 @@ float mse_loss_forward_cuda(const float *pred, const float *target, const float 
                             int B, size_t n_per_item);
 void mse_loss_backward_cuda(float *dpred, const float *pred, const float *target,
                             const float *weight, float dloss, int B, size_t n_per_item);
+/* a micro-batch's draws and the loss's inputs (backend.h's ddpm_* entries):
+ * s0 the host's RNG state before the draws; t, tf, eps, w on the device */
+void ddpm_timesteps_cuda(int *t, float *tf, int B, int T, uint64_t s0);
+void ddpm_normal_cuda(float *eps, size_t n, uint64_t s0);
+void ddpm_noise_offset_cuda(float *eps, int B, int C, size_t HW, float offset, uint64_t s0);
+void ddpm_target_cuda(float *target, const float *x0, const float *eps, const int *t, int B, size_t n_per_item,
+                      ddpm_prediction pred, const float *sqrt_abar, const float *sqrt_1m_abar);
+void ddpm_loss_weights_cuda(float *w, const int *t, int B, float gamma, ddpm_prediction pred,
+                            const float *sqrt_abar, const float *sqrt_1m_abar);
 
 #else  /* a build without CUDA: only the check, which says so */
 

@@ -75,3 +75,56 @@ extern "C" void mse_loss_backward_cuda(float *dpred, const float *pred, const fl
     mse_backward_kernel<<<grid_for(total, 256), 256>>>(dpred, pred, target, weight, dloss, B, n, total);
     KERNEL_CHECK("mse_backward_kernel");
 }
+
+/* ---- a training micro-batch's draws on the device (ddpm_ops.cuh): the host
+ * passes its RNG state s0 and moves it on by the count (nn_ddpm_micro) */
+
+// t[b] = hash(s0 + (b+1) gamma) mod T;  tf[b] = (float)t[b]
+__global__ static void timesteps_kernel(int *t, float *tf, int B, int T, uint64_t s0) {
+    GRID_STRIDE(b, (size_t)B) {
+        t[b] = timestep_at(s0, (int)b, T);
+        tf[b] = (float)t[b];
+    }
+}
+// eps[i] = sqrt(-2 ln(1 - U_{2i+1})) cos(2 pi U_{2i+2})
+__global__ static void normal_kernel(floatX *eps, size_t n, uint64_t s0) {
+    GRID_STRIDE(i, n) eps[i] = stx(normal_at(s0, i));
+}
+// eps[b,c,:] += offset N_{bc}
+__global__ static void noise_offset_kernel(floatX *eps, float offset, size_t HW, size_t n, uint64_t s0) {
+    GRID_STRIDE(i, n) eps[i] = stx(noise_offset_elem(ldx(eps[i]), s0, offset, HW, i));
+}
+// w[b] = min(snr_t, gamma) / snr_t (eps) or / (snr_t + 1) (v); 1 when gamma <= 0
+__global__ static void loss_weights_kernel(float *w, const int *t, int B, float gamma, int vpred,
+                                           const float *sa, const float *s1a) {
+    GRID_STRIDE(b, (size_t)B) w[b] = loss_weight_at(t, sa, s1a, gamma, vpred, (int)b);
+}
+
+extern "C" void ddpm_timesteps_cuda(int *t, float *tf, int B, int T, uint64_t s0) {
+    if (B <= 0) return;
+    timesteps_kernel<<<grid_for((size_t)B, 256), 256>>>(t, tf, B, T, s0);
+    KERNEL_CHECK("timesteps_kernel");
+}
+extern "C" void ddpm_normal_cuda(float *eps, size_t n, uint64_t s0) {
+    if (n == 0) return;
+    normal_kernel<<<grid_for(n, 256), 256>>>(eps, n, s0);
+    KERNEL_CHECK("normal_kernel");
+}
+extern "C" void ddpm_noise_offset_cuda(float *eps, int B, int C, size_t HW, float offset, uint64_t s0) {
+    size_t n = (size_t)B * C * HW;
+    if (offset == 0.0f || n == 0) return;
+    noise_offset_kernel<<<grid_for(n, 256), 256>>>(eps, offset, HW, n, s0);
+    KERNEL_CHECK("noise_offset_kernel");
+}
+extern "C" void ddpm_target_cuda(float *target, const float *x0, const float *eps, const int *t, int B, size_t n,
+                                 ddpm_prediction pred, const float *sqrt_abar, const float *sqrt_1m_abar) {
+    if (pred == DDPM_V_PREDICTION) ddpm_velocity_cuda(target, x0, eps, t, B, n, sqrt_abar, sqrt_1m_abar);
+    else if (B > 0 && n > 0) CUDA_CHECK(cudaMemcpy(target, eps, sizeof(float) * B * n, cudaMemcpyDeviceToDevice));
+}
+extern "C" void ddpm_loss_weights_cuda(float *w, const int *t, int B, float gamma, ddpm_prediction pred,
+                                       const float *sqrt_abar, const float *sqrt_1m_abar) {
+    if (B <= 0) return;
+    loss_weights_kernel<<<grid_for((size_t)B, 256), 256>>>(w, t, B, gamma, pred == DDPM_V_PREDICTION,
+                                                           sqrt_abar, sqrt_1m_abar);
+    KERNEL_CHECK("loss_weights_kernel");
+}

@@ -107,6 +107,14 @@ static void copy_cuda(float *dst, const float *src, size_t n) {
 }
 static void zero_cuda(float *p, size_t n) { cuda_zero(p, n * sizeof(float)); }
 
+// upload and download: cudaMemcpyDefault lets the runtime tell host from
+// device pointers (unified addressing), so a pointer to device memory on the
+// "host" side makes it a copy on the device (train.c's x_t, t and context,
+// made there, handed to unet_forward, which uploads its inputs)
+static int copy_any(void *dst, const void *src, size_t bytes) {
+    return bytes == 0 || CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+}
+
 extern "C" const nn_ops *nn_ops_cuda(void) {
     static nn_ops t;
     if (t.name) return &t;
@@ -159,6 +167,14 @@ extern "C" const nn_ops *nn_ops_cuda(void) {
     t.embedding_forward = embedding_forward_cuda;
     t.lora_conv_forward = lora_conv_forward_cuda;
     t.lora_conv_backward = lora_conv_backward_cuda;
+    t.upload = copy_any;     // either side may be device memory (backend.h)
+    t.download = copy_any;
+    t.ddpm_timesteps = ddpm_timesteps_cuda;
+    t.ddpm_normal = ddpm_normal_cuda;
+    t.ddpm_noise_offset = ddpm_noise_offset_cuda;
+    t.ddpm_add_noise = ddpm_add_noise_cuda;
+    t.ddpm_target = ddpm_target_cuda;
+    t.ddpm_loss_weights = ddpm_loss_weights_cuda;
     t.name = "cuda";
     return &t;
 }

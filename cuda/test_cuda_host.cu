@@ -20,6 +20,7 @@
 #include <string.h>
 #include <math.h>
 #include <vector>
+#include <map>
 #include "common.cuh"
 #include "nn_ops.cuh"
 #include "attention_ops.cuh"
@@ -818,6 +819,49 @@ static void dev_lora_optim_ddpm(void) {
     dev_done("lora, adamw, ddpm");
 }
 
+// a micro-batch's draws on the GPU against ddpm.c's loops: integers and
+// the noising exactly; the normals within FWD (CUDA's double log and cos
+// may round the float differently from glibc in the last bit)
+static void dev_ddpm_draws(void) {
+    ddpm_schedule sc;
+    char err[DDPM_ERR_LEN];
+    if (ddpm_schedule_init(&sc, "scaled_linear", DDPM_SD_T, DDPM_SD_BETA_START, DDPM_SD_BETA_END, err) != 0) return;
+    int B = 3, C = 4;
+    size_t HW = 64 * 64, per = (size_t)C * HW, n = per * B;
+    uint64_t s0 = 0x5D1A0C0FFEEull;
+    rng_t r = {s0};
+    std::vector<int> tr(B), th(B);
+    vec er(n), x0 = randv(n, -1.0f, 1.0f, 601), xr(n), vr(n), wr(B);
+    ddpm_sample_timesteps(tr.data(), B, sc.T, &r);
+    ddpm_sample_noise(er.data(), n, &r);
+    int *pt = (int *)cuda_alloc(sizeof(int) * B);
+    g_dev.push_back(pt);
+    float *ptf = dzeros(B), *pe = dzeros(n), *px0 = up(x0), *pxt = dzeros(n), *pv = dzeros(n), *pw = dzeros(B);
+    float *psa = up(vec(sc.sqrt_abar, sc.sqrt_abar + sc.T)), *ps1 = up(vec(sc.sqrt_1m_abar, sc.sqrt_1m_abar + sc.T));
+    ddpm_timesteps_cuda(pt, ptf, B, sc.T, s0);
+    ddpm_normal_cuda(pe, n, ddpm_rng_skip(s0, B));
+    if (pt) cuda_download(th.data(), pt, sizeof(int) * B);
+    expect_true("device timesteps == ddpm_sample_timesteps (exact)", th == tr);
+    vec eh = down(pe, n);
+    expect_close("device normals vs ddpm_sample_noise", eh, er, FWD);
+    // the rest from the device's own eps: no fused multiply-add, so exactly
+    ddpm_noise_offset(er.data(), B, C, HW, 0.1f, &r);
+    ddpm_noise_offset_cuda(pe, B, C, HW, 0.1f, ddpm_rng_skip(s0, B + 2 * n));
+    expect_close("device noise offset vs ddpm_noise_offset", down(pe, n), er, FWD);
+    eh = down(pe, n);
+    ddpm_add_noise(xr.data(), x0.data(), eh.data(), tr.data(), B, per, &sc);
+    ddpm_velocity(vr.data(), x0.data(), eh.data(), tr.data(), B, per, &sc);
+    ddpm_min_snr_weights(wr.data(), tr.data(), B, 5.0f, DDPM_V_PREDICTION, &sc);
+    ddpm_add_noise_cuda(pxt, px0, pe, pt, B, per, psa, ps1);
+    ddpm_target_cuda(pv, px0, pe, pt, B, per, DDPM_V_PREDICTION, psa, ps1);
+    ddpm_loss_weights_cuda(pw, pt, B, 5.0f, DDPM_V_PREDICTION, psa, ps1);
+    expect("device draws: x_t, v target, min-SNR weights from its eps (exact)",
+           fmax(fmax(rel_err(down(pxt, n).data(), xr.data(), n), rel_err(down(pv, n).data(), vr.data(), n)),
+                rel_err(down(pw, B).data(), wr.data(), B)), 0.0);
+    ddpm_free(&sc);
+    dev_done("ddpm draws");
+}
+
 /* ---------------------------------------------------------------------------
  * The whole UNet on a host-emulated device. nn_ops_emu is nn_ops_cuda()
  * (cuda/ops.cu) with host memory standing in for device memory: the same
@@ -830,11 +874,35 @@ static void dev_lora_optim_ddpm(void) {
  * helper left on the host shows up as a difference from the CPU run of the
  * same model (the bundled tiny model, LoRA on every transformer projection
  * with dropout, B made non-zero so every gradient is). */
-static void *emu_alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
-static void emu_free(void *p) { free(p); }
+// The emulated device's allocations (start -> bytes), so that a copy can
+// tell "device" from host memory as cudaMemcpyDefault does, and the bytes
+// that really cross to or from the host are counted (upload / download with
+// a device pointer on the host side is a copy on the device: backend.h)
+static std::map<const char *, size_t> g_emu_mem;
+static size_t g_emu_up, g_emu_down;      // host -> device, device -> host bytes
+static int emu_is_dev(const void *p) {
+    auto it = g_emu_mem.upper_bound((const char *)p);
+    if (it == g_emu_mem.begin()) return 0;
+    --it;
+    return (const char *)p < it->first + it->second;
+}
+static void *emu_alloc(size_t bytes) {
+    void *p = malloc(bytes ? bytes : 1);
+    if (p) g_emu_mem[(const char *)p] = bytes ? bytes : 1;
+    return p;
+}
+static void emu_free(void *p) { g_emu_mem.erase((const char *)p); free(p); }
 static int emu_move(void *dst, const void *src, size_t bytes) {
     if (bytes) memcpy(dst, src, bytes);
     return 1;
+}
+static int emu_upload(void *dst, const void *src, size_t bytes) {
+    if (!emu_is_dev(src)) g_emu_up += bytes;
+    return emu_move(dst, src, bytes);
+}
+static int emu_download(void *dst, const void *src, size_t bytes) {
+    if (!emu_is_dev(dst)) g_emu_down += bytes;
+    return emu_move(dst, src, bytes);
 }
 static const char *emu_error(void) { return NULL; }
 static void emu_set_layer(const char *name) { (void)name; }
@@ -941,12 +1009,36 @@ static void emu_embedding(float *out, const int *ids, const float *tok, const ui
                           const uint16_t *pos16, int B, int T, int C) {
     for (size_t i = 0; i < (size_t)B * T * C; i++) out[i] = embedding_elem(ids, tok, tok16, pos, pos16, T, C, i);
 }
+// a micro-batch's draws and the loss's inputs: ddpm.cu's kernels' host twins
+static void emu_ddpm_timesteps(int *t, float *tf, int B, int T, uint64_t s0) {
+    for (int b = 0; b < B; b++) { t[b] = timestep_at(s0, b, T); tf[b] = (float)t[b]; }
+}
+static void emu_ddpm_normal(float *eps, size_t n, uint64_t s0) {
+    for (size_t i = 0; i < n; i++) eps[i] = stx(normal_at(s0, i));
+}
+static void emu_ddpm_noise_offset(float *eps, int B, int C, size_t HW, float offset, uint64_t s0) {
+    if (offset == 0.0f) return;
+    for (size_t i = 0; i < (size_t)B * C * HW; i++) eps[i] = stx(noise_offset_elem(ldx(eps[i]), s0, offset, HW, i));
+}
+static void emu_ddpm_add_noise(float *xt, const float *x0, const float *eps, const int *t, int B, size_t n,
+                               const float *sa, const float *s1a) {
+    for (size_t i = 0; i < (size_t)B * n; i++) xt[i] = stx(add_noise_elem(x0, eps, t, sa, s1a, n, i));
+}
+static void emu_ddpm_target(float *target, const float *x0, const float *eps, const int *t, int B, size_t n,
+                            ddpm_prediction pred, const float *sa, const float *s1a) {
+    if (pred != DDPM_V_PREDICTION) { emu_copy(target, eps, (size_t)B * n); return; }
+    for (size_t i = 0; i < (size_t)B * n; i++) target[i] = stx(velocity_elem(x0, eps, t, sa, s1a, n, i));
+}
+static void emu_ddpm_loss_weights(float *w, const int *t, int B, float gamma, ddpm_prediction pred,
+                                  const float *sa, const float *s1a) {
+    for (int b = 0; b < B; b++) w[b] = loss_weight_at(t, sa, s1a, gamma, pred == DDPM_V_PREDICTION, b);
+}
 static nn_ops nn_ops_emu;
 static void emu_init(void) {
     nn_ops &t = nn_ops_emu;
     t.name = "host-emulated device";
     t.device = 1;
-    t.alloc = emu_alloc; t.free = emu_free; t.upload = emu_move; t.download = emu_move;
+    t.alloc = emu_alloc; t.free = emu_free; t.upload = emu_upload; t.download = emu_download;
     t.error = emu_error; t.set_layer = emu_set_layer;
     t.copy = emu_copy; t.zero = HostBK::zero; t.add = emu_add; t.accumulate = emu_accumulate;
     t.transpose = emu_transpose; t.add_chan = emu_add_chan; t.sum_chan = emu_sum_chan;
@@ -979,6 +1071,12 @@ static void emu_init(void) {
     t.embedding_forward = emu_embedding;
     t.lora_conv_forward = lora_conv_forward_t<HostBK>;
     t.lora_conv_backward = lora_conv_backward_t<HostBK>;
+    t.ddpm_timesteps = emu_ddpm_timesteps;
+    t.ddpm_normal = emu_ddpm_normal;
+    t.ddpm_noise_offset = emu_ddpm_noise_offset;
+    t.ddpm_add_noise = emu_ddpm_add_noise;
+    t.ddpm_target = emu_ddpm_target;
+    t.ddpm_loss_weights = emu_ddpm_loss_weights;
 }
 
 // one UNet of models/tiny with LoRA ("transformer", rank 4, dropout 0.1), B random
@@ -1164,6 +1262,219 @@ static void test_train_emulated(void) {
     E->free(od.m); E->free(od.v); E->free(dtarget); E->free(dwt);
     adamw_free(&oc); adamw_free(&oh);
     unet_free(&uc); unet_free(&ue);
+}
+
+/* ---------------------------------------------------------------------------
+ * A micro-batch's random draws on the device (backend.h's ddpm_* entries,
+ * nn_ddpm_micro): the numbers train.c's micro_noise draws on the CPU, bit
+ * for bit, and the host's RNG state left where the CPU loops leave it. */
+
+// train.c's micro_noise and micro_step's weights on the CPU (the reference)
+static void cpu_micro(rng_t *r, const ddpm_schedule *s, const float *x0, int B, int C, size_t HW, float offset,
+                      ddpm_prediction pred, float gamma, int *t, float *tf, float *eps, float *xt, float *target, float *w) {
+    size_t per = (size_t)C * HW;
+    ddpm_sample_timesteps(t, B, s->T, r);
+    ddpm_sample_noise(eps, per * B, r);
+    ddpm_noise_offset(eps, B, C, HW, offset, r);
+    ddpm_add_noise(xt, x0, eps, t, B, per, s);
+    ddpm_target(target, x0, eps, t, B, per, pred, s);
+    for (int b = 0; b < B; b++) tf[b] = (float)t[b];
+    if (gamma > 0) ddpm_min_snr_weights(w, t, B, gamma, pred, s);
+    else for (int b = 0; b < B; b++) w[b] = 1.0f;
+}
+static int same_bits(const void *a, const void *b, size_t bytes) { return memcmp(a, b, bytes) == 0; }
+
+static void test_ddpm_draws(void) {
+    // the index arithmetic against the stream itself
+    rng_t r;
+    rng_seed(&r, 0xC0FFEEull);
+    uint64_t s0 = r.state;
+    int ok = 1;
+    for (uint64_t k = 1; k <= 1000; k++) {
+        uint64_t z = rng_u64(&r);
+        ok &= z == ddpm_rng_u64_at(s0, k) && z == splitmix_at(s0, k) && r.state == ddpm_rng_skip(s0, k);
+    }
+    expect_true("ddpm_rng_u64_at / splitmix_at / ddpm_rng_skip == rng_u64's stream, 1000 draws", ok);
+    rng_seed(&r, 77);
+    s0 = r.state;
+    ok = 1;
+    for (uint64_t i = 0; i < 20000; i++) {
+        float z = rng_normal(&r), a = ddpm_rng_normal_at(s0, i), d = normal_at(s0, i);
+        ok &= same_bits(&z, &a, 4) && same_bits(&z, &d, 4);
+    }
+    expect_true("ddpm_rng_normal_at, normal_at == rng_normal's stream, 20000 numbers (bit for bit)", ok && r.state == ddpm_rng_skip(s0, 40000));
+
+    ddpm_schedule s;
+    char err[DDPM_ERR_LEN];
+    if (ddpm_schedule_init(&s, "scaled_linear", DDPM_SD_T, DDPM_SD_BETA_START, DDPM_SD_BETA_END, err) != 0) {
+        expect_true(err, 0);
+        return;
+    }
+    emu_init();
+    const nn_ops *tabs[2] = {&nn_ops_cpu, &nn_ops_emu};
+    int B = 3, C = 4;
+    size_t HW = 5 * 7, n = (size_t)B * C * HW;
+    vec x0 = randv(n, -1.5f, 1.5f, 401);
+    for (int tab = 0; tab < 2; tab++)
+        for (int k = 0; k < 4; k++) {
+            // epsilon / v, noise offset or not, min-SNR or not
+            ddpm_prediction pred = k & 1 ? DDPM_V_PREDICTION : DDPM_EPSILON;
+            float offset = k & 2 ? 0.1f : 0.0f, gamma = k == 1 || k == 2 ? 5.0f : 0.0f;
+            const nn_ops *O = tabs[tab];
+            std::vector<int> tc(B), td(B);
+            vec tfc(B), tfd(B), ec(n), ed(n), xc(n), xd(n), yc(n), yd(n), wc(B), wd(B);
+            rng_t rc, rd;
+            rng_seed(&rc, 1234 + k); rng_seed(&rd, 1234 + k);
+            cpu_micro(&rc, &s, x0.data(), B, C, HW, offset, pred, gamma, tc.data(), tfc.data(), ec.data(), xc.data(),
+                      yc.data(), wc.data());
+            // the table's memory: the schedule's tables up once, x0 up, everything else made there
+            float *sa = (float *)O->alloc(4 * s.T), *s1a = (float *)O->alloc(4 * s.T), *px0 = (float *)O->alloc(4 * n);
+            float *ptf = (float *)O->alloc(4 * B), *pe = (float *)O->alloc(4 * n), *pxt = (float *)O->alloc(4 * n);
+            float *py = (float *)O->alloc(4 * n), *pw = (float *)O->alloc(4 * B);
+            int *pt = (int *)O->alloc(sizeof(int) * B);
+            O->upload(sa, s.sqrt_abar, 4 * s.T); O->upload(s1a, s.sqrt_1m_abar, 4 * s.T); O->upload(px0, x0.data(), 4 * n);
+            nn_ddpm_cfg cfg = {s.T, sa, s1a, pred, offset, gamma};
+            nn_ddpm_micro(O, &cfg, &rd, px0, B, C, HW, pt, ptf, pe, pxt, py, pw);
+            O->download(td.data(), pt, sizeof(int) * B); O->download(tfd.data(), ptf, 4 * B);
+            O->download(ed.data(), pe, 4 * n); O->download(xd.data(), pxt, 4 * n);
+            O->download(yd.data(), py, 4 * n); O->download(wd.data(), pw, 4 * B);
+            char name[200];
+            snprintf(name, sizeof name, "%s: micro-batch draws %s%s%s == micro_noise's: t, eps, x_t, target, weights, RNG state",
+                     O->name, pred ? "v" : "eps", offset != 0 ? ", noise offset" : "", gamma > 0 ? ", min-SNR" : "");
+            expect_true(name, same_bits(tc.data(), td.data(), sizeof(int) * B) && same_bits(tfc.data(), tfd.data(), 4 * B) &&
+                              same_bits(ec.data(), ed.data(), 4 * n) && same_bits(xc.data(), xd.data(), 4 * n) &&
+                              same_bits(yc.data(), yd.data(), 4 * n) && same_bits(wc.data(), wd.data(), 4 * B) &&
+                              rc.state == rd.state);
+            O->free(sa); O->free(s1a); O->free(px0); O->free(ptf); O->free(pe); O->free(pxt); O->free(py); O->free(pw); O->free(pt);
+        }
+    ddpm_free(&s);
+}
+
+/* Training steps with the draws on the (emulated) device, as train.c's
+ * --device cuda runs them: per micro-batch the B cached latents go up (the
+ * one upload), the timesteps, noise (with --noise-offset), x_t, the
+ * v-prediction target and the min-SNR weights are made there from the host's
+ * RNG state (a prior-loss weight scales one item's weight there), the
+ * contexts are gathered from a cache uploaded once, and unet_forward is
+ * handed device pointers. Against the CPU's micro_noise + micro_step with the
+ * same seed: the same draws bit for bit, the same loss and LoRA at today's
+ * tolerance (--clip as test_train_emulated), and the bytes that crossed to
+ * the device counted. */
+static void test_train_draws_emulated(void) {
+    const char *dir = "models/tiny/unet";
+    ddpm_schedule s;
+    char err[DDPM_ERR_LEN];
+    if (ddpm_schedule_init(&s, "scaled_linear", DDPM_SD_T, DDPM_SD_BETA_START, DDPM_SD_BETA_END, err) != 0) {
+        expect_true(err, 0);
+        return;
+    }
+    unet_t uc, ue;
+    if (tiny_unet(&uc, dir, WEIGHT_F32) || tiny_unet(&ue, dir, WEIGHT_F32)) { expect_true("tiny UNet loads (models/tiny/unet)", 0); return; }
+    emu_init();
+    const nn_ops *E = &nn_ops_emu;
+    int B = 2, h = 8, w = 8, Tc = 7, nsteps = 3, nimg = 3, C = uc.cfg.out_channels;
+    size_t n = uc.lora_nparams, HW = (size_t)h * w, per = (size_t)C * HW, nctx = (size_t)Tc * uc.cfg.cross_dim;
+    // --clip as test_train_emulated (AdamW's first steps take the sign of
+    // every gradient element; clipped, the near-zero ones move by little)
+    const float offset = 0.05f, gamma = 5.0f, prior = 0.5f, clip = 1e-3f;
+    const ddpm_prediction pred = DDPM_V_PREDICTION;
+    int ok = unet_to_device(&ue, E) == 0 && unet_alloc_acts(&uc, B, h, w, Tc, 1) == 0 &&
+             unet_alloc_acts(&ue, B, h, w, Tc, 1) == 0;
+    vec cache = randv((size_t)nimg * nctx, -1.0f, 1.0f, 501);   // the context cache, one row per image
+    // the device's setup, once: AdamW moments, the schedule's tables, the context cache, buffers
+    // AdamW's eps 1e-6, not 1e-8: a clipped gradient element near eps makes
+    // its step hypersensitive (m / (sqrt(v) + eps) is ~ +-1 above it), and a
+    // 1e-7 difference in the UNet's sums then moves that one parameter by
+    // 1e-5 of the largest (seen: 9.5e-6 at eps 1e-8). This test is about the
+    // draws; test_train_emulated covers eps 1e-8.
+    adamw_t oc, od;
+    adamw_init(&oc, n, 1e-2f, 0.9f, 0.999f, 1e-6f, 1e-2f);
+    od = oc;
+    od.m = (float *)E->alloc(sizeof(float) * n);
+    od.v = (float *)E->alloc(sizeof(float) * n);
+    E->zero(od.m, n); E->zero(od.v, n);
+    float *dsa = (float *)E->alloc(4 * s.T), *ds1a = (float *)E->alloc(4 * s.T), *dcache = (float *)E->alloc(4 * cache.size());
+    ok = ok && E->upload(dsa, s.sqrt_abar, 4 * s.T) && E->upload(ds1a, s.sqrt_1m_abar, 4 * s.T) &&
+         E->upload(dcache, cache.data(), 4 * cache.size());
+    float *dx0 = (float *)E->alloc(4 * B * per), *deps_ = (float *)E->alloc(4 * B * per), *dxt = (float *)E->alloc(4 * B * per);
+    float *dtarget = (float *)E->alloc(4 * B * per), *dtf = (float *)E->alloc(4 * B), *dwt = (float *)E->alloc(4 * B);
+    float *dctx = (float *)E->alloc(4 * B * nctx);
+    int *dt = (int *)E->alloc(sizeof(int) * B);
+    for (size_t i = 0; i < n; i++) ue.lora_params[i] = ue.lora_grads[i] = NAN;   // only the device's copies are used
+    rng_t rc, re;
+    rng_seed(&rc, 42); rng_seed(&re, 42);
+    nn_ddpm_cfg cfg = {s.T, dsa, ds1a, pred, offset, gamma};
+    std::vector<int> tc(B);
+    vec tfc(B), ec(B * per), xc(B * per), yc(B * per), wc(B), ctxc(B * nctx), pc(B * per), dpc(B * per);
+    int draws_same = 1, gather_same = 1;
+    size_t up_steps = 0;
+    for (int step = 0; ok && step < nsteps; step++) {
+        char name[160];
+        int items[2] = {step % nimg, (step + 2) % nimg};                  // item 1 of the batch: a "reg" image
+        vec x0 = randv(B * per, -1.0f, 1.0f, 510 + step);               // the B cached latents
+        float lr = 1e-2f * (step + 1) / nsteps;                          // warm-up, as test_train_emulated
+        // CPU
+        cpu_micro(&rc, &s, x0.data(), B, C, HW, offset, pred, gamma, tc.data(), tfc.data(), ec.data(), xc.data(),
+                  yc.data(), wc.data());
+        wc[1] *= prior;                                                  // dataset_loss_weights
+        for (int b = 0; b < B; b++) memcpy(&ctxc[b * nctx], &cache[items[b] * nctx], 4 * nctx);
+        unet_zero_lora_grads(&uc);
+        ok = unet_forward(&uc, pc.data(), xc.data(), tfc.data(), ctxc.data(), B, h, w, Tc) == 0;
+        float Lc = mse_loss_forward(pc.data(), yc.data(), wc.data(), B, per);
+        std::fill(dpc.begin(), dpc.end(), 0.0f);
+        mse_loss_backward(dpc.data(), pc.data(), yc.data(), wc.data(), 1.0f, B, per);
+        ok = ok && unet_backward(&uc, dpc.data(), NULL, NULL) == 0;
+        clip_grad_norm(uc.lora_grads, n, clip);
+        adamw_step(&oc, uc.lora_params, uc.lora_grads, lr);
+        // the emulated device, as train.c's device path
+        size_t up0 = g_emu_up;
+        ok = ok && E->upload(dx0, x0.data(), 4 * B * per);
+        nn_ddpm_micro(E, &cfg, &re, dx0, B, C, HW, dt, dtf, deps_, dxt, dtarget, dwt);
+        E->scale(dwt + 1, prior, 1);
+        for (int b = 0; b < B; b++) E->copy(dctx + b * nctx, dcache + items[b] * nctx, nctx);
+        float *pred_ = NULL, *dpred = NULL;
+        unet_zero_lora_grads(&ue);
+        ok = ok && unet_forward(&ue, NULL, dxt, dtf, dctx, B, h, w, Tc) == 0 && unet_device_io(&ue, &pred_, &dpred) == 0;
+        if (!ok) break;
+        float Le = E->mse_loss_forward(pred_, dtarget, dwt, B, per);
+        E->zero(dpred, B * per);
+        E->mse_loss_backward(dpred, pred_, dtarget, dwt, 1.0f, B, per);
+        ok = unet_backward(&ue, NULL, NULL, NULL) == 0;
+        nn_clip_grad_norm(E, ue.dlora_grads, n, NULL, 0, clip);
+        E->adamw_step(&od, ue.dlora_params, ue.dlora_grads, lr);
+        up_steps += g_emu_up - up0;
+        snprintf(name, sizeof name, "device draws: bytes up in step %d == the B latents only (%zu)", step + 1, 4 * B * per);
+        expect_true(name, g_emu_up - up0 == 4 * B * per);
+        // the test's own look at the device's numbers (not part of the step)
+        vec xe(B * per), ye(B * per), we(B), ce(B * nctx);
+        E->download(xe.data(), dxt, 4 * B * per); E->download(ye.data(), dtarget, 4 * B * per);
+        E->download(we.data(), dwt, 4 * B); E->download(ce.data(), dctx, 4 * B * nctx);
+        draws_same &= same_bits(xe.data(), xc.data(), 4 * B * per) && same_bits(ye.data(), yc.data(), 4 * B * per) &&
+                      same_bits(we.data(), wc.data(), 4 * B) && rc.state == re.state;
+        gather_same &= same_bits(ce.data(), ctxc.data(), 4 * B * nctx);
+        snprintf(name, sizeof name, "device draws: training loss, step %d", step + 1);
+        expect(name, fabs((double)Le - Lc) / fabs((double)Lc), 1e-5);
+        snprintf(name, sizeof name, "device draws: clipped LoRA gradients, step %d", step + 1);
+        vec ge(n);
+        E->download(ge.data(), ue.dlora_grads, sizeof(float) * n);
+        expect_close(name, ge, vec(uc.lora_grads, uc.lora_grads + n), FWD);
+    }
+    expect_true("device draws: every call succeeded", ok);
+    expect_true("device draws: x_t, v target, min-SNR x prior weights, RNG state == the CPU's every step (bit for bit)", draws_same);
+    expect_true("device draws: the contexts gathered on the device == the cache's rows", gather_same);
+    vec pe(n);
+    ok = ok && E->download(pe.data(), ue.dlora_params, sizeof(float) * n);
+    if (ok) {
+        char name[160];
+        snprintf(name, sizeof name, "device draws: LoRA A, B (%zu) after %d steps", n, nsteps);
+        expect_close(name, pe, vec(uc.lora_params, uc.lora_params + n), 1e-5);
+    }
+    printf("note: device draws: %zu bytes up in %d steps (B = %d latents of %zu floats per step)\n", up_steps, nsteps, B, per);
+    E->free(od.m); E->free(od.v); E->free(dsa); E->free(ds1a); E->free(dcache); E->free(dx0); E->free(deps_);
+    E->free(dxt); E->free(dtarget); E->free(dtf); E->free(dwt); E->free(dctx); E->free(dt);
+    adamw_free(&oc);
+    unet_free(&uc); unet_free(&ue);
+    ddpm_free(&s);
 }
 
 /* The VAE (models/tiny/vae: three levels, mid attention) through
@@ -1788,6 +2099,8 @@ int main(void) {
     test_ddpm();
     test_unet_emulated();
     test_train_emulated();
+    test_ddpm_draws();
+    test_train_draws_emulated();
     test_vae_emulated();
     test_clip_emulated();
     test_embedding();
@@ -1807,6 +2120,7 @@ int main(void) {
         dev_layers();
         dev_lora_optim_ddpm();
         dev_devte();
+        dev_ddpm_draws();
     } else {
         printf("note: no GPU: the device checks (the *_cuda functions against the CPU) are skipped\n");
     }

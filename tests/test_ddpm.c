@@ -13,6 +13,7 @@
  */
 #include "testutil.h"
 #include "ddpm.h"
+#include "backend.h"
 
 #define FX "ddpm.safetensors"
 enum { B = 5, C = 4, HW = 9, N = C * HW };
@@ -304,6 +305,42 @@ START_TEST(test_sample_timesteps) {
 }
 END_TEST
 
+/* the draws by index (what a device computes in parallel) are the loops'
+ * draws, bit for bit, and nn_ddpm_micro on the CPU table is micro_noise */
+START_TEST(test_draws_by_index) {
+    rng_t r; rng_seed(&r, 99);
+    uint64_t s0 = r.state;
+    for (uint64_t k = 1; k <= 500; k++) {
+        uint64_t z = rng_u64(&r);
+        ck_assert(z == ddpm_rng_u64_at(s0, k) && r.state == ddpm_rng_skip(s0, k));
+    }
+    s0 = r.state;
+    for (uint64_t i = 0; i < 2000; i++) {
+        float z = rng_normal(&r), a = ddpm_rng_normal_at(s0, i);
+        ck_assert(memcmp(&z, &a, sizeof z) == 0);
+    }
+    ddpm_schedule s;
+    if (schedule_or_fail(&s, "scaled_linear")) return;
+    enum { Bm = 3, Nm = Bm * N };
+    float x0[Nm], e1[Nm], e2[Nm], x1[Nm], x2[Nm], y1[Nm], y2[Nm], tf[Bm], w1[Bm], w2[Bm];
+    int t1[Bm], t2[Bm];
+    for (int i = 0; i < Nm; i++) x0[i] = (float)sin(0.37 * i);
+    rng_t a, b; rng_seed(&a, 5); rng_seed(&b, 5);
+    ddpm_sample_timesteps(t1, Bm, s.T, &a);
+    ddpm_sample_noise(e1, Nm, &a);
+    ddpm_noise_offset(e1, Bm, C, HW, 0.1f, &a);
+    ddpm_add_noise(x1, x0, e1, t1, Bm, N, &s);
+    ddpm_target(y1, x0, e1, t1, Bm, N, DDPM_V_PREDICTION, &s);
+    ddpm_min_snr_weights(w1, t1, Bm, 5.0f, DDPM_V_PREDICTION, &s);
+    nn_ddpm_cfg c = { s.T, s.sqrt_abar, s.sqrt_1m_abar, DDPM_V_PREDICTION, 0.1f, 5.0f };
+    nn_ddpm_micro(&nn_ops_cpu, &c, &b, x0, Bm, C, HW, t2, tf, e2, x2, y2, w2);
+    ck_assert(memcmp(t1, t2, sizeof t1) == 0 && memcmp(e1, e2, sizeof e1) == 0 && memcmp(x1, x2, sizeof x1) == 0 &&
+              memcmp(y1, y2, sizeof y1) == 0 && memcmp(w1, w2, sizeof w1) == 0 && a.state == b.state);
+    for (int k = 0; k < Bm; k++) ck_assert(tf[k] == (float)t1[k]);
+    ddpm_free(&s);
+}
+END_TEST
+
 static Suite *ddpm_suite(void) {
     Suite *s = suite_create("ddpm");
     TCase *tc = tcase_create("ddpm");
@@ -316,6 +353,7 @@ static Suite *ddpm_suite(void) {
     tcase_add_test(tc, test_loss_grad_check);
     tcase_add_test(tc, test_noise_offset);
     tcase_add_test(tc, test_sample_timesteps);
+    tcase_add_test(tc, test_draws_by_index);
     suite_add_tcase(s, tc);
     return s;
 }
