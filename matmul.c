@@ -32,6 +32,7 @@
  * p = 0..kc-1) whatever the thread count, so results are bit-identical with
  * 1 or 64 threads. K is never split across threads. */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include "nn.h"
 
@@ -716,4 +717,143 @@ void gemm(int transA, int transB, int M, int N, int K,
 void gemm_packed(int transA, int M, float alpha, const float *A, int lda,
                  const gemm_packed_b *B, float beta, float *C, int ldc) {
     gemm_run(transA, 0, M, B->N, B->K, alpha, A, lda, NULL, 0, B, beta, C, ldc);
+}
+
+/* ---- convolution columns packed straight from the image -----------------
+ * conv2d's forward is out = w * cols, cols (K x N) the im2col columns, K =
+ * C kh kw taps, N = B Ho Wo output pixels of all B images side by side. Built
+ * as a matrix and then packed, every column entry is written, read and
+ * written again, and with few output channels (M = 32) each packed entry is
+ * used only M times: that traffic, not the FMAs, set the forward's rate.
+ * Here the image is zero-padded once, and then every row k = (c, i, j) of
+ * cols is a run of Wo pixels of a padded row per output row, copied straight
+ * into gemm_pack_b's layout, which gemm_packed then reads. The product is
+ * the same sums in the same order as gemm on the columns. */
+int gemm_is_small(int M, int N, int K) { return (double)M * N * K < SMALL_WORK; }
+
+static size_t padded_floats(int B, int C, int H, int W, int pad) {
+    return pad > 0 ? (size_t)B * C * (H + 2 * pad) * (W + 2 * pad) : 0;
+}
+
+size_t gemm_im2col_floats(int B, int C, int H, int W, int kh, int kw, int stride, int pad) {
+    int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
+    size_t N = (size_t)B * Ho * Wo;
+    return (size_t)C * kh * kw * round_up((int)N, NR) + padded_floats(B, C, H, W, pad) + 16;
+}
+
+/* cnt values s[0], s[stride], .. to columns n, n+1, .. of one packed row:
+ * column n is at base + (n / NR) * sstride + n % NR. The runs are short
+ * (Wo = 16 on the tiny model): gcc would make each copy a memcpy call,
+ * which then costs more than the copy itself. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-loop-distribute-patterns")))
+#endif
+static void put_run(float *restrict base, size_t sstride, int n, const float *restrict s,
+                    int cnt, int stride) {
+    while (cnt > 0) {
+        int t = n % NR, m = NR - t < cnt ? NR - t : cnt;
+        float *d = base + (size_t)(n / NR) * sstride + t;
+        if (stride == 1) {
+            for (int q = 0; q < m; q++) d[q] = s[q];
+        } else {
+            for (int q = 0; q < m; q++) d[q] = s[(size_t)q * stride];
+        }
+        s += (size_t)m * stride;
+        n += m;
+        cnt -= m;
+    }
+}
+
+/* d[0..m) = s[0], s[stride], ..; the common widths with constant bounds
+ * (one or two vector moves each) */
+static inline void copy_run(float *restrict d, const float *restrict s, int m, int stride) {
+    if (stride != 1) {
+        for (int q = 0; q < m; q++) d[q] = s[(size_t)q * stride];
+        return;
+    }
+    switch (m) {
+    case 4: for (int q = 0; q < 4; q++) d[q] = s[q]; break;
+    case 8: for (int q = 0; q < 8; q++) d[q] = s[q]; break;
+    case 16: for (int q = 0; q < 16; q++) d[q] = s[q]; break;
+    case 32: for (int q = 0; q < 32; q++) d[q] = s[q]; break;
+    default: for (int q = 0; q < m; q++) d[q] = s[q]; break;
+    }
+}
+
+void gemm_im2col(int M, float alpha, const float *A, int lda,
+                 const float *img, int B, int C, int H, int W, int kh, int kw, int stride, int pad,
+                 float *buf, float beta, float *Cm, int ldc) {
+    int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
+    int K = C * kh * kw, N = B * Ho * Wo, Hp = H + 2 * pad, Wp = W + 2 * pad;
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    /* the kernel reads packed B with aligned loads */
+    buf = (float *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+    gemm_packed_b pb;
+    int nkb = (K + KC - 1) / KC;
+    pb.K = K;
+    pb.N = N;
+    pb.npad = round_up(N, NR);
+    pb.kb = (K + nkb - 1) / nkb;
+    pb.data = buf;
+    const float *pimg = img;
+    if (pad > 0) {
+        /* img with pad zeros around each plane: (B, C, Hp, Wp) */
+        float *p = buf + (size_t)K * pb.npad;
+        OMP(omp parallel for if (!omp_in_parallel() && padded_floats(B, C, H, W, pad) >= 65536))
+        for (int bc = 0; bc < B * C; bc++) {
+            float *d = p + (size_t)bc * Hp * Wp;
+            const float *s = img + (size_t)bc * H * W;
+            for (int x = 0; x < pad * Wp; x++) d[x] = 0.0f;
+            for (int y = 0; y < H; y++) {
+                float *r = d + (size_t)(y + pad) * Wp;
+                for (int x = 0; x < pad; x++) r[x] = 0.0f;
+                for (int x = 0; x < W; x++) r[pad + x] = s[(size_t)y * W + x];
+                for (int x = pad + W; x < Wp; x++) r[x] = 0.0f;
+            }
+            for (int x = (pad + H) * Wp; x < Hp * Wp; x++) d[x] = 0.0f;
+        }
+        pimg = p;
+    }
+    /* threads take whole rows; a row's strips are NR floats (whole cache
+     * lines) kc * NR apart, so no two threads write the same line */
+    size_t plane = (size_t)C * Hp * Wp;          /* one padded image */
+    int nstrips = pb.npad / NR;
+    OMP(omp parallel for schedule(static) if (!omp_in_parallel() && (double)K * N >= 65536.0))
+    for (int k = 0; k < K; k++) {
+        int c = k / (kh * kw), i = (k / kw) % kh, j = k % kw;
+        int pc = k / pb.kb * pb.kb, kc = K - pc < pb.kb ? K - pc : pb.kb;
+        size_t sstride = (size_t)kc * NR;
+        float *base = buf + (size_t)pc * pb.npad + (size_t)(k - pc) * NR;
+        /* tap (c, i, j) of output row oy of image b reads padded row
+         * oy*stride + i from column j on, every stride-th pixel */
+        const float *s0 = pimg + ((size_t)c * Hp + i) * Wp + j;
+        if (NR % Wo == 0) {
+            /* NR / Wo whole output rows per strip (Wo = 4, 8, 16, 32): one
+             * short copy each, no run ever split; past N, zeros */
+            int b = 0, oy = 0;
+            for (int st = 0; st < nstrips; st++) {
+                float *d = base + (size_t)st * sstride;
+                for (int q = 0; q < NR; q += Wo, d += Wo) {
+                    if (b >= B) {
+                        for (int t = 0; t < Wo; t++) d[t] = 0.0f;
+                        continue;
+                    }
+                    const float *sr = s0 + (size_t)b * plane + (size_t)oy * stride * Wp;
+                    copy_run(d, sr, Wo, stride);
+                    if (++oy == Ho) { oy = 0; b++; }
+                }
+            }
+            continue;
+        }
+        for (int b = 0; b < B; b++)
+            for (int oy = 0; oy < Ho; oy++)
+                put_run(base, sstride, (b * Ho + oy) * Wo, s0 + (size_t)b * plane + (size_t)oy * stride * Wp,
+                        Wo, stride);
+        /* columns past N: zero */
+        if (N < pb.npad) {
+            float *d = base + (size_t)(N / NR) * sstride;
+            for (int t = N % NR; t < NR; t++) d[t] = 0.0f;
+        }
+    }
+    gemm_run(0, 0, M, N, K, alpha, A, lda, NULL, 0, &pb, beta, Cm, ldc);
 }

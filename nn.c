@@ -203,12 +203,71 @@ static int conv_band_rows(int K, int Ho, int Wo) {
     return rows > (size_t)Ho ? Ho : (int)rows;
 }
 
+/* out (B, O, P) = w (O, K) * cols + b for nb images at a time, cols packed
+ * straight from the images (gemm_im2col): one product of N = nb P columns
+ * instead of nb of P, one pass over the columns instead of three. For nb > 1
+ * the product lands in (O, nb P) scratch and is moved to each image's
+ * (O, P) with the bias added on the way: the same float operations as the
+ * per-image path below (sum, then + b), so the same bits. Returns 0 (nothing
+ * done) where it does not apply: bf16 mode (gemm_packed would unpack), a
+ * per-image product gemm runs unblocked (other sums), or not even one image's
+ * columns within nn_conv_cols_max. */
+static int conv_forward_packed(float *out, const float *inp, const float *w, const float *b,
+                               int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad) {
+    int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
+    int K = C * kh * kw, P = Ho * Wo;
+    if (gemm_compute() != GEMM_F32 || gemm_is_small(O, P, K)) return 0;
+    /* as many images at a time as nn_conv_cols_max allows */
+    int nb = B;
+    while (nb > 0 && gemm_im2col_floats(nb, C, H, W, kh, kw, stride, pad) +
+                     (nb > 1 ? (size_t)O * nb * P : 0) > nn_conv_cols_max) nb--;
+    if (nb == 0) return 0;
+    size_t npack = gemm_im2col_floats(nb, C, H, W, kh, kw, stride, pad);
+    float *buf = scratch_or_die(npack + (nb > 1 ? (size_t)O * nb * P : 0)), *tmp = buf + npack;
+    for (int b0 = 0; b0 < B; b0 += nb) {
+        int n = B - b0 < nb ? B - b0 : nb, N = n * P;
+        const float *x = inp + (size_t)b0 * C * H * W;
+        float *y = out + (size_t)b0 * O * P;
+        if (n == 1) {
+            gemm_im2col(O, 1.0f, w, K, x, 1, C, H, W, kh, kw, stride, pad, buf, 0.0f, y, P);
+            if (b) {
+                #pragma omp parallel for if ((size_t)O * P >= PAR_MIN)
+                for (int o = 0; o < O; o++) {
+                    float *yo = y + (size_t)o * P;
+                    for (int p = 0; p < P; p++) yo[p] += b[o];
+                }
+            }
+            continue;
+        }
+        // tmp (O, n P) = w (O, K) * cols (K, n P)
+        gemm_im2col(O, 1.0f, w, K, x, n, C, H, W, kh, kw, stride, pad, buf, 0.0f, tmp, N);
+        // y[bi, o, :] = tmp[o, bi P ..] (+ b[o])
+        #pragma omp parallel for collapse(2) if ((size_t)O * N >= PAR_MIN)
+        for (int bi = 0; bi < n; bi++)
+            for (int o = 0; o < O; o++) {
+                float *yo = y + ((size_t)bi * O + o) * P;
+                const float *to = tmp + (size_t)o * N + (size_t)bi * P;
+                if (b) {
+                    float bo = b[o];
+                    for (int p = 0; p < P; p++) yo[p] = to[p] + bo;
+                } else {
+                    memcpy(yo, to, (size_t)P * sizeof(float));
+                }
+            }
+    }
+    return 1;
+}
+
 void conv2d_forward(float *out, const float *inp, const float *w, const float *b,
                     int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad) {
     double t0 = prof_begin();
     int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
     int K = C * kh * kw, P = Ho * Wo;
     int direct = conv_is_pointwise(kh, kw, stride, pad);
+    if (!direct && conv_forward_packed(out, inp, w, b, B, C, H, W, O, kh, kw, stride, pad)) {
+        prof_end(kh * kw > 1 ? PROF_CONV3 : PROF_LINEAR, 0, t0, 2.0 * B * O * P * K);
+        return;
+    }
     int band = direct ? Ho : conv_band_rows(K, Ho, Wo);
     float *cols = direct ? NULL : scratch_or_die((size_t)K * band * Wo);
     for (int bi = 0; bi < B; bi++) {
