@@ -165,15 +165,15 @@ static void im2col(float *cols, const float *img, int C, int H, int W,
 /* the adjoint of im2col: every column entry is added back to the pixel it
  * was read from:  img[c, y, x] += dcols[r, p] over all (r, p) that read it.
  * One thread per channel, so no two threads touch the same pixel. */
-static void col2im_add(float *img, const float *dcols, int C, int H, int W,
-                       int kh, int kw, int stride, int pad, int oy0, int oy1, int Wo) {
+static void col2im_add_ld(float *img, const float *dcols, size_t ld, int C, int H, int W,
+                          int kh, int kw, int stride, int pad, int oy0, int oy1, int Wo) {
     int nrow = oy1 - oy0;
     #pragma omp parallel for if ((size_t)C * kh * kw * nrow * Wo >= PAR_MIN)
     for (int c = 0; c < C; c++) {
         float *dst = img + (size_t)c * H * W;
         for (int i = 0; i < kh; i++)
             for (int j = 0; j < kw; j++) {
-                const float *src = dcols + ((size_t)(c * kh + i) * kw + j) * nrow * Wo;
+                const float *src = dcols + ((size_t)(c * kh + i) * kw + j) * ld;
                 int lo, hi;
                 valid_range(j, W, Wo, stride, pad, &lo, &hi);
                 for (int oy = oy0; oy < oy1; oy++) {
@@ -190,6 +190,12 @@ static void col2im_add(float *img, const float *dcols, int C, int H, int W,
                 }
             }
     }
+}
+
+/* dcols rows nrow * Wo apart */
+static void col2im_add(float *img, const float *dcols, int C, int H, int W,
+                       int kh, int kw, int stride, int pad, int oy0, int oy1, int Wo) {
+    col2im_add_ld(img, dcols, (size_t)(oy1 - oy0) * Wo, C, H, W, kh, kw, stride, pad, oy0, oy1, Wo);
 }
 
 /* The columns of a big image do not fit in memory (SD's VAE at 512x512:
@@ -295,6 +301,39 @@ void conv2d_forward(float *out, const float *inp, const float *w, const float *b
     prof_end(kh * kw > 1 ? PROF_CONV3 : PROF_LINEAR, 0, t0, 2.0 * B * O * P * K);
 }
 
+/* dinp only (a frozen conv), nb images at a time: dout gathered to (O, nb P),
+ * one product dcols (K, nb P) = w^T dout instead of nb (w is packed once),
+ * then each image's columns scattered back as below. Every dcols entry is the
+ * same sum over O as the per-image product's and the scatter adds in the
+ * same order, so the same bits. Returns 0 (nothing done) where a per-image
+ * product would run unblocked (other sums) or one image's columns exceed
+ * nn_conv_cols_max. */
+static int conv_backward_dinp_batched(float *dinp, const float *dout, const float *w,
+                                      int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad) {
+    int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
+    int K = C * kh * kw, P = Ho * Wo;
+    if (B < 2 || gemm_is_small(K, P, O)) return 0;
+    int nb = B;
+    while (nb > 1 && (size_t)(K + O) * nb * P > nn_conv_cols_max) nb--;
+    if (nb < 2) return 0;
+    float *dcols = scratch_or_die((size_t)(K + O) * nb * P), *dy = dcols + (size_t)K * nb * P;
+    for (int b0 = 0; b0 < B; b0 += nb) {
+        int n = B - b0 < nb ? B - b0 : nb, N = n * P;
+        // dy (O, n P): image bi's dout in columns bi P ..
+        #pragma omp parallel for collapse(2) if ((size_t)O * N >= PAR_MIN)
+        for (int bi = 0; bi < n; bi++)
+            for (int o = 0; o < O; o++)
+                memcpy(dy + (size_t)o * N + (size_t)bi * P, dout + ((size_t)(b0 + bi) * O + o) * P,
+                       (size_t)P * sizeof(float));
+        // dcols (K, n P) = w^T (K, O) * dy (O, n P)
+        gemm(1, 0, K, N, O, 1.0f, w, K, dy, N, 0.0f, dcols, N);
+        for (int bi = 0; bi < n; bi++)
+            col2im_add_ld(dinp + (size_t)(b0 + bi) * C * H * W, dcols + (size_t)bi * P, N, C, H, W,
+                          kh, kw, stride, pad, 0, Ho, Wo);
+    }
+    return 1;
+}
+
 void conv2d_backward(float *dinp, float *dw, float *db, const float *dout,
                      const float *inp, const float *w,
                      int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad) {
@@ -317,6 +356,10 @@ void conv2d_backward(float *dinp, float *dw, float *db, const float *dout,
     }
     if (!dw && !dinp) { prof_end(kh * kw > 1 ? PROF_CONV3 : PROF_LINEAR, 1, t0, 0); return; }
 
+    if (!dw && !direct && conv_backward_dinp_batched(dinp, dout, w, B, C, H, W, O, kh, kw, stride, pad)) {
+        prof_end(kh * kw > 1 ? PROF_CONV3 : PROF_LINEAR, 1, t0, 2.0 * B * O * P * K);
+        return;
+    }
     // one scratch band of columns serves twice: first as the columns of the
     // input (for dw), then as their gradient dcols (for dinp)
     int band = direct ? Ho : conv_band_rows(K, Ho, Wo);
