@@ -188,8 +188,7 @@ void groupnorm_backward(float *dinp, float *dw, float *db, const float *dout,
  * groupnorm_backward's caller keeps for silu_backward), act = silu(out);
  * bit-identical to groupnorm_forward + silu_forward(act, out, B*C*HW), one
  * read of inp and of out fewer. Backward: silu_backward, then groupnorm_backward.
- * (Not yet called: unet.c's resnet_forward norm1/norm2 and norm_out, and
- * vae.c's resnet, are the places it replaces the pair.) */
+ * Called by unet.c's and vae.c's ResNet forwards (on the CPU table). */
 void groupnorm_silu_forward(float *out, float *act, float *mean, float *rstd, const float *inp,
                             const float *w, const float *b, int B, int C, int HW, int G, float eps);
 
