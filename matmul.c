@@ -421,6 +421,86 @@ static void micro_kernel(int kc, const float *restrict a, const float *restrict 
 }
 #endif
 
+static float *alloc_floats(size_t n);
+
+/* ---- narrow products: A read in place --------------------------------------
+ * C (M x N) with N <= NR and K <= KC, A not transposed: the linears of the
+ * tiny model's first level (32 outputs) and the adapters' rank-16 products.
+ * The blocked path would pack all of A (M x K) for one strip of B, so each
+ * packed value is used once: the pack cost about what the FMAs did. Here
+ * B is packed (K x NR, L1) and each tile's MR rows of A are read where they
+ * are, broadcast straight from memory. One K block and the same FMA chain
+ * per C element, p = 0 .. K-1, as micro_kernel, and the same store: the
+ * same bits. */
+#if defined(GEMM_AVX512) || defined(GEMM_AVX2)
+#define N_RDECL(i) const float *r##i = a + (size_t)((i) < mr ? (i) : 0) * lda;
+#define N_FMA2(i) { vec ai = vset1(r##i[p]); c##i##0 = vfma(ai, b0, c##i##0); c##i##1 = vfma(ai, b1, c##i##1); }
+#define N_FMA1(i) c##i##0 = vfma(vset1(r##i[p]), b0, c##i##0);
+
+/* micro_kernel with row i of the A tile at a + i * lda (rows past mr read
+ * row 0; their sums are not stored) */
+static void micro_kernel_rows(int kc, const float *restrict a, int lda, const float *restrict b,
+                              float *restrict C, int ldc, int mr, int nr, float alpha, float beta) {
+    ROWS(N_RDECL)
+    ROWS(K_DECL)
+    if (nr > VW) {
+        for (int p = 0; p < kc; p++) {
+            vec b0 = vload(b + (size_t)p * NR), b1 = vload(b + (size_t)p * NR + VW);
+            ROWS(N_FMA2)
+        }
+    } else {
+        for (int p = 0; p < kc; p++) {
+            vec b0 = vload(b + (size_t)p * NR);
+            ROWS(N_FMA1)
+        }
+    }
+    if (mr == MR && nr == NR) {
+        vec va = vset1(alpha);
+        if (beta == 0.0f) {
+            ROWS(K_ST0)
+        } else {
+            vec vb = vset1(beta);
+            ROWS(K_STB)
+        }
+        return;
+    }
+    float acc[MR * NR];
+    ROWS(K_ACC)
+    store_tile(acc, C, ldc, mr, nr, alpha, beta);
+}
+
+/* returns 0 (nothing done) where it does not apply */
+static int gemm_narrow(int transA, int transB, int M, int N, int K,
+                       float alpha, const float *A, int lda, const float *B, int ldb,
+                       float beta, float *C, int ldc) {
+    if (transA || N > NR || K > KC) return 0;
+    float *bp = alloc_floats((size_t)K * NR);
+    if (!bp) return 0;
+    pack_b(bp, (size_t)K * NR, B, ldb, transB, 0, K, 0, N, 0, 1);
+    int nblk = (M + MR - 1) / MR, nthreads = 1;
+#ifdef _OPENMP
+    nthreads = omp_in_parallel() ? 1 : omp_get_max_threads();
+    /* as gemm_run: a thread needs a few tiles' worth of work */
+    while (nthreads > 1 && (double)M * N * K / nthreads < 1e6) nthreads--;
+#endif
+    OMP(omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1))
+    for (int blk = 0; blk < nblk; blk++) {
+        int i0 = blk * MR, mr = M - i0 < MR ? M - i0 : MR;
+        micro_kernel_rows(K, A + (size_t)i0 * lda, lda, bp, C + (size_t)i0 * ldc, ldc, mr, N, alpha, beta);
+    }
+    free(bp);
+    return 1;
+}
+#else
+static int gemm_narrow(int transA, int transB, int M, int N, int K,
+                       float alpha, const float *A, int lda, const float *B, int ldb,
+                       float beta, float *C, int ldc) {
+    (void)transA; (void)transB; (void)M; (void)N; (void)K; (void)alpha; (void)A; (void)lda;
+    (void)B; (void)ldb; (void)beta; (void)C; (void)ldc;
+    return 0;   /* the portable kernel's path: packed as usual */
+}
+#endif
+
 /* ---- small problems: direct loops, no packing, no threads ---------------- */
 static void gemm_small(int transA, int transB, int M, int N, int K,
                        float alpha, const float *A, int lda, const float *B, int ldb,
@@ -676,6 +756,9 @@ static void gemm_run(int transA, int transB, int M, int N, int K,
         else gemm_small(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
+
+    /* narrow products: A not packed (the same sums) */
+    if (!pb && gemm_narrow(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) return;
 
     int nested = 0, nthreads = 1;
 #ifdef _OPENMP

@@ -7,5 +7,8 @@
 #define gemm_pack_b gemm_pack_b_avx2
 #define gemm_packed gemm_packed_avx2
 #define gemm_packed_b_free gemm_packed_b_free_avx2
+#define gemm_is_small gemm_is_small_avx2
+#define gemm_im2col_floats gemm_im2col_floats_avx2
+#define gemm_im2col gemm_im2col_avx2
 #include "../matmul.c"
 #include "test_matmul.c"

@@ -9,5 +9,8 @@
 #define gemm_pack_b gemm_pack_b_portable
 #define gemm_packed gemm_packed_portable
 #define gemm_packed_b_free gemm_packed_b_free_portable
+#define gemm_is_small gemm_is_small_portable
+#define gemm_im2col_floats gemm_im2col_floats_portable
+#define gemm_im2col gemm_im2col_portable
 #include "../matmul.c"
 #include "test_matmul.c"
