@@ -14,6 +14,9 @@
 #include <string.h>
 #include "nn.h"
 #include "profile.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* without -fopenmp the pragmas below are simply ignored; keep that quiet */
 #ifndef _OPENMP
@@ -192,6 +195,53 @@ static void col2im_add_ld(float *img, const float *dcols, size_t ld, int C, int 
     }
 }
 
+/* d[0..m) += s[0..m); the usual widths with constant bounds (whole vectors) */
+static inline void add_run(float *restrict d, const float *restrict s, int m) {
+    switch (m) {
+    case 4: for (int t = 0; t < 4; t++) d[t] += s[t]; break;
+    case 8: for (int t = 0; t < 8; t++) d[t] += s[t]; break;
+    case 16: for (int t = 0; t < 16; t++) d[t] += s[t]; break;
+    case 32: for (int t = 0; t < 32; t++) d[t] += s[t]; break;
+    default: for (int t = 0; t < m; t++) d[t] += s[t]; break;
+    }
+}
+
+/* col2im_add_ld for stride 1 and whole images (oy = 0 .. Ho), through a copy
+ * of each plane with a pad-wide border: every tap then adds a whole run of
+ * Wo columns per output row (no clipping at the image's edge: what lands in
+ * the border is dropped), and each pixel gets the same adds in the same
+ * order as col2im_add_ld gives it, starting from its value in img, so the
+ * same bits. 0 (nothing done) when the per-thread planes cannot be had. */
+static int col2im_add_padded(float *img, const float *dcols, size_t ld, int C, int H, int W,
+                             int kh, int kw, int pad, int Ho, int Wo) {
+    int Hp = H + 2 * pad, Wp = W + 2 * pad, nthreads = 1;
+#ifdef _OPENMP
+    nthreads = omp_in_parallel() ? 1 : omp_get_max_threads();
+#endif
+    float *planes = malloc((size_t)nthreads * Hp * Wp * sizeof(float));
+    if (!planes) return 0;
+    #pragma omp parallel for num_threads(nthreads) if ((size_t)C * kh * kw * Ho * Wo >= PAR_MIN)
+    for (int c = 0; c < C; c++) {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        float *acc = planes + (size_t)tid * Hp * Wp, *dst = img + (size_t)c * H * W;
+        memset(acc, 0, (size_t)Hp * Wp * sizeof(float));
+        for (int y = 0; y < H; y++) memcpy(acc + (size_t)(y + pad) * Wp + pad, dst + (size_t)y * W, (size_t)W * sizeof(float));
+        for (int i = 0; i < kh; i++)
+            for (int j = 0; j < kw; j++) {
+                const float *src = dcols + ((size_t)(c * kh + i) * kw + j) * ld;
+                /* output (oy, ox) of tap (i, j) is padded pixel (oy + i, ox + j) */
+                for (int oy = 0; oy < Ho; oy++)
+                    add_run(acc + (size_t)(oy + i) * Wp + j, src + (size_t)oy * Wo, Wo);
+            }
+        for (int y = 0; y < H; y++) memcpy(dst + (size_t)y * W, acc + (size_t)(y + pad) * Wp + pad, (size_t)W * sizeof(float));
+    }
+    free(planes);
+    return 1;
+}
+
 /* dcols rows nrow * Wo apart */
 static void col2im_add(float *img, const float *dcols, int C, int H, int W,
                        int kh, int kw, int stride, int pad, int oy0, int oy1, int Wo) {
@@ -327,9 +377,12 @@ static int conv_backward_dinp_batched(float *dinp, const float *dout, const floa
                        (size_t)P * sizeof(float));
         // dcols (K, n P) = w^T (K, O) * dy (O, n P)
         gemm(1, 0, K, N, O, 1.0f, w, K, dy, N, 0.0f, dcols, N);
-        for (int bi = 0; bi < n; bi++)
-            col2im_add_ld(dinp + (size_t)(b0 + bi) * C * H * W, dcols + (size_t)bi * P, N, C, H, W,
-                          kh, kw, stride, pad, 0, Ho, Wo);
+        for (int bi = 0; bi < n; bi++) {
+            float *dx = dinp + (size_t)(b0 + bi) * C * H * W;
+            const float *dc = dcols + (size_t)bi * P;
+            if (stride != 1 || !col2im_add_padded(dx, dc, N, C, H, W, kh, kw, pad, Ho, Wo))
+                col2im_add_ld(dx, dc, N, C, H, W, kh, kw, stride, pad, 0, Ho, Wo);
+        }
     }
     return 1;
 }
