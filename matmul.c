@@ -424,32 +424,36 @@ static void micro_kernel(int kc, const float *restrict a, const float *restrict 
 static float *alloc_floats(size_t n);
 
 /* ---- narrow products: A read in place --------------------------------------
- * C (M x N) with N <= NR and K <= KC, A not transposed: the linears of the
- * tiny model's first level (32 outputs) and the adapters' rank-16 products.
- * The blocked path would pack all of A (M x K) for one strip of B, so each
+ * C (M x N) with N <= NR: the linears of the tiny model's first level (32
+ * outputs), the adapters' rank-16 products and their dB = dout^T ax. The
+ * blocked path would pack all of op(A) (M x K) for one strip of B, so each
  * packed value is used once: the pack cost about what the FMAs did. Here
- * B is packed (K x NR, L1) and each tile's MR rows of A are read where they
- * are, broadcast straight from memory. One K block and the same FMA chain
- * per C element, p = 0 .. K-1, as micro_kernel, and the same store: the
- * same bits. */
+ * op(B) is packed (K x NR) and each tile's MR rows of op(A) are read where
+ * they are (op(A)[i][p] at a[i * rs + p * cs]), broadcast from memory. K is
+ * cut into the blocks gemm_serial cuts it into, each summed by the same FMA
+ * chain p = 0 .. kc-1 and stored the same way (beta on the first block, 1
+ * after), so every C element gets the blocked path's bits. */
 #if defined(GEMM_AVX512) || defined(GEMM_AVX2)
-#define N_RDECL(i) const float *r##i = a + (size_t)((i) < mr ? (i) : 0) * lda;
-#define N_FMA2(i) { vec ai = vset1(r##i[p]); c##i##0 = vfma(ai, b0, c##i##0); c##i##1 = vfma(ai, b1, c##i##1); }
-#define N_FMA1(i) c##i##0 = vfma(vset1(r##i[p]), b0, c##i##0);
+#define N_RDECL(i) const float *r##i = a + (size_t)((i) < mr ? (i) : 0) * rs;
+#define N_FMA2(i) { vec ai = vset1(r##i[o]); c##i##0 = vfma(ai, b0, c##i##0); c##i##1 = vfma(ai, b1, c##i##1); }
+#define N_FMA1(i) c##i##0 = vfma(vset1(r##i[o]), b0, c##i##0);
 
-/* micro_kernel with row i of the A tile at a + i * lda (rows past mr read
- * row 0; their sums are not stored) */
-static void micro_kernel_rows(int kc, const float *restrict a, int lda, const float *restrict b,
-                              float *restrict C, int ldc, int mr, int nr, float alpha, float beta) {
+/* micro_kernel with op(A)'s tile read in place (rows past mr read row 0;
+ * their sums are not stored) */
+static void micro_kernel_rows(int kc, const float *restrict a, size_t rs, size_t cs,
+                              const float *restrict b, float *restrict C, int ldc, int mr, int nr,
+                              float alpha, float beta) {
     ROWS(N_RDECL)
     ROWS(K_DECL)
     if (nr > VW) {
         for (int p = 0; p < kc; p++) {
+            size_t o = (size_t)p * cs;
             vec b0 = vload(b + (size_t)p * NR), b1 = vload(b + (size_t)p * NR + VW);
             ROWS(N_FMA2)
         }
     } else {
         for (int p = 0; p < kc; p++) {
+            size_t o = (size_t)p * cs;
             vec b0 = vload(b + (size_t)p * NR);
             ROWS(N_FMA1)
         }
@@ -473,10 +477,16 @@ static void micro_kernel_rows(int kc, const float *restrict a, int lda, const fl
 static int gemm_narrow(int transA, int transB, int M, int N, int K,
                        float alpha, const float *A, int lda, const float *B, int ldb,
                        float beta, float *C, int ldc) {
-    if (transA || N > NR || K > KC) return 0;
+    if (N > NR) return 0;
+    int nkb = (K + KC - 1) / KC, kb = (K + nkb - 1) / nkb;   /* as gemm_serial */
     float *bp = alloc_floats((size_t)K * NR);
     if (!bp) return 0;
-    pack_b(bp, (size_t)K * NR, B, ldb, transB, 0, K, 0, N, 0, 1);
+    /* block pc of op(B) at bp + pc * NR: kc x NR, [p][j] */
+    for (int pc = 0; pc < K; pc += kb) {
+        int kc = K - pc < kb ? K - pc : kb;
+        pack_b(bp + (size_t)pc * NR, (size_t)kc * NR, B, ldb, transB, pc, kc, 0, N, 0, 1);
+    }
+    size_t rs = transA ? 1 : (size_t)lda, cs = transA ? (size_t)lda : 1;
     int nblk = (M + MR - 1) / MR, nthreads = 1;
 #ifdef _OPENMP
     nthreads = omp_in_parallel() ? 1 : omp_get_max_threads();
@@ -486,7 +496,11 @@ static int gemm_narrow(int transA, int transB, int M, int N, int K,
     OMP(omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1))
     for (int blk = 0; blk < nblk; blk++) {
         int i0 = blk * MR, mr = M - i0 < MR ? M - i0 : MR;
-        micro_kernel_rows(K, A + (size_t)i0 * lda, lda, bp, C + (size_t)i0 * ldc, ldc, mr, N, alpha, beta);
+        for (int pc = 0; pc < K; pc += kb) {
+            int kc = K - pc < kb ? K - pc : kb;
+            micro_kernel_rows(kc, A + (size_t)i0 * rs + (size_t)pc * cs, rs, cs, bp + (size_t)pc * NR,
+                              C + (size_t)i0 * ldc, ldc, mr, N, alpha, pc == 0 ? beta : 1.0f);
+        }
     }
     free(bp);
     return 1;
