@@ -424,16 +424,22 @@ static void micro_kernel(int kc, const float *restrict a, const float *restrict 
 static float *alloc_floats(size_t n);
 
 /* ---- narrow products: A read in place --------------------------------------
- * C (M x N) with N <= NR: the linears of the tiny model's first level (32
- * outputs), the adapters' rank-16 products and their dB = dout^T ax. The
- * blocked path would pack all of op(A) (M x K) for one strip of B, so each
- * packed value is used once: the pack cost about what the FMAs did. Here
+ * C (M x N) with N <= 2 NR: the linears of the tiny model's first two
+ * levels (32, 64 outputs), the adapters' rank-16 products and their dB =
+ * dout^T ax. The blocked path would pack all of op(A) (M x K) for one or
+ * two strips of B, so each packed value is used once or twice: the pack
+ * cost about what the FMAs did. Here
  * op(B) is packed (K x NR) and each tile's MR rows of op(A) are read where
  * they are (op(A)[i][p] at a[i * rs + p * cs]), broadcast from memory. K is
  * cut into the blocks gemm_serial cuts it into, each summed by the same FMA
  * chain p = 0 .. kc-1 and stored the same way (beta on the first block, 1
  * after), so every C element gets the blocked path's bits. */
 #if defined(GEMM_AVX512) || defined(GEMM_AVX2)
+/* up to this many strips of B: the tile's rows of A, read once per strip,
+ * are still in L1 for the next one */
+#ifndef NARROW_STRIPS
+#define NARROW_STRIPS 2
+#endif
 #define N_RDECL(i) const float *r##i = a + (size_t)((i) < mr ? (i) : 0) * rs;
 #define N_FMA2(i) { vec ai = vset1(r##i[o]); c##i##0 = vfma(ai, b0, c##i##0); c##i##1 = vfma(ai, b1, c##i##1); }
 #define N_FMA1(i) c##i##0 = vfma(vset1(r##i[o]), b0, c##i##0);
@@ -477,14 +483,15 @@ static void micro_kernel_rows(int kc, const float *restrict a, size_t rs, size_t
 static int gemm_narrow(int transA, int transB, int M, int N, int K,
                        float alpha, const float *A, int lda, const float *B, int ldb,
                        float beta, float *C, int ldc) {
-    if (N > NR) return 0;
+    if (N > NARROW_STRIPS * NR) return 0;
     int nkb = (K + KC - 1) / KC, kb = (K + nkb - 1) / nkb;   /* as gemm_serial */
-    float *bp = alloc_floats((size_t)K * NR);
+    int npad = round_up(N, NR), nstrips = npad / NR;
+    float *bp = alloc_floats((size_t)K * npad);
     if (!bp) return 0;
-    /* block pc of op(B) at bp + pc * NR: kc x NR, [p][j] */
+    /* block pc of op(B) at bp + pc * npad, its strips kc x NR ([p][j]) in turn */
     for (int pc = 0; pc < K; pc += kb) {
         int kc = K - pc < kb ? K - pc : kb;
-        pack_b(bp + (size_t)pc * NR, (size_t)kc * NR, B, ldb, transB, pc, kc, 0, N, 0, 1);
+        pack_b(bp + (size_t)pc * npad, (size_t)kc * NR, B, ldb, transB, pc, kc, 0, N, 0, nstrips);
     }
     size_t rs = transA ? 1 : (size_t)lda, cs = transA ? (size_t)lda : 1;
     int nblk = (M + MR - 1) / MR, nthreads = 1;
@@ -496,10 +503,14 @@ static int gemm_narrow(int transA, int transB, int M, int N, int K,
     OMP(omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1))
     for (int blk = 0; blk < nblk; blk++) {
         int i0 = blk * MR, mr = M - i0 < MR ? M - i0 : MR;
-        for (int pc = 0; pc < K; pc += kb) {
-            int kc = K - pc < kb ? K - pc : kb;
-            micro_kernel_rows(kc, A + (size_t)i0 * rs + (size_t)pc * cs, rs, cs, bp + (size_t)pc * NR,
-                              C + (size_t)i0 * ldc, ldc, mr, N, alpha, pc == 0 ? beta : 1.0f);
+        for (int st = 0; st < nstrips; st++) {
+            int j0 = st * NR, nr = N - j0 < NR ? N - j0 : NR;
+            for (int pc = 0; pc < K; pc += kb) {
+                int kc = K - pc < kb ? K - pc : kb;
+                micro_kernel_rows(kc, A + (size_t)i0 * rs + (size_t)pc * cs, rs, cs,
+                                  bp + (size_t)pc * npad + (size_t)st * kc * NR,
+                                  C + (size_t)i0 * ldc + j0, ldc, mr, nr, alpha, pc == 0 ? beta : 1.0f);
+            }
         }
     }
     free(bp);
