@@ -922,10 +922,42 @@ void gemm_im2col(int M, float alpha, const float *A, int lda,
         }
         pimg = p;
     }
-    /* threads take whole rows; a row's strips are NR floats (whole cache
-     * lines) kc * NR apart, so no two threads write the same line */
     size_t plane = (size_t)C * Hp * Wp;          /* one padded image */
     int nstrips = pb.npad / NR;
+    if (NR % Wo == 0) {
+        /* NR / Wo whole output rows per strip (Wo = 4, 8, 16, 32): each
+         * strip is written start to end, kc rows of NR after one another
+         * (a stream the hardware follows), each row one short copy per
+         * output row, read from the padded image (in L2); threads take
+         * whole strips */
+        int per = NR / Wo;
+        OMP(omp parallel for schedule(static) if (!omp_in_parallel() && (double)K * N >= 65536.0))
+        for (int st = 0; st < nstrips; st++) {
+            /* output row q of the strip: row oy of image b, or past N */
+            const float *src[NR];
+            for (int q = 0; q < per; q++) {
+                int r = st * per + q, b = r / Ho, oy = r % Ho;
+                src[q] = b < B ? pimg + (size_t)b * plane + (size_t)oy * stride * Wp : NULL;
+            }
+            int c = 0, i = 0, j = 0;                 /* tap k = (c*kh + i)*kw + j */
+            for (int pc = 0; pc < K; pc += pb.kb) {
+                int kc = K - pc < pb.kb ? K - pc : pb.kb;
+                float *d = buf + (size_t)pc * pb.npad + (size_t)st * kc * NR;
+                for (int k = pc; k < pc + kc; k++, d += NR) {
+                    size_t off = ((size_t)c * Hp + i) * Wp + j;
+                    for (int q = 0; q < per; q++) {
+                        if (src[q]) copy_run(d + q * Wo, src[q] + off, Wo, stride);
+                        else for (int t = 0; t < Wo; t++) d[q * Wo + t] = 0.0f;
+                    }
+                    if (++j == kw) { j = 0; if (++i == kh) { i = 0; c++; } }
+                }
+            }
+        }
+        gemm_run(0, 0, M, N, K, alpha, A, lda, NULL, 0, &pb, beta, Cm, ldc);
+        return;
+    }
+    /* any other Wo: threads take whole rows; a row's strips are NR floats
+     * (whole cache lines) kc * NR apart, so no two threads write the same line */
     OMP(omp parallel for schedule(static) if (!omp_in_parallel() && (double)K * N >= 65536.0))
     for (int k = 0; k < K; k++) {
         int c = k / (kh * kw), i = (k / kw) % kh, j = k % kw;
@@ -935,24 +967,6 @@ void gemm_im2col(int M, float alpha, const float *A, int lda,
         /* tap (c, i, j) of output row oy of image b reads padded row
          * oy*stride + i from column j on, every stride-th pixel */
         const float *s0 = pimg + ((size_t)c * Hp + i) * Wp + j;
-        if (NR % Wo == 0) {
-            /* NR / Wo whole output rows per strip (Wo = 4, 8, 16, 32): one
-             * short copy each, no run ever split; past N, zeros */
-            int b = 0, oy = 0;
-            for (int st = 0; st < nstrips; st++) {
-                float *d = base + (size_t)st * sstride;
-                for (int q = 0; q < NR; q += Wo, d += Wo) {
-                    if (b >= B) {
-                        for (int t = 0; t < Wo; t++) d[t] = 0.0f;
-                        continue;
-                    }
-                    const float *sr = s0 + (size_t)b * plane + (size_t)oy * stride * Wp;
-                    copy_run(d, sr, Wo, stride);
-                    if (++oy == Ho) { oy = 0; b++; }
-                }
-            }
-            continue;
-        }
         for (int b = 0; b < B; b++)
             for (int oy = 0; oy < Ho; oy++)
                 put_run(base, sstride, (b * Ho + oy) * Wo, s0 + (size_t)b * plane + (size_t)oy * stride * Wp,

@@ -724,7 +724,7 @@ END_TEST
 START_TEST(test_conv_packed_same_bits) {
     static const int cases[][6] = {   /* B, C, H, W, O, stride */
         {3, 16, 16, 16, 32, 1}, {2, 48, 8, 8, 20, 1}, {3, 24, 9, 7, 16, 1}, {2, 32, 12, 12, 24, 2},
-        {1, 16, 16, 16, 32, 1},
+        {1, 16, 16, 16, 32, 1}, {2, 16, 16, 16, 24, 2}, {5, 8, 4, 4, 36, 1},
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
         int B = cases[c][0], C = cases[c][1], H = cases[c][2], W = cases[c][3], O = cases[c][4];
