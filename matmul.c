@@ -443,6 +443,9 @@ static float *alloc_floats(size_t n);
 #define N_RDECL(i) const float *r##i = a + (size_t)((i) < mr ? (i) : 0) * rs;
 #define N_FMA2(i) { vec ai = vset1(r##i[o]); c##i##0 = vfma(ai, b0, c##i##0); c##i##1 = vfma(ai, b1, c##i##1); }
 #define N_FMA1(i) c##i##0 = vfma(vset1(r##i[o]), b0, c##i##0);
+#define H_DECL(i) __m256 h##i = _mm256_setzero_ps();
+#define H_FMA(i) h##i = _mm256_fmadd_ps(_mm256_set1_ps(r##i[o]), b0, h##i);
+#define H_ACC(i) _mm256_storeu_ps(acc + (i) * NR, h##i);
 
 /* micro_kernel with op(A)'s tile read in place (rows past mr read row 0;
  * their sums are not stored) */
@@ -450,6 +453,23 @@ static void micro_kernel_rows(int kc, const float *restrict a, size_t rs, size_t
                               const float *restrict b, float *restrict C, int ldc, int mr, int nr,
                               float alpha, float beta) {
     ROWS(N_RDECL)
+#if defined(GEMM_AVX512)
+    if (nr <= 8) {
+        /* at most 8 live columns (attention's 8-wide heads): 256-bit FMAs,
+         * which Zen 4 issues two per cycle against one 512-bit; the same
+         * sums per column */
+        ROWS(H_DECL)
+        for (int p = 0; p < kc; p++) {
+            size_t o = (size_t)p * cs;
+            __m256 b0 = _mm256_load_ps(b + (size_t)p * NR);
+            ROWS(H_FMA)
+        }
+        float acc[MR * NR];
+        ROWS(H_ACC)
+        store_tile(acc, C, ldc, mr, nr, alpha, beta);
+        return;
+    }
+#endif
     ROWS(K_DECL)
     if (nr > VW) {
         for (int p = 0; p < kc; p++) {
