@@ -506,7 +506,27 @@ static int gemm_narrow(int transA, int transB, int M, int N, int K,
     if (N > NARROW_STRIPS * NR) return 0;
     int nkb = (K + KC - 1) / KC, kb = (K + nkb - 1) / nkb;   /* as gemm_serial */
     int npad = round_up(N, NR), nstrips = npad / NR;
-    float *bp = alloc_floats((size_t)K * npad);
+    /* grow-only and kept, as gemm_run's buffers (SD1.5's dB packs K = 4096
+     * B tokens x 32: 0.5 MB a call); a call from inside a parallel region
+     * gets its own */
+    static float *nbuf;
+    static size_t nbuf_n;
+    size_t need = (size_t)K * npad;
+    int own = 0;
+#ifdef _OPENMP
+    own = omp_in_parallel();
+#endif
+    float *bp;
+    if (own) {
+        bp = alloc_floats(need);
+    } else {
+        if (nbuf_n < need) {
+            free(nbuf);
+            nbuf = alloc_floats(need);
+            nbuf_n = nbuf ? need : 0;
+        }
+        bp = nbuf;
+    }
     if (!bp) return 0;
     /* block pc of op(B) at bp + pc * npad, its strips kc x NR ([p][j]) in turn */
     for (int pc = 0; pc < K; pc += kb) {
@@ -533,7 +553,7 @@ static int gemm_narrow(int transA, int transB, int M, int N, int K,
             }
         }
     }
-    free(bp);
+    if (own) free(bp);
     return 1;
 }
 #else
