@@ -780,8 +780,11 @@ void geglu_backward(float *dinp, const float *dout, const float *inp, int N, int
         const float *dy = dout + (size_t)r * D;
         float *dv = dinp + (size_t)r * 2 * D, *dg = dv + D;
         for (int j = 0; j < D; j++) {
-            dv[j] += dy[j] * gelu_f(g[j]);
-            dg[j] += dy[j] * v[j] * gelu_grad(g[j]);
+            /* gelu_f and gelu_grad with their common erf computed once
+             * (the same expressions, so the same bits) */
+            float x = g[j], e = 1.0f + nn_erff(x * INV_SQRT2);
+            dv[j] += dy[j] * (0.5f * x * e);
+            dg[j] += dy[j] * v[j] * (0.5f * e + x * nn_expf(-0.5f * x * x) * INV_SQRT_2PI);
         }
     }
     /* ASSIGNMENT 03 END */
