@@ -355,7 +355,7 @@ static int resnet_has_lora(const resnet_t *r) { return r->l1.L || r->l2.L || r->
 static void gn_silu(unet_t *u, float *n, float *act, float *mean, float *rstd, const float *x,
                     const float *w, const float *b, int B, int C, int HW, int G, float eps) {
     if (OPS == &nn_ops_cpu) {
-        groupnorm_silu_forward(n, act, mean, rstd, x, w, b, B, C, HW, G, eps);
+        groupnorm_silu_forward(n, act, mean, rstd, x, PV(u, w), PV(u, b), B, C, HW, G, eps);
         return;
     }
     OPS->groupnorm_forward(n, mean, rstd, x, PV(u, w), PV(u, b), B, C, HW, G, eps);
