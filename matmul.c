@@ -32,6 +32,7 @@
  * p = 0..kc-1) whatever the thread count, so results are bit-identical with
  * 1 or 64 threads. K is never split across threads. */
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include "nn.h"
 
@@ -420,6 +421,132 @@ static void micro_kernel(int kc, const float *restrict a, const float *restrict 
 }
 #endif
 
+static float *alloc_floats(size_t n);
+
+/* ---- narrow products: A read in place --------------------------------------
+ * C (M x N) with N <= 2 NR: the linears of the tiny model's first two
+ * levels (32, 64 outputs), the adapters' rank-16 products and their dB =
+ * dout^T ax. The blocked path would pack all of op(A) (M x K) for one or
+ * two strips of B, so each packed value is used once or twice: the pack
+ * cost about what the FMAs did. Here
+ * op(B) is packed (K x NR) and each tile's MR rows of op(A) are read where
+ * they are (op(A)[i][p] at a[i * rs + p * cs]), broadcast from memory. K is
+ * cut into the blocks gemm_serial cuts it into, each summed by the same FMA
+ * chain p = 0 .. kc-1 and stored the same way (beta on the first block, 1
+ * after), so every C element gets the blocked path's bits. */
+#if defined(GEMM_AVX512) || defined(GEMM_AVX2)
+/* up to this many strips of B: the tile's rows of A, read once per strip,
+ * are still in L1 for the next one */
+#ifndef NARROW_STRIPS
+#define NARROW_STRIPS 2
+#endif
+#define N_RDECL(i) const float *r##i = a + (size_t)((i) < mr ? (i) : 0) * rs;
+#define N_FMA2(i) { vec ai = vset1(r##i[o]); c##i##0 = vfma(ai, b0, c##i##0); c##i##1 = vfma(ai, b1, c##i##1); }
+#define N_FMA1(i) c##i##0 = vfma(vset1(r##i[o]), b0, c##i##0);
+#define H_DECL(i) __m256 h##i = _mm256_setzero_ps();
+#define H_FMA(i) h##i = _mm256_fmadd_ps(_mm256_set1_ps(r##i[o]), b0, h##i);
+#define H_ACC(i) _mm256_storeu_ps(acc + (i) * NR, h##i);
+
+/* micro_kernel with op(A)'s tile read in place (rows past mr read row 0;
+ * their sums are not stored) */
+static void micro_kernel_rows(int kc, const float *restrict a, size_t rs, size_t cs,
+                              const float *restrict b, float *restrict C, int ldc, int mr, int nr,
+                              float alpha, float beta) {
+    ROWS(N_RDECL)
+#if defined(GEMM_AVX512)
+    if (nr <= 8) {
+        /* at most 8 live columns (attention's 8-wide heads): 256-bit FMAs,
+         * which Zen 4 issues two per cycle against one 512-bit; the same
+         * sums per column */
+        ROWS(H_DECL)
+        for (int p = 0; p < kc; p++) {
+            size_t o = (size_t)p * cs;
+            __m256 b0 = _mm256_load_ps(b + (size_t)p * NR);
+            ROWS(H_FMA)
+        }
+        float acc[MR * NR];
+        ROWS(H_ACC)
+        store_tile(acc, C, ldc, mr, nr, alpha, beta);
+        return;
+    }
+#endif
+    ROWS(K_DECL)
+    if (nr > VW) {
+        for (int p = 0; p < kc; p++) {
+            size_t o = (size_t)p * cs;
+            vec b0 = vload(b + (size_t)p * NR), b1 = vload(b + (size_t)p * NR + VW);
+            ROWS(N_FMA2)
+        }
+    } else {
+        for (int p = 0; p < kc; p++) {
+            size_t o = (size_t)p * cs;
+            vec b0 = vload(b + (size_t)p * NR);
+            ROWS(N_FMA1)
+        }
+    }
+    if (mr == MR && nr == NR) {
+        vec va = vset1(alpha);
+        if (beta == 0.0f) {
+            ROWS(K_ST0)
+        } else {
+            vec vb = vset1(beta);
+            ROWS(K_STB)
+        }
+        return;
+    }
+    float acc[MR * NR];
+    ROWS(K_ACC)
+    store_tile(acc, C, ldc, mr, nr, alpha, beta);
+}
+
+/* returns 0 (nothing done) where it does not apply */
+static int gemm_narrow(int transA, int transB, int M, int N, int K,
+                       float alpha, const float *A, int lda, const float *B, int ldb,
+                       float beta, float *C, int ldc) {
+    if (N > NARROW_STRIPS * NR) return 0;
+    int nkb = (K + KC - 1) / KC, kb = (K + nkb - 1) / nkb;   /* as gemm_serial */
+    int npad = round_up(N, NR), nstrips = npad / NR;
+    /* gemm_buffer: grow-only and kept (SD1.5's dB packs K = 4096 B tokens
+     * x 32: 0.5 MB a call), its own per thread inside a parallel region */
+    float *bp = gemm_buffer((size_t)K * npad * sizeof(float));
+    if (!bp) return 0;
+    /* block pc of op(B) at bp + pc * npad, its strips kc x NR ([p][j]) in turn */
+    for (int pc = 0; pc < K; pc += kb) {
+        int kc = K - pc < kb ? K - pc : kb;
+        pack_b(bp + (size_t)pc * npad, (size_t)kc * NR, B, ldb, transB, pc, kc, 0, N, 0, nstrips);
+    }
+    size_t rs = transA ? 1 : (size_t)lda, cs = transA ? (size_t)lda : 1;
+    int nblk = (M + MR - 1) / MR, nthreads = 1;
+#ifdef _OPENMP
+    nthreads = omp_in_parallel() ? 1 : omp_get_max_threads();
+    /* as gemm_run: a thread needs a few tiles' worth of work */
+    while (nthreads > 1 && (double)M * N * K / nthreads < 1e6) nthreads--;
+#endif
+    OMP(omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1))
+    for (int blk = 0; blk < nblk; blk++) {
+        int i0 = blk * MR, mr = M - i0 < MR ? M - i0 : MR;
+        for (int st = 0; st < nstrips; st++) {
+            int j0 = st * NR, nr = N - j0 < NR ? N - j0 : NR;
+            for (int pc = 0; pc < K; pc += kb) {
+                int kc = K - pc < kb ? K - pc : kb;
+                micro_kernel_rows(kc, A + (size_t)i0 * rs + (size_t)pc * cs, rs, cs,
+                                  bp + (size_t)pc * npad + (size_t)st * kc * NR,
+                                  C + (size_t)i0 * ldc + j0, ldc, mr, nr, alpha, pc == 0 ? beta : 1.0f);
+            }
+        }
+    }
+    return 1;
+}
+#else
+static int gemm_narrow(int transA, int transB, int M, int N, int K,
+                       float alpha, const float *A, int lda, const float *B, int ldb,
+                       float beta, float *C, int ldc) {
+    (void)transA; (void)transB; (void)M; (void)N; (void)K; (void)alpha; (void)A; (void)lda;
+    (void)B; (void)ldb; (void)beta; (void)C; (void)ldc;
+    return 0;   /* the portable kernel's path: packed as usual */
+}
+#endif
+
 /* ---- small problems: direct loops, no packing, no threads ---------------- */
 static void gemm_small(int transA, int transB, int M, int N, int K,
                        float alpha, const float *A, int lda, const float *B, int ldb,
@@ -725,6 +852,9 @@ static void gemm_run(int transA, int transB, int M, int N, int K,
         return;
     }
 
+    /* narrow products: A not packed (the same sums) */
+    if (!pb && gemm_narrow(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)) return;
+
     int nthreads = 1;
 #ifdef _OPENMP
     nthreads = omp_in_parallel() ? 1 : omp_get_max_threads();
@@ -752,4 +882,157 @@ void gemm(int transA, int transB, int M, int N, int K,
 void gemm_packed(int transA, int M, float alpha, const float *A, int lda,
                  const gemm_packed_b *B, float beta, float *C, int ldc) {
     gemm_run(transA, 0, M, B->N, B->K, alpha, A, lda, NULL, 0, B, beta, C, ldc);
+}
+
+/* ---- convolution columns packed straight from the image -----------------
+ * conv2d's forward is out = w * cols, cols (K x N) the im2col columns, K =
+ * C kh kw taps, N = B Ho Wo output pixels of all B images side by side. Built
+ * as a matrix and then packed, every column entry is written, read and
+ * written again, and with few output channels (M = 32) each packed entry is
+ * used only M times: that traffic, not the FMAs, set the forward's rate.
+ * Here the image is zero-padded once, and then every row k = (c, i, j) of
+ * cols is a run of Wo pixels of a padded row per output row, copied straight
+ * into gemm_pack_b's layout, which gemm_packed then reads. The product is
+ * the same sums in the same order as gemm on the columns. */
+int gemm_is_small(int M, int N, int K) { return (double)M * N * K < SMALL_WORK; }
+
+static size_t padded_floats(int B, int C, int H, int W, int pad) {
+    return pad > 0 ? (size_t)B * C * (H + 2 * pad) * (W + 2 * pad) : 0;
+}
+
+size_t gemm_im2col_floats(int B, int C, int H, int W, int kh, int kw, int stride, int pad) {
+    int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
+    size_t N = (size_t)B * Ho * Wo;
+    return (size_t)C * kh * kw * round_up((int)N, NR) + padded_floats(B, C, H, W, pad) + 16;
+}
+
+/* cnt values s[0], s[stride], .. to columns n, n+1, .. of one packed row:
+ * column n is at base + (n / NR) * sstride + n % NR. The runs are short
+ * (Wo = 16 on the tiny model): gcc would make each copy a memcpy call,
+ * which then costs more than the copy itself. */
+#if defined(__GNUC__) && !defined(__clang__)
+__attribute__((optimize("no-tree-loop-distribute-patterns")))
+#endif
+static void put_run(float *restrict base, size_t sstride, int n, const float *restrict s,
+                    int cnt, int stride) {
+    while (cnt > 0) {
+        int t = n % NR, m = NR - t < cnt ? NR - t : cnt;
+        float *d = base + (size_t)(n / NR) * sstride + t;
+        if (stride == 1) {
+            for (int q = 0; q < m; q++) d[q] = s[q];
+        } else {
+            for (int q = 0; q < m; q++) d[q] = s[(size_t)q * stride];
+        }
+        s += (size_t)m * stride;
+        n += m;
+        cnt -= m;
+    }
+}
+
+/* d[0..m) = s[0], s[stride], ..; the common widths with constant bounds
+ * (one or two vector moves each) */
+static inline void copy_run(float *restrict d, const float *restrict s, int m, int stride) {
+    if (stride != 1) {
+        for (int q = 0; q < m; q++) d[q] = s[(size_t)q * stride];
+        return;
+    }
+    switch (m) {
+    case 4: for (int q = 0; q < 4; q++) d[q] = s[q]; break;
+    case 8: for (int q = 0; q < 8; q++) d[q] = s[q]; break;
+    case 16: for (int q = 0; q < 16; q++) d[q] = s[q]; break;
+    case 32: for (int q = 0; q < 32; q++) d[q] = s[q]; break;
+    default: for (int q = 0; q < m; q++) d[q] = s[q]; break;
+    }
+}
+
+void gemm_im2col(int M, float alpha, const float *A, int lda,
+                 const float *img, int B, int C, int H, int W, int kh, int kw, int stride, int pad,
+                 float *buf, float beta, float *Cm, int ldc) {
+    int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
+    int K = C * kh * kw, N = B * Ho * Wo, Hp = H + 2 * pad, Wp = W + 2 * pad;
+    if (M <= 0 || N <= 0 || K <= 0) return;
+    /* the kernel reads packed B with aligned loads */
+    buf = (float *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
+    gemm_packed_b pb;
+    int nkb = (K + KC - 1) / KC;
+    pb.K = K;
+    pb.N = N;
+    pb.npad = round_up(N, NR);
+    pb.kb = (K + nkb - 1) / nkb;
+    pb.data = buf;
+    const float *pimg = img;
+    if (pad > 0) {
+        /* img with pad zeros around each plane: (B, C, Hp, Wp) */
+        float *p = buf + (size_t)K * pb.npad;
+        OMP(omp parallel for if (!omp_in_parallel() && padded_floats(B, C, H, W, pad) >= 65536))
+        for (int bc = 0; bc < B * C; bc++) {
+            float *d = p + (size_t)bc * Hp * Wp;
+            const float *s = img + (size_t)bc * H * W;
+            for (int x = 0; x < pad * Wp; x++) d[x] = 0.0f;
+            for (int y = 0; y < H; y++) {
+                float *r = d + (size_t)(y + pad) * Wp;
+                for (int x = 0; x < pad; x++) r[x] = 0.0f;
+                for (int x = 0; x < W; x++) r[pad + x] = s[(size_t)y * W + x];
+                for (int x = pad + W; x < Wp; x++) r[x] = 0.0f;
+            }
+            for (int x = (pad + H) * Wp; x < Hp * Wp; x++) d[x] = 0.0f;
+        }
+        pimg = p;
+    }
+    size_t plane = (size_t)C * Hp * Wp;          /* one padded image */
+    int nstrips = pb.npad / NR;
+    if (NR % Wo == 0) {
+        /* NR / Wo whole output rows per strip (Wo = 4, 8, 16, 32): each
+         * strip is written start to end, kc rows of NR after one another
+         * (a stream the hardware follows), each row one short copy per
+         * output row, read from the padded image (in L2); threads take
+         * whole strips */
+        int per = NR / Wo;
+        OMP(omp parallel for schedule(static) if (!omp_in_parallel() && (double)K * N >= 65536.0))
+        for (int st = 0; st < nstrips; st++) {
+            /* output row q of the strip: row oy of image b, or past N */
+            const float *src[NR];
+            for (int q = 0; q < per; q++) {
+                int r = st * per + q, b = r / Ho, oy = r % Ho;
+                src[q] = b < B ? pimg + (size_t)b * plane + (size_t)oy * stride * Wp : NULL;
+            }
+            int c = 0, i = 0, j = 0;                 /* tap k = (c*kh + i)*kw + j */
+            for (int pc = 0; pc < K; pc += pb.kb) {
+                int kc = K - pc < pb.kb ? K - pc : pb.kb;
+                float *d = buf + (size_t)pc * pb.npad + (size_t)st * kc * NR;
+                for (int k = pc; k < pc + kc; k++, d += NR) {
+                    size_t off = ((size_t)c * Hp + i) * Wp + j;
+                    for (int q = 0; q < per; q++) {
+                        if (src[q]) copy_run(d + q * Wo, src[q] + off, Wo, stride);
+                        else for (int t = 0; t < Wo; t++) d[q * Wo + t] = 0.0f;
+                    }
+                    if (++j == kw) { j = 0; if (++i == kh) { i = 0; c++; } }
+                }
+            }
+        }
+        gemm_run(0, 0, M, N, K, alpha, A, lda, NULL, 0, &pb, beta, Cm, ldc);
+        return;
+    }
+    /* any other Wo: threads take whole rows; a row's strips are NR floats
+     * (whole cache lines) kc * NR apart, so no two threads write the same line */
+    OMP(omp parallel for schedule(static) if (!omp_in_parallel() && (double)K * N >= 65536.0))
+    for (int k = 0; k < K; k++) {
+        int c = k / (kh * kw), i = (k / kw) % kh, j = k % kw;
+        int pc = k / pb.kb * pb.kb, kc = K - pc < pb.kb ? K - pc : pb.kb;
+        size_t sstride = (size_t)kc * NR;
+        float *base = buf + (size_t)pc * pb.npad + (size_t)(k - pc) * NR;
+        /* tap (c, i, j) of output row oy of image b reads padded row
+         * oy*stride + i from column j on, every stride-th pixel */
+        const float *s0 = pimg + ((size_t)c * Hp + i) * Wp + j;
+        for (int b = 0; b < B; b++)
+            for (int oy = 0; oy < Ho; oy++)
+                put_run(base, sstride, (b * Ho + oy) * Wo, s0 + (size_t)b * plane + (size_t)oy * stride * Wp,
+                        Wo, stride);
+        /* columns past N: zero */
+        if (N < pb.npad) {
+            float *d = base + (size_t)(N / NR) * sstride;
+            for (int t = N % NR; t < NR; t++) d[t] = 0.0f;
+        }
+    }
+    gemm_run(0, 0, M, N, K, alpha, A, lda, NULL, 0, &pb, beta, Cm, ldc);
 }

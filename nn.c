@@ -14,6 +14,9 @@
 #include <string.h>
 #include "nn.h"
 #include "profile.h"
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 /* without -fopenmp the pragmas below are simply ignored; keep that quiet */
 #ifndef _OPENMP
@@ -165,15 +168,15 @@ static void im2col(float *cols, const float *img, int C, int H, int W,
 /* the adjoint of im2col: every column entry is added back to the pixel it
  * was read from:  img[c, y, x] += dcols[r, p] over all (r, p) that read it.
  * One thread per channel, so no two threads touch the same pixel. */
-static void col2im_add(float *img, const float *dcols, int C, int H, int W,
-                       int kh, int kw, int stride, int pad, int oy0, int oy1, int Wo) {
+static void col2im_add_ld(float *img, const float *dcols, size_t ld, int C, int H, int W,
+                          int kh, int kw, int stride, int pad, int oy0, int oy1, int Wo) {
     int nrow = oy1 - oy0;
     #pragma omp parallel for if ((size_t)C * kh * kw * nrow * Wo >= PAR_MIN)
     for (int c = 0; c < C; c++) {
         float *dst = img + (size_t)c * H * W;
         for (int i = 0; i < kh; i++)
             for (int j = 0; j < kw; j++) {
-                const float *src = dcols + ((size_t)(c * kh + i) * kw + j) * nrow * Wo;
+                const float *src = dcols + ((size_t)(c * kh + i) * kw + j) * ld;
                 int lo, hi;
                 valid_range(j, W, Wo, stride, pad, &lo, &hi);
                 for (int oy = oy0; oy < oy1; oy++) {
@@ -192,6 +195,59 @@ static void col2im_add(float *img, const float *dcols, int C, int H, int W,
     }
 }
 
+/* d[0..m) += s[0..m); the usual widths with constant bounds (whole vectors) */
+static inline void add_run(float *restrict d, const float *restrict s, int m) {
+    switch (m) {
+    case 4: for (int t = 0; t < 4; t++) d[t] += s[t]; break;
+    case 8: for (int t = 0; t < 8; t++) d[t] += s[t]; break;
+    case 16: for (int t = 0; t < 16; t++) d[t] += s[t]; break;
+    case 32: for (int t = 0; t < 32; t++) d[t] += s[t]; break;
+    default: for (int t = 0; t < m; t++) d[t] += s[t]; break;
+    }
+}
+
+/* col2im_add_ld for stride 1 and whole images (oy = 0 .. Ho), through a copy
+ * of each plane with a pad-wide border: every tap then adds a whole run of
+ * Wo columns per output row (no clipping at the image's edge: what lands in
+ * the border is dropped), and each pixel gets the same adds in the same
+ * order as col2im_add_ld gives it, starting from its value in img, so the
+ * same bits. 0 (nothing done) when the per-thread planes cannot be had. */
+static int col2im_add_padded(float *img, const float *dcols, size_t ld, int C, int H, int W,
+                             int kh, int kw, int pad, int Ho, int Wo) {
+    int Hp = H + 2 * pad, Wp = W + 2 * pad, nthreads = 1;
+#ifdef _OPENMP
+    nthreads = omp_in_parallel() ? 1 : omp_get_max_threads();
+#endif
+    float *planes = malloc((size_t)nthreads * Hp * Wp * sizeof(float));
+    if (!planes) return 0;
+    #pragma omp parallel for num_threads(nthreads) if ((size_t)C * kh * kw * Ho * Wo >= PAR_MIN)
+    for (int c = 0; c < C; c++) {
+        int tid = 0;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+#endif
+        float *acc = planes + (size_t)tid * Hp * Wp, *dst = img + (size_t)c * H * W;
+        memset(acc, 0, (size_t)Hp * Wp * sizeof(float));
+        for (int y = 0; y < H; y++) memcpy(acc + (size_t)(y + pad) * Wp + pad, dst + (size_t)y * W, (size_t)W * sizeof(float));
+        for (int i = 0; i < kh; i++)
+            for (int j = 0; j < kw; j++) {
+                const float *src = dcols + ((size_t)(c * kh + i) * kw + j) * ld;
+                /* output (oy, ox) of tap (i, j) is padded pixel (oy + i, ox + j) */
+                for (int oy = 0; oy < Ho; oy++)
+                    add_run(acc + (size_t)(oy + i) * Wp + j, src + (size_t)oy * Wo, Wo);
+            }
+        for (int y = 0; y < H; y++) memcpy(dst + (size_t)y * W, acc + (size_t)(y + pad) * Wp + pad, (size_t)W * sizeof(float));
+    }
+    free(planes);
+    return 1;
+}
+
+/* dcols rows nrow * Wo apart */
+static void col2im_add(float *img, const float *dcols, int C, int H, int W,
+                       int kh, int kw, int stride, int pad, int oy0, int oy1, int Wo) {
+    col2im_add_ld(img, dcols, (size_t)(oy1 - oy0) * Wo, C, H, W, kh, kw, stride, pad, oy0, oy1, Wo);
+}
+
 /* The columns of a big image do not fit in memory (SD's VAE at 512x512:
  * 128*9 x 262144 floats = 1.2 GB), so they are built a band of output rows
  * at a time, at most nn_conv_cols_max floats. */
@@ -203,12 +259,71 @@ static int conv_band_rows(int K, int Ho, int Wo) {
     return rows > (size_t)Ho ? Ho : (int)rows;
 }
 
+/* out (B, O, P) = w (O, K) * cols + b for nb images at a time, cols packed
+ * straight from the images (gemm_im2col): one product of N = nb P columns
+ * instead of nb of P, one pass over the columns instead of three. For nb > 1
+ * the product lands in (O, nb P) scratch and is moved to each image's
+ * (O, P) with the bias added on the way: the same float operations as the
+ * per-image path below (sum, then + b), so the same bits. Returns 0 (nothing
+ * done) where it does not apply: bf16 mode (gemm_packed would unpack), a
+ * per-image product gemm runs unblocked (other sums), or not even one image's
+ * columns within nn_conv_cols_max. */
+static int conv_forward_packed(float *out, const float *inp, const float *w, const float *b,
+                               int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad) {
+    int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
+    int K = C * kh * kw, P = Ho * Wo;
+    if (gemm_compute() != GEMM_F32 || gemm_is_small(O, P, K)) return 0;
+    /* as many images at a time as nn_conv_cols_max allows */
+    int nb = B;
+    while (nb > 0 && gemm_im2col_floats(nb, C, H, W, kh, kw, stride, pad) +
+                     (nb > 1 ? (size_t)O * nb * P : 0) > nn_conv_cols_max) nb--;
+    if (nb == 0) return 0;
+    size_t npack = gemm_im2col_floats(nb, C, H, W, kh, kw, stride, pad);
+    float *buf = scratch_or_die(npack + (nb > 1 ? (size_t)O * nb * P : 0)), *tmp = buf + npack;
+    for (int b0 = 0; b0 < B; b0 += nb) {
+        int n = B - b0 < nb ? B - b0 : nb, N = n * P;
+        const float *x = inp + (size_t)b0 * C * H * W;
+        float *y = out + (size_t)b0 * O * P;
+        if (n == 1) {
+            gemm_im2col(O, 1.0f, w, K, x, 1, C, H, W, kh, kw, stride, pad, buf, 0.0f, y, P);
+            if (b) {
+                #pragma omp parallel for if ((size_t)O * P >= PAR_MIN)
+                for (int o = 0; o < O; o++) {
+                    float *yo = y + (size_t)o * P;
+                    for (int p = 0; p < P; p++) yo[p] += b[o];
+                }
+            }
+            continue;
+        }
+        // tmp (O, n P) = w (O, K) * cols (K, n P)
+        gemm_im2col(O, 1.0f, w, K, x, n, C, H, W, kh, kw, stride, pad, buf, 0.0f, tmp, N);
+        // y[bi, o, :] = tmp[o, bi P ..] (+ b[o])
+        #pragma omp parallel for collapse(2) if ((size_t)O * N >= PAR_MIN)
+        for (int bi = 0; bi < n; bi++)
+            for (int o = 0; o < O; o++) {
+                float *yo = y + ((size_t)bi * O + o) * P;
+                const float *to = tmp + (size_t)o * N + (size_t)bi * P;
+                if (b) {
+                    float bo = b[o];
+                    for (int p = 0; p < P; p++) yo[p] = to[p] + bo;
+                } else {
+                    memcpy(yo, to, (size_t)P * sizeof(float));
+                }
+            }
+    }
+    return 1;
+}
+
 void conv2d_forward(float *out, const float *inp, const float *w, const float *b,
                     int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad) {
     double t0 = prof_begin();
     int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
     int K = C * kh * kw, P = Ho * Wo;
     int direct = conv_is_pointwise(kh, kw, stride, pad);
+    if (!direct && conv_forward_packed(out, inp, w, b, B, C, H, W, O, kh, kw, stride, pad)) {
+        prof_end(kh * kw > 1 ? PROF_CONV3 : PROF_LINEAR, 0, t0, 2.0 * B * O * P * K);
+        return;
+    }
     int band = direct ? Ho : conv_band_rows(K, Ho, Wo);
     float *cols = direct ? NULL : scratch_or_die((size_t)K * band * Wo);
     for (int bi = 0; bi < B; bi++) {
@@ -236,6 +351,42 @@ void conv2d_forward(float *out, const float *inp, const float *w, const float *b
     prof_end(kh * kw > 1 ? PROF_CONV3 : PROF_LINEAR, 0, t0, 2.0 * B * O * P * K);
 }
 
+/* dinp only (a frozen conv), nb images at a time: dout gathered to (O, nb P),
+ * one product dcols (K, nb P) = w^T dout instead of nb (w is packed once),
+ * then each image's columns scattered back as below. Every dcols entry is the
+ * same sum over O as the per-image product's and the scatter adds in the
+ * same order, so the same bits. Returns 0 (nothing done) where a per-image
+ * product would run unblocked (other sums) or one image's columns exceed
+ * nn_conv_cols_max. */
+static int conv_backward_dinp_batched(float *dinp, const float *dout, const float *w,
+                                      int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad) {
+    int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
+    int K = C * kh * kw, P = Ho * Wo;
+    if (B < 2 || gemm_is_small(K, P, O)) return 0;
+    int nb = B;
+    while (nb > 1 && (size_t)(K + O) * nb * P > nn_conv_cols_max) nb--;
+    if (nb < 2) return 0;
+    float *dcols = scratch_or_die((size_t)(K + O) * nb * P), *dy = dcols + (size_t)K * nb * P;
+    for (int b0 = 0; b0 < B; b0 += nb) {
+        int n = B - b0 < nb ? B - b0 : nb, N = n * P;
+        // dy (O, n P): image bi's dout in columns bi P ..
+        #pragma omp parallel for collapse(2) if ((size_t)O * N >= PAR_MIN)
+        for (int bi = 0; bi < n; bi++)
+            for (int o = 0; o < O; o++)
+                memcpy(dy + (size_t)o * N + (size_t)bi * P, dout + ((size_t)(b0 + bi) * O + o) * P,
+                       (size_t)P * sizeof(float));
+        // dcols (K, n P) = w^T (K, O) * dy (O, n P)
+        gemm(1, 0, K, N, O, 1.0f, w, K, dy, N, 0.0f, dcols, N);
+        for (int bi = 0; bi < n; bi++) {
+            float *dx = dinp + (size_t)(b0 + bi) * C * H * W;
+            const float *dc = dcols + (size_t)bi * P;
+            if (stride != 1 || !col2im_add_padded(dx, dc, N, C, H, W, kh, kw, pad, Ho, Wo))
+                col2im_add_ld(dx, dc, N, C, H, W, kh, kw, stride, pad, 0, Ho, Wo);
+        }
+    }
+    return 1;
+}
+
 void conv2d_backward(float *dinp, float *dw, float *db, const float *dout,
                      const float *inp, const float *w,
                      int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad) {
@@ -258,6 +409,10 @@ void conv2d_backward(float *dinp, float *dw, float *db, const float *dout,
     }
     if (!dw && !dinp) { prof_end(kh * kw > 1 ? PROF_CONV3 : PROF_LINEAR, 1, t0, 0); return; }
 
+    if (!dw && !direct && conv_backward_dinp_batched(dinp, dout, w, B, C, H, W, O, kh, kw, stride, pad)) {
+        prof_end(kh * kw > 1 ? PROF_CONV3 : PROF_LINEAR, 1, t0, 2.0 * B * O * P * K);
+        return;
+    }
     // one scratch band of columns serves twice: first as the columns of the
     // input (for dw), then as their gradient dcols (for dinp)
     int band = direct ? Ho : conv_band_rows(K, Ho, Wo);
@@ -625,8 +780,11 @@ void geglu_backward(float *dinp, const float *dout, const float *inp, int N, int
         const float *dy = dout + (size_t)r * D;
         float *dv = dinp + (size_t)r * 2 * D, *dg = dv + D;
         for (int j = 0; j < D; j++) {
-            dv[j] += dy[j] * gelu_f(g[j]);
-            dg[j] += dy[j] * v[j] * gelu_grad(g[j]);
+            /* gelu_f and gelu_grad with their common erf computed once
+             * (the same expressions, so the same bits) */
+            float x = g[j], e = 1.0f + nn_erff(x * INV_SQRT2);
+            dv[j] += dy[j] * (0.5f * x * e);
+            dg[j] += dy[j] * v[j] * (0.5f * e + x * nn_expf(-0.5f * x * x) * INV_SQRT_2PI);
         }
     }
     /* ASSIGNMENT 03 END */

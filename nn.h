@@ -41,6 +41,19 @@ gemm_packed_b *gemm_pack_b(int transB, int K, int N, const float *B, int ldb);
 void gemm_packed(int transA, int M, float alpha, const float *A, int lda,
                  const gemm_packed_b *B, float beta, float *C, int ldc);
 void gemm_packed_b_free(gemm_packed_b *pb);
+/* whether gemm runs an M x N x K product element by element (no packing):
+ * its sums then differ in the last bits from the blocked path's when K is
+ * split, so a caller that regroups products checks both shapes alike */
+int gemm_is_small(int M, int N, int K);
+/* C (M x B*Ho*Wo) = alpha * A (M x C*kh*kw) * cols + beta * C, where cols is
+ * conv2d's im2col of the B images img (B, C, H, W) side by side (column
+ * b*Ho*Wo + oy*Wo + ox), packed straight from img into buf, which holds
+ * gemm_im2col_floats(B, C, H, W, kh, kw, stride, pad) floats. The same bits
+ * as gemm on the columns matrix. */
+size_t gemm_im2col_floats(int B, int C, int H, int W, int kh, int kw, int stride, int pad);
+void gemm_im2col(int M, float alpha, const float *A, int lda,
+                 const float *img, int B, int C, int H, int W, int kh, int kw, int stride, int pad,
+                 float *buf, float beta, float *Cm, int ldc);
 
 /* ---- exp for vectorised loops ----------------------------------------------
  * libm's expf is a function call, so a loop that calls it stays scalar; this
@@ -192,8 +205,7 @@ void groupnorm_backward(float *dinp, float *dw, float *db, const float *dout,
  * groupnorm_backward's caller keeps for silu_backward), act = silu(out);
  * bit-identical to groupnorm_forward + silu_forward(act, out, B*C*HW), one
  * read of inp and of out fewer. Backward: silu_backward, then groupnorm_backward.
- * (Not yet called: unet.c's resnet_forward norm1/norm2 and norm_out, and
- * vae.c's resnet, are the places it replaces the pair.) */
+ * Called by unet.c's and vae.c's ResNet forwards (on the CPU table). */
 void groupnorm_silu_forward(float *out, float *act, float *mean, float *rstd, const float *inp,
                             const float *w, const float *b, int B, int C, int HW, int G, float eps);
 

@@ -351,28 +351,38 @@ static int resnet_has_lora(const resnet_t *r) { return r->l1.L || r->l2.L || r->
  * (between silu and conv2) is 0 in every SD config, and
  * output_scale_factor is 1. */
 
+/* n = groupnorm(x), act = silu(n): one pass over memory on the CPU
+ * (groupnorm_silu_forward, bit for bit the pair); a device table, the pair */
+static void gn_silu(unet_t *u, float *n, float *act, float *mean, float *rstd, const float *x,
+                    const float *w, const float *b, int B, int C, int HW, int G, float eps) {
+    if (OPS == &nn_ops_cpu) {
+        groupnorm_silu_forward(n, act, mean, rstd, x, PV(u, w), PV(u, b), B, C, HW, G, eps);
+        return;
+    }
+    OPS->groupnorm_forward(n, mean, rstd, x, PV(u, w), PV(u, b), B, C, HW, G, eps);
+    OPS->silu_forward(act, n, (size_t)B * C * HW);
+}
+
 static void resnet_forward(unet_t *u, resnet_t *r) {
     OPS->set_layer(r->conv1_w->name);   /* a device error names the block (its conv1 weight) */
     int B = u->B, H = r->H, W = r->W, HW = H * W, G = u->cfg.groups, cin = r->cin, cout = r->cout;
     int T = 4 * u->cfg.block_out[0];
     float eps = u->cfg.eps;
-    size_t nin = (size_t)B * cin * HW, nout = (size_t)B * cout * HW;
+    size_t nout = (size_t)B * cout * HW;
     const float *x = at(u, r->x);
     float *out = at(u, r->out), *n1 = at(u, r->n1), *h1 = at(u, r->h1), *n2 = at(u, r->n2);
     float *mean1 = at(u, r->mean1), *rstd1 = at(u, r->rstd1), *mean2 = at(u, r->mean2), *rstd2 = at(u, r->rstd2);
     float *silu_out = at(u, r->silu), *tp = at(u, r->tproj);
     r->rng = u->dropout_rng;
 
-    OPS->groupnorm_forward(n1, mean1, rstd1, x, PV(u, r->norm1_w), PV(u, r->norm1_b), B, cin, HW, G, eps);
-    OPS->silu_forward(silu_out, n1, nin);
+    gn_silu(u, n1, silu_out, mean1, rstd1, x, r->norm1_w, r->norm1_b, B, cin, HW, G, eps);
     OPS->conv2d_forward(h1, silu_out, weight_f32(u, r->conv1_w), PV(u, r->conv1_b), B, cin, H, W, cout, 3, 3, 1, 1);
     clora_forward(u, &r->l1, h1, silu_out);
     // h1[b, c, :] += (W_t silu(temb[b]) + b_t)[c]
     OPS->linear_forward(tp, at(u, u->net->temb), weight_f32(u, r->temb_w), PV(u, r->temb_b), B, T, cout);
     clora_forward(u, &r->lt, tp, at(u, u->net->temb));
     OPS->add_chan(h1, tp, B, cout, (size_t)HW);
-    OPS->groupnorm_forward(n2, mean2, rstd2, h1, PV(u, r->norm2_w), PV(u, r->norm2_b), B, cout, HW, G, eps);
-    OPS->silu_forward(silu_out, n2, nout);
+    gn_silu(u, n2, silu_out, mean2, rstd2, h1, r->norm2_w, r->norm2_b, B, cout, HW, G, eps);
     OPS->conv2d_forward(out, silu_out, weight_f32(u, r->conv2_w), PV(u, r->conv2_b), B, cout, H, W, cout, 3, 3, 1, 1);
     clora_forward(u, &r->l2, out, silu_out);
     if (r->short_w) {

@@ -279,6 +279,19 @@ static void gn_fwd(vae_t *v, const norm_p *n, float *out, float *mean, float *rs
     OPS->groupnorm_forward(out, mean, rstd, in, param(v, n->w), param(v, n->b), B, n->C, HW, v->cfg.groups, VAE_EPS);
 }
 
+/* norm, then act = silu(out): one pass over memory on the CPU
+ * (groupnorm_silu_forward, bit for bit the pair); a device table, the pair */
+static void gn_silu_fwd(vae_t *v, const norm_p *n, float *out, float *act, float *mean, float *rstd,
+                        const float *in, int B, int HW) {
+    if (OPS == &nn_ops_cpu) {
+        groupnorm_silu_forward(out, act, mean, rstd, in, param(v, n->w), param(v, n->b), B, n->C, HW,
+                               v->cfg.groups, VAE_EPS);
+        return;
+    }
+    gn_fwd(v, n, out, mean, rstd, in, B, HW);
+    OPS->silu_forward(act, out, (size_t)B * n->C * HW);
+}
+
 static void gn_bwd(vae_t *v, const norm_p *n, float *din, const float *dout, const float *in,
                    const float *mean, const float *rstd, int B, int HW) {
     OPS->groupnorm_backward(din, grad_of(v, n->w), grad_of(v, n->b), dout, in, param(v, n->w), mean, rstd,
@@ -318,15 +331,13 @@ static float *zeroed(vae_t *v, size_t off, size_t n) {
  *   out = conv2(silu(norm2(h))) + shortcut(x)      shortcut = 1x1 conv or identity */
 static void resnet_forward(vae_t *v, const layer *L) {
     int B = L->B, H = L->H, W = L->W, HW = H * W;
-    size_t ni = in_floats(L), no = out_floats(L);
+    size_t no = out_floats(L);
     const float *x = at(v, L->x);
     float *n1 = at(v, L->n1), *a1 = at(v, L->a1), *h1 = at(v, L->h1);
     float *n2 = at(v, L->n2), *a2 = at(v, L->a2), *out = at(v, L->out);
-    gn_fwd(v, &L->norm1, n1, at(v, L->mean1), at(v, L->rstd1), x, B, HW);
-    OPS->silu_forward(a1, n1, ni);
+    gn_silu_fwd(v, &L->norm1, n1, a1, at(v, L->mean1), at(v, L->rstd1), x, B, HW);
     conv_fwd(v, &L->conv1, h1, a1, B, H, W, 1, 1);
-    gn_fwd(v, &L->norm2, n2, at(v, L->mean2), at(v, L->rstd2), h1, B, HW);
-    OPS->silu_forward(a2, n2, no);
+    gn_silu_fwd(v, &L->norm2, n2, a2, at(v, L->mean2), at(v, L->rstd2), h1, B, HW);
     conv_fwd(v, &L->conv2, out, a2, B, H, W, 1, 1);
     if (L->shortcut.cin) {
         float *s = at(v, L->shortcut_out);
@@ -448,8 +459,7 @@ static void up_backward(vae_t *v, const layer *L) {
 static void normact_forward(vae_t *v, const layer *L) {
     int HW = L->H * L->W;
     float *nx = at(v, L->n1);
-    gn_fwd(v, &L->norm1, nx, at(v, L->mean1), at(v, L->rstd1), at(v, L->x), L->B, HW);
-    OPS->silu_forward(at(v, L->out), nx, in_floats(L));
+    gn_silu_fwd(v, &L->norm1, nx, at(v, L->out), at(v, L->mean1), at(v, L->rstd1), at(v, L->x), L->B, HW);
 }
 
 static void normact_backward(vae_t *v, const layer *L) {

@@ -150,10 +150,14 @@ END_TEST
 
 /* gemm_packed with a B packed once gives gemm's bits, for either layout of
  * B, ragged sizes, more than one K block, the small path, beta != 0, and
- * 1 or 2 threads; and a packed B is reused across calls unchanged */
+ * 1 or 2 threads; and a packed B is reused across calls unchanged. The
+ * narrow shapes (N up to 2 strips: gemm reads A in place there,
+ * gemm_packed always packs it) check that path against the blocked one. */
 START_TEST(test_gemm_packed_same_bits) {
     static const int cases[][3] = {   /* M, N, K */
         {203, 517, 700}, {64, 40, 1100}, {5, 7, 9}, {300, 33, 64}, {1, 1000, 50},
+        {1000, 32, 64}, {301, 16, 200}, {77, 13, 384}, {2000, 32, 300}, {130, 5, 100},
+        {100, 16, 1100}, {40, 32, 800}, {500, 64, 100}, {90, 50, 900}, {256, 8, 256}, {70, 40, 500},
     };
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++)
         for (int ta = 0; ta < 2; ta++)

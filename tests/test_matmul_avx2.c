@@ -9,5 +9,8 @@
 #define gemm_packed_b_free gemm_packed_b_free_avx2
 #define gemm_tiles gemm_tiles_avx2
 #define gemm_buffer gemm_buffer_avx2
+#define gemm_is_small gemm_is_small_avx2
+#define gemm_im2col_floats gemm_im2col_floats_avx2
+#define gemm_im2col gemm_im2col_avx2
 #include "../matmul.c"
 #include "test_matmul.c"

@@ -11,5 +11,8 @@
 #define gemm_packed_b_free gemm_packed_b_free_portable
 #define gemm_tiles gemm_tiles_portable
 #define gemm_buffer gemm_buffer_portable
+#define gemm_is_small gemm_is_small_portable
+#define gemm_im2col_floats gemm_im2col_floats_portable
+#define gemm_im2col gemm_im2col_portable
 #include "../matmul.c"
 #include "test_matmul.c"

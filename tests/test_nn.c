@@ -715,6 +715,55 @@ START_TEST(test_conv_bands) {
 }
 END_TEST
 
+/* the batched convolution paths (conv2d_forward: columns packed straight
+ * from the images, all B at once, or as many as nn_conv_cols_max allows;
+ * conv2d_backward without dw: one w^T dout product for the batch) give the
+ * per-image banded path's bits: shapes whose per-image product is blocked,
+ * K of one and of two K blocks, Wo that divides the kernel's strip width
+ * and Wo that does not, strides 1 and 2 */
+START_TEST(test_conv_packed_same_bits) {
+    static const int cases[][6] = {   /* B, C, H, W, O, stride */
+        {3, 16, 16, 16, 32, 1}, {2, 48, 8, 8, 20, 1}, {3, 24, 9, 7, 16, 1}, {2, 32, 12, 12, 24, 2},
+        {1, 16, 16, 16, 32, 1}, {2, 16, 16, 16, 24, 2}, {5, 8, 4, 4, 36, 1},
+    };
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        int B = cases[c][0], C = cases[c][1], H = cases[c][2], W = cases[c][3], O = cases[c][4];
+        int stride = cases[c][5], k = 3, pad = 1, K = C * k * k;
+        int Ho = (H + 2 * pad - k) / stride + 1, Wo = (W + 2 * pad - k) / stride + 1, P = Ho * Wo;
+        size_t nx = (size_t)B * C * H * W, ny = (size_t)B * O * P, nw = (size_t)O * K;
+        float *x = malloc(nx * 4), *w = malloc(nw * 4), *b = malloc(O * 4), *R = malloc(ny * 4);
+        fill_uniform(x, nx, -1, 1, 11); fill_uniform(w, nw, -1, 1, 12); fill_uniform(b, O, -1, 1, 13);
+        fill_uniform(R, ny, -1, 1, 14);
+        size_t save = nn_conv_cols_max;
+        /* v = 0: room for one image's columns only (the per-image path,
+         * unbanded: bands add dx in another order); 1: every image at
+         * once; 2: fewer images at a time than B on the batched paths */
+        size_t lim[3] = {(size_t)K * P, save, (size_t)(K + O) * P * 2 + 64};
+        float *y[3], *dx[3];
+        for (int v = 0; v < 3; v++) {
+            y[v] = malloc(ny * 4); dx[v] = malloc(nx * 4);
+            fill_uniform(dx[v], nx, -1, 1, 15);          /* backward adds to dx */
+            nn_conv_cols_max = lim[v];
+            conv2d_forward(y[v], x, w, v == 2 ? NULL : b, B, C, H, W, O, k, k, stride, pad);
+            conv2d_backward(dx[v], NULL, NULL, R, x, w, B, C, H, W, O, k, k, stride, pad);
+        }
+        nn_conv_cols_max = save;
+        ck_assert_msg(memcmp(y[0], y[1], ny * 4) == 0, "case %zu: forward differs", c);
+        ck_assert_msg(memcmp(dx[0], dx[1], nx * 4) == 0, "case %zu: dinp differs", c);
+        ck_assert_msg(memcmp(dx[0], dx[2], nx * 4) == 0, "case %zu: dinp (one image a time) differs", c);
+        /* without bias: y[2] + b must be y[0] exactly (the bias is the last add) */
+        for (int o = 0; o < O; o++)
+            for (int bi = 0; bi < B; bi++)
+                for (int p = 0; p < P; p++) {
+                    size_t i = ((size_t)bi * O + o) * P + p;
+                    ck_assert_msg(y[2][i] + b[o] == y[0][i], "case %zu: forward without bias differs", c);
+                }
+        for (int v = 0; v < 3; v++) { free(y[v]); free(dx[v]); }
+        free(x); free(w); free(b); free(R);
+    }
+}
+END_TEST
+
 /* nn_expf and nn_erff (nn.h) against libm in double at 2^21 evenly spaced
  * points of their ranges: exp within 2 ulp of the exact value (measured
  * 0.97 over every 16th float), erf within 1e-7 absolute (measured 7.6e-8;
@@ -746,6 +795,7 @@ static Suite *nn_suite(void) {
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, test_linear);
     tcase_add_test(tc, test_conv_bands);
+    tcase_add_test(tc, test_conv_packed_same_bits);
     tcase_add_test(tc, test_conv2d);
     tcase_add_test(tc, test_groupnorm);
     tcase_add_test(tc, test_groupnorm_silu);
