@@ -141,3 +141,30 @@ const nn_ops nn_ops_cpu = {
     .mse_loss_forward = mse_loss_forward,
     .mse_loss_backward = mse_loss_backward,
 };
+
+/* ---- fp16's loss scale (backend.h) */
+void nn_loss_scaler_init(nn_loss_scaler *s) {
+    s->scale = 65536.0f;
+    s->good = 0;
+    s->interval = 2000;
+}
+
+int nn_loss_scaler_unscale(const nn_ops *ops, nn_loss_scaler *s, float *g1, size_t n1, float *g2, size_t n2) {
+    /* the sum of squares is inf or NaN exactly when some element is (each
+     * square of a finite float is finite in double, and so is their sum) */
+    double s2 = n1 ? ops->grad_sumsq(g1, n1) : 0;
+    for (size_t i = 0; i < n2; i++) s2 += (double)g2[i] * g2[i];
+    if (!isfinite(s2)) {
+        s->scale *= 0.5f;
+        s->good = 0;
+        return 0;
+    }
+    float inv = 1.0f / s->scale;          /* a power of two: exact */
+    if (n1) ops->scale(g1, inv, n1);
+    for (size_t i = 0; i < n2; i++) g2[i] *= inv;
+    if (++s->good >= s->interval) {
+        s->scale *= 2.0f;
+        s->good = 0;
+    }
+    return 1;
+}

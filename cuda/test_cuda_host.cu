@@ -26,6 +26,7 @@
 #include "optim_ops.cuh"
 #include "ddpm_ops.cuh"
 #include "layers.cuh"
+#include "mixed_ops.cuh"
 extern "C" {
 #include "../nn.h"
 #include "../lora.h"
@@ -79,10 +80,30 @@ static vec randv(size_t n, float lo, float hi, uint64_t seed) {
 /* ---------------------------------------------------------------------------
  * HostBK: DevBK's methods (backend.cuh) as host loops over the same
  * functions, each in its kernel's thread order */
+// the emulated device's compute mode (mixed_ops.cuh's LOWP_*; gemm.cu's g_compute)
+static int g_host_lowp = LOWP_F32;
 struct HostBK {
+    // as gemm_cuda: in a low-precision mode both operands' spans rounded
+    // (round_kernel's function), then fp32 sums (the CPU gemm in its fp32
+    // mode on the rounded values: the products are exact either way)
     static void gemm(int tA, int tB, int M, int N, int K, float alpha, const float *A, int lda,
                      const float *B, int ldb, float beta, float *C, int ldc) {
-        ::gemm(tA, tB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        if (g_host_lowp == LOWP_F32 || K <= 0 || alpha == 0.0f || M <= 0 || N <= 0) {
+            ::gemm(tA, tB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+            return;
+        }
+        size_t na = operand_span(tA ? K : M, tA ? M : K, lda, 0, 1), nb = operand_span(tB ? N : K, tB ? K : N, ldb, 0, 1);
+        std::vector<float> ar(na), br(nb);
+        for (size_t i = 0; i < na; i++) ar[i] = lowp_round(A[i], g_host_lowp);
+        for (size_t i = 0; i < nb; i++) br[i] = lowp_round(B[i], g_host_lowp);
+        int cpu_mode = gemm_compute();
+        gemm_set_compute(GEMM_F32);
+        ::gemm(tA, tB, M, N, K, alpha, ar.data(), lda, br.data(), ldb, beta, C, ldc);
+        gemm_set_compute(cpu_mode);
+    }
+    static int lowp() { return g_host_lowp; }
+    static void round_copy(float *dst, const float *src, size_t n) {
+        for (size_t i = 0; i < n; i++) dst[i] = lowp_round(src[i], g_host_lowp);
     }
     static void gemm_batched(int tA, int tB, int M, int N, int K, float alpha,
                              const float *A, int lda, long long sA, const float *B, int ldb, long long sB,
