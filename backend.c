@@ -168,3 +168,13 @@ int nn_loss_scaler_unscale(const nn_ops *ops, nn_loss_scaler *s, float *g1, size
     }
     return 1;
 }
+
+int nn_optimizer_step(const nn_ops *ops, nn_loss_scaler *s, float clip,
+                      adamw_t *o1, float *p1, float *g1, size_t n1, float lr1,
+                      adamw_t *o2, float *p2, float *g2, size_t n2, float lr2) {
+    if (s && !nn_loss_scaler_unscale(ops, s, g1, n1, g2, n2)) return 0;
+    nn_clip_grad_norm(ops, g1, n1, g2, n2, clip);
+    if (n1) ops->adamw_step(o1, p1, g1, lr1);
+    if (n2) adamw_step(o2, p2, g2, lr2);
+    return 1;
+}

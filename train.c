@@ -1585,24 +1585,18 @@ static int optimizer_step(trainer *t, char *err) {
          * the norm), AdamW on A, B there; the text encoder's AdamW here */
         unet_t *u = &t->m.unet;
         t->dev->set_layer("optimizer");
-        if (strcmp(a->compute, "fp16") == 0) {
-            /* fp16: the gradients of scale * loss checked and unscaled on the
-             * device; an overflow skips the step (A, B and AdamW untouched) */
-            float sc = t->st.scaler.scale;
-            if (!nn_loss_scaler_unscale(t->dev, &t->st.scaler, u->dlora_grads, t->n1, t->G2, t->n2)) {
-                if (device_failed(t, "optimizer step", err)) return -1;
-                if (t->tty) fputc('\n', stderr);
-                fprintf(stderr, "step %ld: fp16 gradients overflowed at loss scale %g: step skipped, loss scale now %g\n",
-                        t->st.step + 1, sc, t->st.scaler.scale);
-                t->st.step++;
-                if (t->stop_after > 0 && t->st.step - t->step0 >= t->stop_after) g_stop = 1;
-                return 0;
-            }
-        }
-        nn_clip_grad_norm(t->dev, u->dlora_grads, t->n1, t->G2, t->n2, a->clip);
-        if (t->n1) t->dev->adamw_step(&t->dopt, u->dlora_params, u->dlora_grads, t->lr);
+        /* fp16: the gradients of scale * loss checked and unscaled on the
+         * device first; an overflow skips the step (A, B and AdamW untouched) */
+        float sc = t->st.scaler.scale;
+        int fp16 = strcmp(a->compute, "fp16") == 0;
+        int stepped = nn_optimizer_step(t->dev, fp16 ? &t->st.scaler : NULL, a->clip, &t->dopt, u->dlora_params,
+                                        u->dlora_grads, t->n1, t->lr, &t->st.opt_te, t->P2, t->G2, t->n2, t->lr_te);
         t->st.opt_unet.step = t->dopt.step;
-        if (t->n2) adamw_step(&t->st.opt_te, t->P2, t->G2, t->lr_te);
+        if (!stepped) {
+            if (t->tty) fputc('\n', stderr);
+            fprintf(stderr, "step %ld: fp16 gradients overflowed at loss scale %g: step skipped, loss scale now %g\n",
+                    t->st.step + 1, sc, t->st.scaler.scale);
+        }
         if (device_failed(t, "optimizer step", err)) return -1;
     } else {
         clip_gradients(t);

@@ -37,6 +37,7 @@ extern "C" {
 #include "../vae.h"
 #include "../clip.h"
 #include "../half.h"
+#include "../backend.h"
 }
 
 typedef std::vector<float> vec;
@@ -368,8 +369,10 @@ static void test_conv(int B, int C, int H, int W, int O, int kh, int kw, int str
     expect_close(name, dx, dxr, BWD);
     snprintf(name, sizeof name, "conv2d bwd dw, db (k%dx%d s%d p%d)", kh, kw, stride, pad);
     expect(name, fmax(rel_err(dw.data(), dwr.data(), nw), rel_err(db.data(), dbr.data(), O)), BWD);
-    // the direct kernel (used for strided convs) on every shape too
+    // the direct kernel (used for strided convs) on every shape too (fp32:
+    // in a low-precision mode conv2d_*_t rounds its operands first)
     conv_dims d = make_conv_dims(B, C, H, W, O, kh, kw, stride, pad);
+    if (!HostBK::lowp()) {
     vec y3(ny), dx3 = randv(nx, -0.1f, 0.1f, 65), dw3 = randv(nw, -0.1f, 0.1f, 66);
     HostBK::conv_fwd(y3.data(), x.data(), w.data(), b.data(), d);
     HostBK::conv_dinp(dx3.data(), dy.data(), w.data(), d);
@@ -378,6 +381,7 @@ static void test_conv(int B, int C, int H, int W, int O, int kh, int kw, int str
     expect(name, rel_err(y3.data(), yr.data(), ny), FWD);
     snprintf(name, sizeof name, "conv2d direct kernel bwd dx, dw (k%dx%d s%d p%d)", kh, kw, stride, pad);
     expect(name, fmax(rel_err(dx3.data(), dxr.data(), nx), rel_err(dw3.data(), dwr.data(), nw)), BWD);
+    }
     // frozen weight (dw, db NULL): dx only
     vec dx2 = randv(nx, -0.1f, 0.1f, 65);
     conv2d_backward_t<HostBK>(dx2.data(), NULL, NULL, dy.data(), x.data(), w.data(), B, C, H, W, O, kh, kw, stride, pad);
@@ -1282,6 +1286,243 @@ static void test_clip_emulated(void) {
     }
 }
 
+
+/* ---------------------------------------------------------------------------
+ * Mixed precision on the device (--compute bf16|fp16; cuda/mixed_ops.cuh,
+ * gemm.cu, backend.c's loss scaler). The emulated device rounds each GEMM
+ * operand with the functions round_kernel runs, then sums in fp32. */
+
+// the device's rounding against the CPU's: bf16_bits == matmul_bf16.c's
+// gemm_bf16_round on every input, f16_bits == half.c's float_to_half on every
+// non-NaN input (a NaN must stay a NaN), over every 4099th fp32 bit pattern
+// (all exponents, signs and NaN/inf) and the edges of fp16's ranges
+static void test_lowp_rounding(void) {
+    static const uint32_t edges[] = {0x00000000u, 0x00000001u, 0x33000000u, 0x33000001u, 0x337fffffu, 0x33800000u,
+                                     0x33c00000u, 0x387fc000u, 0x387fe000u, 0x387fffffu, 0x38800000u, 0x38801000u,
+                                     0x38802000u, 0x3f800000u, 0x3f801000u, 0x3f803000u, 0x477fe000u, 0x477fefffu,
+                                     0x477ff000u, 0x477fffffu, 0x47800000u, 0x7f7fffffu, 0x7f800000u, 0x7fc00000u,
+                                     0x7f800001u, 0x3f7fffffu, 0x3f808000u, 0x3f818000u};
+    size_t n = 0, bf_bad = 0, f16_bad = 0;
+    auto check = [&](uint32_t u) {
+        float f;
+        memcpy(&f, &u, 4);
+        n++;
+        bf_bad += bf16_bits(f) != gemm_bf16_round(f);
+        uint16_t h = f16_bits(f);
+        if (isnan(f)) f16_bad += (h & 0x7c00u) != 0x7c00u || (h & 0x3ffu) == 0;
+        else f16_bad += h != float_to_half(f);
+    };
+    for (uint64_t u = 0; u <= 0xffffffffull; u += 4099) check((uint32_t)u);
+    for (uint32_t e : edges) { check(e); check(e | 0x80000000u); check(e + 0x1000u); check(e - 1u); }
+    char name[160];
+    snprintf(name, sizeof name, "device bf16 rounding == gemm_bf16_round on %zu floats (%zu differ)", n, bf_bad);
+    expect_true(name, bf_bad == 0);
+    snprintf(name, sizeof name, "device fp16 rounding == half.c's float_to_half on %zu floats (%zu differ)", n, f16_bad);
+    expect_true(name, f16_bad == 0);
+    expect_true("fp16 rounding: 65519 -> 65504, 65520 -> inf, 2^-25 -> 0, 1.5 * 2^-25 -> 2^-24",
+                f16_bits(65519.0f) == 0x7bff && f16_bits(65520.0f) == 0x7c00 && f16_bits(2.98023224e-8f) == 0 &&
+                f16_bits(4.47034836e-8f) == 1);
+}
+
+// the GEMM layers of layers.cuh in the bf16 mode (HostBK rounding each
+// operand as round_kernel does) against nn.c's, attention.c's and lora.c's
+// under gemm_set_compute(GEMM_BF16), at the fp32 tolerances: the same
+// rounded operands, exact products, only the fp32 sums in another order
+static void test_layers_lowp(void) {
+    printf("-- the GEMM layers in bf16: device (emulated) vs CPU --compute bf16\n");
+    g_host_lowp = LOWP_BF16;
+    gemm_set_compute(GEMM_BF16);
+    test_linear(29, 48, 33, 1);
+    test_conv(2, 5, 9, 8, 6, 3, 3, 1, 1);
+    test_conv(1, 4, 9, 10, 3, 3, 3, 2, 1);
+    test_conv(2, 6, 5, 7, 4, 1, 1, 1, 0);
+    test_attention(2, 13, 13, 3, 8, 0, 1);
+    test_attention(1, 21, 7, 2, 16, 0, 0);
+    test_attention(1, 300, 300, 2, 8, 1, 0);
+    test_lora(19, 40, 24, 4, 0.0f);
+    test_lora(11, 33, 17, 3, 0.25f);
+    g_host_lowp = LOWP_F32;
+    gemm_set_compute(GEMM_F32);
+}
+
+// nsteps LoRA training steps of the tiny UNet (as test_train_emulated: batch 2,
+// min-SNR-like weights, --clip 1e-3), on the CPU (dev NULL: train.c's CPU path
+// under gemm_set_compute(cpu_mode)) or on the emulated device at compute mode
+// lowp (train.c's device path: nn_optimizer_step, with the scaler s under
+// fp16). Records each step's loss and whether it was taken; A, B and the AdamW
+// moments after the last. Step k of run `huge_at` gets loss scale 1e30 first.
+struct mp_run {
+    vec loss, params, m, v;
+    std::vector<vec> grad;        // each step's LoRA gradient (unscaled, before --clip)
+    std::vector<int> taken;
+    long adam_step;
+    std::vector<float> scale;     // the scale after each step (fp16)
+    int ok;
+};
+static mp_run mp_train(const nn_ops *dev, int lowp, int cpu_mode, nn_loss_scaler *s, int nsteps, int huge_at) {
+    mp_run r;
+    r.ok = 0;
+    r.adam_step = 0;
+    unet_t u;
+    if (tiny_unet(&u, "models/tiny/unet", WEIGHT_F32)) return r;
+    int B = 2, h = 8, w = 8, Tc = 7;
+    const unet_config *c = &u.cfg;
+    size_t n = u.lora_nparams, per = (size_t)c->out_channels * h * w, nx = (size_t)B * c->in_channels * h * w;
+    size_t nc = (size_t)B * Tc * c->cross_dim;
+    vec ctx = randv(nc, -1.0f, 1.0f, 302), wt = {0.8f, 0.3f}, pc(B * per), dpc(B * per);
+    const float clip = 1e-3f;
+    adamw_t o;
+    adamw_init(&o, n, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+    float *dtarget = NULL, *dwt = NULL;
+    int ok = 1;
+    if (dev) {
+        g_host_lowp = lowp;
+        gemm_set_compute(GEMM_F32);
+        ok = unet_to_device(&u, dev) == 0 && unet_alloc_acts(&u, B, h, w, Tc, 1) == 0;
+        float *m0 = (float *)dev->alloc(sizeof(float) * n), *v0 = (float *)dev->alloc(sizeof(float) * n);
+        ok = ok && dev->upload(m0, o.m, sizeof(float) * n) && dev->upload(v0, o.v, sizeof(float) * n);
+        free(o.m); free(o.v);
+        o.m = m0; o.v = v0;
+        dtarget = (float *)dev->alloc(sizeof(float) * B * per);
+        dwt = (float *)dev->alloc(sizeof(float) * B);
+        ok = ok && dev->upload(dwt, wt.data(), sizeof(float) * B);
+    } else {
+        gemm_set_compute(cpu_mode);
+        ok = unet_alloc_acts(&u, B, h, w, Tc, 1) == 0;
+    }
+    for (int step = 0; ok && step < nsteps; step++) {
+        vec x = randv(nx, -1.0f, 1.0f, 310 + step), target = randv(B * per, -1.0f, 1.0f, 320 + step);
+        vec t = {(float)(50 + 200 * step), (float)(900 - 100 * step)};
+        float lr = 1e-2f * (step + 1) / 4, L;
+        int taken = 1;
+        unet_zero_lora_grads(&u);
+        if (!dev) {
+            ok = unet_forward(&u, pc.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0;
+            L = mse_loss_forward(pc.data(), target.data(), wt.data(), B, per);
+            std::fill(dpc.begin(), dpc.end(), 0.0f);
+            mse_loss_backward(dpc.data(), pc.data(), target.data(), wt.data(), 1.0f, B, per);
+            ok = ok && unet_backward(&u, dpc.data(), NULL, NULL) == 0;
+            r.grad.push_back(vec(u.lora_grads, u.lora_grads + n));
+            clip_grad_norm(u.lora_grads, n, clip);
+            adamw_step(&o, u.lora_params, u.lora_grads, lr);
+        } else {
+            float *pred = NULL, *deps = NULL;
+            if (s && step == huge_at) s->scale = 1e30f;
+            ok = unet_forward(&u, NULL, x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
+                 unet_device_io(&u, &pred, &deps) == 0 && dev->upload(dtarget, target.data(), sizeof(float) * B * per);
+            if (!ok) break;
+            L = dev->mse_loss_forward(pred, dtarget, dwt, B, per);
+            dev->zero(deps, B * per);
+            dev->mse_loss_backward(deps, pred, dtarget, dwt, s ? s->scale : 1.0f, B, per);   // as device_loss_step
+            ok = unet_backward(&u, NULL, NULL, NULL) == 0;
+            vec g(n);
+            ok = ok && dev->download(g.data(), u.dlora_grads, sizeof(float) * n);
+            for (float &x : g) x /= s ? s->scale : 1.0f;
+            r.grad.push_back(g);
+            taken = nn_optimizer_step(dev, s, clip, &o, u.dlora_params, u.dlora_grads, n, lr, NULL, NULL, NULL, 0, 0.0f);
+            if (s) r.scale.push_back(s->scale);
+        }
+        r.loss.push_back(L);
+        r.taken.push_back(taken);
+    }
+    if (ok) {
+        r.params.resize(n); r.m.resize(n); r.v.resize(n);
+        if (dev) ok = dev->download(r.params.data(), u.dlora_params, sizeof(float) * n) &&
+                      dev->download(r.m.data(), o.m, sizeof(float) * n) && dev->download(r.v.data(), o.v, sizeof(float) * n);
+        else {
+            memcpy(r.params.data(), u.lora_params, sizeof(float) * n);
+            memcpy(r.m.data(), o.m, sizeof(float) * n);
+            memcpy(r.v.data(), o.v, sizeof(float) * n);
+        }
+    }
+    r.adam_step = o.step;
+    r.ok = ok;
+    if (dev) { dev->free(o.m); dev->free(o.v); dev->free(dtarget); dev->free(dwt); o.m = o.v = NULL; }
+    adamw_free(&o);
+    unet_free(&u);
+    g_host_lowp = LOWP_F32;
+    gemm_set_compute(GEMM_F32);
+    return r;
+}
+static double loss_err(const vec &a, const vec &b) {
+    double e = a.size() == b.size() ? 0 : INFINITY;
+    for (size_t i = 0; i < a.size() && i < b.size(); i++) e = fmax(e, fabs((double)a[i] - b[i]) / fabs((double)b[i]));
+    return e;
+}
+
+/* --compute bf16 on the (emulated) device against the CPU's --compute bf16:
+ * a training step (loss, every LoRA gradient), then 3 more (losses). Both
+ * round the same operands the same way and bf16 products are exact in fp32
+ * (test_layers_lowp: layer by layer they agree to 1e-7..2e-5), but the order
+ * of the fp32 sums differs (im2col vs shifted-GEMM convolutions, double vs
+ * float-tree norms), and under bf16 a 1e-7 difference now and then flips an
+ * operand's rounding by 2^-9; over the step's ~40 rounded layers the flips
+ * cascade, so the two runs differ at bf16's own level: measured 2.6e-4 on
+ * the loss and 5.9e-3 (of the largest) on the gradient, the same (2.9e-4,
+ * 5.7e-3) when the emulation calls the CPU's own bf16 GEMM instead, so the
+ * spread is that cascade, not the rounding. Tolerances: 2e-3 on the loss
+ * (bf16's unit roundoff 2^-9) and 2e-2 on the gradient, about 7x and 3x
+ * the measured. A, B after the steps are not compared: AdamW divides by
+ * sqrt(v), which turns a near-zero gradient's tiny difference into an
+ * lr-sized step. That the emulation rounded at all: its loss differs from
+ * the CPU's fp32 loss by more than 1e-4 (bf16 vs fp32 on the CPU: 9.4e-4). */
+static void test_train_bf16_emulated(void) {
+    emu_init();
+    mp_run c32 = mp_train(NULL, LOWP_F32, GEMM_F32, NULL, 4, -1);
+    mp_run cbf = mp_train(NULL, LOWP_F32, GEMM_BF16, NULL, 4, -1);
+    mp_run ebf = mp_train(&nn_ops_emu, LOWP_BF16, GEMM_F32, NULL, 4, -1);
+    int ok = c32.ok && cbf.ok && ebf.ok && ebf.loss.size() == 4 && cbf.loss.size() == 4;
+    expect_true("mixed precision: the CPU fp32, CPU bf16 and emulated bf16 runs train", ok);
+    if (!ok) return;
+    size_t n = cbf.grad[0].size();
+    printf("note: step 1, CPU bf16 vs CPU fp32: loss %.3g, gradient %.3g\n",
+           fabs(cbf.loss[0] - c32.loss[0]) / c32.loss[0], rel_err(cbf.grad[0].data(), c32.grad[0].data(), n));
+    expect("emulated bf16 training step 1: loss vs CPU --compute bf16", fabs(ebf.loss[0] - cbf.loss[0]) / cbf.loss[0], 2e-3);
+    expect("emulated bf16 training step 1: every LoRA gradient vs CPU bf16", rel_err(ebf.grad[0].data(), cbf.grad[0].data(), n), 2e-2);
+    expect("emulated bf16 training: losses of steps 1-4 vs CPU bf16", loss_err(ebf.loss, cbf.loss), 2e-3);
+    expect_true("emulated bf16 step 1's loss is not fp32's (differs by > 1e-4: the operands were rounded)",
+                fabs(ebf.loss[0] - c32.loss[0]) / c32.loss[0] > 1e-4);
+}
+
+/* --compute fp16 on the emulated device: three steps at the initial scale
+ * 65536 (interval 2: the scale doubles after the second), close to the CPU's
+ * fp32 run (fp16's 11-bit operands: 1e-2 relative); then a run whose second
+ * step starts at a scale of 1e30, so that deps * scale overflows fp16 in the
+ * first GEMM: that step is skipped (A, B, AdamW's moments and step count
+ * bit for bit those after step 1) and the scale halves. */
+static void test_train_fp16_emulated(void) {
+    emu_init();
+    mp_run c32 = mp_train(NULL, LOWP_F32, GEMM_F32, NULL, 3, -1);
+    nn_loss_scaler s;
+    nn_loss_scaler_init(&s);
+    expect_true("loss scaler starts at 65536, doubling every 2000 good steps", s.scale == 65536.0f && s.interval == 2000 && s.good == 0);
+    s.interval = 2;
+    mp_run e16 = mp_train(&nn_ops_emu, LOWP_F16, GEMM_F32, &s, 3, -1);
+    expect_true("mixed precision: the emulated fp16 run trains", c32.ok && e16.ok);
+    if (!(c32.ok && e16.ok)) return;
+    expect_true("fp16 at scale 65536: every step taken; the scale 65536, 131072, 131072 (doubled after 2 good steps)",
+                e16.taken == std::vector<int>({1, 1, 1}) && e16.scale == std::vector<float>({65536.0f, 131072.0f, 131072.0f}) &&
+                e16.adam_step == 3);
+    double dl = loss_err(e16.loss, c32.loss), dg = rel_err(e16.grad[0].data(), c32.grad[0].data(), c32.grad[0].size());
+    printf("note: emulated device fp16 vs CPU fp32: losses %.3g, step 1's gradient (unscaled) %.3g\n", dl, dg);
+    expect("emulated fp16 training: losses of 3 steps vs CPU fp32", dl, 2e-3);
+    expect("emulated fp16 training: step 1's LoRA gradient, unscaled, vs CPU fp32", dg, 1e-2);
+    // the overflow: step 2 of 2 at scale 1e30, against a 1-step run
+    nn_loss_scaler s1, s2;
+    nn_loss_scaler_init(&s1);
+    nn_loss_scaler_init(&s2);
+    mp_run one = mp_train(&nn_ops_emu, LOWP_F16, GEMM_F32, &s1, 1, -1);
+    mp_run two = mp_train(&nn_ops_emu, LOWP_F16, GEMM_F32, &s2, 2, 1);
+    expect_true("fp16 overflow runs train", one.ok && two.ok);
+    if (!(one.ok && two.ok)) return;
+    printf("note: fp16 overflow: step 2 at loss scale 1e30: taken %d, scale after %g\n", two.taken[1], (double)two.scale[1]);
+    expect_true("fp16 overflow (loss scale 1e30): the step is skipped and the scale halves to 5e29",
+                two.taken == std::vector<int>({1, 0}) && two.scale[1] == 5e29f && s2.good == 0);
+    expect_true("fp16 overflow: LoRA A, B, AdamW m, v (bit for bit) and AdamW's step count untouched by the skipped step",
+                two.params == one.params && two.m == one.m && two.v == one.v && two.adam_step == 1 && one.adam_step == 1);
+    expect_true("fp16 overflow: the skipped step's loss is still finite (the forward did not overflow)", isfinite(two.loss[1]));
+}
+
 /* a build without CUDA=1: cuda.h's fallback check, as a C program sees it
  * (cuda.h read a second time without SDLORA_CUDA, in its own namespace) */
 #undef SDLORA_CUDA_H
@@ -1328,6 +1569,10 @@ int main(void) {
     test_train_emulated();
     test_vae_emulated();
     test_clip_emulated();
+    test_lowp_rounding();
+    test_layers_lowp();
+    test_train_bf16_emulated();
+    test_train_fp16_emulated();
     test_device_check();
     test_not_built();
     char err[CUDA_ERR_LEN];
