@@ -20,6 +20,7 @@
 #include <string.h>
 #include <math.h>
 #include <vector>
+#include <sys/mman.h>
 #include "common.cuh"
 #include "nn_ops.cuh"
 #include "attention_ops.cuh"
@@ -1523,6 +1524,228 @@ static void test_train_fp16_emulated(void) {
     expect_true("fp16 overflow: the skipped step's loss is still finite (the forward did not overflow)", isfinite(two.loss[1]));
 }
 
+
+/* ---------------------------------------------------------------------------
+ * The device memory of an SD1.5 LoRA training step at 512^2 (64x64
+ * latents), batch 1, fp16-held weights, --grad-checkpoint, "attn" LoRA rank
+ * 4, counted without a GPU. Every device allocation is made through the
+ * table (unet_to_device: weights; unet_alloc_acts: the arena, the staging
+ * buffers, LoRA A, B, dA, dB; train.c: AdamW's m, v and the loss's target)
+ * or is one of gemm.cu's grow-only buffers (the scratch, a low-precision
+ * GEMM's operand copies) or cuBLAS's workspace. nn_ops_count is a table whose
+ * allocations are counted (address space reserved, never touched) and whose
+ * operations do nothing but record what the device would ask of those
+ * buffers: the layers of layers.cuh run on CountBK, which records the
+ * largest scratch and operand-copy requests. unet.c's own code runs
+ * unchanged, so a step's layout is the device's. */
+static size_t g_cnt_live, g_cnt_peak, g_cnt_scratch, g_cnt_lp;
+static int g_cnt_lowp;
+static std::vector<std::pair<void *, size_t> > g_cnt_allocs;
+static void *cnt_map(size_t bytes) {
+    void *p = mmap(NULL, bytes ? bytes : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+static void *cnt_alloc(size_t bytes) {
+    void *p = cnt_map(bytes);
+    if (!p) return NULL;
+    g_cnt_allocs.push_back(std::make_pair(p, bytes));
+    g_cnt_live += bytes;
+    if (g_cnt_live > g_cnt_peak) g_cnt_peak = g_cnt_live;
+    return p;
+}
+static void cnt_free(void *p) {
+    for (size_t i = 0; p && i < g_cnt_allocs.size(); i++)
+        if (g_cnt_allocs[i].first == p) {
+            munmap(p, g_cnt_allocs[i].second ? g_cnt_allocs[i].second : 1);
+            g_cnt_live -= g_cnt_allocs[i].second;
+            g_cnt_allocs[i] = g_cnt_allocs.back();
+            g_cnt_allocs.pop_back();
+            return;
+        }
+}
+static void cnt_scratch_need(size_t bytes) { if (bytes > g_cnt_scratch) g_cnt_scratch = bytes; }
+struct CountBK {
+    static void gemm(int tA, int tB, int M, int N, int K, float alpha, const float *A, int lda,
+                     const float *B, int ldb, float beta, float *C, int ldc) {
+        gemm_batched(tA, tB, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+    }
+    // gemm.cu's lp_scratch: both operands' spans as 16-bit copies
+    static void gemm_batched(int tA, int tB, int M, int N, int K, float alpha,
+                             const float *A, int lda, long long sA, const float *B, int ldb, long long sB,
+                             float beta, float *C, int ldc, long long sC, int batch) {
+        if (g_cnt_lowp == LOWP_F32 || K <= 0 || alpha == 0.0f || M <= 0 || N <= 0) return;
+        size_t n = operand_span(tA ? K : M, tA ? M : K, lda, sA, batch) + operand_span(tB ? N : K, tB ? K : N, ldb, sB, batch);
+        if (2 * n > g_cnt_lp) g_cnt_lp = 2 * n;
+    }
+    static float *scratch(size_t n) {     // never read or written: any non-NULL pointer
+        static float dummy;
+        cnt_scratch_need(n * sizeof(float));
+        return &dummy;
+    }
+    static void fail(const char *what) { fprintf(stderr, "CountBK: %s\n", what); g_fail++; }
+    static int lowp() { return g_cnt_lowp; }
+    static void round_copy(float *, const float *, size_t) {}
+    static void add_bias_rows(float *, const float *, int, int) {}
+    static void add_bias_chan(float *, const float *, int, int, size_t) {}
+    static void bias_grad_rows(float *, const float *, int, int) {}
+    static void bias_grad_chan(float *, const float *, int, int, size_t) {}
+    static void conv_fwd(float *, const float *, const float *, const float *, conv_dims) {}
+    static void conv_dinp(float *, const float *, const float *, conv_dims) {}
+    static void conv_dw(float *, const float *, const float *, conv_dims) {}
+    static void shift_pad(float *, const float *, conv_dims, shift_dims) {}
+    static void shift_wpack(float *, const float *, conv_dims) {}
+    static void shift_crop(float *, const float *, const float *, conv_dims, shift_dims) {}
+    static void shift_dpad(float *, const float *, conv_dims, shift_dims) {}
+    static void shift_dx_add(float *, const float *, conv_dims, shift_dims) {}
+    static void shift_dw_add(float *, const float *, conv_dims) {}
+    static void zero(float *, size_t) {}
+    static void dropout_fwd(float *, uint8_t *, const float *, size_t, float, uint64_t) {}
+    static void dropout_rebuild(float *, const float *, const uint8_t *, size_t, float) {}
+    static void dropout_bwd(float *, const float *, const uint8_t *, size_t, float) {}
+    static void softmax_rows(float *, int, int, int, int) {}
+    static void softmax_bwd_rows(float *, const float *, int, int) {}
+};
+static nn_ops nn_ops_count;
+static void count_init(void) {
+    nn_ops &t = nn_ops_count;
+    memset(&t, 0, sizeof t);
+    t.name = "counting device";
+    t.device = 1;
+    t.alloc = cnt_alloc; t.free = cnt_free;
+    t.upload = [](void *, const void *, size_t) { return 1; };
+    t.download = [](void *, const void *, size_t) { return 1; };
+    t.error = []() -> const char * { return NULL; };
+    t.set_layer = [](const char *) {};
+    t.copy = [](float *, const float *, size_t) {};
+    t.zero = [](float *, size_t) {};
+    t.add = [](float *, const float *, const float *, size_t) {};
+    t.accumulate = [](float *, const float *, size_t) {};
+    t.transpose = [](float *, const float *, int, int, int) {};
+    t.add_chan = [](float *, const float *, int, int, size_t) {};
+    t.sum_chan = [](float *, const float *, int, int, size_t) {};
+    t.widen_f16 = [](float *, const uint16_t *, size_t) {};
+    t.move = [](float *, const float *, size_t) {};
+    t.pad_br = [](float *, const float *, int, int, int) {};
+    t.gemm = CountBK::gemm;
+    t.linear_forward = linear_forward_t<CountBK>;
+    t.linear_backward = linear_backward_t<CountBK>;
+    t.conv2d_forward = conv2d_forward_t<CountBK>;
+    t.conv2d_backward = conv2d_backward_t<CountBK>;
+    t.groupnorm_forward = [](float *, float *, float *, const float *, const float *, const float *, int, int, int, int, float) {};
+    // nn.cu's groupnorm backward: B C 2 floats of scratch for its sums
+    t.groupnorm_backward = [](float *, float *, float *, const float *, const float *, const float *, const float *,
+                              const float *, int B, int C, int, int) { cnt_scratch_need((size_t)B * C * 2 * sizeof(float)); };
+    t.layernorm_forward = [](float *, float *, float *, const float *, const float *, const float *, int, int, float) {};
+    t.layernorm_backward = [](float *, float *, float *, const float *, const float *, const float *, const float *,
+                              const float *, int, int) {};
+    t.silu_forward = [](float *, const float *, size_t) {};
+    t.silu_backward = [](float *, const float *, const float *, size_t) {};
+    t.gelu_forward = [](float *, const float *, size_t) {};
+    t.quickgelu_forward = [](float *, const float *, size_t) {};
+    t.geglu_forward = [](float *, const float *, int, int) {};
+    t.geglu_backward = [](float *, const float *, const float *, int, int) {};
+    t.upsample2x_forward = [](float *, const float *, int, int, int, int) {};
+    t.upsample2x_backward = [](float *, const float *, int, int, int, int) {};
+    t.timestep_embedding = [](float *, const float *, int, int, int, float, float) {};
+    t.attention_forward = attention_forward_t<CountBK>;
+    t.attention_backward = attention_backward_t<CountBK>;
+    t.lora_forward = lora_forward_t<CountBK>;
+    t.lora_backward = lora_backward_t<CountBK>;
+    t.adamw_step = [](adamw_t *o, float *, const float *, float) { o->step++; };
+    // optim.cu's sum of squares: 2 (runs + 1) floats of scratch; finite
+    t.grad_sumsq = [](const float *, size_t n) { cnt_scratch_need(2 * (sumsq_nruns(n) + 1) * sizeof(float)); return 0.0; };
+    t.scale = [](float *, float, size_t) {};
+    // ddpm.cu's loss: 2 B + 2 floats of scratch
+    t.mse_loss_forward = [](const float *, const float *, const float *, int B, size_t) {
+        cnt_scratch_need(((size_t)B * 2 + 2) * sizeof(float));
+        return 0.0f;
+    };
+    t.mse_loss_backward = [](float *, const float *, const float *, const float *, float, int, size_t) {};
+}
+
+// the budget's parts, in bytes
+struct mem_budget { size_t tables, scratch, lp, total; double arena_mib; int ok; };
+#define CUDA_CONTEXT_ALLOWANCE ((size_t)768 << 20)
+static mem_budget sd15_train_budget(int lowp, int side) {
+    mem_budget b = {0, 0, 0, 0, 0, 0};
+    char err[UNET_ERR_LEN];
+    unet_config c;
+    unet_t u;
+    count_init();
+    g_cnt_live = g_cnt_peak = g_cnt_scratch = g_cnt_lp = 0;
+    g_cnt_lowp = lowp;
+    if (unet_config_sd15(&c, err) || unet_build_dtype(&u, &c, WEIGHT_F16, err)) { printf("note: %s\n", err); return b; }
+    int h = side / 8, w = side / 8, Tc = 77;
+    int ok = unet_add_lora(&u, "attn", 4, 4.0f, 0.0f, 7) == 0 && unet_to_device(&u, &nn_ops_count) == 0 &&
+             unet_alloc_acts(&u, 1, h, w, Tc, 2) == 0;
+    if (!ok) { printf("note: %s\n", u.err); unet_free(&u); return b; }
+    b.arena_mib = (double)u.acts.nfloats * 4 / 1048576.0;
+    const nn_ops *E = &nn_ops_count;
+    size_t n = u.lora_nparams, per = (size_t)c.out_channels * h * w;
+    // train.c's: AdamW's moments, the loss's target and weights
+    adamw_t o;
+    adamw_init(&o, 0, 1e-4f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+    o.n = n;
+    o.m = (float *)E->alloc(sizeof(float) * n);
+    o.v = (float *)E->alloc(sizeof(float) * n);
+    float *dtarget = (float *)E->alloc(sizeof(float) * per), *dwt = (float *)E->alloc(sizeof(float));
+    vec x(per), ctx((size_t)Tc * c.cross_dim), t = {500.0f};
+    float *pred, *deps;
+    nn_loss_scaler s;
+    nn_loss_scaler_init(&s);
+    unet_zero_lora_grads(&u);
+    ok = unet_forward(&u, NULL, x.data(), t.data(), ctx.data(), 1, h, w, Tc) == 0 && unet_device_io(&u, &pred, &deps) == 0;
+    if (ok) {
+        E->mse_loss_forward(pred, dtarget, dwt, 1, per);
+        E->mse_loss_backward(deps, pred, dtarget, dwt, s.scale, 1, per);
+        ok = unet_backward(&u, NULL, NULL, NULL) == 0 &&
+             nn_optimizer_step(E, lowp == LOWP_F16 ? &s : NULL, 1.0f, &o, u.dlora_params, u.dlora_grads, n, 1e-4f,
+                               NULL, NULL, NULL, 0, 0.0f) == 1;
+    }
+    if (!ok) printf("note: %s\n", u.err);
+    b.tables = g_cnt_peak;
+    b.scratch = g_cnt_scratch;
+    b.lp = g_cnt_lp;
+    b.total = b.tables + b.scratch + b.lp + CUDA_CUBLAS_WORKSPACE + CUDA_CONTEXT_ALLOWANCE;
+    b.ok = ok;
+    E->free(o.m); E->free(o.v); E->free(dtarget); E->free(dwt);
+    unet_free(&u);
+    g_cnt_lowp = LOWP_F32;
+    return b;
+}
+
+/* The budget: the table's allocations at their peak, plus the largest
+ * scratch and operand copies (grow-only, so all of them are held at the end
+ * of a step), cuBLAS's workspace (gemm.cu gives it CUDA_CUBLAS_WORKSPACE)
+ * and an allowance for the CUDA context (its kernels, cuBLAS's, the
+ * runtime's own heap) that cannot be counted without a GPU: 768 MiB (stated,
+ * not measured; tools/gpu_check.sh reports the real total from
+ * cudaMemGetInfo). The issue's goal: at most 4 GB (4e9 bytes) in all. The
+ * attention's scratch is what would break it: P for SD1.5's 64x64
+ * self-attention is 8 heads x 4096^2 floats, 512 MiB, twice that in
+ * backward; layers.cuh runs it in passes of at most ATT_PASS_FLOATS. */
+static void test_sd15_memory_budget(void) {
+    static const int modes[] = {LOWP_F32, LOWP_BF16, LOWP_F16};
+    static const char *names[] = {"fp32", "bf16", "fp16"};
+    for (int i = 0; i < 3; i++) {
+        mem_budget b = sd15_train_budget(modes[i], 512);
+        char name[200];
+        snprintf(name, sizeof name, "SD1.5 512^2 training step (--compute %s): counted on the emulated device", names[i]);
+        expect_true(name, b.ok);
+        if (!b.ok) return;
+        const double M = 1048576.0;
+        printf("note: SD1.5 LoRA training at 512^2, batch 1, fp16-held weights, --grad-checkpoint, attn r4, --compute %s: "
+               "allocations %.0f MiB (arena %.0f MiB) + scratch %.0f MiB + operand copies %.0f MiB + cuBLAS workspace %.0f MiB "
+               "+ CUDA context allowance %.0f MiB = %.0f MiB (%.2f GB)\n",
+               names[i], b.tables / M, b.arena_mib, b.scratch / M, b.lp / M, CUDA_CUBLAS_WORKSPACE / M,
+               CUDA_CONTEXT_ALLOWANCE / M, b.total / M, b.total / 1e9);
+        snprintf(name, sizeof name, "SD1.5 512^2 training step (--compute %s): %.2f GB of device memory <= 4 GB", names[i], b.total / 1e9);
+        expect_true(name, b.total <= (size_t)4000000000ull);
+        snprintf(name, sizeof name, "SD1.5 512^2 (--compute %s): attention's scratch held to passes (scratch <= 256 MiB)", names[i]);
+        expect_true(name, b.scratch <= ((size_t)256 << 20));
+    }
+}
+
 /* a build without CUDA=1: cuda.h's fallback check, as a C program sees it
  * (cuda.h read a second time without SDLORA_CUDA, in its own namespace) */
 #undef SDLORA_CUDA_H
@@ -1573,6 +1796,7 @@ int main(void) {
     test_layers_lowp();
     test_train_bf16_emulated();
     test_train_fp16_emulated();
+    test_sd15_memory_budget();
     test_device_check();
     test_not_built();
     char err[CUDA_ERR_LEN];
