@@ -311,6 +311,23 @@ static void check_sd15(int side, int tside) {
     ts = time_train_step(&dev, h, w, Tc, &loss);
     printf("result SD1.5 %dx%d latents, batch 1, LoRA training step, fp16-held weights, gradient checkpointing: "
            "%.1f ms; device memory in use %.0f MiB (the fp32 run's scratch still held)\n", h, w, ts * 1e3, mem_used_mib());
+#ifdef SDLORA_CUDA
+    /* --compute bf16 and fp16 (issue 15's goal: <= 100 ms in bf16 on an
+     * H100/H200-class GPU), then the peak sdlora itself held (cuda_mem_peak;
+     * test-cuda's counted budget for this run: 3.35 GB with a 768 MiB
+     * context allowance) beside what the driver reports in use */
+    static const int modes[] = {CUDA_COMPUTE_BF16, CUDA_COMPUTE_F16};
+    static const char *mname[] = {"bf16", "fp16"};
+    for (int i = 0; i < 2; i++) {
+        cuda_set_compute(modes[i]);
+        ts = time_train_step(&dev, h, w, Tc, &loss);
+        printf("result SD1.5 %dx%d latents, batch 1, LoRA training step, fp16-held weights, gradient checkpointing, "
+               "--compute %s: %.1f ms (loss %.4f)\n", h, w, mname[i], ts * 1e3, loss);
+    }
+    cuda_set_compute(CUDA_COMPUTE_F32);
+    printf("result peak device memory held by sdlora over this run: %.0f MiB (cuda_mem_peak, CUDA context excluded); "
+           "in use now by the driver's count: %.0f MiB\n", (double)cuda_mem_peak() / 1048576.0, mem_used_mib());
+#endif
     unet_free(&dev);
 }
 
