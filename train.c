@@ -1048,6 +1048,9 @@ static void print_run(const trainer *t) {
 
 /* the frozen parts run once: latents (unless --random-crop, which encodes
  * each crop as it comes) and, without --te, the contexts */
+#ifdef SDLORA_CUDA
+static int unet_up(trainer *t, char *err);
+#endif
 static int build_caches(trainer *t, char *err) {
     train_args *a = t->a;
     if (a->buckets) {
@@ -1067,6 +1070,20 @@ static int build_caches(trainer *t, char *err) {
     }
     if (cache_text(&t->td, &t->m, &t->ds, a, err)) return -1;
     if (a->te) t->m.clip.training = 1;
+#ifdef SDLORA_CUDA
+    /* --device cuda, the caches built: the VAE's arena (1.7 GB for SD1.5 at
+     * 512^2) shrinks to one 8x8 image and the scratch its convolutions grew
+     * goes back (a sample grid's decode allocates its own again); only then
+     * the UNet goes up, so the two never share the device (SD1.5 at 512^2:
+     * 3.9 GB at most, cuda/test_cuda_host.cu's budget) */
+    if (t->dev) {
+        if (!a->random_crop) {
+            if (vae_alloc_acts(&t->m.vae, 1, 8, 8, 0)) { snprintf(err, SD_ERR_LEN, "VAE: %s", t->m.vae.err); return -1; }
+            cuda_release_scratch();
+        }
+        if (unet_up(t, err)) return -1;
+    }
+#endif
     return 0;
 }
 
@@ -1094,9 +1111,21 @@ static int device_fail(trainer *t, const char *what, char *err) {
 static int to_device(trainer *t, char *err) {
     if (strcmp(t->a->device, "cuda") != 0) return 0;
 #ifdef SDLORA_CUDA
-    if (unet_to_device(&t->m.unet, nn_ops_cuda())) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.unet.err); return -1; }
-    t->dev = nn_ops_cuda();
-    /* the moments up (zero, or --resume's), the step count with them */
+    t->dev = nn_ops_cuda();   /* the UNet goes up after the caches (unet_up, from build_caches) */
+    /* the VAE's encode (latent cache) and, unless it trains (--te), the text encoder's forward too */
+    if (vae_to_device(&t->m.vae, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.vae.err); return -1; }
+    if (!t->a->te && clip_to_device(&t->m.clip, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.clip.err); return -1; }
+    fprintf(stderr, "device: cuda: the UNet's forward and backward, the loss, --clip and the LoRA's AdamW, the VAE encode%s "
+                    "(noise draws on the CPU)\n", t->a->te ? " (the text encoder trains on the CPU)" : ", the text encoder");
+#endif
+    return 0;
+}
+
+#ifdef SDLORA_CUDA
+/* --device cuda, once the caches are built: the UNet and its LoRA's AdamW
+ * moments up (zero, or --resume's), the step count with them */
+static int unet_up(trainer *t, char *err) {
+    if (unet_to_device(&t->m.unet, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.unet.err); return -1; }
     size_t nb = sizeof(float) * (t->n1 ? t->n1 : 1);
     t->dopt = t->st.opt_unet;
     t->dopt.m = t->dev->alloc(nb);
@@ -1107,14 +1136,9 @@ static int to_device(trainer *t, char *err) {
     }
     if (t->n1 && (!t->dev->upload(t->dopt.m, t->st.opt_unet.m, nb) || !t->dev->upload(t->dopt.v, t->st.opt_unet.v, nb)))
         return device_fail(t, "AdamW state", err);
-    /* the VAE's encode (latent cache) and, unless it trains (--te), the text encoder's forward too */
-    if (vae_to_device(&t->m.vae, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.vae.err); return -1; }
-    if (!t->a->te && clip_to_device(&t->m.clip, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.clip.err); return -1; }
-    fprintf(stderr, "device: cuda: the UNet's forward and backward, the loss, --clip and the LoRA's AdamW, the VAE encode%s "
-                    "(noise draws on the CPU)\n", t->a->te ? " (the text encoder trains on the CPU)" : ", the text encoder");
-#endif
     return 0;
 }
+#endif
 
 /* --device cuda: the loss's target and min-SNR weights on the device */
 static int alloc_device_buffers(trainer *t, char *err) {

@@ -81,6 +81,8 @@ int cuda_compute(void);
 void cuda_set_tf32(int on);
 size_t cuda_mem_peak(void);
 size_t cuda_mem_live(void);
+/* the grow-only scratch and operand copies freed (they grow again on demand) */
+void cuda_release_scratch(void);
 
 /* ---- gemm.cu: gemm() from nn.h through cuBLAS (row-major, BLAS semantics) */
 void gemm_cuda(int transA, int transB, int M, int N, int K,

@@ -194,6 +194,17 @@ float *cuda_scratch(size_t nfloats) {
     return g_scratch;
 }
 
+// the grow-only buffers back (they grow again on the next call that needs
+// them): ./train calls it once the caches are built, so the VAE's 512^2
+// convolutions' scratch is not carried through the UNet's steps
+extern "C" void cuda_release_scratch(void) {
+    dev_free(g_scratch, __func__);
+    dev_free(g_lp, __func__);
+    g_scratch = NULL;
+    g_lp = NULL;
+    g_scratch_cap = g_lp_cap = 0;
+}
+
 // grow-only room for a GEMM's two operand copies (uint16s)
 static uint16_t *lp_scratch(size_t n) {
     if (n <= g_lp_cap && g_lp) return g_lp;

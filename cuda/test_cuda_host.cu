@@ -39,6 +39,7 @@ extern "C" {
 #include "../clip.h"
 #include "../half.h"
 #include "../backend.h"
+#include "../json.h"
 }
 
 typedef std::vector<float> vec;
@@ -1663,24 +1664,76 @@ static void count_init(void) {
     t.mse_loss_backward = [](float *, const float *, const float *, const float *, float, int, size_t) {};
 }
 
-// the budget's parts, in bytes
-struct mem_budget { size_t tables, scratch, lp, total; double arena_mib; int ok; };
+// SD1.5's VAE (diffusers AutoencoderKL) and text encoder (CLIP ViT-L/14's), the keys that matter
+static const char *SD15_VAE =
+    "{\"_class_name\": \"AutoencoderKL\", \"act_fn\": \"silu\", \"block_out_channels\": [128, 256, 512, 512],"
+    " \"down_block_types\": [\"DownEncoderBlock2D\", \"DownEncoderBlock2D\", \"DownEncoderBlock2D\", \"DownEncoderBlock2D\"],"
+    " \"in_channels\": 3, \"latent_channels\": 4, \"layers_per_block\": 2, \"norm_num_groups\": 32, \"out_channels\": 3,"
+    " \"sample_size\": 512, \"scaling_factor\": 0.18215, \"up_block_types\": [\"UpDecoderBlock2D\", \"UpDecoderBlock2D\","
+    " \"UpDecoderBlock2D\", \"UpDecoderBlock2D\"]}";
+static const char *SD15_CLIP =
+    "{\"architectures\": [\"CLIPTextModel\"], \"hidden_act\": \"quick_gelu\", \"hidden_size\": 768,"
+    " \"intermediate_size\": 3072, \"layer_norm_eps\": 1e-05, \"max_position_embeddings\": 77,"
+    " \"num_attention_heads\": 12, \"num_hidden_layers\": 12, \"projection_dim\": 768, \"vocab_size\": 49408}";
+
+// the budget's parts, in bytes (vae_clip: the VAE's and CLIP's share of tables)
+struct mem_budget { size_t tables, scratch, lp, total, vae_clip, cache_total, vae_arena; double arena_mib; int ok; };
 #define CUDA_CONTEXT_ALLOWANCE ((size_t)768 << 20)
-static mem_budget sd15_train_budget(int lowp, int side) {
-    mem_budget b = {0, 0, 0, 0, 0, 0};
-    char err[UNET_ERR_LEN];
+// with_vae_clip: the whole of ./train --device cuda in train.c's order:
+// vae_to_device, clip_to_device, the latent cache's encode (vae_alloc_acts
+// at side^2) and the text cache's forward; then build_caches shrinks the
+// VAE's arena and releases the scratch, and the UNet and AdamW's moments go
+// up (unet_up), its arena, a step. Without: the UNet's step alone (with
+// AdamW and the loss buffers).
+static mem_budget sd15_train_budget(int lowp, int side, int with_vae_clip) {
+    mem_budget b = {0, 0, 0, 0, 0, 0, 0, 0, 0};
+    char err[UNET_ERR_LEN], jerr[256];
     unet_config c;
     unet_t u;
+    vae_t vae;
+    clip_t clip;
+    int have_vae = 0, have_clip = 0, ok = 1;
     count_init();
     g_cnt_live = g_cnt_peak = g_cnt_scratch = g_cnt_lp = 0;
     g_cnt_lowp = lowp;
-    if (unet_config_sd15(&c, err) || unet_build_dtype(&u, &c, WEIGHT_F16, err)) { printf("note: %s\n", err); return b; }
     int h = side / 8, w = side / 8, Tc = 77;
-    int ok = unet_add_lora(&u, "attn", 4, 4.0f, 0.0f, 7) == 0 && unet_to_device(&u, &nn_ops_count) == 0 &&
-             unet_alloc_acts(&u, 1, h, w, Tc, 2) == 0;
-    if (!ok) { printf("note: %s\n", u.err); unet_free(&u); return b; }
-    b.arena_mib = (double)u.acts.nfloats * 4 / 1048576.0;
     const nn_ops *E = &nn_ops_count;
+    if (with_vae_clip) {
+        vae_config vc;
+        clip_config cc;
+        json *j = json_parse(SD15_VAE, strlen(SD15_VAE), jerr, sizeof jerr);
+        ok = j && vae_config_from_json(&vc, j, err) == 0 && vae_build_dtype(&vae, &vc, WEIGHT_F16, err) == 0;
+        json_free(j);
+        have_vae = ok;
+        ok = ok && clip_config_parse(&cc, SD15_CLIP, strlen(SD15_CLIP), "SD15_CLIP", err) == 0 &&
+             clip_init_dtype(&clip, &cc, WEIGHT_F16, err) == 0;
+        have_clip = ok;
+        if (!ok) printf("note: %s\n", j ? err : jerr);
+        ok = ok && vae_to_device(&vae, E) == 0 && clip_to_device(&clip, E) == 0 && vae_alloc_acts(&vae, 1, side, side, 0) == 0;
+        if (ok) {
+            int hl = vae_latent_side(&vc, side);
+            vec img((size_t)3 * side * side), noise((size_t)vc.latent_channels * hl * hl), lat(noise.size());
+            vec ctx((size_t)Tc * cc.hidden_size);
+            std::vector<int> ids(Tc, 0);
+            ok = vae_encode_latents(&vae, lat.data(), img.data(), noise.data(), 1, side, side) == 0 &&
+                 clip_forward(&clip, ctx.data(), ids.data(), 1, Tc, 1) == 0;
+            if (!ok) printf("note: %s / %s\n", vae.err, clip.err);
+        }
+        b.vae_clip = g_cnt_live;
+        b.vae_arena = vae.acts.nfloats * sizeof(float);
+        b.cache_total = g_cnt_peak + g_cnt_scratch + g_cnt_lp + CUDA_CUBLAS_WORKSPACE + CUDA_CONTEXT_ALLOWANCE;
+        // build_caches: the VAE's arena shrunk, cuda_release_scratch
+        ok = ok && vae_alloc_acts(&vae, 1, 8, 8, 0) == 0;
+        g_cnt_scratch = g_cnt_lp = 0;
+        g_cnt_peak = g_cnt_live;      // the steps' peak counts from here
+    }
+    if (unet_config_sd15(&c, err) || unet_build_dtype(&u, &c, WEIGHT_F16, err)) {
+        printf("note: %s\n", err);
+        if (have_vae) vae_free(&vae);
+        if (have_clip) clip_free(&clip);
+        return b;
+    }
+    ok = ok && unet_add_lora(&u, "attn", 4, 4.0f, 0.0f, 7) == 0 && unet_to_device(&u, E) == 0;
     size_t n = u.lora_nparams, per = (size_t)c.out_channels * h * w;
     // train.c's: AdamW's moments, the loss's target and weights
     adamw_t o;
@@ -1688,13 +1741,16 @@ static mem_budget sd15_train_budget(int lowp, int side) {
     o.n = n;
     o.m = (float *)E->alloc(sizeof(float) * n);
     o.v = (float *)E->alloc(sizeof(float) * n);
+    ok = ok && unet_alloc_acts(&u, 1, h, w, Tc, 2) == 0;
+    if (!ok) printf("note: %s\n", u.err);
+    b.arena_mib = (double)u.acts.nfloats * 4 / 1048576.0;
     float *dtarget = (float *)E->alloc(sizeof(float) * per), *dwt = (float *)E->alloc(sizeof(float));
     vec x(per), ctx((size_t)Tc * c.cross_dim), t = {500.0f};
     float *pred, *deps;
     nn_loss_scaler s;
     nn_loss_scaler_init(&s);
     unet_zero_lora_grads(&u);
-    ok = unet_forward(&u, NULL, x.data(), t.data(), ctx.data(), 1, h, w, Tc) == 0 && unet_device_io(&u, &pred, &deps) == 0;
+    ok = ok && unet_forward(&u, NULL, x.data(), t.data(), ctx.data(), 1, h, w, Tc) == 0 && unet_device_io(&u, &pred, &deps) == 0;
     if (ok) {
         E->mse_loss_forward(pred, dtarget, dwt, 1, per);
         E->mse_loss_backward(deps, pred, dtarget, dwt, s.scale, 1, per);
@@ -1710,6 +1766,8 @@ static mem_budget sd15_train_budget(int lowp, int side) {
     b.ok = ok;
     E->free(o.m); E->free(o.v); E->free(dtarget); E->free(dwt);
     unet_free(&u);
+    if (have_vae) vae_free(&vae);
+    if (have_clip) clip_free(&clip);
     g_cnt_lowp = LOWP_F32;
     return b;
 }
@@ -1727,23 +1785,33 @@ static mem_budget sd15_train_budget(int lowp, int side) {
 static void test_sd15_memory_budget(void) {
     static const int modes[] = {LOWP_F32, LOWP_BF16, LOWP_F16};
     static const char *names[] = {"fp32", "bf16", "fp16"};
-    for (int i = 0; i < 3; i++) {
-        mem_budget b = sd15_train_budget(modes[i], 512);
-        char name[200];
-        snprintf(name, sizeof name, "SD1.5 512^2 training step (--compute %s): counted on the emulated device", names[i]);
-        expect_true(name, b.ok);
-        if (!b.ok) return;
-        const double M = 1048576.0;
-        printf("note: SD1.5 LoRA training at 512^2, batch 1, fp16-held weights, --grad-checkpoint, attn r4, --compute %s: "
-               "allocations %.0f MiB (arena %.0f MiB) + scratch %.0f MiB + operand copies %.0f MiB + cuBLAS workspace %.0f MiB "
-               "+ CUDA context allowance %.0f MiB = %.0f MiB (%.2f GB)\n",
-               names[i], b.tables / M, b.arena_mib, b.scratch / M, b.lp / M, CUDA_CUBLAS_WORKSPACE / M,
-               CUDA_CONTEXT_ALLOWANCE / M, b.total / M, b.total / 1e9);
-        snprintf(name, sizeof name, "SD1.5 512^2 training step (--compute %s): %.2f GB of device memory <= 4 GB", names[i], b.total / 1e9);
-        expect_true(name, b.total <= (size_t)4000000000ull);
-        snprintf(name, sizeof name, "SD1.5 512^2 (--compute %s): attention's scratch held to passes (scratch <= 256 MiB)", names[i]);
-        expect_true(name, b.scratch <= ((size_t)256 << 20));
-    }
+    const double M = 1048576.0;
+    for (int whole = 0; whole < 2; whole++)
+        for (int i = 0; i < 3; i++) {
+            mem_budget b = sd15_train_budget(modes[i], 512, whole);
+            const char *what = whole ? "./train --device cuda (UNet step + VAE, CLIP for the caches)" : "UNet training step";
+            char name[240];
+            snprintf(name, sizeof name, "SD1.5 512^2 %s, --compute %s: counted on the emulated device", what, names[i]);
+            expect_true(name, b.ok);
+            if (!b.ok) return;
+            printf("note: SD1.5 LoRA training at 512^2, batch 1, fp16-held weights, --grad-checkpoint, attn r4, --compute %s, %s: "
+                   "allocations %.0f MiB (UNet arena %.0f MiB) + scratch %.0f MiB + operand copies %.0f MiB + cuBLAS "
+                   "workspace %.0f MiB + CUDA context allowance %.0f MiB = %.0f MiB (%.2f GB)\n",
+                   names[i], whole ? "the steps" : what, b.tables / M, b.arena_mib, b.scratch / M, b.lp / M,
+                   CUDA_CUBLAS_WORKSPACE / M, CUDA_CONTEXT_ALLOWANCE / M, b.total / M, b.total / 1e9);
+            if (whole)
+                printf("note:   before them, building the caches (before the UNet goes up): VAE and CLIP weights and "
+                       "the VAE's 512^2 arena %.0f MiB (the arena %.0f MiB), with scratch etc. %.0f MiB (%.2f GB)\n",
+                       b.vae_clip / M, b.vae_arena / M, b.cache_total / M, b.cache_total / 1e9);
+            snprintf(name, sizeof name, "SD1.5 512^2 %s, --compute %s: the steps' %.2f GB of device memory <= 4 GB", what,
+                     names[i], b.total / 1e9);
+            expect_true(name, b.total <= (size_t)4000000000ull);
+            if (whole) {
+                snprintf(name, sizeof name, "SD1.5 512^2 %s, --compute %s: the caches' %.2f GB <= 4 GB", what, names[i],
+                         b.cache_total / 1e9);
+                expect_true(name, b.cache_total <= (size_t)4000000000ull);
+            }
+        }
 }
 
 /* a build without CUDA=1: cuda.h's fallback check, as a C program sees it
