@@ -235,9 +235,10 @@ static void gemm_lowp(cublasHandle_t h, int transA, int transB, int M, int N, in
                       float beta, float *C, int ldc, long long sC, int batch) {
     size_t na = operand_span(transA ? K : M, transA ? M : K, lda, sA, batch);
     size_t nb = operand_span(transB ? N : K, transB ? K : N, ldb, sB, batch);
-    uint16_t *a16 = lp_scratch(na + nb);
+    size_t na16 = (na + 7) & ~(size_t)7;            // B's copy 16-byte aligned, as tensor-core kernels want
+    uint16_t *a16 = lp_scratch(na16 + nb);
     if (!a16) return;
-    uint16_t *b16 = a16 + na;
+    uint16_t *b16 = a16 + na16;
     round_span(a16, A, na);
     round_span(b16, B, nb);
     cudaDataType_t t = g_compute == LOWP_BF16 ? CUDA_R_16BF : CUDA_R_16F;

@@ -1575,7 +1575,8 @@ struct CountBK {
                              const float *A, int lda, long long sA, const float *B, int ldb, long long sB,
                              float beta, float *C, int ldc, long long sC, int batch) {
         if (g_cnt_lowp == LOWP_F32 || K <= 0 || alpha == 0.0f || M <= 0 || N <= 0) return;
-        size_t n = operand_span(tA ? K : M, tA ? M : K, lda, sA, batch) + operand_span(tB ? N : K, tB ? K : N, ldb, sB, batch);
+        size_t na = operand_span(tA ? K : M, tA ? M : K, lda, sA, batch);
+        size_t n = ((na + 7) & ~(size_t)7) + operand_span(tB ? N : K, tB ? K : N, ldb, sB, batch);
         if (2 * n > g_cnt_lp) g_cnt_lp = 2 * n;
     }
     static float *scratch(size_t n) {     // never read or written: any non-NULL pointer
