@@ -149,32 +149,22 @@ void nn_loss_scaler_init(nn_loss_scaler *s) {
     s->interval = 2000;
 }
 
-int nn_loss_scaler_unscale(const nn_ops *ops, nn_loss_scaler *s, float *g1, size_t n1, float *g2, size_t n2) {
+int nn_loss_scaler_unscale(nn_loss_scaler *s, const nn_ops *o1, float *g1, size_t n1,
+                           const nn_ops *o2, float *g2, size_t n2) {
     /* the sum of squares is inf or NaN exactly when some element is (each
      * square of a finite float is finite in double, and so is their sum) */
-    double s2 = n1 ? ops->grad_sumsq(g1, n1) : 0;
-    for (size_t i = 0; i < n2; i++) s2 += (double)g2[i] * g2[i];
+    double s2 = (n1 ? o1->grad_sumsq(g1, n1) : 0) + (n2 ? o2->grad_sumsq(g2, n2) : 0);
     if (!isfinite(s2)) {
         s->scale *= 0.5f;
         s->good = 0;
         return 0;
     }
     float inv = 1.0f / s->scale;          /* a power of two: exact */
-    if (n1) ops->scale(g1, inv, n1);
-    for (size_t i = 0; i < n2; i++) g2[i] *= inv;
+    if (n1) o1->scale(g1, inv, n1);
+    if (n2) o2->scale(g2, inv, n2);
     if (++s->good >= s->interval) {
         s->scale *= 2.0f;
         s->good = 0;
     }
-    return 1;
-}
-
-int nn_optimizer_step(const nn_ops *ops, nn_loss_scaler *s, float clip,
-                      adamw_t *o1, float *p1, float *g1, size_t n1, float lr1,
-                      adamw_t *o2, float *p2, float *g2, size_t n2, float lr2) {
-    if (s && !nn_loss_scaler_unscale(ops, s, g1, n1, g2, n2)) return 0;
-    nn_clip_grad_norm(ops, g1, n1, g2, n2, clip);
-    if (n1) ops->adamw_step(o1, p1, g1, lr1);
-    if (n2) adamw_step(o2, p2, g2, lr2);
     return 1;
 }

@@ -147,21 +147,14 @@ typedef struct {
     long interval;     /* 2000 */
 } nn_loss_scaler;
 void nn_loss_scaler_init(nn_loss_scaler *s);
-/* After a backward of scale * loss: g1 (n1, in ops' memory) and g2 (n2, on
- * the host; may be 0) checked (one double comes down from ops). All finite:
- * both divided by the scale, the good-step count advanced (the scale doubles
- * at `interval`), returns 1. Otherwise returns 0: the caller skips the step
- * (weights and optimizer state untouched); the scale halves, the count
- * restarts. */
-int nn_loss_scaler_unscale(const nn_ops *ops, nn_loss_scaler *s, float *g1, size_t n1, float *g2, size_t n2);
-/* train.c's optimizer step with the UNet's LoRA on ops (--device cuda):
- * with a scaler (fp16; NULL otherwise) the gradients unscaled and checked
- * first, an overflow returning 0 with nothing else done; then --clip
- * (clip > 0) over g1 and g2 together, AdamW on p1 (o1's moments, p1 and g1
- * in ops' memory) and on p2 (the text encoder's, on the host; n2 may be 0).
- * Returns 1 when the step was taken. */
-int nn_optimizer_step(const nn_ops *ops, nn_loss_scaler *s, float clip,
-                      adamw_t *o1, float *p1, float *g1, size_t n1, float lr1,
-                      adamw_t *o2, float *p2, float *g2, size_t n2, float lr2);
+/* After a backward of scale * loss: the gradient sets g1 (n1 floats in o1's
+ * memory) and g2 (n2, in o2's: &nn_ops_cpu for the host; n2 may be 0)
+ * checked through their tables (a device brings down one double). All
+ * finite: each divided by the scale, the good-step count advanced (the scale
+ * doubles at `interval`), returns 1. Otherwise returns 0: the caller skips
+ * the step (weights and optimizer state untouched); the scale halves, the
+ * count restarts. */
+int nn_loss_scaler_unscale(nn_loss_scaler *s, const nn_ops *o1, float *g1, size_t n1,
+                           const nn_ops *o2, float *g2, size_t n2);
 
 #endif

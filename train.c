@@ -1111,21 +1111,8 @@ static int device_fail(trainer *t, const char *what, char *err) {
 static int to_device(trainer *t, char *err) {
     if (strcmp(t->a->device, "cuda") != 0) return 0;
 #ifdef SDLORA_CUDA
-    t->dev = nn_ops_cuda();   /* the UNet goes up after the caches (unet_up, from build_caches) */
-    /* the VAE's encode (latent cache) and, unless it trains (--te), the text encoder's forward too */
-    if (vae_to_device(&t->m.vae, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.vae.err); return -1; }
-    if (!t->a->te && clip_to_device(&t->m.clip, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.clip.err); return -1; }
-    fprintf(stderr, "device: cuda: the UNet's forward and backward, the loss, --clip and the LoRA's AdamW, the VAE encode%s "
-                    "(noise draws on the CPU)\n", t->a->te ? " (the text encoder trains on the CPU)" : ", the text encoder");
-#endif
-    return 0;
-}
-
-#ifdef SDLORA_CUDA
-/* --device cuda, once the caches are built: the UNet and its LoRA's AdamW
- * moments up (zero, or --resume's), the step count with them */
-static int unet_up(trainer *t, char *err) {
-    if (unet_to_device(&t->m.unet, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.unet.err); return -1; }
+    t->dev = nn_ops_cuda();   /* the UNet itself goes up after the caches (unet_up, from build_caches) */
+    /* the moments up (zero, or --resume's), the step count with them */
     size_t nb = sizeof(float) * (t->n1 ? t->n1 : 1);
     t->dopt = t->st.opt_unet;
     t->dopt.m = t->dev->alloc(nb);
@@ -1136,6 +1123,19 @@ static int unet_up(trainer *t, char *err) {
     }
     if (t->n1 && (!t->dev->upload(t->dopt.m, t->st.opt_unet.m, nb) || !t->dev->upload(t->dopt.v, t->st.opt_unet.v, nb)))
         return device_fail(t, "AdamW state", err);
+    /* the VAE's encode (latent cache) and, unless it trains (--te), the text encoder's forward too */
+    if (vae_to_device(&t->m.vae, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.vae.err); return -1; }
+    if (!t->a->te && clip_to_device(&t->m.clip, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.clip.err); return -1; }
+    fprintf(stderr, "device: cuda: the UNet's forward and backward, the loss, --clip and the LoRA's AdamW, the VAE encode%s "
+                    "(noise draws on the CPU)\n", t->a->te ? " (the text encoder trains on the CPU)" : ", the text encoder");
+#endif
+    return 0;
+}
+
+#ifdef SDLORA_CUDA
+/* --device cuda, once the caches are built (build_caches): the UNet up */
+static int unet_up(trainer *t, char *err) {
+    if (unet_to_device(&t->m.unet, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.unet.err); return -1; }
     return 0;
 }
 #endif
@@ -1609,18 +1609,25 @@ static int optimizer_step(trainer *t, char *err) {
          * the norm), AdamW on A, B there; the text encoder's AdamW here */
         unet_t *u = &t->m.unet;
         t->dev->set_layer("optimizer");
-        /* fp16: the gradients of scale * loss checked and unscaled on the
-         * device first; an overflow skips the step (A, B and AdamW untouched) */
-        float sc = t->st.scaler.scale;
-        int fp16 = strcmp(a->compute, "fp16") == 0;
-        int stepped = nn_optimizer_step(t->dev, fp16 ? &t->st.scaler : NULL, a->clip, &t->dopt, u->dlora_params,
-                                        u->dlora_grads, t->n1, t->lr, &t->st.opt_te, t->P2, t->G2, t->n2, t->lr_te);
-        t->st.opt_unet.step = t->dopt.step;
-        if (!stepped) {
-            if (t->tty) fputc('\n', stderr);
-            fprintf(stderr, "step %ld: fp16 gradients overflowed at loss scale %g: step skipped, loss scale now %g\n",
-                    t->st.step + 1, sc, t->st.scaler.scale);
+        if (strcmp(a->compute, "fp16") == 0) {
+            /* fp16: the gradients of scale * loss checked and unscaled first
+             * (the UNet's on the device, --te's here); an overflow skips the
+             * step: A, B and AdamW untouched, the scale halved */
+            float sc = t->st.scaler.scale;
+            if (!nn_loss_scaler_unscale(&t->st.scaler, t->dev, u->dlora_grads, t->n1, &nn_ops_cpu, t->G2, t->n2)) {
+                if (device_failed(t, "optimizer step", err)) return -1;
+                if (t->tty) fputc('\n', stderr);
+                fprintf(stderr, "step %ld: fp16 gradients overflowed at loss scale %g: step skipped, loss scale now %g\n",
+                        t->st.step + 1, sc, t->st.scaler.scale);
+                t->st.step++;
+                if (t->stop_after > 0 && t->st.step - t->step0 >= t->stop_after) g_stop = 1;
+                return 0;
+            }
         }
+        nn_clip_grad_norm(t->dev, u->dlora_grads, t->n1, t->G2, t->n2, a->clip);
+        if (t->n1) t->dev->adamw_step(&t->dopt, u->dlora_params, u->dlora_grads, t->lr);
+        t->st.opt_unet.step = t->dopt.step;
+        if (t->n2) adamw_step(&t->st.opt_te, t->P2, t->G2, t->lr_te);
         if (device_failed(t, "optimizer step", err)) return -1;
     } else {
         clip_gradients(t);

@@ -1350,9 +1350,9 @@ static void test_layers_lowp(void) {
 // nsteps LoRA training steps of the tiny UNet (as test_train_emulated: batch 2,
 // min-SNR-like weights, --clip 1e-3), on the CPU (dev NULL: train.c's CPU path
 // under gemm_set_compute(cpu_mode)) or on the emulated device at compute mode
-// lowp (train.c's device path: nn_optimizer_step, with the scaler s under
-// fp16). Records each step's loss and whether it was taken; A, B and the AdamW
-// moments after the last. Step k of run `huge_at` gets loss scale 1e30 first.
+// lowp (train.c's device path: the scaler s under fp16, --clip, AdamW).
+// Records each step's loss, gradient and whether it was taken; A, B and the
+// AdamW moments after the last. Step `huge_at` gets loss scale 1e30 first.
 struct mp_run {
     vec loss, params, m, v;
     std::vector<vec> grad;        // each step's LoRA gradient (unscaled, before --clip)
@@ -1421,7 +1421,12 @@ static mp_run mp_train(const nn_ops *dev, int lowp, int cpu_mode, nn_loss_scaler
             ok = ok && dev->download(g.data(), u.dlora_grads, sizeof(float) * n);
             for (float &x : g) x /= s ? s->scale : 1.0f;
             r.grad.push_back(g);
-            taken = nn_optimizer_step(dev, s, clip, &o, u.dlora_params, u.dlora_grads, n, lr, NULL, NULL, NULL, 0, 0.0f);
+            // train.c's optimizer_step on the device: the scaler (fp16), --clip, AdamW
+            taken = !s || nn_loss_scaler_unscale(s, dev, u.dlora_grads, n, &nn_ops_cpu, NULL, 0);
+            if (taken) {
+                nn_clip_grad_norm(dev, u.dlora_grads, n, NULL, 0, clip);
+                dev->adamw_step(&o, u.dlora_params, u.dlora_grads, lr);
+            }
             if (s) r.scale.push_back(s->scale);
         }
         r.loss.push_back(L);
@@ -1681,11 +1686,11 @@ static const char *SD15_CLIP =
 struct mem_budget { size_t tables, scratch, lp, total, vae_clip, cache_total, vae_arena, clip; double arena_mib; int ok; };
 #define CUDA_CONTEXT_ALLOWANCE ((size_t)768 << 20)
 // with_vae_clip: the whole of ./train --device cuda in train.c's order:
-// vae_to_device, clip_to_device, the latent cache's encode (vae_alloc_acts
-// at side^2) and the text cache's forward; then build_caches shrinks the
-// VAE's arena and releases the scratch, and the UNet and AdamW's moments go
-// up (unet_up), its arena, a step. Without: the UNet's step alone (with
-// AdamW and the loss buffers).
+// AdamW's moments, vae_to_device, clip_to_device, the latent cache's encode
+// (vae_alloc_acts at side^2) and the text cache's forward; then build_caches
+// shrinks the VAE's arena and releases the scratch, and the UNet goes up
+// (unet_up), its arena, a step. Without: the UNet's step alone (with AdamW
+// and the loss buffers).
 static mem_budget sd15_train_budget(int lowp, int side, int with_vae_clip) {
     mem_budget b = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
     char err[UNET_ERR_LEN], jerr[256];
@@ -1699,6 +1704,15 @@ static mem_budget sd15_train_budget(int lowp, int side, int with_vae_clip) {
     g_cnt_lowp = lowp;
     int h = side / 8, w = side / 8, Tc = 77;
     const nn_ops *E = &nn_ops_count;
+    // the UNet and its LoRA on the host, then to_device's AdamW moments
+    if (unet_config_sd15(&c, err) || unet_build_dtype(&u, &c, WEIGHT_F16, err)) { printf("note: %s\n", err); return b; }
+    ok = unet_add_lora(&u, "attn", 4, 4.0f, 0.0f, 7) == 0;
+    size_t n = u.lora_nparams, per = (size_t)c.out_channels * h * w;
+    adamw_t o;
+    adamw_init(&o, 0, 1e-4f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+    o.n = n;
+    o.m = (float *)E->alloc(sizeof(float) * n);
+    o.v = (float *)E->alloc(sizeof(float) * n);
     if (with_vae_clip) {
         vae_config vc;
         clip_config cc;
@@ -1732,20 +1746,8 @@ static mem_budget sd15_train_budget(int lowp, int side, int with_vae_clip) {
         g_cnt_scratch = g_cnt_lp = 0;
         g_cnt_peak = g_cnt_live;      // the steps' peak counts from here
     }
-    if (unet_config_sd15(&c, err) || unet_build_dtype(&u, &c, WEIGHT_F16, err)) {
-        printf("note: %s\n", err);
-        if (have_vae) vae_free(&vae);
-        if (have_clip) clip_free(&clip);
-        return b;
-    }
-    ok = ok && unet_add_lora(&u, "attn", 4, 4.0f, 0.0f, 7) == 0 && unet_to_device(&u, E) == 0;
-    size_t n = u.lora_nparams, per = (size_t)c.out_channels * h * w;
-    // train.c's: AdamW's moments, the loss's target and weights
-    adamw_t o;
-    adamw_init(&o, 0, 1e-4f, 0.9f, 0.999f, 1e-8f, 1e-2f);
-    o.n = n;
-    o.m = (float *)E->alloc(sizeof(float) * n);
-    o.v = (float *)E->alloc(sizeof(float) * n);
+    // build_caches' unet_up, then alloc_buffers: the arena, the loss's target and weights
+    ok = ok && unet_to_device(&u, E) == 0;
     ok = ok && unet_alloc_acts(&u, 1, h, w, Tc, 2) == 0;
     if (!ok) printf("note: %s\n", u.err);
     b.arena_mib = (double)u.acts.nfloats * 4 / 1048576.0;
@@ -1760,8 +1762,9 @@ static mem_budget sd15_train_budget(int lowp, int side, int with_vae_clip) {
         E->mse_loss_forward(pred, dtarget, dwt, 1, per);
         E->mse_loss_backward(deps, pred, dtarget, dwt, s.scale, 1, per);
         ok = unet_backward(&u, NULL, NULL, NULL) == 0 &&
-             nn_optimizer_step(E, lowp == LOWP_F16 ? &s : NULL, 1.0f, &o, u.dlora_params, u.dlora_grads, n, 1e-4f,
-                               NULL, NULL, NULL, 0, 0.0f) == 1;
+             (lowp != LOWP_F16 || nn_loss_scaler_unscale(&s, E, u.dlora_grads, n, &nn_ops_cpu, NULL, 0) == 1);
+        nn_clip_grad_norm(E, u.dlora_grads, n, NULL, 0, 1.0f);
+        E->adamw_step(&o, u.dlora_params, u.dlora_grads, 1e-4f);
     }
     if (!ok) printf("note: %s\n", u.err);
     b.tables = g_cnt_peak;
@@ -1805,7 +1808,7 @@ static void test_sd15_memory_budget(void) {
                    names[i], whole ? "the steps" : what, b.tables / M, b.arena_mib, b.scratch / M, b.lp / M,
                    CUDA_CUBLAS_WORKSPACE / M, CUDA_CONTEXT_ALLOWANCE / M, b.total / M, b.total / 1e9);
             if (whole)
-                printf("note:   before them, building the caches (before the UNet goes up): VAE and CLIP weights and "
+                printf("note:   before them, building the caches (before the UNet goes up): AdamW's moments, VAE and CLIP weights and "
                        "the VAE's 512^2 arena %.0f MiB (the arena %.0f MiB; CLIP's weights and widening buffer %.0f MiB), "
                        "with scratch etc. %.0f MiB (%.2f GB)\n",
                        b.vae_clip / M, b.vae_arena / M, b.clip / M, b.cache_total / M, b.cache_total / 1e9);
