@@ -236,3 +236,30 @@ const nn_ops nn_ops_cpu = {
     .ddpm_target = cpu_ddpm_target,
     .ddpm_loss_weights = cpu_ddpm_loss_weights,
 };
+
+/* ---- fp16's loss scale (backend.h) */
+void nn_loss_scaler_init(nn_loss_scaler *s) {
+    s->scale = 65536.0f;
+    s->good = 0;
+    s->interval = 2000;
+}
+
+int nn_loss_scaler_unscale(nn_loss_scaler *s, const nn_ops *o1, float *g1, size_t n1,
+                           const nn_ops *o2, float *g2, size_t n2) {
+    /* the sum of squares is inf or NaN exactly when some element is (each
+     * square of a finite float is finite in double, and so is their sum) */
+    double s2 = (n1 ? o1->grad_sumsq(g1, n1) : 0) + (n2 ? o2->grad_sumsq(g2, n2) : 0);
+    if (!isfinite(s2)) {
+        s->scale *= 0.5f;
+        s->good = 0;
+        return 0;
+    }
+    float inv = 1.0f / s->scale;          /* a power of two: exact */
+    if (n1) o1->scale(g1, inv, n1);
+    if (n2) o2->scale(g2, inv, n2);
+    if (++s->good >= s->interval) {
+        s->scale *= 2.0f;
+        s->good = 0;
+    }
+    return 1;
+}

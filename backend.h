@@ -202,4 +202,26 @@ void nn_add_chan(float *y, const float *v, int B, int C, size_t HW);
 void nn_sum_chan(float *out, const float *x, int B, int C, size_t HW);
 void nn_pad_br(float *out, const float *in, int BC, int H, int W);
 
+/* --compute fp16's dynamic loss scaling (torch.cuda.amp.GradScaler's rule
+ * and defaults). fp16 holds at most 65504 and nothing below about 6e-8, so
+ * the loss's gradient is multiplied by `scale` before backward to keep small
+ * gradients from flushing to zero; a step whose scaled gradients overflowed
+ * (inf or NaN) is skipped and the scale halved; after `interval` good steps
+ * in a row it doubles. The scale stays a power of two, so unscaling is exact. */
+typedef struct {
+    float scale;       /* 65536 */
+    long good;         /* finite steps since the scale last changed */
+    long interval;     /* 2000 */
+} nn_loss_scaler;
+void nn_loss_scaler_init(nn_loss_scaler *s);
+/* After a backward of scale * loss: the gradient sets g1 (n1 floats in o1's
+ * memory) and g2 (n2, in o2's: &nn_ops_cpu for the host; n2 may be 0)
+ * checked through their tables (a device brings down one double). All
+ * finite: each divided by the scale, the good-step count advanced (the scale
+ * doubles at `interval`), returns 1. Otherwise returns 0: the caller skips
+ * the step (weights and optimizer state untouched); the scale halves, the
+ * count restarts. */
+int nn_loss_scaler_unscale(nn_loss_scaler *s, const nn_ops *o1, float *g1, size_t n1,
+                           const nn_ops *o2, float *g2, size_t n2);
+
 #endif

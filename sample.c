@@ -90,6 +90,7 @@ static void out_name(char *buf, size_t n, const char *out, int b) {
 typedef struct {
     const char *model, *prompt, *negative, *out, *sampler, *rng, *lora_dir, *tok_dir, *wdtype_name, *device, *compute;
     int steps, width, height, batch, clip_skip, karras, merge, threads, grid;
+    int tf32;                           /* --tf32 (--device cuda only) */
     float cfg;
     uint64_t seed;
     cli_strlist lora;
@@ -117,7 +118,8 @@ static int parse_args(sample_args *a, int argc, char **argv) {
         {"--model", OPT_STR, &a->model, 0, 0, NULL, "base model: SD1.x/SD2.x .safetensors or diffusers folder (default: models/tiny)"},
         {"--tokenizer", OPT_STR, &a->tok_dir, 0, 0, NULL, "folder with vocab.json + merges.txt (single-file checkpoints)"},
         {"--weight-dtype", OPT_CHOICE, &a->wdtype_name, 0, 0, "fp32|fp16", "fp16: hold the model's frozen weights as fp16 (half the RAM, fp32 math; --merge rounds to fp16)"},
-        {"--compute", OPT_CHOICE, &a->compute, 0, 0, "fp32|bf16", "bf16: every matrix product on bf16-rounded operands, fp32 sums (faster where the CPU has AVX512-BF16)"},
+        {"--compute", OPT_CHOICE, &a->compute, 0, 0, "fp32|bf16|fp16", "bf16: every matrix product on bf16-rounded operands, fp32 sums (faster where the CPU has AVX512-BF16); fp16: fp16 operands (--device cuda only)"},
+        {"--tf32", OPT_FLAG, &a->tf32, 0, 0, NULL, "--device cuda: fp32 matrix products on TF32 tensor cores (faster, 10-bit products)"},
         {"--prompt", OPT_STR, &a->prompt, 0, 0, NULL, "what to draw (may hold <lora:name:weight>)"},
         {"--negative", OPT_STR, &a->negative, 0, 0, NULL, "negative prompt"},
         {"--steps", OPT_INT, &a->steps, 1, 1000, NULL, "sampling steps"},
@@ -296,6 +298,11 @@ static void report(const sample_run *r, const sample_args *a) {
            "(weights %.0f MiB held as %s)\n",
            r->p.width, r->p.height, a->steps, a->sampler, a->karras ? ", Karras" : "", a->batch, r->t_load, r->t_gen,
            (double)ru.ru_maxrss / 1024.0, (double)sd_model_weight_bytes(&r->m) / 1048576.0, weight_dtype_name(r->m.wdtype));
+#ifdef SDLORA_CUDA
+    /* --device cuda: the most device memory held at once (weights, activations,
+     * scratch, cuBLAS's workspace; the CUDA context not counted) */
+    if (strcmp(a->device, "cuda") == 0) printf("peak device memory %.0f MiB\n", (double)cuda_mem_peak() / 1048576.0);
+#endif
 }
 
 /* the progress line after each sampler step: its seconds, the mean, the time left */
@@ -416,8 +423,13 @@ int main(int argc, char **argv) {
     };
     int rc = parse_args(&a, argc, argv);
     if (rc >= 0) return rc;
-    if (strcmp(a.device, "cuda") == 0 && strcmp(a.compute, "fp32") != 0) {
-        fprintf(stderr, "error: --compute %s --device cuda: bf16 runs on the CPU only so far (use --compute fp32 with --device cuda)\n", a.compute);
+    /* fp16 and TF32 are the GPU's (train.c says why) */
+    if (strcmp(a.device, "cuda") != 0 && strcmp(a.compute, "fp16") == 0) {
+        fprintf(stderr, "error: --compute fp16: runs on the GPU only (add --device cuda, or use --compute bf16 on the CPU)\n");
+        return 2;
+    }
+    if (strcmp(a.device, "cuda") != 0 && a.tf32) {
+        fprintf(stderr, "error: --tf32: TF32 is a GPU math mode (add --device cuda, or drop --tf32)\n");
         return 2;
     }
     char derr[CUDA_ERR_LEN];
@@ -426,7 +438,15 @@ int main(int argc, char **argv) {
 #ifdef _OPENMP
     if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif
-    gemm_set_compute(gemm_parse_compute(a.compute));   /* cli_parse checked it is fp32 or bf16 */
+    /* cli_parse checked it is fp32, bf16 or fp16 */
+    gemm_set_compute(strcmp(a.compute, "bf16") == 0 ? GEMM_BF16 : GEMM_F32);
+#ifdef SDLORA_CUDA
+    if (strcmp(a.device, "cuda") == 0) {
+        cuda_set_compute(strcmp(a.compute, "bf16") == 0 ? CUDA_COMPUTE_BF16 :
+                         strcmp(a.compute, "fp16") == 0 ? CUDA_COMPUTE_F16 : CUDA_COMPUTE_F32);
+        cuda_set_tf32(a.tf32);
+    }
+#endif
     prof_init();
     sample_run *r = calloc(1, sizeof *r);   /* ~60 KB of LoRA paths: not on the stack */
     if (!r) { fprintf(stderr, "error: out of memory\n"); return 1; }

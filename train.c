@@ -47,6 +47,7 @@ typedef struct {
     float prior_loss_weight;
     int rank, res, batch, accum, steps, epochs, warmup, save_every, sample_every, te, flip,
         random_crop, grad_ckpt, threads, clip_skip, full, no_grid, conv_rank;
+    int tf32;              /* --tf32 (--device cuda only) */
     float conv_alpha;      /* 0: the conv rank (scale 1) */
     float alpha, dropout, lr, te_lr, beta1, beta2, adam_eps, wd, clip, min_snr, noise_offset;
     uint64_t seed;
@@ -313,6 +314,7 @@ typedef struct {
     double *loss;          /* (total) the loss of each step done */
     long nloss;            /* how many of them are known (step, or fewer from an old state) */
     long long started;     /* when the run began (Unix seconds): the LoRA's modelspec.date */
+    nn_loss_scaler scaler; /* --compute fp16: the loss scale, kept for --resume */
 } train_state;
 
 static void fmt_u64(char *b, size_t n, uint64_t v) { snprintf(b, n, "%llu", (unsigned long long)v); }
@@ -374,6 +376,17 @@ static int save_state(const char *path, const train_state *s, sd_model *m, const
     rc |= st_writer_meta(w, "te_dropout_rng", b4);
     rc |= st_writer_meta(w, "started", b5);
     rc |= st_writer_meta(w, "run", sig);
+    if (strcmp(a->compute, "fp16") == 0) {
+        /* fp16's loss scale, and AdamW's own step count (skipped steps do not
+         * advance it); only then, so other runs' states stay as they were */
+        char b6[32], b7[32], b8[32];
+        snprintf(b6, 32, "%.9g", s->scaler.scale);
+        snprintf(b7, 32, "%ld", s->scaler.good);
+        snprintf(b8, 32, "%ld", s->opt_unet.step);
+        rc |= st_writer_meta(w, "loss_scale", b6);
+        rc |= st_writer_meta(w, "loss_scale_good", b7);
+        rc |= st_writer_meta(w, "adam_step", b8);
+    }
     if (rc) { st_writer_free(w); snprintf(err, SD_ERR_LEN, "%.600s: out of memory", path); return -1; }
     rc = st_writer_save(w, path, err);
     st_writer_free(w);
@@ -432,6 +445,26 @@ static int load_state(const char *path, train_state *s, sd_model *m, const train
     /* the start of the run it continues (a state from before this was kept: now) */
     uint64_t started;
     if (st_meta(&f, "started") && meta_u64(&f, "started", &started, path, err) == 0) s->started = (long long)started;
+    /* --compute fp16: the loss scale and AdamW's step count (a state without
+     * them: the scale starts over, AdamW has done every step) */
+    uint64_t good, astep;
+    const char *ls = st_meta(&f, "loss_scale");
+    if (ls && strcmp(a->compute, "fp16") == 0) {
+        char *end;
+        float sc = strtof(ls, &end);
+        if (*end || !(sc > 0) || !isfinite(sc)) {
+            snprintf(err, SD_ERR_LEN, "%s: 'loss_scale' is not a positive number (the state file is corrupt)", path);
+            goto done;
+        }
+        if (meta_u64(&f, "loss_scale_good", &good, path, err) || meta_u64(&f, "adam_step", &astep, path, err)) goto done;
+        if (astep > step) {
+            snprintf(err, SD_ERR_LEN, "%s: 'adam_step' is past 'step' (the state file is corrupt)", path);
+            goto done;
+        }
+        s->scaler.scale = sc;
+        s->scaler.good = (long)good;
+        s->opt_unet.step = s->opt_te.step = (long)astep;
+    }
     err[0] = 0;
     rc = 0;
 done:
@@ -580,7 +613,7 @@ static int save_lora(const char *path, sd_model *m, const train_args *a, long st
     const char *more[][2] = {
         {"ss_epoch", ep},
         {"ss_optimizer", opt},
-        {"ss_mixed_precision", strcmp(a->compute, "bf16") == 0 ? "bf16" : "no"},   /* kohya: no / fp16 / bf16 */
+        {"ss_mixed_precision", strcmp(a->compute, "fp32") == 0 ? "no" : a->compute},   /* kohya: no / fp16 / bf16 */
         {"ss_training_started_at", started},
         {"ss_dataset_dirs", dirs},
         {"ss_tag_frequency", tags},
@@ -981,6 +1014,7 @@ static int setup_trainables(trainer *t, char *err) {
         snprintf(err, SD_ERR_LEN, "out of memory for the optimizer"); return -1;
     }
     rng_seed(&t->st.rng, a->seed);
+    nn_loss_scaler_init(&t->st.scaler);
     t->st.loss = malloc(sizeof(double) * (size_t)(t->total + 1));
     if (!t->st.loss) { snprintf(err, SD_ERR_LEN, "out of memory"); return -1; }
     t->st.started = (long long)time(NULL);
@@ -1024,6 +1058,9 @@ static void print_run(const trainer *t) {
 
 /* the frozen parts run once: latents (unless --random-crop, which encodes
  * each crop as it comes) and, without --te, the contexts */
+#ifdef SDLORA_CUDA
+static int unet_up(trainer *t, char *err);
+#endif
 static int build_caches(trainer *t, char *err) {
     train_args *a = t->a;
     if (a->buckets) {
@@ -1043,6 +1080,20 @@ static int build_caches(trainer *t, char *err) {
     }
     if (cache_text(&t->td, &t->m, &t->ds, a, err)) return -1;
     if (a->te) t->m.clip.training = 1;
+#ifdef SDLORA_CUDA
+    /* --device cuda, the caches built: the VAE's arena (1.7 GB for SD1.5 at
+     * 512^2) shrinks to one 8x8 image and the scratch its convolutions grew
+     * goes back (a sample grid's decode allocates its own again); only then
+     * the UNet goes up, so the two never share the device (SD1.5 at 512^2:
+     * 3.9 GB at most, cuda/test_cuda_host.cu's budget) */
+    if (t->dev) {
+        if (!a->random_crop) {
+            if (vae_alloc_acts(&t->m.vae, 1, 8, 8, 0)) { snprintf(err, SD_ERR_LEN, "VAE: %s", t->m.vae.err); return -1; }
+            cuda_release_scratch();
+        }
+        if (unet_up(t, err)) return -1;
+    }
+#endif
     return 0;
 }
 
@@ -1073,8 +1124,7 @@ static int device_fail(trainer *t, const char *what, char *err) {
 static int to_device(trainer *t, char *err) {
     if (strcmp(t->a->device, "cuda") != 0) return 0;
 #ifdef SDLORA_CUDA
-    if (unet_to_device(&t->m.unet, nn_ops_cuda())) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.unet.err); return -1; }
-    t->dev = nn_ops_cuda();
+    t->dev = nn_ops_cuda();   /* the UNet itself goes up after the caches (unet_up, from build_caches) */
     /* the moments up (zero, or --resume's), the step count with them */
     size_t nb = sizeof(float) * (t->n1 ? t->n1 : 1);
     t->dopt = t->st.opt_unet;
@@ -1106,6 +1156,14 @@ static int to_device(trainer *t, char *err) {
 #endif
     return 0;
 }
+
+#ifdef SDLORA_CUDA
+/* --device cuda, once the caches are built (build_caches): the UNet up */
+static int unet_up(trainer *t, char *err) {
+    if (unet_to_device(&t->m.unet, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.unet.err); return -1; }
+    return 0;
+}
+#endif
 
 /* --device cuda: the micro-batch on the device: latents, timesteps, noise,
  * x_t, the loss's target and weights, the contexts; the schedule's tables
@@ -1502,7 +1560,9 @@ static int device_loss_step(trainer *t, int weighted, float *lpart, char *err) {
     float loss = ops->mse_loss_forward(pred, t->dtarget, dw, B, per);
     *lpart = loss / a->accum;
     ops->zero(deps, per * B);
-    ops->mse_loss_backward(deps, pred, t->dtarget, dw, 1.0f / a->accum, B, per);
+    /* --compute fp16: backward of scale * loss (nn_loss_scaler) */
+    float dloss = strcmp(a->compute, "fp16") == 0 ? t->st.scaler.scale / a->accum : 1.0f / a->accum;
+    ops->mse_loss_backward(deps, pred, t->dtarget, dw, dloss, B, per);
     if (device_failed(t, "loss", err)) return -1;
     int rc = unet_backward(&m->unet, NULL, NULL, a->te ? t->ddctx : NULL);
     m->unet.ctx_on_device = 0;   /* the sampler's calls pass host memory */
@@ -1652,6 +1712,22 @@ static int optimizer_step(trainer *t, char *err) {
         unet_t *u = &t->m.unet;
         clip_t *ce = &t->m.clip;
         t->dev->set_layer("optimizer");
+        if (strcmp(a->compute, "fp16") == 0) {
+            /* fp16: the gradients of scale * loss checked and unscaled first
+             * (both sets on the device); an overflow skips the step: A, B and
+             * AdamW untouched, the scale halved */
+            float sc = t->st.scaler.scale;
+            if (!nn_loss_scaler_unscale(&t->st.scaler, t->dev, u->dlora_grads, t->n1, t->dev,
+                                        t->n2 ? ce->dlora_grads : NULL, t->n2)) {
+                if (device_failed(t, "optimizer step", err)) return -1;
+                if (t->tty) fputc('\n', stderr);
+                fprintf(stderr, "step %ld: fp16 gradients overflowed at loss scale %g: step skipped, loss scale now %g\n",
+                        t->st.step + 1, sc, t->st.scaler.scale);
+                t->st.step++;
+                if (t->stop_after > 0 && t->st.step - t->step0 >= t->stop_after) g_stop = 1;
+                return 0;
+            }
+        }
         nn_clip_grad_norm2(t->dev, u->dlora_grads, t->n1, t->n2 ? ce->dlora_grads : NULL, t->n2, a->clip);
         if (t->n1) t->dev->adamw_step(&t->dopt, u->dlora_params, u->dlora_grads, t->lr);
         t->st.opt_unet.step = t->dopt.step;
@@ -1772,9 +1848,15 @@ static int finish(trainer *t, double t_loop, char *err) {
     getrusage(RUSAGE_SELF, &ru);
     long steps = t->st.step;
     /* one line the comparison (make compare) reads */
-    fprintf(stderr, "summary: mode %s, trainable %zu, peak_rss_mb %.1f, s_per_step %.4f, final_loss %.5f\n",
+    fprintf(stderr, "summary: mode %s, trainable %zu, peak_rss_mb %.1f, s_per_step %.4f, final_loss %.5f",
             a->full ? "full" : "lora", t->n1 + t->n2, ru.ru_maxrss / 1024.0,
             t_loop / (double)(steps - t->step0 > 0 ? steps - t->step0 : 1), t->smooth);
+#ifdef SDLORA_CUDA
+    /* --device cuda: the most device memory this run held at once (weights,
+     * activations, scratch, cuBLAS's workspace; the CUDA context not counted) */
+    if (t->dev) fprintf(stderr, ", peak_device_mb %.1f", (double)cuda_mem_peak() / 1048576.0);
+#endif
+    fputc('\n', stderr);
     if (a->full)
         fprintf(stderr, "done: %ld steps in %.1f s. UNet weights: %s  loss: %s/loss.csv, %s/loss.png\n",
                 steps, t_loop, t->lora_path, a->out, a->out);
@@ -1991,7 +2073,8 @@ static int parse_args(train_args *a, int argc, char **argv) {
         {"--resume", OPT_STR, &a->resume, 0, 0, NULL, "training state to resume from (OUT/state.safetensors)"},
         {"--threads", OPT_INT, &a->threads, 0, 4096, NULL, "CPU threads (0: all)"},
         {"--device", OPT_CHOICE, &a->device, 0, 0, "cpu|cuda", "where the UNet's step, the VAE encode and the text encoder run (cuda: a build with make CUDA=1 and an NVIDIA GPU)"},
-        {"--compute", OPT_CHOICE, &a->compute, 0, 0, "fp32|bf16", "bf16: every matrix product on bf16-rounded operands, fp32 sums (LoRA weights, optimizer, loss stay fp32)"},
+        {"--compute", OPT_CHOICE, &a->compute, 0, 0, "fp32|bf16|fp16", "bf16: every matrix product on bf16-rounded operands, fp32 sums (LoRA weights, optimizer, loss stay fp32); fp16 (--device cuda only): fp16 operands with dynamic loss scaling"},
+        {"--tf32", OPT_FLAG, &a->tf32, 0, 0, NULL, "--device cuda: fp32 matrix products on TF32 tensor cores (faster, 10-bit products)"},
     };
     enum { NOPTS = (int)(sizeof opts / sizeof opts[0]) };
     int ac, npos, nfile, set_at[NOPTS];
@@ -2034,8 +2117,16 @@ int main(int argc, char **argv) {
     int rc = parse_args(&a, argc, argv);
     if (rc >= 0) { dist_finish(0, rc); return rc; }
     if (a.conv_alpha <= 0) a.conv_alpha = (float)a.conv_rank;
-    if (strcmp(a.device, "cuda") == 0 && strcmp(a.compute, "fp32") != 0) {
-        fprintf(stderr, "error: --compute %s --device cuda: bf16 runs on the CPU only so far (use --compute fp32 with --device cuda)\n", a.compute);
+    /* fp16 is the GPU's: a CPU has no fp32-summing fp16 product (AVX512-FP16
+     * sums in fp16), so it would be bf16's cost with less range and a loss
+     * scale to manage; and TF32 is a GPU math mode */
+    if (strcmp(a.device, "cuda") != 0 && strcmp(a.compute, "fp16") == 0) {
+        fprintf(stderr, "error: --compute fp16: runs on the GPU only (add --device cuda, or use --compute bf16 on the CPU)\n");
+        dist_finish(0, 2);
+        return 2;
+    }
+    if (strcmp(a.device, "cuda") != 0 && a.tf32) {
+        fprintf(stderr, "error: --tf32: TF32 is a GPU math mode (add --device cuda, or drop --tf32)\n");
         dist_finish(0, 2);
         return 2;
     }
@@ -2056,7 +2147,15 @@ int main(int argc, char **argv) {
 #ifdef _OPENMP
     if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif
-    gemm_set_compute(gemm_parse_compute(a.compute));   /* cli_parse checked it is fp32 or bf16 */
+    /* cli_parse checked it is fp32, bf16 or fp16 (fp16: the CPU's part, --te, stays fp32) */
+    gemm_set_compute(strcmp(a.compute, "bf16") == 0 ? GEMM_BF16 : GEMM_F32);
+#ifdef SDLORA_CUDA
+    if (strcmp(a.device, "cuda") == 0) {
+        cuda_set_compute(strcmp(a.compute, "bf16") == 0 ? CUDA_COMPUTE_BF16 :
+                         strcmp(a.compute, "fp16") == 0 ? CUDA_COMPUTE_F16 : CUDA_COMPUTE_F32);
+        cuda_set_tf32(a.tf32);
+    }
+#endif
     rc = train(&a, err);
     if (rc && rc != 130) {
         if (dist_size() > 1) fprintf(dist_stderr(), "error: rank %d of %d: %s\n", dist_rank(), dist_size(), err);

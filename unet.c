@@ -1236,6 +1236,27 @@ int unet_config_from_json(unet_config *c, const json *j, char *err) {
     return 0;
 }
 
+/* SD1.5's unet/config.json as the tests and gpu_check once each spelled it */
+static const char *SD15_CONFIG =
+    "{\"_class_name\": \"UNet2DConditionModel\", \"act_fn\": \"silu\", \"attention_head_dim\": 8,"
+    " \"block_out_channels\": [320, 640, 1280, 1280], \"center_input_sample\": false,"
+    " \"cross_attention_dim\": 768, \"down_block_types\": [\"CrossAttnDownBlock2D\","
+    " \"CrossAttnDownBlock2D\", \"CrossAttnDownBlock2D\", \"DownBlock2D\"],"
+    " \"downsample_padding\": 1, \"flip_sin_to_cos\": true, \"freq_shift\": 0, \"in_channels\": 4,"
+    " \"layers_per_block\": 2, \"mid_block_scale_factor\": 1, \"norm_eps\": 1e-05,"
+    " \"norm_num_groups\": 32, \"out_channels\": 4, \"sample_size\": 64, \"up_block_types\":"
+    " [\"UpBlock2D\", \"CrossAttnUpBlock2D\", \"CrossAttnUpBlock2D\", \"CrossAttnUpBlock2D\"]}";
+
+int unet_config_sd15(unet_config *c, char *err) {
+    char jerr[256];
+    json *j = json_parse(SD15_CONFIG, strlen(SD15_CONFIG), jerr, sizeof jerr);
+    if (!j) { snprintf(err, UNET_ERR_LEN, "unet: SD1.5 config: %s", jerr); return -1; }
+    int rc = unet_config_from_json(c, j, err);
+    json_free(j);
+    return rc;
+}
+
+
 /* ------------------------------------------------------------------------ */
 /* loading                                                                   */
 

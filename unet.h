@@ -134,6 +134,10 @@ typedef struct {
  * for something this code does not implement (class embeddings, other block
  * types, ...) is an error naming the key. Returns 0 or -1 (message in err). */
 int unet_config_from_json(unet_config *c, const json *j, char *err);
+/* SD1.5's UNet (runwayml/stable-diffusion-v1-5 unet/config.json, the keys
+ * that matter): for the tests and tools that build its architecture in
+ * memory (random weights, memory budgets). Returns 0 or -1. */
+int unet_config_sd15(unet_config *c, char *err);
 
 /* Build the module tree and the parameter table for c and allocate params
  * (zeroed). Returns 0 or -1. */

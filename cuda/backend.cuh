@@ -16,6 +16,9 @@ struct DevBK {
                              float beta, float *C, int ldc, long long sC, int batch);
     static float *scratch(size_t n);
     static void fail(const char *what);
+    // the compute mode (mixed_ops.cuh's LOWP_*), and a copy rounded to it
+    static int lowp();
+    static void round_copy(float *dst, const float *src, size_t n);
     // nn.cu
     static void add_bias_rows(float *out, const float *b, int N, int C);
     static void add_bias_chan(float *out, const float *b, int B, int O, size_t P);

@@ -66,6 +66,24 @@ int cuda_download(void *dst, const void *src, size_t bytes);   /* device -> host
 int cuda_zero(void *dst, size_t bytes);
 int cuda_synchronize(void);
 
+/* ---- gemm.cu: mixed precision, TF32 and the device memory count.
+ * cuda_set_compute: every GEMM from then on (linear, the convolutions',
+ * attention's batched products, LoRA's) rounds its two operands to bf16 or
+ * fp16 (nearest even) and sums in fp32 into an fp32 C: the CPU's --compute
+ * bf16 (matmul_bf16.c) on the GPU (cuda/mixed_ops.cuh). Set it before the
+ * work starts. cuda_set_tf32(1): fp32 GEMMs on TF32 tensor cores (--tf32).
+ * cuda_mem_peak: the most bytes this backend has held at once (weights,
+ * activations, scratch, cuBLAS's workspace; not the CUDA context). */
+enum { CUDA_COMPUTE_F32 = 0, CUDA_COMPUTE_BF16 = 1, CUDA_COMPUTE_F16 = 2 };
+#define CUDA_CUBLAS_WORKSPACE ((size_t)32 << 20)   /* cuBLAS's workspace, bytes (Hopper's default size) */
+void cuda_set_compute(int mode);
+int cuda_compute(void);
+void cuda_set_tf32(int on);
+size_t cuda_mem_peak(void);
+size_t cuda_mem_live(void);
+/* the grow-only scratch and operand copies freed (they grow again on demand) */
+void cuda_release_scratch(void);
+
 /* ---- gemm.cu: gemm() from nn.h through cuBLAS (row-major, BLAS semantics) */
 void gemm_cuda(int transA, int transB, int M, int N, int K,
                float alpha, const float *A, int lda, const float *B, int ldb,

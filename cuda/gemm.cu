@@ -8,10 +8,22 @@
 // is  C^T = op(B)^T op(A)^T      (column-major)
 // which is one cublasSgemm with the operands swapped and M, N swapped; the
 // trans flags carry over unchanged, because B as stored, read column-major,
-// already is B^T. TF32 stays off: cuBLAS's default math mode is full fp32.
+// already is B^T. TF32 stays off unless --tf32 asks (cuda_set_tf32):
+// cuBLAS's default math mode is full fp32.
+//
+// --compute bf16|fp16 (cuda_set_compute): each operand is rounded into a
+// 16-bit copy (round_kernel, mixed_ops.cuh) and multiplied by
+// cublasGemmEx / cublasGemmStridedBatchedEx with fp32 compute and an fp32 C.
+//
+// Device memory is counted here: every allocation of this backend (the
+// table's, the scratch, the operand copies, cuBLAS's workspace) goes through
+// dev_alloc / dev_free, which keep the bytes live and their peak
+// (cuda_mem_peak, the programs' summary line).
 #include <stdio.h>
 #include <string.h>
+#include <vector>
 #include "common.cuh"
+#include "mixed_ops.cuh"
 #include "backend.cuh"
 extern "C" {
 #include "cuda.h"   // ours (cuda/cuda.h), found first: same directory
@@ -24,6 +36,35 @@ static cublasHandle_t g_handle;
 static int g_handle_ok;
 static float *g_scratch;
 static size_t g_scratch_cap;
+static int g_compute = LOWP_F32, g_tf32;
+static uint16_t *g_lp;              // the operand copies of a low-precision GEMM
+static size_t g_lp_cap;             // (uint16s)
+static void *g_workspace;           // cuBLAS's, ours so that it is counted
+
+// ---- the allocation count: live bytes per pointer, their total and peak
+static std::vector<std::pair<void *, size_t> > g_live;
+static size_t g_live_bytes, g_peak_bytes;
+static void *dev_alloc(size_t bytes, const char *fn) {
+    void *p = NULL;
+    if (!cuda_check_(cudaMalloc(&p, bytes ? bytes : 1), "cudaMalloc", fn)) return NULL;
+    g_live.push_back(std::make_pair(p, bytes));
+    g_live_bytes += bytes;
+    if (g_live_bytes > g_peak_bytes) g_peak_bytes = g_live_bytes;
+    return p;
+}
+static void dev_free(void *p, const char *fn) {
+    if (!p) return;
+    for (size_t i = 0; i < g_live.size(); i++)
+        if (g_live[i].first == p) {
+            g_live_bytes -= g_live[i].second;
+            g_live[i] = g_live.back();
+            g_live.pop_back();
+            break;
+        }
+    cuda_check_(cudaFree(p), "cudaFree", fn);
+}
+extern "C" size_t cuda_mem_peak(void) { return g_peak_bytes; }
+extern "C" size_t cuda_mem_live(void) { return g_live_bytes; }
 
 extern "C" void cuda_set_layer(const char *name) { g_layer = name; }
 
@@ -101,14 +142,8 @@ extern "C" int cuda_device_check(char *err) {
 }
 
 /* ---- device memory, checked */
-extern "C" void *cuda_alloc(size_t bytes) {
-    void *p = NULL;
-    if (!CUDA_CHECK(cudaMalloc(&p, bytes ? bytes : 1))) return NULL;
-    return p;
-}
-extern "C" void cuda_free(void *p) {
-    if (p) CUDA_CHECK(cudaFree(p));
-}
+extern "C" void *cuda_alloc(size_t bytes) { return dev_alloc(bytes, __func__); }
+extern "C" void cuda_free(void *p) { dev_free(p, __func__); }
 extern "C" int cuda_upload(void *dst, const void *src, size_t bytes) {
     return bytes == 0 || CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
 }
@@ -122,24 +157,98 @@ extern "C" int cuda_zero(void *dst, size_t bytes) {
 // next copy
 extern "C" int cuda_synchronize(void) { return CUDA_CHECK(cudaDeviceSynchronize()); }
 
+// the handle, with our workspace (CUDA_CUBLAS_WORKSPACE bytes: cuBLAS would
+// otherwise take its own, uncounted) and the math mode --tf32 asked for
 cublasHandle_t cuda_cublas(void) {
     if (!g_handle_ok) {
         if (!CUBLAS_CHECK(cublasCreate(&g_handle))) return NULL;
         g_handle_ok = 1;
+        g_workspace = dev_alloc(CUDA_CUBLAS_WORKSPACE, __func__);
+        if (g_workspace) CUBLAS_CHECK(cublasSetWorkspace(g_handle, g_workspace, CUDA_CUBLAS_WORKSPACE));
+        CUBLAS_CHECK(cublasSetMathMode(g_handle, g_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
     }
     return g_handle;
 }
 
+// --tf32: fp32 GEMMs on TF32 tensor cores (10-bit significands in the
+// products); off by default. Low-precision modes are not affected.
+extern "C" void cuda_set_tf32(int on) {
+    g_tf32 = on != 0;
+    if (g_handle_ok)
+        CUBLAS_CHECK(cublasSetMathMode(g_handle, g_tf32 ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
+}
+extern "C" void cuda_set_compute(int mode) {
+    g_compute = mode == CUDA_COMPUTE_BF16 ? LOWP_BF16 : mode == CUDA_COMPUTE_F16 ? LOWP_F16 : LOWP_F32;
+}
+extern "C" int cuda_compute(void) { return g_compute; }
+
 float *cuda_scratch(size_t nfloats) {
     if (nfloats <= g_scratch_cap && g_scratch) return g_scratch;
-    if (g_scratch) CUDA_CHECK(cudaFree(g_scratch));
+    dev_free(g_scratch, __func__);
     g_scratch = NULL;
     g_scratch_cap = 0;
-    void *p = NULL;
-    if (!CUDA_CHECK(cudaMalloc(&p, (nfloats ? nfloats : 1) * sizeof(float)))) return NULL;
+    void *p = dev_alloc((nfloats ? nfloats : 1) * sizeof(float), __func__);
+    if (!p) return NULL;
     g_scratch = (float *)p;
     g_scratch_cap = nfloats;
     return g_scratch;
+}
+
+// the grow-only buffers back (they grow again on the next call that needs
+// them): ./train calls it once the caches are built, so the VAE's 512^2
+// convolutions' scratch is not carried through the UNet's steps
+extern "C" void cuda_release_scratch(void) {
+    dev_free(g_scratch, __func__);
+    dev_free(g_lp, __func__);
+    g_scratch = NULL;
+    g_lp = NULL;
+    g_scratch_cap = g_lp_cap = 0;
+}
+
+// grow-only room for a GEMM's two operand copies (uint16s)
+static uint16_t *lp_scratch(size_t n) {
+    if (n <= g_lp_cap && g_lp) return g_lp;
+    dev_free(g_lp, __func__);
+    g_lp = NULL;
+    g_lp_cap = 0;
+    void *p = dev_alloc((n ? n : 1) * sizeof(uint16_t), __func__);
+    if (!p) return NULL;
+    g_lp = (uint16_t *)p;
+    g_lp_cap = n;
+    return g_lp;
+}
+
+// dst[i] = the mode's bits of src[i], over the operand's span
+__global__ static void round_kernel(uint16_t *dst, const float *src, size_t n, int mode) {
+    GRID_STRIDE(i, n) dst[i] = lowp_bits(src[i], mode);
+}
+static void round_span(uint16_t *dst, const float *src, size_t n) {
+    if (n == 0) return;
+    round_kernel<<<grid_for(n, 256), 256>>>(dst, src, n, g_compute);
+    KERNEL_CHECK("round_kernel");
+}
+
+// a GEMM (batch 1: strides unused) in the low-precision mode: both operands
+// rounded into lp_scratch, then one GemmEx / GemmStridedBatchedEx
+static void gemm_lowp(cublasHandle_t h, int transA, int transB, int M, int N, int K, float alpha,
+                      const float *A, int lda, long long sA, const float *B, int ldb, long long sB,
+                      float beta, float *C, int ldc, long long sC, int batch) {
+    size_t na = operand_span(transA ? K : M, transA ? M : K, lda, sA, batch);
+    size_t nb = operand_span(transB ? N : K, transB ? K : N, ldb, sB, batch);
+    size_t na16 = (na + 7) & ~(size_t)7;            // B's copy 16-byte aligned, as tensor-core kernels want
+    uint16_t *a16 = lp_scratch(na16 + nb);
+    if (!a16) return;
+    uint16_t *b16 = a16 + na16;
+    round_span(a16, A, na);
+    round_span(b16, B, nb);
+    cudaDataType_t t = g_compute == LOWP_BF16 ? CUDA_R_16BF : CUDA_R_16F;
+    cublasOperation_t oa = transA ? CUBLAS_OP_T : CUBLAS_OP_N, ob = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
+    if (batch == 1)
+        CUBLAS_CHECK(cublasGemmEx(h, ob, oa, N, M, K, &alpha, b16, t, ldb, a16, t, lda, &beta, C, CUDA_R_32F, ldc,
+                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    else
+        CUBLAS_CHECK(cublasGemmStridedBatchedEx(h, ob, oa, N, M, K, &alpha, b16, t, ldb, sB, a16, t, lda, sA, &beta,
+                                                C, CUDA_R_32F, ldc, sC, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 // cuBLAS insists on ld >= max(1, rows) even where nothing is read (K == 0,
@@ -154,6 +263,10 @@ extern "C" void gemm_cuda(int transA, int transB, int M, int N, int K,
     if (!h) return;
     lda = ld_fix(lda, transA ? M : K);
     ldb = ld_fix(ldb, transB ? K : N);
+    if (g_compute != LOWP_F32 && K > 0 && alpha != 0.0f) {   // as matmul.c: K == 0 or alpha == 0 is C = beta C
+        gemm_lowp(h, transA, transB, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+        return;
+    }
     CUBLAS_CHECK(cublasSgemm(h, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
                              N, M, K, &alpha, B, ldb, A, lda, &beta, C, ldc));
 }
@@ -167,6 +280,10 @@ void gemm_batched_cuda(int transA, int transB, int M, int N, int K, float alpha,
     if (!h) return;
     lda = ld_fix(lda, transA ? M : K);
     ldb = ld_fix(ldb, transB ? K : N);
+    if (g_compute != LOWP_F32 && K > 0 && alpha != 0.0f) {
+        gemm_lowp(h, transA, transB, M, N, K, alpha, A, lda, strideA, B, ldb, strideB, beta, C, ldc, strideC, batch);
+        return;
+    }
     CUBLAS_CHECK(cublasSgemmStridedBatched(h, transB ? CUBLAS_OP_T : CUBLAS_OP_N,
                                            transA ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha,
                                            B, ldb, strideB, A, lda, strideA, &beta, C, ldc, strideC, batch));
@@ -183,4 +300,15 @@ void DevBK::gemm_batched(int tA, int tB, int M, int N, int K, float alpha,
     gemm_batched_cuda(tA, tB, M, N, K, alpha, A, lda, sA, B, ldb, sB, beta, C, ldc, sC, batch);
 }
 float *DevBK::scratch(size_t n) { return cuda_scratch(n); }
+int DevBK::lowp() { return g_compute; }
+// dst = src rounded to the mode's precision, kept as fp32 (the operands of
+// the direct convolution kernels, which are not GEMMs)
+__global__ static void round_copy_kernel(float *dst, const float *src, size_t n, int mode) {
+    GRID_STRIDE(i, n) dst[i] = lowp_round(src[i], mode);
+}
+void DevBK::round_copy(float *dst, const float *src, size_t n) {
+    if (n == 0) return;
+    round_copy_kernel<<<grid_for(n, 256), 256>>>(dst, src, n, g_compute);
+    KERNEL_CHECK("round_copy_kernel");
+}
 void DevBK::fail(const char *what) { record_internal(what); }

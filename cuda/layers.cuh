@@ -66,10 +66,13 @@ void conv2d_shift_backward_t(float *dinp, float *dw, const float *dout, const fl
                              const float *w, conv_dims d) {
     shift_dims s = make_shift_dims(d);
     size_t nxp = (size_t)d.C * s.ldx, nwp = (size_t)d.kh * d.kw * d.O * d.C, ndp = (size_t)d.O * s.Nq;
-    // dpad, then xpad (dw) and wp, dxpad (dinp), and dwp (dw)
-    float *dpad = BK::scratch(ndp + nxp + nwp + nxp + nwp);
+    // dpad, then xpad and dwp (only for dw), wp and dxpad (only for dinp):
+    // a frozen weight's dwp is not held (SD1.5's 2560 -> 1280 3x3 convs:
+    // 118 MiB of the step's scratch)
+    float *dpad = BK::scratch(ndp + (dw ? nxp + nwp : 0) + (dinp ? nwp + nxp : 0));
     if (!dpad) return;
-    float *xpad = dpad + ndp, *wp = xpad + nxp, *dxpad = wp + nwp, *dwp = dxpad + nxp;
+    float *xpad = dpad + ndp, *dwp = xpad + nxp;
+    float *wp = dw ? dwp + nwp : dpad + ndp, *dxpad = wp + nwp;
     BK::shift_dpad(dpad, dout, d, s);
     if (dw) {
         BK::shift_pad(xpad, inp, d, s);
@@ -102,6 +105,15 @@ void conv2d_forward_t(float *out, const float *inp, const float *w, const float 
         if (b) BK::add_bias_chan(out, b, B, O, (size_t)P);
     } else if (stride == 1) {
         conv2d_shift_forward_t<BK>(out, inp, w, b, d);
+    } else if (BK::lowp()) {
+        // --compute bf16|fp16: the direct kernel is no GEMM, so its operands
+        // are rounded here, as the CPU's im2col GEMM rounds them
+        size_t nx = (size_t)B * C * H * W, nw = (size_t)O * C * kh * kw;
+        float *xr = BK::scratch(nx + nw);
+        if (!xr) return;
+        BK::round_copy(xr, inp, nx);
+        BK::round_copy(xr + nx, w, nw);
+        BK::conv_fwd(out, xr, xr + nx, b, d);
     } else {
         BK::conv_fwd(out, inp, w, b, d);
     }
@@ -125,6 +137,21 @@ void conv2d_backward_t(float *dinp, float *dw, float *db, const float *dout, con
                              C * P, B);
     } else if (stride == 1) {
         if (dw || dinp) conv2d_shift_backward_t<BK>(dinp, dw, dout, inp, w, d);
+    } else if (BK::lowp() && (dw || dinp)) {
+        // rounded operands, as the forward's
+        size_t nx = (size_t)B * C * H * W, nw = (size_t)O * C * kh * kw, ny = (size_t)B * O * P;
+        float *yr = BK::scratch(ny + (dw ? nx : 0) + (dinp ? nw : 0));
+        if (!yr) return;
+        BK::round_copy(yr, dout, ny);
+        if (dw) {
+            BK::round_copy(yr + ny, inp, nx);
+            BK::conv_dw(dw, yr, yr + ny, d);
+        }
+        if (dinp) {
+            float *wr = yr + ny + (dw ? nx : 0);
+            BK::round_copy(wr, w, nw);
+            BK::conv_dinp(dinp, yr, wr, d);
+        }
     } else {
         if (dw) BK::conv_dw(dw, dout, inp, d);
         if (dinp) BK::conv_dinp(dinp, dout, w, d);
@@ -132,17 +159,24 @@ void conv2d_backward_t(float *dinp, float *dw, float *db, const float *dout, con
 }
 
 /* attention, per (b, h), heads as strided views (row stride C = H Dh,
- * head h at column h Dh), one batched product over the H heads of item b:
+ * head h at column h Dh), one batched product over a pass of heads of item b:
  *   S = scale Q K^T,  P = softmax(S) (causal: j > i masked),  O = P V
- * att (B, H, Tq, Tk) or NULL: P then lives in scratch, H heads at a time,
- * and backward recomputes it (as attention.c). */
+ * att (B, H, Tq, Tk) or NULL: P then lives in scratch, one pass of heads at
+ * a time, and backward recomputes it (as attention.c). A pass holds at most
+ * ATT_PASS_FLOATS of P (at least one head): SD1.5's 64x64 self-attention
+ * has 4096^2 floats (64 MiB) of P per head, 512 MiB for its 8 heads at once
+ * and twice that in backward (P and dS), the largest scratch of a step. */
+#define ATT_PASS_FLOATS ((long long)1 << 24)
+inline int att_heads_per_pass(int H, long long TT) {
+    long long h = ATT_PASS_FLOATS / (TT > 0 ? TT : 1);
+    return h < 1 ? 1 : h > H ? H : (int)h;
+}
 template <class BK>
-void attention_probs_t(float *P, const float *q, const float *k, int Tq, int Tk, int H, int Dh,
+void attention_probs_t(float *P, const float *q, const float *k, int Tq, int Tk, int nh, int Dh, int C,
                        float scale, int causal) {
-    int C = H * Dh;
     long long TT = (long long)Tq * Tk;
-    BK::gemm_batched(0, 1, Tq, Tk, Dh, scale, q, C, Dh, k, C, Dh, 0.0f, P, Tk, TT, H);
-    BK::softmax_rows(P, H * Tq, Tq, Tk, causal);
+    BK::gemm_batched(0, 1, Tq, Tk, Dh, scale, q, C, Dh, k, C, Dh, 0.0f, P, Tk, TT, nh);
+    BK::softmax_rows(P, nh * Tq, Tq, Tk, causal);
 }
 template <class BK>
 void attention_forward_t(float *out, float *att, const float *q, const float *k, const float *v,
@@ -150,15 +184,18 @@ void attention_forward_t(float *out, float *att, const float *q, const float *k,
     int C = H * Dh;
     float scale = 1.0f / sqrtf((float)Dh);
     long long TT = (long long)Tq * Tk;
-    float *buf = att ? NULL : BK::scratch((size_t)H * TT);
+    int hp = att ? H : att_heads_per_pass(H, TT);
+    float *buf = att ? NULL : BK::scratch((size_t)hp * TT);
     if (!att && !buf) return;
-    for (int b = 0; b < B; b++) {
-        float *P = att ? att + (size_t)b * H * TT : buf;
-        const float *qb = q + (size_t)b * Tq * C, *kb = k + (size_t)b * Tk * C, *vb = v + (size_t)b * Tk * C;
-        attention_probs_t<BK>(P, qb, kb, Tq, Tk, H, Dh, scale, causal);
-        // O = P V   (Tq x Tk)(Tk x Dh), written at the head's columns
-        BK::gemm_batched(0, 0, Tq, Dh, Tk, 1.0f, P, Tk, TT, vb, C, Dh, 0.0f, out + (size_t)b * Tq * C, C, Dh, H);
-    }
+    for (int b = 0; b < B; b++)
+        for (int h0 = 0; h0 < H; h0 += hp) {
+            int nh = H - h0 < hp ? H - h0 : hp;
+            float *P = att ? att + ((size_t)b * H + h0) * TT : buf;
+            size_t qo = (size_t)b * Tq * C + (size_t)h0 * Dh, ko = (size_t)b * Tk * C + (size_t)h0 * Dh;
+            attention_probs_t<BK>(P, q + qo, k + ko, Tq, Tk, nh, Dh, C, scale, causal);
+            // O = P V   (Tq x Tk)(Tk x Dh), written at the heads' columns
+            BK::gemm_batched(0, 0, Tq, Dh, Tk, 1.0f, P, Tk, TT, v + ko, C, Dh, 0.0f, out + qo, C, Dh, nh);
+        }
 }
 template <class BK>
 void attention_backward_t(float *dq, float *dk, float *dv, const float *dout, const float *q,
@@ -169,25 +206,28 @@ void attention_backward_t(float *dq, float *dk, float *dv, const float *dout, co
     float scale = 1.0f / sqrtf((float)Dh);
     long long TT = (long long)Tq * Tk;
     int need_ds = dq || dk;
-    size_t nbuf = (need_ds ? (size_t)H * TT : 0) + (att ? 0 : (size_t)H * TT);
+    int hp = att_heads_per_pass(H, TT);
+    size_t nbuf = (need_ds ? (size_t)hp * TT : 0) + (att ? 0 : (size_t)hp * TT);
     float *buf = nbuf ? BK::scratch(nbuf) : NULL;
     if (nbuf && !buf) return;
     float *dS = need_ds ? buf : NULL;
-    float *Pbuf = att ? NULL : buf + (need_ds ? (size_t)H * TT : 0);
-    for (int b = 0; b < B; b++) {
-        size_t qo = (size_t)b * Tq * C, ko = (size_t)b * Tk * C;
-        const float *P = att ? att + (size_t)b * H * TT : Pbuf;
-        if (!att) attention_probs_t<BK>(Pbuf, q + qo, k + ko, Tq, Tk, H, Dh, scale, causal);
-        // dV += P^T dO   (Tk x Tq)(Tq x Dh)
-        if (dv) BK::gemm_batched(1, 0, Tk, Dh, Tq, 1.0f, P, Tk, TT, dout + qo, C, Dh, 1.0f, dv + ko, C, Dh, H);
-        if (!need_ds) continue;
-        // dP = dO V^T   (Tq x Dh)(Dh x Tk), then dS = P (dP - rowsum(dP P)) in place
-        BK::gemm_batched(0, 1, Tq, Tk, Dh, 1.0f, dout + qo, C, Dh, v + ko, C, Dh, 0.0f, dS, Tk, TT, H);
-        BK::softmax_bwd_rows(dS, P, H * Tq, Tk);
-        // dQ += scale dS K;  dK += scale dS^T Q
-        if (dq) BK::gemm_batched(0, 0, Tq, Dh, Tk, scale, dS, Tk, TT, k + ko, C, Dh, 1.0f, dq + qo, C, Dh, H);
-        if (dk) BK::gemm_batched(1, 0, Tk, Dh, Tq, scale, dS, Tk, TT, q + qo, C, Dh, 1.0f, dk + ko, C, Dh, H);
-    }
+    float *Pbuf = att ? NULL : buf + (need_ds ? (size_t)hp * TT : 0);
+    for (int b = 0; b < B; b++)
+        for (int h0 = 0; h0 < H; h0 += hp) {
+            int nh = H - h0 < hp ? H - h0 : hp;
+            size_t qo = (size_t)b * Tq * C + (size_t)h0 * Dh, ko = (size_t)b * Tk * C + (size_t)h0 * Dh;
+            const float *P = att ? att + ((size_t)b * H + h0) * TT : Pbuf;
+            if (!att) attention_probs_t<BK>(Pbuf, q + qo, k + ko, Tq, Tk, nh, Dh, C, scale, causal);
+            // dV += P^T dO   (Tk x Tq)(Tq x Dh)
+            if (dv) BK::gemm_batched(1, 0, Tk, Dh, Tq, 1.0f, P, Tk, TT, dout + qo, C, Dh, 1.0f, dv + ko, C, Dh, nh);
+            if (!need_ds) continue;
+            // dP = dO V^T   (Tq x Dh)(Dh x Tk), then dS = P (dP - rowsum(dP P)) in place
+            BK::gemm_batched(0, 1, Tq, Tk, Dh, 1.0f, dout + qo, C, Dh, v + ko, C, Dh, 0.0f, dS, Tk, TT, nh);
+            BK::softmax_bwd_rows(dS, P, nh * Tq, Tk);
+            // dQ += scale dS K;  dK += scale dS^T Q
+            if (dq) BK::gemm_batched(0, 0, Tq, Dh, Tk, scale, dS, Tk, TT, k + ko, C, Dh, 1.0f, dq + qo, C, Dh, nh);
+            if (dk) BK::gemm_batched(1, 0, Tk, Dh, Tq, scale, dS, Tk, TT, q + qo, C, Dh, 1.0f, dk + ko, C, Dh, nh);
+        }
 }
 
 /* LoRA (lora.c): y = x W0^T + b + s (dropout(x) A^T) B^T,  s = alpha / r.

@@ -21,12 +21,14 @@
 #include <math.h>
 #include <vector>
 #include <map>
+#include <sys/mman.h>
 #include "common.cuh"
 #include "nn_ops.cuh"
 #include "attention_ops.cuh"
 #include "optim_ops.cuh"
 #include "ddpm_ops.cuh"
 #include "layers.cuh"
+#include "mixed_ops.cuh"
 extern "C" {
 #include "../nn.h"
 #include "../lora.h"
@@ -37,6 +39,8 @@ extern "C" {
 #include "../vae.h"
 #include "../clip.h"
 #include "../half.h"
+#include "../backend.h"
+#include "../json.h"
 }
 
 typedef std::vector<float> vec;
@@ -80,10 +84,30 @@ static vec randv(size_t n, float lo, float hi, uint64_t seed) {
 /* ---------------------------------------------------------------------------
  * HostBK: DevBK's methods (backend.cuh) as host loops over the same
  * functions, each in its kernel's thread order */
+// the emulated device's compute mode (mixed_ops.cuh's LOWP_*; gemm.cu's g_compute)
+static int g_host_lowp = LOWP_F32;
 struct HostBK {
+    // as gemm_cuda: in a low-precision mode both operands' spans rounded
+    // (round_kernel's function), then fp32 sums (the CPU gemm in its fp32
+    // mode on the rounded values: the products are exact either way)
     static void gemm(int tA, int tB, int M, int N, int K, float alpha, const float *A, int lda,
                      const float *B, int ldb, float beta, float *C, int ldc) {
-        ::gemm(tA, tB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        if (g_host_lowp == LOWP_F32 || K <= 0 || alpha == 0.0f || M <= 0 || N <= 0) {
+            ::gemm(tA, tB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+            return;
+        }
+        size_t na = operand_span(tA ? K : M, tA ? M : K, lda, 0, 1), nb = operand_span(tB ? N : K, tB ? K : N, ldb, 0, 1);
+        std::vector<float> ar(na), br(nb);
+        for (size_t i = 0; i < na; i++) ar[i] = lowp_round(A[i], g_host_lowp);
+        for (size_t i = 0; i < nb; i++) br[i] = lowp_round(B[i], g_host_lowp);
+        int cpu_mode = gemm_compute();
+        gemm_set_compute(GEMM_F32);
+        ::gemm(tA, tB, M, N, K, alpha, ar.data(), lda, br.data(), ldb, beta, C, ldc);
+        gemm_set_compute(cpu_mode);
+    }
+    static int lowp() { return g_host_lowp; }
+    static void round_copy(float *dst, const float *src, size_t n) {
+        for (size_t i = 0; i < n; i++) dst[i] = lowp_round(src[i], g_host_lowp);
     }
     static void gemm_batched(int tA, int tB, int M, int N, int K, float alpha,
                              const float *A, int lda, long long sA, const float *B, int ldb, long long sB,
@@ -348,8 +372,10 @@ static void test_conv(int B, int C, int H, int W, int O, int kh, int kw, int str
     expect_close(name, dx, dxr, BWD);
     snprintf(name, sizeof name, "conv2d bwd dw, db (k%dx%d s%d p%d)", kh, kw, stride, pad);
     expect(name, fmax(rel_err(dw.data(), dwr.data(), nw), rel_err(db.data(), dbr.data(), O)), BWD);
-    // the direct kernel (used for strided convs) on every shape too
+    // the direct kernel (used for strided convs) on every shape too (fp32:
+    // in a low-precision mode conv2d_*_t rounds its operands first)
     conv_dims d = make_conv_dims(B, C, H, W, O, kh, kw, stride, pad);
+    if (!HostBK::lowp()) {
     vec y3(ny), dx3 = randv(nx, -0.1f, 0.1f, 65), dw3 = randv(nw, -0.1f, 0.1f, 66);
     HostBK::conv_fwd(y3.data(), x.data(), w.data(), b.data(), d);
     HostBK::conv_dinp(dx3.data(), dy.data(), w.data(), d);
@@ -358,6 +384,7 @@ static void test_conv(int B, int C, int H, int W, int O, int kh, int kw, int str
     expect(name, rel_err(y3.data(), yr.data(), ny), FWD);
     snprintf(name, sizeof name, "conv2d direct kernel bwd dx, dw (k%dx%d s%d p%d)", kh, kw, stride, pad);
     expect(name, fmax(rel_err(dx3.data(), dxr.data(), nx), rel_err(dw3.data(), dwr.data(), nw)), BWD);
+    }
     // frozen weight (dw, db NULL): dx only
     vec dx2 = randv(nx, -0.1f, 0.1f, 65);
     conv2d_backward_t<HostBK>(dx2.data(), NULL, NULL, dy.data(), x.data(), w.data(), B, C, H, W, O, kh, kw, stride, pad);
@@ -2055,6 +2082,543 @@ static void dev_devte(void) {
     dev_done("devte entries");
 }
 
+/* ---------------------------------------------------------------------------
+ * Mixed precision on the device (--compute bf16|fp16; cuda/mixed_ops.cuh,
+ * gemm.cu, backend.c's loss scaler). The emulated device rounds each GEMM
+ * operand with the functions round_kernel runs, then sums in fp32. */
+
+// the device's rounding against the CPU's: bf16_bits == matmul_bf16.c's
+// gemm_bf16_round on every input, f16_bits == half.c's float_to_half on every
+// non-NaN input (a NaN must stay a NaN), over every 4099th fp32 bit pattern
+// (all exponents, signs and NaN/inf) and the edges of fp16's ranges
+static void test_lowp_rounding(void) {
+    static const uint32_t edges[] = {0x00000000u, 0x00000001u, 0x33000000u, 0x33000001u, 0x337fffffu, 0x33800000u,
+                                     0x33c00000u, 0x387fc000u, 0x387fe000u, 0x387fffffu, 0x38800000u, 0x38801000u,
+                                     0x38802000u, 0x3f800000u, 0x3f801000u, 0x3f803000u, 0x477fe000u, 0x477fefffu,
+                                     0x477ff000u, 0x477fffffu, 0x47800000u, 0x7f7fffffu, 0x7f800000u, 0x7fc00000u,
+                                     0x7f800001u, 0x3f7fffffu, 0x3f808000u, 0x3f818000u};
+    size_t n = 0, bf_bad = 0, f16_bad = 0;
+    auto check = [&](uint32_t u) {
+        float f;
+        memcpy(&f, &u, 4);
+        n++;
+        bf_bad += bf16_bits(f) != gemm_bf16_round(f);
+        uint16_t h = f16_bits(f);
+        if (isnan(f)) f16_bad += (h & 0x7c00u) != 0x7c00u || (h & 0x3ffu) == 0;
+        else f16_bad += h != float_to_half(f);
+    };
+    for (uint64_t u = 0; u <= 0xffffffffull; u += 4099) check((uint32_t)u);
+    for (uint32_t e : edges) { check(e); check(e | 0x80000000u); check(e + 0x1000u); check(e - 1u); }
+    char name[160];
+    snprintf(name, sizeof name, "device bf16 rounding == gemm_bf16_round on %zu floats (%zu differ)", n, bf_bad);
+    expect_true(name, bf_bad == 0);
+    snprintf(name, sizeof name, "device fp16 rounding == half.c's float_to_half on %zu floats (%zu differ)", n, f16_bad);
+    expect_true(name, f16_bad == 0);
+    expect_true("fp16 rounding: 65519 -> 65504, 65520 -> inf, 2^-25 -> 0, 1.5 * 2^-25 -> 2^-24",
+                f16_bits(65519.0f) == 0x7bff && f16_bits(65520.0f) == 0x7c00 && f16_bits(2.98023224e-8f) == 0 &&
+                f16_bits(4.47034836e-8f) == 1);
+}
+
+// the GEMM layers of layers.cuh in the bf16 mode (HostBK rounding each
+// operand as round_kernel does) against nn.c's, attention.c's and lora.c's
+// under gemm_set_compute(GEMM_BF16), at the fp32 tolerances: the same
+// rounded operands, exact products, only the fp32 sums in another order
+static void test_layers_lowp(void) {
+    printf("-- the GEMM layers in bf16: device (emulated) vs CPU --compute bf16\n");
+    g_host_lowp = LOWP_BF16;
+    gemm_set_compute(GEMM_BF16);
+    test_linear(29, 48, 33, 1);
+    test_conv(2, 5, 9, 8, 6, 3, 3, 1, 1);
+    test_conv(1, 4, 9, 10, 3, 3, 3, 2, 1);
+    test_conv(2, 6, 5, 7, 4, 1, 1, 1, 0);
+    test_attention(2, 13, 13, 3, 8, 0, 1);
+    test_attention(1, 21, 7, 2, 16, 0, 0);
+    test_attention(1, 300, 300, 2, 8, 1, 0);
+    test_lora(19, 40, 24, 4, 0.0f);
+    test_lora(11, 33, 17, 3, 0.25f);
+    g_host_lowp = LOWP_F32;
+    gemm_set_compute(GEMM_F32);
+}
+
+// nsteps LoRA training steps of the tiny UNet (as test_train_emulated: batch 2,
+// min-SNR-like weights, --clip 1e-3), on the CPU (dev NULL: train.c's CPU path
+// under gemm_set_compute(cpu_mode)) or on the emulated device at compute mode
+// lowp (train.c's device path: the scaler s under fp16, --clip, AdamW).
+// Records each step's loss, gradient and whether it was taken; A, B and the
+// AdamW moments after the last. Step `huge_at` gets loss scale 1e30 first.
+struct mp_run {
+    vec loss, params, m, v;
+    std::vector<vec> grad;        // each step's LoRA gradient (unscaled, before --clip)
+    std::vector<int> taken;
+    long adam_step;
+    std::vector<float> scale;     // the scale after each step (fp16)
+    int ok;
+};
+static mp_run mp_train(const nn_ops *dev, int lowp, int cpu_mode, nn_loss_scaler *s, int nsteps, int huge_at) {
+    mp_run r;
+    r.ok = 0;
+    r.adam_step = 0;
+    unet_t u;
+    if (tiny_unet(&u, "models/tiny/unet", WEIGHT_F32)) return r;
+    int B = 2, h = 8, w = 8, Tc = 7;
+    const unet_config *c = &u.cfg;
+    size_t n = u.lora_nparams, per = (size_t)c->out_channels * h * w, nx = (size_t)B * c->in_channels * h * w;
+    size_t nc = (size_t)B * Tc * c->cross_dim;
+    vec ctx = randv(nc, -1.0f, 1.0f, 302), wt = {0.8f, 0.3f}, pc(B * per), dpc(B * per);
+    const float clip = 1e-3f;
+    adamw_t o;
+    adamw_init(&o, n, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+    float *dtarget = NULL, *dwt = NULL;
+    int ok = 1;
+    if (dev) {
+        g_host_lowp = lowp;
+        gemm_set_compute(GEMM_F32);
+        ok = unet_to_device(&u, dev) == 0 && unet_alloc_acts(&u, B, h, w, Tc, 1) == 0;
+        float *m0 = (float *)dev->alloc(sizeof(float) * n), *v0 = (float *)dev->alloc(sizeof(float) * n);
+        ok = ok && dev->upload(m0, o.m, sizeof(float) * n) && dev->upload(v0, o.v, sizeof(float) * n);
+        free(o.m); free(o.v);
+        o.m = m0; o.v = v0;
+        dtarget = (float *)dev->alloc(sizeof(float) * B * per);
+        dwt = (float *)dev->alloc(sizeof(float) * B);
+        ok = ok && dev->upload(dwt, wt.data(), sizeof(float) * B);
+    } else {
+        gemm_set_compute(cpu_mode);
+        ok = unet_alloc_acts(&u, B, h, w, Tc, 1) == 0;
+    }
+    for (int step = 0; ok && step < nsteps; step++) {
+        vec x = randv(nx, -1.0f, 1.0f, 310 + step), target = randv(B * per, -1.0f, 1.0f, 320 + step);
+        vec t = {(float)(50 + 200 * step), (float)(900 - 100 * step)};
+        float lr = 1e-2f * (step + 1) / 4, L;
+        int taken = 1;
+        unet_zero_lora_grads(&u);
+        if (!dev) {
+            ok = unet_forward(&u, pc.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0;
+            L = mse_loss_forward(pc.data(), target.data(), wt.data(), B, per);
+            std::fill(dpc.begin(), dpc.end(), 0.0f);
+            mse_loss_backward(dpc.data(), pc.data(), target.data(), wt.data(), 1.0f, B, per);
+            ok = ok && unet_backward(&u, dpc.data(), NULL, NULL) == 0;
+            r.grad.push_back(vec(u.lora_grads, u.lora_grads + n));
+            clip_grad_norm(u.lora_grads, n, clip);
+            adamw_step(&o, u.lora_params, u.lora_grads, lr);
+        } else {
+            float *pred = NULL, *deps = NULL;
+            if (s && step == huge_at) s->scale = 1e30f;
+            ok = unet_forward(&u, NULL, x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
+                 unet_device_io(&u, &pred, &deps) == 0 && dev->upload(dtarget, target.data(), sizeof(float) * B * per);
+            if (!ok) break;
+            L = dev->mse_loss_forward(pred, dtarget, dwt, B, per);
+            dev->zero(deps, B * per);
+            dev->mse_loss_backward(deps, pred, dtarget, dwt, s ? s->scale : 1.0f, B, per);   // as device_loss_step
+            ok = unet_backward(&u, NULL, NULL, NULL) == 0;
+            vec g(n);
+            ok = ok && dev->download(g.data(), u.dlora_grads, sizeof(float) * n);
+            for (float &x : g) x /= s ? s->scale : 1.0f;
+            r.grad.push_back(g);
+            // train.c's optimizer_step on the device: the scaler (fp16), --clip, AdamW
+            taken = !s || nn_loss_scaler_unscale(s, dev, u.dlora_grads, n, &nn_ops_cpu, NULL, 0);
+            if (taken) {
+                nn_clip_grad_norm(dev, u.dlora_grads, n, NULL, 0, clip);
+                dev->adamw_step(&o, u.dlora_params, u.dlora_grads, lr);
+            }
+            if (s) r.scale.push_back(s->scale);
+        }
+        r.loss.push_back(L);
+        r.taken.push_back(taken);
+    }
+    if (ok) {
+        r.params.resize(n); r.m.resize(n); r.v.resize(n);
+        if (dev) ok = dev->download(r.params.data(), u.dlora_params, sizeof(float) * n) &&
+                      dev->download(r.m.data(), o.m, sizeof(float) * n) && dev->download(r.v.data(), o.v, sizeof(float) * n);
+        else {
+            memcpy(r.params.data(), u.lora_params, sizeof(float) * n);
+            memcpy(r.m.data(), o.m, sizeof(float) * n);
+            memcpy(r.v.data(), o.v, sizeof(float) * n);
+        }
+    }
+    r.adam_step = o.step;
+    r.ok = ok;
+    if (dev) { dev->free(o.m); dev->free(o.v); dev->free(dtarget); dev->free(dwt); o.m = o.v = NULL; }
+    adamw_free(&o);
+    unet_free(&u);
+    g_host_lowp = LOWP_F32;
+    gemm_set_compute(GEMM_F32);
+    return r;
+}
+static double loss_err(const vec &a, const vec &b) {
+    double e = a.size() == b.size() ? 0 : INFINITY;
+    for (size_t i = 0; i < a.size() && i < b.size(); i++) e = fmax(e, fabs((double)a[i] - b[i]) / fabs((double)b[i]));
+    return e;
+}
+
+/* --compute bf16 on the (emulated) device against the CPU's --compute bf16:
+ * a training step (loss, every LoRA gradient), then 3 more (losses). Both
+ * round the same operands the same way and bf16 products are exact in fp32
+ * (test_layers_lowp: layer by layer they agree to 1e-7..2e-5), but the order
+ * of the fp32 sums differs (im2col vs shifted-GEMM convolutions, double vs
+ * float-tree norms), and under bf16 a 1e-7 difference now and then flips an
+ * operand's rounding by 2^-9; over the step's ~40 rounded layers the flips
+ * cascade, so the two runs differ at bf16's own level: measured 2.6e-4 on
+ * the loss and 5.9e-3 (of the largest) on the gradient, the same (2.9e-4,
+ * 5.7e-3) when the emulation calls the CPU's own bf16 GEMM instead, so the
+ * spread is that cascade, not the rounding. Tolerances: 2e-3 on the loss
+ * (bf16's unit roundoff 2^-9) and 2e-2 on the gradient, about 7x and 3x
+ * the measured. A, B after the steps are not compared: AdamW divides by
+ * sqrt(v), which turns a near-zero gradient's tiny difference into an
+ * lr-sized step. That the emulation rounded at all: its loss differs from
+ * the CPU's fp32 loss by more than 1e-4 (bf16 vs fp32 on the CPU: 9.4e-4). */
+static void test_train_bf16_emulated(void) {
+    emu_init();
+    mp_run c32 = mp_train(NULL, LOWP_F32, GEMM_F32, NULL, 4, -1);
+    mp_run cbf = mp_train(NULL, LOWP_F32, GEMM_BF16, NULL, 4, -1);
+    mp_run ebf = mp_train(&nn_ops_emu, LOWP_BF16, GEMM_F32, NULL, 4, -1);
+    int ok = c32.ok && cbf.ok && ebf.ok && ebf.loss.size() == 4 && cbf.loss.size() == 4;
+    expect_true("mixed precision: the CPU fp32, CPU bf16 and emulated bf16 runs train", ok);
+    if (!ok) return;
+    size_t n = cbf.grad[0].size();
+    printf("note: step 1, CPU bf16 vs CPU fp32: loss %.3g, gradient %.3g\n",
+           fabs(cbf.loss[0] - c32.loss[0]) / c32.loss[0], rel_err(cbf.grad[0].data(), c32.grad[0].data(), n));
+    expect("emulated bf16 training step 1: loss vs CPU --compute bf16", fabs(ebf.loss[0] - cbf.loss[0]) / cbf.loss[0], 2e-3);
+    expect("emulated bf16 training step 1: every LoRA gradient vs CPU bf16", rel_err(ebf.grad[0].data(), cbf.grad[0].data(), n), 2e-2);
+    expect("emulated bf16 training: losses of steps 1-4 vs CPU bf16", loss_err(ebf.loss, cbf.loss), 2e-3);
+    expect_true("emulated bf16 step 1's loss is not fp32's (differs by > 1e-4: the operands were rounded)",
+                fabs(ebf.loss[0] - c32.loss[0]) / c32.loss[0] > 1e-4);
+}
+
+/* --compute fp16 on the emulated device: three steps at the initial scale
+ * 65536 (interval 2: the scale doubles after the second), close to the CPU's
+ * fp32 run (fp16's 11-bit operands: 1e-2 relative); then a run whose second
+ * step starts at a scale of 1e30, so that deps * scale overflows fp16 in the
+ * first GEMM: that step is skipped (A, B, AdamW's moments and step count
+ * bit for bit those after step 1) and the scale halves. */
+static void test_train_fp16_emulated(void) {
+    emu_init();
+    mp_run c32 = mp_train(NULL, LOWP_F32, GEMM_F32, NULL, 3, -1);
+    nn_loss_scaler s;
+    nn_loss_scaler_init(&s);
+    expect_true("loss scaler starts at 65536, doubling every 2000 good steps", s.scale == 65536.0f && s.interval == 2000 && s.good == 0);
+    s.interval = 2;
+    mp_run e16 = mp_train(&nn_ops_emu, LOWP_F16, GEMM_F32, &s, 3, -1);
+    expect_true("mixed precision: the emulated fp16 run trains", c32.ok && e16.ok);
+    if (!(c32.ok && e16.ok)) return;
+    expect_true("fp16 at scale 65536: every step taken; the scale 65536, 131072, 131072 (doubled after 2 good steps)",
+                e16.taken == std::vector<int>({1, 1, 1}) && e16.scale == std::vector<float>({65536.0f, 131072.0f, 131072.0f}) &&
+                e16.adam_step == 3);
+    double dl = loss_err(e16.loss, c32.loss), dg = rel_err(e16.grad[0].data(), c32.grad[0].data(), c32.grad[0].size());
+    printf("note: emulated device fp16 vs CPU fp32: losses %.3g, step 1's gradient (unscaled) %.3g\n", dl, dg);
+    expect("emulated fp16 training: losses of 3 steps vs CPU fp32", dl, 2e-3);
+    expect("emulated fp16 training: step 1's LoRA gradient, unscaled, vs CPU fp32", dg, 1e-2);
+    // the overflow: step 2 of 2 at scale 1e30, against a 1-step run
+    nn_loss_scaler s1, s2;
+    nn_loss_scaler_init(&s1);
+    nn_loss_scaler_init(&s2);
+    mp_run one = mp_train(&nn_ops_emu, LOWP_F16, GEMM_F32, &s1, 1, -1);
+    mp_run two = mp_train(&nn_ops_emu, LOWP_F16, GEMM_F32, &s2, 2, 1);
+    expect_true("fp16 overflow runs train", one.ok && two.ok);
+    if (!(one.ok && two.ok)) return;
+    printf("note: fp16 overflow: step 2 at loss scale 1e30: taken %d, scale after %g\n", two.taken[1], (double)two.scale[1]);
+    expect_true("fp16 overflow (loss scale 1e30): the step is skipped and the scale halves to 5e29",
+                two.taken == std::vector<int>({1, 0}) && two.scale[1] == 5e29f && s2.good == 0);
+    expect_true("fp16 overflow: LoRA A, B, AdamW m, v (bit for bit) and AdamW's step count untouched by the skipped step",
+                two.params == one.params && two.m == one.m && two.v == one.v && two.adam_step == 1 && one.adam_step == 1);
+    expect_true("fp16 overflow: the skipped step's loss is still finite (the forward did not overflow)", isfinite(two.loss[1]));
+}
+
+
+/* ---------------------------------------------------------------------------
+ * The device memory of an SD1.5 LoRA training step at 512^2 (64x64
+ * latents), batch 1, fp16-held weights, --grad-checkpoint, "attn" LoRA rank
+ * 4, counted without a GPU. Every device allocation is made through the
+ * table (unet_to_device: weights; unet_alloc_acts: the arena, the staging
+ * buffers, LoRA A, B, dA, dB; train.c: AdamW's m, v and the loss's target)
+ * or is one of gemm.cu's grow-only buffers (the scratch, a low-precision
+ * GEMM's operand copies) or cuBLAS's workspace. nn_ops_count is a table whose
+ * allocations are counted (address space reserved, never touched) and whose
+ * operations do nothing but record what the device would ask of those
+ * buffers: the layers of layers.cuh run on CountBK, which records the
+ * largest scratch and operand-copy requests. unet.c's own code runs
+ * unchanged, so a step's layout is the device's. */
+static size_t g_cnt_live, g_cnt_peak, g_cnt_scratch, g_cnt_lp;
+static int g_cnt_lowp;
+static std::vector<std::pair<void *, size_t> > g_cnt_allocs;
+static void *cnt_map(size_t bytes) {
+    void *p = mmap(NULL, bytes ? bytes : 1, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+static void *cnt_alloc(size_t bytes) {
+    void *p = cnt_map(bytes);
+    if (!p) return NULL;
+    g_cnt_allocs.push_back(std::make_pair(p, bytes));
+    g_cnt_live += bytes;
+    if (g_cnt_live > g_cnt_peak) g_cnt_peak = g_cnt_live;
+    return p;
+}
+static void cnt_free(void *p) {
+    for (size_t i = 0; p && i < g_cnt_allocs.size(); i++)
+        if (g_cnt_allocs[i].first == p) {
+            munmap(p, g_cnt_allocs[i].second ? g_cnt_allocs[i].second : 1);
+            g_cnt_live -= g_cnt_allocs[i].second;
+            g_cnt_allocs[i] = g_cnt_allocs.back();
+            g_cnt_allocs.pop_back();
+            return;
+        }
+}
+static void cnt_scratch_need(size_t bytes) { if (bytes > g_cnt_scratch) g_cnt_scratch = bytes; }
+struct CountBK {
+    static void gemm(int tA, int tB, int M, int N, int K, float alpha, const float *A, int lda,
+                     const float *B, int ldb, float beta, float *C, int ldc) {
+        gemm_batched(tA, tB, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
+    }
+    // gemm.cu's lp_scratch: both operands' spans as 16-bit copies
+    static void gemm_batched(int tA, int tB, int M, int N, int K, float alpha,
+                             const float *A, int lda, long long sA, const float *B, int ldb, long long sB,
+                             float beta, float *C, int ldc, long long sC, int batch) {
+        if (g_cnt_lowp == LOWP_F32 || K <= 0 || alpha == 0.0f || M <= 0 || N <= 0) return;
+        size_t na = operand_span(tA ? K : M, tA ? M : K, lda, sA, batch);
+        size_t n = ((na + 7) & ~(size_t)7) + operand_span(tB ? N : K, tB ? K : N, ldb, sB, batch);
+        if (2 * n > g_cnt_lp) g_cnt_lp = 2 * n;
+    }
+    static float *scratch(size_t n) {     // never read or written: any non-NULL pointer
+        static float dummy;
+        cnt_scratch_need(n * sizeof(float));
+        return &dummy;
+    }
+    static void fail(const char *what) { fprintf(stderr, "CountBK: %s\n", what); g_fail++; }
+    static int lowp() { return g_cnt_lowp; }
+    static void round_copy(float *, const float *, size_t) {}
+    static void add_bias_rows(float *, const float *, int, int) {}
+    static void add_bias_chan(float *, const float *, int, int, size_t) {}
+    static void bias_grad_rows(float *, const float *, int, int) {}
+    static void bias_grad_chan(float *, const float *, int, int, size_t) {}
+    static void conv_fwd(float *, const float *, const float *, const float *, conv_dims) {}
+    static void conv_dinp(float *, const float *, const float *, conv_dims) {}
+    static void conv_dw(float *, const float *, const float *, conv_dims) {}
+    static void shift_pad(float *, const float *, conv_dims, shift_dims) {}
+    static void shift_wpack(float *, const float *, conv_dims) {}
+    static void shift_crop(float *, const float *, const float *, conv_dims, shift_dims) {}
+    static void shift_dpad(float *, const float *, conv_dims, shift_dims) {}
+    static void shift_dx_add(float *, const float *, conv_dims, shift_dims) {}
+    static void shift_dw_add(float *, const float *, conv_dims) {}
+    static void zero(float *, size_t) {}
+    static void dropout_fwd(float *, uint8_t *, const float *, size_t, float, uint64_t) {}
+    static void dropout_rebuild(float *, const float *, const uint8_t *, size_t, float) {}
+    static void dropout_bwd(float *, const float *, const uint8_t *, size_t, float) {}
+    static void softmax_rows(float *, int, int, int, int) {}
+    static void softmax_bwd_rows(float *, const float *, int, int) {}
+};
+static nn_ops nn_ops_count;
+static void count_init(void) {
+    nn_ops &t = nn_ops_count;
+    // the emulated table first: an entry not overridden below (one added to
+    // backend.h later) still runs, as on the emulated device, only slower
+    emu_init();
+    t = nn_ops_emu;
+    t.name = "counting device";
+    t.device = 1;
+    t.alloc = cnt_alloc; t.free = cnt_free;
+    t.upload = [](void *, const void *, size_t) { return 1; };
+    t.download = [](void *, const void *, size_t) { return 1; };
+    t.error = []() -> const char * { return NULL; };
+    t.set_layer = [](const char *) {};
+    t.copy = [](float *, const float *, size_t) {};
+    t.zero = [](float *, size_t) {};
+    t.add = [](float *, const float *, const float *, size_t) {};
+    t.accumulate = [](float *, const float *, size_t) {};
+    t.transpose = [](float *, const float *, int, int, int) {};
+    t.add_chan = [](float *, const float *, int, int, size_t) {};
+    t.sum_chan = [](float *, const float *, int, int, size_t) {};
+    t.widen_f16 = [](float *, const uint16_t *, size_t) {};
+    t.move = [](float *, const float *, size_t) {};
+    t.pad_br = [](float *, const float *, int, int, int) {};
+    t.gemm = CountBK::gemm;
+    t.linear_forward = linear_forward_t<CountBK>;
+    t.linear_backward = linear_backward_t<CountBK>;
+    t.conv2d_forward = conv2d_forward_t<CountBK>;
+    t.conv2d_backward = conv2d_backward_t<CountBK>;
+    t.groupnorm_forward = [](float *, float *, float *, const float *, const float *, const float *, int, int, int, int, float) {};
+    // nn.cu's groupnorm backward: B C 2 floats of scratch for its sums
+    t.groupnorm_backward = [](float *, float *, float *, const float *, const float *, const float *, const float *,
+                              const float *, int B, int C, int, int) { cnt_scratch_need((size_t)B * C * 2 * sizeof(float)); };
+    t.layernorm_forward = [](float *, float *, float *, const float *, const float *, const float *, int, int, float) {};
+    t.layernorm_backward = [](float *, float *, float *, const float *, const float *, const float *, const float *,
+                              const float *, int, int) {};
+    t.silu_forward = [](float *, const float *, size_t) {};
+    t.silu_backward = [](float *, const float *, const float *, size_t) {};
+    t.gelu_forward = [](float *, const float *, size_t) {};
+    t.quickgelu_forward = [](float *, const float *, size_t) {};
+    t.geglu_forward = [](float *, const float *, int, int) {};
+    t.geglu_backward = [](float *, const float *, const float *, int, int) {};
+    t.upsample2x_forward = [](float *, const float *, int, int, int, int) {};
+    t.upsample2x_backward = [](float *, const float *, int, int, int, int) {};
+    t.timestep_embedding = [](float *, const float *, int, int, int, float, float) {};
+    t.attention_forward = attention_forward_t<CountBK>;
+    t.attention_backward = attention_backward_t<CountBK>;
+    t.lora_forward = lora_forward_t<CountBK>;
+    t.lora_backward = lora_backward_t<CountBK>;
+    t.adamw_step = [](adamw_t *o, float *, const float *, float) { o->step++; };
+    // optim.cu's sum of squares: 2 (runs + 1) floats of scratch; finite
+    t.grad_sumsq = [](const float *, size_t n) { cnt_scratch_need(2 * (sumsq_nruns(n) + 1) * sizeof(float)); return 0.0; };
+    t.scale = [](float *, float, size_t) {};
+    // ddpm.cu's loss: 2 B + 2 floats of scratch
+    t.mse_loss_forward = [](const float *, const float *, const float *, int B, size_t) {
+        cnt_scratch_need(((size_t)B * 2 + 2) * sizeof(float));
+        return 0.0f;
+    };
+    t.mse_loss_backward = [](float *, const float *, const float *, const float *, float, int, size_t) {};
+}
+
+// SD1.5's VAE (diffusers AutoencoderKL) and text encoder (CLIP ViT-L/14's), the keys that matter
+static const char *SD15_VAE =
+    "{\"_class_name\": \"AutoencoderKL\", \"act_fn\": \"silu\", \"block_out_channels\": [128, 256, 512, 512],"
+    " \"down_block_types\": [\"DownEncoderBlock2D\", \"DownEncoderBlock2D\", \"DownEncoderBlock2D\", \"DownEncoderBlock2D\"],"
+    " \"in_channels\": 3, \"latent_channels\": 4, \"layers_per_block\": 2, \"norm_num_groups\": 32, \"out_channels\": 3,"
+    " \"sample_size\": 512, \"scaling_factor\": 0.18215, \"up_block_types\": [\"UpDecoderBlock2D\", \"UpDecoderBlock2D\","
+    " \"UpDecoderBlock2D\", \"UpDecoderBlock2D\"]}";
+static const char *SD15_CLIP =
+    "{\"architectures\": [\"CLIPTextModel\"], \"hidden_act\": \"quick_gelu\", \"hidden_size\": 768,"
+    " \"intermediate_size\": 3072, \"layer_norm_eps\": 1e-05, \"max_position_embeddings\": 77,"
+    " \"num_attention_heads\": 12, \"num_hidden_layers\": 12, \"projection_dim\": 768, \"vocab_size\": 49408}";
+
+// the budget's parts, in bytes (vae_clip: the VAE's and CLIP's share of tables)
+struct mem_budget { size_t tables, scratch, lp, total, vae_clip, cache_total, vae_arena, clip; double arena_mib; int ok; };
+#define CUDA_CONTEXT_ALLOWANCE ((size_t)768 << 20)
+// with_vae_clip: the whole of ./train --device cuda in train.c's order:
+// AdamW's moments, vae_to_device, clip_to_device, the latent cache's encode
+// (vae_alloc_acts at side^2) and the text cache's forward; then build_caches
+// shrinks the VAE's arena and releases the scratch, and the UNet goes up
+// (unet_up), its arena, a step. Without: the UNet's step alone (with AdamW
+// and the loss buffers).
+static mem_budget sd15_train_budget(int lowp, int side, int with_vae_clip) {
+    mem_budget b = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+    char err[UNET_ERR_LEN], jerr[256];
+    unet_config c;
+    unet_t u;
+    vae_t vae;
+    clip_t clip;
+    int have_vae = 0, have_clip = 0, ok = 1;
+    count_init();
+    g_cnt_live = g_cnt_peak = g_cnt_scratch = g_cnt_lp = 0;
+    g_cnt_lowp = lowp;
+    int h = side / 8, w = side / 8, Tc = 77;
+    const nn_ops *E = &nn_ops_count;
+    // the UNet and its LoRA on the host, then to_device's AdamW moments
+    if (unet_config_sd15(&c, err) || unet_build_dtype(&u, &c, WEIGHT_F16, err)) { printf("note: %s\n", err); return b; }
+    ok = unet_add_lora(&u, "attn", 4, 4.0f, 0.0f, 7) == 0;
+    size_t n = u.lora_nparams, per = (size_t)c.out_channels * h * w;
+    adamw_t o;
+    adamw_init(&o, 0, 1e-4f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+    o.n = n;
+    o.m = (float *)E->alloc(sizeof(float) * n);
+    o.v = (float *)E->alloc(sizeof(float) * n);
+    if (with_vae_clip) {
+        vae_config vc;
+        clip_config cc;
+        json *j = json_parse(SD15_VAE, strlen(SD15_VAE), jerr, sizeof jerr);
+        ok = j && vae_config_from_json(&vc, j, err) == 0 && vae_build_dtype(&vae, &vc, WEIGHT_F16, err) == 0;
+        json_free(j);
+        have_vae = ok;
+        ok = ok && clip_config_parse(&cc, SD15_CLIP, strlen(SD15_CLIP), "SD15_CLIP", err) == 0 &&
+             clip_init_dtype(&clip, &cc, WEIGHT_F16, err) == 0;
+        have_clip = ok;
+        if (!ok) printf("note: %s\n", j ? err : jerr);
+        ok = ok && vae_to_device(&vae, E) == 0;
+        size_t after_vae = g_cnt_live;
+        ok = ok && clip_to_device(&clip, E) == 0;
+        b.clip = g_cnt_live - after_vae;
+        ok = ok && vae_alloc_acts(&vae, 1, side, side, 0) == 0;
+        if (ok) {
+            int hl = vae_latent_side(&vc, side);
+            vec img((size_t)3 * side * side), noise((size_t)vc.latent_channels * hl * hl), lat(noise.size());
+            vec ctx((size_t)Tc * cc.hidden_size);
+            std::vector<int> ids(Tc, 0);
+            ok = vae_encode_latents(&vae, lat.data(), img.data(), noise.data(), 1, side, side) == 0 &&
+                 clip_forward(&clip, ctx.data(), ids.data(), 1, Tc, 1) == 0;
+            if (!ok) printf("note: %s / %s\n", vae.err, clip.err);
+        }
+        b.vae_clip = g_cnt_live;
+        b.vae_arena = vae.acts.nfloats * sizeof(float);
+        b.cache_total = g_cnt_peak + g_cnt_scratch + g_cnt_lp + CUDA_CUBLAS_WORKSPACE + CUDA_CONTEXT_ALLOWANCE;
+        // build_caches: the VAE's arena shrunk, cuda_release_scratch
+        ok = ok && vae_alloc_acts(&vae, 1, 8, 8, 0) == 0;
+        g_cnt_scratch = g_cnt_lp = 0;
+        g_cnt_peak = g_cnt_live;      // the steps' peak counts from here
+    }
+    // build_caches' unet_up, then alloc_buffers: the arena, the loss's target and weights
+    ok = ok && unet_to_device(&u, E) == 0;
+    ok = ok && unet_alloc_acts(&u, 1, h, w, Tc, 2) == 0;
+    if (!ok) printf("note: %s\n", u.err);
+    b.arena_mib = (double)u.acts.nfloats * 4 / 1048576.0;
+    float *dtarget = (float *)E->alloc(sizeof(float) * per), *dwt = (float *)E->alloc(sizeof(float));
+    vec x(per), ctx((size_t)Tc * c.cross_dim), t = {500.0f};
+    float *pred, *deps;
+    nn_loss_scaler s;
+    nn_loss_scaler_init(&s);
+    unet_zero_lora_grads(&u);
+    ok = ok && unet_forward(&u, NULL, x.data(), t.data(), ctx.data(), 1, h, w, Tc) == 0 && unet_device_io(&u, &pred, &deps) == 0;
+    if (ok) {
+        E->mse_loss_forward(pred, dtarget, dwt, 1, per);
+        E->mse_loss_backward(deps, pred, dtarget, dwt, s.scale, 1, per);
+        ok = unet_backward(&u, NULL, NULL, NULL) == 0 &&
+             (lowp != LOWP_F16 || nn_loss_scaler_unscale(&s, E, u.dlora_grads, n, &nn_ops_cpu, NULL, 0) == 1);
+        nn_clip_grad_norm(E, u.dlora_grads, n, NULL, 0, 1.0f);
+        E->adamw_step(&o, u.dlora_params, u.dlora_grads, 1e-4f);
+    }
+    if (!ok) printf("note: %s\n", u.err);
+    b.tables = g_cnt_peak;
+    b.scratch = g_cnt_scratch;
+    b.lp = g_cnt_lp;
+    b.total = b.tables + b.scratch + b.lp + CUDA_CUBLAS_WORKSPACE + CUDA_CONTEXT_ALLOWANCE;
+    b.ok = ok;
+    E->free(o.m); E->free(o.v); E->free(dtarget); E->free(dwt);
+    unet_free(&u);
+    if (have_vae) vae_free(&vae);
+    if (have_clip) clip_free(&clip);
+    g_cnt_lowp = LOWP_F32;
+    return b;
+}
+
+/* The budget: the table's allocations at their peak, plus the largest
+ * scratch and operand copies (grow-only, so all of them are held at the end
+ * of a step), cuBLAS's workspace (gemm.cu gives it CUDA_CUBLAS_WORKSPACE)
+ * and an allowance for the CUDA context (its kernels, cuBLAS's, the
+ * runtime's own heap) that cannot be counted without a GPU: 768 MiB (stated,
+ * not measured; tools/gpu_check.sh reports the real total from
+ * cudaMemGetInfo). The issue's goal: at most 4 GB (4e9 bytes) in all. The
+ * attention's scratch is what would break it: P for SD1.5's 64x64
+ * self-attention is 8 heads x 4096^2 floats, 512 MiB, twice that in
+ * backward; layers.cuh runs it in passes of at most ATT_PASS_FLOATS. */
+static void test_sd15_memory_budget(void) {
+    static const int modes[] = {LOWP_F32, LOWP_BF16, LOWP_F16};
+    static const char *names[] = {"fp32", "bf16", "fp16"};
+    const double M = 1048576.0;
+    for (int whole = 0; whole < 2; whole++)
+        for (int i = 0; i < 3; i++) {
+            mem_budget b = sd15_train_budget(modes[i], 512, whole);
+            const char *what = whole ? "./train --device cuda (UNet step + VAE, CLIP for the caches)" : "UNet training step";
+            char name[240];
+            snprintf(name, sizeof name, "SD1.5 512^2 %s, --compute %s: counted on the emulated device", what, names[i]);
+            expect_true(name, b.ok);
+            if (!b.ok) return;
+            printf("note: SD1.5 LoRA training at 512^2, batch 1, fp16-held weights, --grad-checkpoint, attn r4, --compute %s, %s: "
+                   "allocations %.0f MiB (UNet arena %.0f MiB) + scratch %.0f MiB + operand copies %.0f MiB + cuBLAS "
+                   "workspace %.0f MiB + CUDA context allowance %.0f MiB = %.0f MiB (%.2f GB)\n",
+                   names[i], whole ? "the steps" : what, b.tables / M, b.arena_mib, b.scratch / M, b.lp / M,
+                   CUDA_CUBLAS_WORKSPACE / M, CUDA_CONTEXT_ALLOWANCE / M, b.total / M, b.total / 1e9);
+            if (whole)
+                printf("note:   before them, building the caches (before the UNet goes up): AdamW's moments, VAE and CLIP weights and "
+                       "the VAE's 512^2 arena %.0f MiB (the arena %.0f MiB; CLIP's weights and widening buffer %.0f MiB), "
+                       "with scratch etc. %.0f MiB (%.2f GB)\n",
+                       b.vae_clip / M, b.vae_arena / M, b.clip / M, b.cache_total / M, b.cache_total / 1e9);
+            snprintf(name, sizeof name, "SD1.5 512^2 %s, --compute %s: the steps' %.2f GB of device memory <= 4 GB", what,
+                     names[i], b.total / 1e9);
+            expect_true(name, b.total <= (size_t)4000000000ull);
+            if (whole) {
+                snprintf(name, sizeof name, "SD1.5 512^2 %s, --compute %s: the caches' %.2f GB <= 4 GB", what, names[i],
+                         b.cache_total / 1e9);
+                expect_true(name, b.cache_total <= (size_t)4000000000ull);
+            }
+        }
+}
+
 /* a build without CUDA=1: cuda.h's fallback check, as a C program sees it
  * (cuda.h read a second time without SDLORA_CUDA, in its own namespace) */
 #undef SDLORA_CUDA_H
@@ -2112,6 +2676,11 @@ int main(void) {
     test_conv_lora_unet_emulated();
     test_conv_lora_full_grads();
     test_te_train_emulated();
+    test_lowp_rounding();
+    test_layers_lowp();
+    test_train_bf16_emulated();
+    test_train_fp16_emulated();
+    test_sd15_memory_budget();
     test_device_check();
     test_not_built();
     char err[CUDA_ERR_LEN];

@@ -546,9 +546,19 @@ START_TEST(test_device) {
     ck_assert_int_eq(run(TRAIN " %s --device tpu", d), 2);       assert_error_line("--device", "cpu|cuda");
     ck_assert_int_eq(run(SAMPLE " --prompt x --device tpu"), 2);  assert_error_line("--device", "cpu|cuda");
     ck_assert_int_eq(run(TRAIN " %s --device cuda --full", d), 2); assert_error_line("--device cuda", "--device cpu");
-    /* bf16 is a CPU mode so far: with --device cuda, a flag error */
-    ck_assert_int_eq(run(TRAIN " %s --device cuda --compute bf16", d), 2); assert_error_line("--compute bf16 --device cuda", "--compute fp32");
-    ck_assert_int_eq(run(SAMPLE " --prompt x --device cuda --compute bf16"), 2); assert_error_line("--compute bf16 --device cuda", "--compute fp32");
+    /* fp16 and --tf32 are the GPU's: on the CPU, a flag error naming the way out */
+    ck_assert_int_eq(run(TRAIN " %s --compute fp16", d), 2);       assert_error_line("--compute fp16: runs on the GPU only", "--compute bf16");
+    ck_assert_int_eq(run(SAMPLE " --prompt x --compute fp16"), 2);  assert_error_line("--compute fp16: runs on the GPU only", "--compute bf16");
+    ck_assert_int_eq(run(TRAIN " %s --tf32", d), 2);                assert_error_line("--tf32: TF32 is a GPU math mode", "--device cuda");
+    ck_assert_int_eq(run(SAMPLE " --prompt x --tf32"), 2);          assert_error_line("--tf32: TF32 is a GPU math mode", "--device cuda");
+    ck_assert_int_eq(run(TRAIN " %s --compute fp8", d), 2);        assert_error_line("--compute", "fp32|bf16|fp16");
+#ifndef SDLORA_CUDA
+    /* bf16, fp16 and --tf32 with --device cuda pass the flags: the build is what is missing */
+    ck_assert_int_eq(run(TRAIN " %s --device cuda --compute fp16 --tf32 --model /nonexistent", d), 1);
+    assert_error_line("--device cuda: this program was built without GPU support", "make CUDA=1");
+    ck_assert_int_eq(run(SAMPLE " --prompt x --device cuda --compute bf16 --model /nonexistent"), 1);
+    assert_error_line("--device cuda: this program was built without GPU support", "make CUDA=1");
+#endif
 #ifndef SDLORA_CUDA
     ck_assert_int_eq(run(TRAIN " %s --device cuda --model /nonexistent", d), 1);
     assert_error_line("--device cuda: this program was built without GPU support", "make CUDA=1");

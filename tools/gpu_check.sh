@@ -18,12 +18,15 @@
 #      batch 1, NOTES.md GPU section; the device's loss, clip and AdamW run)
 #      (max |a - b| / max |b|; 20 AdamW steps amplify the last bits of the
 #      gradients, so this is looser than one step's 1e-4), and the times
+#      then --compute bf16 (cuda vs cpu bf16) and fp16 (cuda vs cpu fp32): within 5e-2 (the
+#      cascade of rounding flips, cuda/test_cuda_host.cu), the loss-scale lines and peak_device_mb
 #   6. ./sample on models/tiny, cpu and cuda: the times, and whether the
 #      images are the same bytes (not required: the GPU sums in another order)
 #   7. SD1.5's architecture with random weights: one training step at 16x16
 #      latents against the CPU (1e-4), then at 64x64 (512^2) on the GPU: a
 #      LoRA training step, the same with gradient checkpointing, a batch-2
-#      inference forward (one cfg step), and the device memory in use
+#      inference forward (one cfg step), the step in --compute bf16 and fp16,
+#      and the device memory in use and sdlora's counted peak
 #
 # Usage: bash tools/gpu_check.sh [OUT.txt]   (the report also goes to OUT.txt,
 # default build-cuda/gpu_check.txt). Exit status 1 when a part failed.
@@ -91,6 +94,17 @@ for dev in cpu cuda; do
     grep -E '^(device|summary|error)' "$T/train-te-$dev.log"
 done
 run 30 - "./$B/gpu_check" cmp-lora "$T/train-te-cuda/lora.safetensors" "$T/train-te-cpu/lora.safetensors" 1e-2
+# mixed precision on the GPU: bf16 against the CPU's --compute bf16, fp16 (loss scaling) against fp32
+for c in bf16 fp16; do
+    d=cpu; [ "$c" = fp16 ] && d=none
+    [ "$d" = cpu ] && run 240 "$T/train-cpu-$c.log" "./$B/train" data/ --steps 20 --batch 1 --clip-grad 1 --no-grid \
+        --device cpu --compute "$c" --out "$T/train-cpu-$c"
+    run 240 "$T/train-cuda-$c.log" "./$B/train" data/ --steps 20 --batch 1 --clip-grad 1 --no-grid --device cuda \
+        --compute "$c" --out "$T/train-cuda-$c"
+    grep -E '^(step .*overflowed|summary|error)' "$T/train-cuda-$c.log"
+done
+run 30 - "./$B/gpu_check" cmp-lora "$T/train-cuda-bf16/lora.safetensors" "$T/train-cpu-bf16/lora.safetensors" 5e-2
+run 30 - "./$B/gpu_check" cmp-lora "$T/train-cuda-fp16/lora.safetensors" "$T/train-cpu/lora.safetensors" 5e-2
 
 part "6. ./sample on models/tiny: cpu, then cuda"
 for dev in cpu cuda; do
