@@ -236,3 +236,50 @@ const nn_ops nn_ops_cpu = {
     .ddpm_target = cpu_ddpm_target,
     .ddpm_loss_weights = cpu_ddpm_loss_weights,
 };
+
+/* The CPU's functions as a "device": nn_ops_cpu with .device = 1, so that a
+ * model copies its weights into this table's memory and train.c/sample.c
+ * take their --device cuda paths, on the host. Allocations are filled with
+ * 0xff bytes (a float NaN, an int -1), as cudaMalloc leaves garbage: a
+ * device buffer read before it is written shows up as NaN in the outputs.
+ * Freed blocks are filled again before free() (a 64-byte header keeps the
+ * size and the data aligned as malloc's). */
+#define DEV_HDR 64
+static void *dev_alloc(size_t bytes) {
+    unsigned char *p = malloc(DEV_HDR + (bytes ? bytes : 1));
+    if (!p) return NULL;
+    memcpy(p, &bytes, sizeof bytes);
+    memset(p + DEV_HDR, 0xff, bytes ? bytes : 1);
+    return p + DEV_HDR;
+}
+static void dev_free(void *q) {
+    if (!q) return;
+    unsigned char *p = (unsigned char *)q - DEV_HDR;
+    size_t bytes; memcpy(&bytes, p, sizeof bytes);
+    memset(q, 0xff, bytes ? bytes : 1);
+    free(p);
+}
+/* either side may be device memory: one address space, so memmove */
+static int dev_move(void *dst, const void *src, size_t bytes) {
+    if (bytes) memmove(dst, src, bytes);
+    return 1;
+}
+
+const nn_ops *nn_ops_cpu_device(void) {
+    static nn_ops t;
+    if (!t.name) {
+        t = nn_ops_cpu;
+        t.name = "cpu-as-device";
+        t.device = 1;
+        t.alloc = dev_alloc;
+        t.free = dev_free;
+        t.upload = dev_move;
+        t.download = dev_move;
+    }
+    return &t;
+}
+
+const nn_ops *nn_device_emulated(void) {
+    const char *e = getenv("SDLORA_DEVICE");
+    return e && strcmp(e, "emulate") == 0 ? nn_ops_cpu_device() : NULL;
+}

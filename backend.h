@@ -202,4 +202,13 @@ void nn_add_chan(float *y, const float *v, int B, int C, size_t HW);
 void nn_sum_chan(float *out, const float *x, int B, int C, size_t HW);
 void nn_pad_br(float *out, const float *in, int BC, int H, int W);
 
+/* nn_ops_cpu's functions as a device table (name "cpu-as-device", .device
+ * = 1): alloc/free/upload/download as malloc/free/memmove, every new or freed
+ * block filled with 0xff bytes (NaN) as a GPU's memory holds garbage. It runs
+ * ./train's and ./sample's --device cuda code on the host, in any build. */
+const nn_ops *nn_ops_cpu_device(void);
+/* the testing hook: nn_ops_cpu_device() when the environment has
+ * SDLORA_DEVICE=emulate (tests/test_programs.c sets it), else NULL */
+const nn_ops *nn_device_emulated(void);
+
 #endif

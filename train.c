@@ -1072,9 +1072,13 @@ static int device_fail(trainer *t, const char *what, char *err) {
  * sampled with (device_to_host). */
 static int to_device(trainer *t, char *err) {
     if (strcmp(t->a->device, "cuda") != 0) return 0;
+    const nn_ops *dev = nn_device_emulated();   /* testing hook (backend.h): SDLORA_DEVICE=emulate, the CPU as the device */
 #ifdef SDLORA_CUDA
-    if (unet_to_device(&t->m.unet, nn_ops_cuda())) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.unet.err); return -1; }
-    t->dev = nn_ops_cuda();
+    if (!dev) dev = nn_ops_cuda();
+#endif
+    if (!dev) return 0;
+    if (unet_to_device(&t->m.unet, dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.unet.err); return -1; }
+    t->dev = dev;
     /* the moments up (zero, or --resume's), the step count with them */
     size_t nb = sizeof(float) * (t->n1 ? t->n1 : 1);
     t->dopt = t->st.opt_unet;
@@ -1103,7 +1107,6 @@ static int to_device(trainer *t, char *err) {
     }
     fprintf(stderr, "device: cuda: the UNet's forward and backward, the loss, --clip and the LoRA's AdamW, the VAE encode, "
                     "the text encoder%s\n", t->a->te ? "'s forward, backward and AdamW (--te)" : "");
-#endif
     return 0;
 }
 
@@ -2041,7 +2044,7 @@ int main(int argc, char **argv) {
     }
     char err[SD_ERR_LEN] = "";
     /* --device cuda without CUDA=1, a driver or a GPU: one line saying which */
-    if (strcmp(a.device, "cuda") == 0 && cuda_device_check(err) != 0) { fprintf(stderr, "%s\n", err); dist_finish(1, 1); return 1; }
+    if (strcmp(a.device, "cuda") == 0 && !nn_device_emulated() && cuda_device_check(err) != 0) { fprintf(stderr, "%s\n", err); dist_finish(1, 1); return 1; }
     if (strcmp(a.device, "cuda") == 0 && dist_size() > 1) {
         fprintf(stderr, "error: --device cuda under mpirun: not supported yet (one process per GPU, or --device cpu)\n");
         dist_finish(1, 1);
