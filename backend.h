@@ -204,8 +204,10 @@ void nn_pad_br(float *out, const float *in, int BC, int H, int W);
 
 /* nn_ops_cpu's functions as a device table (name "cpu-as-device", .device
  * = 1): alloc/free/upload/download as malloc/free/memmove, every new or freed
- * block filled with 0xff bytes (NaN) as a GPU's memory holds garbage. It runs
- * ./train's and ./sample's --device cuda code on the host, in any build. */
+ * block filled with 0xff bytes (NaN) as a GPU's memory holds garbage, and an
+ * upload's destination or a download's source outside its live blocks an
+ * error. It runs ./train's and ./sample's --device cuda code on the host, in
+ * any build. */
 const nn_ops *nn_ops_cpu_device(void);
 /* the testing hook: nn_ops_cpu_device() when the environment has
  * SDLORA_DEVICE=emulate (tests/test_programs.c sets it), else NULL */

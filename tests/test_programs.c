@@ -853,13 +853,15 @@ static double max_tensor_diff(const char *p1, const char *p2, int *finite) {
     return worst;
 }
 
-/* the same run on the cpu (tmp/cpu) and on the emulated device (tmp/dev) */
-static void emu_pair(const char *d, const char *flags) {
+/* the same run on the cpu (tmp/cpu) and on the emulated device (tmp/dev);
+ * grid: with the before/after grid (the sampler inside ./train) */
+static void emu_pair(const char *d, const char *flags, int grid) {
     char c[160], g[160], rm[400];
     snprintf(c, sizeof c, "%s/cpu", tmp); snprintf(g, sizeof g, "%s/dev", tmp);
     snprintf(rm, sizeof rm, "rm -rf %s %s", c, g); ck_assert(system(rm) == 0);
-    ck_assert_msg(run(TRAIN " %s " FLAGS " %s --out %s", d, flags, c) == 0, "[%s] cpu: %s", flags, log_text());
-    ck_assert_msg(run(EMU TRAIN " %s " FLAGS " %s --device cuda --out %s", d, flags, g) == 0, "[%s] device: %s", flags, log_text());
+    const char *nogrid = grid ? "" : "--no-grid";
+    ck_assert_msg(run(TRAIN " %s " FLAGS0 " %s %s --out %s", d, nogrid, flags, c) == 0, "[%s] cpu: %s", flags, log_text());
+    ck_assert_msg(run(EMU TRAIN " %s " FLAGS0 " %s %s --device cuda --out %s", d, nogrid, flags, g) == 0, "[%s] device: %s", flags, log_text());
     char *s = log_text();
     ck_assert_msg(strstr(s, "device: cpu-as-device: "), "[%s] the device path did not run: %s", flags, s);
     free(s);
@@ -889,7 +891,8 @@ START_TEST(test_device_emulated) {
     char reg[200]; snprintf(reg, sizeof reg, "--steps 3 --reg %s --prior-loss-weight 0.5", r);
     /* identical bytes: the LoRA, the optimizer state and loss.csv */
     const char *same[] = {
-        "--steps 4 --save-every 2",       /* a checkpoint mid-run: device_to_host, then on */
+        /* a checkpoint and samples mid-run (device_to_host, then on), the grid at the end */
+        "--steps 4 --save-every 2 --sample-every 2 --sample-prompt \"a red square|sks\"",
         "--steps 3 --flip",
         "--steps 3 --min-snr-gamma 5",
         "--steps 3 --noise-offset 0.05",
@@ -901,15 +904,16 @@ START_TEST(test_device_emulated) {
         "--steps 3 --targets attn --weight-dtype fp16 --grad-checkpoint --clip-grad 0.01",
     };
     for (size_t k = 0; k < sizeof same / sizeof same[0]; k++) {
-        emu_pair(d, same[k]);
+        emu_pair(d, same[k], k == 0);
         const char *files[] = {"lora.safetensors", "state.safetensors", "loss.csv"};
         for (int f = 0; f < 3; f++) {
             snprintf(p1, sizeof p1, "%s/cpu/%s", tmp, files[f]); snprintf(p2, sizeof p2, "%s/dev/%s", tmp, files[f]);
             ck_assert_msg(same_file(p1, p2), "[%s] --device cuda (emulated): %s differs from --device cpu's", same[k], files[f]);
         }
-        if (k == 0) {
-            snprintf(p1, sizeof p1, "%s/cpu/lora-step000002.safetensors", tmp); snprintf(p2, sizeof p2, "%s/dev/lora-step000002.safetensors", tmp);
-            ck_assert_msg(same_file(p1, p2), "[%s] the step-2 checkpoint differs", same[k]);
+        const char *more_files[] = {"lora-step000002.safetensors", "sample-step000002.png", "sample-step000004.png", "before_after.png"};
+        for (int f = 0; k == 0 && f < 4; f++) {
+            snprintf(p1, sizeof p1, "%s/cpu/%s", tmp, more_files[f]); snprintf(p2, sizeof p2, "%s/dev/%s", tmp, more_files[f]);
+            ck_assert_msg(access(p1, F_OK) == 0 && same_file(p1, p2), "[%s] %s differs", same[k], more_files[f]);
         }
     }
     /* --accum 2 with a conv LoRA: on the device each micro-batch's gradient
@@ -919,7 +923,7 @@ START_TEST(test_device_emulated) {
      * may differ (they do here: 1.2e-7 at most); the numbers agree to float
      * rounding. The LoRA moves by about lr = 1e-3 a step: 1e-6 is a
      * thousandth of a step. */
-    emu_pair(d, "--steps 3 --batch 2 --accum 2 --conv-rank 2 --targets transformer");
+    emu_pair(d, "--steps 3 --batch 2 --accum 2 --conv-rank 2 --targets transformer", 0);
     snprintf(p1, sizeof p1, "%s/cpu/lora.safetensors", tmp); snprintf(p2, sizeof p2, "%s/dev/lora.safetensors", tmp);
     int finite;
     double dl = max_tensor_diff(p1, p2, &finite);
