@@ -196,12 +196,6 @@ void nn_ddpm_micro(const nn_ops *ops, const nn_ddpm_cfg *c, rng_t *rng, const fl
 /* the CPU: nn.h's and lora.h's functions */
 extern const nn_ops nn_ops_cpu;
 
-/* the CPU helpers, for other tables that share them (the host emulation) */
-void nn_transpose(float *out, const float *in, int B, int R, int S);
-void nn_add_chan(float *y, const float *v, int B, int C, size_t HW);
-void nn_sum_chan(float *out, const float *x, int B, int C, size_t HW);
-void nn_pad_br(float *out, const float *in, int BC, int H, int W);
-
 /* nn_ops_cpu's functions as a device table (name "cpu-as-device", .device
  * = 1): alloc/free/upload/download as malloc/free/memmove, every new or freed
  * block filled with 0xff bytes (NaN) as a GPU's memory holds garbage, and an
@@ -212,5 +206,11 @@ const nn_ops *nn_ops_cpu_device(void);
 /* the testing hook: nn_ops_cpu_device() when the environment has
  * SDLORA_DEVICE=emulate (tests/test_programs.c sets it), else NULL */
 const nn_ops *nn_device_emulated(void);
+
+/* the CPU helpers, for other tables that share them (the host emulation) */
+void nn_transpose(float *out, const float *in, int B, int R, int S);
+void nn_add_chan(float *y, const float *v, int B, int C, size_t HW);
+void nn_sum_chan(float *out, const float *x, int B, int C, size_t HW);
+void nn_pad_br(float *out, const float *in, int BC, int H, int W);
 
 #endif
