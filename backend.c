@@ -178,6 +178,90 @@ void nn_ddpm_micro(const nn_ops *ops, const nn_ddpm_cfg *c, rng_t *rng, const fl
     if (w) ops->ddpm_loss_weights(w, t, B, c->min_snr, c->pred, c->sqrt_abar, c->sqrt_1m_abar);
 }
 
+/* The CPU's functions as a "device": nn_ops_cpu with .device = 1, so that a
+ * model copies its weights into this table's memory and train.c/sample.c
+ * take their --device cuda paths, on the host. Allocations are filled with
+ * 0xff bytes (a float NaN, an int -1), as cudaMalloc leaves garbage: a
+ * device buffer read before it is written shows up as NaN in the outputs.
+ * Freed blocks are filled again before free() (a 64-byte header keeps the
+ * size and the data aligned as malloc's). The live blocks are listed, so
+ * that an upload whose destination, or a download whose source, is not in
+ * one (a host pointer where a GPU would need a device one) fails as
+ * cudaMemcpy would. */
+#define DEV_HDR 64
+static struct { unsigned char *p; size_t n; } *dev_blocks;
+static size_t dev_nblocks, dev_cap;
+static const char *dev_err;
+
+static void *dev_alloc(size_t bytes) {
+    if (dev_nblocks == dev_cap) {
+        size_t cap = dev_cap ? 2 * dev_cap : 256;
+        void *nb = realloc(dev_blocks, cap * sizeof *dev_blocks);
+        if (!nb) return NULL;
+        dev_blocks = nb; dev_cap = cap;
+    }
+    unsigned char *p = malloc(DEV_HDR + (bytes ? bytes : 1));
+    if (!p) return NULL;
+    memcpy(p, &bytes, sizeof bytes);
+    memset(p + DEV_HDR, 0xff, bytes ? bytes : 1);
+    dev_blocks[dev_nblocks].p = p + DEV_HDR;
+    dev_blocks[dev_nblocks++].n = bytes;
+    return p + DEV_HDR;
+}
+static void dev_free(void *q) {
+    if (!q) return;
+    for (size_t i = 0; i < dev_nblocks; i++)
+        if (dev_blocks[i].p == q) { dev_blocks[i] = dev_blocks[--dev_nblocks]; break; }
+    unsigned char *p = (unsigned char *)q - DEV_HDR;
+    size_t bytes; memcpy(&bytes, p, sizeof bytes);
+    memset(q, 0xff, bytes ? bytes : 1);
+    free(p);
+}
+/* [p, p + bytes) inside one live block */
+static int dev_owns(const void *p, size_t bytes) {
+    const unsigned char *c = p;
+    for (size_t i = 0; i < dev_nblocks; i++)
+        if (c >= dev_blocks[i].p && c <= dev_blocks[i].p + dev_blocks[i].n && bytes <= (size_t)(dev_blocks[i].p + dev_blocks[i].n - c))
+            return 1;
+    return 0;
+}
+/* either side may be device memory: one address space, so memmove */
+static int dev_upload(void *dst, const void *src, size_t bytes) {
+    if (bytes && !dev_owns(dst, bytes)) { dev_err = "cpu-as-device: an upload's destination is not device memory"; return 0; }
+    if (bytes) memmove(dst, src, bytes);
+    return 1;
+}
+static int dev_download(void *dst, const void *src, size_t bytes) {
+    if (bytes && !dev_owns(src, bytes)) { dev_err = "cpu-as-device: a download's source is not device memory"; return 0; }
+    if (bytes) memmove(dst, src, bytes);
+    return 1;
+}
+static const char *dev_error(void) {
+    const char *e = dev_err;
+    dev_err = NULL;
+    return e;
+}
+
+const nn_ops *nn_ops_cpu_device(void) {
+    static nn_ops t;
+    if (!t.name) {
+        t = nn_ops_cpu;
+        t.name = "cpu-as-device";
+        t.device = 1;
+        t.alloc = dev_alloc;
+        t.free = dev_free;
+        t.upload = dev_upload;
+        t.download = dev_download;
+        t.error = dev_error;
+    }
+    return &t;
+}
+
+const nn_ops *nn_device_emulated(void) {
+    const char *e = getenv("SDLORA_DEVICE");
+    return e && strcmp(e, "emulate") == 0 ? nn_ops_cpu_device() : NULL;
+}
+
 const nn_ops nn_ops_cpu = {
     .name = "cpu",
     .device = 0,

@@ -196,6 +196,17 @@ void nn_ddpm_micro(const nn_ops *ops, const nn_ddpm_cfg *c, rng_t *rng, const fl
 /* the CPU: nn.h's and lora.h's functions */
 extern const nn_ops nn_ops_cpu;
 
+/* nn_ops_cpu's functions as a device table (name "cpu-as-device", .device
+ * = 1): alloc/free/upload/download as malloc/free/memmove, every new or freed
+ * block filled with 0xff bytes (NaN) as a GPU's memory holds garbage, and an
+ * upload's destination or a download's source outside its live blocks an
+ * error. It runs ./train's and ./sample's --device cuda code on the host, in
+ * any build. */
+const nn_ops *nn_ops_cpu_device(void);
+/* the testing hook: nn_ops_cpu_device() when the environment has
+ * SDLORA_DEVICE=emulate (tests/test_programs.c sets it), else NULL */
+const nn_ops *nn_device_emulated(void);
+
 /* the CPU helpers, for other tables that share them (the host emulation) */
 void nn_transpose(float *out, const float *in, int B, int R, int S);
 void nn_add_chan(float *y, const float *v, int B, int C, size_t HW);

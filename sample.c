@@ -235,17 +235,18 @@ static int load_model_and_loras(sample_run *r, const sample_args *a) {
         snprintf(r->lora_text + k, sizeof r->lora_text - k, "%s<lora:%s:%g>", k ? " " : "", stem, (double)r->weights[i]);
         printf("LoRA %s, weight %g (%d modules%s)\n", r->paths[i], (double)r->weights[i], nmod, a->merge ? ", merged" : "");
     }
-#ifdef SDLORA_CUDA
     /* --device cuda: the sampler's UNet, text encoder and VAE decode on the
      * GPU, with the LoRAs as they are now (merged or side branches) */
-    if (strcmp(a->device, "cuda") == 0) {
-        const nn_ops *ops = nn_ops_cuda();
+    const nn_ops *ops = nn_device_emulated();   /* testing hook (backend.h): SDLORA_DEVICE=emulate, the CPU as the device */
+#ifdef SDLORA_CUDA
+    if (!ops) ops = nn_ops_cuda();
+#endif
+    if (strcmp(a->device, "cuda") == 0 && ops) {
         const char *e = unet_to_device(&r->m.unet, ops) ? r->m.unet.err :
                         clip_to_device(&r->m.clip, ops) ? r->m.clip.err :
                         vae_to_device(&r->m.vae, ops) ? r->m.vae.err : NULL;
         if (e) { fprintf(stderr, "error: --device cuda: %s\n", e); return 1; }
     }
-#endif
     return 0;
 }
 
@@ -434,7 +435,7 @@ int main(int argc, char **argv) {
     }
     char derr[CUDA_ERR_LEN];
     /* --device cuda without CUDA=1, a driver or a GPU: one line saying which */
-    if (strcmp(a.device, "cuda") == 0 && cuda_device_check(derr) != 0) { fprintf(stderr, "%s\n", derr); return 1; }
+    if (strcmp(a.device, "cuda") == 0 && !nn_device_emulated() && cuda_device_check(derr) != 0) { fprintf(stderr, "%s\n", derr); return 1; }
 #ifdef _OPENMP
     if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif

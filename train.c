@@ -1058,9 +1058,7 @@ static void print_run(const trainer *t) {
 
 /* the frozen parts run once: latents (unless --random-crop, which encodes
  * each crop as it comes) and, without --te, the contexts */
-#ifdef SDLORA_CUDA
 static int unet_up(trainer *t, char *err);
-#endif
 static int build_caches(trainer *t, char *err) {
     train_args *a = t->a;
     if (a->buckets) {
@@ -1080,7 +1078,6 @@ static int build_caches(trainer *t, char *err) {
     }
     if (cache_text(&t->td, &t->m, &t->ds, a, err)) return -1;
     if (a->te) t->m.clip.training = 1;
-#ifdef SDLORA_CUDA
     /* --device cuda, the caches built: the VAE's arena (1.7 GB for SD1.5 at
      * 512^2) shrinks to one 8x8 image and the scratch its convolutions grew
      * goes back (a sample grid's decode allocates its own again); only then
@@ -1089,11 +1086,12 @@ static int build_caches(trainer *t, char *err) {
     if (t->dev) {
         if (!a->random_crop) {
             if (vae_alloc_acts(&t->m.vae, 1, 8, 8, 0)) { snprintf(err, SD_ERR_LEN, "VAE: %s", t->m.vae.err); return -1; }
+#ifdef SDLORA_CUDA
             cuda_release_scratch();
+#endif
         }
         if (unet_up(t, err)) return -1;
     }
-#endif
     return 0;
 }
 
@@ -1123,8 +1121,11 @@ static int device_fail(trainer *t, const char *what, char *err) {
  * sampled with (device_to_host). */
 static int to_device(trainer *t, char *err) {
     if (strcmp(t->a->device, "cuda") != 0) return 0;
+    t->dev = nn_device_emulated();   /* testing hook (backend.h): SDLORA_DEVICE=emulate, the CPU as the device */
 #ifdef SDLORA_CUDA
-    t->dev = nn_ops_cuda();   /* the UNet itself goes up after the caches (unet_up, from build_caches) */
+    if (!t->dev) t->dev = nn_ops_cuda();   /* the UNet itself goes up after the caches (unet_up, from build_caches) */
+#endif
+    if (!t->dev) return 0;
     /* the moments up (zero, or --resume's), the step count with them */
     size_t nb = sizeof(float) * (t->n1 ? t->n1 : 1);
     t->dopt = t->st.opt_unet;
@@ -1153,17 +1154,14 @@ static int to_device(trainer *t, char *err) {
     }
     fprintf(stderr, "device: cuda: the UNet's forward and backward, the loss, --clip and the LoRA's AdamW, the VAE encode, "
                     "the text encoder%s\n", t->a->te ? "'s forward, backward and AdamW (--te)" : "");
-#endif
     return 0;
 }
 
-#ifdef SDLORA_CUDA
 /* --device cuda, once the caches are built (build_caches): the UNet up */
 static int unet_up(trainer *t, char *err) {
     if (unet_to_device(&t->m.unet, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.unet.err); return -1; }
     return 0;
 }
-#endif
 
 /* --device cuda: the micro-batch on the device: latents, timesteps, noise,
  * x_t, the loss's target and weights, the contexts; the schedule's tables
@@ -2132,7 +2130,7 @@ int main(int argc, char **argv) {
     }
     char err[SD_ERR_LEN] = "";
     /* --device cuda without CUDA=1, a driver or a GPU: one line saying which */
-    if (strcmp(a.device, "cuda") == 0 && cuda_device_check(err) != 0) { fprintf(stderr, "%s\n", err); dist_finish(1, 1); return 1; }
+    if (strcmp(a.device, "cuda") == 0 && !nn_device_emulated() && cuda_device_check(err) != 0) { fprintf(stderr, "%s\n", err); dist_finish(1, 1); return 1; }
     if (strcmp(a.device, "cuda") == 0 && dist_size() > 1) {
         fprintf(stderr, "error: --device cuda under mpirun: not supported yet (one process per GPU, or --device cpu)\n");
         dist_finish(1, 1);

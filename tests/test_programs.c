@@ -829,6 +829,161 @@ START_TEST(test_every_sample_trains) {
 }
 END_TEST
 
+/* --device cuda through ./train and ./sample themselves, without a GPU:
+ * SDLORA_DEVICE=emulate (backend.h's testing hook) hands them
+ * nn_ops_cpu_device(), the CPU's own functions as a device table whose
+ * memory starts as NaN. Everything train.c does only for a device (the
+ * uploads in to_device and alloc_device_buffers, the batch's latents and
+ * contexts on the device, micro_noise's draws there, device_loss_step, the
+ * optimizer step and --clip on device memory, device_to_host for saves and
+ * --resume, --te's text encoder there) then runs, on numbers that must come
+ * out bit for bit as the CPU path's: any missed upload, download or
+ * device-side initialisation shows up as NaN or other bytes. */
+#define EMU "SDLORA_DEVICE=emulate "
+
+/* largest |a - b| over the two files' f32 tensors; *finite: all finite */
+static double max_tensor_diff(const char *p1, const char *p2, int *finite) {
+    st_file f, g; char err[ST_ERR_LEN];
+    ck_assert_msg(st_open(&f, p1, err) == 0 && st_open(&g, p2, err) == 0, "%s", err);
+    ck_assert_int_eq(f.ntensors, g.ntensors);
+    double worst = 0;
+    *finite = 1;
+    for (int i = 0; i < f.ntensors; i++) {
+        const st_tensor *a = &f.tensors[i], *b = &g.tensors[i];
+        ck_assert_str_eq(a->name, b->name);
+        ck_assert(a->dtype == ST_F32 && b->dtype == ST_F32 && a->numel == b->numel);
+        for (size_t k = 0; k < a->numel; k++) {
+            float x, y;
+            memcpy(&x, a->data + 4 * k, 4); memcpy(&y, b->data + 4 * k, 4);
+            if (!isfinite(x) || !isfinite(y)) *finite = 0;
+            else if (fabs((double)x - y) > worst) worst = fabs((double)x - y);
+        }
+    }
+    st_close(&f); st_close(&g);
+    return worst;
+}
+
+/* the same run on the cpu (tmp/cpu) and on the emulated device (tmp/dev);
+ * grid: with the before/after grid (the sampler inside ./train) */
+static void emu_pair(const char *d, const char *flags, int grid) {
+    char c[160], g[160], rm[400];
+    snprintf(c, sizeof c, "%s/cpu", tmp); snprintf(g, sizeof g, "%s/dev", tmp);
+    snprintf(rm, sizeof rm, "rm -rf %s %s", c, g); ck_assert(system(rm) == 0);
+    const char *nogrid = grid ? "" : "--no-grid";
+    ck_assert_msg(run(TRAIN " %s " FLAGS0 " %s %s --out %s", d, nogrid, flags, c) == 0, "[%s] cpu: %s", flags, log_text());
+    ck_assert_msg(run(EMU TRAIN " %s " FLAGS0 " %s %s --device cuda --out %s", d, nogrid, flags, g) == 0, "[%s] device: %s", flags, log_text());
+    char *s = log_text();
+    ck_assert_msg(strstr(s, "device: cpu-as-device: "), "[%s] the device path did not run: %s", flags, s);
+    free(s);
+}
+
+START_TEST(test_device_emulated) {
+    char d[128], r[128], p1[256], p2[256];
+    snprintf(d, sizeof d, "%s/data", tmp);
+    make_images(d, 4, 0);
+    for (int i = 0; i < 4; i++) {      /* tagged captions, for the caption options */
+        snprintf(p1, sizeof p1, "%s/img%02d.txt", d, i);
+        FILE *fp = fopen(p1, "w"); fprintf(fp, "sks, red square, number %d, blue background, solo\n", i); fclose(fp);
+    }
+    {   /* one wide image: --buckets below makes a 64x64 and an 80x48 bucket */
+        static uint8_t px[96 * 48 * 3];
+        for (int k = 0; k < 96 * 48 * 3; k++) px[k] = (uint8_t)(k * 7 % 251);
+        char err[256];
+        snprintf(p1, sizeof p1, "%s/wide.png", d);
+        ck_assert_msg(image_save_png(p1, px, 96, 48, NULL, NULL, 0, err, sizeof err) == 0, "%s", err);
+        snprintf(p1, sizeof p1, "%s/wide.txt", d);
+        FILE *fp = fopen(p1, "w"); fprintf(fp, "sks, noise, wide\n"); fclose(fp);
+    }
+    snprintf(r, sizeof r, "%s/reg", tmp);
+    mkdir(r, 0777);
+    snprintf(p1, sizeof p1, "%s/reg/1_thing", tmp);
+    make_images(p1, 2, 0);
+    char reg[200]; snprintf(reg, sizeof reg, "--steps 3 --reg %s --prior-loss-weight 0.5", r);
+    /* identical bytes: the LoRA, the optimizer state and loss.csv */
+    const char *same[] = {
+        /* a checkpoint and samples mid-run (device_to_host, then on), the grid at the end */
+        "--steps 4 --save-every 2 --sample-every 2 --sample-prompt \"a red square|sks\"",
+        "--steps 3 --flip",
+        "--steps 3 --min-snr-gamma 5",
+        "--steps 3 --noise-offset 0.05",
+        "--steps 3 --shuffle-caption --keep-tokens 1 --caption-dropout 0.3",
+        "--steps 3 --buckets --bucket-step 16 --min-bucket 32 --max-bucket 128 --res 64",
+        "--steps 3 --random-crop --res 32",
+        reg,
+        "--steps 3 --te --shuffle-caption --caption-dropout 0.3 --dropout 0.1",
+        "--steps 3 --targets attn --weight-dtype fp16 --grad-checkpoint --clip-grad 0.01",
+    };
+    for (size_t k = 0; k < sizeof same / sizeof same[0]; k++) {
+        emu_pair(d, same[k], k == 0);
+        const char *files[] = {"lora.safetensors", "state.safetensors", "loss.csv"};
+        for (int f = 0; f < 3; f++) {
+            snprintf(p1, sizeof p1, "%s/cpu/%s", tmp, files[f]); snprintf(p2, sizeof p2, "%s/dev/%s", tmp, files[f]);
+            ck_assert_msg(same_file(p1, p2), "[%s] --device cuda (emulated): %s differs from --device cpu's", same[k], files[f]);
+        }
+        const char *more_files[] = {"lora-step000002.safetensors", "sample-step000002.png", "sample-step000004.png", "before_after.png"};
+        for (int f = 0; k == 0 && f < 4; f++) {
+            snprintf(p1, sizeof p1, "%s/cpu/%s", tmp, more_files[f]); snprintf(p2, sizeof p2, "%s/dev/%s", tmp, more_files[f]);
+            ck_assert_msg(access(p1, F_OK) == 0 && same_file(p1, p2), "[%s] %s differs", same[k], more_files[f]);
+        }
+    }
+    /* --accum 2 with a conv LoRA: on the device each micro-batch's gradient
+     * adds into the running sum inside the backward's GEMMs and conv loops
+     * (beta = 1), on the CPU each is made from zero and then added (dist.c's
+     * order, shared with mpirun): the same sum in another order, so the bytes
+     * may differ (they do here: 1.2e-7 at most); the numbers agree to float
+     * rounding. The LoRA moves by about lr = 1e-3 a step: 1e-6 is a
+     * thousandth of a step. */
+    emu_pair(d, "--steps 3 --batch 2 --accum 2 --conv-rank 2 --targets transformer", 0);
+    snprintf(p1, sizeof p1, "%s/cpu/lora.safetensors", tmp); snprintf(p2, sizeof p2, "%s/dev/lora.safetensors", tmp);
+    int finite;
+    double dl = max_tensor_diff(p1, p2, &finite);
+    ck_assert_msg(finite && dl <= 1e-6, "--accum 2: the device's LoRA is %g from the cpu's (finite %d)", dl, finite);
+    snprintf(p1, sizeof p1, "%s/cpu/loss.csv", tmp); snprintf(p2, sizeof p2, "%s/dev/loss.csv", tmp);
+    char *x = slurp(p1, NULL), *y = slurp(p2, NULL);
+    ck_assert(x && y);
+    char *u = strchr(x, '\n'), *v = strchr(y, '\n');
+    for (int step = 1; step <= 3; step++) {
+        ck_assert(u && v);
+        int s1, s2; float l1, l2;
+        ck_assert(sscanf(u + 1, "%d,%f", &s1, &l1) == 2 && sscanf(v + 1, "%d,%f", &s2, &l2) == 2);
+        ck_assert_int_eq(s1, step); ck_assert_int_eq(s2, step);
+        ck_assert_msg(isfinite(l1) && fabsf(l1 - l2) <= 1e-5f * fabsf(l1), "--accum 2 step %d: loss %g on the cpu, %g on the device", step, l1, l2);
+        u = strchr(u + 1, '\n'); v = strchr(v + 1, '\n');
+    }
+    free(x); free(y);
+
+    /* --resume across devices: stopped on the device, resumed on the cpu,
+     * and the other way: the bytes of a cpu run never stopped */
+    const char *more = "--steps 6 --te --flip --dropout 0.1 --noise-offset 0.05";
+    ck_assert_msg(run(TRAIN " %s " FLAGS " %s --out %s/a", d, more, tmp) == 0, "%s", log_text());
+    for (int k = 0; k < 2; k++) {
+        const char *first = k == 0 ? EMU : "", *then = k == 0 ? "" : EMU;
+        const char *fdev = k == 0 ? "cuda" : "cpu", *tdev = k == 0 ? "cpu" : "cuda";
+        ck_assert_int_eq(run("%sSDLORA_STOP_AFTER=%d " TRAIN " %s " FLAGS " %s --device %s --out %s/b%d", first, 2 + k, d, more, fdev, tmp, k), 130);
+        ck_assert_msg(run("%s" TRAIN " %s " FLAGS " %s --device %s --out %s/b%d --resume %s/b%d/state.safetensors",
+                          then, d, more, tdev, tmp, k, tmp, k) == 0, "%s", log_text());
+        const char *files[] = {"lora.safetensors", "state.safetensors", "loss.csv", "loss.png"};
+        for (int f = 0; f < 4; f++) {
+            snprintf(p1, sizeof p1, "%s/a/%s", tmp, files[f]); snprintf(p2, sizeof p2, "%s/b%d/%s", tmp, k, files[f]);
+            ck_assert_msg(same_file(p1, p2), "stopped on the %s at step %d, resumed on the %s: %s differs from the cpu run's",
+                          fdev, 2 + k, tdev, files[f]);
+        }
+    }
+
+    /* ./sample: the UNet, text encoder and VAE decode on the device give the
+     * same PNG, with the LoRA as a side branch and merged */
+    const char *sm[] = {"", "--merge --sampler ddim"};
+    for (int k = 0; k < 2; k++) {
+        snprintf(p1, sizeof p1, "%s/s_cpu.png", tmp); snprintf(p2, sizeof p2, "%s/s_dev.png", tmp);
+        const char *fmt = "%s" SAMPLE " --model " MODEL " --prompt \"a red square\" --negative \"blue\" --steps 3 --seed 1 "
+                          "--lora %s/a/lora.safetensors:0.8 %s --device %s --out %s";
+        ck_assert_msg(run(fmt, "", tmp, sm[k], "cpu", p1) == 0, "%s", log_text());
+        ck_assert_msg(run(fmt, EMU, tmp, sm[k], "cuda", p2) == 0, "%s", log_text());
+        ck_assert_msg(same_file(p1, p2), "[%s] ./sample --device cuda (emulated) wrote another PNG than --device cpu", sm[k]);
+    }
+}
+END_TEST
+
 /* one case per test, so that CK_RUN_CASE=test_resume_identical runs just that one */
 static void add_case(Suite *s, const char *name, const TTest *t) {
     TCase *tc = tcase_create(name);
@@ -846,6 +1001,7 @@ static Suite *programs_suite(void) {
     ADD_CASE(s, test_weight_dtype);
     ADD_CASE(s, test_weight_dtype_te);
     ADD_CASE(s, test_device);
+    ADD_CASE(s, test_device_emulated);
     ADD_CASE(s, test_every_sample_trains);
     ADD_CASE(s, test_train_then_sample);
     ADD_CASE(s, test_resume_identical);
