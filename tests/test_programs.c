@@ -952,6 +952,30 @@ START_TEST(test_device_emulated) {
     }
     free(x); free(y);
 
+    /* --compute fp16 on the device: backward of 65536 x loss, the gradients
+     * checked and unscaled there (nn_loss_scaler), then the step. The
+     * emulated device's GEMMs stay fp32, and scaling by a power of two and
+     * back is exact, so the LoRA's tensors and loss.csv must be the cpu fp32
+     * run's bit for bit: a wrong scale, a missed unscale or a skipped step
+     * shows. (The files' metadata differ: ss_mixed_precision says fp16.) */
+    {
+        char c[160], g[160];
+        snprintf(c, sizeof c, "%s/cpu16", tmp); snprintf(g, sizeof g, "%s/dev16", tmp);
+        const char *fl = "--steps 3 --te --clip-grad 0.01 --no-grid";
+        ck_assert_msg(run(TRAIN " %s " FLAGS0 " %s --out %s", d, fl, c) == 0, "fp16 pair, cpu: %s", log_text());
+        ck_assert_msg(run(EMU TRAIN " %s " FLAGS0 " %s --device cuda --compute fp16 --out %s", d, fl, g) == 0,
+                      "fp16 pair, device: %s", log_text());
+        char *lg = log_text();
+        ck_assert_msg(strstr(lg, "device: cpu-as-device: ") && !strstr(lg, "overflowed"), "--compute fp16: %s", lg);
+        free(lg);
+        snprintf(p1, sizeof p1, "%s/lora.safetensors", c); snprintf(p2, sizeof p2, "%s/lora.safetensors", g);
+        int fin;
+        double d16 = max_tensor_diff(p1, p2, &fin);
+        ck_assert_msg(fin && d16 == 0.0, "--compute fp16 (emulated device): the LoRA is %g from the cpu fp32 run's", d16);
+        snprintf(p1, sizeof p1, "%s/loss.csv", c); snprintf(p2, sizeof p2, "%s/loss.csv", g);
+        ck_assert_msg(same_file(p1, p2), "--compute fp16 (emulated device): loss.csv differs from the cpu fp32 run's");
+    }
+
     /* --resume across devices: stopped on the device, resumed on the cpu,
      * and the other way: the bytes of a cpu run never stopped */
     const char *more = "--steps 6 --te --flip --dropout 0.1 --noise-offset 0.05";
