@@ -170,8 +170,7 @@ static void im2col(float *cols, const float *img, int C, int H, int W,
  * One thread per channel, so no two threads touch the same pixel. */
 static void col2im_add_ld(float *img, const float *dcols, size_t ld, int C, int H, int W,
                           int kh, int kw, int stride, int pad, int oy0, int oy1, int Wo) {
-    int nrow = oy1 - oy0;
-    #pragma omp parallel for if ((size_t)C * kh * kw * nrow * Wo >= PAR_MIN)
+    #pragma omp parallel for if ((size_t)C * kh * kw * (size_t)(oy1 - oy0) * Wo >= PAR_MIN)
     for (int c = 0; c < C; c++) {
         float *dst = img + (size_t)c * H * W;
         for (int i = 0; i < kh; i++)
