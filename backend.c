@@ -6,6 +6,7 @@
 #include "backend.h"
 #include "half.h"
 #include "ddpm.h"
+#include "cuda/cuda.h"
 #include <math.h>
 
 static void *cpu_alloc(size_t bytes) { return malloc(bytes ? bytes : 1); }
@@ -346,4 +347,20 @@ int nn_loss_scaler_unscale(nn_loss_scaler *s, const nn_ops *o1, float *g1, size_
         s->good = 0;
     }
     return 1;
+}
+
+/* --compute (fp32|bf16|fp16, checked by the caller's cli_parse), --device
+ * and --tf32: the CPU GEMM's mode (fp16 runs only on the device: the CPU's
+ * part stays fp32) and, with --device cuda, the device's */
+void nn_set_compute(const char *compute, const char *device, int tf32) {
+    gemm_set_compute(strcmp(compute, "bf16") == 0 ? GEMM_BF16 : GEMM_F32);
+#ifdef SDLORA_CUDA
+    if (strcmp(device, "cuda") == 0) {
+        cuda_set_compute(strcmp(compute, "bf16") == 0 ? CUDA_COMPUTE_BF16 :
+                         strcmp(compute, "fp16") == 0 ? CUDA_COMPUTE_F16 : CUDA_COMPUTE_F32);
+        cuda_set_tf32(tf32);
+    }
+#else
+    (void)device; (void)tf32;
+#endif
 }

@@ -235,4 +235,8 @@ void nn_loss_scaler_init(nn_loss_scaler *s);
 int nn_loss_scaler_unscale(nn_loss_scaler *s, const nn_ops *o1, float *g1, size_t n1,
                            const nn_ops *o2, float *g2, size_t n2);
 
+/* --compute, --device and --tf32 (train.c, sample.c): the CPU GEMM's
+ * mode and, in a CUDA build with --device cuda, the device's */
+void nn_set_compute(const char *compute, const char *device, int tf32);
+
 #endif

@@ -440,14 +440,7 @@ int main(int argc, char **argv) {
     if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif
     /* cli_parse checked it is fp32, bf16 or fp16 */
-    gemm_set_compute(strcmp(a.compute, "bf16") == 0 ? GEMM_BF16 : GEMM_F32);
-#ifdef SDLORA_CUDA
-    if (strcmp(a.device, "cuda") == 0) {
-        cuda_set_compute(strcmp(a.compute, "bf16") == 0 ? CUDA_COMPUTE_BF16 :
-                         strcmp(a.compute, "fp16") == 0 ? CUDA_COMPUTE_F16 : CUDA_COMPUTE_F32);
-        cuda_set_tf32(a.tf32);
-    }
-#endif
+    nn_set_compute(a.compute, a.device, a.tf32);
     prof_init();
     sample_run *r = calloc(1, sizeof *r);   /* ~60 KB of LoRA paths: not on the stack */
     if (!r) { fprintf(stderr, "error: out of memory\n"); return 1; }

@@ -1108,6 +1108,22 @@ static int device_fail(trainer *t, const char *what, char *err) {
     return -1;
 }
 
+/* --device cuda: an AdamW state's moments into device memory (n floats
+ * each; the first `up` of them copied from the host's: zero, or --resume's),
+ * the step count with them in *dev */
+static int adamw_up(trainer *t, adamw_t *dev, const adamw_t *host, size_t n, size_t up, const char *what, char *err) {
+    *dev = *host;
+    dev->m = t->dev->alloc(sizeof(float) * n);
+    dev->v = t->dev->alloc(sizeof(float) * n);
+    if (!dev->m || !dev->v) {
+        if (!device_failed(t, what, err)) snprintf(err, SD_ERR_LEN, "--device %s: out of device memory for the %s", t->dev->name, what);
+        return -1;
+    }
+    if (up && (!t->dev->upload(dev->m, host->m, sizeof(float) * up) || !t->dev->upload(dev->v, host->v, sizeof(float) * up)))
+        return device_fail(t, what, err);
+    return 0;
+}
+
 /* --device cuda: from here on the UNet's forward and backward, the loss and
  * its gradient, --clip and the UNet LoRA's AdamW run on the GPU
  * (unet_to_device), and the VAE encode and text encoder forward that build
@@ -1127,31 +1143,11 @@ static int to_device(trainer *t, char *err) {
 #endif
     if (!t->dev) return 0;
     /* the moments up (zero, or --resume's), the step count with them */
-    size_t nb = sizeof(float) * (t->n1 ? t->n1 : 1);
-    t->dopt = t->st.opt_unet;
-    t->dopt.m = t->dev->alloc(nb);
-    t->dopt.v = t->dev->alloc(nb);
-    if (!t->dopt.m || !t->dopt.v) {
-        if (!device_failed(t, "AdamW state", err)) snprintf(err, SD_ERR_LEN, "--device cuda: out of device memory for the AdamW state");
-        return -1;
-    }
-    if (t->n1 && (!t->dev->upload(t->dopt.m, t->st.opt_unet.m, nb) || !t->dev->upload(t->dopt.v, t->st.opt_unet.v, nb)))
-        return device_fail(t, "AdamW state", err);
+    if (adamw_up(t, &t->dopt, &t->st.opt_unet, t->n1 ? t->n1 : 1, t->n1, "AdamW state", err)) return -1;
     /* the VAE's encode (latent cache) and the text encoder (the text cache, or with --te its training) */
     if (vae_to_device(&t->m.vae, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.vae.err); return -1; }
     if (clip_to_device(&t->m.clip, t->dev)) { snprintf(err, SD_ERR_LEN, "--device cuda: %s", t->m.clip.err); return -1; }
-    if (t->n2) {   /* --te: its AdamW moments up too */
-        size_t n2b = sizeof(float) * t->n2;
-        t->dopt_te = t->st.opt_te;
-        t->dopt_te.m = t->dev->alloc(n2b);
-        t->dopt_te.v = t->dev->alloc(n2b);
-        if (!t->dopt_te.m || !t->dopt_te.v) {
-            if (!device_failed(t, "text encoder AdamW state", err)) snprintf(err, SD_ERR_LEN, "--device cuda: out of device memory for the text encoder's AdamW state");
-            return -1;
-        }
-        if (!t->dev->upload(t->dopt_te.m, t->st.opt_te.m, n2b) || !t->dev->upload(t->dopt_te.v, t->st.opt_te.v, n2b))
-            return device_fail(t, "text encoder AdamW state", err);
-    }
+    if (t->n2 && adamw_up(t, &t->dopt_te, &t->st.opt_te, t->n2, t->n2, "text encoder AdamW state", err)) return -1;   /* --te */
     fprintf(stderr, "device: cuda: the UNet's forward and backward, the loss, --clip and the LoRA's AdamW, the VAE encode, "
                     "the text encoder%s\n", t->a->te ? "'s forward, backward and AdamW (--te)" : "");
     return 0;
@@ -2146,14 +2142,7 @@ int main(int argc, char **argv) {
     if (a.threads > 0) omp_set_num_threads(a.threads);
 #endif
     /* cli_parse checked it is fp32, bf16 or fp16 (fp16: the CPU's part, --te, stays fp32) */
-    gemm_set_compute(strcmp(a.compute, "bf16") == 0 ? GEMM_BF16 : GEMM_F32);
-#ifdef SDLORA_CUDA
-    if (strcmp(a.device, "cuda") == 0) {
-        cuda_set_compute(strcmp(a.compute, "bf16") == 0 ? CUDA_COMPUTE_BF16 :
-                         strcmp(a.compute, "fp16") == 0 ? CUDA_COMPUTE_F16 : CUDA_COMPUTE_F32);
-        cuda_set_tf32(a.tf32);
-    }
-#endif
+    nn_set_compute(a.compute, a.device, a.tf32);
     rc = train(&a, err);
     if (rc && rc != 130) {
         if (dist_size() > 1) fprintf(dist_stderr(), "error: rank %d of %d: %s\n", dist_rank(), dist_size(), err);
