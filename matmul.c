@@ -358,6 +358,28 @@ static void store_tile(const float *restrict acc, float *restrict C, int ldc, in
 #define K_STB(i) vstoreu(C + (size_t)(i) * ldc, vadd(vmul(va, c##i##0), vmul(vb, vloadu(C + (size_t)(i) * ldc)))); \
                  vstoreu(C + (size_t)(i) * ldc + VW, vadd(vmul(va, c##i##1), vmul(vb, vloadu(C + (size_t)(i) * ldc + VW))));
 #define K_ACC(i) vstoreu(acc + (i) * NR, c##i##0); vstoreu(acc + (i) * NR + VW, c##i##1);
+/* The store step micro_kernel and micro_kernel_rows end with, on the
+ * kernel's C, ldc, mr, nr, alpha, beta:
+ *   if (mr == MR && nr == NR) { K_STORE_FULL(); return; }
+ *   K_STORE_RAGGED(dump)
+ * a full tile straight from the accumulators; a ragged one copied out to
+ * acc, a row's registers at a time by dump, and clipped by store_tile (the
+ * same float operations). The return stays in the kernels: gcc then builds
+ * the code it built from their own copies, instruction for instruction. */
+#define K_STORE_FULL()                  \
+    do {                                \
+        vec va = vset1(alpha);          \
+        if (beta == 0.0f) {             \
+            ROWS(K_ST0)                 \
+        } else {                        \
+            vec vb = vset1(beta);       \
+            ROWS(K_STB)                 \
+        }                               \
+    } while (0)
+#define K_STORE_RAGGED(DUMP) \
+    float acc[MR * NR];      \
+    ROWS(DUMP)               \
+    store_tile(acc, C, ldc, mr, nr, alpha, beta);
 
 static void micro_kernel(int kc, const float *restrict a, const float *restrict b,
                          float *restrict C, int ldc, int mr, int nr,
@@ -381,18 +403,10 @@ static void micro_kernel(int kc, const float *restrict a, const float *restrict 
         }
     }
     if (mr == MR && nr == NR) {
-        vec va = vset1(alpha);
-        if (beta == 0.0f) {
-            ROWS(K_ST0)
-        } else {
-            vec vb = vset1(beta);
-            ROWS(K_STB)
-        }
+        K_STORE_FULL();
         return;
     }
-    float acc[MR * NR];
-    ROWS(K_ACC)
-    store_tile(acc, C, ldc, mr, nr, alpha, beta);
+    K_STORE_RAGGED(K_ACC)
 }
 #else
 /* plain C: the k loop is outermost and the MR x NR loops have constant
@@ -464,9 +478,7 @@ static void micro_kernel_rows(int kc, const float *restrict a, size_t rs, size_t
             __m256 b0 = _mm256_load_ps(b + (size_t)p * NR);
             ROWS(H_FMA)
         }
-        float acc[MR * NR];
-        ROWS(H_ACC)
-        store_tile(acc, C, ldc, mr, nr, alpha, beta);
+        K_STORE_RAGGED(H_ACC)
         return;
     }
 #endif
@@ -485,18 +497,10 @@ static void micro_kernel_rows(int kc, const float *restrict a, size_t rs, size_t
         }
     }
     if (mr == MR && nr == NR) {
-        vec va = vset1(alpha);
-        if (beta == 0.0f) {
-            ROWS(K_ST0)
-        } else {
-            vec vb = vset1(beta);
-            ROWS(K_STB)
-        }
+        K_STORE_FULL();
         return;
     }
-    float acc[MR * NR];
-    ROWS(K_ACC)
-    store_tile(acc, C, ldc, mr, nr, alpha, beta);
+    K_STORE_RAGGED(K_ACC)
 }
 
 /* returns 0 (nothing done) where it does not apply */
