@@ -34,10 +34,10 @@ static int g_have_err;
 static const char *g_layer;
 static cublasHandle_t g_handle;
 static int g_handle_ok;
-static float *g_scratch;
-static size_t g_scratch_cap;
+static void *g_scratch;             // cuda_scratch's buffer
+static size_t g_scratch_cap;        // (floats)
 static int g_compute = LOWP_F32, g_tf32;
-static uint16_t *g_lp;              // the operand copies of a low-precision GEMM
+static void *g_lp;                  // the operand copies of a low-precision GEMM
 static size_t g_lp_cap;             // (uint16s)
 static void *g_workspace;           // cuBLAS's, ours so that it is counted
 
@@ -182,16 +182,23 @@ extern "C" void cuda_set_compute(int mode) {
 }
 extern "C" int cuda_compute(void) { return g_compute; }
 
-float *cuda_scratch(size_t nfloats) {
-    if (nfloats <= g_scratch_cap && g_scratch) return g_scratch;
-    dev_free(g_scratch, __func__);
-    g_scratch = NULL;
-    g_scratch_cap = 0;
-    void *p = dev_alloc((nfloats ? nfloats : 1) * sizeof(float), __func__);
+// a grow-only device buffer *buf of *cap elements of `size` bytes: kept
+// while it holds n, else freed and made anew for n; fn (the caller) is the
+// function an error line names
+static void *grow_only(void **buf, size_t *cap, size_t n, size_t size, const char *fn) {
+    if (n <= *cap && *buf) return *buf;
+    dev_free(*buf, fn);
+    *buf = NULL;
+    *cap = 0;
+    void *p = dev_alloc((n ? n : 1) * size, fn);
     if (!p) return NULL;
-    g_scratch = (float *)p;
-    g_scratch_cap = nfloats;
-    return g_scratch;
+    *buf = p;
+    *cap = n;
+    return p;
+}
+
+float *cuda_scratch(size_t nfloats) {
+    return (float *)grow_only(&g_scratch, &g_scratch_cap, nfloats, sizeof(float), __func__);
 }
 
 // the grow-only buffers back (they grow again on the next call that needs
@@ -207,15 +214,7 @@ extern "C" void cuda_release_scratch(void) {
 
 // grow-only room for a GEMM's two operand copies (uint16s)
 static uint16_t *lp_scratch(size_t n) {
-    if (n <= g_lp_cap && g_lp) return g_lp;
-    dev_free(g_lp, __func__);
-    g_lp = NULL;
-    g_lp_cap = 0;
-    void *p = dev_alloc((n ? n : 1) * sizeof(uint16_t), __func__);
-    if (!p) return NULL;
-    g_lp = (uint16_t *)p;
-    g_lp_cap = n;
-    return g_lp;
+    return (uint16_t *)grow_only(&g_lp, &g_lp_cap, n, sizeof(uint16_t), __func__);
 }
 
 // dst[i] = the mode's bits of src[i], over the operand's span
@@ -227,6 +226,10 @@ static void round_span(uint16_t *dst, const float *src, size_t n) {
     round_kernel<<<grid_for(n, 256), 256>>>(dst, src, n, g_compute);
     KERNEL_CHECK("round_kernel");
 }
+
+// our trans flag as cuBLAS's: B as stored, read column-major, is B^T
+// already (top of file), so the flag carries over unchanged
+static cublasOperation_t op_of(int trans) { return trans ? CUBLAS_OP_T : CUBLAS_OP_N; }
 
 // a GEMM (batch 1: strides unused) in the low-precision mode: both operands
 // rounded into lp_scratch, then one GemmEx / GemmStridedBatchedEx
@@ -242,7 +245,7 @@ static void gemm_lowp(cublasHandle_t h, int transA, int transB, int M, int N, in
     round_span(a16, A, na);
     round_span(b16, B, nb);
     cudaDataType_t t = g_compute == LOWP_BF16 ? CUDA_R_16BF : CUDA_R_16F;
-    cublasOperation_t oa = transA ? CUBLAS_OP_T : CUBLAS_OP_N, ob = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasOperation_t oa = op_of(transA), ob = op_of(transB);
     if (batch == 1)
         CUBLAS_CHECK(cublasGemmEx(h, ob, oa, N, M, K, &alpha, b16, t, ldb, a16, t, lda, &beta, C, CUDA_R_32F, ldc,
                                   CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
@@ -255,38 +258,41 @@ static void gemm_lowp(cublasHandle_t h, int transA, int transB, int M, int N, in
 // where the BLAS meaning is C = beta C); the CPU gemm does not care
 static int ld_fix(int ld, int rows) { int m = rows > 1 ? rows : 1; return ld < m ? m : ld; }
 
+// what gemm_cuda and gemm_batched_cuda share (gemm_cuda's strides are 0 and
+// its batch 1): nothing to do for an empty C; the handle; lda and ldb as
+// cuBLAS wants them; in a low-precision mode the whole product, here. Returns
+// the handle where the caller's fp32 cuBLAS call is still to be made, else
+// NULL. The calls stay in the callers, so an error line names them.
+static cublasHandle_t gemm_begin(int transA, int transB, int M, int N, int K, float alpha,
+                                 const float *A, int *lda, long long sA, const float *B, int *ldb, long long sB,
+                                 float beta, float *C, int ldc, long long sC, int batch) {
+    if (M <= 0 || N <= 0 || batch <= 0) return NULL;
+    cublasHandle_t h = cuda_cublas();
+    if (!h) return NULL;
+    *lda = ld_fix(*lda, transA ? M : K);
+    *ldb = ld_fix(*ldb, transB ? K : N);
+    if (g_compute != LOWP_F32 && K > 0 && alpha != 0.0f) {   // as matmul.c: K == 0 or alpha == 0 is C = beta C
+        gemm_lowp(h, transA, transB, M, N, K, alpha, A, *lda, sA, B, *ldb, sB, beta, C, ldc, sC, batch);
+        return NULL;
+    }
+    return h;
+}
+
 extern "C" void gemm_cuda(int transA, int transB, int M, int N, int K,
                           float alpha, const float *A, int lda, const float *B, int ldb,
                           float beta, float *C, int ldc) {
-    if (M <= 0 || N <= 0) return;
-    cublasHandle_t h = cuda_cublas();
-    if (!h) return;
-    lda = ld_fix(lda, transA ? M : K);
-    ldb = ld_fix(ldb, transB ? K : N);
-    if (g_compute != LOWP_F32 && K > 0 && alpha != 0.0f) {   // as matmul.c: K == 0 or alpha == 0 is C = beta C
-        gemm_lowp(h, transA, transB, M, N, K, alpha, A, lda, 0, B, ldb, 0, beta, C, ldc, 0, 1);
-        return;
-    }
-    CUBLAS_CHECK(cublasSgemm(h, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
-                             N, M, K, &alpha, B, ldb, A, lda, &beta, C, ldc));
+    cublasHandle_t h = gemm_begin(transA, transB, M, N, K, alpha, A, &lda, 0, B, &ldb, 0, beta, C, ldc, 0, 1);
+    if (h) CUBLAS_CHECK(cublasSgemm(h, op_of(transB), op_of(transA), N, M, K, &alpha, B, ldb, A, lda, &beta, C, ldc));
 }
 
 void gemm_batched_cuda(int transA, int transB, int M, int N, int K, float alpha,
                        const float *A, int lda, long long strideA,
                        const float *B, int ldb, long long strideB, float beta,
                        float *C, int ldc, long long strideC, int batch) {
-    if (M <= 0 || N <= 0 || batch <= 0) return;
-    cublasHandle_t h = cuda_cublas();
-    if (!h) return;
-    lda = ld_fix(lda, transA ? M : K);
-    ldb = ld_fix(ldb, transB ? K : N);
-    if (g_compute != LOWP_F32 && K > 0 && alpha != 0.0f) {
-        gemm_lowp(h, transA, transB, M, N, K, alpha, A, lda, strideA, B, ldb, strideB, beta, C, ldc, strideC, batch);
-        return;
-    }
-    CUBLAS_CHECK(cublasSgemmStridedBatched(h, transB ? CUBLAS_OP_T : CUBLAS_OP_N,
-                                           transA ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha,
-                                           B, ldb, strideB, A, lda, strideA, &beta, C, ldc, strideC, batch));
+    cublasHandle_t h = gemm_begin(transA, transB, M, N, K, alpha, A, &lda, strideA, B, &ldb, strideB, beta,
+                                  C, ldc, strideC, batch);
+    if (h) CUBLAS_CHECK(cublasSgemmStridedBatched(h, op_of(transB), op_of(transA), N, M, K, &alpha, B, ldb, strideB,
+                                                  A, lda, strideA, &beta, C, ldc, strideC, batch));
 }
 
 // DevBK's share (see backend.cuh)
