@@ -1199,6 +1199,134 @@ static void test_unet_emulated(void) {
     }
 }
 
+/* ---------------------------------------------------------------------------
+ * One side of the emulated training-step comparisons (test_train_emulated;
+ * devdata's test_train_draws_emulated; devte's test_te_train_emulated;
+ * devmixed's mp_train): models/tiny's UNet with LoRA (tiny_unet) on the CPU
+ * (dev NULL) or on the table dev (unet_to_device), its training arena for
+ * B = 2 latents of 8 x 8 and Tc context tokens, AdamW (lr 1e-2, betas 0.9,
+ * 0.999, weight decay 1e-2) with its moments where the LoRA is, and on dev
+ * the loss's target and weights. On dev the host's LoRA A, B and gradients
+ * are poisoned (NaN): only the device's copies may be used. */
+struct train_side {
+    unet_t u;
+    const nn_ops *dev;            // NULL: the CPU
+    int B, h, w, Tc;
+    size_t n, per, nx, nc;        // LoRA floats; eps floats per item; x, ctx floats
+    adamw_t o;
+    float *dtarget, *dwt;         // on dev: the loss's target (B x per), weights (B)
+    vec pred, dpred;              // on the CPU: eps and its gradient
+    int ok;                       // every setup call succeeded
+};
+
+// AdamW's (zero) moments moved to dev, as train.c's to_device (dev NULL: left)
+static int adamw_to(const nn_ops *dev, adamw_t *o) {
+    if (!dev) return 1;
+    float *m = (float *)dev->alloc(sizeof(float) * o->n), *v = (float *)dev->alloc(sizeof(float) * o->n);
+    int ok = dev->upload(m, o->m, sizeof(float) * o->n) && dev->upload(v, o->v, sizeof(float) * o->n);
+    adamw_free(o);
+    o->m = m; o->v = v;
+    return ok;
+}
+static void adamw_free_on(const nn_ops *dev, adamw_t *o) {
+    if (dev) { dev->free(o->m); dev->free(o->v); o->m = o->v = NULL; }
+    adamw_free(o);
+}
+
+// -1 where the UNet does not load; else 0, f->ok saying whether the rest ran
+static int side_init(train_side *f, const nn_ops *dev, weight_dtype dt, int Tc, float adam_eps) {
+    f->dev = dev;
+    f->B = 2; f->h = f->w = 8; f->Tc = Tc;
+    f->dtarget = f->dwt = NULL;
+    if (tiny_unet(&f->u, "models/tiny/unet", dt)) return -1;
+    const unet_config *c = &f->u.cfg;
+    f->n = f->u.lora_nparams;
+    f->per = (size_t)c->out_channels * f->h * f->w;
+    f->nx = (size_t)f->B * c->in_channels * f->h * f->w;
+    f->nc = (size_t)f->B * Tc * c->cross_dim;
+    f->pred.assign(f->B * f->per, 0.0f);
+    f->dpred.assign(f->B * f->per, 0.0f);
+    adamw_init(&f->o, f->n, 1e-2f, 0.9f, 0.999f, adam_eps, 1e-2f);
+    int ok = 1;
+    if (dev) {
+        ok = unet_to_device(&f->u, dev) == 0 && adamw_to(dev, &f->o);
+        f->dtarget = (float *)dev->alloc(sizeof(float) * f->B * f->per);
+        f->dwt = (float *)dev->alloc(sizeof(float) * f->B);
+    }
+    f->ok = ok && (!dev || (f->dtarget && f->dwt)) && unet_alloc_acts(&f->u, f->B, f->h, f->w, Tc, 1) == 0;
+    // (after unet_alloc_acts, which sends the LoRA up)
+    for (size_t i = 0; dev && i < f->n; i++) f->u.lora_params[i] = f->u.lora_grads[i] = NAN;
+    return 0;
+}
+static void side_free(train_side *f) {
+    if (f->dev) { f->dev->free(f->dtarget); f->dev->free(f->dwt); }
+    adamw_free_on(f->dev, &f->o);
+    unet_free(&f->u);
+}
+
+// step `step`'s x, target and timesteps of test_train_emulated and mp_train
+static void side_inputs(const train_side *f, int step, vec *x, vec *target, vec *t) {
+    *x = randv(f->nx, -1.0f, 1.0f, 310 + step);
+    *target = randv(f->B * f->per, -1.0f, 1.0f, 320 + step);
+    *t = {(float)(50 + 200 * step), (float)(900 - 100 * step)};
+}
+
+// a training step's forward, loss and backward on f's side, as train.c's
+// micro_step (CPU) or device_loss_step (dev): the LoRA gradients zeroed,
+// eps for x at t with ctx, the weighted MSE against target with weights wt
+// (*loss), its gradient times dscale, the backward (dctx: the context's
+// gradient, or NULL). On dev, eps and its gradient stay there
+// (unet_device_io) and target, wt are dev's memory; x, t, ctx go to
+// unet_forward as they are. Returns whether every call succeeded.
+static int side_step(train_side *f, const float *x, const float *t, const float *ctx, const float *target,
+                     const float *wt, float dscale, float *dctx, float *loss) {
+    unet_t *u = &f->u;
+    int B = f->B;
+    size_t per = f->per;
+    unet_zero_lora_grads(u);
+    if (!f->dev) {
+        int ok = unet_forward(u, f->pred.data(), x, t, ctx, B, f->h, f->w, f->Tc) == 0;
+        *loss = mse_loss_forward(f->pred.data(), target, wt, B, per);
+        std::fill(f->dpred.begin(), f->dpred.end(), 0.0f);
+        mse_loss_backward(f->dpred.data(), f->pred.data(), target, wt, dscale, B, per);
+        return ok && unet_backward(u, f->dpred.data(), NULL, dctx) == 0;
+    }
+    const nn_ops *D = f->dev;
+    float *pred = NULL, *deps = NULL;
+    if (unet_forward(u, NULL, x, t, ctx, B, f->h, f->w, f->Tc) != 0 || unet_device_io(u, &pred, &deps) != 0) return 0;
+    *loss = D->mse_loss_forward(pred, target, wt, B, per);
+    D->zero(deps, B * per);
+    D->mse_loss_backward(deps, pred, target, wt, dscale, B, per);
+    return unet_backward(u, NULL, NULL, dctx) == 0;
+}
+
+// --clip and AdamW on f's side, as train.c's optimizer_step; the norm before clipping
+static float side_update(train_side *f, float clip, float lr) {
+    if (!f->dev) {
+        float norm = clip_grad_norm(f->u.lora_grads, f->n, clip);
+        adamw_step(&f->o, f->u.lora_params, f->u.lora_grads, lr);
+        return norm;
+    }
+    float norm = nn_clip_grad_norm(f->dev, f->u.dlora_grads, f->n, NULL, 0, clip);
+    f->dev->adamw_step(&f->o, f->u.dlora_params, f->u.dlora_grads, lr);
+    return norm;
+}
+
+// f's LoRA A, B and AdamW's m, v (any of them NULL: not wanted), down from
+// dev where they are there
+static int side_state(const train_side *f, vec *p, vec *m, vec *v) {
+    const float *src[3] = {f->dev ? f->u.dlora_params : f->u.lora_params, f->o.m, f->o.v};
+    vec *dst[3] = {p, m, v};
+    int ok = 1;
+    for (int k = 0; k < 3; k++) {
+        if (!dst[k]) continue;
+        dst[k]->resize(f->n);
+        if (f->dev) ok = ok && f->dev->download(dst[k]->data(), src[k], sizeof(float) * f->n);
+        else memcpy(dst[k]->data(), src[k], sizeof(float) * f->n);
+    }
+    return ok;
+}
+
 /* Training steps as train.c's --device cuda runs them (device_loss_step,
  * optimizer_step), on the emulated device, against the CPU's: the loss and
  * its gradient, --clip and AdamW on the device, eps left there by
@@ -1207,62 +1335,36 @@ static void test_unet_emulated(void) {
  * clip_grad_norm and adamw_step on the host. Min-SNR-like weights, batch 2,
  * --clip small enough that every step clips. */
 static void test_train_emulated(void) {
-    const char *dir = "models/tiny/unet";
     // the fixed-order sum of squares against the CPU's one chain
     vec g = randv(5 * NN_SUMSQ_CHUNK + 37, -1.0f, 1.0f, 301);
     double sc = 0;
     for (float x : g) sc += (double)x * x;
     expect("grad_sumsq: runs of NN_SUMSQ_CHUNK in order vs one chain", fabs(emu_grad_sumsq(g.data(), g.size()) - sc) / sc, 1e-14);
-    unet_t uc, ue;
-    if (tiny_unet(&uc, dir, WEIGHT_F32) || tiny_unet(&ue, dir, WEIGHT_F32)) { expect_true("tiny UNet loads (models/tiny/unet)", 0); return; }
     const nn_ops *E = &nn_ops_emu;
-    int B = 2, h = 8, w = 8, Tc = 7, nsteps = 4;
-    const unet_config *c = &uc.cfg;
-    size_t n = uc.lora_nparams, per = (size_t)c->out_channels * h * w, nx = (size_t)B * c->in_channels * h * w;
-    size_t nc = (size_t)B * Tc * c->cross_dim;
-    int ok = unet_to_device(&ue, E) == 0 && unet_alloc_acts(&uc, B, h, w, Tc, 1) == 0 &&
-             unet_alloc_acts(&ue, B, h, w, Tc, 1) == 0;
-    adamw_t oc, oh, od;     // the CPU's; the host copy of the device's (zero moments), its device twin
-    adamw_init(&oc, n, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
-    adamw_init(&oh, n, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
-    od = oh;
-    od.m = (float *)E->alloc(sizeof(float) * n);
-    od.v = (float *)E->alloc(sizeof(float) * n);
-    ok = ok && E->upload(od.m, oh.m, sizeof(float) * n) && E->upload(od.v, oh.v, sizeof(float) * n);
-    float *dtarget = (float *)E->alloc(sizeof(float) * B * per), *dwt = (float *)E->alloc(sizeof(float) * B);
-    // the host's A, B and gradients poisoned: the device's copies must be the only ones used
-    for (size_t i = 0; i < n; i++) ue.lora_params[i] = ue.lora_grads[i] = NAN;
-    vec ctx = randv(nc, -1.0f, 1.0f, 302), wt = {0.8f, 0.3f};
+    train_side fc, fe;      // the CPU's; the emulated device's
+    if (side_init(&fc, NULL, WEIGHT_F32, 7, 1e-8f) || side_init(&fe, E, WEIGHT_F32, 7, 1e-8f)) {
+        expect_true("tiny UNet loads (models/tiny/unet)", 0);
+        return;
+    }
+    int B = fc.B, nsteps = 4;
+    size_t n = fc.n, per = fc.per;
+    int ok = fc.ok && fe.ok;
+    vec ctx = randv(fc.nc, -1.0f, 1.0f, 302), wt = {0.8f, 0.3f};
     const float clip = 1e-3f;
-    vec pc(B * per), dpc(B * per);
     int clipped = 1;
     for (int step = 0; ok && step < nsteps; step++) {
         char name[160];
-        vec x = randv(nx, -1.0f, 1.0f, 310 + step), target = randv(B * per, -1.0f, 1.0f, 320 + step);
-        vec t = {(float)(50 + 200 * step), (float)(900 - 100 * step)};
-        float lr = 1e-2f * (step + 1) / nsteps;
+        vec x, target, t;
+        side_inputs(&fc, step, &x, &target, &t);
+        float lr = 1e-2f * (step + 1) / nsteps, Lc, Le;
         // CPU
-        unet_zero_lora_grads(&uc);
-        ok = unet_forward(&uc, pc.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0;
-        float Lc = mse_loss_forward(pc.data(), target.data(), wt.data(), B, per);
-        std::fill(dpc.begin(), dpc.end(), 0.0f);
-        mse_loss_backward(dpc.data(), pc.data(), target.data(), wt.data(), 1.0f, B, per);
-        ok = ok && unet_backward(&uc, dpc.data(), NULL, NULL) == 0;
-        float normc = clip_grad_norm(uc.lora_grads, n, clip);
-        adamw_step(&oc, uc.lora_params, uc.lora_grads, lr);
+        ok = side_step(&fc, x.data(), t.data(), ctx.data(), target.data(), wt.data(), 1.0f, NULL, &Lc);
+        float normc = side_update(&fc, clip, lr);
         // the emulated device, as train.c's device path
-        float *pred = NULL, *deps = NULL;
-        unet_zero_lora_grads(&ue);
-        ok = ok && unet_forward(&ue, NULL, x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
-             unet_device_io(&ue, &pred, &deps) == 0 && E->upload(dtarget, target.data(), sizeof(float) * B * per) &&
-             E->upload(dwt, wt.data(), sizeof(float) * B);
+        ok = ok && E->upload(fe.dtarget, target.data(), sizeof(float) * B * per) && E->upload(fe.dwt, wt.data(), sizeof(float) * B) &&
+             side_step(&fe, x.data(), t.data(), ctx.data(), fe.dtarget, fe.dwt, 1.0f, NULL, &Le);
         if (!ok) break;
-        float Le = E->mse_loss_forward(pred, dtarget, dwt, B, per);
-        E->zero(deps, B * per);
-        E->mse_loss_backward(deps, pred, dtarget, dwt, 1.0f, B, per);
-        ok = unet_backward(&ue, NULL, NULL, NULL) == 0;
-        float norme = nn_clip_grad_norm(E, ue.dlora_grads, n, NULL, 0, clip);
-        E->adamw_step(&od, ue.dlora_params, ue.dlora_grads, lr);
+        float norme = side_update(&fe, clip, lr);
         clipped &= normc > clip && norme > clip;
         snprintf(name, sizeof name, "emulated training: loss, step %d", step + 1);
         expect(name, fabs((double)Le - Lc) / fabs((double)Lc), 1e-5);
@@ -1272,23 +1374,20 @@ static void test_train_emulated(void) {
     expect_true("emulated training: every call succeeded", ok);
     expect_true("emulated training: --clip clipped every step", clipped);
     // A, B and the moments come down only now
-    vec pe(n), me(n), ve(n);
-    ok = ok && E->download(pe.data(), ue.dlora_params, sizeof(float) * n) && E->download(me.data(), od.m, sizeof(float) * n) &&
-         E->download(ve.data(), od.v, sizeof(float) * n);
+    vec pe, me, ve;
+    ok = ok && side_state(&fe, &pe, &me, &ve);
     if (ok) {
         char name[160];
         snprintf(name, sizeof name, "emulated training: LoRA A, B (%zu) after %d steps", n, nsteps);
-        expect_close(name, pe, vec(uc.lora_params, uc.lora_params + n), 1e-5);
-        expect_close("emulated training: AdamW m after 4 steps", me, vec(oc.m, oc.m + n), 1e-5);
-        expect_close("emulated training: AdamW v after 4 steps", ve, vec(oc.v, oc.v + n), 1e-5);
-        expect_true("emulated training: AdamW step count", od.step == nsteps && oc.step == nsteps);
+        expect_close(name, pe, vec(fc.u.lora_params, fc.u.lora_params + n), 1e-5);
+        expect_close("emulated training: AdamW m after 4 steps", me, vec(fc.o.m, fc.o.m + n), 1e-5);
+        expect_close("emulated training: AdamW v after 4 steps", ve, vec(fc.o.v, fc.o.v + n), 1e-5);
+        expect_true("emulated training: AdamW step count", fe.o.step == nsteps && fc.o.step == nsteps);
         int host_untouched = 1;
-        for (size_t i = 0; i < n; i++) host_untouched &= isnan(ue.lora_params[i]) != 0;
+        for (size_t i = 0; i < n; i++) host_untouched &= isnan(fe.u.lora_params[i]) != 0;
         expect_true("emulated training: the host's A, B never written during the steps", host_untouched);
     }
-    E->free(od.m); E->free(od.v); E->free(dtarget); E->free(dwt);
-    adamw_free(&oc); adamw_free(&oh);
-    unet_free(&uc); unet_free(&ue);
+    side_free(&fc); side_free(&fe);
 }
 
 /* ---------------------------------------------------------------------------
@@ -1388,94 +1487,75 @@ static void test_ddpm_draws(void) {
  * tolerance (--clip as test_train_emulated), and the bytes that crossed to
  * the device counted. */
 static void test_train_draws_emulated(void) {
-    const char *dir = "models/tiny/unet";
     ddpm_schedule s;
     char err[DDPM_ERR_LEN];
     if (ddpm_schedule_init(&s, "scaled_linear", DDPM_SD_T, DDPM_SD_BETA_START, DDPM_SD_BETA_END, err) != 0) {
         expect_true(err, 0);
         return;
     }
-    unet_t uc, ue;
-    if (tiny_unet(&uc, dir, WEIGHT_F32) || tiny_unet(&ue, dir, WEIGHT_F32)) { expect_true("tiny UNet loads (models/tiny/unet)", 0); return; }
     emu_init();
     const nn_ops *E = &nn_ops_emu;
-    int B = 2, h = 8, w = 8, Tc = 7, nsteps = 3, nimg = 3, C = uc.cfg.out_channels;
-    size_t n = uc.lora_nparams, HW = (size_t)h * w, per = (size_t)C * HW, nctx = (size_t)Tc * uc.cfg.cross_dim;
-    // --clip as test_train_emulated (AdamW's first steps take the sign of
-    // every gradient element; clipped, the near-zero ones move by little)
-    const float offset = 0.05f, gamma = 5.0f, prior = 0.5f, clip = 1e-3f;
-    const ddpm_prediction pred = DDPM_V_PREDICTION;
-    int ok = unet_to_device(&ue, E) == 0 && unet_alloc_acts(&uc, B, h, w, Tc, 1) == 0 &&
-             unet_alloc_acts(&ue, B, h, w, Tc, 1) == 0;
-    vec cache = randv((size_t)nimg * nctx, -1.0f, 1.0f, 501);   // the context cache, one row per image
-    // the device's setup, once: AdamW moments, the schedule's tables, the context cache, buffers
     // AdamW's eps 1e-6, not 1e-8: a clipped gradient element near eps makes
     // its step hypersensitive (m / (sqrt(v) + eps) is ~ +-1 above it), and a
     // 1e-7 difference in the UNet's sums then moves that one parameter by
     // 1e-5 of the largest (seen: 9.5e-6 at eps 1e-8). This test is about the
     // draws; test_train_emulated covers eps 1e-8.
-    adamw_t oc, od;
-    adamw_init(&oc, n, 1e-2f, 0.9f, 0.999f, 1e-6f, 1e-2f);
-    od = oc;
-    od.m = (float *)E->alloc(sizeof(float) * n);
-    od.v = (float *)E->alloc(sizeof(float) * n);
-    E->zero(od.m, n); E->zero(od.v, n);
+    train_side fc, fe;      // the CPU's; the emulated device's
+    if (side_init(&fc, NULL, WEIGHT_F32, 7, 1e-6f) || side_init(&fe, E, WEIGHT_F32, 7, 1e-6f)) {
+        expect_true("tiny UNet loads (models/tiny/unet)", 0);
+        return;
+    }
+    int B = fc.B, h = fc.h, w = fc.w, Tc = fc.Tc, nsteps = 3, nimg = 3, C = fc.u.cfg.out_channels;
+    size_t n = fc.n, HW = (size_t)h * w, per = fc.per, nctx = (size_t)Tc * fc.u.cfg.cross_dim;
+    // --clip as test_train_emulated (AdamW's first steps take the sign of
+    // every gradient element; clipped, the near-zero ones move by little)
+    const float offset = 0.05f, gamma = 5.0f, prior = 0.5f, clip = 1e-3f;
+    const ddpm_prediction pred = DDPM_V_PREDICTION;
+    int ok = fc.ok && fe.ok;
+    vec cache = randv((size_t)nimg * nctx, -1.0f, 1.0f, 501);   // the context cache, one row per image
+    // the device's setup, once (AdamW's moments, the loss's target and
+    // weights: side_init): the schedule's tables, the context cache, buffers
     float *dsa = (float *)E->alloc(4 * s.T), *ds1a = (float *)E->alloc(4 * s.T), *dcache = (float *)E->alloc(4 * cache.size());
     ok = ok && E->upload(dsa, s.sqrt_abar, 4 * s.T) && E->upload(ds1a, s.sqrt_1m_abar, 4 * s.T) &&
          E->upload(dcache, cache.data(), 4 * cache.size());
     float *dx0 = (float *)E->alloc(4 * B * per), *deps_ = (float *)E->alloc(4 * B * per), *dxt = (float *)E->alloc(4 * B * per);
-    float *dtarget = (float *)E->alloc(4 * B * per), *dtf = (float *)E->alloc(4 * B), *dwt = (float *)E->alloc(4 * B);
-    float *dctx = (float *)E->alloc(4 * B * nctx);
+    float *dtf = (float *)E->alloc(4 * B), *dctx = (float *)E->alloc(4 * B * nctx);
     int *dt = (int *)E->alloc(sizeof(int) * B);
-    for (size_t i = 0; i < n; i++) ue.lora_params[i] = ue.lora_grads[i] = NAN;   // only the device's copies are used
     rng_t rc, re;
     rng_seed(&rc, 42); rng_seed(&re, 42);
     nn_ddpm_cfg cfg = {s.T, dsa, ds1a, pred, offset, gamma};
     std::vector<int> tc(B);
-    vec tfc(B), ec(B * per), xc(B * per), yc(B * per), wc(B), ctxc(B * nctx), pc(B * per), dpc(B * per);
+    vec tfc(B), ec(B * per), xc(B * per), yc(B * per), wc(B), ctxc(B * nctx);
     int draws_same = 1, gather_same = 1;
     size_t up_steps = 0;
     for (int step = 0; ok && step < nsteps; step++) {
         char name[160];
         int items[2] = {step % nimg, (step + 2) % nimg};                  // item 1 of the batch: a "reg" image
         vec x0 = randv(B * per, -1.0f, 1.0f, 510 + step);               // the B cached latents
-        float lr = 1e-2f * (step + 1) / nsteps;                          // warm-up, as test_train_emulated
+        float lr = 1e-2f * (step + 1) / nsteps, Lc, Le;                  // warm-up, as test_train_emulated
         // CPU
         cpu_micro(&rc, &s, x0.data(), B, C, HW, offset, pred, gamma, tc.data(), tfc.data(), ec.data(), xc.data(),
                   yc.data(), wc.data());
         wc[1] *= prior;                                                  // dataset_loss_weights
         for (int b = 0; b < B; b++) memcpy(&ctxc[b * nctx], &cache[items[b] * nctx], 4 * nctx);
-        unet_zero_lora_grads(&uc);
-        ok = unet_forward(&uc, pc.data(), xc.data(), tfc.data(), ctxc.data(), B, h, w, Tc) == 0;
-        float Lc = mse_loss_forward(pc.data(), yc.data(), wc.data(), B, per);
-        std::fill(dpc.begin(), dpc.end(), 0.0f);
-        mse_loss_backward(dpc.data(), pc.data(), yc.data(), wc.data(), 1.0f, B, per);
-        ok = ok && unet_backward(&uc, dpc.data(), NULL, NULL) == 0;
-        clip_grad_norm(uc.lora_grads, n, clip);
-        adamw_step(&oc, uc.lora_params, uc.lora_grads, lr);
+        ok = side_step(&fc, xc.data(), tfc.data(), ctxc.data(), yc.data(), wc.data(), 1.0f, NULL, &Lc);
+        side_update(&fc, clip, lr);
         // the emulated device, as train.c's device path
         size_t up0 = g_emu_up;
         ok = ok && E->upload(dx0, x0.data(), 4 * B * per);
-        nn_ddpm_micro(E, &cfg, &re, dx0, B, C, HW, dt, dtf, deps_, dxt, dtarget, dwt);
-        E->scale(dwt + 1, prior, 1);
+        nn_ddpm_micro(E, &cfg, &re, dx0, B, C, HW, dt, dtf, deps_, dxt, fe.dtarget, fe.dwt);
+        E->scale(fe.dwt + 1, prior, 1);
         for (int b = 0; b < B; b++) E->copy(dctx + b * nctx, dcache + items[b] * nctx, nctx);
-        float *pred_ = NULL, *dpred = NULL;
-        unet_zero_lora_grads(&ue);
-        ok = ok && unet_forward(&ue, NULL, dxt, dtf, dctx, B, h, w, Tc) == 0 && unet_device_io(&ue, &pred_, &dpred) == 0;
+        ok = ok && side_step(&fe, dxt, dtf, dctx, fe.dtarget, fe.dwt, 1.0f, NULL, &Le);
         if (!ok) break;
-        float Le = E->mse_loss_forward(pred_, dtarget, dwt, B, per);
-        E->zero(dpred, B * per);
-        E->mse_loss_backward(dpred, pred_, dtarget, dwt, 1.0f, B, per);
-        ok = unet_backward(&ue, NULL, NULL, NULL) == 0;
-        nn_clip_grad_norm(E, ue.dlora_grads, n, NULL, 0, clip);
-        E->adamw_step(&od, ue.dlora_params, ue.dlora_grads, lr);
+        side_update(&fe, clip, lr);
         up_steps += g_emu_up - up0;
         snprintf(name, sizeof name, "device draws: bytes up in step %d == the B latents only (%zu)", step + 1, 4 * B * per);
         expect_true(name, g_emu_up - up0 == 4 * B * per);
         // the test's own look at the device's numbers (not part of the step)
         vec xe(B * per), ye(B * per), we(B), ce(B * nctx);
-        E->download(xe.data(), dxt, 4 * B * per); E->download(ye.data(), dtarget, 4 * B * per);
-        E->download(we.data(), dwt, 4 * B); E->download(ce.data(), dctx, 4 * B * nctx);
+        E->download(xe.data(), dxt, 4 * B * per); E->download(ye.data(), fe.dtarget, 4 * B * per);
+        E->download(we.data(), fe.dwt, 4 * B); E->download(ce.data(), dctx, 4 * B * nctx);
         draws_same &= same_bits(xe.data(), xc.data(), 4 * B * per) && same_bits(ye.data(), yc.data(), 4 * B * per) &&
                       same_bits(we.data(), wc.data(), 4 * B) && rc.state == re.state;
         gather_same &= same_bits(ce.data(), ctxc.data(), 4 * B * nctx);
@@ -1483,24 +1563,23 @@ static void test_train_draws_emulated(void) {
         expect(name, fabs((double)Le - Lc) / fabs((double)Lc), 1e-5);
         snprintf(name, sizeof name, "device draws: clipped LoRA gradients, step %d", step + 1);
         vec ge(n);
-        E->download(ge.data(), ue.dlora_grads, sizeof(float) * n);
-        expect_close(name, ge, vec(uc.lora_grads, uc.lora_grads + n), FWD);
+        E->download(ge.data(), fe.u.dlora_grads, sizeof(float) * n);
+        expect_close(name, ge, vec(fc.u.lora_grads, fc.u.lora_grads + n), FWD);
     }
     expect_true("device draws: every call succeeded", ok);
     expect_true("device draws: x_t, v target, min-SNR x prior weights, RNG state == the CPU's every step (bit for bit)", draws_same);
     expect_true("device draws: the contexts gathered on the device == the cache's rows", gather_same);
-    vec pe(n);
-    ok = ok && E->download(pe.data(), ue.dlora_params, sizeof(float) * n);
+    vec pe;
+    ok = ok && side_state(&fe, &pe, NULL, NULL);
     if (ok) {
         char name[160];
         snprintf(name, sizeof name, "device draws: LoRA A, B (%zu) after %d steps", n, nsteps);
-        expect_close(name, pe, vec(uc.lora_params, uc.lora_params + n), 1e-5);
+        expect_close(name, pe, vec(fc.u.lora_params, fc.u.lora_params + n), 1e-5);
     }
     printf("note: device draws: %zu bytes up in %d steps (B = %d latents of %zu floats per step)\n", up_steps, nsteps, B, per);
-    E->free(od.m); E->free(od.v); E->free(dsa); E->free(ds1a); E->free(dcache); E->free(dx0); E->free(deps_);
-    E->free(dxt); E->free(dtarget); E->free(dtf); E->free(dwt); E->free(dctx); E->free(dt);
-    adamw_free(&oc);
-    unet_free(&uc); unet_free(&ue);
+    E->free(dsa); E->free(ds1a); E->free(dcache); E->free(dx0); E->free(deps_);
+    E->free(dxt); E->free(dtf); E->free(dctx); E->free(dt);
+    side_free(&fc); side_free(&fe);
     ddpm_free(&s);
 }
 
@@ -1853,9 +1932,7 @@ static void test_te_train_emulated(void) {
         weight_dtype dt = run ? WEIGHT_F16 : WEIGHT_F32;
         const char *wn = run ? ", fp16 weights" : "";
         char err[ST_ERR_LEN], name[200];
-        unet_t uc, ue;
         clip_t cc, ce;
-        if (tiny_unet(&uc, "models/tiny/unet", dt) || tiny_unet(&ue, "models/tiny/unet", dt)) { expect_true("tiny UNet loads", 0); return; }
         if (clip_load_hf_dtype(&cc, "models/tiny/text_encoder", dt, err) ||
             clip_load_hf_dtype(&ce, "models/tiny/text_encoder", dt, err) ||
             clip_add_lora(&cc, 4, 4.0f, 0.1f, 12, err) || clip_add_lora(&ce, 4, 4.0f, 0.1f, 12, err)) {
@@ -1863,80 +1940,60 @@ static void test_te_train_emulated(void) {
             expect_true("tiny CLIP loads and takes LoRA", 0);
             return;
         }
+        int B = 2, T = cc.config.max_pos, C = cc.config.hidden_size, nsteps = 3;
+        train_side fc, fe;      // the UNets: the CPU's; the emulated device's
+        if (side_init(&fc, NULL, dt, T, 1e-8f) || side_init(&fe, E, dt, T, 1e-8f)) { expect_true("tiny UNet loads", 0); return; }
         rng_t r;
         rng_seed(&r, 13);
         for (size_t i = 0; i < cc.num_lora_params; i++) cc.lora_params[i] = ce.lora_params[i] = 0.1f * (rng_uniform(&r) - 0.5f);
         cc.training = ce.training = 1;
-        int ok = unet_to_device(&ue, E) == 0 && clip_to_device(&ce, E) == 0;
+        int ok = fc.ok && fe.ok && clip_to_device(&ce, E) == 0;
         expect_true("clip_to_device with trainable LoRA (--te) runs", ok);
-        if (!ok) { printf("note: %s / %s\n", ue.err, ce.err); return; }
-        ue.ctx_on_device = 1;
-        int B = 2, T = cc.config.max_pos, C = cc.config.hidden_size, h = 8, w = 8, nsteps = 3;
-        const unet_config *c = &uc.cfg;
-        size_t n1 = uc.lora_nparams, n2 = cc.num_lora_params, per = (size_t)c->out_channels * h * w;
-        size_t nx = (size_t)B * c->in_channels * h * w, nc = (size_t)B * T * C;
-        ok = unet_alloc_acts(&uc, B, h, w, T, 1) == 0 && unet_alloc_acts(&ue, B, h, w, T, 1) == 0;
-        adamw_t o1c, o2c, o1d, o2d;
-        adamw_init(&o1c, n1, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+        if (!ok) { printf("note: %s / %s\n", fe.u.err, ce.err); return; }
+        fe.u.ctx_on_device = 1;
+        size_t n1 = fc.n, n2 = cc.num_lora_params, per = fc.per, nc = (size_t)B * T * C;
+        adamw_t o2c, o2d;       // the text encoder's AdamW (the UNet's: fc.o, fe.o)
         adamw_init(&o2c, n2, 5e-3f, 0.9f, 0.999f, 1e-8f, 1e-2f);
-        adamw_init(&o1d, n1, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
         adamw_init(&o2d, n2, 5e-3f, 0.9f, 0.999f, 1e-8f, 1e-2f);
-        float *hm[4] = {o1d.m, o1d.v, o2d.m, o2d.v};
-        o1d.m = (float *)E->alloc(sizeof(float) * n1); o1d.v = (float *)E->alloc(sizeof(float) * n1);
-        o2d.m = (float *)E->alloc(sizeof(float) * n2); o2d.v = (float *)E->alloc(sizeof(float) * n2);
-        ok = ok && E->upload(o1d.m, hm[0], sizeof(float) * n1) && E->upload(o1d.v, hm[1], sizeof(float) * n1) &&
-             E->upload(o2d.m, hm[2], sizeof(float) * n2) && E->upload(o2d.v, hm[3], sizeof(float) * n2);
-        float *dtarget = (float *)E->alloc(sizeof(float) * B * per), *dwt = (float *)E->alloc(sizeof(float) * B);
+        ok = adamw_to(E, &o2d);
         float *ddctx = (float *)E->alloc(sizeof(float) * nc);
-        for (size_t i = 0; i < n1; i++) ue.lora_params[i] = ue.lora_grads[i] = NAN;
         for (size_t i = 0; i < n2; i++) ce.lora_params[i] = ce.lora_grads[i] = NAN;
         std::vector<int> ids((size_t)B * T);
-        vec wt = {0.6f, 1.1f}, ctxc(nc), dctxc(nc), pc(B * per), dpc(B * per);
+        vec wt = {0.6f, 1.1f}, ctxc(nc), dctxc(nc);
         const float clip = 1e-3f;
         int clipped = 1;
         for (int step = 0; ok && step < nsteps; step++) {
             for (size_t i = 0; i < ids.size(); i++) ids[i] = (int)(rng_u64(&r) % (uint64_t)cc.config.vocab_size);
-            vec x = randv(nx, -1.0f, 1.0f, 430 + step), target = randv(B * per, -1.0f, 1.0f, 440 + step);
+            vec x = randv(fc.nx, -1.0f, 1.0f, 430 + step), target = randv(B * per, -1.0f, 1.0f, 440 + step);
             vec t = {(float)(20 + 300 * step), (float)(950 - 200 * step)};
-            float lr1 = 1e-2f, lr2 = 5e-3f;
+            float lr1 = 1e-2f, lr2 = 5e-3f, Lc, Le;
             // CPU, as train.c's micro_step and optimizer_step
             clip_zero_grad(&cc);
-            unet_zero_lora_grads(&uc);
             ok = clip_forward(&cc, ctxc.data(), ids.data(), B, T, 1) == 0 &&
-                 unet_forward(&uc, pc.data(), x.data(), t.data(), ctxc.data(), B, h, w, T) == 0;
+                 side_step(&fc, x.data(), t.data(), ctxc.data(), target.data(), wt.data(), 1.0f, dctxc.data(), &Lc) &&
+                 clip_backward(&cc, dctxc.data()) == 0;
             if (!ok) break;
-            float Lc = mse_loss_forward(pc.data(), target.data(), wt.data(), B, per);
-            std::fill(dpc.begin(), dpc.end(), 0.0f);
-            mse_loss_backward(dpc.data(), pc.data(), target.data(), wt.data(), 1.0f, B, per);
-            ok = unet_backward(&uc, dpc.data(), NULL, dctxc.data()) == 0 && clip_backward(&cc, dctxc.data()) == 0;
-            if (!ok) break;
-            vec g1c(uc.lora_grads, uc.lora_grads + n1), g2c(cc.lora_grads, cc.lora_grads + n2);
+            vec g1c(fc.u.lora_grads, fc.u.lora_grads + n1), g2c(cc.lora_grads, cc.lora_grads + n2);
             double s2 = 0;
-            for (size_t i = 0; i < n1; i++) s2 += (double)uc.lora_grads[i] * uc.lora_grads[i];
+            for (size_t i = 0; i < n1; i++) s2 += (double)fc.u.lora_grads[i] * fc.u.lora_grads[i];
             for (size_t i = 0; i < n2; i++) s2 += (double)cc.lora_grads[i] * cc.lora_grads[i];
             float normc = (float)sqrt(s2), coef = clip / (normc + 1e-6f);
             if (coef < 1.0f) {
-                for (size_t i = 0; i < n1; i++) uc.lora_grads[i] *= coef;
+                for (size_t i = 0; i < n1; i++) fc.u.lora_grads[i] *= coef;
                 for (size_t i = 0; i < n2; i++) cc.lora_grads[i] *= coef;
             }
-            adamw_step(&o1c, uc.lora_params, uc.lora_grads, lr1);
+            adamw_step(&fc.o, fc.u.lora_params, fc.u.lora_grads, lr1);
             adamw_step(&o2c, cc.lora_params, cc.lora_grads, lr2);
             // the emulated device, as train.c's device path
-            float *pred = NULL, *deps = NULL, *dctx_out = NULL;
+            float *dctx_out = NULL;
             clip_zero_grad(&ce);
-            unet_zero_lora_grads(&ue);
             ok = clip_forward(&ce, NULL, ids.data(), B, T, 1) == 0 && (dctx_out = clip_device_out(&ce)) != NULL &&
-                 unet_forward(&ue, NULL, x.data(), t.data(), dctx_out, B, h, w, T) == 0 &&
-                 unet_device_io(&ue, &pred, &deps) == 0 && E->upload(dtarget, target.data(), sizeof(float) * B * per) &&
-                 E->upload(dwt, wt.data(), sizeof(float) * B);
-            if (!ok) break;
-            float Le = E->mse_loss_forward(pred, dtarget, dwt, B, per);
-            E->zero(deps, B * per);
-            E->mse_loss_backward(deps, pred, dtarget, dwt, 1.0f, B, per);
-            ok = unet_backward(&ue, NULL, NULL, ddctx) == 0 && clip_backward(&ce, ddctx) == 0;
+                 E->upload(fe.dtarget, target.data(), sizeof(float) * B * per) && E->upload(fe.dwt, wt.data(), sizeof(float) * B) &&
+                 side_step(&fe, x.data(), t.data(), dctx_out, fe.dtarget, fe.dwt, 1.0f, ddctx, &Le) &&
+                 clip_backward(&ce, ddctx) == 0;
             if (!ok) break;
             vec g1e(n1), g2e(n2), ctxe(nc), dctxe(nc);
-            ok = E->download(g1e.data(), ue.dlora_grads, sizeof(float) * n1) &&
+            ok = E->download(g1e.data(), fe.u.dlora_grads, sizeof(float) * n1) &&
                  E->download(g2e.data(), ce.dlora_grads, sizeof(float) * n2) &&
                  E->download(ctxe.data(), dctx_out, sizeof(float) * nc) && E->download(dctxe.data(), ddctx, sizeof(float) * nc);
             snprintf(name, sizeof name, "emulated --te step %d: CLIP out (the UNet's ctx) on the device%s", step + 1, wn);
@@ -1950,24 +2007,24 @@ static void test_te_train_emulated(void) {
             snprintf(name, sizeof name, "emulated --te step %d: text encoder LoRA dA, dB (%zu)%s", step + 1, n2, wn);
             expect_close(name, g2e, g2c, FWD);
             snprintf(name, sizeof name, "emulated --te step %d: both dropout streams advance as the CPU's%s", step + 1, wn);
-            expect_true(name, uc.dropout_rng.state == ue.dropout_rng.state && cc.rng.state == ce.rng.state);
-            float norme = nn_clip_grad_norm2(E, ue.dlora_grads, n1, ce.dlora_grads, n2, clip);
-            E->adamw_step(&o1d, ue.dlora_params, ue.dlora_grads, lr1);
+            expect_true(name, fc.u.dropout_rng.state == fe.u.dropout_rng.state && cc.rng.state == ce.rng.state);
+            float norme = nn_clip_grad_norm2(E, fe.u.dlora_grads, n1, ce.dlora_grads, n2, clip);
+            E->adamw_step(&fe.o, fe.u.dlora_params, fe.u.dlora_grads, lr1);
             E->adamw_step(&o2d, ce.dlora_params, ce.dlora_grads, lr2);
             snprintf(name, sizeof name, "emulated --te step %d: --clip norm over both sets%s", step + 1, wn);
             expect(name, fabs((double)norme - normc) / normc, FWD);
             clipped &= normc > clip && norme > clip;
         }
         expect_true("emulated --te: every call succeeded", ok);
-        if (!ok) printf("note: %s / %s / %s / %s\n", uc.err, ue.err, cc.err, ce.err);
+        if (!ok) printf("note: %s / %s / %s / %s\n", fc.u.err, fe.u.err, cc.err, ce.err);
         expect_true("emulated --te: --clip clipped every step", clipped);
         // as device_to_host before a save: A, B and the moments come down only now
         int untouched = 1;
-        for (size_t i = 0; i < n1; i++) untouched &= isnan(ue.lora_params[i]) != 0;
+        for (size_t i = 0; i < n1; i++) untouched &= isnan(fe.u.lora_params[i]) != 0;
         for (size_t i = 0; i < n2; i++) untouched &= isnan(ce.lora_params[i]) && isnan(ce.lora_grads[i]);
         expect_true("emulated --te: the host's A, B, dA, dB never touched during the steps", untouched);
-        vec p2e(n2), m2e(n2), v2e(n2), p1e(n1);
-        ok = ok && E->download(p1e.data(), ue.dlora_params, sizeof(float) * n1) &&
+        vec p2e(n2), m2e(n2), v2e(n2), p1e, m1e, v1e;
+        ok = ok && side_state(&fe, &p1e, &m1e, &v1e) &&
              E->download(ce.lora_params, ce.dlora_params, sizeof(float) * n2) &&
              E->download(m2e.data(), o2d.m, sizeof(float) * n2) && E->download(v2e.data(), o2d.v, sizeof(float) * n2);
         if (ok) {
@@ -1975,15 +2032,13 @@ static void test_te_train_emulated(void) {
             // element by its own RMS, so an element whose clipped gradient is
             // near zero (many, at --clip 1e-3) carries its rounding into the
             // update at full lr (the parameters themselves: test_train_emulated)
-            vec m1e(n1), v1e(n1);
-            ok = E->download(m1e.data(), o1d.m, sizeof(float) * n1) && E->download(v1e.data(), o1d.v, sizeof(float) * n1);
             snprintf(name, sizeof name, "emulated --te: UNet AdamW m, v after %d steps%s", nsteps, wn);
-            expect(name, fmax(rel_err(m1e.data(), o1c.m, n1), rel_err(v1e.data(), o1c.v, n1)), FWD);
+            expect(name, fmax(rel_err(m1e.data(), fc.o.m, n1), rel_err(v1e.data(), fc.o.v, n1)), FWD);
             snprintf(name, sizeof name, "emulated --te: text encoder LoRA A, B (downloaded, as saved) after %d steps%s", nsteps, wn);
             expect_close(name, vec(ce.lora_params, ce.lora_params + n2), vec(cc.lora_params, cc.lora_params + n2), FWD);
             snprintf(name, sizeof name, "emulated --te: text encoder AdamW m, v after %d steps%s", nsteps, wn);
             expect(name, fmax(rel_err(m2e.data(), o2c.m, n2), rel_err(v2e.data(), o2c.v, n2)), FWD);
-            expect_true("emulated --te: AdamW step counts", o1d.step == nsteps && o2d.step == nsteps);
+            expect_true("emulated --te: AdamW step counts", fe.o.step == nsteps && o2d.step == nsteps);
         }
         // inference after training: the trained adapters on the device, output down
         cc.training = ce.training = 0;
@@ -1992,12 +2047,10 @@ static void test_te_train_emulated(void) {
         expect_true("emulated --te: an inference forward after training runs", ok);
         snprintf(name, sizeof name, "emulated --te: inference forward with the trained LoRA, clip_skip 2%s", wn);
         if (ok) expect_close(name, oe, oc, FWD);
-        E->free(o1d.m); E->free(o1d.v); E->free(o2d.m); E->free(o2d.v);
-        E->free(dtarget); E->free(dwt); E->free(ddctx);
-        o1d.m = hm[0]; o1d.v = hm[1]; o2d.m = hm[2]; o2d.v = hm[3];
-        adamw_free(&o1c); adamw_free(&o2c); adamw_free(&o1d); adamw_free(&o2d);
+        E->free(ddctx);
+        adamw_free(&o2c); adamw_free_on(E, &o2d);
         clip_free(&cc); clip_free(&ce);
-        unet_free(&uc); unet_free(&ue);
+        side_free(&fc); side_free(&fe);
     }
 }
 
@@ -2158,88 +2211,46 @@ static mp_run mp_train(const nn_ops *dev, int lowp, int cpu_mode, nn_loss_scaler
     mp_run r;
     r.ok = 0;
     r.adam_step = 0;
-    unet_t u;
-    if (tiny_unet(&u, "models/tiny/unet", WEIGHT_F32)) return r;
-    int B = 2, h = 8, w = 8, Tc = 7;
-    const unet_config *c = &u.cfg;
-    size_t n = u.lora_nparams, per = (size_t)c->out_channels * h * w, nx = (size_t)B * c->in_channels * h * w;
-    size_t nc = (size_t)B * Tc * c->cross_dim;
-    vec ctx = randv(nc, -1.0f, 1.0f, 302), wt = {0.8f, 0.3f}, pc(B * per), dpc(B * per);
+    if (dev) g_host_lowp = lowp;
+    gemm_set_compute(dev ? GEMM_F32 : cpu_mode);
+    train_side f;
+    int ok = side_init(&f, dev, WEIGHT_F32, 7, 1e-8f) == 0;
+    if (!ok) { g_host_lowp = LOWP_F32; gemm_set_compute(GEMM_F32); return r; }
+    int B = f.B;
+    size_t n = f.n, per = f.per;
+    vec ctx = randv(f.nc, -1.0f, 1.0f, 302), wt = {0.8f, 0.3f};
     const float clip = 1e-3f;
-    adamw_t o;
-    adamw_init(&o, n, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
-    float *dtarget = NULL, *dwt = NULL;
-    int ok = 1;
-    if (dev) {
-        g_host_lowp = lowp;
-        gemm_set_compute(GEMM_F32);
-        ok = unet_to_device(&u, dev) == 0 && unet_alloc_acts(&u, B, h, w, Tc, 1) == 0;
-        float *m0 = (float *)dev->alloc(sizeof(float) * n), *v0 = (float *)dev->alloc(sizeof(float) * n);
-        ok = ok && dev->upload(m0, o.m, sizeof(float) * n) && dev->upload(v0, o.v, sizeof(float) * n);
-        free(o.m); free(o.v);
-        o.m = m0; o.v = v0;
-        dtarget = (float *)dev->alloc(sizeof(float) * B * per);
-        dwt = (float *)dev->alloc(sizeof(float) * B);
-        ok = ok && dev->upload(dwt, wt.data(), sizeof(float) * B);
-    } else {
-        gemm_set_compute(cpu_mode);
-        ok = unet_alloc_acts(&u, B, h, w, Tc, 1) == 0;
-    }
+    ok = f.ok && (!dev || dev->upload(f.dwt, wt.data(), sizeof(float) * B));
     for (int step = 0; ok && step < nsteps; step++) {
-        vec x = randv(nx, -1.0f, 1.0f, 310 + step), target = randv(B * per, -1.0f, 1.0f, 320 + step);
-        vec t = {(float)(50 + 200 * step), (float)(900 - 100 * step)};
+        vec x, target, t;
+        side_inputs(&f, step, &x, &target, &t);
         float lr = 1e-2f * (step + 1) / 4, L;
         int taken = 1;
-        unet_zero_lora_grads(&u);
         if (!dev) {
-            ok = unet_forward(&u, pc.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0;
-            L = mse_loss_forward(pc.data(), target.data(), wt.data(), B, per);
-            std::fill(dpc.begin(), dpc.end(), 0.0f);
-            mse_loss_backward(dpc.data(), pc.data(), target.data(), wt.data(), 1.0f, B, per);
-            ok = ok && unet_backward(&u, dpc.data(), NULL, NULL) == 0;
-            r.grad.push_back(vec(u.lora_grads, u.lora_grads + n));
-            clip_grad_norm(u.lora_grads, n, clip);
-            adamw_step(&o, u.lora_params, u.lora_grads, lr);
+            ok = side_step(&f, x.data(), t.data(), ctx.data(), target.data(), wt.data(), 1.0f, NULL, &L);
+            r.grad.push_back(vec(f.u.lora_grads, f.u.lora_grads + n));
+            side_update(&f, clip, lr);
         } else {
-            float *pred = NULL, *deps = NULL;
             if (s && step == huge_at) s->scale = 1e30f;
-            ok = unet_forward(&u, NULL, x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
-                 unet_device_io(&u, &pred, &deps) == 0 && dev->upload(dtarget, target.data(), sizeof(float) * B * per);
+            ok = dev->upload(f.dtarget, target.data(), sizeof(float) * B * per) &&
+                 side_step(&f, x.data(), t.data(), ctx.data(), f.dtarget, f.dwt, s ? s->scale : 1.0f, NULL, &L);   // as device_loss_step
             if (!ok) break;
-            L = dev->mse_loss_forward(pred, dtarget, dwt, B, per);
-            dev->zero(deps, B * per);
-            dev->mse_loss_backward(deps, pred, dtarget, dwt, s ? s->scale : 1.0f, B, per);   // as device_loss_step
-            ok = unet_backward(&u, NULL, NULL, NULL) == 0;
             vec g(n);
-            ok = ok && dev->download(g.data(), u.dlora_grads, sizeof(float) * n);
-            for (float &x : g) x /= s ? s->scale : 1.0f;
+            ok = dev->download(g.data(), f.u.dlora_grads, sizeof(float) * n);
+            for (float &e : g) e /= s ? s->scale : 1.0f;
             r.grad.push_back(g);
             // train.c's optimizer_step on the device: the scaler (fp16), --clip, AdamW
-            taken = !s || nn_loss_scaler_unscale(s, dev, u.dlora_grads, n, &nn_ops_cpu, NULL, 0);
-            if (taken) {
-                nn_clip_grad_norm(dev, u.dlora_grads, n, NULL, 0, clip);
-                dev->adamw_step(&o, u.dlora_params, u.dlora_grads, lr);
-            }
+            taken = !s || nn_loss_scaler_unscale(s, dev, f.u.dlora_grads, n, &nn_ops_cpu, NULL, 0);
+            if (taken) side_update(&f, clip, lr);
             if (s) r.scale.push_back(s->scale);
         }
         r.loss.push_back(L);
         r.taken.push_back(taken);
     }
-    if (ok) {
-        r.params.resize(n); r.m.resize(n); r.v.resize(n);
-        if (dev) ok = dev->download(r.params.data(), u.dlora_params, sizeof(float) * n) &&
-                      dev->download(r.m.data(), o.m, sizeof(float) * n) && dev->download(r.v.data(), o.v, sizeof(float) * n);
-        else {
-            memcpy(r.params.data(), u.lora_params, sizeof(float) * n);
-            memcpy(r.m.data(), o.m, sizeof(float) * n);
-            memcpy(r.v.data(), o.v, sizeof(float) * n);
-        }
-    }
-    r.adam_step = o.step;
+    ok = ok && side_state(&f, &r.params, &r.m, &r.v);
+    r.adam_step = f.o.step;
     r.ok = ok;
-    if (dev) { dev->free(o.m); dev->free(o.v); dev->free(dtarget); dev->free(dwt); o.m = o.v = NULL; }
-    adamw_free(&o);
-    unet_free(&u);
+    side_free(&f);
     g_host_lowp = LOWP_F32;
     gemm_set_compute(GEMM_F32);
     return r;
