@@ -498,13 +498,16 @@ static void test_adamw(void) {
 
 /* ---------------------------------------------------------------------------
  * ddpm */
+// SD's scaled-linear schedule (DDPM_SD_*); a failure is a failed check
+static int sd_schedule(ddpm_schedule *s) {
+    char err[DDPM_ERR_LEN];
+    if (ddpm_schedule_init(s, "scaled_linear", DDPM_SD_T, DDPM_SD_BETA_START, DDPM_SD_BETA_END, err) == 0) return 1;
+    expect_true(err, 0);
+    return 0;
+}
 static void test_ddpm(void) {
     ddpm_schedule s;
-    char err[DDPM_ERR_LEN];
-    if (ddpm_schedule_init(&s, "scaled_linear", DDPM_SD_T, DDPM_SD_BETA_START, DDPM_SD_BETA_END, err) != 0) {
-        expect_true(err, 0);
-        return;
-    }
+    if (!sd_schedule(&s)) return;
     int B = 3;
     size_t n = 4 * 9 * 11;
     int t[3] = {0, 411, 999};
@@ -1120,6 +1123,91 @@ static int tiny_unet(unet_t *u, const char *dir, weight_dtype dt) {
     return 0;
 }
 
+/* uc on the CPU against its twin ue on the emulated device (unet_to_device
+ * done), at 2 x 8 x 8 latents, 7 context tokens, arena mode `mode`: the
+ * host's copies of the weights poisoned (a pointer left untranslated reads
+ * NaN); two steps of eps, every LoRA dA, dB, dx and dctx, with an AdamW
+ * update on the host and unet_lora_upload between; with `infer`, inference
+ * (the sampler's arena) after the updates. Inputs from seeds seed..seed+2
+ * and timesteps t; what: the checks' prefix; mname: the run's suffix. conv:
+ * also the conv adapters' gradients alone and the dropout stream
+ * (test_conv_lora_unet_emulated). */
+static void unet_twin_steps(unet_t &uc, unet_t &ue, int mode, weight_dtype dt, int infer, const char *what,
+                            const char *mname, uint64_t seed, const vec &t, int conv) {
+    size_t nvec = dt == WEIGHT_F16 ? ue.nparams - ue.nmat : ue.nparams;
+    for (size_t i = 0; i < nvec; i++) ue.params[i] = NAN;
+    for (size_t i = 0; dt == WEIGHT_F16 && i < ue.nmat; i++) ue.params16[i] = 0x7E00;
+    int B = 2, h = 8, w = 8, Tc = 7;
+    const unet_config *c = &uc.cfg;
+    size_t nx = (size_t)B * c->in_channels * h * w, nc = (size_t)B * Tc * c->cross_dim;
+    vec x = randv(nx, -1.0f, 1.0f, seed), ctx = randv(nc, -1.0f, 1.0f, seed + 1);
+    vec deps = randv(nx, -1.0f, 1.0f, seed + 2);
+    vec ec(nx), ee(nx), dxc(nx), dxe(nx), dcc(nc), dce(nc);
+    int ok = unet_alloc_acts(&uc, B, h, w, Tc, mode) == 0 && unet_alloc_acts(&ue, B, h, w, Tc, mode) == 0;
+    ok = ok && ue.dlora_params && ue.acts.base;
+    adamw_t oc, oe;
+    adamw_init(&oc, uc.lora_nparams, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+    adamw_init(&oe, ue.lora_nparams, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
+    for (int step = 0; ok && step < 2; step++) {
+        char name[160];
+        unet_zero_lora_grads(&uc);
+        unet_zero_lora_grads(&ue);
+        // the host's LoRA A, B and gradients poisoned while the device
+        // works: only its copies may be read and written
+        vec keep(ue.lora_params, ue.lora_params + ue.lora_nparams);
+        for (size_t i = 0; i < ue.lora_nparams; i++) ue.lora_params[i] = ue.lora_grads[i] = NAN;
+        ok = unet_forward(&uc, ec.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
+             unet_forward(&ue, ee.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
+             unet_backward(&uc, deps.data(), dxc.data(), dcc.data()) == 0 &&
+             unet_backward(&ue, deps.data(), dxe.data(), dce.data()) == 0 &&
+             unet_lora_grads_download(&ue) == 0;
+        memcpy(ue.lora_params, keep.data(), sizeof(float) * ue.lora_nparams);
+        if (!ok) break;
+        snprintf(name, sizeof name, "%s: UNet eps, step %d%s", what, step + 1, mname);
+        expect_close(name, ee, ec, FWD);
+        if (conv) {
+            // the conv adapters' gradients alone, then all of them
+            vec gcc, gce;
+            for (int k = 0; k < uc.nloras; k++) {
+                if (!uc.loras[k].is_conv) continue;
+                const lora_t *Lc = &uc.loras[k].L, *Le = &ue.loras[k].L;
+                size_t na = (size_t)Lc->r * lora_fan_in(Lc), nb = (size_t)Lc->out * Lc->r;
+                gcc.insert(gcc.end(), Lc->dA, Lc->dA + na); gcc.insert(gcc.end(), Lc->dB, Lc->dB + nb);
+                gce.insert(gce.end(), Le->dA, Le->dA + na); gce.insert(gce.end(), Le->dB, Le->dB + nb);
+            }
+            snprintf(name, sizeof name, "%s: the conv adapters' dA, dB (%zu), step %d%s", what, gcc.size(), step + 1, mname);
+            expect_close(name, gce, gcc, FWD);
+        }
+        vec gc(uc.lora_grads, uc.lora_grads + uc.lora_nparams), ge(ue.lora_grads, ue.lora_grads + ue.lora_nparams);
+        snprintf(name, sizeof name, "%s: every %sdA, dB (%zu), step %d%s", what, conv ? "" : "LoRA ", uc.lora_nparams,
+                 step + 1, mname);
+        expect_close(name, ge, gc, FWD);
+        snprintf(name, sizeof name, "%s: dx, dctx, step %d%s", what, step + 1, mname);
+        expect(name, fmax(rel_err(dxe.data(), dxc.data(), nx), rel_err(dce.data(), dcc.data(), nc)), FWD);
+        if (conv) {
+            snprintf(name, sizeof name, "%s: the dropout stream advances as the CPU's", what);
+            expect_true(name, uc.dropout_rng.state == ue.dropout_rng.state);
+        }
+        adamw_step(&oc, uc.lora_params, uc.lora_grads, 1e-2f);
+        adamw_step(&oe, ue.lora_params, ue.lora_grads, 1e-2f);
+        ok = unet_lora_upload(&ue) == 0;
+    }
+    char name[160];
+    snprintf(name, sizeof name, "%s: every call succeeded", what);
+    expect_true(name, ok);
+    if (!ok) printf("note: %s / %s\n", uc.err, ue.err);
+    if (infer) {
+        ok = unet_alloc_acts(&uc, B, h, w, Tc, 0) == 0 && unet_alloc_acts(&ue, B, h, w, Tc, 0) == 0 &&
+             unet_forward(&uc, ec.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
+             unet_forward(&ue, ee.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0;
+        snprintf(name, sizeof name, "%s: inference forward runs", what);
+        expect_true(name, ok);
+        snprintf(name, sizeof name, "%s: UNet eps, inference", what);
+        if (ok) expect_close(name, ee, ec, FWD);
+    }
+    adamw_free(&oc); adamw_free(&oe);
+}
+
 static void test_unet_emulated(void) {
     const char *dir = "models/tiny/unet";
     emu_init();
@@ -1142,59 +1230,8 @@ static void test_unet_emulated(void) {
         expect_true("the emulated device holds its own copy of the weights",
                     ue.dparams && ue.dparams != ue.params && memcmp(ue.dparams, ue.params, sizeof(float) * nvec) == 0 &&
                     (dt == WEIGHT_F32 || (ue.dparams16 && memcmp(ue.dparams16, ue.params16, 2 * ue.nmat) == 0)));
-        // the host's weights poisoned: a pointer left untranslated reads NaN
-        for (size_t i = 0; i < nvec; i++) ue.params[i] = NAN;
-        for (size_t i = 0; dt == WEIGHT_F16 && i < ue.nmat; i++) ue.params16[i] = 0x7E00;
-        int B = 2, h = 8, w = 8, Tc = 7;
-        const unet_config *c = &uc.cfg;
-        size_t nx = (size_t)B * c->in_channels * h * w, nc = (size_t)B * Tc * c->cross_dim;
-        vec x = randv(nx, -1.0f, 1.0f, 201), ctx = randv(nc, -1.0f, 1.0f, 202), t = {37.0f, 911.0f};
-        vec deps = randv(nx, -1.0f, 1.0f, 203);
-        vec ec(nx), ee(nx), dxc(nx), dxe(nx), dcc(nc), dce(nc);
-        int ok = unet_alloc_acts(&uc, B, h, w, Tc, mode) == 0 && unet_alloc_acts(&ue, B, h, w, Tc, mode) == 0;
-        ok = ok && ue.dlora_params && ue.acts.base;
-        // two steps: the second after an AdamW update on the host and unet_lora_upload
-        adamw_t oc, oe;
-        adamw_init(&oc, uc.lora_nparams, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
-        adamw_init(&oe, ue.lora_nparams, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
-        for (int step = 0; ok && step < 2; step++) {
-            char name[160];
-            unet_zero_lora_grads(&uc);
-            unet_zero_lora_grads(&ue);
-            // the host's LoRA A, B and gradients poisoned while the device
-            // works: only its copies may be read and written
-            vec keep(ue.lora_params, ue.lora_params + ue.lora_nparams);
-            for (size_t i = 0; i < ue.lora_nparams; i++) ue.lora_params[i] = ue.lora_grads[i] = NAN;
-            ok = unet_forward(&uc, ec.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
-                 unet_forward(&ue, ee.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
-                 unet_backward(&uc, deps.data(), dxc.data(), dcc.data()) == 0 &&
-                 unet_backward(&ue, deps.data(), dxe.data(), dce.data()) == 0 &&
-                 unet_lora_grads_download(&ue) == 0;
-            memcpy(ue.lora_params, keep.data(), sizeof(float) * ue.lora_nparams);
-            if (!ok) break;
-            const char *mname = mode == 2 ? ", checkpointed" : dt == WEIGHT_F16 ? ", fp16 weights" : "";
-            snprintf(name, sizeof name, "emulated device: UNet eps, step %d%s", step + 1, mname);
-            expect_close(name, ee, ec, FWD);
-            vec gc(uc.lora_grads, uc.lora_grads + uc.lora_nparams), ge(ue.lora_grads, ue.lora_grads + ue.lora_nparams);
-            snprintf(name, sizeof name, "emulated device: every LoRA dA, dB (%zu), step %d%s", uc.lora_nparams, step + 1, mname);
-            expect_close(name, ge, gc, FWD);
-            snprintf(name, sizeof name, "emulated device: dx, dctx, step %d%s", step + 1, mname);
-            expect(name, fmax(rel_err(dxe.data(), dxc.data(), nx), rel_err(dce.data(), dcc.data(), nc)), FWD);
-            adamw_step(&oc, uc.lora_params, uc.lora_grads, 1e-2f);
-            adamw_step(&oe, ue.lora_params, ue.lora_grads, 1e-2f);
-            ok = unet_lora_upload(&ue) == 0;
-        }
-        expect_true("emulated device: every call succeeded", ok);
-        if (!ok) printf("note: %s / %s\n", uc.err, ue.err);
-        if (run == 0) {
-            // inference (the sampler's arena) on the same model, after the updates
-            ok = unet_alloc_acts(&uc, B, h, w, Tc, 0) == 0 && unet_alloc_acts(&ue, B, h, w, Tc, 0) == 0 &&
-                 unet_forward(&uc, ec.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
-                 unet_forward(&ue, ee.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0;
-            expect_true("emulated device: inference forward runs", ok);
-            if (ok) expect_close("emulated device: UNet eps, inference", ee, ec, FWD);
-        }
-        adamw_free(&oc); adamw_free(&oe);
+        const char *mname = mode == 2 ? ", checkpointed" : dt == WEIGHT_F16 ? ", fp16 weights" : "";
+        unet_twin_steps(uc, ue, mode, dt, run == 0, "emulated device", mname, 201, {37.0f, 911.0f}, 0);
         unet_free(&uc); unet_free(&ue);
     }
 }
@@ -1431,11 +1468,7 @@ static void test_ddpm_draws(void) {
     expect_true("ddpm_rng_normal_at, normal_at == rng_normal's stream, 20000 numbers (bit for bit)", ok && r.state == ddpm_rng_skip(s0, 40000));
 
     ddpm_schedule s;
-    char err[DDPM_ERR_LEN];
-    if (ddpm_schedule_init(&s, "scaled_linear", DDPM_SD_T, DDPM_SD_BETA_START, DDPM_SD_BETA_END, err) != 0) {
-        expect_true(err, 0);
-        return;
-    }
+    if (!sd_schedule(&s)) return;
     emu_init();
     const nn_ops *tabs[2] = {&nn_ops_cpu, &nn_ops_emu};
     int B = 3, C = 4;
@@ -1488,11 +1521,7 @@ static void test_ddpm_draws(void) {
  * the device counted. */
 static void test_train_draws_emulated(void) {
     ddpm_schedule s;
-    char err[DDPM_ERR_LEN];
-    if (ddpm_schedule_init(&s, "scaled_linear", DDPM_SD_T, DDPM_SD_BETA_START, DDPM_SD_BETA_END, err) != 0) {
-        expect_true(err, 0);
-        return;
-    }
+    if (!sd_schedule(&s)) return;
     emu_init();
     const nn_ops *E = &nn_ops_emu;
     // AdamW's eps 1e-6, not 1e-8: a clipped gradient element near eps makes
@@ -1820,67 +1849,8 @@ static void test_conv_lora_unet_emulated(void) {
         int ok = unet_to_device(&ue, &nn_ops_emu) == 0;
         expect_true("unet_to_device with conv LoRA (--conv-rank) runs", ok);
         if (!ok) { printf("note: %s\n", ue.err); unet_free(&uc); unet_free(&ue); return; }
-        size_t nvec = dt == WEIGHT_F16 ? ue.nparams - ue.nmat : ue.nparams;
-        for (size_t i = 0; i < nvec; i++) ue.params[i] = NAN;
-        for (size_t i = 0; dt == WEIGHT_F16 && i < ue.nmat; i++) ue.params16[i] = 0x7E00;
-        int B = 2, h = 8, w = 8, Tc = 7;
-        const unet_config *c = &uc.cfg;
-        size_t nx = (size_t)B * c->in_channels * h * w, nc = (size_t)B * Tc * c->cross_dim;
-        vec x = randv(nx, -1.0f, 1.0f, 421), ctx = randv(nc, -1.0f, 1.0f, 422), t = {113.0f, 640.0f};
-        vec deps = randv(nx, -1.0f, 1.0f, 423);
-        vec ec(nx), ee(nx), dxc(nx), dxe(nx), dcc(nc), dce(nc);
-        ok = unet_alloc_acts(&uc, B, h, w, Tc, mode) == 0 && unet_alloc_acts(&ue, B, h, w, Tc, mode) == 0;
-        adamw_t oc, oe;
-        adamw_init(&oc, uc.lora_nparams, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
-        adamw_init(&oe, ue.lora_nparams, 1e-2f, 0.9f, 0.999f, 1e-8f, 1e-2f);
         const char *mname = mode == 2 ? ", checkpointed" : dt == WEIGHT_F16 ? ", fp16 weights" : "";
-        for (int step = 0; ok && step < 2; step++) {
-            char name[160];
-            unet_zero_lora_grads(&uc);
-            unet_zero_lora_grads(&ue);
-            vec keep(ue.lora_params, ue.lora_params + ue.lora_nparams);
-            for (size_t i = 0; i < ue.lora_nparams; i++) ue.lora_params[i] = ue.lora_grads[i] = NAN;
-            ok = unet_forward(&uc, ec.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
-                 unet_forward(&ue, ee.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
-                 unet_backward(&uc, deps.data(), dxc.data(), dcc.data()) == 0 &&
-                 unet_backward(&ue, deps.data(), dxe.data(), dce.data()) == 0 &&
-                 unet_lora_grads_download(&ue) == 0;
-            memcpy(ue.lora_params, keep.data(), sizeof(float) * ue.lora_nparams);
-            if (!ok) break;
-            snprintf(name, sizeof name, "emulated device, conv LoRA: UNet eps, step %d%s", step + 1, mname);
-            expect_close(name, ee, ec, FWD);
-            // the conv adapters' gradients alone, then all of them
-            vec gcc, gce;
-            for (int k = 0; k < uc.nloras; k++) {
-                if (!uc.loras[k].is_conv) continue;
-                const lora_t *Lc = &uc.loras[k].L, *Le = &ue.loras[k].L;
-                size_t na = (size_t)Lc->r * lora_fan_in(Lc), nb = (size_t)Lc->out * Lc->r;
-                gcc.insert(gcc.end(), Lc->dA, Lc->dA + na); gcc.insert(gcc.end(), Lc->dB, Lc->dB + nb);
-                gce.insert(gce.end(), Le->dA, Le->dA + na); gce.insert(gce.end(), Le->dB, Le->dB + nb);
-            }
-            snprintf(name, sizeof name, "emulated device, conv LoRA: the conv adapters' dA, dB (%zu), step %d%s", gcc.size(), step + 1, mname);
-            expect_close(name, gce, gcc, FWD);
-            vec gc(uc.lora_grads, uc.lora_grads + uc.lora_nparams), ge(ue.lora_grads, ue.lora_grads + ue.lora_nparams);
-            snprintf(name, sizeof name, "emulated device, conv LoRA: every dA, dB (%zu), step %d%s", uc.lora_nparams, step + 1, mname);
-            expect_close(name, ge, gc, FWD);
-            snprintf(name, sizeof name, "emulated device, conv LoRA: dx, dctx, step %d%s", step + 1, mname);
-            expect(name, fmax(rel_err(dxe.data(), dxc.data(), nx), rel_err(dce.data(), dcc.data(), nc)), FWD);
-            expect_true("emulated device, conv LoRA: the dropout stream advances as the CPU's",
-                        uc.dropout_rng.state == ue.dropout_rng.state);
-            adamw_step(&oc, uc.lora_params, uc.lora_grads, 1e-2f);
-            adamw_step(&oe, ue.lora_params, ue.lora_grads, 1e-2f);
-            ok = unet_lora_upload(&ue) == 0;
-        }
-        expect_true("emulated device, conv LoRA: every call succeeded", ok);
-        if (!ok) printf("note: %s / %s\n", uc.err, ue.err);
-        if (ok && run == 0) {
-            ok = unet_alloc_acts(&uc, B, h, w, Tc, 0) == 0 && unet_alloc_acts(&ue, B, h, w, Tc, 0) == 0 &&
-                 unet_forward(&uc, ec.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0 &&
-                 unet_forward(&ue, ee.data(), x.data(), t.data(), ctx.data(), B, h, w, Tc) == 0;
-            expect_true("emulated device, conv LoRA: inference forward runs", ok);
-            if (ok) expect_close("emulated device, conv LoRA: UNet eps, inference", ee, ec, FWD);
-        }
-        adamw_free(&oc); adamw_free(&oe);
+        unet_twin_steps(uc, ue, mode, dt, run == 0, "emulated device, conv LoRA", mname, 421, {113.0f, 640.0f}, 1);
         unet_free(&uc); unet_free(&ue);
     }
 }
