@@ -1109,19 +1109,24 @@ static void emu_init(void) {
     t.ddpm_loss_weights = emu_ddpm_loss_weights;
 }
 
-// one UNet of models/tiny with LoRA ("transformer", rank 4, dropout 0.1), B random
-static int tiny_unet(unet_t *u, const char *dir, weight_dtype dt) {
+// one UNet of models/tiny (dir) with LoRA ("transformer", rank 4, dropout
+// 0.1) and, with conv_rank, conv LoRA of that rank (alpha 3); every B random
+// from seed bseed (so every gradient is non-zero)
+static int tiny_unet_with(unet_t *u, const char *dir, weight_dtype dt, int conv_rank, uint64_t bseed) {
     char err[UNET_ERR_LEN];
     if (unet_load_diffusers_dtype(u, dir, dt, err)) { printf("note: %s\n", err); return -1; }
-    if (unet_add_lora(u, "transformer", 4, 4.0f, 0.1f, 7)) { printf("note: %s\n", u->err); return -1; }
+    if (conv_rank ? unet_add_lora_conv(u, "transformer", 4, 4.0f, conv_rank, 3.0f, 0.1f, 7)
+                  : unet_add_lora(u, "transformer", 4, 4.0f, 0.1f, 7)) { printf("note: %s\n", u->err); return -1; }
     rng_t r;
-    rng_seed(&r, 5);
+    rng_seed(&r, bseed);
     for (int k = 0; k < u->nloras; k++) {
         lora_t *L = &u->loras[k].L;
         for (size_t i = 0; i < (size_t)L->out * L->r; i++) L->B[i] = 0.05f * (rng_uniform(&r) - 0.5f);
     }
     return 0;
 }
+// the transformers' LoRA only
+static int tiny_unet(unet_t *u, const char *dir, weight_dtype dt) { return tiny_unet_with(u, dir, dt, 0, 5); }
 
 /* uc on the CPU against its twin ue on the emulated device (unet_to_device
  * done), at 2 x 8 x 8 latents, 7 context tokens, arena mode `mode`: the
@@ -1814,18 +1819,7 @@ static void test_lora_conv(int Bn, int in, int out, int H, int W, int k, int str
 // models/tiny's UNet with LoRA on the transformers and conv LoRA (--conv-rank 3)
 // on every resnet conv / shortcut / time_emb_proj and sampler conv, dropout
 // 0.1, every B random (so every gradient is non-zero)
-static int tiny_unet_conv(unet_t *u, weight_dtype dt) {
-    char err[UNET_ERR_LEN];
-    if (unet_load_diffusers_dtype(u, "models/tiny/unet", dt, err)) { printf("note: %s\n", err); return -1; }
-    if (unet_add_lora_conv(u, "transformer", 4, 4.0f, 3, 3.0f, 0.1f, 7)) { printf("note: %s\n", u->err); return -1; }
-    rng_t r;
-    rng_seed(&r, 6);
-    for (int k = 0; k < u->nloras; k++) {
-        lora_t *L = &u->loras[k].L;
-        for (size_t i = 0; i < (size_t)L->out * L->r; i++) L->B[i] = 0.05f * (rng_uniform(&r) - 0.5f);
-    }
-    return 0;
-}
+static int tiny_unet_conv(unet_t *u, weight_dtype dt) { return tiny_unet_with(u, "models/tiny/unet", dt, 3, 6); }
 
 /* conv LoRA through unet_to_device (clora_forward / clora_backward on the
  * table) against the CPU: eps, every dA, dB (conv and transformer), dx,
