@@ -560,3 +560,69 @@ void gemm_bf16_packed(int transA, int M, int N, int K, float alpha, const float 
                       const uint32_t *bp, float beta, float *C, int ldc) {
     bf16_run(transA, 0, M, N, K, alpha, A, lda, NULL, 0, bp, beta, C, ldc);
 }
+
+/* ---- convolution columns packed straight from the padded images ---------
+ * matmul.c's gemm_im2col under GEMM_BF16. Row k = (c, i, j) of the im2col
+ * matrix (K x N, N = B Ho Wo output pixels) is tap (i, j) of channel c at
+ * every output pixel; two rows at a time go straight into
+ * gemm_bf16_pack_b's layout (one word per column: the pair's two taps),
+ * read from the zero-padded images pimg (B, C, Hp, Wp). Without it bf16
+ * convolutions built the fp32 columns first and then packed them: three
+ * passes over a matrix 9x the image (47 MB at 320 channels, 64x64). The
+ * product reads the words as gemm_bf16_pack_b's (bpre): the bits of
+ * gemm_bf16 on the columns. */
+void gemm_bf16_im2col(int M, float alpha, const float *A, int lda, const float *pimg,
+                      int B, int C, int Hp, int Wp, int kh, int kw, int stride, int Ho, int Wo,
+                      uint32_t *buf, float beta, float *Cm, int ldc) {
+    int K = C * kh * kw, N = B * Ho * Wo, kb = k_block(K), npad = round_up(N, NR);
+    size_t plane = (size_t)C * Hp * Wp;
+    OMP(omp parallel for schedule(static) if (!omp_in_parallel() && (double)K * N >= 65536.0))
+    for (int st = 0; st < npad / NR; st++) {
+        /* the strip's columns as runs along one output row: run r covers
+         * columns t0[r] .. t0[r] + len[r] of the strip, its first pixel
+         * reading src[r] at tap (0, 0, 0), the next ones stride further */
+        const float *src[NR];
+        int t0[NR], len[NR], nrun = 0;
+        for (int t = 0; t < NR;) {
+            int n = st * NR + t;
+            if (n >= N) break;
+            int b = n / (Ho * Wo), oy = n / Wo % Ho, ox = n % Wo;
+            int m = Wo - ox < NR - t ? Wo - ox : NR - t;
+            if (N - n < m) m = N - n;
+            src[nrun] = pimg + (size_t)b * plane + (size_t)oy * stride * Wp + (size_t)ox * stride;
+            t0[nrun] = t;
+            len[nrun++] = m;
+            t += m;
+        }
+        int used = nrun ? t0[nrun - 1] + len[nrun - 1] : 0;
+        int c = 0, i = 0, j = 0;                      /* tap k = (c kh + i) kw + j */
+        for (int pc = 0; pc < K; pc += kb) {
+            int kc = K - pc < kb ? K - pc : kb, kq = (kc + 1) / 2;
+            uint32_t *d = buf + (size_t)(pc / 2) * npad + (size_t)st * kq * NR;
+            for (int q = 0; q < kq; q++, d += NR) {
+                size_t o0 = ((size_t)c * Hp + i) * Wp + j, o1 = 0;
+                if (++j == kw) { j = 0; if (++i == kh) { i = 0; c++; } }
+                int has1 = 2 * q + 1 < kc;
+                if (has1) {
+                    o1 = ((size_t)c * Hp + i) * Wp + j;
+                    if (++j == kw) { j = 0; if (++i == kh) { i = 0; c++; } }
+                }
+                /* word t = (tap k0, tap k1) of column t; the odd block's
+                 * last word pairs its tap with 0, as pack_b does */
+                for (int r = 0; r < nrun; r++) {
+                    const float *s0 = src[r] + o0, *s1 = src[r] + o1;
+                    uint32_t *dr = d + t0[r];
+                    int m = len[r];
+                    if (stride == 1 && has1) {
+                        for (int t = 0; t < m; t++) dr[t] = pair(s0[t], s1[t]);
+                    } else {
+                        for (int t = 0; t < m; t++)
+                            dr[t] = pair(s0[(size_t)t * stride], has1 ? s1[(size_t)t * stride] : 0.0f);
+                    }
+                }
+                for (int t = used; t < NR; t++) d[t] = 0;
+            }
+        }
+    }
+    bf16_run(0, 0, M, N, K, alpha, A, lda, NULL, 0, buf, beta, Cm, ldc);
+}
