@@ -271,6 +271,37 @@ static void micro_kernel(int kq, const uint32_t *a, const uint32_t *b, float *C,
  * Each loop walks its source in memory order. Rows past the edge and the
  * pad element of an odd kc are zero. */
 
+#if defined(HAVE_X86_BF16) && defined(__AVX512F__) && MR == 12
+#define HAVE_AVX512_TRANSPOSE 1
+/* d[k * MR + i] = t[i][k] for k < 16, i < MR = 12: pack_a's block of 16
+ * pairs of 12 rows turned into 16 rows of the strip. The scalar loop wrote
+ * one word at a time and was a tenth of the bf16 step (1 thread, SD1.5
+ * training); this is the usual 16 x 16 transpose (rows 12-15 zero, their
+ * lanes not stored): 32-bit then 64-bit interleaves within 128-bit lanes,
+ * then two rounds of 128-bit lane shuffles. Output row c = 4 L + m comes
+ * from lane L of u[m], u[4 + m], u[8 + m], u[12 + m]. */
+static void transpose_12x16(uint32_t *restrict d, const uint32_t t[MR][16]) {
+    __m512i r[16], u[16];
+    for (int i = 0; i < 16; i++) r[i] = i < MR ? _mm512_loadu_si512(t[i]) : _mm512_setzero_si512();
+    for (int i = 0; i < 16; i += 4) {
+        __m512i a = _mm512_unpacklo_epi32(r[i], r[i + 1]), b = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+        __m512i c = _mm512_unpacklo_epi32(r[i + 2], r[i + 3]), e = _mm512_unpackhi_epi32(r[i + 2], r[i + 3]);
+        u[i] = _mm512_unpacklo_epi64(a, c);        /* column 4L + 0 of rows i .. i+3 */
+        u[i + 1] = _mm512_unpackhi_epi64(a, c);    /* 4L + 1 */
+        u[i + 2] = _mm512_unpacklo_epi64(b, e);    /* 4L + 2 */
+        u[i + 3] = _mm512_unpackhi_epi64(b, e);    /* 4L + 3 */
+    }
+    for (int m = 0; m < 4; m++) {
+        __m512i v = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x44), v2 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xee);
+        __m512i w = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44), w2 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xee);
+        _mm512_mask_storeu_epi32(d + (size_t)(m) * MR, 0x0fff, _mm512_shuffle_i32x4(v, w, 0x88));
+        _mm512_mask_storeu_epi32(d + (size_t)(4 + m) * MR, 0x0fff, _mm512_shuffle_i32x4(v, w, 0xdd));
+        _mm512_mask_storeu_epi32(d + (size_t)(8 + m) * MR, 0x0fff, _mm512_shuffle_i32x4(v2, w2, 0x88));
+        _mm512_mask_storeu_epi32(d + (size_t)(12 + m) * MR, 0x0fff, _mm512_shuffle_i32x4(v2, w2, 0xdd));
+    }
+}
+#endif
+
 /* op(A)[i0 .. i0+mrows, p0 .. p0+kc] -> strips of MR rows, kqs*MR words apart */
 static void pack_a(uint32_t *restrict dst, int kqs, const float *restrict A, int lda, int transA,
                    int i0, int mrows, int p0, int kc) {
@@ -292,6 +323,12 @@ static void pack_a(uint32_t *restrict dst, int kqs, const float *restrict A, int
                 uint32_t t[MR][16];
                 for (int i = 0; i < mr; i++)
                     for (int k = 0; k < 16; k++) t[i][k] = pair(r[i][2 * (q + k)], r[i][2 * (q + k) + 1]);
+#ifdef HAVE_AVX512_TRANSPOSE
+                if (mr == MR) {
+                    transpose_12x16(d + (size_t)q * MR, t);
+                    continue;
+                }
+#endif
                 for (int k = 0; k < 16; k++)
                     for (int i = 0; i < mr; i++) d[(q + k) * MR + i] = t[i][k];
             }
