@@ -904,10 +904,16 @@ static size_t padded_floats(int B, int C, int H, int W, int pad) {
     return pad > 0 ? (size_t)B * C * (H + 2 * pad) * (W + 2 * pad) : 0;
 }
 
+/* the packed columns' floats: gemm_pack_b's fp32 layout, or under GEMM_BF16
+ * as many words of matmul_bf16.c's; the padded images come after them */
+static size_t im2col_pack_floats(int K, int N) {
+    size_t f = (size_t)K * round_up(N, NR), w = gemm_bf16_pack_words(K, N);
+    return f > w ? f : w;
+}
+
 size_t gemm_im2col_floats(int B, int C, int H, int W, int kh, int kw, int stride, int pad) {
     int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
-    size_t N = (size_t)B * Ho * Wo;
-    return (size_t)C * kh * kw * round_up((int)N, NR) + padded_floats(B, C, H, W, pad) + 16;
+    return im2col_pack_floats(C * kh * kw, B * Ho * Wo) + padded_floats(B, C, H, W, pad) + 16;
 }
 
 /* cnt values s[0], s[stride], .. to columns n, n+1, .. of one packed row:
@@ -967,7 +973,7 @@ void gemm_im2col(int M, float alpha, const float *A, int lda,
     const float *pimg = img;
     if (pad > 0) {
         /* img with pad zeros around each plane: (B, C, Hp, Wp) */
-        float *p = buf + (size_t)K * pb.npad;
+        float *p = buf + im2col_pack_floats(K, N);
         OMP(omp parallel for if (!omp_in_parallel() && padded_floats(B, C, H, W, pad) >= 65536))
         for (int bc = 0; bc < B * C; bc++) {
             float *d = p + (size_t)bc * Hp * Wp;
@@ -982,6 +988,12 @@ void gemm_im2col(int M, float alpha, const float *A, int lda,
             for (int x = (pad + H) * Wp; x < Hp * Wp; x++) d[x] = 0.0f;
         }
         pimg = p;
+    }
+    if (gemm_compute() == GEMM_BF16) {
+        /* the same columns, two taps to a word, in matmul_bf16.c's layout */
+        gemm_bf16_im2col(M, alpha, A, lda, pimg, B, C, Hp, Wp, kh, kw, stride, Ho, Wo,
+                         (uint32_t *)buf, beta, Cm, ldc);
+        return;
     }
     size_t plane = (size_t)C * Hp * Wp;          /* one padded image */
     int nstrips = pb.npad / NR;

@@ -271,6 +271,37 @@ static void micro_kernel(int kq, const uint32_t *a, const uint32_t *b, float *C,
  * Each loop walks its source in memory order. Rows past the edge and the
  * pad element of an odd kc are zero. */
 
+#if defined(HAVE_X86_BF16) && defined(__AVX512F__) && MR == 12
+#define HAVE_AVX512_TRANSPOSE 1
+/* d[k * MR + i] = t[i][k] for k < 16, i < MR = 12: pack_a's block of 16
+ * pairs of 12 rows turned into 16 rows of the strip. The scalar loop wrote
+ * one word at a time and was a tenth of the bf16 step (1 thread, SD1.5
+ * training); this is the usual 16 x 16 transpose (rows 12-15 zero, their
+ * lanes not stored): 32-bit then 64-bit interleaves within 128-bit lanes,
+ * then two rounds of 128-bit lane shuffles. Output row c = 4 L + m comes
+ * from lane L of u[m], u[4 + m], u[8 + m], u[12 + m]. */
+static void transpose_12x16(uint32_t *restrict d, const uint32_t t[MR][16]) {
+    __m512i r[16], u[16];
+    for (int i = 0; i < 16; i++) r[i] = i < MR ? _mm512_loadu_si512(t[i]) : _mm512_setzero_si512();
+    for (int i = 0; i < 16; i += 4) {
+        __m512i a = _mm512_unpacklo_epi32(r[i], r[i + 1]), b = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+        __m512i c = _mm512_unpacklo_epi32(r[i + 2], r[i + 3]), e = _mm512_unpackhi_epi32(r[i + 2], r[i + 3]);
+        u[i] = _mm512_unpacklo_epi64(a, c);        /* column 4L + 0 of rows i .. i+3 */
+        u[i + 1] = _mm512_unpackhi_epi64(a, c);    /* 4L + 1 */
+        u[i + 2] = _mm512_unpacklo_epi64(b, e);    /* 4L + 2 */
+        u[i + 3] = _mm512_unpackhi_epi64(b, e);    /* 4L + 3 */
+    }
+    for (int m = 0; m < 4; m++) {
+        __m512i v = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x44), v2 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xee);
+        __m512i w = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44), w2 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xee);
+        _mm512_mask_storeu_epi32(d + (size_t)(m) * MR, 0x0fff, _mm512_shuffle_i32x4(v, w, 0x88));
+        _mm512_mask_storeu_epi32(d + (size_t)(4 + m) * MR, 0x0fff, _mm512_shuffle_i32x4(v, w, 0xdd));
+        _mm512_mask_storeu_epi32(d + (size_t)(8 + m) * MR, 0x0fff, _mm512_shuffle_i32x4(v2, w2, 0x88));
+        _mm512_mask_storeu_epi32(d + (size_t)(12 + m) * MR, 0x0fff, _mm512_shuffle_i32x4(v2, w2, 0xdd));
+    }
+}
+#endif
+
 /* op(A)[i0 .. i0+mrows, p0 .. p0+kc] -> strips of MR rows, kqs*MR words apart */
 static void pack_a(uint32_t *restrict dst, int kqs, const float *restrict A, int lda, int transA,
                    int i0, int mrows, int p0, int kc) {
@@ -292,6 +323,12 @@ static void pack_a(uint32_t *restrict dst, int kqs, const float *restrict A, int
                 uint32_t t[MR][16];
                 for (int i = 0; i < mr; i++)
                     for (int k = 0; k < 16; k++) t[i][k] = pair(r[i][2 * (q + k)], r[i][2 * (q + k) + 1]);
+#ifdef HAVE_AVX512_TRANSPOSE
+                if (mr == MR) {
+                    transpose_12x16(d + (size_t)q * MR, t);
+                    continue;
+                }
+#endif
                 for (int k = 0; k < 16; k++)
                     for (int i = 0; i < mr; i++) d[(q + k) * MR + i] = t[i][k];
             }
@@ -559,4 +596,70 @@ void gemm_bf16_pack_b(uint32_t *dst, int transB, int K, int N, const float *B, i
 void gemm_bf16_packed(int transA, int M, int N, int K, float alpha, const float *A, int lda,
                       const uint32_t *bp, float beta, float *C, int ldc) {
     bf16_run(transA, 0, M, N, K, alpha, A, lda, NULL, 0, bp, beta, C, ldc);
+}
+
+/* ---- convolution columns packed straight from the padded images ---------
+ * matmul.c's gemm_im2col under GEMM_BF16. Row k = (c, i, j) of the im2col
+ * matrix (K x N, N = B Ho Wo output pixels) is tap (i, j) of channel c at
+ * every output pixel; two rows at a time go straight into
+ * gemm_bf16_pack_b's layout (one word per column: the pair's two taps),
+ * read from the zero-padded images pimg (B, C, Hp, Wp). Without it bf16
+ * convolutions built the fp32 columns first and then packed them: three
+ * passes over a matrix 9x the image (47 MB at 320 channels, 64x64). The
+ * product reads the words as gemm_bf16_pack_b's (bpre): the bits of
+ * gemm_bf16 on the columns. */
+void gemm_bf16_im2col(int M, float alpha, const float *A, int lda, const float *pimg,
+                      int B, int C, int Hp, int Wp, int kh, int kw, int stride, int Ho, int Wo,
+                      uint32_t *buf, float beta, float *Cm, int ldc) {
+    int K = C * kh * kw, N = B * Ho * Wo, kb = k_block(K), npad = round_up(N, NR);
+    size_t plane = (size_t)C * Hp * Wp;
+    OMP(omp parallel for schedule(static) if (!omp_in_parallel() && (double)K * N >= 65536.0))
+    for (int st = 0; st < npad / NR; st++) {
+        /* the strip's columns as runs along one output row: run r covers
+         * columns t0[r] .. t0[r] + len[r] of the strip, its first pixel
+         * reading src[r] at tap (0, 0, 0), the next ones stride further */
+        const float *src[NR];
+        int t0[NR], len[NR], nrun = 0;
+        for (int t = 0; t < NR;) {
+            int n = st * NR + t;
+            if (n >= N) break;
+            int b = n / (Ho * Wo), oy = n / Wo % Ho, ox = n % Wo;
+            int m = Wo - ox < NR - t ? Wo - ox : NR - t;
+            if (N - n < m) m = N - n;
+            src[nrun] = pimg + (size_t)b * plane + (size_t)oy * stride * Wp + (size_t)ox * stride;
+            t0[nrun] = t;
+            len[nrun++] = m;
+            t += m;
+        }
+        int used = nrun ? t0[nrun - 1] + len[nrun - 1] : 0;
+        int c = 0, i = 0, j = 0;                      /* tap k = (c kh + i) kw + j */
+        for (int pc = 0; pc < K; pc += kb) {
+            int kc = K - pc < kb ? K - pc : kb, kq = (kc + 1) / 2;
+            uint32_t *d = buf + (size_t)(pc / 2) * npad + (size_t)st * kq * NR;
+            for (int q = 0; q < kq; q++, d += NR) {
+                size_t o0 = ((size_t)c * Hp + i) * Wp + j, o1 = 0;
+                if (++j == kw) { j = 0; if (++i == kh) { i = 0; c++; } }
+                int has1 = 2 * q + 1 < kc;
+                if (has1) {
+                    o1 = ((size_t)c * Hp + i) * Wp + j;
+                    if (++j == kw) { j = 0; if (++i == kh) { i = 0; c++; } }
+                }
+                /* word t = (tap k0, tap k1) of column t; the odd block's
+                 * last word pairs its tap with 0, as pack_b does */
+                for (int r = 0; r < nrun; r++) {
+                    const float *s0 = src[r] + o0, *s1 = src[r] + o1;
+                    uint32_t *dr = d + t0[r];
+                    int m = len[r];
+                    if (stride == 1 && has1) {
+                        for (int t = 0; t < m; t++) dr[t] = pair(s0[t], s1[t]);
+                    } else {
+                        for (int t = 0; t < m; t++)
+                            dr[t] = pair(s0[(size_t)t * stride], has1 ? s1[(size_t)t * stride] : 0.0f);
+                    }
+                }
+                for (int t = used; t < NR; t++) d[t] = 0;
+            }
+        }
+    }
+    bf16_run(0, 0, M, N, K, alpha, A, lda, NULL, 0, buf, beta, Cm, ldc);
 }

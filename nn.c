@@ -264,14 +264,15 @@ static int conv_band_rows(int K, int Ho, int Wo) {
  * the product lands in (O, nb P) scratch and is moved to each image's
  * (O, P) with the bias added on the way: the same float operations as the
  * per-image path below (sum, then + b), so the same bits. Returns 0 (nothing
- * done) where it does not apply: bf16 mode (gemm_packed would unpack), a
- * per-image product gemm runs unblocked (other sums), or not even one image's
- * columns within nn_conv_cols_max. */
+ * done) where it does not apply: a per-image product gemm runs unblocked
+ * (other sums), or not even one image's columns within nn_conv_cols_max.
+ * Under --compute bf16 the columns are packed as bf16 pairs (the bits of
+ * gemm_bf16 on them). */
 static int conv_forward_packed(float *out, const float *inp, const float *w, const float *b,
                                int B, int C, int H, int W, int O, int kh, int kw, int stride, int pad) {
     int Ho = (H + 2 * pad - kh) / stride + 1, Wo = (W + 2 * pad - kw) / stride + 1;
     int K = C * kh * kw, P = Ho * Wo;
-    if (gemm_compute() != GEMM_F32 || gemm_is_small(O, P, K)) return 0;
+    if (gemm_is_small(O, P, K)) return 0;
     /* as many images at a time as nn_conv_cols_max allows */
     int nb = B;
     while (nb > 0 && gemm_im2col_floats(nb, C, H, W, kh, kw, stride, pad) +

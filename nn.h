@@ -164,6 +164,12 @@ size_t gemm_bf16_pack_words(int K, int N);
 void gemm_bf16_pack_b(uint32_t *dst, int transB, int K, int N, const float *B, int ldb);
 void gemm_bf16_packed(int transA, int M, int N, int K, float alpha, const float *A, int lda,
                       const uint32_t *bp, float beta, float *C, int ldc);
+/* gemm_im2col's product under GEMM_BF16 (matmul.c calls it): pimg the
+ * zero-padded images (B, C, Hp, Wp), buf gemm_bf16_pack_words(C kh kw,
+ * B Ho Wo) words, the bits of gemm_bf16 on the im2col columns */
+void gemm_bf16_im2col(int M, float alpha, const float *A, int lda, const float *pimg,
+                      int B, int C, int Hp, int Wp, int kh, int kw, int stride, int Ho, int Wo,
+                      uint32_t *buf, float beta, float *Cm, int ldc);
 typedef void (*gemm_rect_fn)(const void *job, int thread, int i0, int i1, int j0, int j1);
 void gemm_tiles(int M, int N, int mr, int nr, int nthreads, double pack_cost,
                 gemm_rect_fn rect, const void *job);

@@ -720,13 +720,19 @@ END_TEST
  * conv2d_backward without dw: one w^T dout product for the batch) give the
  * per-image banded path's bits: shapes whose per-image product is blocked,
  * K of one and of two K blocks, Wo that divides the kernel's strip width
- * and Wo that does not, strides 1 and 2 */
+ * and Wo that does not, strides 1 and 2. Under --compute bf16 too, where
+ * the columns are packed as pairs of taps (gemm_bf16_im2col): also an odd K
+ * (a pair padded with 0) and a K of two bf16 blocks, the second odd. */
 START_TEST(test_conv_packed_same_bits) {
     static const int cases[][6] = {   /* B, C, H, W, O, stride */
         {3, 16, 16, 16, 32, 1}, {2, 48, 8, 8, 20, 1}, {3, 24, 9, 7, 16, 1}, {2, 32, 12, 12, 24, 2},
         {1, 16, 16, 16, 32, 1}, {2, 16, 16, 16, 24, 2}, {5, 8, 4, 4, 36, 1},
+        {2, 5, 16, 16, 16, 1}, {2, 7, 15, 13, 16, 2}, {2, 63, 8, 8, 20, 1},
     };
-    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+    int ncases = sizeof cases / sizeof cases[0];
+    for (int m = 0; m < 2 * ncases; m++) {
+        int c = m % ncases;
+        gemm_set_compute(m < ncases ? GEMM_F32 : GEMM_BF16);
         int B = cases[c][0], C = cases[c][1], H = cases[c][2], W = cases[c][3], O = cases[c][4];
         int stride = cases[c][5], k = 3, pad = 1, K = C * k * k;
         int Ho = (H + 2 * pad - k) / stride + 1, Wo = (W + 2 * pad - k) / stride + 1, P = Ho * Wo;
@@ -748,15 +754,16 @@ START_TEST(test_conv_packed_same_bits) {
             conv2d_backward(dx[v], NULL, NULL, R, x, w, B, C, H, W, O, k, k, stride, pad);
         }
         nn_conv_cols_max = save;
-        ck_assert_msg(memcmp(y[0], y[1], ny * 4) == 0, "case %zu: forward differs", c);
-        ck_assert_msg(memcmp(dx[0], dx[1], nx * 4) == 0, "case %zu: dinp differs", c);
-        ck_assert_msg(memcmp(dx[0], dx[2], nx * 4) == 0, "case %zu: dinp (one image a time) differs", c);
+        gemm_set_compute(GEMM_F32);
+        ck_assert_msg(memcmp(y[0], y[1], ny * 4) == 0, "case %d: forward differs", m);
+        ck_assert_msg(memcmp(dx[0], dx[1], nx * 4) == 0, "case %d: dinp differs", m);
+        ck_assert_msg(memcmp(dx[0], dx[2], nx * 4) == 0, "case %d: dinp (one image a time) differs", m);
         /* without bias: y[2] + b must be y[0] exactly (the bias is the last add) */
         for (int o = 0; o < O; o++)
             for (int bi = 0; bi < B; bi++)
                 for (int p = 0; p < P; p++) {
                     size_t i = ((size_t)bi * O + o) * P + p;
-                    ck_assert_msg(y[2][i] + b[o] == y[0][i], "case %zu: forward without bias differs", c);
+                    ck_assert_msg(y[2][i] + b[o] == y[0][i], "case %d: forward without bias differs", m);
                 }
         for (int v = 0; v < 3; v++) { free(y[v]); free(dx[v]); }
         free(x); free(w); free(b); free(R);
