@@ -401,7 +401,8 @@ END_TEST
 /* one TDPBF16PS of the model on hand-worked bits (tiles: row-major 16 x 16
  * words; a word is (lo, hi) = (even, odd) bf16). Powers of two: 1 = 0x3f80,
  * 2^-12 = 0x3980, -1 = 0xbf80, 2^100 = 0x7180, 2^-64 = 0x1f80,
- * 2^-60 = 0x2180; 0x0040 is a bf16 denormal (2^-127). */
+ * 2^-60 = 0x2180, 2^-63 = 0x2000, -1.5 2^-63 = 0xa040; 0x0040 is a bf16
+ * denormal (2^-127). */
 static void tdp_cases(uint32_t *a, uint32_t *b, float *c) {
     memset(a, 0, 256 * 4);
     memset(b, 0, 256 * 4);
@@ -421,6 +422,9 @@ static void tdp_cases(uint32_t *a, uint32_t *b, float *c) {
     a[3 * 16 + 0] = 0x1f80u;                  b[0 * 16 + 3] = 0x1f80u;
     /* c[4][4]: 2^-60 * 2^-60 = 2^-120, normal: kept */
     a[4 * 16 + 0] = 0x2180u;                  b[0 * 16 + 4] = 0x2180u;
+    /* c[5][5]: 2^-125 + (-1.5 2^-63) 2^-63 = 2^-127, a denormal sum: 0 */
+    c[5 * 16 + 5] = 0x1p-125f;
+    a[5 * 16 + 0] = 0xa040u;                  b[0 * 16 + 5] = 0x2000u;
 }
 
 static void check_tdp_cases(const float *c, const char *who) {
@@ -430,6 +434,7 @@ static void check_tdp_cases(const float *c, const char *who) {
         {2 * 16 + 2, 0x00000000u},
         {3 * 16 + 3, 0x00000000u},
         {4 * 16 + 4, 0x03800000u},   /* 2^-120 */
+        {5 * 16 + 5, 0x00000000u},
     };
     for (size_t i = 0; i < sizeof w / sizeof w[0]; i++) {
         uint32_t u;
