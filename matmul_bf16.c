@@ -51,10 +51,25 @@
  * (of an even length that depends on K alone) are summed in sequence, so
  * the bits do not depend on the thread count.
  *
- * AMX (Intel Sapphire Rapids and later, _tile_dpbf16ps) is not written:
- * it could not be run on the machine this was developed on (AMD Zen 4,
- * which has AVX512-BF16 but no AMX). A CPU with AMX runs the AVX512-BF16
- * kernel (every AMX CPU has it). */
+ * AMX (Intel Sapphire Rapids and later, TDPBF16PS; section "AMX" below
+ * for the tile ops and the model of them): a C block of MRA x NR = 32 x 32
+ * in four 16 x 16 fp32 tiles, K in steps of 16 pairs. B is pack_b's strip
+ * as it stands: 16 of its rows are a B tile (the "VNNI" layout: row q holds
+ * the pairs (B[2q][j], B[2q+1][j]), 64 bytes for 16 columns, NR words a
+ * row), so a pack (gemm_bf16_pack_b) serves every kernel. A needs rows
+ * contiguous in q, so it has its own pack (pack_a_amx):
+ *
+ *   A strip: a[(q / 16) * 16 * MRA + i * 16 + q % 16]     i < MRA
+ *
+ * one 32-row x 16-pair block per step, zero past M and in the pairs that
+ * fill a K block's last step (its B rows come from a zero-padded copy).
+ * The order: per K block (the same blocks as above), per step of 16
+ * pairs, an fp32 sum of the even products and one of the odd (one
+ * rounding each, denormals in and out as zero), then C += (even + odd).
+ * That is not the other kernels' order, so AMX has bits of its own; they
+ * do not depend on the thread count either. AUTO uses AMX only after a
+ * one-time self-check, the tiles against the model, bit for bit. It has
+ * not run on AMX hardware (developed on AMD Zen 4). */
 #if defined(__linux__) && defined(__x86_64__)
 #define _DEFAULT_SOURCE         /* syscall(): arch_prctl asks Linux for the AMX state */
 #include <unistd.h>
