@@ -821,8 +821,9 @@ static void unpack_b(float *b, const uint32_t *bp, int K, int N) {
     }
 }
 
-/* gemm_bf16 and gemm_bf16_packed: B as given (bpre NULL) or packed */
-static void bf16_run(int transA, int transB, int M, int N, int K,
+/* gemm_bf16 and gemm_bf16_packed: B as given (bpre NULL) or packed; kern
+ * the kernel (-1: the one chosen, choosing it on first use) */
+static void bf16_run(int kern, int transA, int transB, int M, int N, int K,
                      float alpha, const float *A, int lda, const float *B, int ldb,
                      const uint32_t *bpre, float beta, float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
@@ -834,8 +835,11 @@ static void bf16_run(int transA, int transB, int M, int N, int K,
             }
         return;
     }
-    if (g_kernel < 0) gemm_bf16_set_kernel(GEMM_BF16_AUTO);
-    int kern = g_kernel, amx = is_amx(kern), mr = amx ? MRA : MR;
+    if (kern < 0) {
+        if (g_kernel < 0) gemm_bf16_set_kernel(GEMM_BF16_AUTO);
+        kern = g_kernel;
+    }
+    int amx = is_amx(kern), mr = amx ? MRA : MR;
     int nthreads = 1;
 #ifdef _OPENMP
     nthreads = omp_in_parallel() ? 1 : omp_get_max_threads();
@@ -876,7 +880,7 @@ static void bf16_run(int transA, int transB, int M, int N, int K,
 void gemm_bf16(int transA, int transB, int M, int N, int K,
                float alpha, const float *A, int lda, const float *B, int ldb,
                float beta, float *C, int ldc) {
-    bf16_run(transA, transB, M, N, K, alpha, A, lda, B, ldb, NULL, beta, C, ldc);
+    bf16_run(-1, transA, transB, M, N, K, alpha, A, lda, B, ldb, NULL, beta, C, ldc);
 }
 
 /* ---- B packed once --------------------------------------------------------
@@ -902,7 +906,7 @@ void gemm_bf16_pack_b(uint32_t *dst, int transB, int K, int N, const float *B, i
 
 void gemm_bf16_packed(int transA, int M, int N, int K, float alpha, const float *A, int lda,
                       const uint32_t *bp, float beta, float *C, int ldc) {
-    bf16_run(transA, 0, M, N, K, alpha, A, lda, NULL, 0, bp, beta, C, ldc);
+    bf16_run(-1, transA, 0, M, N, K, alpha, A, lda, NULL, 0, bp, beta, C, ldc);
 }
 
 /* ---- AMX's self-check ------------------------------------------------------
@@ -913,11 +917,10 @@ void gemm_bf16_packed(int transA, int M, int N, int K, float alpha, const float 
  * another order than the model, or a mistake in the tile code that the
  * model cannot show, then costs speed, never a wrong number. */
 static int amx_self_check(void) {
-    static int ok = -1;
-    if (ok >= 0) return ok;
+    static int result = -1;
+    if (result >= 0) return result;
     static const int shapes[2][6] = {{37, 45, 70, 0, 1, 0}, {40, 33, 1100, 1, 0, 1}};   /* M N K tA tB beta */
-    ok = 1;
-    int saved = g_kernel;
+    int ok = 1;
     uint64_t s = 0x5eed;
     for (int c = 0; c < 2 && ok; c++) {
         int M = shapes[c][0], N = shapes[c][1], K = shapes[c][2];
@@ -934,15 +937,13 @@ static int amx_self_check(void) {
         if (ok) {
             int ta = shapes[c][3], tb = shapes[c][4];
             float beta = (float)shapes[c][5];
-            g_kernel = K_AMX_MODEL;
-            gemm_bf16(ta, tb, M, N, K, 0.75f, A, ta ? M : K, B, tb ? K : N, beta, C0, N);
-            g_kernel = K_AMX;
-            gemm_bf16(ta, tb, M, N, K, 0.75f, A, ta ? M : K, B, tb ? K : N, beta, C1, N);
+            bf16_run(K_AMX_MODEL, ta, tb, M, N, K, 0.75f, A, ta ? M : K, B, tb ? K : N, NULL, beta, C0, N);
+            bf16_run(K_AMX, ta, tb, M, N, K, 0.75f, A, ta ? M : K, B, tb ? K : N, NULL, beta, C1, N);
             ok = memcmp(C0, C1, (size_t)M * N * sizeof(float)) == 0;
             if (!ok) fprintf(stderr, "note: AMX bf16 kernel disagrees with its model; using avx512bf16\n");
         }
         free(A); free(B); free(C0); free(C1);
     }
-    g_kernel = saved;
+    result = ok;
     return ok;
 }
