@@ -406,6 +406,13 @@ static void tm_dp(tile_model *x, int c, int a, int b) {
 #define M_LOAD(t, p, s) tm_load(x, t, p, s)
 #define M_DP(c, a, b) tm_dp(x, c, a, b)
 #define M_STORE(t, p, s) tm_store(x, t, p, s)
+/* (a compiler barrier: the tile intrinsics' asm tells the compiler it reads
+ * a pointer, not the memory behind it, so every store before must be done) */
+#ifdef HAVE_AMX
+#define MEM_BARRIER() __asm__ volatile("" ::: "memory")
+#else
+#define MEM_BARRIER() ((void)0)
+#endif
 
 #ifdef HAVE_AMX
 /* LDTILECFG's 64 bytes: palette, start row, 14 reserved, the bytes per row
@@ -417,10 +424,8 @@ typedef struct {
 } __attribute__((aligned(64))) tile_cfg;
 static const tile_cfg amx_cfg = {1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
 
-/* (the intrinsics' asm tells the compiler it reads the pointer, not the
- * memory behind it: a barrier first, so that every store before is done) */
 __attribute__((target("amx-tile"))) static void th_cfg(void) {
-    __asm__ volatile("" ::: "memory");
+    MEM_BARRIER();
     _tile_loadconfig(&amx_cfg);
 }
 __attribute__((target("amx-tile"))) static void th_release(void) { _tile_release(); }
@@ -443,7 +448,7 @@ attr static void name(tile_model *x, int kq, const uint32_t *a, const uint32_t *
                       const uint32_t *btail, float *acc, int mr, int nr) {              \
     int nstep = (kq + 15) / 16, nfull = kq / 16, m2 = mr > 16, n2 = nr > 16;            \
     (void)x;                                                                            \
-    __asm__ volatile("" ::: "memory");                                                  \
+    MEM_BARRIER();                                                                      \
     ZERO(0); if (n2) ZERO(1);                                                           \
     if (m2) { ZERO(2); if (n2) ZERO(3); }                                               \
     for (int s = 0; s < nstep; s++) {                                                   \
