@@ -12,7 +12,13 @@
  *    alpha, beta and block-sum roundings, so
  *        |got - ref| <= (K + 3 nblocks + 2) 2^-24 (|alpha| sum_p |a_p b_p| + |beta c|).
  *  - the kernels give the same bits as each other, and for 1 and N threads.
- *  - gemm() and gemm_packed() follow gemm_set_compute. */
+ *  - gemm() and gemm_packed() follow gemm_set_compute.
+ *  - the AMX kernel through its plain-C model of the tiles (any CPU): the
+ *    model's TDPBF16PS on hand-worked bits, whole products bit for bit
+ *    against a scalar sum in AMX's order, threads, packed B, error bounds;
+ *    where the CPU has AMX, the real tiles against the model (else a
+ *    printed skip). AMX has its own order, so its own bits: it is not in
+ *    the kernels compared bit for bit above. */
 #include "testutil.h"
 #ifdef _OPENMP
 #include <omp.h>
