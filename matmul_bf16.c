@@ -828,7 +828,7 @@ static void unpack_b(float *b, const uint32_t *bp, int K, int N) {
 
 /* gemm_bf16 and gemm_bf16_packed: B as given (bpre NULL) or packed; kern
  * the kernel (-1: the one chosen, choosing it on first use) */
-static void bf16_run(int kern, int transA, int transB, int M, int N, int K,
+static void bf16_run_kernel(int kern, int transA, int transB, int M, int N, int K,
                      float alpha, const float *A, int lda, const float *B, int ldb,
                      const uint32_t *bpre, float beta, float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
@@ -882,10 +882,17 @@ static void bf16_run(int kern, int transA, int transB, int M, int N, int K,
     gemm_tiles(M, N, mr, NR, nthreads, 32.0, bf16_rect, &job);
 }
 
+/* the same with the kernel chosen (AUTO on first use) */
+static void bf16_run(int transA, int transB, int M, int N, int K,
+                     float alpha, const float *A, int lda, const float *B, int ldb,
+                     const uint32_t *bpre, float beta, float *C, int ldc) {
+    bf16_run_kernel(-1, transA, transB, M, N, K, alpha, A, lda, B, ldb, bpre, beta, C, ldc);
+}
+
 void gemm_bf16(int transA, int transB, int M, int N, int K,
                float alpha, const float *A, int lda, const float *B, int ldb,
                float beta, float *C, int ldc) {
-    bf16_run(-1, transA, transB, M, N, K, alpha, A, lda, B, ldb, NULL, beta, C, ldc);
+    bf16_run(transA, transB, M, N, K, alpha, A, lda, B, ldb, NULL, beta, C, ldc);
 }
 
 /* ---- B packed once --------------------------------------------------------
@@ -911,7 +918,7 @@ void gemm_bf16_pack_b(uint32_t *dst, int transB, int K, int N, const float *B, i
 
 void gemm_bf16_packed(int transA, int M, int N, int K, float alpha, const float *A, int lda,
                       const uint32_t *bp, float beta, float *C, int ldc) {
-    bf16_run(-1, transA, 0, M, N, K, alpha, A, lda, NULL, 0, bp, beta, C, ldc);
+    bf16_run(transA, 0, M, N, K, alpha, A, lda, NULL, 0, bp, beta, C, ldc);
 }
 
 /* ---- AMX's self-check ------------------------------------------------------
@@ -942,8 +949,8 @@ static int amx_self_check(void) {
         if (ok) {
             int ta = shapes[c][3], tb = shapes[c][4];
             float beta = (float)shapes[c][5];
-            bf16_run(K_AMX_MODEL, ta, tb, M, N, K, 0.75f, A, ta ? M : K, B, tb ? K : N, NULL, beta, C0, N);
-            bf16_run(K_AMX, ta, tb, M, N, K, 0.75f, A, ta ? M : K, B, tb ? K : N, NULL, beta, C1, N);
+            bf16_run_kernel(K_AMX_MODEL, ta, tb, M, N, K, 0.75f, A, ta ? M : K, B, tb ? K : N, NULL, beta, C0, N);
+            bf16_run_kernel(K_AMX, ta, tb, M, N, K, 0.75f, A, ta ? M : K, B, tb ? K : N, NULL, beta, C1, N);
             ok = memcmp(C0, C1, (size_t)M * N * sizeof(float)) == 0;
             if (!ok) fprintf(stderr, "note: AMX bf16 kernel disagrees with its model; using avx512bf16\n");
         }
