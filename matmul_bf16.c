@@ -895,32 +895,6 @@ void gemm_bf16(int transA, int transB, int M, int N, int K,
     bf16_run(transA, transB, M, N, K, alpha, A, lda, B, ldb, NULL, beta, C, ldc);
 }
 
-/* ---- B packed once --------------------------------------------------------
- * The layout gemm_serial reads with bpre: K blocks of kb (k_block(K)), block
- * by block, (pc / 2) * npad words in; in each, round_up(N, NR) columns as
- * strips of NR, each kq x NR words (kq = the block's pairs), zero past N
- * and in the pad element of an odd last block. */
-size_t gemm_bf16_pack_words(int K, int N) { return (size_t)(K + 1) / 2 * round_up(N, NR); }
-
-void gemm_bf16_pack_b(uint32_t *dst, int transB, int K, int N, const float *B, int ldb) {
-    int kb = k_block(K), npad = round_up(N, NR), nstrips = npad / NR;
-    for (int pc = 0; pc < K; pc += kb) {
-        int kc = K - pc < kb ? K - pc : kb, kq = (kc + 1) / 2;
-        uint32_t *d = dst + (size_t)(pc / 2) * npad;
-        /* strip by strip, split over the threads when it is worth it */
-        OMP(omp parallel for schedule(static) if (!omp_in_parallel() && (double)K * N > 1e6))
-        for (int s = 0; s < nstrips; s++) {
-            int nc = N - s * NR < NR ? N - s * NR : NR;
-            pack_b(d + (size_t)s * kq * NR, (size_t)kq * NR, B, ldb, transB, pc, kc, s * NR, nc);
-        }
-    }
-}
-
-void gemm_bf16_packed(int transA, int M, int N, int K, float alpha, const float *A, int lda,
-                      const uint32_t *bp, float beta, float *C, int ldc) {
-    bf16_run(transA, 0, M, N, K, alpha, A, lda, NULL, 0, bp, beta, C, ldc);
-}
-
 /* ---- AMX's self-check ------------------------------------------------------
  * Run once, when AUTO would pick AMX: two small products with ragged edges
  * (partial tiles, a partial step, an odd K, several K blocks, both
@@ -958,4 +932,30 @@ static int amx_self_check(void) {
     }
     result = ok;
     return ok;
+}
+
+/* ---- B packed once --------------------------------------------------------
+ * The layout gemm_serial reads with bpre: K blocks of kb (k_block(K)), block
+ * by block, (pc / 2) * npad words in; in each, round_up(N, NR) columns as
+ * strips of NR, each kq x NR words (kq = the block's pairs), zero past N
+ * and in the pad element of an odd last block. */
+size_t gemm_bf16_pack_words(int K, int N) { return (size_t)(K + 1) / 2 * round_up(N, NR); }
+
+void gemm_bf16_pack_b(uint32_t *dst, int transB, int K, int N, const float *B, int ldb) {
+    int kb = k_block(K), npad = round_up(N, NR), nstrips = npad / NR;
+    for (int pc = 0; pc < K; pc += kb) {
+        int kc = K - pc < kb ? K - pc : kb, kq = (kc + 1) / 2;
+        uint32_t *d = dst + (size_t)(pc / 2) * npad;
+        /* strip by strip, split over the threads when it is worth it */
+        OMP(omp parallel for schedule(static) if (!omp_in_parallel() && (double)K * N > 1e6))
+        for (int s = 0; s < nstrips; s++) {
+            int nc = N - s * NR < NR ? N - s * NR : NR;
+            pack_b(d + (size_t)s * kq * NR, (size_t)kq * NR, B, ldb, transB, pc, kc, s * NR, nc);
+        }
+    }
+}
+
+void gemm_bf16_packed(int transA, int M, int N, int K, float alpha, const float *A, int lda,
+                      const uint32_t *bp, float beta, float *C, int ldc) {
+    bf16_run(transA, 0, M, N, K, alpha, A, lda, NULL, 0, bp, beta, C, ldc);
 }
