@@ -51,10 +51,30 @@
  * (of an even length that depends on K alone) are summed in sequence, so
  * the bits do not depend on the thread count.
  *
- * AMX (Intel Sapphire Rapids and later, _tile_dpbf16ps) is not written:
- * it could not be run on the machine this was developed on (AMD Zen 4,
- * which has AVX512-BF16 but no AMX). A CPU with AMX runs the AVX512-BF16
- * kernel (every AMX CPU has it). */
+ * AMX (Intel Sapphire Rapids and later, TDPBF16PS; section "AMX" below
+ * for the tile ops and the model of them): a C block of MRA x NR = 32 x 32
+ * in four 16 x 16 fp32 tiles, K in steps of 16 pairs. B is pack_b's strip
+ * as it stands: 16 of its rows are a B tile (the "VNNI" layout: row q holds
+ * the pairs (B[2q][j], B[2q+1][j]), 64 bytes for 16 columns, NR words a
+ * row), so a pack (gemm_bf16_pack_b) serves every kernel. A needs rows
+ * contiguous in q, so it has its own pack (pack_a_amx):
+ *
+ *   A strip: a[(q / 16) * 16 * MRA + i * 16 + q % 16]     i < MRA
+ *
+ * one 32-row x 16-pair block per step, zero past M and in the pairs that
+ * fill a K block's last step (its B rows come from a zero-padded copy).
+ * The order: per K block (the same blocks as above), per step of 16
+ * pairs, an fp32 sum of the even products and one of the odd (one
+ * rounding each, denormals in and out as zero), then C += (even + odd).
+ * That is not the other kernels' order, so AMX has bits of its own; they
+ * do not depend on the thread count either. AUTO uses AMX only after a
+ * one-time self-check, the tiles against the model, bit for bit. It has
+ * not run on AMX hardware (developed on AMD Zen 4). */
+#if defined(__linux__) && defined(__x86_64__)
+#define _DEFAULT_SOURCE         /* syscall(): arch_prctl asks Linux for the AMX state */
+#include <unistd.h>
+#include <sys/syscall.h>
+#endif
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -71,9 +91,17 @@
 #include <immintrin.h>
 #define HAVE_X86_BF16 1
 #endif
+/* the AMX intrinsics: gcc >= 11 or clang >= 12, 64-bit Linux (the OS must
+ * grant the tile state) */
+#if defined(HAVE_X86_BF16) && defined(__x86_64__) && defined(__linux__) && defined(SYS_arch_prctl) && \
+    (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
+#include <cpuid.h>
+#define HAVE_AMX 1
+#endif
 
 #define MR 12
 #define NR 32
+#define MRA 32          /* the AMX kernel's rows: two 16-row tiles */
 #ifndef KC
 #define KC 512
 #endif          /* even: K is cut into pairs; B strip KC/2 x NR words = 32 KB */
@@ -128,9 +156,13 @@ static inline uint32_t rnd(float x) {
 }
 static inline uint32_t pair(float lo, float hi) { return rnd(lo) | rnd(hi) << 16; }
 
+static int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
 /* ---- kernels ------------------------------------------------------------- */
-enum { K_PORTABLE = 0, K_AVX512BF16 = 1, K_SCALAR = 2 };
+enum { K_PORTABLE = 0, K_AVX512BF16 = 1, K_SCALAR = 2, K_AMX = 3, K_AMX_MODEL = 4 };
 static int g_kernel = -1;          /* -1: not chosen yet */
+
+static int is_amx(int k) { return k == K_AMX || k == K_AMX_MODEL; }
 
 static int cpu_has_avx512bf16(void) {
 #ifdef HAVE_X86_BF16
@@ -141,17 +173,49 @@ static int cpu_has_avx512bf16(void) {
 #endif
 }
 
+/* AMX-TILE and AMX-BF16 (CPUID.(7,0):EDX bits 24, 22), the OS saving the
+ * tile state (XCR0 bits 17, 18; xgetbv needs OSXSAVE, CPUID.1:ECX bit 27),
+ * and Linux letting this process use it (arch_prctl(ARCH_REQ_XCOMP_PERM,
+ * XFEATURE_XTILEDATA) == 0; without it the first tile instruction faults) */
+static int cpu_has_amx(void) {
+    static int have = -1;
+    if (have >= 0) return have;
+    have = 0;
+#ifdef HAVE_AMX
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 24 & 1) || !(d >> 22 & 1)) return have;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c >> 27 & 1)) return have;
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo >> 17 & 3) != 3) return have;
+    if (syscall(SYS_arch_prctl, 0x1023L, 18L) != 0) return have;
+    have = 1;
+#endif
+    return have;
+}
+
+static int amx_self_check(void);
+
 int gemm_bf16_set_kernel(int k) {
-    if (k == GEMM_BF16_AUTO) k = cpu_has_avx512bf16() ? GEMM_BF16_AVX512 : GEMM_BF16_PORTABLE;
+    if (k == GEMM_BF16_AUTO)
+        k = cpu_has_amx() && amx_self_check() ? GEMM_BF16_AMX
+          : cpu_has_avx512bf16() ? GEMM_BF16_AVX512 : GEMM_BF16_PORTABLE;
     if (k == GEMM_BF16_AVX512 && !cpu_has_avx512bf16()) return 0;
-    if (k != GEMM_BF16_PORTABLE && k != GEMM_BF16_AVX512 && k != GEMM_BF16_SCALAR) return 0;
-    g_kernel = k == GEMM_BF16_AVX512 ? K_AVX512BF16 : k == GEMM_BF16_SCALAR ? K_SCALAR : K_PORTABLE;
-    return 1;
+    if (k == GEMM_BF16_AMX && !cpu_has_amx()) return 0;
+    switch (k) {
+    case GEMM_BF16_PORTABLE: g_kernel = K_PORTABLE; return 1;
+    case GEMM_BF16_AVX512: g_kernel = K_AVX512BF16; return 1;
+    case GEMM_BF16_SCALAR: g_kernel = K_SCALAR; return 1;
+    case GEMM_BF16_AMX: g_kernel = K_AMX; return 1;
+    case GEMM_BF16_AMX_MODEL: g_kernel = K_AMX_MODEL; return 1;
+    default: return 0;
+    }
 }
 
 const char *gemm_bf16_kernel_name(void) {
     if (g_kernel < 0) gemm_bf16_set_kernel(GEMM_BF16_AUTO);
-    return g_kernel == K_AVX512BF16 ? "avx512bf16" : g_kernel == K_SCALAR ? "scalar" : "portable";
+    static const char *names[] = {"portable", "avx512bf16", "scalar", "amx", "amx-model"};
+    return names[g_kernel];
 }
 
 /* C tile = alpha * acc + beta * C (beta == 0: C not read), only the mr x nr
@@ -254,6 +318,214 @@ static void kernel_avx512bf16_16(int kq, const uint32_t *restrict a, const uint3
     ROWS(K_ST16)
 }
 #endif
+
+/* ---- AMX ------------------------------------------------------------------
+ * The AMX kernel is written once against this tile op set, which has two
+ * implementations: Intel's instructions (amx-tile, amx-bf16) and a model
+ * of them in plain C, so that everything but the instructions themselves
+ * runs (and is tested) on any CPU. Eight tile registers, all configured as
+ * 16 rows of 64 bytes (16 fp32, or 16 words of two bf16):
+ *
+ *   CFG            load that configuration (LDTILECFG, palette 1); zeroes all tiles
+ *   ZERO t         tile t = 0                                   (TILEZERO)
+ *   LOAD t, p, s   row r of tile t = the 64 bytes at p + r s    (TILELOADD)
+ *   DP c, a, b     c += a b: c 16 x 16 fp32, a 16 rows x 16 pairs,
+ *                  b 16 pair-rows x 16 columns                  (TDPBF16PS)
+ *   STORE t, p, s  the 64 bytes at p + r s = row r of tile t    (TILESTORED)
+ *   RELEASE        tiles back to their init state              (TILERELEASE)
+ *
+ * TDPBF16PS, as the operation in Intel's SDM (current revision) gives it:
+ * for each row m of c, two fp32 sums per column n, one of the even bf16
+ * products, one of the odd, over the 16 pairs k in order,
+ *
+ *   e[n] = fma(a[m][k].lo, b[k][n].lo, e[n]);  o[n] = fma(a[m][k].hi, b[k][n].hi, o[n])
+ *
+ * then c[m][n] = c[m][n] + (e[n] + o[n]). Every step rounds to nearest
+ * even; bf16 and fp32 denormal inputs count as zero (of their sign) and
+ * denormal results are flushed to zero; MXCSR is not read. (The older
+ * Intrinsics Guide gives a simpler loop, c += even then c += odd pair by
+ * pair; the two differ in the last bits. The model follows the SDM; the
+ * self-check below keeps a CPU whose tiles do otherwise off this path.) */
+
+/* the model's state: the eight tiles and their shapes */
+typedef struct {
+    uint8_t rows[8];
+    uint16_t colsb[8];
+    uint32_t t[8][16 * 16];     /* row r, word w at t[r * 16 + w] */
+} tile_model;
+
+/* a denormal fp32 becomes a zero of its sign (DAZ on inputs, FTZ on results) */
+static float ftz(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    if ((u & 0x7f800000u) == 0) u &= 0x80000000u;
+    memcpy(&x, &u, 4);
+    return x;
+}
+static float bf_daz(uint32_t h) { return ftz(gemm_bf16_to_float((uint16_t)h)); }
+/* c + a b with one rounding: a b (two bf16, 16 significant bits) is exact
+ * in double, and rounding c + a b to double then to float is the single
+ * rounding to float (both terms have at most 24 significant bits and
+ * double has more than 2 x 24 + 2) */
+static float fma_ftz(float a, float b, float c) { return ftz((float)((double)a * b + (double)ftz(c))); }
+static float add_ftz(float a, float b) { return ftz(ftz(a) + ftz(b)); }
+
+static void tm_cfg(tile_model *x) {
+    for (int t = 0; t < 8; t++) { x->rows[t] = 16; x->colsb[t] = 64; }
+    memset(x->t, 0, sizeof x->t);
+}
+static void tm_zero(tile_model *x, int t) { memset(x->t[t], 0, sizeof x->t[t]); }
+static void tm_load(tile_model *x, int t, const void *p, size_t stride) {
+    for (int r = 0; r < x->rows[t]; r++) memcpy(x->t[t] + r * 16, (const char *)p + r * stride, x->colsb[t]);
+}
+static void tm_store(const tile_model *x, int t, void *p, size_t stride) {
+    for (int r = 0; r < x->rows[t]; r++) memcpy((char *)p + r * stride, x->t[t] + r * 16, x->colsb[t]);
+}
+static void tm_dp(tile_model *x, int c, int a, int b) {
+    int nk = x->colsb[a] / 4, nn = x->colsb[c] / 4;
+    for (int m = 0; m < x->rows[c]; m++) {
+        float e[16] = {0}, o[16] = {0};
+        for (int k = 0; k < nk; k++) {
+            uint32_t aw = x->t[a][m * 16 + k];
+            float alo = bf_daz(aw & 0xffffu), ahi = bf_daz(aw >> 16);
+            for (int n = 0; n < nn; n++) {
+                uint32_t bw = x->t[b][k * 16 + n];
+                e[n] = fma_ftz(alo, bf_daz(bw & 0xffffu), e[n]);
+                o[n] = fma_ftz(ahi, bf_daz(bw >> 16), o[n]);
+            }
+        }
+        for (int n = 0; n < nn; n++) {
+            float v;
+            memcpy(&v, &x->t[c][m * 16 + n], 4);
+            v = add_ftz(v, add_ftz(e[n], o[n]));
+            memcpy(&x->t[c][m * 16 + n], &v, 4);
+        }
+    }
+}
+#define M_ZERO(t) tm_zero(x, t)
+#define M_LOAD(t, p, s) tm_load(x, t, p, s)
+#define M_DP(c, a, b) tm_dp(x, c, a, b)
+#define M_STORE(t, p, s) tm_store(x, t, p, s)
+/* (a compiler barrier: the tile intrinsics' asm tells the compiler it reads
+ * a pointer, not the memory behind it, so every store before must be done) */
+#ifdef HAVE_AMX
+#define MEM_BARRIER() __asm__ volatile("" ::: "memory")
+#else
+#define MEM_BARRIER() ((void)0)
+#endif
+
+#ifdef HAVE_AMX
+/* LDTILECFG's 64 bytes: palette, start row, 14 reserved, the bytes per row
+ * of tiles 0-15 (16-bit each), their rows (8-bit each) */
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((aligned(64))) tile_cfg;
+static const tile_cfg amx_cfg = {1, 0, {0}, {64, 64, 64, 64, 64, 64, 64, 64}, {16, 16, 16, 16, 16, 16, 16, 16}};
+
+__attribute__((target("amx-tile"))) static void th_cfg(void) {
+    MEM_BARRIER();
+    _tile_loadconfig(&amx_cfg);
+}
+__attribute__((target("amx-tile"))) static void th_release(void) { _tile_release(); }
+#define H_ZERO(t) _tile_zero(t)
+#define H_LOAD(t, p, s) _tile_loadd(t, p, s)
+#define H_DP(c, a, b) _tile_dpbf16ps(c, a, b)
+#define H_STORE(t, p, s) _tile_stored(t, p, s)
+#endif
+
+/* The kernel: a 32 x 32 block of C in tiles 0-3 (rows 0-15 / 16-31 x
+ * columns 0-15 / 16-31), A in tiles 4, 5 (rows 0-15, 16-31), B in tiles 6,
+ * 7 (columns 0-15, 16-31), 16 pairs of K a step. The A strip (pack_a_amx)
+ * holds per step the 32 rows of 16 words, 64 bytes a row; the B strip is
+ * pack_b's (b[q * NR + j]), 16 of its rows a step at a stride of NR words,
+ * the last, partial step from btail (those rows, zero rows below). A block
+ * of at most 16 rows or columns skips the tiles it does not need. acc gets
+ * the sums, MRA x NR (row stride NR). */
+#define TILE_KERNEL(name, attr, ZERO, LOAD, DP, STORE)                                  \
+attr static void name(tile_model *x, int kq, const uint32_t *a, const uint32_t *b,      \
+                      const uint32_t *btail, float *acc, int mr, int nr) {              \
+    int nstep = (kq + 15) / 16, nfull = kq / 16, m2 = mr > 16, n2 = nr > 16;            \
+    (void)x;                                                                            \
+    MEM_BARRIER();                                                                      \
+    ZERO(0); if (n2) ZERO(1);                                                           \
+    if (m2) { ZERO(2); if (n2) ZERO(3); }                                               \
+    for (int s = 0; s < nstep; s++) {                                                   \
+        const uint32_t *as = a + (size_t)s * 16 * MRA;                                  \
+        const uint32_t *bs = s < nfull ? b + (size_t)s * 16 * NR : btail;               \
+        LOAD(4, as, 64); if (m2) LOAD(5, as + 16 * 16, 64);                             \
+        LOAD(6, bs, NR * 4); if (n2) LOAD(7, bs + 16, NR * 4);                          \
+        DP(0, 4, 6); if (n2) DP(1, 4, 7);                                               \
+        if (m2) { DP(2, 5, 6); if (n2) DP(3, 5, 7); }                                   \
+    }                                                                                   \
+    STORE(0, acc, NR * 4); if (n2) STORE(1, acc + 16, NR * 4);                          \
+    if (m2) { STORE(2, acc + 16 * NR, NR * 4); if (n2) STORE(3, acc + 16 * NR + 16, NR * 4); } \
+}
+
+TILE_KERNEL(kernel_amx_model, , M_ZERO, M_LOAD, M_DP, M_STORE)
+#ifdef HAVE_AMX
+TILE_KERNEL(kernel_amx_hw, __attribute__((target("amx-tile,amx-bf16"), noinline)), H_ZERO, H_LOAD, H_DP, H_STORE)
+#endif
+
+/* one TDPBF16PS on 16 x 16 tiles, for tests (nn.h) */
+void gemm_bf16_tdp_model(float *c, const uint32_t *a, const uint32_t *b) {
+    tile_model xm, *x = &xm;
+    tm_cfg(x);
+    M_LOAD(0, c, 64);
+    M_LOAD(4, a, 64);
+    M_LOAD(6, b, 64);
+    M_DP(0, 4, 6);
+    M_STORE(0, c, 64);
+}
+
+#ifdef HAVE_AMX
+__attribute__((target("amx-tile,amx-bf16"), noinline))
+static void tdp_hw(float *c, const uint32_t *a, const uint32_t *b) {
+    th_cfg();
+    H_LOAD(0, c, 64);
+    H_LOAD(4, a, 64);
+    H_LOAD(6, b, 64);
+    H_DP(0, 4, 6);
+    H_STORE(0, c, 64);
+    th_release();
+}
+#endif
+
+int gemm_bf16_tdp_hw(float *c, const uint32_t *a, const uint32_t *b) {
+#ifdef HAVE_AMX
+    if (!cpu_has_amx()) return 0;
+    tdp_hw(c, a, b);
+    return 1;
+#else
+    (void)c; (void)a; (void)b;
+    return 0;
+#endif
+}
+
+/* one strip of B (kq pairs, bs) against the A strips of an A block (mc
+ * rows, kqa pairs apart): C[mc x nr] = alpha * sums + beta * C */
+static void amx_strip(int kern, tile_model *x, int kq, const uint32_t *ap, int kqa,
+                      const uint32_t *bs, float *C, int ldc, int mc, int nr, float alpha, float beta) {
+    uint32_t tail[16 * NR];
+    float acc[MRA * NR];
+    int nfull = kq / 16, rest = kq % 16;
+    if (rest) {     /* the partial last step, padded with zero pairs (x + 0*0 == x) */
+        memcpy(tail, bs + (size_t)nfull * 16 * NR, (size_t)rest * NR * sizeof *tail);
+        memset(tail + rest * NR, 0, (size_t)(16 - rest) * NR * sizeof *tail);
+    }
+    for (int ir = 0; ir < mc; ir += MRA) {
+        int mr = mc - ir < MRA ? mc - ir : MRA;
+        const uint32_t *a = ap + (size_t)(ir / MRA) * kqa * MRA;
+#ifdef HAVE_AMX
+        if (kern == K_AMX) kernel_amx_hw(x, kq, a, bs, tail, acc, mr, nr);
+        else
+#endif
+        kernel_amx_model(x, kq, a, bs, tail, acc, mr, nr);
+        store_tile(acc, C + (size_t)ir * ldc, ldc, mr, nr, alpha, beta);
+    }
+    (void)kern;
+}
 
 static void micro_kernel(int kq, const uint32_t *a, const uint32_t *b, float *C, int ldc,
                          int mr, int nr, float alpha, float beta) {
@@ -358,6 +630,40 @@ static void pack_a(uint32_t *restrict dst, int kqs, const float *restrict A, int
     }
 }
 
+/* the AMX kernel's A: op(A)[i0 .. i0+mrows, p0 .. p0+kc] -> strips of MRA
+ * rows, kqa * MRA words apart; in a strip, per step of 16 pairs, its MRA
+ * rows of 16 words (one tile row each): a[(q / 16) * 16 * MRA + i * 16 + q % 16].
+ * Rows past the edge, the pad element of an odd kc and the pairs that fill
+ * the last step up to 16 are zero. */
+static void pack_a_amx(uint32_t *restrict dst, int kqa, const float *restrict A, int lda, int transA,
+                       int i0, int mrows, int p0, int kc) {
+    int kq = (kc + 1) / 2, kqp = round_up(kq, 16), nstrips = (mrows + MRA - 1) / MRA;
+    if (mrows % MRA || kqp != kc / 2)
+        for (int s = 0; s < nstrips; s++) memset(dst + (size_t)s * kqa * MRA, 0, (size_t)kqp * MRA * sizeof *dst);
+    if (!transA) {
+        /* A stored M x K: row by row, each row's pairs in memory order */
+        for (int i = 0; i < mrows; i++) {
+            const float *r = A + (size_t)(i0 + i) * lda + p0;
+            uint32_t *d = dst + (size_t)(i / MRA) * kqa * MRA + (size_t)(i % MRA) * 16;
+            for (int q0 = 0; q0 < kc / 2; q0 += 16) {
+                int n = kc / 2 - q0 < 16 ? kc / 2 - q0 : 16;
+                uint32_t *dq = d + (size_t)q0 * MRA;
+                for (int k = 0; k < n; k++) dq[k] = pair(r[2 * (q0 + k)], r[2 * (q0 + k) + 1]);
+            }
+            if (kc & 1) d[(size_t)(kc / 2 / 16) * 16 * MRA + (kc / 2) % 16] = pair(r[kc - 1], 0.0f);
+        }
+    } else {
+        /* A stored K x M: rows p, p+1 walked along i */
+        for (int q = 0; q < kq; q++) {
+            const float *r0 = A + (size_t)(p0 + 2 * q) * lda + i0;
+            const float *r1 = 2 * q + 1 < kc ? r0 + lda : NULL;
+            uint32_t *d = dst + (size_t)(q / 16) * 16 * MRA + q % 16;
+            for (int i = 0; i < mrows; i++)
+                d[(size_t)(i / MRA) * kqa * MRA + (size_t)(i % MRA) * 16] = pair(r0[i], r1 ? r1[i] : 0.0f);
+        }
+    }
+}
+
 /* op(B)[p0 .. p0+kc, j0 .. j0+ncols] -> strips of NR columns, sstride words apart */
 static void pack_b(uint32_t *restrict dst, size_t sstride, const float *restrict B, int ldb,
                    int transB, int p0, int kc, int j0, int ncols) {
@@ -407,19 +713,18 @@ static int k_block(int K) {
     return ((K + nkb - 1) / nkb + 1) / 2 * 2;
 }
 
-static int round_up(int x, int m) { return (x + m - 1) / m * m; }
-
 /* one thread's rectangle of C; bp, ap its packing buffers */
-static void gemm_serial(int transA, int transB, int M, int N, int K,
+static void gemm_serial(int kern, tile_model *x, int transA, int transB, int M, int N, int K,
                         float alpha, const float *A, int lda, const float *B, int ldb,
                         float beta, float *C, int ldc, uint32_t *bp, uint32_t *ap,
                         const uint32_t *bpre, int bnpad, int j0) {
     /* K blocks of equal, even length (K alone decides them: the summation
      * order of each C element does not depend on the rectangle); packed
-     * strips are kqs pairs long */
-    int kb = k_block(K), kqs = kb / 2;
+     * strips are kqs pairs long (the AMX kernel's A strips: MRA rows, kqa
+     * pairs, kqs rounded up to whole steps) */
+    int amx = is_amx(kern), kb = k_block(K), kqs = kb / 2, kqa = round_up(kqs, 16);
     int nnb = (N + NC_MAX - 1) / NC_MAX, nb = round_up((N + nnb - 1) / nnb, NR);
-    int nmb = (M + MC_MAX - 1) / MC_MAX, mb = round_up((M + nmb - 1) / nmb, MR);
+    int nmb = (M + MC_MAX - 1) / MC_MAX, mb = round_up((M + nmb - 1) / nmb, amx ? MRA : MR);
     for (int jc = 0; jc < N; jc += nb) {
         int nc = N - jc < nb ? N - jc : nb;
         for (int pc = 0; pc < K; pc += kb) {
@@ -437,10 +742,16 @@ static void gemm_serial(int transA, int transB, int M, int N, int K,
             }
             for (int ic = 0; ic < M; ic += mb) {
                 int mc = M - ic < mb ? M - ic : mb;
-                pack_a(ap, kqs, A, lda, transA, ic, mc, pc, kc);
+                if (amx) pack_a_amx(ap, kqa, A, lda, transA, ic, mc, pc, kc);
+                else pack_a(ap, kqs, A, lda, transA, ic, mc, pc, kc);
                 for (int jr = 0; jr < nc; jr += NR) {
                     int nr = nc - jr < NR ? nc - jr : NR;
                     const uint32_t *bs = bpan + (size_t)(jr / NR) * bstride;
+                    if (amx) {
+                        amx_strip(kern, x, kq, ap, kqa, bs, C + (size_t)ic * ldc + jc + jr, ldc, mc, nr,
+                                  alpha, bet);
+                        continue;
+                    }
                     for (int ir = 0; ir < mc; ir += MR) {
                         int mr = mc - ir < MR ? mc - ir : MR;
                         micro_kernel(kq, ap + (size_t)(ir / MR) * kqs * MR, bs,
@@ -454,7 +765,10 @@ static void gemm_serial(int transA, int transB, int M, int N, int K,
 
 /* the blocked path's sums, element by element (same K blocks, same pairs,
  * same order as kernel_portable), for when its buffers cannot be had */
-static void gemm_bf16_unblocked(int transA, int transB, int M, int N, int K,
+static float amx_order_sum(int transA, int transB, int i, int j, int pc, int pe,
+                           const float *A, int lda, const float *B, int ldb);
+
+static void gemm_bf16_unblocked(int amx, int transA, int transB, int M, int N, int K,
                                 float alpha, const float *A, int lda, const float *B, int ldb,
                                 float beta, float *C, int ldc) {
     int kb = k_block(K);
@@ -464,7 +778,8 @@ static void gemm_bf16_unblocked(int transA, int transB, int M, int N, int K,
             for (int pc = 0; pc < K; pc += kb) {
                 int pe = K - pc < kb ? K : pc + kb;
                 float acc = 0.0f;
-                for (int p = pc; p < pe; p += 2) {
+                if (amx) acc = amx_order_sum(transA, transB, i, j, pc, pe, A, lda, B, ldb);
+                else for (int p = pc; p < pe; p += 2) {
                     float a0 = transA ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
                     float b0 = transB ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j];
                     float a1 = 0.0f, b1 = 0.0f;
@@ -481,9 +796,33 @@ static void gemm_bf16_unblocked(int transA, int transB, int M, int N, int K,
         }
 }
 
+/* the AMX kernel's sum of one element over one K block [pc, pe), as the
+ * tiles make it: per step of 16 pairs an even and an odd sum, then their
+ * sum added to the block's (zero pad pairs change nothing) */
+static float amx_order_sum(int transA, int transB, int i, int j, int pc, int pe,
+                           const float *A, int lda, const float *B, int ldb) {
+    float acc = 0.0f;
+    for (int ps = pc; ps < pe; ps += 32) {
+        float e = 0.0f, o = 0.0f;
+        for (int p = ps; p < pe && p < ps + 32; p += 2) {
+            float a0 = transA ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
+            float b0 = transB ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j];
+            float a1 = 0.0f, b1 = 0.0f;
+            if (p + 1 < pe) {
+                a1 = transA ? A[(size_t)(p + 1) * lda + i] : A[(size_t)i * lda + p + 1];
+                b1 = transB ? B[(size_t)j * ldb + p + 1] : B[(size_t)(p + 1) * ldb + j];
+            }
+            e = fma_ftz(bf_daz(rnd(a0)), bf_daz(rnd(b0)), e);
+            o = fma_ftz(bf_daz(rnd(a1)), bf_daz(rnd(b1)), o);
+        }
+        acc = add_ftz(acc, add_ftz(e, o));
+    }
+    return acc;
+}
+
 /* one gemm as gemm_tiles (matmul.c) sees it */
 typedef struct {
-    int transA, transB, K, lda, ldb, ldc, bnpad;
+    int kern, transA, transB, K, lda, ldb, ldc, bnpad;
     float alpha, beta;
     const float *A, *B;
     const uint32_t *bpre;
@@ -497,9 +836,18 @@ static void bf16_rect(const void *job, int tid, int i0, int i1, int j0, int j1) 
     const float *a = g->transA ? g->A + i0 : g->A + (size_t)i0 * g->lda;
     const float *b = g->bpre ? NULL : g->transB ? g->B + (size_t)j0 * g->ldb : g->B + j0;
     uint32_t *bp = g->buf + (size_t)tid * g->per;
-    gemm_serial(g->transA, g->transB, i1 - i0, j1 - j0, g->K, g->alpha, a, g->lda, b, g->ldb,
+    /* the tile configuration is per thread: loaded here, released at the end */
+    tile_model xm, *x = NULL;
+    if (g->kern == K_AMX_MODEL) { x = &xm; tm_cfg(x); }
+#ifdef HAVE_AMX
+    if (g->kern == K_AMX) th_cfg();
+#endif
+    gemm_serial(g->kern, x, g->transA, g->transB, i1 - i0, j1 - j0, g->K, g->alpha, a, g->lda, b, g->ldb,
                 g->beta, g->C + (size_t)i0 * g->ldc + j0, g->ldc, bp, bp + g->bwords,
                 g->bpre, g->bnpad, j0);
+#ifdef HAVE_AMX
+    if (g->kern == K_AMX) th_release();
+#endif
 }
 
 /* op(B) (K x N, row stride N) out of a gemm_bf16_pack_b layout; exact, as
@@ -515,8 +863,9 @@ static void unpack_b(float *b, const uint32_t *bp, int K, int N) {
     }
 }
 
-/* gemm_bf16 and gemm_bf16_packed: B as given (bpre NULL) or packed */
-static void bf16_run(int transA, int transB, int M, int N, int K,
+/* gemm_bf16 and gemm_bf16_packed: B as given (bpre NULL) or packed; kern
+ * the kernel (-1: the one chosen, choosing it on first use) */
+static void bf16_run_kernel(int kern, int transA, int transB, int M, int N, int K,
                      float alpha, const float *A, int lda, const float *B, int ldb,
                      const uint32_t *bpre, float beta, float *C, int ldc) {
     if (M <= 0 || N <= 0) return;
@@ -528,7 +877,11 @@ static void bf16_run(int transA, int transB, int M, int N, int K,
             }
         return;
     }
-    if (g_kernel < 0) gemm_bf16_set_kernel(GEMM_BF16_AUTO);
+    if (kern < 0) {
+        if (g_kernel < 0) gemm_bf16_set_kernel(GEMM_BF16_AUTO);
+        kern = g_kernel;
+    }
+    int amx = is_amx(kern), mr = amx ? MRA : MR;
     int nthreads = 1;
 #ifdef _OPENMP
     nthreads = omp_in_parallel() ? 1 : omp_get_max_threads();
@@ -536,14 +889,14 @@ static void bf16_run(int transA, int transB, int M, int N, int K,
 #endif
     /* per thread: a B panel (none when B is packed) and an A block, as
      * large as this problem needs */
-    size_t kqs = (size_t)k_block(K) / 2;
+    size_t kqs = (size_t)k_block(K) / 2, kqa = amx ? (size_t)round_up((int)kqs, 16) : kqs;
     int nbmax = round_up(N, NR) < NC_MAX ? round_up(N, NR) : NC_MAX;
-    int mbmax = round_up(M, MR) < MC_MAX ? round_up(M, MR) : MC_MAX;
-    size_t bwords = bpre ? 0 : kqs * nbmax, per = bwords + kqs * mbmax;
+    int mbmax = round_up(M, mr) < MC_MAX ? round_up(M, mr) : MC_MAX;
+    size_t bwords = bpre ? 0 : kqs * nbmax, per = bwords + kqa * mbmax;
     /* small problems (the tiny model, LoRA's rank-r products inside
      * attention's threads): packing costs more than it saves; the same
      * sums element by element, also when the buffers cannot be had */
-    uint32_t *buf = (double)M * N * K < SMALL_WORK || g_kernel == K_SCALAR ? NULL
+    uint32_t *buf = (double)M * N * K < SMALL_WORK || kern == K_SCALAR ? NULL
                   : gemm_buffer((size_t)nthreads * per * sizeof(uint32_t));
     if (!buf) {
         float *b = NULL;
@@ -555,21 +908,67 @@ static void bf16_run(int transA, int transB, int M, int N, int K,
             ldb = N;
             transB = 0;
         }
-        gemm_bf16_unblocked(transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        gemm_bf16_unblocked(amx, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         free(b);
         return;
     }
-    bf16_job job = {transA, transB, K, lda, ldb, ldc, round_up(N, NR), alpha, beta,
+    bf16_job job = {kern, transA, transB, K, lda, ldb, ldc, round_up(N, NR), alpha, beta,
                     A, B, bpre, C, buf, per, bwords};
     /* packing a word costs about what 32 bf16 multiply-adds do (a 32-lane
      * pair of dot products per cycle against about one word packed) */
-    gemm_tiles(M, N, MR, NR, nthreads, 32.0, bf16_rect, &job);
+    gemm_tiles(M, N, mr, NR, nthreads, 32.0, bf16_rect, &job);
+}
+
+/* the same with the kernel chosen (AUTO on first use) */
+static void bf16_run(int transA, int transB, int M, int N, int K,
+                     float alpha, const float *A, int lda, const float *B, int ldb,
+                     const uint32_t *bpre, float beta, float *C, int ldc) {
+    bf16_run_kernel(-1, transA, transB, M, N, K, alpha, A, lda, B, ldb, bpre, beta, C, ldc);
 }
 
 void gemm_bf16(int transA, int transB, int M, int N, int K,
                float alpha, const float *A, int lda, const float *B, int ldb,
                float beta, float *C, int ldc) {
     bf16_run(transA, transB, M, N, K, alpha, A, lda, B, ldb, NULL, beta, C, ldc);
+}
+
+/* ---- AMX's self-check ------------------------------------------------------
+ * Run once, when AUTO would pick AMX: two small products with ragged edges
+ * (partial tiles, a partial step, an odd K, several K blocks, both
+ * transposes, beta 0 and 1) by the tiles and by the model must agree bit
+ * for bit, or AMX is not used. A CPU (or an emulator) whose tiles sum in
+ * another order than the model, or a mistake in the tile code that the
+ * model cannot show, then costs speed, never a wrong number. */
+static int amx_self_check(void) {
+    static int result = -1;
+    if (result >= 0) return result;
+    static const int shapes[2][6] = {{37, 45, 70, 0, 1, 0}, {40, 33, 1100, 1, 0, 1}};   /* M N K tA tB beta */
+    int ok = 1;
+    uint64_t s = 0x5eed;
+    for (int c = 0; c < 2 && ok; c++) {
+        int M = shapes[c][0], N = shapes[c][1], K = shapes[c][2];
+        float *A = malloc((size_t)M * K * sizeof(float)), *B = malloc((size_t)K * N * sizeof(float));
+        float *C0 = malloc((size_t)M * N * sizeof(float)), *C1 = malloc((size_t)M * N * sizeof(float));
+        if (!A || !B || !C0 || !C1) ok = 0;
+        for (size_t i = 0; ok && i < (size_t)M * K + (size_t)K * N + (size_t)M * N; i++) {
+            s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+            float v = (float)((double)(s >> 40) / 16777216.0 * 4.0 - 2.0);
+            if (i < (size_t)M * K) A[i] = v;
+            else if (i < (size_t)M * K + (size_t)K * N) B[i - (size_t)M * K] = v;
+            else C0[i - (size_t)M * K - (size_t)K * N] = C1[i - (size_t)M * K - (size_t)K * N] = v;
+        }
+        if (ok) {
+            int ta = shapes[c][3], tb = shapes[c][4];
+            float beta = (float)shapes[c][5];
+            bf16_run_kernel(K_AMX_MODEL, ta, tb, M, N, K, 0.75f, A, ta ? M : K, B, tb ? K : N, NULL, beta, C0, N);
+            bf16_run_kernel(K_AMX, ta, tb, M, N, K, 0.75f, A, ta ? M : K, B, tb ? K : N, NULL, beta, C1, N);
+            ok = memcmp(C0, C1, (size_t)M * N * sizeof(float)) == 0;
+            if (!ok) fprintf(stderr, "note: AMX bf16 kernel disagrees with its model; using avx512bf16\n");
+        }
+        free(A); free(B); free(C0); free(C1);
+    }
+    result = ok;
+    return ok;
 }
 
 /* ---- B packed once --------------------------------------------------------

@@ -149,10 +149,18 @@ float gemm_bf16_to_float(uint16_t h);
 /* the bf16 kernel, chosen from the CPU on first use (AUTO); set_kernel
  * returns 0 (and changes nothing) when this CPU or build lacks the one asked
  * for. SCALAR is the element-by-element fallback (the same bits as
- * PORTABLE), for tests. */
-enum { GEMM_BF16_AUTO = 0, GEMM_BF16_PORTABLE = 1, GEMM_BF16_AVX512 = 2, GEMM_BF16_SCALAR = 3 };
+ * PORTABLE), for tests. AMX: Intel's tiles (its own summation order, so
+ * its own bits); AMX_MODEL runs the same code with the tile instructions
+ * done in plain C (any CPU; tests, and AUTO's self-check of AMX). */
+enum { GEMM_BF16_AUTO = 0, GEMM_BF16_PORTABLE = 1, GEMM_BF16_AVX512 = 2, GEMM_BF16_SCALAR = 3,
+       GEMM_BF16_AMX = 4, GEMM_BF16_AMX_MODEL = 5 };
 int gemm_bf16_set_kernel(int k);
 const char *gemm_bf16_kernel_name(void);
+/* one TDPBF16PS on 16 x 16 tiles, for tests: c += a . b (c fp32, a and b
+ * words of two bf16, row-major 16 x 16 each) by the model (_model) or by
+ * the CPU's AMX (_hw: returns 0 and does nothing where AMX is missing) */
+void gemm_bf16_tdp_model(float *c, const uint32_t *a, const uint32_t *b);
+int gemm_bf16_tdp_hw(float *c, const uint32_t *a, const uint32_t *b);
 /* Between matmul.c and matmul_bf16.c only. gemm_pack_b under GEMM_BF16:
  * op(B) (K x N) rounded and packed once into gemm_bf16_pack_words(K, N)
  * words at dst; gemm_bf16_packed multiplies by it (the bits of gemm_bf16).

@@ -12,7 +12,13 @@
  *    alpha, beta and block-sum roundings, so
  *        |got - ref| <= (K + 3 nblocks + 2) 2^-24 (|alpha| sum_p |a_p b_p| + |beta c|).
  *  - the kernels give the same bits as each other, and for 1 and N threads.
- *  - gemm() and gemm_packed() follow gemm_set_compute. */
+ *  - gemm() and gemm_packed() follow gemm_set_compute.
+ *  - the AMX kernel through its plain-C model of the tiles (any CPU): the
+ *    model's TDPBF16PS on hand-worked bits, whole products bit for bit
+ *    against a scalar sum in AMX's order, threads, packed B, error bounds;
+ *    where the CPU has AMX, the real tiles against the model (else a
+ *    printed skip). AMX has its own order, so its own bits: it is not in
+ *    the kernels compared bit for bit above. */
 #include "testutil.h"
 #ifdef _OPENMP
 #include <omp.h>
@@ -396,6 +402,297 @@ START_TEST(test_attention_bf16) {
 }
 END_TEST
 
+/* ---- the AMX kernel, through its model --------------------------------- */
+
+/* one TDPBF16PS of the model on hand-worked bits (tiles: row-major 16 x 16
+ * words; a word is (lo, hi) = (even, odd) bf16). Powers of two: 1 = 0x3f80,
+ * 2^-12 = 0x3980, -1 = 0xbf80, 2^100 = 0x7180, 2^-64 = 0x1f80,
+ * 2^-60 = 0x2180, 2^-63 = 0x2000, -1.5 2^-63 = 0xa040; 0x0040 is a bf16
+ * denormal (2^-127). */
+static void tdp_cases(uint32_t *a, uint32_t *b, float *c) {
+    memset(a, 0, 256 * 4);
+    memset(b, 0, 256 * 4);
+    memset(c, 0, 256 * 4);
+    /* c[0][0]: pair 0 even 1 * 1, odd 2^-12 * 2^-12; pair 1 even 2^-24, odd -1.
+     * SDM order: e = 1 + 2^-24 = 1 (a tie, to even), o = 2^-24 - 1 (exact),
+     * c = e + o = 2^-24. Pair by pair, even first: 1, 1, 1, 0. */
+    a[0 * 16 + 0] = 0x3f80u | 0x3980u << 16;  b[0 * 16 + 0] = 0x3f80u | 0x3980u << 16;
+    a[0 * 16 + 1] = 0x3980u | 0xbf80u << 16;  b[1 * 16 + 0] = 0x3980u | 0x3f80u << 16;
+    /* c[1][1] = 1 + (2^-24 + 2^-24) = 1 + 2^-23; summed into c one product at
+     * a time (either order) it stays 1 */
+    c[1 * 16 + 1] = 1.0f;
+    a[1 * 16 + 0] = 0x3980u | 0x3980u << 16;  b[0 * 16 + 1] = 0x3980u | 0x3980u << 16;
+    /* c[2][2]: denormal input * 2^100 = 0 (would be 2^-27 without DAZ) */
+    a[2 * 16 + 0] = 0x0040u;                  b[0 * 16 + 2] = 0x7180u;
+    /* c[3][3]: 2^-64 * 2^-64 = 2^-128, a denormal result: flushed to 0 */
+    a[3 * 16 + 0] = 0x1f80u;                  b[0 * 16 + 3] = 0x1f80u;
+    /* c[4][4]: 2^-60 * 2^-60 = 2^-120, normal: kept */
+    a[4 * 16 + 0] = 0x2180u;                  b[0 * 16 + 4] = 0x2180u;
+    /* c[5][5]: 2^-125 + (-1.5 2^-63) 2^-63 = 2^-127, a denormal sum: 0 */
+    c[5 * 16 + 5] = 0x1p-125f;
+    a[5 * 16 + 0] = 0xa040u;                  b[0 * 16 + 5] = 0x2000u;
+}
+
+static void check_tdp_cases(const float *c, const char *who) {
+    static const struct { int at; uint32_t want; } w[] = {
+        {0 * 16 + 0, 0x33800000u},   /* 2^-24 */
+        {1 * 16 + 1, 0x3f800001u},   /* 1 + 2^-23 */
+        {2 * 16 + 2, 0x00000000u},
+        {3 * 16 + 3, 0x00000000u},
+        {4 * 16 + 4, 0x03800000u},   /* 2^-120 */
+        {5 * 16 + 5, 0x00000000u},
+    };
+    for (size_t i = 0; i < sizeof w / sizeof w[0]; i++) {
+        uint32_t u;
+        memcpy(&u, &c[w[i].at], 4);
+        ck_assert_msg(u == w[i].want, "%s TDPBF16PS: c[%d][%d] = 0x%08x, want 0x%08x", who,
+                      w[i].at / 16, w[i].at % 16, (unsigned)u, (unsigned)w[i].want);
+    }
+}
+
+START_TEST(test_amx_model_tdp_bits) {
+    uint32_t a[256], b[256];
+    float c[256];
+    tdp_cases(a, b, c);
+    gemm_bf16_tdp_model(c, a, b);
+    check_tdp_cases(c, "model");
+    /* a full tile: every c[m][n] = 1 + sum over 16 pairs of 2^-24 (even)
+     * and 2^-24 (odd) = 1 + 2 (16 * 2^-24) = 1 + 2^-19; pair by pair it would stay 1 */
+    for (int i = 0; i < 256; i++) { a[i] = 0x3980u | 0x3980u << 16; b[i] = a[i]; c[i] = 1.0f; }
+    gemm_bf16_tdp_model(c, a, b);
+    for (int i = 0; i < 256; i++) ck_assert_msg(c[i] == 1.0f + 0x1p-19f, "full tile [%d] = %.9g", i, c[i]);
+}
+END_TEST
+
+/* element (i, j) of the AMX kernel's result, summed here from its
+ * description alone: K blocks as matmul_bf16.c cuts them, in each block
+ * per step of 16 pairs an even sum and an odd sum (fp32, one rounding per
+ * add: products of bf16 are exact in fp32), e + o added to the block's
+ * sum, then alpha * sum + beta * c per block */
+static float ref_amx_at(int ta, int tb, int i, int j, int K, float alpha, const float *A, int lda,
+                        const float *B, int ldb, float beta, float c) {
+    int nkb = (K + 511) / 512, kb = ((K + nkb - 1) / nkb + 1) / 2 * 2;
+    for (int pc = 0; pc < K; pc += kb) {
+        int pe = K - pc < kb ? K : pc + kb;
+        float acc = 0.0f;
+        for (int ps = pc; ps < pe; ps += 32) {
+            float e = 0.0f, o = 0.0f;
+            for (int p = ps; p < pe && p < ps + 32; p++) {
+                float x = (float)bf(ta ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p]);
+                float y = (float)bf(tb ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j]);
+                float prod = x * y;
+                if ((p - ps) % 2 == 0) e = e + prod;
+                else o = o + prod;
+            }
+            float t = e + o;
+            acc = acc + t;
+        }
+        float bet = pc == 0 ? beta : 1.0f, v = alpha * acc;
+        c = bet == 0.0f ? v : v + bet * c;
+    }
+    return c;
+}
+
+/* gemm_bf16 under the AMX model == ref_amx_at bit for bit, all transposes */
+static void check_amx_case(int M, int N, int K, float alpha, float beta) {
+    ck_assert(gemm_bf16_set_kernel(GEMM_BF16_AMX_MODEL));
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) {
+            int lda = (ta ? M : K) + PAD, ldb = (tb ? K : N) + PAD, ldc = N + PAD;
+            size_t nc = (size_t)M * ldc;
+            float *A = rand_buf((size_t)(ta ? K : M) * lda, 101 + M + 7 * K + ta);
+            float *B = rand_buf((size_t)(tb ? N : K) * ldb, 102 + N + 5 * K + tb);
+            float *C0 = rand_buf(nc, 103 + M * N), *C = malloc(nc * sizeof(float));
+            ck_assert_ptr_nonnull(C);
+            memcpy(C, C0, nc * sizeof(float));
+            gemm_bf16(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+            int bad = 0;
+            for (int i = 0; i < M; i++) {
+                for (int j = 0; j < N; j++) {
+                    float want = ref_amx_at(ta, tb, i, j, K, alpha, A, lda, B, ldb, beta, C0[(size_t)i * ldc + j]);
+                    float got = C[(size_t)i * ldc + j];
+                    if (memcmp(&want, &got, 4) != 0 && bad++ < 3)
+                        fprintf(stderr, "amx-model M=%d N=%d K=%d ta=%d tb=%d [%d,%d] got %a want %a\n",
+                                M, N, K, ta, tb, i, j, got, want);
+                }
+                ck_assert(memcmp(C + (size_t)i * ldc + N, C0 + (size_t)i * ldc + N, PAD * sizeof(float)) == 0);
+            }
+            ck_assert_msg(bad == 0, "amx-model: %d elements differ from the AMX-order sum (M=%d N=%d K=%d ta=%d tb=%d)",
+                          bad, M, N, K, ta, tb);
+            free(A); free(B); free(C0); free(C);
+        }
+    gemm_bf16_set_kernel(GEMM_BF16_AUTO);
+}
+
+START_TEST(test_amx_model_vs_order_ref) {
+    static const int e[] = {1, 15, 17, 31, 33};
+    for (int x = 0; x < 5; x++)     /* small: element by element, in the AMX order */
+        for (int y = 0; y < 5; y++)
+            check_amx_case(e[x], e[y], e[(x + y) % 5], 1.0f, (x + y) & 1 ? 1.0f : 0.0f);
+    check_amx_case(33, 47, 63, 1.0f, 0.0f);      /* tiles: ragged 32 + 1 rows, 32 + 15 columns, odd K */
+    check_amx_case(17, 33, 65, -0.5f, 1.0f);     /* one A tile of rows, 33 pairs: a 1-pair last step */
+    check_amx_case(1, 40, 1100, 1.0f, 1.0f);     /* one row; three K blocks of 184 pairs (11 steps + 8) */
+    check_amx_case(40, 1, 1031, 2.0f, 0.0f);     /* one column; odd K over blocks */
+    check_amx_case(65, 96, 64, 1.0f, 0.0f);      /* whole steps, no partial one */
+    check_amx_case(200, 70, 600, 0.25f, 1.0f);   /* two M blocks, two K blocks */
+    check_amx_case(3, 1100, 40, 1.0f, 0.0f);     /* two N panels, attention's K = 40 */
+}
+END_TEST
+
+START_TEST(test_amx_model_thread_invariant) {
+#ifdef _OPENMP
+    int M = 150, N = 100, K = 700, saved = omp_get_max_threads();
+    float *A = rand_buf((size_t)M * K, 111), *B = rand_buf((size_t)K * N, 112);
+    float *C1 = rand_buf((size_t)M * N, 113), *C2 = malloc((size_t)M * N * sizeof(float));
+    ck_assert_ptr_nonnull(C2);
+    memcpy(C2, C1, (size_t)M * N * sizeof(float));
+    ck_assert(gemm_bf16_set_kernel(GEMM_BF16_AMX_MODEL));
+    omp_set_num_threads(1);
+    gemm_bf16(1, 0, M, N, K, 1.0f, A, M, B, N, 0.5f, C1, N);
+    omp_set_num_threads(2);
+    gemm_bf16(1, 0, M, N, K, 1.0f, A, M, B, N, 0.5f, C2, N);
+    ck_assert_msg(memcmp(C1, C2, (size_t)M * N * sizeof(float)) == 0, "amx-model: 1 and 2 threads differ");
+    omp_set_num_threads(saved);
+    gemm_bf16_set_kernel(GEMM_BF16_AUTO);
+    free(A); free(B); free(C1); free(C2);
+#else
+    fprintf(stderr, "test_amx_model_thread_invariant: skipped (built without OpenMP)\n");
+#endif
+}
+END_TEST
+
+/* gemm_packed with a gemm_pack_b pack under the AMX model == gemm_bf16
+ * under it; a pack made under another kernel serves it too (the B layout
+ * is the same for every kernel) */
+START_TEST(test_amx_model_packed) {
+    static const int shapes[][3] = {{5, 7, 3}, {33, 47, 63}, {37, 65, 1031}, {32, 40, 4096},
+                                    {32, 4096, 40}, {200, 70, 600}, {1, 300, 9}};
+    gemm_set_compute(GEMM_BF16);
+    for (size_t c = 0; c < sizeof shapes / sizeof shapes[0]; c++)
+        for (int tb = 0; tb < 2; tb++)
+            for (int ta = 0; ta < 2; ta++) {
+                int M = shapes[c][0], N = shapes[c][1], K = shapes[c][2];
+                int lda = (ta ? M : K) + PAD, ldb = (tb ? K : N) + PAD, ldc = N + PAD;
+                size_t nc = (size_t)M * ldc;
+                float *A = rand_buf((size_t)(ta ? K : M) * lda, 121 + c + ta);
+                float *B = rand_buf((size_t)(tb ? N : K) * ldb, 122 + c + tb);
+                float *want = rand_buf(nc, 123 + c), *got = malloc(nc * sizeof(float));
+                float *C0 = malloc(nc * sizeof(float));
+                ck_assert(got && C0);
+                memcpy(C0, want, nc * sizeof(float));
+                ck_assert(gemm_bf16_set_kernel(GEMM_BF16_PORTABLE));
+                gemm_packed_b *other = gemm_pack_b(tb, K, N, B, ldb);
+                ck_assert(gemm_bf16_set_kernel(GEMM_BF16_AMX_MODEL));
+                gemm_packed_b *pb = gemm_pack_b(tb, K, N, B, ldb);
+                ck_assert(pb && other);
+                gemm_bf16(ta, tb, M, N, K, 0.5f, A, lda, B, ldb, 1.0f, want, ldc);
+                memcpy(got, C0, nc * sizeof(float));
+                gemm_packed(ta, M, 0.5f, A, lda, pb, 1.0f, got, ldc);
+                ck_assert_msg(memcmp(want, got, nc * sizeof(float)) == 0,
+                              "amx-model: packed differs (M=%d N=%d K=%d ta=%d tb=%d)", M, N, K, ta, tb);
+                memcpy(got, C0, nc * sizeof(float));
+                gemm_packed(ta, M, 0.5f, A, lda, other, 1.0f, got, ldc);
+                ck_assert_msg(memcmp(want, got, nc * sizeof(float)) == 0,
+                              "amx-model: a portable kernel's pack differs (M=%d N=%d K=%d ta=%d tb=%d)", M, N, K, ta, tb);
+                gemm_packed_b_free(pb);
+                gemm_packed_b_free(other);
+                free(A); free(B); free(want); free(got); free(C0);
+            }
+    gemm_set_compute(GEMM_F32);
+    gemm_bf16_set_kernel(GEMM_BF16_AUTO);
+}
+END_TEST
+
+/* close to the exact sum and to fp32. Against the exact sum of the
+ * bf16-rounded operands, check_against_ref's bound: a product passes
+ * through at most (its step's pairs <= 16) + 1 (e + o) + (the block's
+ * steps) + 3 per block (alpha, beta, the blocks' sum) roundings of
+ * relative size 2^-24 each, fewer than K + 3 nblocks + 2 for every K.
+ * Against fp32 gemm: each operand is rounded to 8 significant bits
+ * (relative error <= 2^-9), so a product moves by at most
+ * (2 2^-9 + 2^-18) |a b|, plus both results' accumulation bounds. And the
+ * difference is not zero: the operands were rounded. */
+START_TEST(test_amx_model_close_to_fp32) {
+    int M = 70, N = 90, K = 1031, nkb = (K + 511) / 512;
+    float *A = rand_buf((size_t)M * K, 131), *B = rand_buf((size_t)K * N, 132);
+    float *C0 = rand_buf((size_t)M * N, 133), *C = malloc((size_t)M * N * sizeof(float));
+    float *F = malloc((size_t)M * N * sizeof(float));
+    ck_assert(C && F);
+    memcpy(C, C0, (size_t)M * N * sizeof(float));
+    memcpy(F, C0, (size_t)M * N * sizeof(float));
+    ck_assert(gemm_bf16_set_kernel(GEMM_BF16_AMX_MODEL));
+    gemm_bf16(0, 0, M, N, K, 0.5f, A, K, B, N, 1.0f, C, N);
+    ck_assert_int_eq(check_against_ref(0, 0, M, N, K, 0.5f, A, K, B, N, 1.0f, C0, C, N), 0);
+    gemm(0, 0, M, N, K, 0.5f, A, K, B, N, 1.0f, F, N);
+    double u = 1.0 / 16777216.0, maxrel = 0;
+    int differ = 0;
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            double mag;
+            ref_gemm_at(0, 0, i, j, K, 0.5f, A, K, B, N, 1.0f, C0[(size_t)i * N + j], NULL, &mag);
+            double tol = (2.0 / 512 + 1.0 / 262144) * mag * 1.01 + 2.0 * (K + 3.0 * nkb + 2.0) * u * mag * 1.01;
+            double d = fabs((double)C[(size_t)i * N + j] - F[(size_t)i * N + j]);
+            ck_assert_msg(d <= tol, "amx-model vs fp32 [%d,%d]: %.3g > %.3g", i, j, d, tol);
+            if (d / mag > maxrel) maxrel = d / mag;
+            differ += d > 0;
+        }
+    ck_assert(differ > 0);
+    fprintf(stderr, "amx-model vs fp32 gemm: largest |difference| / sum|a b| = %.3g (bound %.3g)\n",
+            maxrel, 2.0 / 512 + 1.0 / 262144);
+    gemm_bf16_set_kernel(GEMM_BF16_AUTO);
+    free(A); free(B); free(C0); free(C); free(F);
+}
+END_TEST
+
+/* on a CPU with AMX: the tiles give the model's bits (one instruction on
+ * the hand-worked tiles and on random ones; whole products) and AUTO
+ * chooses them (its self-check passed). Elsewhere: skipped, and says so. */
+START_TEST(test_amx_hw_equals_model) {
+    if (!gemm_bf16_set_kernel(GEMM_BF16_AMX)) {
+        fprintf(stderr, "test_amx_hw_equals_model: skipped: this CPU, OS or build has no AMX "
+                        "(the kernel is tested through its model only)\n");
+        return;
+    }
+    uint32_t a[256], b[256];
+    float c[256], cm[256];
+    tdp_cases(a, b, c);
+    ck_assert(gemm_bf16_tdp_hw(c, a, b));
+    check_tdp_cases(c, "AMX");
+    uint64_t s = 7;
+    for (int r = 0; r < 20; r++) {
+        for (int i = 0; i < 256; i++) {
+            s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+            a[i] = (uint32_t)(s >> 32) & 0xbfffbfffu;     /* no inf or NaN: exponents below 0x80 */
+            s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+            b[i] = (uint32_t)(s >> 32) & 0xbfffbfffu;
+            s = s * 6364136223846793005ULL + 1442695040888963407ULL;
+            c[i] = cm[i] = (float)((s >> 40) * (1.0 / 16777216.0)) - 0.5f;
+        }
+        ck_assert(gemm_bf16_tdp_hw(c, a, b));
+        gemm_bf16_tdp_model(cm, a, b);
+        ck_assert_msg(memcmp(c, cm, sizeof c) == 0, "AMX TDPBF16PS differs from the model (random tiles %d)", r);
+    }
+    static const int shapes[][3] = {{33, 47, 63}, {17, 33, 65}, {200, 70, 600}, {37, 65, 1031}, {3, 1100, 40}};
+    for (size_t k = 0; k < sizeof shapes / sizeof shapes[0]; k++)
+        for (int t = 0; t < 4; t++) {
+            int M = shapes[k][0], N = shapes[k][1], K = shapes[k][2], ta = t & 1, tb = t >> 1;
+            float *A = rand_buf((size_t)M * K, 141 + k), *B = rand_buf((size_t)K * N, 142 + k);
+            float *C1 = rand_buf((size_t)M * N, 143 + k), *C2 = malloc((size_t)M * N * sizeof(float));
+            ck_assert_ptr_nonnull(C2);
+            memcpy(C2, C1, (size_t)M * N * sizeof(float));
+            ck_assert(gemm_bf16_set_kernel(GEMM_BF16_AMX));
+            gemm_bf16(ta, tb, M, N, K, 0.5f, A, ta ? M : K, B, tb ? K : N, 1.0f, C1, N);
+            ck_assert(gemm_bf16_set_kernel(GEMM_BF16_AMX_MODEL));
+            gemm_bf16(ta, tb, M, N, K, 0.5f, A, ta ? M : K, B, tb ? K : N, 1.0f, C2, N);
+            ck_assert_msg(memcmp(C1, C2, (size_t)M * N * sizeof(float)) == 0,
+                          "AMX gemm differs from the model (M=%d N=%d K=%d ta=%d tb=%d)", M, N, K, ta, tb);
+            free(A); free(B); free(C1); free(C2);
+        }
+    ck_assert(gemm_bf16_set_kernel(GEMM_BF16_AUTO));
+    ck_assert_str_eq(gemm_bf16_kernel_name(), "amx");
+}
+END_TEST
+
 static Suite *bf16_suite(void) {
     Suite *s = suite_create("bf16");
     TCase *tc = tcase_create("core");
@@ -408,6 +705,12 @@ static Suite *bf16_suite(void) {
     tcase_add_test(tc, test_mode_routes_gemm);
     tcase_add_test(tc, test_packed_bf16);
     tcase_add_test(tc, test_attention_bf16);
+    tcase_add_test(tc, test_amx_model_tdp_bits);
+    tcase_add_test(tc, test_amx_model_vs_order_ref);
+    tcase_add_test(tc, test_amx_model_thread_invariant);
+    tcase_add_test(tc, test_amx_model_packed);
+    tcase_add_test(tc, test_amx_model_close_to_fp32);
+    tcase_add_test(tc, test_amx_hw_equals_model);
     suite_add_tcase(s, tc);
     return s;
 }
