@@ -437,6 +437,40 @@ START_TEST(test_tiled_long_sequences) {
 }
 END_TEST
 
+/* With several query tiles, the backward sums a head's dK and dV over the
+ * tiles in a dense buffer and adds it to dk, dv at the end. From zeroed
+ * gradients that must give the bits of adding each tile straight into dk,
+ * dv in turn: here, one backward call per tile's rows (each call one tile,
+ * so the direct path) against one call over all of them, fp32 and bf16.
+ * (Not causal: a call over a tile's rows alone would mask them as rows
+ * 0 ..) */
+START_TEST(test_tiled_dense_same_bits) {
+    prob_t p = prob_make(1, 300, 600, 2, 8, 0, 720);
+    int C = p.H * p.Dh, rows = (1 << 17) / p.Tk;      /* attention.c's tile rows */
+    ck_assert_int_lt(rows, p.Tq);                        /* several tiles */
+    float *g[3] = {malloc(nq(&p) * 4), malloc(nk(&p) * 4), malloc(nk(&p) * 4)};
+    for (int mode = 0; mode < 2; mode++) {
+        gemm_set_compute(mode ? GEMM_BF16 : GEMM_F32);
+        prob_zero_grads(&p);
+        run_backward(&p, p.dq, p.dk, p.dv, NULL);
+        memcpy(g[0], p.dq, nq(&p) * 4); memcpy(g[1], p.dk, nk(&p) * 4); memcpy(g[2], p.dv, nk(&p) * 4);
+        prob_zero_grads(&p);
+        for (int i0 = 0; i0 < p.Tq; i0 += rows) {
+            int nr = p.Tq - i0 < rows ? p.Tq - i0 : rows;
+            size_t off = (size_t)i0 * C;
+            attention_backward(p.dq + off, p.dk, p.dv, p.R + off, p.q + off, p.k, p.v, NULL,
+                               1, nr, p.Tk, p.H, p.Dh, 0);
+        }
+        gemm_set_compute(GEMM_F32);
+        ck_assert_msg(memcmp(g[0], p.dq, nq(&p) * 4) == 0, "mode %d: dq differs", mode);
+        ck_assert_msg(memcmp(g[1], p.dk, nk(&p) * 4) == 0, "mode %d: dk differs", mode);
+        ck_assert_msg(memcmp(g[2], p.dv, nk(&p) * 4) == 0, "mode %d: dv differs", mode);
+    }
+    for (int t = 0; t < 3; t++) free(g[t]);
+    prob_free(&p);
+}
+END_TEST
+
 static Suite *attention_suite(void) {
     Suite *s = suite_create("attention");
     TCase *tc = tcase_create("core");
@@ -448,6 +482,7 @@ static Suite *attention_suite(void) {
     tcase_add_test(tc, test_null_grads);
     tcase_add_test(tc, test_thread_count_invariant);
     tcase_add_test(tc, test_tiled_long_sequences);
+    tcase_add_test(tc, test_tiled_dense_same_bits);
     suite_add_tcase(s, tc);
     return s;
 }
