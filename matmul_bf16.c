@@ -259,28 +259,36 @@ static void kernel_portable(int kq, const uint32_t *restrict a, const uint32_t *
 #ifdef HAVE_X86_BF16
 /* 12 x 32 tile: 24 zmm accumulators, 2 B vectors, 1 broadcast A pair */
 #define ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+/* `wide` is a constant in each caller below, so each gets its own code:
+ * a strip of at most 16 columns (attention's Dh = 40 is a strip of 32 and
+ * one of 8) runs half the accumulators and half the work of the full
+ * tile; each column's sums are the full tile's, so the bits too */
 #define K_DECL(i) __m512 c##i##0 = _mm512_setzero_ps(), c##i##1 = _mm512_setzero_ps();
 #define K_DP(i) { __m512bh ai = (__m512bh)_mm512_set1_epi32((int)ap[i]);    \
                   c##i##0 = _mm512_dpbf16_ps(c##i##0, ai, b0);              \
-                  c##i##1 = _mm512_dpbf16_ps(c##i##1, ai, b1); }
+                  if (wide) c##i##1 = _mm512_dpbf16_ps(c##i##1, ai, b1); }
 #define K_ST(i) if (i < mr) {                                               \
         float *ci = C + (size_t)(i) * ldc;                                  \
-        __m512 v0 = _mm512_mul_ps(va, c##i##0), v1 = _mm512_mul_ps(va, c##i##1); \
-        if (beta != 0.0f) {                                                 \
-            v0 = _mm512_add_ps(v0, _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(m0, ci)));  \
-            v1 = _mm512_add_ps(v1, _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(m1, ci + 16))); \
-        }                                                                   \
+        __m512 v0 = _mm512_mul_ps(va, c##i##0);                             \
+        if (beta != 0.0f)                                                   \
+            v0 = _mm512_add_ps(v0, _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(m0, ci))); \
         _mm512_mask_storeu_ps(ci, m0, v0);                                  \
-        _mm512_mask_storeu_ps(ci + 16, m1, v1); }
+        if (wide) {                                                         \
+            __m512 v1 = _mm512_mul_ps(va, c##i##1);                         \
+            if (beta != 0.0f)                                               \
+                v1 = _mm512_add_ps(v1, _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(m1, ci + 16))); \
+            _mm512_mask_storeu_ps(ci + 16, m1, v1);                         \
+        } }
 
-__attribute__((target("avx512f,avx512bf16")))
-static void kernel_avx512bf16(int kq, const uint32_t *restrict a, const uint32_t *restrict b,
-                              float *restrict C, int ldc, int mr, int nr, float alpha, float beta) {
+__attribute__((target("avx512f,avx512bf16"), always_inline))
+static inline void avx512bf16_tile(int wide, int kq, const uint32_t *restrict a, const uint32_t *restrict b,
+                                   float *restrict C, int ldc, int mr, int nr, float alpha, float beta) {
     for (int i = 0; i < mr; i++) __builtin_prefetch(C + (size_t)i * ldc, 1, 3);
     ROWS(K_DECL)
     for (int q = 0; q < kq; q++) {
         __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + (size_t)q * NR);
-        __m512bh b1 = (__m512bh)_mm512_loadu_si512(b + (size_t)q * NR + 16);
+        __m512bh b1 = b0;
+        if (wide) b1 = (__m512bh)_mm512_loadu_si512(b + (size_t)q * NR + 16);
         const uint32_t *ap = a + (size_t)q * MR;
         ROWS(K_DP)
     }
@@ -290,32 +298,16 @@ static void kernel_avx512bf16(int kq, const uint32_t *restrict a, const uint32_t
     ROWS(K_ST)
 }
 
-/* the same for a strip with at most 16 columns (attention's Dh = 40 is a
- * strip of 32 and one of 8): half the accumulators, half the work of the
- * full tile; each column's sums are the full tile's, so the bits too */
-#define K_DECL16(i) __m512 c##i##0 = _mm512_setzero_ps();
-#define K_DP16(i) { __m512bh ai = (__m512bh)_mm512_set1_epi32((int)ap[i]);  \
-                    c##i##0 = _mm512_dpbf16_ps(c##i##0, ai, b0); }
-#define K_ST16(i) if (i < mr) {                                             \
-        float *ci = C + (size_t)(i) * ldc;                                  \
-        __m512 v0 = _mm512_mul_ps(va, c##i##0);                             \
-        if (beta != 0.0f)                                                   \
-            v0 = _mm512_add_ps(v0, _mm512_mul_ps(vb, _mm512_maskz_loadu_ps(m0, ci))); \
-        _mm512_mask_storeu_ps(ci, m0, v0); }
+__attribute__((target("avx512f,avx512bf16")))
+static void kernel_avx512bf16(int kq, const uint32_t *restrict a, const uint32_t *restrict b,
+                              float *restrict C, int ldc, int mr, int nr, float alpha, float beta) {
+    avx512bf16_tile(1, kq, a, b, C, ldc, mr, nr, alpha, beta);
+}
 
 __attribute__((target("avx512f,avx512bf16")))
 static void kernel_avx512bf16_16(int kq, const uint32_t *restrict a, const uint32_t *restrict b,
                                  float *restrict C, int ldc, int mr, int nr, float alpha, float beta) {
-    for (int i = 0; i < mr; i++) __builtin_prefetch(C + (size_t)i * ldc, 1, 3);
-    ROWS(K_DECL16)
-    for (int q = 0; q < kq; q++) {
-        __m512bh b0 = (__m512bh)_mm512_loadu_si512(b + (size_t)q * NR);
-        const uint32_t *ap = a + (size_t)q * MR;
-        ROWS(K_DP16)
-    }
-    __m512 va = _mm512_set1_ps(alpha), vb = _mm512_set1_ps(beta);
-    __mmask16 m0 = nr >= 16 ? 0xffff : (__mmask16)((1u << nr) - 1);
-    ROWS(K_ST16)
+    avx512bf16_tile(0, kq, a, b, C, ldc, mr, nr, alpha, beta);
 }
 #endif
 
