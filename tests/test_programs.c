@@ -558,8 +558,6 @@ START_TEST(test_device) {
     assert_error_line("--device cuda: this program was built without GPU support", "make CUDA=1");
     ck_assert_int_eq(run(SAMPLE " --prompt x --device cuda --compute bf16 --model /nonexistent"), 1);
     assert_error_line("--device cuda: this program was built without GPU support", "make CUDA=1");
-#endif
-#ifndef SDLORA_CUDA
     ck_assert_int_eq(run(TRAIN " %s --device cuda --model /nonexistent", d), 1);
     assert_error_line("--device cuda: this program was built without GPU support", "make CUDA=1");
     ck_assert_int_eq(run(SAMPLE " --prompt x --device cuda --model /nonexistent"), 1);
